@@ -1,0 +1,76 @@
+"""The ``cxrflow`` command: one subcommand per pipeline stage.
+
+Each stage module exposes ``add_arguments(parser)`` and ``run(args) -> int``; this file only wires
+them up. Modules are imported lazily so that ``cxrflow --help`` and light commands stay fast.
+A :class:`~cxrflow.errors.CxrflowError` becomes one ``error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cxrflow import __version__
+from cxrflow.errors import CxrflowError
+
+#: (subcommand, module, one-line description) in pipeline order.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("synth", "cxrflow.synth", "write a synthetic dataset in the NIH ChestX-ray14 release format"),
+    ("explore", "cxrflow.explore", "dataset statistics and figures from the metadata (the paper's data section)"),
+    ("split", "cxrflow.split", "patient-level train/val/test split as CSV"),
+    ("etl", "cxrflow.etl", "Spark ETL: raw images to a multi-resolution Parquet store"),
+    ("store-info", "cxrflow.store", "print a Parquet store's manifest"),
+    ("train", "cxrflow.train", "train a model from the store in two stages (knowledge transfer, fine-tuning)"),
+    ("evaluate", "cxrflow.evaluate", "per-finding test AUC with confidence intervals, ROC and loss figures"),
+    ("report", "cxrflow.report", "the paper's Table 1 over several runs"),
+    ("sweep", "cxrflow.sweep", "train, evaluate and report every run listed in a config file"),
+    ("predict", "cxrflow.predict", "finding probabilities for new image files"),
+    ("demo", "cxrflow.demo", "end-to-end demo on a synthetic dataset"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one ``error:`` line with exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only the ``selected`` subcommand's module is imported."""
+    parser = _Parser(
+        prog="cxrflow",
+        description="cxrflow: chest X-ray images to an evaluated multi-label disease classifier.",
+    )
+    parser.add_argument("--version", action="version", version=f"cxrflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module_name, help_text in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == selected:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected)
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 0 if args.command is None and not argv else 2
+    try:
+        return int(args._run(args) or 0)
+    except CxrflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The one exception type for errors a user can cause and fix.
+
+The CLI prints it as a single line ``error: <file>:<line>: <problem>`` and exits with status 2.
+Bugs are not wrapped: they raise normally, with a traceback.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+
+class CxrflowError(Exception):
+    """A problem with the user's input (file, option, environment), with where it is."""
+
+    def __init__(self, message: str, path: str | PathLike[str] | None = None, line: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.path = None if path is None else str(path)
+        self.line = line
+
+    def __str__(self) -> str:
+        where = ""
+        if self.path is not None:
+            where = f"{self.path}:" + (f"{self.line}:" if self.line is not None else "") + " "
+        return f"{where}{self.message}"

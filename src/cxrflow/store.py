@@ -1,0 +1,156 @@
+"""The Parquet store: layout, schema, manifest. Written by the ETL, read by the loader.
+
+Layout (hive-partitioned, one dataset for every size)::
+
+    STORE/_manifest.json                     written last: its presence means the store is complete
+    STORE/size=<S>/split=<train|val|test>/part-*.parquet
+
+Columns (names are a contract): ``image_id`` string, ``patient_id`` int64, ``labels`` list<uint8>
+(one entry per finding, manifest order), ``age`` int16, ``sex`` string (M/F), ``view`` string
+(PA/AP), ``follow_up`` int32, ``orig_width``/``orig_height`` int32, ``pixels`` binary (S*S bytes,
+uint8 grayscale, row-major).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from cxrflow.errors import CxrflowError
+
+#: Bumped whenever the layout or the columns change incompatibly.
+FORMAT_VERSION = 1
+MANIFEST_NAME = "_manifest.json"
+SPLITS = ("train", "val", "test")
+
+SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("patient_id", pa.int64()),
+        ("labels", pa.list_(pa.uint8())),
+        ("age", pa.int16()),
+        ("sex", pa.string()),
+        ("view", pa.string()),
+        ("follow_up", pa.int32()),
+        ("orig_width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("pixels", pa.binary()),
+    ]
+)
+
+
+def split_dir(store: str | os.PathLike, size: int, split: str) -> Path:
+    """Folder holding one (size, split) partition."""
+    return Path(store) / f"size={int(size)}" / f"split={split}"
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_manifest(store: str | os.PathLike) -> dict:
+    """The store's manifest; a clear error when the store is missing, incomplete or too new."""
+    store = Path(store)
+    if not store.exists():
+        raise CxrflowError("no such store (run 'cxrflow etl' first)", store)
+    path = store / MANIFEST_NAME
+    if not path.exists():
+        raise CxrflowError(f"not a complete cxrflow store: {MANIFEST_NAME} is missing", store)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CxrflowError(f"unreadable manifest: {exc}", path) from None
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CxrflowError(
+            f"store format version {version} is newer than this cxrflow supports ({FORMAT_VERSION}); "
+            "upgrade cxrflow",
+            path,
+        )
+    return manifest
+
+
+def check_partition(manifest: dict, store: str | os.PathLike, size: int, split: str) -> Path:
+    """The folder of (size, split), or a clear error naming the sizes and splits that exist."""
+    sizes = [int(s) for s in manifest.get("sizes", [])]
+    if int(size) not in sizes:
+        raise CxrflowError(f"size {size} is not in the store; it has sizes {sizes}", store)
+    rows = manifest.get("rows", {}).get(str(int(size)), {})
+    if split not in rows:
+        raise CxrflowError(f"split {split!r} is not in the store; it has {sorted(rows)}", store)
+    return split_dir(store, size, split)
+
+
+def pixel_stats(manifest: dict, size: int) -> tuple[float, float]:
+    """(mean, std) of train pixels at ``size``, on the 0..1 scale."""
+    stats = manifest["pixel_stats"][str(int(size))]
+    return float(stats["mean"]), float(stats["std"])
+
+
+def format_manifest(manifest: dict) -> str:
+    """Human-readable summary of a manifest (for ``cxrflow store-info``)."""
+    lines = [
+        f"cxrflow store, format {manifest.get('format_version')}, written by cxrflow "
+        f"{manifest.get('cxrflow_version', '?')} at {manifest.get('created', '?')}",
+        f"findings ({len(manifest.get('label_names', []))}): {', '.join(manifest.get('label_names', []))}",
+        f"sizes: {', '.join(str(s) for s in manifest.get('sizes', []))}",
+        "rows:",
+    ]
+    for size, per_split in manifest.get("rows", {}).items():
+        cells = ", ".join(f"{k} {v}" for k, v in per_split.items())
+        stats = manifest.get("pixel_stats", {}).get(size, {})
+        extra = f"  (train pixel mean {stats['mean']:.4f}, std {stats['std']:.4f})" if stats else ""
+        lines.append(f"  {size:>5}: {cells}{extra}")
+    src = manifest.get("source", {})
+    if src:
+        lines.append("source: " + ", ".join(f"{k} {v}" for k, v in src.items() if not isinstance(v, (list, dict))))
+    quarantined = manifest.get("quarantined", [])
+    if quarantined:
+        lines.append(f"quarantined ({len(quarantined)}):")
+        for q in quarantined[:20]:
+            lines.append(f"  {q.get('image_id')}: {q.get('reason')}")
+        if len(quarantined) > 20:
+            lines.append(f"  ... and {len(quarantined) - 20} more (see {MANIFEST_NAME})")
+    names = manifest.get("label_names", [])
+    pw = manifest.get("pos_weight", [])
+    pos = manifest.get("positives", {})
+    if names and pw:
+        lines.append("train positives / pos_weight:")
+        for n, w in zip(names, pw):
+            lines.append(f"  {n:<20} {pos.get(n, '?'):>7}  {w:8.2f}")
+    split = manifest.get("split", {})
+    if split:
+        lines.append("split: " + ", ".join(f"{k}={v}" for k, v in split.items()))
+    if "wall_seconds" in manifest:
+        lines.append(
+            f"ETL wall time {manifest['wall_seconds']:.1f} s, {manifest.get('images_per_second', 0):.1f} images/s"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help="store folder written by 'cxrflow etl'")
+    parser.add_argument("--json", action="store_true", help="print the raw manifest as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = read_manifest(args.store)
+    print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest))
+    return 0
