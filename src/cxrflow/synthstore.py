@@ -96,7 +96,12 @@ def write_synthetic_store(
                     },
                     schema=SCHEMA,
                 )
-                pq.write_table(table, out / f"part-{file_no:05d}.parquet", row_group_size=row_group_rows)
+                pq.write_table(
+                    table,
+                    out / f"part-{file_no:05d}.parquet",
+                    row_group_size=row_group_rows,
+                    use_dictionary=["image_id", "sex", "view"],
+                )
             patient += n
             manifest_rows[str(size)][split] = n
         mean = total / max(count, 1)
