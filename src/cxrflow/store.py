@@ -58,6 +58,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -128,6 +131,10 @@ def format_manifest(manifest: dict) -> str:
             lines.append(f"  {q.get('image_id')}: {q.get('reason')}")
         if len(quarantined) > 20:
             lines.append(f"  ... and {len(quarantined) - 20} more (see {MANIFEST_NAME})")
+    missing = manifest.get("missing", [])
+    if missing:
+        more = f" ... and {len(missing) - 10} more (see {MANIFEST_NAME})" if len(missing) > 10 else ""
+        lines.append(f"missing on disk ({len(missing)}): {', '.join(missing[:10])}{more}")
     names = manifest.get("label_names", [])
     pw = manifest.get("pos_weight", [])
     pos = manifest.get("positives", {})
@@ -139,8 +146,17 @@ def format_manifest(manifest: dict) -> str:
     if split:
         lines.append("split: " + ", ".join(f"{k}={v}" for k, v in split.items()))
     if "wall_seconds" in manifest:
+        job = manifest.get("spark_job_seconds")
         lines.append(
-            f"ETL wall time {manifest['wall_seconds']:.1f} s, {manifest.get('images_per_second', 0):.1f} images/s"
+            f"ETL wall time {manifest['wall_seconds']:.1f} s"
+            + (f" (Spark job {job:.1f} s on {manifest.get('spark_master', '?')})" if job is not None else "")
+            + f", {manifest.get('images_per_second') or 0:.1f} images/s"
+        )
+    parquet = manifest.get("parquet", {})
+    if parquet:
+        lines.append(
+            f"parquet: {parquet.get('compression')} compression, images per file {parquet.get('rows_per_file')}, "
+            f"rows per row group {parquet.get('row_group_rows')}"
         )
     return "\n".join(lines)
 

@@ -1,0 +1,580 @@
+"""Spark ETL: a release folder of raw chest X-rays to one multi-resolution Parquet store.
+
+One Spark job reads every image once (the executors read the files; the driver only ships
+metadata), decodes it with :mod:`cxrflow.imaging`, resizes it to every requested size and writes
+``STORE/size=<S>/split=<split>/part-NNNNN.parquet`` with the exact :data:`cxrflow.store.SCHEMA`.
+Each task owns one contiguous, image_id-sorted slice of one split and writes one file per size
+(written under a hidden name, then renamed), so the store's files and rows depend only on the
+inputs and the seed, never on the master or the number of executors, and a retried task rewrites
+the same file. Tasks return small summaries only (counts, quarantined images with their reason,
+label sums, a 256-bin pixel histogram per size), which give the manifest's pixel mean/std and
+``pos_weight`` without moving a pixel to the driver.
+
+Everything is written under a hidden temporary sibling of the destination; the manifest is written
+last, after the store was checked with pyarrow, and only then is the folder renamed into place. A
+killed or failed run therefore never leaves a folder at the destination.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence, TextIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxrflow import __version__
+from cxrflow.errors import CxrflowError
+from cxrflow.imaging import ImageError, load_and_resize
+from cxrflow.labels import NIH14, LabelVocabulary
+from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, SCHEMA, SPLITS, format_manifest, split_dir, write_json_atomic
+
+#: Target uncompressed bytes of one file at the largest size (caps images per task and file).
+FILE_TARGET_BYTES = 128 * 2**20
+#: Target uncompressed bytes of one row group (a reader holds about one at a time).
+ROW_GROUP_TARGET_BYTES = 64 * 2**20
+#: Automatic layout: about this many tasks for the whole release, but never fewer than
+#: MIN_ROWS_PER_FILE images per task (a task costs ~0.03-0.1 s of scheduling on top of its images).
+TARGET_TASKS = 64
+MIN_ROWS_PER_FILE = 32
+COMPRESSIONS = ("zstd", "snappy", "lz4", "gzip", "none")
+MAX_SIZE = 4096
+
+_NON_PIXEL_COLUMNS = tuple(name for name in SCHEMA.names if name != "pixels")
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def parse_sizes(text: str | Iterable[int]) -> list[int]:
+    """``"256,512"`` (or a list of ints) to sorted unique sizes; CxrflowError when malformed."""
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    sizes = []
+    for part in parts:
+        try:
+            size = int(part)
+        except (TypeError, ValueError):
+            raise CxrflowError(f"--sizes must be comma-separated integers like 256,512, got {text!r}") from None
+        if not 1 <= size <= MAX_SIZE:
+            raise CxrflowError(f"--sizes: every size must be between 1 and {MAX_SIZE} pixels, got {size}")
+        sizes.append(size)
+    if not sizes:
+        raise CxrflowError("--sizes is empty; give at least one size, e.g. 256")
+    return sorted(set(sizes))
+
+
+def auto_rows_per_file(n_images: int, max_size: int) -> int:
+    """Images per task and file for a run of ``n_images``: about TARGET_TASKS tasks, at least
+    MIN_ROWS_PER_FILE images each, at most ~FILE_TARGET_BYTES per file at the largest size.
+
+    It depends on the inputs only (not on the cluster), so every master writes the same files.
+    """
+    cap = max(1, FILE_TARGET_BYTES // (max_size * max_size))
+    return max(1, min(cap, max(MIN_ROWS_PER_FILE, math.ceil(n_images / TARGET_TASKS))))
+
+
+def row_group_rows(size: int, rows_per_file: int) -> int:
+    """Rows per row group at ``size``: about ROW_GROUP_TARGET_BYTES, never more than a file."""
+    return max(1, min(rows_per_file, ROW_GROUP_TARGET_BYTES // (size * size)))
+
+
+def plan_tasks(records: Sequence[dict], rows_per_file: int) -> list[tuple[str, int, list[dict]]]:
+    """Group image records into tasks ``(split, part number, records)``: image_id order within a
+    split, contiguous slices of ``rows_per_file``, so the layout depends on the inputs only."""
+    by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for rec in records:
+        by_split[rec["split"]].append(rec)
+    tasks = []
+    for split in SPLITS:
+        recs = sorted(by_split[split], key=lambda r: r["image_id"])
+        for part, start in enumerate(range(0, len(recs), rows_per_file)):
+            tasks.append((split, part, recs[start : start + rows_per_file]))
+    return tasks
+
+
+# ------------------------------------------------------------------------------- executor-side work
+
+
+def _table(rows: list[dict], pixels: list[bytes]) -> pa.Table:
+    """One Arrow table in the store's exact schema (every column cast explicitly)."""
+    columns = {
+        "image_id": pa.array([r["image_id"] for r in rows], pa.string()),
+        "patient_id": pa.array([r["patient_id"] for r in rows], pa.int64()),
+        "labels": pa.array([list(r["labels"]) for r in rows], pa.list_(pa.uint8())),
+        "age": pa.array([r["age"] for r in rows], pa.int16()),
+        "sex": pa.array([r["sex"] for r in rows], pa.string()),
+        "view": pa.array([r["view"] for r in rows], pa.string()),
+        "follow_up": pa.array([r["follow_up"] for r in rows], pa.int32()),
+        "orig_width": pa.array([r["orig_width"] for r in rows], pa.int32()),
+        "orig_height": pa.array([r["orig_height"] for r in rows], pa.int32()),
+        "pixels": pa.array(pixels, pa.binary()),
+    }
+    return pa.table(columns, schema=SCHEMA)
+
+
+class _PartWriter:
+    """Streams one (size, split, part) file: fixed-size row groups, hidden name until closed."""
+
+    def __init__(self, store: str, size: int, split: str, part: int, group_rows: int, compression: str):
+        self.folder = split_dir(store, size, split)
+        self.final = self.folder / f"part-{part:05d}.parquet"
+        self.tmp = self.folder / f".part-{part:05d}.{uuid.uuid4().hex}.tmp"
+        self.group_rows = group_rows
+        self.compression = None if compression == "none" else compression
+        self.rows: list[dict] = []
+        self.pixels: list[bytes] = []
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, row: dict, pixels: bytes) -> None:
+        self.rows.append(row)
+        self.pixels.append(pixels)
+        if len(self.rows) >= self.group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        if self.writer is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(
+                str(self.tmp),
+                SCHEMA,
+                compression=self.compression,
+                use_dictionary=list(_NON_PIXEL_COLUMNS),
+                write_statistics=list(_NON_PIXEL_COLUMNS),
+            )
+        self.writer.write_table(_table(self.rows, self.pixels), row_group_size=self.group_rows)
+        self.rows, self.pixels = [], []
+
+    def close(self) -> None:
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+            os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+
+def process_task(
+    task: tuple[str, int, list[dict]],
+    *,
+    store: str,
+    sizes: Sequence[int],
+    group_rows: dict[int, int],
+    compression: str,
+    num_labels: int,
+) -> dict:
+    """Decode, resize and write one task's images; return its summary (no pixels).
+
+    Runs on an executor. An image that fails to decode is quarantined with its reason.
+    """
+    split, part, records = task
+    started = time.perf_counter()
+    decode_seconds = 0.0
+    writers = {s: _PartWriter(store, s, split, part, group_rows[s], compression) for s in sizes}
+    histograms = {s: np.zeros(256, dtype=np.int64) for s in sizes}
+    positives = np.zeros(num_labels, dtype=np.int64)
+    quarantined: list[dict] = []
+    written = 0
+    try:
+        for rec in records:
+            t = time.perf_counter()
+            try:
+                resized, (width, height) = load_and_resize(rec["path"], sizes)
+            except ImageError as exc:
+                quarantined.append({"image_id": rec["image_id"], "path": rec["path"], "reason": exc.message})
+                continue
+            finally:
+                decode_seconds += time.perf_counter() - t
+            row = dict(rec, orig_width=width, orig_height=height)
+            for s in sizes:
+                img = resized[s]
+                if split == "train":  # the manifest's pixel statistics are over train only
+                    histograms[s] += np.bincount(img.ravel(), minlength=256)
+                writers[s].add(row, img.tobytes())
+            positives += np.frombuffer(rec["labels"], dtype=np.uint8)
+            written += 1
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return {
+        "split": split,
+        "part": part,
+        "images": len(records),
+        "written": written,
+        "quarantined": quarantined,
+        "positives": positives.tolist(),
+        "histograms": {s: h.tolist() for s, h in histograms.items()},
+        "seconds": time.perf_counter() - started,
+        "decode_seconds": decode_seconds,
+    }
+
+
+def _run_partition(tasks: Iterator[tuple[str, int, list[dict]]], counter, **kwargs) -> Iterator[dict]:
+    for task in tasks:
+        summary = process_task(task, **kwargs)
+        counter.add(summary["images"])
+        yield summary
+
+
+# ------------------------------------------------------------------------------------- driver side
+
+
+class _Progress:
+    """Images done / total and images per second on a stream, from a Spark accumulator."""
+
+    def __init__(self, counter, total: int, stream: TextIO, interval: float = 0.5):
+        self.counter, self.total, self.stream = counter, total, stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.interval = interval if self.tty else 10.0
+        self.started = time.perf_counter()
+        self.width = 0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="cxrflow-etl-progress", daemon=True)
+
+    def line(self, done: int) -> str:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        pct = 100.0 * done / self.total if self.total else 100.0
+        return f"etl: {done}/{self.total} images ({pct:.0f}%), {done / elapsed:.1f} images/s, {elapsed:.0f} s"
+
+    def _show(self, done: int, final: bool = False) -> None:
+        text = self.line(done)
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width) + ("\n" if final else ""))
+            self.width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self._show(int(self.counter.value))
+
+    def __enter__(self) -> "_Progress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join()
+        self._show(int(self.counter.value), final=True)
+
+
+def _prepare_destination(out: Path, overwrite: bool) -> None:
+    """Refuse an existing destination unless ``overwrite`` and it is a cxrflow store (or empty)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise CxrflowError("exists and is not a folder; choose another --out", out)
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CxrflowError("store already exists; pass --overwrite to replace it", out)
+    names = [p.name for p in out.iterdir()]
+    if MANIFEST_NAME not in names and not all(n.startswith(("size=", ".", "_")) for n in names):
+        raise CxrflowError("folder is not a cxrflow store; refusing to delete it with --overwrite", out)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished store from ``tmp`` to ``out`` (replacing an old store at ``out``)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _verify_store(tmp: Path, sizes: Sequence[int], rows: dict[str, dict[str, int]]) -> None:
+    """Check with pyarrow (footers only) that every partition has its rows and the exact schema."""
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(str(tmp), format="parquet", partitioning="hive")
+    for field in SCHEMA:
+        got = dataset.schema.field(field.name).type if field.name in dataset.schema.names else None
+        if got is not None and got != field.type:
+            raise RuntimeError(f"store column {field.name} has type {got}, expected {field.type}")
+    for s in sizes:
+        for split, n in rows[str(s)].items():
+            folder = split_dir(tmp, s, split)
+            files = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
+            count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            if count != n:
+                raise RuntimeError(f"store partition size={s}/split={split} has {count} rows, expected {n}")
+
+
+def _pixel_stats(histogram: np.ndarray) -> dict[str, float]:
+    """Mean and std on the 0..1 scale from a 256-bin count histogram (exact integer sums)."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    n = int(histogram.sum())
+    if n == 0:
+        return {"mean": float("nan"), "std": float("nan")}
+    p = histogram.astype(np.float64) / n
+    mean = float((p * values).sum())
+    var = float((p * (values - mean) ** 2).sum())
+    return {"mean": mean, "std": math.sqrt(max(var, 0.0))}
+
+
+def run_etl(
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    sizes: Iterable[int] | str = (256, 512),
+    master: str = "local[*]",
+    *,
+    val_fraction: float = 0.3,
+    seed: int = 0,
+    overwrite: bool = False,
+    strict: bool = False,
+    verbose: bool = False,
+    rows_per_file: int | None = None,
+    compression: str = "zstd",
+    driver_memory: str | None = None,
+    executor_memory: str | None = None,
+    vocab: LabelVocabulary = NIH14,
+    spark: Any = None,
+    progress: TextIO | None = None,
+) -> dict:
+    """Run the ETL and return the manifest (also written to ``out/_manifest.json``).
+
+    ``spark``: an existing SparkSession to use (then ``master`` and the memory options are not
+    used and the session is left running); by default one is started on ``master`` and stopped.
+    ``progress``: a stream for the progress display (None: no display). ``strict``: a missing or
+    undecodable image is an error instead of being reported.
+    """
+    from cxrflow.metadata import load_release
+    from cxrflow.split import assign_splits
+    from cxrflow.spark import build_spark, check_master, check_memory
+
+    started = time.perf_counter()
+    sizes = parse_sizes(sizes) if isinstance(sizes, str) else parse_sizes(list(sizes))
+    if compression not in COMPRESSIONS:
+        raise CxrflowError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if rows_per_file is not None and rows_per_file < 1:
+        raise CxrflowError(f"--rows-per-file must be at least 1, got {rows_per_file}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise CxrflowError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if spark is None:
+        master = check_master(master)
+        check_memory(driver_memory, "--driver-memory")
+        check_memory(executor_memory, "--executor-memory")
+    out = Path(out).absolute()
+    _prepare_destination(out, overwrite)
+
+    release = load_release(data_dir, vocab, strict=strict)
+    splits = assign_splits(release.entries, release.train_val, release.test, val_fraction=val_fraction, seed=seed)
+    entries = release.entries
+    label_matrix = entries[list(vocab.names)].to_numpy(dtype=np.uint8)
+    split_of = dict(zip(splits["image_id"], splits["split"]))
+    records = []
+    for i, row in enumerate(entries[["image_id", "patient_id", "age", "sex", "view", "follow_up"]].itertuples(index=False)):
+        path = release.images.get(row.image_id)
+        if path is None:
+            continue
+        records.append(
+            {
+                "image_id": row.image_id,
+                "path": str(Path(path).absolute()),
+                "split": split_of[row.image_id],
+                "patient_id": int(row.patient_id),
+                "labels": label_matrix[i].tobytes(),
+                "age": int(row.age),
+                "sex": row.sex,
+                "view": row.view,
+                "follow_up": int(row.follow_up),
+            }
+        )
+    per_file = rows_per_file or auto_rows_per_file(len(records), max(sizes))
+    tasks = plan_tasks(records, per_file)
+    group_rows = {s: row_group_rows(s, per_file) for s in sizes}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    own_spark = spark is None
+    try:
+        if own_spark:
+            spark = build_spark(
+                master, "cxrflow etl", driver_memory=driver_memory, executor_memory=executor_memory, verbose=verbose
+            )
+        sc = spark.sparkContext
+        job_started = time.perf_counter()
+        summaries: list[dict] = []
+        if tasks:
+            counter = sc.accumulator(0)
+            work = functools.partial(
+                _run_partition,
+                counter=counter,
+                store=str(tmp),
+                sizes=sizes,
+                group_rows=group_rows,
+                compression=compression,
+                num_labels=len(vocab),
+            )
+            sc.setJobDescription(f"cxrflow etl: {len(records)} images to sizes {sizes}")
+            rdd = sc.parallelize(tasks, len(tasks)).mapPartitions(work)
+            if progress is not None:
+                with _Progress(counter, len(records), progress):
+                    summaries = rdd.collect()
+            else:
+                summaries = rdd.collect()
+        job_seconds = time.perf_counter() - job_started
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if own_spark and spark is not None:
+            spark.stop()
+
+    try:
+        manifest = _manifest(
+            release, splits, summaries, sizes, vocab, master if own_spark else spark.sparkContext.master,
+            val_fraction, seed, compression, group_rows, per_file, job_seconds,
+        )
+        if strict and manifest["quarantined"]:
+            q = manifest["quarantined"][0]
+            raise CxrflowError(
+                f"{len(manifest['quarantined'])} image(s) could not be decoded (first {q['image_id']}: {q['reason']}); "
+                "drop --strict to quarantine them and go on",
+                q["path"],
+            )
+        _verify_store(tmp, sizes, manifest["rows"])
+        manifest["wall_seconds"] = round(time.perf_counter() - started, 3)
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _manifest(
+    release, splits, summaries, sizes, vocab, master, val_fraction, seed, compression, group_rows, per_file, job_seconds
+) -> dict:
+    """The manifest from the tasks' summaries (see :mod:`cxrflow.store` for the keys)."""
+    k = len(vocab)
+    rows = {split: 0 for split in SPLITS}
+    positives = np.zeros(k, dtype=np.int64)
+    histograms = {s: np.zeros(256, dtype=np.int64) for s in sizes}
+    quarantined: list[dict] = []
+    processed = 0
+    task_seconds = sum(s["seconds"] for s in summaries)
+    decode_seconds = sum(s["decode_seconds"] for s in summaries)
+    for summary in summaries:
+        rows[summary["split"]] += summary["written"]
+        processed += summary["images"]
+        quarantined.extend(summary["quarantined"])
+        if summary["split"] == "train":
+            positives += np.asarray(summary["positives"], dtype=np.int64)
+            for s in sizes:
+                histograms[s] += np.asarray(summary["histograms"][s], dtype=np.int64)
+    quarantined.sort(key=lambda q: q["image_id"])
+    written = sum(rows.values())
+    metadata_rows = len(release.entries)
+    missing = list(release.missing)
+    if metadata_rows != written + len(missing) + len(quarantined):
+        raise RuntimeError(
+            f"ETL lost images: {metadata_rows} metadata rows != {written} written + {len(missing)} missing "
+            f"+ {len(quarantined)} quarantined"
+        )
+    n_train = rows["train"]
+    return {
+        "format_version": FORMAT_VERSION,
+        "cxrflow_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "label_names": list(vocab.names),
+        "vocabulary": vocab.to_dict(),
+        "sizes": list(sizes),
+        "rows": {str(s): dict(rows) for s in sizes},
+        "pixel_stats": {str(s): _pixel_stats(histograms[s]) for s in sizes},
+        "positives": {name: int(p) for name, p in zip(vocab.names, positives)},
+        "pos_weight": [float((n_train - p) / max(int(p), 1)) for p in positives],
+        "source": {
+            "data_dir": str(Path(release.root).absolute()),
+            "metadata_rows": metadata_rows,
+            "images_found": metadata_rows - len(missing),
+            "written": written,
+            "missing": len(missing),
+            "quarantined": len(quarantined),
+            "unlisted_on_disk": len(release.unlisted),
+        },
+        "missing": missing,
+        "quarantined": quarantined,
+        "split": {
+            "mode": splits.attrs.get("mode"),
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "patients": {split: int(splits.loc[splits["split"] == split, "patient_id"].nunique()) for split in SPLITS},
+        },
+        "parquet": {
+            "compression": compression,
+            "rows_per_file": per_file,
+            "row_group_rows": {str(s): n for s, n in group_rows.items()},
+        },
+        "spark_master": master,
+        "spark_job_seconds": round(job_seconds, 3),
+        "spark_tasks": len(summaries),
+        "task_seconds": round(task_seconds, 3),
+        "decode_resize_seconds": round(decode_seconds, 3),
+        "images_per_second": round(processed / job_seconds, 3) if job_seconds > 0 else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path, help="release folder (Data_Entry_2017*.csv, images/)")
+    parser.add_argument("--out", required=True, type=Path, help="store folder to write")
+    parser.add_argument("--sizes", default="256,512", help="comma-separated image sides in pixels (default 256,512)")
+    parser.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
+    parser.add_argument("--val-fraction", type=float, default=0.3, help="share of train_val patients for validation (default 0.3)")
+    parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    parser.add_argument("--strict", action="store_true", help="fail on a missing or undecodable image instead of reporting it")
+    parser.add_argument("--verbose", action="store_true", help="show Spark's logs")
+    parser.add_argument("--rows-per-file", type=int, default=None, help="images per Parquet file and task (default: automatic)")
+    parser.add_argument("--compression", default="zstd", choices=COMPRESSIONS, help="Parquet compression (default zstd)")
+    parser.add_argument("--driver-memory", default=None, help="Spark driver memory, e.g. 2g (default: Spark's)")
+    parser.add_argument("--executor-memory", default=None, help="Spark executor memory, e.g. 4g (default: Spark's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress display")
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = run_etl(
+        args.data,
+        args.out,
+        args.sizes,
+        args.master,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        verbose=args.verbose,
+        rows_per_file=args.rows_per_file,
+        compression=args.compression,
+        driver_memory=args.driver_memory,
+        executor_memory=args.executor_memory,
+        progress=None if args.no_progress else sys.stderr,
+    )
+    print(f"wrote {args.out}")
+    print(format_manifest(manifest))
+    return 0

@@ -1,0 +1,24 @@
+"""Shared test fixtures: one real local Spark session for the whole test run.
+
+Starting Spark costs several seconds, so it is paid once: any test taking the ``spark`` fixture
+gets the same ``local[2]`` session (small memory, quiet logs), stopped when the run ends.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """A real, quiet ``local[2]`` SparkSession shared by the whole test session."""
+    from cxrflow.spark import build_spark
+
+    session = build_spark(
+        "local[2]",
+        "cxrflow-tests",
+        driver_memory="1g",
+        conf={"spark.default.parallelism": "2", "spark.sql.shuffle.partitions": "2"},
+    )
+    yield session
+    session.stop()
