@@ -1,0 +1,249 @@
+"""Training configuration: typed dataclasses, named presets, a config file, command-line overrides.
+
+Resolution order (later wins): the preset (``paper`` or ``default``) -> the config file (JSON,
+YAML or TOML; keys are :class:`TrainConfig` fields, ``kt``/``finetune`` are tables with ``epochs``
+and ``lr``) -> command-line options. The resolved config is saved as ``config.json`` in the run
+folder and inside every checkpoint, so a run can be reproduced from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cxrflow.errors import CxrflowError
+
+STAGE_CHOICES = ("kt", "finetune", "both")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULERS = ("none", "plateau")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Stage:
+    """One training stage: what trains, for how long, at which learning rate.
+
+    ``trainable="head"`` freezes the backbone (weights and BatchNorm statistics); ``"all"`` trains
+    everything.
+    """
+
+    name: str
+    trainable: str
+    epochs: int
+    lr: float
+
+
+@dataclass
+class StageSettings:
+    """Epochs and learning rate of a named stage, as set in a preset or file."""
+
+    epochs: int
+    lr: float
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (besides the store's content)."""
+
+    store: str = ""
+    size: int = 0
+    model: str = "densenet121"
+    out: str = ""
+    preset: str = "default"
+    stage: str = "both"
+    pretrained: str = "imagenet"
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    kt: StageSettings = field(default_factory=lambda: StageSettings(epochs=3, lr=1e-3))
+    finetune: StageSettings = field(default_factory=lambda: StageSettings(epochs=10, lr=1e-4))
+    scheduler: str = "plateau"
+    plateau_factor: float = 0.1
+    plateau_patience: int = 1
+    early_stopping_patience: int = 3
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+
+    def stages(self) -> list[Stage]:
+        """The stages this run trains, in order (``simple_cnn``: one all-trainable "finetune" stage)."""
+        kt = Stage("kt", "head", self.kt.epochs, self.kt.lr)
+        ft = Stage("finetune", "all", self.finetune.epochs, self.finetune.lr)
+        if self.model == "simple_cnn":
+            return [ft]
+        return {"kt": [kt], "finetune": [ft], "both": [kt, ft]}[self.stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        """Raise a CxrflowError naming the first invalid setting; returns self."""
+        from cxrflow.models import MODEL_NAMES
+
+        if not self.store:
+            raise CxrflowError("no store given (--store)")
+        if not self.out:
+            raise CxrflowError("no run folder given (--out)")
+        if self.size <= 0:
+            raise CxrflowError("no image size given (--size)")
+        if self.model not in MODEL_NAMES:
+            raise CxrflowError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        for name, value, choices in (
+            ("stage", self.stage, STAGE_CHOICES),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("scheduler", self.scheduler, SCHEDULERS),
+            ("device", self.device, DEVICES),
+        ):
+            if value not in choices:
+                raise CxrflowError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.model == "simple_cnn" and self.stage == "kt":
+            raise CxrflowError("simple_cnn has no pretrained backbone, so no kt stage; use --stage finetune or both")
+        if self.model == "simple_cnn" and self.pretrained == "imagenet":
+            self.pretrained = "none"  # it has no ImageNet weights; the preset's default does not apply
+        for label, n in (("batch_size", self.batch_size), ("eval_batch_size", self.eval_batch_size)):
+            if n < 1:
+                raise CxrflowError(f"{label} must be at least 1, got {n}")
+        for st in self.stages():
+            if st.epochs < 1:
+                raise CxrflowError(f"stage {st.name} needs at least 1 epoch, got {st.epochs}")
+            if not st.lr > 0:
+                raise CxrflowError(f"stage {st.name} needs a positive learning rate, got {st.lr}")
+        if self.num_workers < 0:
+            raise CxrflowError(f"num_workers must be >= 0, got {self.num_workers}")
+        return self
+
+
+def preset(name: str) -> TrainConfig:
+    """A named starting point.
+
+    ``paper``: the paper's recipe -- batch size 5, knowledge transfer then fine-tuning, 8 epochs
+    each, plain SGD with momentum at a constant learning rate, no early stopping (the issue fixes
+    the batch size, stages and epochs; optimizer and rates are ours).
+    ``default``: for real use -- batch 32, Adam, ReduceLROnPlateau on validation AUC, early
+    stopping after 3 epochs without improvement, light augmentation.
+    """
+    if name == "paper":
+        return TrainConfig(
+            preset="paper",
+            batch_size=5,
+            optimizer="sgd",
+            momentum=0.9,
+            kt=StageSettings(epochs=8, lr=1e-2),
+            finetune=StageSettings(epochs=8, lr=1e-3),
+            scheduler="none",
+            early_stopping_patience=0,
+            augment=False,
+        )
+    if name == "default":
+        return TrainConfig()
+    raise CxrflowError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+PRESETS = ("paper", "default")
+
+
+def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
+    """Convert a file or command-line value to a field's declared type."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind) if isinstance(kind, str) else kind
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "1", "on"):
+                return True
+            if text in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if kind is int:
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if kind is float:
+            return float(value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise CxrflowError(f"{key}: expected {kind.__name__}, got {value!r}", source) from None
+    raise TypeError(f"unsupported field type {kind!r}")
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str = "command line") -> TrainConfig:
+    """Set fields from a mapping (nested ``kt``/``finetune`` tables or ``kt.lr`` keys allowed)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key, value in values.items():
+        top, _, sub = key.partition(".")
+        if top not in fields:
+            raise CxrflowError(f"unknown setting {key!r}; valid settings: {', '.join(fields)}", source)
+        if top in ("kt", "finetune"):
+            settings = getattr(config, top)
+            items = {sub: value} if sub else value
+            if not isinstance(items, dict):
+                raise CxrflowError(f"{top} must be a table with epochs and lr", source)
+            for name, v in items.items():
+                if name not in ("epochs", "lr"):
+                    raise CxrflowError(f"unknown setting {top}.{name}; valid: epochs, lr", source)
+                setattr(settings, name, _coerce(v, int if name == "epochs" else float, f"{top}.{name}", source))
+        elif sub:
+            raise CxrflowError(f"unknown setting {key!r}", source)
+        else:
+            setattr(config, top, _coerce(value, fields[top].type, key, source))
+    return config
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings in a JSON, YAML or TOML file (chosen by extension)."""
+    file = Path(path)
+    if not file.is_file():
+        raise CxrflowError("no such config file", file)
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(file.read_text())
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(file.read_text())
+        elif suffix == ".toml":
+            data = tomllib.loads(file.read_text())
+        else:
+            raise CxrflowError("config file must end in .json, .yaml, .yml or .toml", file)
+    except (json.JSONDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        line = getattr(exc, "lineno", None)
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            line = mark.line + 1
+        raise CxrflowError(f"cannot parse config: {str(exc).splitlines()[0]}", file, line) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CxrflowError("config file must hold a mapping of settings", file)
+    return data
+
+
+def resolve_config(
+    preset_name: str | None = None, config_file: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Preset, then file, then overrides; validated."""
+    from_file = read_config_file(config_file) if config_file else {}
+    name = preset_name or from_file.get("preset") or "default"
+    config = preset(str(name))
+    file_values = {k: v for k, v in from_file.items() if k != "preset"}
+    apply_overrides(config, file_values, str(config_file) if config_file else "config")
+    apply_overrides(config, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return config.validate()
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig saved with :meth:`TrainConfig.to_dict` (extra keys are ignored)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig()
+    return apply_overrides(config, {k: v for k, v in values.items() if k in names}, "saved config")

@@ -1,0 +1,721 @@
+"""Two-stage training from the Parquet store: knowledge transfer (head only), then fine-tuning.
+
+The stages are data (:meth:`cxrflow.config.TrainConfig.stages`) run by one loop. After every epoch
+the whole validation split is scored, its mean AUC over the findings picks each stage's best
+checkpoint, and ``last.pt`` records everything ``--resume`` needs to finish with the same result as
+an uninterrupted run. Run folder::
+
+    RUN/config.json      resolved config (store, size, model, label_names, stages, ...)
+    RUN/metrics.jsonl    one JSON line per epoch
+    RUN/best_kt.pt       best knowledge-transfer epoch      (not for simple_cnn)
+    RUN/best_finetune.pt best fine-tuning epoch
+    RUN/last.pt          the latest finished epoch
+    RUN/done.json        written when the whole run has finished
+
+Multi-GPU (or multi-process CPU) runs use DDP: ``torchrun --nproc_per_node N -m cxrflow.cli train
+...``; every rank reads its own shard, validation predictions are gathered so every rank computes
+the same AUC, and rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cxrflow.config import (
+    DEVICES,
+    PRESETS,
+    STAGE_CHOICES,
+    Stage,
+    TrainConfig,
+    config_from_dict,
+    resolve_config,
+)
+from cxrflow.errors import CxrflowError
+from cxrflow.loader import augment, make_loader, to_model_input
+from cxrflow.metrics import mean_auc, per_class_auc
+from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model
+from cxrflow.store import check_partition, pixel_stats, read_manifest, write_json_atomic
+
+#: Files a run writes; ``--overwrite`` removes exactly these.
+RUN_FILES = ("config.json", "metrics.jsonl", "best_kt.pt", "best_finetune.pt", "last.pt", "done.json")
+
+#: A hook called before each optimisation step: (model, stage name, epoch, step). For tests and tooling.
+StepHook = Callable[[ChestClassifier, str, int, int], None]
+
+
+# --- processes and devices -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if choice not in DEVICES:
+        raise CxrflowError(f"device must be one of {', '.join(DEVICES)}, got {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise CxrflowError("--device cuda but no CUDA GPU is available; use --device cpu or auto")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def setup_distributed(device_choice: str) -> Dist:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
+    device = resolve_device(device_choice)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world_size, device=device)
+
+
+def _barrier(ctx: Dist) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+def _all_reduce(values: list[float], ctx: Dist, op=None) -> list[float]:
+    if not ctx.active:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+# --- prediction and validation -------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> ChestClassifier:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context on CPU (float32 there)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _model_input(batch: dict, mean: float, std: float, device: torch.device) -> torch.Tensor:
+    """uint8 batch -> device (non-blocking) -> normalised float there; channels_last on CUDA."""
+    x = to_model_input(batch["image"].to(device, non_blocking=True), mean, std, channels=3)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def _pos_weight(manifest: dict, k: int, store: Any) -> torch.Tensor:
+    pw = manifest.get("pos_weight")
+    if pw is None or len(pw) != k:
+        raise CxrflowError(f"manifest pos_weight must have {k} values (one per finding)", store)
+    return torch.tensor(pw, dtype=torch.float32)
+
+
+def predict_split(
+    model: nn.Module,
+    store: str | os.PathLike,
+    size: int,
+    split: str,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """Score a whole split: ``image_id``, ``patient_id`` int64[N], ``labels`` and ``probs`` float32[N, K],
+    ``loss`` (mean BCE with the store's pos_weight, or None without one).
+
+    With ``world_size > 1`` (inside a process group) each rank scores its shard and the results are
+    gathered, so every rank returns the same complete arrays.
+    """
+    device = torch.device(device)
+    net = _unwrap(model).to(device)
+    manifest = read_manifest(store)
+    check_partition(manifest, store, size, split)
+    if int(manifest["rows"][str(int(size))][split]) == 0:
+        raise CxrflowError(f"split {split!r} at size {size} is empty", store)
+    mean, std = pixel_stats(manifest, size)
+    loader = make_loader(
+        store, size, split, batch_size=batch_size, shuffle=False, num_workers=num_workers, rank=rank, world_size=world_size
+    )
+    ids: list[str] = []
+    patients, labels, logits = [], [], []
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        for batch in loader:
+            with _autocast(device):
+                out = net(_model_input(batch, mean, std, device))
+            logits.append(out.float().cpu())
+            labels.append(batch["labels"])
+            patients.append(batch["patient_id"])
+            ids.extend(batch["image_id"])
+    net.train(was_training)
+    k = net.num_classes
+    part = {
+        "image_id": ids,
+        "patient_id": torch.cat(patients).numpy() if patients else np.zeros(0, np.int64),
+        "labels": torch.cat(labels).numpy() if labels else np.zeros((0, k), np.float32),
+        "logits": torch.cat(logits).numpy() if logits else np.zeros((0, k), np.float32),
+    }
+    if world_size > 1:
+        parts: list[Any] = [None] * world_size
+        dist.all_gather_object(parts, part)
+        part = {
+            "image_id": [i for p in parts for i in p["image_id"]],
+            **{key: np.concatenate([p[key] for p in parts]) for key in ("patient_id", "labels", "logits")},
+        }
+    logits_t = torch.from_numpy(part["logits"])
+    labels_t = torch.from_numpy(part["labels"])
+    loss = None
+    if manifest.get("pos_weight") is not None:
+        criterion = nn.BCEWithLogitsLoss(pos_weight=_pos_weight(manifest, k, store).to(torch.float64))
+        loss = float(criterion(logits_t.double(), labels_t.double()))
+    return {
+        "image_id": part["image_id"],
+        "patient_id": part["patient_id"].astype(np.int64),
+        "labels": part["labels"].astype(np.float32),
+        "probs": torch.sigmoid(logits_t).numpy().astype(np.float32),
+        "loss": loss,
+    }
+
+
+class NonFiniteLoss(CxrflowError):
+    """The training loss became NaN or infinite; the weights were not updated with it."""
+
+
+# --- one epoch -----------------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr: batches done, running loss, images/s."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label = total, label
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.last_draw = 0.0
+
+    def update(self, step: int, loss: float, images: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last_draw < 0.2 and step < self.total:
+            return
+        self.last_draw = now
+        width = 24
+        filled = int(width * step / max(self.total, 1))
+        rate = images / max(now - self.start, 1e-9)
+        sys.stderr.write(
+            f"\r{self.label} [{'=' * filled}{' ' * (width - filled)}] {step}/{self.total} "
+            f"loss {loss:.4f} {rate:.1f} img/s"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Any,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    ctx: Dist,
+    mean: float,
+    std: float,
+    steps: int,
+    generator: torch.Generator | None,
+    progress: Progress,
+    stage: str,
+    epoch: int,
+    step_hook: StepHook | None = None,
+) -> tuple[float, int, float]:
+    """Train for ``steps`` batches; returns (mean loss over all ranks, images over all ranks, seconds).
+
+    A non-finite loss on any rank stops every rank before the weights change; non-finite weights at
+    the end of the epoch stop it before anything is saved (both raise :class:`NonFiniteLoss`).
+    """
+    device = ctx.device
+    model.train()
+    loss_sum, images = 0.0, 0
+    start = time.perf_counter()
+    batches = iter(loader)
+    for step in range(1, steps + 1):
+        batch = next(batches)
+        x = _model_input(batch, mean, std, device)
+        if generator is not None:
+            x = augment(x, generator)
+        y = batch["labels"].to(device, non_blocking=True)
+        if step_hook is not None:
+            step_hook(_unwrap(model), stage, epoch, step)
+        with _autocast(device):
+            logits = model(x)
+        loss = criterion(logits.float(), y)
+        bad = not bool(torch.isfinite(loss))
+        if ctx.active:
+            bad = _all_reduce([float(bad)], ctx, dist.ReduceOp.MAX)[0] > 0
+        if bad:
+            raise NonFiniteLoss(f"training loss is not finite (NaN/inf) at stage {stage}, epoch {epoch}, step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = int(y.shape[0])
+        loss_sum += float(loss.detach()) * n
+        images += n
+        progress.update(step, loss_sum / images, images * ctx.world_size)
+    progress.close()
+    if ctx.active:
+        # each rank's BatchNorm statistics saw its own last batch; use rank 0's (the saved model's) everywhere
+        for buffer in _unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
+    if not all(bool(torch.isfinite(p).all()) for p in _unwrap(model).parameters() if p.requires_grad):
+        raise NonFiniteLoss(f"the weights became NaN/inf during stage {stage}, epoch {epoch}")
+    loss_sum, images_all = _all_reduce([loss_sum, float(images)], ctx)
+    return loss_sum / max(images_all, 1), int(images_all), time.perf_counter() - start
+
+
+# --- checkpoints and the run folder ----------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save to a temporary file in the same folder, then rename into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types; all mean a damaged file
+        raise CxrflowError(f"cannot read checkpoint: {str(exc).splitlines()[0]}", path) from None
+
+
+def _plain(value: float) -> float | None:
+    """A JSON- and weights_only-safe float: NaN/inf become None."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, ctx: Dist) -> None:
+    """Refuse to clobber an existing run; with --overwrite remove only the files a run writes."""
+    existing = [p for p in out.iterdir()] if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise CxrflowError("the run folder path exists and is not a folder", out)
+    if existing and not (resume or overwrite):
+        raise CxrflowError("run folder already exists; pass --resume to continue it or --overwrite to start again", out)
+    _barrier(ctx)  # every rank has checked before rank 0 changes anything
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):
+            stale.unlink()
+        if overwrite and not resume:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+    _barrier(ctx)
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    """Rewrite metrics.jsonl from the history (atomic; the history lives in last.pt too)."""
+    fd, tmp = tempfile.mkstemp(prefix=".metrics.jsonl.", suffix=".tmp", dir=out)
+    with os.fdopen(fd, "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+def _make_optimizer(config: TrainConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
+
+
+def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    if config.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=config.plateau_factor, patience=config.plateau_patience
+        )
+    return None
+
+
+def _set_trainable(model: ChestClassifier, stage: Stage) -> None:
+    if stage.trainable not in ("head", "all"):
+        raise CxrflowError(f"stage {stage.name}: trainable must be 'head' or 'all', got {stage.trainable!r}")
+    model.freeze_backbone(stage.trainable == "head")
+
+
+def _epoch_seed(seed: int, stage_index: int, epoch: int, rank: int) -> int:
+    """One seed per (stage, epoch, rank), so a resumed epoch draws exactly what the original would have."""
+    return int(np.random.SeedSequence([seed, stage_index, epoch, rank]).generate_state(1)[0])
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    ctx: Dist | None = None,
+    step_hook: StepHook | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run (or resume) a training run described by ``config``; returns the done.json summary."""
+    ctx = ctx or Dist(device=resolve_device(config.device))
+    say = log or (lambda msg: print(msg, flush=True))
+    info = say if ctx.main else (lambda msg: None)
+    out = Path(config.out)
+    config.validate()
+    manifest = read_manifest(config.store)
+    label_names = list(manifest["label_names"])
+    for split in ("train", "val"):
+        check_partition(manifest, config.store, config.size, split)
+        if int(manifest["rows"][str(int(config.size))][split]) == 0:
+            raise CxrflowError(f"split {split!r} at size {config.size} is empty; nothing to {split} on", config.store)
+    mean, std = pixel_stats(manifest, config.size)
+    pos_weight = _pos_weight(manifest, len(label_names), config.store).to(ctx.device)
+    stages = config.stages()
+    saved = {**config.to_dict(), "label_names": label_names, "stages": [vars(s) for s in stages],
+             "world_size": ctx.world_size}
+
+    if resume and (out / "done.json").exists():
+        info(f"{out} already finished (done.json); nothing to resume")
+        return json.loads((out / "done.json").read_text())
+    resuming = resume and (out / "last.pt").exists()
+    torch.manual_seed(config.seed)
+    # built before the run folder is touched, so a weights problem leaves nothing behind; a resumed
+    # run takes every weight from last.pt, so its starting weights need not exist any more
+    model = create_model(config.model, len(label_names), pretrained="none" if resuming else config.pretrained)
+    for note in getattr(model, "load_notes", []):
+        info(f"weights {config.pretrained}: {note}")
+    _prepare_run_folder(out, resume=resume, overwrite=overwrite, ctx=ctx)
+    state = _load(out / "last.pt") if resuming else None
+    if ctx.main:
+        write_json_atomic(out / "config.json", saved)
+    model.to(ctx.device)
+    if ctx.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
+    history: list[dict] = []
+    best: dict[str, dict] = {}
+    start_stage, start_epoch, bad_epochs = 0, 1, 0
+    if state is not None:
+        history, best = list(state["history"]), dict(state["best"])
+        start_stage, start_epoch, bad_epochs = int(state["stage_index"]), int(state["epoch"]) + 1, int(state["bad_epochs"])
+        if state["stage_finished"]:
+            start_stage, start_epoch, bad_epochs = start_stage + 1, 1, 0
+        model.load_state_dict(state["model"])
+        info(f"resuming {out} after stage {state['stage']} epoch {state['epoch']} with the run's saved config")
+        if ctx.main:
+            _write_metrics(out, history)
+
+    train_rows = int(manifest["rows"][str(int(config.size))]["train"])
+    global_epoch = sum(s.epochs for s in stages[:start_stage])
+    run_start = time.perf_counter()
+    for stage_index in range(start_stage, len(stages)):
+        stage = stages[stage_index]
+        first = stage_index == start_stage and state is not None and not state["stage_finished"]
+        if stage.name == "finetune" and not first and any(s.name == "kt" for s in stages[:stage_index]):
+            kt = _load(out / "best_kt.pt")
+            model.load_state_dict(kt["model"])
+            info(f"fine-tuning starts from best_kt.pt (epoch {kt['epoch']})")
+        elif stage_index == 0 and not first:
+            info(f"stage {stage.name} starts from weights: {config.pretrained}")
+        _set_trainable(model, stage)
+        trainable, total = count_parameters(model)
+        info(f"stage {stage.name}: trainable {trainable:,} of {total:,} parameters, lr {stage.lr:g}, {stage.epochs} epochs")
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _make_optimizer(config, params, stage.lr)
+        scheduler = _make_scheduler(config, optimizer)
+        if first:
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state["scheduler"] is not None:
+                scheduler.load_state_dict(state["scheduler"])
+        net: nn.Module = model
+        if ctx.active:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
+        epoch_start = start_epoch if stage_index == start_stage else 1
+        for epoch in range(epoch_start, stage.epochs + 1):
+            seed = _epoch_seed(config.seed, stage_index, epoch, ctx.rank)
+            torch.manual_seed(seed)
+            generator = None
+            if config.augment:
+                generator = torch.Generator(device=ctx.device).manual_seed(seed)
+            loader = make_loader(
+                config.store, config.size, "train", batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                epoch=global_epoch + epoch - 1, num_workers=config.num_workers, rank=ctx.rank,
+                world_size=ctx.world_size, drop_last=train_rows >= config.batch_size * ctx.world_size,
+            )
+            steps = len(loader)
+            if ctx.active:
+                steps = int(_all_reduce([float(steps)], ctx, dist.ReduceOp.MIN)[0])
+            if steps == 0:
+                raise CxrflowError(
+                    f"the train split ({train_rows} rows) is too small for batch size {config.batch_size} "
+                    f"on {ctx.world_size} processes", config.store
+                )
+            t0 = time.perf_counter()
+            progress = Progress(steps, f"{stage.name} {epoch}/{stage.epochs}", enabled=ctx.main and not quiet)
+            try:
+                train_loss, images, train_seconds = train_one_epoch(
+                    net, loader, criterion, optimizer, ctx=ctx, mean=mean, std=std, steps=steps, generator=generator,
+                    progress=progress, stage=stage.name, epoch=epoch, step_hook=step_hook,
+                )
+            except NonFiniteLoss as exc:
+                progress.close()
+                kept = (
+                    f"the last good checkpoint is {out / 'last.pt'} ({history[-1]['stage']} epoch {history[-1]['epoch']})"
+                    if history else "no epoch had finished, so no checkpoint was written"
+                )
+                raise CxrflowError(
+                    f"{exc.message}; stopped without saving it, {kept}. Lower the learning "
+                    "rate (--lr) and start again with --overwrite, or continue from a checkpoint with --pretrained PATH",
+                    out,
+                ) from None
+            val = predict_split(
+                model, config.store, config.size, "val", batch_size=config.eval_batch_size, device=ctx.device,
+                num_workers=config.num_workers, rank=ctx.rank, world_size=ctx.world_size,
+            )
+            aucs = per_class_auc(val["labels"], val["probs"])
+            auc = mean_auc(aucs)
+            lr = float(optimizer.param_groups[0]["lr"])
+            undefined = [n for n, a in zip(label_names, aucs) if math.isnan(a)]
+            if undefined and epoch == epoch_start:
+                info(f"val AUC undefined (one class only) for {', '.join(undefined)}; excluded from the mean")
+            row = {
+                "stage": stage.name,
+                "epoch": epoch,
+                "train_loss": _plain(train_loss),
+                "val_loss": _plain(val["loss"]) if val["loss"] is not None else None,
+                "val_auc_mean": _plain(auc),
+                "val_auc": {n: _plain(a) for n, a in zip(label_names, aucs)},
+                "lr": lr,
+                "seconds": time.perf_counter() - t0,
+                "images_per_second": images / max(train_seconds, 1e-9),
+                "train_images": images,
+                "val_images": len(val["image_id"]),
+            }
+            history.append(row)
+            if scheduler is not None and math.isfinite(auc):
+                scheduler.step(auc)
+            prev = best.get(stage.name)
+            improved = prev is None or (
+                math.isfinite(auc) and (prev["val_auc_mean"] is None or auc > prev["val_auc_mean"])
+            )
+            if improved:
+                best[stage.name] = {"epoch": epoch, "val_auc_mean": _plain(auc)}
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            stop_early = config.early_stopping_patience > 0 and bad_epochs >= config.early_stopping_patience
+            finished = stop_early or epoch == stage.epochs
+            payload = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "stage": stage.name,
+                "epoch": epoch,
+                "config": saved,
+                "label_names": label_names,
+                "metrics": row,
+                "stage_index": stage_index,
+                "stage_finished": finished,
+                "bad_epochs": bad_epochs,
+                "best": best,
+                "history": history,
+            }
+            if ctx.main:
+                if improved:
+                    save_checkpoint(out / f"best_{stage.name}.pt", payload)
+                save_checkpoint(out / "last.pt", payload)
+                _write_metrics(out, history)
+            _barrier(ctx)
+            auc_text = "nan" if math.isnan(auc) else f"{auc:.4f}"
+            info(
+                f"{stage.name} epoch {epoch}/{stage.epochs}: train loss {train_loss:.4f}, val loss "
+                f"{val['loss'] if val['loss'] is None else round(val['loss'], 4)}, val AUC {auc_text}"
+                f"{' (best)' if improved else ''}, lr {lr:g}, {row['images_per_second']:.1f} img/s"
+            )
+            if stop_early:
+                info(f"stage {stage.name}: no improvement for {bad_epochs} epochs; stopping early")
+                break
+        global_epoch += stage.epochs
+        bad_epochs = 0
+
+    summary = {
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "best": best,
+        "epochs": len(history),
+        "wall_seconds_last_session": time.perf_counter() - run_start,
+        "checkpoints": {name: f"best_{name}.pt" for name in best},
+    }
+    if ctx.main:
+        write_json_atomic(out / "done.json", summary)
+    for name, b in best.items():
+        line = f"best {name}: epoch {b['epoch']}, val AUC {b['val_auc_mean']}"
+        if ctx.active:
+            say(f"[rank {ctx.rank}] {line}")
+        else:
+            info(line)
+    return summary
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``cxrflow train`` options (also used by :func:`get_args_parser`)."""
+    parser.add_argument("--store", help="store folder written by 'cxrflow etl'")
+    parser.add_argument("--size", type=int, help="image size to train at (one the store holds)")
+    parser.add_argument("--model", help=f"model name: {', '.join(MODEL_NAMES)}")
+    parser.add_argument("--out", required=True, help="run folder to create (or resume)")
+    parser.add_argument("--stage", choices=STAGE_CHOICES, help="which stages to run (default both)")
+    parser.add_argument("--epochs", type=int, nargs="+", metavar="E",
+                        help="epochs per selected stage, in order; one value sets every stage")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, nargs="+", metavar="LR",
+                        help="learning rate per selected stage, in order (kt, finetune); one value sets every stage")
+    parser.add_argument("--pretrained", metavar="imagenet|none|PATH",
+                        help="backbone weights: torchvision ImageNet (from $TORCH_HOME; the default), random, or a state dict file")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--config", metavar="FILE", help="settings file (.json, .yaml, .toml)")
+    parser.add_argument("--preset", choices=PRESETS, help="starting settings (default: 'default')")
+    parser.add_argument("--device", choices=DEVICES, help="auto = cuda when available")
+    parser.add_argument("--num-workers", type=int, help="loader worker processes")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other setting, e.g. --set optimizer=sgd --set finetune.lr=1e-4 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """A standalone parser for the train options (for other entry points)."""
+    parser = argparse.ArgumentParser(description="cxrflow two-stage training", add_help=add_help)
+    add_arguments(parser)
+    return parser
+
+
+def _per_stage(values: list | None, option: str, config_stages: list[str], field: str) -> dict[str, Any]:
+    if not values:
+        return {}
+    if len(values) == 1:
+        values = values * len(config_stages)
+    if len(values) != len(config_stages):
+        raise CxrflowError(
+            f"{option} takes one value or one per stage ({', '.join(config_stages)}), got {len(values)}"
+        )
+    return {f"{name}.{field}": v for name, v in zip(config_stages, values)}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Preset -> --config file -> command-line options (later wins); validated."""
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CxrflowError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    overrides.update(
+        {
+            "store": args.store, "size": args.size, "model": args.model, "out": args.out, "stage": args.stage,
+            "batch_size": args.batch_size, "pretrained": args.pretrained, "seed": args.seed,
+            "device": args.device, "num_workers": args.num_workers,
+        }
+    )
+    config = resolve_config(args.preset, args.config, overrides)
+    names = [s.name for s in config.stages()]
+    per_stage = {**_per_stage(args.epochs, "--epochs", names, "epochs"), **_per_stage(args.lr, "--lr", names, "lr")}
+    if per_stage:
+        config = resolve_config(args.preset, args.config, {**overrides, **per_stage})
+    return config
+
+
+def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
+    """The saved config of the run in --out (device and workers may change), or None without one."""
+    path = Path(args.out) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CxrflowError(f"unreadable run config: {exc}", path) from None
+    config = config_from_dict(saved)
+    config.out = args.out
+    if args.device:
+        config.device = args.device
+    if args.num_workers is not None:
+        config.num_workers = args.num_workers
+    return config.validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume and args.overwrite:
+        raise CxrflowError("--resume and --overwrite exclude each other")
+    config = (_resume_config(args) if args.resume else None) or config_from_args(args)
+    ctx = setup_distributed(config.device)
+    try:
+        train(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, ctx=ctx)
+    finally:
+        if ctx.active and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cxrflow.train ...`` (same as ``cxrflow train ...``)."""
+    from cxrflow.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
