@@ -1,0 +1,223 @@
+"""The end-to-end demo (``make demo``): every stage of cxrflow on a synthetic dataset, in minutes on a laptop CPU.
+
+1. ``synth``: a few hundred synthetic patients in the NIH release's exact format;
+2. ``explore``: dataset statistics and figures;
+3. ``etl``: local Spark writes the Parquet store at two small sizes;
+4. ``sweep``: trains ``simple_cnn`` (one stage) and a small ``densenet121`` (random init, knowledge
+   transfer then fine-tuning), evaluates every stage's best checkpoint on the test split (AUC with
+   patient-bootstrap CIs, ROC and training-curve figures) and writes the report table;
+5. ``predict``: a few test images through the saved model, as a user would.
+
+Everything is done by the stages' own functions; this module only chains them and prints where
+each output is. The planted signal of the synthetic data is learnable, so the best run's mean test
+AUC must reach :data:`TARGET_AUC`; the exit status says whether it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cxrflow.errors import CxrflowError
+
+#: The best run's mean test AUC the demo must reach on the synthetic data.
+TARGET_AUC = 0.85
+MARKER_NAME = ".cxrflow-demo.json"
+
+
+def demo_sweep(store: Path, sizes: tuple[int, int], seed: int, epochs: int) -> dict[str, Any]:
+    """The demo's two runs as a sweep config: simple_cnn at the larger size, densenet121 at the smaller."""
+    small, large = sorted(sizes)
+    return {
+        "store": str(store),
+        "defaults": {
+            "preset": "default",
+            "pretrained": "none",
+            "batch_size": 32,
+            "eval_batch_size": 128,
+            "seed": seed,
+            "early_stopping_patience": 0,
+        },
+        "n_boot": 1000,
+        "runs": [
+            {"name": f"simple_cnn-{large}", "model": "simple_cnn", "size": large,
+             "finetune": {"epochs": epochs + 2, "lr": 3e-3}},
+            {"name": f"densenet121-{small}", "model": "densenet121", "size": small, "batch_size": 16,
+             "kt": {"epochs": 1, "lr": 1e-2}, "finetune": {"epochs": epochs, "lr": 1e-3}},
+        ],
+    }  # fmt: skip
+
+
+def _prepare(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CxrflowError("exists and is not a folder", out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise CxrflowError("demo output folder is not empty; pass --overwrite to replace it", out)
+        if not (out / MARKER_NAME).is_file():
+            raise CxrflowError(
+                f"not a cxrflow demo folder ({MARKER_NAME} missing); refusing to delete it, choose another --out", out
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_demo(
+    out: str | Path,
+    *,
+    patients: int = 200,
+    image_size: int = 128,
+    sizes: tuple[int, int] = (32, 64),
+    epochs: int = 2,
+    seed: int = 0,
+    master: str = "local[2]",
+    overwrite: bool = False,
+    spark: Any = None,
+    echo=print,
+) -> dict[str, Any]:
+    """Run every stage on a synthetic dataset in ``out``; returns a summary (paths, AUCs, timings).
+
+    ``spark``: an existing SparkSession for the ETL (default: one on ``master``, stopped after).
+    """
+    from cxrflow.etl import run_etl
+    from cxrflow.explore import explore
+    from cxrflow.metadata import load_release
+    from cxrflow.predict import load_predictor, predict_files
+    from cxrflow.store import write_json_atomic
+    from cxrflow.sweep import parse_sweep, run_sweep
+    from cxrflow.synth import synthesize
+
+    out = Path(out).absolute()
+    _prepare(out, overwrite)
+    write_json_atomic(out / MARKER_NAME, {"patients": patients, "sizes": list(sizes), "seed": seed})
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def stage(name: str, text: str) -> float:
+        echo(f"\n== {name}: {text}")
+        return time.perf_counter()
+
+    t = stage("synth", f"{patients} synthetic patients, {image_size}x{image_size} px PNGs")
+    synth = synthesize(out / "data", patients=patients, size=image_size, seed=seed)
+    echo(f"{synth['images']} images ({synth['train_val_images']} train/val, {synth['test_images']} test)")
+    timings["synth"] = time.perf_counter() - t
+
+    t = stage("explore", "dataset statistics and figures")
+    release = load_release(out / "data", need_images=False)
+    stats = explore(release.entries, out / "explore", str(release.data_entry_path))
+    echo(f"{stats['images']} images of {stats['patients']} patients")
+    timings["explore"] = time.perf_counter() - t
+
+    t = stage("etl", f"Spark ({master}) to a Parquet store at sizes {', '.join(map(str, sizes))} px")
+    manifest = run_etl(out / "data", out / "store", sizes=sizes, master=master, seed=seed, spark=spark)
+    rows = manifest["rows"][str(sizes[0])]
+    echo(f"store: {', '.join(f'{k} {v}' for k, v in rows.items())} images per size; {len(manifest['quarantined'])} quarantined")
+    timings["etl"] = time.perf_counter() - t
+
+    t = stage("train + evaluate + report", "simple_cnn and densenet121 (random init), evaluated on test")
+    sweep = parse_sweep(demo_sweep(out / "store", sizes, seed, epochs), source="demo")
+    result = run_sweep(sweep, out / "sweep", device="cpu", in_process=True, echo=echo)
+    if result["failed"]:
+        raise CxrflowError(f"demo runs failed: {result['failed']}", out / "sweep")
+    timings["train_evaluate_report"] = time.perf_counter() - t
+
+    t = stage("predict", "three test images through the best run's model, as 'cxrflow predict' does")
+    best = result["best"]
+    run_folder = out / "sweep" / "runs" / best["run"]
+    predictor = load_predictor(run_folder, f"best_{best['stage']}", device="cpu")
+    test_images = sorted((out / "data" / "images").glob("*.png"))
+    test_ids = set((out / "data" / "test_list.txt").read_text().split())
+    sample = [p for p in test_images if p.name in test_ids][:3]
+    predictions, errors = predict_files(predictor, sample)
+    truth = dict(zip(release.entries["image_id"], release.entries["finding_labels"]))
+    for p in predictions:
+        top = sorted(p["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+        name = Path(p["image"]).name
+        echo(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in top) + f"  (metadata says: {truth.get(name, '?')})")
+    timings["predict"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+
+    evaluations = sorted((out / "sweep" / "runs").glob("*/eval-test-*/metrics.json"))
+    aucs = {}
+    for m in evaluations:
+        data = json.loads(m.read_text())
+        aucs[f"{data['run_name']} {data['stage']}"] = {"mean_auc": data["mean_auc"], "ci95": data["mean_auc_ci95"]}
+    summary = {
+        "out": str(out),
+        "best": best,
+        "target_auc": TARGET_AUC,
+        "target_met": best is not None and best["mean_auc"] is not None and best["mean_auc"] >= TARGET_AUC,
+        "mean_test_auc": aucs,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "outputs": {
+            "dataset": str(out / "data"),
+            "explore": str(out / "explore"),
+            "store": str(out / "store"),
+            "runs": str(out / "sweep" / "runs"),
+            "report": result["report"],
+            "evaluations": [str(m.parent) for m in evaluations],
+        },
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Where every output is, and the headline numbers."""
+    out = Path(summary["out"])
+
+    def rel(p: str | Path) -> str:
+        try:
+            return str(Path(p).relative_to(Path.cwd()))
+        except ValueError:
+            return str(p)
+
+    lines = ["", "== summary", f"everything is under {rel(out)}/"]
+    lines.append(f"  dataset (NIH format)      {rel(summary['outputs']['dataset'])}/")
+    lines.append(f"  data exploration          {rel(summary['outputs']['explore'])}/ (summary.md, figures)")
+    lines.append(f"  Parquet store             {rel(summary['outputs']['store'])}/ (_manifest.json)")
+    report = summary["outputs"]["report"] or {}
+    lines.append(f"  report table              {rel(report.get('table_md', '-'))}  (+ table.csv)")
+    lines.append(f"  runs vs paper figure      {rel(report.get('comparison_png', '-'))}")
+    for e in summary["outputs"]["evaluations"]:
+        lines.append(f"  evaluation                {rel(e)}/ (metrics.json, predictions.parquet, roc.png, curves.png)")
+    lines.append("mean test AUC (95% CI, patient bootstrap):")
+    for name, v in summary["mean_test_auc"].items():
+        ci = v["ci95"]
+        lines.append(f"  {name:<28} {v['mean_auc']:.4f}" + (f"  ({ci[0]:.4f}-{ci[1]:.4f})" if ci else ""))
+    best = summary["best"]
+    verdict = "met" if summary["target_met"] else "NOT met"
+    lines.append(
+        f"best run: {best['run']} ({best['stage']}), mean test AUC {best['mean_auc']:.4f}; "
+        f"target >= {summary['target_auc']} {verdict}"
+    )
+    s = summary["seconds"]
+    lines.append("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items() if k != "total") + f"; total {s['total']:.0f} s")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder for everything the demo writes")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    parser.add_argument("--patients", type=int, default=200, help="synthetic patients (default: 200, about 720 images)")
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of densenet121 (default: 2; simple_cnn trains 2 more)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, split and training (default: 0)")
+    parser.add_argument("--master", default="local[2]", help="Spark master for the ETL (default: local[2])")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.patients < 20:
+        raise CxrflowError(f"--patients must be at least 20, got {args.patients}")
+    if args.epochs < 1:
+        raise CxrflowError(f"--epochs must be at least 1, got {args.epochs}")
+    summary = run_demo(args.out, patients=args.patients, epochs=args.epochs, seed=args.seed, master=args.master, overwrite=args.overwrite)
+    print(format_summary(summary))
+    if not summary["target_met"]:
+        print(f"error: {summary['out']}: the best mean test AUC is below the target {TARGET_AUC}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,251 @@
+"""The paper's Table 1 over several evaluated runs: ``table.md``, ``table.csv`` and ``comparison.png``.
+
+Inputs are evaluation folders written by ``cxrflow evaluate`` (holding ``metrics.json``), or run
+folders, in which case every ``eval-<split>-*/`` evaluation inside is used (a two-stage run evaluated
+at ``best_kt`` and ``best_finetune`` gives two rows, KT and fine-tuned, like the paper). One row per
+evaluation: model, size, stage, mean AUC with its 95% patient-bootstrap interval, the paper's
+published mean AUC for the same configuration (reference column) and the per-finding AUCs; the
+best row is marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from cxrflow.errors import CxrflowError
+from cxrflow.evaluate import METRICS_NAME
+
+#: The paper's published mean test AUCs (Table 1), by (model, input size, stage).
+#: Its simple CNN is a single-stage model; it is matched at any input size.
+PAPER_MEAN_AUC: dict[tuple[str, int | None, str], float] = {
+    ("simple_cnn", None, "finetune"): 0.6329,
+    ("resnet50", 256, "kt"): 0.6663,
+    ("resnet50", 256, "finetune"): 0.6670,
+    ("resnet50", 512, "kt"): 0.6868,
+    ("resnet50", 512, "finetune"): 0.6901,
+    ("densenet121", 256, "kt"): 0.6842,
+    ("densenet121", 256, "finetune"): 0.6843,
+    ("densenet121", 512, "kt"): 0.6977,
+    ("densenet121", 512, "finetune"): 0.6978,
+}
+MODEL_TITLES = {"simple_cnn": "Simple CNN", "resnet50": "ResNet-50", "densenet121": "DenseNet-121"}
+STAGE_TITLES = {"kt": "KT", "finetune": "fine-tuned"}
+TABLE_MD = "table.md"
+TABLE_CSV = "table.csv"
+COMPARISON_PNG = "comparison.png"
+
+
+def paper_mean_auc(model: str, size: int | None, stage: str) -> float | None:
+    """The paper's mean AUC for this configuration, or None when the paper has no such run."""
+    if model == "simple_cnn":
+        return PAPER_MEAN_AUC.get(("simple_cnn", None, stage))
+    return PAPER_MEAN_AUC.get((model, None if size is None else int(size), stage))
+
+
+def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") -> list[Path]:
+    """The ``metrics.json`` files named by ``paths`` (evaluation folders, run folders or files).
+
+    A run folder contributes its ``eval-<split>-*`` folders, KT before fine-tuned. A path with no
+    evaluation is an error naming it (so a missing run is never silently left out of the table).
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file() and p.name == METRICS_NAME:
+            found.append(p)
+        elif (p / METRICS_NAME).is_file():
+            found.append(p / METRICS_NAME)
+        elif p.is_dir():
+            inner = sorted(
+                p.glob(f"eval-{split}-*/{METRICS_NAME}"),
+                key=lambda m: (0 if m.parent.name.endswith("best_kt") else 1, m.parent.name),
+            )
+            if not inner:
+                raise CxrflowError(
+                    f"no evaluation on split {split!r} here (expected {METRICS_NAME} or eval-{split}-*/; "
+                    f"run 'cxrflow evaluate --run {p}' first)",
+                    p,
+                )
+            found.extend(inner)
+        else:
+            raise CxrflowError("no such run or evaluation folder", p)
+    return found
+
+
+def load_row(metrics_path: Path) -> dict[str, Any]:
+    """One table row from an evaluation's ``metrics.json``."""
+    try:
+        m = json.loads(Path(metrics_path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CxrflowError(f"unreadable evaluation: {exc}", metrics_path) from None
+    for key in ("mean_auc", "auc", "label_names"):
+        if key not in m:
+            raise CxrflowError(f"not a cxrflow evaluation: key {key!r} is missing", metrics_path)
+    model = m.get("model", "?")
+    size = m.get("size")
+    stage = m.get("stage", "?")
+    ci = m.get("mean_auc_ci95") or [None, None]
+    paper = paper_mean_auc(model, size, stage)
+    mean = m["mean_auc"]
+    return {
+        "label": f"{MODEL_TITLES.get(model, model)} {size}px {STAGE_TITLES.get(stage, stage)}",
+        "run": m.get("run_name") or Path(m.get("run", metrics_path.parent.parent)).name,
+        "model": model,
+        "size": size,
+        "stage": stage,
+        "checkpoint": m.get("checkpoint"),
+        "split": m.get("split"),
+        "n_images": m.get("n_images"),
+        "n_patients": m.get("n_patients"),
+        "mean_auc": mean,
+        "ci_low": ci[0],
+        "ci_high": ci[1],
+        "paper_mean_auc": paper,
+        "delta_vs_paper": None if paper is None or mean is None else mean - paper,
+        "nan_findings": list(m.get("nan_findings", [])),
+        "auc": dict(m["auc"]),
+        "label_names": list(m["label_names"]),
+        "source": str(metrics_path),
+    }
+
+
+def build_rows(paths: Sequence[str | os.PathLike], split: str = "test") -> list[dict[str, Any]]:
+    """Rows of every evaluation named by ``paths``, in the given order, with the best marked."""
+    rows = [load_row(p) for p in find_evaluations(paths, split)]
+    scored = [i for i, r in enumerate(rows) if r["mean_auc"] is not None]
+    best = max(scored, key=lambda i: rows[i]["mean_auc"]) if scored else None
+    for i, r in enumerate(rows):
+        r["best"] = i == best
+    return rows
+
+
+def _finding_columns(rows: Sequence[dict]) -> list[str]:
+    names: list[str] = []
+    for r in rows:
+        names.extend(n for n in r["label_names"] if n not in names)
+    return names
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def format_csv(rows: Sequence[dict]) -> str:
+    """The table as CSV: one row per evaluation, numbers unrounded, empty cells for n/a."""
+    findings = _finding_columns(rows)
+    head = [
+        "run", "model", "size", "stage", "checkpoint", "split", "n_images", "n_patients",
+        "mean_auc", "ci95_low", "ci95_high", "paper_mean_auc", "delta_vs_paper", "best", "nan_findings",
+    ] + [f"auc_{n}" for n in findings]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(head)
+    for r in rows:
+        w.writerow(
+            [r["run"], r["model"], r["size"], r["stage"], r["checkpoint"], r["split"], r["n_images"], r["n_patients"]]
+            + ["" if r[k] is None else repr(float(r[k])) for k in ("mean_auc", "ci_low", "ci_high", "paper_mean_auc", "delta_vs_paper")]
+            + [str(r["best"]).lower(), ";".join(r["nan_findings"])]
+            + ["" if r["auc"].get(n) is None else repr(float(r["auc"][n])) for n in findings]
+        )
+    return buf.getvalue()
+
+
+def format_markdown(rows: Sequence[dict]) -> str:
+    """The table as Markdown: the summary table (best in bold), per-finding AUCs, the paper's values."""
+    findings = _finding_columns(rows)
+    lines = [
+        "# Mean test AUC per run (cf. the paper's Table 1)",
+        "",
+        "Mean ROC AUC over the findings that have both classes in the split; 95% interval from a",
+        "patient-level bootstrap. *Paper* is the published mean AUC of the same model, input size and",
+        "stage (KT = frozen backbone, knowledge transfer; fine-tuned = everything trained), shown for",
+        "reference only: the data, split and preprocessing behind it differ. The best run is in bold.",
+        "",
+        "| Run | Model | Size (px) | Stage | Mean AUC | 95% CI | Paper | Δ vs paper | Images | Best |",
+        "|---|---|---:|---|---:|---|---:|---:|---:|:---:|",
+    ]
+    for r in rows:
+        mean = _fmt(r["mean_auc"])
+        ci = f"{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}" if r["ci_low"] is not None else "n/a"
+        delta = "" if r["delta_vs_paper"] is None else f"{r['delta_vs_paper']:+.4f}"
+        cells = [
+            r["run"], MODEL_TITLES.get(r["model"], r["model"]), str(r["size"]), STAGE_TITLES.get(r["stage"], r["stage"]),
+            mean or "n/a", ci, _fmt(r["paper_mean_auc"]) or "—", delta or "—", str(r["n_images"]), "**best**" if r["best"] else "",
+        ]
+        if r["best"]:
+            cells[:5] = [f"**{c}**" for c in cells[:5]]
+        lines.append("| " + " | ".join(cells) + " |")
+    nan_notes = [f"{r['run']} ({STAGE_TITLES.get(r['stage'], r['stage'])}): {', '.join(r['nan_findings'])}" for r in rows if r["nan_findings"]]
+    if nan_notes:
+        lines += ["", "Findings without an AUC (one class only in the split), left out of the mean:"]
+        lines += [f"- {n}" for n in nan_notes]
+    lines += ["", "## Per-finding test AUC", ""]
+    lines.append("| Finding | " + " | ".join(f"{r['run']} {STAGE_TITLES.get(r['stage'], r['stage'])}" for r in rows) + " |")
+    lines.append("|---|" + "---:|" * len(rows))
+    for n in findings:
+        lines.append(f"| {n} | " + " | ".join(_fmt(r["auc"].get(n), 3) or "n/a" for r in rows) + " |")
+    lines += ["", "## The paper's published mean AUCs", "", "| Model | Size (px) | KT | Fine-tuned |", "|---|---:|---:|---:|"]
+    lines.append(f"| Simple CNN | — | — | {PAPER_MEAN_AUC[('simple_cnn', None, 'finetune')]:.4f} |")
+    for model in ("resnet50", "densenet121"):
+        for size in (256, 512):
+            lines.append(
+                f"| {MODEL_TITLES[model]} | {size} | {PAPER_MEAN_AUC[(model, size, 'kt')]:.4f} | "
+                f"{PAPER_MEAN_AUC[(model, size, 'finetune')]:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_report(
+    paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, split: str = "test", overwrite: bool = False
+) -> dict[str, Any]:
+    """Write ``table.md``, ``table.csv`` and ``comparison.png`` into ``out``; returns rows and paths."""
+    from cxrflow.plots import plot_run_comparison
+
+    out = Path(out)
+    targets = {"table_md": out / TABLE_MD, "table_csv": out / TABLE_CSV, "comparison_png": out / COMPARISON_PNG}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise CxrflowError(f"report already written ({', '.join(existing)}); pass --overwrite to replace it", out)
+    rows = build_rows(paths, split)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(targets["table_md"], format_markdown(rows))
+    _write_text_atomic(targets["table_csv"], format_csv(rows))
+    fig = plot_run_comparison(rows)
+    tmp = out / f".{COMPARISON_PNG}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, targets["comparison_png"])
+    best = next((r for r in rows if r["best"]), None)
+    return {"rows": rows, "best": best, **{k: str(v) for k, v in targets.items()}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (all their eval-<split>-* evaluations) or evaluation folders")
+    parser.add_argument("--out", required=True, help="folder for table.md, table.csv and comparison.png")
+    parser.add_argument("--split", default="test", help="which evaluations of a run folder to use (default: test)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = write_report(args.runs, args.out, split=args.split, overwrite=args.overwrite)
+    print(format_markdown(result["rows"]).split("\n## ")[0].rstrip())
+    for key in ("table_md", "table_csv", "comparison_png"):
+        print(f"wrote {result[key]}")
+    return 0

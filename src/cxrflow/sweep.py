@@ -1,0 +1,421 @@
+"""Train, evaluate and report every run listed in a config file; re-runnable after a crash.
+
+A sweep file (YAML, TOML or JSON) names a store, settings shared by every run, and the runs::
+
+    store: data/nih-store          # relative to the working directory; --store overrides it
+    defaults:                      # any 'cxrflow train' setting (see cxrflow.config.TrainConfig)
+      preset: paper
+      pretrained: imagenet
+    runs:
+      - name: densenet121-256      # the run folder's name: OUT/runs/<name>/
+        model: densenet121
+        size: 256
+        evaluate: [best_kt, best_finetune]   # optional; the default is every stage the run trains
+
+A two-stage run is trained once and evaluated at both stages' best checkpoints, which gives the
+paper's "KT" and "fine-tuned" rows from one run. For every run the sweep
+
+1. trains it unless ``OUT/runs/<name>/done.json`` exists (a folder left by a crash is resumed from
+   its ``last.pt``; a run whose saved settings differ from the file is an error, never mixed);
+2. evaluates each listed checkpoint on the test split unless ``OUT/runs/<name>/eval-test-<ckpt>/``
+   exists (evaluations are written atomically, so a present folder is complete);
+3. and finally writes the report (``OUT/report/table.md``, ``table.csv``, ``comparison.png``).
+
+Each step is a ``cxrflow`` command run in a subprocess (so a crash or a killed sweep leaves only
+finished files behind), logged to ``OUT/logs/<name>.log``. With several GPUs the runs go in
+parallel, one per GPU (``CUDA_VISIBLE_DEVICES``); on CPU one at a time. A failed run does not stop
+the others: it is named at the end and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cxrflow.config import TrainConfig, apply_overrides, preset, read_config_file
+from cxrflow.errors import CxrflowError
+from cxrflow.evaluate import METRICS_NAME, default_eval_dir
+from cxrflow.store import write_json_atomic
+
+RUN_KEYS = ("name", "evaluate")
+#: Settings that may differ between the sweep file and an existing run (they do not change results).
+_FREE_SETTINGS = ("out", "device", "num_workers")
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class RunSpec:
+    """One run of a sweep: its name, resolved training config and the checkpoints to evaluate."""
+
+    name: str
+    config: TrainConfig
+    evaluate: list[str]
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file."""
+
+    runs: list[RunSpec]
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _default_checkpoints(config: TrainConfig) -> list[str]:
+    return [f"best_{s.name}" for s in config.stages()]
+
+
+def parse_sweep(data: dict, *, source: str = "sweep config", store: str | os.PathLike | None = None) -> Sweep:
+    """Resolve and validate a sweep given as a mapping (the content of a sweep file)."""
+    if not isinstance(data, dict):
+        raise CxrflowError("a sweep config must be a mapping with 'runs'", source)
+    unknown = set(data) - {"store", "defaults", "runs", "n_boot", "description"}
+    if unknown:
+        raise CxrflowError(f"unknown top-level keys {sorted(unknown)}; expected store, defaults, runs, n_boot", source)
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise CxrflowError("'runs' must be a non-empty list of runs", source)
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise CxrflowError("'defaults' must be a mapping of training settings", source)
+    store_path = store if store is not None else data.get("store")
+    if not store_path:
+        raise CxrflowError("no store: set 'store' in the sweep file or pass --store", source)
+    store_path = str(Path(store_path).expanduser().resolve())
+    specs: list[RunSpec] = []
+    for i, entry in enumerate(runs, start=1):
+        where = f"{source} (run {i})"
+        if not isinstance(entry, dict):
+            raise CxrflowError(f"run {i} must be a mapping of settings", source)
+        name = str(entry.get("name", ""))
+        if not _NAME_OK.match(name):
+            raise CxrflowError(f"run {i} needs a 'name' made of letters, digits, '.', '_' or '-', got {name!r}", source)
+        if any(s.name == name for s in specs):
+            raise CxrflowError(f"two runs are named {name!r}", source)
+        settings = {**defaults, **{k: v for k, v in entry.items() if k not in RUN_KEYS}}
+        config = preset(str(settings.pop("preset", "default")))
+        apply_overrides(config, settings, where)
+        config.store = store_path
+        config.out = name
+        config.validate()
+        checkpoints = entry.get("evaluate") or _default_checkpoints(config)
+        if isinstance(checkpoints, str):
+            checkpoints = [checkpoints]
+        possible = _default_checkpoints(config)
+        bad = [c for c in checkpoints if c not in possible]
+        if bad:
+            raise CxrflowError(f"run {name!r} cannot evaluate {bad}: it trains {', '.join(possible)}", source)
+        specs.append(RunSpec(name, config, list(checkpoints)))
+    try:
+        n_boot = int(data.get("n_boot", 1000))
+    except (TypeError, ValueError):
+        raise CxrflowError(f"n_boot must be an integer, got {data.get('n_boot')!r}", source) from None
+    return Sweep(specs, source, {"n_boot": n_boot})
+
+
+def load_sweep(path: str | os.PathLike, *, store: str | os.PathLike | None = None) -> Sweep:
+    """Read and validate a sweep file (.yaml, .yml, .toml or .json)."""
+    return parse_sweep(read_config_file(path), source=str(path), store=store)
+
+
+def check_stores(sweep: Sweep) -> None:
+    """Fail before any training when a run's store, size or split is missing (one clear error)."""
+    from cxrflow.store import check_partition, read_manifest
+
+    manifests: dict[str, dict] = {}
+    for spec in sweep.runs:
+        store = spec.config.store
+        if store not in manifests:
+            manifests[store] = read_manifest(store)
+        for split in ("train", "val", "test"):
+            check_partition(manifests[store], store, spec.config.size, split)
+
+
+# --------------------------------------------------------------------------------------------------
+# what is left to do
+
+
+def run_dir(out: str | os.PathLike, name: str) -> Path:
+    return Path(out) / "runs" / name
+
+
+def _check_same_settings(spec: RunSpec, folder: Path) -> None:
+    """A run folder started by an earlier sweep must have been started with the same settings."""
+    saved_path = folder / "config.json"
+    if not saved_path.is_file():
+        return
+    import json
+
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # the trainer reports an unreadable config itself
+    wanted = spec.config.to_dict()
+    differ = [
+        k for k in wanted if k not in _FREE_SETTINGS and k in saved and saved[k] != wanted[k]
+    ]
+    if differ:
+        shown = ", ".join(f"{k}: run has {saved[k]!r}, sweep wants {wanted[k]!r}" for k in differ[:4])
+        raise CxrflowError(
+            f"run {spec.name!r} was started with other settings ({shown}); remove the folder to retrain it "
+            "or use another --out",
+            folder,
+        )
+
+
+def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int) -> list[list[str]]:
+    """The ``cxrflow`` command lines still needed for one run (empty when it is complete)."""
+    folder = run_dir(out, spec.name)
+    _check_same_settings(spec, folder)
+    steps: list[list[str]] = []
+    if not (folder / "done.json").is_file():
+        config_file = out / "configs" / f"{spec.name}.json"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(config_file, {k: v for k, v in spec.config.to_dict().items() if k != "out"})
+        train = ["train", "--config", str(config_file), "--out", str(folder), "--quiet", "--device", device]
+        if folder.exists():
+            train.append("--resume")
+        steps.append(train)
+    for stale in folder.glob(".eval-*.tmp"):  # an evaluation cut short by a crash
+        shutil.rmtree(stale, ignore_errors=True)
+    for ckpt in spec.evaluate:
+        if not (default_eval_dir(folder, "test", ckpt) / METRICS_NAME).is_file():
+            steps.append(
+                ["evaluate", "--run", str(folder), "--checkpoint", ckpt, "--split", "test",
+                 "--n-boot", str(n_boot), "--device", device, "--overwrite"]
+            )  # fmt: skip
+    return steps
+
+
+# --------------------------------------------------------------------------------------------------
+# running
+
+
+def visible_gpus() -> list[str]:
+    """GPU indices this process may use (empty without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [g.strip() for g in listed.split(",") if g.strip()][: torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+@dataclass
+class _Job:
+    name: str
+    steps: deque
+    log: Path
+    failed: str | None = None
+
+
+def _run_in_process(argv: list[str], echo: Callable[[str], None]) -> int:
+    from cxrflow.cli import main
+
+    echo(f"$ cxrflow {' '.join(argv)}")
+    return main(argv)
+
+
+def cxrflow_command(argv: list[str]) -> list[str]:
+    """The subprocess command line of one ``cxrflow`` step (this interpreter, this cxrflow)."""
+    return [sys.executable, "-m", "cxrflow.cli", *argv]
+
+
+def run_sweep(
+    sweep: Sweep,
+    out: str | os.PathLike,
+    *,
+    device: str = "auto",
+    gpus: Sequence[str] | None = None,
+    n_boot: int | None = None,
+    in_process: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Bring every run of ``sweep`` to trained + evaluated, then write the report.
+
+    ``device``: ``auto`` (GPUs when present), ``cuda`` or ``cpu``. With GPUs, one run per GPU in
+    parallel (``gpus`` restricts which). ``in_process`` runs the steps one after another in this
+    process (no subprocess start-up; a crash then stops the sweep). Returns a summary with the
+    report's paths, the runs done now, skipped and failed.
+    """
+    from cxrflow.report import write_report
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise CxrflowError(f"--device must be auto, cpu or cuda, got {device!r}")
+    n_boot = int(n_boot if n_boot is not None else sweep.extra.get("n_boot", 1000))
+    if n_boot < 1:
+        raise CxrflowError(f"n_boot must be at least 1, got {n_boot}")
+    check_stores(sweep)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    slots: list[str | None]
+    if device == "cpu" or in_process:
+        slots = [None]
+    else:
+        found = list(gpus) if gpus else visible_gpus()
+        if device == "cuda" and not found:
+            raise CxrflowError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
+        slots = found or [None]
+    write_json_atomic(
+        out / "sweep.json",
+        {
+            "source": sweep.source,
+            "runs": [
+                {"name": s.name, "evaluate": s.evaluate, "config": {**s.config.to_dict(), "out": str(run_dir(out, s.name))}}
+                for s in sweep.runs
+            ],
+            "n_boot": n_boot,
+        },
+    )
+    jobs: list[_Job] = []
+    skipped: list[str] = []
+    if slots != [None]:
+        step_device = "cuda"  # each subprocess sees its one GPU
+    else:
+        step_device = device if in_process else "cpu"
+    for spec in sweep.runs:
+        steps = plan_steps(spec, out, device=step_device, n_boot=n_boot)
+        if steps:
+            jobs.append(_Job(spec.name, deque(steps), out / "logs" / f"{spec.name}.log"))
+        else:
+            skipped.append(spec.name)
+    if skipped:
+        echo(f"already trained and evaluated: {', '.join(skipped)}")
+    where = "in this process" if in_process else (
+        f"on GPU {', '.join(s for s in slots if s is not None)}" if slots != [None] else "on CPU, one at a time"
+    )
+    if jobs:
+        echo(f"{len(jobs)} run(s) to train/evaluate {where}: {', '.join(j.name for j in jobs)}")
+    started = time.perf_counter()
+    if in_process:
+        for job in jobs:
+            while job.steps:
+                argv = job.steps.popleft()
+                if _run_in_process(argv, echo) != 0:
+                    job.failed = f"'cxrflow {argv[0]}' failed"
+                    break
+    else:
+        _run_subprocesses(jobs, slots, echo)
+    failed = {j.name: j.failed for j in jobs if j.failed}
+    evaluated = [run_dir(out, s.name) for s in sweep.runs if any(
+        (default_eval_dir(run_dir(out, s.name), "test", c) / METRICS_NAME).is_file() for c in s.evaluate)]
+    report = None
+    if evaluated:
+        report = write_report(evaluated, out / "report", split="test", overwrite=True)
+    summary = {
+        "out": str(out),
+        "trained_or_evaluated_now": [j.name for j in jobs if not j.failed],
+        "skipped": skipped,
+        "failed": failed,
+        "seconds": time.perf_counter() - started,
+        "report": None if report is None else {k: report[k] for k in ("table_md", "table_csv", "comparison_png")},
+        "best": None if report is None or report["best"] is None else {
+            k: report["best"][k] for k in ("run", "model", "size", "stage", "mean_auc", "ci_low", "ci_high")},
+    }  # fmt: skip
+    return summary
+
+
+def _run_subprocesses(
+    jobs: list[_Job],
+    slots: list[str | None],
+    echo: Callable[[str], None],
+    command: Callable[[list[str]], list[str]] = cxrflow_command,
+) -> None:
+    """Run each job's steps in order, one job per slot at a time (slot = GPU index or None for CPU).
+
+    A job keeps its slot (GPU) for all its steps; its output goes to its log file.
+    """
+    pending = deque(jobs)
+    active: dict[int, tuple[_Job, subprocess.Popen, Any]] = {}
+
+    def start(slot_index: int, job: _Job) -> None:
+        argv = job.steps.popleft()
+        env = dict(os.environ)
+        gpu = slots[slot_index]
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        log = open(job.log, "a")
+        log.write(f"\n$ cxrflow {' '.join(argv)}\n")
+        log.flush()
+        echo(f"[{job.name}] cxrflow {argv[0]}{'' if gpu is None else f' (GPU {gpu})'}; log: {job.log}")
+        proc = subprocess.Popen(command(argv), stdout=log, stderr=subprocess.STDOUT, env=env)
+        active[slot_index] = (job, proc, log)
+
+    def stop_all(signum=None, frame=None):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop_all) if _main_thread() else None
+    try:
+        while pending or active:
+            for i in range(len(slots)):
+                if i not in active and pending:
+                    start(i, pending.popleft())
+            time.sleep(0.2)
+            for i, (job, proc, log) in list(active.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                del active[i]
+                if rc != 0:
+                    job.failed = f"exit status {rc}; see {job.log}"
+                    echo(f"[{job.name}] failed ({job.failed})")
+                elif job.steps:
+                    start(i, job)
+                else:
+                    echo(f"[{job.name}] done")
+    finally:
+        for job, proc, log in active.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for job, proc, log in active.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="sweep file (.yaml, .yml, .toml or .json), e.g. configs/paper.yaml")
+    parser.add_argument("--out", required=True, help="sweep folder: runs/, logs/, report/ (re-run to continue)")
+    parser.add_argument("--store", default=None, help="store folder (overrides the file's 'store')")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = every visible GPU, else CPU")
+    parser.add_argument("--gpus", default=None, help="comma-separated GPU indices to use (default: all visible)")
+    parser.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples per evaluation (default: the file's n_boot or 1000)")
+    parser.add_argument("--in-process", action="store_true", help="run every step in this process, one after another")
+
+
+def run(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.config, store=args.store)
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    summary = run_sweep(sweep, args.out, device=args.device, gpus=gpus, n_boot=args.n_boot, in_process=args.in_process)
+    if summary["report"]:
+        print(f"report: {summary['report']['table_md']}, {summary['report']['table_csv']}, {summary['report']['comparison_png']}")
+    best = summary["best"]
+    if best and best["mean_auc"] is not None:
+        print(f"best: {best['run']} ({best['stage']}) mean test AUC {best['mean_auc']:.4f}")
+    for name, why in summary["failed"].items():
+        print(f"error: {run_dir(args.out, name)}: run failed ({why})", file=sys.stderr)
+    return 2 if summary["failed"] else 0

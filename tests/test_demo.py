@@ -1,0 +1,39 @@
+import json
+
+import pytest
+
+from cxrflow.demo import format_summary, run_demo
+from cxrflow.errors import CxrflowError
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end(tmp_path, spark):
+    out = tmp_path / "demo"
+    lines = []
+    summary = run_demo(out, patients=20, image_size=64, sizes=(32, 40), epochs=1, spark=spark, echo=lines.append)
+    runs = out / "sweep" / "runs"
+    for folder in (runs / "simple_cnn-40" / "eval-test-best_finetune", runs / "densenet121-32" / "eval-test-best_kt",
+                   runs / "densenet121-32" / "eval-test-best_finetune"):  # fmt: skip
+        for name in ("metrics.json", "predictions.parquet", "roc.png", "curves.png"):
+            assert (folder / name).is_file(), folder / name
+    assert (out / "sweep" / "report" / "table.md").is_file() and (out / "explore").is_dir()
+    assert (out / "store" / "_manifest.json").is_file()
+    assert set(summary["mean_test_auc"]) == {"simple_cnn-40 finetune", "densenet121-32 kt", "densenet121-32 finetune"}
+    best = summary["best"]
+    assert best["mean_auc"] == max(v["mean_auc"] for v in summary["mean_test_auc"].values())
+    assert summary["target_met"] == (best["mean_auc"] >= 0.85)
+    assert json.loads((out / "summary.json").read_text())["best"] == best
+    text = format_summary(summary)
+    assert "table.md" in text and "roc.png" in text and f"{best['mean_auc']:.4f}" in text
+    assert any("== predict" in line for line in lines)
+    print(summary["seconds"])
+    # re-running needs --overwrite, which only ever deletes a demo folder
+    with pytest.raises(CxrflowError, match="--overwrite"):
+        run_demo(out, spark=spark)
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_demo(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(CxrflowError, match="not a cxrflow demo folder"):
+        run_demo(tmp_path, overwrite=True)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

@@ -1,0 +1,197 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrflow.evaluate import (
+    _weighted_auc,
+    bootstrap_auc_ci,
+    bootstrap_aucs,
+    sensitivity_specificity,
+    summarize,
+    youden_threshold,
+)
+from cxrflow.labels import NIH14
+from cxrflow.metrics import binary_auc, per_class_auc
+
+
+def _data(n=400, k=3, patients=120, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, k)) < 0.3).astype(np.uint8)
+    p = np.clip(0.3 + 0.25 * y + rng.normal(0, 0.2, (n, k)), 0, 1).round(2)  # ties on purpose
+    pid = rng.integers(0, patients, n)
+    return y, p, pid
+
+
+def test_weighted_auc_equals_auc_of_the_materialised_resample():
+    rng = np.random.default_rng(1)
+    y = rng.random(60) < 0.4
+    s = rng.random(60).round(1)  # many ties
+    w = rng.integers(0, 4, (5, 60)).astype(float)
+    got = _weighted_auc(y, s, w)
+    for b in range(5):
+        c = w[b].astype(int)
+        assert got[b] == pytest.approx(binary_auc(np.repeat(y, c), np.repeat(s, c)), abs=1e-12)
+
+
+def test_ci_contains_point_estimate_and_is_reproducible():
+    y, p, pid = _data()
+    point = per_class_auc(y, p)
+    ci = bootstrap_auc_ci(y, p, pid, n_boot=300, seed=3)
+    for j in range(3):
+        lo, hi = ci["auc_ci"][j]
+        assert lo < point[j] < hi and hi - lo < 0.3
+    lo, hi = ci["mean_auc_ci"]
+    assert lo < point.mean() < hi
+    assert bootstrap_auc_ci(y, p, pid, n_boot=300, seed=3) == ci
+    assert bootstrap_auc_ci(y, p, pid, n_boot=300, seed=4) != ci
+
+
+def test_bootstrap_resamples_patients_not_images():
+    # 10 patients, each with 20 identical images: the data hold 10 independent units, not 200.
+    rng = np.random.default_rng(0)
+    y_pat = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    s_pat = rng.random(10)
+    y = np.repeat(y_pat, 20)[:, None]
+    s = np.repeat(s_pat, 20)[:, None]
+    grouped = np.repeat(np.arange(10), 20)
+    # grouping by patient is exactly the bootstrap of one image per patient ...
+    per_patient = bootstrap_aucs(y_pat[:, None], s_pat[:, None], np.arange(10), n_boot=200, seed=0)
+    by_patient = bootstrap_aucs(y, s, grouped, n_boot=200, seed=0)
+    np.testing.assert_allclose(by_patient, per_patient)
+    # ... and much wider than pretending the 200 images are independent
+    wide = bootstrap_auc_ci(y, s, grouped, n_boot=300)["auc_ci"][0]
+    narrow = bootstrap_auc_ci(y, s, np.arange(200), n_boot=300)["auc_ci"][0]
+    assert (wide[1] - wide[0]) > 2.5 * (narrow[1] - narrow[0])
+
+
+def test_youden_hand_computed():
+    # thresholds (>=): 0.9 J=1/3, 0.7 J=2/3, 0.6 J=1/6, 0.4 J=1/2, 0.2 J=0
+    assert youden_threshold([1, 1, 0, 1, 0], [0.9, 0.7, 0.6, 0.4, 0.2]) == 0.7
+    # tie between 0.8 (J=.5) and 0.5 (J=.5): the higher, more specific threshold wins
+    assert youden_threshold([1, 0, 1, 0], [0.8, 0.6, 0.5, 0.1]) == 0.8
+    assert math.isnan(youden_threshold([0, 0, 0], [0.1, 0.2, 0.3]))
+
+
+def test_sensitivity_specificity_at_threshold():
+    sens, spec = sensitivity_specificity([1, 0, 1, 0, 0], [0.8, 0.75, 0.5, 0.1, 0.7], 0.7)
+    assert sens == 0.5 and spec == pytest.approx(1 / 3)
+    sens, spec = sensitivity_specificity([0, 0], [0.8, 0.1], 0.5)
+    assert math.isnan(sens) and spec == 0.5
+
+
+def test_summarize_names_and_excludes_nan_finding():
+    y, p, pid = _data(k=14)
+    y[:, 13] = 0  # Hernia: no positives in the split
+    thresholds = np.full(14, 0.5)
+    m = summarize(y, p, pid, NIH14.names, thresholds, n_boot=50)
+    assert m["nan_findings"] == ["Hernia"]
+    assert m["auc"]["Hernia"] is None and m["auc_ci95"]["Hernia"] is None
+    assert m["positives"]["Hernia"] == 0 and m["n_findings_in_mean"] == 13
+    expected = float(np.mean([binary_auc(y[:, j], p[:, j]) for j in range(13)]))
+    assert m["mean_auc"] == pytest.approx(expected)
+    assert m["n_images"] == 400 and m["n_patients"] == len(np.unique(pid))
+    assert m["sensitivity"]["Hernia"] is None and 0 <= m["specificity"]["Hernia"] <= 1
+    s, sp = sensitivity_specificity(y[:, 0], p[:, 0], 0.5)
+    assert m["sensitivity"]["Atelectasis"] == s and m["specificity"]["Atelectasis"] == sp
+
+
+# --- a real run, trained by cxrflow.train on a synthetic store -------------------------------------
+
+import json  # noqa: E402
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from cxrflow.cli import main  # noqa: E402
+from cxrflow.errors import CxrflowError  # noqa: E402
+from cxrflow.evaluate import evaluate_run, read_predictions, resolve_checkpoint  # noqa: E402
+
+
+def train_tiny_run(tmp, model="simple_cnn", rows=None, epochs=2, store=None):
+    """A finished run of cxrflow's own trainer on a synthetic store (32 px)."""
+    from cxrflow.config import TrainConfig, StageSettings
+    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.train import train
+
+    if store is None:
+        store = tmp / "store"
+        write_synthetic_store(store, sizes=(32,), rows=rows or {"train": 96, "val": 48, "test": 48}, prevalence=0.3)
+    out = tmp / f"run-{model}"
+    config = TrainConfig(
+        store=str(store), size=32, model=model, out=str(out), pretrained="none", batch_size=16,
+        kt=StageSettings(epochs=1, lr=1e-2), finetune=StageSettings(epochs=epochs, lr=3e-3),
+        augment=False, device="cpu", early_stopping_patience=0,
+    )  # fmt: skip
+    train(config, quiet=True, log=lambda msg: None)
+    return out, store
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return train_tiny_run(tmp_path_factory.mktemp("evaluate"))
+
+
+def test_evaluate_run_writes_metrics_predictions_and_figures(tiny_run, tmp_path):
+    run, store = tiny_run
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--run", str(run), "--out", str(out), "--n-boot", "200"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("mean_auc", "mean_auc_ci95", "auc", "auc_ci95", "n_images", "n_patients", "positives",
+                "sensitivity", "specificity", "threshold", "nan_findings", "checkpoint", "stage", "model", "size"):
+        assert key in m, key
+    assert m["checkpoint"] == "best_finetune" and m["stage"] == "finetune" and m["model"] == "simple_cnn"
+    assert m["n_images"] == 48 and m["split"] == "test" and len(m["auc"]) == 14
+    lo, hi = m["mean_auc_ci95"]
+    assert lo <= m["mean_auc"] <= hi
+    # the AUCs recomputed independently (sklearn) from predictions.parquet match metrics.json
+    from sklearn.metrics import roc_auc_score
+
+    table = pq.read_table(out / "predictions.parquet").to_pandas()
+    assert list(table.columns[:2]) == ["image_id", "patient_id"] and table.shape == (48, 2 + 28)
+    for name, auc in m["auc"].items():
+        y = table[f"label_{name}"]
+        if y.nunique() == 2:
+            assert roc_auc_score(y, table[f"prob_{name}"]) == pytest.approx(auc, abs=1e-6)
+        else:
+            assert auc is None and name in m["nan_findings"]
+    # sensitivity/specificity are at the validation threshold, recomputed from the predictions
+    t = m["threshold"]["Cardiomegaly"]
+    called = table["prob_Cardiomegaly"] >= t
+    pos = table["label_Cardiomegaly"] == 1
+    assert m["sensitivity"]["Cardiomegaly"] == pytest.approx((called & pos).sum() / pos.sum())
+    assert (out / "roc.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
+    pred, names = read_predictions(out / "predictions.parquet")
+    assert names == m["label_names"] and pred["probs"].shape == (48, 14)
+    # no silent overwrite
+    assert main(["evaluate", "--run", str(run), "--out", str(out)]) == 2
+    assert main(["evaluate", "--run", str(run), "--out", str(out), "--overwrite", "--n-boot", "10"]) == 0
+
+
+def test_evaluate_default_folder_and_nan_finding(tmp_path):
+    # a test split without a single Hernia positive: its AUC is NaN, named, and left out of the mean
+    import pyarrow as pa
+
+    run, store = train_tiny_run(tmp_path, epochs=1)
+    folder = store / "size=32" / "split=test"
+    for f in folder.glob("*.parquet"):
+        t = pq.read_table(f)
+        labels = [row[:13] + [0] for row in t.column("labels").to_pylist()]
+        t = t.set_column(t.schema.get_field_index("labels"), "labels", pa.array(labels, pa.list_(pa.uint8())))
+        pq.write_table(t, f)
+    metrics = evaluate_run(run, n_boot=50)
+    assert Path(metrics["out"]) == run / "eval-test-best_finetune"
+    m = json.loads((run / "eval-test-best_finetune" / "metrics.json").read_text())
+    assert m["nan_findings"] == ["Hernia"] and m["auc"]["Hernia"] is None and m["positives"]["Hernia"] == 0
+    assert m["n_findings_in_mean"] == 13
+    assert m["mean_auc"] == pytest.approx(np.mean([v for v in m["auc"].values() if v is not None]))
+
+
+def test_checkpoint_resolution_errors(tiny_run, tmp_path):
+    run, _ = tiny_run
+    assert resolve_checkpoint(run) == ("best_finetune", run / "best_finetune.pt")
+    with pytest.raises(CxrflowError, match="no best_kt.pt"):
+        resolve_checkpoint(run, "best_kt")
+    with pytest.raises(CxrflowError, match="no checkpoint to evaluate"):
+        resolve_checkpoint(tmp_path)
+    assert main(["evaluate", "--run", str(tmp_path / "missing")]) == 2

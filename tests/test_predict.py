@@ -1,0 +1,109 @@
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cxrflow.cli import main
+from cxrflow.models import load_checkpoint
+from cxrflow.predict import load_predictor, predict_files
+from cxrflow.train import predict_split
+
+from test_evaluate import train_tiny_run
+
+
+@pytest.fixture(scope="module")
+def run_and_images(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    run, store = train_tiny_run(tmp, epochs=1)
+    table = pq.read_table(next((store / "size=32" / "split=test").glob("*.parquet"))).slice(0, 2).to_pylist()
+    a = np.frombuffer(table[0]["pixels"], np.uint8).reshape(32, 32)
+    b = np.frombuffer(table[1]["pixels"], np.uint8).reshape(32, 32)
+    img = tmp / "img"
+    img.mkdir()
+    Image.fromarray(a, "L").save(img / "gray.png")
+    rgba = np.dstack([a, a, a, np.full_like(a, 255)])
+    Image.fromarray(rgba, "RGBA").save(img / "rgba.png")
+    Image.fromarray(a.astype(np.uint16) * 257).save(img / "sixteen.png")  # I;16
+    assert Image.open(img / "sixteen.png").mode.startswith("I")
+    Image.fromarray(np.vstack([b, np.zeros((8, 32), np.uint8)]), "L").save(img / "tall.jpg", quality=95)
+    (img / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return run, store, img, [table[0]["image_id"], table[1]["image_id"]]
+
+
+def test_predict_matches_the_pipeline_on_every_format(run_and_images):
+    run, store, img, ids = run_and_images
+    predictor = load_predictor(run)
+    files = [img / "gray.png", img / "rgba.png", img / "sixteen.png", img / "tall.jpg"]
+    predictions, errors = predict_files(predictor, files)
+    assert errors == [] and [p["image"] for p in predictions] == [str(f) for f in files]
+    # the store's own pixels through predict_split (loader + trainer path) give the same probabilities
+    model, ckpt = load_checkpoint(run / "best_finetune.pt")
+    ref = predict_split(model, store, 32, "test")
+    expected = ref["probs"][ref["image_id"].index(ids[0])]
+    for p in predictions[:3]:  # gray, RGBA and 16-bit decode to the same gray image
+        got = np.array([p["probabilities"][n] for n in ckpt["label_names"]])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert all(0.0 <= v <= 1.0 for v in predictions[3]["probabilities"].values())
+
+
+def test_bad_file_is_one_error_line_and_others_still_predicted(run_and_images, capsys):
+    run, _, img, _ = run_and_images
+    rc = main(["predict", "--run", str(run), str(img / "gray.png"), str(img / "broken.png"), str(img / "nope.png"),
+               str(img / "tall.jpg"), "--json"])  # fmt: skip
+    assert rc == 2
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert [p["image"].split("/")[-1] for p in out["predictions"]] == ["gray.png", "tall.jpg"]
+    assert len(out["predictions"][0]["probabilities"]) == 14
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in captured.err
+    assert lines[0].startswith(f"error: {img / 'broken.png'}: ") and "nope.png: no such file" in lines[1]
+
+
+def test_table_output_and_exit_zero(run_and_images, capsys):
+    run, _, img, _ = run_and_images
+    assert main(["predict", "--run", str(run), str(img / "gray.png")]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split()[:3] == ["image", "Atelectasis", "Cardiomegaly"] and row.startswith(str(img / "gray.png"))
+    assert len(row.split()) == 15
+
+
+def _copy_run_with_store(run, dest, store):
+    """A copy of ``run`` whose checkpoints name ``store`` as their training store and hold no pixel statistics."""
+    import torch
+
+    shutil.copytree(run, dest)
+    stats_keys = ("pixel_mean", "pixel_std", "pixel_stats")
+    for ckpt_path in dest.glob("*.pt"):
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        ckpt["config"]["store"] = str(store)
+        for d in (ckpt, ckpt["config"]):
+            for k in stats_keys:
+                d.pop(k, None)
+        torch.save(ckpt, ckpt_path)
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in stats_keys}))
+    return dest
+
+
+def test_works_after_the_store_is_gone(run_and_images, tmp_path):
+    run, store, img, _ = run_and_images
+    moved = tmp_path / "store-moved"
+    shutil.copytree(store, moved)
+    copy = _copy_run_with_store(run, tmp_path / "run", moved)
+    assert main(["evaluate", "--run", str(copy), "--n-boot", "10"]) == 0
+    shutil.rmtree(moved)
+    before = predict_files(load_predictor(run), [img / "gray.png"])[0]
+    after = predict_files(load_predictor(copy), [img / "gray.png"])[0]
+    assert after[0]["probabilities"] == pytest.approx(before[0]["probabilities"])
+
+
+def test_no_pixel_statistics_anywhere_is_a_clear_error(run_and_images, tmp_path, capsys):
+    run, _, img, _ = run_and_images
+    copy = _copy_run_with_store(run, tmp_path / "run", tmp_path / "gone")
+    assert main(["predict", "--run", str(copy), str(img / "gray.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--store" in err and "Traceback" not in err

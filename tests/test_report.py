@@ -1,0 +1,88 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from cxrflow.cli import main
+from cxrflow.errors import CxrflowError
+from cxrflow.evaluate import summarize
+from cxrflow.labels import NIH14
+from cxrflow.report import build_rows, format_markdown, paper_mean_auc, write_report
+
+
+def _evaluation(folder, model, size, stage, signal, seed=0):
+    """An evaluation folder as 'cxrflow evaluate' writes it (metrics.json only)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((120, 14)) < 0.3).astype(np.uint8)
+    p = rng.random((120, 14)) + signal * y
+    m = summarize(y, p, np.arange(120) // 2, NIH14.names, n_boot=20)
+    m.update(model=model, size=size, stage=stage, run_name=folder.parent.name, checkpoint=f"best_{stage}", split="test")
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(m))
+    return m
+
+
+@pytest.fixture
+def runs(tmp_path):
+    cnn = tmp_path / "cnn"
+    _evaluation(cnn / "eval-test-best_finetune", "simple_cnn", 64, "finetune", 0.1)
+    res = tmp_path / "res"
+    _evaluation(res / "eval-test-best_finetune", "resnet50", 256, "finetune", 0.8, seed=1)
+    _evaluation(res / "eval-test-best_kt", "resnet50", 256, "kt", 0.4, seed=2)
+    return cnn, res
+
+
+def test_paper_reference_values():
+    assert paper_mean_auc("simple_cnn", 128, "finetune") == 0.6329
+    assert paper_mean_auc("resnet50", 512, "finetune") == 0.6901
+    assert paper_mean_auc("densenet121", 256, "kt") == 0.6842
+    assert paper_mean_auc("densenet121", 64, "kt") is None
+
+
+def test_rows_best_and_paper_column(runs):
+    rows = build_rows(runs)
+    assert [(r["run"], r["stage"]) for r in rows] == [("cnn", "finetune"), ("res", "kt"), ("res", "finetune")]
+    assert [r["best"] for r in rows] == [False, False, True]
+    assert [r["paper_mean_auc"] for r in rows] == [0.6329, 0.6663, 0.6670]
+    assert rows[2]["delta_vs_paper"] == pytest.approx(rows[2]["mean_auc"] - 0.6670)
+
+
+def test_written_tables(runs, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    best_line = next(line for line in md.splitlines() if "**best**" in line)
+    assert "**res**" in best_line and "fine-tuned" in best_line and "0.6670" in best_line
+    assert "| Hernia |" in md and "0.6978" in md  # per-finding table and the paper's full table
+    with open(out / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3 and [t["best"] for t in table] == ["false", "false", "true"]
+    metrics = json.loads((runs[1] / "eval-test-best_kt" / "metrics.json").read_text())
+    kt = table[1]
+    assert float(kt["mean_auc"]) == pytest.approx(metrics["mean_auc"])
+    assert float(kt["auc_Cardiomegaly"]) == pytest.approx(metrics["auc"]["Cardiomegaly"])
+    assert float(kt["ci95_low"]) == pytest.approx(metrics["mean_auc_ci95"][0])
+    assert kt["paper_mean_auc"] == "0.6663"
+    assert (out / "comparison.png").stat().st_size > 5000
+    # a second run refuses to overwrite without --overwrite
+    assert main(["report", str(runs[0]), "--out", str(out)]) == 2
+    assert main(["report", str(runs[0]), "--out", str(out), "--overwrite"]) == 0
+    assert len(list(csv.DictReader(open(out / "table.csv")))) == 1
+
+
+def test_nan_finding_reported(tmp_path):
+    m = _evaluation(tmp_path / "r" / "eval-test-best_finetune", "simple_cnn", 32, "finetune", 0.5)
+    m["nan_findings"] = ["Hernia"]
+    m["auc"]["Hernia"] = None
+    (tmp_path / "r" / "eval-test-best_finetune" / "metrics.json").write_text(json.dumps(m))
+    md = format_markdown(build_rows([tmp_path / "r"]))
+    assert "r (fine-tuned): Hernia" in md and "| Hernia | n/a |" in md
+
+
+def test_missing_or_unevaluated_run_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CxrflowError, match="cxrflow evaluate"):
+        build_rows([tmp_path / "empty"])
+    with pytest.raises(CxrflowError, match="no such"):
+        write_report([tmp_path / "nope"], tmp_path / "out")
