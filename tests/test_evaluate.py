@@ -110,7 +110,7 @@ from cxrflow.evaluate import evaluate_run, read_predictions, resolve_checkpoint 
 
 def train_tiny_run(tmp, model="simple_cnn", rows=None, epochs=2, store=None):
     """A finished run of cxrflow's own trainer on a synthetic store (32 px)."""
-    from cxrflow.config import TrainConfig, StageSettings
+    from cxrflow.config import StageSettings, TrainConfig
     from cxrflow.synthstore import write_synthetic_store
     from cxrflow.train import train
 

@@ -2,7 +2,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from cxrflow.labels import NIH14
-from cxrflow.plots import ordered_epochs, plot_auc_curves, plot_roc, plot_run_comparison, plot_training_curves, roc_points
+from cxrflow.plots import (
+    ordered_epochs,
+    plot_auc_curves,
+    plot_roc,
+    plot_run_comparison,
+    plot_training_curves,
+    roc_points,
+)
 
 
 def _records():

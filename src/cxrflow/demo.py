@@ -84,11 +84,11 @@ def run_demo(
 
     ``spark``: an existing SparkSession for the ETL (default: one on ``master``, stopped after).
     """
+    from cxrflow.atomic import write_json_atomic
     from cxrflow.etl import run_etl
     from cxrflow.explore import explore
     from cxrflow.metadata import load_release
     from cxrflow.predict import load_predictor, predict_files
-    from cxrflow.store import write_json_atomic
     from cxrflow.sweep import parse_sweep, run_sweep
     from cxrflow.synth import synthesize
 

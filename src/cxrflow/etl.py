@@ -35,10 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxrflow import __version__
+from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow.imaging import ImageError, load_and_resize
 from cxrflow.labels import NIH14, LabelVocabulary
-from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, SCHEMA, SPLITS, format_manifest, split_dir, write_json_atomic
+from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, SCHEMA, SPLITS, format_manifest, split_dir
 
 #: Target uncompressed bytes of one file at the largest size (caps images per task and file).
 FILE_TARGET_BYTES = 128 * 2**20
@@ -361,8 +362,8 @@ def run_etl(
     undecodable image is an error instead of being reported.
     """
     from cxrflow.metadata import load_release
-    from cxrflow.split import assign_splits
     from cxrflow.spark import build_spark, check_master, check_memory
+    from cxrflow.split import assign_splits
 
     started = time.perf_counter()
     sizes = parse_sizes(sizes) if isinstance(sizes, str) else parse_sizes(list(sizes))

@@ -30,9 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from cxrflow import __version__
+from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow.metrics import mean_auc, per_class_auc
-from cxrflow.store import write_json_atomic
 
 #: Checkpoint names a run folder may hold, in the order evaluate prefers them by default.
 CHECKPOINT_NAMES = ("best_finetune", "best_kt")

@@ -15,7 +15,6 @@ once, with the sex of their first row in the file), ``age`` ({min, max, mean} ov
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -26,11 +25,11 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from cxrflow.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow.labels import NIH14, LabelVocabulary
 from cxrflow.metadata import label_matrix, load_release, read_data_entry
 from cxrflow.plots import _new_axes
-from cxrflow.store import write_json_atomic
 
 FIGURES = {
     "findings": "findings.png",
@@ -214,24 +213,6 @@ def summary_markdown(stats: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _save_figure_atomic(fig: Figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def explore(
     entries: pd.DataFrame,
     out_dir: str | os.PathLike,
@@ -250,9 +231,9 @@ def explore(
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = compute_stats(entries, vocab)
     for key, fig in make_figures(entries, stats).items():
-        _save_figure_atomic(fig, out_dir / FIGURES[key])
+        save_figure_atomic(fig, out_dir / FIGURES[key])
     write_json_atomic(out_dir / STATS_NAME, stats)
-    _write_text_atomic(out_dir / SUMMARY_NAME, summary_markdown(stats, source))
+    write_text_atomic(out_dir / SUMMARY_NAME, summary_markdown(stats, source))
     return stats
 
 

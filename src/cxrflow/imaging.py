@@ -92,6 +92,8 @@ def _open(data: bytes, where: str | None) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large to decode safely: {exc}", where) from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not a recognised image format (expected PNG, JPEG or another Pillow format)", where) from None
     except Exception as exc:  # any decoder failure on user data is a reason to quarantine
         raise ImageError(f"not a recognised image ({_describe(exc)})", where) from None
 

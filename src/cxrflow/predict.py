@@ -39,26 +39,10 @@ class Predictor:
     device: str
 
 
-def _pixel_stats(ckpt: dict, config: dict, run: Path | None, size: int) -> tuple[float, float]:
-    """Training pixel (mean, std): from the checkpoint, the run's files, else the training store's manifest."""
-    sources: list[dict] = [ckpt, config]
-    if run is not None:
-        # the run's config, then its evaluations (cxrflow evaluate records the normalisation used)
-        for path in [run / "config.json", *sorted(run.glob("eval-*/metrics.json"))]:
-            if path.is_file():
-                try:
-                    sources.append(json.loads(path.read_text()))
-                except (OSError, json.JSONDecodeError):
-                    continue
-    for src in sources:
-        if "pixel_mean" in src and "pixel_std" in src:
-            return float(src["pixel_mean"]), float(src["pixel_std"])
-        stats = src.get("pixel_stats")
-        if isinstance(stats, dict):
-            if "mean" in stats and "std" in stats:
-                return float(stats["mean"]), float(stats["std"])
-            if str(size) in stats:
-                return float(stats[str(size)]["mean"]), float(stats[str(size)]["std"])
+def _pixel_stats(config: dict, size: int) -> tuple[float, float]:
+    """Training pixel (mean, std): recorded in the run's config, else read from its store's manifest."""
+    if "pixel_mean" in config and "pixel_std" in config:
+        return float(config["pixel_mean"]), float(config["pixel_std"])
     store = config.get("store")
     if store:
         from cxrflow.store import pixel_stats, read_manifest
@@ -101,7 +85,7 @@ def load_predictor(
     if store is not None:
         config["store"] = str(store)
     size = int(config["size"])
-    mean, std = _pixel_stats(ckpt, config, run_dir, size)
+    mean, std = _pixel_stats(config, size)
     return Predictor(model.eval(), size, mean, std, list(ckpt["label_names"]), Path(path), device)
 
 

@@ -15,10 +15,10 @@ import csv
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from cxrflow.atomic import save_figure_atomic, write_text_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow.evaluate import METRICS_NAME
 
@@ -201,18 +201,6 @@ def format_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(
     paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, split: str = "test", overwrite: bool = False
 ) -> dict[str, Any]:
@@ -226,12 +214,10 @@ def write_report(
         raise CxrflowError(f"report already written ({', '.join(existing)}); pass --overwrite to replace it", out)
     rows = build_rows(paths, split)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(targets["table_md"], format_markdown(rows))
-    _write_text_atomic(targets["table_csv"], format_csv(rows))
+    write_text_atomic(targets["table_md"], format_markdown(rows))
+    write_text_atomic(targets["table_csv"], format_csv(rows))
     fig = plot_run_comparison(rows)
-    tmp = out / f".{COMPARISON_PNG}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, targets["comparison_png"])
+    save_figure_atomic(fig, targets["comparison_png"])
     best = next((r for r in rows if r["best"]), None)
     return {"rows": rows, "best": best, **{k: str(v) for k, v in targets.items()}}
 

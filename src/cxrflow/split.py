@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrflow.atomic import atomic_path
 from cxrflow.errors import CxrflowError
 from cxrflow.metadata import load_release
 
@@ -101,12 +102,8 @@ def write_split_csv(frame: pd.DataFrame, path: str | os.PathLike, overwrite: boo
         raise CxrflowError("output exists; pass --overwrite to replace it", path)
     if not path.parent.is_dir():
         raise CxrflowError("folder of the output file does not exist", path.parent)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         frame[["image_id", "patient_id", "split"]].to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 
@@ -48,24 +46,6 @@ SCHEMA = pa.schema(
 def split_dir(store: str | os.PathLike, size: int, split: str) -> Path:
     """Folder holding one (size, split) partition."""
     return Path(store) / f"size={int(size)}" / f"split={split}"
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_manifest(store: str | os.PathLike) -> dict:

@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cxrflow.atomic import write_json_atomic
 from cxrflow.config import TrainConfig, apply_overrides, preset, read_config_file
 from cxrflow.errors import CxrflowError
 from cxrflow.evaluate import METRICS_NAME, default_eval_dir
-from cxrflow.store import write_json_atomic
 
 RUN_KEYS = ("name", "evaluate")
 #: Settings that may differ between the sweep file and an existing run (they do not change results).

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxrflow import __version__
+from cxrflow.atomic import write_json_atomic
 from cxrflow.labels import NIH14, LabelVocabulary
-from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, SCHEMA, split_dir, write_json_atomic
+from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, SCHEMA, split_dir
 
 
 def planted_image(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cxrflow.atomic import atomic_path, write_json_atomic, write_text_atomic
 from cxrflow.config import (
     DEVICES,
     PRESETS,
@@ -49,7 +49,7 @@ from cxrflow.errors import CxrflowError
 from cxrflow.loader import augment, make_loader, to_model_input
 from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model
-from cxrflow.store import check_partition, pixel_stats, read_manifest, write_json_atomic
+from cxrflow.store import check_partition, pixel_stats, read_manifest
 
 #: Files a run writes; ``--overwrite`` removes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "best_kt.pt", "best_finetune.pt", "last.pt", "done.json")
@@ -315,16 +315,8 @@ def train_one_epoch(
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save to a temporary file in the same folder, then rename into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _load(path: Path) -> dict:
@@ -359,12 +351,7 @@ def _prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, ctx: Dist) 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
     """Rewrite metrics.jsonl from the history (atomic; the history lives in last.pt too)."""
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.jsonl.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out / "metrics.jsonl")
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -420,8 +407,9 @@ def train(
     mean, std = pixel_stats(manifest, config.size)
     pos_weight = _pos_weight(manifest, len(label_names), config.store).to(ctx.device)
     stages = config.stages()
+    # the normalisation travels with the run, so predict works without the store
     saved = {**config.to_dict(), "label_names": label_names, "stages": [vars(s) for s in stages],
-             "world_size": ctx.world_size}
+             "world_size": ctx.world_size, "pixel_mean": mean, "pixel_std": std}
 
     if resume and (out / "done.json").exists():
         info(f"{out} already finished (done.json); nothing to resume")
