@@ -70,7 +70,7 @@ def _prepare(out: Path, overwrite: bool) -> None:
 def run_demo(
     out: str | Path,
     *,
-    patients: int = 200,
+    patients: int = 300,
     image_size: int = 128,
     sizes: tuple[int, int] = (32, 64),
     epochs: int = 2,
@@ -204,7 +204,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for everything the demo writes")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
-    parser.add_argument("--patients", type=int, default=200, help="synthetic patients (default: 200, about 720 images)")
+    parser.add_argument("--patients", type=int, default=300, help="synthetic patients (default: 300, about 1,100 images)")
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of densenet121 (default: 2; simple_cnn trains 2 more)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, split and training (default: 0)")
     parser.add_argument("--master", default="local[2]", help="Spark master for the ETL (default: local[2])")
