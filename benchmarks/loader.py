@@ -173,12 +173,27 @@ def run_case(args) -> None:
 # ------------------------------------------------------------------ building the data
 
 
-def build(workdir: Path, sizes: list[int], images: int, paper_images: int, row_group_rows: int) -> None:
+def recompress(workdir: Path, compression: str) -> None:
+    """Rewrite the store's Parquet files with ``compression``, keeping their row groups (the ETL writes zstd)."""
+    for path in sorted(workdir.glob("size=*/split=*/*.parquet")):
+        source = pq.ParquetFile(path)
+        tmp = path.with_suffix(".tmp")
+        with pq.ParquetWriter(tmp, source.schema_arrow, compression=compression,
+                              use_dictionary=["image_id", "sex", "view"]) as writer:
+            for g in range(source.num_row_groups):
+                writer.write_table(source.read_row_group(g))
+        os.replace(tmp, path)
+
+
+def build(workdir: Path, sizes: list[int], images: int, paper_images: int, row_group_rows: int,
+          compression: str = "snappy") -> None:
     from cxrflow.synthstore import write_synthetic_store
 
     start = time.perf_counter()
     write_synthetic_store(workdir, sizes=tuple(sizes), rows={"train": images}, rows_per_file=500,
                           row_group_rows=row_group_rows, seed=0)
+    if compression != "snappy":  # write_synthetic_store uses pyarrow's default, snappy
+        recompress(workdir, compression)
     if 512 in sizes and paper_images:
         rng = np.random.default_rng(0)
         writer = None
@@ -217,7 +232,10 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--row-group-rows", type=int, default=64)
+    p.add_argument("--row-group-rows", type=int, default=64,
+                   help="rows per row group (the ETL targets 64 MiB: 256 rows at 512 px, 1024 at 256 px)")
+    p.add_argument("--compression", default="snappy", choices=["snappy", "zstd", "none"],
+                   help="Parquet compression of the built store (the ETL writes zstd; noise pixels barely compress)")
     p.add_argument("--paper-images", type=int, default=200, help="rows in the emulated paper file (3 MB each)")
     p.add_argument("--repeat", type=int, default=2, help="passes per case; the fastest is reported")
     p.add_argument("--workdir", type=Path, default=None, help="where to build the store (default: a temp dir)")
@@ -236,8 +254,9 @@ def main() -> None:
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cxrflow-bench-loader-"))
     try:
         print(f"cxrflow loader benchmark: {args.images} images, sizes {args.sizes}, batch {args.batch_size}, "
-              f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}", flush=True)
-        build(args.workdir, args.sizes, args.images, args.paper_images, args.row_group_rows)
+              f"{args.row_group_rows} rows per row group, {args.compression}, {os.cpu_count()} CPUs, "
+              f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
+        build(args.workdir, args.sizes, args.images, args.paper_images, args.row_group_rows, args.compression)
         for path in args.workdir.rglob("*.parquet"):  # warm the page cache so no case pays for the disk
             path.read_bytes()
         header = f"{'case':<44}{'images/s':>10}{'MB/s':>9}{'peak mem':>11}{'(data)':>10}{'ratio':>8}"

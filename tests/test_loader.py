@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import fsspec
@@ -150,6 +151,66 @@ def test_rows_equal_what_pyarrow_reads(stores):
     # both label values, both sexes and both views occur, so the comparison above can fail
     assert {tuple(b["demographics"][:, 1].unique().tolist()) for b in batches} >= {(0.0, 1.0)}
     assert any(b["labels"].sum() > 0 for b in batches)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_reused_output_buffers_never_overwrite_held_batches(stores, num_workers):
+    """Batch memory is recycled once the consumer drops a batch: batches still held keep their values."""
+    store = stores["many-small"]
+    table = read_partition(store, 32, "train").to_pydict()
+    row_of = {image_id: i for i, image_id in enumerate(table["image_id"])}
+    loader = make_loader(store, 32, "train", batch_size=3, num_workers=num_workers, shuffle_buffer=9, seed=2)
+    kept, seen = [], []
+    for i, b in enumerate(loader):  # 21 batches: far more than the buffers kept for reuse
+        seen.extend(b["image_id"])
+        if i % 3 == 0:
+            kept.append(b)  # the others are dropped at once, so their buffers come back
+        check = kept[len(kept) // 2]  # an older held batch, after newer batches reused freed buffers
+        for j, image_id in enumerate(check["image_id"]):
+            r = row_of[image_id]
+            pixels = np.frombuffer(table["pixels"][r], np.uint8).reshape(32, 32)
+            assert np.array_equal(check["image"][j, 0].numpy(), pixels)
+            assert check["labels"][j].tolist() == [float(v) for v in table["labels"][r]]
+            assert int(check["patient_id"][j]) == table["patient_id"][r]
+    assert sorted(seen) == sorted(table["image_id"])
+    for b in kept:
+        for j, image_id in enumerate(b["image_id"]):
+            r = row_of[image_id]
+            assert np.array_equal(b["image"][j, 0].numpy(), np.frombuffer(table["pixels"][r], np.uint8).reshape(32, 32))
+            assert int(b["patient_id"][j]) == table["patient_id"][r]
+
+
+def test_dataset_in_a_callers_own_dataloader(stores):
+    """``loader.dataset()`` in a plain DataLoader with workers yields ordinary batch dicts, every row once."""
+    store = stores["many-small"]
+    loader = make_loader(store, 24, "train", batch_size=4, num_workers=2, seed=4)
+    own = torch.utils.data.DataLoader(loader.dataset(), batch_size=None, num_workers=2)
+    batches = list(own)
+    assert all(set(b) == {"image", "labels", "image_id", "patient_id", "demographics"} for b in batches)
+    assert [i for b in batches for i in b["image_id"]] == [i for b in loader for i in b["image_id"]]
+    assert batches[0]["image"].shape == (4, 1, 24, 24) and batches[0]["labels"].shape == (4, 14)
+
+
+def test_window_shuffle_stays_within_its_window(stores):
+    """One worker, shuffle_buffer rows: the first batches come only from the first window's row groups
+    (memory stays bounded) yet mix several row groups."""
+    store = stores["tiny-groups"]  # one row per row group, so the window is exactly shuffle_buffer rows
+    loader = make_loader(store, 16, "train", batch_size=4, shuffle_buffer=12, seed=6)
+    units = [f"train_{i:06d}.png" for i in range(40)]
+    order = np.random.default_rng([6, 0]).permutation(40)  # the epoch's row-group order (see _epoch_units)
+    first_window = {units[i] for i in order[:12]}
+    ids = [i for b in loader for i in b["image_id"]]
+    assert set(ids[:12]) == first_window
+    assert ids[:12] != [units[i] for i in order[:12]]
+
+
+def test_stopping_early_ends_the_reading_thread(stores):
+    """The in-process loader reads ahead in a thread; leaving the loop early stops it and closes the files."""
+    loader = make_loader(stores["tiny-groups"], 16, "train", batch_size=2, shuffle_buffer=4)
+    for _ in loader:
+        break
+    assert not [t for t in threading.enumerate() if t.name == "cxrflow-loader-read"]
+    assert sum(len(b["image_id"]) for b in loader) == 40  # and the next pass is complete
 
 
 def test_urls_and_fsspec_filesystems(stores, tmp_path):

@@ -1,7 +1,7 @@
 """Streaming Parquet-to-PyTorch loader for the cxrflow store.
 
 Reads one (size, split) partition row group by row group with pyarrow, so memory stays at about
-(shuffle buffer + a few row groups) per worker whatever the store's size. Each epoch:
+(shuffle buffer + a row group or two per worker) whatever the store's size. Each epoch:
 
 1. the partition's row groups (the *units*) are listed once from the Parquet footers;
 2. their order is shuffled with a generator seeded from ``(seed, epoch)``;
@@ -10,8 +10,15 @@ Reads one (size, split) partition row group by row group with pyarrow, so memory
    worker; a worker reads only the row groups its slice touches and keeps only its rows. Every row
    of the split is therefore read by exactly one (rank, worker), however many workers there are
    compared with files or row groups;
-4. each worker mixes its rows in a shuffle buffer (seeded from seed, epoch, rank and worker) and
-   yields whole batches, so each rank yields at most one short batch per epoch.
+4. each worker reads row groups into a *window* of at least its share of the shuffle buffer,
+   permutes the window's rows (seeded from seed, epoch, rank and worker) and yields whole batches;
+   the fewer than one batch of rows left over open the next window. So each rank yields at most
+   one short batch per epoch.
+
+Speed: decoded row groups stay zero-copy numpy views of the Arrow buffers, and each value is
+copied once, from there straight into the batch's tensors. A batch's tensors share one packed
+buffer, reused once the consumer has dropped the batch (in a worker, a shared-memory buffer that
+the main process hands back), so steady-state batches cost no page faults.
 
 Batches are dicts (see :func:`make_loader`). Images stay uint8 until :func:`to_model_input`, which
 runs on the batch's device, so on a GPU the host-to-device copy is 4x smaller than float32.
@@ -20,8 +27,11 @@ runs on the batch's device, so on a GPU the host-to-device copy is 4x smaller th
 
 from __future__ import annotations
 
+import collections
 import math
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -33,6 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrflow.errors import CxrflowError
@@ -41,10 +52,13 @@ from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, check_partition, read_m
 #: Columns the loader reads; the others (follow_up, original size) are never decoded.
 COLUMNS = ["image_id", "patient_id", "labels", "age", "sex", "view", "pixels"]
 
-#: Default shuffle buffer, in rows per worker (about 256 MiB of pixels at 512 px, 64 MiB at 256 px).
+#: Default shuffle buffer, in rows per rank, shared among its DataLoader workers (about 256 MiB of
+#: pixels at 512 px, 64 MiB at 256 px).
 DEFAULT_SHUFFLE_BUFFER = 1024
 
 _ERROR_KEY = "_cxrflow_error"
+_PACKED_KEY = "_cxrflow_packed"
+_SLOT_KEY = "_cxrflow_slot"
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,118 +293,237 @@ def _read_rows(plan: _Plan, units: Sequence[_Unit], start: int, stop: int, use_t
 
 
 # --------------------------------------------------------------------------------------------
+# Output memory
+#
+# A 512-px batch of 32 is 8 MiB. Fresh memory for every batch costs a page fault per 4 KiB on first
+# write (and, from a DataLoader worker, a new shared-memory file whose pages fault in both
+# processes): more than the copy itself. So each batch's four tensors live in one packed buffer,
+# and the buffers are reused once the consumer has dropped every tensor of the batch.
+
+#: Buffers kept for reuse per process: the batches queued by the DataLoader plus those the consumer
+#: still holds. When all are in use, a batch gets fresh memory (never waits, never overwrites).
+_POOL_SLOTS = 6
+
+#: Row groups read ahead by the background reading thread.
+_READ_AHEAD = 2
+
+_FIELDS = ("image", "labels", "patient_id", "demographics")
+
+
+def _layout(n: int, size: int, num_labels: int) -> tuple[list[tuple[str, int, tuple[int, ...], torch.dtype]], int]:
+    """Where each tensor of an ``n``-row batch lies in its packed uint8 buffer (64-byte aligned), and its bytes."""
+    specs = (("image", (n, 1, size, size), torch.uint8), ("labels", (n, num_labels), torch.float32),
+             ("patient_id", (n,), torch.int64), ("demographics", (n, 3), torch.float32))
+    out, offset = [], 0
+    for name, shape, dtype in specs:
+        out.append((name, offset, shape, dtype))
+        offset += -(-math.prod(shape) * dtype.itemsize // 64) * 64
+    return out, offset
+
+
+def _unpack(packed: torch.Tensor, n: int, size: int, num_labels: int) -> dict[str, torch.Tensor]:
+    """The batch tensors as views of one packed uint8 buffer (see :func:`_layout`)."""
+    fields, _ = _layout(n, size, num_labels)
+    return {
+        name: packed[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for name, offset, shape, dtype in fields
+    }
+
+
+def _new_shared(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 CPU tensor in shared memory, so that handing it from a DataLoader
+    worker to the main process costs no copy (the same trick as torch's default_collate)."""
+    proto = torch.empty(0, dtype=torch.uint8)
+    return proto.new(proto._typed_storage()._new_shared(nbytes, device="cpu"))
+
+
+class _LocalSlots:
+    """Reusable output buffers in this process. A buffer is free again when nothing but the pool
+    refers to it: batch tensors are made with ``torch.from_numpy``, which holds the array."""
+
+    def __init__(self) -> None:
+        self.slots: list[np.ndarray] = []
+        self.free_refs = 0
+
+    def take(self, nbytes: int, capacity: int) -> tuple[torch.Tensor, int]:
+        for k in range(len(self.slots)):
+            if len(self.slots[k]) >= nbytes and _refs(self.slots, k) == self.free_refs:
+                return torch.from_numpy(self.slots[k][:nbytes]), k
+        if len(self.slots) < _POOL_SLOTS:
+            self.slots.append(np.empty(max(nbytes, capacity), dtype=np.uint8))
+            self.free_refs = _refs(self.slots, len(self.slots) - 1)
+            return torch.from_numpy(self.slots[-1][:nbytes]), len(self.slots) - 1
+        return torch.empty(nbytes, dtype=torch.uint8), -1
+
+
+def _refs(slots: list[np.ndarray], k: int) -> int:
+    return sys.getrefcount(slots[k])
+
+
+class _SharedSlots:
+    """Reusable shared-memory output buffers of one DataLoader worker. ``busy`` (shared with the
+    main process, one flag per buffer) is set here when a buffer is filled and cleared by the main
+    process once the consumer has dropped the batch (see :meth:`StoreLoader.__iter__`)."""
+
+    def __init__(self, busy: np.ndarray):
+        self.busy = busy
+        self.slots: list[torch.Tensor] = []
+
+    def take(self, nbytes: int, capacity: int) -> tuple[torch.Tensor, int]:
+        for k, slot in enumerate(self.slots):
+            if not self.busy[k] and len(slot) >= nbytes:
+                self.busy[k] = 1
+                return slot[:nbytes], k
+        if len(self.slots) < len(self.busy):
+            self.slots.append(_new_shared(max(nbytes, capacity)))
+            self.busy[len(self.slots) - 1] = 1
+            return self.slots[-1][:nbytes], len(self.slots) - 1
+        return _new_shared(nbytes), -1
+
+
+class _OneOff:
+    """Fresh output memory for every batch (shared memory inside a worker of a caller's own DataLoader)."""
+
+    def __init__(self, shared: bool):
+        self.shared = shared
+
+    def take(self, nbytes: int, capacity: int) -> tuple[torch.Tensor, int]:
+        return (_new_shared(nbytes) if self.shared else torch.empty(nbytes, dtype=torch.uint8)), -1
+
+
+# --------------------------------------------------------------------------------------------
 # Shuffling and batching
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised CPU tensor; in shared memory inside a DataLoader worker, so that handing it
-    to the main process costs no extra copy (the same trick as torch's default_collate)."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    proto = torch.empty(0, dtype=dtype)
-    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return proto.new(storage).view(shape)
+class _Window:
+    """Decoded blocks laid end to end (zero-copy views over their Arrow buffers), indexed as one."""
+
+    def __init__(self, blocks: list[_Rows]):
+        self.blocks = blocks
+        self.starts = np.cumsum([0] + [len(b) for b in blocks])
+
+    def segments(self, index: np.ndarray) -> Iterator[tuple[slice, _Rows, np.ndarray]]:
+        """For ascending window rows ``index``: (positions in ``index``, block, rows in that block)."""
+        cuts = np.searchsorted(index, self.starts)
+        for b, block in enumerate(self.blocks):
+            lo, hi = int(cuts[b]), int(cuts[b + 1])
+            if hi > lo:
+                yield slice(lo, hi), block, index[lo:hi] - self.starts[b]
+
+    def gather(self, index: np.ndarray, packed: torch.Tensor, size: int, num_labels: int) -> dict[str, Any]:
+        """Rows ``index`` (ascending) copied once, straight from the blocks into the packed buffer."""
+        n = len(index)
+        tensors = _unpack(packed, n, size, num_labels)
+        outs = [tensors[name].numpy().reshape(n, -1) for name in _FIELDS] + [np.empty(n, dtype=object)]
+        for at, block, rows in self.segments(index):
+            for out, src in zip(outs, block.arrays()):
+                if out.dtype == object or src.dtype != out.dtype:
+                    out[at] = src[rows].reshape(len(rows), *out.shape[1:])
+                else:
+                    np.take(src.reshape(len(src), -1), rows, axis=0, out=out[at])
+        return {**tensors, "image_id": outs[-1].tolist()}
+
+    def copy(self, index: np.ndarray) -> _Rows:
+        """The rows ``index`` (ascending) as a new, small block that owns its memory."""
+        parts = [[a[rows] for a in block.arrays()] for _, block, rows in self.segments(index)]
+        return _Rows(*(np.concatenate(columns) for columns in zip(*parts)))
 
 
-class _Batch:
-    """Output tensors of one batch, filled in place through numpy views (one copy per value)."""
+def _window_batches(blocks: Iterator[_Rows], batch_size: int, total: int, window: int, size: int, num_labels: int,
+                    rng: np.random.Generator | None, slots: Any) -> Iterator[tuple[dict[str, Any], torch.Tensor, int]]:
+    """``total`` rows in batches of ``batch_size`` (only the very last may be short), with each
+    batch's packed buffer and its slot number (-1: not pooled).
 
-    def __init__(self, n: int, size: int, num_labels: int, shared: bool):
-        self.tensors = {
-            "image": _empty((n, 1, size, size), torch.uint8, shared),
-            "labels": _empty((n, num_labels), torch.float32, shared),
-            "patient_id": _empty((n,), torch.int64, shared),
-            "demographics": _empty((n, 3), torch.float32, shared),
-        }
-        t = self.tensors
-        self.views = (t["image"].numpy().reshape(n, size, size), t["labels"].numpy(), t["patient_id"].numpy(),
-                      t["demographics"].numpy(), np.empty(n, dtype=object))
-
-    def fill(self, at: slice, rows: tuple[np.ndarray, ...], index: np.ndarray | slice) -> None:
-        """Copy ``rows[index]`` into positions ``at`` of the batch."""
-        for out, src in zip(self.views, rows):
-            if isinstance(index, slice):
-                out[at] = src[index]
-            elif out.dtype == src.dtype and out.dtype != object:
-                np.take(src, index, axis=0, out=out[at])
-            else:
-                out[at] = src[index]
-
-    def result(self) -> dict[str, Any]:
-        return {**self.tensors, "image_id": self.views[-1].tolist()}
-
-
-def _in_order_batches(blocks: Iterator[_Rows], batch_size: int, total: int, size: int, num_labels: int,
-                      shared: bool) -> Iterator[dict[str, Any]]:
-    """Rows in stream order, cut into batches of ``batch_size`` (the last one may be short)."""
-    remaining, batch, filled = total, None, 0
-    for block in blocks:
-        pos = 0
-        while pos < len(block):
-            if batch is None:
-                batch, filled = _Batch(min(batch_size, remaining), size, num_labels, shared), 0
-            n = len(batch.views[0])
-            take = min(n - filled, len(block) - pos)
-            batch.fill(slice(filled, filled + take), block.arrays(), slice(pos, pos + take))
-            filled, pos = filled + take, pos + take
-            if filled == n:
-                remaining -= n
-                yield batch.result()
-                batch = None
-    if batch is not None:
-        raise AssertionError(f"stream ended {len(batch.views[0]) - filled} rows short")
-
-
-class _ShuffleBuffer:
-    """Fixed-capacity pool of rows. Incoming rows fill free slots; batches leave from random
-    occupied slots, whose slots the next rows refill (so no row is ever moved inside the pool)."""
-
-    def __init__(self, capacity: int, first: _Rows, rng: np.random.Generator):
-        self.rng = rng
-        self.arrays = [np.empty((capacity, *a.shape[1:]), dtype=a.dtype) for a in first.arrays()]
-        self.occupied = np.zeros(capacity, dtype=bool)
-        self.free = np.arange(capacity)
-
-    def put(self, block: _Rows, rows: slice) -> None:
-        count = rows.stop - rows.start
-        slots, self.free = self.free[:count], self.free[count:]
-        for pool, src in zip(self.arrays, block.arrays()):
-            pool[slots] = src[rows]
-        self.occupied[slots] = True
-
-    def pop_into(self, batch: _Batch, at: slice, count: int) -> None:
-        """Move ``count`` uniformly random rows of the pool into ``batch[at]``."""
-        chosen = self.rng.choice(np.flatnonzero(self.occupied), count, replace=False)
-        batch.fill(at, tuple(self.arrays), chosen)
-        self.occupied[chosen] = False
-        self.free = np.concatenate([self.free, chosen])
-
-
-def _shuffled_batches(blocks: Iterator[_Rows], batch_size: int, total: int, capacity: int, size: int,
-                      num_labels: int, rng: np.random.Generator, shared: bool) -> Iterator[dict[str, Any]]:
-    """Rows mixed through a shuffle buffer of ``capacity`` rows, in batches of ``batch_size``."""
-    capacity = max(capacity, batch_size)
-    buffer: _ShuffleBuffer | None = None
+    Blocks are gathered into a window of at least ``window`` rows (whole row groups, never copied);
+    with ``rng`` the window's rows are permuted, otherwise they keep stream order. Each batch is
+    copied straight from the window's blocks into its output buffer; the fewer than ``batch_size``
+    rows left over are copied into a small block that opens the next window, so the window's row
+    groups are released as soon as it is used up. Memory: about ``window`` rows plus a row group or two.
+    """
+    window = max(window, batch_size)
+    capacity = _layout(batch_size, size, num_labels)[1]
+    carry: list[_Rows] = []
     remaining = total
-    for block in blocks:
-        if buffer is None:
-            buffer = _ShuffleBuffer(capacity, block, rng)
-        pos = 0
-        while pos < len(block):
-            take = min(len(buffer.free), len(block) - pos)
-            buffer.put(block, slice(pos, pos + take))
-            pos += take
-            if len(buffer.free) == 0:
-                batch = _Batch(batch_size, size, num_labels, shared)
-                buffer.pop_into(batch, slice(0, batch_size), batch_size)
-                remaining -= batch_size
-                yield batch.result()
-    while remaining > 0:
-        n = min(batch_size, remaining)
-        batch = _Batch(n, size, num_labels, shared)
-        buffer.pop_into(batch, slice(0, n), n)
-        remaining -= n
-        yield batch.result()
+    stream = iter(blocks)
+    done = False
+    while not done:
+        parts, n = carry, sum(len(c) for c in carry)
+        while n < window:
+            block = next(stream, None)
+            if block is None:
+                done = True
+                break
+            parts.append(block)
+            n += len(block)
+        if n == 0:
+            break
+        view = _Window(parts)
+        order = rng.permutation(n) if rng is not None else np.arange(n)
+        full = n if done else n - n % batch_size
+        for start in range(0, full, batch_size):
+            index = order[start : start + batch_size]
+            if rng is not None:
+                index = np.sort(index)  # the batch's rows are random; reading them in window order is faster
+            packed, slot = slots.take(_layout(len(index), size, num_labels)[1], capacity)
+            remaining -= len(index)
+            yield view.gather(index, packed, size, num_labels), packed, slot
+        carry = [view.copy(np.sort(order[full:]))] if full < n else []
+        del view, parts, block
+    if remaining:
+        raise AssertionError(f"stream ended {remaining} rows short")
+
+
+def _read_ahead(blocks: Iterator[_Rows], rows: int) -> Iterator[_Rows]:
+    """``blocks``, read by a background thread up to about ``rows`` rows ahead of the consumer.
+
+    pyarrow's reading and decompression and numpy's copies release the GIL, so the next window is
+    read while the current one is cut into batches. Errors are re-raised in the consumer; closing
+    the iterator stops the thread.
+    """
+    cond = threading.Condition()
+    ready: collections.deque = collections.deque()
+    state = {"rows": 0, "end": False, "error": None, "stop": False}
+
+    def run() -> None:
+        try:
+            for block in blocks:
+                with cond:
+                    cond.wait_for(lambda: state["stop"] or state["rows"] < rows)
+                    if state["stop"]:
+                        return
+                    ready.append(block)
+                    state["rows"] += len(block)
+                    cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+            with cond:
+                state["error"] = exc
+        finally:
+            blocks.close()
+            with cond:
+                state["end"] = True
+                cond.notify_all()
+
+    thread = threading.Thread(target=run, name="cxrflow-loader-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with cond:
+                cond.wait_for(lambda: ready or state["end"])
+                if not ready:
+                    if state["error"] is not None:
+                        raise state["error"]
+                    return
+                block = ready.popleft()
+                state["rows"] -= len(block)
+                cond.notify_all()
+            yield block
+            del block
+    finally:
+        with cond:
+            state["stop"] = True
+            ready.clear()
+            cond.notify_all()
+        thread.join()
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,42 +531,61 @@ def _shuffled_batches(blocks: Iterator[_Rows], batch_size: int, total: int, capa
 
 
 class _StoreStream(IterableDataset):
-    """One rank's share of one epoch; each DataLoader worker takes its own block of batches."""
+    """One rank's share of one epoch; each DataLoader worker takes its own block of batches.
+
+    With ``busy`` (set by :class:`StoreLoader`, one row of flags per worker in shared memory) the
+    workers reuse their output buffers and send each batch packed; the main process unpacks it.
+    """
 
     def __init__(self, plan: _Plan, *, batch_size: int, shuffle: bool, seed: int, epoch: int, rank: int,
-                 world_size: int, drop_last: bool, shuffle_buffer: int):
+                 world_size: int, drop_last: bool, shuffle_buffer: int, busy: torch.Tensor | None = None):
         super().__init__()
         self.plan = plan
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, epoch
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.shuffle_buffer = shuffle_buffer
+        self.busy = busy
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is None:
+            slots: Any = _LocalSlots()
+        elif self.busy is not None:
+            slots = _SharedSlots(self.busy[worker].numpy())
+        else:
+            slots = _OneOff(shared=True)
         try:
-            yield from self._batches(worker, workers, in_worker=info is not None)
+            for batch, packed, slot in self._batches(worker, workers, in_worker=info is not None, slots=slots):
+                if info is not None and self.busy is not None:
+                    yield {_PACKED_KEY: packed, _SLOT_KEY: (worker, slot, len(batch["image_id"])),
+                           "image_id": batch["image_id"]}
+                else:
+                    yield batch
         except CxrflowError as exc:
             if info is None:
                 raise
             # Travels to the main process as data, so the user sees one clean line, not a worker traceback.
             yield {_ERROR_KEY: (exc.message, exc.path, exc.line)}
 
-    def _batches(self, worker: int, workers: int, in_worker: bool) -> Iterator[dict[str, Any]]:
+    def _batches(self, worker: int, workers: int, in_worker: bool,
+                 slots: Any) -> Iterator[tuple[dict[str, Any], torch.Tensor, int]]:
         units = _epoch_units(self.plan.units, self.shuffle, self.seed, self.epoch)
         total = sum(u.n_rows for u in units)
         rank_lo, rank_hi = _rank_range(total, self.rank, self.world_size, self.drop_last)
         lo, hi = _worker_range(rank_hi - rank_lo, self.batch_size, self.drop_last, worker, workers)
         if hi <= lo:
             return
-        blocks = _read_rows(self.plan, units, rank_lo + lo, rank_lo + hi, use_threads=not in_worker)
-        shape = dict(size=self.plan.size, num_labels=self.plan.num_labels, shared=in_worker)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
-            capacity = min(self.shuffle_buffer, hi - lo)
-            yield from _shuffled_batches(blocks, self.batch_size, hi - lo, capacity, rng=rng, **shape)
+            window = min(-(-self.shuffle_buffer // workers), hi - lo)  # the rank's buffer, shared by its workers
         else:
-            yield from _in_order_batches(blocks, self.batch_size, hi - lo, **shape)
+            rng, window = None, self.batch_size
+        blocks = _read_rows(self.plan, units, rank_lo + lo, rank_lo + hi, use_threads=not in_worker)
+        if not in_worker:  # read the next window while this one is batched (workers overlap with each other)
+            blocks = _read_ahead(blocks, max(window, self.batch_size))
+        yield from _window_batches(blocks, self.batch_size, hi - lo, window, self.plan.size, self.plan.num_labels,
+                                   rng=rng, slots=slots)
 
 
 class StoreLoader:
@@ -471,25 +623,56 @@ class StoreLoader:
 
     def dataset(self) -> _StoreStream:
         """The IterableDataset for the current epoch (for callers building their own DataLoader)."""
+        return self._dataset(None)
+
+    def _dataset(self, busy: torch.Tensor | None) -> _StoreStream:
         return _StoreStream(
             self.plan, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
             rank=self.rank, world_size=self.world_size, drop_last=self.drop_last,
-            shuffle_buffer=self.shuffle_buffer,
+            shuffle_buffer=self.shuffle_buffer, busy=busy,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Workers' reusable output buffers: a flag per buffer, set by the worker that fills it and
+        # cleared here once no tensor of that batch is left (or once it was copied to pinned memory).
+        if self.num_workers == 0 and not self.pin_memory:  # DataLoader would only add per-batch overhead
+            yield from self._dataset(None)
+            return
+        busy = None
+        if self.num_workers:
+            busy = torch.zeros((self.num_workers, _POOL_SLOTS), dtype=torch.int8).share_memory_()
         loader = DataLoader(
-            self.dataset(),
+            self._dataset(busy),
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
         )
-        for batch in loader:
-            if _ERROR_KEY in batch:
-                message, path, line = batch[_ERROR_KEY]
+        held: list[tuple[StorageWeakRef, int, int]] = []
+        for item in loader:
+            if _ERROR_KEY in item:
+                message, path, line = item[_ERROR_KEY]
                 raise CxrflowError(message, path, line)
+            if _PACKED_KEY not in item:
+                yield item
+                continue
+            packed, (worker, slot, n) = item[_PACKED_KEY], item[_SLOT_KEY]
+            batch = {**_unpack(packed, n, self.size, len(self.label_names)), "image_id": item["image_id"]}
+            if slot >= 0:
+                if packed.is_pinned():  # the pin-memory thread copied it: the shared buffer is free now
+                    busy[worker, slot] = 0
+                else:
+                    held.append((StorageWeakRef(packed.untyped_storage()), worker, slot))
+            del item, packed
+            still = []
+            for ref, w, k in held:
+                if ref.expired():
+                    busy[w, k] = 0
+                else:
+                    still.append((ref, w, k))
+            held = still
             yield batch
+            del batch
 
 
 def make_loader(
@@ -522,7 +705,9 @@ def make_loader(
     world_size=dist.get_world_size()``: ranks together cover every row exactly once; with
     ``drop_last=False`` their batch counts may differ by one (use ``drop_last=True`` for equal
     counts, which drops fewer than ``world_size * batch_size`` rows per epoch). ``shuffle_buffer`` is
-    in rows per worker. ``pin_memory`` defaults to whether CUDA is available.
+    in rows per rank, divided among its workers (so memory does not grow with ``num_workers``):
+    each worker permutes windows of that many rows, read a whole row group at a time. ``pin_memory``
+    defaults to whether CUDA is available.
     """
     for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                              ("world_size", world_size, 1), ("seed", seed, 0), ("epoch", epoch, 0),
