@@ -185,12 +185,15 @@ def recompress(workdir: Path, compression: str) -> None:
         os.replace(tmp, path)
 
 
-def build(workdir: Path, sizes: list[int], images: int, paper_images: int, row_group_rows: int,
+def build(workdir: Path, sizes: list[int], images: int, paper_images: int, row_group_rows: int | None,
           compression: str = "snappy") -> None:
+    from cxrflow.etl import auto_rows_per_file
     from cxrflow.synthstore import write_synthetic_store
 
     start = time.perf_counter()
-    write_synthetic_store(workdir, sizes=tuple(sizes), rows={"train": images}, rows_per_file=500,
+    # files and row groups laid out as the ETL lays out the full release (112,120 images)
+    write_synthetic_store(workdir, sizes=tuple(sizes), rows={"train": images},
+                          rows_per_file=auto_rows_per_file(112_120, max(sizes)),
                           row_group_rows=row_group_rows, seed=0)
     if compression != "snappy":  # write_synthetic_store uses pyarrow's default, snappy
         recompress(workdir, compression)
@@ -232,8 +235,8 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--row-group-rows", type=int, default=64,
-                   help="rows per row group (the ETL targets 64 MiB: 256 rows at 512 px, 1024 at 256 px)")
+    p.add_argument("--row-group-rows", type=int, default=None,
+                   help="rows per row group (default: the ETL's layout, about 64 MiB: 256 rows at 512 px)")
     p.add_argument("--compression", default="snappy", choices=["snappy", "zstd", "none"],
                    help="Parquet compression of the built store (the ETL writes zstd; noise pixels barely compress)")
     p.add_argument("--paper-images", type=int, default=200, help="rows in the emulated paper file (3 MB each)")
@@ -254,7 +257,7 @@ def main() -> None:
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cxrflow-bench-loader-"))
     try:
         print(f"cxrflow loader benchmark: {args.images} images, sizes {args.sizes}, batch {args.batch_size}, "
-              f"{args.row_group_rows} rows per row group, {args.compression}, {os.cpu_count()} CPUs, "
+              f"{args.row_group_rows or 'ETL-layout'} rows per row group, {args.compression}, {os.cpu_count()} CPUs, "
               f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
         build(args.workdir, args.sizes, args.images, args.paper_images, args.row_group_rows, args.compression)
         for path in args.workdir.rglob("*.parquet"):  # warm the page cache so no case pays for the disk

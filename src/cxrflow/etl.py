@@ -39,12 +39,18 @@ from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow.imaging import ImageError, load_and_resize
 from cxrflow.labels import NIH14, LabelVocabulary
-from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, SCHEMA, SPLITS, format_manifest, split_dir
+from cxrflow.store import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SCHEMA,
+    SPLITS,
+    format_manifest,
+    row_group_rows,
+    split_dir,
+)
 
 #: Target uncompressed bytes of one file at the largest size (caps images per task and file).
 FILE_TARGET_BYTES = 128 * 2**20
-#: Target uncompressed bytes of one row group (a reader holds about one at a time).
-ROW_GROUP_TARGET_BYTES = 64 * 2**20
 #: Automatic layout: about this many tasks for the whole release, but never fewer than
 #: MIN_ROWS_PER_FILE images per task (a task costs ~0.03-0.1 s of scheduling on top of its images).
 TARGET_TASKS = 64
@@ -83,11 +89,6 @@ def auto_rows_per_file(n_images: int, max_size: int) -> int:
     """
     cap = max(1, FILE_TARGET_BYTES // (max_size * max_size))
     return max(1, min(cap, max(MIN_ROWS_PER_FILE, math.ceil(n_images / TARGET_TASKS))))
-
-
-def row_group_rows(size: int, rows_per_file: int) -> int:
-    """Rows per row group at ``size``: about ROW_GROUP_TARGET_BYTES, never more than a file."""
-    return max(1, min(rows_per_file, ROW_GROUP_TARGET_BYTES // (size * size)))
 
 
 def plan_tasks(records: Sequence[dict], rows_per_file: int) -> list[tuple[str, int, list[dict]]]:

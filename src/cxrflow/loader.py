@@ -52,9 +52,14 @@ from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, check_partition, read_m
 #: Columns the loader reads; the others (follow_up, original size) are never decoded.
 COLUMNS = ["image_id", "patient_id", "labels", "age", "sex", "view", "pixels"]
 
-#: Default shuffle buffer, in rows per rank, shared among its DataLoader workers (about 256 MiB of
-#: pixels at 512 px, 64 MiB at 256 px).
-DEFAULT_SHUFFLE_BUFFER = 1024
+#: Default shuffle buffer, in pixel bytes per rank, shared among its DataLoader workers: 512 rows
+#: at 512 px (two of the ETL's row groups), 2048 at 256 px; memory stays the same at every size.
+DEFAULT_SHUFFLE_BUFFER_BYTES = 128 * 2**20
+
+
+def default_shuffle_buffer(size: int, batch_size: int) -> int:
+    """Rows of the default shuffle buffer at ``size`` (never less than one batch)."""
+    return max(int(batch_size), DEFAULT_SHUFFLE_BUFFER_BYTES // (int(size) * int(size)))
 
 _ERROR_KEY = "_cxrflow_error"
 _PACKED_KEY = "_cxrflow_packed"
@@ -688,7 +693,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
-    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    shuffle_buffer: int | None = None,
     filesystem: Any = None,
     pin_memory: bool | None = None,
 ) -> StoreLoader:
@@ -705,10 +710,12 @@ def make_loader(
     world_size=dist.get_world_size()``: ranks together cover every row exactly once; with
     ``drop_last=False`` their batch counts may differ by one (use ``drop_last=True`` for equal
     counts, which drops fewer than ``world_size * batch_size`` rows per epoch). ``shuffle_buffer`` is
-    in rows per rank, divided among its workers (so memory does not grow with ``num_workers``):
+    in rows per rank (default: :func:`default_shuffle_buffer`, 128 MiB of pixels), divided among its workers (so memory does not grow with ``num_workers``):
     each worker permutes windows of that many rows, read a whole row group at a time. ``pin_memory``
     defaults to whether CUDA is available.
     """
+    if shuffle_buffer is None and isinstance(size, (int, np.integer)) and size > 0:
+        shuffle_buffer = default_shuffle_buffer(size, batch_size if isinstance(batch_size, int) else 1)
     for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                              ("world_size", world_size, 1), ("seed", seed, 0), ("epoch", epoch, 0),
                              ("shuffle_buffer", shuffle_buffer, 0)):

@@ -43,6 +43,15 @@ SCHEMA = pa.schema(
 )
 
 
+#: Target uncompressed bytes of one row group: a reader holds about one at a time.
+ROW_GROUP_TARGET_BYTES = 64 * 2**20
+
+
+def row_group_rows(size: int, rows_per_file: int) -> int:
+    """Rows per row group at ``size``: about ROW_GROUP_TARGET_BYTES, never more than a file."""
+    return max(1, min(rows_per_file, ROW_GROUP_TARGET_BYTES // (size * size)))
+
+
 def split_dir(store: str | os.PathLike, size: int, split: str) -> Path:
     """Folder holding one (size, split) partition."""
     return Path(store) / f"size={int(size)}" / f"split={split}"

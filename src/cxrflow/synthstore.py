@@ -19,6 +19,7 @@ from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.labels import NIH14, LabelVocabulary
 from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, SCHEMA, split_dir
+from cxrflow.store import row_group_rows as etl_row_group_rows
 
 
 def planted_image(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -38,12 +39,13 @@ def write_synthetic_store(
     *,
     seed: int = 0,
     rows_per_file: int = 64,
-    row_group_rows: int = 16,
+    row_group_rows: int | None = 16,
     prevalence: float = 0.2,
     vocab: LabelVocabulary = NIH14,
 ) -> dict:
     """Write a complete store (Parquet partitions plus manifest) and return its manifest.
 
+    ``row_group_rows=None`` lays row groups out as the ETL does (about 64 MiB each).
     Every finding gets positives in every split when the split has enough rows; image ids are
     ``{split}_{n:06d}.png``, patient ids are unique per image.
     """
@@ -100,7 +102,7 @@ def write_synthetic_store(
                 pq.write_table(
                     table,
                     out / f"part-{file_no:05d}.parquet",
-                    row_group_size=row_group_rows,
+                    row_group_size=row_group_rows or etl_row_group_rows(size, rows_per_file),
                     use_dictionary=["image_id", "sex", "view"],
                 )
             patient += n
