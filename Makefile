@@ -26,6 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/metadata.py
 	$(BIN)/python benchmarks/etl.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train.py
