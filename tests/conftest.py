@@ -1,4 +1,5 @@
-"""Shared test fixtures: one real local Spark session for the whole test run.
+"""Shared test fixtures: one real local Spark session for the whole test run, and a one-thread
+torch setting for modules that run many tiny models.
 
 Starting Spark costs several seconds, so it is paid once: any test taking the ``spark`` fixture
 gets the same ``local[2]`` session (small memory, quiet logs), stopped when the run ends.
@@ -22,3 +23,14 @@ def spark():
     )
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny inputs gain nothing from threads, and spare threads stall badly on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

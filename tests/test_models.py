@@ -15,13 +15,7 @@ from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, creat
 SIZES = {"simple_cnn": (32, 64, 50), "resnet50": (32, 64), "densenet121": (32, 48)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny inputs gain nothing from threads, and spare threads stall badly on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

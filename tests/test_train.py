@@ -28,13 +28,7 @@ METRIC_KEYS = {"stage", "epoch", "train_loss", "val_loss", "val_auc_mean", "val_
 TIMING = ("seconds", "images_per_second")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny inputs gain nothing from threads, and spare threads stall badly on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TextIO
 
@@ -34,17 +33,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow.imaging import ImageError, load_and_resize
 from cxrflow.labels import NIH14, LabelVocabulary
 from cxrflow.store import (
-    FORMAT_VERSION,
     MANIFEST_NAME,
     SCHEMA,
     SPLITS,
     format_manifest,
+    manifest_core,
     row_group_rows,
     split_dir,
 )
@@ -497,18 +495,14 @@ def _manifest(
             f"ETL lost images: {metadata_rows} metadata rows != {written} written + {len(missing)} missing "
             f"+ {len(quarantined)} quarantined"
         )
-    n_train = rows["train"]
     return {
-        "format_version": FORMAT_VERSION,
-        "cxrflow_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "label_names": list(vocab.names),
-        "vocabulary": vocab.to_dict(),
-        "sizes": list(sizes),
-        "rows": {str(s): dict(rows) for s in sizes},
-        "pixel_stats": {str(s): _pixel_stats(histograms[s]) for s in sizes},
-        "positives": {name: int(p) for name, p in zip(vocab.names, positives)},
-        "pos_weight": [float((n_train - p) / max(int(p), 1)) for p in positives],
+        **manifest_core(
+            vocab,
+            sizes,
+            {str(s): dict(rows) for s in sizes},
+            {str(s): _pixel_stats(histograms[s]) for s in sizes},
+            positives,
+        ),
         "source": {
             "data_dir": str(Path(release.root).absolute()),
             "metadata_rows": metadata_rows,

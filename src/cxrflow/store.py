@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow as pa
 
+from cxrflow import __version__
 from cxrflow.errors import CxrflowError
+from cxrflow.labels import LabelVocabulary
 
 #: Bumped whenever the layout or the columns change incompatibly.
 FORMAT_VERSION = 1
@@ -50,6 +54,32 @@ ROW_GROUP_TARGET_BYTES = 64 * 2**20
 def row_group_rows(size: int, rows_per_file: int) -> int:
     """Rows per row group at ``size``: about ROW_GROUP_TARGET_BYTES, never more than a file."""
     return max(1, min(rows_per_file, ROW_GROUP_TARGET_BYTES // (size * size)))
+
+
+def manifest_core(
+    vocab: LabelVocabulary,
+    sizes: Sequence[int],
+    rows: dict[str, dict[str, int]],
+    pixel_stats: dict[str, dict[str, float]],
+    train_positives: Sequence[int],
+) -> dict:
+    """The manifest keys every store has: version, labels, sizes, rows, pixel and label statistics.
+
+    ``pos_weight`` is negatives / positives per finding over the train split (1 positive at least).
+    """
+    n_train = next(iter(rows.values()), {}).get("train", 0) if rows else 0
+    return {
+        "format_version": FORMAT_VERSION,
+        "cxrflow_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "label_names": list(vocab.names),
+        "vocabulary": vocab.to_dict(),
+        "sizes": [int(s) for s in sizes],
+        "rows": rows,
+        "pixel_stats": pixel_stats,
+        "positives": {name: int(p) for name, p in zip(vocab.names, train_positives)},
+        "pos_weight": [float((n_train - int(p)) / max(int(p), 1)) for p in train_positives],
+    }
 
 
 def split_dir(store: str | os.PathLike, size: int, split: str) -> Path:

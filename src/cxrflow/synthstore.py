@@ -8,17 +8,15 @@ training path learns it and a broken one (shuffled labels, misaligned rows) cann
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.labels import NIH14, LabelVocabulary
-from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, SCHEMA, split_dir
+from cxrflow.store import MANIFEST_NAME, SCHEMA, manifest_core, split_dir
 from cxrflow.store import row_group_rows as etl_row_group_rows
 
 
@@ -110,18 +108,8 @@ def write_synthetic_store(
         mean = total / max(count, 1)
         std = float(np.sqrt(max(total_sq / max(count, 1) - mean * mean, 1e-12)))
         pixel_stats[str(size)] = {"mean": float(mean), "std": std}
-    n_train = rows.get("train", 0)
     manifest = {
-        "format_version": FORMAT_VERSION,
-        "cxrflow_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "label_names": list(vocab.names),
-        "vocabulary": vocab.to_dict(),
-        "sizes": list(sizes),
-        "rows": manifest_rows,
-        "pixel_stats": pixel_stats,
-        "positives": {name: int(p) for name, p in zip(vocab.names, positives)},
-        "pos_weight": [float((n_train - p) / max(p, 1)) for p in positives],
+        **manifest_core(vocab, sizes, manifest_rows, pixel_stats, positives),
         "source": {"metadata_rows": sum(rows.values()), "written": sum(rows.values()), "missing": 0, "quarantined": 0},
         "missing": [],
         "quarantined": [],
