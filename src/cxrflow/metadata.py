@@ -19,11 +19,12 @@ file finds the exact line to report.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,19 @@ VIEWS = ("PA", "AP")
 
 _INT16_MAX = np.iinfo(np.int16).max
 _INT32_MAX = np.iinfo(np.int32).max
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn the ways a user's text file can fail to read into one CxrflowError naming it."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise CxrflowError("file not found", path) from None
+    except UnicodeDecodeError as exc:
+        raise CxrflowError(f"not a UTF-8 text file ({exc.reason})", path) from None
+    except OSError as exc:
+        raise CxrflowError(f"cannot read: {exc.strerror}", path) from None
 
 
 @dataclass(frozen=True)
@@ -94,17 +108,10 @@ class _Layout:
 
     def __init__(self, path: Path, columns: tuple[_Column, ...]):
         self.path = path
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.reader(f)
-                header = next(reader, None)
-                first = next((row for row in reader if row), None)
-        except FileNotFoundError:
-            raise CxrflowError("file not found", path) from None
-        except OSError as exc:
-            raise CxrflowError(f"cannot read: {exc.strerror}", path) from None
-        except UnicodeDecodeError as exc:
-            raise CxrflowError(f"not a UTF-8 text file ({exc.reason})", path) from None
+        with _reading(path), open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            first = next((row for row in reader if row), None)
         if not header:
             raise CxrflowError("empty file: expected a header line", path, 1)
         found = {name: (start, span) for name, start, span in _merge_bracketed(header) if name}
@@ -342,15 +349,8 @@ def read_bbox(path: str | os.PathLike, vocab: LabelVocabulary = NIH14) -> pd.Dat
 
 def _read_list(path: Path) -> tuple[list[str], list[int]]:
     """Entries of a split list and their line numbers (blank lines skipped)."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise CxrflowError("file not found", path) from None
-    except OSError as exc:
-        raise CxrflowError(f"cannot read: {exc.strerror}", path) from None
-    except UnicodeDecodeError as exc:
-        raise CxrflowError(f"not a UTF-8 text file ({exc.reason})", path) from None
+    with _reading(path), open(path, encoding="utf-8-sig") as f:
+        text = f.read()
     names, lines = [], []
     for number, entry in enumerate(text.splitlines(), start=1):
         entry = entry.strip()
