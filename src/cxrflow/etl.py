@@ -516,7 +516,8 @@ def _manifest(
         "quarantined": quarantined,
         "split": {
             "mode": splits.attrs.get("mode"),
-            "val_fraction": val_fraction,
+            # without the official lists the split is 70/10/20 by patient and val_fraction does not apply
+            "val_fraction": val_fraction if splits.attrs.get("mode") == "official-lists" else None,
             "seed": seed,
             "patients": {split: int(splits.loc[splits["split"] == split, "patient_id"].nunique()) for split in SPLITS},
         },
