@@ -103,3 +103,22 @@ def test_no_pixel_statistics_anywhere_is_a_clear_error(run_and_images, tmp_path,
     assert main(["predict", "--run", str(copy), str(img / "gray.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--store" in err and "Traceback" not in err
+
+
+def test_evaluated_run_flags_findings_at_the_validation_thresholds(run_and_images, tmp_path, capsys):
+    run, _, img, _ = run_and_images
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert load_predictor(copy).thresholds is None  # not evaluated yet: probabilities only
+    assert main(["evaluate", "--run", str(copy), "--n-boot", "10"]) == 0
+    recorded = json.loads((copy / "eval-test-best_finetune" / "metrics.json").read_text())["threshold"]
+    predictor = load_predictor(copy)
+    assert predictor.thresholds == {n: t for n, t in recorded.items() if t is not None}
+    (p,) = predict_files(predictor, [img / "gray.png"])[0]
+    expected = [n for n, t in predictor.thresholds.items() if p["probabilities"][n] >= t]
+    assert p["positive"] == [n for n in predictor.label_names if n in expected]
+    capsys.readouterr()
+    assert main(["predict", "--run", str(copy), str(img / "gray.png")]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.endswith("positive at the validation threshold")
+    assert row.endswith(", ".join(p["positive"]) or "none")

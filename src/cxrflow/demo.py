@@ -136,9 +136,9 @@ def run_demo(
     predictions, errors = predict_files(predictor, sample)
     truth = dict(zip(release.entries["image_id"], release.entries["finding_labels"]))
     for p in predictions:
-        top = sorted(p["probabilities"].items(), key=lambda kv: -kv[1])[:3]
         name = Path(p["image"]).name
-        echo(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in top) + f"  (metadata says: {truth.get(name, '?')})")
+        called = ", ".join(f"{k} {p['probabilities'][k]:.2f}" for k in p.get("positive", [])) or "No Finding"
+        echo(f"{name}: {called}  (metadata says: {truth.get(name, '?')})")
     timings["predict"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 

@@ -37,6 +37,9 @@ class Predictor:
     label_names: list[str]
     checkpoint: Path
     device: str
+    #: Per-finding decision thresholds (Youden's J on the validation split, from ``cxrflow
+    #: evaluate``), or None when the run has not been evaluated at this checkpoint.
+    thresholds: dict[str, float] | None = None
 
 
 def _pixel_stats(config: dict, size: int) -> tuple[float, float]:
@@ -69,6 +72,7 @@ def load_predictor(
     from cxrflow.models import load_checkpoint
 
     run_dir = Path(run) if run is not None else None
+    thresholds = None
     if run_dir is not None and not run_dir.is_dir():
         raise CxrflowError("no such run folder", run_dir)
     if run_dir is None:
@@ -78,7 +82,8 @@ def load_predictor(
         if not path.is_file():
             raise CxrflowError("no such checkpoint", path)
     else:
-        _, path = resolve_checkpoint(run_dir, checkpoint)
+        name, path = resolve_checkpoint(run_dir, checkpoint)
+        thresholds = _validation_thresholds(run_dir, name)
     device = resolve_device(device)
     model, ckpt = load_checkpoint(path, map_location=device)
     config = dict(ckpt.get("config") or {})
@@ -86,7 +91,22 @@ def load_predictor(
         config["store"] = str(store)
     size = int(config["size"])
     mean, std = _pixel_stats(config, size)
-    return Predictor(model.eval(), size, mean, std, list(ckpt["label_names"]), Path(path), device)
+    return Predictor(model.eval(), size, mean, std, list(ckpt["label_names"]), Path(path), device, thresholds)
+
+
+def _validation_thresholds(run: Path, checkpoint_name: str) -> dict[str, float] | None:
+    """The validation-Youden thresholds ``cxrflow evaluate`` recorded for this checkpoint, if any.
+
+    Every evaluation of a checkpoint chooses its thresholds on the validation split, so any of
+    ``RUN/eval-<split>-<checkpoint>/metrics.json`` will do; findings without one are left out.
+    """
+    for path in sorted(run.glob(f"eval-*-{checkpoint_name}/metrics.json")):
+        try:
+            recorded = json.loads(path.read_text()).get("threshold") or {}
+        except (OSError, json.JSONDecodeError):
+            continue
+        return {name: float(t) for name, t in recorded.items() if t is not None}
+    return None
 
 
 def predict_files(
@@ -112,7 +132,13 @@ def predict_files(
         with torch.no_grad():
             probs = torch.sigmoid(predictor.model(x)).float().cpu().numpy()
         for (name, _), row in zip(pending, probs):
-            predictions.append({"image": name, "probabilities": dict(zip(predictor.label_names, map(float, row)))})
+            probabilities = dict(zip(predictor.label_names, map(float, row)))
+            result: dict[str, Any] = {"image": name, "probabilities": probabilities}
+            if predictor.thresholds is not None:
+                result["positive"] = [
+                    n for n in predictor.label_names if n in predictor.thresholds and probabilities[n] >= predictor.thresholds[n]
+                ]
+            predictions.append(result)
         pending.clear()
 
     for p in paths:
@@ -142,16 +168,20 @@ def predict_files(
 
 
 def format_table(predictions: Sequence[dict], label_names: Sequence[str]) -> str:
-    """One line per image: the file, then one probability per finding (header = finding names)."""
+    """One line per image: the file, one probability per finding (header = finding names) and, when
+    the run was evaluated, the findings at or above their validation-Youden threshold."""
     if not predictions:
         return ""
     width = max(len("image"), *(len(r["image"]) for r in predictions))
     cols = [max(len(n), 5) for n in label_names]
-    lines = [f"{'image':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(label_names, cols))]
+    flagged = "positive" in predictions[0]
+    header = f"{'image':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(label_names, cols))
+    lines = [header + ("  positive at the validation threshold" if flagged else "")]
     for r in predictions:
-        lines.append(
-            f"{r['image']:<{width}}  " + "  ".join(f"{r['probabilities'][n]:>{w}.3f}" for n, w in zip(label_names, cols))
-        )
+        line = f"{r['image']:<{width}}  " + "  ".join(f"{r['probabilities'][n]:>{w}.3f}" for n, w in zip(label_names, cols))
+        if flagged:
+            line += "  " + (", ".join(r["positive"]) or "none")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -179,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
                     "checkpoint": str(predictor.checkpoint),
                     "size": predictor.size,
                     "label_names": predictor.label_names,
+                    "thresholds": predictor.thresholds,
                     "predictions": predictions,
                     "errors": errors,
                 },
