@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.etl import auto_rows_per_file, parse_sizes, plan_tasks, row_group_rows, run_etl
+from cxrflow.etl import auto_rows_per_file, parse_sizes, plan_tasks, process_task, row_group_rows, run_etl
 from cxrflow.labels import NIH14
 from cxrflow.metadata import load_release
 from cxrflow.split import assign_splits
@@ -236,6 +236,53 @@ def test_same_inputs_give_identical_rows(spark, synthetic, synthetic_store, tmp_
     assert files(store) == files(tmp_path / "again")
 
 
+def _task(root, split="train"):
+    """One ETL task over every image file of a release folder (broken ones included), in name order."""
+    records = [
+        {"image_id": p.name, "path": str(p), "split": split, "patient_id": i, "labels": bytes([i % 2] * 14),
+         "age": 30 + i, "sex": "MF"[i % 2], "view": "PA", "follow_up": 0}
+        for i, p in enumerate(sorted((root / "images").iterdir()))
+    ]  # fmt: skip
+    return (split, 0, records)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_task_threads_keep_input_order_and_quarantine(handmade, tmp_path, threads):
+    root, kinds = handmade
+    task = _task(root)
+    options = {"sizes": [16, 24], "group_rows": {16: 3, 24: 3}, "compression": "zstd", "num_labels": 14}
+    summary = process_task(task, store=str(tmp_path / "one"), threads=1, **options)
+    again = process_task(task, store=str(tmp_path / "many"), threads=threads, **options)
+    broken = sorted(n for n, k in kinds.items() if k in ("corrupt", "zero-byte", "truncated"))
+    assert [q["image_id"] for q in summary["quarantined"]] == broken
+    assert summary["written"] == len(task[2]) - len(broken) == sum(summary["histograms"][16]) / 16**2
+    for key in ("written", "quarantined", "positives", "histograms"):
+        assert again[key] == summary[key], key
+    for size in (16, 24):
+        one = pq.read_table(tmp_path / "one" / f"size={size}" / "split=train" / "part-00000.parquet")
+        many = pq.read_table(tmp_path / "many" / f"size={size}" / "split=train" / "part-00000.parquet")
+        assert one.equals(many)
+        assert one.column("image_id").to_pylist() == [r["image_id"] for r in task[2] if r["image_id"] not in broken]
+
+
+def test_task_bug_in_a_decode_thread_raises_and_leaves_no_file(handmade, tmp_path, monkeypatch):
+    from cxrflow import etl
+
+    root, _ = handmade
+    task = _task(root)
+    real = etl.load_and_resize
+
+    def buggy(path, sizes):
+        if path == task[2][5]["path"]:
+            raise RuntimeError("a bug, not bad input")
+        return real(path, sizes)
+
+    monkeypatch.setattr(etl, "load_and_resize", buggy)
+    with pytest.raises(RuntimeError, match="a bug"):
+        process_task(task, store=str(tmp_path), sizes=[16], group_rows={16: 2}, compression="zstd", num_labels=14, threads=3)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
 def test_handmade_set_every_mode_and_every_fault(handmade, handmade_store):
     root, kinds = handmade
     store, manifest = handmade_store
@@ -314,8 +361,9 @@ def test_strict_refuses_missing_images(handmade, tmp_path):
         (["--master", "locl[2]"], "invalid Spark master"),
         (["--rows-per-file", "0"], "--rows-per-file"),
         (["--driver-memory", "lots"], "--driver-memory"),
+        (["--threads", "0"], "--threads"),
     ],
-    ids=["wrong-path", "bad-sizes", "zero-size", "bad-master", "bad-rows", "bad-memory"],
+    ids=["wrong-path", "bad-sizes", "zero-size", "bad-master", "bad-rows", "bad-memory", "bad-threads"],
 )
 def test_cli_bad_input_is_one_line_exit_2(synthetic, tmp_path, capsys, args, message):
     argv = ["etl", "--data", str(synthetic), "--out", str(tmp_path / "out"), *args]

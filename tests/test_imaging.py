@@ -143,3 +143,19 @@ def test_corrupt_png_body_and_float_mode():
     Image.fromarray(np.zeros((4, 4), np.float32), mode="F").save(buf, "TIFF")
     with pytest.raises(ImageError, match="unsupported image mode 'F'"):
         load_gray(buf.getvalue())
+
+
+def test_pillow_keeps_freed_blocks_and_a_larger_setting_stays():
+    from cxrflow import imaging
+
+    assert Image.core.get_blocks_max() >= imaging.PILLOW_BLOCKS
+    before = Image.core.get_blocks_max()
+    try:
+        Image.core.set_blocks_max(imaging.PILLOW_BLOCKS + 7)
+        imaging._keep_pillow_blocks()
+        assert Image.core.get_blocks_max() == imaging.PILLOW_BLOCKS + 7
+        Image.core.set_blocks_max(0)
+        imaging._keep_pillow_blocks()
+        assert Image.core.get_blocks_max() == imaging.PILLOW_BLOCKS
+    finally:
+        Image.core.set_blocks_max(before)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import math
 import os
 import shutil
@@ -26,12 +27,15 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, TextIO
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence, TextIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
@@ -55,6 +59,8 @@ TARGET_TASKS = 64
 MIN_ROWS_PER_FILE = 32
 COMPRESSIONS = ("zstd", "snappy", "lz4", "gzip", "none")
 MAX_SIZE = 4096
+#: Threads per task that decode and resize (see :func:`process_task`).
+DECODE_THREADS = 2
 
 _NON_PIXEL_COLUMNS = tuple(name for name in SCHEMA.names if name != "pixels")
 
@@ -106,7 +112,15 @@ def plan_tasks(records: Sequence[dict], rows_per_file: int) -> list[tuple[str, i
 # ------------------------------------------------------------------------------- executor-side work
 
 
-def _table(rows: list[dict], pixels: list[bytes]) -> pa.Table:
+def _binary(images: list[np.ndarray]) -> pa.Array:
+    """``images`` (uint8 arrays) as one Arrow binary array: one copy into a contiguous buffer."""
+    data = np.concatenate([img.reshape(-1) for img in images]) if images else np.zeros(0, np.uint8)
+    offsets = np.zeros(len(images) + 1, dtype=np.int32)
+    np.cumsum([img.size for img in images], out=offsets[1:])
+    return pa.Array.from_buffers(pa.binary(), len(images), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _table(rows: list[dict], pixels: list[np.ndarray]) -> pa.Table:
     """One Arrow table in the store's exact schema (every column cast explicitly)."""
     columns = {
         "image_id": pa.array([r["image_id"] for r in rows], pa.string()),
@@ -118,7 +132,7 @@ def _table(rows: list[dict], pixels: list[bytes]) -> pa.Table:
         "follow_up": pa.array([r["follow_up"] for r in rows], pa.int32()),
         "orig_width": pa.array([r["orig_width"] for r in rows], pa.int32()),
         "orig_height": pa.array([r["orig_height"] for r in rows], pa.int32()),
-        "pixels": pa.array(pixels, pa.binary()),
+        "pixels": _binary(pixels),
     }
     return pa.table(columns, schema=SCHEMA)
 
@@ -133,10 +147,10 @@ class _PartWriter:
         self.group_rows = group_rows
         self.compression = None if compression == "none" else compression
         self.rows: list[dict] = []
-        self.pixels: list[bytes] = []
+        self.pixels: list[np.ndarray] = []
         self.writer: pq.ParquetWriter | None = None
 
-    def add(self, row: dict, pixels: bytes) -> None:
+    def add(self, row: dict, pixels: np.ndarray) -> None:
         self.rows.append(row)
         self.pixels.append(pixels)
         if len(self.rows) >= self.group_rows:
@@ -170,6 +184,42 @@ class _PartWriter:
             self.tmp.unlink()
 
 
+class _Prepared(NamedTuple):
+    """One image after a worker thread decoded and resized it (or found it undecodable)."""
+
+    record: dict
+    width: int = 0
+    height: int = 0
+    pixels: dict[int, np.ndarray] | None = None
+    histograms: dict[int, list[int]] | None = None  # train images only
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def _prepare(rec: dict, sizes: Sequence[int], histograms: bool) -> _Prepared:
+    """Decode and resize one image; with ``histograms``, also its 256-bin histogram per size."""
+    t = time.perf_counter()
+    try:
+        resized, (width, height) = load_and_resize(rec["path"], sizes)
+    except ImageError as exc:
+        return _Prepared(rec, error=exc.message, seconds=time.perf_counter() - t)
+    hists = None
+    if histograms:  # Pillow's histogram: C, no copy of the pixels, GIL released
+        hists = {s: Image.fromarray(img).histogram() for s, img in resized.items()}
+    return _Prepared(rec, width, height, resized, hists, None, time.perf_counter() - t)
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int) -> Iterator:
+    """``fn`` over ``items`` on ``pool``: results in input order, at most ``ahead`` in flight."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def process_task(
     task: tuple[str, int, list[dict]],
     *,
@@ -178,10 +228,14 @@ def process_task(
     group_rows: dict[int, int],
     compression: str,
     num_labels: int,
+    threads: int = DECODE_THREADS,
 ) -> dict:
     """Decode, resize and write one task's images; return its summary (no pixels).
 
-    Runs on an executor. An image that fails to decode is quarantined with its reason.
+    Runs on an executor. ``threads`` threads decode and resize while this one writes (Pillow and
+    pyarrow release the GIL), so a core is not idle while its task writes or waits on storage, and
+    the last tasks of a job also use the cores that have no task left. Rows are written in input
+    order whatever the threads do. An image that fails to decode is quarantined with its reason.
     """
     split, part, records = task
     started = time.perf_counter()
@@ -191,24 +245,22 @@ def process_task(
     positives = np.zeros(num_labels, dtype=np.int64)
     quarantined: list[dict] = []
     written = 0
+    prepare = functools.partial(_prepare, sizes=sizes, histograms=split == "train")
     try:
-        for rec in records:
-            t = time.perf_counter()
-            try:
-                resized, (width, height) = load_and_resize(rec["path"], sizes)
-            except ImageError as exc:
-                quarantined.append({"image_id": rec["image_id"], "path": rec["path"], "reason": exc.message})
-                continue
-            finally:
-                decode_seconds += time.perf_counter() - t
-            row = dict(rec, orig_width=width, orig_height=height)
-            for s in sizes:
-                img = resized[s]
-                if split == "train":  # the manifest's pixel statistics are over train only
-                    histograms[s] += np.bincount(img.ravel(), minlength=256)
-                writers[s].add(row, img.tobytes())
-            positives += np.frombuffer(rec["labels"], dtype=np.uint8)
-            written += 1
+        with ThreadPoolExecutor(threads, thread_name_prefix="cxrflow-etl") as pool:
+            for done in _in_order(pool, prepare, records, ahead=2 * threads):
+                rec = done.record
+                decode_seconds += done.seconds
+                if done.error is not None:
+                    quarantined.append({"image_id": rec["image_id"], "path": rec["path"], "reason": done.error})
+                    continue
+                row = dict(rec, orig_width=done.width, orig_height=done.height)
+                for s in sizes:
+                    if done.histograms is not None:  # the manifest's pixel statistics are over train only
+                        histograms[s] += done.histograms[s]
+                    writers[s].add(row, done.pixels[s])
+                positives += np.frombuffer(rec["labels"], dtype=np.uint8)
+                written += 1
         for w in writers.values():
             w.close()
     except BaseException:
@@ -229,6 +281,10 @@ def process_task(
 
 
 def _run_partition(tasks: Iterator[tuple[str, int, list[dict]]], counter, **kwargs) -> Iterator[dict]:
+    # A reused PySpark worker runs a full gc.collect() after every task; over the ~50,000 objects
+    # of the imported modules (numpy, pyarrow, Pillow) that is ~15 ms a task. Freezing what exists
+    # now (modules, not garbage: the last task's collect just ran) takes them out of every later scan.
+    gc.freeze()
     for task in tasks:
         summary = process_task(task, **kwargs)
         counter.add(summary["images"])
@@ -347,6 +403,7 @@ def run_etl(
     verbose: bool = False,
     rows_per_file: int | None = None,
     compression: str = "zstd",
+    threads: int = DECODE_THREADS,
     driver_memory: str | None = None,
     executor_memory: str | None = None,
     vocab: LabelVocabulary = NIH14,
@@ -368,6 +425,8 @@ def run_etl(
     sizes = parse_sizes(sizes) if isinstance(sizes, str) else parse_sizes(list(sizes))
     if compression not in COMPRESSIONS:
         raise CxrflowError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if threads < 1:
+        raise CxrflowError(f"--threads must be at least 1, got {threads}")
     if rows_per_file is not None and rows_per_file < 1:
         raise CxrflowError(f"--rows-per-file must be at least 1, got {rows_per_file}")
     if not 0.0 <= val_fraction < 1.0:
@@ -428,6 +487,7 @@ def run_etl(
                 group_rows=group_rows,
                 compression=compression,
                 num_labels=len(vocab),
+                threads=threads,
             )
             sc.setJobDescription(f"cxrflow etl: {len(records)} images to sizes {sizes}")
             rdd = sc.parallelize(tasks, len(tasks)).mapPartitions(work)
@@ -550,6 +610,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="show Spark's logs")
     parser.add_argument("--rows-per-file", type=int, default=None, help="images per Parquet file and task (default: automatic)")
     parser.add_argument("--compression", default="zstd", choices=COMPRESSIONS, help="Parquet compression (default zstd)")
+    parser.add_argument(
+        "--threads", type=int, default=DECODE_THREADS,
+        help=f"threads per Spark task that decode and resize (default {DECODE_THREADS}; more for slow network storage)",
+    )  # fmt: skip
     parser.add_argument("--driver-memory", default=None, help="Spark driver memory, e.g. 2g (default: Spark's)")
     parser.add_argument("--executor-memory", default=None, help="Spark executor memory, e.g. 4g (default: Spark's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
@@ -568,6 +632,7 @@ def run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         rows_per_file=args.rows_per_file,
         compression=args.compression,
+        threads=args.threads,
         driver_memory=args.driver_memory,
         executor_memory=args.executor_memory,
         progress=None if args.no_progress else sys.stderr,
