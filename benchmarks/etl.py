@@ -17,7 +17,7 @@ Prints images/s for all, the ratio ETL / (bare x cores used) (target >= 0.8), th
 core against plain Pillow (target >= 1), and the time the full 112,120-image release would take on
 this machine and on 8 workers x 4 cores.
 
-    python benchmarks/etl.py --images 600 --sizes 256,512 --master 'local[*]' --rounds 3
+    python benchmarks/etl.py --images 600 --sizes 256,512 --master 'local[*]' --rounds 5
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master", default="local[*]", help="Spark master (default local[*])")
     parser.add_argument("--compression", default="zstd", help="Parquet compression (default zstd)")
     parser.add_argument("--rows-per-file", type=int, default=None, help="ETL images per task/file (default automatic)")
-    parser.add_argument("--rounds", type=int, default=3, help="times each contender runs, interleaved; the best counts (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="times each contender runs, interleaved; the best counts (default 5)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the data (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the generated data and store")
     args = parser.parse_args(argv)
