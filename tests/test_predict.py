@@ -9,7 +9,7 @@ from PIL import Image
 from cxrflow.cli import main
 from cxrflow.models import load_checkpoint
 from cxrflow.predict import load_predictor, predict_files
-from cxrflow.train import predict_split
+from cxrflow.inference import predict_split
 from test_evaluate import train_tiny_run
 
 

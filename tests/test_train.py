@@ -21,7 +21,8 @@ from cxrflow.labels import NIH14
 from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.models import create_model, load_checkpoint
 from cxrflow.synthstore import write_synthetic_store
-from cxrflow.train import config_from_args, get_args_parser, predict_split, train
+from cxrflow.inference import predict_split
+from cxrflow.train import config_from_args, get_args_parser, train
 
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "stage", "epoch", "config", "label_names", "metrics"}
 METRIC_KEYS = {"stage", "epoch", "train_loss", "val_loss", "val_auc_mean", "val_auc", "lr", "seconds", "images_per_second"}

@@ -341,15 +341,6 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
     return pred, names
 
 
-def resolve_device(device: str | None) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other values pass through."""
-    if device in (None, "", "auto"):
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _publish_dir(tmp: Path, out: Path) -> None:
     """Move a finished temp folder into place, replacing an old ``out`` only once the new one is whole."""
     if out.exists():
@@ -381,7 +372,7 @@ def evaluate_run(
     """
     from cxrflow.models import load_checkpoint
     from cxrflow.plots import plot_roc, plot_training_curves
-    from cxrflow.train import predict_split
+    from cxrflow.inference import predict_split, resolve_device
 
     run = Path(run)
     if not run.is_dir():

@@ -36,7 +36,7 @@ class Predictor:
     std: float
     label_names: list[str]
     checkpoint: Path
-    device: str
+    device: torch.device
     #: Per-finding decision thresholds (Youden's J on the validation split, from ``cxrflow
     #: evaluate``), or None when the run has not been evaluated at this checkpoint.
     thresholds: dict[str, float] | None = None
@@ -68,7 +68,8 @@ def load_predictor(
     store: str | os.PathLike | None = None,
 ) -> Predictor:
     """Load a run's checkpoint (default: best_finetune, else best_kt) for prediction."""
-    from cxrflow.evaluate import resolve_checkpoint, resolve_device
+    from cxrflow.evaluate import resolve_checkpoint
+    from cxrflow.inference import resolve_device
     from cxrflow.models import load_checkpoint
 
     run_dir = Path(run) if run is not None else None
@@ -118,7 +119,7 @@ def predict_files(
     ``{"image": path, "error": reason}``.
     """
     from cxrflow.imaging import preprocess
-    from cxrflow.loader import to_model_input
+    from cxrflow.inference import batch_logits
 
     predictions: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
@@ -127,10 +128,9 @@ def predict_files(
     def flush() -> None:
         if not pending:
             return
-        batch = torch.from_numpy(np.stack([img for _, img in pending])[:, None]).to(predictor.device)
-        x = to_model_input(batch, predictor.mean, predictor.std)
-        with torch.no_grad():
-            probs = torch.sigmoid(predictor.model(x)).float().cpu().numpy()
+        batch = torch.from_numpy(np.stack([img for _, img in pending])[:, None])
+        logits = batch_logits(predictor.model, batch, predictor.mean, predictor.std, predictor.device)
+        probs = torch.sigmoid(logits).numpy()
         for (name, _), row in zip(pending, probs):
             probabilities = dict(zip(predictor.label_names, map(float, row)))
             result: dict[str, Any] = {"image": name, "probabilities": probabilities}

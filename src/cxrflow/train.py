@@ -46,7 +46,10 @@ from cxrflow.config import (
     resolve_config,
 )
 from cxrflow.errors import CxrflowError
-from cxrflow.loader import augment, make_loader, to_model_input
+from cxrflow.inference import autocast as _autocast
+from cxrflow.inference import model_input, predict_split, resolve_device
+from cxrflow.inference import unwrap as _unwrap
+from cxrflow.loader import augment, make_loader
 from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model
 from cxrflow.store import check_partition, pixel_stats, read_manifest
@@ -76,17 +79,6 @@ class Dist:
     @property
     def active(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(choice: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
-    if choice not in DEVICES:
-        raise CxrflowError(f"device must be one of {', '.join(DEVICES)}, got {choice!r}")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise CxrflowError("--device cuda but no CUDA GPU is available; use --device cpu or auto")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
 
 
 def setup_distributed(device_choice: str) -> Dist:
@@ -120,96 +112,11 @@ def _all_reduce(values: list[float], ctx: Dist, op=None) -> list[float]:
 # --- prediction and validation -------------------------------------------------------------------
 
 
-def _unwrap(model: nn.Module) -> ChestClassifier:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context on CPU (float32 there)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def _model_input(batch: dict, mean: float, std: float, device: torch.device) -> torch.Tensor:
-    """uint8 batch -> device (non-blocking) -> normalised float there; channels_last on CUDA."""
-    x = to_model_input(batch["image"].to(device, non_blocking=True), mean, std, channels=3)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-
-
 def _pos_weight(manifest: dict, k: int, store: Any) -> torch.Tensor:
     pw = manifest.get("pos_weight")
     if pw is None or len(pw) != k:
         raise CxrflowError(f"manifest pos_weight must have {k} values (one per finding)", store)
     return torch.tensor(pw, dtype=torch.float32)
-
-
-def predict_split(
-    model: nn.Module,
-    store: str | os.PathLike,
-    size: int,
-    split: str,
-    *,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    num_workers: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-) -> dict[str, Any]:
-    """Score a whole split: ``image_id``, ``patient_id`` int64[N], ``labels`` and ``probs`` float32[N, K],
-    ``loss`` (mean BCE with the store's pos_weight, or None without one).
-
-    With ``world_size > 1`` (inside a process group) each rank scores its shard and the results are
-    gathered, so every rank returns the same complete arrays.
-    """
-    device = torch.device(device)
-    net = _unwrap(model).to(device)
-    manifest = read_manifest(store)
-    check_partition(manifest, store, size, split)
-    if int(manifest["rows"][str(int(size))][split]) == 0:
-        raise CxrflowError(f"split {split!r} at size {size} is empty", store)
-    mean, std = pixel_stats(manifest, size)
-    loader = make_loader(
-        store, size, split, batch_size=batch_size, shuffle=False, num_workers=num_workers, rank=rank, world_size=world_size
-    )
-    ids: list[str] = []
-    patients, labels, logits = [], [], []
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
-        for batch in loader:
-            with _autocast(device):
-                out = net(_model_input(batch, mean, std, device))
-            logits.append(out.float().cpu())
-            labels.append(batch["labels"])
-            patients.append(batch["patient_id"])
-            ids.extend(batch["image_id"])
-    net.train(was_training)
-    k = net.num_classes
-    part = {
-        "image_id": ids,
-        "patient_id": torch.cat(patients).numpy() if patients else np.zeros(0, np.int64),
-        "labels": torch.cat(labels).numpy() if labels else np.zeros((0, k), np.float32),
-        "logits": torch.cat(logits).numpy() if logits else np.zeros((0, k), np.float32),
-    }
-    if world_size > 1:
-        parts: list[Any] = [None] * world_size
-        dist.all_gather_object(parts, part)
-        part = {
-            "image_id": [i for p in parts for i in p["image_id"]],
-            **{key: np.concatenate([p[key] for p in parts]) for key in ("patient_id", "labels", "logits")},
-        }
-    logits_t = torch.from_numpy(part["logits"])
-    labels_t = torch.from_numpy(part["labels"])
-    loss = None
-    if manifest.get("pos_weight") is not None:
-        criterion = nn.BCEWithLogitsLoss(pos_weight=_pos_weight(manifest, k, store).to(torch.float64))
-        loss = float(criterion(logits_t.double(), labels_t.double()))
-    return {
-        "image_id": part["image_id"],
-        "patient_id": part["patient_id"].astype(np.int64),
-        "labels": part["labels"].astype(np.float32),
-        "probs": torch.sigmoid(logits_t).numpy().astype(np.float32),
-        "loss": loss,
-    }
 
 
 class NonFiniteLoss(CxrflowError):
@@ -278,7 +185,7 @@ def train_one_epoch(
     batches = iter(loader)
     for step in range(1, steps + 1):
         batch = next(batches)
-        x = _model_input(batch, mean, std, device)
+        x = model_input(batch["image"], mean, std, device)
         if generator is not None:
             x = augment(x, generator)
         y = batch["labels"].to(device, non_blocking=True)
