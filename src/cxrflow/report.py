@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from cxrflow.atomic import save_figure_atomic, write_text_atomic
+from cxrflow.atomic import atomic_path
 from cxrflow.errors import CxrflowError
 from cxrflow.evaluate import METRICS_NAME
 
@@ -201,37 +201,97 @@ def format_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(
-    paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, split: str = "test", overwrite: bool = False
-) -> dict[str, Any]:
-    """Write ``table.md``, ``table.csv`` and ``comparison.png`` into ``out``; returns rows and paths."""
-    from cxrflow.plots import plot_run_comparison
+def publish_files(out: Path, files: dict[str, bytes], *, overwrite: bool) -> dict[str, Path]:
+    """Write the report's files into ``out`` (each atomically); the one place a report replaces its outputs.
 
-    out = Path(out)
-    targets = {"table_md": out / TABLE_MD, "table_csv": out / TABLE_CSV, "comparison_png": out / COMPARISON_PNG}
+    Refuses when one of them exists and ``overwrite`` is not given.
+    """
+    targets = {name: out / name for name in files}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise CxrflowError(f"report already written ({', '.join(existing)}); pass --overwrite to replace it", out)
-    rows = build_rows(paths, split)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(targets["table_md"], format_markdown(rows))
-    write_text_atomic(targets["table_csv"], format_csv(rows))
-    fig = plot_run_comparison(rows)
-    save_figure_atomic(fig, targets["comparison_png"])
+    for name, content in files.items():
+        with atomic_path(targets[name], suffix=Path(name).suffix) as tmp:
+            tmp.write_bytes(content)
+    return targets
+
+
+def write_report(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    split: str = "test",
+    overwrite: bool = False,
+    html: bool = True,
+    explore: str | os.PathLike | None = None,
+    store: str | os.PathLike | None = None,
+    cases: int = 3,
+    cases_for: str = "best",
+    report_args: list[str] | None = None,
+) -> dict[str, Any]:
+    """Write ``table.md``, ``table.csv``, ``comparison.png`` and (``html``) ``report.html`` into ``out``.
+
+    Returns the rows and the paths written. The HTML options are those of
+    :func:`cxrflow.htmlreport.build_context`.
+    """
+    from cxrflow.plots import plot_run_comparison
+
+    out = Path(out)
+    names = {"table_md": TABLE_MD, "table_csv": TABLE_CSV, "comparison_png": COMPARISON_PNG}
+    if html:
+        from cxrflow.htmlreport import HTML_NAME
+
+        names["report_html"] = HTML_NAME
+    existing = [str(out / n) for n in names.values() if (out / n).exists()]
+    if existing and not overwrite:  # checked before any work, and again when publishing
+        raise CxrflowError(f"report already written ({', '.join(existing)}); pass --overwrite to replace it", out)
+    rows = build_rows(paths, split)
+    png = io.BytesIO()
+    plot_run_comparison(rows).savefig(png, format="png", dpi=120)
+    files = {TABLE_MD: format_markdown(rows).encode(), TABLE_CSV: format_csv(rows).encode(), COMPARISON_PNG: png.getvalue()}
+    if html:
+        from cxrflow.htmlreport import build_html
+
+        page = build_html(
+            paths, split=split, explore=explore, store=store, cases=cases, cases_for=cases_for,
+            report_args=report_args if report_args is not None else [*map(str, paths), "--out", str(out)],
+        )  # fmt: skip
+        files[HTML_NAME] = page.encode("utf-8")
+    written = publish_files(out, files, overwrite=overwrite)
     best = next((r for r in rows if r["best"]), None)
-    return {"rows": rows, "best": best, **{k: str(v) for k, v in targets.items()}}
+    vocabularies = len({tuple(r["label_names"]) for r in rows})
+    return {"rows": rows, "best": best, "vocabularies": vocabularies, **{k: str(written[n]) for k, n in names.items()}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (all their eval-<split>-* evaluations) or evaluation folders")
-    parser.add_argument("--out", required=True, help="folder for table.md, table.csv and comparison.png")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (all their eval-<split>-* evaluations), evaluation or ensemble folders")
+    parser.add_argument("--out", required=True, help="folder for report.html, table.md, table.csv and comparison.png")
     parser.add_argument("--split", default="test", help="which evaluations of a run folder to use (default: test)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    parser.add_argument("--explore", default=None, help="'cxrflow explore' output folder, for the data section of report.html")
+    parser.add_argument("--store", default=None, help="store folder, when it moved since evaluation (default: the one each evaluation names)")
+    parser.add_argument("--cases", type=int, default=3, help="images per finding and kind of case in report.html (0: no cases; default: 3)")
+    parser.add_argument("--cases-for", default="best", choices=["best", "all"], help="cases of the best evaluation or of all (default: best)")
+    parser.add_argument("--no-html", action="store_true", help="write only table.md, table.csv and comparison.png")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = write_report(args.runs, args.out, split=args.split, overwrite=args.overwrite)
+    if args.cases < 0:
+        raise CxrflowError(f"--cases must be 0 or more, got {args.cases}")
+    argv = [*args.runs, "--out", args.out] + (["--explore", args.explore] if args.explore else [])
+    argv += ["--store", args.store] if args.store else []
+    argv += [] if args.cases == 3 else ["--cases", str(args.cases)]
+    argv += [] if args.cases_for == "best" else ["--cases-for", args.cases_for]
+    result = write_report(
+        args.runs, args.out, split=args.split, overwrite=args.overwrite, html=not args.no_html, explore=args.explore,
+        store=args.store, cases=args.cases, cases_for=args.cases_for, report_args=argv,
+    )  # fmt: skip
+    if "report_html" in result:
+        print(f"wrote {result['report_html']}")
     print(format_markdown(result["rows"]).split("\n## ")[0].rstrip())
+    if result["vocabularies"] > 1:
+        print(f"note: the evaluations use {result['vocabularies']} label vocabularies; report.html shows one Table 1 per vocabulary")
     for key in ("table_md", "table_csv", "comparison_png"):
         print(f"wrote {result[key]}")
     return 0

@@ -1,0 +1,264 @@
+import base64
+import io
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrflow.cli import main
+from cxrflow.config import resolve_config
+from cxrflow.htmlreport import build_context, build_html, render
+from cxrflow.labels import LabelVocabulary
+from cxrflow.synthstore import write_synthetic_store
+from cxrflow.synthstudy import write_evaluation, write_run_config, write_study
+
+
+class Page(HTMLParser):
+    """The parts of a page the tests look at: section ids, images, tables, text."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.sections, self.images, self.tables, self.links = [], [], [], []
+        self.text: list[str] = []
+        self._cell: list[str] | None = None
+        self._row: list[str] | None = None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section":
+            self.sections.append(a.get("id"))
+        elif tag == "img":
+            self.images.append(a)
+        elif tag == "table":
+            self.tables.append({"attrs": a, "rows": []})
+        elif tag == "tr" and self.tables:
+            self._row = []
+            self.tables[-1]["rows"].append(self._row)
+        elif tag in ("td", "th"):
+            self._cell = []
+        for key in ("href", "src"):
+            if key in a:
+                self.links.append(a[key])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None and self._row is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+    @property
+    def all_text(self) -> str:
+        return " ".join(" ".join(self.text).split())
+
+
+def _explore(tmp):
+    from cxrflow.explore import explore
+    from cxrflow.metadata import load_release
+    from cxrflow.synth import synthesize
+
+    synthesize(tmp / "data", patients=20, size=32, seed=0)
+    release = load_release(tmp / "data", need_images=False)
+    explore(release.entries, tmp / "explore", "synthetic")
+    return tmp / "explore"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    s = write_study(root, runs=[("simple_cnn", 64, ("finetune",)), ("resnet50", 256, ("kt", "finetune"))],
+                    test_rows=24, store_size=64, checkpoints=True)  # fmt: skip
+    s["explore"] = _explore(root)
+    return s
+
+
+@pytest.fixture(scope="module")
+def report(study, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    args = ["report", *map(str, study["runs"]), str(study["ensemble"]), "--out", str(out), "--explore", str(study["explore"])]
+    assert main(args) == 0
+    return out / "report.html"
+
+
+def _metrics(folder):
+    return json.loads((Path(folder) / "metrics.json").read_text())
+
+
+def _thumbnails(folder, n):
+    """How many case thumbnails an evaluation gives: per finding n of each kind, fewer where the split lacks them."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(folder) / "predictions.parquet")
+    labels = np.column_stack([table.column(c).to_numpy() for c in table.column_names if c.startswith("label_")])
+    pos = labels.sum(axis=0)
+    return int(sum(min(n, len(labels) - p) + 2 * min(n, p) for p in pos))
+
+
+def test_every_section_with_the_numbers_of_the_run_folders(study, report):
+    html = report.read_text()
+    page = Page(html)
+    assert page.sections == ["data", "table1", "runs", "cases", "reproduce"]
+    text = page.all_text
+    table1 = next(t for t in page.tables if t["attrs"].get("class") == "sortable")
+    body = [r for r in table1["rows"][1:] if len(r) > 8]
+    assert len(body) == 3 + 1 + 2  # three evaluations, the ensemble, two published anchors
+    for folder in [*study["evaluations"], study["ensemble"]]:
+        m = _metrics(folder)
+        row = next(r for r in body if r[0].startswith(Path(m["run"]).name if "run" in m else folder.name) and
+                   r[6] == f"{m['mean_auc']:.4f}")  # fmt: skip
+        assert row[7] == f"{m['mean_auc_ci95'][0]:.3f}–{m['mean_auc_ci95'][1]:.3f}"
+        assert row[10] == f"{m['calibration']['ece_mean']['before']:.4f}"  # ECE raw, beside paper and delta
+        assert row[12] == f"{m['auc']['Atelectasis']:.3f}"
+    cnn = next(r for r in body if r[0].startswith("simple_cnn-64"))
+    assert cnn[8] == "0.6329"  # the paper's simple CNN, beside the matching run
+    wang = next(r for r in body if r[0].startswith("Wang et al. 2017"))
+    assert "ResNet-50" in wang[0] and wang[1] == "official split" and wang[2] == "0.745"
+    # per run: operating points from metrics.json, localization, members of the ensemble
+    kt = _metrics(study["evaluations"][1])
+    ops = [t for t in page.tables if t["rows"] and t["rows"][0][:3] == ["Finding", "Positives", "AUC"]]
+    assert len(ops) == 4
+    mass = next(r for r in ops[1]["rows"] if r[0] == "Mass")
+    assert mass[4:7] == [f"{kt['threshold']['Mass']:.3f}", f"{kt['sensitivity']['Mass']:.3f}", f"{kt['specificity']['Mass']:.3f}"]
+    assert "Localization" in text and "Accuracy (IoBB)" in text and "Members:" in text
+    alts = [img["alt"] for img in page.images]
+    assert sum(a.startswith("ROC curves per finding") for a in alts) == 4
+    assert sum(a.startswith("Reliability diagram") for a in alts) == 4
+    assert sum(a.startswith("Training curves") for a in alts) == 2
+    assert any(a.startswith("Heatmaps of gradcam") for a in alts)
+    assert sum(a.startswith("Images per finding") for a in alts) == 1  # explore figures
+    # cases of the best evaluation, thumbnails read from the store
+    assert sum(bool(re.match(r"test_\d+\.png: probability of", a)) for a in alts) == _thumbnails(study["ensemble"], 3)
+    # reproduce: version, manifest hash, configs
+    sha = __import__("hashlib").sha256((study["store"] / "_manifest.json").read_bytes()).hexdigest()
+    assert sha in text and "cxrflow train --config" in text and '"model": "resnet50"' in text
+
+
+def test_self_contained_escaped_and_small(report):
+    html = report.read_text()
+    page = Page(html)
+    assert page.images and all(img["src"].startswith("data:image/png;base64,") for img in page.images)
+    assert all(img.get("alt") for img in page.images)
+    for img in page.images[:5] + page.images[-5:]:
+        with Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))) as im:
+            assert im.width > 0
+    assert not [u for u in page.links if not (u.startswith("#") or u.startswith("data:"))]
+    assert "<link" not in html and "@import" not in html and "src=\"http" not in html
+    assert report.stat().st_size < 10 * 2**20
+
+
+def test_rerun_script_rebuilds_each_run_config(study, tmp_path):
+    ctx = build_context([*study["runs"]], cases=0)
+    script = ctx["reproduce"]["script"]
+    blocks = re.findall(r"cat > rerun-configs/(\S+)\.json <<'EOF'\n(.*?)\nEOF", script, re.S)
+    assert [b[0] for b in blocks] == ["simple_cnn-64", "resnet50-256"]
+    for name, text in blocks:
+        (tmp_path / f"{name}.json").write_text(text)
+        config = resolve_config(None, tmp_path / f"{name}.json", {"out": str(tmp_path / name)})  # as --out gives it
+        saved = json.loads((study["root"] / "runs" / name / "config.json").read_text())
+        assert (config.model, config.size, config.kt.epochs, config.finetune.lr) == (
+            saved["model"], saved["size"], saved["kt"]["epochs"], saved["finetune"]["lr"])  # fmt: skip
+    run = study["runs"][1]
+    assert f"cxrflow evaluate --run {run} --checkpoint best_kt --split test --n-boot 50 --seed 0" in script
+    assert f"cxrflow train --config rerun-configs/resnet50-256.json --out {run}" in script
+    assert script.rstrip().endswith("--out REPORT")
+
+
+def test_sections_without_data_are_absent(tmp_path):
+    s = write_study(tmp_path, runs=[("resnet50", 64, ("finetune",))], test_rows=12, store_size=32,
+                    calibrated=False, localization=False, ensemble=False)  # fmt: skip
+    m = _metrics(s["evaluations"][0])
+    del m["store"]
+    (s["evaluations"][0] / "metrics.json").write_text(json.dumps(m))
+    page = Page(build_html(s["runs"], cases=0))
+    assert page.sections == ["table1", "runs", "reproduce"]
+    text = page.all_text
+    header = page.tables[0]["rows"][0]
+    assert "ECE" not in text and "Localization" not in text and "Paper" not in header and "Mean AUC" in header
+    assert not [i for i in page.images if i["alt"].startswith("Reliability")]
+
+
+def test_names_from_files_are_text_and_vocabularies_get_their_own_table(study, tmp_path):
+    vocab = LabelVocabulary(("<b>Mass</b>", "Nodule & co"), no_finding=None)
+    store = tmp_path / "odd<store>"
+    write_synthetic_store(store, sizes=(32,), rows={"train": 8, "val": 4, "test": 16}, vocab=vocab)
+    run = tmp_path / "run<script>alert(1)</script>"
+    write_run_config(run, store, "simple_cnn", 32, vocab.names)
+    write_evaluation(run / "eval-test-best_finetune", run, store, model="simple_cnn", size=32, stage="finetune",
+                     signal=1.0, seed=0, store_size=32)  # fmt: skip
+    html = build_html([run, study["runs"][0]], cases=1)
+    assert "<b>Mass</b>" not in html and "<script>alert(1)" not in html
+    assert "&lt;b&gt;Mass&lt;/b&gt;" in html and "Nodule &amp; co" in html and "odd&lt;store&gt;" in html
+    page = Page(html)
+    assert len([t for t in page.tables if t["attrs"].get("class") == "sortable"]) == 2
+    assert "use 2 different label vocabularies: one table per vocabulary" in page.all_text
+
+
+def test_unreadable_figure_is_named_and_the_page_still_builds(study, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(study["runs"][0], run)
+    (run / "eval-test-best_finetune" / "roc.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    page = Page(build_html([run], cases=0))
+    assert "roc.png could not be shown" in page.all_text
+    assert [i for i in page.images if i["alt"].startswith("Training curves")]
+
+
+def test_moved_store_builds_without_thumbnails_and_says_why(tmp_path):
+    s = write_study(tmp_path, runs=[("simple_cnn", 64, ("finetune",))], test_rows=12, store_size=32,
+                    localization=False, ensemble=False)  # fmt: skip
+    moved = tmp_path / "moved-store"
+    s["store"].rename(moved)
+    page = Page(build_html(s["runs"], cases=2))
+    assert "cases" in page.sections
+    text = page.all_text
+    assert f"store {s['store']} is no longer at the path recorded at evaluation" in text and "--store" in text
+    assert not [i for i in page.images if i["alt"].startswith("test_")]
+    assert "test_0000" in text  # the cases are still listed, by image id
+    page = Page(build_html(s["runs"], cases=2, store=moved))
+    assert len([i for i in page.images if i["alt"].startswith("test_")]) == _thumbnails(s["evaluations"][0], 2)
+
+
+def test_heatmap_overlays_where_localization_exists(study):
+    import torch
+
+    from cxrflow.inference import model_input
+
+    calls = []
+
+    def saliency(model, image, finding, *, method, pixel_mean, pixel_std, device):
+        calls.append(method)
+        x = model_input(torch.from_numpy(image.copy())[None, None], pixel_mean, pixel_std, device).requires_grad_()
+        model(x)[0, finding].backward()
+        g = x.grad.abs().sum(dim=1)[0]
+        return (g / g.max().clamp_min(1e-12)).numpy()
+
+    ctx = build_context([study["runs"][0]], cases=1, heatmap_fn=saliency)
+    items = [i for f in ctx["cases"][0]["findings"] for k in f["kinds"] for i in k["items"]]
+    assert items and all("overlay_uri" in i for i in items) and set(calls) == {"gradcam"}
+    assert render(ctx).count('alt="Heatmap for ') == len(items)
+    # a run without localization output gets no overlays
+    ctx = build_context([study["runs"][1]], cases=1, heatmap_fn=saliency)
+    assert not ctx["cases"][0]["overlays"]
+
+
+def test_run_without_evaluation_is_one_line_naming_the_command(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cxrflow evaluate --run {tmp_path / 'run'}" in err
+
+
+@pytest.mark.slow
+def test_nine_evaluation_study_stays_small(tmp_path):
+    s = write_study(tmp_path, test_rows=400, store_size=256, draw_each=True)
+    html = build_html([*s["runs"], s["ensemble"]])
+    size = len(html.encode())
+    assert 9 == len(s["evaluations"]) and size < 10 * 2**20, size
