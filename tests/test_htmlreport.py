@@ -1,8 +1,13 @@
 import base64
+import html as htmlmod
 import io
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import threading
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -226,7 +231,7 @@ def test_moved_store_builds_without_thumbnails_and_says_why(tmp_path):
     assert len([i for i in page.images if i["alt"].startswith("test_")]) == _thumbnails(s["evaluations"][0], 2)
 
 
-def test_heatmap_overlays_where_localization_exists(study):
+def test_heatmap_overlays_where_localization_exists(study, one_torch_thread):
     import torch
 
     from cxrflow.inference import model_input
@@ -262,3 +267,132 @@ def test_nine_evaluation_study_stays_small(tmp_path):
     html = build_html([*s["runs"], s["ensemble"]])
     size = len(html.encode())
     assert 9 == len(s["evaluations"]) and size < 10 * 2**20, size
+
+
+# --------------------------------------------------------------------------------------------------
+# in a real browser: headless Chromium, network through a proxy that counts every request
+
+PAGE_CHECK = """
+<script>
+window.addEventListener("load", function () {
+  var out = {sections: Array.prototype.map.call(document.querySelectorAll("main > section"), function (s) { return s.id; })};
+  var imgs = Array.prototype.slice.call(document.images);
+  out.images = imgs.length;
+  out.undecoded = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).map(function (i) { return i.alt; });
+  out.resources = performance.getEntriesByType("resource").map(function (e) { return e.name; })
+    .filter(function (n) { return n.indexOf("data:") !== 0; });
+  var table = document.querySelector("table.sortable");
+  function order() { return Array.prototype.map.call(table.tBodies[0].rows, function (r) { return r.getAttribute("data-run"); }); }
+  function aucs() { return Array.prototype.map.call(table.tBodies[0].rows, function (r) { return parseFloat(r.cells[6].getAttribute("data-sort")); }); }
+  out.before = order();
+  var button = table.querySelector('th[data-key="mean-auc"] button');
+  out.sortable = !!button;
+  if (button) {
+    button.click();
+    out.after = order(); out.aucs_after = aucs(); out.aria = button.parentNode.getAttribute("aria-sort");
+    button.click();
+    out.aucs_again = aucs();
+  }
+  var pre = document.createElement("pre");
+  pre.id = "page-check";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def _chromium_or_skip() -> str:
+    found = os.environ.get("CXRFLOW_CHROMIUM") or next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")) if p), None
+    )
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but no Chromium was found: .ci/run installs Debian's 'chromium' package before 'make test'")
+        pytest.skip("no Chromium browser on this machine (install Debian's 'chromium' package or set CXRFLOW_CHROMIUM)")
+    return found
+
+
+#: Hosts Chromium itself calls (clock, component updates, account check) whatever page it shows; a
+#: request to any other host is the page's.
+BROWSER_SERVICE_HOSTS = {"clients2.google.com", "update.googleapis.com", "accounts.google.com", "redirector.gvt1.com"}
+
+
+def _host(request_line: str) -> str:
+    """The host of 'GET http://host/path HTTP/1.1' or 'CONNECT host:443 HTTP/1.1'."""
+    target = request_line.split(" ")[1] if " " in request_line else request_line
+    return re.sub(r"^[a-z]+://", "", target).split("/")[0].split(":")[0]
+
+
+class CountingProxy:
+    """A local 'proxy' that records the first line of every request sent to it and answers 502."""
+
+    def __init__(self):
+        self.requests: list[str] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self.requests.append(conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1"))
+                    conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+def _chromium(browser, profile, proxy, *args, timeout=120):
+    cmd = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
+        f"--user-data-dir={profile}", f"--proxy-server=http://127.0.0.1:{proxy.port}", "--proxy-bypass-list=<-loopback>",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-default-apps",
+        "--disable-domain-reliability", "--no-first-run", "--no-default-browser-check", "--metrics-recording-only",
+        "--disable-extensions", "--disable-client-side-phishing-detection", "--no-pings", "--disable-breakpad",
+        "--disable-features=NetworkTimeServiceQuerying,OptimizationHints,Translate,MediaRouter",
+        *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _page_check(browser, tmp_path, proxy, html: str) -> dict:
+    page = tmp_path / "checked.html"
+    page.write_text(html.replace("</body>", PAGE_CHECK + "</body>"))
+    done = _chromium(browser, tmp_path / "profile", proxy, "--virtual-time-budget=15000", "--dump-dom", page.as_uri())
+    found = re.search(r'<pre id="page-check">(.*?)</pre>', done.stdout, re.S)
+    assert found, f"the page check did not run: {done.stderr[-2000:]}"
+    return json.loads(htmlmod.unescape(found.group(1)))
+
+
+def test_in_headless_chromium(report, study, tmp_path):
+    browser = _chromium_or_skip()
+    proxy = CountingProxy()
+    try:
+        # the proxy sees what a page fetches: one image from the network is one request
+        control = _page_check(browser, tmp_path, proxy, '<html><body><main></main><img src="http://cxrflow-test.invalid/x.png" alt="x"><table class="sortable"><tbody></tbody></table></body></html>')
+        assert "cxrflow-test.invalid" in {_host(r) for r in proxy.requests} and control["undecoded"] == ["x"]
+        proxy.requests.clear()
+        result = _page_check(browser, tmp_path, proxy, report.read_text())
+        shot = tmp_path / "report.png"
+        _chromium(browser, tmp_path / "profile", proxy, "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri())
+    finally:
+        proxy.close()
+    assert result["sections"] == ["data", "table1", "runs", "cases", "reproduce"]
+    assert result["images"] > 100 and result["undecoded"] == []
+    assert result["resources"] == [] and {_host(r) for r in proxy.requests} <= BROWSER_SERVICE_HOSTS, proxy.requests
+    assert result["sortable"] and result["aria"] == "descending"
+    assert result["aucs_after"] == sorted(result["aucs_after"], reverse=True) and result["after"] != result["before"]
+    assert result["aucs_again"] == sorted(result["aucs_after"])
+    with Image.open(shot) as im:
+        assert im.size == (1280, 2400) and np.asarray(im.convert("L")).std() > 10

@@ -89,7 +89,7 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
             raise CxrflowError(f"not a cxrflow evaluation: key {key!r} is missing", metrics_path)
     model = m.get("model", "?")
     size = m.get("size")
-    stage = m.get("stage", "?")
+    stage = m.get("stage") or (m.get("method", "?") if m.get("kind") == "ensemble" else "?")
     ci = m.get("mean_auc_ci95") or [None, None]
     paper = paper_mean_auc(model, size, stage)
     mean = m["mean_auc"]
