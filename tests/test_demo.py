@@ -17,6 +17,8 @@ def test_tiny_demo_end_to_end(tmp_path, spark):
         for name in ("metrics.json", "predictions.parquet", "roc.png", "curves.png"):
             assert (folder / name).is_file(), folder / name
     assert (out / "sweep" / "report" / "table.md").is_file() and (out / "explore").is_dir()
+    html = (out / "sweep" / "report" / "report.html").read_text()
+    assert 'id="data"' in html and 'id="cases"' in html and "Images per finding" in html  # explore figures too
     assert (out / "store" / "_manifest.json").is_file()
     assert set(summary["mean_test_auc"]) == {"simple_cnn-40 finetune", "densenet121-32 kt", "densenet121-32 finetune"}
     best = summary["best"]
@@ -24,6 +26,8 @@ def test_tiny_demo_end_to_end(tmp_path, spark):
     assert summary["target_met"] == (best["mean_auc"] >= 0.85)
     assert json.loads((out / "summary.json").read_text())["best"] == best
     text = format_summary(summary)
+    first = text.split("== summary\n", 1)[1].splitlines()[0]
+    assert first.startswith("open the report: ") and first.endswith("report.html")
     assert "table.md" in text and "roc.png" in text and f"{best['mean_auc']:.4f}" in text
     assert any("== predict" in line for line in lines)
     print(summary["seconds"])

@@ -5,7 +5,8 @@
 3. ``etl``: local Spark writes the Parquet store at two small sizes;
 4. ``sweep``: trains ``simple_cnn`` (one stage) and a small ``densenet121`` (random init, knowledge
    transfer then fine-tuning), evaluates every stage's best checkpoint on the test split (AUC with
-   patient-bootstrap CIs, ROC and training-curve figures) and writes the report table;
+   patient-bootstrap CIs, ROC and training-curve figures) and writes the report (``report.html``,
+   one self-contained page for the whole study, and the table);
 5. ``predict``: a few test images through the saved model, as a user would.
 
 Everything is done by the stages' own functions; this module only chains them and prints where
@@ -121,7 +122,7 @@ def run_demo(
 
     t = stage("train + evaluate + report", "simple_cnn and densenet121 (random init), evaluated on test")
     sweep = parse_sweep(demo_sweep(out / "store", sizes, seed, epochs), source="demo")
-    result = run_sweep(sweep, out / "sweep", device="cpu", in_process=True, echo=echo)
+    result = run_sweep(sweep, out / "sweep", device="cpu", in_process=True, echo=echo, explore=out / "explore")
     if result["failed"]:
         raise CxrflowError(f"demo runs failed: {result['failed']}", out / "sweep")
     timings["train_evaluate_report"] = time.perf_counter() - t
@@ -177,11 +178,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         except ValueError:
             return str(p)
 
-    lines = ["", "== summary", f"everything is under {rel(out)}/"]
+    report = summary["outputs"]["report"] or {}
+    lines = ["", "== summary", f"open the report: {rel(report.get('report_html', '-'))}", f"everything is under {rel(out)}/"]
     lines.append(f"  dataset (NIH format)      {rel(summary['outputs']['dataset'])}/")
     lines.append(f"  data exploration          {rel(summary['outputs']['explore'])}/ (summary.md, figures)")
     lines.append(f"  Parquet store             {rel(summary['outputs']['store'])}/ (_manifest.json)")
-    report = summary["outputs"]["report"] or {}
     lines.append(f"  report table              {rel(report.get('table_md', '-'))}  (+ table.csv)")
     lines.append(f"  runs vs paper figure      {rel(report.get('comparison_png', '-'))}")
     for e in summary["outputs"]["evaluations"]:

@@ -242,13 +242,15 @@ def run_sweep(
     n_boot: int | None = None,
     in_process: bool = False,
     echo: Callable[[str], None] = print,
+    explore: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Bring every run of ``sweep`` to trained + evaluated, then write the report.
 
     ``device``: ``auto`` (GPUs when present), ``cuda`` or ``cpu``. With GPUs, one run per GPU in
     parallel (``gpus`` restricts which). ``in_process`` runs the steps one after another in this
     process (no subprocess start-up; a crash then stops the sweep). Returns a summary with the
-    report's paths, the runs done now, skipped and failed.
+    report's paths, the runs done now, skipped and failed. ``explore``: an ``explore`` output folder
+    for the report's data section.
     """
     from cxrflow.report import write_report
 
@@ -314,14 +316,14 @@ def run_sweep(
         (default_eval_dir(run_dir(out, s.name), "test", c) / METRICS_NAME).is_file() for c in s.evaluate)]
     report = None
     if evaluated:
-        report = write_report(evaluated, out / "report", split="test", overwrite=True)
+        report = write_report(evaluated, out / "report", split="test", overwrite=True, explore=explore)
     summary = {
         "out": str(out),
         "trained_or_evaluated_now": [j.name for j in jobs if not j.failed],
         "skipped": skipped,
         "failed": failed,
         "seconds": time.perf_counter() - started,
-        "report": None if report is None else {k: report[k] for k in ("table_md", "table_csv", "comparison_png")},
+        "report": None if report is None else {k: report[k] for k in ("report_html", "table_md", "table_csv", "comparison_png")},
         "best": None if report is None or report["best"] is None else {
             k: report["best"][k] for k in ("run", "model", "size", "stage", "mean_auc", "ci_low", "ci_high")},
     }  # fmt: skip
@@ -412,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     summary = run_sweep(sweep, args.out, device=args.device, gpus=gpus, n_boot=args.n_boot, in_process=args.in_process)
     if summary["report"]:
-        print(f"report: {summary['report']['table_md']}, {summary['report']['table_csv']}, {summary['report']['comparison_png']}")
+        print(f"report: {summary['report']['report_html']} (+ table.md, table.csv, comparison.png)")
     best = summary["best"]
     if best and best["mean_auc"] is not None:
         print(f"best: {best['run']} ({best['stage']}) mean test AUC {best['mean_auc']:.4f}")
