@@ -61,10 +61,10 @@ def plot_roc(
     for j, name in enumerate(label_names):
         auc = aucs[j] if aucs is not None else binary_auc(labels[:, j], probs[:, j])
         if auc is None or np.isnan(auc):
-            ax.plot([], [], color=colors[j], label=f"{name} (AUC n/a: one class)")
+            ax.plot([], [], color=colors[j], ls=_linestyle(j), label=f"{name} (AUC n/a: one class)")
             continue
         fpr, tpr = roc_points(labels[:, j], probs[:, j])
-        ax.plot(fpr, tpr, color=colors[j], lw=1.4, label=f"{name} (AUC {auc:.3f})")
+        ax.plot(fpr, tpr, color=colors[j], ls=_linestyle(j), lw=1.4, label=f"{name} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="chance (AUC 0.500)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.005)
@@ -77,10 +77,18 @@ def plot_roc(
     return fig
 
 
-def _color(i: int) -> tuple:
-    from matplotlib import colormaps
+#: Okabe-Ito colours: told apart with every common colour-vision deficiency (black left for chance lines).
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
+#: Past seven curves the line style tells them apart too.
+LINE_STYLES = ("-", "--", ":")
 
-    return colormaps["tab20"](i % 20)
+
+def _color(i: int) -> str:
+    return OKABE_ITO[i % len(OKABE_ITO)]
+
+
+def _linestyle(i: int) -> str:
+    return LINE_STYLES[(i // len(OKABE_ITO)) % len(LINE_STYLES)]
 
 
 def ordered_epochs(records: Iterable[Mapping]) -> list[dict]:
