@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/etl.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf demo-output .pytest_cache
