@@ -461,18 +461,18 @@ def case_sections(
 
 
 def read_case_predictions(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """``predictions.parquet`` as arrays: ids, probabilities, labels, and which labels are known."""
+    """``predictions.parquet`` as arrays, plus which labels are known (``known_<finding>``) where recorded."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    cols = table.column_names
-    names = [c[len("prob_"):] for c in cols if c.startswith("prob_")]
-    probs = np.column_stack([table.column(f"prob_{n}").to_numpy() for n in names])
-    labels = np.column_stack([table.column(f"label_{n}").to_numpy() for n in names])
-    known = None
-    if all(f"known_{n}" in cols for n in names) and names:
-        known = np.column_stack([table.column(f"known_{n}").to_numpy() for n in names])
-    return {"image_id": table.column("image_id").to_pylist(), "probs": probs, "labels": labels, "known": known}, names
+    from cxrflow.evaluate import read_predictions
+
+    pred, names = read_predictions(path)
+    columns = [f"known_{n}" for n in names]
+    pred["known"] = None
+    if names and set(columns) <= set(pq.read_schema(path).names):
+        table = pq.read_table(path, columns=columns)
+        pred["known"] = np.column_stack([table.column(c).to_numpy() for c in columns])
+    return pred, names
 
 
 def _store_reader(store: dict, ev: dict, *, need_model_input: bool):
@@ -597,6 +597,16 @@ def rerun_script(evaluations: list[dict], runs: list[dict], stores: dict[str, di
     return "\n".join(lines) + "\n"
 
 
+def logged_commands(run: Path) -> list[str]:
+    """The ``cxrflow`` command lines a sweep ran for this run (``SWEEP/logs/<run>.log``), in order."""
+    log = run.parent.parent / "logs" / f"{run.name}.log"
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line[2:] for line in lines if line.startswith("$ cxrflow ")]
+
+
 def reproduce_section(evaluations: list[dict], runs: list[dict], stores: dict[str, dict], report_args: list[str]) -> dict[str, Any]:
     versions = sorted({str(ev["metrics"].get("cxrflow_version")) for ev in evaluations if ev["metrics"].get("cxrflow_version")})
     recorded_commits = sorted({str(s["config"]["git_commit"]) for s in runs if s["config"] and s["config"].get("git_commit")})
@@ -607,7 +617,8 @@ def reproduce_section(evaluations: list[dict], runs: list[dict], stores: dict[st
         "recorded_commits": recorded_commits,
         "command": "cxrflow report " + " ".join(shlex.quote(a) for a in report_args),
         "stores": [{"path": s["path"], "recorded": s["recorded"], "sha256": s.get("sha256"), "problem": s.get("problem")} for s in stores.values()],
-        "runs": [{"name": s["name"], "path": s["path"], "config": None if not s["config"] else json.dumps(s["config"], indent=2)} for s in runs],
+        "runs": [{"name": s["name"], "path": s["path"], "config": None if not s["config"] else json.dumps(s["config"], indent=2),
+                  "commands": [] if s["ensemble"] else logged_commands(Path(s["path"]))} for s in runs],  # fmt: skip
         "evaluations": [{"title": _title(ev), "folder": str(ev["folder"]), "sha": ev["metrics"].get("checkpoint_sha256"),
                          "created": ev["metrics"].get("created")} for ev in evaluations],  # fmt: skip
         "script": rerun_script(evaluations, runs, stores, report_args),

@@ -188,11 +188,14 @@ def write_localization(run: Path, label_names: Sequence[str], split: str = "test
     return folder
 
 
-def write_ensemble(folder: Path, members: Sequence[Path], store: Path, store_size: int, seed: int = 99) -> dict:
+def write_ensemble(
+    folder: Path, members: Sequence[Path], store: Path, store_size: int, seed: int = 99, figures_from: Path | None = None
+) -> dict:
     """An ensemble folder (issue 12's shape): an evaluation with ``kind``, ``method`` and ``members``."""
     first = json.loads((members[0] / "metrics.json").read_text())
     metrics = write_evaluation(folder, folder, store, model="ensemble(mean)", size=first["size"], stage="finetune",
-                               signal=1.6, seed=seed, store_size=store_size, calibrated=True)  # fmt: skip
+                               signal=1.6, seed=seed, store_size=store_size, calibrated=True,
+                               figures_from=figures_from)  # fmt: skip
     metrics.update(
         kind="ensemble", method="mean", model="ensemble(mean)", run_name=folder.name,
         members=[{"run": str(m.parent), "eval": str(m), "checkpoint_sha256": None} for m in members],
@@ -248,5 +251,5 @@ def write_study(
     ensemble_dir = None
     if ensemble and len(evals) >= 2:
         ensemble_dir = root / "ensembles" / "mean-all"
-        write_ensemble(ensemble_dir, evals[-2:], store, store_size)
+        write_ensemble(ensemble_dir, evals[-2:], store, store_size, figures_from=None if draw_each or not calibrated else first_eval)
     return {"root": root, "store": store, "runs": run_dirs, "evaluations": evals, "ensemble": ensemble_dir, "label_names": names}
