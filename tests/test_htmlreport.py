@@ -182,6 +182,20 @@ def test_rerun_script_rebuilds_each_run_config(study, tmp_path):
     assert script.rstrip().endswith("--out REPORT")
 
 
+def test_git_commit_only_of_cxrflow_own_checkout(tmp_path):
+    from cxrflow.htmlreport import git_commit
+
+    commit = git_commit()
+    here = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if here.returncode == 0 and Path(__file__).parents[1].joinpath("src", "cxrflow").resolve() == Path(
+        __import__("cxrflow").__file__).parent.resolve():  # fmt: skip
+        assert commit is not None and commit.startswith(here.stdout.strip())
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    (tmp_path / "cxrflow").mkdir()
+    assert git_commit(tmp_path / "cxrflow") is None  # another repository: not cxrflow's commit
+
+
 def test_sections_without_data_are_absent(tmp_path):
     s = write_study(tmp_path, runs=[("resnet50", 64, ("finetune",))], test_rows=12, store_size=32,
                     calibrated=False, localization=False, ensemble=False)  # fmt: skip

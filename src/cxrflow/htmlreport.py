@@ -94,23 +94,26 @@ def figure(path: Path, alt: str, caption: str | None = None) -> dict[str, Any]:
         return {"error": f"{Path(path).name} could not be shown: {exc}", "caption": caption or alt, "name": Path(path).name}
 
 
-def git_commit(source: Path | None = None) -> str | None:
-    """The commit of the git checkout holding cxrflow's source, when it is one (else None)."""
-    source = source or Path(__file__).resolve().parent
+def git_commit(package: Path | None = None) -> str | None:
+    """The commit of the git checkout cxrflow runs from (its ``src/cxrflow``), else None.
+
+    A cxrflow installed into some other repository's virtual environment is not that repository's code,
+    so the checkout must hold this very package.
+    """
+    package = (package or Path(__file__).parent).resolve()
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10, check=False)
+
     try:
-        done = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
-        )
+        found = git("rev-parse", "--show-toplevel", "HEAD")
+        lines = found.stdout.split()
+        if found.returncode != 0 or len(lines) != 2 or Path(lines[0], "src", "cxrflow").resolve() != package:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = done.stdout.strip()
-    if done.returncode != 0 or len(commit) != 40:
-        return None
-    dirty = subprocess.run(
-        ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no", "--", "."],
-        capture_output=True, text=True, timeout=10, check=False,
-    )  # fmt: skip
-    return commit + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    return lines[1] + (" (with uncommitted changes)" if dirty else "")
 
 
 # --------------------------------------------------------------------------------------------------
