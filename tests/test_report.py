@@ -86,3 +86,13 @@ def test_missing_or_unevaluated_run_is_an_error(tmp_path):
         build_rows([tmp_path / "empty"])
     with pytest.raises(CxrflowError, match="no such"):
         write_report([tmp_path / "nope"], tmp_path / "out")
+
+
+def test_different_vocabularies_are_said_clearly(runs, tmp_path):
+    m = _evaluation(tmp_path / "other" / "eval-test-best_finetune", "simple_cnn", 32, "finetune", 0.5)
+    m["label_names"] = m["label_names"][:2]
+    m["auc"] = {n: m["auc"][n] for n in m["label_names"]}
+    (tmp_path / "other" / "eval-test-best_finetune" / "metrics.json").write_text(json.dumps(m))
+    md = format_markdown(build_rows([runs[0], tmp_path / "other"]))
+    assert "use 2 different label vocabularies" in md
+    assert "vocabularies" not in format_markdown(build_rows([runs[0]]))
