@@ -65,3 +65,18 @@ def test_case_set_without_and_with_images():
     kinds = {k["key"]: k["items"] for k in result["findings"][0]["kinds"]}
     assert kinds["fp"][0]["uri"].startswith("data:image/png;base64,") and "overlay_uri" in kinds["fp"][0]
     assert "uri" not in kinds["fn"][0] and result["note"] == "d is gone" and result["overlays"]
+
+
+def test_case_predictions_carry_unknown_labels(tmp_path):
+    import pyarrow as pa
+
+    from cxrflow.htmlreport import read_case_predictions
+
+    table = pa.table({"image_id": ["a", "b"], "patient_id": pa.array([1, 2], pa.int64()), "prob_Mass": pa.array([0.9, 0.1], pa.float32()),
+                      "label_Mass": pa.array([0, 1], pa.uint8()), "known_Mass": pa.array([0, 1], pa.uint8())})  # fmt: skip
+    pq.write_table(table, tmp_path / "p.parquet")
+    pred, names = read_case_predictions(tmp_path / "p.parquet")
+    assert names == ["Mass"] and pred["known"].tolist() == [[0], [1]]
+    assert select_cases(pred["probs"], pred["labels"], 2, pred["known"])[0]["fp"].tolist() == []  # 'a' is not known
+    pq.write_table(table.drop(["known_Mass"]), tmp_path / "q.parquet")
+    assert read_case_predictions(tmp_path / "q.parquet")[0]["known"] is None

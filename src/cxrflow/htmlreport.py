@@ -517,7 +517,7 @@ def _heatmaps_for(ev: dict, heatmap_fn: Callable[..., np.ndarray] | None):
     loc, _ = _read_json(locs[0])
     from cxrflow.models import load_checkpoint
 
-    model, saved = load_checkpoint(ckpt, map_location="cpu")
+    model, _ = load_checkpoint(ckpt, map_location="cpu")
     method = (loc or {}).get("method") or "gradcam"
     mean, std = ev["metrics"].get("pixel_mean"), ev["metrics"].get("pixel_std")
 
