@@ -250,7 +250,7 @@ def test_moved_store_builds_without_thumbnails_and_says_why(tmp_path):
     assert len([i for i in page.images if i["alt"].startswith("test_")]) == _thumbnails(s["evaluations"][0], 2)
 
 
-def test_heatmap_overlays_where_localization_exists(study, one_torch_thread):
+def test_heatmap_overlays_where_localization_exists(study, one_torch_thread, tmp_path):
     import torch
 
     from cxrflow.inference import model_input
@@ -271,6 +271,15 @@ def test_heatmap_overlays_where_localization_exists(study, one_torch_thread):
     # a run without localization output gets no overlays
     ctx = build_context([study["runs"][1]], cases=1, heatmap_fn=saliency)
     assert not ctx["cases"][0]["overlays"]
+    # nor one whose checkpoint changed since the evaluation, and the page says why
+    run = tmp_path / "run"
+    shutil.copytree(study["runs"][0], run)
+    metrics = _metrics(run / "eval-test-best_finetune")
+    shutil.copyfile(metrics["checkpoint_path"], run / "best_finetune.pt")
+    metrics.update(checkpoint_path=str(run / "best_finetune.pt"), checkpoint_sha256="0" * 64)
+    (run / "eval-test-best_finetune" / "metrics.json").write_text(json.dumps(metrics))
+    ctx = build_context([run], cases=1, heatmap_fn=saliency)
+    assert not ctx["cases"][0]["overlays"] and "has changed since the evaluation" in ctx["cases"][0]["note"]
 
 
 def test_run_without_evaluation_is_one_line_naming_the_command(tmp_path, capsys):

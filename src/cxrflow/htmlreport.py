@@ -456,9 +456,10 @@ def case_sections(
             continue
         predictions, names = read_case_predictions(pred_path)
         store = stores.get(str(ev["metrics"].get("store") or ""), {})
-        overlay = _heatmaps_for(ev, heatmap_fn)
+        overlay, why_not = _heatmaps_for(ev, heatmap_fn)
         reader = _store_reader(store, ev, need_model_input=overlay is not None)
         result = case_set(predictions, names, n, thresholds=ev["metrics"].get("threshold"), read=reader, heatmaps=overlay)
+        result["note"] = " ".join(filter(None, [result["note"], why_not])) or None
         out.append({"title": _title(ev), "anchor": _anchor(ev), "n": n, **result})
     return out
 
@@ -507,26 +508,30 @@ def _store_reader(store: dict, ev: dict, *, need_model_input: bool):
 
 
 def _heatmaps_for(ev: dict, heatmap_fn: Callable[..., np.ndarray] | None):
-    """``(image, finding) -> heatmap`` for a run with localization output, or None."""
-    if heatmap_fn is None or ev["ensemble"]:
-        return None
-    locs = sorted(ev["run"].glob("localize-*/localization.json"))
-    ckpt = ev["metrics"].get("checkpoint_path")
-    if not locs or not ckpt or not Path(ckpt).is_file():
-        return None
-    loc, _ = _read_json(locs[0])
+    """(``(image, finding) -> heatmap`` or None, why not) for an evaluation whose run has localization output."""
+    m = ev["metrics"]
+    locs = [] if ev["ensemble"] else sorted(ev["run"].glob("localize-*/localization.json"))
+    if heatmap_fn is None or not locs:
+        return None, None
+    ckpt = Path(m.get("checkpoint_path") or ev["run"] / f"{m.get('checkpoint')}.pt")
+    if not ckpt.is_file():
+        return None, f"No heatmap overlays: the checkpoint {ckpt} is not there any more."
+    if m.get("checkpoint_sha256") and _sha256(ckpt) != m["checkpoint_sha256"]:
+        return None, f"No heatmap overlays: {ckpt} has changed since the evaluation (its sha256 differs)."
+    found = [(loc, _read_json(loc)[0] or {}) for loc in locs]
+    loc = next((d for _, d in found if d.get("checkpoint") == m.get("checkpoint")), found[0][1])
     from cxrflow.models import load_checkpoint
 
     model, _ = load_checkpoint(ckpt, map_location="cpu")
-    method = (loc or {}).get("method") or "gradcam"
-    mean, std = ev["metrics"].get("pixel_mean"), ev["metrics"].get("pixel_std")
+    method = loc.get("method") or "gradcam"
+    mean, std = m.get("pixel_mean"), m.get("pixel_std")
 
     def heat(image: np.ndarray, finding: int) -> np.ndarray:
         import torch
 
         return heatmap_fn(model, image, finding, method=method, pixel_mean=mean, pixel_std=std, device=torch.device("cpu"))
 
-    return heat
+    return heat, None
 
 
 def default_heatmap_fn() -> Callable[..., np.ndarray] | None:
