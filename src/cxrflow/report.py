@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 from cxrflow.atomic import save_figure_atomic, write_text_atomic
 from cxrflow.errors import CxrflowError
-from cxrflow.evaluate import METRICS_NAME
+from cxrflow.evaluate import METRICS_NAME, check_metrics
+from cxrflow.outputs import check_target, publishing
 
 #: The paper's published mean test AUCs (Table 1), by (model, input size, stage).
 #: Its simple CNN is a single-stage model; it is matched at any input size.
@@ -82,11 +83,9 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
     """One table row from an evaluation's ``metrics.json``."""
     try:
         m = json.loads(Path(metrics_path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CxrflowError(f"unreadable evaluation: {exc}", metrics_path) from None
-    for key in ("mean_auc", "auc", "label_names"):
-        if key not in m:
-            raise CxrflowError(f"not a cxrflow evaluation: key {key!r} is missing", metrics_path)
+    check_metrics(m, metrics_path)
     model = m.get("model", "?")
     size = m.get("size")
     stage = m.get("stage", "?")
@@ -209,15 +208,13 @@ def write_report(
 
     out = Path(out)
     targets = {"table_md": out / TABLE_MD, "table_csv": out / TABLE_CSV, "comparison_png": out / COMPARISON_PNG}
-    existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not overwrite:
-        raise CxrflowError(f"report already written ({', '.join(existing)}); pass --overwrite to replace it", out)
+    check_target(out, "report", overwrite=overwrite, inputs=paths)
     rows = build_rows(paths, split)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(targets["table_md"], format_markdown(rows))
-    write_text_atomic(targets["table_csv"], format_csv(rows))
-    fig = plot_run_comparison(rows)
-    save_figure_atomic(fig, targets["comparison_png"])
+    with publishing(out, "report", overwrite=overwrite, inputs=paths) as pub:
+        write_text_atomic(pub.tmp / TABLE_MD, format_markdown(rows))
+        write_text_atomic(pub.tmp / TABLE_CSV, format_csv(rows))
+        save_figure_atomic(plot_run_comparison(rows), pub.tmp / COMPARISON_PNG)
+        pub.commit()
     best = next((r for r in rows if r["best"]), None)
     return {"rows": rows, "best": best, **{k: str(v) for k, v in targets.items()}}
 
