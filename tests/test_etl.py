@@ -387,7 +387,7 @@ def _cli(*args):
 
 
 @pytest.mark.slow
-def test_killed_run_leaves_nothing_that_looks_complete(synthetic, tmp_path):
+def test_killed_run_leaves_nothing_that_looks_complete(spark, synthetic, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         _cli("--data", str(synthetic), "--out", str(out), "--sizes", "16", "--master", "local[1]", "--rows-per-file", "1"),
@@ -413,6 +413,10 @@ def test_killed_run_leaves_nothing_that_looks_complete(synthetic, tmp_path):
     partial = next(tmp_path.glob(".killed.partial-*"))
     with pytest.raises(CxrflowError, match="not a complete cxrflow store"):
         read_manifest(partial)
+    # the next run takes over the dead run's lock and removes its leftover
+    run_etl(synthetic, out, [16], spark=spark)
+    assert read_manifest(out)["sizes"] == [16]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]
 
 
 @pytest.mark.slow

@@ -311,6 +311,11 @@ def test_split_out_an_existing_folder_is_one_line(tmp_path, capsys):
         assert main(["split", "--data", str(data), "--out", str(folder), *extra]) == 2
         assert "is a folder" in _one_error_line(capsys.readouterr().err)
     assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+    metadata = data / "Data_Entry_2017_v2020.csv"
+    before = metadata.read_bytes()
+    assert main(["split", "--data", str(data), "--out", str(metadata), "--overwrite"]) == 2
+    assert "not a cxrflow split CSV" in _one_error_line(capsys.readouterr().err)
+    assert metadata.read_bytes() == before
 
 
 def test_unknown_device_is_one_line_in_every_command(store, tmp_path, capsys):

@@ -96,6 +96,15 @@ def split_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     return out
 
 
+def _is_split_csv(path: Path) -> bool:
+    """Whether ``path`` starts with the header :func:`write_split_csv` writes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).split(b"\n")[0].strip() == b"image_id,patient_id,split"
+    except OSError:
+        return False
+
+
 def write_split_csv(frame: pd.DataFrame, path: str | os.PathLike, overwrite: bool = False) -> None:
     """Write ``image_id,patient_id,split`` to a temporary file, then rename it into place."""
     path = Path(path)
@@ -103,6 +112,8 @@ def write_split_csv(frame: pd.DataFrame, path: str | os.PathLike, overwrite: boo
         raise CxrflowError("is a folder; --out must name a CSV file (e.g. split.csv)", path)
     if path.exists() and not overwrite:
         raise CxrflowError("output exists; pass --overwrite to replace it", path)
+    if path.exists() and not _is_split_csv(path):
+        raise CxrflowError("is not a cxrflow split CSV (no image_id,patient_id,split header); refusing to replace it", path)
     if not path.parent.is_dir():
         raise CxrflowError("folder of the output file does not exist", path.parent)
     with atomic_path(path) as tmp:
