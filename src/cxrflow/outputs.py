@@ -123,7 +123,7 @@ def _protected(out: Path, inputs: Iterable[PathLike]) -> str | None:
         if real == Path(os.path.realpath(special)):
             return f"is {what}"
     cwd = Path(os.path.realpath(os.getcwd()))
-    if real == cwd or real in cwd.parents:
+    if real in cwd.parents:
         return "holds the current folder"
     return None
 
