@@ -345,3 +345,19 @@ def test_warnings_come_after_the_error_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == f"error: {tmp_path}: the real problem"
     assert err[1:] == ["warning: a long library warning"]
+
+
+def test_explore_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "Data_Entry_2017_v2020.csv").write_text((NIH / "Data_Entry_2017_v2020.head.csv").read_text())
+    (data / "summary.md").write_text("my notes")
+    for extra in ([], ["--overwrite"]):
+        assert main(["explore", "--data", str(data), "--out", str(data), *extra]) == 2
+        assert "not a cxrflow explore output" in _one_error_line(capsys.readouterr().err)
+    assert (data / "summary.md").read_text() == "my notes"
+
+
+def test_synth_size_beyond_any_xray_is_one_line(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "s"), "--patients", "2", "--size", "100000"]) == 2
+    assert "--size must be between 16 and 8192" in _one_error_line(capsys.readouterr().err)

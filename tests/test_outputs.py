@@ -51,7 +51,7 @@ def _snapshot(path: Path) -> list[tuple[str, bytes | None]]:
     return sorted((str(p.relative_to(path)), p.read_bytes() if p.is_file() else None) for p in path.rglob("*"))
 
 
-@pytest.mark.parametrize("command", ["etl", "evaluate", "report", "synth", "demo", "sweep", "train"])
+@pytest.mark.parametrize("command", ["etl", "evaluate", "report", "synth", "demo", "sweep", "train", "explore"])
 def test_decoys_are_refused_as_not_cxrflow_outputs(tmp_path, command):
     for name, decoy in _decoys(tmp_path).items():
         if name == "other_command" and command == "synth":

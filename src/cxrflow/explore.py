@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from cxrflow.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
 from cxrflow.errors import CxrflowError
+from cxrflow.outputs import check_target, publishing
 from cxrflow.labels import NIH14, LabelVocabulary
 from cxrflow.metadata import label_matrix, load_release, read_data_entry
 from cxrflow.plots import _new_axes
@@ -229,20 +230,19 @@ def explore(
     vocab: LabelVocabulary = NIH14,
     overwrite: bool = False,
 ) -> dict:
-    """Write stats.json, the figures and summary.md into ``out_dir``; return the stats."""
-    out_dir = Path(out_dir)
-    outputs = [STATS_NAME, SUMMARY_NAME, *FIGURES.values()]
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CxrflowError("exists and is not a folder", out_dir)
-    existing = [name for name in outputs if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise CxrflowError(f"{existing[0]} already exists here; pass --overwrite to replace the report", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write stats.json, the figures and summary.md into ``out_dir``; return the stats.
+
+    ``out_dir`` is published whole (see :mod:`cxrflow.outputs`): an existing folder is replaced
+    only with ``overwrite`` and only if an earlier ``explore`` wrote it.
+    """
+    check_target(out_dir, "explore", overwrite=overwrite, inputs=[source])
     stats = compute_stats(entries, vocab)
-    for key, fig in make_figures(entries, stats).items():
-        save_figure_atomic(fig, out_dir / FIGURES[key])
-    write_json_atomic(out_dir / STATS_NAME, stats)
-    write_text_atomic(out_dir / SUMMARY_NAME, summary_markdown(stats, source))
+    with publishing(out_dir, "explore", overwrite=overwrite, inputs=[source]) as pub:
+        for key, fig in make_figures(entries, stats).items():
+            save_figure_atomic(fig, pub.tmp / FIGURES[key])
+        write_json_atomic(pub.tmp / STATS_NAME, stats)
+        write_text_atomic(pub.tmp / SUMMARY_NAME, summary_markdown(stats, source))
+        pub.commit()
     return stats
 
 

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from cxrflow.atomic import json_safe
 from cxrflow.errors import CxrflowError
 from cxrflow import options
 
@@ -210,14 +211,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {
+                json_safe({
                     "checkpoint": str(predictor.checkpoint),
                     "size": predictor.size,
                     "label_names": predictor.label_names,
                     "thresholds": predictor.thresholds,
                     "predictions": predictions,
                     "errors": errors,
-                },
+                }),
                 indent=2,
             )
         )

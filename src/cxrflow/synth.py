@@ -374,8 +374,8 @@ def synthesize(
     Written into a temporary sibling folder, then renamed into place. An existing non-empty
     ``out_dir`` is replaced only with ``overwrite`` and only if it is an earlier synthetic dataset.
     """
-    if size < 16:
-        raise CxrflowError(f"--size must be at least 16 pixels, got {size}")
+    if not 16 <= size <= 8192:
+        raise CxrflowError(f"--size must be between 16 and 8192 pixels, got {size}")
     out_dir = Path(out_dir)
     check_target(out_dir, "synth", overwrite=overwrite)
     started = time.perf_counter()
