@@ -361,3 +361,21 @@ def test_explore_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys):
 def test_synth_size_beyond_any_xray_is_one_line(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "s"), "--patients", "2", "--size", "100000"]) == 2
     assert "--size must be between 16 and 8192" in _one_error_line(capsys.readouterr().err)
+
+
+def test_resume_with_weights_that_do_not_fit_names_the_layers(store, tmp_path, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    argv = ["train", "--quiet", "--store", str(store), "--size", "16", "--model", "simple_cnn", "--out", str(run),
+            "--epochs", "2", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+    assert main([*argv[:-4], "--epochs", "1", "--batch-size", "4", "--device", "cpu"]) == 0
+    last = torch.load(run / "last.pt", weights_only=True)
+    last["stage_finished"] = False
+    last["model"]["head.weight"] = last["model"]["head.weight"][:3]
+    torch.save(last, run / "last.pt")
+    (run / "done.json").unlink()
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--out", str(run), "--resume"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(run / "last.pt") in line and "head.weight (3, 2048) vs (14, 2048)" in line

@@ -345,6 +345,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def load_weights(model: ChestClassifier, state: dict, source: str | os.PathLike) -> None:
+    """``model.load_state_dict(state)``, or one CxrflowError naming ``source`` and the layers that differ."""
+    if not isinstance(state, dict):
+        raise CxrflowError("checkpoint field 'model' must be a state dict (name -> tensor)", source)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise CxrflowError(
+            f"checkpoint weights do not fit {model.name} with {model.num_classes} findings: "
+            f"{_mismatch(model.state_dict(), state)}",
+            source,
+        ) from None
+
+
 def _check_checkpoint(ckpt: dict, file: Path) -> None:
     """One CxrflowError naming the checkpoint field that does not have the expected shape."""
     config, names, state = ckpt["config"], ckpt["label_names"], ckpt["model"]
@@ -379,14 +393,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     _check_checkpoint(ckpt, file)
     name = ckpt["config"].get("model")
     model = create_model(name, len(ckpt["label_names"]), pretrained="none")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise CxrflowError(
-            f"checkpoint weights do not fit {name} with {len(ckpt['label_names'])} findings: "
-            f"{_mismatch(model.state_dict(), ckpt['model'])}",
-            file,
-        ) from None
+    load_weights(model, ckpt["model"], file)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     model.eval()

@@ -52,7 +52,7 @@ from cxrflow.inference import model_input, predict_split, resolve_device
 from cxrflow.inference import unwrap as _unwrap
 from cxrflow.loader import augment, make_loader
 from cxrflow.metrics import mean_auc, per_class_auc
-from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model
+from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model, load_weights
 from cxrflow.outputs import claiming, read_marker, write_marker
 from cxrflow.store import check_partition, pixel_stats, read_manifest
 
@@ -369,7 +369,7 @@ def _train(
         start_stage, start_epoch, bad_epochs = int(state["stage_index"]), int(state["epoch"]) + 1, int(state["bad_epochs"])
         if state["stage_finished"]:
             start_stage, start_epoch, bad_epochs = start_stage + 1, 1, 0
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], out / "last.pt")
         info(f"resuming {out} after stage {state['stage']} epoch {state['epoch']} with the run's saved config")
         if ctx.main:
             _write_metrics(out, history)
@@ -382,7 +382,7 @@ def _train(
         first = stage_index == start_stage and state is not None and not state["stage_finished"]
         if stage.name == "finetune" and not first and any(s.name == "kt" for s in stages[:stage_index]):
             kt = _load(out / "best_kt.pt")
-            model.load_state_dict(kt["model"])
+            load_weights(model, kt["model"], out / "best_kt.pt")
             info(f"fine-tuning starts from best_kt.pt (epoch {kt['epoch']})")
         elif stage_index == 0 and not first:
             info(f"stage {stage.name} starts from weights: {config.pretrained}")
