@@ -379,3 +379,14 @@ def test_resume_with_weights_that_do_not_fit_names_the_layers(store, tmp_path, c
     assert main(["train", "--quiet", "--out", str(run), "--resume"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert str(run / "last.pt") in line and "head.weight (3, 2048) vs (14, 2048)" in line
+
+
+def test_pipes_in_place_of_metadata_or_manifest_are_one_line_not_a_hang(store, tmp_path, capsys):
+    fifo = tmp_path / "Data_Entry_2017_v2020.csv"
+    os.mkfifo(fifo)
+    assert main(["explore", "--metadata", str(fifo), "--out", str(tmp_path / "ex")]) == 2
+    assert "not a regular file" in _one_error_line(capsys.readouterr().err)
+    (store / MANIFEST_NAME).unlink()
+    os.mkfifo(store / MANIFEST_NAME)
+    assert main(["store-info", str(store)]) == 2
+    assert "not a regular file" in _one_error_line(capsys.readouterr().err)

@@ -113,6 +113,8 @@ class _Layout:
 
     def __init__(self, path: Path, columns: tuple[_Column, ...]):
         self.path = path
+        if path.exists() and not path.is_file():  # a pipe or device would hang or never end
+            raise CxrflowError("not a regular file (a folder, named pipe or device); expected a CSV file", path)
         with _reading(path), open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)

@@ -98,6 +98,8 @@ def read_manifest(store: str | os.PathLike) -> dict:
     path = store / MANIFEST_NAME
     if not path.exists():
         raise CxrflowError(f"not a complete cxrflow store: {MANIFEST_NAME} is missing", store)
+    if not path.is_file():
+        raise CxrflowError("not a regular file (a folder, named pipe or device)", path)
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
