@@ -1,14 +1,14 @@
 """Publishing output folders safely: a marker, a lock, a temporary name, then a rename.
 
-Every command that writes a folder (``etl``, ``evaluate``, ``train``, ``report``, ``sweep``,
-``synth``, ``demo``, and what comes later) goes through this module, so that cxrflow never deletes
+Every command that writes a folder (``etl``, ``evaluate``, ``train``, ``report``, ``explore``,
+``sweep``, ``synth``, ``demo``, and what comes later) goes through this module, so that cxrflow never deletes
 or replaces what it did not write, and two runs never write the same folder at once.
 
 - **Marker.** A folder written by ``cxrflow <command>`` holds ``.cxrflow-<command>.json`` (a JSON
   object naming its ``producer``, version and time). ``--overwrite`` replaces only a folder that
   carries the same command's marker; anything else (a folder of the user's, another command's
-  output, a file, the home or root folder, any input of the run or a folder holding one) is
-  refused with one line saying it is not a cxrflow output.
+  output, a file, the home or root folder, a folder holding the current one, any input of the run
+  or a folder holding one) is refused with one line saying it is not a cxrflow output.
 - **Lock.** ``.<name>.lock`` beside the target holds the owner's pid, host and command and an
   exclusive ``flock``: a second run on the same output stops at once with one line naming the
   holder. The kernel releases the lock when its process dies, so the lock of a killed run is
@@ -31,6 +31,9 @@ Public API (small on purpose)::
         ...
     check_target(out, command, overwrite=..., inputs=...)   # the refusal rules alone, no side effect
     read_marker(folder, command) / write_marker(folder, command, **info) / leftovers(out)
+
+A new command picks a name (its subcommand), calls :func:`check_target` before any long work for a
+fast refusal, then writes everything inside ``publishing`` (or ``claiming`` for a resumable folder).
 """
 
 from __future__ import annotations
