@@ -38,6 +38,6 @@ def test_tiny_demo_end_to_end(tmp_path, spark):
 
 def test_overwrite_refuses_a_folder_that_is_not_a_demo(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
-    with pytest.raises(CxrflowError, match="not a cxrflow demo folder"):
+    with pytest.raises(CxrflowError, match="not a cxrflow demo output"):
         run_demo(tmp_path, overwrite=True)
     assert (tmp_path / "precious.txt").read_text() == "keep me"

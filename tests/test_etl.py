@@ -335,13 +335,13 @@ def test_existing_store_refused_then_overwritten(spark, handmade, handmade_store
     other = tmp_path / "not-a-store"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(CxrflowError, match="not a cxrflow store"):
+    with pytest.raises(CxrflowError, match="not a cxrflow etl output"):
         run_etl(root, other, SIZES, spark=spark, overwrite=True)
     assert (other / "notes.txt").read_text() == "mine"
     copy = tmp_path / "copy"
     run_etl(root, copy, [8], spark=spark, rows_per_file=32)
     again = run_etl(root, copy, [12], spark=spark, rows_per_file=32, overwrite=True)
-    assert again["sizes"] == [12] and sorted(p.name for p in copy.iterdir()) == [MANIFEST_NAME, "size=12"]
+    assert again["sizes"] == [12] and sorted(p.name for p in copy.iterdir()) == [".cxrflow-etl.json", MANIFEST_NAME, "size=12"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or old folders left
 
 
@@ -377,7 +377,7 @@ def test_cli_refuses_existing_store(synthetic, synthetic_store, capsys):
     store, _ = synthetic_store
     assert main(["etl", "--data", str(synthetic), "--out", str(store)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "already exists; pass --overwrite" in err
+    assert err.count("\n") == 1 and "already exists here; pass --overwrite" in err
     assert main(["store-info", str(store)]) == 0
     assert "train pixel mean" in capsys.readouterr().out
 
@@ -387,7 +387,7 @@ def _cli(*args):
 
 
 @pytest.mark.slow
-def test_killed_run_leaves_nothing_that_looks_complete(synthetic, tmp_path):
+def test_killed_run_leaves_nothing_that_looks_complete(spark, synthetic, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         _cli("--data", str(synthetic), "--out", str(out), "--sizes", "16", "--master", "local[1]", "--rows-per-file", "1"),
@@ -413,6 +413,10 @@ def test_killed_run_leaves_nothing_that_looks_complete(synthetic, tmp_path):
     partial = next(tmp_path.glob(".killed.partial-*"))
     with pytest.raises(CxrflowError, match="not a complete cxrflow store"):
         read_manifest(partial)
+    # the next run takes over the dead run's lock and removes its leftover
+    run_etl(synthetic, out, [16], spark=spark)
+    assert read_manifest(out)["sizes"] == [16]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]
 
 
 @pytest.mark.slow

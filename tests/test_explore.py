@@ -52,7 +52,7 @@ def test_stats_hand_checked(tiny):
     assert set(stats) == KEYS
     assert stats["images"] == 5 and stats["patients"] == 3
     assert stats["patients_by_sex"] == {"M": 1, "F": 2}
-    assert stats["age"] == {"min": 10, "max": 90, "mean": 44.6}
+    assert stats["age"] == {"min": 10, "max": 90, "mean": 44.6, "unknown": 0}
     assert stats["images_per_patient"] == {"max": 3, "mean": pytest.approx(5 / 3, abs=1e-3)}
     assert stats["follow_up"] == {"max": 2, "mean": 0.6}
     assert list(stats["findings"]) == [*NIH14.names, "No Finding"]

@@ -152,7 +152,10 @@ BAD_DATA_ENTRY = [
     ("duplicate image", _set(12, 0, "00000001_002.png"), 14, "duplicate Image Index '00000001_002.png' (first on line 4)"),
     ("bad sex", _set(5, 5, "X"), 7, "'Patient Gender' must be one of M/F"),
     ("bad view", _set(5, 6, "LL"), 7, "'View Position' must be one of PA/AP"),
-    ("negative age", _set(5, 4, "-3"), 7, "'Patient Age' = -3 is outside"),
+    ("id beyond int64", _set(5, 3, "99999999999999999999"), 7, "'Patient ID' = 99999999999999999999 does not fit a 64-bit integer"),
+    ("NaN spacing", _set(5, 9, "nan"), 7, "'OriginalImagePixelSpacing[x,y]' must be a finite number, got 'nan'"),
+    ("infinite spacing", _set(5, 10, "inf"), 7, "must be a finite number, got 'inf'"),
+    ("age beyond int64", _set(5, 4, "1" + "0" * 20), 7, "does not fit a 64-bit integer"),
     ("blank line then bad age", _blank_then(_set(20, 4, "old")), 23, "'Patient Age' must be an integer"),
     ("blank line then duplicate", _blank_then(_set(25, 0, "00000005_000.png")), 28, "duplicate Image Index"),
 ]

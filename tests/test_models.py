@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import urllib.error
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torchvision import models as tvm
 
+from cxrflow import models
 from cxrflow.errors import CxrflowError
 from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model, load_checkpoint
 
@@ -122,7 +124,7 @@ def test_imagenet_missing_offline_names_the_file(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(CxrflowError) as err:
         create_model("resnet50", 14, pretrained="imagenet")
     message = str(err.value)
@@ -141,7 +143,12 @@ def test_imagenet_weights_come_from_the_torch_home_cache(tmp_path, monkeypatch):
     old_style = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
                  for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert any(".norm.1." in k for k in old_style)
-    torch.save(old_style, cache / "densenet121-a639ec97.pth")
+    # a file whose name carries its own sha256 prefix, as torchvision's do (the real one is 30 MB)
+    torch.save(old_style, cache / "densenet121.pth")
+    prefix = hashlib.sha256((cache / "densenet121.pth").read_bytes()).hexdigest()[:8]
+    cached = cache / f"densenet121-{prefix}.pth"
+    (cache / "densenet121.pth").rename(cached)
+    monkeypatch.setattr(models, "_weights_cache_file", lambda weights: cached)
     model = create_model("densenet121", 14, pretrained="imagenet", download=False)
     ref = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
     got = model.backbone.state_dict()
@@ -149,7 +156,7 @@ def test_imagenet_weights_come_from_the_torch_home_cache(tmp_path, monkeypatch):
     assert model.head.out_features == 14
 
     # the same torchvision-style file as --pretrained PATH: backbone loaded, old classifier ignored
-    from_file = create_model("densenet121", 14, pretrained=str(cache / "densenet121-a639ec97.pth"))
+    from_file = create_model("densenet121", 14, pretrained=str(cached))
     got = from_file.backbone.state_dict()
     assert all(torch.equal(got[k], ref[k]) for k in ref if not k.startswith("classifier."))
     assert any("ignored 2 keys" in note for note in from_file.load_notes)
@@ -198,3 +205,46 @@ def test_load_checkpoint_rebuilds_the_model(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CxrflowError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_planted_pickle_in_the_weights_cache_is_refused_and_never_run(tmp_path, monkeypatch):
+    import pickle
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    canary = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(canary), "w"))
+
+    # under torchvision's own file name: the hash in the name does not match
+    (cache / "densenet121-a639ec97.pth").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(CxrflowError, match="does not match the hash in its name"):
+        create_model("densenet121", 14, pretrained="imagenet", download=False)
+    # with a name that matches its hash: read with weights_only, so the pickle is refused unrun
+    data = pickle.dumps({"x": Evil()})
+    planted = cache / f"evil-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    planted.write_bytes(data)
+    with pytest.raises(CxrflowError, match="not a plain state dict"):
+        models.load_cached_weights(planted)
+    assert not canary.exists()
+
+
+def test_checkpoint_of_the_wrong_shape_names_the_field_or_the_layers(tmp_path):
+    model = create_model("simple_cnn", 4)
+    good = {"model": model.state_dict(), "config": {"model": "simple_cnn", "size": 32}, "label_names": list("ABCD")}
+    cases = {
+        "config": ({**good, "config": []}, "'config' must be a mapping"),
+        "model": ({**good, "config": {"model": "vgg", "size": 32}}, "'config.model' must be one of"),
+        "size": ({**good, "config": {"model": "simple_cnn", "size": 0}}, "'config.size' must be a positive integer"),
+        "names": ({**good, "label_names": "ABCD"}, "'label_names' must be a non-empty list"),
+        "std": ({**good, "config": {"model": "simple_cnn", "size": 32, "pixel_std": 0.0}}, "'config.pixel_std'"),
+        "head": ({**good, "label_names": list("ABC")}, r"2 wrong shape \(head.bias \(4,\) vs \(3,\), head.weight \(4, 2048\) vs \(3, 2048\)\)"),
+    }
+    for name, (ckpt, message) in cases.items():
+        torch.save(ckpt, tmp_path / f"{name}.pt")
+        with pytest.raises(CxrflowError, match=message) as err:
+            load_checkpoint(tmp_path / f"{name}.pt")
+        assert "\n" not in str(err.value) and str(tmp_path / f"{name}.pt") in str(err.value)

@@ -122,3 +122,39 @@ def test_evaluated_run_flags_findings_at_the_validation_thresholds(run_and_image
     header, row = capsys.readouterr().out.strip().splitlines()
     assert header.endswith("positive at the validation threshold")
     assert row.endswith(", ".join(p["positive"]) or "none")
+
+
+def test_pixel_bombs_and_pipes_get_an_error_and_the_other_files_a_result(run_and_images, tmp_path):
+    import os
+
+    from PIL import Image
+
+    run, _, img, _ = run_and_images
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (1_000_000, 1)).save(bomb)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.png"
+    link.symlink_to(img / "gray.png")
+    predictions, errors = predict_files(load_predictor(run), [bomb, img / "gray.png", fifo, link])
+    assert [p["image"] for p in predictions] == [str(img / "gray.png"), str(link)]
+    assert predictions[0]["probabilities"] == predictions[1]["probabilities"]
+    reasons = {e["image"]: e["error"] for e in errors}
+    assert "1000000x1" in reasons[str(bomb)] and "pixel budget" in reasons[str(bomb)]
+    assert "not a file" in reasons[str(fifo)] or "named pipe" in reasons[str(fifo)]
+
+
+def test_output_piped_into_head_ends_quietly(run_and_images):
+    import subprocess
+    import sys
+
+    run, _, img, _ = run_and_images
+    images = [str(img / "gray.png")] * 400  # far more output than a pipe buffer holds
+    cmd = [sys.executable, "-m", "cxrflow.cli", "predict", "--run", str(run), "--json", *images]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `| head -1` does once it has its line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert first.startswith(b"{") and "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141

@@ -120,7 +120,7 @@ def test_overwrite_rules(tmp_path, capsys):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("x")
-    with pytest.raises(CxrflowError, match="not a cxrflow synthetic dataset"):
+    with pytest.raises(CxrflowError, match="not a cxrflow synth output"):
         synthesize(precious, patients=2, size=32, overwrite=True)
     assert (precious / "thesis.tex").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

@@ -68,7 +68,7 @@ def test_simple_cnn_learns_the_planted_signal(store, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stage finetune: trainable 33,822 of 33,822 parameters" in out
     assert sorted(p.name for p in run.iterdir()) == [
-        "best_finetune.pt", "config.json", "done.json", "last.pt", "metrics.jsonl"]
+        ".cxrflow-train.json", "best_finetune.pt", "config.json", "done.json", "last.pt", "metrics.jsonl"]
     rows = _metrics(run)
     assert [(r["stage"], r["epoch"]) for r in rows] == [("finetune", e) for e in range(1, 5)]
     assert all(METRIC_KEYS <= set(r) and set(r["val_auc"]) == set(NIH14.names) for r in rows)

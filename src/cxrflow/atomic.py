@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,9 +42,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (numpy's too) replaced by None, for strict JSON."""
+    if isinstance(obj, float) or type(obj).__name__ in ("float16", "float32", "float64"):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    """Write ``obj`` as indented JSON to ``path`` atomically; NaN and infinities become ``null``.
+
+    Python's json writes ``NaN``, which is not JSON (other readers reject the file), so this is the
+    one place every JSON output of cxrflow goes through.
+    """
+    write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def save_figure_atomic(fig: Any, path: str | os.PathLike, dpi: int = 120) -> None:

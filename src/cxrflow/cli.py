@@ -2,14 +2,17 @@
 
 Each stage module exposes ``add_arguments(parser)`` and ``run(args) -> int``; this file only wires
 them up. Modules are imported lazily so that ``cxrflow --help`` and light commands stay fast.
-A :class:`~cxrflow.errors.CxrflowError` becomes one ``error: ...`` line and exit status 2.
+A :class:`~cxrflow.errors.CxrflowError` becomes one ``error: ...`` line and exit status 2; library
+warnings are shown after it, one line each; output piped into ``head`` stops quietly.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 
 from cxrflow import __version__
 from cxrflow.errors import CxrflowError
@@ -62,14 +65,37 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0 if args.command is None and not argv else 2
+    caught: list[warnings.WarningMessage] = []
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings(record=True) as caught:
+            code = int(args._run(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return code
     except CxrflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader (``| head``) has what it wanted: stop quietly, with the status of a SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+    finally:
+        _show_warnings(caught)
+
+
+def _show_warnings(caught: list[warnings.WarningMessage], limit: int = 5) -> None:
+    """Library warnings, one line each, after the command's own output (never burying an error line)."""
+    seen: list[str] = []
+    for w in caught:
+        text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else w.category.__name__
+        if text not in seen:
+            seen.append(text)
+    for text in seen[:limit]:
+        print(f"warning: {text[:300]}", file=sys.stderr)
+    if len(seen) > limit:
+        print(f"warning: ... and {len(seen) - limit} more", file=sys.stderr)
 
 
 if __name__ == "__main__":

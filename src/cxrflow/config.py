@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -120,7 +121,27 @@ class TrainConfig:
                 raise CxrflowError(f"stage {st.name} needs a positive learning rate, got {st.lr}")
         if self.num_workers < 0:
             raise CxrflowError(f"num_workers must be >= 0, got {self.num_workers}")
+        self._check_ranges()
         return self
+
+    def _check_ranges(self) -> None:
+        """Settings that parse but cannot work: one line naming the setting and its range."""
+        from cxrflow.options import SEED_MAX
+
+        checks = (
+            ("seed", self.seed, 0 <= self.seed <= SEED_MAX, f"an integer in 0..{SEED_MAX}"),
+            ("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay, 0 <= self.weight_decay < math.inf, "a finite number >= 0"),
+            ("plateau_factor", self.plateau_factor, 0 < self.plateau_factor < 1, "in (0, 1): the learning rate is multiplied by it"),
+            ("plateau_patience", self.plateau_patience, self.plateau_patience >= 0, ">= 0"),
+            ("early_stopping_patience", self.early_stopping_patience, self.early_stopping_patience >= 0, ">= 0 (0 = off)"),
+        )
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise CxrflowError(f"{name} must be {expected}, got {value!r}")
+        for st in self.stages():
+            if not math.isfinite(st.lr):
+                raise CxrflowError(f"stage {st.name} needs a finite learning rate, got {st.lr}")
 
 
 def preset(name: str) -> TrainConfig:

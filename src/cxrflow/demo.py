@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from cxrflow.errors import CxrflowError
+from cxrflow import options
+from cxrflow.outputs import claiming, write_marker
 
 #: The best run's mean test AUC the demo must reach on the synthetic data.
 TARGET_AUC = 0.85
-MARKER_NAME = ".cxrflow-demo.json"
 
 
 def demo_sweep(store: Path, sizes: tuple[int, int], seed: int, epochs: int) -> dict[str, Any]:
@@ -54,20 +54,6 @@ def demo_sweep(store: Path, sizes: tuple[int, int], seed: int, epochs: int) -> d
     }  # fmt: skip
 
 
-def _prepare(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise CxrflowError("exists and is not a folder", out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise CxrflowError("demo output folder is not empty; pass --overwrite to replace it", out)
-        if not (out / MARKER_NAME).is_file():
-            raise CxrflowError(
-                f"not a cxrflow demo folder ({MARKER_NAME} missing); refusing to delete it, choose another --out", out
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def run_demo(
     out: str | Path,
     *,
@@ -84,7 +70,17 @@ def run_demo(
     """Run every stage on a synthetic dataset in ``out``; returns a summary (paths, AUCs, timings).
 
     ``spark``: an existing SparkSession for the ETL (default: one on ``master``, stopped after).
+    ``overwrite`` replaces an earlier demo folder (nothing else).
     """
+    out = Path(out).absolute()
+    with claiming(out, "demo", overwrite=overwrite, fresh=True):
+        write_marker(out, "demo", patients=patients, sizes=list(sizes), seed=seed)
+        return _demo(out, patients=patients, image_size=image_size, sizes=sizes, epochs=epochs, seed=seed,
+                     master=master, spark=spark, echo=echo)
+
+
+def _demo(out: Path, *, patients, image_size, sizes, epochs, seed, master, spark, echo) -> dict[str, Any]:
+    """The stages of :func:`run_demo` in the claimed folder ``out``."""
     from cxrflow.atomic import write_json_atomic
     from cxrflow.etl import run_etl
     from cxrflow.explore import explore
@@ -93,9 +89,6 @@ def run_demo(
     from cxrflow.sweep import parse_sweep, run_sweep
     from cxrflow.synth import synthesize
 
-    out = Path(out).absolute()
-    _prepare(out, overwrite)
-    write_json_atomic(out / MARKER_NAME, {"patients": patients, "sizes": list(sizes), "seed": seed})
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -207,7 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     parser.add_argument("--patients", type=int, default=300, help="synthetic patients (default: 300, about 1,100 images)")
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of densenet121 (default: 2; simple_cnn trains 2 more)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, split and training (default: 0)")
+    parser.add_argument("--seed", type=options.seed, default=0, help="seed of the data, split and training (default: 0)")
     parser.add_argument("--master", default="local[2]", help="Spark master for the ETL (default: local[2])")
 
 

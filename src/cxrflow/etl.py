@@ -22,7 +22,6 @@ import functools
 import gc
 import math
 import os
-import shutil
 import sys
 import threading
 import time
@@ -39,8 +38,10 @@ from PIL import Image
 
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
+from cxrflow import options
 from cxrflow.imaging import ImageError, load_and_resize
 from cxrflow.labels import NIH14, LabelVocabulary
+from cxrflow.outputs import check_target, publishing
 from cxrflow.store import (
     MANIFEST_NAME,
     SCHEMA,
@@ -334,32 +335,6 @@ class _Progress:
         self._show(int(self.counter.value), final=True)
 
 
-def _prepare_destination(out: Path, overwrite: bool) -> None:
-    """Refuse an existing destination unless ``overwrite`` and it is a cxrflow store (or empty)."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir():
-        raise CxrflowError("exists and is not a folder; choose another --out", out)
-    if not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise CxrflowError("store already exists; pass --overwrite to replace it", out)
-    names = [p.name for p in out.iterdir()]
-    if MANIFEST_NAME not in names and not all(n.startswith(("size=", ".", "_")) for n in names):
-        raise CxrflowError("folder is not a cxrflow store; refusing to delete it with --overwrite", out)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished store from ``tmp`` to ``out`` (replacing an old store at ``out``)."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _verify_store(tmp: Path, sizes: Sequence[int], rows: dict[str, dict[str, int]]) -> None:
     """Check with pyarrow (footers only) that every partition has its rows and the exact schema."""
     import pyarrow.dataset as ds
@@ -418,7 +393,7 @@ def run_etl(
     undecodable image is an error instead of being reported.
     """
     from cxrflow.metadata import load_release
-    from cxrflow.spark import build_spark, check_master, check_memory
+    from cxrflow.spark import check_master, check_memory
     from cxrflow.split import assign_splits
 
     started = time.perf_counter()
@@ -436,7 +411,7 @@ def run_etl(
         check_memory(driver_memory, "--driver-memory")
         check_memory(executor_memory, "--executor-memory")
     out = Path(out).absolute()
-    _prepare_destination(out, overwrite)
+    check_target(out, "etl", overwrite=overwrite, inputs=[data_dir])
 
     release = load_release(data_dir, vocab, strict=strict)
     splits = assign_splits(release.entries, release.train_val, release.test, val_fraction=val_fraction, seed=seed)
@@ -465,9 +440,19 @@ def run_etl(
     tasks = plan_tasks(records, per_file)
     group_rows = {s: row_group_rows(s, per_file) for s in sizes}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    with publishing(out, "etl", overwrite=overwrite, inputs=[data_dir]) as pub:
+        return _write_store(pub, release, splits, tasks, records, sizes, master, spark, group_rows, per_file,
+                            vocab=vocab, strict=strict, verbose=verbose, val_fraction=val_fraction, seed=seed,
+                            compression=compression, threads=threads, driver_memory=driver_memory,
+                            executor_memory=executor_memory, progress=progress, started=started)
+
+
+def _write_store(pub, release, splits, tasks, records, sizes, master, spark, group_rows, per_file, *, vocab, strict,
+                 verbose, val_fraction, seed, compression, threads, driver_memory, executor_memory, progress, started):
+    """Run the Spark job into ``pub.tmp``, check the store, write its manifest and publish it."""
+    from cxrflow.spark import build_spark
+
+    tmp = pub.tmp
     own_spark = spark is None
     try:
         if own_spark:
@@ -497,32 +482,25 @@ def run_etl(
             else:
                 summaries = rdd.collect()
         job_seconds = time.perf_counter() - job_started
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     finally:
         if own_spark and spark is not None:
             spark.stop()
 
-    try:
-        manifest = _manifest(
-            release, splits, summaries, sizes, vocab, master if own_spark else spark.sparkContext.master,
-            val_fraction, seed, compression, group_rows, per_file, job_seconds,
+    manifest = _manifest(
+        release, splits, summaries, sizes, vocab, master if own_spark else spark.sparkContext.master,
+        val_fraction, seed, compression, group_rows, per_file, job_seconds,
+    )
+    if strict and manifest["quarantined"]:
+        q = manifest["quarantined"][0]
+        raise CxrflowError(
+            f"{len(manifest['quarantined'])} image(s) could not be decoded (first {q['image_id']}: {q['reason']}); "
+            "drop --strict to quarantine them and go on",
+            q["path"],
         )
-        if strict and manifest["quarantined"]:
-            q = manifest["quarantined"][0]
-            raise CxrflowError(
-                f"{len(manifest['quarantined'])} image(s) could not be decoded (first {q['image_id']}: {q['reason']}); "
-                "drop --strict to quarantine them and go on",
-                q["path"],
-            )
-        _verify_store(tmp, sizes, manifest["rows"])
-        manifest["wall_seconds"] = round(time.perf_counter() - started, 3)
-        write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _verify_store(tmp, sizes, manifest["rows"])
+    manifest["wall_seconds"] = round(time.perf_counter() - started, 3)
+    write_json_atomic(tmp / MANIFEST_NAME, manifest)
+    pub.commit()
     return manifest
 
 
@@ -571,6 +549,7 @@ def _manifest(
             "missing": len(missing),
             "quarantined": len(quarantined),
             "unlisted_on_disk": len(release.unlisted),
+            "age_unknown": int(release.entries.attrs.get("age_unknown", 0)),
         },
         "missing": missing,
         "quarantined": quarantined,
@@ -604,7 +583,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="256,512", help="comma-separated image sides in pixels (default 256,512)")
     parser.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
     parser.add_argument("--val-fraction", type=float, default=0.3, help="share of train_val patients for validation (default 0.3)")
-    parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    parser.add_argument("--seed", type=options.seed, default=0, help="split seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     parser.add_argument("--strict", action="store_true", help="fail on a missing or undecodable image instead of reporting it")
     parser.add_argument("--verbose", action="store_true", help="show Spark's logs")

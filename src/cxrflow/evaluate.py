@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,7 +30,9 @@ import numpy as np
 from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
+from cxrflow import options
 from cxrflow.metrics import mean_auc, per_class_auc
+from cxrflow.outputs import publishing
 
 #: Checkpoint names a run folder may hold, in the order evaluate prefers them by default.
 CHECKPOINT_NAMES = ("best_finetune", "best_kt")
@@ -289,6 +289,36 @@ def default_eval_dir(run: str | os.PathLike, split: str, checkpoint_name: str) -
     return Path(run) / f"eval-{split}-{checkpoint_name}"
 
 
+def check_metrics(m: Any, path: str | os.PathLike) -> dict:
+    """``m`` (a parsed ``metrics.json``) if it has the shape readers rely on, else one CxrflowError
+    naming the file and the field."""
+
+    def number(x: Any) -> bool:
+        return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x))
+
+    if not isinstance(m, dict):
+        raise CxrflowError(f"not a cxrflow evaluation: expected a JSON object, got {type(m).__name__}", path)
+    for key in ("mean_auc", "auc", "label_names"):
+        if key not in m:
+            raise CxrflowError(f"not a cxrflow evaluation: key {key!r} is missing", path)
+    names = m["label_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CxrflowError("metrics field 'label_names' must be a list of finding names", path)
+    if not number(m["mean_auc"]):
+        raise CxrflowError(f"metrics field 'mean_auc' must be a number or null, got {m['mean_auc']!r}", path)
+    for key in ("auc", "threshold"):
+        value = m.get(key, {})
+        if not isinstance(value, dict) or not all(number(v) for v in value.values()):
+            raise CxrflowError(f"metrics field {key!r} must map findings to numbers or null", path)
+    ci = m.get("mean_auc_ci95")
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(number(v) for v in ci)):
+        raise CxrflowError(f"metrics field 'mean_auc_ci95' must be [low, high] or null, got {ci!r}", path)
+    size = m.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+        raise CxrflowError(f"metrics field 'size' must be an integer, got {size!r}", path)
+    return m
+
+
 def read_epoch_records(run: str | os.PathLike) -> list[dict]:
     """The epoch records of ``RUN/metrics.jsonl``; a line cut short by a crash is skipped."""
     path = Path(run) / "metrics.jsonl"
@@ -341,17 +371,6 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
     return pred, names
 
 
-def _publish_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp folder into place, replacing an old ``out`` only once the new one is whole."""
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def evaluate_run(
     run: str | os.PathLike,
     *,
@@ -370,18 +389,26 @@ def evaluate_run(
     Thresholds for sensitivity/specificity come from the validation split. Returns the metrics
     dict with ``out`` (the folder written) added.
     """
-    from cxrflow.models import load_checkpoint
-    from cxrflow.plots import plot_roc, plot_training_curves
-    from cxrflow.inference import predict_split, resolve_device
+    from cxrflow.inference import resolve_device
 
     run = Path(run)
     if not run.is_dir():
         raise CxrflowError("no such run folder", run)
     name, ckpt_path = resolve_checkpoint(run, checkpoint)
     out = Path(out) if out is not None else default_eval_dir(run, split, name)
-    if out.exists() and not overwrite:
-        raise CxrflowError("evaluation already written; pass --overwrite to replace it", out)
     device = resolve_device(device)
+    inputs = [run, ckpt_path] + ([store] if store is not None else [])
+    with publishing(out, "evaluate", overwrite=overwrite, inputs=inputs) as pub:
+        return _evaluate_into(pub, run, name, ckpt_path, split=split, n_boot=n_boot, seed=seed, device=device,
+                              batch_size=batch_size, store=store)
+
+
+def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot, seed, device, batch_size, store) -> dict:
+    """Score the checkpoint, write the evaluation into ``pub.tmp`` and publish it."""
+    from cxrflow.models import load_checkpoint
+    from cxrflow.plots import plot_roc, plot_training_curves
+    from cxrflow.inference import predict_split
+
     model, ckpt = load_checkpoint(ckpt_path, map_location=device)
     config = dict(ckpt.get("config") or {})
     store = Path(store) if store is not None else Path(config.get("store", ""))
@@ -425,30 +452,25 @@ def evaluate_run(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        import pyarrow.parquet as pq
+    tmp = pub.tmp
+    import pyarrow.parquet as pq
 
-        pq.write_table(predictions_table(evaluated, label_names), tmp / PREDICTIONS_NAME)
-        aucs = [metrics["auc"][n] for n in label_names]
-        title = f"ROC curves, {config.get('model')} {size}px, {name}, {split} split"
-        plot_roc(labels, probs, label_names, aucs=aucs, title=title).savefig(tmp / "roc.png", dpi=110)
-        records = read_epoch_records(run)
-        if records:
-            plot_training_curves(records, title=f"Training curves, {run.name} ({config.get('model')} {size}px)").savefig(
-                tmp / "curves.png", dpi=110
-            )
-            metrics["figures"] = ["roc.png", "curves.png"]
-        else:
-            metrics["figures"] = ["roc.png"]
-            metrics["figures_note"] = "no metrics.jsonl in the run folder: curves.png not drawn"
-        write_json_atomic(tmp / METRICS_NAME, metrics)
-        _publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    metrics["out"] = str(out)
+    pq.write_table(predictions_table(evaluated, label_names), tmp / PREDICTIONS_NAME)
+    aucs = [metrics["auc"][n] for n in label_names]
+    title = f"ROC curves, {config.get('model')} {size}px, {name}, {split} split"
+    plot_roc(labels, probs, label_names, aucs=aucs, title=title).savefig(tmp / "roc.png", dpi=110)
+    records = read_epoch_records(run)
+    if records:
+        plot_training_curves(records, title=f"Training curves, {run.name} ({config.get('model')} {size}px)").savefig(
+            tmp / "curves.png", dpi=110
+        )
+        metrics["figures"] = ["roc.png", "curves.png"]
+    else:
+        metrics["figures"] = ["roc.png"]
+        metrics["figures_note"] = "no metrics.jsonl in the run folder: curves.png not drawn"
+    write_json_atomic(tmp / METRICS_NAME, metrics)
+    pub.commit()
+    metrics["out"] = str(pub.out)
     return metrics
 
 
@@ -489,10 +511,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default: test)")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/eval-<split>-<checkpoint>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing evaluation folder")
-    parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    parser.add_argument("--n-boot", type=options.positive_int, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
+    parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap seed (default: 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--batch-size", type=options.positive_int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--store", default=None, help="store folder, when it moved since training (default: the run's)")
 
 

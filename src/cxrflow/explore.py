@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from cxrflow.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
 from cxrflow.errors import CxrflowError
+from cxrflow.outputs import check_target, publishing
 from cxrflow.labels import NIH14, LabelVocabulary
 from cxrflow.metadata import label_matrix, load_release, read_data_entry
 from cxrflow.plots import _new_axes
@@ -64,14 +65,16 @@ def compute_stats(entries: pd.DataFrame, vocab: LabelVocabulary = NIH14) -> dict
     findings = {name: int(n) for name, n in zip(vocab.names, labels.sum(axis=0))}
     findings[_no_finding_name(vocab)] = int((per_image == 0).sum())
     views = entries["view"].value_counts()
+    known_ages = entries.loc[entries["age"] >= 0, "age"]
     return {
         "images": int(len(entries)),
         "patients": int(len(per_patient)),
         "patients_by_sex": {"M": int(sexes.get("M", 0)), "F": int(sexes.get("F", 0))},
-        "age": {
-            "min": int(entries["age"].min()),
-            "max": int(entries["age"].max()),
-            "mean": round(float(entries["age"].mean()), 2),
+        "age": {  # ages outside 0-120 are unknown (AGE_UNKNOWN) and counted apart
+            "min": int(known_ages.min()) if len(known_ages) else None,
+            "max": int(known_ages.max()) if len(known_ages) else None,
+            "mean": round(float(known_ages.mean()), 2) if len(known_ages) else None,
+            "unknown": int(len(entries) - len(known_ages)),
         },
         "images_per_patient": {"max": int(per_patient.max()), "mean": round(float(per_patient.mean()), 3)},
         "follow_up": {"max": int(entries["follow_up"].max()), "mean": round(float(entries["follow_up"].mean()), 3)},
@@ -126,11 +129,18 @@ def plot_cooccurrence(stats: dict, *, ax: Axes | None = None) -> Figure:
     return fig
 
 
+def _age_text(age: dict) -> str:
+    """``2-94, mean 46.9`` plus how many ages are unknown (outside 0-120 in the metadata)."""
+    text = "unknown" if age["mean"] is None else f"{age['min']}-{age['max']}, mean {age['mean']:.1f}"
+    return text + (f" ({age['unknown']:,} unknown: outside 0-120)" if age.get("unknown") else "")
+
+
 def plot_age_by_sex(entries: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
     """Histogram of each patient's age at their first image, one series per sex, 5-year bins."""
     fig, ax = _new_axes(ax, (8, 5))
     first = _first_per_patient(entries)
-    top = int(max(100, first["age"].max() + 5))
+    first = first[first["age"] >= 0]  # unknown ages are not plotted
+    top = int(max(100, first["age"].max() + 5)) if len(first) else 100
     bins = np.arange(0, top + 5, 5)
     for sex in ("M", "F"):
         ages = first.loc[first["sex"] == sex, "age"].to_numpy()
@@ -184,7 +194,7 @@ def summary_markdown(stats: dict, source: str) -> str:
         "|---|---|",
         f"| images | {s['images']:,} |",
         f"| patients | {s['patients']:,} ({s['patients_by_sex']['M']:,} male, {s['patients_by_sex']['F']:,} female) |",
-        f"| age (years) | {s['age']['min']}-{s['age']['max']}, mean {s['age']['mean']:.1f} |",
+        f"| age (years) | {_age_text(s['age'])} |",
         f"| images per patient | mean {s['images_per_patient']['mean']:.2f}, max {s['images_per_patient']['max']} |",
         f"| follow-up # | mean {s['follow_up']['mean']:.2f}, max {s['follow_up']['max']} |",
         f"| findings per image | at most {s['max_findings_per_image']} |",
@@ -220,20 +230,19 @@ def explore(
     vocab: LabelVocabulary = NIH14,
     overwrite: bool = False,
 ) -> dict:
-    """Write stats.json, the figures and summary.md into ``out_dir``; return the stats."""
-    out_dir = Path(out_dir)
-    outputs = [STATS_NAME, SUMMARY_NAME, *FIGURES.values()]
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CxrflowError("exists and is not a folder", out_dir)
-    existing = [name for name in outputs if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise CxrflowError(f"{existing[0]} already exists here; pass --overwrite to replace the report", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write stats.json, the figures and summary.md into ``out_dir``; return the stats.
+
+    ``out_dir`` is published whole (see :mod:`cxrflow.outputs`): an existing folder is replaced
+    only with ``overwrite`` and only if an earlier ``explore`` wrote it.
+    """
+    check_target(out_dir, "explore", overwrite=overwrite, inputs=[source])
     stats = compute_stats(entries, vocab)
-    for key, fig in make_figures(entries, stats).items():
-        save_figure_atomic(fig, out_dir / FIGURES[key])
-    write_json_atomic(out_dir / STATS_NAME, stats)
-    write_text_atomic(out_dir / SUMMARY_NAME, summary_markdown(stats, source))
+    with publishing(out_dir, "explore", overwrite=overwrite, inputs=[source]) as pub:
+        for key, fig in make_figures(entries, stats).items():
+            save_figure_atomic(fig, pub.tmp / FIGURES[key])
+        write_json_atomic(pub.tmp / STATS_NAME, stats)
+        write_text_atomic(pub.tmp / SUMMARY_NAME, summary_markdown(stats, source))
+        pub.commit()
     return stats
 
 
@@ -258,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{stats['images']:,} images, {stats['patients']:,} patients "
         f"({stats['patients_by_sex']['M']:,} M, {stats['patients_by_sex']['F']:,} F), "
-        f"ages {stats['age']['min']}-{stats['age']['max']}, "
+        f"ages {_age_text(stats['age'])}, "
         f"up to {stats['images_per_patient']['max']} images per patient"
     )
     print(f"most frequent finding: {top} ({stats['findings'][top]:,}); rarest: {rare} ({stats['findings'][rare]:,})")

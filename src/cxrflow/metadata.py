@@ -42,6 +42,11 @@ VIEWS = ("PA", "AP")
 
 _INT16_MAX = np.iinfo(np.int16).max
 _INT32_MAX = np.iinfo(np.int32).max
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+#: Ages outside this range (414 rows of the real v2017 file) are kept with the age unknown:
+#: ``age`` is set to AGE_UNKNOWN and the rows are counted in ``entries.attrs["age_unknown"]``.
+AGE_RANGE = (0, 120)
+AGE_UNKNOWN = -1
 
 
 @contextlib.contextmanager
@@ -108,6 +113,8 @@ class _Layout:
 
     def __init__(self, path: Path, columns: tuple[_Column, ...]):
         self.path = path
+        if path.exists() and not path.is_file():  # a pipe or device would hang or never end
+            raise CxrflowError("not a regular file (a folder, named pipe or device); expected a CSV file", path)
         with _reading(path), open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
@@ -168,6 +175,26 @@ def _scan_rows_utf8(layout: _Layout) -> tuple[list[list[str]], np.ndarray]:
     return rows, np.asarray(lines, dtype=np.int64)
 
 
+def _plain_integers(path: Path, layout: _Layout) -> bool:
+    """Whether every integer column holds plain integers only (pyarrow's strict int64 parse)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    ints = [str(pos) for name, pos in layout.positions.items() if layout.kinds[name] == "int"]
+    if not ints:
+        return True
+    try:
+        pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(skip_rows=1, column_names=[str(i) for i in range(layout.width)]),
+            parse_options=pacsv.ParseOptions(ignore_empty_lines=True),
+            convert_options=pacsv.ConvertOptions(include_columns=ints, column_types={c: pa.int64() for c in ints}),
+        )
+    except (pa.ArrowInvalid, OSError):
+        return False
+    return True
+
+
 def _read_table(path: Path, columns: tuple[_Column, ...]) -> tuple[pd.DataFrame, Callable[[int], int]]:
     """The wanted columns, typed (str/int64/float64), and a function row index -> file line.
 
@@ -193,7 +220,11 @@ def _read_table(path: Path, columns: tuple[_Column, ...]) -> tuple[pd.DataFrame,
         unnamed = frame[[pos for pos in range(layout.width) if pos not in name_at]]
         frame = frame.rename(columns=name_at)[list(positions)]
         if frame.isna().to_numpy().any() or unnamed.notna().to_numpy().any():
-            frame = None  # a missing or unexpected value: the slow path reports where
+            frame = None  # a missing, unexpected or NaN value: the slow path reports where
+        elif any(not np.isfinite(frame[n].to_numpy()).all() for n in positions if layout.kinds[n] == "float"):
+            frame = None
+        elif not _plain_integers(path, layout):
+            frame = None  # pandas reads "45.0" or "4.5e1" as 45: the slow path refuses them with their line
     except (pd.errors.ParserError, ValueError, OverflowError):
         frame = None
 
@@ -218,13 +249,18 @@ def _read_table(path: Path, columns: tuple[_Column, ...]) -> tuple[pd.DataFrame,
             if not text:
                 raise CxrflowError(f"malformed row: empty {header!r}", path, int(line))
             try:
-                values.append(convert(text) if kind != "str" else row[pos])
+                value = convert(text) if kind != "str" else row[pos]
             except ValueError:
                 raise CxrflowError(
                     f"malformed row: {header!r} must be {'an integer' if kind == 'int' else 'a number'}, got {text!r}",
                     path,
                     int(line),
                 ) from None
+            if kind == "int" and not _INT64_MIN <= value <= _INT64_MAX:
+                raise CxrflowError(f"malformed row: {header!r} = {text} does not fit a 64-bit integer", path, int(line))
+            if kind == "float" and not np.isfinite(value):
+                raise CxrflowError(f"malformed row: {header!r} must be a finite number, got {text!r}", path, int(line))
+            values.append(value)
         data[name] = values
     frame = pd.DataFrame({name: pd.Series(v, dtype=_DTYPES[layout.kinds[name]]) for name, v in data.items()})
     return frame, lambda index: int(lines[index])
@@ -282,14 +318,23 @@ def read_data_entry(path: str | os.PathLike, vocab: LabelVocabulary = NIH14) -> 
     """Parse ``Data_Entry_2017[_v2020].csv`` into one row per image, in file order.
 
     Columns: ``image_id``, ``finding_labels`` (raw), ``follow_up`` int32, ``patient_id`` int64,
-    ``age`` int16, ``sex``, ``view``, ``orig_width``/``orig_height`` int32, ``spacing_x``/``spacing_y``
+    ``age`` int16 (:data:`AGE_UNKNOWN` outside :data:`AGE_RANGE`), ``sex``, ``view``, ``orig_width``/``orig_height`` int32, ``spacing_x``/``spacing_y``
     float64, then one uint8 column per finding named ``vocab.names`` in order.
     """
     path = Path(path)
-    frame, line_of = _read_table(path, DATA_ENTRY_COLUMNS)
+    try:
+        frame, line_of = _read_table(path, DATA_ENTRY_COLUMNS)
+    except CxrflowError as exc:
+        if exc.message.startswith("empty file"):
+            raise CxrflowError("no images: the metadata file is empty (expected a header, then one row per image)", path) from None
+        raise
+    if frame.empty:
+        raise CxrflowError("no images: the metadata file has a header but no rows", path)
     _check_range(frame, "follow_up", "Follow-up #", 0, _INT32_MAX, path, line_of)
     _check_range(frame, "patient_id", "Patient ID", 0, np.iinfo(np.int64).max, path, line_of)
-    _check_range(frame, "age", "Patient Age", 0, _INT16_MAX, path, line_of)
+    ages = frame["age"].to_numpy()
+    unknown_age = (ages < AGE_RANGE[0]) | (ages > AGE_RANGE[1])
+    frame["age"] = np.where(unknown_age, AGE_UNKNOWN, ages)
     _check_range(frame, "orig_width", "OriginalImage[Width,Height]", 1, _INT32_MAX, path, line_of)
     _check_range(frame, "orig_height", "OriginalImage[Width,Height]", 1, _INT32_MAX, path, line_of)
     _check_choice(frame, "sex", "Patient Gender", SEXES, path, line_of)
@@ -317,7 +362,9 @@ def read_data_entry(path: str | os.PathLike, vocab: LabelVocabulary = NIH14) -> 
         }
     )
     label_frame = pd.DataFrame(labels, columns=list(vocab.names), index=out.index)
-    return pd.concat([out, label_frame], axis=1)
+    entries = pd.concat([out, label_frame], axis=1)
+    entries.attrs["age_unknown"] = int(unknown_age.sum())
+    return entries
 
 
 def label_matrix(entries: pd.DataFrame, vocab: LabelVocabulary = NIH14) -> np.ndarray:

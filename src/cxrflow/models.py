@@ -8,10 +8,12 @@ return logits; the sigmoid belongs to the loss (``BCEWithLogitsLoss``) and to pr
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
 import urllib.error
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -141,16 +143,76 @@ _TORCHVISION_HEADS = ("fc.", "classifier.")
 
 
 def _build(factory: Callable[..., nn.Module], weights) -> nn.Module:
+    """A torchvision network, with ``weights``' ImageNet file (already cached) loaded safely."""
+    net = factory(weights=None)
+    if weights is None:
+        return net
+    state = load_cached_weights(_weights_cache_file(weights))
+    state = {_old_densenet_key(k): v for k, v in state.items()}
     try:
-        return factory(weights=weights, progress=False)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise CxrflowError(_missing_weights_message(weights, f"download failed ({exc})")) from None
-    except Exception as exc:  # unpickling/shape errors of a damaged cache file come in many types
+        net.load_state_dict(state)
+    except RuntimeError as exc:
         raise CxrflowError(
-            f"cached ImageNet weights cannot be loaded ({str(exc).splitlines()[0][:200]}); delete the file and "
-            f"place a fresh copy of {weights.url} there",
+            f"cached ImageNet weights do not fit {factory.__name__}: {_mismatch(net.state_dict(), state)}; delete the "
+            f"file and place a fresh copy of {weights.url} there",
             _weights_cache_file(weights),
-        ) from None
+        ) from exc
+    return net
+
+
+#: torchvision's weight files are named ``<name>-<first hex digits of their sha256>.pth``.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")
+
+
+def load_cached_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A torchvision weights file as a state dict: its sha256 must start with the digits in its
+    name, and it is read with ``weights_only=True`` (a planted pickle is refused, never run)."""
+    import hashlib
+
+    file = Path(path)
+    match = _HASH_IN_NAME.search(file.name)
+    if match is None:
+        raise CxrflowError("weights file name carries no hash (expected <name>-<sha256 prefix>.pth)", file)
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise CxrflowError(
+            f"weights file does not match the hash in its name (sha256 {digest.hexdigest()[:12]}..., name says "
+            f"{match.group(1)}); it is damaged or was replaced: delete it and download it again",
+            file,
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols would precede the error line
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types; all mean "not plain tensors"
+        raise CxrflowError(f"weights file is not a plain state dict: {str(exc).splitlines()[0][:200]}", file) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CxrflowError("weights file does not hold a state dict (name -> tensor)", file)
+    return state
+
+
+def _old_densenet_key(key: str) -> str:
+    """torchvision's DenseNet files use ``norm.1``-style names of before PyTorch 0.4."""
+    m = _DENSENET_OLD_KEY.match(key)
+    return m.group(1) + m.group(2) if m else key
+
+
+def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """Which layers differ between two state dicts: missing, unexpected, wrong shape (a few of each)."""
+    missing = sorted(k for k in expected if k not in got and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in got if k not in expected)
+    wrong = sorted(k for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape))
+    parts = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shape", wrong)):
+        if keys:
+            shown = [f"{k} {tuple(got[k].shape)} vs {tuple(expected[k].shape)}" if label == "wrong shape" else k
+                     for k in keys[:4]]
+            more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+            parts.append(f"{len(keys)} {label} ({', '.join(shown)}{more})")
+    return "; ".join(parts) or "no layer differs"
 
 
 def _weights_cache_file(weights) -> Path:
@@ -174,9 +236,12 @@ def _imagenet_weights(weights, download: bool):
         raise CxrflowError(_missing_weights_message(weights, "downloading is disabled"))
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20.0)
+    target = _weights_cache_file(weights)
     try:
-        torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=False)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        match = _HASH_IN_NAME.search(target.name)
+        torch.hub.download_url_to_file(weights.url, str(target), match.group(1) if match else None, progress=False)
+    except (urllib.error.URLError, OSError, TimeoutError, RuntimeError) as exc:
         raise CxrflowError(_missing_weights_message(weights, f"download failed ({exc})")) from None
     finally:
         socket.setdefaulttimeout(previous)
@@ -231,19 +296,12 @@ def _load_weights_file(model: ChestClassifier, path: str) -> list[str]:
     head = {k: v for k, v in state.items() if k.startswith("head.")}
     body = {k: v for k, v in state.items() if not k.startswith("head.")}
     expected = model.backbone.state_dict()
+    got = {k.removeprefix("backbone."): v for k, v in body.items()}
     # files saved before PyTorch 0.4 (torchvision's DenseNet) lack BatchNorm's batch counters
-    missing = sorted(k for k in expected if "backbone." + k not in body and not k.endswith("num_batches_tracked"))
-    unexpected = sorted(k.removeprefix("backbone.") for k in body if k.removeprefix("backbone.") not in expected)
-    wrong = sorted(
-        k for k in expected if "backbone." + k in body and body["backbone." + k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
-                parts.append(f"{len(keys)} {label} keys ({', '.join(keys[:5])}{more})")
-        raise CxrflowError(f"weights do not fit a {model.name} backbone: " + "; ".join(parts), file)
+    if any(k not in got and not k.endswith("num_batches_tracked") for k in expected) or any(
+        k not in expected or got[k].shape != expected[k].shape for k in got
+    ):
+        raise CxrflowError(f"weights do not fit a {model.name} backbone: {_mismatch(expected, got)}", file)
     model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in body.items()}, strict=False)
     if head and all(
         k.removeprefix("head.") in model.head.state_dict()
@@ -287,6 +345,40 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def load_weights(model: ChestClassifier, state: dict, source: str | os.PathLike) -> None:
+    """``model.load_state_dict(state)``, or one CxrflowError naming ``source`` and the layers that differ."""
+    if not isinstance(state, dict):
+        raise CxrflowError("checkpoint field 'model' must be a state dict (name -> tensor)", source)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise CxrflowError(
+            f"checkpoint weights do not fit {model.name} with {model.num_classes} findings: "
+            f"{_mismatch(model.state_dict(), state)}",
+            source,
+        ) from None
+
+
+def _check_checkpoint(ckpt: dict, file: Path) -> None:
+    """One CxrflowError naming the checkpoint field that does not have the expected shape."""
+    config, names, state = ckpt["config"], ckpt["label_names"], ckpt["model"]
+    if not isinstance(config, dict):
+        raise CxrflowError(f"checkpoint field 'config' must be a mapping, got {type(config).__name__}", file)
+    if config.get("model") not in MODEL_NAMES:
+        raise CxrflowError(f"checkpoint field 'config.model' must be one of {', '.join(MODEL_NAMES)}, got {config.get('model')!r}", file)
+    size = config.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise CxrflowError(f"checkpoint field 'config.size' must be a positive integer, got {size!r}", file)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise CxrflowError(f"checkpoint field 'label_names' must be a non-empty list of names, got {names!r}"[:200], file)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CxrflowError("checkpoint field 'model' must be a state dict (name -> tensor)", file)
+    for key in ("pixel_mean", "pixel_std"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or (key == "pixel_std" and value <= 0)):
+            raise CxrflowError(f"checkpoint field 'config.{key}' must be a finite number{' > 0' if key == 'pixel_std' else ''}, got {value!r}", file)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[ChestClassifier, dict]:
     """Rebuild the model stored in a cxrflow checkpoint; returns it (eval mode) and the checkpoint dict."""
     file = Path(path)
@@ -298,12 +390,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CxrflowError(f"not a readable checkpoint: {exc}".splitlines()[0], file) from None
     if not isinstance(ckpt, dict) or not {"model", "config", "label_names"} <= set(ckpt):
         raise CxrflowError("not a cxrflow checkpoint (needs keys model, config, label_names)", file)
+    _check_checkpoint(ckpt, file)
     name = ckpt["config"].get("model")
     model = create_model(name, len(ckpt["label_names"]), pretrained="none")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise CxrflowError(f"checkpoint weights do not fit {name}: {exc}".splitlines()[0], file) from None
+    load_weights(model, ckpt["model"], file)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     model.eval()

@@ -23,7 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from cxrflow.atomic import json_safe
 from cxrflow.errors import CxrflowError
+from cxrflow import options
 
 
 @dataclass
@@ -90,6 +92,8 @@ def load_predictor(
     config = dict(ckpt.get("config") or {})
     if store is not None:
         config["store"] = str(store)
+    if "size" not in config:
+        raise CxrflowError("checkpoint config has no 'size'", path)
     size = int(config["size"])
     mean, std = _pixel_stats(config, size)
     return Predictor(model.eval(), size, mean, std, list(ckpt["label_names"]), Path(path), device, thresholds)
@@ -101,10 +105,12 @@ def _validation_thresholds(run: Path, checkpoint_name: str) -> dict[str, float] 
     Every evaluation of a checkpoint chooses its thresholds on the validation split, so any of
     ``RUN/eval-<split>-<checkpoint>/metrics.json`` will do; findings without one are left out.
     """
+    from cxrflow.evaluate import check_metrics
+
     for path in sorted(run.glob(f"eval-*-{checkpoint_name}/metrics.json")):
         try:
-            recorded = json.loads(path.read_text()).get("threshold") or {}
-        except (OSError, json.JSONDecodeError):
+            recorded = check_metrics(json.loads(path.read_text()), path).get("threshold") or {}
+        except (OSError, ValueError):
             continue
         return {name: float(t) for name, t in recorded.items() if t is not None}
     return None
@@ -193,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--batch-size", type=options.positive_int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--store", default=None, help="the training store, only for checkpoints that lack pixel statistics")
 
 
@@ -205,14 +211,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {
+                json_safe({
                     "checkpoint": str(predictor.checkpoint),
                     "size": predictor.size,
                     "label_names": predictor.label_names,
                     "thresholds": predictor.thresholds,
                     "predictions": predictions,
                     "errors": errors,
-                },
+                }),
                 indent=2,
             )
         )

@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from cxrflow.atomic import atomic_path
 from cxrflow.errors import CxrflowError
-from cxrflow.evaluate import METRICS_NAME
+from cxrflow.evaluate import METRICS_NAME, check_metrics
+from cxrflow.outputs import check_target, publishing
 
 #: The paper's published mean test AUCs (Table 1), by (model, input size, stage).
 #: Its simple CNN is a single-stage model; it is matched at any input size.
@@ -82,11 +82,9 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
     """One table row from an evaluation's ``metrics.json``."""
     try:
         m = json.loads(Path(metrics_path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CxrflowError(f"unreadable evaluation: {exc}", metrics_path) from None
-    for key in ("mean_auc", "auc", "label_names"):
-        if key not in m:
-            raise CxrflowError(f"not a cxrflow evaluation: key {key!r} is missing", metrics_path)
+    check_metrics(m, metrics_path)
     model = m.get("model", "?")
     size = m.get("size")
     stage = m.get("stage") or (m.get("method", "?") if m.get("kind") == "ensemble" else "?")
@@ -210,22 +208,6 @@ def format_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish_files(out: Path, files: dict[str, bytes], *, overwrite: bool) -> dict[str, Path]:
-    """Write the report's files into ``out`` (each atomically); the one place a report replaces its outputs.
-
-    Refuses when one of them exists and ``overwrite`` is not given.
-    """
-    targets = {name: out / name for name in files}
-    existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not overwrite:
-        raise CxrflowError(f"report already written ({', '.join(existing)}); pass --overwrite to replace it", out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        with atomic_path(targets[name], suffix=Path(name).suffix) as tmp:
-            tmp.write_bytes(content)
-    return targets
-
-
 def write_report(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -252,9 +234,7 @@ def write_report(
         from cxrflow.htmlreport import HTML_NAME
 
         names["report_html"] = HTML_NAME
-    existing = [str(out / n) for n in names.values() if (out / n).exists()]
-    if existing and not overwrite:  # checked before any work, and again when publishing
-        raise CxrflowError(f"report already written ({', '.join(existing)}); pass --overwrite to replace it", out)
+    check_target(out, "report", overwrite=overwrite, inputs=paths)
     rows = build_rows(paths, split)
     png = io.BytesIO()
     plot_run_comparison(rows).savefig(png, format="png", dpi=120)
@@ -267,7 +247,11 @@ def write_report(
             report_args=report_args if report_args is not None else [*map(str, paths), "--out", str(out)],
         )  # fmt: skip
         files[HTML_NAME] = page.encode("utf-8")
-    written = publish_files(out, files, overwrite=overwrite)
+    with publishing(out, "report", overwrite=overwrite, inputs=paths) as pub:
+        for name, content in files.items():
+            (pub.tmp / name).write_bytes(content)
+        pub.commit()
+    written = {name: out / name for name in files}
     best = next((r for r in rows if r["best"]), None)
     return {"rows": rows, "best": best, **{k: str(written[n]) for k, n in names.items()}}
 

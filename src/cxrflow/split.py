@@ -17,6 +17,7 @@ import pandas as pd
 
 from cxrflow.atomic import atomic_path
 from cxrflow.errors import CxrflowError
+from cxrflow import options
 from cxrflow.metadata import load_release
 
 MODE_OFFICIAL = "official-lists"
@@ -95,11 +96,24 @@ def split_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     return out
 
 
+def _is_split_csv(path: Path) -> bool:
+    """Whether ``path`` starts with the header :func:`write_split_csv` writes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).split(b"\n")[0].strip() == b"image_id,patient_id,split"
+    except OSError:
+        return False
+
+
 def write_split_csv(frame: pd.DataFrame, path: str | os.PathLike, overwrite: bool = False) -> None:
     """Write ``image_id,patient_id,split`` to a temporary file, then rename it into place."""
     path = Path(path)
+    if path.is_dir():
+        raise CxrflowError("is a folder; --out must name a CSV file (e.g. split.csv)", path)
     if path.exists() and not overwrite:
         raise CxrflowError("output exists; pass --overwrite to replace it", path)
+    if path.exists() and not _is_split_csv(path):
+        raise CxrflowError("is not a cxrflow split CSV (no image_id,patient_id,split header); refusing to replace it", path)
     if not path.parent.is_dir():
         raise CxrflowError("folder of the output file does not exist", path.parent)
     with atomic_path(path) as tmp:
@@ -114,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--val-fraction", type=float, default=0.3, help="share of train_val patients for val (default 0.3)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the patient shuffle (default 0)")
+    parser.add_argument("--seed", type=options.seed, default=0, help="random seed of the patient shuffle (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 

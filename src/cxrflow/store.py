@@ -6,7 +6,8 @@ Layout (hive-partitioned, one dataset for every size)::
     STORE/size=<S>/split=<train|val|test>/part-*.parquet
 
 Columns (names are a contract): ``image_id`` string, ``patient_id`` int64, ``labels`` list<uint8>
-(one entry per finding, manifest order), ``age`` int16, ``sex`` string (M/F), ``view`` string
+(one entry per finding, manifest order), ``age`` int16 (-1: unknown, the metadata's age was outside
+0-120), ``sex`` string (M/F), ``view`` string
 (PA/AP), ``follow_up`` int32, ``orig_width``/``orig_height`` int32, ``pixels`` binary (S*S bytes,
 uint8 grayscale, row-major).
 """
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -95,18 +98,74 @@ def read_manifest(store: str | os.PathLike) -> dict:
     path = store / MANIFEST_NAME
     if not path.exists():
         raise CxrflowError(f"not a complete cxrflow store: {MANIFEST_NAME} is missing", store)
+    if not path.is_file():
+        raise CxrflowError("not a regular file (a folder, named pipe or device)", path)
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CxrflowError(f"unreadable manifest: {exc}", path) from None
+    if not isinstance(manifest, dict):
+        raise CxrflowError(f"not a cxrflow manifest: expected a JSON object, got {type(manifest).__name__}", path)
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not _is_int(version) or version < 1:
+        raise CxrflowError(f"manifest field 'format_version' must be a positive integer, got {version!r}", path)
+    if version > FORMAT_VERSION:
         raise CxrflowError(
             f"store format version {version} is newer than this cxrflow supports ({FORMAT_VERSION}); "
             "upgrade cxrflow",
             path,
         )
+    check_manifest(manifest, path)
     return manifest
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def check_manifest(manifest: dict, path: str | os.PathLike) -> None:
+    """One CxrflowError naming the manifest field that does not have the shape readers rely on."""
+
+    def bad(field: str, expected: str, got: object) -> CxrflowError:
+        shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
+        return CxrflowError(f"manifest field {field!r} must be {expected}, got {shown}", path)
+
+    names = manifest.get("label_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise bad("label_names", "a non-empty list of finding names", names)
+    sizes = manifest.get("sizes")
+    if not isinstance(sizes, list) or not sizes or not all(_is_int(s) and s > 0 for s in sizes):
+        raise bad("sizes", "a non-empty list of positive integers", sizes)
+    rows = manifest.get("rows")
+    if not isinstance(rows, dict):
+        raise bad("rows", "an object {size: {split: rows}}", rows)
+    for size in sizes:
+        per_split = rows.get(str(size))
+        if not isinstance(per_split, dict) or not all(
+            split in SPLITS and _is_int(n) and n >= 0 for split, n in per_split.items()
+        ):
+            raise bad(f"rows.{size}", f"an object of row counts per split ({', '.join(SPLITS)})", per_split)
+    stats = manifest.get("pixel_stats")
+    if not isinstance(stats, dict):
+        raise bad("pixel_stats", "an object {size: {mean, std}}", stats)
+    for size in sizes:
+        entry = stats.get(str(size))
+        if not isinstance(entry, dict):
+            raise bad(f"pixel_stats.{size}", "an object with mean and std", entry)
+        mean, std = entry.get("mean"), entry.get("std")
+        if mean is None and std is None:
+            continue  # a store without train images has no statistics; training refuses it
+        if not _is_number(mean) or not 0 <= mean <= 1:
+            raise bad(f"pixel_stats.{size}.mean", "a number in 0..1", mean)
+        if not _is_number(std) or not 0 < std <= 1:
+            raise bad(f"pixel_stats.{size}.std", "a number in (0, 1]", std)
+    weights = manifest.get("pos_weight")
+    if not isinstance(weights, list) or len(weights) != len(names) or not all(_is_number(w) and w >= 0 for w in weights):
+        raise bad("pos_weight", f"a list of {len(names)} non-negative numbers (one per finding)", weights)
 
 
 def check_partition(manifest: dict, store: str | os.PathLike, size: int, split: str) -> Path:
@@ -123,6 +182,8 @@ def check_partition(manifest: dict, store: str | os.PathLike, size: int, split: 
 def pixel_stats(manifest: dict, size: int) -> tuple[float, float]:
     """(mean, std) of train pixels at ``size``, on the 0..1 scale."""
     stats = manifest["pixel_stats"][str(int(size))]
+    if stats.get("mean") is None or stats.get("std") is None:
+        raise CxrflowError(f"the store has no train pixel statistics at size {size} (no train images)")
     return float(stats["mean"]), float(stats["std"])
 
 
@@ -180,12 +241,61 @@ def format_manifest(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def verify_store(store: str | os.PathLike, manifest: dict) -> tuple[list[str], int, int]:
+    """Read every part's footer and compare row counts and columns with the manifest.
+
+    Returns (problems, files read, rows counted); no problem means every partition the manifest
+    lists is there, readable, in the store's schema, with exactly its rows.
+    """
+    import pyarrow.parquet as pq
+
+    store = Path(store)
+    problems: list[str] = []
+    files_read = rows_read = 0
+    for size, per_split in manifest["rows"].items():
+        for split, expected in per_split.items():
+            folder = split_dir(store, int(size), split)
+            files = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+            if not files and expected:
+                problems.append(f"{folder}: missing ({expected} rows expected)")
+                continue
+            count = 0
+            for f in files:
+                try:
+                    meta = pq.ParquetFile(f).metadata
+                    schema = meta.schema.to_arrow_schema()
+                except Exception as exc:  # any footer that does not parse is a corrupt file
+                    problems.append(f"{f}: corrupt ({str(exc).splitlines()[0][:160]})")
+                    continue
+                files_read += 1
+                count += meta.num_rows
+                wrong = [n for n in SCHEMA.names if n not in schema.names or schema.field(n).type != SCHEMA.field(n).type]
+                if wrong:
+                    problems.append(f"{f}: columns {', '.join(wrong)} missing or of the wrong type")
+            rows_read += count
+            if count != expected:
+                problems.append(f"{folder}: {count} rows in readable parts, the manifest says {expected}")
+    return problems, files_read, rows_read
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="store folder written by 'cxrflow etl'")
     parser.add_argument("--json", action="store_true", help="print the raw manifest as JSON")
+    parser.add_argument("--verify", action="store_true", help="read every part's footer and check rows and columns against the manifest")
 
 
 def run(args: argparse.Namespace) -> int:
+    from cxrflow.outputs import leftovers
+
     manifest = read_manifest(args.store)
     print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest))
+    for folder in leftovers(args.store):
+        print(f"leftover of a killed run: {folder} (the next 'cxrflow etl --out {args.store}' removes it)", file=sys.stderr)
+    if args.verify:
+        problems, files, rows = verify_store(args.store, manifest)
+        for problem in problems:
+            print(f"verify: {problem}", file=sys.stderr)
+        if problems:
+            raise CxrflowError(f"store verification failed: {len(problems)} problem(s) (listed above)", args.store)
+        print(f"verify: OK, {files} files, {rows} rows, as the manifest says")
     return 0

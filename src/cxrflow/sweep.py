@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from cxrflow.atomic import write_json_atomic
 from cxrflow.config import TrainConfig, apply_overrides, preset, read_config_file
 from cxrflow.errors import CxrflowError
 from cxrflow.evaluate import METRICS_NAME, default_eval_dir
+from cxrflow.outputs import claiming
 
 RUN_KEYS = ("name", "evaluate")
 #: Settings that may differ between the sweep file and an existing run (they do not change results).
@@ -186,8 +186,6 @@ def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int) -> list[li
         if folder.exists():
             train.append("--resume")
         steps.append(train)
-    for stale in folder.glob(".eval-*.tmp"):  # an evaluation cut short by a crash
-        shutil.rmtree(stale, ignore_errors=True)
     for ckpt in spec.evaluate:
         if not (default_eval_dir(folder, "test", ckpt) / METRICS_NAME).is_file():
             steps.append(
@@ -252,8 +250,6 @@ def run_sweep(
     report's paths, the runs done now, skipped and failed. ``explore``: an ``explore`` output folder
     for the report's data section.
     """
-    from cxrflow.report import write_report
-
     if device not in ("auto", "cpu", "cuda"):
         raise CxrflowError(f"--device must be auto, cpu or cuda, got {device!r}")
     n_boot = int(n_boot if n_boot is not None else sweep.extra.get("n_boot", 1000))
@@ -261,7 +257,15 @@ def run_sweep(
         raise CxrflowError(f"n_boot must be at least 1, got {n_boot}")
     check_stores(sweep)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    stores = {str(s.config.store) for s in sweep.runs}
+    with claiming(out, "sweep", resume=True, inputs=[sweep.source, *stores], legacy=("sweep.json",)):
+        return _run_sweep(sweep, out, device=device, gpus=gpus, n_boot=n_boot, in_process=in_process, echo=echo, explore=explore)
+
+
+def _run_sweep(sweep: Sweep, out: Path, *, device, gpus, n_boot: int, in_process: bool, echo, explore) -> dict[str, Any]:
+    """The body of :func:`run_sweep`, with the sweep folder claimed."""
+    from cxrflow.report import write_report
+
     (out / "logs").mkdir(exist_ok=True)
     slots: list[str | None]
     if device == "cpu" or in_process:

@@ -46,10 +46,7 @@ Output is deterministic: metadata from ``seed``, each image from its own generat
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -58,8 +55,10 @@ import pandas as pd
 from PIL import Image
 
 from cxrflow.errors import CxrflowError
+from cxrflow import options
 from cxrflow.labels import NIH14, LabelVocabulary
 from cxrflow.metadata import BBOX_NAME, DATA_ENTRY_NAMES, TEST_NAME, TRAIN_VAL_NAME
+from cxrflow.outputs import check_target, marker_name, publishing
 
 DATA_ENTRY_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -67,7 +66,7 @@ DATA_ENTRY_HEADER = (
 )
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 #: Marks a folder written by :func:`synthesize`, so that ``--overwrite`` never deletes anything else.
-MARKER_NAME = ".cxrflow-synth.json"
+MARKER_NAME = marker_name("synth")
 
 #: Images per finding in the real release (of 112,120), used for relative frequencies.
 NIH_COUNTS = {
@@ -361,19 +360,6 @@ def render_image(
 # --------------------------------------------------------------------------------------------- writer
 
 
-def _prepare_out(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace anything but an empty folder or an earlier synthetic dataset."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CxrflowError("exists and is not a folder", out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise CxrflowError("folder exists and is not empty; pass --overwrite to replace a synthetic dataset", out_dir)
-        if not (out_dir / MARKER_NAME).is_file():
-            raise CxrflowError(
-                f"folder is not a cxrflow synthetic dataset (no {MARKER_NAME}); refusing to delete it", out_dir
-            )
-
-
 def synthesize(
     out_dir: str | os.PathLike,
     patients: int = 200,
@@ -388,19 +374,18 @@ def synthesize(
     Written into a temporary sibling folder, then renamed into place. An existing non-empty
     ``out_dir`` is replaced only with ``overwrite`` and only if it is an earlier synthetic dataset.
     """
-    if size < 16:
-        raise CxrflowError(f"--size must be at least 16 pixels, got {size}")
+    if not 16 <= size <= 8192:
+        raise CxrflowError(f"--size must be between 16 and 8192 pixels, got {size}")
     out_dir = Path(out_dir)
-    _prepare_out(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_target(out_dir, "synth", overwrite=overwrite)
     started = time.perf_counter()
     layout_map = finding_layout(vocab)
     layout = [layout_map[name] for name in vocab.names]
     entries, labels, test_patients = sample_entries(patients, np.random.default_rng([seed, 1]), vocab)
     background = chest_background(size, pad=max(1, size // 64))
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with publishing(out_dir, "synth", overwrite=overwrite) as pub:
+        tmp = pub.tmp
         (tmp / "images").mkdir()
         boxes: list[tuple[str, int, float, float, float, float]] = []
         for i, image_id in enumerate(entries["image_id"]):
@@ -432,13 +417,7 @@ def synthesize(
             "no_finding": int((labels.sum(1) == 0).sum()),
             "findings": {name: int(labels[:, j].sum()) for j, name in enumerate(vocab.names)},
         }
-        (tmp / MARKER_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        pub.commit(**summary)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -447,7 +426,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder to write the dataset into")
     parser.add_argument("--patients", type=int, default=200, help="number of patients (default 200, ~3.6 images each)")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024, like the release)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=options.seed, default=0, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic dataset at --out")
 
 

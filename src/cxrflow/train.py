@@ -46,12 +46,14 @@ from cxrflow.config import (
     resolve_config,
 )
 from cxrflow.errors import CxrflowError
+from cxrflow import options
 from cxrflow.inference import autocast as _autocast
 from cxrflow.inference import model_input, predict_split, resolve_device
 from cxrflow.inference import unwrap as _unwrap
 from cxrflow.loader import augment, make_loader
 from cxrflow.metrics import mean_auc, per_class_auc
-from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model
+from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model, load_weights
+from cxrflow.outputs import claiming, read_marker, write_marker
 from cxrflow.store import check_partition, pixel_stats, read_manifest
 
 #: Files a run writes; ``--overwrite`` removes exactly these.
@@ -248,6 +250,8 @@ def _prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, ctx: Dist) 
     _barrier(ctx)  # every rank has checked before rank 0 changes anything
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
+        if read_marker(out, "train") is None:
+            write_marker(out, "train")
         for stale in out.glob(".*.tmp"):
             stale.unlink()
         if overwrite and not resume:
@@ -299,8 +303,28 @@ def train(
     step_hook: StepHook | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run (or resume) a training run described by ``config``; returns the done.json summary."""
+    """Run (or resume) a training run described by ``config``; returns the done.json summary.
+
+    The run folder is locked for the whole run (one line naming the holder for a second run on
+    it) and must be empty, absent, or (with ``--resume``/``--overwrite``) a cxrflow train run.
+    """
     ctx = ctx or Dist(device=resolve_device(config.device))
+    config.validate()
+    with claiming(config.out, "train", overwrite=overwrite, resume=resume, create=False, inputs=[config.store],
+                  legacy=("config.json",), lock=ctx.main, how="pass --resume to continue it or --overwrite to start again"):
+        return _train(config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx, step_hook=step_hook, log=log)
+
+
+def _train(
+    config: TrainConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    ctx: Dist,
+    step_hook: StepHook | None,
+    log: Callable[[str], None] | None,
+) -> dict:
     say = log or (lambda msg: print(msg, flush=True))
     info = say if ctx.main else (lambda msg: None)
     out = Path(config.out)
@@ -345,7 +369,7 @@ def train(
         start_stage, start_epoch, bad_epochs = int(state["stage_index"]), int(state["epoch"]) + 1, int(state["bad_epochs"])
         if state["stage_finished"]:
             start_stage, start_epoch, bad_epochs = start_stage + 1, 1, 0
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], out / "last.pt")
         info(f"resuming {out} after stage {state['stage']} epoch {state['epoch']} with the run's saved config")
         if ctx.main:
             _write_metrics(out, history)
@@ -358,7 +382,7 @@ def train(
         first = stage_index == start_stage and state is not None and not state["stage_finished"]
         if stage.name == "finetune" and not first and any(s.name == "kt" for s in stages[:stage_index]):
             kt = _load(out / "best_kt.pt")
-            model.load_state_dict(kt["model"])
+            load_weights(model, kt["model"], out / "best_kt.pt")
             info(f"fine-tuning starts from best_kt.pt (epoch {kt['epoch']})")
         elif stage_index == 0 and not first:
             info(f"stage {stage.name} starts from weights: {config.pretrained}")
@@ -522,7 +546,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backbone weights: torchvision ImageNet (from $TORCH_HOME; the default), random, or a state dict file")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=options.seed)
     parser.add_argument("--config", metavar="FILE", help="settings file (.json, .yaml, .toml)")
     parser.add_argument("--preset", choices=PRESETS, help="starting settings (default: 'default')")
     parser.add_argument("--device", choices=DEVICES, help="auto = cuda when available")
@@ -559,13 +583,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if not sep:
             raise CxrflowError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value.strip()
-    overrides.update(
-        {
-            "store": args.store, "size": args.size, "model": args.model, "out": args.out, "stage": args.stage,
-            "batch_size": args.batch_size, "pretrained": args.pretrained, "seed": args.seed,
-            "device": args.device, "num_workers": args.num_workers,
-        }
-    )
+    options_given = {
+        "store": args.store, "size": args.size, "model": args.model, "out": args.out, "stage": args.stage,
+        "batch_size": args.batch_size, "pretrained": args.pretrained, "seed": args.seed,
+        "device": args.device, "num_workers": args.num_workers,
+    }  # fmt: skip
+    overrides.update({k: v for k, v in options_given.items() if v is not None})  # an option not given keeps --set's value
     config = resolve_config(args.preset, args.config, overrides)
     names = [s.name for s in config.stages()]
     per_stage = {**_per_stage(args.epochs, "--epochs", names, "epochs"), **_per_stage(args.lr, "--lr", names, "lr")}
@@ -581,9 +604,14 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
         return None
     try:
         saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CxrflowError(f"unreadable run config: {exc}", path) from None
-    config = config_from_dict(saved)
+    if not isinstance(saved, dict):
+        raise CxrflowError(f"not a cxrflow run config: expected a JSON object, got {type(saved).__name__}", path)
+    try:
+        config = config_from_dict(saved)
+    except CxrflowError as exc:
+        raise CxrflowError(exc.message, path) from None
     config.out = args.out
     if args.device:
         config.device = args.device

@@ -1,0 +1,415 @@
+"""Publishing output folders safely: a marker, a lock, a temporary name, then a rename.
+
+Every command that writes a folder (``etl``, ``evaluate``, ``train``, ``report``, ``explore``,
+``sweep``, ``synth``, ``demo``, and what comes later) goes through this module, so that cxrflow never deletes
+or replaces what it did not write, and two runs never write the same folder at once.
+
+- **Marker.** A folder written by ``cxrflow <command>`` holds ``.cxrflow-<command>.json`` (a JSON
+  object naming its ``producer``, version and time). ``--overwrite`` replaces only a folder that
+  carries the same command's marker; anything else (a folder of the user's, another command's
+  output, a file, the home or root folder, a folder holding the current one, any input of the run
+  or a folder holding one) is refused with one line saying it is not a cxrflow output.
+- **Lock.** ``.<name>.lock`` beside the target holds the owner's pid, host and command and an
+  exclusive ``flock``: a second run on the same output stops at once with one line naming the
+  holder. The kernel releases the lock when its process dies, so the lock of a killed run is
+  reclaimed by the next one (on file systems without ``flock``, a lock of a dead process on the same
+  host is reclaimed from its pid).
+- **Temporary name, then rename.** A whole-folder output is written into
+  ``.<name>.partial-<hex>/`` beside the target and renamed into place only when complete; the old
+  output is moved to ``.<name>.old-<hex>/`` first and deleted after. Folders are created with the
+  user's normal permissions (0777 less the umask).
+- **Leftovers.** ``.partial-*`` / ``.old-*`` folders of a killed run that carry the command's
+  marker are removed by the next run on the same output; :func:`leftovers` lists them (``cxrflow
+  store-info`` shows them).
+
+Public API (small on purpose)::
+
+    with publishing(out, "evaluate", overwrite=False, inputs=[run]) as pub:   # whole folder
+        write files into pub.tmp ...
+        pub.commit(extra="info for the marker")
+    with claiming(out, "train", overwrite=False, resume=False):            # folder written in place
+        ...
+    check_target(out, command, overwrite=..., inputs=...)   # the refusal rules alone, no side effect
+    read_marker(folder, command) / write_marker(folder, command, **info) / leftovers(out)
+
+A new command picks a name (its subcommand), calls :func:`check_target` before any long work for a
+fast refusal, then writes everything inside ``publishing`` (or ``claiming`` for a resumable folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from cxrflow import __version__
+from cxrflow.errors import CxrflowError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+
+PathLike = str | os.PathLike
+
+
+def marker_name(command: str) -> str:
+    """The marker file of ``cxrflow <command>``'s outputs: ``.cxrflow-<command>.json``."""
+    return f".cxrflow-{command}.json"
+
+
+def write_marker(folder: PathLike, command: str, **info: Any) -> Path:
+    """Mark ``folder`` as written by ``cxrflow <command>`` (``info`` is kept in the marker)."""
+    from cxrflow.atomic import write_json_atomic
+
+    path = Path(folder) / marker_name(command)
+    write_json_atomic(
+        path,
+        {
+            "producer": f"cxrflow {command}",
+            "cxrflow_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **info,
+        },
+    )
+    return path
+
+
+def read_marker(folder: PathLike, command: str) -> dict | None:
+    """The marker of ``folder`` when it is a ``cxrflow <command>`` output, else None.
+
+    A marker counts only when it parses as a JSON object whose ``producer`` (absent in markers of
+    early versions) names the command.
+    """
+    path = Path(folder) / marker_name(command)
+    try:
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("producer", f"cxrflow {command}") != f"cxrflow {command}":
+        return None
+    return data
+
+
+def _marked_by(folder: Path) -> list[str]:
+    """Commands whose valid marker ``folder`` carries."""
+    try:
+        names = [p.name for p in folder.glob(".cxrflow-*.json")]
+    except OSError:
+        return []
+    commands = [n[len(".cxrflow-") : -len(".json")] for n in names]
+    return sorted(c for c in commands if read_marker(folder, c) is not None)
+
+
+def _protected(out: Path, inputs: Iterable[PathLike]) -> str | None:
+    """Why ``out`` must never be replaced (an input, a folder holding one, home, root), or None."""
+    real = Path(os.path.realpath(out))
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        inp = Path(os.path.realpath(item))
+        if real == inp:
+            return f"is the input {item}"
+        if real in inp.parents:
+            return f"holds the input {item}"
+    for special, what in ((Path.home(), "your home folder"), (Path(real.anchor), "the root folder")):
+        if real == Path(os.path.realpath(special)):
+            return f"is {what}"
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if real in cwd.parents:
+        return "holds the current folder"
+    return None
+
+
+def check_target(
+    out: PathLike,
+    command: str,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[PathLike] = (),
+    how: str = "pass --overwrite to replace it",
+) -> None:
+    """Refuse ``out`` unless it is absent, an empty folder, or (with ``overwrite``) this command's output.
+
+    ``inputs`` are the paths the run reads: ``out`` may be neither one of them nor hold one.
+    ``how`` ends the refusal of an existing output without ``overwrite``.
+    """
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise CxrflowError("exists and is not a folder (not a cxrflow output); refusing to replace it, choose another --out", out)
+    why = _protected(out, inputs)
+    if why is not None:
+        raise CxrflowError(f"{why}, not a cxrflow {command} output; refusing to replace it, choose another --out", out)
+    try:
+        empty = not out.is_dir() or next(os.scandir(out), None) is None
+    except OSError as exc:
+        raise CxrflowError(f"cannot read the folder: {exc.strerror or exc}", out) from None
+    if empty:
+        return
+    if read_marker(out, command) is None:
+        others = _marked_by(out)
+        what = f"a cxrflow {others[0]} output, not a cxrflow {command} output" if others else (
+            f"not a cxrflow {command} output (no {marker_name(command)})"
+        )
+        raise CxrflowError(f"folder exists and is {what}; refusing to replace it, choose another --out", out)
+    if not overwrite:
+        raise CxrflowError(f"a cxrflow {command} output already exists here; {how}", out)
+
+
+def leftovers(out: PathLike) -> list[Path]:
+    """``.<name>.partial-*`` / ``.<name>.old-*`` folders beside ``out`` (left by a killed run)."""
+    out = Path(out).absolute()
+    found: list[Path] = []
+    for kind in ("partial", "old"):
+        found.extend(p for p in out.parent.glob(f".{out.name}.{kind}-*") if p.is_dir() and not p.is_symlink())
+    return sorted(found)
+
+
+def _remove_leftovers(out: Path, command: str) -> None:
+    """Delete the leftovers of ``out`` that carry this command's marker (call with the lock held)."""
+    for folder in leftovers(out):
+        if read_marker(folder, command) is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _make_folder(path: Path) -> None:
+    """mkdir with the user's normal permissions (0777 less the umask), never mkdtemp's 0700."""
+    os.mkdir(path, 0o777)
+
+
+# --------------------------------------------------------------------------------------------- lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+class OutputLock:
+    """An exclusive lock on one output path: ``.<name>.lock`` beside it, with the holder's pid and host."""
+
+    def __init__(self, out: PathLike, command: str):
+        self.out = Path(out).absolute()
+        self.command = command
+        self.path = self.out.parent / f".{self.out.name}.lock"
+        self.fd: int | None = None
+
+    def _holder(self) -> dict:
+        for _ in range(20):  # a holder that has just created the file writes its name right after
+            try:
+                data = json.loads(self.path.read_text() or "null")
+            except FileNotFoundError:
+                return {}
+            except (OSError, ValueError):
+                data = None
+            if isinstance(data, dict):
+                return data
+            time.sleep(0.01)
+        return {}
+
+    def _refuse(self, holder: dict) -> CxrflowError:
+        who = f"cxrflow {holder.get('command', '?')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')})"
+        return CxrflowError(
+            f"locked by {who}, which is writing this output now; wait for it to finish or choose another --out",
+            self.out,
+        )
+
+    def acquire(self) -> "OutputLock":
+        """Take the lock or raise a CxrflowError naming the holder."""
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CxrflowError(f"cannot create the folder: {exc.strerror or exc}", self.out.parent) from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise CxrflowError(f"cannot create the lock file: {exc.strerror or exc}", self.path) from None
+            try:
+                locked = self._flock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not locked:
+                os.close(fd)
+                raise self._refuse(self._holder())
+            try:  # the file we locked must still be the lock file (a releasing holder unlinks it)
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(holder) + "\n").encode())
+        self.fd = fd
+        return self
+
+    def _flock(self, fd: int) -> bool:
+        """True when this process now holds the lock on ``fd``."""
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+        # no flock here: the lock is held when a live process on this host (or any other host) wrote it
+        holder = self._holder()
+        if not holder:
+            return True
+        same_host = holder.get("host") == socket.gethostname()
+        return same_host and not _pid_alive(int(holder.get("pid", 0) or 0)) or holder.get("pid") == os.getpid()
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------------------- publishing
+
+
+class Publication:
+    """A whole-folder output being written: ``tmp`` to fill, :meth:`commit` to put it in place.
+
+    Use :func:`publishing`. Leaving the ``with`` block without a commit (an error, a kill) deletes
+    ``tmp``; the lock is released either way.
+    """
+
+    def __init__(self, out: Path, command: str, tmp: Path):
+        self.out, self.command, self.tmp = out, command, tmp
+        self.committed = False
+
+    def commit(self, **info: Any) -> Path:
+        """Mark ``tmp`` (``info`` goes into the marker) and rename it onto ``out``; returns ``out``."""
+        write_marker(self.tmp, self.command, **info)
+        old = None
+        if self.out.is_dir() and not self.out.is_symlink():
+            if read_marker(self.out, self.command) is not None:
+                old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(self.out, old)
+            else:
+                try:
+                    os.rmdir(self.out)  # an empty folder; fails if someone put files in it since the check
+                except OSError:
+                    raise CxrflowError("folder is no longer empty and not a cxrflow output; left as it is", self.out) from None
+        try:
+            os.replace(self.tmp, self.out)
+        except BaseException:
+            if old is not None and not self.out.exists():
+                os.replace(old, self.out)
+            raise
+        self.committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+
+@contextlib.contextmanager
+def publishing(
+    out: PathLike, command: str, *, overwrite: bool = False, inputs: Iterable[PathLike] = ()
+) -> Iterator[Publication]:
+    """Lock ``out``, check it may be (re)placed, yield a :class:`Publication` with a fresh ``tmp``.
+
+    The checks of :func:`check_target` run before the lock (fast refusal) and again under it.
+    """
+    out = Path(out).absolute()
+    inputs = list(inputs)
+    check_target(out, command, overwrite=overwrite, inputs=inputs)
+    with OutputLock(out, command):
+        check_target(out, command, overwrite=overwrite, inputs=inputs)
+        _remove_leftovers(out, command)
+        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        _make_folder(tmp)
+        pub = Publication(out, command, tmp)
+        try:
+            write_marker(tmp, command, partial=True)
+            yield pub
+        finally:
+            if not pub.committed:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def claiming(
+    out: PathLike,
+    command: str,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    fresh: bool = False,
+    create: bool = True,
+    inputs: Iterable[PathLike] = (),
+    legacy: Iterable[str] = (),
+    lock: bool = True,
+    how: str = "pass --overwrite to replace it",
+) -> Iterator[Path]:
+    """Lock a folder written in place (a run, a sweep, the demo) and make sure it is this command's.
+
+    An existing non-empty folder needs ``overwrite`` or ``resume`` and this command's marker (or,
+    with ``resume`` only, every file named in ``legacy``: outputs of versions before markers).
+    ``fresh`` (with ``overwrite``) removes the old folder first. With ``create`` the folder exists
+    and carries the marker inside the block; without, the caller creates it (``write_marker``) when
+    it first writes, so a run that fails early leaves nothing. ``lock=False`` (another process of
+    the same run holds the lock) only checks.
+    """
+    out = Path(out).absolute()
+    inputs = list(inputs)
+    legacy = list(legacy)
+
+    def check() -> None:
+        is_legacy = legacy and out.is_dir() and read_marker(out, command) is None and all(
+            (out / name).is_file() for name in legacy
+        )
+        if resume and is_legacy and _protected(out, inputs) is None:
+            return
+        check_target(out, command, overwrite=overwrite or resume, inputs=inputs, how=how)
+
+    check()
+    if not lock:
+        yield out
+        return
+    with OutputLock(out, command):
+        check()
+        _remove_leftovers(out, command)
+        if fresh and overwrite and out.is_dir() and read_marker(out, command) is not None:
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            shutil.rmtree(old, ignore_errors=True)
+        if create:
+            if not out.is_dir():
+                _make_folder(out)
+            if read_marker(out, command) is None:
+                write_marker(out, command)
+        yield out
