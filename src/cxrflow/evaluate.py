@@ -13,7 +13,11 @@ The pure core works on arrays (labels ``[N, K]``, probabilities ``[N, K]``, pati
 :func:`evaluate_run` runs a checkpoint over the validation and evaluated splits and writes, into one
 folder (by default ``RUN/eval-<split>-<checkpoint>/``, e.g. ``RUN/eval-test-best_finetune/``):
 ``metrics.json``, ``predictions.parquet`` (``image_id``, ``patient_id``, ``prob_<finding>``,
-``label_<finding>``), ``roc.png`` and ``curves.png``. ``cxrflow report`` reads those folders.
+``label_<finding>``, ``logit_<finding>``, ``calprob_<finding>``), ``val_predictions.parquet`` (the
+same for the validation split), ``roc.png``, ``reliability.png`` and ``curves.png``. Probabilities
+are also calibrated by per-finding temperature scaling fitted on the validation logits
+(:mod:`cxrflow.calibration`; ``metrics.json["calibration"]``). ``cxrflow report`` reads those folders,
+``cxrflow ensemble`` combines them.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ CHECKPOINT_NAMES = ("best_finetune", "best_kt")
 CHECKPOINT_STAGE = {"best_finetune": "finetune", "best_kt": "kt"}
 METRICS_NAME = "metrics.json"
 PREDICTIONS_NAME = "predictions.parquet"
+#: The validation split's predictions, same columns (ensembles are fitted on them without inference).
+VAL_PREDICTIONS_NAME = "val_predictions.parquet"
+RELIABILITY_NAME = "reliability.png"
 
 # Bootstrap replicates are processed in chunks holding about this many weights at once.
 _CHUNK_WEIGHTS = 8_000_000
@@ -309,7 +316,8 @@ def read_epoch_records(run: str | os.PathLike) -> list[dict]:
 
 
 def predictions_table(pred: dict, label_names: Sequence[str]):
-    """``predictions.parquet`` content: image_id, patient_id, prob_<finding> ..., label_<finding> ..."""
+    """``predictions.parquet`` content: image_id, patient_id, prob_<finding> ..., label_<finding> ...,
+    then logit_<finding> ... and calprob_<finding> ... when ``pred`` has ``logits`` / ``calprobs``."""
     import pyarrow as pa
 
     probs = np.asarray(pred["probs"], dtype=np.float32)
@@ -322,11 +330,17 @@ def predictions_table(pred: dict, label_names: Sequence[str]):
         cols[f"prob_{name}"] = pa.array(probs[:, j])
     for j, name in enumerate(label_names):
         cols[f"label_{name}"] = pa.array(labels[:, j].round().astype(np.uint8))
+    for key, prefix in (("logits", "logit_"), ("calprobs", "calprob_")):
+        if pred.get(key) is not None:
+            values = np.asarray(pred[key], dtype=np.float32)
+            for j, name in enumerate(label_names):
+                cols[f"{prefix}{name}"] = pa.array(values[:, j])
     return pa.table(cols)
 
 
 def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
-    """Read ``predictions.parquet`` back into (predict_split-style dict, label names)."""
+    """Read ``predictions.parquet`` (or ``val_predictions.parquet``) back into (predict_split-style
+    dict, label names); ``logits`` and ``calprobs`` are there when the file has those columns."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
@@ -338,7 +352,69 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
         "probs": frame[[f"prob_{n}" for n in names]].to_numpy(np.float64),
         "labels": frame[[f"label_{n}" for n in names]].to_numpy(np.float64),
     }
+    for key, prefix in (("logits", "logit_"), ("calprobs", "calprob_")):
+        if all(f"{prefix}{n}" in frame for n in names):
+            pred[key] = frame[[f"{prefix}{n}" for n in names]].to_numpy(np.float64)
     return pred, names
+
+
+def score_with_calibration(
+    evaluated: dict, validation: dict, label_names: Sequence[str], *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """The metrics of ``evaluated`` (a :func:`~cxrflow.inference.predict_split`-style dict with
+    ``logits``) with everything fitted on ``validation``: Youden thresholds on the raw and on the
+    calibrated probabilities, and per-finding temperatures; adds ``calprobs`` to both dicts.
+
+    AUCs, intervals and sensitivity/specificity are of the raw probabilities (temperature scaling
+    keeps each finding's ranking, so the calibrated ones give the same); ``threshold_calibrated``
+    is the same operating point on the calibrated scale, for ``cxrflow predict``.
+    """
+    from cxrflow.calibration import apply_temperatures, calibration_report, fit_temperatures
+
+    k = len(label_names)
+    val_labels = np.asarray(validation["labels"])
+    val_probs = np.asarray(validation["probs"], dtype=np.float64)
+    thresholds = np.array([youden_threshold(val_labels[:, j], val_probs[:, j]) for j in range(k)])
+    temperatures = fit_temperatures(validation["logits"], val_labels)
+    for pred in (validation, evaluated):  # one dict when the evaluated split is val
+        pred["calprobs"] = apply_temperatures(pred["logits"], temperatures).astype(np.float32)
+    val_cal = np.asarray(validation["calprobs"], dtype=np.float64)
+    cal_thresholds = [youden_threshold(val_labels[:, j], val_cal[:, j]) for j in range(k)]
+    labels = np.asarray(evaluated["labels"])
+    probs = np.asarray(evaluated["probs"], dtype=np.float64)
+    metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed)
+    metrics["threshold_split"] = "val"
+    metrics["threshold_calibrated"] = {n: _num(t) for n, t in zip(label_names, cal_thresholds)}
+    metrics["calibration"] = calibration_report(temperatures, labels, probs, evaluated["calprobs"], label_names)
+    return metrics
+
+
+def write_prediction_files(
+    folder: Path, evaluated: dict, validation: dict, label_names: Sequence[str], metrics: dict, what: str
+) -> list[str]:
+    """Write ``predictions.parquet``, ``val_predictions.parquet``, ``roc.png`` and ``reliability.png``
+    into ``folder``; returns the figures' names. ``what`` names the model in the titles."""
+    import pyarrow.parquet as pq
+
+    from cxrflow.plots import plot_reliability, plot_roc
+
+    pq.write_table(predictions_table(evaluated, label_names), folder / PREDICTIONS_NAME)
+    pq.write_table(predictions_table(validation, label_names), folder / VAL_PREDICTIONS_NAME)
+    labels = np.asarray(evaluated["labels"])
+    split = metrics.get("split", "test")
+    aucs = [metrics["auc"][n] for n in label_names]
+    plot_roc(labels, evaluated["probs"], label_names, aucs=aucs, title=f"ROC curves, {what}, {split} split").savefig(
+        folder / "roc.png", dpi=110
+    )
+    ece = metrics["calibration"]["ece_mean"]
+    curves = {
+        f"raw (mean ECE {ece['before']:.3f})": evaluated["probs"],
+        f"temperature-scaled on val (mean ECE {ece['after']:.3f})": evaluated["calprobs"],
+    }
+    plot_reliability(labels, curves, bins=metrics["calibration"]["bins"], title=f"Reliability, {what}, {split} split").savefig(
+        folder / RELIABILITY_NAME, dpi=110
+    )
+    return ["roc.png", RELIABILITY_NAME]
 
 
 def _publish_dir(tmp: Path, out: Path) -> None:
@@ -371,7 +447,7 @@ def evaluate_run(
     dict with ``out`` (the folder written) added.
     """
     from cxrflow.models import load_checkpoint
-    from cxrflow.plots import plot_roc, plot_training_curves
+    from cxrflow.plots import plot_training_curves
     from cxrflow.inference import predict_split, resolve_device
 
     run = Path(run)
@@ -391,15 +467,8 @@ def evaluate_run(
     label_names = list(ckpt["label_names"])
 
     evaluated = predict_split(model, store, size, split, batch_size=batch_size, device=device)
-    threshold_split = "val"
     validation = evaluated if split == "val" else predict_split(model, store, size, "val", batch_size=batch_size, device=device)
-    val_labels = np.asarray(validation["labels"])
-    val_probs = np.asarray(validation["probs"], dtype=np.float64)
-    thresholds = np.array([youden_threshold(val_labels[:, j], val_probs[:, j]) for j in range(len(label_names))])
-
-    labels = np.asarray(evaluated["labels"])
-    probs = np.asarray(evaluated["probs"], dtype=np.float64)
-    metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed)
+    metrics = score_with_calibration(evaluated, validation, label_names, n_boot=n_boot, seed=seed)
     loss = evaluated.get("loss")
     from cxrflow.store import pixel_stats, read_manifest
 
@@ -419,7 +488,6 @@ def evaluate_run(
         # the normalisation the model was trained with, so that 'cxrflow predict' can work without the store
         "pixel_mean": pixel_mean,
         "pixel_std": pixel_std,
-        "threshold_split": threshold_split,
         **metrics,
         "cxrflow_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -428,21 +496,16 @@ def evaluate_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        import pyarrow.parquet as pq
-
-        pq.write_table(predictions_table(evaluated, label_names), tmp / PREDICTIONS_NAME)
-        aucs = [metrics["auc"][n] for n in label_names]
-        title = f"ROC curves, {config.get('model')} {size}px, {name}, {split} split"
-        plot_roc(labels, probs, label_names, aucs=aucs, title=title).savefig(tmp / "roc.png", dpi=110)
+        figures = write_prediction_files(tmp, evaluated, validation, label_names, metrics, f"{config.get('model')} {size}px, {name}")
         records = read_epoch_records(run)
         if records:
             plot_training_curves(records, title=f"Training curves, {run.name} ({config.get('model')} {size}px)").savefig(
                 tmp / "curves.png", dpi=110
             )
-            metrics["figures"] = ["roc.png", "curves.png"]
+            figures.append("curves.png")
         else:
-            metrics["figures"] = ["roc.png"]
             metrics["figures_note"] = "no metrics.jsonl in the run folder: curves.png not drawn"
+        metrics["figures"] = figures
         write_json_atomic(tmp / METRICS_NAME, metrics)
         _publish_dir(tmp, out)
     except BaseException:
@@ -476,6 +539,12 @@ def format_summary(metrics: dict) -> str:
         )
     if metrics.get("nan_findings"):
         lines.append(f"no AUC (one class in the split, left out of the mean): {', '.join(metrics['nan_findings'])}")
+    cal = metrics.get("calibration")
+    if cal and cal["ece_mean"]["before"] is not None:
+        lines.append(
+            f"calibration (temperature per finding, fitted on {cal['fitted_on']}): mean ECE {cal['ece_mean']['before']:.4f} -> "
+            f"{cal['ece_mean']['after']:.4f}, mean Brier {cal['brier_mean']['before']:.4f} -> {cal['brier_mean']['after']:.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -512,5 +581,5 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(format_summary(metrics))
-    print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
+    print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
     return 0
