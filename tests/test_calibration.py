@@ -13,7 +13,8 @@ from cxrflow.calibration import (
     fit_temperatures,
     logit,
     sigmoid,
-    temperatures_of,
+    calibration_of,
+    pos_weight_offsets,
 )
 from cxrflow.plots import plot_reliability
 
@@ -87,8 +88,10 @@ def test_report_block_shape_and_means():
             assert block[f"{key}_mean"][when] == pytest.approx(np.mean(list(per.values())))
     assert block["brier"]["before"]["C"] == pytest.approx(np.mean(raw[:, 2] ** 2))
     assert block["ece"]["after"]["A"] == pytest.approx(expected_calibration_error(y[:, 0], cal[:, 0]))
-    np.testing.assert_allclose(temperatures_of(block, ["C", "A"]), [0.5, 2.0])
-    assert temperatures_of(None, names) is None
+    assert block["logit_offset"] == {"A": 0.0, "B": 0.0, "C": 0.0}
+    t, off = calibration_of(block, ["C", "A"])
+    np.testing.assert_allclose(t, [0.5, 2.0]) and np.testing.assert_allclose(off, [0.0, 0.0])
+    assert calibration_of(None, names) is None
 
 
 def test_reliability_figure_has_labels_and_two_curves():
@@ -99,3 +102,21 @@ def test_reliability_figure_has_labels_and_two_curves():
     (ax,) = fig.axes
     assert ax.get_title() == "Reliability test" and "probability" in ax.get_xlabel() and "frequency" in ax.get_ylabel()
     assert [line.get_label() for line in ax.get_lines()] == ["perfect calibration", "before", "after"]
+
+
+def test_pos_weight_offset_undoes_the_weighted_loss_shift():
+    # a model trained with BCE and positive weight w outputs logit(p) + log w; the offset removes it
+    rng = np.random.default_rng(1)
+    true_logit = rng.normal(-2.0, 1.0, (3000, 1))
+    labels = (rng.random(true_logit.shape) < sigmoid(true_logit)).astype(np.uint8)
+    w = 9.0
+    shifted = true_logit + math.log(w)
+    offsets = pos_weight_offsets([w], 1)
+    assert offsets[0] == pytest.approx(math.log(9.0))
+    t_only = fit_temperatures(shifted, labels)
+    t_after_offset = fit_temperatures(shifted - offsets, labels)
+    assert t_after_offset[0] == pytest.approx(1.0, abs=0.1)
+    ece_t_only = expected_calibration_error(labels, apply_temperatures(shifted, t_only))
+    ece_offset = expected_calibration_error(labels, apply_temperatures(shifted, t_after_offset, offsets))
+    assert ece_offset < 0.03 < ece_t_only  # a temperature alone cannot undo a shift
+    np.testing.assert_array_equal(pos_weight_offsets(None, 3), np.zeros(3))

@@ -203,10 +203,14 @@ def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_ru
 
     from cxrflow.calibration import expected_calibration_error, fit_temperature
 
-    run, _ = tiny_run
+    from cxrflow.store import read_manifest
+
+    run, store = tiny_run
     out = tmp_path / "ev"
     m = evaluate_run(run, out=out, n_boot=20)
     cal = m["calibration"]
+    pos_weight = read_manifest(store)["pos_weight"]
+    assert list(cal["logit_offset"].values()) == pytest.approx(np.log(pos_weight))
     assert (cal["method"], cal["fitted_on"], cal["bins"]) == ("temperature", "val", 15)
     test = pq.read_table(out / "predictions.parquet").to_pandas()
     val = pq.read_table(out / "val_predictions.parquet").to_pandas()
@@ -216,10 +220,12 @@ def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_ru
             # raw probabilities are the sigmoid of the logits; calibrated ones divide the logit by T
             z = frame[f"logit_{name}"].to_numpy(np.float64)
             np.testing.assert_allclose(frame[f"prob_{name}"], 1 / (1 + np.exp(-z)), atol=1e-6)
-            np.testing.assert_allclose(frame[f"calprob_{name}"], 1 / (1 + np.exp(-z / cal["temperature"][name])), atol=1e-6)
+            shifted = z - cal["logit_offset"][name]  # log pos_weight of the training loss
+            np.testing.assert_allclose(frame[f"calprob_{name}"], 1 / (1 + np.exp(-shifted / cal["temperature"][name])), atol=1e-6)
         y_val = val[f"label_{name}"]
         if y_val.nunique() == 2:  # T is the NLL minimum on the validation logits
-            assert cal["temperature"][name] == pytest.approx(fit_temperature(val[f"logit_{name}"], y_val), rel=1e-4)
+            shifted = val[f"logit_{name}"] - cal["logit_offset"][name]
+            assert cal["temperature"][name] == pytest.approx(fit_temperature(shifted, y_val), rel=1e-4)
         y = test[f"label_{name}"]
         for when, col in (("before", "prob_"), ("after", "calprob_")):
             assert cal["ece"][when][name] == pytest.approx(expected_calibration_error(y, test[col + name]), abs=1e-6)

@@ -118,14 +118,15 @@ def test_evaluated_run_flags_findings_at_the_validation_thresholds(run_and_image
     assert predictor.calibrated and predictor.thresholds == {n: t for n, t in recorded.items() if t is not None}
     raw = load_predictor(copy, raw=True)
     assert not raw.calibrated and raw.thresholds == {n: t for n, t in evaluation["threshold"].items() if t is not None}
-    # calibrated = sigmoid(logit / T) of the raw output, finding by finding; raw = what it was before evaluation
+    # calibrated = sigmoid((logit - log pos_weight) / T) of the raw output, finding by finding; raw = what it was before evaluation
     (p_raw,) = predict_files(raw, [img / "gray.png"])[0]
     (p_before,) = predict_files(before, [img / "gray.png"])[0]
     assert p_raw["probabilities"] == p_before["probabilities"]
     (p_cal,) = predict_files(predictor, [img / "gray.png"])[0]
     for n, q in p_raw["probabilities"].items():
         z = np.log(q) - np.log1p(-q)
-        assert p_cal["probabilities"][n] == pytest.approx(1 / (1 + np.exp(-z / evaluation["calibration"]["temperature"][n])), abs=1e-5)
+        z = (z - evaluation["calibration"]["logit_offset"][n]) / evaluation["calibration"]["temperature"][n]
+        assert p_cal["probabilities"][n] == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-5)
     # the same findings are flagged on both scales (temperature scaling keeps the order)
     assert p_cal["positive"] == p_raw["positive"]
     (p,) = predict_files(predictor, [img / "gray.png"])[0]

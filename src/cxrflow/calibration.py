@@ -3,7 +3,11 @@
 A model trained with ``pos_weight`` ranks images well but its sigmoid outputs are inflated (most
 positives read 1.00). Temperature scaling (Guo et al. 2017) divides each finding's logit by one
 number ``T`` fitted on the validation split, which leaves the ranking (and so every AUC) unchanged
-and makes the probabilities readable:
+and makes the probabilities readable. The weighted loss also shifts every logit by a known amount:
+the minimiser of BCE with positive weight ``w`` is ``logit(p) + log w``. Temperature scaling alone
+cannot undo a shift, so the shift is subtracted first (``logit_offset = log w``, from the training
+store's ``pos_weight``, nothing fitted) and ``T`` is fitted on the shifted logits:
+``calibrated = sigmoid((logit - log w) / T)``.
 
 - :func:`fit_temperature` / :func:`fit_temperatures`: ``T`` minimising the mean binary negative
   log-likelihood on validation logits, found by :func:`scipy.optimize.minimize_scalar` over
@@ -75,11 +79,22 @@ def fit_temperatures(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.array([np.nan if t is None else t for t in fitted])
 
 
-def apply_temperatures(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
-    """Calibrated probabilities ``sigmoid(logit / T)`` per finding; a NaN temperature counts as 1."""
+def apply_temperatures(logits: np.ndarray, temperatures: np.ndarray, offsets: np.ndarray | None = None) -> np.ndarray:
+    """Calibrated probabilities ``sigmoid((logit - offset) / T)`` per finding; a NaN temperature
+    counts as 1, no offsets as 0."""
     t = np.asarray(temperatures, dtype=np.float64)
     t = np.where(np.isnan(t), 1.0, t)
-    return sigmoid(np.asarray(logits, dtype=np.float64) / t)
+    z = np.asarray(logits, dtype=np.float64)
+    if offsets is not None:
+        z = z - np.asarray(offsets, dtype=np.float64)
+    return sigmoid(z / t)
+
+
+def pos_weight_offsets(pos_weight: Sequence[float] | None, k: int) -> np.ndarray:
+    """``log pos_weight`` per finding (the logit shift of the weighted training loss); zeros without one."""
+    if pos_weight is None or len(pos_weight) != k:
+        return np.zeros(k)
+    return np.log(np.maximum(np.asarray(pos_weight, dtype=np.float64), 1e-12))
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -126,10 +141,12 @@ def calibration_report(
     calibrated_probs: np.ndarray,
     label_names: Sequence[str],
     *,
+    offsets: np.ndarray | None = None,
     bins: int = ECE_BINS,
     fitted_on: str = "val",
 ) -> dict[str, Any]:
-    """The ``"calibration"`` block of ``metrics.json``: temperatures, ECE and Brier before/after.
+    """The ``"calibration"`` block of ``metrics.json``: temperatures (and the logit offsets
+    subtracted before them), ECE and Brier before/after.
 
     Means are over the findings that have a value; a finding without a fitted temperature
     (one label value in the fitting split) keeps ``T = 1`` and is listed under ``"unfitted"``.
@@ -143,6 +160,8 @@ def calibration_report(
         "fitted_on": fitted_on,
         "bins": int(bins),
         "temperature": {n: 1.0 if np.isnan(v) else float(v) for n, v in zip(names, t)},
+        "logit_offset": {n: float(v) for n, v in zip(names, np.zeros(len(names)) if offsets is None else offsets)},
+        "formula": "calprob = sigmoid((logit - logit_offset) / temperature)",
         "unfitted": [n for n, v in zip(names, t) if np.isnan(v)],
         "ece": {"before": _per_finding(ece_before, names), "after": _per_finding(ece_after, names)},
         "ece_mean": {"before": _mean(ece_before), "after": _mean(ece_after)},
@@ -151,9 +170,13 @@ def calibration_report(
     }
 
 
-def temperatures_of(calibration: dict | None, label_names: Sequence[str]) -> np.ndarray | None:
-    """The temperatures ``float64[K]`` recorded in a ``"calibration"`` block, or None without one."""
+def calibration_of(calibration: dict | None, label_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(temperatures, logit offsets) ``float64[K]`` recorded in a ``"calibration"`` block, or None without one."""
     if not calibration or "temperature" not in calibration:
         return None
-    recorded = calibration["temperature"]
-    return np.array([float(recorded.get(n) or 1.0) for n in label_names])
+    temperature = calibration["temperature"]
+    offset = calibration.get("logit_offset") or {}
+    return (
+        np.array([float(temperature.get(n) or 1.0) for n in label_names]),
+        np.array([float(offset.get(n) or 0.0) for n in label_names]),
+    )

@@ -359,11 +359,18 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
 
 
 def score_with_calibration(
-    evaluated: dict, validation: dict, label_names: Sequence[str], *, n_boot: int = 1000, seed: int = 0
+    evaluated: dict,
+    validation: dict,
+    label_names: Sequence[str],
+    *,
+    logit_offsets: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """The metrics of ``evaluated`` (a :func:`~cxrflow.inference.predict_split`-style dict with
     ``logits``) with everything fitted on ``validation``: Youden thresholds on the raw and on the
-    calibrated probabilities, and per-finding temperatures; adds ``calprobs`` to both dicts.
+    calibrated probabilities, and per-finding temperatures (of the logits less ``logit_offsets``,
+    the ``log pos_weight`` shift of the training loss); adds ``calprobs`` to both dicts.
 
     AUCs, intervals and sensitivity/specificity are of the raw probabilities (temperature scaling
     keeps each finding's ranking, so the calibrated ones give the same); ``threshold_calibrated``
@@ -375,9 +382,10 @@ def score_with_calibration(
     val_labels = np.asarray(validation["labels"])
     val_probs = np.asarray(validation["probs"], dtype=np.float64)
     thresholds = np.array([youden_threshold(val_labels[:, j], val_probs[:, j]) for j in range(k)])
-    temperatures = fit_temperatures(validation["logits"], val_labels)
+    offsets = np.zeros(k) if logit_offsets is None else np.asarray(logit_offsets, dtype=np.float64)
+    temperatures = fit_temperatures(np.asarray(validation["logits"], dtype=np.float64) - offsets, val_labels)
     for pred in (validation, evaluated):  # one dict when the evaluated split is val
-        pred["calprobs"] = apply_temperatures(pred["logits"], temperatures).astype(np.float32)
+        pred["calprobs"] = apply_temperatures(pred["logits"], temperatures, offsets).astype(np.float32)
     val_cal = np.asarray(validation["calprobs"], dtype=np.float64)
     cal_thresholds = [youden_threshold(val_labels[:, j], val_cal[:, j]) for j in range(k)]
     labels = np.asarray(evaluated["labels"])
@@ -385,7 +393,7 @@ def score_with_calibration(
     metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed)
     metrics["threshold_split"] = "val"
     metrics["threshold_calibrated"] = {n: _num(t) for n, t in zip(label_names, cal_thresholds)}
-    metrics["calibration"] = calibration_report(temperatures, labels, probs, evaluated["calprobs"], label_names)
+    metrics["calibration"] = calibration_report(temperatures, labels, probs, evaluated["calprobs"], label_names, offsets=offsets)
     return metrics
 
 
@@ -468,11 +476,14 @@ def evaluate_run(
 
     evaluated = predict_split(model, store, size, split, batch_size=batch_size, device=device)
     validation = evaluated if split == "val" else predict_split(model, store, size, "val", batch_size=batch_size, device=device)
-    metrics = score_with_calibration(evaluated, validation, label_names, n_boot=n_boot, seed=seed)
-    loss = evaluated.get("loss")
+    from cxrflow.calibration import pos_weight_offsets
     from cxrflow.store import pixel_stats, read_manifest
 
-    pixel_mean, pixel_std = pixel_stats(read_manifest(store), size)
+    manifest = read_manifest(store)
+    offsets = pos_weight_offsets(manifest.get("pos_weight"), len(label_names))
+    metrics = score_with_calibration(evaluated, validation, label_names, logit_offsets=offsets, n_boot=n_boot, seed=seed)
+    loss = evaluated.get("loss")
+    pixel_mean, pixel_std = pixel_stats(manifest, size)
     metrics = {
         "run": str(run.resolve()),
         "run_name": run.name,

@@ -47,8 +47,9 @@ class Predictor:
     #: evaluate``) on the scale of the probabilities given, or None when the run has not been
     #: evaluated at this checkpoint.
     thresholds: dict[str, float] | None = None
-    #: Per-finding temperatures ``float64[K]`` (calibrated output), or None (the raw sigmoid).
-    temperatures: np.ndarray | None = None
+    #: Per-finding (temperatures, logit offsets) ``float64[K]`` each (calibrated output, see
+    #: :mod:`cxrflow.calibration`), or None (the raw sigmoid).
+    calibration: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def sizes(self) -> list[int]:
@@ -57,7 +58,7 @@ class Predictor:
 
     @property
     def calibrated(self) -> bool:
-        return self.temperatures is not None
+        return self.calibration is not None
 
     def logits(self, images: dict[int, torch.Tensor]) -> np.ndarray:
         """Raw logits ``float64[N, K]`` of a uint8 batch ``[N, 1, S, S]`` given per size."""
@@ -66,11 +67,11 @@ class Predictor:
         return batch_logits(self.model, images[self.size], self.mean, self.std, self.device).numpy().astype(np.float64)
 
     def probabilities(self, images: dict[int, torch.Tensor]) -> np.ndarray:
-        """Probabilities ``float64[N, K]``: calibrated when the predictor has temperatures, else raw."""
+        """Probabilities ``float64[N, K]``: calibrated when the predictor has a calibration, else raw."""
         from cxrflow.calibration import apply_temperatures, sigmoid
 
         z = self.logits(images)
-        return sigmoid(z) if self.temperatures is None else apply_temperatures(z, self.temperatures)
+        return sigmoid(z) if self.calibration is None else apply_temperatures(z, *self.calibration)
 
 
 def _pixel_stats(config: dict, size: int) -> tuple[float, float]:
@@ -131,8 +132,8 @@ def load_predictor(
     size = int(config["size"])
     mean, std = _pixel_stats(config, size)
     label_names = list(ckpt["label_names"])
-    thresholds, temperatures = operating_scale(evaluation, label_names, raw=raw)
-    return Predictor(model.eval(), size, mean, std, label_names, Path(path), device, thresholds, temperatures)
+    thresholds, calibration = operating_scale(evaluation, label_names, raw=raw)
+    return Predictor(model.eval(), size, mean, std, label_names, Path(path), device, thresholds, calibration)
 
 
 def _evaluation_record(run: Path, checkpoint_name: str) -> dict | None:
@@ -149,17 +150,17 @@ def _evaluation_record(run: Path, checkpoint_name: str) -> dict | None:
     return None
 
 
-def operating_scale(evaluation: dict | None, label_names: Sequence[str], *, raw: bool) -> tuple[dict | None, np.ndarray | None]:
-    """(thresholds, temperatures) from an evaluation's metrics: the calibrated ones unless ``raw``
+def operating_scale(evaluation: dict | None, label_names: Sequence[str], *, raw: bool) -> tuple[dict | None, tuple | None]:
+    """(thresholds, calibration) from an evaluation's metrics: the calibrated ones unless ``raw``
     or the evaluation predates calibration; thresholds of findings without one are left out."""
-    from cxrflow.calibration import temperatures_of
+    from cxrflow.calibration import calibration_of
 
     if evaluation is None:
         return None, None
-    temperatures = None if raw else temperatures_of(evaluation.get("calibration"), label_names)
-    key = "threshold" if temperatures is None else "threshold_calibrated"
+    calibration = None if raw else calibration_of(evaluation.get("calibration"), label_names)
+    key = "threshold" if calibration is None else "threshold_calibrated"
     recorded = evaluation.get(key) or {}
-    return {name: float(t) for name, t in recorded.items() if t is not None}, temperatures
+    return {name: float(t) for name, t in recorded.items() if t is not None}, calibration
 
 
 def predict_files(
