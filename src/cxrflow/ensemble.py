@@ -415,7 +415,11 @@ def run(args: argparse.Namespace) -> int:
     metrics = build_ensemble(
         args.members, args.out, method=args.method, split=args.split, n_boot=args.n_boot, seed=args.seed, overwrite=args.overwrite
     )
-    print(f"members: {', '.join(metrics['member_names'])}")
-    print(format_summary(metrics))
+    lines = format_summary(metrics).splitlines()
+    lines[0] = (
+        f"{metrics['model']} of {', '.join(metrics['member_names'])} on {metrics['split']}: "
+        f"{metrics['n_images']} images, {metrics['n_patients']} patients"
+    )
+    print("\n".join(lines))
     print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
     return 0
