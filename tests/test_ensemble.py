@@ -82,10 +82,15 @@ def test_every_figure_in_the_ensemble_metrics_recomputes_from_its_predictions(me
     # the stacking is a logistic regression on the members' validation logits, refitted here with sklearn
     member_val = [_frame(_path(e), "val_predictions.parquet").set_index("image_id").loc[val["image_id"]] for e in evals]
     member_test = [_frame(_path(e)).set_index("image_id").loc[test["image_id"]] for e in evals]
+    weights = m["stacking"]["weights"]
     for name in names:
-        x_val = np.column_stack([f[f"logit_{name}"] for f in member_val])
-        lr = LogisticRegression(random_state=0, max_iter=1000).fit(x_val, val[f"label_{name}"])
-        x_test = np.column_stack([f[f"logit_{name}"] for f in member_test])
+        # members with weight 0 were left out for a negative weight; the rest is sklearn's fit on them
+        kept = [i for i, c in enumerate(weights[name]["coef"]) if c > 0]
+        assert kept and all(c >= 0 for c in weights[name]["coef"])
+        x_val = np.column_stack([member_val[i][f"logit_{name}"] for i in kept])
+        lr = LogisticRegression(C=0.1, random_state=0, max_iter=1000).fit(x_val, val[f"label_{name}"])
+        assert (lr.coef_ >= 0).all()
+        x_test = np.column_stack([member_test[i][f"logit_{name}"] for i in kept])
         np.testing.assert_allclose(test[f"logit_{name}"], lr.decision_function(x_test), atol=1e-3)
     aucs = []
     for name in names:
@@ -111,6 +116,23 @@ def test_every_figure_in_the_ensemble_metrics_recomputes_from_its_predictions(me
     ci = bootstrap_auc_ci(labels, probs, test["patient_id"].to_numpy(), n_boot=50, seed=0)
     assert m["mean_auc_ci95"] == pytest.approx(ci["mean_auc_ci"], abs=1e-6)
     assert set(m["figures"]) == {"roc.png", "reliability.png"} and all((out / f).stat().st_size > 10_000 for f in m["figures"])
+
+
+def test_stacking_weights_are_never_negative():
+    from cxrflow.ensemble import fit_stacking
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((400, 1)) < 0.3).astype(int)
+    good = 2.0 * y + rng.normal(0, 1, (400, 1))
+    # a second member whose logits are mostly the first one's: alone it ranks well, yet a free
+    # regression would give it a negative weight to cancel the shared part
+    shadow = good + 0.3 * rng.normal(0, 1, (400, 1)) - 0.5 * y
+    (fit,) = fit_stacking([good, shadow], y)
+    assert fit["coef"][0] > 0 and fit["coef"][1] == 0.0
+    from sklearn.linear_model import LogisticRegression
+
+    assert LogisticRegression(C=0.1).fit(np.hstack([good, shadow]), y[:, 0]).coef_[0, 1] < 0  # what the constraint prevents
+    assert fit_stacking([good, shadow], np.zeros((400, 1))) == [None]
 
 
 def test_mean_ensemble_averages_calibrated_probabilities(members):

@@ -6,8 +6,10 @@ ensemble needs no new inference:
 
 - ``mean``: the average of the members' calibrated probabilities (each member's own calibration).
 - ``stacked``: per finding, a logistic regression (scikit-learn, fixed seed) on the members' logits,
-  fitted on the **validation** predictions only; a finding with one label value in validation falls
-  back to the mean.
+  fitted on the **validation** predictions only, with non-negative weights (a member whose weight
+  comes out negative is left out and the regression refitted: a model that ranks images the right
+  way round never counts against); a finding with one label value in validation falls back to the
+  mean.
 
 The ensemble's output is treated like one model's logits: thresholds are chosen on its validation
 predictions, a temperature per finding is fitted on them, and the test split is summarised by the
@@ -55,8 +57,10 @@ from cxrflow.evaluate import (
 )
 
 METHODS = ("mean", "stacked")
-#: Inverse regularisation strength of the stacking regression (scikit-learn's default).
-STACKING_C = 1.0
+#: Inverse regularisation strength of the stacking regression. Mild shrinkage (a tenth of
+#: scikit-learn's default) pulls correlated members' weights together, as averaging does; measured
+#: in benchmarks/ensemble.py.
+STACKING_C = 0.1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,21 +198,32 @@ def ensemble_logits(
     return out
 
 
-def fit_stacking(member_logits: Sequence[np.ndarray], labels: np.ndarray, *, seed: int = 0) -> list[dict | None]:
-    """Per finding, a logistic regression of the label on the members' validation logits;
-    None for a finding with one label value (it then uses the mean)."""
+def _nonnegative_logistic(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
+    """Logistic regression of ``y`` on the columns of ``x`` with weights >= 0: while a weight is
+    negative, the column with the most negative one is left out (weight 0) and the rest refitted."""
     from sklearn.linear_model import LogisticRegression
 
+    active = list(range(x.shape[1]))
+    while True:
+        model = LogisticRegression(C=STACKING_C, random_state=seed, max_iter=1000).fit(x[:, active], y)
+        coef = model.coef_[0]
+        if (coef >= 0).all() or len(active) == 1:
+            break
+        active.pop(int(np.argmin(coef)))
+    weights = np.zeros(x.shape[1])
+    weights[active] = coef
+    return {"coef": [float(c) for c in weights], "intercept": float(model.intercept_[0])}
+
+
+def fit_stacking(member_logits: Sequence[np.ndarray], labels: np.ndarray, *, seed: int = 0) -> list[dict | None]:
+    """Per finding, a logistic regression with non-negative weights of the label on the members'
+    validation logits; None for a finding with one label value (it then uses the mean)."""
     z = np.stack([np.asarray(l, dtype=np.float64) for l in member_logits])  # [M, N, K]
     labels = np.asarray(labels)
     fits: list[dict | None] = []
     for j in range(labels.shape[1]):
         y = labels[:, j].round().astype(int)
-        if y.min() == y.max():
-            fits.append(None)
-            continue
-        model = LogisticRegression(C=STACKING_C, random_state=seed, max_iter=1000).fit(z[:, :, j].T, y)
-        fits.append({"coef": [float(c) for c in model.coef_[0]], "intercept": float(model.intercept_[0])})
+        fits.append(None if y.min() == y.max() else _nonnegative_logistic(z[:, :, j].T, y, seed))
     return fits
 
 
@@ -309,7 +324,7 @@ def build_ensemble(
         **({"store_identity": first["store_identity"]} if "store_identity" in first else {}),
         **scored,
         "stacking": None if stacking is None else {
-            "fitted_on": "val", "model": f"logistic regression on the members' logits (C={STACKING_C}, seed {seed})",
+            "fitted_on": "val", "model": f"logistic regression on the members' logits, weights >= 0 (C={STACKING_C}, seed {seed})",
             "weights": dict(zip(names, stacking)), "fallback_to_mean": [n for n, w in zip(names, stacking) if w is None]},
         "cxrflow_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
