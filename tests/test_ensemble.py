@@ -163,6 +163,10 @@ def test_predict_with_an_ensemble_runs_every_member(members, stacked, tmp_path, 
             assert got[name] == pytest.approx(expected[col + name], abs=1e-4)
         scale = "threshold_calibrated" if col == "calprob_" else "threshold"
         assert out["thresholds"] == {n: t for n, t in stacked[scale].items() if t is not None}
+    # an evaluation folder is not something to predict with: one line naming what to give instead
+    assert main(["predict", "--run", str(members[3][0]), str(png)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give --run the run folder" in err[0]
 
 
 def test_report_shows_the_ensemble_row_with_members_and_ece(members, stacked, tmp_path):
