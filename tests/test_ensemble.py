@@ -163,6 +163,15 @@ def test_predict_with_an_ensemble_runs_every_member(members, stacked, tmp_path, 
             assert got[name] == pytest.approx(expected[col + name], abs=1e-4)
         scale = "threshold_calibrated" if col == "calprob_" else "threshold"
         assert out["thresholds"] == {n: t for n, t in stacked[scale].items() if t is not None}
+    # a member checkpoint that is not the one the ensemble was built from is refused
+    changed = tmp_path / "changed"
+    shutil.copytree(stacked["out"], changed)
+    m = json.loads((changed / "metrics.json").read_text())
+    m["members"][1]["checkpoint_sha256"] = "0" * 64
+    (changed / "metrics.json").write_text(json.dumps(m))
+    assert main(["predict", "--run", str(changed), str(png)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "changed since the ensemble was built" in err[0]
     # an evaluation folder is not something to predict with: one line naming what to give instead
     assert main(["predict", "--run", str(members[3][0]), str(png)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
