@@ -148,7 +148,7 @@ def test_evaluate_run_writes_metrics_predictions_and_figures(tiny_run, tmp_path)
     from sklearn.metrics import roc_auc_score
 
     table = pq.read_table(out / "predictions.parquet").to_pandas()
-    assert list(table.columns[:2]) == ["image_id", "patient_id"] and table.shape == (48, 2 + 28)
+    assert list(table.columns[:2]) == ["image_id", "patient_id"] and table.shape == (48, 2 + 4 * 14)
     for name, auc in m["auc"].items():
         y = table[f"label_{name}"]
         if y.nunique() == 2:
@@ -160,7 +160,8 @@ def test_evaluate_run_writes_metrics_predictions_and_figures(tiny_run, tmp_path)
     called = table["prob_Cardiomegaly"] >= t
     pos = table["label_Cardiomegaly"] == 1
     assert m["sensitivity"]["Cardiomegaly"] == pytest.approx((called & pos).sum() / pos.sum())
-    assert (out / "roc.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
+    for figure in ("roc.png", "curves.png", "reliability.png"):
+        assert (out / figure).stat().st_size > 10_000 and figure in m["figures"]
     pred, names = read_predictions(out / "predictions.parquet")
     assert names == m["label_names"] and pred["probs"].shape == (48, 14)
     # no silent overwrite
@@ -195,3 +196,46 @@ def test_checkpoint_resolution_errors(tiny_run, tmp_path):
     with pytest.raises(CxrflowError, match="no checkpoint to evaluate"):
         resolve_checkpoint(tmp_path)
     assert main(["evaluate", "--run", str(tmp_path / "missing")]) == 2
+
+
+def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_run, tmp_path):
+    from sklearn.metrics import brier_score_loss
+
+    from cxrflow.calibration import expected_calibration_error, fit_temperature
+
+    from cxrflow.store import read_manifest
+
+    run, store = tiny_run
+    out = tmp_path / "ev"
+    m = evaluate_run(run, out=out, n_boot=20)
+    cal = m["calibration"]
+    pos_weight = read_manifest(store)["pos_weight"]
+    assert list(cal["logit_offset"].values()) == pytest.approx(np.log(pos_weight))
+    assert (cal["method"], cal["fitted_on"], cal["bins"]) == ("temperature", "val", 15)
+    test = pq.read_table(out / "predictions.parquet").to_pandas()
+    val = pq.read_table(out / "val_predictions.parquet").to_pandas()
+    assert len(val) == 48 and list(val.columns) == list(test.columns)
+    for name in m["label_names"]:
+        for frame in (test, val):
+            # raw probabilities are the sigmoid of the logits; calibrated ones divide the logit by T
+            z = frame[f"logit_{name}"].to_numpy(np.float64)
+            np.testing.assert_allclose(frame[f"prob_{name}"], 1 / (1 + np.exp(-z)), atol=1e-6)
+            shifted = z - cal["logit_offset"][name]  # log pos_weight of the training loss
+            np.testing.assert_allclose(frame[f"calprob_{name}"], 1 / (1 + np.exp(-shifted / cal["temperature"][name])), atol=1e-6)
+        y_val = val[f"label_{name}"]
+        if y_val.nunique() == 2:  # T is the NLL minimum on the validation logits
+            shifted = val[f"logit_{name}"] - cal["logit_offset"][name]
+            assert cal["temperature"][name] == pytest.approx(fit_temperature(shifted, y_val), rel=1e-4)
+        y = test[f"label_{name}"]
+        for when, col in (("before", "prob_"), ("after", "calprob_")):
+            assert cal["ece"][when][name] == pytest.approx(expected_calibration_error(y, test[col + name]), abs=1e-6)
+            assert cal["brier"][when][name] == pytest.approx(brier_score_loss(y, test[col + name], pos_label=1), abs=1e-6)
+        # thresholds: Youden's J on the validation probabilities, raw and calibrated
+        for key, col in (("threshold", "prob_"), ("threshold_calibrated", "calprob_")):
+            expected = youden_threshold(y_val, val[col + name])
+            assert m[key][name] == (None if math.isnan(expected) else pytest.approx(expected))
+    for key in ("ece_mean", "brier_mean"):
+        for when in ("before", "after"):
+            assert cal[key][when] == pytest.approx(np.mean(list(cal[key.split("_")[0]][when].values())))
+    # calibration lowers the mean ECE: pos_weight training leaves the raw probabilities inflated
+    assert cal["ece_mean"]["after"] < cal["ece_mean"]["before"]

@@ -109,11 +109,26 @@ def test_evaluated_run_flags_findings_at_the_validation_thresholds(run_and_image
     run, _, img, _ = run_and_images
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    assert load_predictor(copy).thresholds is None  # not evaluated yet: probabilities only
+    before = load_predictor(copy)
+    assert before.thresholds is None and not before.calibrated  # not evaluated yet: raw probabilities only
     assert main(["evaluate", "--run", str(copy), "--n-boot", "10"]) == 0
-    recorded = json.loads((copy / "eval-test-best_finetune" / "metrics.json").read_text())["threshold"]
+    evaluation = json.loads((copy / "eval-test-best_finetune" / "metrics.json").read_text())
+    recorded = evaluation["threshold_calibrated"]
     predictor = load_predictor(copy)
-    assert predictor.thresholds == {n: t for n, t in recorded.items() if t is not None}
+    assert predictor.calibrated and predictor.thresholds == {n: t for n, t in recorded.items() if t is not None}
+    raw = load_predictor(copy, raw=True)
+    assert not raw.calibrated and raw.thresholds == {n: t for n, t in evaluation["threshold"].items() if t is not None}
+    # calibrated = sigmoid((logit - log pos_weight) / T) of the raw output, finding by finding; raw = what it was before evaluation
+    (p_raw,) = predict_files(raw, [img / "gray.png"])[0]
+    (p_before,) = predict_files(before, [img / "gray.png"])[0]
+    assert p_raw["probabilities"] == p_before["probabilities"]
+    (p_cal,) = predict_files(predictor, [img / "gray.png"])[0]
+    for n, q in p_raw["probabilities"].items():
+        z = np.log(q) - np.log1p(-q)
+        z = (z - evaluation["calibration"]["logit_offset"][n]) / evaluation["calibration"]["temperature"][n]
+        assert p_cal["probabilities"][n] == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-5)
+    # the same findings are flagged on both scales (temperature scaling keeps the order)
+    assert p_cal["positive"] == p_raw["positive"]
     (p,) = predict_files(predictor, [img / "gray.png"])[0]
     expected = [n for n, t in predictor.thresholds.items() if p["probabilities"][n] >= t]
     assert p["positive"] == [n for n in predictor.label_names if n in expected]
@@ -122,6 +137,12 @@ def test_evaluated_run_flags_findings_at_the_validation_thresholds(run_and_image
     header, row = capsys.readouterr().out.strip().splitlines()
     assert header.endswith("positive at the validation threshold")
     assert row.endswith(", ".join(p["positive"]) or "none")
+    for flag, calibrated in (([], True), (["--raw"], False)):
+        assert main(["predict", "--run", str(copy), str(img / "gray.png"), "--json", *flag]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["calibrated"] is calibrated
+        expected = p_cal if calibrated else p_raw
+        assert out["predictions"][0]["probabilities"] == pytest.approx(expected["probabilities"])
 
 
 def test_pixel_bombs_and_pipes_get_an_error_and_the_other_files_a_result(run_and_images, tmp_path):

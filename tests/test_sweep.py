@@ -156,3 +156,84 @@ def test_missing_store_or_size_fails_before_training(tmp_path):
     with pytest.raises(CxrflowError, match="size 256 is not in the store"):
         run_sweep(sweep, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def _without_unsupported_fusion(data):
+    """The sweep file as this checkout can parse it: 'fusion' is a training setting of the
+    demographics-fusion branch; where TrainConfig does not have it yet, those keys are dropped."""
+    import dataclasses
+
+    from cxrflow.config import TrainConfig
+
+    if "fusion" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return data, True
+    return {**data, "runs": [{k: v for k, v in r.items() if k != "fusion"} for r in data["runs"]]}, False
+
+
+def test_beyond_paper_config_declares_paper_fused_and_ensemble_rows(tmp_path):
+    from cxrflow.config import read_config_file
+
+    raw = read_config_file(CONFIGS / "beyond-paper.yaml")
+    data, fusion_supported = _without_unsupported_fusion(raw)
+    sweep = parse_sweep(data, source="beyond-paper.yaml", store=tmp_path)
+    paper = load_sweep(CONFIGS / "paper.yaml", store=tmp_path)
+    by_name = {r.name: r for r in sweep.runs}
+    for run in paper.runs:  # the paper's nine rows, unchanged
+        assert by_name[run.name].config.to_dict() == run.config.to_dict() and by_name[run.name].evaluate == run.evaluate
+    fused = [r["name"] for r in raw["runs"] if r.get("fusion") == "demographics"]
+    assert len(fused) >= 2 and all(n.endswith("-fused") for n in fused)
+    if fusion_supported:
+        assert all(by_name[n].config.fusion == "demographics" for n in fused)
+    assert {e.method for e in sweep.ensembles} == {"mean", "stacked"}
+    members = {r for e in sweep.ensembles for r, _ in e.members}
+    assert set(fused) <= members and {"densenet121-512", "resnet50-512"} <= members
+    assert all(c == "best_finetune" for e in sweep.ensembles for _, c in e.members)
+
+
+_RUNS = [{"name": "a", "model": "simple_cnn", "size": 32}, {"name": "b", "model": "simple_cnn", "size": 32, "seed": 1}]
+
+
+@pytest.mark.parametrize(
+    "ensembles, match",
+    [
+        ([{"name": "e", "members": ["a", "b"], "method": "median"}], "unknown method 'median'"),
+        ([{"name": "e", "members": ["a"]}], "at least two members"),
+        ([{"name": "e", "members": ["a", "c"]}], "no run named 'c'"),
+        ([{"name": "e", "members": ["a", "b:best_kt"]}], "not evaluated at best_kt"),
+        ([{"name": "e", "members": ["a", "a"]}], "names a member twice"),
+        ([{"name": "a", "members": ["a", "b"]}], "unique among runs and ensembles"),
+        ([{"name": "e", "members": ["a", "b"], "weights": [1, 2]}], "name, members and method only"),
+    ],
+)
+def test_invalid_ensembles(ensembles, match):
+    with pytest.raises(CxrflowError, match=match):
+        parse_sweep({"store": "s", "runs": _RUNS, "ensembles": ensembles})
+
+
+@pytest.mark.slow
+def test_sweep_builds_its_ensembles_once(tmp_path, capsys):
+    from cxrflow.synthstore import write_synthetic_store
+
+    store = tmp_path / "store"
+    write_synthetic_store(store, sizes=(32,), rows={"train": 48, "val": 48, "test": 48}, prevalence=0.3, signal=12)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        f"store: {store}\n"
+        "defaults: {pretrained: none, batch_size: 16, augment: false, early_stopping_patience: 0, finetune: {epochs: 1, lr: 0.003}}\n"
+        "n_boot: 20\n"
+        "runs:\n  - {name: a, model: simple_cnn, size: 32}\n  - {name: b, model: simple_cnn, size: 32, seed: 1}\n"
+        "ensembles:\n  - {name: ab, members: [a, b], method: stacked}\n"
+    )
+    out = tmp_path / "out"
+    assert main(["sweep", str(config), "--out", str(out), "--device", "cpu", "--in-process"]) == 0
+    ens = out / "ensembles" / "ab" / "metrics.json"
+    m = json.loads(ens.read_text())
+    assert m["method"] == "stacked" and m["member_names"] == ["a/best_finetune", "b/best_finetune"]
+    with open(out / "report" / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["a", "b", "ab"] and rows[2]["members"] == "a/best_finetune;b/best_finetune"
+    assert rows[2]["kind"] == "ensemble" and float(rows[2]["ece_calibrated"]) == pytest.approx(m["calibration"]["ece_mean"]["after"])
+    stamp = ens.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["sweep", str(config), "--out", str(out), "--device", "cpu", "--in-process"]) == 0
+    assert ens.stat().st_mtime_ns == stamp and "cxrflow ensemble" not in capsys.readouterr().out

@@ -26,6 +26,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("store-info", "cxrflow.store", "print a Parquet store's manifest"),
     ("train", "cxrflow.train", "train a model from the store in two stages (knowledge transfer, fine-tuning)"),
     ("evaluate", "cxrflow.evaluate", "per-finding test AUC with confidence intervals, ROC and loss figures"),
+    ("ensemble", "cxrflow.ensemble", "combine evaluated runs (mean or stacked) into an evaluated ensemble"),
     ("report", "cxrflow.report", "report.html (the whole study on one page) and the paper's Table 1 over several runs"),
     ("sweep", "cxrflow.sweep", "train, evaluate and report every run listed in a config file"),
     ("predict", "cxrflow.predict", "finding probabilities for new image files"),

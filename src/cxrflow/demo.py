@@ -179,7 +179,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  report table              {rel(report.get('table_md', '-'))}  (+ table.csv)")
     lines.append(f"  runs vs paper figure      {rel(report.get('comparison_png', '-'))}")
     for e in summary["outputs"]["evaluations"]:
-        lines.append(f"  evaluation                {rel(e)}/ (metrics.json, predictions.parquet, roc.png, curves.png)")
+        lines.append(f"  evaluation                {rel(e)}/ (metrics.json, predictions.parquet, roc.png, reliability.png, curves.png)")
     lines.append("mean test AUC (95% CI, patient bootstrap):")
     for name, v in summary["mean_test_auc"].items():
         ci = v["ci95"]

@@ -13,7 +13,11 @@ The pure core works on arrays (labels ``[N, K]``, probabilities ``[N, K]``, pati
 :func:`evaluate_run` runs a checkpoint over the validation and evaluated splits and writes, into one
 folder (by default ``RUN/eval-<split>-<checkpoint>/``, e.g. ``RUN/eval-test-best_finetune/``):
 ``metrics.json``, ``predictions.parquet`` (``image_id``, ``patient_id``, ``prob_<finding>``,
-``label_<finding>``), ``roc.png`` and ``curves.png``. ``cxrflow report`` reads those folders.
+``label_<finding>``, ``logit_<finding>``, ``calprob_<finding>``), ``val_predictions.parquet`` (the
+same for the validation split), ``roc.png``, ``reliability.png`` and ``curves.png``. Probabilities
+are also calibrated by per-finding temperature scaling fitted on the validation logits
+(:mod:`cxrflow.calibration`; ``metrics.json["calibration"]``). ``cxrflow report`` reads those folders,
+``cxrflow ensemble`` combines them.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ CHECKPOINT_NAMES = ("best_finetune", "best_kt")
 CHECKPOINT_STAGE = {"best_finetune": "finetune", "best_kt": "kt"}
 METRICS_NAME = "metrics.json"
 PREDICTIONS_NAME = "predictions.parquet"
+#: The validation split's predictions, same columns (ensembles are fitted on them without inference).
+VAL_PREDICTIONS_NAME = "val_predictions.parquet"
+RELIABILITY_NAME = "reliability.png"
 
 # Bootstrap replicates are processed in chunks holding about this many weights at once.
 _CHUNK_WEIGHTS = 8_000_000
@@ -314,7 +321,8 @@ def check_metrics(m: Any, path: str | os.PathLike) -> dict:
     if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(number(v) for v in ci)):
         raise CxrflowError(f"metrics field 'mean_auc_ci95' must be [low, high] or null, got {ci!r}", path)
     size = m.get("size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+    sizes = size if m.get("kind") == "ensemble" and isinstance(size, list) else [size]  # an ensemble's members' sizes
+    if size is not None and not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
         raise CxrflowError(f"metrics field 'size' must be an integer, got {size!r}", path)
     return m
 
@@ -339,7 +347,8 @@ def read_epoch_records(run: str | os.PathLike) -> list[dict]:
 
 
 def predictions_table(pred: dict, label_names: Sequence[str]):
-    """``predictions.parquet`` content: image_id, patient_id, prob_<finding> ..., label_<finding> ..."""
+    """``predictions.parquet`` content: image_id, patient_id, prob_<finding> ..., label_<finding> ...,
+    then logit_<finding> ... and calprob_<finding> ... when ``pred`` has ``logits`` / ``calprobs``."""
     import pyarrow as pa
 
     probs = np.asarray(pred["probs"], dtype=np.float32)
@@ -352,11 +361,17 @@ def predictions_table(pred: dict, label_names: Sequence[str]):
         cols[f"prob_{name}"] = pa.array(probs[:, j])
     for j, name in enumerate(label_names):
         cols[f"label_{name}"] = pa.array(labels[:, j].round().astype(np.uint8))
+    for key, prefix in (("logits", "logit_"), ("calprobs", "calprob_")):
+        if pred.get(key) is not None:
+            values = np.asarray(pred[key], dtype=np.float32)
+            for j, name in enumerate(label_names):
+                cols[f"{prefix}{name}"] = pa.array(values[:, j])
     return pa.table(cols)
 
 
 def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
-    """Read ``predictions.parquet`` back into (predict_split-style dict, label names)."""
+    """Read ``predictions.parquet`` (or ``val_predictions.parquet``) back into (predict_split-style
+    dict, label names); ``logits`` and ``calprobs`` are there when the file has those columns."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
@@ -368,7 +383,77 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
         "probs": frame[[f"prob_{n}" for n in names]].to_numpy(np.float64),
         "labels": frame[[f"label_{n}" for n in names]].to_numpy(np.float64),
     }
+    for key, prefix in (("logits", "logit_"), ("calprobs", "calprob_")):
+        if all(f"{prefix}{n}" in frame for n in names):
+            pred[key] = frame[[f"{prefix}{n}" for n in names]].to_numpy(np.float64)
     return pred, names
+
+
+def score_with_calibration(
+    evaluated: dict,
+    validation: dict,
+    label_names: Sequence[str],
+    *,
+    logit_offsets: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The metrics of ``evaluated`` (a :func:`~cxrflow.inference.predict_split`-style dict with
+    ``logits``) with everything fitted on ``validation``: Youden thresholds on the raw and on the
+    calibrated probabilities, and per-finding temperatures (of the logits less ``logit_offsets``,
+    the ``log pos_weight`` shift of the training loss); adds ``calprobs`` to both dicts.
+
+    AUCs, intervals and sensitivity/specificity are of the raw probabilities (temperature scaling
+    keeps each finding's ranking, so the calibrated ones give the same); ``threshold_calibrated``
+    is the same operating point on the calibrated scale, for ``cxrflow predict``.
+    """
+    from cxrflow.calibration import apply_temperatures, calibration_report, fit_temperatures
+
+    k = len(label_names)
+    val_labels = np.asarray(validation["labels"])
+    val_probs = np.asarray(validation["probs"], dtype=np.float64)
+    thresholds = np.array([youden_threshold(val_labels[:, j], val_probs[:, j]) for j in range(k)])
+    offsets = np.zeros(k) if logit_offsets is None else np.asarray(logit_offsets, dtype=np.float64)
+    temperatures = fit_temperatures(np.asarray(validation["logits"], dtype=np.float64) - offsets, val_labels)
+    for pred in (validation, evaluated):  # one dict when the evaluated split is val
+        pred["calprobs"] = apply_temperatures(pred["logits"], temperatures, offsets).astype(np.float32)
+    val_cal = np.asarray(validation["calprobs"], dtype=np.float64)
+    cal_thresholds = [youden_threshold(val_labels[:, j], val_cal[:, j]) for j in range(k)]
+    labels = np.asarray(evaluated["labels"])
+    probs = np.asarray(evaluated["probs"], dtype=np.float64)
+    metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed)
+    metrics["threshold_split"] = "val"
+    metrics["threshold_calibrated"] = {n: _num(t) for n, t in zip(label_names, cal_thresholds)}
+    metrics["calibration"] = calibration_report(temperatures, labels, probs, evaluated["calprobs"], label_names, offsets=offsets)
+    return metrics
+
+
+def write_prediction_files(
+    folder: Path, evaluated: dict, validation: dict, label_names: Sequence[str], metrics: dict, what: str
+) -> list[str]:
+    """Write ``predictions.parquet``, ``val_predictions.parquet``, ``roc.png`` and ``reliability.png``
+    into ``folder``; returns the figures' names. ``what`` names the model in the titles."""
+    import pyarrow.parquet as pq
+
+    from cxrflow.plots import plot_reliability, plot_roc
+
+    pq.write_table(predictions_table(evaluated, label_names), folder / PREDICTIONS_NAME)
+    pq.write_table(predictions_table(validation, label_names), folder / VAL_PREDICTIONS_NAME)
+    labels = np.asarray(evaluated["labels"])
+    split = metrics.get("split", "test")
+    aucs = [metrics["auc"][n] for n in label_names]
+    plot_roc(labels, evaluated["probs"], label_names, aucs=aucs, title=f"ROC curves, {what}, {split} split").savefig(
+        folder / "roc.png", dpi=110
+    )
+    ece = metrics["calibration"]["ece_mean"]
+    curves = {
+        f"raw (mean ECE {ece['before']:.3f})": evaluated["probs"],
+        f"temperature-scaled on val (mean ECE {ece['after']:.3f})": evaluated["calprobs"],
+    }
+    plot_reliability(labels, curves, bins=metrics["calibration"]["bins"], title=f"Reliability, {what}, {split} split").savefig(
+        folder / RELIABILITY_NAME, dpi=110
+    )
+    return ["roc.png", RELIABILITY_NAME]
 
 
 def evaluate_run(
@@ -406,7 +491,7 @@ def evaluate_run(
 def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot, seed, device, batch_size, store) -> dict:
     """Score the checkpoint, write the evaluation into ``pub.tmp`` and publish it."""
     from cxrflow.models import load_checkpoint
-    from cxrflow.plots import plot_roc, plot_training_curves
+    from cxrflow.plots import plot_training_curves
     from cxrflow.inference import predict_split
 
     model, ckpt = load_checkpoint(ckpt_path, map_location=device)
@@ -418,19 +503,15 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
     label_names = list(ckpt["label_names"])
 
     evaluated = predict_split(model, store, size, split, batch_size=batch_size, device=device)
-    threshold_split = "val"
     validation = evaluated if split == "val" else predict_split(model, store, size, "val", batch_size=batch_size, device=device)
-    val_labels = np.asarray(validation["labels"])
-    val_probs = np.asarray(validation["probs"], dtype=np.float64)
-    thresholds = np.array([youden_threshold(val_labels[:, j], val_probs[:, j]) for j in range(len(label_names))])
-
-    labels = np.asarray(evaluated["labels"])
-    probs = np.asarray(evaluated["probs"], dtype=np.float64)
-    metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed)
-    loss = evaluated.get("loss")
+    from cxrflow.calibration import pos_weight_offsets
     from cxrflow.store import pixel_stats, read_manifest
 
-    pixel_mean, pixel_std = pixel_stats(read_manifest(store), size)
+    manifest = read_manifest(store)
+    offsets = pos_weight_offsets(manifest.get("pos_weight"), len(label_names))
+    metrics = score_with_calibration(evaluated, validation, label_names, logit_offsets=offsets, n_boot=n_boot, seed=seed)
+    loss = evaluated.get("loss")
+    pixel_mean, pixel_std = pixel_stats(manifest, size)
     metrics = {
         "run": str(run.resolve()),
         "run_name": run.name,
@@ -446,28 +527,22 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
         # the normalisation the model was trained with, so that 'cxrflow predict' can work without the store
         "pixel_mean": pixel_mean,
         "pixel_std": pixel_std,
-        "threshold_split": threshold_split,
         **metrics,
         "cxrflow_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
     tmp = pub.tmp
-    import pyarrow.parquet as pq
-
-    pq.write_table(predictions_table(evaluated, label_names), tmp / PREDICTIONS_NAME)
-    aucs = [metrics["auc"][n] for n in label_names]
-    title = f"ROC curves, {config.get('model')} {size}px, {name}, {split} split"
-    plot_roc(labels, probs, label_names, aucs=aucs, title=title).savefig(tmp / "roc.png", dpi=110)
+    figures = write_prediction_files(tmp, evaluated, validation, label_names, metrics, f"{config.get('model')} {size}px, {name}")
     records = read_epoch_records(run)
     if records:
         plot_training_curves(records, title=f"Training curves, {run.name} ({config.get('model')} {size}px)").savefig(
             tmp / "curves.png", dpi=110
         )
-        metrics["figures"] = ["roc.png", "curves.png"]
+        figures.append("curves.png")
     else:
-        metrics["figures"] = ["roc.png"]
         metrics["figures_note"] = "no metrics.jsonl in the run folder: curves.png not drawn"
+    metrics["figures"] = figures
     write_json_atomic(tmp / METRICS_NAME, metrics)
     pub.commit()
     metrics["out"] = str(pub.out)
@@ -498,6 +573,12 @@ def format_summary(metrics: dict) -> str:
         )
     if metrics.get("nan_findings"):
         lines.append(f"no AUC (one class in the split, left out of the mean): {', '.join(metrics['nan_findings'])}")
+    cal = metrics.get("calibration")
+    if cal and cal["ece_mean"]["before"] is not None:
+        lines.append(
+            f"calibration (temperature per finding, fitted on {cal['fitted_on']}): mean ECE {cal['ece_mean']['before']:.4f} -> "
+            f"{cal['ece_mean']['after']:.4f}, mean Brier {cal['brier_mean']['before']:.4f} -> {cal['brier_mean']['after']:.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -534,5 +615,5 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(format_summary(metrics))
-    print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
+    print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
     return 0

@@ -6,6 +6,12 @@ mode the ETL accepts to 8-bit gray, resize to the run's size) and the loader's n
 gives the same input the model saw in training. Everything needed (model, size, pixel statistics,
 label names) comes from the checkpoint, so prediction works after the store is gone.
 
+Probabilities are calibrated by default: an evaluated run's per-finding temperatures (fitted on the
+validation logits by ``cxrflow evaluate``) divide the logits, and the flagged findings use the
+validation-Youden thresholds chosen on the same calibrated scale; ``--raw`` gives the model's own
+sigmoid outputs and the thresholds chosen on them. ``--run`` may also name an ensemble folder
+(``cxrflow ensemble``): every member scores the file and the ensemble combines them.
+
 An unreadable file is reported as one ``error: <file>: <reason>`` line; the other files still get
 their predictions and the exit status is 2.
 """
@@ -40,8 +46,34 @@ class Predictor:
     checkpoint: Path
     device: torch.device
     #: Per-finding decision thresholds (Youden's J on the validation split, from ``cxrflow
-    #: evaluate``), or None when the run has not been evaluated at this checkpoint.
+    #: evaluate``) on the scale of the probabilities given, or None when the run has not been
+    #: evaluated at this checkpoint.
     thresholds: dict[str, float] | None = None
+    #: Per-finding (temperatures, logit offsets) ``float64[K]`` each (calibrated output, see
+    #: :mod:`cxrflow.calibration`), or None (the raw sigmoid).
+    calibration: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def sizes(self) -> list[int]:
+        """Input sizes this predictor needs each image at."""
+        return [self.size]
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
+
+    def logits(self, images: dict[int, torch.Tensor]) -> np.ndarray:
+        """Raw logits ``float64[N, K]`` of a uint8 batch ``[N, 1, S, S]`` given per size."""
+        from cxrflow.inference import batch_logits
+
+        return batch_logits(self.model, images[self.size], self.mean, self.std, self.device).numpy().astype(np.float64)
+
+    def probabilities(self, images: dict[int, torch.Tensor]) -> np.ndarray:
+        """Probabilities ``float64[N, K]``: calibrated when the predictor has a calibration, else raw."""
+        from cxrflow.calibration import apply_temperatures, sigmoid
+
+        z = self.logits(images)
+        return sigmoid(z) if self.calibration is None else apply_temperatures(z, *self.calibration)
 
 
 def _pixel_stats(config: dict, size: int) -> tuple[float, float]:
@@ -68,16 +100,23 @@ def load_predictor(
     *,
     device: str = "cpu",
     store: str | os.PathLike | None = None,
-) -> Predictor:
-    """Load a run's checkpoint (default: best_finetune, else best_kt) for prediction."""
-    from cxrflow.evaluate import resolve_checkpoint
+    raw: bool = False,
+) -> Any:
+    """Load a run's checkpoint (default: best_finetune, else best_kt) for prediction, calibrated
+    unless ``raw`` (when the run was evaluated). An ensemble folder gives an
+    :class:`~cxrflow.ensemble.EnsemblePredictor` with the same face."""
+    from cxrflow.evaluate import METRICS_NAME, resolve_checkpoint
     from cxrflow.inference import resolve_device
     from cxrflow.models import load_checkpoint
 
     run_dir = Path(run) if run is not None else None
-    thresholds = None
+    evaluation = None
     if run_dir is not None and not run_dir.is_dir():
         raise CxrflowError("no such run folder", run_dir)
+    if run_dir is not None and (run_dir / METRICS_NAME).is_file():
+        from cxrflow.ensemble import load_ensemble_predictor
+
+        return load_ensemble_predictor(run_dir, device=device, raw=raw)
     if run_dir is None:
         if not checkpoint:
             raise CxrflowError("give --run or a --checkpoint file")
@@ -86,7 +125,7 @@ def load_predictor(
             raise CxrflowError("no such checkpoint", path)
     else:
         name, path = resolve_checkpoint(run_dir, checkpoint)
-        thresholds = _validation_thresholds(run_dir, name)
+        evaluation = _evaluation_record(run_dir, name)
     device = resolve_device(device)
     model, ckpt = load_checkpoint(path, map_location=device)
     config = dict(ckpt.get("config") or {})
@@ -96,24 +135,38 @@ def load_predictor(
         raise CxrflowError("checkpoint config has no 'size'", path)
     size = int(config["size"])
     mean, std = _pixel_stats(config, size)
-    return Predictor(model.eval(), size, mean, std, list(ckpt["label_names"]), Path(path), device, thresholds)
+    label_names = list(ckpt["label_names"])
+    thresholds, calibration = operating_scale(evaluation, label_names, raw=raw)
+    return Predictor(model.eval(), size, mean, std, label_names, Path(path), device, thresholds, calibration)
 
 
-def _validation_thresholds(run: Path, checkpoint_name: str) -> dict[str, float] | None:
-    """The validation-Youden thresholds ``cxrflow evaluate`` recorded for this checkpoint, if any.
+def _evaluation_record(run: Path, checkpoint_name: str) -> dict | None:
+    """The ``metrics.json`` of an evaluation of this checkpoint, if any.
 
-    Every evaluation of a checkpoint chooses its thresholds on the validation split, so any of
-    ``RUN/eval-<split>-<checkpoint>/metrics.json`` will do; findings without one are left out.
+    Every evaluation of a checkpoint chooses its thresholds and fits its temperatures on the
+    validation split, so any of ``RUN/eval-<split>-<checkpoint>/metrics.json`` will do.
     """
     from cxrflow.evaluate import check_metrics
 
     for path in sorted(run.glob(f"eval-*-{checkpoint_name}/metrics.json")):
         try:
-            recorded = check_metrics(json.loads(path.read_text()), path).get("threshold") or {}
+            return check_metrics(json.loads(path.read_text()), path)
         except (OSError, ValueError):
             continue
-        return {name: float(t) for name, t in recorded.items() if t is not None}
     return None
+
+
+def operating_scale(evaluation: dict | None, label_names: Sequence[str], *, raw: bool) -> tuple[dict | None, tuple | None]:
+    """(thresholds, calibration) from an evaluation's metrics: the calibrated ones unless ``raw``
+    or the evaluation predates calibration; thresholds of findings without one are left out."""
+    from cxrflow.calibration import calibration_of
+
+    if evaluation is None:
+        return None, None
+    calibration = None if raw else calibration_of(evaluation.get("calibration"), label_names)
+    key = "threshold" if calibration is None else "threshold_calibrated"
+    recorded = evaluation.get(key) or {}
+    return {name: float(t) for name, t in recorded.items() if t is not None}, calibration
 
 
 def predict_files(
@@ -125,7 +178,6 @@ def predict_files(
     ``{"image": path, "error": reason}``.
     """
     from cxrflow.imaging import preprocess
-    from cxrflow.inference import batch_logits
 
     predictions: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
@@ -134,9 +186,8 @@ def predict_files(
     def flush() -> None:
         if not pending:
             return
-        batch = torch.from_numpy(np.stack([img for _, img in pending])[:, None])
-        logits = batch_logits(predictor.model, batch, predictor.mean, predictor.std, predictor.device)
-        probs = torch.sigmoid(logits).numpy()
+        batch = {s: torch.from_numpy(np.stack([img[s] for _, img in pending])[:, None]) for s in predictor.sizes}
+        probs = predictor.probabilities(batch)
         for (name, _), row in zip(pending, probs):
             probabilities = dict(zip(predictor.label_names, map(float, row)))
             result: dict[str, Any] = {"image": name, "probabilities": probabilities}
@@ -157,7 +208,7 @@ def predict_files(
             errors.append({"image": name, "error": "not a file"})
             continue
         try:
-            gray = preprocess(path, [predictor.size])[predictor.size]
+            gray = preprocess(path, predictor.sizes)
         except CxrflowError as exc:
             errors.append({"image": name, "error": exc.message})
             continue
@@ -193,11 +244,14 @@ def format_table(predictions: Sequence[dict], label_names: Sequence[str]) -> str
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files (any size, gray, RGB, RGBA or 16-bit)")
-    parser.add_argument("--run", default=None, help="run folder written by 'cxrflow train'")
+    parser.add_argument("--run", default=None, help="run folder written by 'cxrflow train', or an ensemble folder ('cxrflow ensemble')")
     parser.add_argument(
         "--checkpoint", default=None, help="best_finetune, best_kt, last or a .pt path (default: best_finetune, else best_kt)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--raw", action="store_true", help="the model's raw sigmoid outputs instead of calibrated probabilities (and thresholds on that scale)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     parser.add_argument("--batch-size", type=options.positive_int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--store", default=None, help="the training store, only for checkpoints that lack pixel statistics")
@@ -206,7 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.run is None and args.checkpoint is None:
         raise CxrflowError("give --run RUN (or --checkpoint FILE.pt)")
-    predictor = load_predictor(args.run, args.checkpoint, device=args.device, store=args.store)
+    predictor = load_predictor(args.run, args.checkpoint, device=args.device, store=args.store, raw=args.raw)
     predictions, errors = predict_files(predictor, args.images, batch_size=max(1, args.batch_size))
     if args.json:
         print(
@@ -214,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
                 json_safe({
                     "checkpoint": str(predictor.checkpoint),
                     "size": predictor.size,
+                    "calibrated": predictor.calibrated,
                     "label_names": predictor.label_names,
                     "thresholds": predictor.thresholds,
                     "predictions": predictions,

@@ -4,8 +4,9 @@ Inputs are evaluation folders written by ``cxrflow evaluate`` (holding ``metrics
 folders, in which case every ``eval-<split>-*/`` evaluation inside is used (a two-stage run evaluated
 at ``best_kt`` and ``best_finetune`` gives two rows, KT and fine-tuned, like the paper). One row per
 evaluation: model, size, stage, mean AUC with its 95% patient-bootstrap interval, the paper's
-published mean AUC for the same configuration (reference column) and the per-finding AUCs; the
-best row is marked.
+published mean AUC for the same configuration (reference column), the mean expected calibration
+error (after the evaluation's temperature scaling, and raw) and the per-finding AUCs; the best row is
+marked. An ensemble folder (``cxrflow ensemble``) is one row of its own, with its members named.
 """
 
 from __future__ import annotations
@@ -89,10 +90,23 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
     size = m.get("size")
     stage = m.get("stage") or (m.get("method", "?") if m.get("kind") == "ensemble" else "?")
     ci = m.get("mean_auc_ci95") or [None, None]
-    paper = paper_mean_auc(model, size, stage)
+    ensemble = m.get("kind") == "ensemble"
+    if ensemble:
+        size = "/".join(map(str, size)) if isinstance(size, list) else size
+        members = list(m.get("member_names") or [Path(e.get("eval", "?")).parent.name for e in m.get("members", [])])
+        label = f"Ensemble ({m.get('method')}) of {' + '.join(members)}"
+    else:
+        members = []
+        label = f"{MODEL_TITLES.get(model, model)} {size}px {STAGE_TITLES.get(stage, stage)}"
+    paper = None if ensemble else paper_mean_auc(model, size, stage)
     mean = m["mean_auc"]
+    ece = (m.get("calibration") or {}).get("ece_mean") or {}
     return {
-        "label": f"{MODEL_TITLES.get(model, model)} {size}px {STAGE_TITLES.get(stage, stage)}",
+        "label": label,
+        "kind": "ensemble" if ensemble else "evaluation",
+        "members": members,
+        "ece": ece.get("after"),
+        "ece_raw": ece.get("before"),
         "run": m.get("run_name") or Path(m.get("run", metrics_path.parent.parent)).name,
         "model": model,
         "size": size,
@@ -140,6 +154,7 @@ def format_csv(rows: Sequence[dict]) -> str:
     head = [
         "run", "model", "size", "stage", "checkpoint", "split", "n_images", "n_patients",
         "mean_auc", "ci95_low", "ci95_high", "paper_mean_auc", "delta_vs_paper", "best", "nan_findings",
+        "ece_calibrated", "ece_raw", "kind", "members",
     ] + [f"auc_{n}" for n in findings]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -149,6 +164,8 @@ def format_csv(rows: Sequence[dict]) -> str:
             [r["run"], r["model"], r["size"], r["stage"], r["checkpoint"], r["split"], r["n_images"], r["n_patients"]]
             + ["" if r[k] is None else repr(float(r[k])) for k in ("mean_auc", "ci_low", "ci_high", "paper_mean_auc", "delta_vs_paper")]
             + [str(r["best"]).lower(), ";".join(r["nan_findings"])]
+            + ["" if r[k] is None else repr(float(r[k])) for k in ("ece", "ece_raw")]
+            + [r["kind"], ";".join(r["members"])]
             + ["" if r["auc"].get(n) is None else repr(float(r["auc"][n])) for n in findings]
         )
     return buf.getvalue()
@@ -164,6 +181,8 @@ def format_markdown(rows: Sequence[dict]) -> str:
         "patient-level bootstrap. *Paper* is the published mean AUC of the same model, input size and",
         "stage (KT = frozen backbone, knowledge transfer; fine-tuned = everything trained), shown for",
         "reference only: the data, split and preprocessing behind it differ. The best run is in bold.",
+        "*ECE* is the mean expected calibration error over findings (15 equal-width bins; lower is",
+        "better) of the temperature-scaled probabilities, with the model's raw ones in brackets.",
         "",
     ]
     vocabularies = len({tuple(r["label_names"]) for r in rows})
@@ -174,20 +193,26 @@ def format_markdown(rows: Sequence[dict]) -> str:
             "",
         ]
     lines += [
-        "| Run | Model | Size (px) | Stage | Mean AUC | 95% CI | Paper | Δ vs paper | Images | Best |",
-        "|---|---|---:|---|---:|---|---:|---:|---:|:---:|",
+        "| Run | Model | Size (px) | Stage | Mean AUC | 95% CI | ECE (raw) | Paper | Δ vs paper | Images | Best |",
+        "|---|---|---:|---|---:|---|---:|---:|---:|---:|:---:|",
     ]
     for r in rows:
         mean = _fmt(r["mean_auc"])
         ci = f"{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}" if r["ci_low"] is not None else "n/a"
         delta = "" if r["delta_vs_paper"] is None else f"{r['delta_vs_paper']:+.4f}"
+        ece = "n/a" if r["ece"] is None else f"{r['ece']:.3f}" + ("" if r["ece_raw"] is None else f" ({r['ece_raw']:.3f})")
+        model = f"Ensemble ({r['model'][len('ensemble('):-1]})" if r["kind"] == "ensemble" else MODEL_TITLES.get(r["model"], r["model"])
         cells = [
-            r["run"], MODEL_TITLES.get(r["model"], r["model"]), str(r["size"]), STAGE_TITLES.get(r["stage"], r["stage"]),
-            mean or "n/a", ci, _fmt(r["paper_mean_auc"]) or "—", delta or "—", str(r["n_images"]), "**best**" if r["best"] else "",
+            r["run"], model, str(r["size"]), STAGE_TITLES.get(r["stage"], r["stage"]),
+            mean or "n/a", ci, ece, _fmt(r["paper_mean_auc"]) or "—", delta or "—", str(r["n_images"]), "**best**" if r["best"] else "",
         ]
         if r["best"]:
             cells[:5] = [f"**{c}**" for c in cells[:5]]
         lines.append("| " + " | ".join(cells) + " |")
+    ensembles = [f"{r['run']}: {r['label']}" for r in rows if r["kind"] == "ensemble"]
+    if ensembles:
+        lines += ["", "Ensembles (members are run/checkpoint; weights, thresholds and temperatures fitted on validation, never on test):"]
+        lines += [f"- {e}" for e in ensembles]
     nan_notes = [f"{r['run']} ({STAGE_TITLES.get(r['stage'], r['stage'])}): {', '.join(r['nan_findings'])}" for r in rows if r["nan_findings"]]
     if nan_notes:
         lines += ["", "Findings without an AUC (one class only in the split), left out of the mean:"]

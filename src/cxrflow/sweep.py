@@ -13,13 +13,22 @@ A sweep file (YAML, TOML or JSON) names a store, settings shared by every run, a
         evaluate: [best_kt, best_finetune]   # optional; the default is every stage the run trains
 
 A two-stage run is trained once and evaluated at both stages' best checkpoints, which gives the
-paper's "KT" and "fine-tuned" rows from one run. For every run the sweep
+paper's "KT" and "fine-tuned" rows from one run. A sweep may also list ensembles of its runs::
+
+    ensembles:
+      - name: densenet-resnet-512  # OUT/ensembles/<name>/
+        members: [densenet121-512, resnet50-512:best_kt]   # run, or run:checkpoint (default: its last stage)
+        method: stacked            # mean (default) or stacked; see cxrflow.ensemble
+
+For every run the sweep
 
 1. trains it unless ``OUT/runs/<name>/done.json`` exists (a folder left by a crash is resumed from
    its ``last.pt``; a run whose saved settings differ from the file is an error, never mixed);
 2. evaluates each listed checkpoint on the test split unless ``OUT/runs/<name>/eval-test-<ckpt>/``
    exists (evaluations are written atomically, so a present folder is complete);
-3. and finally writes the report (``OUT/report/table.md``, ``table.csv``, ``comparison.png``).
+3. builds each ensemble unless ``OUT/ensembles/<name>/metrics.json`` exists (once its members are
+   evaluated; in this process, from their stored predictions);
+4. and finally writes the report (``OUT/report/table.md``, ``table.csv``, ``comparison.png``).
 
 Each step is a ``cxrflow`` command run in a subprocess (so a crash or a killed sweep leaves only
 finished files behind), logged to ``OUT/logs/<name>.log``. With several GPUs the runs go in
@@ -63,12 +72,22 @@ class RunSpec:
 
 
 @dataclass
+class EnsembleSpec:
+    """One ensemble of a sweep: its name, method and members as (run name, checkpoint)."""
+
+    name: str
+    method: str
+    members: list[tuple[str, str]]
+
+
+@dataclass
 class Sweep:
     """A parsed sweep file."""
 
     runs: list[RunSpec]
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    ensembles: list[EnsembleSpec] = field(default_factory=list)
 
 
 def _default_checkpoints(config: TrainConfig) -> list[str]:
@@ -79,9 +98,9 @@ def parse_sweep(data: dict, *, source: str = "sweep config", store: str | os.Pat
     """Resolve and validate a sweep given as a mapping (the content of a sweep file)."""
     if not isinstance(data, dict):
         raise CxrflowError("a sweep config must be a mapping with 'runs'", source)
-    unknown = set(data) - {"store", "defaults", "runs", "n_boot", "description"}
+    unknown = set(data) - {"store", "defaults", "runs", "n_boot", "description", "ensembles"}
     if unknown:
-        raise CxrflowError(f"unknown top-level keys {sorted(unknown)}; expected store, defaults, runs, n_boot", source)
+        raise CxrflowError(f"unknown top-level keys {sorted(unknown)}; expected store, defaults, runs, n_boot, ensembles", source)
     runs = data.get("runs")
     if not isinstance(runs, list) or not runs:
         raise CxrflowError("'runs' must be a non-empty list of runs", source)
@@ -120,7 +139,74 @@ def parse_sweep(data: dict, *, source: str = "sweep config", store: str | os.Pat
         n_boot = int(data.get("n_boot", 1000))
     except (TypeError, ValueError):
         raise CxrflowError(f"n_boot must be an integer, got {data.get('n_boot')!r}", source) from None
-    return Sweep(specs, source, {"n_boot": n_boot})
+    return Sweep(specs, source, {"n_boot": n_boot}, parse_ensembles(data.get("ensembles") or [], specs, source))
+
+
+def parse_ensembles(entries: Any, runs: Sequence[RunSpec], source: str) -> list[EnsembleSpec]:
+    """Validate the ``ensembles`` list of a sweep file against its runs."""
+    from cxrflow.ensemble import METHODS
+
+    if not isinstance(entries, list):
+        raise CxrflowError("'ensembles' must be a list of {name, members, method}", source)
+    by_name = {r.name: r for r in runs}
+    specs: list[EnsembleSpec] = []
+    for i, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or set(entry) - {"name", "members", "method"}:
+            raise CxrflowError(f"ensemble {i} must be a mapping with name, members and method only", source)
+        name = str(entry.get("name", ""))
+        if not _NAME_OK.match(name) or name in {s.name for s in specs} or name in by_name:
+            raise CxrflowError(
+                f"ensemble {i} needs a 'name' made of letters, digits, '.', '_' or '-', unique among runs and ensembles, got {name!r}",
+                source,
+            )
+        method = str(entry.get("method", "mean"))
+        if method not in METHODS:
+            raise CxrflowError(f"ensemble {name!r}: unknown method {method!r}; use mean or stacked", source)
+        members = entry.get("members")
+        if not isinstance(members, list) or len(members) < 2:
+            raise CxrflowError(f"ensemble {name!r} needs at least two members (run names)", source)
+        resolved = []
+        for member in map(str, members):
+            run_name, _, checkpoint = member.partition(":")
+            if run_name not in by_name:
+                raise CxrflowError(f"ensemble {name!r}: no run named {run_name!r} in this sweep", source)
+            checkpoint = checkpoint or _default_checkpoints(by_name[run_name].config)[-1]
+            if checkpoint not in by_name[run_name].evaluate:
+                raise CxrflowError(f"ensemble {name!r}: run {run_name!r} is not evaluated at {checkpoint}", source)
+            resolved.append((run_name, checkpoint))
+        if len(set(resolved)) != len(resolved):
+            raise CxrflowError(f"ensemble {name!r} names a member twice", source)
+        specs.append(EnsembleSpec(name, method, resolved))
+    return specs
+
+
+def build_sweep_ensembles(
+    sweep: Sweep, out: Path, *, n_boot: int, echo: Callable[[str], None]
+) -> tuple[list[Path], dict[str, str]]:
+    """Build every ensemble whose members are evaluated and that is not built yet; returns the
+    ensemble folders that exist and the failures (name: reason)."""
+    from cxrflow.ensemble import build_ensemble
+
+    built: list[Path] = []
+    failed: dict[str, str] = {}
+    for spec in sweep.ensembles:
+        folder = out / "ensembles" / spec.name
+        if (folder / METRICS_NAME).is_file():
+            built.append(folder)
+            continue
+        evals = [default_eval_dir(run_dir(out, r), "test", c) for r, c in spec.members]
+        missing = [str(e) for e in evals if not (e / METRICS_NAME).is_file()]
+        if missing:
+            failed[spec.name] = f"members not evaluated: {', '.join(missing)}"
+            continue
+        echo(f"[{spec.name}] cxrflow ensemble --method {spec.method} ({', '.join(f'{r}:{c}' for r, c in spec.members)})")
+        try:
+            build_ensemble(evals, folder, method=spec.method, n_boot=n_boot, overwrite=True)
+        except CxrflowError as exc:
+            failed[spec.name] = str(exc)
+            continue
+        built.append(folder)
+    return built, failed
 
 
 def load_sweep(path: str | os.PathLike, *, store: str | os.PathLike | None = None) -> Sweep:
@@ -318,6 +404,9 @@ def _run_sweep(sweep: Sweep, out: Path, *, device, gpus, n_boot: int, in_process
     failed = {j.name: j.failed for j in jobs if j.failed}
     evaluated = [run_dir(out, s.name) for s in sweep.runs if any(
         (default_eval_dir(run_dir(out, s.name), "test", c) / METRICS_NAME).is_file() for c in s.evaluate)]
+    ensembles, ensemble_failed = build_sweep_ensembles(sweep, out, n_boot=n_boot, echo=echo)
+    failed.update(ensemble_failed)
+    evaluated += ensembles
     report = None
     if evaluated:
         report = write_report(evaluated, out / "report", split="test", overwrite=True, explore=explore)
@@ -423,5 +512,6 @@ def run(args: argparse.Namespace) -> int:
     if best and best["mean_auc"] is not None:
         print(f"best: {best['run']} ({best['stage']}) mean test AUC {best['mean_auc']:.4f}")
     for name, why in summary["failed"].items():
-        print(f"error: {run_dir(args.out, name)}: run failed ({why})", file=sys.stderr)
+        where = run_dir(args.out, name) if name in {s.name for s in sweep.runs} else Path(args.out) / "ensembles" / name
+        print(f"error: {where}: failed ({why})", file=sys.stderr)
     return 2 if summary["failed"] else 0

@@ -20,13 +20,14 @@ from cxrflow.store import MANIFEST_NAME, SCHEMA, manifest_core, split_dir
 from cxrflow.store import row_group_rows as etl_row_group_rows
 
 
-def planted_image(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A noisy gray ``size`` x ``size`` uint8 image; finding i brightens grid cell i (4x4 grid)."""
+def planted_image(labels: np.ndarray, size: int, rng: np.random.Generator, signal: float = 80.0) -> np.ndarray:
+    """A noisy gray ``size`` x ``size`` uint8 image; finding i brightens grid cell i (4x4 grid) by
+    ``signal`` gray levels (the noise has a standard deviation of 25)."""
     img = rng.normal(90.0, 25.0, (size, size))
     cell = size // 4
     for i in np.flatnonzero(labels):
         r, c = divmod(int(i), 4)
-        img[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] += 80.0
+        img[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] += signal
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -40,12 +41,14 @@ def write_synthetic_store(
     row_group_rows: int | None = 16,
     prevalence: float = 0.2,
     vocab: LabelVocabulary = NIH14,
+    signal: float = 80.0,
 ) -> dict:
     """Write a complete store (Parquet partitions plus manifest) and return its manifest.
 
     ``row_group_rows=None`` lays row groups out as the ETL does (about 64 MiB each).
     Every finding gets positives in every split when the split has enough rows; image ids are
-    ``{split}_{n:06d}.png``, patient ids are unique per image.
+    ``{split}_{n:06d}.png``, patient ids are unique per image. A small ``signal`` (e.g. 10) makes
+    the findings faint, so that models stay far from a perfect AUC.
     """
     rows = rows or {"train": 64, "val": 32, "test": 32}
     store = Path(store)
@@ -74,7 +77,7 @@ def write_synthetic_store(
                 stop = min(n, start + rows_per_file)
                 pixels = []
                 for i in range(start, stop):
-                    img = planted_image(lab[i], size, img_rng)
+                    img = planted_image(lab[i], size, img_rng, signal)
                     if split == "train":
                         f = img.astype(np.float64) / 255.0
                         total += f.sum()

@@ -1,0 +1,241 @@
+"""Ensembles of real runs trained by cxrflow's own trainer on a small synthetic store (CPU, 32 px)."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cxrflow.calibration import expected_calibration_error, fit_temperature, logit
+from cxrflow.cli import main
+from cxrflow.errors import CxrflowError
+from cxrflow.evaluate import bootstrap_auc_ci, evaluate_run, sensitivity_specificity, youden_threshold
+from cxrflow.ensemble import build_ensemble
+
+
+def _train(tmp, store, name, *, seed, epochs, lr):
+    from cxrflow.config import StageSettings, TrainConfig
+    from cxrflow.train import train
+
+    out = tmp / name
+    config = TrainConfig(
+        store=str(store), size=32, model="simple_cnn", out=str(out), pretrained="none", batch_size=16,
+        kt=StageSettings(epochs=1, lr=lr), finetune=StageSettings(epochs=epochs, lr=lr),
+        augment=False, device="cpu", early_stopping_patience=0, seed=seed,
+    )  # fmt: skip
+    train(config, quiet=True, log=lambda msg: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory, one_torch_thread):
+    """Two different evaluated runs (other seed, learning rate and length) on one store."""
+    from cxrflow.synthstore import write_synthetic_store
+
+    tmp = tmp_path_factory.mktemp("ensemble")
+    store = tmp / "store"
+    write_synthetic_store(store, sizes=(32,), rows={"train": 128, "val": 128, "test": 128}, prevalence=0.3, signal=12)
+    runs = [_train(tmp, store, "a", seed=0, epochs=2, lr=3e-3), _train(tmp, store, "b", seed=1, epochs=1, lr=1e-2)]
+    evals = [evaluate_run(r, n_boot=50)["out"] for r in runs]
+    return tmp, store, runs, evals
+
+
+@pytest.fixture(scope="module")
+def stacked(members):
+    tmp, _, runs, _ = members
+    return build_ensemble(runs, tmp / "ens-stacked", method="stacked", n_boot=50)
+
+
+def _frame(folder, name="predictions.parquet"):
+    return pq.read_table(folder / name).to_pandas()
+
+
+def test_stacked_ensemble_scores_at_least_its_best_member(members, stacked):
+    _, _, _, evals = members
+    member_aucs = [json.loads((e / "metrics.json").read_text())["mean_auc"] for e in map(_path, evals)]
+    assert stacked["mean_auc"] >= max(member_aucs)
+    assert stacked["kind"] == "ensemble" and stacked["method"] == "stacked" and stacked["model"] == "ensemble(stacked)"
+    assert [m["eval"] for m in stacked["members"]] == [str(_path(e).resolve()) for e in evals]
+    assert all(len(m["checkpoint_sha256"]) == 64 for m in stacked["members"])
+    assert stacked["stacking"]["fitted_on"] == "val" and stacked["stacking"]["fallback_to_mean"] == []
+
+
+def _path(p):
+    from pathlib import Path
+
+    return Path(p)
+
+
+def test_every_figure_in_the_ensemble_metrics_recomputes_from_its_predictions(members, stacked):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    _, _, _, evals = members
+    out = _path(stacked["out"])
+    m = json.loads((out / "metrics.json").read_text())
+    test, val = _frame(out), _frame(out, "val_predictions.parquet")
+    names = m["label_names"]
+    assert m["n_images"] == len(test) == 128 and m["n_patients"] == test["patient_id"].nunique() and len(val) == 128
+    # the stacking is a logistic regression on the members' validation logits, refitted here with sklearn
+    member_val = [_frame(_path(e), "val_predictions.parquet").set_index("image_id").loc[val["image_id"]] for e in evals]
+    member_test = [_frame(_path(e)).set_index("image_id").loc[test["image_id"]] for e in evals]
+    weights = m["stacking"]["weights"]
+    for name in names:
+        # members with weight 0 were left out for a negative weight; the rest is sklearn's fit on them
+        kept = [i for i, c in enumerate(weights[name]["coef"]) if c > 0]
+        assert kept and all(c >= 0 for c in weights[name]["coef"])
+        x_val = np.column_stack([member_val[i][f"logit_{name}"] for i in kept])
+        lr = LogisticRegression(C=0.1, random_state=0, max_iter=1000).fit(x_val, val[f"label_{name}"])
+        assert (lr.coef_ >= 0).all()
+        x_test = np.column_stack([member_test[i][f"logit_{name}"] for i in kept])
+        np.testing.assert_allclose(test[f"logit_{name}"], lr.decision_function(x_test), atol=1e-3)
+    aucs = []
+    for name in names:
+        y, p = test[f"label_{name}"], test[f"prob_{name}"]
+        assert m["positives"][name] == int(y.sum())
+        auc = roc_auc_score(y, p) if y.nunique() == 2 else None
+        assert m["auc"][name] == (None if auc is None else pytest.approx(auc, abs=1e-6))
+        aucs.append(auc)
+        y_val = val[f"label_{name}"]
+        for key, col in (("threshold", "prob_"), ("threshold_calibrated", "calprob_")):
+            t = youden_threshold(y_val, val[col + name])
+            assert m[key][name] == (None if math.isnan(t) else pytest.approx(t))
+        sens, spec = sensitivity_specificity(y, p, m["threshold"][name])
+        assert m["sensitivity"][name] == pytest.approx(sens) and m["specificity"][name] == pytest.approx(spec)
+        cal = m["calibration"]
+        assert cal["temperature"][name] == pytest.approx(fit_temperature(val[f"logit_{name}"], y_val), rel=1e-4)
+        for when, col in (("before", "prob_"), ("after", "calprob_")):
+            assert cal["ece"][when][name] == pytest.approx(expected_calibration_error(y, test[col + name]), abs=1e-6)
+            assert cal["brier"][when][name] == pytest.approx(brier_score_loss(y, test[col + name], pos_label=1), abs=1e-6)
+    assert m["mean_auc"] == pytest.approx(np.mean([a for a in aucs if a is not None]))
+    labels = test[[f"label_{n}" for n in names]].to_numpy()
+    probs = test[[f"prob_{n}" for n in names]].to_numpy()
+    ci = bootstrap_auc_ci(labels, probs, test["patient_id"].to_numpy(), n_boot=50, seed=0)
+    assert m["mean_auc_ci95"] == pytest.approx(ci["mean_auc_ci"], abs=1e-6)
+    assert set(m["figures"]) == {"roc.png", "reliability.png"} and all((out / f).stat().st_size > 10_000 for f in m["figures"])
+
+
+def test_stacking_weights_are_never_negative():
+    from cxrflow.ensemble import fit_stacking
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((400, 1)) < 0.3).astype(int)
+    good = 2.0 * y + rng.normal(0, 1, (400, 1))
+    # a second member whose logits are mostly the first one's: alone it ranks well, yet a free
+    # regression would give it a negative weight to cancel the shared part
+    shadow = good + 0.3 * rng.normal(0, 1, (400, 1)) - 0.5 * y
+    (fit,) = fit_stacking([good, shadow], y)
+    assert fit["coef"][0] > 0 and fit["coef"][1] == 0.0
+    from sklearn.linear_model import LogisticRegression
+
+    assert LogisticRegression(C=0.1).fit(np.hstack([good, shadow]), y[:, 0]).coef_[0, 1] < 0  # what the constraint prevents
+    assert fit_stacking([good, shadow], np.zeros((400, 1))) == [None]
+
+
+def test_mean_ensemble_averages_calibrated_probabilities(members):
+    tmp, _, runs, evals = members
+    out = tmp / "ens-mean"
+    assert main(["ensemble", str(evals[0]), str(runs[1]), "--out", str(out), "--n-boot", "20"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "mean" and m["stacking"] is None and len(m["members"]) == 2
+    test = _frame(out)
+    frames = [_frame(_path(e)).set_index("image_id").loc[test["image_id"]] for e in evals]
+    for name in m["label_names"]:
+        mean = np.mean([f[f"calprob_{name}"].to_numpy(np.float64) for f in frames], axis=0)
+        np.testing.assert_allclose(test[f"logit_{name}"], logit(mean), atol=1e-3)
+    assert main(["ensemble", str(evals[0]), str(runs[1]), "--out", str(out)]) == 2  # no silent overwrite
+
+
+def test_predict_with_an_ensemble_runs_every_member(members, stacked, tmp_path, capsys):
+    _, store, _, _ = members
+    row = pq.read_table(next((store / "size=32" / "split=test").glob("*.parquet"))).slice(0, 1).to_pylist()[0]
+    png = tmp_path / "x.png"
+    Image.fromarray(np.frombuffer(row["pixels"], np.uint8).reshape(32, 32), "L").save(png)
+    expected = _frame(_path(stacked["out"])).set_index("image_id").loc[row["image_id"]]
+    for flag, col in (([], "calprob_"), (["--raw"], "prob_")):
+        assert main(["predict", "--run", stacked["out"], str(png), "--json", *flag]) == 0
+        out = json.loads(capsys.readouterr().out)
+        got = out["predictions"][0]["probabilities"]
+        for name in stacked["label_names"]:
+            assert got[name] == pytest.approx(expected[col + name], abs=1e-4)
+        scale = "threshold_calibrated" if col == "calprob_" else "threshold"
+        assert out["thresholds"] == {n: t for n, t in stacked[scale].items() if t is not None}
+    # a member checkpoint that is not the one the ensemble was built from is refused
+    changed = tmp_path / "changed"
+    shutil.copytree(stacked["out"], changed)
+    m = json.loads((changed / "metrics.json").read_text())
+    m["members"][1]["checkpoint_sha256"] = "0" * 64
+    (changed / "metrics.json").write_text(json.dumps(m))
+    assert main(["predict", "--run", str(changed), str(png)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "changed since the ensemble was built" in err[0]
+    # an evaluation folder is not something to predict with: one line naming what to give instead
+    assert main(["predict", "--run", str(members[3][0]), str(png)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give --run the run folder" in err[0]
+
+
+def test_report_shows_the_ensemble_row_with_members_and_ece(members, stacked, tmp_path):
+    from cxrflow.report import build_rows, format_csv, format_markdown
+
+    _, _, runs, _ = members
+    rows = build_rows([*runs, stacked["out"]])
+    ens = rows[-1]
+    assert ens["kind"] == "ensemble" and ens["members"] == ["a/best_finetune", "b/best_finetune"]
+    assert ens["ece"] == pytest.approx(stacked["calibration"]["ece_mean"]["after"])
+    assert rows[0]["ece"] is not None and rows[0]["ece_raw"] is not None
+    md = format_markdown(rows)
+    assert "Ensemble (stacked) of a/best_finetune + b/best_finetune" in md and "ECE" in md
+    assert "members" in format_csv(rows).splitlines()[0]
+
+
+def test_bad_members_are_one_line_errors(members, tmp_path, capsys):
+    tmp, store, runs, evals = members
+    e0, e1 = map(_path, evals)
+
+    def one_line_error(argv, match):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+    out = str(tmp_path / "ens")
+    one_line_error(["ensemble", str(e0), "--out", out], "at least two evaluated runs")
+    one_line_error(["ensemble", str(e0), str(e1), "--out", out, "--method", "median"], "unknown ensemble method 'median'")
+    one_line_error(["ensemble", str(e0), str(runs[0]), "--out", out], "the same checkpoint is named twice")
+    unevaluated = tmp_path / "fresh"
+    shutil.copytree(runs[0], unevaluated, ignore=shutil.ignore_patterns("eval-*"))
+    one_line_error(["ensemble", str(e0), str(unevaluated), "--out", out], "not evaluated on 'test'")
+    one_line_error(["ensemble", str(e0), str(tmp_path / "nowhere"), "--out", out], "no such run or evaluation folder")
+
+    # other label names (another vocabulary): last finding renamed in metrics and predictions
+    other = tmp_path / "other-vocab"
+    shutil.copytree(e1, other)
+    m = json.loads((other / "metrics.json").read_text())
+    m["label_names"][-1] = "Fibroid"
+    (other / "metrics.json").write_text(json.dumps(m))
+    for f in ("predictions.parquet", "val_predictions.parquet"):
+        t = pq.read_table(other / f)
+        pq.write_table(t.rename_columns([c.replace("Hernia", "Fibroid") for c in t.column_names]), other / f)
+    one_line_error(["ensemble", str(e0), str(other), "--out", out], "other label names")
+    with pytest.raises(CxrflowError, match="differ: Fibroid, Hernia"):
+        build_ensemble([e0, other], tmp_path / "ens")
+
+    # another store or split: other image ids
+    moved = tmp_path / "other-store"
+    shutil.copytree(e1, moved)
+    t = pq.read_table(moved / "predictions.parquet")
+    ids = [f"x{i}" for i in t.column("image_id").to_pylist()]
+    pq.write_table(t.set_column(0, "image_id", __import__("pyarrow").array(ids)), moved / "predictions.parquet")
+    one_line_error(["ensemble", str(e0), str(moved), "--out", out], "scored other test images")
+
+    # an ensemble is not a member; an evaluation without calibration (older cxrflow) asks to re-evaluate
+    ens = build_ensemble([e0, e1], tmp_path / "ens-ok", n_boot=10)["out"]
+    one_line_error(["ensemble", str(e0), ens, "--out", out], "cannot be a member of another ensemble")
+    old = tmp_path / "old-eval"
+    shutil.copytree(e1, old)
+    (old / "val_predictions.parquet").unlink()
+    one_line_error(["ensemble", str(e0), str(old), "--out", out], "--overwrite")
+    assert not (tmp_path / "ens").exists()
