@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("evaluate", "cxrflow.evaluate", "per-finding test AUC with confidence intervals, ROC and loss figures"),
     ("report", "cxrflow.report", "the paper's Table 1 over several runs"),
     ("sweep", "cxrflow.sweep", "train, evaluate and report every run listed in a config file"),
+    ("localize", "cxrflow.localize", "heatmaps against ground-truth boxes: the ChestX-ray14 localization benchmark"),
     ("predict", "cxrflow.predict", "finding probabilities for new image files"),
     ("demo", "cxrflow.demo", "end-to-end demo on a synthetic dataset"),
 ]

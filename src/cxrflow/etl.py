@@ -517,6 +517,10 @@ def run_etl(
                 q["path"],
             )
         _verify_store(tmp, sizes, manifest["rows"])
+        if release.bbox is not None:  # after the check: the box file is not a partition
+            from cxrflow.boxes import write_boxes
+
+            manifest["boxes"] = write_boxes(tmp, release.bbox)
         manifest["wall_seconds"] = round(time.perf_counter() - started, 3)
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         _publish(tmp, out)

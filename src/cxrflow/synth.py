@@ -38,7 +38,10 @@ Effusion              (3, 0)  bright fluid under a meniscus
 Hernia                (3, 2)  dome (upper half-disc)
 ====================  ======  ====================================
 
-Each drawn pattern is one row of the BBox file, in the image's own pixel coordinates.
+Each drawn pattern is one row of the BBox file, in the image's own pixel coordinates. With
+``placement="anywhere"`` (``--placement anywhere``) each pattern sits at a uniformly random place in
+the image instead of its cell, so that a finding's position varies (the localization benchmark's
+fixed-box baseline then knows little).
 Output is deterministic: metadata from ``seed``, each image from its own generator seeded with
 ``(seed, image number)``.
 """
@@ -108,6 +111,8 @@ ORIGINAL_SIZES = (
     (2021, 2021, "0.194311"),
 )
 MAX_IMAGES_PER_PATIENT = 200
+#: Where findings are drawn: in their own grid cell (slightly jittered) or anywhere in the image.
+PLACEMENTS = ("grid", "anywhere")
 
 
 def finding_layout(vocab: LabelVocabulary) -> dict[str, tuple[tuple[int, int], str]]:
@@ -329,6 +334,7 @@ def render_image(
     rng: np.random.Generator,
     layout: list[tuple[tuple[int, int], str]],
     background: np.ndarray,
+    placement: str = "grid",
 ) -> tuple[np.ndarray, list[tuple[int, float, float, float, float]]]:
     """One uint8 [size, size] image and its boxes ``(finding index, x, y, w, h)`` in pixels.
 
@@ -350,6 +356,8 @@ def render_image(
         slack = cell - side
         x0 = int(round(col * cell + slack / 2 + rng.uniform(-0.4, 0.4) * slack))
         y0 = int(round(row * cell + slack / 2 + rng.uniform(-0.4, 0.4) * slack))
+        if placement == "anywhere":
+            x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
         mask = _pattern_mask(kind, side) * 0.9
         level = rng.uniform(0.9, 1.0)
         window = img[y0 : y0 + side, x0 : x0 + side]
@@ -382,6 +390,7 @@ def synthesize(
     vocab: LabelVocabulary = NIH14,
     *,
     overwrite: bool = False,
+    placement: str = "grid",
 ) -> dict:
     """Write a synthetic dataset in the release's format to ``out_dir``; return its counts.
 
@@ -390,6 +399,8 @@ def synthesize(
     """
     if size < 16:
         raise CxrflowError(f"--size must be at least 16 pixels, got {size}")
+    if placement not in PLACEMENTS:
+        raise CxrflowError(f"unknown --placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
     out_dir = Path(out_dir)
     _prepare_out(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -404,7 +415,9 @@ def synthesize(
         (tmp / "images").mkdir()
         boxes: list[tuple[str, int, float, float, float, float]] = []
         for i, image_id in enumerate(entries["image_id"]):
-            pixels, image_boxes = render_image(labels[i], size, np.random.default_rng([seed, 2, i]), layout, background)
+            pixels, image_boxes = render_image(
+                labels[i], size, np.random.default_rng([seed, 2, i]), layout, background, placement
+            )
             Image.fromarray(pixels, mode="L").save(tmp / "images" / image_id, format="PNG", compress_level=1)
             boxes.extend((image_id, *box) for box in image_boxes)
         write_data_entry(entries, tmp / DATA_ENTRY_NAMES[0])
@@ -425,6 +438,7 @@ def synthesize(
             "images": int(len(entries)),
             "size": int(size),
             "seed": int(seed),
+            "placement": placement,
             "train_val_images": int((~is_test).sum()),
             "test_images": int(is_test.sum()),
             "test_patients": int(len(test_patients)),
@@ -449,10 +463,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024, like the release)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic dataset at --out")
+    parser.add_argument(
+        "--placement", default="grid", choices=PLACEMENTS, help="findings in their own grid cell (default) or anywhere"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    s = synthesize(args.out, patients=args.patients, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    s = synthesize(
+        args.out, patients=args.patients, size=args.size, seed=args.seed, overwrite=args.overwrite, placement=args.placement
+    )
     print(
         f"wrote {s['images']} images of {s['patients']} patients ({s['size']}x{s['size']} px) to {s['out']} "
         f"in {s['seconds']:.1f} s"
