@@ -151,3 +151,27 @@ def test_bad_inputs_are_one_line_each(localized, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and message in err[0] and "Traceback" not in err[0], (extra, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_predict_writes_heatmap_overlays(localized, tmp_path, capsys):
+    from PIL import Image
+
+    tmp, _, run, _ = localized
+    source = tmp / "release" / "images"
+    files = sorted(source.glob("*.png"))[:2]
+    wide = tmp_path / "wide.png"  # a non-square input: padded to a square by the shared preprocessing
+    Image.fromarray(np.pad(np.asarray(Image.open(files[0])), ((0, 0), (0, 30)))).save(wide)
+    rc = main(["predict", "--run", str(run), str(files[1]), str(wide), "--json", "--heatmaps", str(tmp_path / "h")])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["heatmap_method"] == "hirescam"
+    for p in out["predictions"]:
+        flagged = [n for n, v in p["probabilities"].items() if v >= 0.5]  # not evaluated: the 0.5 rule
+        assert sorted(p["heatmaps"]) == sorted(flagged)
+        for name, path in p["heatmaps"].items():
+            assert path.endswith(f"-{name}.png") and Image.open(path).size[0] > 300
+    assert any(p["heatmaps"] for p in out["predictions"])
+    (tmp_path / "file").write_text("")
+    rc = main(["predict", "--run", str(run), str(wide), "--heatmaps", str(tmp_path / "file")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not a folder" in err[0]
