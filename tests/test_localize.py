@@ -145,7 +145,9 @@ def test_bad_inputs_are_one_line_each(localized, tmp_path, capsys):
         (["--store", str(tmp_path / "nostore")], "no such store"),
         (["--method", "gradcam", "--out", str(run / "localize-test-best_finetune")], "pass --overwrite"),
         (["--max-boxes", "0"], "--max-boxes must be at least 1"),
+        (["--out", str(tmp_path / "file" / "o")], "cannot create the output folder"),
     ]
+    (tmp_path / "file").write_text("")
     for extra, message in cases:
         rc = main(["localize", "--run", str(run), "--device", "cpu", "--out", str(tmp_path / "o"), *extra])
         err = capsys.readouterr().err.strip().splitlines()

@@ -271,15 +271,28 @@ def default_localize_dir(run: str | os.PathLike, split: str, checkpoint_name: st
     return Path(run) / f"localize-{split}-{checkpoint_name}"
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an ``out`` that exists (without ``overwrite``) or cannot be created."""
+    if out.exists() and not overwrite:
+        raise CxrflowError("localization already written; pass --overwrite to replace it", out)
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CxrflowError(f"cannot create the output folder: {parent} is not a writable folder", out)
+
+
 def publish(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
     """The one place ``localize`` replaces its output folder: ``write`` fills a temporary sibling
     folder, which then replaces ``out`` (an existing ``out`` only with ``overwrite``)."""
     from cxrflow.evaluate import _publish_dir
 
-    if out.exists() and not overwrite:
-        raise CxrflowError("localization already written; pass --overwrite to replace it", out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    check_output(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise CxrflowError(f"cannot create the output folder: {exc.strerror or exc}", out) from None
     try:
         write(tmp)
         _publish_dir(tmp, out)
@@ -370,8 +383,7 @@ def localize_run(
     run = Path(run)
     name, ckpt_path, model, ckpt, store, size, manifest, mean, std, device = _load(run, checkpoint, store, device)
     out = Path(out) if out is not None else default_localize_dir(run, split, name)
-    if out.exists() and not overwrite:
-        raise CxrflowError("localization already written; pass --overwrite to replace it", out)
+    check_output(out, overwrite)
     check_partition(manifest, store, size, split)
     method = cam_method(model, method)
     label_names = list(ckpt["label_names"])

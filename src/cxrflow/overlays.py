@@ -121,7 +121,10 @@ def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, me
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CxrflowError("exists and is not a folder; choose another --heatmaps folder", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CxrflowError(f"cannot create the heatmap folder: {exc.strerror or exc}", out_dir) from None
     method = cam_method(predictor.model, method)
     stems = [Path(p["image"]).stem for p in predictions]
     for i, (prediction, stem) in enumerate(zip(predictions, stems)):
