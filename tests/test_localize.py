@@ -15,7 +15,7 @@ from cxrflow.cli import main
 from cxrflow.localize import localize_run
 from cxrflow.store import SCHEMA, read_manifest
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def localized(spark, tmp_path_factory):
     return tmp, store, run, result
 
 
+@pytest.mark.slow
 def test_etl_writes_boxes_beside_a_readable_store(localized):
     tmp, store, _, _ = localized
     manifest = read_manifest(store)
@@ -53,6 +54,7 @@ def test_etl_writes_boxes_beside_a_readable_store(localized):
     assert all(dataset.schema.field(f.name).type == f.type for f in SCHEMA)
 
 
+@pytest.mark.slow
 def test_heatmaps_beat_the_fixed_box_baseline(localized):
     _, _, _, r = localized
     assert r["method"] == "hirescam" and r["split"] == "test"
@@ -64,6 +66,7 @@ def test_heatmaps_beat_the_fixed_box_baseline(localized):
     assert r["baseline"]["boxes"]["Infiltration"]["source"].startswith("mean of")
 
 
+@pytest.mark.slow
 def test_json_matches_a_recomputation_from_boxes_csv(localized):
     tmp, store, run, r = localized
     out = run / "localize-test-best_finetune"
@@ -111,6 +114,7 @@ def _test_image(store, k=0):
     return sorted(ds.dataset(store / "size=32" / "split=test").to_table(columns=["image_id"]).column(0).to_pylist())[k]
 
 
+@pytest.mark.slow
 def test_unscorable_boxes_are_listed_with_their_reason(localized, tmp_path, capsys):
     _, store, run, _ = localized
     image = _test_image(store)
@@ -130,6 +134,7 @@ def test_unscorable_boxes_are_listed_with_their_reason(localized, tmp_path, caps
     assert "Nodule" in saved["findings_without_boxes"] and saved["accuracy_iobb"]["0.5"]["Nodule"] is None
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_each(localized, tmp_path, capsys):
     _, store, run, _ = localized
     train_ids = ds.dataset(store / "size=32" / "split=train").to_table(columns=["image_id"]).column(0).to_pylist()
@@ -155,6 +160,7 @@ def test_bad_inputs_are_one_line_each(localized, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_predict_writes_heatmap_overlays(localized, tmp_path, capsys):
     from PIL import Image
 
@@ -177,3 +183,22 @@ def test_predict_writes_heatmap_overlays(localized, tmp_path, capsys):
     rc = main(["predict", "--run", str(run), str(wide), "--heatmaps", str(tmp_path / "file")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "not a folder" in err[0]
+
+
+def test_split_ground_truth_sorts_boxes_by_what_can_be_scored():
+    from cxrflow.localize import split_ground_truth
+
+    boxes = pd.DataFrame({
+        "image_id": ["a.png", "a.png", "b.png", "gone.png", "bad.png", "t.png"],
+        "finding": ["Mass", "Nodule", "Mass", "Mass", "Mass", "Mass"],
+        "x": [1.0, 90.0, 1.0, 1.0, 1.0, 1.0], "y": [1.0] * 6, "w": [5.0] * 6, "h": [5.0] * 6,
+    })  # fmt: skip
+    images = pd.DataFrame({"image_id": ["a.png", "b.png", "t.png"], "orig_width": [64, 64, 64],
+                           "orig_height": [64, 64, 64], "split": ["test", "test", "train"]})  # fmt: skip
+    manifest = {"missing": ["gone.png"], "quarantined": [{"image_id": "bad.png", "reason": "truncated PNG"}]}
+    gt, unscored, other = split_ground_truth(boxes, images, "test", ["Mass", "Nodule"], manifest)
+    assert gt[["image_id", "finding"]].values.tolist() == [["a.png", "Mass"], ["b.png", "Mass"]]
+    assert gt["orig_width"].tolist() == [64, 64] and other == {"train": 1}
+    reasons = {u["image_id"] + "/" + u["finding"]: u["reason"] for u in unscored}
+    assert reasons["a.png/Nodule"].startswith("box x=90..95") and "64x64" in reasons["a.png/Nodule"]
+    assert "missing on disk" in reasons["gone.png/Mass"] and "truncated PNG" in reasons["bad.png/Mass"]
