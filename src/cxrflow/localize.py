@@ -358,6 +358,63 @@ def _load(run: Path, checkpoint: str | None, store: str | os.PathLike | None, de
     return name, path, model, ckpt, store, size, manifest, mean, std, device
 
 
+def ground_truth(
+    store: Path, bbox: str | os.PathLike | None, manifest: dict, size: int, split: str, label_names: Sequence[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[dict], dict[str, int]]:
+    """(all boxes, the store's images, the split's scorable boxes, the unscorable ones, other-split
+    counts); a clear error when the split has no box to score."""
+    from cxrflow.labels import LabelVocabulary
+
+    vocab = LabelVocabulary.from_dict(manifest["vocabulary"]) if "vocabulary" in manifest else None
+    boxes = read_boxes(store, bbox, vocab) if vocab is not None else read_boxes(store, bbox)
+    images = store_images(store, size, manifest)
+    gt, unscored, other = split_ground_truth(boxes, images, split, label_names, manifest)
+    if gt.empty:
+        where = f"--bbox {bbox}" if bbox is not None else f"{store}/{BOXES_NAME}"
+        have = ", ".join(f"{k} {v}" for k, v in sorted(other.items())) or "none"
+        raise CxrflowError(
+            f"no boxes to score for the {split!r} split in {where} (boxes in other splits: {have}; "
+            f"unscorable: {len(unscored)}); choose another --split or pass --bbox"
+        )
+    return boxes, images, gt, unscored, other
+
+
+def baseline(boxes: pd.DataFrame, images: pd.DataFrame, gt: pd.DataFrame, label_names: Sequence[str]) -> dict:
+    """The fixed-box baseline's boxes and accuracy tables."""
+    train_gt = boxes.merge(images[images["split"] == "train"][["image_id"]], on="image_id")
+    dims = images[["image_id", "orig_width", "orig_height"]]
+    fixed = mean_boxes(train_gt, dims, label_names)
+    scored = evaluate_boxes(gt, baseline_predictions(gt, dims, fixed), label_names)
+    return {
+        "kind": "fixed box: the finding's mean ground-truth box over the train split, else the image centre",
+        "boxes": fixed,
+        "accuracy_iobb": scored["accuracy_iobb"],
+        "accuracy_iou": scored["accuracy_iou"],
+    }
+
+
+def write_outputs(tmp: Path, result: dict, pred: pd.DataFrame, scored: pd.DataFrame, found: HeatmapPass, title: str) -> None:
+    """``boxes.csv``, one gallery figure per finding with boxes, then ``localization.json`` into ``tmp``."""
+    from cxrflow.atomic import save_figure_atomic, write_json_atomic
+    from cxrflow.overlays import plot_gallery
+
+    pred[["image_id", "finding", "x", "y", "w", "h", "score", "threshold", "rank"]].to_csv(
+        tmp / BOXES_CSV, index=False, float_format="%.6g"
+    )
+    figures = []
+    for finding, n in result["n_boxes"].items():
+        if n == 0:
+            continue
+        fig = plot_gallery(
+            _gallery_cases(scored, finding, found, pred), finding=finding, method=result["method"],
+            title=f"{finding} ({title}): ground truth green, predicted yellow",
+        )  # fmt: skip
+        figures.append(f"gallery-{finding}.png")
+        save_figure_atomic(fig, tmp / figures[-1], dpi=100)
+    result["figures"] = figures
+    write_json_atomic(tmp / JSON_NAME, result)
+
+
 def localize_run(
     run: str | os.PathLike,
     *,
@@ -375,7 +432,6 @@ def localize_run(
     """Run the box benchmark for one checkpoint and write its folder; returns localization.json's
     content with ``out`` added."""
     from cxrflow.heatmaps import cam_method
-    from cxrflow.labels import LabelVocabulary
     from cxrflow.store import check_partition
 
     if max_boxes < 1:
@@ -387,27 +443,13 @@ def localize_run(
     check_partition(manifest, store, size, split)
     method = cam_method(model, method)
     label_names = list(ckpt["label_names"])
-    vocab = LabelVocabulary.from_dict(manifest["vocabulary"]) if "vocabulary" in manifest else None
-    boxes = read_boxes(store, bbox, vocab) if vocab is not None else read_boxes(store, bbox)
-    images = store_images(store, size, manifest)
-    gt, unscored, other = split_ground_truth(boxes, images, split, label_names, manifest)
-    if gt.empty:
-        where = f"--bbox {bbox}" if bbox is not None else f"{store}/{BOXES_NAME}"
-        have = ", ".join(f"{k} {v}" for k, v in sorted(other.items())) or "none"
-        raise CxrflowError(
-            f"no boxes to score for the {split!r} split in {where} (boxes in other splits: {have}; "
-            f"unscorable: {len(unscored)}); choose another --split or pass --bbox"
-        )
+    boxes, images, gt, unscored, other = ground_truth(store, bbox, manifest, size, split, label_names)
     found = heatmap_pass(
         model, store, size, split, gt, label_names, method=method, pixel_mean=mean, pixel_std=std, device=device,
         batch_size=batch_size, max_boxes=max_boxes,
     )  # fmt: skip
     pred = _frame(found.boxes)
     main = evaluate_boxes(gt, pred, label_names)
-    train_gt = boxes.merge(images[images["split"] == "train"][["image_id"]], on="image_id")
-    dims = images[["image_id", "orig_width", "orig_height"]]
-    fixed = mean_boxes(train_gt, dims, label_names)
-    base = evaluate_boxes(gt, baseline_predictions(gt, dims, fixed), label_names)
     n_boxes = {n: int((gt["finding"] == n).sum()) for n in label_names}
     result = {
         "run": str(run.resolve()),
@@ -434,12 +476,7 @@ def localize_run(
         "accuracy_iou": main["accuracy_iou"],
         "fp_per_image": main["fp_per_image_by_iobb"]["0.5"],
         "fp_per_image_by_iobb": main["fp_per_image_by_iobb"],
-        "baseline": {
-            "kind": "fixed box: the finding's mean ground-truth box over the train split, else the image centre",
-            "boxes": fixed,
-            "accuracy_iobb": base["accuracy_iobb"],
-            "accuracy_iou": base["accuracy_iou"],
-        },
+        "baseline": baseline(boxes, images, gt, label_names),
         "sweep": _sweep_summary(gt, found.sweep, label_names),
         "wang2017": WANG2017,
         "n_boxes": n_boxes,
@@ -454,29 +491,8 @@ def localize_run(
         "cxrflow_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-    def write(tmp: Path) -> None:
-        from cxrflow.atomic import save_figure_atomic, write_json_atomic
-        from cxrflow.overlays import plot_gallery
-
-        pred[["image_id", "finding", "x", "y", "w", "h", "score", "threshold", "rank"]].to_csv(
-            tmp / BOXES_CSV, index=False, float_format="%.6g"
-        )
-        figures = []
-        for finding in label_names:
-            if n_boxes[finding] == 0:
-                continue
-            cases = _gallery_cases(main["scored"], finding, found, pred)
-            fig = plot_gallery(
-                cases, finding=finding, method=method,
-                title=f"{finding} ({config_name(ckpt)}, {method}, {split}): ground truth green, predicted yellow",
-            )  # fmt: skip
-            figures.append(f"gallery-{finding}.png")
-            save_figure_atomic(fig, tmp / figures[-1], dpi=100)
-        result["figures"] = figures
-        write_json_atomic(tmp / JSON_NAME, result)
-
-    publish(out, overwrite, write)
+    title = f"{config_name(ckpt)}, {method}, {split}"
+    publish(out, overwrite, lambda tmp: write_outputs(tmp, result, pred, main["scored"], found, title))
     result["out"] = str(out)
     return result
 
