@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("ensemble", "cxrflow.ensemble", "combine evaluated runs (mean or stacked) into an evaluated ensemble"),
     ("report", "cxrflow.report", "report.html (the whole study on one page) and the paper's Table 1 over several runs"),
     ("sweep", "cxrflow.sweep", "train, evaluate and report every run listed in a config file"),
+    ("localize", "cxrflow.localize", "heatmaps against ground-truth boxes: the ChestX-ray14 localization benchmark"),
     ("predict", "cxrflow.predict", "finding probabilities for new image files"),
     ("demo", "cxrflow.demo", "end-to-end demo on a synthetic dataset"),
 ]

@@ -498,6 +498,10 @@ def _write_store(pub, release, splits, tasks, records, sizes, master, spark, gro
             q["path"],
         )
     _verify_store(tmp, sizes, manifest["rows"])
+    if release.bbox is not None:  # after the check: the box file is not a partition
+        from cxrflow.boxes import write_boxes
+
+        manifest["boxes"] = write_boxes(tmp, release.bbox)
     manifest["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomic(tmp / MANIFEST_NAME, manifest)
     pub.commit()

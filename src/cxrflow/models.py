@@ -14,6 +14,7 @@ import re
 import socket
 import urllib.error
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -138,6 +139,24 @@ _BUILDERS: dict[str, Callable[[str, bool], tuple[nn.Module, int]]] = {
     "densenet121": _densenet121,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+@dataclass(frozen=True)
+class CamSpec:
+    """Where a model's class-activation maps are taken (a submodule path of ChestClassifier) and
+    the method that is faithful to its head: ``hirescam`` where the head weighs grid positions
+    separately (simple_cnn flattens an 8x8 grid), ``gradcam`` after global average pooling."""
+
+    layer: str
+    method: str
+
+
+#: name -> class-activation layer and default method (see :mod:`cxrflow.heatmaps`).
+CAM_SPECS: dict[str, CamSpec] = {
+    "simple_cnn": CamSpec("backbone.features.6", "hirescam"),  # second conv block's ReLU
+    "resnet50": CamSpec("backbone.layer4", "gradcam"),  # last residual stage
+    "densenet121": CamSpec("backbone.features.norm5", "gradcam"),  # last dense block, normalised
+}
 #: Names of the original torchvision classifier, dropped when a torchvision state dict is loaded.
 _TORCHVISION_HEADS = ("fc.", "classifier.")
 

@@ -255,6 +255,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     parser.add_argument("--batch-size", type=options.positive_int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--store", default=None, help="the training store, only for checkpoints that lack pixel statistics")
+    parser.add_argument(
+        "--heatmaps", default=None, metavar="DIR",
+        help="write a heatmap overlay PNG per image and flagged finding into DIR (paths in the JSON output)",
+    )  # fmt: skip
+    parser.add_argument("--heatmap-method", default=None, choices=["gradcam", "hirescam"], help="default: the model's own")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -262,6 +267,11 @@ def run(args: argparse.Namespace) -> int:
         raise CxrflowError("give --run RUN (or --checkpoint FILE.pt)")
     predictor = load_predictor(args.run, args.checkpoint, device=args.device, store=args.store, raw=args.raw)
     predictions, errors = predict_files(predictor, args.images, batch_size=max(1, args.batch_size))
+    heatmap_method = None
+    if args.heatmaps is not None:
+        from cxrflow.overlays import write_prediction_heatmaps
+
+        heatmap_method = write_prediction_heatmaps(predictor, predictions, args.heatmaps, method=args.heatmap_method)
     if args.json:
         print(
             json.dumps(
@@ -273,12 +283,15 @@ def run(args: argparse.Namespace) -> int:
                     "thresholds": predictor.thresholds,
                     "predictions": predictions,
                     "errors": errors,
+                    **({"heatmap_method": heatmap_method} if heatmap_method else {}),
                 }),
                 indent=2,
             )
         )
     elif predictions:
         print(format_table(predictions, predictor.label_names))
+        if heatmap_method:
+            print(f"wrote {sum(len(p['heatmaps']) for p in predictions)} {heatmap_method} heatmaps to {args.heatmaps}")
     for e in errors:
         print(f"error: {e['image']}: {e['error']}", file=sys.stderr)
     return 2 if errors else 0

@@ -38,7 +38,10 @@ Effusion              (3, 0)  bright fluid under a meniscus
 Hernia                (3, 2)  dome (upper half-disc)
 ====================  ======  ====================================
 
-Each drawn pattern is one row of the BBox file, in the image's own pixel coordinates.
+Each drawn pattern is one row of the BBox file, in the image's own pixel coordinates. With
+``placement="anywhere"`` (``--placement anywhere``) each pattern sits at a uniformly random place in
+the image instead of its cell, so that a finding's position varies (the localization benchmark's
+fixed-box baseline then knows little).
 Output is deterministic: metadata from ``seed``, each image from its own generator seeded with
 ``(seed, image number)``.
 """
@@ -107,6 +110,8 @@ ORIGINAL_SIZES = (
     (2021, 2021, "0.194311"),
 )
 MAX_IMAGES_PER_PATIENT = 200
+#: Where findings are drawn: in their own grid cell (slightly jittered) or anywhere in the image.
+PLACEMENTS = ("grid", "anywhere")
 
 
 def finding_layout(vocab: LabelVocabulary) -> dict[str, tuple[tuple[int, int], str]]:
@@ -328,6 +333,7 @@ def render_image(
     rng: np.random.Generator,
     layout: list[tuple[tuple[int, int], str]],
     background: np.ndarray,
+    placement: str = "grid",
 ) -> tuple[np.ndarray, list[tuple[int, float, float, float, float]]]:
     """One uint8 [size, size] image and its boxes ``(finding index, x, y, w, h)`` in pixels.
 
@@ -349,6 +355,8 @@ def render_image(
         slack = cell - side
         x0 = int(round(col * cell + slack / 2 + rng.uniform(-0.4, 0.4) * slack))
         y0 = int(round(row * cell + slack / 2 + rng.uniform(-0.4, 0.4) * slack))
+        if placement == "anywhere":
+            x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
         mask = _pattern_mask(kind, side) * 0.9
         level = rng.uniform(0.9, 1.0)
         window = img[y0 : y0 + side, x0 : x0 + side]
@@ -368,6 +376,7 @@ def synthesize(
     vocab: LabelVocabulary = NIH14,
     *,
     overwrite: bool = False,
+    placement: str = "grid",
 ) -> dict:
     """Write a synthetic dataset in the release's format to ``out_dir``; return its counts.
 
@@ -376,6 +385,8 @@ def synthesize(
     """
     if not 16 <= size <= 8192:
         raise CxrflowError(f"--size must be between 16 and 8192 pixels, got {size}")
+    if placement not in PLACEMENTS:
+        raise CxrflowError(f"unknown --placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
     out_dir = Path(out_dir)
     check_target(out_dir, "synth", overwrite=overwrite)
     started = time.perf_counter()
@@ -389,7 +400,9 @@ def synthesize(
         (tmp / "images").mkdir()
         boxes: list[tuple[str, int, float, float, float, float]] = []
         for i, image_id in enumerate(entries["image_id"]):
-            pixels, image_boxes = render_image(labels[i], size, np.random.default_rng([seed, 2, i]), layout, background)
+            pixels, image_boxes = render_image(
+                labels[i], size, np.random.default_rng([seed, 2, i]), layout, background, placement
+            )
             Image.fromarray(pixels, mode="L").save(tmp / "images" / image_id, format="PNG", compress_level=1)
             boxes.extend((image_id, *box) for box in image_boxes)
         write_data_entry(entries, tmp / DATA_ENTRY_NAMES[0])
@@ -410,6 +423,7 @@ def synthesize(
             "images": int(len(entries)),
             "size": int(size),
             "seed": int(seed),
+            "placement": placement,
             "train_val_images": int((~is_test).sum()),
             "test_images": int(is_test.sum()),
             "test_patients": int(len(test_patients)),
@@ -428,10 +442,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024, like the release)")
     parser.add_argument("--seed", type=options.seed, default=0, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic dataset at --out")
+    parser.add_argument(
+        "--placement", default="grid", choices=PLACEMENTS, help="findings in their own grid cell (default) or anywhere"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    s = synthesize(args.out, patients=args.patients, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    s = synthesize(
+        args.out, patients=args.patients, size=args.size, seed=args.seed, overwrite=args.overwrite, placement=args.placement
+    )
     print(
         f"wrote {s['images']} images of {s['patients']} patients ({s['size']}x{s['size']} px) to {s['out']} "
         f"in {s['seconds']:.1f} s"
