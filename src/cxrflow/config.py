@@ -24,6 +24,7 @@ STAGE_CHOICES = ("kt", "finetune", "both")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "plateau")
 DEVICES = ("auto", "cpu", "cuda")
+UNCERTAIN_POLICIES = ("ignore", "ones", "zeros")
 
 
 @dataclass
@@ -74,6 +75,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
+    #: uncertain labels of stores that have them: ignore | ones | zeros (cxrflow.uncertain)
+    uncertain: str = "ignore"
 
     def stages(self) -> list[Stage]:
         """The stages this run trains, in order (``simple_cnn``: one all-trainable "finetune" stage)."""
@@ -103,6 +106,7 @@ class TrainConfig:
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("scheduler", self.scheduler, SCHEDULERS),
             ("device", self.device, DEVICES),
+            ("uncertain", self.uncertain, UNCERTAIN_POLICIES),
         ):
             if value not in choices:
                 raise CxrflowError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -75,8 +75,11 @@ def bootstrap_aucs(
     patient_ids: np.ndarray,
     n_boot: int = 1000,
     seed: int = 0,
+    known: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-finding AUC of ``n_boot`` patient-level bootstrap resamples, ``float64[n_boot, K]``.
+
+    ``known`` ([N, K], 0/1): a finding's AUC uses only the images whose label for it is known.
 
     Each resample draws as many patients as there are, with replacement, and keeps all images of
     every drawn patient (as many times as the patient is drawn). NaN where a resample has a single
@@ -105,7 +108,8 @@ def bootstrap_aucs(
         counts = np.bincount(flat, minlength=b * n_patients).reshape(b, n_patients)
         weights = counts[:, patient_of_image].astype(np.float64)
         for j in range(k):
-            out[start : start + b, j] = _weighted_auc(y[:, j], probs[:, j], weights)
+            w = weights if known is None else weights * np.asarray(known)[:, j]
+            out[start : start + b, j] = _weighted_auc(y[:, j], probs[:, j], w)
     return out
 
 
@@ -125,6 +129,7 @@ def bootstrap_auc_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    known: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Percentile bootstrap intervals (resampling patients) of each finding's AUC and of the mean.
 
@@ -134,9 +139,9 @@ def bootstrap_auc_ci(
     Resamples in which a finding happens to have one class are dropped for that finding.
     """
     labels = np.asarray(labels)
-    point = per_class_auc(labels, probs)
+    point = per_class_auc(labels, probs, known)
     valid = ~np.isnan(point)
-    boots = bootstrap_aucs(labels, probs, patient_ids, n_boot=n_boot, seed=seed)
+    boots = bootstrap_aucs(labels, probs, patient_ids, n_boot=n_boot, seed=seed, known=known)
     per_finding = [_interval(boots[:, j], level) if valid[j] else None for j in range(labels.shape[1])]
     if valid.any():
         sub = boots[:, valid]
@@ -209,8 +214,13 @@ def summarize(
     *,
     n_boot: int = 1000,
     seed: int = 0,
+    known: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The evaluation of one split as a JSON-ready dict (the core of ``metrics.json``).
+
+    ``known`` ([N, K], 0/1, None: all known): each finding's AUC, interval, positives and
+    sensitivity/specificity use the images whose label for it is known; ``excluded_unknown`` counts
+    the others.
 
     ``thresholds`` ([K], normally from :func:`youden_threshold` on the validation split) give the
     per-finding sensitivity and specificity; without them those entries are omitted.
@@ -220,9 +230,10 @@ def summarize(
     names = list(label_names)
     if labels.shape[1] != len(names):
         raise ValueError(f"{labels.shape[1]} label columns but {len(names)} label names")
-    aucs = per_class_auc(labels, probs)
-    ci = bootstrap_auc_ci(labels, probs, patient_ids, n_boot=n_boot, seed=seed)
-    positives = labels.astype(bool).sum(axis=0)
+    aucs = per_class_auc(labels, probs, known)
+    ci = bootstrap_auc_ci(labels, probs, patient_ids, n_boot=n_boot, seed=seed, known=known)
+    mask = np.ones(labels.shape, dtype=bool) if known is None else np.asarray(known).astype(bool)
+    positives = (labels.astype(bool) & mask).sum(axis=0)
     nan_findings = [n for n, a in zip(names, aucs) if np.isnan(a)]
     result: dict[str, Any] = {
         "label_names": names,
@@ -243,10 +254,13 @@ def summarize(
     }
     if thresholds is not None:
         thresholds = np.asarray(thresholds, dtype=np.float64)
-        sens_spec = [sensitivity_specificity(labels[:, j], probs[:, j], thresholds[j]) for j in range(len(names))]
+        sens_spec = [sensitivity_specificity(labels[mask[:, j], j], probs[mask[:, j], j], thresholds[j])
+                     for j in range(len(names))]
         result["threshold"] = {n: _num(t) for n, t in zip(names, thresholds)}
         result["sensitivity"] = {n: _num(ss[0]) for n, ss in zip(names, sens_spec)}
         result["specificity"] = {n: _num(ss[1]) for n, ss in zip(names, sens_spec)}
+    if known is not None:
+        result["excluded_unknown"] = {n: int(x) for n, x in zip(names, (~mask).sum(axis=0))}
     return result
 
 
@@ -309,7 +323,8 @@ def read_epoch_records(run: str | os.PathLike) -> list[dict]:
 
 
 def predictions_table(pred: dict, label_names: Sequence[str]):
-    """``predictions.parquet`` content: image_id, patient_id, prob_<finding> ..., label_<finding> ..."""
+    """``predictions.parquet`` content: image_id, patient_id, prob_<finding> ..., label_<finding> ...
+    and, when some labels are not known, known_<finding> (uint8 0/1)."""
     import pyarrow as pa
 
     probs = np.asarray(pred["probs"], dtype=np.float32)
@@ -322,6 +337,10 @@ def predictions_table(pred: dict, label_names: Sequence[str]):
         cols[f"prob_{name}"] = pa.array(probs[:, j])
     for j, name in enumerate(label_names):
         cols[f"label_{name}"] = pa.array(labels[:, j].round().astype(np.uint8))
+    known = pred.get("known")
+    if known is not None and not np.asarray(known).all():
+        for j, name in enumerate(label_names):
+            cols[f"known_{name}"] = pa.array(np.asarray(known)[:, j].round().astype(np.uint8))
     return pa.table(cols)
 
 
@@ -338,6 +357,8 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
         "probs": frame[[f"prob_{n}" for n in names]].to_numpy(np.float64),
         "labels": frame[[f"label_{n}" for n in names]].to_numpy(np.float64),
     }
+    if names and f"known_{names[0]}" in frame.columns:
+        pred["known"] = frame[[f"known_{n}" for n in names]].to_numpy(np.float64)
     return pred, names
 
 
@@ -395,11 +416,14 @@ def evaluate_run(
     validation = evaluated if split == "val" else predict_split(model, store, size, "val", batch_size=batch_size, device=device)
     val_labels = np.asarray(validation["labels"])
     val_probs = np.asarray(validation["probs"], dtype=np.float64)
-    thresholds = np.array([youden_threshold(val_labels[:, j], val_probs[:, j]) for j in range(len(label_names))])
+    vk = np.asarray(validation["known"]).astype(bool)  # thresholds from the known labels only
+    thresholds = np.array([youden_threshold(val_labels[vk[:, j], j], val_probs[vk[:, j], j]) for j in range(len(label_names))])
 
     labels = np.asarray(evaluated["labels"])
     probs = np.asarray(evaluated["probs"], dtype=np.float64)
-    metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed)
+    known = None if np.asarray(evaluated["known"]).all() else np.asarray(evaluated["known"])
+    metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed,
+                        known=known)
     loss = evaluated.get("loss")
     from cxrflow.store import pixel_stats, read_manifest
 

@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 from cxrflow.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow.labels import NIH14, LabelVocabulary
-from cxrflow.metadata import label_matrix, load_release, read_data_entry
+from cxrflow.formats import add_format_arguments, load_collection
+from cxrflow.metadata import label_matrix, read_data_entry
 from cxrflow.plots import _new_axes
 
 FIGURES = {
@@ -43,6 +44,8 @@ SEX_COLORS = {"M": "tab:blue", "F": "tab:red"}
 
 
 def _no_finding_name(vocab: LabelVocabulary) -> str:
+    if vocab.no_finding is None and "No Finding" in vocab.names:  # CheXpert: an observation of its own
+        return "none of the findings"
     return vocab.no_finding or "No Finding"
 
 
@@ -64,14 +67,16 @@ def compute_stats(entries: pd.DataFrame, vocab: LabelVocabulary = NIH14) -> dict
     findings = {name: int(n) for name, n in zip(vocab.names, labels.sum(axis=0))}
     findings[_no_finding_name(vocab)] = int((per_image == 0).sum())
     views = entries["view"].value_counts()
+    ages = entries["age"][entries["age"] >= 0]  # -1: not given by the collection
+    ages = entries["age"] if ages.empty else ages
     return {
         "images": int(len(entries)),
         "patients": int(len(per_patient)),
         "patients_by_sex": {"M": int(sexes.get("M", 0)), "F": int(sexes.get("F", 0))},
         "age": {
-            "min": int(entries["age"].min()),
-            "max": int(entries["age"].max()),
-            "mean": round(float(entries["age"].mean()), 2),
+            "min": int(ages.min()),
+            "max": int(ages.max()),
+            "mean": round(float(ages.mean()), 2),
         },
         "images_per_patient": {"max": int(per_patient.max()), "mean": round(float(per_patient.mean()), 3)},
         "follow_up": {"max": int(entries["follow_up"].max()), "mean": round(float(entries["follow_up"].mean()), 3)},
@@ -239,20 +244,21 @@ def explore(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="release folder holding Data_Entry_2017[_v2020].csv")
+    source.add_argument("--data", type=Path, help="collection folder (NIH release, CheXpert, MIMIC-CXR-JPG, labels.csv)")
     source.add_argument("--metadata", type=Path, help="a Data_Entry_2017[_v2020].csv file")
     parser.add_argument("--out", required=True, type=Path, help="folder for stats.json, figures and summary.md")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    add_format_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.data is not None:
-        release = load_release(args.data, need_images=False)
-        entries, source = release.entries, release.data_entry_path
+        collection = load_collection(args.data, args.format, views=args.views, need_images=False)
+        entries, source, vocab = collection.entries, collection.metadata_path, collection.vocab
     else:
-        entries, source = read_data_entry(args.metadata), args.metadata
-    stats = explore(entries, args.out, str(source), overwrite=args.overwrite)
+        entries, source, vocab = read_data_entry(args.metadata), args.metadata, NIH14
+    stats = explore(entries, args.out, str(source), vocab, overwrite=args.overwrite)
     top = max((k for k in stats["cooccurrence"]), key=lambda k: stats["findings"][k])
     rare = min((k for k in stats["cooccurrence"]), key=lambda k: stats["findings"][k])
     print(

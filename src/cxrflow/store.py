@@ -8,7 +8,13 @@ Layout (hive-partitioned, one dataset for every size)::
 Columns (names are a contract): ``image_id`` string, ``patient_id`` int64, ``labels`` list<uint8>
 (one entry per finding, manifest order), ``age`` int16, ``sex`` string (M/F), ``view`` string
 (PA/AP), ``follow_up`` int32, ``orig_width``/``orig_height`` int32, ``pixels`` binary (S*S bytes,
-uint8 grayscale, row-major).
+uint8 grayscale, row-major). ``age`` is -1 and ``sex`` ``U`` where the collection does not say;
+``view`` is the collection's own (PA, AP, LATERAL, ...). Stores of collections with uncertain or
+unmentioned labels (CheXpert, MIMIC-CXR) add ``labels_known`` list<uint8>, the label states of
+:mod:`cxrflow.uncertain`; the manifest then has ``label_counts`` and ``uncertain_policies``.
+
+Format versions: 1 (NIH only), 2 (adds ``format``, ``label_counts``, optional ``labels_known``).
+Every version up to :data:`FORMAT_VERSION` opens.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from cxrflow.errors import CxrflowError
 from cxrflow.labels import LabelVocabulary
 
 #: Bumped whenever the layout or the columns change incompatibly.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "_manifest.json"
 SPLITS = ("train", "val", "test")
 
@@ -45,6 +51,16 @@ SCHEMA = pa.schema(
         ("pixels", pa.binary()),
     ]
 )
+
+#: The label states column of stores whose collection has unknown labels (see cxrflow.uncertain).
+KNOWN_COLUMN = "labels_known"
+
+
+def schema_for(known: bool) -> pa.Schema:
+    """The store schema; with ``known``, plus the ``labels_known`` column after ``labels``."""
+    if not known:
+        return SCHEMA
+    return SCHEMA.insert(SCHEMA.get_field_index("labels") + 1, pa.field(KNOWN_COLUMN, pa.list_(pa.uint8())))
 
 
 #: Target uncompressed bytes of one row group: a reader holds about one at a time.

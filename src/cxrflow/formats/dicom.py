@@ -1,0 +1,140 @@
+"""DICOM radiographs to 8-bit gray, the way hospital exports arrive.
+
+:func:`decode_dicom` is used by :mod:`cxrflow.imaging` for every ``.dcm`` (or ``DICM``-tagged)
+file, so the ETL, every format and ``predict`` accept DICOM wherever they accept an image. Rules,
+in order (DICOM PS3.3 C.11):
+
+1. pixels decoded by pydicom; compressed transfer syntaxes through its plugins (pylibjpeg with
+   libjpeg / openjpeg for JPEG and JPEG 2000; RLE natively). A file without pixel data, or whose
+   syntax no installed plugin decodes, raises :class:`~cxrflow.imaging.ImageError` with the reason
+   (the ETL quarantines it). Multi-frame files: the first frame. Colour files: ITU-R 601 luma.
+2. modality transform: ``RescaleSlope``/``RescaleIntercept`` or a Modality LUT.
+3. VOI transform to 0..255: a VOI LUT (scaled by its output bit depth) when present, else the first
+   ``WindowCenter``/``WindowWidth`` with the standard's linear function
+   ``((x - (c - 0.5)) / (w - 1) + 0.5)`` clipped to [0, 1]; without either, 8-bit data as stored
+   and deeper data from the image's own minimum..maximum (12/16-bit data is reduced to 8 bits only
+   after this step).
+4. ``MONOCHROME1`` (bright = air) inverted so that bright = dense, like ``MONOCHROME2``.
+5. rounded to uint8.
+
+``PixelSpacing`` (or ``ImagerPixelSpacing``) is returned with the pixels, in mm (row, column).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+@dataclass
+class DicomImage:
+    """An 8-bit gray radiograph decoded from DICOM, and what the header said about it."""
+
+    gray: np.ndarray
+    spacing: tuple[float, float] | None
+    photometric: str
+    bits_stored: int | None
+    transfer_syntax: str
+
+
+def is_dicom(data: bytes, where: str | None = None) -> bool:
+    """A Part 10 file (``DICM`` at byte 128) or a file named ``*.dcm``."""
+    return data[128:132] == b"DICM" or (where is not None and where.lower().endswith(DICOM_SUFFIXES))
+
+
+def _error(message: str, where: str | None):
+    from cxrflow.imaging import ImageError
+
+    return ImageError(message, where)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _first(value) -> float:
+    """The first of a possibly multi-valued DICOM number."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def _voi(ds, values: np.ndarray) -> np.ndarray:
+    """Modality-transformed values -> float on 0..1 by the VOI LUT, the window, or min..max."""
+    from pydicom.pixels import apply_voi_lut
+
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        item = ds.VOILUTSequence[0]
+        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        return np.clip(out / float(2**bits - 1), 0.0, 1.0)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        c, w = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
+        if w > 1:
+            return np.clip((values - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0)
+        return (values > c - 0.5).astype(np.float64)
+    if int(ds.get("BitsStored", 16)) <= 8 and values.min() >= 0 and values.max() <= 255:
+        return values / 255.0  # an 8-bit export without a window: as stored
+    lo, hi = float(values.min()), float(values.max())
+    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values, dtype=np.float64)
+
+
+def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
+    """Decode a DICOM file's bytes to an 8-bit gray image by the rules of the module docstring."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:  # any parser failure on user data is a reason to quarantine
+        raise _error(f"not a readable DICOM file ({_short(exc)})", where) from None
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise _error("DICOM file without pixel data", where)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    syntax_name = getattr(syntax, "name", str(syntax)) if syntax is not None else "unknown"
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # missing plugin, broken codestream, inconsistent header
+        raise _error(f"cannot decode DICOM pixel data (transfer syntax {syntax_name}): {_short(exc)}", where) from None
+    samples = int(ds.get("SamplesPerPixel", 1))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        pixels = pixels[0]
+    if samples == 3:
+        rgb = pixels.astype(np.float64)
+        gray = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114) / 1000.0
+        return DicomImage(np.clip(np.rint(gray), 0, 255).astype(np.uint8), _spacing(ds),
+                          str(ds.get("PhotometricInterpretation", "")), ds.get("BitsStored"), syntax_name)
+    if pixels.ndim != 2:
+        raise _error(f"unsupported DICOM pixel layout {pixels.shape} (expected one gray frame)", where)
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    scaled = _voi(ds, values)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    gray = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    bits = ds.get("BitsStored")
+    return DicomImage(gray, _spacing(ds), photometric, None if bits is None else int(bits), syntax_name)
+
+
+def _spacing(ds) -> tuple[float, float] | None:
+    for key in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(key)
+        if value is not None and len(value) == 2:
+            try:
+                return float(value[0]), float(value[1])
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def read_dicom(path: str | Path) -> DicomImage:
+    """Decode a DICOM file from disk (see :func:`decode_dicom`)."""
+    return decode_dicom(Path(path).read_bytes(), str(path))
