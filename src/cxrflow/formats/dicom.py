@@ -66,14 +66,16 @@ def _first(value) -> float:
         return float(value)
 
 
-def _voi(ds, values: np.ndarray) -> np.ndarray:
+def _voi(ds, modality: np.ndarray) -> np.ndarray:
     """Modality-transformed values -> float on 0..1 by the VOI LUT, the window, or min..max."""
     from pydicom.pixels import apply_voi_lut
 
+    values = np.asarray(modality, dtype=np.float64)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         item = ds.VOILUTSequence[0]
         bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        index = modality if np.issubdtype(modality.dtype, np.integer) else np.rint(values).astype(np.int64)
+        out = apply_voi_lut(index, ds, index=0, prefer_lut=True).astype(np.float64)
         return np.clip(out / float(2**bits - 1), 0.0, 1.0)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         c, w = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
@@ -114,8 +116,7 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
                           str(ds.get("PhotometricInterpretation", "")), ds.get("BitsStored"), syntax_name)
     if pixels.ndim != 2:
         raise _error(f"unsupported DICOM pixel layout {pixels.shape} (expected one gray frame)", where)
-    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
-    scaled = _voi(ds, values)
+    scaled = _voi(ds, np.asarray(apply_modality_lut(pixels, ds)))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric == "MONOCHROME1":
         scaled = 1.0 - scaled
