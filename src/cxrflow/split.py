@@ -128,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
     write_split_csv(frame, args.out, overwrite=args.overwrite)
     if frame.attrs["mode"] == "official-split":
         print("mode: the collection's own train/val/test split")
+    elif frame.attrs["mode"] == MODE_OFFICIAL and collection.format != "nih":
+        print(
+            f"mode: the collection's official test split; its other patients split "
+            f"{1 - args.val_fraction:.0%}/{args.val_fraction:.0%} train/val, seed {args.seed}"
+        )
     elif frame.attrs["mode"] == MODE_OFFICIAL:
         print(
             f"mode: official lists (test = test_list.txt; train_val_list.txt patients split "
@@ -135,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            "mode: no train_val_list.txt/test_list.txt in the data folder: all patients split "
+            "mode: no official split in the data folder: all patients split "
             f"70/10/20 train/val/test (seed {args.seed}; --val-fraction is not used)"
         )
     for name, c in split_counts(frame).items():

@@ -146,7 +146,8 @@ def format_manifest(manifest: dict) -> str:
     """Human-readable summary of a manifest (for ``cxrflow store-info``)."""
     lines = [
         f"cxrflow store, format {manifest.get('format_version')}, written by cxrflow "
-        f"{manifest.get('cxrflow_version', '?')} at {manifest.get('created', '?')}",
+        f"{manifest.get('cxrflow_version', '?')} at {manifest.get('created', '?')}"
+        + (f", collection format {manifest['format']}" if "format" in manifest else ""),
         f"findings ({len(manifest.get('label_names', []))}): {', '.join(manifest.get('label_names', []))}",
         f"sizes: {', '.join(str(s) for s in manifest.get('sizes', []))}",
         "rows:",
@@ -177,6 +178,14 @@ def format_manifest(manifest: dict) -> str:
         lines.append("train positives / pos_weight:")
         for n, w in zip(names, pw):
             lines.append(f"  {n:<20} {pos.get(n, '?'):>7}  {w:8.2f}")
+    counts = manifest.get("label_counts", {})
+    if counts and "uncertain_policies" in manifest:
+        lines.append("train labels: positive / negative / uncertain / not mentioned "
+                     f"(--uncertain {'|'.join(manifest['uncertain_policies'])} decides the uncertain ones):")
+        for n in names:
+            c = counts.get(n, {})
+            lines.append(f"  {n:<26} {c.get('positive', 0):>7} {c.get('negative', 0):>7} "
+                         f"{c.get('uncertain', 0):>7} {c.get('unknown', 0):>7}")
     split = manifest.get("split", {})
     if split:
         lines.append("split: " + ", ".join(f"{k}={v}" for k, v in split.items()))
