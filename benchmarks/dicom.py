@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="256", help="ETL sizes (default 256)")
     parser.add_argument("--master", default="local[2]", help="Spark master (default local[2])")
     parser.add_argument("--rounds", type=int, default=2, help="rounds; the best counts (default 2)")
+    parser.add_argument("--syntaxes", default="explicit,jpeg2000", help="transfer syntaxes (default explicit,jpeg2000)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the data (default: temporary)")
     args = parser.parse_args()
     from cxrflow.spark import build_spark
@@ -103,7 +104,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="cxrflow-dicom-bench-"))
     spark = build_spark(args.master, "cxrflow dicom benchmark")
     try:
-        for syntax in ("explicit", "jpeg2000"):
+        for syntax in args.syntaxes.split(","):
             root = work / syntax
             paths = generate(root, args.images, args.side, syntax, seed=0)
             mb = sum(p.stat().st_size for p in paths) / len(paths) / 2**20

@@ -59,6 +59,11 @@ def test_chexpert_reader_values_states_patients_views(chexpert_dir):
     assert col.entries["sex"].iloc[0] == {"Male": "M", "Female": "F"}[first[1]]
     everything = load_collection(chexpert_dir, "chexpert", views="all")
     assert len(everything.entries) == len(_rows(chexpert_dir / "train.csv")) + len(_rows(chexpert_dir / "valid.csv")) - 2
+    assert main(["explore", "--data", str(chexpert_dir), "--out", str(chexpert_dir.parent / "explore")]) == 0
+    stats = json.loads((chexpert_dir.parent / "explore" / "stats.json").read_text())
+    edema = col.vocab.index("Edema")
+    assert stats["label_states"]["Edema"]["uncertain"] == int((col.states[:, edema] == UNCERTAIN).sum())
+    assert stats["findings"]["Edema"] == int(col.entries["Edema"].sum()) == stats["label_states"]["Edema"]["positive"]
     splits = assign_collection_splits(col, 0.3, 0)
     test_ids = {r[0].split("/", 1)[1] for r in _rows(chexpert_dir / "valid.csv")[1:] if r[3] == "Frontal"}
     assert set(splits.loc[splits["split"] == "test", "image_id"]) == test_ids
@@ -252,3 +257,10 @@ def test_store_of_format_version_1_still_opens(tmp_path):
     assert read_manifest(tmp_path / "s")["format_version"] == 1
     batch = next(iter(make_loader(tmp_path / "s", 16, "train", batch_size=8, shuffle=False)))
     assert batch["known"].shape == batch["labels"].shape and bool((batch["known"] == 1).all())
+
+
+def test_generic_pipe_labels_no_finding_with_findings(tmp_path, capsys):
+    root = write_generic(tmp_path, patients=3, per_column=False)
+    _edit(root / "labels.csv", 3, "labels", "No Finding|Mass")
+    err = _error_of(["split", "--data", str(root), "--out", str(tmp_path / "s.csv")], capsys)
+    assert err == f"error: {root / 'labels.csv'}:3: 'labels' 'No Finding|Mass' combines 'No Finding' with findings"

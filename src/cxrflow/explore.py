@@ -224,8 +224,13 @@ def explore(
     source: str,
     vocab: LabelVocabulary = NIH14,
     overwrite: bool = False,
+    states: np.ndarray | None = None,
 ) -> dict:
-    """Write stats.json, the figures and summary.md into ``out_dir``; return the stats."""
+    """Write stats.json, the figures and summary.md into ``out_dir``; return the stats.
+
+    ``states`` (the collection's label states, see :mod:`cxrflow.uncertain`) add ``label_states``:
+    positives, negatives, uncertain and not mentioned per finding; ``findings`` counts positives.
+    """
     out_dir = Path(out_dir)
     outputs = [STATS_NAME, SUMMARY_NAME, *FIGURES.values()]
     if out_dir.exists() and not out_dir.is_dir():
@@ -235,6 +240,10 @@ def explore(
         raise CxrflowError(f"{existing[0]} already exists here; pass --overwrite to replace the report", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = compute_stats(entries, vocab)
+    if states is not None:
+        from cxrflow.uncertain import label_counts
+
+        stats["label_states"] = label_counts(label_matrix(entries, vocab), states, vocab.names)
     for key, fig in make_figures(entries, stats).items():
         save_figure_atomic(fig, out_dir / FIGURES[key])
     write_json_atomic(out_dir / STATS_NAME, stats)
@@ -256,9 +265,10 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         collection = load_collection(args.data, args.format, views=args.views, need_images=False)
         entries, source, vocab = collection.entries, collection.metadata_path, collection.vocab
+        states = collection.states
     else:
-        entries, source, vocab = read_data_entry(args.metadata), args.metadata, NIH14
-    stats = explore(entries, args.out, str(source), vocab, overwrite=args.overwrite)
+        entries, source, vocab, states = read_data_entry(args.metadata), args.metadata, NIH14, None
+    stats = explore(entries, args.out, str(source), vocab, overwrite=args.overwrite, states=states)
     top = max((k for k in stats["cooccurrence"]), key=lambda k: stats["findings"][k])
     rare = min((k for k in stats["cooccurrence"]), key=lambda k: stats["findings"][k])
     print(

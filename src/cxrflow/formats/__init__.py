@@ -53,7 +53,7 @@ class Collection:
     root: Path
     vocab: LabelVocabulary
     entries: pd.DataFrame
-    images: dict[str, Path]
+    images: dict[str, str | Path]  # image id -> file
     missing: list[str]
     metadata_path: Path
     #: uint8 [N, K] states (1 known, 0 not mentioned, 2 uncertain) or None: every label known

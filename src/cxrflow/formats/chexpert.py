@@ -11,7 +11,6 @@ is train/val (patients split by ``--val-fraction``), ``valid.csv`` the test spli
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from cxrflow.formats import Collection
 from cxrflow.formats.common import (
     check_unique,
     entries_frame,
-    image_path,
+    image_paths,
     locate_images,
     observations,
     parse_age,
@@ -51,8 +50,6 @@ VOCAB = LabelVocabulary(
 )
 TRAIN_NAME, VALID_NAME = "train.csv", "valid.csv"
 COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *VOCAB.names)
-_PATIENT = re.compile(r"^patient(\d+)$")
-_STUDY = re.compile(r"^study(\d+)$")
 
 
 def detect(root: Path) -> bool:
@@ -64,24 +61,16 @@ def detect(root: Path) -> bool:
 
 def _ids(table, root: Path) -> tuple[list[str], dict[str, Path], np.ndarray, np.ndarray]:
     """Image ids, their files, patient numbers and study numbers from the ``Path`` column."""
-    ids, paths = [], {}
-    patients = np.zeros(len(table.frame), dtype=np.int64)
-    studies = np.zeros(len(table.frame), dtype=np.int32)
-    for row, text in enumerate(table.frame["Path"]):
-        parts = text.replace("\\", "/").split("/")
-        if parts and parts[0] == root.name:  # "CheXpert-v1.0-small/train/..." is relative to the parent
-            parts = parts[1:]
-        relative = "/".join(parts)
-        path = image_path(root, relative, table, row)
-        patient = next((m for m in map(_PATIENT.match, parts) if m), None)
-        study = next((m for m in map(_STUDY.match, parts) if m), None)
-        if patient is None:
-            raise table.error(row, f"no patientNNNNN folder in Path {text!r}")
-        patients[row] = int(patient.group(1))
-        studies[row] = int(study.group(1)) if study else 0
-        ids.append(relative)
-        paths[relative] = path
-    return ids, paths, patients, studies
+    text = table.frame["Path"].str.replace("\\", "/", regex=False)
+    # "CheXpert-v1.0-small/train/..." is relative to the folder's parent (whatever it was renamed to)
+    first = text.str.split("/", n=1).str[0]
+    strip = (first == root.name) | first.str.startswith("CheXpert-v1.0")
+    relative = text.where(~strip, text.str.split("/", n=1).str[1].fillna(""))
+    paths = image_paths(root, relative, table)
+    patient = relative.str.extract(r"(?:^|/)patient(\d+)(?:/|$)", expand=False)
+    table.first(patient.isna().to_numpy(), lambda r: f"no patientNNNNN folder in Path {table.frame['Path'].iloc[r]!r}")
+    study = relative.str.extract(r"(?:^|/)study(\d+)(?:/|$)", expand=False).fillna("0")
+    return relative.tolist(), paths, patient.astype(np.int64).to_numpy(), study.astype(np.int32).to_numpy()
 
 
 def _views(table) -> tuple[np.ndarray, np.ndarray]:
@@ -98,9 +87,6 @@ def _read_one(root: Path, name: str):
     table = read_table(root / name, COLUMNS)
     ids, paths, patients, studies = _ids(table, root)
     labels, states = observations(table, VOCAB.names)
-    nf = table.frame["No Finding"]
-    table.first((nf == "-1.0").to_numpy() | (nf == "-1").to_numpy(),
-                lambda r: "'No Finding' is never uncertain in CheXpert (1.0 or empty), got -1.0")
     view, frontal = _views(table)
     age, sex = parse_age(table, "Age"), parse_sex(table, "Sex")
     return table, ids, paths, patients, studies, labels, states, view, frontal, age, sex
@@ -112,19 +98,15 @@ def read(root: Path, *, views: str = "frontal", need_images: bool = True) -> Col
         parts.append(_read_one(root, VALID_NAME))
     keep = [p[8] if views == "frontal" else np.ones(len(p[1]), dtype=bool) for p in parts]
     # an image listed twice (within or across the two files) and a patient in both are errors
-    seen: dict[str, tuple[str, int]] = {}
-    train_patients = set(parts[0][3].tolist())
-    for i, (table, ids, *_rest) in enumerate(parts):
+    for table, ids, *_rest in parts:
         check_unique(table, pd.Series(ids, dtype=str), "image")
-        for row, image in enumerate(ids):
-            if image in seen:
-                raise table.error(row, f"image {image!r} is also listed in {seen[image][0]} line {seen[image][1]}")
-        seen.update({image: (table.path.name, table.line(row)) for row, image in enumerate(ids)})
-        if i == 1:
-            both = np.flatnonzero(np.isin(parts[1][3], list(train_patients)))
-            if len(both):
-                raise table.error(int(both[0]), f"patient {parts[1][3][both[0]]} is also in {TRAIN_NAME}; "
-                                                "a patient must be in one split only")
+    if len(parts) == 2:
+        (train, train_ids, _, train_patients, *_), (valid, valid_ids, _, valid_patients, *_) = parts
+        again = pd.Index(train_ids).get_indexer(valid_ids)
+        valid.first(again >= 0, lambda r: (
+            f"image {valid_ids[r]!r} is also listed in {TRAIN_NAME} line {train.line(int(again[r]))}"))
+        valid.first(np.isin(valid_patients, train_patients), lambda r: (
+            f"patient {valid_patients[r]} is also in {TRAIN_NAME}; a patient must be in one split only"))
 
     def cat(k: int) -> np.ndarray:
         return np.concatenate([np.asarray(p[k])[m] for p, m in zip(parts, keep)])

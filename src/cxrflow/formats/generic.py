@@ -33,7 +33,7 @@ from cxrflow.formats.common import (
     check_patient_splits,
     check_unique,
     entries_frame,
-    image_path,
+    image_paths,
     locate_images,
     observations,
     parse_age,
@@ -69,8 +69,13 @@ def _pipe_labels(table) -> tuple[LabelVocabulary, np.ndarray]:
     names = sorted({p.strip() for v in values for p in v.split("|") if p.strip() and p.strip() != NO_FINDING})
     vocab = LabelVocabulary(tuple(names), no_finding=NO_FINDING)
     codes, uniques = pd.factorize(values)
-    rows = np.stack([vocab.encode(vocab.parse(u)) for u in uniques]) if len(uniques) else np.zeros((0, len(names)), np.uint8)
-    return vocab, rows[codes] if len(codes) else np.zeros((0, len(names)), np.uint8)
+    rows = np.zeros((len(uniques), len(names)), dtype=np.uint8)
+    for u, text in enumerate(uniques):
+        try:
+            rows[u] = vocab.encode(vocab.parse(text))
+        except KeyError:  # the only name not in the vocabulary is the no-finding token
+            table.first(codes == u, lambda r: f"'labels' {text!r} combines {NO_FINDING!r} with findings")
+    return vocab, rows[codes]
 
 
 def read(root: Path, *, views: str = "frontal", need_images: bool = True) -> Collection:
@@ -91,7 +96,7 @@ def read(root: Path, *, views: str = "frontal", need_images: bool = True) -> Col
             states = None
     ids = table.frame["image"]
     check_unique(table, ids, "image")
-    paths = {image: image_path(root, image, table, row) for row, image in enumerate(ids)}
+    paths = image_paths(root, ids, table)
     patients = _patients(table)
     view = table.frame["view"].str.upper().to_numpy(dtype=object) if "view" in columns else np.full(len(ids), "", object)
     keep = np.isin(view, FRONTAL) if views == "frontal" and "view" in columns else np.ones(len(ids), dtype=bool)

@@ -9,6 +9,7 @@ the store). ``--views frontal`` keeps ``ViewPosition`` PA and AP.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -95,12 +96,12 @@ def read(root: Path, *, views: str = "frontal", need_images: bool = True) -> Col
     n = int(keep.sum())
     entries = entries_frame(ids[keep], subject[keep], np.full(n, -1), np.full(n, "U"), view[keep], order[keep],
                             labels[keep], VOCAB)
-    paths = {
-        d: root / "files" / f"p{str(s)[:2]}" / f"p{s}" / f"s{t}" / f"{d}.jpg"
-        for d, s, t in zip(ids[keep], subject[keep], study[keep])
-    }
-    paths = {d: (p if p.is_file() or not p.with_suffix(".dcm").is_file() else p.with_suffix(".dcm")) for d, p in paths.items()}
-    images, missing = locate_images(paths, need_images)
+    base = os.path.join(str(root), "files")
+    jpg = {d: f"{base}/p{str(s)[:2]}/p{s}/s{t}/{d}.jpg" for d, s, t in zip(ids[keep], subject[keep], study[keep])}
+    images, missing = locate_images(jpg, need_images)
+    if missing:  # a DICOM export of the same layout
+        dicom, missing = locate_images({d: jpg[d][: -len(".jpg")] + ".dcm" for d in missing}, need_images)
+        images.update(dicom)
     kept_split = split[keep]
     kept_ids = entries["image_id"].to_numpy()
     dropped = int((~keep).sum())
