@@ -138,3 +138,24 @@ def test_predict_accepts_dicom(tmp_path, capsys):
     assert main(["predict", "--run", str(tmp_path / "run"), str(image), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["predictions"][0]["probabilities"]) == 14
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                                  "MR_small_implicit.dcm", "MR_small_bigendian.dcm"])
+def test_codecs_match_the_uncompressed_file(name):
+    """pydicom's own sample files: one signed 16-bit image in several transfer syntaxes (JPEG-LS and
+    JPEG 2000 through the pylibjpeg plugins) decode to the same pixels as its uncompressed copy."""
+    from pydicom.data import get_testdata_file
+
+    reference, other = get_testdata_file("MR_small.dcm"), get_testdata_file(name)
+    if reference is None or other is None:
+        pytest.skip("pydicom's bundled test files are not installed")
+    np.testing.assert_array_equal(load_gray(other)[0], load_gray(reference)[0])
+
+
+def test_truncated_pixel_data_is_a_reason(tmp_path):
+    path = write_dicom(tmp_path / "t.dcm", RAW12, bits_stored=12)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ImageError, match="cannot decode DICOM pixel data"):
+        load_gray(path)

@@ -264,3 +264,16 @@ def test_generic_pipe_labels_no_finding_with_findings(tmp_path, capsys):
     _edit(root / "labels.csv", 3, "labels", "No Finding|Mass")
     err = _error_of(["split", "--data", str(root), "--out", str(tmp_path / "s.csv")], capsys)
     assert err == f"error: {root / 'labels.csv'}:3: 'labels' 'No Finding|Mass' combines 'No Finding' with findings"
+
+
+def test_generic_aliases_csv_file_and_chexpert_parent_folder(tmp_path, chexpert_dir):
+    root = write_generic(tmp_path / "g", patients=4, findings=("Nodule", "Mass"))
+    rows = _rows(root / "labels.csv")
+    rows[0] = ["Path", "Subject_ID", "Patient Age", "Gender", "ViewPosition", "Nodule", "Mass"]
+    _write(root / "my-export.csv", rows)
+    (root / "labels.csv").unlink()
+    col = load_collection(root / "my-export.csv")
+    assert col.format == "csv" and col.entries["image_id"].tolist() == [r[0] for r in rows[1:]]
+    assert col.entries["age"].tolist() == [int(r[2]) for r in rows[1:]] and not col.missing
+    parent = load_collection(chexpert_dir.parent, need_images=False)
+    assert parent.format == "chexpert" and parent.entries.equals(load_collection(chexpert_dir, need_images=False).entries)

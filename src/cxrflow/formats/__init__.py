@@ -114,8 +114,14 @@ def load_collection(
     """Read a collection folder with the named reader (``auto``: detected)."""
     if views not in VIEW_CHOICES:
         raise CxrflowError(f"--views must be one of {', '.join(VIEW_CHOICES)}, got {views!r}")
-    name = detect_format(data_dir) if format == "auto" else format
-    collection = _module(name).read(Path(data_dir), views=views, need_images=need_images)
+    path = Path(data_dir)
+    if path.is_file():  # a CSV file named directly: the generic format, its folder the data folder
+        if format not in ("auto", "csv"):
+            raise CxrflowError(f"--data must be the collection's folder for --format {format}", path)
+        collection = _module("csv").read(path.parent, views=views, need_images=need_images, file_name=path.name)
+    else:
+        name = detect_format(path) if format == "auto" else format
+        collection = _module(name).read(path, views=views, need_images=need_images)
     if strict and collection.missing:
         raise CxrflowError(
             f"{len(collection.missing)} of {len(collection.entries)} images are not on disk "

@@ -1,7 +1,7 @@
 """CheXpert v1.0 (and the "-small" copy): ``train.csv`` and ``valid.csv`` as downloaded.
 
 ``Path`` starts with the folder's own name (``CheXpert-v1.0-small/train/patient00001/study1/
-view1_frontal.jpg``); point ``--data`` at that folder. The image id is the path below it
+view1_frontal.jpg``); point ``--data`` at that folder or at the one that contains it. The image id is the path below it
 (``train/patient00001/study1/view1_frontal.jpg``), the patient the ``patientNNNNN`` component, the
 follow-up the ``studyN`` number. Observation columns hold 1.0, 0.0, -1.0 (uncertain) or nothing
 (not mentioned): the store keeps them as label states (:mod:`cxrflow.uncertain`). ``train.csv``
@@ -52,11 +52,18 @@ TRAIN_NAME, VALID_NAME = "train.csv", "valid.csv"
 COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *VOCAB.names)
 
 
+def _folder(root: Path) -> Path | None:
+    """The folder holding train.csv: ``root`` itself, or its one ``CheXpert-v1.0*`` subfolder."""
+    for folder in [root, *sorted(root.glob("CheXpert-v1.0*"))]:
+        if (folder / TRAIN_NAME).is_file():
+            with open(folder / TRAIN_NAME, encoding="utf-8-sig", errors="replace") as f:
+                if f.readline().startswith("Path,"):
+                    return folder
+    return None
+
+
 def detect(root: Path) -> bool:
-    if not (root / TRAIN_NAME).is_file():
-        return False
-    with open(root / TRAIN_NAME, encoding="utf-8-sig", errors="replace") as f:
-        return f.readline().startswith("Path,")
+    return _folder(root) is not None
 
 
 def _ids(table, root: Path) -> tuple[list[str], dict[str, Path], np.ndarray, np.ndarray]:
@@ -93,6 +100,7 @@ def _read_one(root: Path, name: str):
 
 
 def read(root: Path, *, views: str = "frontal", need_images: bool = True) -> Collection:
+    root = _folder(root) or root  # the folder that contains CheXpert-v1.0-small/ works too
     parts = [_read_one(root, TRAIN_NAME)]
     if (root / VALID_NAME).is_file():
         parts.append(_read_one(root, VALID_NAME))

@@ -1,5 +1,5 @@
-"""The generic format (``--format csv``): one ``labels.csv`` in the data folder, the way to bring any
-other collection.
+"""The generic format (``--format csv``): one ``labels.csv`` in the data folder (or ``--data`` naming
+any CSV file: its folder is the data folder), the way to bring any other collection.
 
 Columns (header names; order free):
 
@@ -18,6 +18,10 @@ Columns (header names; order free):
 ``split``       optional: train/val/test for every row (a patient in one split only);
                 without it patients are split 70/10/20
 ==============  =========================================================================
+
+Column names are case-insensitive and other usual spellings are accepted (:data:`ALIASES`:
+``path``/``filename`` for ``image``, ``patient``/``subject_id`` for ``patient_id``, ``findings``
+for ``labels``, ``gender`` for ``sex``, ``view_position`` for ``view``).
 """
 
 from __future__ import annotations
@@ -50,8 +54,38 @@ SPLITS = ("train", "val", "test")
 NO_FINDING = "No Finding"
 
 
+#: other spellings accepted for each column (case-insensitive)
+ALIASES = {
+    "image": ("path", "image_path", "file", "filename", "image_id", "image index"),
+    "patient_id": ("patient", "subject_id", "patientid", "patient id"),
+    "labels": ("findings", "finding_labels", "finding labels"),
+    "age": ("patient_age", "patientage", "patient age"),
+    "sex": ("gender", "patient_sex", "patientsex", "patient gender"),
+    "view": ("view_position", "viewposition", "view position"),
+    "split": ("subset", "fold"),
+}
+
+
 def detect(root: Path) -> bool:
     return (root / FILE_NAME).is_file()
+
+
+def _canonical_columns(table) -> None:
+    """Rename accepted spellings to the canonical column names (finding columns keep theirs)."""
+    renames = {}
+    for column in table.frame.columns:
+        low = column.strip().lower()
+        for name, others in ALIASES.items():
+            if low == name or low in others:
+                renames[column] = name
+    if len(set(renames.values())) != len(renames):
+        twice = next(n for n in renames.values() if list(renames.values()).count(n) > 1)
+        raise CxrflowError(f"two columns mean {twice!r}: {', '.join(c for c, n in renames.items() if n == twice)}",
+                           table.path, 1)
+    table.frame = table.frame.rename(columns=renames)
+    for name in REQUIRED:
+        if name not in table.frame.columns:
+            raise CxrflowError(f"missing column {name!r} (or {', '.join(ALIASES[name])})", table.path, 1)
 
 
 def _patients(table) -> np.ndarray:
@@ -78,8 +112,9 @@ def _pipe_labels(table) -> tuple[LabelVocabulary, np.ndarray]:
     return vocab, rows[codes]
 
 
-def read(root: Path, *, views: str = "frontal", need_images: bool = True) -> Collection:
-    table = read_table(root / FILE_NAME, REQUIRED)
+def read(root: Path, *, views: str = "frontal", need_images: bool = True, file_name: str = FILE_NAME) -> Collection:
+    table = read_table(root / file_name, ())
+    _canonical_columns(table)
     columns = list(table.frame.columns)
     finding_columns = [c for c in columns if c not in REQUIRED + OPTIONAL and c]
     if "labels" in columns and finding_columns:
