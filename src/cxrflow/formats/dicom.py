@@ -17,6 +17,10 @@ in order (DICOM PS3.3 C.11):
 4. ``MONOCHROME1`` (bright = air) inverted so that bright = dense, like ``MONOCHROME2``.
 5. rounded to uint8.
 
+For integer pixel data steps 2-5 are computed once per stored value that occurs (a table of at most
+65,536 entries; the min..max of step 3 is then that of the occurring range, the same for the usual
+monotonic rescale) and applied with one lookup per pixel.
+
 ``PixelSpacing`` (or ``ImagerPixelSpacing``) is returned with the pixels, in mm (row, column).
 """
 
@@ -91,7 +95,6 @@ def _voi(ds, modality: np.ndarray) -> np.ndarray:
 def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
     """Decode a DICOM file's bytes to an 8-bit gray image by the rules of the module docstring."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -116,13 +119,27 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
                           str(ds.get("PhotometricInterpretation", "")), ds.get("BitsStored"), syntax_name)
     if pixels.ndim != 2:
         raise _error(f"unsupported DICOM pixel layout {pixels.shape} (expected one gray frame)", where)
-    scaled = _voi(ds, np.asarray(apply_modality_lut(pixels, ds)))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if photometric == "MONOCHROME1":
-        scaled = 1.0 - scaled
-    gray = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    if np.issubdtype(pixels.dtype, np.integer) and pixels.dtype.itemsize <= 2:
+        # integer data: the whole transform as a table over the stored values that occur (<= 65,536
+        # entries), then one lookup per pixel instead of several float passes over the image
+        lo, hi = int(pixels.min()), int(pixels.max())
+        table = _to_gray(ds, np.arange(lo, hi + 1).astype(pixels.dtype), photometric)
+        gray = table[pixels.astype(np.int32) - lo] if lo < 0 else np.concatenate([np.zeros(lo, np.uint8), table])[pixels]
+    else:
+        gray = _to_gray(ds, pixels, photometric)
     bits = ds.get("BitsStored")
     return DicomImage(gray, _spacing(ds), photometric, None if bits is None else int(bits), syntax_name)
+
+
+def _to_gray(ds, stored: np.ndarray, photometric: str) -> np.ndarray:
+    """Stored values -> uint8: modality transform, VOI transform, MONOCHROME1 inverted, rounded."""
+    from pydicom.pixels import apply_modality_lut
+
+    scaled = _voi(ds, np.asarray(apply_modality_lut(stored, ds)))
+    if photometric == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
 
 
 def _spacing(ds) -> tuple[float, float] | None:
