@@ -122,6 +122,11 @@ def test_etl_reads_dicom_and_quarantines_bad_ones(spark, tmp_path):
     assert set(got) == set(expected)
     for image, pixels in expected.items():
         np.testing.assert_array_equal(got[image], pixels)
+    import pyarrow.parquet as pq
+
+    spacing = pq.read_table(tmp_path / "store" / manifest["pixel_spacing"]["file"]).to_pylist()
+    assert [r["image_id"] for r in spacing] == sorted(expected)
+    assert all(r["spacing_row_mm"] == pytest.approx(0.143) for r in spacing)
 
 
 def test_predict_accepts_dicom(tmp_path, capsys):

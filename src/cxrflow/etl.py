@@ -41,6 +41,7 @@ from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow.imaging import ImageError, load_and_resize
 from cxrflow.formats import add_format_arguments
+from cxrflow.formats.dicom import spacing_row, write_spacing
 from cxrflow.store import (
     KNOWN_COLUMN,
     MANIFEST_NAME,
@@ -251,6 +252,7 @@ def process_task(
     histograms = {s: np.zeros(256, dtype=np.int64) for s in sizes}
     positives = np.zeros(num_labels, dtype=np.int64)
     quarantined: list[dict] = []
+    spacings: list[list] = []  # DICOM sources' pixel spacing
     written = 0
     prepare = functools.partial(_prepare, sizes=sizes, histograms=split == "train")
     try:
@@ -268,6 +270,9 @@ def process_task(
                     writers[s].add(row, done.pixels[s])
                 positives += np.frombuffer(rec["labels"], dtype=np.uint8)
                 written += 1
+                spacing = spacing_row(rec["image_id"], rec["path"])
+                if spacing is not None:
+                    spacings.append(spacing)
         for w in writers.values():
             w.close()
     except BaseException:
@@ -280,6 +285,7 @@ def process_task(
         "images": len(records),
         "written": written,
         "quarantined": quarantined,
+        "pixel_spacing": spacings,
         "positives": positives.tolist(),
         "histograms": {s: h.tolist() for s, h in histograms.items()},
         "seconds": time.perf_counter() - started,
@@ -520,6 +526,9 @@ def run_etl(
             val_fraction, seed, compression, group_rows, per_file, job_seconds,
         )
         manifest.update(store_label_keys(release, records, {q["image_id"] for q in manifest["quarantined"]}))
+        spacing = write_spacing(tmp, [row for s in summaries for row in s["pixel_spacing"]])
+        if spacing is not None:
+            manifest["pixel_spacing"] = spacing
         if strict and manifest["quarantined"]:
             q = manifest["quarantined"][0]
             raise CxrflowError(

@@ -156,3 +156,50 @@ def _spacing(ds) -> tuple[float, float] | None:
 def read_dicom(path: str | Path) -> DicomImage:
     """Decode a DICOM file from disk (see :func:`decode_dicom`)."""
     return decode_dicom(Path(path).read_bytes(), str(path))
+
+
+#: Per-image pixel spacing of a store's DICOM sources (a leading "_": not part of the pixel dataset).
+SPACING_FILE = "_pixel_spacing.parquet"
+
+
+def header_spacing(path: str | Path) -> tuple[float, float] | None:
+    """(row, column) pixel spacing in mm from a DICOM file's header (pixels not read); None without one."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                             specific_tags=["PixelSpacing", "ImagerPixelSpacing"])
+    except Exception:  # the image itself was decoded; a header that will not parse just has no spacing
+        return None
+    return _spacing(ds)
+
+
+def spacing_row(image_id: str, path: str) -> list | None:
+    """``[image_id, row mm, column mm]`` for a DICOM source (NaN without spacing); None for other files."""
+    if path.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+        return None  # no extra file access for the usual image files
+    if not path.lower().endswith(DICOM_SUFFIXES):
+        with open(path, "rb") as f:
+            if f.read(132)[128:132] != b"DICM":
+                return None
+    spacing = header_spacing(path) or (float("nan"), float("nan"))
+    return [image_id, float(spacing[0]), float(spacing[1])]
+
+
+def write_spacing(store: str | Path, rows: list[list]) -> dict | None:
+    """Write ``STORE/_pixel_spacing.parquet`` (image_id, spacing_row_mm, spacing_col_mm); manifest entry."""
+    if not rows:
+        return None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sorted(rows)
+    table = pa.table({
+        "image_id": pa.array([r[0] for r in rows], pa.string()),
+        "spacing_row_mm": pa.array([r[1] for r in rows], pa.float32()),
+        "spacing_col_mm": pa.array([r[2] for r in rows], pa.float32()),
+    })
+    pq.write_table(table, Path(store) / SPACING_FILE)
+    known = [r[1] for r in rows if r[1] == r[1]]
+    return {"file": SPACING_FILE, "dicom_images": len(rows), "with_spacing": len(known),
+            "row_mm_range": [min(known), max(known)] if known else None}
