@@ -277,3 +277,32 @@ def test_generic_aliases_csv_file_and_chexpert_parent_folder(tmp_path, chexpert_
     assert col.entries["age"].tolist() == [int(r[2]) for r in rows[1:]] and not col.missing
     parent = load_collection(chexpert_dir.parent, need_images=False)
     assert parent.format == "chexpert" and parent.entries.equals(load_collection(chexpert_dir, need_images=False).entries)
+
+
+def test_mimic_image_twice_and_patient_in_two_splits(tmp_path, capsys):
+    root = write_mimic(tmp_path, subjects=6, size=16)
+    meta = root / "mimic-cxr-2.0.0-metadata.csv"
+    rows = _rows(meta)
+    _write(meta, rows + [rows[1]])
+    err = _error_of(["split", "--data", str(root), "--out", str(tmp_path / "s.csv")], capsys)
+    assert err == f"error: {meta}:{len(rows) + 1}: image {rows[1][0]!r} is listed twice (first on line 2)"
+    _write(meta, rows)
+    split = root / "mimic-cxr-2.0.0-split.csv"
+    rows = _rows(split)
+    subject = rows[1][2]
+    line = next((i for i, r in enumerate(rows[2:], start=3) if r[2] == subject), None)
+    if line is None:  # the first subject has one image: move another image of a new study to it
+        rows[2][2], line = subject, 3
+    rows[line - 1][3] = "test" if rows[1][3] != "test" else "train"
+    _write(split, rows)
+    err = _error_of(["split", "--data", str(root), "--out", str(tmp_path / "s.csv")], capsys)
+    assert err.startswith(f"error: {split}:{line}: patient {subject}") and "one split only" in err
+
+
+def test_chexpert_image_in_both_files(tmp_path, capsys):
+    root = write_chexpert(tmp_path, patients=2, size=16, valid_patients=1)
+    train, valid = _rows(root / "train.csv"), _rows(root / "valid.csv")
+    _write(root / "valid.csv", valid + [train[1]])
+    err = _error_of(["split", "--data", str(root), "--out", str(tmp_path / "s.csv")], capsys)
+    assert err.startswith(f"error: {root / 'valid.csv'}:{len(valid) + 1}: image ")
+    assert err.endswith(f"is also listed in train.csv line 2")
