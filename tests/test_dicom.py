@@ -129,6 +129,7 @@ def test_etl_reads_dicom_and_quarantines_bad_ones(spark, tmp_path):
     assert all(r["spacing_row_mm"] == pytest.approx(0.143) for r in spacing)
 
 
+@pytest.mark.slow
 def test_predict_accepts_dicom(tmp_path, capsys):
     import json
 
@@ -164,3 +165,17 @@ def test_truncated_pixel_data_is_a_reason(tmp_path):
     path.write_bytes(data[: len(data) - 100])
     with pytest.raises(ImageError, match="cannot decode DICOM pixel data"):
         load_gray(path)
+
+
+@pytest.mark.parametrize("function", ["SIGMOID", "LINEAR_EXACT"])
+def test_voi_lut_functions(tmp_path, function):
+    from pydicom import dcmread
+
+    path = write_dicom(tmp_path / "f.dcm", RAW12, bits_stored=12, window=(2000.0, 1500.0))
+    dataset = dcmread(path)
+    dataset.VOILUTFunction = function
+    dataset.save_as(path)
+    x = RAW12.astype(np.float64)
+    unit = (1 / (1 + np.exp(-4 * (x - 2000) / 1500)) if function == "SIGMOID"
+            else np.clip((x - 2000) / 1500 + 0.5, 0, 1))
+    np.testing.assert_array_equal(load_gray(path)[0], _to8(unit, False))

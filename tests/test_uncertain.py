@@ -139,6 +139,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "best_finetune.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_nih_training_is_the_same_whatever_the_policy(stores, tmp_path):
     """An NIH store has every label known: the plain BCE is used and --uncertain changes nothing."""
     _train(stores["nih"], tmp_path / "a")
@@ -155,6 +156,7 @@ def test_all_known_states_train_like_the_plain_store(stores, tmp_path):
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_with_unknown_labels(stores, tmp_path):
     _train(stores["states"], tmp_path / "run", "--uncertain", "zeros")
     config = json.loads((tmp_path / "run" / "config.json").read_text())

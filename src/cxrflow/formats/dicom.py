@@ -11,7 +11,8 @@ in order (DICOM PS3.3 C.11):
 2. modality transform: ``RescaleSlope``/``RescaleIntercept`` or a Modality LUT.
 3. VOI transform to 0..255: a VOI LUT (scaled by its output bit depth) when present, else the first
    ``WindowCenter``/``WindowWidth`` with the standard's linear function
-   ``((x - (c - 0.5)) / (w - 1) + 0.5)`` clipped to [0, 1]; without either, 8-bit data as stored
+   ``((x - (c - 0.5)) / (w - 1) + 0.5)`` clipped to [0, 1] (``VOILUTFunction`` LINEAR_EXACT and
+   SIGMOID by their own formulas); without either, 8-bit data as stored
    and deeper data from the image's own minimum..maximum (12/16-bit data is reduced to 8 bits only
    after this step).
 4. ``MONOCHROME1`` (bright = air) inverted so that bright = dense, like ``MONOCHROME2``.
@@ -58,8 +59,9 @@ def _error(message: str, where: str | None):
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    """The exception's text on one line (every plugin's reason when pydicom tried several)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _first(value) -> float:
@@ -83,6 +85,11 @@ def _voi(ds, modality: np.ndarray) -> np.ndarray:
         return np.clip(out / float(2**bits - 1), 0.0, 1.0)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         c, w = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
+        function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
+        if function == "SIGMOID":
+            return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+        if function == "LINEAR_EXACT":
+            return np.clip((values - c) / w + 0.5, 0.0, 1.0)
         if w > 1:
             return np.clip((values - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0)
         return (values > c - 0.5).astype(np.float64)
