@@ -170,3 +170,32 @@ def test_train_and_evaluate_with_unknown_labels(stores, tmp_path):
     assert metrics["excluded_unknown"] == {n: int((states[:, j] != KNOWN).sum()) for j, n in enumerate(names)}
     predictions = pq.read_table(folder / "predictions.parquet")
     assert predictions.column(f"known_{names[0]}").to_pylist() == (states[:, 0] == KNOWN).astype(int).tolist()
+
+
+def test_per_finding_policy():
+    from cxrflow.errors import CxrflowError
+    from cxrflow.uncertain import resolve_policy
+
+    assert resolve_policy("zeros", "abc") == "zeros"
+    assert resolve_policy("zeros,b=ones", "abc") == ("zeros", "ones", "zeros")
+    assert resolve_policy("c=ones", "abc") == ("ignore", "ignore", "ones")
+    labels, known = apply_policy(LABELS, STATES, ("zeros", "ones", "ignore"))
+    assert labels.tolist() == [[1, 1, 0], [0, 0, 1], [0, 0, 0]] and known.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 1]]
+    counts = label_counts(LABELS, STATES, ("a", "b", "c"))
+    assert pos_weight(counts, "abc", "zeros,b=ones") == [2.0, 1.0, 1.0]
+    for bad in ("maybe", "ones,zeros", "=ones", "ignore,d=ones"):
+        with pytest.raises(CxrflowError, match="--uncertain"):
+            resolve_policy(bad, "abc")
+
+
+def test_loader_per_finding_policy(stores):
+    table = pq.read_table(next((stores["states"] / "size=32" / "split=train").glob("part-*.parquet")))
+    labels = np.array(table.column("labels").to_pylist(), dtype=np.uint8)
+    states = np.array(table.column(KNOWN_COLUMN).to_pylist(), dtype=np.uint8)
+    names = json.loads((stores["states"] / MANIFEST_NAME).read_text())["label_names"]
+    per = tuple("ones" if n == "Edema" else "zeros" for n in names)
+    want_labels, want_known = apply_policy(labels, states, per)
+    batch = next(iter(make_loader(stores["states"], 32, "train", batch_size=len(labels), shuffle=False,
+                                  uncertain="zeros,Edema=ones")))
+    assert batch["labels"].numpy().tolist() == want_labels.tolist()
+    assert batch["known"].numpy().tolist() == want_known.tolist()

@@ -19,12 +19,13 @@ from typing import Any
 import yaml
 
 from cxrflow.errors import CxrflowError
+from cxrflow.uncertain import POLICIES, check_policy
 
 STAGE_CHOICES = ("kt", "finetune", "both")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "plateau")
 DEVICES = ("auto", "cpu", "cuda")
-UNCERTAIN_POLICIES = ("ignore", "ones", "zeros")
+UNCERTAIN_POLICIES = POLICIES
 
 
 @dataclass
@@ -75,7 +76,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
-    #: uncertain labels of stores that have them: ignore | ones | zeros (cxrflow.uncertain)
+    #: uncertain labels of stores that have them: ignore | ones | zeros [,Finding=policy ...] (cxrflow.uncertain)
     uncertain: str = "ignore"
 
     def stages(self) -> list[Stage]:
@@ -106,7 +107,6 @@ class TrainConfig:
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("scheduler", self.scheduler, SCHEDULERS),
             ("device", self.device, DEVICES),
-            ("uncertain", self.uncertain, UNCERTAIN_POLICIES),
         ):
             if value not in choices:
                 raise CxrflowError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -122,6 +122,7 @@ class TrainConfig:
                 raise CxrflowError(f"stage {st.name} needs at least 1 epoch, got {st.epochs}")
             if not st.lr > 0:
                 raise CxrflowError(f"stage {st.name} needs a positive learning rate, got {st.lr}")
+        check_policy(self.uncertain)
         if self.num_workers < 0:
             raise CxrflowError(f"num_workers must be >= 0, got {self.num_workers}")
         return self

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrflow.errors import CxrflowError
 from cxrflow.store import FORMAT_VERSION, KNOWN_COLUMN, MANIFEST_NAME, check_partition, read_manifest
-from cxrflow.uncertain import apply_policy, check_policy
+from cxrflow.uncertain import apply_policy, resolve_policy
 
 #: Columns the loader reads; the others (follow_up, original size) are never decoded.
 COLUMNS = ["image_id", "patient_id", "labels", "age", "sex", "view", "pixels"]
@@ -90,7 +90,7 @@ class _Plan:
     num_labels: int
     #: the store has label states (``labels_known``), and the policy for uncertain labels
     has_states: bool = False
-    uncertain: str = "ignore"
+    uncertain: str | tuple[str, ...] = "ignore"
 
 
 def _resolve_filesystem(store: str | os.PathLike, filesystem: Any) -> tuple[pafs.FileSystem, str, bool]:
@@ -225,7 +225,7 @@ def _offsets(array: pa.Array, n: int) -> np.ndarray:
 
 
 def _decode(batch: pa.RecordBatch, size: int, num_labels: int, path: str, first_row: int,
-            uncertain: str = "ignore") -> _Rows:
+            uncertain: str | tuple[str, ...] = "ignore") -> _Rows:
     """Columns of one record batch to numpy without per-row Python work (except image ids)."""
     n = batch.num_rows
     ids = batch.column("image_id")
@@ -755,7 +755,8 @@ def make_loader(
             folder,
         )
     plan = _Plan(filesystem=fs, units=tuple(units), size=int(size), num_labels=len(manifest["label_names"]),
-                 has_states="uncertain_policies" in manifest, uncertain=check_policy(uncertain))
+                 has_states="uncertain_policies" in manifest,
+                 uncertain=resolve_policy(uncertain, manifest["label_names"]))
     return StoreLoader(
         plan, manifest, split=split, batch_size=int(batch_size), shuffle=bool(shuffle), seed=int(seed),
         epoch=int(epoch), num_workers=int(num_workers), rank=int(rank), world_size=int(world_size),

@@ -536,8 +536,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other setting, e.g. --set optimizer=sgd --set finetune.lr=1e-4 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
-    parser.add_argument("--uncertain", choices=UNCERTAIN_POLICIES,
-                        help="uncertain labels (stores that have them): ignore (U-Ignore, default), ones, zeros")
+    parser.add_argument("--uncertain", metavar="|".join(UNCERTAIN_POLICIES),
+                        help="uncertain labels (stores that have them): ignore (U-Ignore, default), ones or zeros, "
+                             "optionally per finding: zeros,Atelectasis=ones,Edema=ones")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

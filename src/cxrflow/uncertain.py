@@ -13,7 +13,8 @@ state   meaning
 ======  ==============================================================================
 
 Policies (``--uncertain``): ``ignore`` (U-Ignore: uncertain labels are unknown, masked out),
-``ones`` (U-Ones: uncertain = positive), ``zeros`` (U-Zeros: uncertain = negative). Evaluation
+``ones`` (U-Ones: uncertain = positive), ``zeros`` (U-Zeros: uncertain = negative), optionally
+per finding after the default: ``zeros,Atelectasis=ones,Edema=ones``. Evaluation
 always uses ``ignore``: metrics see the labels that are known for certain. Stores of collections
 with every label known (NIH) have no ``labels_known`` column and all labels known.
 """
@@ -30,21 +31,53 @@ UNMENTIONED, KNOWN, UNCERTAIN = 0, 1, 2
 POLICIES = ("ignore", "ones", "zeros")
 
 
+def _parts(policy: str) -> tuple[str, dict[str, str]]:
+    """``"zeros,Edema=ones"`` -> ("zeros", {"Edema": "ones"}); an error naming the bad part."""
+    default, per_finding = None, {}
+    for part in (p.strip() for p in str(policy).split(",")):
+        name, sep, value = part.rpartition("=")
+        value = value.strip()
+        if value not in POLICIES or (sep and not name.strip()) or (not sep and default is not None):
+            raise CxrflowError(
+                f"--uncertain must be one of {', '.join(POLICIES)}, optionally followed by per-finding choices "
+                f"like 'zeros,Atelectasis=ones,Edema=ones'; got {policy!r}"
+            )
+        if sep:
+            per_finding[name.strip()] = value
+        else:
+            default = value
+    return default or "ignore", per_finding
+
+
 def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise CxrflowError(f"--uncertain must be one of {', '.join(POLICIES)}, got {policy!r}")
+    """``policy`` if it is well formed (the finding names are checked against a store later)."""
+    _parts(policy)
     return policy
 
 
-def apply_policy(labels: np.ndarray, states: np.ndarray | None, policy: str = "ignore") -> tuple[np.ndarray, np.ndarray]:
-    """(labels, known) uint8 arrays after ``policy``; ``states`` None means every label is known."""
+def resolve_policy(policy: str, names: Sequence[str]) -> str | tuple[str, ...]:
+    """A plain policy as is; one with per-finding choices as one policy per finding (store order)."""
+    default, per_finding = _parts(policy)
+    if not per_finding:
+        return default
+    unknown = [n for n in per_finding if n not in names]
+    if unknown:
+        raise CxrflowError(f"--uncertain names {unknown[0]!r}, not a finding of this store ({', '.join(names)})")
+    return tuple(per_finding.get(n, default) for n in names)
+
+
+def apply_policy(labels: np.ndarray, states: np.ndarray | None,
+                 policy: str | Sequence[str] = "ignore") -> tuple[np.ndarray, np.ndarray]:
+    """(labels, known) uint8 arrays after ``policy`` (one for all findings, or one per finding);
+    ``states`` None means every label is known."""
     if states is None:
         return labels, np.ones_like(labels, dtype=np.uint8)
+    per = np.broadcast_to(np.asarray([policy] if isinstance(policy, str) else list(policy)), (states.shape[-1],))
     uncertain = states == UNCERTAIN
-    if policy == "ignore":
-        return labels, (states == KNOWN).astype(np.uint8)
-    value = np.uint8(1 if policy == "ones" else 0)
-    return np.where(uncertain, value, labels).astype(np.uint8), (states != UNMENTIONED).astype(np.uint8)
+    value = np.where(per == "ones", 1, 0).astype(np.uint8)
+    out = np.where(uncertain & (per != "ignore"), value, labels).astype(np.uint8)
+    known = (states == KNOWN) | (uncertain & (per != "ignore"))
+    return out, known.astype(np.uint8)
 
 
 def label_counts(labels: np.ndarray, states: np.ndarray | None, names: Sequence[str]) -> dict[str, dict[str, int]]:
@@ -65,9 +98,11 @@ def label_counts(labels: np.ndarray, states: np.ndarray | None, names: Sequence[
 
 def pos_weight(counts: dict[str, dict[str, int]], names: Sequence[str], policy: str = "ignore") -> list[float]:
     """negatives / positives per finding over the labels known under ``policy`` (1 positive at least)."""
+    resolved = resolve_policy(policy, list(names))
     out = []
-    for n in names:
+    for j, n in enumerate(names):
         c = counts[n]
+        policy = resolved if isinstance(resolved, str) else resolved[j]
         pos = c["positive"] + (c["uncertain"] if policy == "ones" else 0)
         neg = c["negative"] + (c["uncertain"] if policy == "zeros" else 0)
         out.append(float(neg / max(pos, 1)))
@@ -100,4 +135,4 @@ def policy_pos_weight(manifest: dict, policy: str):
     counts = manifest.get("label_counts")
     if not counts or any(n not in counts for n in names):
         raise CxrflowError("the store's manifest has no label_counts for its findings; re-run 'cxrflow etl'")
-    return torch.tensor(pos_weight(counts, names, check_policy(policy)), dtype=torch.float32)
+    return torch.tensor(pos_weight(counts, names, policy), dtype=torch.float32)
