@@ -306,3 +306,15 @@ def test_chexpert_image_in_both_files(tmp_path, capsys):
     err = _error_of(["split", "--data", str(root), "--out", str(tmp_path / "s.csv")], capsys)
     assert err.startswith(f"error: {root / 'valid.csv'}:{len(valid) + 1}: image ")
     assert err.endswith(f"is also listed in train.csv line 2")
+
+
+def test_generic_age_and_sex_from_dicom_headers(tmp_path):
+    from cxrflow.synthformats import write_dicom
+
+    for i in range(3):
+        write_dicom(tmp_path / f"img{i}.dcm", np.full((8, 8), 100 * i, np.uint16))
+    _write(tmp_path / "labels.csv", [["image", "patient_id", "labels", "age"],
+                                     ["img0.dcm", "1", "A", ""], ["img1.dcm", "2", "", "40"], ["img2.dcm", "3", "A", ""]])
+    col = load_collection(tmp_path)
+    assert col.entries["age"].tolist() == [63, 40, 63]  # write_dicom's PatientAge 063Y, PatientSex F
+    assert col.entries["sex"].tolist() == ["F", "F", "F"]

@@ -28,6 +28,7 @@ monotonic rescale) and applied with one lookup per pixel.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,3 +211,30 @@ def write_spacing(store: str | Path, rows: list[list]) -> dict | None:
     known = [r[1] for r in rows if r[1] == r[1]]
     return {"file": SPACING_FILE, "dicom_images": len(rows), "with_spacing": len(known),
             "row_mm_range": [min(known), max(known)] if known else None}
+
+
+def looks_like_dicom(path: str | Path) -> bool:
+    """A ``.dcm``/``.dicom`` file, or an existing file without a suffix that starts like DICOM."""
+    name = os.path.basename(str(path)).lower()
+    if name.endswith(DICOM_SUFFIXES):
+        return True
+    if "." in name or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(132)[128:132] == b"DICM"
+
+
+def header_demographics(path: str | Path) -> tuple[int | None, str | None]:
+    """(age in whole years, sex M/F) from ``PatientAge`` (``063Y``, ``006M``, ...) and ``PatientSex``."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["PatientAge", "PatientSex"])
+    except Exception:  # an unreadable header: demographics stay unknown, the image decides its own fate
+        return None, None
+    age = str(ds.get("PatientAge", "") or "").strip().upper()
+    years = None
+    if len(age) == 4 and age[:3].isdigit() and age[3] in "YMWD":
+        years = int(age[:3]) if age[3] == "Y" else int(age[:3]) // {"M": 12, "W": 52, "D": 365}[age[3]]
+    sex = str(ds.get("PatientSex", "") or "").strip().upper()
+    return years, sex if sex in ("M", "F") else None

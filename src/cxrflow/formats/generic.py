@@ -11,8 +11,8 @@ Columns (header names; order free):
                 none); the vocabulary is the sorted set of names seen, every label known
 *finding*       or one column per finding (every column not named here), in file order:
                 ``1`` positive, ``0`` negative, ``-1`` uncertain, empty not mentioned
-``age``         optional: whole years, empty = unknown
-``sex``         optional: M/F (Male/Female), empty = unknown
+``age``         optional: whole years, empty = unknown (then a DICOM's ``PatientAge``)
+``sex``         optional: M/F (Male/Female), empty = unknown (then a DICOM's ``PatientSex``)
 ``view``        optional: PA, AP, LATERAL, ...; with ``--views frontal`` only PA/AP rows are
                 kept when the column is present
 ``split``       optional: train/val/test for every row (a patient in one split only);
@@ -112,6 +112,21 @@ def _pipe_labels(table) -> tuple[LabelVocabulary, np.ndarray]:
     return vocab, rows[codes]
 
 
+def _from_dicom_headers(ids: pd.Series, paths: dict, age: np.ndarray, sex: np.ndarray, keep: np.ndarray) -> None:
+    """Fill unknown age and sex (in place) from DICOM sources' ``PatientAge``/``PatientSex``."""
+    from cxrflow.formats.dicom import header_demographics, looks_like_dicom
+
+    for i in np.flatnonzero(keep & ((age < 0) | (sex == "U"))):
+        path = paths[ids.iloc[i]]
+        if not looks_like_dicom(path):
+            continue
+        years, patient_sex = header_demographics(path)
+        if age[i] < 0 and years is not None:
+            age[i] = years
+        if sex[i] == "U" and patient_sex is not None:
+            sex[i] = patient_sex
+
+
 def read(root: Path, *, views: str = "frontal", need_images: bool = True, file_name: str = FILE_NAME) -> Collection:
     table = read_table(root / file_name, ())
     _canonical_columns(table)
@@ -144,8 +159,10 @@ def read(root: Path, *, views: str = "frontal", need_images: bool = True, file_n
         train_val = kept_ids[kept_split != "test"].tolist()
         test = kept_ids[kept_split == "test"].tolist()
         val = kept_ids[kept_split == "val"].tolist() if (kept_split == "val").any() else None
+    age, sex = parse_age(table, "age"), parse_sex(table, "sex")
+    _from_dicom_headers(ids, paths, age, sex, keep)
     entries = entries_frame(
-        ids[keep], patients[keep], parse_age(table, "age")[keep], parse_sex(table, "sex")[keep], view[keep],
+        ids[keep], patients[keep], age[keep], sex[keep], view[keep],
         np.zeros(int(keep.sum()), np.int32), labels[keep], vocab,
     )
     images, missing = locate_images({i: paths[i] for i in entries["image_id"]}, need_images)
