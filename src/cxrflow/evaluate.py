@@ -421,7 +421,9 @@ def evaluate_run(
 
     labels = np.asarray(evaluated["labels"])
     probs = np.asarray(evaluated["probs"], dtype=np.float64)
-    known = None if np.asarray(evaluated["known"]).all() else np.asarray(evaluated["known"])
+    from cxrflow.store import read_manifest as _manifest_of  # stores with label states report exclusions
+
+    known = np.asarray(evaluated["known"]) if "uncertain_policies" in _manifest_of(store) else None
     metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed,
                         known=known)
     loss = evaluated.get("loss")

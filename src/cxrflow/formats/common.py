@@ -19,6 +19,7 @@ import pandas as pd
 
 from cxrflow.errors import CxrflowError
 from cxrflow.labels import LabelVocabulary
+from cxrflow.metadata import _reading as text_file_errors
 from cxrflow.uncertain import KNOWN, UNCERTAIN, UNMENTIONED
 
 #: Observation values of CheXpert-style label columns -> (label, state).
@@ -61,14 +62,12 @@ def _open_text(path: Path):
 
 @contextlib.contextmanager
 def _reading(path: Path):
-    try:
-        yield
-    except FileNotFoundError:
-        raise CxrflowError("file not found", path) from None
-    except UnicodeDecodeError as exc:
-        raise CxrflowError(f"not a UTF-8 text file ({exc.reason})", path) from None
-    except (OSError, EOFError, csv.Error) as exc:
-        raise CxrflowError(f"cannot read: {exc}", path) from None
+    """The metadata layer's read errors, plus a broken gzip stream or CSV quoting."""
+    with text_file_errors(path):
+        try:
+            yield
+        except (gzip.BadGzipFile, EOFError, csv.Error) as exc:
+            raise CxrflowError(f"cannot read: {exc}", path) from None
 
 
 def _scan(path: Path) -> tuple[list[str], list[list[str]], np.ndarray]:
