@@ -218,6 +218,10 @@ def test_etl_chexpert_store_has_states_counts_and_format(spark, chexpert_dir, tm
         "unknown": int((states[:, edema] == UNMENTIONED).sum()),
     }
     assert manifest["pos_weight"][edema] == pytest.approx(counts["negative"] / max(counts["positive"], 1))
+    from cxrflow.store import format_manifest
+
+    shown = format_manifest(read_manifest(tmp_path / "store"))
+    assert "collection format chexpert" in shown and "train labels: positive / negative / uncertain" in shown
 
 
 def test_etl_generic_csv_all_known_has_no_states_column(spark, tmp_path):
