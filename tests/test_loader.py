@@ -186,7 +186,7 @@ def test_dataset_in_a_callers_own_dataloader(stores):
     loader = make_loader(store, 24, "train", batch_size=4, num_workers=2, seed=4)
     own = torch.utils.data.DataLoader(loader.dataset(), batch_size=None, num_workers=2)
     batches = list(own)
-    assert all(set(b) == {"image", "labels", "image_id", "patient_id", "demographics"} for b in batches)
+    assert all(set(b) == {"image", "labels", "image_id", "patient_id", "demographics", "known"} for b in batches)
     assert [i for b in batches for i in b["image_id"]] == [i for b in loader for i in b["image_id"]]
     assert batches[0]["image"].shape == (4, 1, 24, 24) and batches[0]["labels"].shape == (4, 14)
 

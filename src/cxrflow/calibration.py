@@ -69,13 +69,20 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float | None:
     return float(np.exp(result.x))
 
 
-def fit_temperatures(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-finding temperatures ``float64[K]`` for ``[N, K]`` logits and labels; NaN where none is fitted."""
+def _known_mask(known: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """``[N, K]`` bool: which labels are known (all of them without a mask)."""
+    return np.ones(shape, dtype=bool) if known is None else np.asarray(known).astype(bool)
+
+
+def fit_temperatures(logits: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+    """Per-finding temperatures ``float64[K]`` for ``[N, K]`` logits and labels, fitted on each
+    finding's known labels (``known`` ``[N, K]``, all without it); NaN where none is fitted."""
     logits = np.asarray(logits)
     labels = np.asarray(labels)
     if logits.shape != labels.shape or logits.ndim != 2:
         raise ValueError(f"logits {logits.shape} and labels {labels.shape} must both be [N, K]")
-    fitted = [fit_temperature(logits[:, j], labels[:, j]) for j in range(logits.shape[1])]
+    mask = _known_mask(known, labels.shape)
+    fitted = [fit_temperature(logits[mask[:, j], j], labels[mask[:, j], j]) for j in range(logits.shape[1])]
     return np.array([np.nan if t is None else t for t in fitted])
 
 
@@ -106,7 +113,6 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
         return float("nan")
     edges = np.linspace(0.0, 1.0, bins + 1)
     ids = np.searchsorted(edges[1:-1], p)  # calibration_curve's bins
-    count = np.bincount(ids, minlength=bins)
     gap = np.abs(np.bincount(ids, weights=y, minlength=bins) - np.bincount(ids, weights=p, minlength=bins))
     return float(gap.sum() / y.size)  # |sum y - sum p| per bin = n_b |observed - predicted|
 
@@ -120,16 +126,23 @@ def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if values.size else None
 
 
-def ece_and_brier(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> tuple[np.ndarray, np.ndarray]:
-    """Per-finding ECE and Brier score ``float64[K]`` of ``[N, K]`` labels and probabilities."""
+def ece_and_brier(
+    labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS, known: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-finding ECE and Brier score ``float64[K]`` of ``[N, K]`` labels and probabilities, over
+    each finding's known labels (``known`` ``[N, K]``, all without it)."""
     from sklearn.metrics import brier_score_loss
 
     labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
+    mask = _known_mask(known, labels.shape)
     k = labels.shape[1]
-    ece = np.array([expected_calibration_error(labels[:, j], probs[:, j], bins) for j in range(k)])
+    ece = np.array([expected_calibration_error(labels[mask[:, j], j], probs[mask[:, j], j], bins) for j in range(k)])
     brier = np.array(
-        [brier_score_loss(labels[:, j].astype(int), probs[:, j], pos_label=1) if labels.shape[0] else np.nan for j in range(k)]
+        [
+            brier_score_loss(labels[mask[:, j], j].astype(int), probs[mask[:, j], j], pos_label=1) if mask[:, j].any() else np.nan
+            for j in range(k)
+        ]
     )
     return ece, brier
 
@@ -144,6 +157,7 @@ def calibration_report(
     offsets: np.ndarray | None = None,
     bins: int = ECE_BINS,
     fitted_on: str = "val",
+    known: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The ``"calibration"`` block of ``metrics.json``: temperatures (and the logit offsets
     subtracted before them), ECE and Brier before/after.
@@ -153,8 +167,8 @@ def calibration_report(
     """
     names = list(label_names)
     t = np.asarray(temperatures, dtype=np.float64)
-    ece_before, brier_before = ece_and_brier(labels, raw_probs, bins)
-    ece_after, brier_after = ece_and_brier(labels, calibrated_probs, bins)
+    ece_before, brier_before = ece_and_brier(labels, raw_probs, bins, known)
+    ece_after, brier_after = ece_and_brier(labels, calibrated_probs, bins, known)
     return {
         "method": "temperature",
         "fitted_on": fitted_on,

@@ -20,11 +20,13 @@ from typing import Any
 import yaml
 
 from cxrflow.errors import CxrflowError
+from cxrflow.uncertain import POLICIES, check_policy
 
 STAGE_CHOICES = ("kt", "finetune", "both")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "plateau")
 DEVICES = ("auto", "cpu", "cuda")
+UNCERTAIN_POLICIES = POLICIES
 
 
 @dataclass
@@ -75,6 +77,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
+    #: uncertain labels of stores that have them: ignore | ones | zeros [,Finding=policy ...] (cxrflow.uncertain)
+    uncertain: str = "ignore"
 
     def stages(self) -> list[Stage]:
         """The stages this run trains, in order (``simple_cnn``: one all-trainable "finetune" stage)."""
@@ -119,6 +123,7 @@ class TrainConfig:
                 raise CxrflowError(f"stage {st.name} needs at least 1 epoch, got {st.epochs}")
             if not st.lr > 0:
                 raise CxrflowError(f"stage {st.name} needs a positive learning rate, got {st.lr}")
+        check_policy(self.uncertain)
         if self.num_workers < 0:
             raise CxrflowError(f"num_workers must be >= 0, got {self.num_workers}")
         self._check_ranges()

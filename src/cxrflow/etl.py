@@ -40,15 +40,18 @@ from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow import options
 from cxrflow.imaging import ImageError, load_and_resize
-from cxrflow.labels import NIH14, LabelVocabulary
 from cxrflow.outputs import check_target, publishing
+from cxrflow.formats import add_format_arguments
+from cxrflow.formats.dicom import spacing_row, write_spacing
 from cxrflow.store import (
+    KNOWN_COLUMN,
     MANIFEST_NAME,
     SCHEMA,
     SPLITS,
     format_manifest,
     manifest_core,
     row_group_rows,
+    schema_for,
     split_dir,
 )
 
@@ -62,8 +65,6 @@ COMPRESSIONS = ("zstd", "snappy", "lz4", "gzip", "none")
 MAX_SIZE = 4096
 #: Threads per task that decode and resize (see :func:`process_task`).
 DECODE_THREADS = 2
-
-_NON_PIXEL_COLUMNS = tuple(name for name in SCHEMA.names if name != "pixels")
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -135,13 +136,19 @@ def _table(rows: list[dict], pixels: list[np.ndarray]) -> pa.Table:
         "orig_height": pa.array([r["orig_height"] for r in rows], pa.int32()),
         "pixels": _binary(pixels),
     }
-    return pa.table(columns, schema=SCHEMA)
+    known = bool(rows) and "known" in rows[0]
+    if known:
+        columns[KNOWN_COLUMN] = pa.array([list(r["known"]) for r in rows], pa.list_(pa.uint8()))
+    schema = schema_for(known)
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
 class _PartWriter:
     """Streams one (size, split, part) file: fixed-size row groups, hidden name until closed."""
 
-    def __init__(self, store: str, size: int, split: str, part: int, group_rows: int, compression: str):
+    def __init__(self, store: str, size: int, split: str, part: int, group_rows: int, compression: str,
+                 known: bool = False):
+        self.schema = schema_for(known)
         self.folder = split_dir(store, size, split)
         self.final = self.folder / f"part-{part:05d}.parquet"
         self.tmp = self.folder / f".part-{part:05d}.{uuid.uuid4().hex}.tmp"
@@ -164,10 +171,10 @@ class _PartWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.writer = pq.ParquetWriter(
                 str(self.tmp),
-                SCHEMA,
+                self.schema,
                 compression=self.compression,
-                use_dictionary=list(_NON_PIXEL_COLUMNS),
-                write_statistics=list(_NON_PIXEL_COLUMNS),
+                use_dictionary=[n for n in self.schema.names if n != "pixels"],
+                write_statistics=[n for n in self.schema.names if n != "pixels"],
             )
         self.writer.write_table(_table(self.rows, self.pixels), row_group_size=self.group_rows)
         self.rows, self.pixels = [], []
@@ -241,10 +248,12 @@ def process_task(
     split, part, records = task
     started = time.perf_counter()
     decode_seconds = 0.0
-    writers = {s: _PartWriter(store, s, split, part, group_rows[s], compression) for s in sizes}
+    known = bool(records) and "known" in records[0]
+    writers = {s: _PartWriter(store, s, split, part, group_rows[s], compression, known) for s in sizes}
     histograms = {s: np.zeros(256, dtype=np.int64) for s in sizes}
     positives = np.zeros(num_labels, dtype=np.int64)
     quarantined: list[dict] = []
+    spacings: list[list] = []  # DICOM sources' pixel spacing
     written = 0
     prepare = functools.partial(_prepare, sizes=sizes, histograms=split == "train")
     try:
@@ -262,6 +271,9 @@ def process_task(
                     writers[s].add(row, done.pixels[s])
                 positives += np.frombuffer(rec["labels"], dtype=np.uint8)
                 written += 1
+                spacing = spacing_row(rec["image_id"], rec["path"])
+                if spacing is not None:
+                    spacings.append(spacing)
         for w in writers.values():
             w.close()
     except BaseException:
@@ -274,6 +286,7 @@ def process_task(
         "images": len(records),
         "written": written,
         "quarantined": quarantined,
+        "pixel_spacing": spacings,
         "positives": positives.tolist(),
         "histograms": {s: h.tolist() for s, h in histograms.items()},
         "seconds": time.perf_counter() - started,
@@ -381,7 +394,8 @@ def run_etl(
     threads: int = DECODE_THREADS,
     driver_memory: str | None = None,
     executor_memory: str | None = None,
-    vocab: LabelVocabulary = NIH14,
+    format: str = "auto",
+    views: str = "frontal",
     spark: Any = None,
     progress: TextIO | None = None,
 ) -> dict:
@@ -390,11 +404,11 @@ def run_etl(
     ``spark``: an existing SparkSession to use (then ``master`` and the memory options are not
     used and the session is left running); by default one is started on ``master`` and stopped.
     ``progress``: a stream for the progress display (None: no display). ``strict``: a missing or
-    undecodable image is an error instead of being reported.
+    undecodable image is an error instead of being reported. ``format``: the collection's reader
+    (:mod:`cxrflow.formats`; ``auto`` detects it), ``views``: ``frontal`` or ``all``.
     """
-    from cxrflow.metadata import load_release
+    from cxrflow.formats import assign_collection_splits, load_collection
     from cxrflow.spark import check_master, check_memory
-    from cxrflow.split import assign_splits
 
     started = time.perf_counter()
     sizes = parse_sizes(sizes) if isinstance(sizes, str) else parse_sizes(list(sizes))
@@ -413,8 +427,9 @@ def run_etl(
     out = Path(out).absolute()
     check_target(out, "etl", overwrite=overwrite, inputs=[data_dir])
 
-    release = load_release(data_dir, vocab, strict=strict)
-    splits = assign_splits(release.entries, release.train_val, release.test, val_fraction=val_fraction, seed=seed)
+    release = load_collection(data_dir, format, views=views, strict=strict)
+    vocab, states = release.vocab, release.states
+    splits = assign_collection_splits(release, val_fraction, seed)
     entries = release.entries
     label_matrix = entries[list(vocab.names)].to_numpy(dtype=np.uint8)
     split_of = dict(zip(splits["image_id"], splits["split"]))
@@ -434,6 +449,7 @@ def run_etl(
                 "sex": row.sex,
                 "view": row.view,
                 "follow_up": int(row.follow_up),
+                **({} if states is None else {"known": states[i].tobytes()}),
             }
         )
     per_file = rows_per_file or auto_rows_per_file(len(records), max(sizes))
@@ -450,6 +466,7 @@ def run_etl(
 def _write_store(pub, release, splits, tasks, records, sizes, master, spark, group_rows, per_file, *, vocab, strict,
                  verbose, val_fraction, seed, compression, threads, driver_memory, executor_memory, progress, started):
     """Run the Spark job into ``pub.tmp``, check the store, write its manifest and publish it."""
+    from cxrflow.formats import store_label_keys
     from cxrflow.spark import build_spark
 
     tmp = pub.tmp
@@ -497,6 +514,10 @@ def _write_store(pub, release, splits, tasks, records, sizes, master, spark, gro
             "drop --strict to quarantine them and go on",
             q["path"],
         )
+    manifest.update(store_label_keys(release, records, {q["image_id"] for q in manifest["quarantined"]}))
+    spacing = write_spacing(tmp, [row for s in summaries for row in s["pixel_spacing"]])
+    if spacing is not None:
+        manifest["pixel_spacing"] = spacing
     _verify_store(tmp, sizes, manifest["rows"])
     if release.bbox is not None:  # after the check: the box file is not a partition
         from cxrflow.boxes import write_boxes
@@ -582,7 +603,7 @@ def _manifest(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="release folder (Data_Entry_2017*.csv, images/)")
+    parser.add_argument("--data", required=True, type=Path, help="collection folder (NIH, CheXpert, MIMIC-CXR-JPG or labels.csv)")
     parser.add_argument("--out", required=True, type=Path, help="store folder to write")
     parser.add_argument("--sizes", default="256,512", help="comma-separated image sides in pixels (default 256,512)")
     parser.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
@@ -600,6 +621,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--driver-memory", default=None, help="Spark driver memory, e.g. 2g (default: Spark's)")
     parser.add_argument("--executor-memory", default=None, help="Spark executor memory, e.g. 4g (default: Spark's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    add_format_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -619,6 +641,8 @@ def run(args: argparse.Namespace) -> int:
         driver_memory=args.driver_memory,
         executor_memory=args.executor_memory,
         progress=None if args.no_progress else sys.stderr,
+        format=args.format,
+        views=args.views,
     )
     print(f"wrote {args.out}")
     print(format_manifest(manifest))

@@ -82,8 +82,11 @@ def bootstrap_aucs(
     patient_ids: np.ndarray,
     n_boot: int = 1000,
     seed: int = 0,
+    known: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-finding AUC of ``n_boot`` patient-level bootstrap resamples, ``float64[n_boot, K]``.
+
+    ``known`` ([N, K], 0/1): a finding's AUC uses only the images whose label for it is known.
 
     Each resample draws as many patients as there are, with replacement, and keeps all images of
     every drawn patient (as many times as the patient is drawn). NaN where a resample has a single
@@ -112,7 +115,8 @@ def bootstrap_aucs(
         counts = np.bincount(flat, minlength=b * n_patients).reshape(b, n_patients)
         weights = counts[:, patient_of_image].astype(np.float64)
         for j in range(k):
-            out[start : start + b, j] = _weighted_auc(y[:, j], probs[:, j], weights)
+            w = weights if known is None else weights * np.asarray(known)[:, j]
+            out[start : start + b, j] = _weighted_auc(y[:, j], probs[:, j], w)
     return out
 
 
@@ -132,6 +136,7 @@ def bootstrap_auc_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    known: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Percentile bootstrap intervals (resampling patients) of each finding's AUC and of the mean.
 
@@ -141,9 +146,9 @@ def bootstrap_auc_ci(
     Resamples in which a finding happens to have one class are dropped for that finding.
     """
     labels = np.asarray(labels)
-    point = per_class_auc(labels, probs)
+    point = per_class_auc(labels, probs, known)
     valid = ~np.isnan(point)
-    boots = bootstrap_aucs(labels, probs, patient_ids, n_boot=n_boot, seed=seed)
+    boots = bootstrap_aucs(labels, probs, patient_ids, n_boot=n_boot, seed=seed, known=known)
     per_finding = [_interval(boots[:, j], level) if valid[j] else None for j in range(labels.shape[1])]
     if valid.any():
         sub = boots[:, valid]
@@ -216,8 +221,13 @@ def summarize(
     *,
     n_boot: int = 1000,
     seed: int = 0,
+    known: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The evaluation of one split as a JSON-ready dict (the core of ``metrics.json``).
+
+    ``known`` ([N, K], 0/1, None: all known): each finding's AUC, interval, positives and
+    sensitivity/specificity use the images whose label for it is known; ``excluded_unknown`` counts
+    the others.
 
     ``thresholds`` ([K], normally from :func:`youden_threshold` on the validation split) give the
     per-finding sensitivity and specificity; without them those entries are omitted.
@@ -227,9 +237,10 @@ def summarize(
     names = list(label_names)
     if labels.shape[1] != len(names):
         raise ValueError(f"{labels.shape[1]} label columns but {len(names)} label names")
-    aucs = per_class_auc(labels, probs)
-    ci = bootstrap_auc_ci(labels, probs, patient_ids, n_boot=n_boot, seed=seed)
-    positives = labels.astype(bool).sum(axis=0)
+    aucs = per_class_auc(labels, probs, known)
+    ci = bootstrap_auc_ci(labels, probs, patient_ids, n_boot=n_boot, seed=seed, known=known)
+    mask = np.ones(labels.shape, dtype=bool) if known is None else np.asarray(known).astype(bool)
+    positives = (labels.astype(bool) & mask).sum(axis=0)
     nan_findings = [n for n, a in zip(names, aucs) if np.isnan(a)]
     result: dict[str, Any] = {
         "label_names": names,
@@ -250,10 +261,13 @@ def summarize(
     }
     if thresholds is not None:
         thresholds = np.asarray(thresholds, dtype=np.float64)
-        sens_spec = [sensitivity_specificity(labels[:, j], probs[:, j], thresholds[j]) for j in range(len(names))]
+        sens_spec = [sensitivity_specificity(labels[mask[:, j], j], probs[mask[:, j], j], thresholds[j])
+                     for j in range(len(names))]
         result["threshold"] = {n: _num(t) for n, t in zip(names, thresholds)}
         result["sensitivity"] = {n: _num(ss[0]) for n, ss in zip(names, sens_spec)}
         result["specificity"] = {n: _num(ss[1]) for n, ss in zip(names, sens_spec)}
+    if known is not None:
+        result["excluded_unknown"] = {n: int(x) for n, x in zip(names, (~mask).sum(axis=0))}
     return result
 
 
@@ -348,7 +362,8 @@ def read_epoch_records(run: str | os.PathLike) -> list[dict]:
 
 def predictions_table(pred: dict, label_names: Sequence[str]):
     """``predictions.parquet`` content: image_id, patient_id, prob_<finding> ..., label_<finding> ...,
-    then logit_<finding> ... and calprob_<finding> ... when ``pred`` has ``logits`` / ``calprobs``."""
+    then logit_<finding> ... and calprob_<finding> ... when ``pred`` has ``logits`` / ``calprobs``, and,
+    when some labels are not known, known_<finding> (uint8 0/1)."""
     import pyarrow as pa
 
     probs = np.asarray(pred["probs"], dtype=np.float32)
@@ -366,6 +381,10 @@ def predictions_table(pred: dict, label_names: Sequence[str]):
             values = np.asarray(pred[key], dtype=np.float32)
             for j, name in enumerate(label_names):
                 cols[f"{prefix}{name}"] = pa.array(values[:, j])
+    known = pred.get("known")
+    if known is not None and not np.asarray(known).all():
+        for j, name in enumerate(label_names):
+            cols[f"known_{name}"] = pa.array(np.asarray(known)[:, j].round().astype(np.uint8))
     return pa.table(cols)
 
 
@@ -386,6 +405,8 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
     for key, prefix in (("logits", "logit_"), ("calprobs", "calprob_")):
         if all(f"{prefix}{n}" in frame for n in names):
             pred[key] = frame[[f"{prefix}{n}" for n in names]].to_numpy(np.float64)
+    if names and f"known_{names[0]}" in frame.columns:
+        pred["known"] = frame[[f"known_{n}" for n in names]].to_numpy(np.float64)
     return pred, names
 
 
@@ -397,6 +418,7 @@ def score_with_calibration(
     logit_offsets: np.ndarray | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    known: bool = False,
 ) -> dict[str, Any]:
     """The metrics of ``evaluated`` (a :func:`~cxrflow.inference.predict_split`-style dict with
     ``logits``) with everything fitted on ``validation``: Youden thresholds on the raw and on the
@@ -405,26 +427,32 @@ def score_with_calibration(
 
     AUCs, intervals and sensitivity/specificity are of the raw probabilities (temperature scaling
     keeps each finding's ranking, so the calibrated ones give the same); ``threshold_calibrated``
-    is the same operating point on the calibrated scale, for ``cxrflow predict``.
+    is the same operating point on the calibrated scale, for ``cxrflow predict``. With ``known``
+    (a store with label states) every fit and metric uses each finding's known labels only (the
+    dicts' ``known`` masks) and the metrics report the exclusions.
     """
     from cxrflow.calibration import apply_temperatures, calibration_report, fit_temperatures
 
     k = len(label_names)
     val_labels = np.asarray(validation["labels"])
     val_probs = np.asarray(validation["probs"], dtype=np.float64)
-    thresholds = np.array([youden_threshold(val_labels[:, j], val_probs[:, j]) for j in range(k)])
+    vk = np.ones(val_labels.shape, bool) if validation.get("known") is None else np.asarray(validation["known"]).astype(bool)
+    thresholds = np.array([youden_threshold(val_labels[vk[:, j], j], val_probs[vk[:, j], j]) for j in range(k)])
     offsets = np.zeros(k) if logit_offsets is None else np.asarray(logit_offsets, dtype=np.float64)
-    temperatures = fit_temperatures(np.asarray(validation["logits"], dtype=np.float64) - offsets, val_labels)
+    temperatures = fit_temperatures(np.asarray(validation["logits"], dtype=np.float64) - offsets, val_labels, vk)
     for pred in (validation, evaluated):  # one dict when the evaluated split is val
         pred["calprobs"] = apply_temperatures(pred["logits"], temperatures, offsets).astype(np.float32)
     val_cal = np.asarray(validation["calprobs"], dtype=np.float64)
-    cal_thresholds = [youden_threshold(val_labels[:, j], val_cal[:, j]) for j in range(k)]
+    cal_thresholds = [youden_threshold(val_labels[vk[:, j], j], val_cal[:, j][vk[:, j]]) for j in range(k)]
     labels = np.asarray(evaluated["labels"])
     probs = np.asarray(evaluated["probs"], dtype=np.float64)
-    metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed)
+    mask = np.asarray(evaluated["known"]) if known and evaluated.get("known") is not None else None
+    metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed, known=mask)
     metrics["threshold_split"] = "val"
     metrics["threshold_calibrated"] = {n: _num(t) for n, t in zip(label_names, cal_thresholds)}
-    metrics["calibration"] = calibration_report(temperatures, labels, probs, evaluated["calprobs"], label_names, offsets=offsets)
+    metrics["calibration"] = calibration_report(
+        temperatures, labels, probs, evaluated["calprobs"], label_names, offsets=offsets, known=mask
+    )
     return metrics
 
 
@@ -509,7 +537,10 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
 
     manifest = read_manifest(store)
     offsets = pos_weight_offsets(manifest.get("pos_weight"), len(label_names))
-    metrics = score_with_calibration(evaluated, validation, label_names, logit_offsets=offsets, n_boot=n_boot, seed=seed)
+    has_states = "uncertain_policies" in manifest  # stores with label states report exclusions
+    metrics = score_with_calibration(
+        evaluated, validation, label_names, logit_offsets=offsets, n_boot=n_boot, seed=seed, known=has_states
+    )
     loss = evaluated.get("loss")
     pixel_mean, pixel_std = pixel_stats(manifest, size)
     metrics = {

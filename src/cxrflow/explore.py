@@ -29,7 +29,8 @@ from cxrflow.atomic import save_figure_atomic, write_json_atomic, write_text_ato
 from cxrflow.errors import CxrflowError
 from cxrflow.outputs import check_target, publishing
 from cxrflow.labels import NIH14, LabelVocabulary
-from cxrflow.metadata import label_matrix, load_release, read_data_entry
+from cxrflow.formats import add_format_arguments, load_collection
+from cxrflow.metadata import label_matrix, read_data_entry
 from cxrflow.plots import _new_axes
 
 FIGURES = {
@@ -44,6 +45,8 @@ SEX_COLORS = {"M": "tab:blue", "F": "tab:red"}
 
 
 def _no_finding_name(vocab: LabelVocabulary) -> str:
+    if vocab.no_finding is None and "No Finding" in vocab.names:  # CheXpert: an observation of its own
+        return "none of the findings"
     return vocab.no_finding or "No Finding"
 
 
@@ -229,14 +232,21 @@ def explore(
     source: str,
     vocab: LabelVocabulary = NIH14,
     overwrite: bool = False,
+    states: np.ndarray | None = None,
 ) -> dict:
     """Write stats.json, the figures and summary.md into ``out_dir``; return the stats.
 
     ``out_dir`` is published whole (see :mod:`cxrflow.outputs`): an existing folder is replaced
-    only with ``overwrite`` and only if an earlier ``explore`` wrote it.
+    only with ``overwrite`` and only if an earlier ``explore`` wrote it. ``states`` (the collection's
+    label states, see :mod:`cxrflow.uncertain`) add ``label_states``: positives, negatives, uncertain
+    and not mentioned per finding; ``findings`` counts positives.
     """
     check_target(out_dir, "explore", overwrite=overwrite, inputs=[source])
     stats = compute_stats(entries, vocab)
+    if states is not None:
+        from cxrflow.uncertain import label_counts
+
+        stats["label_states"] = label_counts(label_matrix(entries, vocab), states, vocab.names)
     with publishing(out_dir, "explore", overwrite=overwrite, inputs=[source]) as pub:
         for key, fig in make_figures(entries, stats).items():
             save_figure_atomic(fig, pub.tmp / FIGURES[key])
@@ -248,20 +258,22 @@ def explore(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="release folder holding Data_Entry_2017[_v2020].csv")
+    source.add_argument("--data", type=Path, help="collection folder (NIH release, CheXpert, MIMIC-CXR-JPG, labels.csv)")
     source.add_argument("--metadata", type=Path, help="a Data_Entry_2017[_v2020].csv file")
     parser.add_argument("--out", required=True, type=Path, help="folder for stats.json, figures and summary.md")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    add_format_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.data is not None:
-        release = load_release(args.data, need_images=False)
-        entries, source = release.entries, release.data_entry_path
+        collection = load_collection(args.data, args.format, views=args.views, need_images=False)
+        entries, source, vocab = collection.entries, collection.metadata_path, collection.vocab
+        states = collection.states
     else:
-        entries, source = read_data_entry(args.metadata), args.metadata
-    stats = explore(entries, args.out, str(source), overwrite=args.overwrite)
+        entries, source, vocab, states = read_data_entry(args.metadata), args.metadata, NIH14, None
+    stats = explore(entries, args.out, str(source), vocab, overwrite=args.overwrite, states=states)
     top = max((k for k in stats["cooccurrence"]), key=lambda k: stats["findings"][k])
     rare = min((k for k in stats["cooccurrence"]), key=lambda k: stats["findings"][k])
     print(

@@ -25,6 +25,7 @@ from torch import nn
 from cxrflow.errors import CxrflowError
 from cxrflow.loader import make_loader, to_model_input
 from cxrflow.store import check_partition, pixel_stats, read_manifest
+from cxrflow.uncertain import masked_bce
 
 #: Device choices every command accepts (``cuda:N`` too).
 DEVICES = ("auto", "cpu", "cuda")
@@ -108,7 +109,7 @@ def predict_split(
         store, size, split, batch_size=batch_size, shuffle=False, num_workers=num_workers, rank=rank, world_size=world_size
     )
     ids: list[str] = []
-    patients, labels, logits = [], [], []
+    patients, labels, logits, known = [], [], [], []
     was_training = net.training
     net.eval()
     try:
@@ -116,6 +117,7 @@ def predict_split(
             logits.append(batch_logits(net, batch["image"], pixel_mean, pixel_std, device))
             # copies: the batch's tensors are views into a recycled buffer that also holds its pixels
             labels.append(batch["labels"].clone())
+            known.append(batch["known"].clone())
             patients.append(batch["patient_id"].clone())
             ids.extend(str(i) for i in batch["image_id"])
     finally:
@@ -125,6 +127,7 @@ def predict_split(
         "image_id": ids,
         "patient_id": torch.cat(patients).numpy() if patients else np.zeros(0, np.int64),
         "labels": torch.cat(labels).numpy() if labels else np.zeros((0, k), np.float32),
+        "known": torch.cat(known).numpy() if known else np.zeros((0, k), np.float32),
         "logits": torch.cat(logits).numpy() if logits else np.zeros((0, k), np.float32),
     }
     if world_size > 1:
@@ -132,7 +135,7 @@ def predict_split(
         dist.all_gather_object(parts, part)
         part = {
             "image_id": [i for p in parts for i in p["image_id"]],
-            **{key: np.concatenate([p[key] for p in parts]) for key in ("patient_id", "labels", "logits")},
+            **{key: np.concatenate([p[key] for p in parts]) for key in ("patient_id", "labels", "logits", "known")},
         }
     logits_t = torch.from_numpy(part["logits"])
     labels_t = torch.from_numpy(part["labels"])
@@ -142,11 +145,16 @@ def predict_split(
         if len(pw) != k:
             raise CxrflowError(f"manifest pos_weight must have {k} values (one per finding)", store)
         criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pw, dtype=torch.float64))
-        loss = float(criterion(logits_t.double(), labels_t.double()))
+        if part["known"].all():
+            loss = float(criterion(logits_t.double(), labels_t.double()))
+        else:  # labels not known are left out of the loss (cxrflow.uncertain)
+            known_t = torch.from_numpy(part["known"]).double()
+            loss = float(masked_bce(logits_t.double(), labels_t.double(), known_t, criterion.pos_weight))
     return {
         "image_id": part["image_id"],
         "patient_id": part["patient_id"].astype(np.int64),
         "labels": part["labels"].astype(np.float32),
+        "known": part["known"].astype(np.float32),
         "logits": part["logits"].astype(np.float32),
         "probs": torch.sigmoid(logits_t).numpy().astype(np.float32),
         "loss": loss,

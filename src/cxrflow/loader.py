@@ -47,7 +47,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrflow.errors import CxrflowError
-from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, check_partition, read_manifest
+from cxrflow.store import FORMAT_VERSION, KNOWN_COLUMN, MANIFEST_NAME, check_partition, read_manifest
+from cxrflow.uncertain import apply_policy, resolve_policy
 
 #: Columns the loader reads; the others (follow_up, original size) are never decoded.
 COLUMNS = ["image_id", "patient_id", "labels", "age", "sex", "view", "pixels"]
@@ -87,6 +88,9 @@ class _Plan:
     units: tuple[_Unit, ...]
     size: int
     num_labels: int
+    #: the store has label states (``labels_known``), and the policy for uncertain labels
+    has_states: bool = False
+    uncertain: str | tuple[str, ...] = "ignore"
 
 
 def _resolve_filesystem(store: str | os.PathLike, filesystem: Any) -> tuple[pafs.FileSystem, str, bool]:
@@ -203,13 +207,14 @@ class _Rows:
     labels: np.ndarray
     patient_id: np.ndarray
     demographics: np.ndarray
+    known: np.ndarray  # uint8 [n, K]: 1 where the label counts (see cxrflow.uncertain)
     image_id: np.ndarray  # object array of str
 
     def __len__(self) -> int:
         return len(self.image_id)
 
     def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.image, self.labels, self.patient_id, self.demographics, self.image_id
+        return self.image, self.labels, self.patient_id, self.demographics, self.known, self.image_id
 
 
 def _offsets(array: pa.Array, n: int) -> np.ndarray:
@@ -219,7 +224,8 @@ def _offsets(array: pa.Array, n: int) -> np.ndarray:
     return offsets[array.offset : array.offset + n + 1].astype(np.int64)
 
 
-def _decode(batch: pa.RecordBatch, size: int, num_labels: int, path: str, first_row: int) -> _Rows:
+def _decode(batch: pa.RecordBatch, size: int, num_labels: int, path: str, first_row: int,
+            uncertain: str | tuple[str, ...] = "ignore") -> _Rows:
     """Columns of one record batch to numpy without per-row Python work (except image ids)."""
     n = batch.num_rows
     ids = batch.column("image_id")
@@ -250,6 +256,10 @@ def _decode(batch: pa.RecordBatch, size: int, num_labels: int, path: str, first_
     if flat.null_count:
         raise CxrflowError("null label values", path)
     label_values = flat.to_numpy(zero_copy_only=False).reshape(n, num_labels)
+    states = None
+    if KNOWN_COLUMN in batch.schema.names:
+        states = batch.column(KNOWN_COLUMN).flatten().to_numpy(zero_copy_only=False).reshape(n, num_labels)
+    label_values, known = apply_policy(label_values, states, uncertain)
 
     demographics = np.empty((n, 3), dtype=np.float32)
     demographics[:, 0] = batch.column("age").to_numpy(zero_copy_only=False) / 100.0
@@ -260,6 +270,7 @@ def _decode(batch: pa.RecordBatch, size: int, num_labels: int, path: str, first_
         labels=label_values,
         patient_id=batch.column("patient_id").to_numpy(zero_copy_only=False),
         demographics=demographics,
+        known=known,
         image_id=np.asarray(ids.to_pylist(), dtype=object),
     )
 
@@ -281,7 +292,8 @@ def _read_rows(plan: _Plan, units: Sequence[_Unit], start: int, stop: int, use_t
                 open_path, open_file = unit.path, plan.filesystem.open_input_file(unit.path)
                 parquet = pq.ParquetFile(open_file)
             try:
-                table = parquet.read_row_group(unit.row_group, columns=COLUMNS, use_threads=use_threads)
+                columns = COLUMNS + [KNOWN_COLUMN] if plan.has_states else COLUMNS
+                table = parquet.read_row_group(unit.row_group, columns=columns, use_threads=use_threads)
             except (pa.ArrowException, OSError) as exc:
                 raise CxrflowError(f"corrupt Parquet file (row group {unit.row_group}): {exc}", unit.path) from None
             if table.num_rows != unit.n_rows:
@@ -290,7 +302,7 @@ def _read_rows(plan: _Plan, units: Sequence[_Unit], start: int, stop: int, use_t
             first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.row_group)) + lo
             for record_batch in table.to_batches():
                 if record_batch.num_rows:
-                    yield _decode(record_batch, plan.size, plan.num_labels, unit.path, first_row)
+                    yield _decode(record_batch, plan.size, plan.num_labels, unit.path, first_row, plan.uncertain)
                     first_row += record_batch.num_rows
     finally:
         if open_file is not None:
@@ -312,13 +324,14 @@ _POOL_SLOTS = 6
 #: Row groups read ahead by the background reading thread.
 _READ_AHEAD = 2
 
-_FIELDS = ("image", "labels", "patient_id", "demographics")
+_FIELDS = ("image", "labels", "patient_id", "demographics", "known")
 
 
 def _layout(n: int, size: int, num_labels: int) -> tuple[list[tuple[str, int, tuple[int, ...], torch.dtype]], int]:
     """Where each tensor of an ``n``-row batch lies in its packed uint8 buffer (64-byte aligned), and its bytes."""
     specs = (("image", (n, 1, size, size), torch.uint8), ("labels", (n, num_labels), torch.float32),
-             ("patient_id", (n,), torch.int64), ("demographics", (n, 3), torch.float32))
+             ("patient_id", (n,), torch.int64), ("demographics", (n, 3), torch.float32),
+             ("known", (n, num_labels), torch.float32))
     out, offset = [], 0
     for name, shape, dtype in specs:
         out.append((name, offset, shape, dtype))
@@ -696,12 +709,16 @@ def make_loader(
     shuffle_buffer: int | None = None,
     filesystem: Any = None,
     pin_memory: bool | None = None,
+    uncertain: str = "ignore",
 ) -> StoreLoader:
     """Stream batches of the store's ``(size, split)`` partition.
 
     Each batch is a dict: ``image`` uint8 [N, 1, S, S]; ``labels`` float32 [N, K] (manifest order);
     ``image_id`` list of N str; ``patient_id`` int64 [N]; ``demographics`` float32 [N, 3] =
-    (age / 100, sex M=0 F=1, view PA=0 AP=1).
+    (age / 100, sex M=0 F=1, view PA=0 AP=1); ``known`` float32 [N, K]: 1 where the label counts
+    (all ones for stores whose labels are all known; otherwise per ``uncertain``, see
+    :mod:`cxrflow.uncertain`: ``ignore`` keeps only certain labels, ``ones``/``zeros`` set the
+    uncertain ones; labels not mentioned are never known).
 
     ``store`` is a local folder, a URL pyarrow understands (``file://``, ``s3://``, ``gs://``,
     ``hdfs://``) or any fsspec URL; or pass ``filesystem`` (pyarrow or fsspec) and a path inside it.
@@ -737,7 +754,9 @@ def make_loader(
             "the store is incomplete or was modified (re-run 'cxrflow etl')",
             folder,
         )
-    plan = _Plan(filesystem=fs, units=tuple(units), size=int(size), num_labels=len(manifest["label_names"]))
+    plan = _Plan(filesystem=fs, units=tuple(units), size=int(size), num_labels=len(manifest["label_names"]),
+                 has_states="uncertain_policies" in manifest,
+                 uncertain=resolve_policy(uncertain, manifest["label_names"]))
     return StoreLoader(
         plan, manifest, split=split, batch_size=int(batch_size), shuffle=bool(shuffle), seed=int(seed),
         epoch=int(epoch), num_workers=int(num_workers), rank=int(rank), world_size=int(world_size),

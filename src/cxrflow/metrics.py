@@ -28,13 +28,19 @@ def binary_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def per_class_auc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
-    """AUC of each column of ``[N, K]`` labels and scores; NaN where a column has one class."""
+def per_class_auc(y_true: np.ndarray, y_score: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+    """AUC of each column of ``[N, K]`` labels and scores; NaN where a column has one class.
+
+    ``known`` ([N, K], 0/1): only the rows where a column's label is known count for it.
+    """
     y_true = np.asarray(y_true)
     y_score = np.asarray(y_score)
     if y_true.shape != y_score.shape or y_true.ndim != 2:
         raise ValueError(f"labels {y_true.shape} and scores {y_score.shape} must both be [N, K]")
-    return np.array([binary_auc(y_true[:, k], y_score[:, k]) for k in range(y_true.shape[1])])
+    if known is None:
+        return np.array([binary_auc(y_true[:, k], y_score[:, k]) for k in range(y_true.shape[1])])
+    m = np.asarray(known).astype(bool)
+    return np.array([binary_auc(y_true[m[:, k], k], y_score[m[:, k], k]) for k in range(y_true.shape[1])])
 
 
 def mean_auc(aucs: np.ndarray) -> float:

@@ -243,7 +243,7 @@ def format_table(predictions: Sequence[dict], label_names: Sequence[str]) -> str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files (any size, gray, RGB, RGBA or 16-bit)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or DICOM files (any size, gray, RGB, RGBA or 16-bit)")
     parser.add_argument("--run", default=None, help="run folder written by 'cxrflow train', or an ensemble folder ('cxrflow ensemble')")
     parser.add_argument(
         "--checkpoint", default=None, help="best_finetune, best_kt, last or a .pt path (default: best_finetune, else best_kt)"

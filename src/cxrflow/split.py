@@ -18,7 +18,6 @@ import pandas as pd
 from cxrflow.atomic import atomic_path
 from cxrflow.errors import CxrflowError
 from cxrflow import options
-from cxrflow.metadata import load_release
 
 MODE_OFFICIAL = "official-lists"
 MODE_PATIENTS = "patients-70-10-20"
@@ -130,20 +129,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=options.seed, default=0, help="random seed of the patient shuffle (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    from cxrflow.formats import add_format_arguments
+
+    add_format_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    release = load_release(args.data, need_images=False)
-    frame = assign_splits(release.entries, release.train_val, release.test, args.val_fraction, args.seed)
+    from cxrflow.formats import assign_collection_splits, load_collection
+
+    collection = load_collection(args.data, args.format, views=args.views, need_images=False)
+    frame = assign_collection_splits(collection, args.val_fraction, args.seed)
     write_split_csv(frame, args.out, overwrite=args.overwrite)
-    if frame.attrs["mode"] == MODE_OFFICIAL:
+    if frame.attrs["mode"] == "official-split":
+        print("mode: the collection's own train/val/test split")
+    elif frame.attrs["mode"] == MODE_OFFICIAL and collection.format != "nih":
+        print(
+            f"mode: the collection's official test split; its other patients split "
+            f"{1 - args.val_fraction:.0%}/{args.val_fraction:.0%} train/val, seed {args.seed}"
+        )
+    elif frame.attrs["mode"] == MODE_OFFICIAL:
         print(
             f"mode: official lists (test = test_list.txt; train_val_list.txt patients split "
             f"{1 - args.val_fraction:.0%}/{args.val_fraction:.0%} train/val, seed {args.seed})"
         )
     else:
         print(
-            "mode: no train_val_list.txt/test_list.txt in the data folder: all patients split "
+            "mode: no official split in the data folder: all patients split "
             f"70/10/20 train/val/test (seed {args.seed}; --val-fraction is not used)"
         )
     for name, c in split_counts(frame).items():

@@ -9,7 +9,13 @@ Columns (names are a contract): ``image_id`` string, ``patient_id`` int64, ``lab
 (one entry per finding, manifest order), ``age`` int16 (-1: unknown, the metadata's age was outside
 0-120), ``sex`` string (M/F), ``view`` string
 (PA/AP), ``follow_up`` int32, ``orig_width``/``orig_height`` int32, ``pixels`` binary (S*S bytes,
-uint8 grayscale, row-major).
+uint8 grayscale, row-major). ``age`` is -1 and ``sex`` ``U`` where the collection does not say;
+``view`` is the collection's own (PA, AP, LATERAL, ...). Stores of collections with uncertain or
+unmentioned labels (CheXpert, MIMIC-CXR) add ``labels_known`` list<uint8>, the label states of
+:mod:`cxrflow.uncertain`; the manifest then has ``label_counts`` and ``uncertain_policies``.
+
+Format versions: 1 (NIH only), 2 (adds ``format``, ``label_counts``, optional ``labels_known``).
+Every version up to :data:`FORMAT_VERSION` opens.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from cxrflow.errors import CxrflowError
 from cxrflow.labels import LabelVocabulary
 
 #: Bumped whenever the layout or the columns change incompatibly.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "_manifest.json"
 SPLITS = ("train", "val", "test")
 
@@ -48,6 +54,16 @@ SCHEMA = pa.schema(
         ("pixels", pa.binary()),
     ]
 )
+
+#: The label states column of stores whose collection has unknown labels (see cxrflow.uncertain).
+KNOWN_COLUMN = "labels_known"
+
+
+def schema_for(known: bool) -> pa.Schema:
+    """The store schema; with ``known``, plus the ``labels_known`` column after ``labels``."""
+    if not known:
+        return SCHEMA
+    return SCHEMA.insert(SCHEMA.get_field_index("labels") + 1, pa.field(KNOWN_COLUMN, pa.list_(pa.uint8())))
 
 
 #: Target uncompressed bytes of one row group: a reader holds about one at a time.
@@ -191,7 +207,8 @@ def format_manifest(manifest: dict) -> str:
     """Human-readable summary of a manifest (for ``cxrflow store-info``)."""
     lines = [
         f"cxrflow store, format {manifest.get('format_version')}, written by cxrflow "
-        f"{manifest.get('cxrflow_version', '?')} at {manifest.get('created', '?')}",
+        f"{manifest.get('cxrflow_version', '?')} at {manifest.get('created', '?')}"
+        + (f", collection format {manifest['format']}" if "format" in manifest else ""),
         f"findings ({len(manifest.get('label_names', []))}): {', '.join(manifest.get('label_names', []))}",
         f"sizes: {', '.join(str(s) for s in manifest.get('sizes', []))}",
         "rows:",
@@ -222,6 +239,14 @@ def format_manifest(manifest: dict) -> str:
         lines.append("train positives / pos_weight:")
         for n, w in zip(names, pw):
             lines.append(f"  {n:<20} {pos.get(n, '?'):>7}  {w:8.2f}")
+    counts = manifest.get("label_counts", {})
+    if counts and "uncertain_policies" in manifest:
+        lines.append("train labels: positive / negative / uncertain / not mentioned "
+                     f"(--uncertain {'|'.join(manifest['uncertain_policies'])} decides the uncertain ones):")
+        for n in names:
+            c = counts.get(n, {})
+            lines.append(f"  {n:<26} {c.get('positive', 0):>7} {c.get('negative', 0):>7} "
+                         f"{c.get('uncertain', 0):>7} {c.get('unknown', 0):>7}")
     split = manifest.get("split", {})
     if split:
         lines.append("split: " + ", ".join(f"{k}={v}" for k, v in split.items()))

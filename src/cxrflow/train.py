@@ -41,6 +41,7 @@ from cxrflow.config import (
     PRESETS,
     STAGE_CHOICES,
     Stage,
+    UNCERTAIN_POLICIES,
     TrainConfig,
     config_from_dict,
     resolve_config,
@@ -55,6 +56,7 @@ from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model, load_weights
 from cxrflow.outputs import claiming, read_marker, write_marker
 from cxrflow.store import check_partition, pixel_stats, read_manifest
+from cxrflow.uncertain import MaskedBCEWithLogits, policy_pos_weight
 
 #: Files a run writes; ``--overwrite`` removes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "best_kt.pt", "best_finetune.pt", "last.pt", "done.json")
@@ -162,7 +164,7 @@ class Progress:
 def train_one_epoch(
     model: nn.Module,
     loader: Any,
-    criterion: nn.Module,
+    criterion: Callable[..., torch.Tensor],
     optimizer: torch.optim.Optimizer,
     *,
     ctx: Dist,
@@ -195,7 +197,8 @@ def train_one_epoch(
             step_hook(_unwrap(model), stage, epoch, step)
         with _autocast(device):
             logits = model(x)
-        loss = criterion(logits.float(), y)
+        known = (batch["known"].to(device, non_blocking=True),) if isinstance(criterion, MaskedBCEWithLogits) else ()
+        loss = criterion(logits.float(), y, *known)
         bad = not bool(torch.isfinite(loss))
         if ctx.active:
             bad = _all_reduce([float(bad)], ctx, dist.ReduceOp.MAX)[0] > 0
@@ -336,7 +339,9 @@ def _train(
         if int(manifest["rows"][str(int(config.size))][split]) == 0:
             raise CxrflowError(f"split {split!r} at size {config.size} is empty; nothing to {split} on", config.store)
     mean, std = pixel_stats(manifest, config.size)
-    pos_weight = _pos_weight(manifest, len(label_names), config.store).to(ctx.device)
+    masked = "uncertain_policies" in manifest  # some labels are not known: the loss counts known ones only
+    pos_weight = (policy_pos_weight(manifest, config.uncertain) if masked
+                  else _pos_weight(manifest, len(label_names), config.store)).to(ctx.device)
     stages = config.stages()
     # the normalisation travels with the run, so predict works without the store
     saved = {**config.to_dict(), "label_names": label_names, "stages": [vars(s) for s in stages],
@@ -359,7 +364,7 @@ def _train(
     model.to(ctx.device)
     if ctx.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    criterion = MaskedBCEWithLogits(pos_weight) if masked else nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
     history: list[dict] = []
     best: dict[str, dict] = {}
@@ -412,6 +417,7 @@ def _train(
                 config.store, config.size, "train", batch_size=config.batch_size, shuffle=True, seed=config.seed,
                 epoch=global_epoch + epoch - 1, num_workers=config.num_workers, rank=ctx.rank,
                 world_size=ctx.world_size, drop_last=train_rows >= config.batch_size * ctx.world_size,
+                uncertain=config.uncertain,
             )
             steps = len(loader)
             if ctx.active:
@@ -443,7 +449,7 @@ def _train(
                 model, config.store, config.size, "val", batch_size=config.eval_batch_size, device=ctx.device,
                 num_workers=config.num_workers, rank=ctx.rank, world_size=ctx.world_size,
             )
-            aucs = per_class_auc(val["labels"], val["probs"])
+            aucs = per_class_auc(val["labels"], val["probs"], val["known"] if masked else None)
             auc = mean_auc(aucs)
             lr = float(optimizer.param_groups[0]["lr"])
             undefined = [n for n, a in zip(label_names, aucs) if math.isnan(a)]
@@ -554,6 +560,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other setting, e.g. --set optimizer=sgd --set finetune.lr=1e-4 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
+    parser.add_argument("--uncertain", metavar="|".join(UNCERTAIN_POLICIES),
+                        help="uncertain labels (stores that have them): ignore (U-Ignore, default), ones or zeros, "
+                             "optionally per finding: zeros,Atelectasis=ones,Edema=ones")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -586,7 +595,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     options_given = {
         "store": args.store, "size": args.size, "model": args.model, "out": args.out, "stage": args.stage,
         "batch_size": args.batch_size, "pretrained": args.pretrained, "seed": args.seed,
-        "device": args.device, "num_workers": args.num_workers,
+        "device": args.device, "num_workers": args.num_workers, "uncertain": args.uncertain,
     }  # fmt: skip
     overrides.update({k: v for k, v in options_given.items() if v is not None})  # an option not given keeps --set's value
     config = resolve_config(args.preset, args.config, overrides)

@@ -1,0 +1,181 @@
+"""DICOM decoding (cxrflow.formats.dicom) against an independent numpy decode, in the ETL and predict."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from cxrflow.formats.dicom import read_dicom
+from cxrflow.imaging import ImageError, load_gray, resize_gray
+from cxrflow.synthformats import write_dicom
+
+RNG = np.random.default_rng(7)
+RAW12 = RNG.integers(0, 4096, (64, 72)).astype(np.uint16)
+RAW16 = RNG.integers(0, 65536, (64, 72)).astype(np.uint16)
+
+
+def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1 linear window to 0..1, written out independently."""
+    out = np.empty(values.shape)
+    low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    out[values <= low] = 0.0
+    out[values > high] = 1.0
+    mid = (values > low) & (values <= high)
+    out[mid] = (values[mid] - (center - 0.5)) / (width - 1) + 0.5
+    return out
+
+
+def _to8(unit: np.ndarray, invert: bool) -> np.ndarray:
+    return np.rint((1.0 - unit if invert else unit) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("syntax", ["explicit", "implicit", "rle", "jpeg2000"])
+@pytest.mark.parametrize("photometric,raw,bits", [("MONOCHROME2", RAW12, 12), ("MONOCHROME1", RAW16, 16)])
+def test_windowed_rescaled_decode_matches_independent(tmp_path, syntax, photometric, raw, bits):
+    slope, intercept, center, width = 2.0, -1024.0, float(raw.mean()), float(raw.std() * 4)
+    path = write_dicom(tmp_path / "a.dcm", raw, bits_stored=bits, photometric=photometric, slope=slope,
+                       intercept=intercept, window=(center, width), transfer_syntax=syntax)
+    expected = _to8(_window(raw * slope + intercept, center, width), photometric == "MONOCHROME1")
+    gray, (w, h) = load_gray(path)
+    assert (w, h) == (72, 64)
+    np.testing.assert_array_equal(gray, expected)
+
+
+def test_no_window_stretches_deep_data_and_keeps_8_bit(tmp_path):
+    path = write_dicom(tmp_path / "deep.dcm", RAW12, bits_stored=12)
+    lo, hi = RAW12.min(), RAW12.max()
+    np.testing.assert_array_equal(load_gray(path)[0], _to8((RAW12 - lo) / (hi - lo), False))
+    eight = RNG.integers(0, 256, (10, 12)).astype(np.uint8)
+    np.testing.assert_array_equal(load_gray(write_dicom(tmp_path / "eight.dcm", eight))[0], eight)
+
+
+def test_voi_lut_sequence(tmp_path):
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    path = write_dicom(tmp_path / "lut.dcm", RAW12, bits_stored=12)
+    dataset = dcmread(path)
+    lut = (4095 - np.arange(4096)) * 16  # 12 bits in, 16 bits out, inverted: not the identity
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 16])  # LUT Descriptor: entries, first value mapped, bits
+    item.add_new(0x00283006, "OW", lut.astype("<u2").tobytes())  # LUT Data
+    dataset.VOILUTSequence = Sequence([item])
+    dataset.save_as(path)
+    np.testing.assert_array_equal(load_gray(path)[0], _to8(lut[RAW12] / 65535.0, False))
+
+
+def test_spacing_and_header(tmp_path):
+    image = read_dicom(write_dicom(tmp_path / "s.dcm", RAW12, bits_stored=12, spacing=(0.2, 0.25)))
+    assert image.spacing == (0.2, 0.25) and image.bits_stored == 12 and image.photometric == "MONOCHROME2"
+
+
+def _undecodable(path: Path) -> Path:
+    """A DICOM file whose transfer syntax (MPEG2) no installed plugin decodes."""
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+
+    write_dicom(path, RAW12, bits_stored=12)
+    dataset = dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+    dataset.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_bad_dicom_reasons(tmp_path):
+    with pytest.raises(ImageError, match="DICOM file without pixel data"):
+        load_gray(write_dicom(tmp_path / "none.dcm", RAW12, with_pixels=False))
+    with pytest.raises(ImageError, match="cannot decode DICOM pixel data .transfer syntax MPEG2"):
+        load_gray(_undecodable(tmp_path / "mpeg.dcm"))
+
+
+def test_etl_reads_dicom_and_quarantines_bad_ones(spark, tmp_path):
+    from cxrflow.etl import run_etl
+
+    root = tmp_path / "data"
+    rows = [["image", "patient_id", "labels"]]
+    expected = {}
+    for i in range(12):
+        raw = RNG.integers(0, 4096, (64, 56)).astype(np.uint16)
+        syntax = "jpeg2000" if i % 2 else "explicit"
+        rel = f"dcm/{i}.dcm"
+        write_dicom(root / rel, raw, bits_stored=12, window=(2048, 4096), transfer_syntax=syntax)
+        expected[rel] = resize_gray(_to8(_window(raw.astype(float), 2048, 4096), False), 16)
+        rows.append([rel, str(i), "Nodule" if i % 3 else "No Finding"])
+    write_dicom(root / "dcm/none.dcm", RAW12, with_pixels=False)
+    _undecodable(root / "dcm/mpeg.dcm")
+    rows += [["dcm/none.dcm", "90", "Nodule"], ["dcm/mpeg.dcm", "91", "Nodule"]]
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    manifest = run_etl(root, tmp_path / "store", sizes=(16,), spark=spark)
+    reasons = {q["image_id"]: q["reason"] for q in manifest["quarantined"]}
+    assert reasons["dcm/none.dcm"] == "DICOM file without pixel data"
+    assert "cannot decode DICOM pixel data (transfer syntax MPEG2" in reasons["dcm/mpeg.dcm"]
+    table = ds.dataset(str(tmp_path / "store"), format="parquet", partitioning="hive").to_table()
+    got = {r["image_id"]: np.frombuffer(r["pixels"], np.uint8).reshape(16, 16) for r in table.to_pylist()}
+    assert set(got) == set(expected)
+    for image, pixels in expected.items():
+        np.testing.assert_array_equal(got[image], pixels)
+    import pyarrow.parquet as pq
+
+    spacing = pq.read_table(tmp_path / "store" / manifest["pixel_spacing"]["file"]).to_pylist()
+    assert [r["image_id"] for r in spacing] == sorted(expected)
+    assert all(r["spacing_row_mm"] == pytest.approx(0.143) for r in spacing)
+
+
+@pytest.mark.slow
+def test_predict_accepts_dicom(tmp_path, capsys):
+    import json
+
+    from cxrflow.cli import main
+    from cxrflow.synthstore import write_synthetic_store
+
+    write_synthetic_store(tmp_path / "store", sizes=(32,), rows={"train": 16, "val": 8, "test": 8})
+    assert main(["train", "--quiet", "--store", str(tmp_path / "store"), "--size", "32", "--model", "simple_cnn",
+                 "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    image = write_dicom(tmp_path / "x.dcm", RAW16, photometric="MONOCHROME1")
+    assert main(["predict", "--run", str(tmp_path / "run"), str(image), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["predictions"][0]["probabilities"]) == 14
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                                  "MR_small_implicit.dcm", "MR_small_bigendian.dcm"])
+def test_codecs_match_the_uncompressed_file(name):
+    """pydicom's own sample files: one signed 16-bit image in several transfer syntaxes (JPEG-LS and
+    JPEG 2000 through the pylibjpeg plugins) decode to the same pixels as its uncompressed copy."""
+    from pydicom.data import get_testdata_file
+
+    reference, other = get_testdata_file("MR_small.dcm"), get_testdata_file(name)
+    if reference is None or other is None:
+        pytest.skip("pydicom's bundled test files are not installed")
+    np.testing.assert_array_equal(load_gray(other)[0], load_gray(reference)[0])
+
+
+def test_truncated_pixel_data_is_a_reason(tmp_path):
+    path = write_dicom(tmp_path / "t.dcm", RAW12, bits_stored=12)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ImageError, match="cannot decode DICOM pixel data"):
+        load_gray(path)
+
+
+@pytest.mark.parametrize("function", ["SIGMOID", "LINEAR_EXACT"])
+def test_voi_lut_functions(tmp_path, function):
+    from pydicom import dcmread
+
+    path = write_dicom(tmp_path / "f.dcm", RAW12, bits_stored=12, window=(2000.0, 1500.0))
+    dataset = dcmread(path)
+    dataset.VOILUTFunction = function
+    dataset.save_as(path)
+    x = RAW12.astype(np.float64)
+    unit = (1 / (1 + np.exp(-4 * (x - 2000) / 1500)) if function == "SIGMOID"
+            else np.clip((x - 2000) / 1500 + 0.5, 0, 1))
+    np.testing.assert_array_equal(load_gray(path)[0], _to8(unit, False))
