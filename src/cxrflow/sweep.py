@@ -46,6 +46,10 @@ from cxrflow.atomic import write_json_atomic
 from cxrflow.config import TrainConfig, apply_overrides, preset, read_config_file
 from cxrflow.errors import CxrflowError
 from cxrflow.evaluate import METRICS_NAME, default_eval_dir
+from cxrflow.sparktrain import SparkLaunch, launch_from_args, run_sweep_jobs
+from cxrflow.sparktrain import add_arguments as add_spark_arguments
+from cxrflow.tracking import add_arguments as add_tracking_arguments
+from cxrflow.tracking import default_uri, request_from_args
 
 RUN_KEYS = ("name", "evaluate")
 #: Settings that may differ between the sweep file and an existing run (they do not change results).
@@ -173,8 +177,10 @@ def _check_same_settings(spec: RunSpec, folder: Path) -> None:
         )
 
 
-def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int) -> list[list[str]]:
-    """The ``cxrflow`` command lines still needed for one run (empty when it is complete)."""
+def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: Sequence[str] = ()) -> list[list[str]]:
+    """The ``cxrflow`` command lines still needed for one run (empty when it is complete).
+
+    ``tracking``: options added to every step (``--mlflow URI``)."""
     folder = run_dir(out, spec.name)
     _check_same_settings(spec, folder)
     steps: list[list[str]] = []
@@ -185,14 +191,14 @@ def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int) -> list[li
         train = ["train", "--config", str(config_file), "--out", str(folder), "--quiet", "--device", device]
         if folder.exists():
             train.append("--resume")
-        steps.append(train)
+        steps.append([*train, *tracking])
     for stale in folder.glob(".eval-*.tmp"):  # an evaluation cut short by a crash
         shutil.rmtree(stale, ignore_errors=True)
     for ckpt in spec.evaluate:
         if not (default_eval_dir(folder, "test", ckpt) / METRICS_NAME).is_file():
             steps.append(
                 ["evaluate", "--run", str(folder), "--checkpoint", ckpt, "--split", "test",
-                 "--n-boot", str(n_boot), "--device", device, "--overwrite"]
+                 "--n-boot", str(n_boot), "--device", device, "--overwrite", *tracking]
             )  # fmt: skip
     return steps
 
@@ -242,6 +248,8 @@ def run_sweep(
     n_boot: int | None = None,
     in_process: bool = False,
     echo: Callable[[str], None] = print,
+    launch: SparkLaunch | None = None,
+    tracking: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Bring every run of ``sweep`` to trained + evaluated, then write the report.
 
@@ -262,7 +270,7 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     slots: list[str | None]
-    if device == "cpu" or in_process:
+    if device == "cpu" or in_process or launch is not None:
         slots = [None]
     else:
         found = list(gpus) if gpus else visible_gpus()
@@ -282,19 +290,21 @@ def run_sweep(
     )
     jobs: list[_Job] = []
     skipped: list[str] = []
-    if slots != [None]:
+    if launch is not None:
+        step_device = launch.device
+    elif slots != [None]:
         step_device = "cuda"  # each subprocess sees its one GPU
     else:
         step_device = device if in_process else "cpu"
     for spec in sweep.runs:
-        steps = plan_steps(spec, out, device=step_device, n_boot=n_boot)
+        steps = plan_steps(spec, out, device=step_device, n_boot=n_boot, tracking=tracking)
         if steps:
             jobs.append(_Job(spec.name, deque(steps), out / "logs" / f"{spec.name}.log"))
         else:
             skipped.append(spec.name)
     if skipped:
         echo(f"already trained and evaluated: {', '.join(skipped)}")
-    where = "in this process" if in_process else (
+    where = f"on Spark ({launch.master})" if launch is not None else "in this process" if in_process else (
         f"on GPU {', '.join(s for s in slots if s is not None)}" if slots != [None] else "on CPU, one at a time"
     )
     if jobs:
@@ -307,6 +317,9 @@ def run_sweep(
                 if _run_in_process(argv, echo) != 0:
                     job.failed = f"'cxrflow {argv[0]}' failed"
                     break
+    elif launch is not None:
+        if jobs:
+            run_sweep_jobs(jobs, launch, echo, cxrflow_command)
     else:
         _run_subprocesses(jobs, slots, echo)
     failed = {j.name: j.failed for j in jobs if j.failed}
@@ -405,12 +418,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", default=None, help="comma-separated GPU indices to use (default: all visible)")
     parser.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples per evaluation (default: the file's n_boot or 1000)")
     parser.add_argument("--in-process", action="store_true", help="run every step in this process, one after another")
+    add_tracking_arguments(parser)
+    add_spark_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    launch = launch_from_args(args)
+    request = request_from_args(args)
+    tracking = [] if request.uri is None else [
+        "--mlflow", request.uri or default_uri(args.out), "--mlflow-experiment", request.experiment]
     sweep = load_sweep(args.config, store=args.store)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-    summary = run_sweep(sweep, args.out, device=args.device, gpus=gpus, n_boot=args.n_boot, in_process=args.in_process)
+    summary = run_sweep(sweep, args.out, device=args.device, gpus=gpus, n_boot=args.n_boot, in_process=args.in_process,
+                        launch=launch, tracking=tracking)
     if summary["report"]:
         print(f"report: {summary['report']['table_md']}, {summary['report']['table_csv']}, {summary['report']['comparison_png']}")
     best = summary["best"]

@@ -45,6 +45,7 @@ from cxrflow.config import (
     config_from_dict,
     resolve_config,
 )
+from cxrflow import sparktrain
 from cxrflow.errors import CxrflowError
 from cxrflow.inference import autocast as _autocast
 from cxrflow.inference import model_input, predict_split, resolve_device
@@ -53,9 +54,11 @@ from cxrflow.loader import augment, make_loader
 from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model
 from cxrflow.store import check_partition, pixel_stats, read_manifest
+from cxrflow.tracking import TrackingRequest, request_from_args, tracked_training
+from cxrflow.tracking import add_arguments as add_tracking_arguments
 
 #: Files a run writes; ``--overwrite`` removes exactly these.
-RUN_FILES = ("config.json", "metrics.jsonl", "best_kt.pt", "best_finetune.pt", "last.pt", "done.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "best_kt.pt", "best_finetune.pt", "last.pt", "done.json", "mlflow.json")
 
 #: A hook called before each optimisation step: (model, stage name, epoch, step). For tests and tooling.
 StepHook = Callable[[ChestClassifier, str, int, int], None]
@@ -298,8 +301,12 @@ def train(
     ctx: Dist | None = None,
     step_hook: StepHook | None = None,
     log: Callable[[str], None] | None = None,
+    epoch_hook: Callable[[list[dict]], None] | None = None,
 ) -> dict:
-    """Run (or resume) a training run described by ``config``; returns the done.json summary."""
+    """Run (or resume) a training run described by ``config``; returns the done.json summary.
+
+    ``epoch_hook`` (rank 0 only) gets the history after each epoch's files are written (tracking).
+    """
     ctx = ctx or Dist(device=resolve_device(config.device))
     say = log or (lambda msg: print(msg, flush=True))
     info = say if ctx.main else (lambda msg: None)
@@ -472,6 +479,8 @@ def train(
                     save_checkpoint(out / f"best_{stage.name}.pt", payload)
                 save_checkpoint(out / "last.pt", payload)
                 _write_metrics(out, history)
+                if epoch_hook is not None:
+                    epoch_hook(history)
             _barrier(ctx)
             auc_text = "nan" if math.isnan(auc) else f"{auc:.4f}"
             info(
@@ -530,6 +539,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other setting, e.g. --set optimizer=sgd --set finetune.lr=1e-4 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
+    add_tracking_arguments(parser)
+    sparktrain.add_arguments(parser)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -592,17 +603,35 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
     return config.validate()
 
 
+def run_config(args: argparse.Namespace) -> TrainConfig:
+    """The config a ``cxrflow train`` command runs: the saved one when resuming, else the options'."""
+    return (_resume_config(args) if args.resume else None) or config_from_args(args)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise CxrflowError("--resume and --overwrite exclude each other")
-    config = (_resume_config(args) if args.resume else None) or config_from_args(args)
+    launch = sparktrain.launch_from_args(args)
+    request = request_from_args(args)
+    config = run_config(args)
+    options = {"resume": args.resume, "overwrite": args.overwrite, "quiet": args.quiet}
+    if launch is not None:
+        sparktrain.train_on_spark(config, launch, tracking=request, **options)
+    else:
+        run_process(config, tracking=request, **options)
+    return 0
+
+
+def run_process(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+                tracking: TrackingRequest | None = None) -> dict:
+    """One training process, however it was started (alone, torchrun, Spark's TorchDistributor)."""
     ctx = setup_distributed(config.device)
     try:
-        train(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, ctx=ctx)
+        with tracked_training(tracking, config.out, enabled=ctx.main) as epoch_hook:
+            return train(config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx, epoch_hook=epoch_hook)
     finally:
         if ctx.active and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
