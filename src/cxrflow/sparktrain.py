@@ -37,9 +37,6 @@ from cxrflow.config import TrainConfig
 from cxrflow.errors import CxrflowError
 from cxrflow.spark import check_master
 
-#: The first line of a training process's CxrflowError, as printed for the driver to find.
-ERROR_MARK = "cxrflow-process-error: "
-
 #: Spark settings every training session gets (``--spark-conf`` overrides them).
 SESSION_CONF = {
     "spark.task.maxFailures": "1",
@@ -280,21 +277,20 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def job_error(exc: BaseException, out: str | os.PathLike) -> CxrflowError:
-    """One clear error for a failed training job: the process's own error, or what ended it."""
-    text = str(exc)
-    mark = re.search(re.escape(ERROR_MARK) + r"(.+)", text)
-    if mark:
-        return CxrflowError(mark.group(1).strip().replace("\\n", " "))
-    exit_code = re.search(r"exitcode\s*:\s*(-?\d+)", text) or re.search(r"failed with return code (-?\d+)", text)
-    if exit_code:
-        code = int(exit_code.group(1))
-        reason = f"a training process was killed by signal {-code}" if code < 0 else f"a training process exited with status {code}"
-    else:
-        reason = _first_line(exc)
+def job_error(reports: dict[int, str], out: str | os.PathLike) -> CxrflowError:
+    """One clear error for a failed training job from what its processes reported (rank -> "Kind: message").
+
+    A process's own CxrflowError is the answer; otherwise a process failed or was killed (a killed
+    process reports nothing; its peers report the broken connection).
+    """
+    for rank in sorted(reports):
+        kind, _, message = reports[rank].partition(": ")
+        if kind == "CxrflowError":
+            return CxrflowError(message)
+    said = "; ".join(f"rank {r}: {reports[r][:200]}" for r in sorted(reports)) or "none reported an error"
     return CxrflowError(
-        f"training on the Spark cluster failed ({reason}); the run folder keeps every finished epoch: "
-        "run the same command with --resume to continue from last.pt",
+        f"training on the Spark cluster failed: a training process failed or was killed ({said}); the run folder "
+        "keeps every finished epoch: run the same command with --resume to continue from last.pt",
         out,
     )
 
@@ -325,17 +321,35 @@ def _output_to(log_path: str | None) -> Iterator[None]:
             os.close(f)
 
 
-def training_process(config_values: dict, options: dict, tracking: Any = None, log_path: str | None = None) -> dict:
-    """What each training process on the cluster runs (TorchDistributor pickles it by reference)."""
+def training_process(config_values: dict, options: dict, tracking: Any = None, log_path: str | None = None,
+                     report_path: str | None = None) -> dict:
+    """What each training process on the cluster runs (TorchDistributor pickles it by reference).
+
+    A failure is also written to ``report_path.<rank>`` (on the shared storage), since the job's
+    error on the driver does not carry the processes' output.
+    """
     from cxrflow.config import config_from_dict
     from cxrflow.train import run_process
 
     try:
         with _output_to(log_path):
             return run_process(config_from_dict(config_values), tracking=tracking, **options)
-    except CxrflowError as exc:
-        print(ERROR_MARK + str(exc).replace("\n", " "), flush=True)
-        raise SystemExit(2) from None
+    except BaseException as exc:
+        if report_path:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            kind = "CxrflowError" if isinstance(exc, CxrflowError) else type(exc).__name__
+            with contextlib.suppress(OSError):
+                Path(f"{report_path}.{os.environ.get('RANK', '0')}").write_text(f"{kind}: {first}")
+        raise
+
+
+def _read_reports(report_path: Path) -> dict[int, str]:
+    reports = {}
+    for path in report_path.parent.glob(report_path.name + ".*"):
+        with contextlib.suppress(OSError, ValueError):
+            reports[int(path.suffix[1:])] = path.read_text().strip()
+        path.unlink(missing_ok=True)
+    return reports
 
 
 def run_job(spark: Any, launch: SparkLaunch, config: TrainConfig, options: dict, *,
@@ -348,12 +362,15 @@ def run_job(spark: Any, launch: SparkLaunch, config: TrainConfig, options: dict,
     except RuntimeError as exc:  # its GPU configuration checks
         raise CxrflowError(f"--gpu: {_first_line(exc)}") from None
     distributor.logger.setLevel(logging.WARNING)
+    report_path = _nearest_existing(Path(config.out)) / f".cxrflow-report-{uuid.uuid4().hex}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return distributor.run(training_process, config.to_dict(), options, tracking, log_path)
-    except Exception as exc:  # Py4J/Spark errors come in many types; job_error reads what happened
-        raise job_error(exc, config.out) from None
+            return distributor.run(training_process, config.to_dict(), options, tracking, log_path, str(report_path))
+    except Exception:  # Py4J/Spark errors come in many types and carry nothing of the processes' own
+        raise job_error(_read_reports(report_path), config.out) from None
+    finally:
+        _read_reports(report_path)  # removes any left
 
 
 def prepare(config: TrainConfig, launch: SparkLaunch) -> TrainConfig:
