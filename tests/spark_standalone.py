@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyspark
 
@@ -36,6 +36,7 @@ class Cluster:
     master: subprocess.Popen
     workers: list[subprocess.Popen]
     logs: Path
+    add_worker: Callable[[], subprocess.Popen]
 
     def kill_worker(self, index: int) -> None:
         """SIGKILL a worker with everything it started (its executor and Python workers): a lost node."""
@@ -92,15 +93,22 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
         master = start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
                        "--webui-port", str(free_port()))
         _wait_for(lambda: _accepts(port), timeout, "the master did not listen")
-        nodes = [
-            start(f"worker-{i}", "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", str(cores),
-                  "--memory", memory, "--work-dir", str(folder / f"work-{i}"), "--webui-port", str(free_port()), url)
-            for i in range(workers)
-        ]
         master_log = folder / "master.log"
-        _wait_for(lambda: master_log.read_text(errors="replace").count("Registering worker") >= workers,
-                  timeout, f"{workers} workers did not register")
-        yield Cluster(url, master, nodes, folder)
+        nodes: list[subprocess.Popen] = []
+
+        def add_worker() -> subprocess.Popen:
+            """Start one more worker and wait until the master has registered it."""
+            i = len(nodes)
+            nodes.append(start(f"worker-{i}", "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
+                               "--cores", str(cores), "--memory", memory, "--work-dir", str(folder / f"work-{i}"),
+                               "--webui-port", str(free_port()), url))
+            _wait_for(lambda: master_log.read_text(errors="replace").count("Registering worker") > i,
+                      timeout, f"worker {i} did not register")
+            return nodes[-1]
+
+        for _ in range(workers):
+            add_worker()
+        yield Cluster(url, master, nodes, folder, add_worker)
     finally:
         for proc in reversed(started):
             _stop(proc)

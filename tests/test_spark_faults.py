@@ -4,6 +4,7 @@ and publishes nothing; never a store with missing rows that looks complete."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from cxrflow.metadata import load_release
 from cxrflow.store import read_manifest
 from cxrflow.synth import synthesize
+from cxrflow.synthstore import write_synthetic_store
 from spark_standalone import loopback_cluster
 
 JOB_TIMEOUT = 420
@@ -23,7 +25,9 @@ JOB_TIMEOUT = 420
 
 def _env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "src")
-    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    # the driver binds to loopback too (by default a driver on a spark:// master takes the host's address)
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+            "SPARK_LOCAL_IP": "127.0.0.1"}
 
 
 @pytest.mark.slow
@@ -64,3 +68,43 @@ def test_etl_with_a_worker_killed_mid_job_is_complete_or_not_published(tmp_path)
     assert len(ids) == len(set(ids)) == len(found) and set(ids) == found  # every image once, none lost
     manifest = read_manifest(out)
     assert sum(manifest["rows"]["32"].values()) == len(found)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_training_with_a_worker_killed_fails_cleanly_and_resumes_on_a_new_worker(tmp_path):
+    store = tmp_path / "store"
+    write_synthetic_store(store, sizes=(32,), rows={"train": 256, "val": 32, "test": 8}, seed=6)
+    run = tmp_path / "run"
+    with loopback_cluster(tmp_path / "cluster", workers=2) as cluster:
+        argv = [sys.executable, "-m", "cxrflow.cli", "train", "--quiet", "--store", str(store), "--size", "32",
+                "--model", "simple_cnn", "--out", str(run), "--epochs", "8", "--batch-size", "8", "--set", "early_stopping_patience=0",
+                "--spark-master", cluster.url, "--processes", "2"]
+        proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        killed = False
+        try:
+            deadline = time.monotonic() + JOB_TIMEOUT
+            while proc.poll() is None and time.monotonic() < deadline and not killed:
+                if (run / "metrics.jsonl").exists():  # an epoch has finished
+                    cluster.kill_worker(1)
+                    killed = True
+                time.sleep(0.05)
+            _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert killed and proc.returncode == 2, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "--resume" in last, err[-3000:]
+        before = _metrics(run)
+        assert 1 <= len(before) < 8 and not (run / "done.json").exists()
+
+        cluster.add_worker()  # the lost node is replaced
+        done = subprocess.run([*argv, "--resume"], env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+        assert done.returncode == 0, done.stderr[-3000:]
+    after = _metrics(run)
+    assert [r["epoch"] for r in after] == list(range(1, 9)) and after[: len(before)] == before

@@ -25,6 +25,10 @@ Each step is a ``cxrflow`` command run in a subprocess (so a crash or a killed s
 finished files behind), logged to ``OUT/logs/<name>.log``. With several GPUs the runs go in
 parallel, one per GPU (``CUDA_VISIBLE_DEVICES``); on CPU one at a time. A failed run does not stop
 the others: it is named at the end and the exit status is 2.
+
+``--spark-master URL --processes N``: each run's training is its own distributed job on the Spark
+cluster (:func:`cxrflow.sparktrain.run_sweep_jobs`), as many at once as the cluster's slots allow.
+``--mlflow [URI]`` tracks every run (default store ``OUT/mlruns``; see :mod:`cxrflow.tracking`).
 """
 
 from __future__ import annotations
