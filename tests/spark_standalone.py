@@ -14,6 +14,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,3 +122,25 @@ def _accepts(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def run_with_fault(argv: list[str], env: dict[str, str], fault: Callable[[int], bool],
+                   timeout: float) -> tuple[int, str, bool]:
+    """Run ``python -m cxrflow.cli *argv``, calling ``fault(pid)`` every 50 ms until it reports that it
+    struck; bounded by ``timeout``, and the process is always reaped. Returns (exit status, stderr, struck)."""
+    struck = False
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "cxrflow.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline and not struck:
+                struck = fault(proc.pid)
+                time.sleep(0.05)
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        return proc.returncode, err.read(), struck

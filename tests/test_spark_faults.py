@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -18,7 +17,7 @@ from cxrflow.metadata import load_release
 from cxrflow.store import read_manifest
 from cxrflow.synth import synthesize
 from cxrflow.synthstore import write_synthetic_store
-from spark_standalone import loopback_cluster
+from spark_standalone import loopback_cluster, run_with_fault
 
 JOB_TIMEOUT = 420
 
@@ -35,28 +34,20 @@ def test_etl_with_a_worker_killed_mid_job_is_complete_or_not_published(tmp_path)
     release = tmp_path / "release"
     synthesize(release, patients=40, size=128, seed=5)
     out = tmp_path / "store"
-    killed = False
     with loopback_cluster(tmp_path / "cluster", workers=2) as cluster:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cxrflow.cli", "etl", "--data", str(release), "--out", str(out), "--sizes", "32",
-             "--master", cluster.url, "--rows-per-file", "4", "--no-progress"],
-            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        try:
-            deadline = time.monotonic() + JOB_TIMEOUT
-            while proc.poll() is None and time.monotonic() < deadline and not killed:
-                if list(tmp_path.glob(".store.partial-*/size=32/split=*/part-*.parquet")):  # tasks are finishing
-                    cluster.kill_worker(1)
-                    killed = True
-                time.sleep(0.05)
-            _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+
+        def kill_a_worker(pid: int) -> bool:
+            if not list(tmp_path.glob(".store.partial-*/size=32/split=*/part-*.parquet")):
+                return False  # wait until tasks are finishing
+            cluster.kill_worker(1)
+            return True
+
+        code, err, killed = run_with_fault(
+            ["etl", "--data", str(release), "--out", str(out), "--sizes", "32", "--master", cluster.url,
+             "--rows-per-file", "4", "--no-progress"], _env(), kill_a_worker, JOB_TIMEOUT)
     assert killed, "the job ended before a worker could be killed"
     assert not list(tmp_path.glob(".store.partial-*")), "the temporary store was left behind"
-    if proc.returncode != 0:  # refused: one clear line, nothing published
+    if code != 0:  # refused: one clear line, nothing published
         lines = [line for line in err.strip().splitlines() if line]
         assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
         assert not out.exists()
@@ -80,31 +71,26 @@ def test_training_with_a_worker_killed_fails_cleanly_and_resumes_on_a_new_worker
     write_synthetic_store(store, sizes=(32,), rows={"train": 256, "val": 32, "test": 8}, seed=6)
     run = tmp_path / "run"
     with loopback_cluster(tmp_path / "cluster", workers=2) as cluster:
-        argv = [sys.executable, "-m", "cxrflow.cli", "train", "--quiet", "--store", str(store), "--size", "32",
-                "--model", "simple_cnn", "--out", str(run), "--epochs", "8", "--batch-size", "8", "--set", "early_stopping_patience=0",
+        argv = ["train", "--quiet", "--store", str(store), "--size", "32", "--model", "simple_cnn", "--out", str(run),
+                "--epochs", "8", "--batch-size", "8", "--set", "early_stopping_patience=0",
                 "--spark-master", cluster.url, "--processes", "2"]
-        proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        killed = False
-        try:
-            deadline = time.monotonic() + JOB_TIMEOUT
-            while proc.poll() is None and time.monotonic() < deadline and not killed:
-                if (run / "metrics.jsonl").exists():  # an epoch has finished
-                    cluster.kill_worker(1)
-                    killed = True
-                time.sleep(0.05)
-            _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert killed and proc.returncode == 2, err[-3000:]
+
+        def kill_a_worker(pid: int) -> bool:
+            if not (run / "metrics.jsonl").exists():
+                return False  # wait until an epoch has finished
+            cluster.kill_worker(1)
+            return True
+
+        code, err, killed = run_with_fault(argv, _env(), kill_a_worker, JOB_TIMEOUT)
+        assert killed and code == 2, err[-3000:]
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: ") and "--resume" in last, err[-3000:]
         before = _metrics(run)
         assert 1 <= len(before) < 8 and not (run / "done.json").exists()
 
         cluster.add_worker()  # the lost node is replaced
-        done = subprocess.run([*argv, "--resume"], env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+        done = subprocess.run([sys.executable, "-m", "cxrflow.cli", *argv, "--resume"], env=_env(),
+                              capture_output=True, text=True, timeout=JOB_TIMEOUT)
         assert done.returncode == 0, done.stderr[-3000:]
     after = _metrics(run)
     assert [r["epoch"] for r in after] == list(range(1, 9)) and after[: len(before)] == before

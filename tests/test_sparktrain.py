@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from cxrflow.errors import CxrflowError
 from cxrflow.sparktrain import SparkLaunch, _full_slots, job_error, launch_from_args
 from cxrflow.synthstore import write_synthetic_store
 from cxrflow.train import get_args_parser
+from spark_standalone import run_with_fault
 
 CLUSTER = "local-cluster[2,1,1024]"
 #: Per cluster run: Spark's start, two executors, the job (minutes on a machine shared with other jobs).
@@ -198,24 +198,16 @@ def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp
     run = tmp_path / "run"
     argv = [*_train_args(store, run, epochs=8), "--set", "early_stopping_patience=0", "--spark-master", CLUSTER,
             "--processes", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "cxrflow.cli", *argv], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        victim = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (run / "metrics.jsonl").exists() and victim is None:
-                victim = _training_process(proc.pid, rank=1)
-                if victim is not None:
-                    os.kill(victim, signal.SIGKILL)
-            time.sleep(0.05)
-        out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert victim is not None, "no training process was found to kill"
-    assert proc.returncode == 2, err[-3000:]
+
+    def kill_rank_1(pid: int) -> bool:
+        victim = _training_process(pid, rank=1) if (run / "metrics.jsonl").exists() else None
+        if victim is not None:
+            os.kill(victim, signal.SIGKILL)
+        return victim is not None
+
+    code, err, killed = run_with_fault(argv, _env(), kill_rank_1, RUN_TIMEOUT)
+    assert killed, "no training process was found to kill"
+    assert code == 2, err[-3000:]
     # the processes' own output streams through to the driver (the peer's broken connection included);
     # cxrflow's verdict is the one error line at the end
     errors = [line for line in err.splitlines() if line.startswith("error: ")]

@@ -14,7 +14,9 @@ cxrflow imports on the executors.
 
 A training process that fails or is killed fails the barrier stage: Spark stops its peers and the
 job ends (``spark.task.maxFailures=1``: a blind retry would restart, not resume). The run folder
-keeps every finished epoch; ``--resume`` continues from ``last.pt``.
+keeps every finished epoch; ``--resume`` continues from ``last.pt``. Spark's job error carries none
+of the processes' output, so each process writes its own failure into a report file beside the run
+folder (shared storage), which the driver turns into the one error line.
 """
 
 from __future__ import annotations
@@ -394,6 +396,9 @@ def cluster_session(launch: SparkLaunch, app_name: str = "cxrflow-train") -> Ite
 
     check_reachable(launch.master)
     spark = build_spark(launch.master, app_name, conf=session_conf(launch))
+    if spark.sparkContext.master != launch.master:  # getOrCreate handed back this process's other session
+        raise CxrflowError(f"a Spark session on {spark.sparkContext.master} is already running in this process; "
+                           f"stop it to train on {launch.master}")
     try:
         check_gpu(spark, launch)
         wait_for_slots(spark, launch)

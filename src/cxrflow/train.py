@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cxrflow import sparktrain
 from cxrflow.atomic import atomic_path, write_json_atomic, write_text_atomic
 from cxrflow.config import (
     DEVICES,
@@ -45,7 +46,6 @@ from cxrflow.config import (
     config_from_dict,
     resolve_config,
 )
-from cxrflow import sparktrain
 from cxrflow.errors import CxrflowError
 from cxrflow.inference import autocast as _autocast
 from cxrflow.inference import model_input, predict_split, resolve_device
