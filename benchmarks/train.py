@@ -9,12 +9,26 @@ random (``pretrained="none"``), which does not change the cost of a step.
 
     python benchmarks/train.py                      # CPU table, plus the GPU table where CUDA exists
     python benchmarks/train.py --models simple_cnn --sizes 64 --steps 5
+    python benchmarks/train.py --distributed-only   # torchrun vs Spark's TorchDistributor, 2 CPU processes
+
+Distributed launch (``--distributed``, ``--distributed-only``): the same 2-process CPU training run
+(simple_cnn on a synthetic store) started by ``torchrun --nproc_per_node 2`` and by ``cxrflow train
+--spark-master local-cluster[2,1,1024] --processes 2`` (TorchDistributor), one after the other in
+the same run: per-epoch wall time (from each run's metrics.jsonl, first epoch left out) with their
+ratio, and each launch's fixed cost (command wall time minus the epochs: interpreter and imports,
+process group, for Spark also the JVM, the executors, the storage check and the barrier job).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -87,6 +101,45 @@ def gpu_table(sizes: list[int], batch: int, steps: int, warmup: int) -> None:
             torch.cuda.empty_cache()
 
 
+def _timed_run(cmd: list[str], run: Path) -> tuple[float, list[float]]:
+    """(command wall seconds, per-epoch seconds from the run's metrics.jsonl)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark run failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return wall, [r["seconds"] for r in rows]
+
+
+def distributed_table(processes: int, epochs: int, rows: int, size: int, master: str) -> None:
+    from cxrflow.synthstore import write_synthetic_store
+
+    with tempfile.TemporaryDirectory(prefix="cxrflow-bench-") as tmp:
+        store = Path(tmp) / "store"
+        write_synthetic_store(store, sizes=(size,), rows={"train": rows, "val": rows // 4, "test": 8}, seed=0)
+        train = ["-m", "cxrflow.cli", "train", "--quiet", "--store", str(store), "--size", str(size), "--model",
+                 "simple_cnn", "--epochs", str(epochs), "--batch-size", "16"]
+        launches = {
+            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                         str(processes), *train, "--device", "cpu"],
+            "TorchDistributor": [sys.executable, *train, "--spark-master", master, "--processes", str(processes)],
+        }
+        print(f"\n{processes}-process CPU training, simple_cnn {size}px, {rows} train images, {epochs} epochs "
+              f"(gloo); Spark master {master}")
+        print(f"{'launch':<17} {'epoch s':>8} {'start-up s':>11} {'wall s':>8}")
+        epoch_time = {}
+        for name, cmd in launches.items():
+            run = Path(tmp) / name
+            wall, seconds = _timed_run([*cmd, "--out", str(run)], run)
+            later = seconds[1:] or seconds
+            epoch_time[name] = sum(later) / len(later)
+            print(f"{name:<17} {epoch_time[name]:>8.2f} {wall - sum(seconds):>11.1f} {wall:>8.1f}", flush=True)
+        print(f"epoch time ratio TorchDistributor/torchrun: {epoch_time['TorchDistributor'] / epoch_time['torchrun']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
@@ -99,15 +152,25 @@ def main() -> None:
     parser.add_argument("--gpu-batch-size", type=int, default=64, help="halved above 256 px")
     parser.add_argument("--gpu-steps", type=int, default=20)
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU table")
+    parser.add_argument("--distributed", action="store_true", help="also time torchrun vs TorchDistributor launches")
+    parser.add_argument("--distributed-only", action="store_true", help="only the torchrun vs TorchDistributor table")
+    parser.add_argument("--dist-epochs", type=int, default=4)
+    parser.add_argument("--dist-rows", type=int, default=512, help="train images of the distributed run")
+    parser.add_argument("--dist-master", default="local-cluster[2,1,1024]")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.distributed_only:
+        distributed_table(2, args.dist_epochs, args.dist_rows, 32, args.dist_master)
+        return
     if not args.skip_cpu:
         cpu_table(args.models, args.sizes, args.batch_size, args.steps, args.warmup)
     if torch.cuda.is_available():
         gpu_table(args.gpu_sizes, args.gpu_batch_size, args.gpu_steps, warmup=3)
     else:
         print("\nno CUDA GPU here: the bf16 + channels_last vs float32 table needs one")
+    if args.distributed:
+        distributed_table(2, args.dist_epochs, args.dist_rows, 32, args.dist_master)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from cxrflow.errors import CxrflowError
 from cxrflow import options
 from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.outputs import publishing
+from cxrflow.tracking import add_arguments as add_tracking_arguments
+from cxrflow.tracking import log_evaluation, request_from_args
 
 #: Checkpoint names a run folder may hold, in the order evaluate prefers them by default.
 CHECKPOINT_NAMES = ("best_finetune", "best_kt")
@@ -628,11 +630,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=options.positive_int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--store", default=None, help="store folder, when it moved since training (default: the run's)")
+    add_tracking_arguments(parser)  # a tracked run (RUN/mlflow.json) is logged to also without --mlflow
 
 
 def run(args: argparse.Namespace) -> int:
     if args.n_boot < 1:
         raise CxrflowError(f"--n-boot must be at least 1, got {args.n_boot}")
+    tracking = request_from_args(args)
     metrics = evaluate_run(
         args.run,
         checkpoint=args.checkpoint,
@@ -645,6 +649,7 @@ def run(args: argparse.Namespace) -> int:
         store=args.store,
         overwrite=args.overwrite,
     )
+    log_evaluation(tracking, metrics)
     print(format_summary(metrics))
     print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
     return 0

@@ -490,7 +490,8 @@ def _store_reader(store: dict, ev: dict, *, need_model_input: bool):
     def read(image_ids: list[str]) -> tuple[dict[str, np.ndarray], str | None]:
         if manifest is None:
             return {}, f"No thumbnails: {store.get('problem') or store.get('unknown') or 'the store is unknown'}."
-        size = thumbnail_size(manifest.get("sizes", []), int(m.get("size") or 0), need_model_input)
+        sizes = m.get("size") if isinstance(m.get("size"), list) else [m.get("size") or 0]  # an ensemble's members' sizes
+        size = thumbnail_size(manifest.get("sizes", []), int(max(sizes)), need_model_input)
         partition = split_dir(store["path"], size, str(m.get("split") or "test"))
         if not partition.is_dir():
             return {}, f"No thumbnails: the store {store['path']} has no partition {partition.name} at {size} px."

@@ -34,6 +34,10 @@ Each step is a ``cxrflow`` command run in a subprocess (so a crash or a killed s
 finished files behind), logged to ``OUT/logs/<name>.log``. With several GPUs the runs go in
 parallel, one per GPU (``CUDA_VISIBLE_DEVICES``); on CPU one at a time. A failed run does not stop
 the others: it is named at the end and the exit status is 2.
+
+``--spark-master URL --processes N``: each run's training is its own distributed job on the Spark
+cluster (:func:`cxrflow.sparktrain.run_sweep_jobs`), as many at once as the cluster's slots allow.
+``--mlflow [URI]`` tracks every run (default store ``OUT/mlruns``; see :mod:`cxrflow.tracking`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ from cxrflow.config import TrainConfig, apply_overrides, preset, read_config_fil
 from cxrflow.errors import CxrflowError
 from cxrflow.evaluate import METRICS_NAME, default_eval_dir
 from cxrflow.outputs import claiming
+from cxrflow.sparktrain import SparkLaunch, launch_from_args, run_sweep_jobs
+from cxrflow.sparktrain import add_arguments as add_spark_arguments
+from cxrflow.tracking import add_arguments as add_tracking_arguments
+from cxrflow.tracking import default_uri, request_from_args
 
 RUN_KEYS = ("name", "evaluate")
 #: Settings that may differ between the sweep file and an existing run (they do not change results).
@@ -259,8 +267,10 @@ def _check_same_settings(spec: RunSpec, folder: Path) -> None:
         )
 
 
-def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int) -> list[list[str]]:
-    """The ``cxrflow`` command lines still needed for one run (empty when it is complete)."""
+def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: Sequence[str] = ()) -> list[list[str]]:
+    """The ``cxrflow`` command lines still needed for one run (empty when it is complete).
+
+    ``tracking``: options added to every step (``--mlflow URI``)."""
     folder = run_dir(out, spec.name)
     _check_same_settings(spec, folder)
     steps: list[list[str]] = []
@@ -271,12 +281,12 @@ def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int) -> list[li
         train = ["train", "--config", str(config_file), "--out", str(folder), "--quiet", "--device", device]
         if folder.exists():
             train.append("--resume")
-        steps.append(train)
+        steps.append([*train, *tracking])
     for ckpt in spec.evaluate:
         if not (default_eval_dir(folder, "test", ckpt) / METRICS_NAME).is_file():
             steps.append(
                 ["evaluate", "--run", str(folder), "--checkpoint", ckpt, "--split", "test",
-                 "--n-boot", str(n_boot), "--device", device, "--overwrite"]
+                 "--n-boot", str(n_boot), "--device", device, "--overwrite", *tracking]
             )  # fmt: skip
     return steps
 
@@ -327,6 +337,8 @@ def run_sweep(
     in_process: bool = False,
     echo: Callable[[str], None] = print,
     explore: str | os.PathLike | None = None,
+    launch: SparkLaunch | None = None,
+    tracking: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Bring every run of ``sweep`` to trained + evaluated, then write the report.
 
@@ -345,16 +357,19 @@ def run_sweep(
     out = Path(out)
     stores = {str(s.config.store) for s in sweep.runs}
     with claiming(out, "sweep", resume=True, inputs=[sweep.source, *stores], legacy=("sweep.json",)):
-        return _run_sweep(sweep, out, device=device, gpus=gpus, n_boot=n_boot, in_process=in_process, echo=echo, explore=explore)
+        return _run_sweep(sweep, out, device=device, gpus=gpus, n_boot=n_boot, in_process=in_process, echo=echo, explore=explore,
+                          launch=launch, tracking=tracking)
 
 
-def _run_sweep(sweep: Sweep, out: Path, *, device, gpus, n_boot: int, in_process: bool, echo, explore) -> dict[str, Any]:
+def _run_sweep(
+    sweep: Sweep, out: Path, *, device, gpus, n_boot: int, in_process: bool, echo, explore, launch, tracking
+) -> dict[str, Any]:
     """The body of :func:`run_sweep`, with the sweep folder claimed."""
     from cxrflow.report import write_report
 
     (out / "logs").mkdir(exist_ok=True)
     slots: list[str | None]
-    if device == "cpu" or in_process:
+    if device == "cpu" or in_process or launch is not None:
         slots = [None]
     else:
         found = list(gpus) if gpus else visible_gpus()
@@ -374,19 +389,21 @@ def _run_sweep(sweep: Sweep, out: Path, *, device, gpus, n_boot: int, in_process
     )
     jobs: list[_Job] = []
     skipped: list[str] = []
-    if slots != [None]:
+    if launch is not None:
+        step_device = launch.device
+    elif slots != [None]:
         step_device = "cuda"  # each subprocess sees its one GPU
     else:
         step_device = device if in_process else "cpu"
     for spec in sweep.runs:
-        steps = plan_steps(spec, out, device=step_device, n_boot=n_boot)
+        steps = plan_steps(spec, out, device=step_device, n_boot=n_boot, tracking=tracking)
         if steps:
             jobs.append(_Job(spec.name, deque(steps), out / "logs" / f"{spec.name}.log"))
         else:
             skipped.append(spec.name)
     if skipped:
         echo(f"already trained and evaluated: {', '.join(skipped)}")
-    where = "in this process" if in_process else (
+    where = f"on Spark ({launch.master})" if launch is not None else "in this process" if in_process else (
         f"on GPU {', '.join(s for s in slots if s is not None)}" if slots != [None] else "on CPU, one at a time"
     )
     if jobs:
@@ -399,6 +416,9 @@ def _run_sweep(sweep: Sweep, out: Path, *, device, gpus, n_boot: int, in_process
                 if _run_in_process(argv, echo) != 0:
                     job.failed = f"'cxrflow {argv[0]}' failed"
                     break
+    elif launch is not None:
+        if jobs:
+            run_sweep_jobs(jobs, launch, echo, cxrflow_command)
     else:
         _run_subprocesses(jobs, slots, echo)
     failed = {j.name: j.failed for j in jobs if j.failed}
@@ -500,12 +520,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", default=None, help="comma-separated GPU indices to use (default: all visible)")
     parser.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples per evaluation (default: the file's n_boot or 1000)")
     parser.add_argument("--in-process", action="store_true", help="run every step in this process, one after another")
+    add_tracking_arguments(parser)
+    add_spark_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    launch = launch_from_args(args)
+    request = request_from_args(args)
+    tracking = [] if request.uri is None else [
+        "--mlflow", request.uri or default_uri(args.out), "--mlflow-experiment", request.experiment]
     sweep = load_sweep(args.config, store=args.store)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-    summary = run_sweep(sweep, args.out, device=args.device, gpus=gpus, n_boot=args.n_boot, in_process=args.in_process)
+    summary = run_sweep(sweep, args.out, device=args.device, gpus=gpus, n_boot=args.n_boot, in_process=args.in_process,
+                        launch=launch, tracking=tracking)
     if summary["report"]:
         print(f"report: {summary['report']['report_html']} (+ table.md, table.csv, comparison.png)")
     best = summary["best"]

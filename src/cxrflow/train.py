@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cxrflow import sparktrain
 from cxrflow.atomic import atomic_path, write_json_atomic, write_text_atomic
 from cxrflow.config import (
     DEVICES,
@@ -57,9 +58,11 @@ from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, creat
 from cxrflow.outputs import claiming, read_marker, write_marker
 from cxrflow.store import check_partition, pixel_stats, read_manifest
 from cxrflow.uncertain import MaskedBCEWithLogits, policy_pos_weight
+from cxrflow.tracking import TrackingRequest, request_from_args, tracked_training
+from cxrflow.tracking import add_arguments as add_tracking_arguments
 
 #: Files a run writes; ``--overwrite`` removes exactly these.
-RUN_FILES = ("config.json", "metrics.jsonl", "best_kt.pt", "best_finetune.pt", "last.pt", "done.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "best_kt.pt", "best_finetune.pt", "last.pt", "done.json", "mlflow.json")
 
 #: A hook called before each optimisation step: (model, stage name, epoch, step). For tests and tooling.
 StepHook = Callable[[ChestClassifier, str, int, int], None]
@@ -305,17 +308,21 @@ def train(
     ctx: Dist | None = None,
     step_hook: StepHook | None = None,
     log: Callable[[str], None] | None = None,
+    epoch_hook: Callable[[list[dict]], None] | None = None,
 ) -> dict:
     """Run (or resume) a training run described by ``config``; returns the done.json summary.
 
     The run folder is locked for the whole run (one line naming the holder for a second run on
     it) and must be empty, absent, or (with ``--resume``/``--overwrite``) a cxrflow train run.
+
+    ``epoch_hook`` (rank 0 only) gets the history after each epoch's files are written (tracking).
     """
     ctx = ctx or Dist(device=resolve_device(config.device))
     config.validate()
     with claiming(config.out, "train", overwrite=overwrite, resume=resume, create=False, inputs=[config.store],
                   legacy=("config.json",), lock=ctx.main, how="pass --resume to continue it or --overwrite to start again"):
-        return _train(config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx, step_hook=step_hook, log=log)
+        return _train(config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx, step_hook=step_hook, log=log,
+                      epoch_hook=epoch_hook)
 
 
 def _train(
@@ -327,6 +334,7 @@ def _train(
     ctx: Dist,
     step_hook: StepHook | None,
     log: Callable[[str], None] | None,
+    epoch_hook: Callable[[list[dict]], None] | None,
 ) -> dict:
     say = log or (lambda msg: print(msg, flush=True))
     info = say if ctx.main else (lambda msg: None)
@@ -502,6 +510,8 @@ def _train(
                     save_checkpoint(out / f"best_{stage.name}.pt", payload)
                 save_checkpoint(out / "last.pt", payload)
                 _write_metrics(out, history)
+                if epoch_hook is not None:
+                    epoch_hook(history)
             _barrier(ctx)
             auc_text = "nan" if math.isnan(auc) else f"{auc:.4f}"
             info(
@@ -563,6 +573,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uncertain", metavar="|".join(UNCERTAIN_POLICIES),
                         help="uncertain labels (stores that have them): ignore (U-Ignore, default), ones or zeros, "
                              "optionally per finding: zeros,Atelectasis=ones,Edema=ones")
+    add_tracking_arguments(parser)
+    sparktrain.add_arguments(parser)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -629,17 +641,35 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
     return config.validate()
 
 
+def run_config(args: argparse.Namespace) -> TrainConfig:
+    """The config a ``cxrflow train`` command runs: the saved one when resuming, else the options'."""
+    return (_resume_config(args) if args.resume else None) or config_from_args(args)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise CxrflowError("--resume and --overwrite exclude each other")
-    config = (_resume_config(args) if args.resume else None) or config_from_args(args)
+    launch = sparktrain.launch_from_args(args)
+    request = request_from_args(args)
+    config = run_config(args)
+    options = {"resume": args.resume, "overwrite": args.overwrite, "quiet": args.quiet}
+    if launch is not None:
+        sparktrain.train_on_spark(config, launch, tracking=request, **options)
+    else:
+        run_process(config, tracking=request, **options)
+    return 0
+
+
+def run_process(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+                tracking: TrackingRequest | None = None) -> dict:
+    """One training process, however it was started (alone, torchrun, Spark's TorchDistributor)."""
     ctx = setup_distributed(config.device)
     try:
-        train(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, ctx=ctx)
+        with tracked_training(tracking, config.out, enabled=ctx.main) as epoch_hook:
+            return train(config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx, epoch_hook=epoch_hook)
     finally:
         if ctx.active and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
