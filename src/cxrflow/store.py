@@ -14,6 +14,7 @@ uint8 grayscale, row-major).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from datetime import datetime, timezone
@@ -54,6 +55,22 @@ ROW_GROUP_TARGET_BYTES = 64 * 2**20
 def row_group_rows(size: int, rows_per_file: int) -> int:
     """Rows per row group at ``size``: about ROW_GROUP_TARGET_BYTES, never more than a file."""
     return max(1, min(rows_per_file, ROW_GROUP_TARGET_BYTES // (size * size)))
+
+
+def row_order_key(seed: int, image_id: str) -> int:
+    """The sort key of ``image_id``'s row in its split: a keyed hash of (seed, image_id).
+
+    Sorting a split by this key gives a pseudo-random permutation that depends only on the seed and
+    the ids (not on the metadata's order or the cluster), so patients' follow-ups are spread over
+    the whole split and a loader's window of consecutive rows is already a uniform sample of it.
+    """
+    digest = hashlib.blake2b(f"{int(seed)}\0{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def row_order(seed: int) -> dict:
+    """The manifest's ``row_order`` entry for a store whose splits are sorted by :func:`row_order_key`."""
+    return {"kind": "shuffled", "seed": int(seed), "key": "blake2b-64(seed, image_id)"}
 
 
 def manifest_core(
