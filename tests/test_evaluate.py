@@ -35,6 +35,33 @@ def test_weighted_auc_equals_auc_of_the_materialised_resample():
         assert got[b] == pytest.approx(binary_auc(np.repeat(y, c), np.repeat(s, c)), abs=1e-12)
 
 
+def _slow_reference_bootstrap(labels, probs, patient_ids, n_boot, seed):
+    """The patient bootstrap written out: draw patients, stack every drawn patient's images (once per
+    draw), score the resample with scikit-learn. Same random draws as bootstrap_aucs on small data."""
+    from sklearn.metrics import roc_auc_score
+
+    patients, patient_of_image = np.unique(patient_ids, return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(patients), size=(n_boot, len(patients)))
+    out = np.full((n_boot, labels.shape[1]), np.nan)
+    for b in range(n_boot):
+        rows = np.concatenate([np.flatnonzero(patient_of_image == p) for p in draws[b]])
+        for j in range(labels.shape[1]):
+            y = labels[rows, j]
+            if 0 < y.sum() < len(y):
+                out[b, j] = roc_auc_score(y, probs[rows, j])
+    return out
+
+
+def test_vectorised_patient_bootstrap_equals_the_slow_reference():
+    y, p, pid = _data(n=60, k=3, patients=15, seed=5)
+    y[:, 2] = 0
+    y[pid == pid[0], 2] = 1  # finding 2: one positive patient, so some resamples have no positive
+    got = bootstrap_aucs(y, p, pid, n_boot=40, seed=9)
+    ref = _slow_reference_bootstrap(y, p, pid, n_boot=40, seed=9)
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+    assert np.isnan(ref[:, 2]).any() and not np.isnan(ref[:, 2]).all()
+
+
 def test_ci_contains_point_estimate_and_is_reproducible():
     y, p, pid = _data()
     point = per_class_auc(y, p)

@@ -32,7 +32,7 @@ import numpy as np
 from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
-from cxrflow.metrics import mean_auc, per_class_auc
+from cxrflow.metrics import mean_auc, per_class_auc, roc
 
 #: Checkpoint names a run folder may hold, in the order evaluate prefers them by default.
 CHECKPOINT_NAMES = ("best_finetune", "best_kt")
@@ -161,20 +161,11 @@ def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     NaN when the labels take one value only.
     """
     y = np.asarray(labels).astype(bool).ravel()
-    s = np.asarray(probs, dtype=np.float64).ravel()
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    s_desc = s[order]
-    y_desc = y[order]
-    # the last index of each run of equal scores: calling ">= that score" positive includes the run
-    ends = np.flatnonzero(np.r_[s_desc[1:] != s_desc[:-1], True])
-    tpr = np.cumsum(y_desc)[ends] / n_pos
-    fpr = np.cumsum(~y_desc)[ends] / n_neg
-    best = int(np.argmax(tpr - fpr))  # first maximum = highest threshold
-    return float(s_desc[ends[best]])
+    fpr, tpr, thresholds = roc(y, probs)
+    best = 1 + int(np.argmax(tpr[1:] - fpr[1:]))  # skip (0, 0) at inf; first maximum = highest threshold
+    return float(thresholds[best])
 
 
 def sensitivity_specificity(labels: np.ndarray, probs: np.ndarray, threshold: float) -> tuple[float, float]:
