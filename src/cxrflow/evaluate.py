@@ -14,6 +14,12 @@ The pure core works on arrays (labels ``[N, K]``, probabilities ``[N, K]``, pati
 folder (by default ``RUN/eval-<split>-<checkpoint>/``, e.g. ``RUN/eval-test-best_finetune/``):
 ``metrics.json``, ``predictions.parquet`` (``image_id``, ``patient_id``, ``prob_<finding>``,
 ``label_<finding>``), ``roc.png`` and ``curves.png``. ``cxrflow report`` reads those folders.
+
+An evaluation belongs to one checkpoint: ``metrics.json`` records its ``checkpoint_sha256`` (with
+its stage and epoch), and :func:`evaluation_status` is the one check every later consumer (report,
+predict's thresholds, ...) makes before using it. The model's inputs are normalised with the pixel
+statistics recorded in the checkpoint, and the store's splits must be the ones the run was trained
+with (:func:`check_store_identity`).
 """
 
 from __future__ import annotations
@@ -332,6 +338,75 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
     return pred, names
 
 
+def evaluation_checkpoint(metrics_path: str | os.PathLike, metrics: dict) -> Path:
+    """The checkpoint file an evaluation is about: ``RUN/<checkpoint>.pt`` beside a default
+    ``RUN/eval-*`` folder (so a moved run still works), else the recorded ``checkpoint_path``."""
+    folder = Path(metrics_path).parent
+    name = metrics.get("checkpoint")
+    if name and folder.name.startswith("eval-") and (folder.parent / f"{name}.pt").is_file():
+        return folder.parent / f"{name}.pt"
+    return Path(metrics.get("checkpoint_path") or folder / f"{name}.pt")
+
+
+def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = None) -> str | None:
+    """None when the evaluation at ``metrics_path`` belongs to the checkpoint now in its run; else
+    one line saying why not and that the run must be evaluated again.
+
+    Compares the evaluation's recorded ``checkpoint_sha256`` with the checkpoint file's bytes now
+    (a retrained, resumed or replaced checkpoint has other bytes). An ensemble is current when every
+    member's evaluation is and still names the same checkpoint. Every consumer of an evaluation
+    calls this before using it.
+    """
+    from cxrflow.identity import file_sha256
+
+    metrics_path = Path(metrics_path)
+    if metrics is None:
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            return f"unreadable evaluation ({exc}); run 'cxrflow evaluate' again"
+    if metrics.get("kind") == "ensemble":
+        for member in metrics.get("members", []):
+            member_metrics = Path(member.get("eval", "")) / METRICS_NAME
+            reason = evaluation_status(member_metrics)
+            if reason is None and json.loads(member_metrics.read_text()).get("checkpoint_sha256") != member.get("checkpoint_sha256"):
+                reason = "a member was evaluated again with another checkpoint"
+            if reason is not None:
+                return f"ensemble member {member.get('run')}: {reason}; build the ensemble again"
+        return None
+    name = metrics.get("checkpoint", "?")
+    again = f"run 'cxrflow evaluate --run {metrics.get('run', 'RUN')} --checkpoint {name} --overwrite' again"
+    recorded = metrics.get("checkpoint_sha256")
+    if not recorded:
+        return f"the evaluation does not record which checkpoint it scored (made by an older cxrflow); {again}"
+    checkpoint = evaluation_checkpoint(metrics_path, metrics)
+    if not checkpoint.is_file():
+        return f"the evaluated checkpoint {checkpoint} is gone; {again}"
+    if file_sha256(checkpoint) != recorded:
+        return (
+            f"{checkpoint.name} changed since this evaluation (retrained or resumed; it scored "
+            f"{metrics.get('stage')} epoch {metrics.get('epoch')}); {again}"
+        )
+    return None
+
+
+def check_store_identity(config: dict, store: Path, manifest: dict, size: int, splits: Sequence[str]) -> dict[str, str]:
+    """The identity of ``splits`` of ``store``; an error when one differs from what the run was
+    trained with (another dataset's store, or a store rebuilt from other images or labels)."""
+    from cxrflow.identity import store_identity
+
+    now = store_identity(store, manifest, size)
+    trained = config.get("store_identity") or {}
+    for split in dict.fromkeys(splits):
+        if trained.get(split) and now.get(split) != trained[split]:
+            raise CxrflowError(
+                f"the store's {split} split is not the one this run was trained with (other image ids or "
+                "labels); pass the run's own store with --store, or evaluate a run trained on this store",
+                store,
+            )
+    return {split: now[split] for split in dict.fromkeys(splits) if split in now}
+
+
 def _publish_dir(tmp: Path, out: Path) -> None:
     """Move a finished temp folder into place, replacing an old ``out`` only once the new one is whole."""
     if out.exists():
@@ -361,9 +436,11 @@ def evaluate_run(
     Thresholds for sensitivity/specificity come from the validation split. Returns the metrics
     dict with ``out`` (the folder written) added.
     """
+    from cxrflow.identity import file_sha256
+    from cxrflow.inference import predict_split, resolve_device, training_pixel_stats
     from cxrflow.models import load_checkpoint
     from cxrflow.plots import plot_roc, plot_training_curves
-    from cxrflow.inference import predict_split, resolve_device
+    from cxrflow.store import read_manifest
 
     run = Path(run)
     if not run.is_dir():
@@ -373,6 +450,7 @@ def evaluate_run(
     if out.exists() and not overwrite:
         raise CxrflowError("evaluation already written; pass --overwrite to replace it", out)
     device = resolve_device(device)
+    checkpoint_sha256 = file_sha256(ckpt_path)
     model, ckpt = load_checkpoint(ckpt_path, map_location=device)
     config = dict(ckpt.get("config") or {})
     store = Path(store) if store is not None else Path(config.get("store", ""))
@@ -380,10 +458,15 @@ def evaluate_run(
         raise CxrflowError("checkpoint config has no 'size'", ckpt_path)
     size = int(config["size"])
     label_names = list(ckpt["label_names"])
+    # the normalisation the model was trained with (recorded in its checkpoint), never the store's current one
+    pixel_mean, pixel_std = training_pixel_stats(config, size)
+    identity = check_store_identity(config, store, read_manifest(store), size, (split, "val"))
 
-    evaluated = predict_split(model, store, size, split, batch_size=batch_size, device=device)
+    # validation is scored exactly as 'cxrflow predict' scores a file (same inference path and precision)
+    score = dict(batch_size=batch_size, device=device, pixel_mean=pixel_mean, pixel_std=pixel_std)
+    evaluated = predict_split(model, store, size, split, **score)
     threshold_split = "val"
-    validation = evaluated if split == "val" else predict_split(model, store, size, "val", batch_size=batch_size, device=device)
+    validation = evaluated if split == "val" else predict_split(model, store, size, "val", **score)
     val_labels = np.asarray(validation["labels"])
     val_probs = np.asarray(validation["probs"], dtype=np.float64)
     thresholds = np.array([youden_threshold(val_labels[:, j], val_probs[:, j]) for j in range(len(label_names))])
@@ -392,20 +475,19 @@ def evaluate_run(
     probs = np.asarray(evaluated["probs"], dtype=np.float64)
     metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed)
     loss = evaluated.get("loss")
-    from cxrflow.store import pixel_stats, read_manifest
-
-    pixel_mean, pixel_std = pixel_stats(read_manifest(store), size)
     metrics = {
         "run": str(run.resolve()),
         "run_name": run.name,
         "checkpoint": name,
         "checkpoint_path": str(Path(ckpt_path).resolve()),
+        "checkpoint_sha256": checkpoint_sha256,
         "stage": ckpt.get("stage", CHECKPOINT_STAGE.get(name)),
         "epoch": ckpt.get("epoch"),
         "model": config.get("model"),
         "size": size,
         "split": split,
         "store": str(store),
+        "store_identity": identity,
         "loss": None if loss is None else float(loss),
         # the normalisation the model was trained with, so that 'cxrflow predict' can work without the store
         "pixel_mean": pixel_mean,

@@ -40,24 +40,8 @@ class Predictor:
     #: Per-finding decision thresholds (Youden's J on the validation split, from ``cxrflow
     #: evaluate``), or None when the run has not been evaluated at this checkpoint.
     thresholds: dict[str, float] | None = None
-
-
-def _pixel_stats(config: dict, size: int) -> tuple[float, float]:
-    """Training pixel (mean, std): recorded in the run's config, else read from its store's manifest."""
-    if "pixel_mean" in config and "pixel_std" in config:
-        return float(config["pixel_mean"]), float(config["pixel_std"])
-    store = config.get("store")
-    if store:
-        from cxrflow.store import pixel_stats, read_manifest
-
-        try:
-            return pixel_stats(read_manifest(store), size)
-        except (CxrflowError, KeyError):
-            pass
-    raise CxrflowError(
-        "the checkpoint does not record the training pixel mean/std and its store is not readable; "
-        "pass --store with the store the run was trained on"
-    )
+    #: Why an evaluation of the run was not used for thresholds (it belongs to another checkpoint).
+    note: str | None = None
 
 
 def load_predictor(
@@ -69,11 +53,11 @@ def load_predictor(
 ) -> Predictor:
     """Load a run's checkpoint (default: best_finetune, else best_kt) for prediction."""
     from cxrflow.evaluate import resolve_checkpoint
-    from cxrflow.inference import resolve_device
+    from cxrflow.inference import resolve_device, training_pixel_stats
     from cxrflow.models import load_checkpoint
 
     run_dir = Path(run) if run is not None else None
-    thresholds = None
+    thresholds, note = None, None
     if run_dir is not None and not run_dir.is_dir():
         raise CxrflowError("no such run folder", run_dir)
     if run_dir is None:
@@ -84,30 +68,39 @@ def load_predictor(
             raise CxrflowError("no such checkpoint", path)
     else:
         name, path = resolve_checkpoint(run_dir, checkpoint)
-        thresholds = _validation_thresholds(run_dir, name)
+        thresholds, note = _validation_thresholds(run_dir, name)
     device = resolve_device(device)
     model, ckpt = load_checkpoint(path, map_location=device)
     config = dict(ckpt.get("config") or {})
     if store is not None:
         config["store"] = str(store)
     size = int(config["size"])
-    mean, std = _pixel_stats(config, size)
-    return Predictor(model.eval(), size, mean, std, list(ckpt["label_names"]), Path(path), device, thresholds)
+    mean, std = training_pixel_stats(config, size)
+    return Predictor(model.eval(), size, mean, std, list(ckpt["label_names"]), Path(path), device, thresholds, note)
 
 
-def _validation_thresholds(run: Path, checkpoint_name: str) -> dict[str, float] | None:
-    """The validation-Youden thresholds ``cxrflow evaluate`` recorded for this checkpoint, if any.
+def _validation_thresholds(run: Path, checkpoint_name: str) -> tuple[dict[str, float] | None, str | None]:
+    """The validation-Youden thresholds ``cxrflow evaluate`` recorded for this checkpoint, if any,
+    and a one-line note when the run's evaluations belong to another checkpoint than it holds now.
 
-    Every evaluation of a checkpoint chooses its thresholds on the validation split, so any of
+    Every evaluation of a checkpoint chooses its thresholds on the validation split, so any current
     ``RUN/eval-<split>-<checkpoint>/metrics.json`` will do; findings without one are left out.
     """
+    from cxrflow.evaluate import evaluation_status
+
+    note = None
     for path in sorted(run.glob(f"eval-*-{checkpoint_name}/metrics.json")):
         try:
-            recorded = json.loads(path.read_text()).get("threshold") or {}
+            metrics = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        return {name: float(t) for name, t in recorded.items() if t is not None}
-    return None
+        stale = evaluation_status(path, metrics)
+        if stale is not None:
+            note = note or f"{path.parent}: {stale}; its thresholds are not used"
+            continue
+        recorded = metrics.get("threshold") or {}
+        return {name: float(t) for name, t in recorded.items() if t is not None}, None
+    return None, note
 
 
 def predict_files(
@@ -218,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
         )
     elif predictions:
         print(format_table(predictions, predictor.label_names))
+    if predictor.note:
+        print(f"note: {predictor.note}", file=sys.stderr)
     for e in errors:
         print(f"error: {e['image']}: {e['error']}", file=sys.stderr)
     return 2 if errors else 0

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from cxrflow.atomic import save_figure_atomic, write_text_atomic
 from cxrflow.errors import CxrflowError
-from cxrflow.evaluate import METRICS_NAME
+from cxrflow.evaluate import METRICS_NAME, evaluation_status
 
 #: The paper's published mean test AUCs (Table 1), by (model, input size, stage).
 #: Its simple CNN is a single-stage model; it is matched at any input size.
@@ -87,6 +87,9 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
     for key in ("mean_auc", "auc", "label_names"):
         if key not in m:
             raise CxrflowError(f"not a cxrflow evaluation: key {key!r} is missing", metrics_path)
+    stale = evaluation_status(metrics_path, m)
+    if stale is not None:  # a number in the table must belong to the model the run holds now
+        raise CxrflowError(stale, Path(metrics_path).parent)
     model = m.get("model", "?")
     size = m.get("size")
     stage = m.get("stage", "?")
