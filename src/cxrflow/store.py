@@ -181,6 +181,8 @@ def format_manifest(manifest: dict) -> str:
     split = manifest.get("split", {})
     if split:
         lines.append("split: " + ", ".join(f"{k}={v}" for k, v in split.items()))
+    order = manifest.get("row_order")
+    lines.append(f"row order: {order['kind']} (seed {order.get('seed')})" if order else "row order: image_id (store written before shuffled rows)")
     if "wall_seconds" in manifest:
         job = manifest.get("spark_job_seconds")
         lines.append(

@@ -608,16 +608,12 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
         raise CxrflowError(f"unreadable run config: {exc}", path) from None
     config = config_from_dict(saved)
     config.out = args.out
-    _refuse_changed_options(args, config, saved)
-    if args.device:
-        config.device = args.device
-    if args.num_workers is not None:
-        config.num_workers = args.num_workers
-    return config.validate()
+    return _checked_resume_config(args, config, saved)
 
 
-def _refuse_changed_options(args: argparse.Namespace, saved: TrainConfig, saved_dict: dict) -> None:
-    """A CxrflowError naming every option given to --resume that differs from the saved run.
+def _checked_resume_config(args: argparse.Namespace, saved: TrainConfig, saved_dict: dict) -> TrainConfig:
+    """The saved config with the options given to --resume applied; a CxrflowError naming every
+    one that differs from the saved run outside :data:`RESUME_MAY_DIFFER`.
 
     A different --store is accepted when it holds the same splits (a moved store), by identity.
     """
@@ -636,8 +632,7 @@ def _refuse_changed_options(args: argparse.Namespace, saved: TrainConfig, saved_
     requested.validate()
     before, after = saved.to_dict(), requested.to_dict()
     if after["store"] != before["store"] and _same_splits(after["store"], saved_dict):
-        saved.store = after["store"]  # the same data at a new place
-        before["store"] = after["store"]
+        before["store"] = after["store"]  # the same data at a new place
     for key, value in after.items():
         if key not in RESUME_MAY_DIFFER and value != before[key]:
             changed.append(f"{key} (saved {_shown(before[key])}, given {_shown(value)})")
@@ -648,6 +643,7 @@ def _refuse_changed_options(args: argparse.Namespace, saved: TrainConfig, saved_
             "or start again with --overwrite",
             args.out,
         )
+    return requested
 
 
 def _same_splits(store: str, saved: dict) -> bool:
