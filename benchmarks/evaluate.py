@@ -5,9 +5,12 @@ for the thresholds, is the same size in both), a ``simple_cnn`` checkpoint with 
 each (evaluation's memory does not depend on what the weights learned), and runs ``cxrflow
 evaluate`` on each in a fresh process, reading that process's peak RSS (``ru_maxrss``). Target:
 peak(4N) <= 1.1 * peak(N) + 50 MB. For scale it prints the pixels the test split holds (what an
-evaluation that kept every batch alive would add).
+evaluation that kept every batch alive would add). N is at least two of the ETL's row groups at
+512 px (256 rows each), so the loader's bounded read-ahead has its steady size already at N; a
+smaller N measures the row-group size, not growth. At the default N = 512 it takes a few minutes
+on 2 quiet cores.
 
-    python benchmarks/evaluate.py [--images 400] [--val 64] [--batch-size 64]
+    python benchmarks/evaluate.py [--images 512] [--val 32] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -70,10 +73,10 @@ def measure(run: Path, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=400, help="N: test images of the smaller store (the other has 4N)")
-    p.add_argument("--val", type=int, default=64, help="validation images of both stores")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--n-boot", type=int, default=200)
+    p.add_argument("--images", type=int, default=512, help="N: test images of the smaller store (the other has 4N)")
+    p.add_argument("--val", type=int, default=32, help="validation images of both stores")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (activations dominate the peak)")
+    p.add_argument("--n-boot", type=int, default=100)
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args()
     own = args.workdir is None

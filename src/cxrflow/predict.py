@@ -2,9 +2,10 @@
 
 Images go through exactly the ETL's preprocessing (:func:`cxrflow.imaging.preprocess`: decode any
 mode the ETL accepts to 8-bit gray, resize to the run's size) and the loader's normalisation
-(:func:`cxrflow.loader.to_model_input` with the training store's pixel mean and std), so a file
-gives the same input the model saw in training. Everything needed (model, size, pixel statistics,
-label names) comes from the checkpoint, so prediction works after the store is gone.
+(:func:`cxrflow.loader.to_model_input` with the pixel mean and std recorded in the checkpoint at
+training time), so a file gives the same input the model saw in training. Everything needed (model,
+size, pixel statistics, label names) comes from the checkpoint, so prediction works after the store
+is gone. Thresholds come from an evaluation of the same checkpoint only (checked by its hash).
 
 An unreadable file is reported as one ``error: <file>: <reason>`` line; the other files still get
 their predictions and the exit status is 2.
