@@ -19,7 +19,7 @@ from cxrflow.etl import auto_rows_per_file, parse_sizes, plan_tasks, process_tas
 from cxrflow.labels import NIH14
 from cxrflow.metadata import load_release
 from cxrflow.split import assign_splits
-from cxrflow.store import MANIFEST_NAME, SCHEMA, format_manifest, read_manifest
+from cxrflow.store import MANIFEST_NAME, SCHEMA, format_manifest, read_manifest, row_order_key
 from cxrflow.synth import synthesize
 
 SIZES = [16, 32]
@@ -142,11 +142,15 @@ def test_planning_helpers():
     assert auto_rows_per_file(112_120, 512) == 512 and auto_rows_per_file(112_120, 1024) == 128
     assert auto_rows_per_file(40, 512) == 32 and auto_rows_per_file(5_000, 256) == 79
     recs = [{"image_id": f"{i:03d}.png", "split": "train" if i % 3 else "test"} for i in range(20, 0, -1)]
-    tasks = plan_tasks(recs, 4)
+    tasks = plan_tasks(recs, 4, seed=7)
     assert [(s, p, len(r)) for s, p, r in tasks][:2] == [("train", 0, 4), ("train", 1, 4)]
     assert sum(len(r) for _, _, r in tasks) == 20
-    for _, _, r in tasks:
-        assert [x["image_id"] for x in r] == sorted(x["image_id"] for x in r)
+    # each split in the seeded row order, cut into consecutive slices; another seed, another order
+    train = [x["image_id"] for s, _, r in tasks if s == "train" for x in r]
+    assert train == sorted(train, key=lambda i: row_order_key(7, i)) and train != sorted(train)
+    other = [x["image_id"] for s, _, r in plan_tasks(recs, 4, seed=8) if s == "train" for x in r]
+    assert sorted(other) == sorted(train) and other != train
+    assert plan_tasks(list(reversed(recs)), 4, seed=7) == tasks  # not the metadata's order
 
 
 def test_store_layout_and_schema(synthetic_store):
@@ -164,7 +168,7 @@ def test_store_layout_and_schema(synthetic_store):
             for f in files:
                 table = pq.read_table(f)
                 ids = table.column("image_id").to_pylist()
-                assert ids == sorted(ids)  # deterministic order within a file
+                assert ids == sorted(ids, key=lambda i: row_order_key(0, i))  # the seeded row order
                 assert all(len(p) == size * size for p in table.column("pixels").to_pylist())
                 rows += table.num_rows
             assert rows == manifest["rows"][str(size)][split]
@@ -441,3 +445,80 @@ def test_local_cluster_gives_the_same_store_as_local(synthetic, synthetic_store,
     for key in ("rows", "pixel_stats", "positives", "pos_weight", "quarantined", "missing"):
         assert cluster[key] == manifest[key], key
     assert _read(out).equals(_read(store))
+
+
+# ------------------------------------------------------------- row order, split identity, split file
+
+
+def test_manifest_records_row_order_and_split_identity(synthetic_store):
+    from cxrflow.identity import store_split_identity
+
+    store, manifest = synthetic_store
+    assert manifest["row_order"] == {"kind": "shuffled", "seed": 0, "key": "blake2b-64(seed, image_id)"}
+    for size in SIZES:
+        for split in ("train", "val", "test"):
+            assert manifest["split_identity"][split] == store_split_identity(store, size, split)
+    assert len(set(manifest["split_identity"].values())) == 3
+
+
+def test_etl_without_split_file_is_the_split_command(synthetic, synthetic_store, tmp_path, capsys):
+    """`cxrflow split` and the ETL with the same options assign every image to the same split."""
+    import pandas as pd
+
+    store, _ = synthetic_store
+    assert main(["split", "--data", str(synthetic), "--out", str(tmp_path / "split.csv")]) == 0
+    written = pd.read_csv(tmp_path / "split.csv")
+    table = _read(store, size=16)
+    etl_split = dict(zip(table.column("image_id").to_pylist(), table.column("split").to_pylist()))
+    assert etl_split == dict(zip(written["image_id"], written["split"]))
+
+
+def test_etl_uses_exactly_the_split_file(spark, synthetic, synthetic_store, tmp_path):
+    import pandas as pd
+
+    release = load_release(synthetic)
+    frame = assign_splits(release.entries, release.train_val, release.test, seed=0)
+    # move one whole train patient to val: a split that assign_splits would never give
+    moved = int(frame.loc[frame["split"] == "train", "patient_id"].iloc[0])
+    frame.loc[frame["patient_id"] == moved, "split"] = "val"
+    frame.to_csv(tmp_path / "mine.csv", index=False)
+    manifest = run_etl(synthetic, tmp_path / "store", [16], spark=spark, split_csv=tmp_path / "mine.csv")
+    table = _read(tmp_path / "store")
+    got = dict(zip(table.column("image_id").to_pylist(), table.column("split").to_pylist()))
+    assert got == dict(zip(frame["image_id"], frame["split"]))
+    assert manifest["split"]["mode"] == "split-csv" and manifest["split"]["split_csv"].endswith("mine.csv")
+    base = read_manifest(synthetic_store[0])
+    assert manifest["split_identity"]["test"] == base["split_identity"]["test"]
+    assert manifest["split_identity"]["val"] != base["split_identity"]["val"]
+
+
+def _bad_split_file(synthetic, tmp_path, kind):
+    import pandas as pd
+
+    release = load_release(synthetic)
+    frame = assign_splits(release.entries, release.train_val, release.test, seed=0)
+    if kind == "leak":  # one image of a train patient goes to test
+        patient = frame.loc[frame["split"] == "train", "patient_id"].value_counts().index[0]
+        frame.loc[frame.index[frame["patient_id"] == patient][0], "split"] = "test"
+    elif kind == "missing":
+        frame = frame.iloc[1:]
+    elif kind == "foreign":
+        frame = pd.concat([frame, pd.DataFrame({"image_id": ["99999999_000.png"], "patient_id": [99999999], "split": ["train"]})])
+    elif kind == "bad-split":
+        frame.loc[frame.index[3], "split"] = "holdout"
+    path = tmp_path / f"{kind}.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [("leak", "has images in"), ("missing", "have no split in this file"), ("foreign", "not in the metadata"),
+     ("bad-split", "is not one of train, val, test")],
+)  # fmt: skip
+def test_bad_split_file_is_one_line_exit_2(synthetic, tmp_path, capsys, kind, message):
+    path = _bad_split_file(synthetic, tmp_path, kind)
+    assert main(["etl", "--data", str(synthetic), "--out", str(tmp_path / "out"), "--split-csv", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()

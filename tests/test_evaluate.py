@@ -1,8 +1,10 @@
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cxrflow.evaluate import (
     _weighted_auc,
@@ -33,6 +35,33 @@ def test_weighted_auc_equals_auc_of_the_materialised_resample():
     for b in range(5):
         c = w[b].astype(int)
         assert got[b] == pytest.approx(binary_auc(np.repeat(y, c), np.repeat(s, c)), abs=1e-12)
+
+
+def _slow_reference_bootstrap(labels, probs, patient_ids, n_boot, seed):
+    """The patient bootstrap written out: draw patients, stack every drawn patient's images (once per
+    draw), score the resample with scikit-learn. Same random draws as bootstrap_aucs on small data."""
+    from sklearn.metrics import roc_auc_score
+
+    patients, patient_of_image = np.unique(patient_ids, return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(patients), size=(n_boot, len(patients)))
+    out = np.full((n_boot, labels.shape[1]), np.nan)
+    for b in range(n_boot):
+        rows = np.concatenate([np.flatnonzero(patient_of_image == p) for p in draws[b]])
+        for j in range(labels.shape[1]):
+            y = labels[rows, j]
+            if 0 < y.sum() < len(y):
+                out[b, j] = roc_auc_score(y, probs[rows, j])
+    return out
+
+
+def test_vectorised_patient_bootstrap_equals_the_slow_reference():
+    y, p, pid = _data(n=60, k=3, patients=15, seed=5)
+    y[:, 2] = 0
+    y[pid == pid[0], 2] = 1  # finding 2: one positive patient, so some resamples have no positive
+    got = bootstrap_aucs(y, p, pid, n_boot=40, seed=9)
+    ref = _slow_reference_bootstrap(y, p, pid, n_boot=40, seed=9)
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+    assert np.isnan(ref[:, 2]).any() and not np.isnan(ref[:, 2]).all()
 
 
 def test_ci_contains_point_estimate_and_is_reproducible():
@@ -239,3 +268,95 @@ def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_ru
             assert cal[key][when] == pytest.approx(np.mean(list(cal[key.split("_")[0]][when].values())))
     # calibration lowers the mean ECE: pos_weight training leaves the raw probabilities inflated
     assert cal["ece_mean"]["after"] < cal["ece_mean"]["before"]
+
+
+# --- a result belongs to its checkpoint, its normalisation and its store ------------------------------
+
+
+def test_evaluation_records_its_checkpoint_and_store(tiny_run, tmp_path):
+    from cxrflow.evaluate import evaluation_status
+    from cxrflow.identity import file_sha256, store_split_identity
+
+    run, store = tiny_run
+    m = evaluate_run(run, out=tmp_path / "ev", n_boot=10)
+    ckpt = torch.load(run / "best_finetune.pt", weights_only=True)
+    assert m["checkpoint_sha256"] == file_sha256(run / "best_finetune.pt")
+    assert (m["stage"], m["epoch"]) == (ckpt["stage"], ckpt["epoch"])
+    assert m["store_identity"] == {s: store_split_identity(store, 32, s) for s in ("test", "val")}
+    assert evaluation_status(tmp_path / "ev" / "metrics.json") is None
+
+
+def test_normalisation_comes_from_the_checkpoint_not_the_store(tiny_run, tmp_path):
+    """A store rebuilt with other pixel statistics does not change a trained model's inputs."""
+    run, store = tiny_run
+    before = evaluate_run(run, out=tmp_path / "before", n_boot=10)
+    moved = tmp_path / "store"
+    shutil.copytree(store, moved)
+    manifest = json.loads((moved / "_manifest.json").read_text())
+    manifest["pixel_stats"]["32"] = {"mean": 0.9, "std": 0.05}
+    (moved / "_manifest.json").write_text(json.dumps(manifest))
+    after = evaluate_run(run, out=tmp_path / "after", n_boot=10, store=moved)
+    a, _ = read_predictions(tmp_path / "before" / "predictions.parquet")
+    b, _ = read_predictions(tmp_path / "after" / "predictions.parquet")
+    np.testing.assert_array_equal(a["probs"], b["probs"])
+    assert after["pixel_mean"] == before["pixel_mean"] != 0.9
+
+
+def test_another_datasets_store_is_refused_in_one_line(tiny_run, tmp_path, capsys):
+    from cxrflow.synthstore import write_synthetic_store
+
+    run, _ = tiny_run
+    other = tmp_path / "other"
+    write_synthetic_store(other, sizes=(32,), rows={"train": 96, "val": 48, "test": 48}, prevalence=0.3, seed=1)
+    assert main(["evaluate", "--run", str(run), "--store", str(other), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not the one this run was trained with" in err
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("device, message", [("cuda", "no CUDA GPU is available"), ("foo", "unknown device 'foo'")])
+def test_unusable_device_is_one_line(tiny_run, tmp_path, capsys, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run, _ = tiny_run
+    assert main(["evaluate", "--run", str(run), "--device", device, "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def _invert_val_labels(store: Path) -> None:
+    """Turn every validation label over (the manifest's recorded identity then no longer applies)."""
+    import pyarrow as pa
+
+    for f in (store / "size=32" / "split=val").glob("*.parquet"):
+        t = pq.read_table(f)
+        labels = [[1 - v for v in row] for row in t.column("labels").to_pylist()]
+        t = t.set_column(t.schema.get_field_index("labels"), "labels", pa.array(labels, pa.list_(pa.uint8())))
+        pq.write_table(t, f)
+    manifest = json.loads((store / "_manifest.json").read_text())
+    del manifest["split_identity"]
+    (store / "_manifest.json").write_text(json.dumps(manifest))
+
+
+def test_thresholds_come_from_validation_not_from_the_evaluated_split(tmp_path):
+    """With validation labels turned over, val and test disagree: the recorded thresholds are the
+    validation-Youden ones, computed from validation probabilities scored as predict scores them."""
+    from cxrflow.inference import predict_split, training_pixel_stats
+    from cxrflow.models import load_checkpoint
+    from cxrflow.synthstore import write_synthetic_store
+
+    store = tmp_path / "store"
+    write_synthetic_store(store, sizes=(32,), rows={"train": 96, "val": 48, "test": 48}, prevalence=0.3)
+    _invert_val_labels(store)
+    run, _ = train_tiny_run(tmp_path, store=store, epochs=2)
+    m = evaluate_run(run, n_boot=10)
+    model, ckpt = load_checkpoint(run / "best_finetune.pt")
+    mean, std = training_pixel_stats(ckpt["config"], 32)
+    val = predict_split(model, store, 32, "val", pixel_mean=mean, pixel_std=std)
+    test = predict_split(model, store, 32, "test", pixel_mean=mean, pixel_std=std)
+    names = m["label_names"]
+    from_val = [youden_threshold(val["labels"][:, j], val["probs"][:, j]) for j in range(14)]
+    from_test = [youden_threshold(test["labels"][:, j], test["probs"][:, j]) for j in range(14)]
+    assert [m["threshold"][n] for n in names] == pytest.approx(from_val, abs=0, nan_ok=True)
+    differ = sum(1 for a, b in zip(from_val, from_test) if not (np.isnan(a) or np.isnan(b)) and a != b)
+    assert differ >= 10, (from_val, from_test)

@@ -196,7 +196,7 @@ def test_window_shuffle_stays_within_its_window(stores):
     (memory stays bounded) yet mix several row groups."""
     store = stores["tiny-groups"]  # one row per row group, so the window is exactly shuffle_buffer rows
     loader = make_loader(store, 16, "train", batch_size=4, shuffle_buffer=12, seed=6)
-    units = [f"train_{i:06d}.png" for i in range(40)]
+    units = read_partition(store, 16, "train").column("image_id").to_pylist()  # one row group each, file order
     order = np.random.default_rng([6, 0]).permutation(40)  # the epoch's row-group order (see _epoch_units)
     first_window = {units[i] for i in order[:12]}
     ids = [i for b in loader for i in b["image_id"]]
@@ -326,7 +326,8 @@ def test_wrong_pixel_length_names_file_and_row(stores, tmp_path, num_workers):
     table = table.set_column(table.schema.get_field_index("pixels"), "pixels", pa.array(pixels, pa.binary()))
     pq.write_table(table.cast(SCHEMA), victim)
     loader = make_loader(bad, 16, "val", batch_size=4, num_workers=num_workers, shuffle=False)
-    with pytest.raises(CxrflowError, match=r"row 5 \(image_id val_000005.png\): 253 pixel bytes, expected 256") as info:
+    victim_id = table.column("image_id")[5].as_py()
+    with pytest.raises(CxrflowError, match=rf"row 5 \(image_id {victim_id}\): 253 pixel bytes, expected 256") as info:
         list(loader)
     assert info.value.path == str(victim)
     assert "Traceback" not in str(info.value)

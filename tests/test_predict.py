@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -179,3 +180,49 @@ def test_output_piped_into_head_ends_quietly(run_and_images):
     proc.wait(timeout=120)
     assert first.startswith(b"{") and "Traceback" not in err and "BrokenPipeError" not in err, err
     assert proc.returncode == 141
+
+
+def test_thresholds_of_an_evaluation_of_another_checkpoint_are_not_used(run_and_images, tmp_path, capsys):
+    import torch
+
+    run, _, img, _ = run_and_images
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["evaluate", "--run", str(copy), "--n-boot", "10"]) == 0
+    assert load_predictor(copy).thresholds is not None
+    ckpt = torch.load(copy / "best_finetune.pt", weights_only=True)
+    ckpt["model"]["head.bias"] += 1.0  # as if the run had been trained again
+    torch.save(ckpt, copy / "best_finetune.pt")
+    predictor = load_predictor(copy)
+    assert predictor.thresholds is None and "best_finetune.pt changed since this evaluation" in predictor.note
+    capsys.readouterr()
+    assert main(["predict", "--run", str(copy), str(img / "gray.png")]) == 0
+    captured = capsys.readouterr()
+    assert "positive at the validation threshold" not in captured.out
+    (note,) = captured.err.strip().splitlines()
+    assert note.startswith("note: ") and "cxrflow evaluate" in note
+
+
+@pytest.mark.slow
+def test_predict_on_the_original_png_files_gives_evaluates_probabilities(spark, tmp_path):
+    """Real ETL of real PNG files, a trained run, its evaluation: predict on the same PNG files (its
+    own decode and resize) gives the probabilities of predictions.parquet."""
+    from cxrflow.etl import run_etl
+    from cxrflow.evaluate import evaluate_run
+    from cxrflow.synth import synthesize
+    from test_evaluate import train_tiny_run
+
+    release = tmp_path / "release"
+    synthesize(release, patients=30, size=96, seed=4)
+    run_etl(release, tmp_path / "store", [32], spark=spark)
+    run, store = train_tiny_run(tmp_path, epochs=1, store=tmp_path / "store")
+    metrics = evaluate_run(run, n_boot=10)
+    table = pq.read_table(Path(metrics["out"]) / "predictions.parquet").to_pandas().set_index("image_id")
+    files = [release / "images" / image_id for image_id in table.index[:12]]
+    predictions, errors = predict_files(load_predictor(run), files, batch_size=5)
+    assert errors == [] and len(predictions) == 12
+    names = metrics["label_names"]
+    got = np.array([[p["probabilities"][n] for n in names] for p in predictions])
+    expected = table.loc[[f.name for f in files], [f"prob_{n}" for n in names]].to_numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert np.ptp(expected, axis=0).max() > 1e-3  # different images, different probabilities

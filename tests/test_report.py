@@ -12,15 +12,27 @@ from cxrflow.report import build_rows, format_markdown, paper_mean_auc, write_re
 
 
 def _evaluation(folder, model, size, stage, signal, seed=0):
-    """An evaluation folder as 'cxrflow evaluate' writes it (metrics.json only)."""
+    """An evaluation folder as 'cxrflow evaluate' writes it (metrics.json only), beside the
+    checkpoint it scored (any bytes: only its hash matters here)."""
+    from cxrflow.identity import file_sha256
+
+    checkpoint = folder.parent / f"best_{stage}.pt"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if not checkpoint.exists():
+        checkpoint.write_bytes(rng_bytes(seed))
     rng = np.random.default_rng(seed)
     y = (rng.random((120, 14)) < 0.3).astype(np.uint8)
     p = rng.random((120, 14)) + signal * y
     m = summarize(y, p, np.arange(120) // 2, NIH14.names, n_boot=20)
-    m.update(model=model, size=size, stage=stage, run_name=folder.parent.name, checkpoint=f"best_{stage}", split="test")
+    m.update(model=model, size=size, stage=stage, run_name=folder.parent.name, checkpoint=f"best_{stage}", split="test",
+             checkpoint_sha256=file_sha256(checkpoint))
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(m))
     return m
+
+
+def rng_bytes(seed):
+    return np.random.default_rng(seed).bytes(64)
 
 
 @pytest.fixture
@@ -96,3 +108,23 @@ def test_different_vocabularies_are_said_clearly(runs, tmp_path):
     md = format_markdown(build_rows([runs[0], tmp_path / "other"]))
     assert "use 2 different label vocabularies" in md
     assert "vocabularies" not in format_markdown(build_rows([runs[0]]))
+
+
+def test_evaluation_of_a_replaced_checkpoint_is_refused_in_one_line(runs, tmp_path, capsys):
+    cnn, res = runs
+    (res / "best_kt.pt").write_bytes(b"retrained")  # e.g. train --overwrite or --resume wrote a new best_kt
+    assert main(["report", str(cnn), str(res), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "best_kt.pt changed since this evaluation" in err
+    assert "cxrflow evaluate" in err and "--checkpoint best_kt" in err
+    assert not (tmp_path / "report").exists()
+    (res / "best_kt.pt").unlink()
+    assert main(["report", str(res), "--out", str(tmp_path / "report")]) == 2
+    assert "is gone" in capsys.readouterr().err
+    legacy = tmp_path / "old" / "eval-test-best_finetune"
+    _evaluation(legacy, "simple_cnn", 64, "finetune", 0.1)
+    m = json.loads((legacy / "metrics.json").read_text())
+    del m["checkpoint_sha256"]
+    (legacy / "metrics.json").write_text(json.dumps(m))
+    assert main(["report", str(legacy.parent), "--out", str(tmp_path / "report")]) == 2
+    assert "does not record which checkpoint" in capsys.readouterr().err

@@ -115,6 +115,16 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     assert main(["sweep", str(config), "--out", str(out), "--device", "cpu"]) == 0
     assert "already trained and evaluated: a, b" in capsys.readouterr().out
     assert (b / "done.json").stat().st_mtime_ns == b_done
+    # an evaluation of a checkpoint that has changed since is not reused: it is made again
+    import torch
+
+    ckpt = torch.load(a / "best_finetune.pt", weights_only=True)
+    ckpt["model"]["head.bias"] += 1.0
+    torch.save(ckpt, a / "best_finetune.pt")
+    evaluated = (a / "eval-test-best_finetune" / "metrics.json").stat().st_mtime_ns
+    assert main(["sweep", str(config), "--out", str(out), "--device", "cpu", "--in-process"]) == 0
+    assert (a / "eval-test-best_finetune" / "metrics.json").stat().st_mtime_ns != evaluated
+    assert (b / "done.json").stat().st_mtime_ns == b_done
 
 
 def test_scheduler_runs_one_job_per_gpu_in_parallel(tmp_path):

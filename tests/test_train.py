@@ -89,7 +89,14 @@ def test_simple_cnn_learns_the_planted_signal(store, tmp_path, capsys):
     pred = predict_split(model, store, 32, "val", batch_size=20)
     assert len(pred["image_id"]) == 64 and len(set(pred["image_id"])) == 64
     assert pred["probs"].dtype == np.float32 and pred["probs"].shape == (64, 14)
-    assert ((pred["probs"] >= 0) & (pred["probs"] <= 1)).all()
+    # the probabilities equal an independent reference: pixels read with pyarrow, normalised by hand
+    table = pq.read_table(store / "size=32" / "split=val").to_pydict()
+    pixels = np.stack([np.frombuffer(p, np.uint8).reshape(32, 32) for p in table["pixels"]]).astype(np.float32)
+    x = torch.from_numpy((pixels / 255.0 - config["pixel_mean"]) / config["pixel_std"])[:, None].expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        reference = torch.sigmoid(model.eval()(x.contiguous())).numpy()
+    order = [pred["image_id"].index(i) for i in table["image_id"]]
+    np.testing.assert_allclose(pred["probs"][order], reference, atol=1e-5)
     assert pred["labels"].shape == (64, 14) and pred["patient_id"].dtype == np.int64
     assert mean_auc(per_class_auc(pred["labels"], pred["probs"])) == pytest.approx(best_auc, abs=1e-5)
     assert pred["loss"] == pytest.approx(ckpt["metrics"]["val_loss"], rel=1e-4)
@@ -97,8 +104,10 @@ def test_simple_cnn_learns_the_planted_signal(store, tmp_path, capsys):
     # an existing run is never overwritten silently
     assert _train(*argv) == 2
     assert "--resume" in _one_error_line(capsys.readouterr().err)
+    # --overwrite also removes the old run's evaluations (they describe a model that is gone)
+    assert main(["evaluate", "--run", str(run), "--n-boot", "10"]) == 0 and (run / "eval-test-best_finetune").is_dir()
     assert _train(*argv[:-4], "--epochs", "1", "--overwrite") == 0
-    assert len(_metrics(run)) == 1
+    assert len(_metrics(run)) == 1 and not (run / "eval-test-best_finetune").exists()
 
 
 def test_densenet121_two_stages_and_resume_between_them(small_store, tmp_path, capsys):
@@ -139,6 +148,56 @@ def test_densenet121_two_stages_and_resume_between_them(small_store, tmp_path, c
     _assert_same_rows(rows, _metrics(crashed))
     again = torch.load(crashed / "best_finetune.pt", weights_only=True)
     assert all(torch.allclose(again["model"][k].float(), ft["model"][k].float(), atol=1e-5) for k in ft["model"])
+
+
+def test_finetuning_starts_from_the_best_kt_epoch_when_it_is_not_the_last(small_store, tmp_path):
+    """kt epoch 2 ends with its head turned over (so its validation AUC falls below epoch 1's):
+    fine-tuning must start from best_kt.pt (epoch 1), not from the last kt weights."""
+    argv = ["--store", str(small_store), "--size", "32", "--model", "densenet121", "--pretrained", "none",
+            "--epochs", "2", "1", "--lr", "1e-2", "1e-4", "--batch-size", "8", "--seed", "5", "--out", str(tmp_path / "run")]
+    config = config_from_args(get_args_parser().parse_args(argv))
+    steps = 32 // 8
+    seen: dict[str, dict] = {}
+
+    def hook(model, stage, epoch, step):
+        if stage == "kt" and epoch == 2 and step == steps:
+            with torch.no_grad():
+                model.head.weight.neg_()
+                model.head.bias.neg_()
+        if stage == "finetune" and epoch == 1 and step == 1:
+            seen["start"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    log: list[str] = []
+    train(config, quiet=True, step_hook=hook, log=log.append)
+    kt = [r for r in _metrics(tmp_path / "run") if r["stage"] == "kt"]
+    assert kt[0]["val_auc_mean"] > kt[1]["val_auc_mean"], kt  # the precondition: the last kt epoch is not the best
+    best = torch.load(tmp_path / "run" / "best_kt.pt", weights_only=True)
+    assert best["epoch"] == 1 and "fine-tuning starts from best_kt.pt (epoch 1)" in log
+    assert all(torch.equal(seen["start"][k], best["model"][k]) for k in best["model"])
+
+
+def test_resume_refuses_options_that_change_the_result(small_store, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["--store", str(small_store), "--size", "32", "--model", "simple_cnn", "--epochs", "1", "--batch-size", "8"]
+    assert _train(*argv, "--out", str(run)) == 0
+    capsys.readouterr()
+    assert _train("--out", str(run), "--resume", "--batch-size", "4", "--lr", "0.5") == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "batch_size (saved 8, given 4)" in line and "finetune (saved" in line and "--overwrite" in line
+    assert _train("--out", str(run), "--resume", "--set", "optimizer=sgd") == 2
+    assert "optimizer (saved adam, given sgd)" in _one_error_line(capsys.readouterr().err)
+    # where it runs may change, and so may the store's place when it holds the same splits
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(small_store, moved)
+    assert _train("--out", str(run), "--resume", "--device", "cpu", "--num-workers", "0", "--batch-size", "8",
+                  "--store", str(moved)) == 0  # fmt: skip
+    other = tmp_path / "other"
+    write_synthetic_store(other, sizes=(32,), rows={"train": 32, "val": 24, "test": 8}, seed=2)
+    capsys.readouterr()
+    assert _train("--out", str(run), "--resume", "--store", str(other)) == 2
+    assert "store (saved" in _one_error_line(capsys.readouterr().err)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_store, tmp_path, capsys):

@@ -26,7 +26,6 @@ clear error.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.calibration import apply_temperatures, calibration_of, logit, sigmoid
 from cxrflow.errors import CxrflowError
+from cxrflow.identity import file_sha256
 from cxrflow.outputs import check_target, publishing
 from cxrflow.evaluate import (
     CHECKPOINT_NAMES,
@@ -244,14 +244,6 @@ def checkpoint_sha256(metrics: dict) -> str | None:
     if not path or not Path(path).is_file():
         return None
     return file_sha256(path)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_ensemble(

@@ -3,7 +3,11 @@
 One Spark job reads every image once (the executors read the files; the driver only ships
 metadata), decodes it with :mod:`cxrflow.imaging`, resizes it to every requested size and writes
 ``STORE/size=<S>/split=<split>/part-NNNNN.parquet`` with the exact :data:`cxrflow.store.SCHEMA`.
-Each task owns one contiguous, image_id-sorted slice of one split and writes one file per size
+Each split's rows are in a seeded pseudo-random order (sorted by :func:`cxrflow.store.row_order_key`
+of the seed and image_id, planned on the driver from the metadata alone; recorded in the manifest as
+``row_order``), so a patient's follow-ups are spread over the split and a loader's window of
+consecutive rows is a uniform sample of it. Each task owns one contiguous slice of that order in
+one split and writes one file per size
 (written under a hidden name, then renamed), so the store's files and rows depend only on the
 inputs and the seed, never on the master or the number of executors, and a retried task rewrites
 the same file. Tasks return small summaries only (counts, quarantined images with their reason,
@@ -52,6 +56,8 @@ from cxrflow.store import (
     manifest_core,
     row_group_rows,
     schema_for,
+    row_order,
+    row_order_key,
     split_dir,
 )
 
@@ -97,15 +103,16 @@ def auto_rows_per_file(n_images: int, max_size: int) -> int:
     return max(1, min(cap, max(MIN_ROWS_PER_FILE, math.ceil(n_images / TARGET_TASKS))))
 
 
-def plan_tasks(records: Sequence[dict], rows_per_file: int) -> list[tuple[str, int, list[dict]]]:
-    """Group image records into tasks ``(split, part number, records)``: image_id order within a
-    split, contiguous slices of ``rows_per_file``, so the layout depends on the inputs only."""
+def plan_tasks(records: Sequence[dict], rows_per_file: int, seed: int = 0) -> list[tuple[str, int, list[dict]]]:
+    """Group image records into tasks ``(split, part number, records)``: each split in the seeded
+    pseudo-random row order of :func:`cxrflow.store.row_order_key`, cut into contiguous slices of
+    ``rows_per_file``, so the layout depends on the inputs and the seed only."""
     by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for rec in records:
         by_split[rec["split"]].append(rec)
     tasks = []
     for split in SPLITS:
-        recs = sorted(by_split[split], key=lambda r: r["image_id"])
+        recs = sorted(by_split[split], key=lambda r: (row_order_key(seed, r["image_id"]), r["image_id"]))
         for part, start in enumerate(range(0, len(recs), rows_per_file)):
             tasks.append((split, part, recs[start : start + rows_per_file]))
     return tasks
@@ -398,6 +405,7 @@ def run_etl(
     views: str = "frontal",
     spark: Any = None,
     progress: TextIO | None = None,
+    split_csv: str | os.PathLike | None = None,
 ) -> dict:
     """Run the ETL and return the manifest (also written to ``out/_manifest.json``).
 
@@ -405,10 +413,14 @@ def run_etl(
     used and the session is left running); by default one is started on ``master`` and stopped.
     ``progress``: a stream for the progress display (None: no display). ``strict``: a missing or
     undecodable image is an error instead of being reported. ``format``: the collection's reader
-    (:mod:`cxrflow.formats`; ``auto`` detects it), ``views``: ``frontal`` or ``all``.
+    (:mod:`cxrflow.formats`; ``auto`` detects it), ``views``: ``frontal`` or ``all``. ``split_csv``: a
+    file written by ``cxrflow split`` whose assignment is used exactly (then ``val_fraction`` does not
+    apply and ``seed`` only sets the row order); without it the split is the collection's, the same
+    as ``cxrflow split`` computes with the same options.
     """
     from cxrflow.formats import assign_collection_splits, load_collection
     from cxrflow.spark import check_master, check_memory
+    from cxrflow.split import read_split_csv
 
     started = time.perf_counter()
     sizes = parse_sizes(sizes) if isinstance(sizes, str) else parse_sizes(list(sizes))
@@ -429,7 +441,10 @@ def run_etl(
 
     release = load_collection(data_dir, format, views=views, strict=strict)
     vocab, states = release.vocab, release.states
-    splits = assign_collection_splits(release, val_fraction, seed)
+    if split_csv is not None:
+        splits = read_split_csv(split_csv, release.entries)
+    else:
+        splits = assign_collection_splits(release, val_fraction, seed)
     entries = release.entries
     label_matrix = entries[list(vocab.names)].to_numpy(dtype=np.uint8)
     split_of = dict(zip(splits["image_id"], splits["split"]))
@@ -453,7 +468,7 @@ def run_etl(
             }
         )
     per_file = rows_per_file or auto_rows_per_file(len(records), max(sizes))
-    tasks = plan_tasks(records, per_file)
+    tasks = plan_tasks(records, per_file, seed)
     group_rows = {s: row_group_rows(s, per_file) for s in sizes}
 
     with publishing(out, "etl", overwrite=overwrite, inputs=[data_dir]) as pub:
@@ -514,6 +529,7 @@ def _write_store(pub, release, splits, tasks, records, sizes, master, spark, gro
             "drop --strict to quarantine them and go on",
             q["path"],
         )
+    manifest["split_identity"] = _split_identities(records, manifest["quarantined"])
     manifest.update(store_label_keys(release, records, {q["image_id"] for q in manifest["quarantined"]}))
     spacing = write_spacing(tmp, [row for s in summaries for row in s["pixel_spacing"]])
     if spacing is not None:
@@ -527,6 +543,18 @@ def _write_store(pub, release, splits, tasks, records, sizes, master, spark, gro
     write_json_atomic(tmp / MANIFEST_NAME, manifest)
     pub.commit()
     return manifest
+
+
+def _split_identities(records: Sequence[dict], quarantined: Sequence[dict]) -> dict[str, str]:
+    """:func:`cxrflow.identity.split_identity` of every split's written rows (from the metadata: no pixels)."""
+    from cxrflow.identity import split_identity
+
+    dropped = {q["image_id"] for q in quarantined}
+    out = {}
+    for split in SPLITS:
+        kept = [r for r in records if r["split"] == split and r["image_id"] not in dropped]
+        out[split] = split_identity([r["image_id"] for r in kept], [np.frombuffer(r["labels"], np.uint8) for r in kept])
+    return out
 
 
 def _manifest(
@@ -580,11 +608,13 @@ def _manifest(
         "quarantined": quarantined,
         "split": {
             "mode": splits.attrs.get("mode"),
+            **({"split_csv": splits.attrs["split_csv"]} if "split_csv" in splits.attrs else {}),
             # without the official lists the split is 70/10/20 by patient and val_fraction does not apply
             "val_fraction": val_fraction if splits.attrs.get("mode") == "official-lists" else None,
             "seed": seed,
             "patients": {split: int(splits.loc[splits["split"] == split, "patient_id"].nunique()) for split in SPLITS},
         },
+        "row_order": row_order(seed),
         "parquet": {
             "compression": compression,
             "rows_per_file": per_file,
@@ -608,7 +638,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="256,512", help="comma-separated image sides in pixels (default 256,512)")
     parser.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
     parser.add_argument("--val-fraction", type=float, default=0.3, help="share of train_val patients for validation (default 0.3)")
-    parser.add_argument("--seed", type=options.seed, default=0, help="split seed (default 0)")
+    parser.add_argument("--seed", type=options.seed, default=0, help="split seed, also of the stored row order (default 0)")
+    parser.add_argument(
+        "--split-csv", type=Path, default=None,
+        help="use exactly this split file (from 'cxrflow split --out'); default: the same split 'cxrflow split' computes",
+    )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     parser.add_argument("--strict", action="store_true", help="fail on a missing or undecodable image instead of reporting it")
     parser.add_argument("--verbose", action="store_true", help="show Spark's logs")
@@ -643,6 +677,7 @@ def run(args: argparse.Namespace) -> int:
         progress=None if args.no_progress else sys.stderr,
         format=args.format,
         views=args.views,
+        split_csv=args.split_csv,
     )
     print(f"wrote {args.out}")
     print(format_manifest(manifest))

@@ -18,6 +18,12 @@ same for the validation split), ``roc.png``, ``reliability.png`` and ``curves.pn
 are also calibrated by per-finding temperature scaling fitted on the validation logits
 (:mod:`cxrflow.calibration`; ``metrics.json["calibration"]``). ``cxrflow report`` reads those folders,
 ``cxrflow ensemble`` combines them.
+
+An evaluation belongs to one checkpoint: ``metrics.json`` records its ``checkpoint_sha256`` (with
+its stage and epoch), and :func:`evaluation_status` is the one check every later consumer (report,
+predict's thresholds, ensembles, ...) makes before using it. The model's inputs are normalised with
+the pixel statistics recorded in the checkpoint, and the store's splits must be the ones the run was
+trained with (:func:`check_store_identity`).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow import options
-from cxrflow.metrics import mean_auc, per_class_auc
+from cxrflow.metrics import mean_auc, per_class_auc, roc
 from cxrflow.outputs import publishing
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_evaluation, request_from_args
@@ -175,20 +181,11 @@ def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     NaN when the labels take one value only.
     """
     y = np.asarray(labels).astype(bool).ravel()
-    s = np.asarray(probs, dtype=np.float64).ravel()
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    s_desc = s[order]
-    y_desc = y[order]
-    # the last index of each run of equal scores: calling ">= that score" positive includes the run
-    ends = np.flatnonzero(np.r_[s_desc[1:] != s_desc[:-1], True])
-    tpr = np.cumsum(y_desc)[ends] / n_pos
-    fpr = np.cumsum(~y_desc)[ends] / n_neg
-    best = int(np.argmax(tpr - fpr))  # first maximum = highest threshold
-    return float(s_desc[ends[best]])
+    fpr, tpr, thresholds = roc(y, probs)
+    best = 1 + int(np.argmax(tpr[1:] - fpr[1:]))  # skip (0, 0) at inf; first maximum = highest threshold
+    return float(thresholds[best])
 
 
 def sensitivity_specificity(labels: np.ndarray, probs: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -486,6 +483,77 @@ def write_prediction_files(
     return ["roc.png", RELIABILITY_NAME]
 
 
+def evaluation_checkpoint(metrics_path: str | os.PathLike, metrics: dict) -> Path:
+    """The checkpoint file an evaluation is about: ``RUN/<checkpoint>.pt`` beside a default
+    ``RUN/eval-*`` folder (so a moved run still works), else the recorded ``checkpoint_path``."""
+    folder = Path(metrics_path).parent
+    name = metrics.get("checkpoint")
+    if name and folder.name.startswith("eval-") and (folder.parent / f"{name}.pt").is_file():
+        return folder.parent / f"{name}.pt"
+    return Path(metrics.get("checkpoint_path") or folder / f"{name}.pt")
+
+
+def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = None) -> str | None:
+    """None when the evaluation at ``metrics_path`` belongs to the checkpoint now in its run; else
+    one line saying why not and that the run must be evaluated again.
+
+    Compares the evaluation's recorded ``checkpoint_sha256`` with the checkpoint file's bytes now
+    (a retrained, resumed or replaced checkpoint has other bytes). An ensemble is current when every
+    member's evaluation is and still names the same checkpoint. Every consumer of an evaluation
+    calls this before using it.
+    """
+    from cxrflow.identity import file_sha256
+
+    metrics_path = Path(metrics_path)
+    if metrics is None:
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            return f"unreadable evaluation ({exc}); run 'cxrflow evaluate' again"
+    if metrics.get("kind") == "ensemble":
+        for member in metrics.get("members", []):
+            member_metrics = Path(member.get("eval", "")) / METRICS_NAME
+            reason = evaluation_status(member_metrics)
+            if reason is None and json.loads(member_metrics.read_text()).get("checkpoint_sha256") != member.get("checkpoint_sha256"):
+                reason = "a member was evaluated again with another checkpoint"
+            if reason is not None:
+                return f"ensemble member {member.get('run')}: {reason}; build the ensemble again"
+        return None
+    name = metrics.get("checkpoint", "?")
+    again = f"run 'cxrflow evaluate --run {metrics.get('run', 'RUN')} --checkpoint {name} --overwrite' again"
+    recorded = metrics.get("checkpoint_sha256")
+    if not recorded:
+        return f"the evaluation does not record which checkpoint it scored (made by an older cxrflow); {again}"
+    checkpoint = evaluation_checkpoint(metrics_path, metrics)
+    if not checkpoint.is_file():
+        return f"the evaluated checkpoint {checkpoint} is gone; {again}"
+    if file_sha256(checkpoint) != recorded:
+        return (
+            f"{checkpoint.name} changed since this evaluation (retrained or resumed; it scored "
+            f"{metrics.get('stage')} epoch {metrics.get('epoch')}); {again}"
+        )
+    return None
+
+
+def check_store_identity(config: dict, store: Path, manifest: dict, size: int, splits: Sequence[str]) -> dict[str, str]:
+    """The identity of ``splits`` of ``store``; an error when one differs from what the run was
+    trained with (another dataset's store, or a store rebuilt from other images or labels)."""
+    from cxrflow.identity import store_identity
+
+    now = store_identity(store, manifest, size)
+    trained = config.get("store_identity") or {}
+    for split in dict.fromkeys(splits):
+        if trained.get(split) and now.get(split) != trained[split]:
+            raise CxrflowError(
+                f"the store's {split} split is not the one this run was trained with (other image ids or "
+                "labels); pass the run's own store with --store, or evaluate a run trained on this store",
+                store,
+            )
+    return {split: now[split] for split in dict.fromkeys(splits) if split in now}
+
+
+
+
 def evaluate_run(
     run: str | os.PathLike,
     *,
@@ -520,10 +588,14 @@ def evaluate_run(
 
 def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot, seed, device, batch_size, store) -> dict:
     """Score the checkpoint, write the evaluation into ``pub.tmp`` and publish it."""
+    from cxrflow.calibration import pos_weight_offsets
+    from cxrflow.identity import file_sha256
+    from cxrflow.inference import predict_split, training_pixel_stats
     from cxrflow.models import load_checkpoint
     from cxrflow.plots import plot_training_curves
-    from cxrflow.inference import predict_split
+    from cxrflow.store import read_manifest
 
+    checkpoint_sha256 = file_sha256(ckpt_path)
     model, ckpt = load_checkpoint(ckpt_path, map_location=device)
     config = dict(ckpt.get("config") or {})
     store = Path(store) if store is not None else Path(config.get("store", ""))
@@ -531,31 +603,33 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
         raise CxrflowError("checkpoint config has no 'size'", ckpt_path)
     size = int(config["size"])
     label_names = list(ckpt["label_names"])
-
-    evaluated = predict_split(model, store, size, split, batch_size=batch_size, device=device)
-    validation = evaluated if split == "val" else predict_split(model, store, size, "val", batch_size=batch_size, device=device)
-    from cxrflow.calibration import pos_weight_offsets
-    from cxrflow.store import pixel_stats, read_manifest
-
+    # the normalisation the model was trained with (recorded in its checkpoint), never the store's current one
+    pixel_mean, pixel_std = training_pixel_stats(config, size)
     manifest = read_manifest(store)
+    identity = check_store_identity(config, store, manifest, size, (split, "val"))
+    # validation is scored exactly as 'cxrflow predict' scores a file (same inference path and precision)
+    score = dict(batch_size=batch_size, device=device, pixel_mean=pixel_mean, pixel_std=pixel_std)
+    evaluated = predict_split(model, store, size, split, **score)
+    validation = evaluated if split == "val" else predict_split(model, store, size, "val", **score)
     offsets = pos_weight_offsets(manifest.get("pos_weight"), len(label_names))
     has_states = "uncertain_policies" in manifest  # stores with label states report exclusions
     metrics = score_with_calibration(
         evaluated, validation, label_names, logit_offsets=offsets, n_boot=n_boot, seed=seed, known=has_states
     )
     loss = evaluated.get("loss")
-    pixel_mean, pixel_std = pixel_stats(manifest, size)
     metrics = {
         "run": str(run.resolve()),
         "run_name": run.name,
         "checkpoint": name,
         "checkpoint_path": str(Path(ckpt_path).resolve()),
+        "checkpoint_sha256": checkpoint_sha256,
         "stage": ckpt.get("stage", CHECKPOINT_STAGE.get(name)),
         "epoch": ckpt.get("epoch"),
         "model": config.get("model"),
         "size": size,
         "split": split,
         "store": str(store),
+        "store_identity": identity,
         "loss": None if loss is None else float(loss),
         # the normalisation the model was trained with, so that 'cxrflow predict' can work without the store
         "pixel_mean": pixel_mean,
@@ -629,7 +703,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap seed (default: 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=options.positive_int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--store", default=None, help="store folder, when it moved since training (default: the run's)")
+    parser.add_argument("--store", default=None, help="store folder, when it moved since training (default: the run's); it must hold the run's splits")
     add_tracking_arguments(parser)  # a tracked run (RUN/mlflow.json) is logged to also without --mlflow
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from cxrflow import __version__
 from cxrflow.embed import figure_uri
 from cxrflow.errors import CxrflowError
+from cxrflow.identity import file_sha256
 from cxrflow.report import MODEL_TITLES, STAGE_TITLES, build_rows
 
 HTML_NAME = "report.html"
@@ -80,10 +81,6 @@ def _read_json(path: Path) -> tuple[dict | None, str | None]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return None, f"unreadable ({exc})"
     return (data, None) if isinstance(data, dict) else (None, "not a JSON object")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def figure(path: Path, alt: str, caption: str | None = None) -> dict[str, Any]:
@@ -160,7 +157,7 @@ def open_stores(evaluations: list[dict], store_override: str | os.PathLike | Non
             if manifest is None:
                 info["problem"] = f"store manifest {path / '_manifest.json'} is {why}"
             else:
-                info.update(manifest=manifest, sha256=_sha256(path / "_manifest.json"))
+                info.update(manifest=manifest, sha256=file_sha256(path / "_manifest.json"))
         stores[recorded] = info
     return stores
 
@@ -517,7 +514,7 @@ def _heatmaps_for(ev: dict, heatmap_fn: Callable[..., np.ndarray] | None):
     ckpt = Path(m.get("checkpoint_path") or ev["run"] / f"{m.get('checkpoint')}.pt")
     if not ckpt.is_file():
         return None, f"No heatmap overlays: the checkpoint {ckpt} is not there any more."
-    if m.get("checkpoint_sha256") and _sha256(ckpt) != m["checkpoint_sha256"]:
+    if m.get("checkpoint_sha256") and file_sha256(ckpt) != m["checkpoint_sha256"]:
         return None, f"No heatmap overlays: {ckpt} has changed since the evaluation (its sha256 differs)."
     found = [(loc, _read_json(loc)[0] or {}) for loc in locs]
     loc = next((d for _, d in found if d.get("checkpoint") == m.get("checkpoint")), found[0][1])

@@ -75,6 +75,27 @@ def batch_logits(model: nn.Module, images: torch.Tensor, mean: float, std: float
     return out.float().cpu()
 
 
+def training_pixel_stats(config: dict, size: int) -> tuple[float, float]:
+    """The pixel (mean, std) a model was trained with, from its checkpoint's config.
+
+    Evaluation and prediction normalise with these, never with a store's current manifest (a
+    rebuilt store must not change a model's inputs). Only a checkpoint written before they were
+    recorded falls back to the manifest of the store it names.
+    """
+    if "pixel_mean" in config and "pixel_std" in config:
+        return float(config["pixel_mean"]), float(config["pixel_std"])
+    store = config.get("store")
+    if store:
+        try:
+            return pixel_stats(read_manifest(store), size)
+        except (CxrflowError, KeyError):
+            pass
+    raise CxrflowError(
+        "the checkpoint does not record the training pixel mean/std and its store is not readable; "
+        "pass --store with the store the run was trained on"
+    )
+
+
 def predict_split(
     model: nn.Module,
     store: str | os.PathLike,

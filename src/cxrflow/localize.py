@@ -20,7 +20,6 @@ store, box outside the image, ...) are listed with their reason in ``localizatio
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import math
 import os
@@ -50,6 +49,7 @@ from cxrflow.boxes import (
     read_boxes,
 )
 from cxrflow.errors import CxrflowError
+from cxrflow.identity import file_sha256
 from cxrflow.outputs import check_target, publishing
 from cxrflow.heatmaps import square_geometry, store_to_original
 
@@ -256,15 +256,6 @@ def _frame(boxes: list[dict]) -> pd.DataFrame:
 # --- the whole benchmark ---------------------------------------------------------------------------
 
 
-def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of the checkpoint file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def default_localize_dir(run: str | os.PathLike, split: str, checkpoint_name: str) -> Path:
     """Where ``cxrflow localize`` writes by default: ``RUN/localize-<split>-<checkpoint>``."""
     return Path(run) / f"localize-{split}-{checkpoint_name}"
@@ -443,7 +434,7 @@ def localize_run(
         "run": str(run.resolve()),
         "checkpoint": name,
         "checkpoint_path": str(Path(ckpt_path).resolve()),
-        "checkpoint_sha256": checkpoint_sha256(ckpt_path),
+        "checkpoint_sha256": file_sha256(ckpt_path),
         "model": (ckpt.get("config") or {}).get("model"),
         "store": str(store),
         "size": size,

@@ -1,31 +1,33 @@
 """Ranking metrics over a whole epoch or split.
 
 Per-finding ROC AUC is computed over all samples at once (never averaged over batches). A finding
-whose labels take one value only has no AUC: it is NaN and left out of the mean.
+whose labels take one value only has no AUC: it is NaN and left out of the mean. ROC curves and
+AUC come from :mod:`sklearn.metrics`; this module only adds the NaN convention and the per-finding
+loop (the patient bootstrap, which no library offers, is in :mod:`cxrflow.evaluate`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def binary_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """ROC AUC of one finding (Mann-Whitney U with mid-ranks for ties); NaN with one class only."""
+    """ROC AUC of one finding (ties count half); NaN with one class only."""
     y_true = np.asarray(y_true).astype(bool).ravel()
     y_score = np.asarray(y_score, dtype=np.float64).ravel()
-    n_pos = int(y_true.sum())
-    n_neg = y_true.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if y_true.all() or not y_true.any():
         return float("nan")
-    order = np.argsort(y_score, kind="mergesort")
-    sorted_scores = y_score[order]
-    ranks = np.empty(y_score.size, dtype=np.float64)
-    # mid-ranks for ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    mid = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(mid, counts)
-    u = ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(y_true, y_score))
+
+
+def roc(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) at every distinct score, from (0, 0) (threshold inf) to (1, 1):
+    calling ``score >= thresholds[i]`` positive gives ``fpr[i]`` and ``tpr[i]``. Needs both classes."""
+    y_true = np.asarray(y_true).astype(bool).ravel()
+    if y_true.all() or not y_true.any():
+        raise ValueError("an ROC curve needs positive and negative labels")
+    return roc_curve(y_true, np.asarray(y_score, dtype=np.float64).ravel(), drop_intermediate=False)
 
 
 def per_class_auc(y_true: np.ndarray, y_score: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:

@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cxrflow.metrics import binary_auc
+from cxrflow.metrics import binary_auc, roc
 
 STAGE_TITLES = {"kt": "KT (frozen backbone)", "finetune": "fine-tuning"}
 STAGE_SHORT = {"kt": "KT", "finetune": "fine-tuning"}
@@ -33,15 +33,8 @@ def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Ax
 
 def roc_points(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) of every threshold, from (0, 0) to (1, 1)."""
-    y = np.asarray(labels).astype(bool).ravel()
-    s = np.asarray(probs, dtype=np.float64).ravel()
-    order = np.argsort(-s, kind="mergesort")
-    s_desc, y_desc = s[order], y[order]
-    ends = np.flatnonzero(np.r_[s_desc[1:] != s_desc[:-1], True])
-    tp = np.cumsum(y_desc)[ends]
-    fp = np.cumsum(~y_desc)[ends]
-    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
+    fpr, tpr, _ = roc(labels, probs)
+    return fpr, tpr
 
 
 def plot_roc(

@@ -2,9 +2,10 @@
 
 Images go through exactly the ETL's preprocessing (:func:`cxrflow.imaging.preprocess`: decode any
 mode the ETL accepts to 8-bit gray, resize to the run's size) and the loader's normalisation
-(:func:`cxrflow.loader.to_model_input` with the training store's pixel mean and std), so a file
-gives the same input the model saw in training. Everything needed (model, size, pixel statistics,
-label names) comes from the checkpoint, so prediction works after the store is gone.
+(:func:`cxrflow.loader.to_model_input` with the pixel mean and std recorded in the checkpoint at
+training time), so a file gives the same input the model saw in training. Everything needed (model,
+size, pixel statistics, label names) comes from the checkpoint, so prediction works after the store
+is gone. Thresholds come from an evaluation of the same checkpoint only (checked by its hash).
 
 Probabilities are calibrated by default: an evaluated run's per-finding temperatures (fitted on the
 validation logits by ``cxrflow evaluate``) divide the logits, and the flagged findings use the
@@ -52,6 +53,8 @@ class Predictor:
     #: Per-finding (temperatures, logit offsets) ``float64[K]`` each (calibrated output, see
     #: :mod:`cxrflow.calibration`), or None (the raw sigmoid).
     calibration: tuple[np.ndarray, np.ndarray] | None = None
+    #: Why an evaluation of the run was not used for thresholds (it belongs to another checkpoint).
+    note: str | None = None
 
     @property
     def sizes(self) -> list[int]:
@@ -76,24 +79,6 @@ class Predictor:
         return sigmoid(z) if self.calibration is None else apply_temperatures(z, *self.calibration)
 
 
-def _pixel_stats(config: dict, size: int) -> tuple[float, float]:
-    """Training pixel (mean, std): recorded in the run's config, else read from its store's manifest."""
-    if "pixel_mean" in config and "pixel_std" in config:
-        return float(config["pixel_mean"]), float(config["pixel_std"])
-    store = config.get("store")
-    if store:
-        from cxrflow.store import pixel_stats, read_manifest
-
-        try:
-            return pixel_stats(read_manifest(store), size)
-        except (CxrflowError, KeyError):
-            pass
-    raise CxrflowError(
-        "the checkpoint does not record the training pixel mean/std and its store is not readable; "
-        "pass --store with the store the run was trained on"
-    )
-
-
 def load_predictor(
     run: str | os.PathLike | None,
     checkpoint: str | None = None,
@@ -106,11 +91,11 @@ def load_predictor(
     unless ``raw`` (when the run was evaluated). An ensemble folder gives an
     :class:`~cxrflow.ensemble.EnsemblePredictor` with the same face."""
     from cxrflow.evaluate import METRICS_NAME, resolve_checkpoint
-    from cxrflow.inference import resolve_device
+    from cxrflow.inference import resolve_device, training_pixel_stats
     from cxrflow.models import load_checkpoint
 
     run_dir = Path(run) if run is not None else None
-    evaluation = None
+    evaluation, note = None, None
     if run_dir is not None and not run_dir.is_dir():
         raise CxrflowError("no such run folder", run_dir)
     if run_dir is not None and (run_dir / METRICS_NAME).is_file():
@@ -125,7 +110,7 @@ def load_predictor(
             raise CxrflowError("no such checkpoint", path)
     else:
         name, path = resolve_checkpoint(run_dir, checkpoint)
-        evaluation = _evaluation_record(run_dir, name)
+        evaluation, note = _evaluation_record(run_dir, name)
     device = resolve_device(device)
     model, ckpt = load_checkpoint(path, map_location=device)
     config = dict(ckpt.get("config") or {})
@@ -134,26 +119,33 @@ def load_predictor(
     if "size" not in config:
         raise CxrflowError("checkpoint config has no 'size'", path)
     size = int(config["size"])
-    mean, std = _pixel_stats(config, size)
+    mean, std = training_pixel_stats(config, size)
     label_names = list(ckpt["label_names"])
     thresholds, calibration = operating_scale(evaluation, label_names, raw=raw)
-    return Predictor(model.eval(), size, mean, std, label_names, Path(path), device, thresholds, calibration)
+    return Predictor(model.eval(), size, mean, std, label_names, Path(path), device, thresholds, calibration, note)
 
 
-def _evaluation_record(run: Path, checkpoint_name: str) -> dict | None:
-    """The ``metrics.json`` of an evaluation of this checkpoint, if any.
+def _evaluation_record(run: Path, checkpoint_name: str) -> tuple[dict | None, str | None]:
+    """The ``metrics.json`` of a current evaluation of this checkpoint, if any, and a one-line note
+    when the run's evaluations belong to another checkpoint than it holds now.
 
     Every evaluation of a checkpoint chooses its thresholds and fits its temperatures on the
-    validation split, so any of ``RUN/eval-<split>-<checkpoint>/metrics.json`` will do.
+    validation split, so any current ``RUN/eval-<split>-<checkpoint>/metrics.json`` will do.
     """
-    from cxrflow.evaluate import check_metrics
+    from cxrflow.evaluate import check_metrics, evaluation_status
 
+    note = None
     for path in sorted(run.glob(f"eval-*-{checkpoint_name}/metrics.json")):
         try:
-            return check_metrics(json.loads(path.read_text()), path)
+            metrics = check_metrics(json.loads(path.read_text()), path)
         except (OSError, ValueError):
             continue
-    return None
+        stale = evaluation_status(path, metrics)
+        if stale is not None:
+            note = note or f"{path.parent}: {stale}; its thresholds and calibration are not used"
+            continue
+        return metrics, None
+    return None, note
 
 
 def operating_scale(evaluation: dict | None, label_names: Sequence[str], *, raw: bool) -> tuple[dict | None, tuple | None]:
@@ -292,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(predictions, predictor.label_names))
         if heatmap_method:
             print(f"wrote {sum(len(p['heatmaps']) for p in predictions)} {heatmap_method} heatmaps to {args.heatmaps}")
+    if getattr(predictor, "note", None):  # an ensemble checks its members when it loads
+        print(f"note: {predictor.note}", file=sys.stderr)
     for e in errors:
         print(f"error: {e['image']}: {e['error']}", file=sys.stderr)
     return 2 if errors else 0

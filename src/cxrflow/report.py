@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cxrflow.errors import CxrflowError
-from cxrflow.evaluate import METRICS_NAME, check_metrics
+from cxrflow.evaluate import METRICS_NAME, check_metrics, evaluation_status
 from cxrflow.outputs import check_target, publishing
 
 #: The paper's published mean test AUCs (Table 1), by (model, input size, stage).
@@ -86,6 +86,9 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise CxrflowError(f"unreadable evaluation: {exc}", metrics_path) from None
     check_metrics(m, metrics_path)
+    stale = evaluation_status(metrics_path, m)
+    if stale is not None:  # a number in the table must belong to the model the run holds now
+        raise CxrflowError(stale, Path(metrics_path).parent)
     model = m.get("model", "?")
     size = m.get("size")
     stage = m.get("stage") or (m.get("method", "?") if m.get("kind") == "ensemble" else "?")

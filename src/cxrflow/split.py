@@ -21,6 +21,7 @@ from cxrflow import options
 
 MODE_OFFICIAL = "official-lists"
 MODE_PATIENTS = "patients-70-10-20"
+MODE_CSV = "split-csv"
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -83,6 +84,63 @@ def assign_splits(
         split[:] = pd.Series(names, index=patients).reindex(patient).to_numpy()
     frame = pd.DataFrame({"image_id": ids.to_numpy(), "patient_id": patient, "split": split.astype(str)})
     frame.attrs.update({"mode": mode, "val_fraction": float(val_fraction), "seed": int(seed)})
+    return frame
+
+
+def read_split_csv(path: str | os.PathLike, entries: pd.DataFrame) -> pd.DataFrame:
+    """The assignment a split file (``cxrflow split --out``) gives the rows of ``entries``, in the
+    same shape as :func:`assign_splits` (``frame.attrs["mode"] == "split-csv"``).
+
+    Refused, in one line each: an unreadable file, a split other than train/val/test, an image
+    listed twice, images of the metadata the file does not assign, images it names that the
+    metadata does not have, and a patient (by the metadata's patient ids) in two splits.
+    """
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise CxrflowError("no such split file", path) from None
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise CxrflowError(f"unreadable split file: {str(exc).splitlines()[0]}", path) from None
+    missing_cols = [c for c in ("image_id", "split") if c not in table.columns]
+    if missing_cols:
+        raise CxrflowError(f"split file needs columns image_id,split (as 'cxrflow split' writes); missing {missing_cols}", path)
+    bad = ~table["split"].isin(SPLIT_NAMES)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise CxrflowError(f"line {row + 2}: split {table['split'].iloc[row]!r} is not one of {', '.join(SPLIT_NAMES)}", path)
+    dup = table["image_id"].duplicated()
+    if dup.any():
+        raise CxrflowError(f"image {table['image_id'][dup].iloc[0]!r} is listed more than once", path)
+    assigned = dict(zip(table["image_id"], table["split"]))
+    ids = entries["image_id"].astype(str)
+    unassigned = ids[~ids.isin(assigned)]
+    if len(unassigned):
+        raise CxrflowError(
+            f"{len(unassigned)} image(s) of the metadata have no split in this file (first {unassigned.iloc[0]!r}); "
+            "write it again with 'cxrflow split' for this release",
+            path,
+        )
+    extra = sorted(set(assigned) - set(ids))
+    if extra:
+        raise CxrflowError(
+            f"{len(extra)} image(s) in this file are not in the metadata (first {extra[0]!r}); is it another release's split?",
+            path,
+        )
+    split = ids.map(assigned).to_numpy().astype(str)
+    patient = entries["patient_id"].to_numpy(dtype=np.int64)
+    per_patient = pd.DataFrame({"p": patient, "s": split}).groupby("p")["s"].nunique()
+    leaks = per_patient[per_patient > 1]
+    if len(leaks):
+        p = int(leaks.index[0])
+        names = sorted(set(split[patient == p]))
+        raise CxrflowError(
+            f"patient {p} has images in {' and '.join(names)} ({len(leaks)} patient(s) in more than one split); "
+            "a patient must stay in one split",
+            path,
+        )
+    frame = pd.DataFrame({"image_id": ids.to_numpy(), "patient_id": patient, "split": split})
+    frame.attrs.update({"mode": MODE_CSV, "split_csv": str(path.absolute())})
     return frame
 
 

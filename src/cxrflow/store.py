@@ -21,6 +21,7 @@ Every version up to :data:`FORMAT_VERSION` opens.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -73,6 +74,22 @@ ROW_GROUP_TARGET_BYTES = 64 * 2**20
 def row_group_rows(size: int, rows_per_file: int) -> int:
     """Rows per row group at ``size``: about ROW_GROUP_TARGET_BYTES, never more than a file."""
     return max(1, min(rows_per_file, ROW_GROUP_TARGET_BYTES // (size * size)))
+
+
+def row_order_key(seed: int, image_id: str) -> int:
+    """The sort key of ``image_id``'s row in its split: a keyed hash of (seed, image_id).
+
+    Sorting a split by this key gives a pseudo-random permutation that depends only on the seed and
+    the ids (not on the metadata's order or the cluster), so patients' follow-ups are spread over
+    the whole split and a loader's window of consecutive rows is already a uniform sample of it.
+    """
+    digest = hashlib.blake2b(f"{int(seed)}\0{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def row_order(seed: int) -> dict:
+    """The manifest's ``row_order`` entry for a store whose splits are sorted by :func:`row_order_key`."""
+    return {"kind": "shuffled", "seed": int(seed), "key": "blake2b-64(seed, image_id)"}
 
 
 def manifest_core(
@@ -250,6 +267,8 @@ def format_manifest(manifest: dict) -> str:
     split = manifest.get("split", {})
     if split:
         lines.append("split: " + ", ".join(f"{k}={v}" for k, v in split.items()))
+    order = manifest.get("row_order")
+    lines.append(f"row order: {order['kind']} (seed {order.get('seed')})" if order else "row order: image_id (store written before shuffled rows)")
     if "wall_seconds" in manifest:
         job = manifest.get("spark_job_seconds")
         lines.append(

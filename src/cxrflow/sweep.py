@@ -57,7 +57,7 @@ from typing import Any, Callable, Sequence
 from cxrflow.atomic import write_json_atomic
 from cxrflow.config import TrainConfig, apply_overrides, preset, read_config_file
 from cxrflow.errors import CxrflowError
-from cxrflow.evaluate import METRICS_NAME, default_eval_dir
+from cxrflow.evaluate import METRICS_NAME, default_eval_dir, evaluation_status
 from cxrflow.outputs import claiming
 from cxrflow.sparktrain import SparkLaunch, launch_from_args, run_sweep_jobs
 from cxrflow.sparktrain import add_arguments as add_spark_arguments
@@ -282,8 +282,10 @@ def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: 
         if folder.exists():
             train.append("--resume")
         steps.append([*train, *tracking])
+    training = bool(steps)  # training changes the checkpoints, so any evaluation of them is redone
     for ckpt in spec.evaluate:
-        if not (default_eval_dir(folder, "test", ckpt) / METRICS_NAME).is_file():
+        metrics = default_eval_dir(folder, "test", ckpt) / METRICS_NAME
+        if training or not metrics.is_file() or evaluation_status(metrics) is not None:
             steps.append(
                 ["evaluate", "--run", str(folder), "--checkpoint", ckpt, "--split", "test",
                  "--n-boot", str(n_boot), "--device", device, "--overwrite", *tracking]

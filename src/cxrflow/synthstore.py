@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 
 from cxrflow.atomic import write_json_atomic
 from cxrflow.labels import NIH14, LabelVocabulary
-from cxrflow.store import MANIFEST_NAME, SCHEMA, manifest_core, split_dir
+from cxrflow.identity import split_identity
+from cxrflow.store import MANIFEST_NAME, SCHEMA, manifest_core, row_order, row_order_key, split_dir
 from cxrflow.store import row_group_rows as etl_row_group_rows
 
 
@@ -42,13 +43,17 @@ def write_synthetic_store(
     prevalence: float = 0.2,
     vocab: LabelVocabulary = NIH14,
     signal: float = 80.0,
+    follow_ups: int = 1,
+    shuffled: bool = True,
 ) -> dict:
     """Write a complete store (Parquet partitions plus manifest) and return its manifest.
 
     ``row_group_rows=None`` lays row groups out as the ETL does (about 64 MiB each).
     Every finding gets positives in every split when the split has enough rows; image ids are
-    ``{split}_{n:06d}.png``, patient ids are unique per image. A small ``signal`` (e.g. 10) makes
-    the findings faint, so that models stay far from a perfect AUC.
+    ``{split}_{n:06d}.png``; each patient has ``follow_ups`` consecutive image ids (as in the NIH
+    release). Rows are in the ETL's seeded order (:func:`cxrflow.store.row_order_key`), or with
+    ``shuffled=False`` in image_id order (the layout before stores were shuffled, for benchmarks).
+    A small ``signal`` (e.g. 10) makes the findings faint, so that models stay far from a perfect AUC.
     """
     rows = rows or {"train": 64, "val": 32, "test": 32}
     store = Path(store)
@@ -59,6 +64,11 @@ def write_synthetic_store(
     positives = np.zeros(k, dtype=np.int64)
     next_patient = 1
     labels_by_split = {}
+    ids_by_split = {split: [f"{split}_{i:06d}.png" for i in range(n)] for split, n in rows.items()}
+    order_by_split = {
+        split: sorted(range(len(ids)), key=lambda i: row_order_key(seed, ids[i])) if shuffled else list(range(len(ids)))
+        for split, ids in ids_by_split.items()
+    }
     for split, n in rows.items():
         lab = (rng.random((n, k)) < prevalence).astype(np.uint8)
         labels_by_split[split] = lab
@@ -73,10 +83,12 @@ def write_synthetic_store(
             out.mkdir(parents=True, exist_ok=True)
             lab = labels_by_split[split]
             img_rng = np.random.default_rng([seed, size, sum(map(ord, split))])
+            order = order_by_split[split]
             for file_no, start in enumerate(range(0, n, rows_per_file)):
                 stop = min(n, start + rows_per_file)
+                index = np.asarray(order[start:stop], dtype=np.int64)
                 pixels = []
-                for i in range(start, stop):
+                for i in index:
                     img = planted_image(lab[i], size, img_rng, signal)
                     if split == "train":
                         f = img.astype(np.float64) / 255.0
@@ -87,13 +99,13 @@ def write_synthetic_store(
                 m = stop - start
                 table = pa.table(
                     {
-                        "image_id": [f"{split}_{i:06d}.png" for i in range(start, stop)],
-                        "patient_id": pa.array(np.arange(patient + start, patient + stop), pa.int64()),
-                        "labels": pa.array([list(map(int, r)) for r in lab[start:stop]], pa.list_(pa.uint8())),
+                        "image_id": [ids_by_split[split][i] for i in index],
+                        "patient_id": pa.array(patient + index // max(follow_ups, 1), pa.int64()),
+                        "labels": pa.array([list(map(int, r)) for r in lab[index]], pa.list_(pa.uint8())),
                         "age": pa.array(img_rng.integers(1, 95, m), pa.int16()),
                         "sex": pa.array(img_rng.choice(["M", "F"], m).tolist(), pa.string()),
                         "view": pa.array(img_rng.choice(["PA", "AP"], m).tolist(), pa.string()),
-                        "follow_up": pa.array(np.zeros(m), pa.int32()),
+                        "follow_up": pa.array(index % max(follow_ups, 1), pa.int32()),
                         "orig_width": pa.array(np.full(m, size), pa.int32()),
                         "orig_height": pa.array(np.full(m, size), pa.int32()),
                         "pixels": pa.array(pixels, pa.binary()),
@@ -106,7 +118,7 @@ def write_synthetic_store(
                     row_group_size=row_group_rows or etl_row_group_rows(size, rows_per_file),
                     use_dictionary=["image_id", "sex", "view"],
                 )
-            patient += n
+            patient += -(-n // max(follow_ups, 1))
             manifest_rows[str(size)][split] = n
         mean = total / max(count, 1)
         std = float(np.sqrt(max(total_sq / max(count, 1) - mean * mean, 1e-12)))
@@ -117,6 +129,9 @@ def write_synthetic_store(
         "missing": [],
         "quarantined": [],
         "split": {"mode": "synthetic-store", "seed": seed},
+        "split_identity": {split: split_identity(ids_by_split[split], labels_by_split[split]) for split in rows},
     }
+    if shuffled:
+        manifest["row_order"] = row_order(seed)
     write_json_atomic(store / MANIFEST_NAME, manifest)
     return manifest

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from cxrflow.config import (
 )
 from cxrflow.errors import CxrflowError
 from cxrflow import options
+from cxrflow.identity import store_identity
 from cxrflow.inference import autocast as _autocast
 from cxrflow.inference import model_input, predict_split, resolve_device
 from cxrflow.inference import unwrap as _unwrap
@@ -263,6 +265,10 @@ def _prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, ctx: Dist) 
         if overwrite and not resume:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
+            # evaluations of the old checkpoints describe a model that no longer exists
+            for evaluation in out.glob("eval-*"):
+                if (evaluation / "metrics.json").is_file():
+                    shutil.rmtree(evaluation)
     _barrier(ctx)
 
 
@@ -351,9 +357,11 @@ def _train(
     pos_weight = (policy_pos_weight(manifest, config.uncertain) if masked
                   else _pos_weight(manifest, len(label_names), config.store)).to(ctx.device)
     stages = config.stages()
-    # the normalisation travels with the run, so predict works without the store
+    # the normalisation travels with the run, so predict works without the store; the splits'
+    # identity lets evaluate refuse another dataset's store
     saved = {**config.to_dict(), "label_names": label_names, "stages": [vars(s) for s in stages],
-             "world_size": ctx.world_size, "pixel_mean": mean, "pixel_std": std}
+             "world_size": ctx.world_size, "pixel_mean": mean, "pixel_std": std,
+             "store_identity": store_identity(config.store, manifest, config.size)}
 
     if resume and (out / "done.json").exists():
         info(f"{out} already finished (done.json); nothing to resume")
@@ -596,8 +604,8 @@ def _per_stage(values: list | None, option: str, config_stages: list[str], field
     return {f"{name}.{field}": v for name, v in zip(config_stages, values)}
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Preset -> --config file -> command-line options (later wins); validated."""
+def _option_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given by --set and the named command-line options (None: not given)."""
     overrides: dict[str, Any] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -610,6 +618,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "device": args.device, "num_workers": args.num_workers, "uncertain": args.uncertain,
     }  # fmt: skip
     overrides.update({k: v for k, v in options_given.items() if v is not None})  # an option not given keeps --set's value
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Preset -> --config file -> command-line options (later wins); validated."""
+    overrides = _option_overrides(args)
     config = resolve_config(args.preset, args.config, overrides)
     names = [s.name for s in config.stages()]
     per_stage = {**_per_stage(args.epochs, "--epochs", names, "epochs"), **_per_stage(args.lr, "--lr", names, "lr")}
@@ -618,8 +632,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
+#: Settings ``--resume`` lets differ from the saved run: where it runs, not what it computes.
+RESUME_MAY_DIFFER = ("out", "device", "num_workers", "eval_batch_size")
+
+
 def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
-    """The saved config of the run in --out (device and workers may change), or None without one."""
+    """The saved config of the run in --out, or None without one.
+
+    Only :data:`RESUME_MAY_DIFFER` may be changed on resuming; any other option given (on the
+    command line, by --set, --config or --preset) that differs from the saved run would change the
+    result (the batch order, the model, the schedule) and is refused, naming it.
+    """
     path = Path(args.out) / "config.json"
     if not path.exists():
         return None
@@ -634,11 +657,59 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
     except CxrflowError as exc:
         raise CxrflowError(exc.message, path) from None
     config.out = args.out
-    if args.device:
-        config.device = args.device
-    if args.num_workers is not None:
-        config.num_workers = args.num_workers
-    return config.validate()
+    return _checked_resume_config(args, config, saved)
+
+
+def _checked_resume_config(args: argparse.Namespace, saved: TrainConfig, saved_dict: dict) -> TrainConfig:
+    """The saved config with the options given to --resume applied; a CxrflowError naming every
+    one that differs from the saved run outside :data:`RESUME_MAY_DIFFER`.
+
+    A different --store is accepted when it holds the same splits (a moved store), by identity.
+    """
+    from cxrflow.config import apply_overrides, read_config_file
+
+    requested = config_from_dict(saved.to_dict())
+    changed: list[str] = []
+    saved_preset = saved_dict.get("preset") or "default"
+    if args.preset and args.preset != saved_preset:
+        changed.append(f"preset (saved {saved_preset}, given {args.preset})")
+    if args.config:
+        apply_overrides(requested, {k: v for k, v in read_config_file(args.config).items() if k != "preset"}, str(args.config))
+    apply_overrides(requested, {k: v for k, v in _option_overrides(args).items() if v is not None})
+    names = [s.name for s in saved.stages()]
+    apply_overrides(requested, {**_per_stage(args.epochs, "--epochs", names, "epochs"), **_per_stage(args.lr, "--lr", names, "lr")})
+    requested.validate()
+    before, after = saved.to_dict(), requested.to_dict()
+    if after["store"] != before["store"] and _same_splits(after["store"], saved_dict):
+        before["store"] = after["store"]  # the same data at a new place
+    for key, value in after.items():
+        if key not in RESUME_MAY_DIFFER and value != before[key]:
+            changed.append(f"{key} (saved {_shown(before[key])}, given {_shown(value)})")
+    if changed:
+        raise CxrflowError(
+            f"--resume continues the run with its saved settings, but these options differ and would change the "
+            f"result: {'; '.join(changed)}. Drop them (only {', '.join(RESUME_MAY_DIFFER[1:])} may change) "
+            "or start again with --overwrite",
+            args.out,
+        )
+    return requested
+
+
+def _same_splits(store: str, saved: dict) -> bool:
+    """Whether ``store`` holds exactly the splits the saved run was trained on (its store moved)."""
+    recorded = saved.get("store_identity")
+    if not recorded:
+        return False
+    try:
+        return store_identity(store, read_manifest(store), int(saved["size"])) == recorded
+    except (CxrflowError, KeyError, OSError):
+        return False
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {v}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def run_config(args: argparse.Namespace) -> TrainConfig:
