@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from cxrflow.errors import CxrflowError
 
 STAGE_CHOICES = ("kt", "finetune", "both")
 OPTIMIZERS = ("adam", "sgd")
-SCHEDULERS = ("none", "plateau")
+SCHEDULERS = ("none", "plateau", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -69,11 +70,20 @@ class TrainConfig:
     scheduler: str = "plateau"
     plateau_factor: float = 0.1
     plateau_patience: int = 1
+    #: every stage runs at least this many optimiser steps: a small train split gets more epochs
+    #: than the stage's ``epochs`` (0: exactly ``epochs``); see :meth:`stage_plan`
+    min_steps: int = 0
+    #: cosine: the learning rate rises linearly over this many steps, then decays to 0 by the stage's end
+    warmup_steps: int = 0
     early_stopping_patience: int = 3
     augment: bool = True
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
+    #: "none" (image only) or "demographics" (age, sex, view fused before the head)
+    fusion: str = "none"
+    #: activation checkpointing (less memory, more compute; densenet121 and resnet50)
+    grad_checkpointing: bool = False
 
     def stages(self) -> list[Stage]:
         """The stages this run trains, in order (``simple_cnn``: one all-trainable "finetune" stage)."""
@@ -83,12 +93,21 @@ class TrainConfig:
             return [ft]
         return {"kt": [kt], "finetune": [ft], "both": [kt, ft]}[self.stage]
 
+    def stage_plan(self, train_rows: int, world_size: int = 1) -> list[Stage]:
+        """The stages with the epochs this train split gets: at least ``epochs``, and enough for
+        ``min_steps`` optimiser steps at this batch size (so the recipe follows the amount of data)."""
+        per_epoch = max(1, train_rows // max(1, self.batch_size * world_size))
+        return [
+            dataclasses.replace(st, epochs=max(st.epochs, math.ceil(self.min_steps / per_epoch))) for st in self.stages()
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def validate(self) -> "TrainConfig":
         """Raise a CxrflowError naming the first invalid setting; returns self."""
-        from cxrflow.models import MODEL_NAMES
+        from cxrflow.demographics import check_fusion
+        from cxrflow.models import CHECKPOINTING_MODELS, MODEL_NAMES
 
         if not self.store:
             raise CxrflowError("no store given (--store)")
@@ -106,6 +125,11 @@ class TrainConfig:
         ):
             if value not in choices:
                 raise CxrflowError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        check_fusion(self.fusion)
+        if self.grad_checkpointing and self.model not in CHECKPOINTING_MODELS:
+            raise CxrflowError(
+                f"--grad-checkpointing is available for {', '.join(CHECKPOINTING_MODELS)}, not {self.model}"
+            )
         if self.model == "simple_cnn" and self.stage == "kt":
             raise CxrflowError("simple_cnn has no pretrained backbone, so no kt stage; use --stage finetune or both")
         if self.model == "simple_cnn" and self.pretrained == "imagenet":
@@ -118,6 +142,9 @@ class TrainConfig:
                 raise CxrflowError(f"stage {st.name} needs at least 1 epoch, got {st.epochs}")
             if not st.lr > 0:
                 raise CxrflowError(f"stage {st.name} needs a positive learning rate, got {st.lr}")
+        for label, n in (("min_steps", self.min_steps), ("warmup_steps", self.warmup_steps)):
+            if n < 0:
+                raise CxrflowError(f"{label} must be >= 0, got {n}")
         if self.num_workers < 0:
             raise CxrflowError(f"num_workers must be >= 0, got {self.num_workers}")
         return self
@@ -232,14 +259,28 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 def resolve_config(
     preset_name: str | None = None, config_file: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """Preset, then file, then overrides; validated."""
+    """Preset, then file, then overrides; validated.
+
+    Epochs set in the file or the overrides are the epochs run: they turn the preset's ``min_steps``
+    off unless ``min_steps`` is set too.
+    """
     from_file = read_config_file(config_file) if config_file else {}
     name = preset_name or from_file.get("preset") or "default"
     config = preset(str(name))
     file_values = {k: v for k, v in from_file.items() if k != "preset"}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
     apply_overrides(config, file_values, str(config_file) if config_file else "config")
-    apply_overrides(config, {k: v for k, v in (overrides or {}).items() if v is not None})
+    apply_overrides(config, given)
+    if "min_steps" not in {**file_values, **given} and _sets_epochs({**file_values, **given}):
+        config.min_steps = 0
     return config.validate()
+
+
+def _sets_epochs(values: dict[str, Any]) -> bool:
+    return any(
+        key in ("kt.epochs", "finetune.epochs") or (key in ("kt", "finetune") and isinstance(v, dict) and "epochs" in v)
+        for key, v in values.items()
+    )
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

@@ -417,6 +417,8 @@ def run_etl(
     ``progress``: a stream for the progress display (None: no display). ``strict``: a missing or
     undecodable image is an error instead of being reported.
     """
+    from cxrflow.demographics import FIELDS as DEMOGRAPHIC_FIELDS  # driver only: it imports torch
+    from cxrflow.demographics import count_unknown
     from cxrflow.metadata import load_release
     from cxrflow.spark import build_spark, check_master, check_memory
     from cxrflow.split import assign_splits
@@ -509,6 +511,10 @@ def run_etl(
             release, splits, summaries, sizes, vocab, master if own_spark else spark.sparkContext.master,
             val_fraction, seed, compression, group_rows, per_file, job_seconds,
         )
+        quarantined_ids = {q["image_id"] for q in manifest["quarantined"]}
+        kept = [r for r in records if r["image_id"] not in quarantined_ids]
+        # the store keeps the raw values; this counts those a fused model will see as unknown
+        manifest["demographics_unknown"] = count_unknown(*([r[f] for r in kept] for f in DEMOGRAPHIC_FIELDS))
         if strict and manifest["quarantined"]:
             q = manifest["quarantined"][0]
             raise CxrflowError(

@@ -412,6 +412,7 @@ def evaluate_run(
         "stage": ckpt.get("stage", CHECKPOINT_STAGE.get(name)),
         "epoch": ckpt.get("epoch"),
         "model": config.get("model"),
+        "fusion": config.get("fusion", "none"),
         "size": size,
         "split": split,
         "store": str(store),

@@ -5,7 +5,7 @@ folders, in which case every ``eval-<split>-*/`` evaluation inside is used (a tw
 at ``best_kt`` and ``best_finetune`` gives two rows, KT and fine-tuned, like the paper). One row per
 evaluation: model, size, stage, mean AUC with its 95% patient-bootstrap interval, the paper's
 published mean AUC for the same configuration (reference column) and the per-finding AUCs; the
-best row is marked.
+best row is marked. A run that fuses demographics is its own row, its model named "+ demographics".
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ PAPER_MEAN_AUC: dict[tuple[str, int | None, str], float] = {
 }
 MODEL_TITLES = {"simple_cnn": "Simple CNN", "resnet50": "ResNet-50", "densenet121": "DenseNet-121"}
 STAGE_TITLES = {"kt": "KT", "finetune": "fine-tuned"}
+#: How a fusion is named after the model's title ("none": image only, nothing added).
+FUSION_TITLES = {"demographics": " + demographics"}
 TABLE_MD = "table.md"
 TABLE_CSV = "table.csv"
 COMPARISON_PNG = "comparison.png"
@@ -47,6 +49,11 @@ def paper_mean_auc(model: str, size: int | None, stage: str) -> float | None:
     if model == "simple_cnn":
         return PAPER_MEAN_AUC.get(("simple_cnn", None, stage))
     return PAPER_MEAN_AUC.get((model, None if size is None else int(size), stage))
+
+
+def model_title(model: str, fusion: str = "none") -> str:
+    """``DenseNet-121``, or ``DenseNet-121 + demographics`` for a fused run."""
+    return MODEL_TITLES.get(model, model) + FUSION_TITLES.get(fusion, "" if fusion == "none" else f" + {fusion}")
 
 
 def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") -> list[Path]:
@@ -88,15 +95,17 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
         if key not in m:
             raise CxrflowError(f"not a cxrflow evaluation: key {key!r} is missing", metrics_path)
     model = m.get("model", "?")
+    fusion = m.get("fusion") or "none"
     size = m.get("size")
     stage = m.get("stage", "?")
     ci = m.get("mean_auc_ci95") or [None, None]
     paper = paper_mean_auc(model, size, stage)
     mean = m["mean_auc"]
     return {
-        "label": f"{MODEL_TITLES.get(model, model)} {size}px {STAGE_TITLES.get(stage, stage)}",
+        "label": f"{model_title(model, fusion)} {size}px {STAGE_TITLES.get(stage, stage)}",
         "run": m.get("run_name") or Path(m.get("run", metrics_path.parent.parent)).name,
         "model": model,
+        "fusion": fusion,
         "size": size,
         "stage": stage,
         "checkpoint": m.get("checkpoint"),
@@ -140,7 +149,7 @@ def format_csv(rows: Sequence[dict]) -> str:
     """The table as CSV: one row per evaluation, numbers unrounded, empty cells for n/a."""
     findings = _finding_columns(rows)
     head = [
-        "run", "model", "size", "stage", "checkpoint", "split", "n_images", "n_patients",
+        "run", "model", "fusion", "size", "stage", "checkpoint", "split", "n_images", "n_patients",
         "mean_auc", "ci95_low", "ci95_high", "paper_mean_auc", "delta_vs_paper", "best", "nan_findings",
     ] + [f"auc_{n}" for n in findings]
     buf = io.StringIO()
@@ -148,7 +157,7 @@ def format_csv(rows: Sequence[dict]) -> str:
     w.writerow(head)
     for r in rows:
         w.writerow(
-            [r["run"], r["model"], r["size"], r["stage"], r["checkpoint"], r["split"], r["n_images"], r["n_patients"]]
+            [r["run"], r["model"], r["fusion"], r["size"], r["stage"], r["checkpoint"], r["split"], r["n_images"], r["n_patients"]]
             + ["" if r[k] is None else repr(float(r[k])) for k in ("mean_auc", "ci_low", "ci_high", "paper_mean_auc", "delta_vs_paper")]
             + [str(r["best"]).lower(), ";".join(r["nan_findings"])]
             + ["" if r["auc"].get(n) is None else repr(float(r["auc"][n])) for n in findings]
@@ -166,6 +175,7 @@ def format_markdown(rows: Sequence[dict]) -> str:
         "patient-level bootstrap. *Paper* is the published mean AUC of the same model, input size and",
         "stage (KT = frozen backbone, knowledge transfer; fine-tuned = everything trained), shown for",
         "reference only: the data, split and preprocessing behind it differ. The best run is in bold.",
+        "A model named \"+ demographics\" also sees age, sex and view; the paper's models are image only.",
         "",
         "| Run | Model | Size (px) | Stage | Mean AUC | 95% CI | Paper | Δ vs paper | Images | Best |",
         "|---|---|---:|---|---:|---|---:|---:|---:|:---:|",
@@ -175,7 +185,7 @@ def format_markdown(rows: Sequence[dict]) -> str:
         ci = f"{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}" if r["ci_low"] is not None else "n/a"
         delta = "" if r["delta_vs_paper"] is None else f"{r['delta_vs_paper']:+.4f}"
         cells = [
-            r["run"], MODEL_TITLES.get(r["model"], r["model"]), str(r["size"]), STAGE_TITLES.get(r["stage"], r["stage"]),
+            r["run"], model_title(r["model"], r["fusion"]), str(r["size"]), STAGE_TITLES.get(r["stage"], r["stage"]),
             mean or "n/a", ci, _fmt(r["paper_mean_auc"]) or "—", delta or "—", str(r["n_images"]), "**best**" if r["best"] else "",
         ]
         if r["best"]:
