@@ -1,7 +1,9 @@
 """The default recipe against ``--preset paper`` at two amounts of data, same data, same seed.
 
-For each ``--images`` count: a synthetic release of about that many images (``cxrflow synth``),
-the Spark ETL at ``--size``, then for each model one run with ``--preset paper`` and one with the
+For each ``--images`` count: a synthetic release of about that many images (``cxrflow synth
+--demographic-findings``: three findings are faint on the image, so the task is not saturated --
+on the plain synthetic release at 32 px both recipes reach a mean AUC of 0.99-1.0), the Spark ETL
+at ``--size``, then for each model one run with ``--preset paper`` and one with the
 default preset (both from random weights: the comparison is about the schedule, and ImageNet
 weights need a download), each evaluated on the test split. Prints mean test AUC with its 95%
 patient-bootstrap interval, the difference, optimiser steps and training minutes of each.
@@ -71,7 +73,7 @@ def main() -> None:
         base = Path(args.work) / f"n{n}"
         if not (base / "store" / "_manifest.json").exists():
             synthesize(base / "data", patients=max(2, math.ceil(n / 3.6)), size=2 * args.size, seed=args.seed,
-                       overwrite=True)
+                       overwrite=True, demographic_findings=True)
             run_etl(base / "data", base / "store", [args.size], master="local[2]", overwrite=True)
         rows = json.loads((base / "store" / "_manifest.json").read_text())["rows"][str(args.size)]
         for model in args.models:

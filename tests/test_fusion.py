@@ -35,7 +35,7 @@ def fused_and_plain(tmp_path_factory, spark):
         config = resolve_config("default", None, {
             "store": str(root / "store"), "size": SIZE, "model": "simple_cnn", "out": str(root / fusion),
             "fusion": fusion, "device": "cpu", "finetune.epochs": 8, "finetune.lr": 1e-3, "augment": False,
-            "early_stopping_patience": 0,
+            "early_stopping_patience": 0, "scheduler": "plateau",
         })
         train(config, quiet=True, log=lambda _: None)
         runs[fusion] = evaluate_run(root / fusion, n_boot=20, device="cpu")

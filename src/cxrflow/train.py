@@ -425,6 +425,7 @@ def train(
                     f"on {ctx.world_size} processes", config.store
                 )
             t0 = time.perf_counter()
+            lr = float(optimizer.param_groups[0]["lr"])  # the rate the epoch starts at (cosine moves it per step)
             progress = Progress(steps, f"{stage.name} {epoch}/{stage.epochs}", enabled=ctx.main and not quiet)
             try:
                 train_loss, images, train_seconds = train_one_epoch(
@@ -448,7 +449,6 @@ def train(
             )
             aucs = per_class_auc(val["labels"], val["probs"])
             auc = mean_auc(aucs)
-            lr = float(optimizer.param_groups[0]["lr"])
             undefined = [n for n, a in zip(label_names, aucs) if math.isnan(a)]
             if undefined and epoch == epoch_start:
                 info(f"val AUC undefined (one class only) for {', '.join(undefined)}; excluded from the mean")
