@@ -46,6 +46,9 @@ def test_manifest_counts_unknown_demographics_and_store_keeps_raw_values(fused_a
     root, manifest, _ = fused_and_plain
     unknown = manifest["demographics_unknown"]
     assert unknown["age"] > 0 and unknown["sex"] == 0 and unknown["view"] == 0 and unknown["any"] == unknown["age"]
+    from cxrflow.store import format_manifest
+
+    assert f"demographics unknown to a fused model (raw values kept): age {unknown['age']}, sex 0" in format_manifest(manifest)
     ages = np.concatenate([pq.read_table(root / "store", columns=["age"]).column("age").to_numpy()])
     bad = (ages < 1) | (ages > 120)
     assert int(bad.sum()) == unknown["age"] and set(ages[bad].tolist()) <= {0, 150, 414}  # raw values kept
