@@ -161,3 +161,25 @@ def test_parsing_what_a_user_types(tmp_path):
     csv.write_text("image,age,sex\na.png,63,F\n")
     with pytest.raises(CxrflowError, match="missing view"):
         read_metadata_csv(csv)
+
+
+def test_predict_takes_demographics_from_flags_or_a_csv(tmp_path):
+    from argparse import Namespace
+
+    from cxrflow.predict import demographics_from_args
+
+    def args(**kw):
+        return Namespace(**{"images": [], "age": None, "sex": None, "view": None, "metadata": None, **kw})
+
+    assert demographics_from_args(args(images=["a.png"])) == (["a.png"], None)
+    images, table = demographics_from_args(args(images=["a.png", "b.png"], age="63", sex="F", view="unknown"))
+    assert images == ["a.png", "b.png"] and table == {"a.png": (63.0, "F", None), "b.png": (63.0, "F", None)}
+    csv = tmp_path / "sub" / "m.csv"
+    csv.parent.mkdir()
+    csv.write_text("image,age,sex,view\nx.png,70,M,PA\n")
+    images, table = demographics_from_args(args(metadata=str(csv)))  # no IMAGE: the CSV's, beside it
+    assert images == [str(tmp_path / "sub" / "x.png")] and table[images[0]] == (70.0, "M", "PA")
+    with pytest.raises(CxrflowError, match="--metadata and --age exclude each other"):
+        demographics_from_args(args(images=["a.png"], metadata=str(csv), age="5"))
+    with pytest.raises(CxrflowError, match="give at least one IMAGE"):
+        demographics_from_args(args())
