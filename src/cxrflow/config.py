@@ -156,8 +156,8 @@ def preset(name: str) -> TrainConfig:
     ``paper``: the paper's recipe -- batch size 5, knowledge transfer then fine-tuning, 8 epochs
     each, plain SGD with momentum at a constant learning rate, no early stopping (the issue fixes
     the batch size, stages and epochs; optimizer and rates are ours).
-    ``default``: for real use, sized by the amount of data -- batch 32, Adam (1e-3 for the head,
-    3e-4 to fine-tune), light augmentation, and per stage at least :data:`DEFAULT_MIN_STEPS`
+    ``default``: for real use, sized by the amount of data -- batch 32, Adam 1e-3 in both stages
+    (CheXNet's rate; the decay comes from the schedule), light augmentation, and per stage at least :data:`DEFAULT_MIN_STEPS`
     optimiser steps (a small train split gets more epochs than the stage's 3 or 10; a large one
     gets exactly those), with a 100-step linear warm-up and a cosine decay to 0 over the stage. The
     best epoch by validation AUC is kept; no early stopping, the schedule sets the length.
@@ -178,7 +178,7 @@ def preset(name: str) -> TrainConfig:
         )
     if name == "default":
         return TrainConfig(
-            finetune=StageSettings(epochs=10, lr=3e-4),
+            finetune=StageSettings(epochs=10, lr=1e-3),
             scheduler="cosine",
             warmup_steps=100,
             min_steps=DEFAULT_MIN_STEPS,
