@@ -7,9 +7,17 @@ bf16 autocast + channels_last beside plain float32, with their ratio and the GPU
 Inputs are random tensors of the model's input shape (the loader has its own benchmark); weights are
 random (``pretrained="none"``), which does not change the cost of a step.
 
+Activation checkpointing (``--grad-checkpointing``): DenseNet-121 and ResNet-50 with and without,
+peak memory of a training step and images/s, with their ratios. Each measurement runs in a fresh
+process: on CUDA the peak is ``torch.cuda.max_memory_allocated``; on the CPU it is the process's
+peak resident memory (``VmHWM``, reset after the warm-up step) above what it held then (model,
+gradients, optimiser state and input are in neither), with glibc told to return freed blocks at
+once (``MALLOC_MMAP_THRESHOLD_``) so that resident memory follows what is live.
+
     python benchmarks/train.py                      # CPU table, plus the GPU table where CUDA exists
     python benchmarks/train.py --models simple_cnn --sizes 64 --steps 5
     python benchmarks/train.py --distributed-only   # torchrun vs Spark's TorchDistributor, 2 CPU processes
+    python benchmarks/train.py --checkpointing-only --ckpt-size 1024 --ckpt-batch-size 8   # on a GPU
 
 Distributed launch (``--distributed``, ``--distributed-only``): the same 2-process CPU training run
 (simple_cnn on a synthetic store) started by ``torchrun --nproc_per_node 2`` and by ``cxrflow train
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -33,16 +42,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxrflow.models import MODEL_NAMES, create_model
+from cxrflow.models import CHECKPOINTING_MODELS, MODEL_NAMES, create_model
 
 
 def images_per_second(
     name: str, size: int, *, batch: int, steps: int, warmup: int, device: torch.device,
-    head_only: bool = False, bf16: bool = False, channels_last: bool = False,
+    head_only: bool = False, bf16: bool = False, channels_last: bool = False, grad_checkpointing: bool = False,
+    memory: dict | None = None, cpu_time: bool = False,
 ) -> float:
-    """Mean training images/s of ``steps`` optimiser steps after ``warmup`` untimed ones."""
+    """Mean training images/s of ``steps`` optimiser steps after ``warmup`` untimed ones.
+
+    ``memory``: filled with ``peak_bytes``, the peak memory of the steps above what was held before them.
+    ``cpu_time``: images per CPU second of this process instead of per wall second (fair on a busy machine).
+    """
     torch.manual_seed(0)
-    model = create_model(name, 14).to(device)
+    model = create_model(name, 14, grad_checkpointing=grad_checkpointing).to(device)
     model.freeze_backbone(head_only)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -66,12 +80,70 @@ def images_per_second(
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
+    else:
+        held = _resident_bytes()
+        _reset_peak_resident()
+    clock = time.process_time if cpu_time else time.perf_counter
+    start = clock()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return batch * steps / (time.perf_counter() - start)
+    seconds = clock() - start
+    if memory is not None:
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_resident_bytes()
+        memory["peak_bytes"] = peak - held
+    return batch * steps / seconds
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _reset_peak_resident() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset the peak resident set size (VmHWM) to the current one
+
+
+def _peak_resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _one_measurement(args: argparse.Namespace) -> None:
+    """``--one NAME SIZE BATCH CKPT``: one checkpointing measurement in this (fresh) process, as JSON."""
+    name, size, batch, ckpt = args.one[0], int(args.one[1]), int(args.one[2]), args.one[3] == "1"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory: dict = {}
+    rate = images_per_second(name, size, batch=batch, steps=args.steps, warmup=args.warmup, device=device,
+                             grad_checkpointing=ckpt, memory=memory, bf16=device.type == "cuda",
+                             channels_last=device.type == "cuda", cpu_time=device.type == "cpu")
+    print(json.dumps({"images_per_second": rate, **memory}))
+
+
+def checkpointing_table(size: int, batch: int, steps: int, warmup: int, threads: int | None) -> None:
+    """Peak memory and images/s with and without activation checkpointing, each in a fresh process."""
+    where = (f"GPU {torch.cuda.get_device_name()} (bf16 + channels_last), images per second" if torch.cuda.is_available()
+             else "CPU, images per CPU second of the process")
+    print(f"\nactivation checkpointing, {where}, {size} px, batch {batch}, {steps} timed steps after {warmup} warm-up")
+    print(f"{'model':<12} {'peak MiB':>9} {'ckpt MiB':>9} {'memory':>7} {'img/s':>7} {'ckpt img/s':>11} {'speed':>6}")
+    for name in CHECKPOINTING_MODELS:
+        out = []
+        for ckpt in ("0", "1"):
+            cmd = [sys.executable, __file__, "--one", name, str(size), str(batch), ckpt, "--steps", str(steps),
+                   "--warmup", str(warmup)] + (["--threads", str(threads)] if threads else [])
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            run = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            out.append(json.loads(run.stdout.splitlines()[-1]))
+        plain, ckpt = out
+        mib = 2**20
+        print(f"{name:<12} {plain['peak_bytes'] / mib:>9.0f} {ckpt['peak_bytes'] / mib:>9.0f} "
+              f"{ckpt['peak_bytes'] / plain['peak_bytes']:>6.2f}x {plain['images_per_second']:>7.1f} "
+              f"{ckpt['images_per_second']:>11.1f} {ckpt['images_per_second'] / plain['images_per_second']:>5.2f}x",
+              flush=True)
 
 
 def cpu_table(models: list[str], sizes: list[int], batch: int, steps: int, warmup: int) -> None:
@@ -157,9 +229,23 @@ def main() -> None:
     parser.add_argument("--dist-epochs", type=int, default=4)
     parser.add_argument("--dist-rows", type=int, default=512, help="train images of the distributed run")
     parser.add_argument("--dist-master", default="local-cluster[2,1,1024]")
+    parser.add_argument("--ckpt-size", type=int, default=None,
+                        help="size of the checkpointing table (default 128 on CPU, 1024 on a GPU)")
+    parser.add_argument("--ckpt-batch-size", type=int, default=None, help="its batch (default 8 on CPU, 16 on a GPU)")
+    parser.add_argument("--checkpointing-only", action="store_true", help="only the activation checkpointing table")
+    parser.add_argument("--one", nargs=4, metavar=("MODEL", "SIZE", "BATCH", "CKPT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.one:
+        _one_measurement(args)
+        return
+    gpu = torch.cuda.is_available()
+    ckpt_args = (args.ckpt_size or (1024 if gpu else 128), args.ckpt_batch_size or (16 if gpu else 8),
+                 args.steps, args.warmup, args.threads)
+    if args.checkpointing_only:
+        checkpointing_table(*ckpt_args)
+        return
     if args.distributed_only:
         distributed_table(2, args.dist_epochs, args.dist_rows, 32, args.dist_master)
         return
@@ -169,6 +255,7 @@ def main() -> None:
         gpu_table(args.gpu_sizes, args.gpu_batch_size, args.gpu_steps, warmup=3)
     else:
         print("\nno CUDA GPU here: the bf16 + channels_last vs float32 table needs one")
+    checkpointing_table(*ckpt_args)
     if args.distributed:
         distributed_table(2, args.dist_epochs, args.dist_rows, 32, args.dist_master)
 

@@ -31,7 +31,7 @@ def test_paper_preset_is_the_papers_recipe():
 def test_default_preset_for_real_use():
     cfg = resolve_config(None, None, REQUIRED)
     assert cfg.preset == "default" and cfg.batch_size > 5
-    assert cfg.optimizer == "adam" and cfg.scheduler == "plateau" and cfg.early_stopping_patience > 0
+    assert cfg.optimizer == "adam" and cfg.scheduler == "cosine" and cfg.min_steps >= 1000 and cfg.warmup_steps > 0
 
 
 def test_stage_selection_and_simple_cnn_single_stage():

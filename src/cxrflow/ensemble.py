@@ -343,11 +343,16 @@ class EnsemblePredictor:
     def calibrated(self) -> bool:
         return self.calibration is not None
 
-    def logits(self, images: dict) -> np.ndarray:
-        return ensemble_logits(self.method, [m.logits(images) for m in self.members], self.member_calibrations, self.stacking)
+    @property
+    def uses_demographics(self) -> bool:
+        return any(m.uses_demographics for m in self.members)
 
-    def probabilities(self, images: dict) -> np.ndarray:
-        z = self.logits(images)
+    def logits(self, images: dict, demographics=None) -> np.ndarray:
+        member_logits = [m.logits(images, demographics if m.uses_demographics else None) for m in self.members]
+        return ensemble_logits(self.method, member_logits, self.member_calibrations, self.stacking)
+
+    def probabilities(self, images: dict, demographics=None) -> np.ndarray:
+        z = self.logits(images, demographics)
         return sigmoid(z) if self.calibration is None else apply_temperatures(z, *self.calibration)
 
 

@@ -481,6 +481,8 @@ def run_etl(
 def _write_store(pub, release, splits, tasks, records, sizes, master, spark, group_rows, per_file, *, vocab, strict,
                  verbose, val_fraction, seed, compression, threads, driver_memory, executor_memory, progress, started):
     """Run the Spark job into ``pub.tmp``, check the store, write its manifest and publish it."""
+    from cxrflow.demographics import FIELDS as DEMOGRAPHIC_FIELDS  # driver only: it imports torch
+    from cxrflow.demographics import count_unknown
     from cxrflow.formats import store_label_keys
     from cxrflow.spark import build_spark
 
@@ -529,8 +531,12 @@ def _write_store(pub, release, splits, tasks, records, sizes, master, spark, gro
             "drop --strict to quarantine them and go on",
             q["path"],
         )
+    quarantined_ids = {q["image_id"] for q in manifest["quarantined"]}
+    kept = [r for r in records if r["image_id"] not in quarantined_ids]
+    # the store keeps the raw values; this counts those a fused model will see as unknown
+    manifest["demographics_unknown"] = count_unknown(*([r[f] for r in kept] for f in DEMOGRAPHIC_FIELDS))
     manifest["split_identity"] = _split_identities(records, manifest["quarantined"])
-    manifest.update(store_label_keys(release, records, {q["image_id"] for q in manifest["quarantined"]}))
+    manifest.update(store_label_keys(release, records, quarantined_ids))
     spacing = write_spacing(tmp, [row for s in summaries for row in s["pixel_spacing"]])
     if spacing is not None:
         manifest["pixel_spacing"] = spacing

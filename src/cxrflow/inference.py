@@ -6,7 +6,8 @@ calibration) all score through here, so a checkpoint gives the same numbers wher
 - :func:`resolve_device`: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` to a :class:`torch.device`, with
   one clear error for a device that is not there.
 - :func:`model_input`: uint8 ``[N, 1, S, S]`` -> normalised float on the device (channels_last on CUDA).
-- :func:`batch_logits`: one forward pass (bf16 autocast on CUDA), logits as float32 on the CPU.
+- :func:`batch_logits`: one forward pass (bf16 autocast on CUDA), logits as float32 on the CPU;
+  demographics (:mod:`cxrflow.demographics`) go with the images, for the models that fuse them.
 - :func:`predict_split`: every row of a store split, in the store's order, with copies of labels and
   ids (never views into the loader's batch buffers, so memory does not grow with the split).
 """
@@ -68,10 +69,21 @@ def model_input(images: torch.Tensor, mean: float, std: float, device: torch.dev
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def batch_logits(model: nn.Module, images: torch.Tensor, mean: float, std: float, device: torch.device) -> torch.Tensor:
-    """Logits ``float32[N, K]`` on the CPU for one uint8 batch (the model is used as it is: call ``eval()`` first)."""
+def batch_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: float,
+    std: float,
+    device: torch.device,
+    demographics: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits ``float32[N, K]`` on the CPU for one uint8 batch (the model is used as it is: call ``eval()`` first).
+
+    ``demographics`` float32 ``[N, 3]`` (NaN = unknown) is required by fused models, ignored by the others.
+    """
+    d = None if demographics is None else demographics.to(device, non_blocking=True)
     with torch.no_grad(), autocast(device):
-        out = model(model_input(images, mean, std, device))
+        out = model(model_input(images, mean, std, device), demographics=d)
     return out.float().cpu()
 
 
@@ -135,7 +147,7 @@ def predict_split(
     net.eval()
     try:
         for batch in loader:
-            logits.append(batch_logits(net, batch["image"], pixel_mean, pixel_std, device))
+            logits.append(batch_logits(net, batch["image"], pixel_mean, pixel_std, device, batch["demographics"]))
             # copies: the batch's tensors are views into a recycled buffer that also holds its pixels
             labels.append(batch["labels"].clone())
             known.append(batch["known"].clone())

@@ -38,7 +38,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cxrflow.demographics import encode_arrow as encode_demographics
 from cxrflow.errors import CxrflowError
 from cxrflow.store import FORMAT_VERSION, KNOWN_COLUMN, MANIFEST_NAME, check_partition, read_manifest
 from cxrflow.uncertain import apply_policy, resolve_policy
@@ -261,10 +261,7 @@ def _decode(batch: pa.RecordBatch, size: int, num_labels: int, path: str, first_
         states = batch.column(KNOWN_COLUMN).flatten().to_numpy(zero_copy_only=False).reshape(n, num_labels)
     label_values, known = apply_policy(label_values, states, uncertain)
 
-    demographics = np.empty((n, 3), dtype=np.float32)
-    demographics[:, 0] = batch.column("age").to_numpy(zero_copy_only=False) / 100.0
-    demographics[:, 1] = pc.equal(batch.column("sex"), "F").to_numpy(zero_copy_only=False)
-    demographics[:, 2] = pc.equal(batch.column("view"), "AP").to_numpy(zero_copy_only=False)
+    demographics = encode_demographics(batch.column("age"), batch.column("sex"), batch.column("view"))
     return _Rows(
         image=image,
         labels=label_values,
@@ -715,7 +712,7 @@ def make_loader(
 
     Each batch is a dict: ``image`` uint8 [N, 1, S, S]; ``labels`` float32 [N, K] (manifest order);
     ``image_id`` list of N str; ``patient_id`` int64 [N]; ``demographics`` float32 [N, 3] =
-    (age / 100, sex M=0 F=1, view PA=0 AP=1); ``known`` float32 [N, K]: 1 where the label counts
+    (age / 100, sex M=0 F=1, view PA=0 AP=1), NaN where unknown (:mod:`cxrflow.demographics`); ``known`` float32 [N, K]: 1 where the label counts
     (all ones for stores whose labels are all known; otherwise per ``uncertain``, see
     :mod:`cxrflow.uncertain`: ``ignore`` keeps only certain labels, ``ones``/``zeros`` set the
     uncertain ones; labels not mentioned are never known).

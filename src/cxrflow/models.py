@@ -4,6 +4,11 @@
 ``backbone`` maps ``[N, 3, S, S]`` images to ``[N, F]`` pooled features and whose ``head`` is a new
 ``Linear(F, K)``. Training code freezes "the backbone" without knowing the architecture. Models
 return logits; the sigmoid belongs to the loss (``BCEWithLogitsLoss``) and to prediction.
+
+Any model can fuse demographics (``fusion="demographics"``): a small embedding of age, sex and view
+(:mod:`cxrflow.demographics`) is concatenated with the pooled features before the head, so the
+head is ``Linear(F + E, K)``; every model is called ``model(x, demographics=None)`` and an
+image-only model ignores them. Freezing the backbone leaves head and fusion layers trainable.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torchvision import models as tvm
 
+from cxrflow.demographics import DemographicsEmbedding, check_fusion
 from cxrflow.errors import CxrflowError
 
 
@@ -32,13 +39,26 @@ class ChestClassifier(nn.Module):
     ``train()`` is called, so BatchNorm running statistics stay frozen too (the "kt" stage).
     """
 
-    def __init__(self, name: str, backbone: nn.Module, num_features: int, num_classes: int):
+    def __init__(
+        self, name: str, backbone: nn.Module, num_features: int, num_classes: int, fusion: nn.Module | None = None
+    ):
         super().__init__()
         self.name = name
         self.backbone = backbone
         self.num_features = num_features
-        self.head = nn.Linear(num_features, num_classes)
+        #: None (image only) or a module mapping demographics [N, 3] to [N, E] (``out_features``).
+        self.fusion = fusion
+        self.head = nn.Linear(self.head_features, num_classes)
         self.backbone_frozen = False
+
+    @property
+    def head_features(self) -> int:
+        """Inputs of the head: pooled features plus the demographics embedding, if any."""
+        return self.num_features + (self.fusion.out_features if self.fusion is not None else 0)
+
+    @property
+    def uses_demographics(self) -> bool:
+        return self.fusion is not None
 
     @property
     def num_classes(self) -> int:
@@ -52,22 +72,39 @@ class ChestClassifier(nn.Module):
         """Logits ``[N, K]`` from pooled features."""
         return self.head(features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, demographics: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.forward_features(x)
+        if self.fusion is not None:
+            if demographics is None:
+                raise CxrflowError(f"this {self.name} model fuses demographics: it needs age, sex and view")
+            features = torch.cat([features, self.fusion(demographics.to(features.device)).to(features.dtype)], dim=1)
+        return self.forward_head(features)
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a freshly initialised ``Linear(F, num_classes)``."""
+        """Replace the head by a freshly initialised ``Linear(F [+ E], num_classes)``."""
         old = self.head.weight
-        self.head = nn.Linear(self.num_features, num_classes).to(device=old.device, dtype=old.dtype)
+        self.head = nn.Linear(self.head_features, num_classes).to(device=old.device, dtype=old.dtype)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute backbone activations in the backward pass instead of keeping them (less memory)."""
+        if self.name not in _CHECKPOINTING:
+            raise CxrflowError(
+                f"{self.name} has no activation checkpointing; it is available for {', '.join(_CHECKPOINTING)}"
+            )
+        _CHECKPOINTING[self.name](self.backbone, enable)
 
     def freeze_backbone(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) every backbone parameter and its BatchNorm statistics."""
         self.backbone_frozen = frozen
         for p in self.backbone.parameters():
             p.requires_grad_(not frozen)
-        for p in self.head.parameters():
+        for p in self.trainable_on_top().parameters():
             p.requires_grad_(True)
         self.train(self.training)
+
+    def trainable_on_top(self) -> nn.Module:
+        """What knowledge transfer trains: the head, and the fusion layers when there are any."""
+        return nn.ModuleList([self.head] + ([self.fusion] if self.fusion is not None else []))
 
     def train(self, mode: bool = True) -> "ChestClassifier":
         super().train(mode)
@@ -157,6 +194,48 @@ CAM_SPECS: dict[str, CamSpec] = {
     "resnet50": CamSpec("backbone.layer4", "gradcam"),  # last residual stage
     "densenet121": CamSpec("backbone.features.norm5", "gradcam"),  # last dense block, normalised
 }
+
+
+# --- activation checkpointing --------------------------------------------------------------------
+
+
+class CheckpointedSequential(nn.Sequential):
+    """An ``nn.Sequential`` that, while gradients are wanted, recomputes each block's activations in
+    the backward pass (``torch.utils.checkpoint``) instead of storing them. Same children, same
+    state-dict keys as the ``nn.Sequential`` it replaces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        for block in self:
+            if x.requires_grad or any(p.requires_grad for p in block.parameters()):
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+def _resnet_checkpointing(net: nn.Module, enable: bool) -> None:
+    """Checkpoint every bottleneck block of layer1..layer4."""
+    kind = CheckpointedSequential if enable else nn.Sequential
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        setattr(net, name, kind(*getattr(net, name)))
+
+
+def _densenet_checkpointing(net: nn.Module, enable: bool) -> None:
+    """torchvision's own memory-efficient DenseNet: each dense layer recomputes its concatenation
+    and bottleneck (the part whose memory grows quadratically with depth)."""
+    for module in net.modules():
+        if isinstance(module, tvm.densenet._DenseLayer):
+            module.memory_efficient = enable
+
+
+#: name -> switch(backbone, enable) for the models that support activation checkpointing.
+_CHECKPOINTING: dict[str, Callable[[nn.Module, bool], None]] = {
+    "resnet50": _resnet_checkpointing,
+    "densenet121": _densenet_checkpointing,
+}
+CHECKPOINTING_MODELS: tuple[str, ...] = tuple(_CHECKPOINTING)
 #: Names of the original torchvision classifier, dropped when a torchvision state dict is loaded.
 _TORCHVISION_HEADS = ("fc.", "classifier.")
 
@@ -313,7 +392,8 @@ def _load_weights_file(model: ChestClassifier, path: str) -> list[str]:
     if dropped:
         notes.append(f"ignored {len(dropped)} keys of the original classifier ({', '.join(dropped[:3])})")
     head = {k: v for k, v in state.items() if k.startswith("head.")}
-    body = {k: v for k, v in state.items() if not k.startswith("head.")}
+    fusion = {k.removeprefix("fusion."): v for k, v in state.items() if k.startswith("fusion.")}
+    body = {k: v for k, v in state.items() if not k.startswith(("head.", "fusion."))}
     expected = model.backbone.state_dict()
     got = {k.removeprefix("backbone."): v for k, v in body.items()}
     # files saved before PyTorch 0.4 (torchvision's DenseNet) lack BatchNorm's batch counters
@@ -331,18 +411,32 @@ def _load_weights_file(model: ChestClassifier, path: str) -> list[str]:
         notes.append("loaded backbone and head")
     else:
         notes.append("loaded backbone; head newly initialised" + (" (shape differs)" if head else ""))
+    if model.fusion is not None and fusion:
+        ours = model.fusion.state_dict()
+        if fusion.keys() == ours.keys() and all(ours[k].shape == v.shape for k, v in fusion.items()):
+            model.fusion.load_state_dict(fusion)
+            notes.append("loaded fusion layers")
     return notes
 
 
 def create_model(
-    name: str, num_classes: int, pretrained: str = "none", *, download: bool = True
+    name: str,
+    num_classes: int,
+    pretrained: str = "none",
+    *,
+    download: bool = True,
+    fusion: str = "none",
+    grad_checkpointing: bool = False,
 ) -> ChestClassifier:
     """Build a registered model with a new ``num_classes`` head.
 
     ``pretrained``: ``"none"`` (random init), ``"imagenet"`` (torchvision weights from the
     ``$TORCH_HOME`` cache, downloaded only when ``download`` and the network allow) or a path to a
     state dict (torchvision-style, a ChestClassifier's, or a cxrflow checkpoint).
+    ``fusion``: ``"none"`` or ``"demographics"`` (see :mod:`cxrflow.demographics`).
+    ``grad_checkpointing``: activation checkpointing (models in :data:`CHECKPOINTING_MODELS`).
     """
+    check_fusion(fusion)
     if name not in _BUILDERS:
         raise CxrflowError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if num_classes < 1:
@@ -350,7 +444,11 @@ def create_model(
     pretrained = str(pretrained)
     kind = pretrained if pretrained in ("none", "imagenet") else "file"
     backbone, num_features = _BUILDERS[name](kind, download)
-    model = ChestClassifier(name, backbone, num_features, num_classes)
+    model = ChestClassifier(
+        name, backbone, num_features, num_classes, DemographicsEmbedding() if fusion == "demographics" else None
+    )
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
     model.load_notes = []
     if kind == "file":
         model.load_notes = _load_weights_file(model, pretrained)
@@ -411,7 +509,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CxrflowError("not a cxrflow checkpoint (needs keys model, config, label_names)", file)
     _check_checkpoint(ckpt, file)
     name = ckpt["config"].get("model")
-    model = create_model(name, len(ckpt["label_names"]), pretrained="none")
+    model = create_model(name, len(ckpt["label_names"]), pretrained="none", fusion=ckpt["config"].get("fusion", "none"))
     load_weights(model, ckpt["model"], file)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)

@@ -15,6 +15,10 @@ sigmoid outputs and the thresholds chosen on them. ``--run`` may also name an en
 
 An unreadable file is reported as one ``error: <file>: <reason>`` line; the other files still get
 their predictions and the exit status is 2.
+
+A run that fuses demographics needs them: ``--age 63 --sex F --view AP`` for every file, or
+``--metadata CSV`` with ``image,age,sex,view`` rows (the word ``unknown`` or an empty cell for a
+value that is not known); they are encoded exactly as in training (:mod:`cxrflow.demographics`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,12 @@ import numpy as np
 import torch
 
 from cxrflow.atomic import json_safe
+from cxrflow.demographics import FIELDS, encode, parse_age, parse_choice, read_metadata_csv
 from cxrflow.errors import CxrflowError
 from cxrflow import options
+
+#: (age, sex, view) of one image; None for a value that is not known.
+Demographics = tuple[float | None, str | None, str | None]
 
 
 @dataclass
@@ -62,20 +70,26 @@ class Predictor:
         return [self.size]
 
     @property
+    def uses_demographics(self) -> bool:
+        return bool(getattr(self.model, "uses_demographics", False))
+
+    @property
     def calibrated(self) -> bool:
         return self.calibration is not None
 
-    def logits(self, images: dict[int, torch.Tensor]) -> np.ndarray:
-        """Raw logits ``float64[N, K]`` of a uint8 batch ``[N, 1, S, S]`` given per size."""
+    def logits(self, images: dict[int, torch.Tensor], demographics: torch.Tensor | None = None) -> np.ndarray:
+        """Raw logits ``float64[N, K]`` of a uint8 batch ``[N, 1, S, S]`` given per size (and the
+        encoded demographics ``[N, 3]`` a fused model needs)."""
         from cxrflow.inference import batch_logits
 
-        return batch_logits(self.model, images[self.size], self.mean, self.std, self.device).numpy().astype(np.float64)
+        z = batch_logits(self.model, images[self.size], self.mean, self.std, self.device, demographics)
+        return z.numpy().astype(np.float64)
 
-    def probabilities(self, images: dict[int, torch.Tensor]) -> np.ndarray:
+    def probabilities(self, images: dict[int, torch.Tensor], demographics: torch.Tensor | None = None) -> np.ndarray:
         """Probabilities ``float64[N, K]``: calibrated when the predictor has a calibration, else raw."""
         from cxrflow.calibration import apply_temperatures, sigmoid
 
-        z = self.logits(images)
+        z = self.logits(images, demographics)
         return sigmoid(z) if self.calibration is None else apply_temperatures(z, *self.calibration)
 
 
@@ -162,27 +176,39 @@ def operating_scale(evaluation: dict | None, label_names: Sequence[str], *, raw:
 
 
 def predict_files(
-    predictor: Predictor, paths: Sequence[str | os.PathLike], *, batch_size: int = 32
+    predictor: Predictor,
+    paths: Sequence[str | os.PathLike],
+    *,
+    batch_size: int = 32,
+    demographics: dict[str, Demographics] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Probabilities for each readable file, and one error per unreadable one, both in input order.
 
     Returns ``(predictions, errors)``: ``{"image": path, "probabilities": {finding: p}}`` and
-    ``{"image": path, "error": reason}``.
+    ``{"image": path, "error": reason}``. ``demographics`` (path as given -> (age, sex, view)) is
+    required for a fused run (an image without an entry is an error of that image) and unused otherwise.
     """
+    if predictor.uses_demographics and demographics is None:
+        raise CxrflowError(
+            f"the run fuses demographics ({predictor.checkpoint}): give --age, --sex and --view, or --metadata CSV"
+        )
     from cxrflow.imaging import preprocess
 
     predictions: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
-    pending: list[tuple[str, np.ndarray]] = []
+    pending: list[tuple[str, np.ndarray, Demographics | None]] = []
 
     def flush() -> None:
         if not pending:
             return
-        batch = {s: torch.from_numpy(np.stack([img[s] for _, img in pending])[:, None]) for s in predictor.sizes}
-        probs = predictor.probabilities(batch)
-        for (name, _), row in zip(pending, probs):
+        batch = {s: torch.from_numpy(np.stack([img[s] for _, img, _ in pending])[:, None]) for s in predictor.sizes}
+        demo = torch.from_numpy(encode([d for _, _, d in pending])) if predictor.uses_demographics else None
+        probs = predictor.probabilities(batch, demo)
+        for (name, _, known), row in zip(pending, probs):
             probabilities = dict(zip(predictor.label_names, map(float, row)))
             result: dict[str, Any] = {"image": name, "probabilities": probabilities}
+            if predictor.uses_demographics:
+                result["demographics"] = dict(zip(FIELDS, known))
             if predictor.thresholds is not None:
                 result["positive"] = [
                     n for n in predictor.label_names if n in predictor.thresholds and probabilities[n] >= predictor.thresholds[n]
@@ -193,6 +219,12 @@ def predict_files(
     for p in paths:
         name = str(p)
         path = Path(p)
+        entry = None
+        if predictor.uses_demographics:
+            entry = demographics.get(name, demographics.get(path.name))
+            if entry is None:
+                errors.append({"image": name, "error": "no age, sex and view for it in --metadata"})
+                continue
         if not path.exists():
             errors.append({"image": name, "error": "no such file"})
             continue
@@ -207,7 +239,7 @@ def predict_files(
         except OSError as exc:
             errors.append({"image": name, "error": f"cannot read: {exc.strerror or exc}"})
             continue
-        pending.append((name, gray))
+        pending.append((name, gray, entry))
         if len(pending) >= batch_size:
             flush()
     flush()
@@ -235,7 +267,10 @@ def format_table(predictions: Sequence[dict], label_names: Sequence[str]) -> str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or DICOM files (any size, gray, RGB, RGBA or 16-bit)")
+    parser.add_argument(
+        "images", nargs="*", metavar="IMAGE",
+        help="PNG, JPEG or DICOM files (any size, gray, RGB, RGBA or 16-bit); default: the images of --metadata",
+    )
     parser.add_argument("--run", default=None, help="run folder written by 'cxrflow train', or an ensemble folder ('cxrflow ensemble')")
     parser.add_argument(
         "--checkpoint", default=None, help="best_finetune, best_kt, last or a .pt path (default: best_finetune, else best_kt)"
@@ -252,13 +287,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write a heatmap overlay PNG per image and flagged finding into DIR (paths in the JSON output)",
     )  # fmt: skip
     parser.add_argument("--heatmap-method", default=None, choices=["gradcam", "hirescam"], help="default: the model's own")
+    parser.add_argument("--age", default=None, help="patient age in years, for runs trained with --fusion demographics")
+    parser.add_argument("--sex", default=None, help="M or F (or unknown), for fused runs")
+    parser.add_argument("--view", default=None, help="view position PA or AP (or unknown), for fused runs")
+    parser.add_argument("--metadata", default=None, metavar="CSV",
+                        help="image,age,sex,view rows for many files (image as given, or its file name)")
+
+
+def demographics_from_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Demographics] | None]:
+    """The images to score and their demographics from --age/--sex/--view or --metadata (None: none given)."""
+    flags = {f: getattr(args, f) for f in FIELDS}
+    given = [f for f, v in flags.items() if v is not None]
+    images = list(args.images)
+    if args.metadata is not None:
+        if given:
+            raise CxrflowError(f"--metadata and --{given[0]} exclude each other; put the values in the CSV")
+        table = read_metadata_csv(args.metadata)
+        if not images:
+            base = Path(args.metadata).parent
+            images = [name if Path(name).is_absolute() else str(base / name) for name in table]
+            table = dict(zip(images, table.values()))
+        return images, table
+    if not images:
+        raise CxrflowError("give at least one IMAGE (or --metadata CSV)")
+    if not given:
+        return images, None
+    if len(given) < len(FIELDS):
+        missing = ", ".join(f"--{f}" for f in FIELDS if f not in given)
+        raise CxrflowError(f"give --age, --sex and --view together (missing {missing}; 'unknown' is allowed)")
+    entry = (parse_age(flags["age"]), parse_choice(flags["sex"], "sex", "--sex"), parse_choice(flags["view"], "view", "--view"))
+    return images, {str(image): entry for image in images}
 
 
 def run(args: argparse.Namespace) -> int:
     if args.run is None and args.checkpoint is None:
         raise CxrflowError("give --run RUN (or --checkpoint FILE.pt)")
+    images, demographics = demographics_from_args(args)
     predictor = load_predictor(args.run, args.checkpoint, device=args.device, store=args.store, raw=args.raw)
-    predictions, errors = predict_files(predictor, args.images, batch_size=max(1, args.batch_size))
+    if demographics is not None and not predictor.uses_demographics:
+        print("note: this run does not use demographics; --age/--sex/--view/--metadata are ignored", file=sys.stderr)
+    predictions, errors = predict_files(
+        predictor, images, batch_size=max(1, args.batch_size), demographics=demographics
+    )
     heatmap_method = None
     if args.heatmaps is not None:
         from cxrflow.overlays import write_prediction_heatmaps

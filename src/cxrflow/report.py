@@ -6,7 +6,8 @@ at ``best_kt`` and ``best_finetune`` gives two rows, KT and fine-tuned, like the
 evaluation: model, size, stage, mean AUC with its 95% patient-bootstrap interval, the paper's
 published mean AUC for the same configuration (reference column), the mean expected calibration
 error (after the evaluation's temperature scaling, and raw) and the per-finding AUCs; the best row is
-marked. An ensemble folder (``cxrflow ensemble``) is one row of its own, with its members named.
+marked. An ensemble folder (``cxrflow ensemble``) is one row of its own, with its members named. A run that fuses demographics is its own row, its model named
+"+ demographics".
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ PAPER_MEAN_AUC: dict[tuple[str, int | None, str], float] = {
 }
 MODEL_TITLES = {"simple_cnn": "Simple CNN", "resnet50": "ResNet-50", "densenet121": "DenseNet-121"}
 STAGE_TITLES = {"kt": "KT", "finetune": "fine-tuned"}
+#: How a fusion is named after the model's title ("none": image only, nothing added).
+FUSION_TITLES = {"demographics": " + demographics"}
 TABLE_MD = "table.md"
 TABLE_CSV = "table.csv"
 COMPARISON_PNG = "comparison.png"
@@ -48,6 +51,11 @@ def paper_mean_auc(model: str, size: int | None, stage: str) -> float | None:
     if model == "simple_cnn":
         return PAPER_MEAN_AUC.get(("simple_cnn", None, stage))
     return PAPER_MEAN_AUC.get((model, None if size is None else int(size), stage))
+
+
+def model_title(model: str, fusion: str = "none") -> str:
+    """``DenseNet-121``, or ``DenseNet-121 + demographics`` for a fused run."""
+    return MODEL_TITLES.get(model, model) + FUSION_TITLES.get(fusion, "" if fusion == "none" else f" + {fusion}")
 
 
 def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") -> list[Path]:
@@ -90,6 +98,7 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
     if stale is not None:  # a number in the table must belong to the model the run holds now
         raise CxrflowError(stale, Path(metrics_path).parent)
     model = m.get("model", "?")
+    fusion = m.get("fusion") or "none"
     size = m.get("size")
     stage = m.get("stage") or (m.get("method", "?") if m.get("kind") == "ensemble" else "?")
     ci = m.get("mean_auc_ci95") or [None, None]
@@ -100,7 +109,7 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
         label = f"Ensemble ({m.get('method')}) of {' + '.join(members)}"
     else:
         members = []
-        label = f"{MODEL_TITLES.get(model, model)} {size}px {STAGE_TITLES.get(stage, stage)}"
+        label = f"{model_title(model, fusion)} {size}px {STAGE_TITLES.get(stage, stage)}"
     paper = None if ensemble else paper_mean_auc(model, size, stage)
     mean = m["mean_auc"]
     ece = (m.get("calibration") or {}).get("ece_mean") or {}
@@ -112,6 +121,7 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
         "ece_raw": ece.get("before"),
         "run": m.get("run_name") or Path(m.get("run", metrics_path.parent.parent)).name,
         "model": model,
+        "fusion": fusion,
         "size": size,
         "stage": stage,
         "checkpoint": m.get("checkpoint"),
@@ -155,7 +165,7 @@ def format_csv(rows: Sequence[dict]) -> str:
     """The table as CSV: one row per evaluation, numbers unrounded, empty cells for n/a."""
     findings = _finding_columns(rows)
     head = [
-        "run", "model", "size", "stage", "checkpoint", "split", "n_images", "n_patients",
+        "run", "model", "fusion", "size", "stage", "checkpoint", "split", "n_images", "n_patients",
         "mean_auc", "ci95_low", "ci95_high", "paper_mean_auc", "delta_vs_paper", "best", "nan_findings",
         "ece_calibrated", "ece_raw", "kind", "members",
     ] + [f"auc_{n}" for n in findings]
@@ -164,7 +174,7 @@ def format_csv(rows: Sequence[dict]) -> str:
     w.writerow(head)
     for r in rows:
         w.writerow(
-            [r["run"], r["model"], r["size"], r["stage"], r["checkpoint"], r["split"], r["n_images"], r["n_patients"]]
+            [r["run"], r["model"], r["fusion"], r["size"], r["stage"], r["checkpoint"], r["split"], r["n_images"], r["n_patients"]]
             + ["" if r[k] is None else repr(float(r[k])) for k in ("mean_auc", "ci_low", "ci_high", "paper_mean_auc", "delta_vs_paper")]
             + [str(r["best"]).lower(), ";".join(r["nan_findings"])]
             + ["" if r[k] is None else repr(float(r[k])) for k in ("ece", "ece_raw")]
@@ -186,6 +196,7 @@ def format_markdown(rows: Sequence[dict]) -> str:
         "reference only: the data, split and preprocessing behind it differ. The best run is in bold.",
         "*ECE* is the mean expected calibration error over findings (15 equal-width bins; lower is",
         "better) of the temperature-scaled probabilities, with the model's raw ones in brackets.",
+        "A model named \"+ demographics\" also sees age, sex and view; the paper's models are image only.",
         "",
     ]
     vocabularies = len({tuple(r["label_names"]) for r in rows})
@@ -204,7 +215,7 @@ def format_markdown(rows: Sequence[dict]) -> str:
         ci = f"{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}" if r["ci_low"] is not None else "n/a"
         delta = "" if r["delta_vs_paper"] is None else f"{r['delta_vs_paper']:+.4f}"
         ece = "n/a" if r["ece"] is None else f"{r['ece']:.3f}" + ("" if r["ece_raw"] is None else f" ({r['ece_raw']:.3f})")
-        model = f"Ensemble ({r['model'][len('ensemble('):-1]})" if r["kind"] == "ensemble" else MODEL_TITLES.get(r["model"], r["model"])
+        model = f"Ensemble ({r['model'][len('ensemble('):-1]})" if r["kind"] == "ensemble" else model_title(r["model"], r["fusion"])
         cells = [
             r["run"], model, str(r["size"]), STAGE_TITLES.get(r["stage"], r["stage"]),
             mean or "n/a", ci, ece, _fmt(r["paper_mean_auc"]) or "—", delta or "—", str(r["n_images"]), "**best**" if r["best"] else "",

@@ -238,6 +238,10 @@ def format_manifest(manifest: dict) -> str:
     src = manifest.get("source", {})
     if src:
         lines.append("source: " + ", ".join(f"{k} {v}" for k, v in src.items() if not isinstance(v, (list, dict))))
+    unknown = manifest.get("demographics_unknown")
+    if unknown:
+        lines.append("demographics unknown to a fused model (raw values kept): "
+                     + ", ".join(f"{k} {v}" for k, v in unknown.items()))
     quarantined = manifest.get("quarantined", [])
     if quarantined:
         lines.append(f"quarantined ({len(quarantined)}):")

@@ -42,6 +42,14 @@ Each drawn pattern is one row of the BBox file, in the image's own pixel coordin
 ``placement="anywhere"`` (``--placement anywhere``) each pattern sits at a uniformly random place in
 the image instead of its cell, so that a finding's position varies (the localization benchmark's
 fixed-box baseline then knows little).
+
+With ``demographic_findings`` (``cxrflow synth --demographic-findings``) some findings follow the
+patient instead, as real ones do, and are faint on the image, so that a model that also sees age,
+sex and view (``cxrflow train --fusion demographics``) can beat one that sees the image only.
+Their prevalence is ``sigmoid(base + per_decade * (age - 50) / 10 + male * [M] + ap * [AP])``
+(:data:`DEMOGRAPHIC_FINDINGS`) and their pattern is drawn at :data:`FAINT_STRENGTH` of the usual
+contrast. About 1% of the images then get an unusable age in the CSV (0, 150 or 414, as the real
+v2017 file has), while their labels follow the true age.
 Output is deterministic: metadata from ``seed``, each image from its own generator seeded with
 ``(seed, image number)``.
 """
@@ -96,6 +104,17 @@ PATTERNS = {
     "Hernia": ((3, 2), "dome"),
 }
 GRID = 4
+
+#: finding -> (base, per_decade, male, ap): the logit of its prevalence (``demographic_findings``).
+DEMOGRAPHIC_FINDINGS: dict[str, tuple[float, float, float, float]] = {
+    "Emphysema": (-3.0, 1.2, 1.6, 0.0),
+    "Edema": (-3.0, 0.4, 0.0, 2.8),
+    "Cardiomegaly": (-3.0, 0.9, 0.0, 1.6),
+}
+#: Contrast of a demographic finding's pattern, relative to the other findings'.
+FAINT_STRENGTH = 0.05
+BAD_AGE_FRACTION = 0.01
+BAD_AGES = (0, 150, 414)
 _SHAPE_CYCLE = ("disc", "ring", "plus", "checker", "hbars", "vbars", "diamond", "frame")
 
 #: (width, height, pixel spacing as the release writes it) seen in the release.
@@ -192,12 +211,24 @@ def _label_strings(labels: np.ndarray, vocab: LabelVocabulary) -> np.ndarray:
     return np.asarray(texts, dtype=object)[inverse.reshape(-1)]
 
 
+def _demographic_labels(
+    labels: np.ndarray, vocab: LabelVocabulary, age: np.ndarray, male: np.ndarray, ap: np.ndarray,
+    rng: np.random.Generator,
+) -> None:
+    """Redraw the :data:`DEMOGRAPHIC_FINDINGS` columns from age, sex and view (in place)."""
+    for name, (base, per_decade, w_male, w_ap) in DEMOGRAPHIC_FINDINGS.items():
+        if name in vocab.names:
+            logit = base + per_decade * (age - 50) / 10 + w_male * male + w_ap * ap
+            labels[:, vocab.names.index(name)] = rng.random(len(age)) < 1 / (1 + np.exp(-logit))
+
+
 def sample_entries(
     patients: int,
     rng: np.random.Generator,
     vocab: LabelVocabulary = NIH14,
     images: int | None = None,
     test_fraction: float = 0.2,
+    demographic_findings: bool = False,
 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Synthetic metadata with the release's shape, without pixels.
 
@@ -230,6 +261,10 @@ def sample_entries(
     train_patients = np.setdiff1d(pids, test_patients)
 
     labels = _sample_labels(n, vocab, rng)
+    if demographic_findings:
+        _demographic_labels(labels, vocab, age, sex == "M", view == "AP", rng)
+        bad = rng.random(n) < BAD_AGE_FRACTION
+        age = np.where(bad, rng.choice(BAD_AGES, n), age)  # written wrong; the labels used the true age
     _top_up(labels, patient_of_image, [g for g in (train_patients, test_patients) if len(g)], rng)
 
     entries = pd.DataFrame(
@@ -334,10 +369,12 @@ def render_image(
     layout: list[tuple[tuple[int, int], str]],
     background: np.ndarray,
     placement: str = "grid",
+    strength: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, float, float, float, float]]]:
     """One uint8 [size, size] image and its boxes ``(finding index, x, y, w, h)`` in pixels.
 
     ``background`` is :func:`chest_background` with a pad; the image is a randomly shifted crop of it.
+    ``strength``: per finding, the contrast of its pattern (default 1 for all).
     """
     pad = (background.shape[0] - size) // 2
     dy, dx = rng.integers(0, 2 * pad + 1, 2)
@@ -358,6 +395,8 @@ def render_image(
         if placement == "anywhere":
             x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
         mask = _pattern_mask(kind, side) * 0.9
+        if strength is not None:
+            mask = mask * np.float32(strength[j])
         level = rng.uniform(0.9, 1.0)
         window = img[y0 : y0 + side, x0 : x0 + side]
         window[...] = window * (1 - mask) + level * mask
@@ -377,6 +416,7 @@ def synthesize(
     *,
     overwrite: bool = False,
     placement: str = "grid",
+    demographic_findings: bool = False,
 ) -> dict:
     """Write a synthetic dataset in the release's format to ``out_dir``; return its counts.
 
@@ -392,7 +432,11 @@ def synthesize(
     started = time.perf_counter()
     layout_map = finding_layout(vocab)
     layout = [layout_map[name] for name in vocab.names]
-    entries, labels, test_patients = sample_entries(patients, np.random.default_rng([seed, 1]), vocab)
+    entries, labels, test_patients = sample_entries(
+        patients, np.random.default_rng([seed, 1]), vocab, demographic_findings=demographic_findings
+    )
+    faint = [name for name in DEMOGRAPHIC_FINDINGS if demographic_findings and name in vocab.names]
+    strength = np.array([FAINT_STRENGTH if name in faint else 1.0 for name in vocab.names]) if faint else None
     background = chest_background(size, pad=max(1, size // 64))
 
     with publishing(out_dir, "synth", overwrite=overwrite) as pub:
@@ -401,7 +445,7 @@ def synthesize(
         boxes: list[tuple[str, int, float, float, float, float]] = []
         for i, image_id in enumerate(entries["image_id"]):
             pixels, image_boxes = render_image(
-                labels[i], size, np.random.default_rng([seed, 2, i]), layout, background, placement
+                labels[i], size, np.random.default_rng([seed, 2, i]), layout, background, placement, strength
             )
             Image.fromarray(pixels, mode="L").save(tmp / "images" / image_id, format="PNG", compress_level=1)
             boxes.extend((image_id, *box) for box in image_boxes)
@@ -430,6 +474,7 @@ def synthesize(
             "boxes": len(boxes),
             "no_finding": int((labels.sum(1) == 0).sum()),
             "findings": {name: int(labels[:, j].sum()) for j, name in enumerate(vocab.names)},
+            "demographic_findings": faint,
         }
         pub.commit(**summary)
     summary["seconds"] = round(time.perf_counter() - started, 3)
@@ -445,11 +490,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--placement", default="grid", choices=PLACEMENTS, help="findings in their own grid cell (default) or anywhere"
     )
+    parser.add_argument(
+        "--demographic-findings", action="store_true",
+        help=f"{', '.join(DEMOGRAPHIC_FINDINGS)} follow age, sex and view and are faint on the image (for fusion)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     s = synthesize(
-        args.out, patients=args.patients, size=args.size, seed=args.seed, overwrite=args.overwrite, placement=args.placement
+        args.out, patients=args.patients, size=args.size, seed=args.seed, overwrite=args.overwrite, placement=args.placement,
+        demographic_findings=args.demographic_findings,
     )
     print(
         f"wrote {s['images']} images of {s['patients']} patients ({s['size']}x{s['size']} px) to {s['out']} "

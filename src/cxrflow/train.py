@@ -48,6 +48,7 @@ from cxrflow.config import (
     config_from_dict,
     resolve_config,
 )
+from cxrflow.demographics import FUSIONS, fusion_record
 from cxrflow.errors import CxrflowError
 from cxrflow import options
 from cxrflow.identity import store_identity
@@ -181,8 +182,11 @@ def train_one_epoch(
     stage: str,
     epoch: int,
     step_hook: StepHook | None = None,
+    per_step_scheduler: Any = None,
 ) -> tuple[float, int, float]:
     """Train for ``steps`` batches; returns (mean loss over all ranks, images over all ranks, seconds).
+
+    ``per_step_scheduler``: a learning-rate schedule stepped after every optimiser step (cosine).
 
     A non-finite loss on any rank stops every rank before the weights change; non-finite weights at
     the end of the epoch stop it before anything is saved (both raise :class:`NonFiniteLoss`).
@@ -198,10 +202,11 @@ def train_one_epoch(
         if generator is not None:
             x = augment(x, generator)
         y = batch["labels"].to(device, non_blocking=True)
+        demographics = batch["demographics"].to(device, non_blocking=True)  # image-only models ignore them
         if step_hook is not None:
             step_hook(_unwrap(model), stage, epoch, step)
         with _autocast(device):
-            logits = model(x)
+            logits = model(x, demographics=demographics)
         known = (batch["known"].to(device, non_blocking=True),) if isinstance(criterion, MaskedBCEWithLogits) else ()
         loss = criterion(logits.float(), y, *known)
         bad = not bool(torch.isfinite(loss))
@@ -212,6 +217,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if per_step_scheduler is not None:
+            per_step_scheduler.step()
         n = int(y.shape[0])
         loss_sum += float(loss.detach()) * n
         images += n
@@ -286,7 +293,19 @@ def _make_optimizer(config: TrainConfig, params: list[nn.Parameter], lr: float) 
     return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
 
 
-def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor at ``step``: linear warm-up to 1, then half a cosine down to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Plateau (stepped per epoch on validation AUC), cosine (stepped per optimiser step) or None."""
+    if config.scheduler == "cosine":
+        warmup = min(config.warmup_steps, total_steps // 10)  # a short stage is not all warm-up
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total_steps))
     if config.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=config.plateau_factor, patience=config.plateau_patience
@@ -356,10 +375,11 @@ def _train(
     masked = "uncertain_policies" in manifest  # some labels are not known: the loss counts known ones only
     pos_weight = (policy_pos_weight(manifest, config.uncertain) if masked
                   else _pos_weight(manifest, len(label_names), config.store)).to(ctx.device)
-    stages = config.stages()
+    train_rows = int(manifest["rows"][str(int(config.size))]["train"])
+    stages = config.stage_plan(train_rows, ctx.world_size)
     # the normalisation travels with the run, so predict works without the store; the splits'
     # identity lets evaluate refuse another dataset's store
-    saved = {**config.to_dict(), "label_names": label_names, "stages": [vars(s) for s in stages],
+    saved = {**config.to_dict(), **fusion_record(config.fusion), "label_names": label_names, "stages": [vars(s) for s in stages],
              "world_size": ctx.world_size, "pixel_mean": mean, "pixel_std": std,
              "store_identity": store_identity(config.store, manifest, config.size)}
 
@@ -370,7 +390,10 @@ def _train(
     torch.manual_seed(config.seed)
     # built before the run folder is touched, so a weights problem leaves nothing behind; a resumed
     # run takes every weight from last.pt, so its starting weights need not exist any more
-    model = create_model(config.model, len(label_names), pretrained="none" if resuming else config.pretrained)
+    model = create_model(
+        config.model, len(label_names), pretrained="none" if resuming else config.pretrained, fusion=config.fusion,
+        grad_checkpointing=config.grad_checkpointing,
+    )
     for note in getattr(model, "load_notes", []):
         info(f"weights {config.pretrained}: {note}")
     _prepare_run_folder(out, resume=resume, overwrite=overwrite, ctx=ctx)
@@ -395,7 +418,6 @@ def _train(
         if ctx.main:
             _write_metrics(out, history)
 
-    train_rows = int(manifest["rows"][str(int(config.size))]["train"])
     global_epoch = sum(s.epochs for s in stages[:start_stage])
     run_start = time.perf_counter()
     for stage_index in range(start_stage, len(stages)):
@@ -409,10 +431,15 @@ def _train(
             info(f"stage {stage.name} starts from weights: {config.pretrained}")
         _set_trainable(model, stage)
         trainable, total = count_parameters(model)
-        info(f"stage {stage.name}: trainable {trainable:,} of {total:,} parameters, lr {stage.lr:g}, {stage.epochs} epochs")
+        steps_per_epoch = max(1, train_rows // (config.batch_size * ctx.world_size))
+        info(
+            f"stage {stage.name}: trainable {trainable:,} of {total:,} parameters, lr {stage.lr:g}, {stage.epochs} epochs "
+            f"of about {steps_per_epoch} steps, scheduler {config.scheduler}"
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _make_optimizer(config, params, stage.lr)
-        scheduler = _make_scheduler(config, optimizer)
+        scheduler = _make_scheduler(config, optimizer, stage.epochs * steps_per_epoch)
+        per_step = scheduler if config.scheduler == "cosine" else None
         if first:
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None and state["scheduler"] is not None:
@@ -444,11 +471,12 @@ def _train(
                     f"on {ctx.world_size} processes", config.store
                 )
             t0 = time.perf_counter()
+            lr = float(optimizer.param_groups[0]["lr"])  # the rate the epoch starts at (cosine moves it per step)
             progress = Progress(steps, f"{stage.name} {epoch}/{stage.epochs}", enabled=ctx.main and not quiet)
             try:
                 train_loss, images, train_seconds = train_one_epoch(
                     net, loader, criterion, optimizer, ctx=ctx, mean=mean, std=std, steps=steps, generator=generator,
-                    progress=progress, stage=stage.name, epoch=epoch, step_hook=step_hook,
+                    progress=progress, stage=stage.name, epoch=epoch, step_hook=step_hook, per_step_scheduler=per_step,
                 )
             except NonFiniteLoss as exc:
                 progress.close()
@@ -467,7 +495,6 @@ def _train(
             )
             aucs = per_class_auc(val["labels"], val["probs"], val["known"] if masked else None)
             auc = mean_auc(aucs)
-            lr = float(optimizer.param_groups[0]["lr"])
             undefined = [n for n, a in zip(label_names, aucs) if math.isnan(a)]
             if undefined and epoch == epoch_start:
                 info(f"val AUC undefined (one class only) for {', '.join(undefined)}; excluded from the mean")
@@ -485,7 +512,7 @@ def _train(
                 "val_images": len(val["image_id"]),
             }
             history.append(row)
-            if scheduler is not None and math.isfinite(auc):
+            if config.scheduler == "plateau" and scheduler is not None and math.isfinite(auc):
                 scheduler.step(auc)
             prev = best.get(stage.name)
             improved = prev is None or (
@@ -583,6 +610,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "optionally per finding: zeros,Atelectasis=ones,Edema=ones")
     add_tracking_arguments(parser)
     sparktrain.add_arguments(parser)
+    parser.add_argument("--fusion", metavar="|".join(FUSIONS),
+                        help="demographics: fuse age, sex and view with the image features (default none)")
+    parser.add_argument("--grad-checkpointing", action="store_true", default=None,
+                        help="activation checkpointing: less memory, about a third more compute (densenet121, resnet50)")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -615,7 +646,8 @@ def _option_overrides(args: argparse.Namespace) -> dict[str, Any]:
     options_given = {
         "store": args.store, "size": args.size, "model": args.model, "out": args.out, "stage": args.stage,
         "batch_size": args.batch_size, "pretrained": args.pretrained, "seed": args.seed,
-        "device": args.device, "num_workers": args.num_workers, "uncertain": args.uncertain,
+        "device": args.device, "num_workers": args.num_workers, "uncertain": args.uncertain, "fusion": args.fusion,
+        "grad_checkpointing": args.grad_checkpointing,
     }  # fmt: skip
     overrides.update({k: v for k, v in options_given.items() if v is not None})  # an option not given keeps --set's value
     return overrides

@@ -1,0 +1,181 @@
+"""Age, sex and view position as model input: one encoding, the fusion layer, unknown values.
+
+Every path that turns demographics into numbers (the loader for training and evaluation,
+``cxrflow predict`` for new files) goes through :func:`encode_arrow`, so a fused model sees the
+same numbers wherever it is used. The tensor is float32 ``[N, 3]`` = (age, sex, view):
+
+- age: ``age / 100`` for ages ``1..120`` years; anything else (0, the release's 414, null) is unknown;
+- sex: ``M`` = 0, ``F`` = 1 (also ``Male``/``Female``, any case); anything else is unknown;
+- view: ``PA`` = 0, ``AP`` = 1 (any case); anything else is unknown.
+
+Unknown is NaN in that tensor, never a number: :class:`DemographicsEmbedding` turns each field
+into a (value, known) pair, the value masked to 0 where unknown, so the model learns what
+"unknown" means instead of trusting a placeholder. The store keeps the raw values; the ETL's
+manifest counts the unknown ones (:func:`count_unknown`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+
+from cxrflow.errors import CxrflowError
+
+FIELDS = ("age", "sex", "view")
+#: Ages (years) taken as known; 0 and above 120 are data-entry errors in the NIH release.
+AGE_RANGE = (1, 120)
+AGE_SCALE = 100.0
+#: Accepted spellings (upper-cased) and their value; index i of _SEX_SPELLINGS means value i % 2.
+_SEX_SPELLINGS = ("M", "F", "MALE", "FEMALE")
+_VIEW_SPELLINGS = ("PA", "AP")
+#: Words that mean "not known" on the command line and in a --metadata CSV.
+UNKNOWN_WORDS = ("", "unknown", "?", "na", "n/a")
+
+#: Fusion methods ``--fusion`` accepts ("none": image only).
+FUSIONS = ("none", "demographics")
+#: Width of the learned demographics embedding that is concatenated with the pooled features.
+EMBEDDING_DIM = 32
+
+#: The exact encoding, recorded in a fused run's config.
+ENCODING: dict[str, Any] = {
+    "columns": list(FIELDS),
+    "age": {"value": f"age / {AGE_SCALE:g}", "known": f"{AGE_RANGE[0]} <= age <= {AGE_RANGE[1]} years"},
+    "sex": {"value": {"M": 0, "F": 1}, "aliases": {"Male": "M", "Female": "F"}, "case": "ignored"},
+    "view": {"value": {"PA": 0, "AP": 1}, "case": "ignored"},
+    "unknown": "NaN in the [N, 3] tensor; the model sees (value masked to 0, known flag 0)",
+    "embedding": f"Linear(6, {EMBEDDING_DIM}) + ReLU over (3 masked values, 3 known flags), "
+    "concatenated with the pooled image features before the head",
+}
+
+
+def fusion_record(fusion: str) -> dict[str, Any]:
+    """What a run's config records about its fusion (the encoding only when it has one)."""
+    return {"fusion": fusion, **({"demographics_encoding": ENCODING} if fusion == "demographics" else {})}
+
+
+def check_fusion(fusion: str) -> str:
+    if fusion not in FUSIONS:
+        raise CxrflowError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+    return fusion
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def _coded(values: pa.Array, spellings: Sequence[str]) -> np.ndarray:
+    """float64: the index (mod 2) of each upper-cased value among ``spellings``; NaN otherwise."""
+    upper = pc.utf8_upper(pc.utf8_trim_whitespace(values.cast(pa.string())))
+    index = pc.index_in(upper, value_set=pa.array(spellings)).to_numpy(zero_copy_only=False).astype(np.float64)
+    return np.where(np.isnan(index), np.nan, index % 2)
+
+
+def encode_arrow(age: pa.Array, sex: pa.Array, view: pa.Array) -> np.ndarray:
+    """float32 ``[N, 3]``: (age / 100, sex F=1, view AP=1), NaN where unknown (see the module doc)."""
+    years = age.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    with np.errstate(invalid="ignore"):
+        known = (years >= AGE_RANGE[0]) & (years <= AGE_RANGE[1])
+    out = np.empty((len(years), 3), dtype=np.float32)
+    out[:, 0] = np.where(known, years / AGE_SCALE, np.nan)
+    out[:, 1] = _coded(sex, _SEX_SPELLINGS)
+    out[:, 2] = _coded(view, _VIEW_SPELLINGS)
+    return out
+
+
+def encode(rows: Sequence[tuple[float | None, str | None, str | None]]) -> np.ndarray:
+    """:func:`encode_arrow` for Python values ``(age or None, sex, view)``."""
+    ages, sexes, views = zip(*rows) if rows else ((), (), ())
+    return encode_arrow(
+        pa.array([None if a is None else float(a) for a in ages], pa.float64()),
+        pa.array(sexes, pa.string()),
+        pa.array(views, pa.string()),
+    )
+
+
+def count_unknown(age: Sequence | pa.Array, sex: Sequence | pa.Array, view: Sequence | pa.Array) -> dict[str, int]:
+    """How many rows have each field unknown (as the model will see them), and how many have any."""
+    unknown = np.isnan(encode_arrow(pa.array(age), pa.array(sex, pa.string()), pa.array(view, pa.string())))
+    return {**{f: int(unknown[:, i].sum()) for i, f in enumerate(FIELDS)}, "any": int(unknown.any(axis=1).sum())}
+
+
+# --- user input (cxrflow predict) ----------------------------------------------------------------
+
+
+def parse_age(text: Any, where: str = "--age") -> float | None:
+    """A number of years, or None for an unknown word; anything else is a one-line error."""
+    if text is None or str(text).strip().lower() in UNKNOWN_WORDS:
+        return None
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise CxrflowError(f"{where}: age must be a number of years (or 'unknown'), got {str(text)!r}")
+    return value
+
+
+def parse_choice(text: Any, field: str, where: str) -> str | None:
+    """``sex``: M/F/Male/Female; ``view``: PA/AP (any case); None for an unknown word; else an error."""
+    if text is None or str(text).strip().lower() in UNKNOWN_WORDS:
+        return None
+    spellings = _SEX_SPELLINGS if field == "sex" else _VIEW_SPELLINGS
+    value = str(text).strip()
+    if value.upper() not in spellings:
+        allowed = "M or F" if field == "sex" else "PA or AP"
+        raise CxrflowError(f"{where}: {field} must be {allowed} (or 'unknown'), got {value!r}")
+    return value
+
+
+def read_metadata_csv(path: str | os.PathLike) -> dict[str, tuple[float | None, str | None, str | None]]:
+    """``image,age,sex,view`` rows (header required) -> {image as written: (age, sex, view)}."""
+    file = Path(path)
+    if not file.is_file():
+        raise CxrflowError("no such metadata CSV", file)
+    with open(file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        missing = [c for c in ("image", *FIELDS) if c not in header]
+        if missing:
+            raise CxrflowError(f"metadata CSV needs the columns image,age,sex,view; missing {', '.join(missing)}", file)
+        reader.fieldnames = header
+        out: dict[str, tuple[float | None, str | None, str | None]] = {}
+        for row in reader:
+            where = f"{file}:{reader.line_num}"
+            image = (row["image"] or "").strip()
+            if not image:
+                raise CxrflowError(f"{where}: empty image name")
+            out[image] = (
+                parse_age(row["age"], where),
+                parse_choice(row["sex"], "sex", where),
+                parse_choice(row["view"], "view", where),
+            )
+    return out
+
+
+# --- the fusion layer ----------------------------------------------------------------------------
+
+
+class DemographicsEmbedding(nn.Module):
+    """``[N, 3]`` demographics (NaN = unknown) -> ``[N, dim]``: ReLU(Linear(masked values ++ known flags))."""
+
+    def __init__(self, dim: int = EMBEDDING_DIM, fields: int = len(FIELDS)):
+        super().__init__()
+        self.fields = fields
+        self.proj = nn.Linear(2 * fields, dim)
+        self.out_features = dim
+
+    def forward(self, demographics: torch.Tensor) -> torch.Tensor:
+        if demographics.dim() != 2 or demographics.shape[1] != self.fields:
+            raise ValueError(f"expected demographics [N, {self.fields}], got {tuple(demographics.shape)}")
+        d = demographics.to(self.proj.weight.dtype)
+        known = ~torch.isnan(d)
+        values = torch.where(known, d, torch.zeros_like(d))
+        return torch.relu(self.proj(torch.cat([values, known.to(d.dtype)], dim=1)))
