@@ -116,7 +116,11 @@ def test_predict_a_fused_run_with_demographics(fused_and_plain, image_files, cap
     assert main(["predict", "--run", run, str(paths[0]), "--age", str(row["age"]), "--sex", row["sex"],
                  "--view", row["view"], "--json"]) == 0
     mine = json.loads(capsys.readouterr().out)["predictions"][0]["probabilities"]
-    assert mine["Edema"] == pytest.approx(prob["prob_Edema"], abs=1e-5)
+    assert mine["Edema"] == pytest.approx(prob["calprob_Edema"], abs=1e-5)  # calibrated by default
+    assert main(["predict", "--run", run, str(paths[0]), "--age", str(row["age"]), "--sex", row["sex"],
+                 "--view", row["view"], "--json", "--raw"]) == 0
+    raw = json.loads(capsys.readouterr().out)["predictions"][0]["probabilities"]
+    assert raw["Edema"] == pytest.approx(prob["prob_Edema"], abs=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -91,7 +91,7 @@ def test_etl_quarantines_bombs_and_pipes_and_keeps_the_rest(spark, tmp_path):
     _pixel_bomb(images[0])
     images[1].unlink()
     os.mkfifo(images[1])
-    # ages outside 0-120 are kept with the age unknown, and counted
+    # ages outside 0-120 are unknown and counted; the store keeps the raw value
     entry = data / "Data_Entry_2017_v2020.csv"
     lines = entry.read_text().splitlines()
     cells = lines[3].split(",")
@@ -105,7 +105,7 @@ def test_etl_quarantines_bombs_and_pipes_and_keeps_the_rest(spark, tmp_path):
     assert manifest["source"]["written"] == manifest["source"]["metadata_rows"] - 2
     assert manifest["source"]["age_unknown"] == 1
     ages = pq.read_table(tmp_path / "store" / "size=16", columns=["image_id", "age"]).to_pydict()
-    assert dict(zip(ages["image_id"], ages["age"]))[cells[0]] == AGE_UNKNOWN
+    assert dict(zip(ages["image_id"], ages["age"]))[cells[0]] == 414
 
 
 # ---------------------------------------------------------------------------------------- metadata
@@ -131,7 +131,7 @@ def test_ages_out_of_range_are_unknown_and_counted_and_float_ages_are_one_line(t
     path = tmp_path / "Data_Entry_2017_v2020.csv"
     path.write_text("\n".join([HEADER, *rows]) + "\n")
     entries = read_data_entry(path)
-    assert entries["age"].tolist() == [45, AGE_UNKNOWN, AGE_UNKNOWN, 120]
+    assert entries["age"].tolist() == [45, 414, AGE_UNKNOWN, 120]  # raw where int16 holds it
     assert entries.attrs["age_unknown"] == 2
     path.write_text("\n".join([HEADER, rows[0].replace(",45,", ",45.0,")]) + "\n")
     with pytest.raises(CxrflowError, match="'Patient Age' must be an integer, got '45.0'") as info:
@@ -164,7 +164,7 @@ def test_generated_metadata_rows_give_a_clean_error_with_file_and_line_or_valid_
         return
     assert len(entries) >= 1
     assert entries["patient_id"].dtype == np.int64 and (entries["patient_id"] >= 0).all()
-    assert ((entries["age"] >= 0) & (entries["age"] <= 120) | (entries["age"] == AGE_UNKNOWN)).all()
+    assert ((entries["age"] >= 0) & (entries["age"] <= np.iinfo(np.int16).max) | (entries["age"] == AGE_UNKNOWN)).all()
     assert np.isfinite(entries[["spacing_x", "spacing_y"]].to_numpy()).all()
     assert entries["sex"].isin(["M", "F"]).all() and entries["view"].isin(["PA", "AP"]).all()
     assert not entries["image_id"].duplicated().any()

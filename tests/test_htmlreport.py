@@ -17,6 +17,7 @@ from PIL import Image
 
 from cxrflow.cli import main
 from cxrflow.config import resolve_config
+from cxrflow.errors import CxrflowError
 from cxrflow.htmlreport import build_context, build_html, render
 from cxrflow.labels import LabelVocabulary
 from cxrflow.synthstore import write_synthetic_store
@@ -271,15 +272,16 @@ def test_heatmap_overlays_where_localization_exists(study, one_torch_thread, tmp
     # a run without localization output gets no overlays
     ctx = build_context([study["runs"][1]], cases=1, heatmap_fn=saliency)
     assert not ctx["cases"][0]["overlays"]
-    # nor one whose checkpoint changed since the evaluation, and the page says why
+    # a run whose checkpoint changed since the evaluation is refused in one line (issue 10): its
+    # numbers and heatmaps would belong to another model
     run = tmp_path / "run"
     shutil.copytree(study["runs"][0], run)
     metrics = _metrics(run / "eval-test-best_finetune")
     shutil.copyfile(metrics["checkpoint_path"], run / "best_finetune.pt")
     metrics.update(checkpoint_path=str(run / "best_finetune.pt"), checkpoint_sha256="0" * 64)
     (run / "eval-test-best_finetune" / "metrics.json").write_text(json.dumps(metrics))
-    ctx = build_context([run], cases=1, heatmap_fn=saliency)
-    assert not ctx["cases"][0]["overlays"] and "has changed since the evaluation" in ctx["cases"][0]["note"]
+    with pytest.raises(CxrflowError, match="best_finetune.pt changed since this evaluation"):
+        build_context([run], cases=1, heatmap_fn=saliency)
 
 
 def test_run_without_evaluation_is_one_line_naming_the_command(tmp_path, capsys):

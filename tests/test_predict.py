@@ -219,10 +219,12 @@ def test_predict_on_the_original_png_files_gives_evaluates_probabilities(spark, 
     metrics = evaluate_run(run, n_boot=10)
     table = pq.read_table(Path(metrics["out"]) / "predictions.parquet").to_pandas().set_index("image_id")
     files = [release / "images" / image_id for image_id in table.index[:12]]
-    predictions, errors = predict_files(load_predictor(run), files, batch_size=5)
-    assert errors == [] and len(predictions) == 12
     names = metrics["label_names"]
-    got = np.array([[p["probabilities"][n] for n in names] for p in predictions])
-    expected = table.loc[[f.name for f in files], [f"prob_{n}" for n in names]].to_numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-4)
-    assert np.ptp(expected, axis=0).max() > 1e-3  # different images, different probabilities
+    # calibrated (predict's default) against calprob_*, the model's raw outputs (--raw) against prob_*
+    for raw, prefix in ((False, "calprob_"), (True, "prob_")):
+        predictions, errors = predict_files(load_predictor(run, raw=raw), files, batch_size=5)
+        assert errors == [] and len(predictions) == 12
+        got = np.array([[p["probabilities"][n] for n in names] for p in predictions])
+        expected = table.loc[[f.name for f in files], [f"{prefix}{n}" for n in names]].to_numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        assert np.ptp(expected, axis=0).max() > 1e-3  # different images, different probabilities

@@ -30,7 +30,7 @@ from cxrflow.errors import CxrflowError
 from cxrflow.outputs import check_target, publishing
 from cxrflow.labels import NIH14, LabelVocabulary
 from cxrflow.formats import add_format_arguments, load_collection
-from cxrflow.metadata import label_matrix, read_data_entry
+from cxrflow.metadata import AGE_RANGE, label_matrix, read_data_entry
 from cxrflow.plots import _new_axes
 
 FIGURES = {
@@ -68,7 +68,7 @@ def compute_stats(entries: pd.DataFrame, vocab: LabelVocabulary = NIH14) -> dict
     findings = {name: int(n) for name, n in zip(vocab.names, labels.sum(axis=0))}
     findings[_no_finding_name(vocab)] = int((per_image == 0).sum())
     views = entries["view"].value_counts()
-    known_ages = entries.loc[entries["age"] >= 0, "age"]
+    known_ages = entries.loc[entries["age"].between(*AGE_RANGE), "age"]
     return {
         "images": int(len(entries)),
         "patients": int(len(per_patient)),
@@ -142,7 +142,7 @@ def plot_age_by_sex(entries: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
     """Histogram of each patient's age at their first image, one series per sex, 5-year bins."""
     fig, ax = _new_axes(ax, (8, 5))
     first = _first_per_patient(entries)
-    first = first[first["age"] >= 0]  # unknown ages are not plotted
+    first = first[first["age"].between(*AGE_RANGE)]  # unknown ages are not plotted
     top = int(max(100, first["age"].max() + 5)) if len(first) else 100
     bins = np.arange(0, top + 5, 5)
     for sex in ("M", "F"):

@@ -43,8 +43,10 @@ VIEWS = ("PA", "AP")
 _INT16_MAX = np.iinfo(np.int16).max
 _INT32_MAX = np.iinfo(np.int32).max
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
-#: Ages outside this range (414 rows of the real v2017 file) are kept with the age unknown:
-#: ``age`` is set to AGE_UNKNOWN and the rows are counted in ``entries.attrs["age_unknown"]``.
+#: Ages outside this range (414 rows of the real v2017 file) are unknown: the row is kept, counted
+#: in ``entries.attrs["age_unknown"]``, left out of age statistics and encoded as unknown for a
+#: fused model (:mod:`cxrflow.demographics`). The raw value stays in ``age`` (the store keeps what the
+#: release says) unless the store's int16 cannot hold it (negative or beyond 32767): then AGE_UNKNOWN.
 AGE_RANGE = (0, 120)
 AGE_UNKNOWN = -1
 
@@ -318,7 +320,7 @@ def read_data_entry(path: str | os.PathLike, vocab: LabelVocabulary = NIH14) -> 
     """Parse ``Data_Entry_2017[_v2020].csv`` into one row per image, in file order.
 
     Columns: ``image_id``, ``finding_labels`` (raw), ``follow_up`` int32, ``patient_id`` int64,
-    ``age`` int16 (:data:`AGE_UNKNOWN` outside :data:`AGE_RANGE`), ``sex``, ``view``, ``orig_width``/``orig_height`` int32, ``spacing_x``/``spacing_y``
+    ``age`` int16 (unknown outside :data:`AGE_RANGE`; :data:`AGE_UNKNOWN` where int16 cannot hold it), ``sex``, ``view``, ``orig_width``/``orig_height`` int32, ``spacing_x``/``spacing_y``
     float64, then one uint8 column per finding named ``vocab.names`` in order.
     """
     path = Path(path)
@@ -334,7 +336,7 @@ def read_data_entry(path: str | os.PathLike, vocab: LabelVocabulary = NIH14) -> 
     _check_range(frame, "patient_id", "Patient ID", 0, np.iinfo(np.int64).max, path, line_of)
     ages = frame["age"].to_numpy()
     unknown_age = (ages < AGE_RANGE[0]) | (ages > AGE_RANGE[1])
-    frame["age"] = np.where(unknown_age, AGE_UNKNOWN, ages)
+    frame["age"] = np.where((ages < 0) | (ages > _INT16_MAX), AGE_UNKNOWN, ages)
     _check_range(frame, "orig_width", "OriginalImage[Width,Height]", 1, _INT32_MAX, path, line_of)
     _check_range(frame, "orig_height", "OriginalImage[Width,Height]", 1, _INT32_MAX, path, line_of)
     _check_choice(frame, "sex", "Patient Gender", SEXES, path, line_of)

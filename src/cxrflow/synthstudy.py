@@ -109,6 +109,9 @@ def write_evaluation(
     metrics = summarize(labels, probs, patients, names, thresholds, n_boot=n_boot, seed=0)
     mean, std = pixel_stats(manifest, store_size)
     checkpoint = run / f"best_{stage}.pt"
+    if not checkpoint.exists() and folder != run:  # an evaluation belongs to a checkpoint file (see evaluation_status)
+        run.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(f"synthetic study: stands for {model} {size}px {stage}".encode())
     metrics = {
         "run": str(run.resolve()), "run_name": run.name, "checkpoint": f"best_{stage}",
         "checkpoint_path": str(checkpoint.resolve()), "stage": stage, "epoch": 3, "model": model, "size": size,
@@ -198,7 +201,10 @@ def write_ensemble(
                                figures_from=figures_from)  # fmt: skip
     metrics.update(
         kind="ensemble", method="mean", model="ensemble(mean)", run_name=folder.name,
-        members=[{"run": str(m.parent), "eval": str(m), "checkpoint_sha256": None} for m in members],
+        members=[
+            {"run": str(m.parent), "eval": str(m), "checkpoint_sha256": json.loads((m / "metrics.json").read_text())["checkpoint_sha256"]}
+            for m in members
+        ],
     )  # fmt: skip
     for key in ("run", "checkpoint_path", "checkpoint", "stage"):
         metrics.pop(key, None)
