@@ -238,4 +238,14 @@ def test_bad_members_are_one_line_errors(members, tmp_path, capsys):
     shutil.copytree(e1, old)
     (old / "val_predictions.parquet").unlink()
     one_line_error(["ensemble", str(e0), str(old), "--out", out], "--overwrite")
+
+    # a member whose run was trained again since its evaluation: its numbers belong to another model
+    retrained = tmp_path / "retrained"
+    shutil.copytree(runs[1], retrained)
+    (retrained / _path(e1).name / "metrics.json").write_text(
+        json.dumps({**json.loads((_path(e1) / "metrics.json").read_text()), "checkpoint_path": str(retrained / "unused.pt")})
+    )
+    ckpt = retrained / f"{json.loads((_path(e1) / 'metrics.json').read_text())['checkpoint']}.pt"
+    ckpt.write_bytes(ckpt.read_bytes() + b"retrained")
+    one_line_error(["ensemble", str(e0), str(retrained), "--out", out], "changed since this evaluation")
     assert not (tmp_path / "ens").exists()

@@ -47,6 +47,7 @@ from cxrflow.evaluate import (
     PREDICTIONS_NAME,
     VAL_PREDICTIONS_NAME,
     default_eval_dir,
+    evaluation_status,
     format_summary,
     read_predictions,
     resolve_checkpoint,
@@ -117,6 +118,9 @@ def load_member(path: str | os.PathLike, split: str = "test") -> Member:
             f"re-run 'cxrflow evaluate --run {metrics.get('run', folder.parent)} --overwrite'",
             folder,
         )
+    stale = evaluation_status(folder / METRICS_NAME, metrics)
+    if stale is not None:  # the member's numbers must belong to the checkpoint its run holds now
+        raise CxrflowError(stale, folder)
     test, test_names = read_predictions(folder / PREDICTIONS_NAME)
     val, val_names = read_predictions(folder / VAL_PREDICTIONS_NAME)
     if test_names != metrics["label_names"] or val_names != metrics["label_names"] or "logits" not in test or "logits" not in val:
@@ -236,16 +240,6 @@ def _combined(member_preds: Sequence[dict], logits: np.ndarray) -> dict:
     }
 
 
-def checkpoint_sha256(metrics: dict) -> str | None:
-    """The member checkpoint's sha256: as its evaluation recorded it, else hashed from the file."""
-    if metrics.get("checkpoint_sha256"):
-        return metrics["checkpoint_sha256"]
-    path = metrics.get("checkpoint_path")
-    if not path or not Path(path).is_file():
-        return None
-    return file_sha256(path)
-
-
 def build_ensemble(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -279,7 +273,7 @@ def build_ensemble(
                 "run": m.metrics.get("run"),
                 "eval": str(m.eval_dir.resolve()),
                 "checkpoint": m.metrics.get("checkpoint"),
-                "checkpoint_sha256": checkpoint_sha256(m.metrics),
+                "checkpoint_sha256": m.metrics["checkpoint_sha256"],
                 "model": m.metrics.get("model"),
                 "size": m.metrics.get("size"),
                 "stage": m.metrics.get("stage"),

@@ -30,6 +30,7 @@ import numpy as np
 from cxrflow import __version__
 from cxrflow.embed import figure_uri
 from cxrflow.errors import CxrflowError
+from cxrflow.evaluate import METRICS_NAME, evaluation_checkpoint
 from cxrflow.identity import file_sha256
 from cxrflow.report import MODEL_TITLES, STAGE_TITLES, build_rows
 
@@ -511,11 +512,8 @@ def _heatmaps_for(ev: dict, heatmap_fn: Callable[..., np.ndarray] | None):
     locs = [] if ev["ensemble"] else sorted(ev["run"].glob("localize-*/localization.json"))
     if heatmap_fn is None or not locs:
         return None, None
-    ckpt = Path(m.get("checkpoint_path") or ev["run"] / f"{m.get('checkpoint')}.pt")
-    if not ckpt.is_file():
-        return None, f"No heatmap overlays: the checkpoint {ckpt} is not there any more."
-    if m.get("checkpoint_sha256") and file_sha256(ckpt) != m["checkpoint_sha256"]:
-        return None, f"No heatmap overlays: {ckpt} has changed since the evaluation (its sha256 differs)."
+    # build_rows has already refused an evaluation whose checkpoint is gone or changed (evaluation_status)
+    ckpt = evaluation_checkpoint(ev["folder"] / METRICS_NAME, m)
     found = [(loc, _read_json(loc)[0] or {}) for loc in locs]
     loc = next((d for _, d in found if d.get("checkpoint") == m.get("checkpoint")), found[0][1])
     from cxrflow.models import load_checkpoint
