@@ -221,8 +221,13 @@ def test_invalid_ensembles(ensembles, match):
 
 
 @pytest.mark.slow
-def test_sweep_builds_its_ensembles_once(tmp_path, capsys):
+def test_sweep_builds_its_ensembles_once(tmp_path, capsys, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
     from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.tracking import default_uri
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
 
     store = tmp_path / "store"
     write_synthetic_store(store, sizes=(32,), rows={"train": 48, "val": 48, "test": 48}, prevalence=0.3, signal=12)
@@ -235,10 +240,16 @@ def test_sweep_builds_its_ensembles_once(tmp_path, capsys):
         "ensembles:\n  - {name: ab, members: [a, b], method: stacked}\n"
     )
     out = tmp_path / "out"
-    assert main(["sweep", str(config), "--out", str(out), "--device", "cpu", "--in-process"]) == 0
+    assert main(["sweep", str(config), "--out", str(out), "--device", "cpu", "--in-process", "--mlflow"]) == 0
     ens = out / "ensembles" / "ab" / "metrics.json"
     m = json.loads(ens.read_text())
     assert m["method"] == "stacked" and m["member_names"] == ["a/best_finetune", "b/best_finetune"]
+    # with --mlflow the ensemble is its own MLflow run in the sweep's store, naming its members' runs
+    record = json.loads((ens.parent / "mlflow.json").read_text())
+    assert record["tracking_uri"] == default_uri(out)
+    params = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).data.params
+    assert params["method"] == "stacked" and [params[f"members.{i}.mlflow_run_id"] for i in (0, 1)] == [
+        json.loads((out / "runs" / r / "mlflow.json").read_text())["run_id"] for r in ("a", "b")]
     with open(out / "report" / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["a", "b", "ab"] and rows[2]["members"] == "a/best_finetune;b/best_finetune"

@@ -162,3 +162,50 @@ def test_mlflow_missing_or_malformed_uri_is_one_line_and_nothing_written(store, 
     assert main([*_train_argv(store, run), "--mlflow"]) == 2
     assert "pip install 'cxrflow[mlflow]'" in _one_error_line(capsys.readouterr().err)
     assert not run.exists()
+
+
+def test_an_ensemble_is_its_own_mlflow_run_naming_its_tracked_members(store, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    tracked, untracked, ens = runs / "a", runs / "b", runs / "ens"
+    assert main([*_train_argv(store, tracked), "--mlflow"]) == 0
+    assert main([*_train_argv(store, untracked), "--seed", "1"]) == 0
+    for run in (tracked, untracked):
+        assert main(["evaluate", "--run", str(run), "--n-boot", "20", "--device", "cpu"]) == 0
+    members = [str(tracked), str(untracked)]
+    assert main(["ensemble", *members, "--out", str(ens), "--n-boot", "20", "--mlflow", "http://host:notaport"]) == 2
+    assert "malformed MLflow tracking URI" in _one_error_line(capsys.readouterr().err) and not ens.exists()
+    down = tmp_path / "ens-down"  # a refusing server costs one warning, not the ensemble
+    assert main(["ensemble", *members, "--out", str(down), "--n-boot", "20", "--mlflow", f"http://127.0.0.1:{_free_port()}"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: MLflow tracking") == 1 and "logging an ensemble" in err, err
+    assert (down / "metrics.json").is_file() and not (down / RUN_ID_FILE).exists()
+
+    assert main(["ensemble", *members, "--out", str(ens), "--n-boot", "20", "--mlflow"]) == 0
+    record = json.loads((ens / RUN_ID_FILE).read_text())
+    member_record = json.loads((tracked / RUN_ID_FILE).read_text())
+    assert record["tracking_uri"] == member_record["tracking_uri"] == default_uri(runs)
+    client = _client(record["tracking_uri"])
+    mlrun = client.get_run(record["run_id"])
+    metrics = json.loads((ens / "metrics.json").read_text())
+    assert mlrun.info.status == "FINISHED" and mlrun.info.run_name == "ens" and record["run_id"] != member_record["run_id"]
+    params = mlrun.data.params
+    assert params["method"] == "mean" and params["split"] == "test" and json.loads(params["label_names"]) == metrics["label_names"]
+    assert [params[f"members.{i}.eval"] for i in (0, 1)] == [m["eval"] for m in metrics["members"]]
+    assert [params[f"members.{i}.name"] for i in (0, 1)] == metrics["member_names"]
+    assert params["members.0.mlflow_run_id"] == member_record["run_id"] and "members.1.mlflow_run_id" not in params
+    logged = mlrun.data.metrics
+    assert logged["test/ensemble/mean_auc"] == pytest.approx(metrics["mean_auc"])
+    assert [logged["test/ensemble/mean_auc_ci95_low"], logged["test/ensemble/mean_auc_ci95_high"]] == \
+        pytest.approx(metrics["mean_auc_ci95"])
+    assert {k: v for k, v in logged.items() if k.startswith("test/ensemble/auc/")} == pytest.approx(
+        {f"test/ensemble/auc/{n}": v for n, v in metrics["auc"].items() if v is not None})
+    assert {a.path for a in client.list_artifacts(record["run_id"])} == {"metrics.json", *metrics["figures"]}
+
+    # rebuilt without --mlflow: the ensemble it replaced was tracked, so the new one is a new MLflow run in that store
+    assert main(["ensemble", *members, "--out", str(ens), "--n-boot", "20", "--method", "stacked", "--overwrite"]) == 0
+    rebuilt = json.loads((ens / RUN_ID_FILE).read_text())
+    assert rebuilt["tracking_uri"] == record["tracking_uri"] and rebuilt["run_id"] != record["run_id"]
+    assert client.get_run(rebuilt["run_id"]).data.params["method"] == "stacked"
+    assert client.get_run(record["run_id"]).data.params["method"] == "mean"
+    assert "warning" not in capsys.readouterr().err
+

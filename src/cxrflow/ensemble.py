@@ -20,7 +20,8 @@ its method and members, ``predictions.parquet``, ``val_predictions.parquet``, ``
 new files with every member (:class:`EnsemblePredictor`).
 
 Members must share label names, split and images (the same store and split); anything else is one
-clear error.
+clear error. ``--mlflow [URI]`` logs the ensemble as its own MLflow run, naming its members' MLflow
+runs (:func:`cxrflow.tracking.log_ensemble`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from cxrflow.calibration import apply_temperatures, calibration_of, logit, sigmo
 from cxrflow.errors import CxrflowError
 from cxrflow.identity import file_sha256
 from cxrflow.outputs import check_target, publishing
+from cxrflow.tracking import add_arguments as add_tracking_arguments
+from cxrflow.tracking import log_ensemble, read_record, request_from_args
 from cxrflow.evaluate import (
     CHECKPOINT_NAMES,
     METRICS_NAME,
@@ -397,14 +400,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap and stacking seed (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble folder")
+    add_tracking_arguments(parser)  # the ensemble is its own MLflow run (ENS/mlflow.json)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.n_boot < 1:
         raise CxrflowError(f"--n-boot must be at least 1, got {args.n_boot}")
+    tracking = request_from_args(args)
+    replaced = read_record(args.out) if args.overwrite else None  # a tracked ensemble stays tracked when rebuilt
     metrics = build_ensemble(
         args.members, args.out, method=args.method, split=args.split, n_boot=args.n_boot, seed=args.seed, overwrite=args.overwrite
     )
+    log_ensemble(tracking, metrics, replaced)
     lines = format_summary(metrics).splitlines()
     lines[0] = (
         f"{metrics['model']} of {', '.join(metrics['member_names'])} on {metrics['split']}: "

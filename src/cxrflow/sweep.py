@@ -37,7 +37,7 @@ the others: it is named at the end and the exit status is 2.
 
 ``--spark-master URL --processes N``: each run's training is its own distributed job on the Spark
 cluster (:func:`cxrflow.sparktrain.run_sweep_jobs`), as many at once as the cluster's slots allow.
-``--mlflow [URI]`` tracks every run (default store ``OUT/mlruns``; see :mod:`cxrflow.tracking`).
+``--mlflow [URI]`` tracks every run and ensemble (default store ``OUT/mlruns``; see :mod:`cxrflow.tracking`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from cxrflow.outputs import claiming
 from cxrflow.sparktrain import SparkLaunch, launch_from_args, run_sweep_jobs
 from cxrflow.sparktrain import add_arguments as add_spark_arguments
 from cxrflow.tracking import add_arguments as add_tracking_arguments
-from cxrflow.tracking import default_uri, request_from_args
+from cxrflow.tracking import default_uri, log_ensemble, request_from_args, request_from_argv
 
 RUN_KEYS = ("name", "evaluate")
 #: Settings that may differ between the sweep file and an existing run (they do not change results).
@@ -189,10 +189,11 @@ def parse_ensembles(entries: Any, runs: Sequence[RunSpec], source: str) -> list[
 
 
 def build_sweep_ensembles(
-    sweep: Sweep, out: Path, *, n_boot: int, echo: Callable[[str], None]
+    sweep: Sweep, out: Path, *, n_boot: int, echo: Callable[[str], None], tracking: Sequence[str] = ()
 ) -> tuple[list[Path], dict[str, str]]:
     """Build every ensemble whose members are evaluated and that is not built yet; returns the
-    ensemble folders that exist and the failures (name: reason)."""
+    ensemble folders that exist and the failures (name: reason). ``tracking``: the steps' options
+    (``--mlflow URI``), under which each new ensemble becomes its own MLflow run."""
     from cxrflow.ensemble import build_ensemble
 
     built: list[Path] = []
@@ -209,10 +210,11 @@ def build_sweep_ensembles(
             continue
         echo(f"[{spec.name}] cxrflow ensemble --method {spec.method} ({', '.join(f'{r}:{c}' for r, c in spec.members)})")
         try:
-            build_ensemble(evals, folder, method=spec.method, n_boot=n_boot, overwrite=True)
+            metrics = build_ensemble(evals, folder, method=spec.method, n_boot=n_boot, overwrite=True)
         except CxrflowError as exc:
             failed[spec.name] = str(exc)
             continue
+        log_ensemble(request_from_argv(tracking), metrics)
         built.append(folder)
     return built, failed
 
@@ -426,7 +428,7 @@ def _run_sweep(
     failed = {j.name: j.failed for j in jobs if j.failed}
     evaluated = [run_dir(out, s.name) for s in sweep.runs if any(
         (default_eval_dir(run_dir(out, s.name), "test", c) / METRICS_NAME).is_file() for c in s.evaluate)]
-    ensembles, ensemble_failed = build_sweep_ensembles(sweep, out, n_boot=n_boot, echo=echo)
+    ensembles, ensemble_failed = build_sweep_ensembles(sweep, out, n_boot=n_boot, echo=echo, tracking=tracking)
     failed.update(ensemble_failed)
     evaluated += ensembles
     report = None

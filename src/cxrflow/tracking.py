@@ -1,4 +1,4 @@
-"""Experiment tracking in MLflow: ``--mlflow [URI]`` on train, evaluate and sweep.
+"""Experiment tracking in MLflow: ``--mlflow [URI]`` on train, evaluate, sweep and ensemble.
 
 The run folder stays the source of truth; MLflow gets a copy of it:
 
@@ -9,11 +9,17 @@ The run folder stays the source of truth; MLflow gets a copy of it:
   ``config.json``, ``metrics.jsonl`` and ``done.json`` as artifacts;
 - evaluation: ``<split>/<checkpoint>/mean_auc`` with ``.../mean_auc_ci95_low``/``_high`` and
   ``.../auc/<finding>``, and the evaluation's ``metrics.json`` and figures as artifacts under
-  ``eval-<split>-<checkpoint>/``.
+  ``eval-<split>-<checkpoint>/``;
+- an ensemble: its own MLflow run (named after its folder), with ``method``, ``split``,
+  ``label_names`` and per member ``members.<i>.name``/``.eval``/``.checkpoint_sha256`` (and, for a
+  tracked member, ``.mlflow_run_id``/``.mlflow_tracking_uri``) as params; ``<split>/ensemble/mean_auc``
+  with its CI and per-finding AUCs as an evaluation's; its ``metrics.json`` and figures as artifacts.
+  A rebuilt ensemble (``--overwrite``) is a new MLflow run, in the store of the one it replaced.
 
-``RUN/mlflow.json`` records the tracking URI and the MLflow run id, so a resumed training and later
-evaluations log into the same MLflow run, with or without ``--mlflow``. Without a URI the tracking
-store is a local folder: ``mlruns`` beside the run folder (a sweep's: ``OUT/mlruns``), which
+``RUN/mlflow.json`` (an ensemble's: ``ENS/mlflow.json``) records the tracking URI and the MLflow run
+id, so a resumed training and later evaluations log into the same MLflow run, with or without
+``--mlflow``. Without a URI the tracking store is a local folder: ``mlruns`` beside the run (or
+ensemble) folder (a sweep's: ``OUT/mlruns``), which
 ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri PATH`` opens.
 
 MLflow is optional (``pip install 'cxrflow[mlflow]'``, which installs mlflow-skinny). A tracking
@@ -32,7 +38,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 from cxrflow.atomic import write_json_atomic
@@ -113,6 +119,14 @@ def request_from_args(args: argparse.Namespace) -> TrackingRequest:
     return TrackingRequest(uri, getattr(args, "mlflow_experiment", DEFAULT_EXPERIMENT) or DEFAULT_EXPERIMENT)
 
 
+def request_from_argv(argv: Sequence[str]) -> TrackingRequest:
+    """The tracking that the ``--mlflow``/``--mlflow-experiment`` options in ``argv`` ask for (as a
+    sweep passes them on to its steps)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return request_from_args(parser.parse_known_args(list(argv))[0])
+
+
 def read_record(run_folder: str | os.PathLike) -> dict | None:
     """``RUN/mlflow.json`` (tracking URI, experiment and run id), or None when the run is not tracked."""
     path = Path(run_folder) / RUN_ID_FILE
@@ -151,14 +165,29 @@ def epoch_metrics(row: dict) -> dict[str, float]:
 
 
 def evaluation_metrics(metrics: dict) -> dict[str, float]:
-    """An evaluation's metrics.json as MLflow metrics: mean AUC with its CI and per-finding AUCs."""
-    prefix = f"{metrics['split']}/{metrics['checkpoint']}"
+    """An evaluation's (or ensemble's) metrics.json as MLflow metrics: mean AUC with its CI and
+    per-finding AUCs, under ``<split>/<checkpoint>/`` (an ensemble's checkpoint: ``ensemble``)."""
+    prefix = f"{metrics['split']}/{metrics.get('checkpoint') or metrics.get('stage')}"
     values = {f"{prefix}/mean_auc": metrics.get("mean_auc")}
     ci = metrics.get("mean_auc_ci95")
     if ci:
         values[f"{prefix}/mean_auc_ci95_low"], values[f"{prefix}/mean_auc_ci95_high"] = ci
     values.update({f"{prefix}/auc/{name}": v for name, v in (metrics.get("auc") or {}).items()})
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def ensemble_params(metrics: dict) -> dict[str, str]:
+    """An ensemble's metrics.json as MLflow params: method, split, label names and its members, with
+    the MLflow run id of each member whose run is tracked."""
+    members = {}
+    for i, (member, name) in enumerate(zip(metrics["members"], metrics["member_names"])):
+        record = read_record(member["run"]) if member.get("run") else None
+        members[str(i)] = {
+            "name": name, "eval": member["eval"], "checkpoint_sha256": member.get("checkpoint_sha256"),
+            **({"mlflow_run_id": record["run_id"], "mlflow_tracking_uri": record.get("tracking_uri")} if record else {}),
+        }  # fmt: skip
+    return flatten_params({"method": metrics["method"], "split": metrics.get("split"),
+                           "label_names": list(metrics["label_names"]), "members": members})
 
 
 def _warn(message: str) -> None:
@@ -257,7 +286,8 @@ class Tracker:
         self._open()
         if self.logged_step is None:
             if self.created:
-                self._log_params()
+                config_path = self.folder / "config.json"
+                self._log_params(flatten_params(json.loads(config_path.read_text())) if config_path.is_file() else {})
                 self.logged_step = 0
             else:
                 if training:
@@ -273,14 +303,17 @@ class Tracker:
                 self._log_metrics({**epoch_metrics(row), **extra}, step)
                 self.logged_step = step
 
-    def _log_params(self) -> None:
+    def _log_params(self, values: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        config_path = self.folder / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        params = [Param(k, v) for k, v in flatten_params(config).items()]
+        params = [Param(k, v) for k, v in values.items()]
         for start in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[start : start + 100])
+
+    def _log_files(self, folder: Path, names: list[str], artifact_path: str | None = None) -> None:
+        for name in names:
+            if (folder / name).is_file():
+                self.client.log_artifact(self.run_id, str(folder / name), artifact_path=artifact_path)
 
     def log_epochs(self, history: list[dict]) -> None:
         """The training epoch hook: log the epochs of ``history`` MLflow does not have yet."""
@@ -292,9 +325,7 @@ class Tracker:
 
         def close() -> None:
             self._log_missing(read_epoch_records(self.folder), training=True)
-            for name in ("config.json", "metrics.jsonl", "done.json"):
-                if (self.folder / name).is_file():
-                    self.client.log_artifact(self.run_id, str(self.folder / name))
+            self._log_files(self.folder, ["config.json", "metrics.jsonl", "done.json"])
             self.client.set_terminated(self.run_id, status=status)
 
         if self.client is not None or status == "FINISHED":
@@ -311,11 +342,22 @@ class Tracker:
             self._log_missing(read_epoch_records(self.folder), training=False)
             self._log_metrics(evaluation_metrics(metrics), int(metrics.get("epoch") or 0))
             folder = Path(eval_folder)
-            for name in ["metrics.json", *metrics.get("figures", [])]:
-                if (folder / name).is_file():
-                    self.client.log_artifact(self.run_id, str(folder / name), artifact_path=folder.name)
+            self._log_files(folder, ["metrics.json", *metrics.get("figures", [])], artifact_path=folder.name)
 
         self._guard("logging an evaluation", log)
+
+    def log_ensemble(self, metrics: dict) -> None:
+        """The ensemble folder as a finished MLflow run: its params, AUCs, metrics.json and figures."""
+
+        def log() -> None:
+            self._open()
+            if self.created:
+                self._log_params(ensemble_params(metrics))
+            self._log_metrics(evaluation_metrics(metrics), 0)
+            self._log_files(self.folder, ["metrics.json", *metrics.get("figures", [])])
+            self.client.set_terminated(self.run_id, status="FINISHED")
+
+        self._guard("logging an ensemble", log)
 
 
 @contextlib.contextmanager
@@ -343,3 +385,13 @@ def log_evaluation(request: TrackingRequest | None, metrics: dict) -> None:
     tracker = Tracker.for_run(request, metrics["run"])
     if tracker is not None:
         tracker.log_evaluation(metrics, metrics["out"])
+
+
+def log_ensemble(request: TrackingRequest | None, metrics: dict, replaced: dict | None = None) -> None:
+    """Log a newly built ensemble folder as its own MLflow run when asked for, or when the ensemble
+    it replaced was tracked (``replaced``: that folder's record, read before it was replaced)."""
+    if (request is None or request.uri is None) and replaced is not None:
+        request = TrackingRequest(replaced["tracking_uri"], replaced.get("experiment") or DEFAULT_EXPERIMENT)
+    tracker = Tracker.for_run(request, metrics["out"])
+    if tracker is not None:
+        tracker.log_ensemble(metrics)
