@@ -284,6 +284,49 @@ def test_heatmap_overlays_where_localization_exists(study, one_torch_thread, tmp
         build_context([run], cases=1, heatmap_fn=saliency)
 
 
+def _localization_tables(page: Page) -> list[dict]:
+    return [t for t in page.tables if t["rows"] and t["rows"][0][:2] == ["Finding", "Boxes"]]
+
+
+def test_localization_of_a_checkpoint_the_run_no_longer_holds_is_left_out(study, one_torch_thread, tmp_path):
+    """Issue 14: a localize-* table, its gallery and the overlays it feeds belong to one checkpoint."""
+    import pyarrow.dataset as ds
+    import torch
+
+    from cxrflow.htmlreport import default_heatmap_fn
+
+    run = tmp_path / "run"
+    shutil.copytree(study["runs"][0], run)
+    shutil.rmtree(run / "localize-test-best_finetune")  # the study's stand-in; localize for real below
+    shutil.copyfile(run / "best_finetune.pt", run / "last.pt")
+    test_ids = ds.dataset(study["store"] / "size=64" / "split=test").to_table(columns=["image_id"]).column(0).to_pylist()
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + "".join(f"{i},Mass,10,10,20,20\n" for i in sorted(test_ids)[:3]))
+    for checkpoint in ("best_finetune", "last"):
+        assert main(["localize", "--run", str(run), "--checkpoint", checkpoint, "--bbox", str(boxes),
+                     "--store", str(study["store"]), "--device", "cpu"]) == 0  # fmt: skip
+    heatmap = default_heatmap_fn()
+    page = Page(render(build_context([run], cases=1, heatmap_fn=heatmap)))
+    assert len(_localization_tables(page)) == 2 and "Left out" not in page.all_text
+
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    checkpoint["epoch"] += 1  # trained on since: last.pt is another model, its localization describes the old one
+    torch.save(checkpoint, run / "last.pt")
+    ctx = build_context([run], cases=1, heatmap_fn=heatmap)
+    page = Page(render(ctx))
+    assert len(_localization_tables(page)) == 1  # best_finetune's, which still matches its checkpoint
+    assert sum(img["alt"].startswith("Heatmaps of hirescam") for img in page.images) == 1
+    note = "Left out, not made from the checkpoint the run holds now: last.pt changed since this localization (retrained or resumed; it scored finetune epoch 3)"
+    assert note in page.all_text and f"cxrflow localize --run {run.resolve()} --checkpoint last" in page.all_text
+    assert ctx["cases"][0]["overlays"]  # overlays come from the current localization
+
+    shutil.rmtree(run / "localize-test-best_finetune")  # only the stale one left: no table, no overlays
+    ctx = build_context([run], cases=1, heatmap_fn=heatmap)
+    page = Page(render(ctx))
+    assert not _localization_tables(page) and note in page.all_text
+    assert not ctx["cases"][0]["overlays"] and "localization output is for an older checkpoint" in ctx["cases"][0]["note"]
+
+
 def test_run_without_evaluation_is_one_line_naming_the_command(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2

@@ -12,7 +12,8 @@ import pytest
 
 from cxrflow.boxes import BOXES_NAME, IOBB_THRESHOLDS, IOU_THRESHOLDS
 from cxrflow.cli import main
-from cxrflow.localize import localize_run
+from cxrflow.identity import file_sha256
+from cxrflow.localize import localization_status, localize_run
 from cxrflow.store import SCHEMA, read_manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,6 +73,9 @@ def test_json_matches_a_recomputation_from_boxes_csv(localized):
     out = run / "localize-test-best_finetune"
     saved = json.loads((out / "localization.json").read_text())
     assert saved["accuracy_iobb"] == r["accuracy_iobb"]
+    # bound to its checkpoint, like an evaluation (the report shows it only while the run holds that file)
+    assert saved["checkpoint_sha256"] == file_sha256(run / "best_finetune.pt") and saved["stage"] == "finetune"
+    assert localization_status(out / "localization.json", saved) is None
     pred = pd.read_csv(out / "boxes.csv")
     assert pred.groupby(["image_id", "finding"]).size().max() <= saved["max_boxes"] == 3
     assert set(pred["rank"]) <= {1, 2, 3}

@@ -484,11 +484,12 @@ def write_prediction_files(
 
 
 def evaluation_checkpoint(metrics_path: str | os.PathLike, metrics: dict) -> Path:
-    """The checkpoint file an evaluation is about: ``RUN/<checkpoint>.pt`` beside a default
-    ``RUN/eval-*`` folder (so a moved run still works), else the recorded ``checkpoint_path``."""
+    """The checkpoint file an evaluation (or a localization) is about: ``RUN/<checkpoint>.pt`` beside
+    a default ``RUN/eval-*`` (``RUN/localize-*``) folder (so a moved run still works), else the
+    recorded ``checkpoint_path``."""
     folder = Path(metrics_path).parent
     name = metrics.get("checkpoint")
-    if name and folder.name.startswith("eval-") and (folder.parent / f"{name}.pt").is_file():
+    if name and folder.name.startswith(("eval-", "localize-")) and (folder.parent / f"{name}.pt").is_file():
         return folder.parent / f"{name}.pt"
     return Path(metrics.get("checkpoint_path") or folder / f"{name}.pt")
 
@@ -502,8 +503,6 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
     member's evaluation is and still names the same checkpoint. Every consumer of an evaluation
     calls this before using it.
     """
-    from cxrflow.identity import file_sha256
-
     metrics_path = Path(metrics_path)
     if metrics is None:
         try:
@@ -521,16 +520,25 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
         return None
     name = metrics.get("checkpoint", "?")
     again = f"run 'cxrflow evaluate --run {metrics.get('run', 'RUN')} --checkpoint {name} --overwrite' again"
-    recorded = metrics.get("checkpoint_sha256")
+    return checkpoint_status(metrics_path, metrics, "evaluation", again)
+
+
+def checkpoint_status(path: str | os.PathLike, record: dict, what: str, again: str) -> str | None:
+    """None when the output whose record (``metrics.json``, ``localization.json``) is at ``path`` was
+    made from the checkpoint file its run holds now (by ``checkpoint_sha256``); else one line saying
+    why not, ending with ``again`` (the command that makes it again). ``what`` names the output."""
+    from cxrflow.identity import file_sha256
+
+    recorded = record.get("checkpoint_sha256")
     if not recorded:
-        return f"the evaluation does not record which checkpoint it scored (made by an older cxrflow); {again}"
-    checkpoint = evaluation_checkpoint(metrics_path, metrics)
+        return f"the {what} does not record which checkpoint it scored (made by an older cxrflow); {again}"
+    checkpoint = evaluation_checkpoint(path, record)
     if not checkpoint.is_file():
-        return f"the evaluated checkpoint {checkpoint} is gone; {again}"
+        return f"the {what}'s checkpoint {checkpoint} is gone; {again}"
     if file_sha256(checkpoint) != recorded:
         return (
-            f"{checkpoint.name} changed since this evaluation (retrained or resumed; it scored "
-            f"{metrics.get('stage')} epoch {metrics.get('epoch')}); {again}"
+            f"{checkpoint.name} changed since this {what} (retrained or resumed; it scored "
+            f"{record.get('stage')} epoch {record.get('epoch')}); {again}"
         )
     return None
 

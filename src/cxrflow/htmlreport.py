@@ -347,14 +347,32 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
     }
 
 
-def localization_parts(run: Path) -> list[dict[str, Any]]:
-    """Every ``localize-*`` folder of a run (issue 13's ``localization.json``), as tables and galleries."""
-    parts = []
+def current_localizations(run: Path) -> tuple[list[tuple[Path, dict]], list[dict[str, Any]]]:
+    """The ``localize-*`` outputs of a run made from the checkpoints it holds now, as (path, content),
+    and the others as ``{"folder", "error", "stale"}``: unreadable, or (``stale``) made from a
+    checkpoint the run no longer holds (:func:`cxrflow.localize.localization_status`)."""
+    from cxrflow.localize import localization_status
+
+    found, left_out = [], []
     for path in sorted(run.glob("localize-*/localization.json")):
         loc, why = _read_json(path)
         if loc is None:
-            parts.append({"folder": str(path.parent), "error": f"{path.name} is {why}"})
+            left_out.append({"folder": str(path.parent), "error": f"{path.name} is {why}", "stale": False})
             continue
+        stale = localization_status(path, loc)
+        if stale is not None:
+            left_out.append({"folder": str(path.parent), "stale": True,
+                             "error": f"Left out, not made from the checkpoint the run holds now: {stale}"})
+            continue
+        found.append((path, loc))
+    return found, left_out
+
+
+def localization_parts(run: Path) -> list[dict[str, Any]]:
+    """Every ``localize-*`` folder of a run (issue 13's ``localization.json``), as tables and galleries;
+    one made from an older checkpoint is left out with a one-line note saying why."""
+    found, parts = current_localizations(run)
+    for path, loc in found:
         thresholds = sorted((loc.get("accuracy_iobb") or {}), key=float)
         names = [n for n in next(iter((loc.get("accuracy_iobb") or {}).values()), {}) if n != "overall"]
         base = (loc.get("baseline") or {}).get("accuracy_iobb") or {}
@@ -386,7 +404,7 @@ def localization_parts(run: Path) -> list[dict[str, Any]]:
                 "figures": figures,
             }
         )
-    return parts
+    return sorted(parts, key=lambda part: part["folder"])
 
 
 def run_sections(evaluations: list[dict]) -> list[dict[str, Any]]:
@@ -509,13 +527,15 @@ def _store_reader(store: dict, ev: dict, *, need_model_input: bool):
 def _heatmaps_for(ev: dict, heatmap_fn: Callable[..., np.ndarray] | None):
     """(``(image, finding) -> heatmap`` or None, why not) for an evaluation whose run has localization output."""
     m = ev["metrics"]
-    locs = [] if ev["ensemble"] else sorted(ev["run"].glob("localize-*/localization.json"))
-    if heatmap_fn is None or not locs:
+    if heatmap_fn is None or ev["ensemble"]:
         return None, None
+    found, left_out = current_localizations(ev["run"])
+    if not found:
+        why = "No heatmap overlays: the run's localization output is for an older checkpoint; rerun 'cxrflow localize'."
+        return None, why if any(part["stale"] for part in left_out) else None
     # build_rows has already refused an evaluation whose checkpoint is gone or changed (evaluation_status)
     ckpt = evaluation_checkpoint(ev["folder"] / METRICS_NAME, m)
-    found = [(loc, _read_json(loc)[0] or {}) for loc in locs]
-    loc = next((d for _, d in found if d.get("checkpoint") == m.get("checkpoint")), found[0][1])
+    loc = next((d for _, d in found if d.get("checkpoint_sha256") == m.get("checkpoint_sha256")), found[0][1])
     from cxrflow.models import load_checkpoint
 
     model, _ = load_checkpoint(ckpt, map_location="cpu")

@@ -15,6 +15,10 @@ Writes ``localization.json``, ``boxes.csv`` (every predicted box, original pixel
 recompute the figures) and ``gallery-<finding>.png`` (best and worst cases) to
 ``RUN/localize-<split>-<checkpoint>/`` or ``--out``. Boxes that cannot be scored (image not in the
 store, box outside the image, ...) are listed with their reason in ``localization.json``.
+
+Like an evaluation, a localization belongs to one checkpoint: ``localization.json`` records its
+``checkpoint_sha256`` (with its stage and epoch), and :func:`localization_status` tells a consumer
+whether it still describes the checkpoint the run holds now.
 """
 
 from __future__ import annotations
@@ -261,6 +265,17 @@ def default_localize_dir(run: str | os.PathLike, split: str, checkpoint_name: st
     return Path(run) / f"localize-{split}-{checkpoint_name}"
 
 
+def localization_status(path: str | os.PathLike, result: dict) -> str | None:
+    """None when the localization at ``path`` (its ``localization.json``) was made from the checkpoint
+    its run holds now; else one line saying why not, naming the command that makes it again. Every
+    consumer of a localization (the report's table, gallery and heatmap overlays) calls this first."""
+    from cxrflow.evaluate import checkpoint_status
+
+    again = (f"run 'cxrflow localize --run {result.get('run', 'RUN')} --checkpoint {result.get('checkpoint', '?')} "
+             f"--split {result.get('split', 'test')} --overwrite' again")  # fmt: skip
+    return checkpoint_status(path, result, "localization", again)
+
+
 def check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike] = ()) -> None:
     """Refuse, before any work, an ``out`` that is not ``localize``'s to replace or cannot be created."""
     check_target(out, "localize", overwrite=overwrite, inputs=inputs)
@@ -435,6 +450,8 @@ def localize_run(
         "checkpoint": name,
         "checkpoint_path": str(Path(ckpt_path).resolve()),
         "checkpoint_sha256": file_sha256(ckpt_path),
+        "stage": ckpt.get("stage"),
+        "epoch": ckpt.get("epoch"),
         "model": (ckpt.get("config") or {}).get("model"),
         "store": str(store),
         "size": size,

@@ -170,8 +170,11 @@ def write_localization(run: Path, label_names: Sequence[str], split: str = "test
     thresholds = ["0.1", "0.25", "0.5", "0.75", "0.9"]
     acc = {t: {**{n: round(0.9 - 0.15 * i - 0.01 * k, 3) for k, n in enumerate(boxed)}, "overall": round(0.85 - 0.15 * i, 3)}
            for i, t in enumerate(thresholds)}  # fmt: skip
+    checkpoint = run / "best_finetune.pt"  # a localization belongs to a checkpoint file (see localization_status)
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest() if checkpoint.is_file() else None
     loc = {
-        "run": str(run), "checkpoint": "best_finetune", "checkpoint_sha256": None, "split": split, "method": "gradcam",
+        "run": str(run), "checkpoint": "best_finetune", "checkpoint_path": str(checkpoint.resolve()),
+        "checkpoint_sha256": sha, "stage": "finetune", "epoch": 3, "split": split, "method": "gradcam",
         "thresholds": [float(t) for t in thresholds], "accuracy_iobb": acc,
         "accuracy_iou": {t: {n: round(v / 2, 3) for n, v in row.items()} for t, row in acc.items()},
         "baseline": {"accuracy_iobb": {t: {n: round(v / 3, 3) for n, v in row.items()} for t, row in acc.items()}},
