@@ -220,6 +220,27 @@ def test_train_evaluate_and_report_stop_on_a_held_lock_with_one_line(tmp_path, c
     assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
 
 
+def test_etl_takes_its_lock_before_reading_any_metadata(tmp_path, capsys):
+    """A second ETL on a held output stops at once naming the holder. Its metadata here is empty, so an
+    ETL that read the metadata before taking the lock would stop with "no images" instead."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "Data_Entry_2017_v2020.csv").write_text("")
+    out = tmp_path / "store"
+    argv = ["etl", "--data", str(data), "--out", str(out), "--sizes", "8", "--master", "local[1]", "--no-progress"]
+    holder = _hold_lock(out, "etl")
+    try:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"locked by cxrflow etl (pid {holder.pid}" in err[0], err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(argv) == 2  # the dead holder's lock is reclaimed; then the metadata is read
+    assert "no images" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no store, lock or partial folder left
+
+
 def test_claiming_fresh_replaces_only_a_marked_folder(tmp_path):
     out = tmp_path / "demo"
     with claiming(out, "demo"):

@@ -16,7 +16,9 @@ label sums, a 256-bin pixel histogram per size), which give the manifest's pixel
 
 Everything is written under a hidden temporary sibling of the destination; the manifest is written
 last, after the store was checked with pyarrow, and only then is the folder renamed into place. A
-killed or failed run therefore never leaves a folder at the destination.
+killed or failed run therefore never leaves a folder at the destination. The destination's lock
+(:mod:`cxrflow.outputs`) is taken before any metadata is read, so a second ETL on the same output
+stops at once with one line naming the holder.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence, TextIO
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -44,8 +47,8 @@ from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow import options
 from cxrflow.imaging import ImageError, load_and_resize
-from cxrflow.outputs import check_target, publishing
-from cxrflow.formats import add_format_arguments
+from cxrflow.outputs import publishing
+from cxrflow.formats import Collection, add_format_arguments
 from cxrflow.formats.dicom import spacing_row, write_spacing
 from cxrflow.store import (
     KNOWN_COLUMN,
@@ -437,15 +440,27 @@ def run_etl(
         check_memory(driver_memory, "--driver-memory")
         check_memory(executor_memory, "--executor-memory")
     out = Path(out).absolute()
-    check_target(out, "etl", overwrite=overwrite, inputs=[data_dir])
+    # the output's lock comes first: a second ETL on the same output stops before reading any metadata
+    with publishing(out, "etl", overwrite=overwrite, inputs=[data_dir]) as pub:
+        release = load_collection(data_dir, format, views=views, strict=strict)
+        if split_csv is not None:
+            splits = read_split_csv(split_csv, release.entries)
+        else:
+            splits = assign_collection_splits(release, val_fraction, seed)
+        records = image_records(release, splits)
+        per_file = rows_per_file or auto_rows_per_file(len(records), max(sizes))
+        tasks = plan_tasks(records, per_file, seed)
+        group_rows = {s: row_group_rows(s, per_file) for s in sizes}
+        return _write_store(pub, release, splits, tasks, records, sizes, master, spark, group_rows, per_file,
+                            vocab=release.vocab, strict=strict, verbose=verbose, val_fraction=val_fraction, seed=seed,
+                            compression=compression, threads=threads, driver_memory=driver_memory,
+                            executor_memory=executor_memory, progress=progress, started=started)
 
-    release = load_collection(data_dir, format, views=views, strict=strict)
-    vocab, states = release.vocab, release.states
-    if split_csv is not None:
-        splits = read_split_csv(split_csv, release.entries)
-    else:
-        splits = assign_collection_splits(release, val_fraction, seed)
-    entries = release.entries
+
+def image_records(release: Collection, splits: pd.DataFrame) -> list[dict]:
+    """One record per image of the collection that has a file: what a Spark task needs to write its
+    row (path, split, patient, labels as bytes, demographics; label states where the format has them)."""
+    vocab, states, entries = release.vocab, release.states, release.entries
     label_matrix = entries[list(vocab.names)].to_numpy(dtype=np.uint8)
     split_of = dict(zip(splits["image_id"], splits["split"]))
     records = []
@@ -467,15 +482,7 @@ def run_etl(
                 **({} if states is None else {"known": states[i].tobytes()}),
             }
         )
-    per_file = rows_per_file or auto_rows_per_file(len(records), max(sizes))
-    tasks = plan_tasks(records, per_file, seed)
-    group_rows = {s: row_group_rows(s, per_file) for s in sizes}
-
-    with publishing(out, "etl", overwrite=overwrite, inputs=[data_dir]) as pub:
-        return _write_store(pub, release, splits, tasks, records, sizes, master, spark, group_rows, per_file,
-                            vocab=vocab, strict=strict, verbose=verbose, val_fraction=val_fraction, seed=seed,
-                            compression=compression, threads=threads, driver_memory=driver_memory,
-                            executor_memory=executor_memory, progress=progress, started=started)
+    return records
 
 
 def _write_store(pub, release, splits, tasks, records, sizes, master, spark, group_rows, per_file, *, vocab, strict,
