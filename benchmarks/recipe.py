@@ -3,13 +3,15 @@
 For each ``--images`` count: a synthetic release of about that many images (``cxrflow synth
 --demographic-findings``: three findings are faint on the image, so the task is not saturated --
 on the plain synthetic release at 32 px both recipes reach a mean AUC of 0.99-1.0), the Spark ETL
-at ``--size``, then for each model one run with ``--preset paper`` and one with the
-default preset (both from random weights: the comparison is about the schedule, and ImageNet
+at ``--size``, then for each model one run per recipe: ``--preset paper``, the default preset, and
+the default with ``augment=true`` (the affine jitter it had before; what it costs is the reason the
+default has none), all from random weights (the comparison is about the schedule, and ImageNet
 weights need a download), each evaluated on the test split. Prints mean test AUC with its 95%
-patient-bootstrap interval, the difference, optimiser steps and training minutes of each.
+patient-bootstrap interval, epochs and optimiser steps of each, and default - paper.
 Finished runs and evaluations in ``--work`` are reused, so an interrupted benchmark continues.
 
     python benchmarks/recipe.py --images 1000 10000 --models simple_cnn densenet121 --size 32 --work /tmp/recipe
+    python benchmarks/recipe.py --images 3000 --models simple_cnn --size 64 --work /tmp/recipe
 """
 
 from __future__ import annotations
@@ -28,24 +30,30 @@ def _steps(run: Path) -> int:
     return sum(r["train_images"] // config["batch_size"] for r in rows)
 
 
-def one(store: Path, work: Path, model: str, preset: str, size: int, seed: int, device: str) -> dict:
+#: What is compared: name -> (preset, overrides). "default+augment" is the default with the affine
+#: augmentation the default used to have (rotation 7 deg, zoom 10%, shift 5%), to show what it costs.
+RECIPES = {"paper": ("paper", {}), "default": ("default", {}), "default+augment": ("default", {"augment": True})}
+
+
+def one(store: Path, work: Path, model: str, recipe: str, size: int, seed: int, device: str) -> dict:
     """Train (or reuse) and evaluate (or reuse) one run; returns its figures."""
     from cxrflow.config import resolve_config
     from cxrflow.evaluate import evaluate_run
     from cxrflow.train import train
 
-    run = work / f"{model}-{preset}"
+    preset, overrides = RECIPES[recipe]
+    run = work / f"{model}-{recipe}"
     started = time.perf_counter()
     if not (run / "done.json").exists():
         config = resolve_config(preset, None, {
             "store": str(store), "size": size, "model": model, "out": str(run), "pretrained": "none",
-            "seed": seed, "device": device,
+            "seed": seed, "device": device, **overrides,
         })
         train(config, resume=run.exists(), quiet=True, log=lambda _: None)
     minutes = (time.perf_counter() - started) / 60
     evals = sorted(run.glob("eval-test-best_finetune/metrics.json"))
     metrics = json.loads(evals[0].read_text()) if evals else evaluate_run(run, n_boot=500, device=device)
-    return {"model": model, "preset": preset, "mean_auc": metrics["mean_auc"], "ci": metrics["mean_auc_ci95"],
+    return {"model": model, "recipe": recipe, "mean_auc": metrics["mean_auc"], "ci": metrics["mean_auc_ci95"],
             "steps": _steps(run), "epochs": len((run / "metrics.jsonl").read_text().splitlines()),
             "train_minutes_this_session": round(minutes, 2)}
 
@@ -55,6 +63,7 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", type=int, default=[1000, 10000])
     parser.add_argument("--models", nargs="+", default=["simple_cnn", "densenet121"])
     parser.add_argument("--size", type=int, default=32, help="training size (small, for CPUs)")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
@@ -70,26 +79,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results = []
     for n in args.images:
-        base = Path(args.work) / f"n{n}"
+        base = Path(args.work) / f"n{n}-{args.size}px"
         if not (base / "store" / "_manifest.json").exists():
             synthesize(base / "data", patients=max(2, math.ceil(n / 3.6)), size=2 * args.size, seed=args.seed,
                        overwrite=True, demographic_findings=True)
             run_etl(base / "data", base / "store", [args.size], master="local[2]", overwrite=True)
         rows = json.loads((base / "store" / "_manifest.json").read_text())["rows"][str(args.size)]
         for model in args.models:
-            pair = [one(base / "store", base, model, p, args.size, args.seed, args.device) for p in ("paper", "default")]
-            for r in pair:
-                r.update(images=sum(rows.values()), train_images=rows["train"])
+            cells = {r: one(base / "store", base, model, r, args.size, args.seed, args.device) for r in args.recipes}
+            for r in cells.values():
+                r.update(images=sum(rows.values()), train_images=rows["train"], size=args.size)
                 results.append(r)
-            paper, default = pair
-            print(
-                f"{sum(rows.values()):>6} images ({rows['train']} train) {model:<12} "
-                f"paper {paper['mean_auc']:.4f} ({paper['ci'][0]:.3f}-{paper['ci'][1]:.3f}, {paper['steps']} steps) "
-                f"default {default['mean_auc']:.4f} ({default['ci'][0]:.3f}-{default['ci'][1]:.3f}, "
-                f"{default['steps']} steps)  default - paper {default['mean_auc'] - paper['mean_auc']:+.4f}",
-                flush=True,
+            shown = "  ".join(
+                f"{name} {c['mean_auc']:.4f} ({c['ci'][0]:.3f}-{c['ci'][1]:.3f}, {c['epochs']} epochs, {c['steps']} steps)"
+                for name, c in cells.items()
             )
-    (Path(args.work) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            versus = (f"  default - paper {cells['default']['mean_auc'] - cells['paper']['mean_auc']:+.4f}"
+                      if {"default", "paper"} <= cells.keys() else "")
+            print(f"{sum(rows.values()):>6} images ({rows['train']} train) {args.size} px {model:<12} {shown}{versus}", flush=True)
+    (Path(args.work) / f"results-{args.size}px.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,12 @@ def test_stage_plan_follows_the_amount_of_data():
     assert {s.name: s.epochs for s in config.stage_plan(train_rows=640, world_size=2)} == {"kt": 100, "finetune": 100}
 
 
+def test_neither_preset_augments_unless_asked():
+    base = {"store": "s", "out": "o", "size": 32}
+    assert resolve_config(None, None, base).augment is False and resolve_config("paper", None, base).augment is False
+    assert resolve_config(None, None, {**base, "augment": "true"}).augment is True
+
+
 def test_explicit_epochs_are_the_epochs_run():
     base = {"store": "s", "out": "o", "size": 32}
     assert resolve_config(None, None, base).min_steps == preset("default").min_steps
