@@ -6,7 +6,7 @@ pylibjpeg-openjpeg), each with a window centre/width, then, in the same run, for
 
 1. baseline: plain pydicom + Pillow, one process: ``dcmread`` -> ``pixel_array`` -> ``>> 4`` to 8
    bits (no window) -> Pillow Lanczos to each size; what a user's own script does;
-2. cxrflow's decode, one process: :func:`cxrflow.imaging.load_and_resize` (modality + window to
+2. cxrflow's decode, one process: :func:`cxrflow.data.imaging.load_and_resize` (modality + window to
    8 bits, MONOCHROME1 rule, pad, Lanczos to each size): the same work done properly;
 3. the full ETL (``run_etl`` on a generic ``labels.csv`` folder) on ``--master``: its Spark job's
    time (decode, resize, Parquet writing), after one warm-up run that starts the Python workers.
@@ -39,7 +39,7 @@ def _load() -> str:
 
 def generate(root: Path, n: int, side: int, syntax: str, seed: int) -> list[Path]:
     """``n`` smooth 12-bit radiograph-like images (gradients + noise: compressible like real ones)."""
-    from cxrflow.synthformats import write_dicom
+    from cxrflow.data.synthformats import write_dicom
 
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:side, 0:side].astype(np.float32) / side
@@ -71,7 +71,7 @@ def baseline(paths: list[Path], sizes: list[int]) -> float:
 
 
 def cxrflow_decode(paths: list[Path], sizes: list[int]) -> float:
-    from cxrflow.imaging import load_and_resize
+    from cxrflow.data.imaging import load_and_resize
 
     start = time.perf_counter()
     for path in paths:
@@ -81,7 +81,7 @@ def cxrflow_decode(paths: list[Path], sizes: list[int]) -> float:
 
 def etl(root: Path, out: Path, sizes: list[int], spark) -> float:
     """Seconds of the ETL's Spark job (metadata reading and the manifest are a fixed cost, not counted)."""
-    from cxrflow.etl import run_etl
+    from cxrflow.data.etl import run_etl
 
     manifest = run_etl(root, out, sizes, spark=spark, overwrite=True, format="csv")
     assert manifest["source"]["quarantined"] == 0, manifest["quarantined"]
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--syntaxes", default="explicit,jpeg2000", help="transfer syntaxes (default explicit,jpeg2000)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the data (default: temporary)")
     args = parser.parse_args()
-    from cxrflow.spark import build_spark
+    from cxrflow.data.spark import build_spark
 
     sizes = [int(s) for s in args.sizes.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="cxrflow-dicom-bench-"))

@@ -34,12 +34,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
 
-    from cxrflow.calibration import apply_temperatures, ece_and_brier, fit_temperatures
-    from cxrflow.config import StageSettings, TrainConfig
-    from cxrflow.ensemble import build_ensemble
-    from cxrflow.evaluate import evaluate_run, read_predictions
-    from cxrflow.synthstore import write_synthetic_store
-    from cxrflow.train import train
+    from cxrflow.modelling.calibration import apply_temperatures, ece_and_brier, fit_temperatures
+    from cxrflow.modelling.config import StageSettings, TrainConfig
+    from cxrflow.modelling.ensemble import build_ensemble
+    from cxrflow.results.evaluate import evaluate_run, read_predictions
+    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.modelling.train import train
 
     work = Path(args.out or tempfile.mkdtemp(prefix="cxrflow-ensemble-bench-"))
     store = work / "store"

@@ -1,6 +1,6 @@
 """ETL throughput beside its floor: the Spark ETL against a bare single-process decode+resize loop.
 
-Generates a synthetic release of about N 1024x1024 PNGs (``cxrflow.synth``), then, in the same
+Generates a synthetic release of about N 1024x1024 PNGs (``cxrflow.data.synth``), then, in the same
 run and on the same files, runs each contender once per round, interleaved, for ``--rounds``
 rounds; the best round of each counts (as timeit does: the run least disturbed by other work on a
 shared machine), and every round is printed too:
@@ -8,7 +8,7 @@ shared machine), and every round is printed too:
 1. Pillow decode only, per image (real NIH PNGs decode at ~17 ms each on the reference 2-core
    machine; synthetic ones differ, so both are printed and the extrapolation is given both ways);
 2. plain Pillow with its defaults (open, convert to L, Lanczos to each size): the per-core rate to beat;
-3. the bare loop: one process, ``cxrflow.imaging.load_and_resize`` (the ETL's own function) at
+3. the bare loop: one process, ``cxrflow.data.imaging.load_and_resize`` (the ETL's own function) at
    every size, nothing written (the floor), and the same loop in one process per core at once;
 4. the full ETL (``run_etl``) at the same sizes on ``--master``, its Python workers started and
    warm (a fixed cost per executor, like the JVM's start, printed apart).
@@ -84,7 +84,7 @@ def _tree_cpu_seconds(root: int) -> float | None:
 
 
 def _bare(paths: list[str], sizes: list[int]) -> int:
-    from cxrflow.imaging import load_and_resize
+    from cxrflow.data.imaging import load_and_resize
 
     for p in paths:
         load_and_resize(p, sizes)
@@ -109,7 +109,7 @@ def _warm_worker(_: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from cxrflow.etl import process_task
+    from cxrflow.data.etl import process_task
 
     with tempfile.TemporaryDirectory(prefix="cxrflow-bench-warm-") as tmp:
         path = Path(tmp) / "warm.png"
@@ -135,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
-    from cxrflow.etl import parse_sizes, run_etl
-    from cxrflow.imaging import load_and_resize
-    from cxrflow.metadata import find_images
-    from cxrflow.spark import build_spark
-    from cxrflow.synth import synthesize
+    from cxrflow.data.etl import parse_sizes, run_etl
+    from cxrflow.data.imaging import load_and_resize
+    from cxrflow.data.metadata import find_images
+    from cxrflow.data.spark import build_spark
+    from cxrflow.data.synth import synthesize
 
     sizes = parse_sizes(args.sizes)
     work = args.work or Path(tempfile.mkdtemp(prefix="cxrflow-bench-etl-"))

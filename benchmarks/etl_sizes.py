@@ -33,9 +33,9 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the data (default: a temporary one)")
     args = parser.parse_args()
 
-    from cxrflow.etl import run_etl
-    from cxrflow.spark import build_spark
-    from cxrflow.synth import synthesize
+    from cxrflow.data.etl import run_etl
+    from cxrflow.data.spark import build_spark
+    from cxrflow.data.synth import synthesize
 
     work = Path(args.work or tempfile.mkdtemp(prefix="cxrflow-etl-sizes-"))
     release = work / "release"

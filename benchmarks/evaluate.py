@@ -41,10 +41,10 @@ def make_run(root: Path, test_images: int, val_images: int) -> Path:
     import torch
 
     from cxrflow.identity import store_identity
-    from cxrflow.models import create_model
-    from cxrflow.store import pixel_stats, read_manifest
-    from cxrflow.synthstore import write_synthetic_store
-    from cxrflow.train import save_checkpoint
+    from cxrflow.modelling.models import create_model
+    from cxrflow.data.store import pixel_stats, read_manifest
+    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.modelling.train import save_checkpoint
 
     store, run = root / "store", root / "run"
     manifest = write_synthetic_store(store, sizes=(SIZE,), rows={"train": 32, "val": val_images, "test": test_images},

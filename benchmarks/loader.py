@@ -11,7 +11,7 @@ its own subprocess so peak memory is per case:
     as Petastorm's NdarrayCodec does, read row by row, decoded with ``np.load`` and collated into
     tensors. It leaves out Petastorm's own overheads, so it is faster than the real thing.
 
-(m) batch composition at a 1% shuffle window (see :mod:`cxrflow.batchmix`): distinct percentiles
+(m) batch composition at a 1% shuffle window (see :mod:`cxrflow.data.batchmix`): distinct percentiles
     of image_id order and distinct patients per batch of 32, for the ETL's shuffled row order and
     for the image_id order stores had before, each against a uniform permutation; and the loader's
     throughput on the two layouts (same run), which the row order must not change.
@@ -117,8 +117,8 @@ def case_floor(store: str, size: int, args) -> int:
 def case_loader(store: str, size: int, args, to_float: bool, reuse: bool = False) -> int:
     import torch
 
-    from cxrflow.loader import make_loader, to_model_input
-    from cxrflow.store import pixel_stats, read_manifest
+    from cxrflow.data.loader import make_loader, to_model_input
+    from cxrflow.data.store import pixel_stats, read_manifest
 
     torch.set_num_threads(1 if args.workers_case else 2)
     mean, std = pixel_stats(read_manifest(store), size)
@@ -154,7 +154,7 @@ def run_case(args) -> None:
     if args.case != "floor":  # imports are not part of the measurement
         import torch  # noqa: F401
 
-        import cxrflow.loader  # noqa: F401
+        import cxrflow.data.loader  # noqa: F401
     fn = {
         "floor": lambda: case_floor(store, size, args),
         "uint8": lambda: case_loader(store, size, args, to_float=False),
@@ -197,8 +197,8 @@ def recompress(workdir: Path, compression: str) -> None:
 
 def build(workdir: Path, sizes: list[int], images: int, paper_images: int, row_group_rows: int | None,
           compression: str = "snappy") -> None:
-    from cxrflow.etl import auto_rows_per_file
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.data.etl import auto_rows_per_file
+    from cxrflow.data.synthstore import write_synthetic_store
 
     start = time.perf_counter()
     # files and row groups laid out as the ETL lays out the full release (112,120 images)
@@ -244,8 +244,8 @@ def measure(args, case: str, size: int, workers: int = 0, images: int | None = N
 
 def mixing(args) -> None:
     """(m): batch composition of the shuffled and the image_id-ordered layouts at a 1% window."""
-    from cxrflow.batchmix import batch_mixing
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.data.batchmix import batch_mixing
+    from cxrflow.data.synthstore import write_synthetic_store
 
     print(f"\n(m) batch composition, {args.mix_rows} train rows, 4 images per patient, row groups of 256 rows "
           f"(the ETL's at 512 px), window 1% of the split, batch {args.batch_size}")
@@ -262,8 +262,8 @@ def mixing(args) -> None:
 
 def layout_throughput(args, size: int) -> None:
     """The loader's uint8 throughput on the shuffled layout vs the same images in image_id order."""
-    from cxrflow.etl import auto_rows_per_file
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.data.etl import auto_rows_per_file
+    from cxrflow.data.synthstore import write_synthetic_store
 
     ordered = args.workdir / "ordered"
     write_synthetic_store(ordered, sizes=(size,), rows={"train": args.images}, rows_per_file=auto_rows_per_file(112_120, size),

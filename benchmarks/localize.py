@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 
-from cxrflow.heatmaps import METHODS, cam_method, heatmaps
-from cxrflow.inference import batch_logits, resolve_device
-from cxrflow.models import MODEL_NAMES, create_model
+from cxrflow.modelling.heatmaps import METHODS, cam_method, heatmaps
+from cxrflow.modelling.inference import batch_logits, resolve_device
+from cxrflow.modelling.models import MODEL_NAMES, create_model
 
 
 def _best_of(fn, rounds: int, device: torch.device) -> float:

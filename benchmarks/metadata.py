@@ -1,7 +1,7 @@
 """Benchmark: parse a full-size Data_Entry_2017_v2020.csv (112,120 rows, 30,805 patients).
 
 Generates the file in the release's exact format (synthetic values, real shape), then times
-``cxrflow.metadata.read_data_entry`` (typed parse, validation, label encoding) beside a bare
+``cxrflow.data.metadata.read_data_entry`` (typed parse, validation, label encoding) beside a bare
 ``pandas.read_csv`` of the same file, and prints both with their ratio.
 
     .venv/bin/python benchmarks/metadata.py [--repeat 5] [--keep PATH]
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrflow.labels import NIH14
-from cxrflow.metadata import read_data_entry
-from cxrflow.synth import sample_entries, write_data_entry
+from cxrflow.data.labels import NIH14
+from cxrflow.data.metadata import read_data_entry
+from cxrflow.data.synth import sample_entries, write_data_entry
 
 IMAGES = 112_120
 PATIENTS = 30_805

@@ -37,9 +37,9 @@ RECIPES = {"paper": ("paper", {}), "default": ("default", {}), "default+augment"
 
 def one(store: Path, work: Path, model: str, recipe: str, size: int, seed: int, device: str) -> dict:
     """Train (or reuse) and evaluate (or reuse) one run; returns its figures."""
-    from cxrflow.config import resolve_config
-    from cxrflow.evaluate import evaluate_run
-    from cxrflow.train import train
+    from cxrflow.modelling.config import resolve_config
+    from cxrflow.results.evaluate import evaluate_run
+    from cxrflow.modelling.train import train
 
     preset, overrides = RECIPES[recipe]
     run = work / f"{model}-{recipe}"
@@ -72,8 +72,8 @@ def main() -> None:
 
     import torch
 
-    from cxrflow.etl import run_etl
-    from cxrflow.synth import synthesize
+    from cxrflow.data.etl import run_etl
+    from cxrflow.data.synth import synthesize
 
     if args.threads:
         torch.set_num_threads(args.threads)

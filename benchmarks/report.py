@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cxrflow.htmlreport import build_html
-from cxrflow.synthstudy import write_study
+from cxrflow.results.htmlreport import build_html
+from cxrflow.results.synthstudy import write_study
 
 
 def best_of(fn, repeat: int) -> tuple[float, object]:

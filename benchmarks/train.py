@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxrflow.models import CHECKPOINTING_MODELS, MODEL_NAMES, create_model
+from cxrflow.modelling.models import CHECKPOINTING_MODELS, MODEL_NAMES, create_model
 
 
 def images_per_second(
@@ -187,7 +187,7 @@ def _timed_run(cmd: list[str], run: Path) -> tuple[float, list[float]]:
 
 
 def distributed_table(processes: int, epochs: int, rows: int, size: int, master: str) -> None:
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.data.synthstore import write_synthetic_store
 
     with tempfile.TemporaryDirectory(prefix="cxrflow-bench-") as tmp:
         store = Path(tmp) / "store"

@@ -13,7 +13,7 @@ import pytest
 @pytest.fixture(scope="session")
 def spark():
     """A real, quiet ``local[2]`` SparkSession shared by the whole test session."""
-    from cxrflow.spark import build_spark
+    from cxrflow.data.spark import build_spark
 
     session = build_spark(
         "local[2]",

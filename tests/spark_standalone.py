@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import pyspark
 
-from cxrflow.spark import find_java
+from cxrflow.data.spark import find_java
 
 
 def free_port() -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cxrflow.batchmix import batch_mixing
-from cxrflow.synthstore import write_synthetic_store
+from cxrflow.data.batchmix import batch_mixing
+from cxrflow.data.synthstore import write_synthetic_store
 
 ROWS = 6400  # 1% window = 64 rows = one row group, as ~1% of the release's train split is a few row groups
 
@@ -36,7 +36,7 @@ def test_image_id_ordered_store_does_not(layouts):
 
 
 def test_synthetic_store_records_its_row_order(layouts, tmp_path):
-    from cxrflow.store import read_manifest
+    from cxrflow.data.store import read_manifest
 
     assert read_manifest(layouts[True])["row_order"]["kind"] == "shuffled"
     assert "row_order" not in read_manifest(layouts[False])

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrflow.boxes import (
+from cxrflow.data.boxes import (
     CENTRE_BOX,
     baseline_predictions,
     box_problem,

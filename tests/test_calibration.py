@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from cxrflow.calibration import (
+from cxrflow.modelling.calibration import (
     apply_temperatures,
     binary_nll,
     calibration_report,
@@ -16,7 +16,7 @@ from cxrflow.calibration import (
     calibration_of,
     pos_weight_offsets,
 )
-from cxrflow.plots import plot_reliability
+from cxrflow.results.plots import plot_reliability
 
 
 def test_ece_hand_computed():

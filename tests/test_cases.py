@@ -1,9 +1,9 @@
 import numpy as np
 import pyarrow.parquet as pq
 
-from cxrflow.cases import case_set, overlay, read_pixels, select_cases, thumbnail_size
-from cxrflow.store import split_dir
-from cxrflow.synthstore import write_synthetic_store
+from cxrflow.results.cases import case_set, overlay, read_pixels, select_cases, thumbnail_size
+from cxrflow.data.store import split_dir
+from cxrflow.data.synthstore import write_synthetic_store
 
 
 def test_select_cases_hand_computed():
@@ -70,7 +70,7 @@ def test_case_set_without_and_with_images():
 def test_case_predictions_carry_unknown_labels(tmp_path):
     import pyarrow as pa
 
-    from cxrflow.htmlreport import read_case_predictions
+    from cxrflow.results.htmlreport import read_case_predictions
 
     table = pa.table({"image_id": ["a", "b"], "patient_id": pa.array([1, 2], pa.int64()), "prob_Mass": pa.array([0.9, 0.1], pa.float32()),
                       "label_Mass": pa.array([0, 1], pa.uint8()), "known_Mass": pa.array([0, 1], pa.uint8())})  # fmt: skip

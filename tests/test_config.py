@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cxrflow.config import (
+from cxrflow.modelling.config import (
     Stage,
     TrainConfig,
     apply_overrides,

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cxrflow.config import resolve_config
-from cxrflow.demographics import (
+from cxrflow.modelling.config import resolve_config
+from cxrflow.data.demographics import (
     DemographicsEmbedding,
     count_unknown,
     encode,
@@ -21,7 +21,7 @@ from cxrflow.demographics import (
     read_metadata_csv,
 )
 from cxrflow.errors import CxrflowError
-from cxrflow.models import CHECKPOINTING_MODELS, MODEL_NAMES, count_parameters, create_model, load_checkpoint
+from cxrflow.modelling.models import CHECKPOINTING_MODELS, MODEL_NAMES, count_parameters, create_model, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -166,7 +166,7 @@ def test_parsing_what_a_user_types(tmp_path):
 def test_predict_takes_demographics_from_flags_or_a_csv(tmp_path):
     from argparse import Namespace
 
-    from cxrflow.predict import demographics_from_args
+    from cxrflow.results.predict import demographics_from_args
 
     def args(**kw):
         return Namespace(**{"images": [], "age": None, "sex": None, "view": None, "metadata": None, **kw})

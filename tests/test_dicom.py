@@ -1,4 +1,4 @@
-"""DICOM decoding (cxrflow.formats.dicom) against an independent numpy decode, in the ETL and predict."""
+"""DICOM decoding (cxrflow.data.formats.dicom) against an independent numpy decode, in the ETL and predict."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from cxrflow.formats.dicom import read_dicom
-from cxrflow.imaging import ImageError, load_gray, resize_gray
-from cxrflow.synthformats import write_dicom
+from cxrflow.data.formats.dicom import read_dicom
+from cxrflow.data.imaging import ImageError, load_gray, resize_gray
+from cxrflow.data.synthformats import write_dicom
 
 RNG = np.random.default_rng(7)
 RAW12 = RNG.integers(0, 4096, (64, 72)).astype(np.uint16)
@@ -96,7 +96,7 @@ def test_bad_dicom_reasons(tmp_path):
 
 
 def test_etl_reads_dicom_and_quarantines_bad_ones(spark, tmp_path):
-    from cxrflow.etl import run_etl
+    from cxrflow.data.etl import run_etl
 
     root = tmp_path / "data"
     rows = [["image", "patient_id", "labels"]]
@@ -134,7 +134,7 @@ def test_predict_accepts_dicom(tmp_path, capsys):
     import json
 
     from cxrflow.cli import main
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.data.synthstore import write_synthetic_store
 
     write_synthetic_store(tmp_path / "store", sizes=(32,), rows={"train": 16, "val": 8, "test": 8})
     assert main(["train", "--quiet", "--store", str(tmp_path / "store"), "--size", "32", "--model", "simple_cnn",

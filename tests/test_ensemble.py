@@ -9,16 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cxrflow.calibration import expected_calibration_error, fit_temperature, logit
+from cxrflow.modelling.calibration import expected_calibration_error, fit_temperature, logit
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.evaluate import bootstrap_auc_ci, evaluate_run, sensitivity_specificity, youden_threshold
-from cxrflow.ensemble import build_ensemble
+from cxrflow.results.evaluate import bootstrap_auc_ci, evaluate_run, sensitivity_specificity, youden_threshold
+from cxrflow.modelling.ensemble import build_ensemble
 
 
 def _train(tmp, store, name, *, seed, epochs, lr):
-    from cxrflow.config import StageSettings, TrainConfig
-    from cxrflow.train import train
+    from cxrflow.modelling.config import StageSettings, TrainConfig
+    from cxrflow.modelling.train import train
 
     out = tmp / name
     config = TrainConfig(
@@ -33,7 +33,7 @@ def _train(tmp, store, name, *, seed, epochs, lr):
 @pytest.fixture(scope="module")
 def members(tmp_path_factory, one_torch_thread):
     """Two different evaluated runs (other seed, learning rate and length) on one store."""
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.data.synthstore import write_synthetic_store
 
     tmp = tmp_path_factory.mktemp("ensemble")
     store = tmp / "store"
@@ -119,7 +119,7 @@ def test_every_figure_in_the_ensemble_metrics_recomputes_from_its_predictions(me
 
 
 def test_stacking_weights_are_never_negative():
-    from cxrflow.ensemble import fit_stacking
+    from cxrflow.modelling.ensemble import fit_stacking
 
     rng = np.random.default_rng(0)
     y = (rng.random((400, 1)) < 0.3).astype(int)
@@ -179,7 +179,7 @@ def test_predict_with_an_ensemble_runs_every_member(members, stacked, tmp_path, 
 
 
 def test_report_shows_the_ensemble_row_with_members_and_ece(members, stacked, tmp_path):
-    from cxrflow.report import build_rows, format_csv, format_markdown
+    from cxrflow.results.report import build_rows, format_csv, format_markdown
 
     _, _, runs, _ = members
     rows = build_rows([*runs, stacked["out"]])

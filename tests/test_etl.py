@@ -15,12 +15,12 @@ from PIL import Image, ImageOps
 
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.etl import auto_rows_per_file, parse_sizes, plan_tasks, process_task, row_group_rows, run_etl
-from cxrflow.labels import NIH14
-from cxrflow.metadata import load_release
-from cxrflow.split import assign_splits
-from cxrflow.store import MANIFEST_NAME, SCHEMA, format_manifest, read_manifest, row_order_key
-from cxrflow.synth import synthesize
+from cxrflow.data.etl import auto_rows_per_file, parse_sizes, plan_tasks, process_task, row_group_rows, run_etl
+from cxrflow.data.labels import NIH14
+from cxrflow.data.metadata import load_release
+from cxrflow.data.split import assign_splits
+from cxrflow.data.store import MANIFEST_NAME, SCHEMA, format_manifest, read_manifest, row_order_key
+from cxrflow.data.synth import synthesize
 
 SIZES = [16, 32]
 HEADER = (
@@ -270,7 +270,7 @@ def test_task_threads_keep_input_order_and_quarantine(handmade, tmp_path, thread
 
 
 def test_task_bug_in_a_decode_thread_raises_and_leaves_no_file(handmade, tmp_path, monkeypatch):
-    from cxrflow import etl
+    from cxrflow.data import etl
 
     root, _ = handmade
     task = _task(root)

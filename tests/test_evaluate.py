@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrflow.evaluate import (
+from cxrflow.results.evaluate import (
     _weighted_auc,
     bootstrap_auc_ci,
     bootstrap_aucs,
@@ -14,8 +14,8 @@ from cxrflow.evaluate import (
     summarize,
     youden_threshold,
 )
-from cxrflow.labels import NIH14
-from cxrflow.metrics import binary_auc, per_class_auc
+from cxrflow.data.labels import NIH14
+from cxrflow.results.metrics import binary_auc, per_class_auc
 
 
 def _data(n=400, k=3, patients=120, seed=0):
@@ -126,7 +126,7 @@ def test_summarize_names_and_excludes_nan_finding():
     assert m["sensitivity"]["Atelectasis"] == s and m["specificity"]["Atelectasis"] == sp
 
 
-# --- a real run, trained by cxrflow.train on a synthetic store -------------------------------------
+# --- a real run, trained by cxrflow.modelling.train on a synthetic store -------------------------------------
 
 import json  # noqa: E402
 
@@ -134,14 +134,14 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from cxrflow.cli import main  # noqa: E402
 from cxrflow.errors import CxrflowError  # noqa: E402
-from cxrflow.evaluate import evaluate_run, read_predictions, resolve_checkpoint  # noqa: E402
+from cxrflow.results.evaluate import evaluate_run, read_predictions, resolve_checkpoint  # noqa: E402
 
 
 def train_tiny_run(tmp, model="simple_cnn", rows=None, epochs=2, store=None):
     """A finished run of cxrflow's own trainer on a synthetic store (32 px)."""
-    from cxrflow.config import StageSettings, TrainConfig
-    from cxrflow.synthstore import write_synthetic_store
-    from cxrflow.train import train
+    from cxrflow.modelling.config import StageSettings, TrainConfig
+    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.modelling.train import train
 
     if store is None:
         store = tmp / "store"
@@ -230,9 +230,9 @@ def test_checkpoint_resolution_errors(tiny_run, tmp_path):
 def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_run, tmp_path):
     from sklearn.metrics import brier_score_loss
 
-    from cxrflow.calibration import expected_calibration_error, fit_temperature
+    from cxrflow.modelling.calibration import expected_calibration_error, fit_temperature
 
-    from cxrflow.store import read_manifest
+    from cxrflow.data.store import read_manifest
 
     run, store = tiny_run
     out = tmp_path / "ev"
@@ -274,7 +274,7 @@ def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_ru
 
 
 def test_evaluation_records_its_checkpoint_and_store(tiny_run, tmp_path):
-    from cxrflow.evaluate import evaluation_status
+    from cxrflow.results.evaluate import evaluation_status
     from cxrflow.identity import file_sha256, store_split_identity
 
     run, store = tiny_run
@@ -303,7 +303,7 @@ def test_normalisation_comes_from_the_checkpoint_not_the_store(tiny_run, tmp_pat
 
 
 def test_another_datasets_store_is_refused_in_one_line(tiny_run, tmp_path, capsys):
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.data.synthstore import write_synthetic_store
 
     run, _ = tiny_run
     other = tmp_path / "other"
@@ -341,9 +341,9 @@ def _invert_val_labels(store: Path) -> None:
 def test_thresholds_come_from_validation_not_from_the_evaluated_split(tmp_path):
     """With validation labels turned over, val and test disagree: the recorded thresholds are the
     validation-Youden ones, computed from validation probabilities scored as predict scores them."""
-    from cxrflow.inference import predict_split, training_pixel_stats
-    from cxrflow.models import load_checkpoint
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.modelling.inference import predict_split, training_pixel_stats
+    from cxrflow.modelling.models import load_checkpoint
+    from cxrflow.data.synthstore import write_synthetic_store
 
     store = tmp_path / "store"
     write_synthetic_store(store, sizes=(32,), rows={"train": 96, "val": 48, "test": 48}, prevalence=0.3)

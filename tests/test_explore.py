@@ -11,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from cxrflow.cli import main
-from cxrflow.explore import (
+from cxrflow.data.explore import (
     FIGURES,
     compute_stats,
     plot_age_by_sex,
@@ -19,8 +19,8 @@ from cxrflow.explore import (
     plot_findings,
     plot_images_per_patient,
 )
-from cxrflow.labels import NIH14
-from cxrflow.metadata import read_data_entry
+from cxrflow.data.labels import NIH14
+from cxrflow.data.metadata import read_data_entry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nih"
 HEADER = (

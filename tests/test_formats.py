@@ -12,11 +12,11 @@ import pytest
 
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.formats import assign_collection_splits, detect_format, load_collection
-from cxrflow.formats import chexpert as chexpert_format
-from cxrflow.store import FORMAT_VERSION, MANIFEST_NAME, read_manifest
-from cxrflow.synthformats import write_chexpert, write_generic, write_mimic
-from cxrflow.uncertain import KNOWN, UNCERTAIN, UNMENTIONED
+from cxrflow.data.formats import assign_collection_splits, detect_format, load_collection
+from cxrflow.data.formats import chexpert as chexpert_format
+from cxrflow.data.store import FORMAT_VERSION, MANIFEST_NAME, read_manifest
+from cxrflow.data.synthformats import write_chexpert, write_generic, write_mimic
+from cxrflow.data.uncertain import KNOWN, UNCERTAIN, UNMENTIONED
 
 
 def _rows(path: Path) -> list[list[str]]:
@@ -110,7 +110,7 @@ def test_generic_reader_per_column_and_pipe(tmp_path):
 
 
 def test_detection_nih_and_ambiguous(tmp_path):
-    from cxrflow.synth import synthesize
+    from cxrflow.data.synth import synthesize
 
     nih = tmp_path / "nih"
     synthesize(nih, patients=4, size=16, seed=0)
@@ -194,7 +194,7 @@ def _store_rows(store: Path, size: int) -> dict:
 
 
 def test_etl_chexpert_store_has_states_counts_and_format(spark, chexpert_dir, tmp_path):
-    from cxrflow.etl import run_etl
+    from cxrflow.data.etl import run_etl
 
     manifest = run_etl(chexpert_dir, tmp_path / "store", sizes=(16,), spark=spark)
     col = load_collection(chexpert_dir)
@@ -218,14 +218,14 @@ def test_etl_chexpert_store_has_states_counts_and_format(spark, chexpert_dir, tm
         "unknown": int((states[:, edema] == UNMENTIONED).sum()),
     }
     assert manifest["pos_weight"][edema] == pytest.approx(counts["negative"] / max(counts["positive"], 1))
-    from cxrflow.store import format_manifest
+    from cxrflow.data.store import format_manifest
 
     shown = format_manifest(read_manifest(tmp_path / "store"))
     assert "collection format chexpert" in shown and "train labels: positive / negative / uncertain" in shown
 
 
 def test_etl_generic_csv_all_known_has_no_states_column(spark, tmp_path):
-    from cxrflow.etl import run_etl
+    from cxrflow.data.etl import run_etl
 
     root = write_generic(tmp_path / "g", patients=10, per_column=False)
     manifest = run_etl(root, tmp_path / "store", sizes=(16,), spark=spark)
@@ -236,7 +236,7 @@ def test_etl_generic_csv_all_known_has_no_states_column(spark, tmp_path):
 
 
 def test_etl_mimic_official_split(spark, tmp_path):
-    from cxrflow.etl import run_etl
+    from cxrflow.data.etl import run_etl
 
     root = write_mimic(tmp_path / "m", subjects=12, size=24)
     manifest = run_etl(root, tmp_path / "store", sizes=(16,), spark=spark, format="mimic")
@@ -249,8 +249,8 @@ def test_etl_mimic_official_split(spark, tmp_path):
 
 
 def test_store_of_format_version_1_still_opens(tmp_path):
-    from cxrflow.loader import make_loader
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.data.loader import make_loader
+    from cxrflow.data.synthstore import write_synthetic_store
 
     write_synthetic_store(tmp_path / "s", sizes=(16,), rows={"train": 8, "val": 4, "test": 4})
     path = tmp_path / "s" / MANIFEST_NAME
@@ -313,7 +313,7 @@ def test_chexpert_image_in_both_files(tmp_path, capsys):
 
 
 def test_generic_age_and_sex_from_dicom_headers(tmp_path):
-    from cxrflow.synthformats import write_dicom
+    from cxrflow.data.synthformats import write_dicom
 
     for i in range(3):
         write_dicom(tmp_path / f"img{i}.dcm", np.full((8, 8), 100 * i, np.uint16))

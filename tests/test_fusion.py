@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from cxrflow.cli import main
-from cxrflow.config import resolve_config
-from cxrflow.etl import run_etl
-from cxrflow.evaluate import evaluate_run
-from cxrflow.report import build_rows, format_csv, format_markdown
-from cxrflow.synth import DEMOGRAPHIC_FINDINGS, synthesize
-from cxrflow.train import train
+from cxrflow.modelling.config import resolve_config
+from cxrflow.data.etl import run_etl
+from cxrflow.results.evaluate import evaluate_run
+from cxrflow.results.report import build_rows, format_csv, format_markdown
+from cxrflow.data.synth import DEMOGRAPHIC_FINDINGS, synthesize
+from cxrflow.modelling.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 SIZE = 32
@@ -46,7 +46,7 @@ def test_manifest_counts_unknown_demographics_and_store_keeps_raw_values(fused_a
     root, manifest, _ = fused_and_plain
     unknown = manifest["demographics_unknown"]
     assert unknown["age"] > 0 and unknown["sex"] == 0 and unknown["view"] == 0 and unknown["any"] == unknown["age"]
-    from cxrflow.store import format_manifest
+    from cxrflow.data.store import format_manifest
 
     assert f"demographics unknown to a fused model (raw values kept): age {unknown['age']}, sex 0" in format_manifest(manifest)
     ages = np.concatenate([pq.read_table(root / "store", columns=["age"]).column("age").to_numpy()])

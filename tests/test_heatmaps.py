@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cxrflow.errors import CxrflowError
-from cxrflow.heatmaps import (
+from cxrflow.modelling.heatmaps import (
     cam_layer,
     cam_method,
     class_activation_maps,
@@ -18,9 +18,9 @@ from cxrflow.heatmaps import (
     store_to_original,
     to_original,
 )
-from cxrflow.imaging import resize_gray
-from cxrflow.localize import boxes_in_original
-from cxrflow.models import CAM_SPECS, MODEL_NAMES, ChestClassifier, create_model
+from cxrflow.data.imaging import resize_gray
+from cxrflow.results.localize import boxes_in_original
+from cxrflow.modelling.models import CAM_SPECS, MODEL_NAMES, ChestClassifier, create_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

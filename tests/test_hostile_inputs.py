@@ -19,10 +19,10 @@ from PIL import Image
 from cxrflow.atomic import write_json_atomic
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.imaging import MAX_SIDE, ImageError, load_and_resize, load_gray
-from cxrflow.metadata import AGE_UNKNOWN, read_data_entry
-from cxrflow.store import MANIFEST_NAME, read_manifest
-from cxrflow.synthstore import write_synthetic_store
+from cxrflow.data.imaging import MAX_SIDE, ImageError, load_and_resize, load_gray
+from cxrflow.data.metadata import AGE_UNKNOWN, read_data_entry
+from cxrflow.data.store import MANIFEST_NAME, read_manifest
+from cxrflow.data.synthstore import write_synthetic_store
 
 NIH = Path(__file__).parent / "fixtures" / "nih"
 HEADER = (NIH / "Data_Entry_2017_v2020.head.csv").read_text().splitlines()[0]
@@ -81,8 +81,8 @@ def test_non_regular_files_are_refused_without_being_opened(tmp_path):
 
 
 def test_etl_quarantines_bombs_and_pipes_and_keeps_the_rest(spark, tmp_path):
-    from cxrflow.etl import run_etl
-    from cxrflow.synth import synthesize
+    from cxrflow.data.etl import run_etl
+    from cxrflow.data.synth import synthesize
 
     data = tmp_path / "data"
     synthesize(data, patients=12, size=32, seed=3)
@@ -340,7 +340,7 @@ def test_warnings_come_after_the_error_line(tmp_path, capsys, monkeypatch):
         warnings.warn("a long library warning\nwith a second line\nand a third", UserWarning)
         raise CxrflowError("the real problem", tmp_path)
 
-    monkeypatch.setattr(sys.modules["cxrflow.store"], "run", noisy)
+    monkeypatch.setattr(sys.modules["cxrflow.data.store"], "run", noisy)
     assert cli.main(["store-info", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == f"error: {tmp_path}: the real problem"

@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 
 from cxrflow.cli import main
-from cxrflow.config import resolve_config
+from cxrflow.modelling.config import resolve_config
 from cxrflow.errors import CxrflowError
-from cxrflow.htmlreport import build_context, build_html, render
-from cxrflow.labels import LabelVocabulary
-from cxrflow.synthstore import write_synthetic_store
-from cxrflow.synthstudy import write_evaluation, write_run_config, write_study
+from cxrflow.results.htmlreport import build_context, build_html, render
+from cxrflow.data.labels import LabelVocabulary
+from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.results.synthstudy import write_evaluation, write_run_config, write_study
 
 
 class Page(HTMLParser):
@@ -68,9 +68,9 @@ class Page(HTMLParser):
 
 
 def _explore(tmp):
-    from cxrflow.explore import explore
-    from cxrflow.metadata import load_release
-    from cxrflow.synth import synthesize
+    from cxrflow.data.explore import explore
+    from cxrflow.data.metadata import load_release
+    from cxrflow.data.synth import synthesize
 
     synthesize(tmp / "data", patients=20, size=32, seed=0)
     release = load_release(tmp / "data", need_images=False)
@@ -184,7 +184,7 @@ def test_rerun_script_rebuilds_each_run_config(study, tmp_path):
 
 
 def test_git_commit_only_of_cxrflow_own_checkout(tmp_path):
-    from cxrflow.htmlreport import git_commit
+    from cxrflow.results.htmlreport import git_commit
 
     commit = git_commit()
     here = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -254,7 +254,7 @@ def test_moved_store_builds_without_thumbnails_and_says_why(tmp_path):
 def test_heatmap_overlays_where_localization_exists(study, one_torch_thread, tmp_path):
     import torch
 
-    from cxrflow.inference import model_input
+    from cxrflow.modelling.inference import model_input
 
     calls = []
 
@@ -293,7 +293,7 @@ def test_localization_of_a_checkpoint_the_run_no_longer_holds_is_left_out(study,
     import pyarrow.dataset as ds
     import torch
 
-    from cxrflow.htmlreport import default_heatmap_fn
+    from cxrflow.results.htmlreport import default_heatmap_fn
 
     run = tmp_path / "run"
     shutil.copytree(study["runs"][0], run)

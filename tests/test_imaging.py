@@ -5,7 +5,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from cxrflow.errors import CxrflowError
-from cxrflow.imaging import ImageError, load_and_resize, load_gray, pad_square, preprocess, resize_gray
+from cxrflow.data.imaging import ImageError, load_and_resize, load_gray, pad_square, preprocess, resize_gray
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -146,7 +146,7 @@ def test_corrupt_png_body_and_float_mode():
 
 
 def test_pillow_keeps_freed_blocks_and_a_larger_setting_stays():
-    from cxrflow import imaging
+    from cxrflow.data import imaging
 
     assert Image.core.get_blocks_max() >= imaging.PILLOW_BLOCKS
     before = Image.core.get_blocks_max()

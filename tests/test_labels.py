@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cxrflow.labels import NIH14, LabelVocabulary
+from cxrflow.data.labels import NIH14, LabelVocabulary
 
 
 def test_nih14_canonical_order():

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from cxrflow.errors import CxrflowError
-from cxrflow.loader import augment, make_loader, to_model_input
-from cxrflow.store import MANIFEST_NAME, SCHEMA, split_dir
-from cxrflow.synthstore import write_synthetic_store
+from cxrflow.data.loader import augment, make_loader, to_model_input
+from cxrflow.data.store import MANIFEST_NAME, SCHEMA, split_dir
+from cxrflow.data.synthstore import write_synthetic_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
@@ -336,7 +336,7 @@ def test_wrong_pixel_length_names_file_and_row(stores, tmp_path, num_workers):
 MEMORY_PROBE = textwrap.dedent(
     """
     import sys
-    from cxrflow.loader import make_loader
+    from cxrflow.data.loader import make_loader
 
     def status_kb(key):
         with open("/proc/self/status") as f:

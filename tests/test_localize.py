@@ -10,21 +10,21 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 
-from cxrflow.boxes import BOXES_NAME, IOBB_THRESHOLDS, IOU_THRESHOLDS
+from cxrflow.data.boxes import BOXES_NAME, IOBB_THRESHOLDS, IOU_THRESHOLDS
 from cxrflow.cli import main
 from cxrflow.identity import file_sha256
-from cxrflow.localize import localization_status, localize_run
-from cxrflow.store import SCHEMA, read_manifest
+from cxrflow.results.localize import localization_status, localize_run
+from cxrflow.data.store import SCHEMA, read_manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def localized(spark, tmp_path_factory):
-    from cxrflow.config import StageSettings, TrainConfig
-    from cxrflow.etl import run_etl
-    from cxrflow.synth import synthesize
-    from cxrflow.train import train
+    from cxrflow.modelling.config import StageSettings, TrainConfig
+    from cxrflow.data.etl import run_etl
+    from cxrflow.data.synth import synthesize
+    from cxrflow.modelling.train import train
 
     tmp = tmp_path_factory.mktemp("localize")
     synthesize(tmp / "release", patients=120, size=64, seed=1, placement="anywhere")
@@ -190,7 +190,7 @@ def test_predict_writes_heatmap_overlays(localized, tmp_path, capsys):
 
 
 def test_split_ground_truth_sorts_boxes_by_what_can_be_scored():
-    from cxrflow.localize import split_ground_truth
+    from cxrflow.results.localize import split_ground_truth
 
     boxes = pd.DataFrame({
         "image_id": ["a.png", "a.png", "b.png", "gone.png", "bad.png", "t.png"],

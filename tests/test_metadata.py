@@ -11,8 +11,8 @@ import pytest
 
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.labels import NIH14, LabelVocabulary
-from cxrflow.metadata import (
+from cxrflow.data.labels import NIH14, LabelVocabulary
+from cxrflow.data.metadata import (
     find_images,
     label_matrix,
     load_release,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from cxrflow import models
+from cxrflow.modelling import models
 from cxrflow.errors import CxrflowError
-from cxrflow.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model, load_checkpoint
+from cxrflow.modelling.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model, load_checkpoint
 
 SIZES = {"simple_cnn": (32, 64, 50), "resnet50": (32, 64), "densenet121": (32, 48)}
 

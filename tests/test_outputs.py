@@ -13,7 +13,7 @@ import pytest
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
 from cxrflow.outputs import OutputLock, check_target, claiming, leftovers, marker_name, publishing, read_marker, write_marker
-from cxrflow.synthstore import write_synthetic_store
+from cxrflow.data.synthstore import write_synthetic_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -259,7 +259,7 @@ def _etl_cli(data: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_two_etl_runs_at_once_one_proceeds_the_other_names_the_holder(tmp_path):
-    from cxrflow.synth import synthesize
+    from cxrflow.data.synth import synthesize
 
     data = tmp_path / "data"
     synthesize(data, patients=20, size=32, seed=0)

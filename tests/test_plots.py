@@ -1,8 +1,8 @@
 import numpy as np
 from matplotlib.figure import Figure
 
-from cxrflow.labels import NIH14
-from cxrflow.plots import (
+from cxrflow.data.labels import NIH14
+from cxrflow.results.plots import (
     ordered_epochs,
     plot_auc_curves,
     plot_roc,

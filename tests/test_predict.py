@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from cxrflow.cli import main
-from cxrflow.models import load_checkpoint
-from cxrflow.predict import load_predictor, predict_files
-from cxrflow.inference import predict_split
+from cxrflow.modelling.models import load_checkpoint
+from cxrflow.results.predict import load_predictor, predict_files
+from cxrflow.modelling.inference import predict_split
 from test_evaluate import train_tiny_run
 
 
@@ -207,9 +207,9 @@ def test_thresholds_of_an_evaluation_of_another_checkpoint_are_not_used(run_and_
 def test_predict_on_the_original_png_files_gives_evaluates_probabilities(spark, tmp_path):
     """Real ETL of real PNG files, a trained run, its evaluation: predict on the same PNG files (its
     own decode and resize) gives the probabilities of predictions.parquet."""
-    from cxrflow.etl import run_etl
-    from cxrflow.evaluate import evaluate_run
-    from cxrflow.synth import synthesize
+    from cxrflow.data.etl import run_etl
+    from cxrflow.results.evaluate import evaluate_run
+    from cxrflow.data.synth import synthesize
     from test_evaluate import train_tiny_run
 
     release = tmp_path / "release"

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from cxrflow.config import preset, resolve_config
-from cxrflow.synthstore import write_synthetic_store
-from cxrflow.train import train, warmup_cosine
+from cxrflow.modelling.config import preset, resolve_config
+from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.modelling.train import train, warmup_cosine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

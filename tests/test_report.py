@@ -6,9 +6,9 @@ import pytest
 
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.evaluate import summarize
-from cxrflow.labels import NIH14
-from cxrflow.report import build_rows, format_markdown, paper_mean_auc, write_report
+from cxrflow.results.evaluate import summarize
+from cxrflow.data.labels import NIH14
+from cxrflow.results.report import build_rows, format_markdown, paper_mean_auc, write_report
 
 
 def _evaluation(folder, model, size, stage, signal, seed=0):

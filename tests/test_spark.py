@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from cxrflow.errors import CxrflowError
-from cxrflow.spark import SUPPORTED_JAVA, check_master, find_java, java_version
+from cxrflow.data.spark import SUPPORTED_JAVA, check_master, find_java, java_version
 
 
 @pytest.mark.parametrize(

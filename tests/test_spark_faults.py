@@ -13,10 +13,10 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from cxrflow.metadata import load_release
-from cxrflow.store import read_manifest
-from cxrflow.synth import synthesize
-from cxrflow.synthstore import write_synthetic_store
+from cxrflow.data.metadata import load_release
+from cxrflow.data.store import read_manifest
+from cxrflow.data.synth import synthesize
+from cxrflow.data.synthstore import write_synthetic_store
 from spark_standalone import loopback_cluster, run_with_fault
 
 JOB_TIMEOUT = 420

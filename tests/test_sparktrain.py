@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from cxrflow.errors import CxrflowError
-from cxrflow.sparktrain import SparkLaunch, _full_slots, job_error, launch_from_args
-from cxrflow.synthstore import write_synthetic_store
-from cxrflow.train import get_args_parser
+from cxrflow.modelling.sparktrain import SparkLaunch, _full_slots, job_error, launch_from_args
+from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.modelling.train import get_args_parser
 from spark_standalone import run_with_fault
 
 CLUSTER = "local-cluster[2,1,1024]"
@@ -230,7 +230,7 @@ def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp
 def test_a_two_run_sweep_on_the_cluster_resumes_the_cut_run_and_tracks_both(store, tmp_path):
     from cxrflow.outputs import write_marker
     from cxrflow.sweep import load_sweep, run_dir
-    from cxrflow.train import train
+    from cxrflow.modelling.train import train
 
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(

@@ -8,9 +8,9 @@ import pytest
 
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.metadata import read_data_entry
-from cxrflow.split import MODE_OFFICIAL, MODE_PATIENTS, assign_splits, split_counts
-from cxrflow.synth import TEST_NAME, TRAIN_VAL_NAME, sample_entries, write_data_entry
+from cxrflow.data.metadata import read_data_entry
+from cxrflow.data.split import MODE_OFFICIAL, MODE_PATIENTS, assign_splits, split_counts
+from cxrflow.data.synth import TEST_NAME, TRAIN_VAL_NAME, sample_entries, write_data_entry
 
 
 @pytest.fixture(scope="module")

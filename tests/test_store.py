@@ -6,9 +6,9 @@ import pytest
 
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.labels import NIH14
-from cxrflow.store import MANIFEST_NAME, SCHEMA, check_partition, pixel_stats, read_manifest
-from cxrflow.synthstore import write_synthetic_store
+from cxrflow.data.labels import NIH14
+from cxrflow.data.store import MANIFEST_NAME, SCHEMA, check_partition, pixel_stats, read_manifest
+from cxrflow.data.synthstore import write_synthetic_store
 
 
 @pytest.fixture(scope="module")

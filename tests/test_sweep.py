@@ -69,7 +69,7 @@ def test_changed_settings_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.data.synthstore import write_synthetic_store
 
     store = tmp_path / "store"
     write_synthetic_store(store, sizes=(32,), rows={"train": 64, "val": 32, "test": 32}, prevalence=0.3)
@@ -156,7 +156,7 @@ def test_scheduler_runs_one_job_per_gpu_in_parallel(tmp_path):
 
 
 def test_missing_store_or_size_fails_before_training(tmp_path):
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.data.synthstore import write_synthetic_store
 
     assert main(["sweep", str(CONFIGS / "paper.yaml"), "--out", str(tmp_path / "o"), "--store", str(tmp_path / "none")]) == 2
     write_synthetic_store(tmp_path / "st", sizes=(32,), rows={"train": 4, "val": 4, "test": 4})
@@ -173,7 +173,7 @@ def _without_unsupported_fusion(data):
     demographics-fusion branch; where TrainConfig does not have it yet, those keys are dropped."""
     import dataclasses
 
-    from cxrflow.config import TrainConfig
+    from cxrflow.modelling.config import TrainConfig
 
     if "fusion" in {f.name for f in dataclasses.fields(TrainConfig)}:
         return data, True
@@ -181,7 +181,7 @@ def _without_unsupported_fusion(data):
 
 
 def test_beyond_paper_config_declares_paper_fused_and_ensemble_rows(tmp_path):
-    from cxrflow.config import read_config_file
+    from cxrflow.modelling.config import read_config_file
 
     raw = read_config_file(CONFIGS / "beyond-paper.yaml")
     data, fusion_supported = _without_unsupported_fusion(raw)
@@ -224,7 +224,7 @@ def test_invalid_ensembles(ensembles, match):
 def test_sweep_builds_its_ensembles_once(tmp_path, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from cxrflow.synthstore import write_synthetic_store
+    from cxrflow.data.synthstore import write_synthetic_store
     from cxrflow.tracking import default_uri
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")

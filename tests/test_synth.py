@@ -9,9 +9,9 @@ from PIL import Image
 
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.labels import NIH14
-from cxrflow.metadata import label_matrix, load_release, read_data_entry
-from cxrflow.synth import BBOX_HEADER, DATA_ENTRY_HEADER, GRID, PATTERNS, sample_entries, synthesize, write_data_entry
+from cxrflow.data.labels import NIH14
+from cxrflow.data.metadata import label_matrix, load_release, read_data_entry
+from cxrflow.data.synth import BBOX_HEADER, DATA_ENTRY_HEADER, GRID, PATTERNS, sample_entries, synthesize, write_data_entry
 
 SIZE = 64
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from cxrflow.cli import main
-from cxrflow.config import resolve_config
+from cxrflow.modelling.config import resolve_config
 from cxrflow.errors import CxrflowError
-from cxrflow.synthstore import write_synthetic_store
+from cxrflow.data.synthstore import write_synthetic_store
 from cxrflow.tracking import (
     RUN_ID_FILE,
     TrackingRequest,
@@ -24,7 +24,7 @@ from cxrflow.tracking import (
     flatten_params,
     tracked_training,
 )
-from cxrflow.train import train
+from cxrflow.modelling.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from cxrflow.cli import main
-from cxrflow.config import resolve_config
-from cxrflow.labels import NIH14
-from cxrflow.metrics import mean_auc, per_class_auc
-from cxrflow.models import create_model, load_checkpoint
-from cxrflow.synthstore import write_synthetic_store
-from cxrflow.inference import predict_split
-from cxrflow.train import config_from_args, get_args_parser, train
+from cxrflow.modelling.config import resolve_config
+from cxrflow.data.labels import NIH14
+from cxrflow.results.metrics import mean_auc, per_class_auc
+from cxrflow.modelling.models import create_model, load_checkpoint
+from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.modelling.inference import predict_split
+from cxrflow.modelling.train import config_from_args, get_args_parser, train
 
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "stage", "epoch", "config", "label_names", "metrics"}
 METRIC_KEYS = {"stage", "epoch", "train_loss", "val_loss", "val_auc_mean", "val_auc", "lr", "seconds", "images_per_second"}

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from cxrflow.cli import main
-from cxrflow.evaluate import summarize
-from cxrflow.loader import make_loader
-from cxrflow.store import KNOWN_COLUMN, MANIFEST_NAME, schema_for
-from cxrflow.synthstore import write_synthetic_store
-from cxrflow.uncertain import (
+from cxrflow.results.evaluate import summarize
+from cxrflow.data.loader import make_loader
+from cxrflow.data.store import KNOWN_COLUMN, MANIFEST_NAME, schema_for
+from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.data.uncertain import (
     KNOWN,
     UNCERTAIN,
     UNMENTIONED,
@@ -174,7 +174,7 @@ def test_train_and_evaluate_with_unknown_labels(stores, tmp_path):
 
 def test_per_finding_policy():
     from cxrflow.errors import CxrflowError
-    from cxrflow.uncertain import resolve_policy
+    from cxrflow.data.uncertain import resolve_policy
 
     assert resolve_policy("zeros", "abc") == "zeros"
     assert resolve_policy("zeros,b=ones", "abc") == ("zeros", "ones", "zeros")

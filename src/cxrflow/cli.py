@@ -19,18 +19,18 @@ from cxrflow.errors import CxrflowError
 
 #: (subcommand, module, one-line description) in pipeline order.
 COMMANDS: list[tuple[str, str, str]] = [
-    ("synth", "cxrflow.synth", "write a synthetic dataset in the NIH ChestX-ray14 release format"),
-    ("explore", "cxrflow.explore", "dataset statistics and figures from the metadata (the paper's data section)"),
-    ("split", "cxrflow.split", "patient-level train/val/test split as CSV"),
-    ("etl", "cxrflow.etl", "Spark ETL: raw images to a multi-resolution Parquet store"),
-    ("store-info", "cxrflow.store", "print a Parquet store's manifest"),
-    ("train", "cxrflow.train", "train a model from the store in two stages (knowledge transfer, fine-tuning)"),
-    ("evaluate", "cxrflow.evaluate", "per-finding test AUC with confidence intervals, ROC and loss figures"),
-    ("ensemble", "cxrflow.ensemble", "combine evaluated runs (mean or stacked) into an evaluated ensemble"),
-    ("report", "cxrflow.report", "report.html (the whole study on one page) and the paper's Table 1 over several runs"),
+    ("synth", "cxrflow.data.synth", "write a synthetic dataset in the NIH ChestX-ray14 release format"),
+    ("explore", "cxrflow.data.explore", "dataset statistics and figures from the metadata (the paper's data section)"),
+    ("split", "cxrflow.data.split", "patient-level train/val/test split as CSV"),
+    ("etl", "cxrflow.data.etl", "Spark ETL: raw images to a multi-resolution Parquet store"),
+    ("store-info", "cxrflow.data.store", "print a Parquet store's manifest"),
+    ("train", "cxrflow.modelling.train", "train a model from the store in two stages (knowledge transfer, fine-tuning)"),
+    ("evaluate", "cxrflow.results.evaluate", "per-finding test AUC with confidence intervals, ROC and loss figures"),
+    ("ensemble", "cxrflow.modelling.ensemble", "combine evaluated runs (mean or stacked) into an evaluated ensemble"),
+    ("report", "cxrflow.results.report", "report.html (the whole study on one page) and the paper's Table 1 over several runs"),
     ("sweep", "cxrflow.sweep", "train, evaluate and report every run listed in a config file"),
-    ("localize", "cxrflow.localize", "heatmaps against ground-truth boxes: the ChestX-ray14 localization benchmark"),
-    ("predict", "cxrflow.predict", "finding probabilities for new image files"),
+    ("localize", "cxrflow.results.localize", "heatmaps against ground-truth boxes: the ChestX-ray14 localization benchmark"),
+    ("predict", "cxrflow.results.predict", "finding probabilities for new image files"),
     ("demo", "cxrflow.demo", "end-to-end demo on a synthetic dataset"),
 ]
 

@@ -82,12 +82,12 @@ def run_demo(
 def _demo(out: Path, *, patients, image_size, sizes, epochs, seed, master, spark, echo) -> dict[str, Any]:
     """The stages of :func:`run_demo` in the claimed folder ``out``."""
     from cxrflow.atomic import write_json_atomic
-    from cxrflow.etl import run_etl
-    from cxrflow.explore import explore
-    from cxrflow.metadata import load_release
-    from cxrflow.predict import load_predictor, predict_files
+    from cxrflow.data.etl import run_etl
+    from cxrflow.data.explore import explore
+    from cxrflow.data.metadata import load_release
+    from cxrflow.results.predict import load_predictor, predict_files
     from cxrflow.sweep import parse_sweep, run_sweep
-    from cxrflow.synth import synthesize
+    from cxrflow.data.synth import synthesize
 
     timings: dict[str, float] = {}
     started = time.perf_counter()

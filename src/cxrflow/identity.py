@@ -5,7 +5,7 @@ A training run records the identity of its store's splits in the checkpoint's co
 compares it with the store it is given, so a model is never scored on another dataset's split by
 mistake. An evaluation records its checkpoint's hash; whoever uses the evaluation later (report,
 predict's thresholds) checks it against the checkpoint now in the run
-(:func:`cxrflow.evaluate.evaluation_status`).
+(:func:`cxrflow.results.evaluate.evaluation_status`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def store_split_identity(store: str | os.PathLike, size: int, split: str) -> str
     """:func:`split_identity` of one (size, split) partition, read from its id and label columns only."""
     import pyarrow.parquet as pq
 
-    from cxrflow.store import split_dir
+    from cxrflow.data.store import split_dir
 
     ids: list[str] = []
     labels: list[list[int]] = []

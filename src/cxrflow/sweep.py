@@ -3,7 +3,7 @@
 A sweep file (YAML, TOML or JSON) names a store, settings shared by every run, and the runs::
 
     store: data/nih-store          # relative to the working directory; --store overrides it
-    defaults:                      # any 'cxrflow train' setting (see cxrflow.config.TrainConfig)
+    defaults:                      # any 'cxrflow train' setting (see cxrflow.modelling.config.TrainConfig)
       preset: paper
       pretrained: imagenet
     runs:
@@ -18,7 +18,7 @@ paper's "KT" and "fine-tuned" rows from one run. A sweep may also list ensembles
     ensembles:
       - name: densenet-resnet-512  # OUT/ensembles/<name>/
         members: [densenet121-512, resnet50-512:best_kt]   # run, or run:checkpoint (default: its last stage)
-        method: stacked            # mean (default) or stacked; see cxrflow.ensemble
+        method: stacked            # mean (default) or stacked; see cxrflow.modelling.ensemble
 
 For every run the sweep
 
@@ -36,7 +36,7 @@ parallel, one per GPU (``CUDA_VISIBLE_DEVICES``); on CPU one at a time. A failed
 the others: it is named at the end and the exit status is 2.
 
 ``--spark-master URL --processes N``: each run's training is its own distributed job on the Spark
-cluster (:func:`cxrflow.sparktrain.run_sweep_jobs`), as many at once as the cluster's slots allow.
+cluster (:func:`cxrflow.modelling.sparktrain.run_sweep_jobs`), as many at once as the cluster's slots allow.
 ``--mlflow [URI]`` tracks every run and ensemble (default store ``OUT/mlruns``; see :mod:`cxrflow.tracking`).
 """
 
@@ -55,12 +55,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cxrflow.atomic import write_json_atomic
-from cxrflow.config import TrainConfig, apply_overrides, preset, read_config_file
+from cxrflow.modelling.config import TrainConfig, apply_overrides, preset, read_config_file
 from cxrflow.errors import CxrflowError
-from cxrflow.evaluate import METRICS_NAME, default_eval_dir, evaluation_status
+from cxrflow.results.evaluate import METRICS_NAME, default_eval_dir, evaluation_status
 from cxrflow.outputs import claiming
-from cxrflow.sparktrain import SparkLaunch, launch_from_args, run_sweep_jobs
-from cxrflow.sparktrain import add_arguments as add_spark_arguments
+from cxrflow.modelling.sparktrain import SparkLaunch, launch_from_args, run_sweep_jobs
+from cxrflow.modelling.sparktrain import add_arguments as add_spark_arguments
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import default_uri, log_ensemble, request_from_args, request_from_argv
 
@@ -152,7 +152,7 @@ def parse_sweep(data: dict, *, source: str = "sweep config", store: str | os.Pat
 
 def parse_ensembles(entries: Any, runs: Sequence[RunSpec], source: str) -> list[EnsembleSpec]:
     """Validate the ``ensembles`` list of a sweep file against its runs."""
-    from cxrflow.ensemble import METHODS
+    from cxrflow.modelling.ensemble import METHODS
 
     if not isinstance(entries, list):
         raise CxrflowError("'ensembles' must be a list of {name, members, method}", source)
@@ -194,7 +194,7 @@ def build_sweep_ensembles(
     """Build every ensemble whose members are evaluated and that is not built yet; returns the
     ensemble folders that exist and the failures (name: reason). ``tracking``: the steps' options
     (``--mlflow URI``), under which each new ensemble becomes its own MLflow run."""
-    from cxrflow.ensemble import build_ensemble
+    from cxrflow.modelling.ensemble import build_ensemble
 
     built: list[Path] = []
     failed: dict[str, str] = {}
@@ -226,7 +226,7 @@ def load_sweep(path: str | os.PathLike, *, store: str | os.PathLike | None = Non
 
 def check_stores(sweep: Sweep) -> None:
     """Fail before any training when a run's store, size or split is missing (one clear error)."""
-    from cxrflow.store import check_partition, read_manifest
+    from cxrflow.data.store import check_partition, read_manifest
 
     manifests: dict[str, dict] = {}
     for spec in sweep.runs:
@@ -369,7 +369,7 @@ def _run_sweep(
     sweep: Sweep, out: Path, *, device, gpus, n_boot: int, in_process: bool, echo, explore, launch, tracking
 ) -> dict[str, Any]:
     """The body of :func:`run_sweep`, with the sweep folder claimed."""
-    from cxrflow.report import write_report
+    from cxrflow.results.report import write_report
 
     (out / "logs").mkdir(exist_ok=True)
     slots: list[str | None]

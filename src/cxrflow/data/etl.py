@@ -1,0 +1,697 @@
+"""Spark ETL: a release folder of raw chest X-rays to one multi-resolution Parquet store.
+
+One Spark job reads every image once (the executors read the files; the driver only ships
+metadata), decodes it with :mod:`cxrflow.data.imaging`, resizes it to every requested size and writes
+``STORE/size=<S>/split=<split>/part-NNNNN.parquet`` with the exact :data:`cxrflow.data.store.SCHEMA`.
+Each split's rows are in a seeded pseudo-random order (sorted by :func:`cxrflow.data.store.row_order_key`
+of the seed and image_id, planned on the driver from the metadata alone; recorded in the manifest as
+``row_order``), so a patient's follow-ups are spread over the split and a loader's window of
+consecutive rows is a uniform sample of it. Each task owns one contiguous slice of that order in
+one split and writes one file per size
+(written under a hidden name, then renamed), so the store's files and rows depend only on the
+inputs and the seed, never on the master or the number of executors, and a retried task rewrites
+the same file. Tasks return small summaries only (counts, quarantined images with their reason,
+label sums, a 256-bin pixel histogram per size), which give the manifest's pixel mean/std and
+``pos_weight`` without moving a pixel to the driver.
+
+Everything is written under a hidden temporary sibling of the destination; the manifest is written
+last, after the store was checked with pyarrow, and only then is the folder renamed into place. A
+killed or failed run therefore never leaves a folder at the destination. The destination's lock
+(:mod:`cxrflow.outputs`) is taken before any metadata is read, so a second ETL on the same output
+stops at once with one line naming the holder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import math
+import os
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence, TextIO
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from cxrflow.atomic import write_json_atomic
+from cxrflow.errors import CxrflowError
+from cxrflow import options
+from cxrflow.data.imaging import ImageError, load_and_resize
+from cxrflow.outputs import publishing
+from cxrflow.data.formats import Collection, add_format_arguments
+from cxrflow.data.formats.dicom import spacing_row, write_spacing
+from cxrflow.data.store import (
+    KNOWN_COLUMN,
+    MANIFEST_NAME,
+    SCHEMA,
+    SPLITS,
+    format_manifest,
+    manifest_core,
+    row_group_rows,
+    schema_for,
+    row_order,
+    row_order_key,
+    split_dir,
+)
+
+#: Target uncompressed bytes of one file at the largest size (caps images per task and file).
+FILE_TARGET_BYTES = 128 * 2**20
+#: Automatic layout: about this many tasks for the whole release, but never fewer than
+#: MIN_ROWS_PER_FILE images per task (a task costs ~0.03-0.1 s of scheduling on top of its images).
+TARGET_TASKS = 64
+MIN_ROWS_PER_FILE = 32
+COMPRESSIONS = ("zstd", "snappy", "lz4", "gzip", "none")
+MAX_SIZE = 4096
+#: Threads per task that decode and resize (see :func:`process_task`).
+DECODE_THREADS = 2
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def parse_sizes(text: str | Iterable[int]) -> list[int]:
+    """``"256,512"`` (or a list of ints) to sorted unique sizes; CxrflowError when malformed."""
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    sizes = []
+    for part in parts:
+        try:
+            size = int(part)
+        except (TypeError, ValueError):
+            raise CxrflowError(f"--sizes must be comma-separated integers like 256,512, got {text!r}") from None
+        if not 1 <= size <= MAX_SIZE:
+            raise CxrflowError(f"--sizes: every size must be between 1 and {MAX_SIZE} pixels, got {size}")
+        sizes.append(size)
+    if not sizes:
+        raise CxrflowError("--sizes is empty; give at least one size, e.g. 256")
+    return sorted(set(sizes))
+
+
+def auto_rows_per_file(n_images: int, max_size: int) -> int:
+    """Images per task and file for a run of ``n_images``: about TARGET_TASKS tasks, at least
+    MIN_ROWS_PER_FILE images each, at most ~FILE_TARGET_BYTES per file at the largest size.
+
+    It depends on the inputs only (not on the cluster), so every master writes the same files.
+    """
+    cap = max(1, FILE_TARGET_BYTES // (max_size * max_size))
+    return max(1, min(cap, max(MIN_ROWS_PER_FILE, math.ceil(n_images / TARGET_TASKS))))
+
+
+def plan_tasks(records: Sequence[dict], rows_per_file: int, seed: int = 0) -> list[tuple[str, int, list[dict]]]:
+    """Group image records into tasks ``(split, part number, records)``: each split in the seeded
+    pseudo-random row order of :func:`cxrflow.data.store.row_order_key`, cut into contiguous slices of
+    ``rows_per_file``, so the layout depends on the inputs and the seed only."""
+    by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for rec in records:
+        by_split[rec["split"]].append(rec)
+    tasks = []
+    for split in SPLITS:
+        recs = sorted(by_split[split], key=lambda r: (row_order_key(seed, r["image_id"]), r["image_id"]))
+        for part, start in enumerate(range(0, len(recs), rows_per_file)):
+            tasks.append((split, part, recs[start : start + rows_per_file]))
+    return tasks
+
+
+# ------------------------------------------------------------------------------- executor-side work
+
+
+def _binary(images: list[np.ndarray]) -> pa.Array:
+    """``images`` (uint8 arrays) as one Arrow binary array: one copy into a contiguous buffer."""
+    data = np.concatenate([img.reshape(-1) for img in images]) if images else np.zeros(0, np.uint8)
+    offsets = np.zeros(len(images) + 1, dtype=np.int32)
+    np.cumsum([img.size for img in images], out=offsets[1:])
+    return pa.Array.from_buffers(pa.binary(), len(images), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _table(rows: list[dict], pixels: list[np.ndarray]) -> pa.Table:
+    """One Arrow table in the store's exact schema (every column cast explicitly)."""
+    columns = {
+        "image_id": pa.array([r["image_id"] for r in rows], pa.string()),
+        "patient_id": pa.array([r["patient_id"] for r in rows], pa.int64()),
+        "labels": pa.array([list(r["labels"]) for r in rows], pa.list_(pa.uint8())),
+        "age": pa.array([r["age"] for r in rows], pa.int16()),
+        "sex": pa.array([r["sex"] for r in rows], pa.string()),
+        "view": pa.array([r["view"] for r in rows], pa.string()),
+        "follow_up": pa.array([r["follow_up"] for r in rows], pa.int32()),
+        "orig_width": pa.array([r["orig_width"] for r in rows], pa.int32()),
+        "orig_height": pa.array([r["orig_height"] for r in rows], pa.int32()),
+        "pixels": _binary(pixels),
+    }
+    known = bool(rows) and "known" in rows[0]
+    if known:
+        columns[KNOWN_COLUMN] = pa.array([list(r["known"]) for r in rows], pa.list_(pa.uint8()))
+    schema = schema_for(known)
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
+
+
+class _PartWriter:
+    """Streams one (size, split, part) file: fixed-size row groups, hidden name until closed."""
+
+    def __init__(self, store: str, size: int, split: str, part: int, group_rows: int, compression: str,
+                 known: bool = False):
+        self.schema = schema_for(known)
+        self.folder = split_dir(store, size, split)
+        self.final = self.folder / f"part-{part:05d}.parquet"
+        self.tmp = self.folder / f".part-{part:05d}.{uuid.uuid4().hex}.tmp"
+        self.group_rows = group_rows
+        self.compression = None if compression == "none" else compression
+        self.rows: list[dict] = []
+        self.pixels: list[np.ndarray] = []
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, row: dict, pixels: np.ndarray) -> None:
+        self.rows.append(row)
+        self.pixels.append(pixels)
+        if len(self.rows) >= self.group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        if self.writer is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(
+                str(self.tmp),
+                self.schema,
+                compression=self.compression,
+                use_dictionary=[n for n in self.schema.names if n != "pixels"],
+                write_statistics=[n for n in self.schema.names if n != "pixels"],
+            )
+        self.writer.write_table(_table(self.rows, self.pixels), row_group_size=self.group_rows)
+        self.rows, self.pixels = [], []
+
+    def close(self) -> None:
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+            os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+
+class _Prepared(NamedTuple):
+    """One image after a worker thread decoded and resized it (or found it undecodable)."""
+
+    record: dict
+    width: int = 0
+    height: int = 0
+    pixels: dict[int, np.ndarray] | None = None
+    histograms: dict[int, list[int]] | None = None  # train images only
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def _prepare(rec: dict, sizes: Sequence[int], histograms: bool) -> _Prepared:
+    """Decode and resize one image; with ``histograms``, also its 256-bin histogram per size."""
+    t = time.perf_counter()
+    try:
+        resized, (width, height) = load_and_resize(rec["path"], sizes)
+    except ImageError as exc:
+        return _Prepared(rec, error=exc.message, seconds=time.perf_counter() - t)
+    hists = None
+    if histograms:  # Pillow's histogram: C, no copy of the pixels, GIL released
+        hists = {s: Image.fromarray(img).histogram() for s, img in resized.items()}
+    return _Prepared(rec, width, height, resized, hists, None, time.perf_counter() - t)
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int) -> Iterator:
+    """``fn`` over ``items`` on ``pool``: results in input order, at most ``ahead`` in flight."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def process_task(
+    task: tuple[str, int, list[dict]],
+    *,
+    store: str,
+    sizes: Sequence[int],
+    group_rows: dict[int, int],
+    compression: str,
+    num_labels: int,
+    threads: int = DECODE_THREADS,
+) -> dict:
+    """Decode, resize and write one task's images; return its summary (no pixels).
+
+    Runs on an executor. ``threads`` threads decode and resize while this one writes (Pillow and
+    pyarrow release the GIL), so a core is not idle while its task writes or waits on storage, and
+    the last tasks of a job also use the cores that have no task left. Rows are written in input
+    order whatever the threads do. An image that fails to decode is quarantined with its reason.
+    """
+    split, part, records = task
+    started = time.perf_counter()
+    decode_seconds = 0.0
+    known = bool(records) and "known" in records[0]
+    writers = {s: _PartWriter(store, s, split, part, group_rows[s], compression, known) for s in sizes}
+    histograms = {s: np.zeros(256, dtype=np.int64) for s in sizes}
+    positives = np.zeros(num_labels, dtype=np.int64)
+    quarantined: list[dict] = []
+    spacings: list[list] = []  # DICOM sources' pixel spacing
+    written = 0
+    prepare = functools.partial(_prepare, sizes=sizes, histograms=split == "train")
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="cxrflow-etl") as pool:
+            for done in _in_order(pool, prepare, records, ahead=2 * threads):
+                rec = done.record
+                decode_seconds += done.seconds
+                if done.error is not None:
+                    quarantined.append({"image_id": rec["image_id"], "path": rec["path"], "reason": done.error})
+                    continue
+                row = dict(rec, orig_width=done.width, orig_height=done.height)
+                for s in sizes:
+                    if done.histograms is not None:  # the manifest's pixel statistics are over train only
+                        histograms[s] += done.histograms[s]
+                    writers[s].add(row, done.pixels[s])
+                positives += np.frombuffer(rec["labels"], dtype=np.uint8)
+                written += 1
+                spacing = spacing_row(rec["image_id"], rec["path"])
+                if spacing is not None:
+                    spacings.append(spacing)
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return {
+        "split": split,
+        "part": part,
+        "images": len(records),
+        "written": written,
+        "quarantined": quarantined,
+        "pixel_spacing": spacings,
+        "positives": positives.tolist(),
+        "histograms": {s: h.tolist() for s, h in histograms.items()},
+        "seconds": time.perf_counter() - started,
+        "decode_seconds": decode_seconds,
+    }
+
+
+def _run_partition(tasks: Iterator[tuple[str, int, list[dict]]], counter, **kwargs) -> Iterator[dict]:
+    # A reused PySpark worker runs a full gc.collect() after every task; over the ~50,000 objects
+    # of the imported modules (numpy, pyarrow, Pillow) that is ~15 ms a task. Freezing what exists
+    # now (modules, not garbage: the last task's collect just ran) takes them out of every later scan.
+    gc.freeze()
+    for task in tasks:
+        summary = process_task(task, **kwargs)
+        counter.add(summary["images"])
+        yield summary
+
+
+# ------------------------------------------------------------------------------------- driver side
+
+
+class _Progress:
+    """Images done / total and images per second on a stream, from a Spark accumulator."""
+
+    def __init__(self, counter, total: int, stream: TextIO, interval: float = 0.5):
+        self.counter, self.total, self.stream = counter, total, stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.interval = interval if self.tty else 10.0
+        self.started = time.perf_counter()
+        self.width = 0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="cxrflow-etl-progress", daemon=True)
+
+    def line(self, done: int) -> str:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        pct = 100.0 * done / self.total if self.total else 100.0
+        return f"etl: {done}/{self.total} images ({pct:.0f}%), {done / elapsed:.1f} images/s, {elapsed:.0f} s"
+
+    def _show(self, done: int, final: bool = False) -> None:
+        text = self.line(done)
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width) + ("\n" if final else ""))
+            self.width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self._show(int(self.counter.value))
+
+    def __enter__(self) -> "_Progress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join()
+        self._show(int(self.counter.value), final=True)
+
+
+def _verify_store(tmp: Path, sizes: Sequence[int], rows: dict[str, dict[str, int]]) -> None:
+    """Check with pyarrow (footers only) that every partition has its rows and the exact schema."""
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(str(tmp), format="parquet", partitioning="hive")
+    for field in SCHEMA:
+        got = dataset.schema.field(field.name).type if field.name in dataset.schema.names else None
+        if got is not None and got != field.type:
+            raise RuntimeError(f"store column {field.name} has type {got}, expected {field.type}")
+    for s in sizes:
+        for split, n in rows[str(s)].items():
+            folder = split_dir(tmp, s, split)
+            files = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
+            count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            if count != n:
+                raise RuntimeError(f"store partition size={s}/split={split} has {count} rows, expected {n}")
+
+
+def _pixel_stats(histogram: np.ndarray) -> dict[str, float]:
+    """Mean and std on the 0..1 scale from a 256-bin count histogram (exact integer sums)."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    n = int(histogram.sum())
+    if n == 0:
+        return {"mean": float("nan"), "std": float("nan")}
+    p = histogram.astype(np.float64) / n
+    mean = float((p * values).sum())
+    var = float((p * (values - mean) ** 2).sum())
+    return {"mean": mean, "std": math.sqrt(max(var, 0.0))}
+
+
+def run_etl(
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    sizes: Iterable[int] | str = (256, 512),
+    master: str = "local[*]",
+    *,
+    val_fraction: float = 0.3,
+    seed: int = 0,
+    overwrite: bool = False,
+    strict: bool = False,
+    verbose: bool = False,
+    rows_per_file: int | None = None,
+    compression: str = "zstd",
+    threads: int = DECODE_THREADS,
+    driver_memory: str | None = None,
+    executor_memory: str | None = None,
+    format: str = "auto",
+    views: str = "frontal",
+    spark: Any = None,
+    progress: TextIO | None = None,
+    split_csv: str | os.PathLike | None = None,
+) -> dict:
+    """Run the ETL and return the manifest (also written to ``out/_manifest.json``).
+
+    ``spark``: an existing SparkSession to use (then ``master`` and the memory options are not
+    used and the session is left running); by default one is started on ``master`` and stopped.
+    ``progress``: a stream for the progress display (None: no display). ``strict``: a missing or
+    undecodable image is an error instead of being reported. ``format``: the collection's reader
+    (:mod:`cxrflow.data.formats`; ``auto`` detects it), ``views``: ``frontal`` or ``all``. ``split_csv``: a
+    file written by ``cxrflow split`` whose assignment is used exactly (then ``val_fraction`` does not
+    apply and ``seed`` only sets the row order); without it the split is the collection's, the same
+    as ``cxrflow split`` computes with the same options.
+    """
+    from cxrflow.data.formats import assign_collection_splits, load_collection
+    from cxrflow.data.spark import check_master, check_memory
+    from cxrflow.data.split import read_split_csv
+
+    started = time.perf_counter()
+    sizes = parse_sizes(sizes) if isinstance(sizes, str) else parse_sizes(list(sizes))
+    if compression not in COMPRESSIONS:
+        raise CxrflowError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if threads < 1:
+        raise CxrflowError(f"--threads must be at least 1, got {threads}")
+    if rows_per_file is not None and rows_per_file < 1:
+        raise CxrflowError(f"--rows-per-file must be at least 1, got {rows_per_file}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise CxrflowError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if spark is None:
+        master = check_master(master)
+        check_memory(driver_memory, "--driver-memory")
+        check_memory(executor_memory, "--executor-memory")
+    out = Path(out).absolute()
+    # the output's lock comes first: a second ETL on the same output stops before reading any metadata
+    with publishing(out, "etl", overwrite=overwrite, inputs=[data_dir]) as pub:
+        release = load_collection(data_dir, format, views=views, strict=strict)
+        if split_csv is not None:
+            splits = read_split_csv(split_csv, release.entries)
+        else:
+            splits = assign_collection_splits(release, val_fraction, seed)
+        records = image_records(release, splits)
+        per_file = rows_per_file or auto_rows_per_file(len(records), max(sizes))
+        tasks = plan_tasks(records, per_file, seed)
+        group_rows = {s: row_group_rows(s, per_file) for s in sizes}
+        return _write_store(pub, release, splits, tasks, records, sizes, master, spark, group_rows, per_file,
+                            vocab=release.vocab, strict=strict, verbose=verbose, val_fraction=val_fraction, seed=seed,
+                            compression=compression, threads=threads, driver_memory=driver_memory,
+                            executor_memory=executor_memory, progress=progress, started=started)
+
+
+def image_records(release: Collection, splits: pd.DataFrame) -> list[dict]:
+    """One record per image of the collection that has a file: what a Spark task needs to write its
+    row (path, split, patient, labels as bytes, demographics; label states where the format has them)."""
+    vocab, states, entries = release.vocab, release.states, release.entries
+    label_matrix = entries[list(vocab.names)].to_numpy(dtype=np.uint8)
+    split_of = dict(zip(splits["image_id"], splits["split"]))
+    records = []
+    for i, row in enumerate(entries[["image_id", "patient_id", "age", "sex", "view", "follow_up"]].itertuples(index=False)):
+        path = release.images.get(row.image_id)
+        if path is None:
+            continue
+        records.append(
+            {
+                "image_id": row.image_id,
+                "path": str(Path(path).absolute()),
+                "split": split_of[row.image_id],
+                "patient_id": int(row.patient_id),
+                "labels": label_matrix[i].tobytes(),
+                "age": int(row.age),
+                "sex": row.sex,
+                "view": row.view,
+                "follow_up": int(row.follow_up),
+                **({} if states is None else {"known": states[i].tobytes()}),
+            }
+        )
+    return records
+
+
+def _write_store(pub, release, splits, tasks, records, sizes, master, spark, group_rows, per_file, *, vocab, strict,
+                 verbose, val_fraction, seed, compression, threads, driver_memory, executor_memory, progress, started):
+    """Run the Spark job into ``pub.tmp``, check the store, write its manifest and publish it."""
+    from cxrflow.data.demographics import FIELDS as DEMOGRAPHIC_FIELDS  # driver only: it imports torch
+    from cxrflow.data.demographics import count_unknown
+    from cxrflow.data.formats import store_label_keys
+    from cxrflow.data.spark import build_spark
+
+    tmp = pub.tmp
+    own_spark = spark is None
+    try:
+        if own_spark:
+            spark = build_spark(
+                master, "cxrflow etl", driver_memory=driver_memory, executor_memory=executor_memory, verbose=verbose
+            )
+        sc = spark.sparkContext
+        job_started = time.perf_counter()
+        summaries: list[dict] = []
+        if tasks:
+            counter = sc.accumulator(0)
+            work = functools.partial(
+                _run_partition,
+                counter=counter,
+                store=str(tmp),
+                sizes=sizes,
+                group_rows=group_rows,
+                compression=compression,
+                num_labels=len(vocab),
+                threads=threads,
+            )
+            sc.setJobDescription(f"cxrflow etl: {len(records)} images to sizes {sizes}")
+            rdd = sc.parallelize(tasks, len(tasks)).mapPartitions(work)
+            if progress is not None:
+                with _Progress(counter, len(records), progress):
+                    summaries = rdd.collect()
+            else:
+                summaries = rdd.collect()
+        job_seconds = time.perf_counter() - job_started
+    finally:
+        if own_spark and spark is not None:
+            spark.stop()
+
+    manifest = _manifest(
+        release, splits, summaries, sizes, vocab, master if own_spark else spark.sparkContext.master,
+        val_fraction, seed, compression, group_rows, per_file, job_seconds,
+    )
+    if strict and manifest["quarantined"]:
+        q = manifest["quarantined"][0]
+        raise CxrflowError(
+            f"{len(manifest['quarantined'])} image(s) could not be decoded (first {q['image_id']}: {q['reason']}); "
+            "drop --strict to quarantine them and go on",
+            q["path"],
+        )
+    quarantined_ids = {q["image_id"] for q in manifest["quarantined"]}
+    kept = [r for r in records if r["image_id"] not in quarantined_ids]
+    # the store keeps the raw values; this counts those a fused model will see as unknown
+    manifest["demographics_unknown"] = count_unknown(*([r[f] for r in kept] for f in DEMOGRAPHIC_FIELDS))
+    manifest["split_identity"] = _split_identities(records, manifest["quarantined"])
+    manifest.update(store_label_keys(release, records, quarantined_ids))
+    spacing = write_spacing(tmp, [row for s in summaries for row in s["pixel_spacing"]])
+    if spacing is not None:
+        manifest["pixel_spacing"] = spacing
+    _verify_store(tmp, sizes, manifest["rows"])
+    if release.bbox is not None:  # after the check: the box file is not a partition
+        from cxrflow.data.boxes import write_boxes
+
+        manifest["boxes"] = write_boxes(tmp, release.bbox)
+    manifest["wall_seconds"] = round(time.perf_counter() - started, 3)
+    write_json_atomic(tmp / MANIFEST_NAME, manifest)
+    pub.commit()
+    return manifest
+
+
+def _split_identities(records: Sequence[dict], quarantined: Sequence[dict]) -> dict[str, str]:
+    """:func:`cxrflow.identity.split_identity` of every split's written rows (from the metadata: no pixels)."""
+    from cxrflow.identity import split_identity
+
+    dropped = {q["image_id"] for q in quarantined}
+    out = {}
+    for split in SPLITS:
+        kept = [r for r in records if r["split"] == split and r["image_id"] not in dropped]
+        out[split] = split_identity([r["image_id"] for r in kept], [np.frombuffer(r["labels"], np.uint8) for r in kept])
+    return out
+
+
+def _manifest(
+    release, splits, summaries, sizes, vocab, master, val_fraction, seed, compression, group_rows, per_file, job_seconds
+) -> dict:
+    """The manifest from the tasks' summaries (see :mod:`cxrflow.data.store` for the keys)."""
+    k = len(vocab)
+    rows = {split: 0 for split in SPLITS}
+    positives = np.zeros(k, dtype=np.int64)
+    histograms = {s: np.zeros(256, dtype=np.int64) for s in sizes}
+    quarantined: list[dict] = []
+    processed = 0
+    task_seconds = sum(s["seconds"] for s in summaries)
+    decode_seconds = sum(s["decode_seconds"] for s in summaries)
+    for summary in summaries:
+        rows[summary["split"]] += summary["written"]
+        processed += summary["images"]
+        quarantined.extend(summary["quarantined"])
+        if summary["split"] == "train":
+            positives += np.asarray(summary["positives"], dtype=np.int64)
+            for s in sizes:
+                histograms[s] += np.asarray(summary["histograms"][s], dtype=np.int64)
+    quarantined.sort(key=lambda q: q["image_id"])
+    written = sum(rows.values())
+    metadata_rows = len(release.entries)
+    missing = list(release.missing)
+    if metadata_rows != written + len(missing) + len(quarantined):
+        raise RuntimeError(
+            f"ETL lost images: {metadata_rows} metadata rows != {written} written + {len(missing)} missing "
+            f"+ {len(quarantined)} quarantined"
+        )
+    return {
+        **manifest_core(
+            vocab,
+            sizes,
+            {str(s): dict(rows) for s in sizes},
+            {str(s): _pixel_stats(histograms[s]) for s in sizes},
+            positives,
+        ),
+        "source": {
+            "data_dir": str(Path(release.root).absolute()),
+            "metadata_rows": metadata_rows,
+            "images_found": metadata_rows - len(missing),
+            "written": written,
+            "missing": len(missing),
+            "quarantined": len(quarantined),
+            "unlisted_on_disk": len(release.unlisted),
+            "age_unknown": int(release.entries.attrs.get("age_unknown", 0)),
+        },
+        "missing": missing,
+        "quarantined": quarantined,
+        "split": {
+            "mode": splits.attrs.get("mode"),
+            **({"split_csv": splits.attrs["split_csv"]} if "split_csv" in splits.attrs else {}),
+            # without the official lists the split is 70/10/20 by patient and val_fraction does not apply
+            "val_fraction": val_fraction if splits.attrs.get("mode") == "official-lists" else None,
+            "seed": seed,
+            "patients": {split: int(splits.loc[splits["split"] == split, "patient_id"].nunique()) for split in SPLITS},
+        },
+        "row_order": row_order(seed),
+        "parquet": {
+            "compression": compression,
+            "rows_per_file": per_file,
+            "row_group_rows": {str(s): n for s, n in group_rows.items()},
+        },
+        "spark_master": master,
+        "spark_job_seconds": round(job_seconds, 3),
+        "spark_tasks": len(summaries),
+        "task_seconds": round(task_seconds, 3),
+        "decode_resize_seconds": round(decode_seconds, 3),
+        "images_per_second": round(processed / job_seconds, 3) if job_seconds > 0 else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path, help="collection folder (NIH, CheXpert, MIMIC-CXR-JPG or labels.csv)")
+    parser.add_argument("--out", required=True, type=Path, help="store folder to write")
+    parser.add_argument("--sizes", default="256,512", help="comma-separated image sides in pixels (default 256,512)")
+    parser.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
+    parser.add_argument("--val-fraction", type=float, default=0.3, help="share of train_val patients for validation (default 0.3)")
+    parser.add_argument("--seed", type=options.seed, default=0, help="split seed, also of the stored row order (default 0)")
+    parser.add_argument(
+        "--split-csv", type=Path, default=None,
+        help="use exactly this split file (from 'cxrflow split --out'); default: the same split 'cxrflow split' computes",
+    )  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    parser.add_argument("--strict", action="store_true", help="fail on a missing or undecodable image instead of reporting it")
+    parser.add_argument("--verbose", action="store_true", help="show Spark's logs")
+    parser.add_argument("--rows-per-file", type=int, default=None, help="images per Parquet file and task (default: automatic)")
+    parser.add_argument("--compression", default="zstd", choices=COMPRESSIONS, help="Parquet compression (default zstd)")
+    parser.add_argument(
+        "--threads", type=int, default=DECODE_THREADS,
+        help=f"threads per Spark task that decode and resize (default {DECODE_THREADS}; more for slow network storage)",
+    )  # fmt: skip
+    parser.add_argument("--driver-memory", default=None, help="Spark driver memory, e.g. 2g (default: Spark's)")
+    parser.add_argument("--executor-memory", default=None, help="Spark executor memory, e.g. 4g (default: Spark's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    add_format_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = run_etl(
+        args.data,
+        args.out,
+        args.sizes,
+        args.master,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        verbose=args.verbose,
+        rows_per_file=args.rows_per_file,
+        compression=args.compression,
+        threads=args.threads,
+        driver_memory=args.driver_memory,
+        executor_memory=args.executor_memory,
+        progress=None if args.no_progress else sys.stderr,
+        format=args.format,
+        views=args.views,
+        split_csv=args.split_csv,
+    )
+    print(f"wrote {args.out}")
+    print(format_manifest(manifest))
+    return 0

@@ -1,0 +1,240 @@
+"""DICOM radiographs to 8-bit gray, the way hospital exports arrive.
+
+:func:`decode_dicom` is used by :mod:`cxrflow.data.imaging` for every ``.dcm`` (or ``DICM``-tagged)
+file, so the ETL, every format and ``predict`` accept DICOM wherever they accept an image. Rules,
+in order (DICOM PS3.3 C.11):
+
+1. pixels decoded by pydicom; compressed transfer syntaxes through its plugins (pylibjpeg with
+   libjpeg / openjpeg for JPEG and JPEG 2000; RLE natively). A file without pixel data, or whose
+   syntax no installed plugin decodes, raises :class:`~cxrflow.data.imaging.ImageError` with the reason
+   (the ETL quarantines it). Multi-frame files: the first frame. Colour files: ITU-R 601 luma.
+2. modality transform: ``RescaleSlope``/``RescaleIntercept`` or a Modality LUT.
+3. VOI transform to 0..255: a VOI LUT (scaled by its output bit depth) when present, else the first
+   ``WindowCenter``/``WindowWidth`` with the standard's linear function
+   ``((x - (c - 0.5)) / (w - 1) + 0.5)`` clipped to [0, 1] (``VOILUTFunction`` LINEAR_EXACT and
+   SIGMOID by their own formulas); without either, 8-bit data as stored
+   and deeper data from the image's own minimum..maximum (12/16-bit data is reduced to 8 bits only
+   after this step).
+4. ``MONOCHROME1`` (bright = air) inverted so that bright = dense, like ``MONOCHROME2``.
+5. rounded to uint8.
+
+For integer pixel data steps 2-5 are computed once per stored value that occurs (a table of at most
+65,536 entries; the min..max of step 3 is then that of the occurring range, the same for the usual
+monotonic rescale) and applied with one lookup per pixel.
+
+``PixelSpacing`` (or ``ImagerPixelSpacing``) is returned with the pixels, in mm (row, column).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+@dataclass
+class DicomImage:
+    """An 8-bit gray radiograph decoded from DICOM, and what the header said about it."""
+
+    gray: np.ndarray
+    spacing: tuple[float, float] | None
+    photometric: str
+    bits_stored: int | None
+    transfer_syntax: str
+
+
+def is_dicom(data: bytes, where: str | None = None) -> bool:
+    """A Part 10 file (``DICM`` at byte 128) or a file named ``*.dcm``."""
+    return data[128:132] == b"DICM" or (where is not None and where.lower().endswith(DICOM_SUFFIXES))
+
+
+def _error(message: str, where: str | None):
+    from cxrflow.data.imaging import ImageError
+
+    return ImageError(message, where)
+
+
+def _short(exc: BaseException) -> str:
+    """The exception's text on one line (every plugin's reason when pydicom tried several)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _first(value) -> float:
+    """The first of a possibly multi-valued DICOM number."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def _voi(ds, modality: np.ndarray) -> np.ndarray:
+    """Modality-transformed values -> float on 0..1 by the VOI LUT, the window, or min..max."""
+    from pydicom.pixels import apply_voi_lut
+
+    values = np.asarray(modality, dtype=np.float64)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        item = ds.VOILUTSequence[0]
+        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        index = modality if np.issubdtype(modality.dtype, np.integer) else np.rint(values).astype(np.int64)
+        out = apply_voi_lut(index, ds, index=0, prefer_lut=True).astype(np.float64)
+        return np.clip(out / float(2**bits - 1), 0.0, 1.0)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        c, w = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
+        function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
+        if function == "SIGMOID":
+            return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+        if function == "LINEAR_EXACT":
+            return np.clip((values - c) / w + 0.5, 0.0, 1.0)
+        if w > 1:
+            return np.clip((values - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0)
+        return (values > c - 0.5).astype(np.float64)
+    if int(ds.get("BitsStored", 16)) <= 8 and values.min() >= 0 and values.max() <= 255:
+        return values / 255.0  # an 8-bit export without a window: as stored
+    lo, hi = float(values.min()), float(values.max())
+    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values, dtype=np.float64)
+
+
+def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
+    """Decode a DICOM file's bytes to an 8-bit gray image by the rules of the module docstring."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:  # any parser failure on user data is a reason to quarantine
+        raise _error(f"not a readable DICOM file ({_short(exc)})", where) from None
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise _error("DICOM file without pixel data", where)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    syntax_name = getattr(syntax, "name", str(syntax)) if syntax is not None else "unknown"
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # missing plugin, broken codestream, inconsistent header
+        raise _error(f"cannot decode DICOM pixel data (transfer syntax {syntax_name}): {_short(exc)}", where) from None
+    samples = int(ds.get("SamplesPerPixel", 1))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        pixels = pixels[0]
+    if samples == 3:
+        rgb = pixels.astype(np.float64)
+        gray = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114) / 1000.0
+        return DicomImage(np.clip(np.rint(gray), 0, 255).astype(np.uint8), _spacing(ds),
+                          str(ds.get("PhotometricInterpretation", "")), ds.get("BitsStored"), syntax_name)
+    if pixels.ndim != 2:
+        raise _error(f"unsupported DICOM pixel layout {pixels.shape} (expected one gray frame)", where)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if np.issubdtype(pixels.dtype, np.integer) and pixels.dtype.itemsize <= 2:
+        # integer data: the whole transform as a table over the stored values that occur (<= 65,536
+        # entries), then one lookup per pixel instead of several float passes over the image
+        lo, hi = int(pixels.min()), int(pixels.max())
+        table = _to_gray(ds, np.arange(lo, hi + 1).astype(pixels.dtype), photometric)
+        gray = table[pixels.astype(np.int32) - lo] if lo < 0 else np.concatenate([np.zeros(lo, np.uint8), table])[pixels]
+    else:
+        gray = _to_gray(ds, pixels, photometric)
+    bits = ds.get("BitsStored")
+    return DicomImage(gray, _spacing(ds), photometric, None if bits is None else int(bits), syntax_name)
+
+
+def _to_gray(ds, stored: np.ndarray, photometric: str) -> np.ndarray:
+    """Stored values -> uint8: modality transform, VOI transform, MONOCHROME1 inverted, rounded."""
+    from pydicom.pixels import apply_modality_lut
+
+    scaled = _voi(ds, np.asarray(apply_modality_lut(stored, ds)))
+    if photometric == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+
+
+def _spacing(ds) -> tuple[float, float] | None:
+    for key in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(key)
+        if value is not None and len(value) == 2:
+            try:
+                return float(value[0]), float(value[1])
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def read_dicom(path: str | Path) -> DicomImage:
+    """Decode a DICOM file from disk (see :func:`decode_dicom`)."""
+    return decode_dicom(Path(path).read_bytes(), str(path))
+
+
+#: Per-image pixel spacing of a store's DICOM sources (a leading "_": not part of the pixel dataset).
+SPACING_FILE = "_pixel_spacing.parquet"
+
+
+def header_spacing(path: str | Path) -> tuple[float, float] | None:
+    """(row, column) pixel spacing in mm from a DICOM file's header (pixels not read); None without one."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                             specific_tags=["PixelSpacing", "ImagerPixelSpacing"])
+    except Exception:  # the image itself was decoded; a header that will not parse just has no spacing
+        return None
+    return _spacing(ds)
+
+
+def spacing_row(image_id: str, path: str) -> list | None:
+    """``[image_id, row mm, column mm]`` for a DICOM source (NaN without spacing); None for other files."""
+    if path.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+        return None  # no extra file access for the usual image files
+    if not path.lower().endswith(DICOM_SUFFIXES):
+        with open(path, "rb") as f:
+            if f.read(132)[128:132] != b"DICM":
+                return None
+    spacing = header_spacing(path) or (float("nan"), float("nan"))
+    return [image_id, float(spacing[0]), float(spacing[1])]
+
+
+def write_spacing(store: str | Path, rows: list[list]) -> dict | None:
+    """Write ``STORE/_pixel_spacing.parquet`` (image_id, spacing_row_mm, spacing_col_mm); manifest entry."""
+    if not rows:
+        return None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sorted(rows)
+    table = pa.table({
+        "image_id": pa.array([r[0] for r in rows], pa.string()),
+        "spacing_row_mm": pa.array([r[1] for r in rows], pa.float32()),
+        "spacing_col_mm": pa.array([r[2] for r in rows], pa.float32()),
+    })
+    pq.write_table(table, Path(store) / SPACING_FILE)
+    known = [r[1] for r in rows if r[1] == r[1]]
+    return {"file": SPACING_FILE, "dicom_images": len(rows), "with_spacing": len(known),
+            "row_mm_range": [min(known), max(known)] if known else None}
+
+
+def looks_like_dicom(path: str | Path) -> bool:
+    """A ``.dcm``/``.dicom`` file, or an existing file without a suffix that starts like DICOM."""
+    name = os.path.basename(str(path)).lower()
+    if name.endswith(DICOM_SUFFIXES):
+        return True
+    if "." in name or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(132)[128:132] == b"DICM"
+
+
+def header_demographics(path: str | Path) -> tuple[int | None, str | None]:
+    """(age in whole years, sex M/F) from ``PatientAge`` (``063Y``, ``006M``, ...) and ``PatientSex``."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["PatientAge", "PatientSex"])
+    except Exception:  # an unreadable header: demographics stay unknown, the image decides its own fate
+        return None, None
+    age = str(ds.get("PatientAge", "") or "").strip().upper()
+    years = None
+    if len(age) == 4 and age[:3].isdigit() and age[3] in "YMWD":
+        years = int(age[:3]) if age[3] == "Y" else int(age[:3]) // {"M": 12, "W": 52, "D": 365}[age[3]]
+    sex = str(ds.get("PatientSex", "") or "").strip().upper()
+    return years, sex if sex in ("M", "F") else None

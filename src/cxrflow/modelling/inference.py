@@ -1,0 +1,194 @@
+"""Inference: one place that turns uint8 images into logits, for a batch or for a whole store split.
+
+Training's validation, ``evaluate``, ``predict`` and what builds on them (localization, ensembles,
+calibration) all score through here, so a checkpoint gives the same numbers wherever it is used:
+
+- :func:`resolve_device`: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` to a :class:`torch.device`, with
+  one clear error for a device that is not there.
+- :func:`model_input`: uint8 ``[N, 1, S, S]`` -> normalised float on the device (channels_last on CUDA).
+- :func:`batch_logits`: one forward pass (bf16 autocast on CUDA), logits as float32 on the CPU;
+  demographics (:mod:`cxrflow.data.demographics`) go with the images, for the models that fuse them.
+- :func:`predict_split`: every row of a store split, in the store's order, with copies of labels and
+  ids (never views into the loader's batch buffers, so memory does not grow with the split).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cxrflow.errors import CxrflowError
+from cxrflow.data.loader import make_loader, to_model_input
+from cxrflow.data.store import check_partition, pixel_stats, read_manifest
+from cxrflow.data.uncertain import masked_bce
+
+#: Device choices every command accepts (``cuda:N`` too).
+DEVICES = ("auto", "cpu", "cuda")
+
+_CUDA_INDEX = re.compile(r"cuda:(\d+)")
+
+
+def resolve_device(choice: str | torch.device | None) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda``/``cuda:N`` without that GPU is an error."""
+    if isinstance(choice, torch.device):
+        return choice
+    choice = "auto" if choice in (None, "") else str(choice)
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    index = _CUDA_INDEX.fullmatch(choice)
+    if choice == "cuda" or index:
+        if not torch.cuda.is_available():
+            raise CxrflowError(f"--device {choice} but no CUDA GPU is available; use --device cpu or auto")
+        if index and int(index.group(1)) >= torch.cuda.device_count():
+            raise CxrflowError(f"--device {choice} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+        return torch.device(choice)
+    raise CxrflowError(f"unknown device {choice!r}; use auto, cpu, cuda or cuda:N")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context on CPU (float32 there)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def model_input(images: torch.Tensor, mean: float, std: float, device: torch.device) -> torch.Tensor:
+    """uint8 ``[N, 1, S, S]`` -> device (non-blocking) -> normalised 3-channel float; channels_last on CUDA."""
+    x = to_model_input(images.to(device, non_blocking=True), mean, std, channels=3)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def batch_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: float,
+    std: float,
+    device: torch.device,
+    demographics: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits ``float32[N, K]`` on the CPU for one uint8 batch (the model is used as it is: call ``eval()`` first).
+
+    ``demographics`` float32 ``[N, 3]`` (NaN = unknown) is required by fused models, ignored by the others.
+    """
+    d = None if demographics is None else demographics.to(device, non_blocking=True)
+    with torch.no_grad(), autocast(device):
+        out = model(model_input(images, mean, std, device), demographics=d)
+    return out.float().cpu()
+
+
+def training_pixel_stats(config: dict, size: int) -> tuple[float, float]:
+    """The pixel (mean, std) a model was trained with, from its checkpoint's config.
+
+    Evaluation and prediction normalise with these, never with a store's current manifest (a
+    rebuilt store must not change a model's inputs). Only a checkpoint written before they were
+    recorded falls back to the manifest of the store it names.
+    """
+    if "pixel_mean" in config and "pixel_std" in config:
+        return float(config["pixel_mean"]), float(config["pixel_std"])
+    store = config.get("store")
+    if store:
+        try:
+            return pixel_stats(read_manifest(store), size)
+        except (CxrflowError, KeyError):
+            pass
+    raise CxrflowError(
+        "the checkpoint does not record the training pixel mean/std and its store is not readable; "
+        "pass --store with the store the run was trained on"
+    )
+
+
+def predict_split(
+    model: nn.Module,
+    store: str | os.PathLike,
+    size: int,
+    split: str,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pixel_mean: float | None = None,
+    pixel_std: float | None = None,
+) -> dict[str, Any]:
+    """Score a whole split: ``image_id``, ``patient_id`` int64[N], ``labels``, ``logits`` and ``probs``
+    float32[N, K], ``loss`` (mean BCE with the store's pos_weight, or None without one).
+
+    ``pixel_mean``/``pixel_std`` are the normalisation the model was trained with (from its
+    checkpoint); without them the store's train statistics are used (training's own validation).
+    With ``world_size > 1`` (inside a process group) each rank scores its shard and the results are
+    gathered, so every rank returns the same complete arrays.
+    """
+    device = resolve_device(device)
+    net = unwrap(model).to(device)
+    manifest = read_manifest(store)
+    check_partition(manifest, store, size, split)
+    if int(manifest["rows"][str(int(size))][split]) == 0:
+        raise CxrflowError(f"split {split!r} at size {size} is empty", store)
+    if pixel_mean is None or pixel_std is None:
+        pixel_mean, pixel_std = pixel_stats(manifest, size)
+    loader = make_loader(
+        store, size, split, batch_size=batch_size, shuffle=False, num_workers=num_workers, rank=rank, world_size=world_size
+    )
+    ids: list[str] = []
+    patients, labels, logits, known = [], [], [], []
+    was_training = net.training
+    net.eval()
+    try:
+        for batch in loader:
+            logits.append(batch_logits(net, batch["image"], pixel_mean, pixel_std, device, batch["demographics"]))
+            # copies: the batch's tensors are views into a recycled buffer that also holds its pixels
+            labels.append(batch["labels"].clone())
+            known.append(batch["known"].clone())
+            patients.append(batch["patient_id"].clone())
+            ids.extend(str(i) for i in batch["image_id"])
+    finally:
+        net.train(was_training)
+    k = net.num_classes
+    part = {
+        "image_id": ids,
+        "patient_id": torch.cat(patients).numpy() if patients else np.zeros(0, np.int64),
+        "labels": torch.cat(labels).numpy() if labels else np.zeros((0, k), np.float32),
+        "known": torch.cat(known).numpy() if known else np.zeros((0, k), np.float32),
+        "logits": torch.cat(logits).numpy() if logits else np.zeros((0, k), np.float32),
+    }
+    if world_size > 1:
+        parts: list[Any] = [None] * world_size
+        dist.all_gather_object(parts, part)
+        part = {
+            "image_id": [i for p in parts for i in p["image_id"]],
+            **{key: np.concatenate([p[key] for p in parts]) for key in ("patient_id", "labels", "logits", "known")},
+        }
+    logits_t = torch.from_numpy(part["logits"])
+    labels_t = torch.from_numpy(part["labels"])
+    loss = None
+    pw = manifest.get("pos_weight")
+    if pw is not None:
+        if len(pw) != k:
+            raise CxrflowError(f"manifest pos_weight must have {k} values (one per finding)", store)
+        criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pw, dtype=torch.float64))
+        if part["known"].all():
+            loss = float(criterion(logits_t.double(), labels_t.double()))
+        else:  # labels not known are left out of the loss (cxrflow.data.uncertain)
+            known_t = torch.from_numpy(part["known"]).double()
+            loss = float(masked_bce(logits_t.double(), labels_t.double(), known_t, criterion.pos_weight))
+    return {
+        "image_id": part["image_id"],
+        "patient_id": part["patient_id"].astype(np.int64),
+        "labels": part["labels"].astype(np.float32),
+        "known": part["known"].astype(np.float32),
+        "logits": part["logits"].astype(np.float32),
+        "probs": torch.sigmoid(logits_t).numpy().astype(np.float32),
+        "loss": loss,
+    }

@@ -1,0 +1,715 @@
+"""``report.html``: one self-contained page that tells a whole study.
+
+Gathered from the evaluation folders (and ensemble folders) a report is given, the runs and stores
+they name, optional ``explore`` output and localization folders, and rendered with the Jinja2
+template ``templates/report.html.j2`` (autoescaped: every name and path from a file is text). The
+page embeds every figure as a PNG data URI and needs no network. Sections appear only when their
+data exists:
+
+1. data: each store's manifest and the exploration figures (``--explore``);
+2. Table 1: every run and ensemble, one table per label vocabulary, beside the paper and published anchors;
+3. per run: training curves, ROC, operating points, calibration, localization;
+4. cases: per finding, top false positives / negatives and most confident positives, from the store;
+5. reproduce: versions, commands, each run's resolved config, store manifest hashes, a rerun script.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cxrflow import __version__
+from cxrflow.results.embed import figure_uri
+from cxrflow.errors import CxrflowError
+from cxrflow.results.evaluate import METRICS_NAME, evaluation_checkpoint
+from cxrflow.identity import file_sha256
+from cxrflow.results.report import MODEL_TITLES, STAGE_TITLES, build_rows
+
+HTML_NAME = "report.html"
+
+#: Published mean test AUCs over the 14 ChestX-ray14 findings, with the split they were measured on.
+PUBLISHED_ANCHORS: tuple[dict[str, Any], ...] = (
+    {
+        "source": "Wang et al. 2017 (ChestX-ray8, CVPR; 14-finding update)",
+        "model": "ResNet-50",
+        "split": "official split",
+        "official": True,
+        "mean_auc": 0.745,
+    },
+    {
+        "source": "Rajpurkar et al. 2017 (CheXNet)",
+        "model": "DenseNet-121",
+        "split": "random patients 70/10/20 (not the official split)",
+        "official": False,
+        "mean_auc": 0.841,
+    },
+)
+
+#: How each store split mode is named in the page.
+SPLIT_MODES = {
+    "official-lists": "official",
+    "patients-70-10-20": "random patients 70/10/20",
+    "synthetic-store": "synthetic",
+}
+
+EXPLORE_FIGURES = (
+    ("findings.png", "Images per finding in the dataset (bar chart, counts per finding)"),
+    ("cooccurrence.png", "How often two findings occur on the same image (matrix of finding pairs)"),
+    ("age_by_sex.png", "Age distribution of the patients by sex (histogram, years)"),
+    ("images_per_patient.png", "Images per patient (histogram)"),
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# small readers
+
+
+def _read_json(path: Path) -> tuple[dict | None, str | None]:
+    """(content, None) or (None, why not)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"unreadable ({exc})"
+    return (data, None) if isinstance(data, dict) else (None, "not a JSON object")
+
+
+def figure(path: Path, alt: str, caption: str | None = None) -> dict[str, Any]:
+    """A figure for the page: its data URI and alt text, or the reason it could not be shown."""
+    try:
+        return {"uri": figure_uri(path), "alt": alt, "caption": caption or alt, "name": Path(path).name}
+    except (OSError, ValueError) as exc:
+        return {"error": f"{Path(path).name} could not be shown: {exc}", "caption": caption or alt, "name": Path(path).name}
+
+
+def git_commit(package: Path | None = None) -> str | None:
+    """The commit of the git checkout cxrflow runs from (its ``src/cxrflow``), else None.
+
+    A cxrflow installed into some other repository's virtual environment is not that repository's code,
+    so the checkout must hold this very package.
+    """
+    package = (package or Path(__file__).parents[1]).resolve()  # src/cxrflow, above results/
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10, check=False)
+
+    try:
+        found = git("rev-parse", "--show-toplevel", "HEAD")
+        lines = found.stdout.split()
+        if found.returncode != 0 or len(lines) != 2 or Path(lines[0], "src", "cxrflow").resolve() != package:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return lines[1] + (" (with uncommitted changes)" if dirty else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluations and stores
+
+
+def load_evaluations(paths: Sequence[str | os.PathLike], split: str) -> list[dict[str, Any]]:
+    """Every evaluation named by ``paths``: its Table 1 row, metrics, folder and run folder."""
+    rows = build_rows(paths, split)
+    evaluations = []
+    for row in rows:
+        folder = Path(row["source"]).parent
+        metrics, _ = _read_json(Path(row["source"]))
+        ensemble = metrics.get("kind") == "ensemble"
+        run = folder if ensemble else _run_folder(folder, metrics)
+        evaluations.append({"row": row, "metrics": metrics, "folder": folder, "run": run, "ensemble": ensemble})
+    return evaluations
+
+
+def _run_folder(folder: Path, metrics: dict) -> Path:
+    """The run an evaluation belongs to: the folder above it when that is a run, else the one it names."""
+    if (folder.parent / "config.json").is_file() or metrics.get("run") is None:
+        return folder.parent
+    named = Path(metrics["run"])
+    return named if named.is_dir() else folder.parent
+
+
+def open_stores(evaluations: list[dict], store_override: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
+    """Each store the evaluations were made on, by the path recorded: its manifest, or why it is not there."""
+    stores: dict[str, dict[str, Any]] = {}
+    for ev in evaluations:
+        recorded = str(ev["metrics"].get("store") or "")
+        if recorded in stores:
+            continue
+        path = Path(store_override) if store_override else Path(recorded)
+        info: dict[str, Any] = {"recorded": recorded, "path": str(path), "manifest": None}
+        if not recorded and not store_override:
+            info["unknown"] = "the evaluation does not record its store"
+        elif not (path / "_manifest.json").is_file():
+            moved = "no longer at the path recorded at evaluation" if not store_override else "not a cxrflow store"
+            info["problem"] = f"store {path} is {moved} (no _manifest.json there); pass --store DIR to point at it"
+        else:
+            manifest, why = _read_json(path / "_manifest.json")
+            if manifest is None:
+                info["problem"] = f"store manifest {path / '_manifest.json'} is {why}"
+            else:
+                info.update(manifest=manifest, sha256=file_sha256(path / "_manifest.json"))
+        stores[recorded] = info
+    return stores
+
+
+def split_name(store: dict[str, Any] | None) -> str:
+    """How the store's test split was drawn, in words (the thing to check before comparing AUCs)."""
+    manifest = (store or {}).get("manifest")
+    if manifest is None:
+        return "unknown (store not found)"
+    mode = (manifest.get("split") or {}).get("mode")
+    return SPLIT_MODES.get(mode, str(mode or "unknown"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. data
+
+
+def data_section(stores: dict[str, dict], explore: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The stores' manifests and the exploration figures; None when there is neither."""
+    manifests = []
+    for info in stores.values():
+        m = info.get("manifest")
+        if m is None:
+            continue
+        sizes = [str(s) for s in m.get("sizes", [])]
+        splits = sorted({s for per in m.get("rows", {}).values() for s in per}, key=lambda s: ("train", "val", "test").index(s) if s in ("train", "val", "test") else 9)
+        manifests.append(
+            {
+                "path": info["path"],
+                "sha256": info.get("sha256"),
+                "created": m.get("created"),
+                "cxrflow_version": m.get("cxrflow_version"),
+                "source": {k: v for k, v in (m.get("source") or {}).items() if not isinstance(v, (list, dict))},
+                "split": {k: v for k, v in (m.get("split") or {}).items() if not isinstance(v, (list, dict))},
+                "split_name": split_name(info),
+                "splits": splits,
+                "rows": [{"size": s, "counts": [m["rows"][s].get(sp) for sp in splits]} for s in sizes if s in m.get("rows", {})],
+                "pixel_stats": [{"size": s, **(m.get("pixel_stats") or {}).get(s, {})} for s in sizes if s in (m.get("pixel_stats") or {})],
+                "positives": [{"name": n, "count": (m.get("positives") or {}).get(n)} for n in m.get("label_names", [])],
+                "missing": list(m.get("missing") or [])[:50],
+                "n_missing": len(m.get("missing") or []),
+                "quarantined": list(m.get("quarantined") or [])[:50],
+                "n_quarantined": len(m.get("quarantined") or []),
+            }
+        )
+    problems = [info["problem"] for info in stores.values() if info.get("problem")]
+    figures, stats = [], None
+    if explore is not None:
+        folder = Path(explore)
+        if not folder.is_dir():
+            raise CxrflowError("no such explore folder (write one with 'cxrflow explore')", folder)
+        stats, _ = _read_json(folder / "stats.json")
+        figures = [figure(folder / name, alt) for name, alt in EXPLORE_FIGURES if (folder / name).exists()]
+    if not manifests and not figures and stats is None and not problems:
+        return None
+    return {"stores": manifests, "problems": problems, "explore": str(explore) if explore else None, "stats": stats, "figures": figures}
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Table 1
+
+
+def _ece(metrics: dict) -> tuple[float | None, float | None]:
+    cal = metrics.get("calibration") or {}
+    ece = cal.get("ece_mean") or {}
+    return ece.get("before"), ece.get("after")
+
+
+def table_sections(evaluations: list[dict], stores: dict[str, dict]) -> list[dict[str, Any]]:
+    """Table 1, one table per label vocabulary (mean AUCs over different findings are not comparable)."""
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for ev in evaluations:
+        groups.setdefault(tuple(ev["row"]["label_names"]), []).append(ev)
+    tables = []
+    for names, evs in groups.items():
+        rows = []
+        for ev in evs:
+            r, m = ev["row"], ev["metrics"]
+            before, after = _ece(m)
+            rows.append(
+                {
+                    **r,
+                    "anchor": _anchor(ev),
+                    "title": _title(ev),
+                    "model_title": "ensemble" if ev["ensemble"] else MODEL_TITLES.get(r["model"], r["model"]),
+                    "stage_title": m.get("method", "") if ev["ensemble"] else STAGE_TITLES.get(r["stage"], r["stage"]),
+                    "split_name": split_name(stores.get(str(m.get("store") or ""))),
+                    "ece_before": before,
+                    "ece_after": after,
+                    "aucs": [r["auc"].get(n) for n in names],
+                }
+            )
+        scored = [r for r in rows if r["mean_auc"] is not None]
+        best = max(scored, key=lambda r: r["mean_auc"]) if scored else None
+        for r in rows:
+            r["best"] = r is best
+        tables.append(
+            {
+                "findings": list(names),
+                "rows": rows,
+                "has_ece": any(r["ece_before"] is not None or r["ece_after"] is not None for r in rows),
+                "has_paper": any(r["paper_mean_auc"] is not None for r in rows),
+                "anchors": PUBLISHED_ANCHORS if len(names) == 14 and _is_nih(names) else (),
+            }
+        )
+    return tables
+
+
+def _is_nih(names: Sequence[str]) -> bool:
+    from cxrflow.data.labels import NIH14
+
+    return tuple(names) == NIH14.names
+
+
+def _anchor(ev: dict) -> str:
+    """A stable HTML id for an evaluation."""
+    digest = hashlib.sha1(str(ev["folder"].resolve()).encode()).hexdigest()[:10]
+    return f"eval-{digest}"
+
+
+def _title(ev: dict) -> str:
+    r, m = ev["row"], ev["metrics"]
+    if ev["ensemble"]:
+        return f"{ev['folder'].name}: ensemble ({m.get('method', '?')}) of {len(m.get('members', []))} evaluations"
+    stage = STAGE_TITLES.get(r["stage"], r["stage"])
+    return f"{r['run']}: {MODEL_TITLES.get(r['model'], r['model'])} {r['size']} px, {stage}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. per run
+
+
+def _finding_table(m: dict) -> list[dict[str, Any]]:
+    names = m["label_names"]
+    cal = m.get("calibration") or {}
+    out = []
+    for n in names:
+        out.append(
+            {
+                "name": n,
+                "positives": (m.get("positives") or {}).get(n),
+                "auc": (m.get("auc") or {}).get(n),
+                "ci": (m.get("auc_ci95") or {}).get(n),
+                "threshold": (m.get("threshold") or {}).get(n),
+                "sensitivity": (m.get("sensitivity") or {}).get(n),
+                "specificity": (m.get("specificity") or {}).get(n),
+                "excluded_unknown": (m.get("excluded_unknown") or {}).get(n),
+                "temperature": (cal.get("temperature") or {}).get(n),
+                "ece_before": ((cal.get("ece") or {}).get("before") or {}).get(n),
+                "ece_after": ((cal.get("ece") or {}).get("after") or {}).get(n),
+                "brier_before": ((cal.get("brier") or {}).get("before") or {}).get(n),
+                "brier_after": ((cal.get("brier") or {}).get("after") or {}).get(n),
+            }
+        )
+    return out
+
+
+def evaluation_part(ev: dict) -> dict[str, Any]:
+    """One evaluation inside its run's section: ROC, operating points, calibration."""
+    m, folder = ev["metrics"], ev["folder"]
+    title = _title(ev)
+    listed = list(m.get("figures") or [])
+    figures = []
+    if "roc.png" in listed or (folder / "roc.png").exists():
+        figures.append(
+            figure(folder / "roc.png", f"ROC curves per finding of {title} on the {m.get('split')} split; the AUC of each finding is in the table below")
+        )
+    if "reliability.png" in listed or (folder / "reliability.png").exists():
+        figures.append(
+            figure(folder / "reliability.png", f"Reliability diagram of {title}: predicted probability against observed frequency, before and after calibration")
+        )
+    cal = m.get("calibration")
+    return {
+        "anchor": _anchor(ev),
+        "title": title,
+        "row": ev["row"],
+        "folder": str(folder),
+        "split": m.get("split"),
+        "threshold_split": m.get("threshold_split"),
+        "figures": figures,
+        "findings": _finding_table(m),
+        "calibration": None if not cal else {k: cal.get(k) for k in ("method", "fitted_on", "bins", "ece_mean", "brier_mean")},
+        "has_operating_points": "threshold" in m,
+        "has_unknown": bool(m.get("excluded_unknown")),
+        "members": [{"run": x.get("run"), "eval": x.get("eval"), "sha": x.get("checkpoint_sha256")} for x in m.get("members", [])],
+    }
+
+
+def current_localizations(run: Path) -> tuple[list[tuple[Path, dict]], list[dict[str, Any]]]:
+    """The ``localize-*`` outputs of a run made from the checkpoints it holds now, as (path, content),
+    and the others as ``{"folder", "error", "stale"}``: unreadable, or (``stale``) made from a
+    checkpoint the run no longer holds (:func:`cxrflow.results.localize.localization_status`)."""
+    from cxrflow.results.localize import localization_status
+
+    found, left_out = [], []
+    for path in sorted(run.glob("localize-*/localization.json")):
+        loc, why = _read_json(path)
+        if loc is None:
+            left_out.append({"folder": str(path.parent), "error": f"{path.name} is {why}", "stale": False})
+            continue
+        stale = localization_status(path, loc)
+        if stale is not None:
+            left_out.append({"folder": str(path.parent), "stale": True,
+                             "error": f"Left out, not made from the checkpoint the run holds now: {stale}"})
+            continue
+        found.append((path, loc))
+    return found, left_out
+
+
+def localization_parts(run: Path) -> list[dict[str, Any]]:
+    """Every ``localize-*`` folder of a run (issue 13's ``localization.json``), as tables and galleries;
+    one made from an older checkpoint is left out with a one-line note saying why."""
+    found, parts = current_localizations(run)
+    for path, loc in found:
+        thresholds = sorted((loc.get("accuracy_iobb") or {}), key=float)
+        names = [n for n in next(iter((loc.get("accuracy_iobb") or {}).values()), {}) if n != "overall"]
+        base = (loc.get("baseline") or {}).get("accuracy_iobb") or {}
+        rows = [
+            {
+                "name": n,
+                "iobb": [(loc["accuracy_iobb"].get(t) or {}).get(n) for t in thresholds],
+                "iou": [((loc.get("accuracy_iou") or {}).get(t) or {}).get(n) for t in thresholds],
+                "baseline": [(base.get(t) or {}).get(n) for t in thresholds],
+                "n_boxes": (loc.get("n_boxes") or {}).get(n),
+                "fp_per_image": (loc.get("fp_per_image") or {}).get(n),
+            }
+            for n in [*names, "overall"]
+        ]
+        figures = [
+            figure(path.parent / name, f"Heatmaps of {loc.get('method', 'class activation')} with the annotated boxes ({name})")
+            for name in (loc.get("figures") or [])
+        ]
+        parts.append(
+            {
+                "folder": str(path.parent),
+                "method": loc.get("method"),
+                "split": loc.get("split"),
+                "checkpoint": loc.get("checkpoint"),
+                "thresholds": thresholds,
+                "rows": rows,
+                "wang2017": loc.get("wang2017"),
+                "unscored": len(loc.get("unscored") or []),
+                "figures": figures,
+            }
+        )
+    return sorted(parts, key=lambda part: part["folder"])
+
+
+def run_sections(evaluations: list[dict]) -> list[dict[str, Any]]:
+    """One section per run (or ensemble): config, training curves, its evaluations, localization."""
+    by_run: dict[Path, list[dict]] = {}
+    for ev in evaluations:
+        by_run.setdefault(ev["run"], []).append(ev)
+    sections = []
+    for run, evs in by_run.items():
+        config, _ = _read_json(run / "config.json")
+        curves = next((ev["folder"] / "curves.png" for ev in evs if (ev["folder"] / "curves.png").exists()), None)
+        first = evs[0]
+        sections.append(
+            {
+                "name": first["folder"].name if first["ensemble"] else run.name,
+                "path": str(run),
+                "ensemble": first["ensemble"],
+                "config": config,
+                "config_summary": _config_summary(config),
+                "curves": None if curves is None else figure(
+                    curves, f"Training curves of {run.name}: loss and validation mean AUC per epoch over both stages"
+                ),
+                "evaluations": [evaluation_part(ev) for ev in evs],
+                "localization": [] if first["ensemble"] else localization_parts(run),
+            }
+        )
+    return sections
+
+
+def _config_summary(config: dict | None) -> list[tuple[str, str]]:
+    if not config:
+        return []
+    items = [("model", config.get("model")), ("input size (px)", config.get("size")), ("pretrained", config.get("pretrained")),
+             ("batch size", config.get("batch_size")), ("optimizer", config.get("optimizer")), ("seed", config.get("seed"))]  # fmt: skip
+    for stage in config.get("stages") or []:
+        items.append((f"stage {stage.get('name')}", f"{stage.get('trainable')} trainable, {stage.get('epochs')} epochs, lr {stage.get('lr')}"))
+    return [(k, str(v)) for k, v in items if v is not None]
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. cases
+
+
+def case_sections(
+    evaluations: list[dict],
+    stores: dict[str, dict],
+    tables: list[dict],
+    *,
+    n: int,
+    cases_for: str,
+    heatmap_fn: Callable[..., np.ndarray] | None,
+) -> list[dict[str, Any]]:
+    """Cases of the best evaluation of each table (``cases_for="best"``) or of every evaluation."""
+    from cxrflow.results.cases import case_set
+
+    if n <= 0:
+        return []
+    best = {r["source"] for t in tables for r in t["rows"] if r["best"]}
+    chosen = [ev for ev in evaluations if cases_for == "all" or ev["row"]["source"] in best]
+    out = []
+    for ev in chosen:
+        pred_path = ev["folder"] / "predictions.parquet"
+        if not pred_path.is_file():
+            out.append({"title": _title(ev), "anchor": _anchor(ev), "error": f"no {pred_path.name} in {ev['folder']}"})
+            continue
+        predictions, names = read_case_predictions(pred_path)
+        store = stores.get(str(ev["metrics"].get("store") or ""), {})
+        overlay, why_not = _heatmaps_for(ev, heatmap_fn)
+        reader = _store_reader(store, ev, need_model_input=overlay is not None)
+        result = case_set(predictions, names, n, thresholds=ev["metrics"].get("threshold"), read=reader, heatmaps=overlay)
+        result["note"] = " ".join(filter(None, [result["note"], why_not])) or None
+        out.append({"title": _title(ev), "anchor": _anchor(ev), "n": n, **result})
+    return out
+
+
+def read_case_predictions(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """``predictions.parquet`` as arrays, plus which labels are known (``known_<finding>``) where recorded."""
+    import pyarrow.parquet as pq
+
+    from cxrflow.results.evaluate import read_predictions
+
+    pred, names = read_predictions(path)
+    columns = [f"known_{n}" for n in names]
+    pred["known"] = None
+    if names and set(columns) <= set(pq.read_schema(path).names):
+        table = pq.read_table(path, columns=columns)
+        pred["known"] = np.column_stack([table.column(c).to_numpy() for c in columns])
+    return pred, names
+
+
+def _store_reader(store: dict, ev: dict, *, need_model_input: bool):
+    """A function fetching case images from the evaluation's store, or one that says why it cannot."""
+    from cxrflow.results.cases import read_pixels, thumbnail_size
+    from cxrflow.data.store import split_dir
+
+    manifest = store.get("manifest")
+    m = ev["metrics"]
+
+    def read(image_ids: list[str]) -> tuple[dict[str, np.ndarray], str | None]:
+        if manifest is None:
+            return {}, f"No thumbnails: {store.get('problem') or store.get('unknown') or 'the store is unknown'}."
+        sizes = m.get("size") if isinstance(m.get("size"), list) else [m.get("size") or 0]  # an ensemble's members' sizes
+        size = thumbnail_size(manifest.get("sizes", []), int(max(sizes)), need_model_input)
+        partition = split_dir(store["path"], size, str(m.get("split") or "test"))
+        if not partition.is_dir():
+            return {}, f"No thumbnails: the store {store['path']} has no partition {partition.name} at {size} px."
+        pixels = read_pixels(partition, size, image_ids)
+        missing = len(set(image_ids) - set(pixels))
+        note = None
+        if missing:
+            note = (
+                f"{missing} of {len(set(image_ids))} case images are not in the store at {store['path']} "
+                "(rewritten since the evaluation?); they are listed without thumbnails."
+            )
+        return pixels, note
+
+    return read
+
+
+def _heatmaps_for(ev: dict, heatmap_fn: Callable[..., np.ndarray] | None):
+    """(``(image, finding) -> heatmap`` or None, why not) for an evaluation whose run has localization output."""
+    m = ev["metrics"]
+    if heatmap_fn is None or ev["ensemble"]:
+        return None, None
+    found, left_out = current_localizations(ev["run"])
+    if not found:
+        why = "No heatmap overlays: the run's localization output is for an older checkpoint; rerun 'cxrflow localize'."
+        return None, why if any(part["stale"] for part in left_out) else None
+    # build_rows has already refused an evaluation whose checkpoint is gone or changed (evaluation_status)
+    ckpt = evaluation_checkpoint(ev["folder"] / METRICS_NAME, m)
+    loc = next((d for _, d in found if d.get("checkpoint_sha256") == m.get("checkpoint_sha256")), found[0][1])
+    from cxrflow.modelling.models import load_checkpoint
+
+    model, _ = load_checkpoint(ckpt, map_location="cpu")
+    method = loc.get("method") or "gradcam"
+    mean, std = m.get("pixel_mean"), m.get("pixel_std")
+
+    def heat(image: np.ndarray, finding: int) -> np.ndarray:
+        import torch
+
+        return heatmap_fn(model, image, finding, method=method, pixel_mean=mean, pixel_std=std, device=torch.device("cpu"))
+
+    return heat, None
+
+
+def default_heatmap_fn() -> Callable[..., np.ndarray] | None:
+    """``cxrflow.modelling.heatmaps.heatmap`` when that module is installed (issue 13), else None."""
+    try:
+        from cxrflow.modelling.heatmaps import heatmap
+    except ImportError:
+        return None
+    return heatmap
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. reproduce
+
+
+def _train_settings(config: dict) -> dict[str, Any]:
+    """The settings of a saved run config that ``cxrflow train --config`` accepts (no out, names, stages)."""
+    from cxrflow.modelling.config import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out"}
+    return {k: v for k, v in config.items() if k in fields}
+
+
+def rerun_script(evaluations: list[dict], runs: list[dict], stores: dict[str, dict], report_args: list[str]) -> str:
+    """The shell commands that redo the study: the ETL, each run's training and evaluation, the report."""
+    q = shlex.quote
+    lines = ["#!/usr/bin/env bash", "# Re-run this study with cxrflow " + __version__, "set -euo pipefail", ""]
+    for info in stores.values():
+        m = info.get("manifest")
+        if m is None:
+            continue
+        src = (m.get("source") or {}).get("data_dir")
+        split = m.get("split") or {}
+        sizes = ",".join(str(s) for s in m.get("sizes", []))
+        if src:
+            cmd = f"cxrflow etl --data {q(src)} --out {q(info['path'])} --sizes {sizes} --seed {split.get('seed', 0)}"
+            if split.get("val_fraction") is not None:
+                cmd += f" --val-fraction {split['val_fraction']}"
+            lines += [f"# store {info['path']} (manifest sha256 {info.get('sha256', '?')})", cmd, ""]
+        else:
+            lines += [f"# store {info['path']}: not written by 'cxrflow etl' (split mode {split.get('mode')}); reuse it as it is", ""]
+    lines.append("mkdir -p rerun-configs")
+    for section in runs:
+        if section["ensemble"]:
+            continue
+        run = section["path"]
+        if section["config"]:
+            name = Path(run).name
+            settings = json.dumps(_train_settings(section["config"]), indent=2)
+            lines += [f"# run {name}", f"cat > rerun-configs/{q(name)}.json <<'EOF'", settings, "EOF",
+                      f"cxrflow train --config rerun-configs/{q(name)}.json --out {q(run)}"]  # fmt: skip
+        else:
+            lines.append(f"# run {run}: no config.json there; train it as it was trained before")
+        for part in section["evaluations"]:
+            ev = next(e for e in evaluations if _anchor(e) == part["anchor"])
+            m = ev["metrics"]
+            boot = m.get("bootstrap") or {}
+            cmd = f"cxrflow evaluate --run {q(run)} --checkpoint {m.get('checkpoint')} --split {m.get('split')}"
+            if boot:
+                cmd += f" --n-boot {boot.get('n_boot')} --seed {boot.get('seed')}"
+            if ev["folder"].parent != Path(run) or not ev["folder"].name.startswith("eval-"):
+                cmd += f" --out {q(str(ev['folder']))}"
+            lines.append(cmd)
+        lines.append("")
+    for ev in evaluations:
+        if ev["ensemble"]:
+            m = ev["metrics"]
+            members = ", ".join(str(x.get("eval")) for x in m.get("members", []))
+            lines += [f"# ensemble {ev['folder']}: 'cxrflow ensemble' ({m.get('method')}) over {members}", ""]
+    lines.append("cxrflow report " + " ".join(q(a) for a in report_args))
+    return "\n".join(lines) + "\n"
+
+
+def logged_commands(run: Path) -> list[str]:
+    """The ``cxrflow`` command lines a sweep ran for this run (``SWEEP/logs/<run>.log``), in order."""
+    log = run.parent.parent / "logs" / f"{run.name}.log"
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line[2:] for line in lines if line.startswith("$ cxrflow ")]
+
+
+def reproduce_section(evaluations: list[dict], runs: list[dict], stores: dict[str, dict], report_args: list[str]) -> dict[str, Any]:
+    versions = sorted({str(ev["metrics"].get("cxrflow_version")) for ev in evaluations if ev["metrics"].get("cxrflow_version")})
+    recorded_commits = sorted({str(s["config"]["git_commit"]) for s in runs if s["config"] and s["config"].get("git_commit")})
+    return {
+        "version": __version__,
+        "evaluation_versions": versions,
+        "git_commit": git_commit(),
+        "recorded_commits": recorded_commits,
+        "command": "cxrflow report " + " ".join(shlex.quote(a) for a in report_args),
+        "stores": [{"path": s["path"], "recorded": s["recorded"], "sha256": s.get("sha256"), "problem": s.get("problem")} for s in stores.values()],
+        "runs": [{"name": s["name"], "path": s["path"], "config": None if not s["config"] else json.dumps(s["config"], indent=2),
+                  "commands": [] if s["ensemble"] else logged_commands(Path(s["path"]))} for s in runs],  # fmt: skip
+        "evaluations": [{"title": _title(ev), "folder": str(ev["folder"]), "sha": ev["metrics"].get("checkpoint_sha256"),
+                         "created": ev["metrics"].get("created")} for ev in evaluations],  # fmt: skip
+        "script": rerun_script(evaluations, runs, stores, report_args),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# the page
+
+
+def build_context(
+    paths: Sequence[str | os.PathLike],
+    *,
+    split: str = "test",
+    explore: str | os.PathLike | None = None,
+    store: str | os.PathLike | None = None,
+    cases: int = 3,
+    cases_for: str = "best",
+    report_args: list[str] | None = None,
+    heatmap_fn: Callable[..., np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Everything the page shows, as plain data (sections absent are None or empty)."""
+    evaluations = load_evaluations(paths, split)
+    stores = open_stores(evaluations, store)
+    tables = table_sections(evaluations, stores)
+    runs = run_sections(evaluations)
+    args = report_args if report_args is not None else [*map(str, paths), "--out", "REPORT"]
+    return {
+        "title": f"cxrflow study: {len(evaluations)} evaluation{'s' if len(evaluations) != 1 else ''}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "version": __version__,
+        "data": data_section(stores, explore),
+        "tables": tables,
+        "vocabularies": len(tables),
+        "runs": runs,
+        "cases": case_sections(evaluations, stores, tables, n=cases, cases_for=cases_for, heatmap_fn=heatmap_fn),
+        "heatmaps_available": heatmap_fn is not None,
+        "reproduce": reproduce_section(evaluations, runs, stores, args),
+    }
+
+
+def render(context: dict[str, Any]) -> str:
+    """The page from its context, through the packaged Jinja2 template (autoescaped)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("cxrflow", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = _num
+    env.filters["pct"] = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+    env.filters["sortkey"] = lambda x: "" if x is None or (isinstance(x, float) and np.isnan(x)) else x
+    return env.get_template("report.html.j2").render(**context)
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return "n/a"
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return f"{x:,}"
+    return f"{float(x):.{digits}f}"
+
+
+def build_html(paths: Sequence[str | os.PathLike], **options: Any) -> str:
+    """The whole page for the evaluations named by ``paths`` (see :func:`build_context` for options)."""
+    options.setdefault("heatmap_fn", default_heatmap_fn())
+    return render(build_context(paths, **options))
