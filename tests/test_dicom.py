@@ -69,6 +69,23 @@ def test_voi_lut_sequence(tmp_path):
     np.testing.assert_array_equal(load_gray(path)[0], _to8(lut[RAW12] / 65535.0, False))
 
 
+def test_palette_color_is_the_luma_of_its_palette(tmp_path):
+    from pydicom import dcmread
+
+    path = write_dicom(tmp_path / "pal.dcm", RNG.integers(0, 256, (10, 12)).astype(np.uint8))
+    dataset = dcmread(path)
+    dataset.PhotometricInterpretation = "PALETTE COLOR"
+    red, green, blue = (np.arange(256) * 257)[::-1], np.full(256, 65535), np.arange(256) * 128  # 16-bit entries
+    for name, lut in (("Red", red), ("Green", green), ("Blue", blue)):
+        dataset.add_new(f"{name}PaletteColorLookupTableDescriptor", "US", [256, 0, 16])
+        dataset.add_new(f"{name}PaletteColorLookupTableData", "OW", lut.astype("<u2").tobytes())
+    dataset.save_as(path)
+    index = dcmread(path).pixel_array
+    luma = (red[index] * 0.299 + green[index] * 0.587 + blue[index] * 0.114) / 65535 * 255
+    np.testing.assert_allclose(load_gray(path)[0], np.rint(luma), atol=1)  # not the indices as gray
+    assert np.abs(load_gray(path)[0].astype(int) - index).max() > 100
+
+
 def test_spacing_and_header(tmp_path):
     image = read_dicom(write_dicom(tmp_path / "s.dcm", RAW12, bits_stored=12, spacing=(0.2, 0.25)))
     assert image.spacing == (0.2, 0.25) and image.bits_stored == 12 and image.photometric == "MONOCHROME2"

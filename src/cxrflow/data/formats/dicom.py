@@ -7,7 +7,8 @@ in order (DICOM PS3.3 C.11):
 1. pixels decoded by pydicom; compressed transfer syntaxes through its plugins (pylibjpeg with
    libjpeg / openjpeg for JPEG and JPEG 2000; RLE natively). A file without pixel data, or whose
    syntax no installed plugin decodes, raises :class:`~cxrflow.data.imaging.ImageError` with the reason
-   (the ETL quarantines it). Multi-frame files: the first frame. Colour files: ITU-R 601 luma.
+   (the ETL quarantines it). Multi-frame files: the first frame. Colour files: ITU-R 601 luma;
+   ``PALETTE COLOR`` files: the luma of each index's palette colour.
 2. modality transform: ``RescaleSlope``/``RescaleIntercept`` or a Modality LUT.
 3. VOI transform to 0..255: a VOI LUT (scaled by its output bit depth) when present, else the first
    ``WindowCenter``/``WindowWidth`` with the standard's linear function
@@ -125,9 +126,11 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
         gray = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114) / 1000.0
         return DicomImage(np.clip(np.rint(gray), 0, 255).astype(np.uint8), _spacing(ds),
                           str(ds.get("PhotometricInterpretation", "")), ds.get("BitsStored"), syntax_name)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric == "PALETTE COLOR" and pixels.ndim == 2:
+        return DicomImage(_palette_gray(ds, pixels, where), _spacing(ds), photometric, ds.get("BitsStored"), syntax_name)
     if pixels.ndim != 2:
         raise _error(f"unsupported DICOM pixel layout {pixels.shape} (expected one gray frame)", where)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if np.issubdtype(pixels.dtype, np.integer) and pixels.dtype.itemsize <= 2:
         # integer data: the whole transform as a table over the stored values that occur (<= 65,536
         # entries), then one lookup per pixel instead of several float passes over the image
@@ -138,6 +141,20 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
         gray = _to_gray(ds, pixels, photometric)
     bits = ds.get("BitsStored")
     return DicomImage(gray, _spacing(ds), photometric, None if bits is None else int(bits), syntax_name)
+
+
+def _palette_gray(ds, indices: np.ndarray, where: str | None) -> np.ndarray:
+    """PALETTE COLOR indices -> uint8 luma of the palette's colours (ITU-R 601, like colour files)."""
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        rgb = apply_color_lut(indices, ds).astype(np.float64)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    except Exception as exc:  # a missing or inconsistent palette in the header
+        raise _error(f"cannot apply the DICOM colour palette: {_short(exc)}", where) from None
+    rgb *= 255.0 / float(2**bits - 1)
+    gray = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114) / 1000.0
+    return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
 
 
 def _to_gray(ds, stored: np.ndarray, photometric: str) -> np.ndarray:
