@@ -288,6 +288,19 @@ def _localization_tables(page: Page) -> list[dict]:
     return [t for t in page.tables if t["rows"] and t["rows"][0][:2] == ["Finding", "Boxes"]]
 
 
+def test_localization_table_has_the_iou_thresholds_and_the_overall_box_count(study, report):
+    """Issue 14: the IoU columns are headed by the IoU thresholds localize scores (0.1 ... 0.7, not the
+    IoBB ones), each cell is localization.json's figure, and the overall row counts every box."""
+    (table,) = _localization_tables(Page(report.read_text()))
+    loc = json.loads(next(Path(study["runs"][0]).glob("localize-*/localization.json")).read_text())
+    iobb, iou = sorted(loc["accuracy_iobb"], key=float), sorted(loc["accuracy_iou"], key=float)
+    assert len(iou) == 7 and table["rows"][1] == [f"≥ {t}" for t in [*iobb, *iobb, *iou]]
+    for row in table["rows"][2:]:
+        name, boxes, cells = row[0], row[1], row[2:]
+        assert boxes == str(sum(loc["n_boxes"].values()) if name == "overall" else loc["n_boxes"][name])
+        assert cells[2 * len(iobb) : 2 * len(iobb) + len(iou)] == [f"{loc['accuracy_iou'][t][name]:.3f}" for t in iou]
+
+
 def test_localization_of_a_checkpoint_the_run_no_longer_holds_is_left_out(study, one_torch_thread, tmp_path):
     """Issue 14: a localize-* table, its gallery and the overlays it feeds belong to one checkpoint."""
     import pyarrow.dataset as ds

@@ -374,15 +374,19 @@ def localization_parts(run: Path) -> list[dict[str, Any]]:
     found, parts = current_localizations(run)
     for path, loc in found:
         thresholds = sorted((loc.get("accuracy_iobb") or {}), key=float)
+        iou = loc.get("accuracy_iou") or {}
+        iou_thresholds = sorted(iou, key=float)
         names = [n for n in next(iter((loc.get("accuracy_iobb") or {}).values()), {}) if n != "overall"]
         base = (loc.get("baseline") or {}).get("accuracy_iobb") or {}
+        n_boxes = dict(loc.get("n_boxes") or {})
+        n_boxes.setdefault("overall", sum(v for v in n_boxes.values() if isinstance(v, int)) if n_boxes else None)
         rows = [
             {
                 "name": n,
                 "iobb": [(loc["accuracy_iobb"].get(t) or {}).get(n) for t in thresholds],
-                "iou": [((loc.get("accuracy_iou") or {}).get(t) or {}).get(n) for t in thresholds],
+                "iou": [(iou.get(t) or {}).get(n) for t in iou_thresholds],
                 "baseline": [(base.get(t) or {}).get(n) for t in thresholds],
-                "n_boxes": (loc.get("n_boxes") or {}).get(n),
+                "n_boxes": n_boxes.get(n),
                 "fp_per_image": (loc.get("fp_per_image") or {}).get(n),
             }
             for n in [*names, "overall"]
@@ -398,6 +402,7 @@ def localization_parts(run: Path) -> list[dict[str, Any]]:
                 "split": loc.get("split"),
                 "checkpoint": loc.get("checkpoint"),
                 "thresholds": thresholds,
+                "iou_thresholds": iou_thresholds,
                 "rows": rows,
                 "wang2017": loc.get("wang2017"),
                 "unscored": len(loc.get("unscored") or []),

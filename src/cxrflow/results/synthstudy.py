@@ -164,6 +164,8 @@ def write_localization(run: Path, label_names: Sequence[str], split: str = "test
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from cxrflow.data.boxes import IOU_THRESHOLDS
+
     folder = run / f"localize-{split}-best_finetune"
     folder.mkdir(parents=True, exist_ok=True)
     boxed = list(label_names)[:8]
@@ -176,7 +178,8 @@ def write_localization(run: Path, label_names: Sequence[str], split: str = "test
         "run": str(run), "checkpoint": "best_finetune", "checkpoint_path": str(checkpoint.resolve()),
         "checkpoint_sha256": sha, "stage": "finetune", "epoch": 3, "split": split, "method": "gradcam",
         "thresholds": [float(t) for t in thresholds], "accuracy_iobb": acc,
-        "accuracy_iou": {t: {n: round(v / 2, 3) for n, v in row.items()} for t, row in acc.items()},
+        "accuracy_iou": {f"{t:g}": {n: round(v / (2 + i), 3) for n, v in acc["0.1"].items()}
+                         for i, t in enumerate(IOU_THRESHOLDS)},  # fmt: skip
         "baseline": {"accuracy_iobb": {t: {n: round(v / 3, 3) for n, v in row.items()} for t, row in acc.items()}},
         "wang2017": {"accuracy_iobb": {"0.1": {"Atelectasis": 0.6875}}},
         "fp_per_image": {n: 0.5 for n in boxed}, "n_boxes": {n: 10 + k for k, n in enumerate(boxed)},
