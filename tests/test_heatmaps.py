@@ -40,6 +40,21 @@ def test_every_model_names_its_layer_and_default_method(built):
         cam_method(built["simple_cnn"], "cam")
 
 
+def test_read_only_pixels_give_no_warning(built):
+    """The report's case thumbnails come straight from Parquet buffers (read-only arrays); torch's
+    "non-writable tensors" warning reached the user as a 'warning:' line of 'cxrflow report'."""
+    import warnings
+
+    image = np.frombuffer(np.random.default_rng(0).integers(0, 256, 32 * 32, dtype=np.uint8).tobytes(), np.uint8)
+    image = image.reshape(32, 32)
+    assert not image.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = heatmap(built["simple_cnn"], image, 1, pixel_mean=0.5, pixel_std=0.25)
+        many = heatmaps(built["simple_cnn"], image[None], [1], pixel_mean=0.5, pixel_std=0.25)
+    np.testing.assert_array_equal(one, many[0])
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("method", ["gradcam", "hirescam"])
 def test_heatmap_shape_range_and_finite(built, name, method):

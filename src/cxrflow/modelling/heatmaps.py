@@ -121,7 +121,8 @@ def heatmaps(
 
     device = resolve_device(device)
     net = unwrap(model)
-    images = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images)
+    # a read-only array (pixels straight from a Parquet buffer) is copied: torch warns on those
+    images = torch.as_tensor(np.require(images, requirements="W") if isinstance(images, np.ndarray) else images)
     if images.dtype != torch.uint8 or images.dim() not in (3, 4):
         raise ValueError(f"expected uint8 images [N, S, S] or [N, 1, S, S], got {images.dtype} {tuple(images.shape)}")
     if images.dim() == 3:
@@ -156,7 +157,7 @@ def heatmap(
     demographics: torch.Tensor | None = None,
 ) -> np.ndarray:
     """The heatmap ``float32[S, S]`` in [0, 1] of one finding on one uint8 store image ``[S, S]``."""
-    image = torch.as_tensor(np.asarray(image))
+    image = torch.as_tensor(np.require(image, requirements="W") if isinstance(image, np.ndarray) else image)
     demo = None if demographics is None else torch.as_tensor(demographics).reshape(1, -1)
     return heatmaps(
         model, image[None], [finding_index], method=method, pixel_mean=pixel_mean, pixel_std=pixel_std,
