@@ -16,7 +16,7 @@ from cxrflow.data.formats import assign_collection_splits, detect_format, load_c
 from cxrflow.data.formats import chexpert as chexpert_format
 from cxrflow.data.store import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from cxrflow.data.synthformats import write_chexpert, write_generic, write_mimic
-from cxrflow.data.uncertain import KNOWN, UNCERTAIN, UNMENTIONED
+from cxrflow.data.uncertain import KNOWN, UNCERTAIN, UNMENTIONED, label_counts
 
 
 def _rows(path: Path) -> list[list[str]]:
@@ -53,8 +53,13 @@ def test_chexpert_reader_values_states_patients_views(chexpert_dir):
     assert col.entries["patient_id"].iloc[0] == int(first[0].split("/")[2][len("patient"):])
     expected = {"1.0": (1, KNOWN), "0.0": (0, KNOWN), "-1.0": (0, UNCERTAIN), "": (0, UNMENTIONED)}
     for j, name in enumerate(col.vocab.names):
-        label, state = expected[first[5 + j]]
+        label, state = expected[first[5 + j]] if name != "No Finding" else (int(first[5 + j] == "1.0"), KNOWN)
         assert col.entries[name].iloc[0] == label and col.states[0, j] == state
+    # No Finding is 1.0 or empty (the labeler derives it): empty is a known 0, so it has negatives to learn from
+    nf = col.vocab.index("No Finding")
+    assert {r[5] for r in rows} <= {"1.0", ""} and (col.states[:, nf] == KNOWN).all()
+    assert (col.entries["No Finding"] == 0).any() and label_counts(col.entries[list(col.vocab.names)].to_numpy(),
+                                                                    col.states, col.vocab.names)["No Finding"]["negative"] > 0
     assert set(col.entries["view"]) <= {"PA", "AP"}  # --views frontal by default
     assert col.entries["sex"].iloc[0] == {"Male": "M", "Female": "F"}[first[1]]
     everything = load_collection(chexpert_dir, "chexpert", views="all")
@@ -84,7 +89,8 @@ def test_mimic_reader_study_labels_official_split(tmp_path):
         values = dict(zip(header, labels[study_of[image]]))
         for j, name in enumerate(col.vocab.names):
             assert col.entries[name].iloc[i] == (values[name] == "1.0")
-            assert col.states[i, j] == {"1.0": KNOWN, "0.0": KNOWN, "-1.0": UNCERTAIN, "": UNMENTIONED}[values[name]]
+            blank = KNOWN if name == "No Finding" else UNMENTIONED  # derived by the labeler: empty is a known 0
+            assert col.states[i, j] == {"1.0": KNOWN, "0.0": KNOWN, "-1.0": UNCERTAIN, "": blank}[values[name]]
     split_rows = {r[0]: r[3] for r in csv.reader(gzip.open(root / "mimic-cxr-2.0.0-split.csv.gz", "rt"))}
     splits = assign_collection_splits(col, 0.3, 0)
     for image, split in zip(splits["image_id"], splits["split"]):

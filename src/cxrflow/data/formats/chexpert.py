@@ -48,6 +48,10 @@ VOCAB = LabelVocabulary(
     ),
     no_finding=None,  # "No Finding" is an observation of its own here
 )
+#: Observations the CheXpert labeler derives: ``No Finding`` is 1.0 or empty, never 0.0 or -1.0, in
+#: train.csv (and MIMIC-CXR-JPG's chexpert.csv); empty there says a finding was mentioned, a known 0.
+#: Read as "not mentioned" it had no known negative at all: pos_weight 0, a head that never trained.
+DERIVED = ("No Finding",)
 TRAIN_NAME, VALID_NAME = "train.csv", "valid.csv"
 COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *VOCAB.names)
 
@@ -93,7 +97,7 @@ def _views(table) -> tuple[np.ndarray, np.ndarray]:
 def _read_one(root: Path, name: str):
     table = read_table(root / name, COLUMNS)
     ids, paths, patients, studies = _ids(table, root)
-    labels, states = observations(table, VOCAB.names)
+    labels, states = observations(table, VOCAB.names, DERIVED)
     view, frontal = _views(table)
     age, sex = parse_age(table, "Age"), parse_sex(table, "Sex")
     return table, ids, paths, patients, studies, labels, states, view, frontal, age, sex

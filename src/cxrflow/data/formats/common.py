@@ -123,8 +123,10 @@ def read_table(path: str | os.PathLike, required: Sequence[str]) -> Table:
     return Table(path, frame, lines)
 
 
-def observations(table: Table, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, states) uint8 [N, K] from CheXpert-style columns: 1.0, 0.0, -1.0 or empty."""
+def observations(table: Table, columns: Sequence[str], derived: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, states) uint8 [N, K] from CheXpert-style columns: 1.0, 0.0, -1.0 or empty. In the
+    ``derived`` columns empty is a known 0: the labeler writes them itself, never from the report's words
+    (CheXpert's ``No Finding``: 1.0 when no finding is positive or uncertain, else left empty)."""
     n = len(table.frame)
     labels = np.zeros((n, len(columns)), dtype=np.uint8)
     states = np.zeros((n, len(columns)), dtype=np.uint8)
@@ -137,7 +139,8 @@ def observations(table: Table, columns: Sequence[str]) -> tuple[np.ndarray, np.n
         positive = values.isin([v for v, (label, _) in OBSERVATION_VALUES.items() if label == 1]).to_numpy()
         uncertain = values.isin([v for v, (_, state) in OBSERVATION_VALUES.items() if state == UNCERTAIN]).to_numpy()
         labels[:, j] = positive
-        states[:, j] = np.where((values == "").to_numpy(), UNMENTIONED, np.where(uncertain, UNCERTAIN, KNOWN))
+        blank = UNMENTIONED if col not in derived else KNOWN
+        states[:, j] = np.where((values == "").to_numpy(), blank, np.where(uncertain, UNCERTAIN, KNOWN))
     return labels, states
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from cxrflow.errors import CxrflowError
 from cxrflow.data.formats import FRONTAL, Collection
-from cxrflow.data.formats.chexpert import VOCAB
+from cxrflow.data.formats.chexpert import DERIVED, VOCAB
 from cxrflow.data.formats.common import (
     Table,
     check_patient_splits,
@@ -63,7 +63,7 @@ def _study_labels(path: Path) -> tuple[pd.Index, np.ndarray, np.ndarray]:
     table = read_table(path, ("subject_id", "study_id", *VOCAB.names))
     studies = pd.Series(_ints(table, "study_id"))
     check_unique(table, studies, "study")
-    labels, states = observations(table, VOCAB.names)
+    labels, states = observations(table, VOCAB.names, DERIVED)
     return pd.Index(studies), labels, states
 
 
