@@ -176,6 +176,18 @@ def test_codecs_match_the_uncompressed_file(name):
     np.testing.assert_array_equal(load_gray(other)[0], load_gray(reference)[0])
 
 
+def test_pixel_bomb_is_refused_from_the_header(tmp_path):
+    """A header claiming 20000 x 20000 pixels is refused before pydicom allocates or decodes them."""
+    from pydicom import dcmread
+
+    path = write_dicom(tmp_path / "bomb.dcm", RAW12, bits_stored=12)
+    dataset = dcmread(path)
+    dataset.Rows = dataset.Columns = 20000
+    dataset.save_as(path)
+    with pytest.raises(ImageError, match="image of 20000x20000 pixels would be 20000x20000 after padding.*not decoded"):
+        load_gray(path)
+
+
 def test_truncated_pixel_data_is_a_reason(tmp_path):
     path = write_dicom(tmp_path / "t.dcm", RAW12, bits_stored=12)
     data = path.read_bytes()

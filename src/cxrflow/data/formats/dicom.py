@@ -113,6 +113,7 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
         raise _error("DICOM file without pixel data", where)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     syntax_name = getattr(syntax, "name", str(syntax)) if syntax is not None else "unknown"
+    _check_size(ds, where)
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # missing plugin, broken codestream, inconsistent header
@@ -141,6 +142,22 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
         gray = _to_gray(ds, pixels, photometric)
     bits = ds.get("BitsStored")
     return DicomImage(gray, _spacing(ds), photometric, None if bits is None else int(bits), syntax_name)
+
+
+def _check_size(ds, where: str | None) -> None:
+    """The pixel budget of every image (:func:`cxrflow.data.imaging.check_pixel_budget`), from the header's
+    Rows and Columns, before pydicom allocates or decompresses anything."""
+    from cxrflow.data.imaging import ImageError, check_pixel_budget
+
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    except (TypeError, ValueError):
+        return  # a malformed header: pydicom's own decode names the problem
+    if rows > 0 and columns > 0:
+        try:
+            check_pixel_budget(columns, rows)
+        except ImageError as exc:
+            raise _error(exc.message, where) from None
 
 
 def _palette_gray(ds, indices: np.ndarray, where: str | None) -> np.ndarray:
