@@ -47,6 +47,16 @@ def tiny(tmp_path):
     return path
 
 
+def test_ages_a_collection_does_not_give_are_not_called_out_of_range(tmp_path, capsys):
+    """MIMIC-CXR has no ages at all; the summary line said '57 unknown: outside 0-120'."""
+    from cxrflow.data.synthformats import write_mimic
+
+    root = write_mimic(tmp_path / "mimic", subjects=4, size=16)
+    assert main(["explore", "--data", str(root), "--out", str(tmp_path / "x")]) == 0
+    out = capsys.readouterr().out
+    assert "unknown: not given or outside 0-120" in out and "unknown: outside" not in out
+
+
 def test_stats_hand_checked(tiny):
     stats = compute_stats(read_data_entry(tiny))
     assert set(stats) == KEYS

@@ -133,9 +133,9 @@ def plot_cooccurrence(stats: dict, *, ax: Axes | None = None) -> Figure:
 
 
 def _age_text(age: dict) -> str:
-    """``2-94, mean 46.9`` plus how many ages are unknown (outside 0-120 in the metadata)."""
+    """``2-94, mean 46.9`` plus how many ages are unknown (not given, or outside 0-120, in the metadata)."""
     text = "unknown" if age["mean"] is None else f"{age['min']}-{age['max']}, mean {age['mean']:.1f}"
-    return text + (f" ({age['unknown']:,} unknown: outside 0-120)" if age.get("unknown") else "")
+    return text + (f" ({age['unknown']:,} unknown: not given or outside 0-120)" if age.get("unknown") else "")
 
 
 def plot_age_by_sex(entries: pd.DataFrame, *, ax: Axes | None = None) -> Figure:
