@@ -288,6 +288,15 @@ def _localization_tables(page: Page) -> list[dict]:
     return [t for t in page.tables if t["rows"] and t["rows"][0][:2] == ["Finding", "Boxes"]]
 
 
+def test_split_modes_of_every_format_are_named():
+    """MIMIC's official split.csv and a CSV's split column ('official-split') read in words like NIH's lists."""
+    from cxrflow.results.htmlreport import split_name
+
+    named = {m: split_name({"manifest": {"split": {"mode": m}}}) for m in ("official-lists", "official-split", "patients-70-10-20")}
+    assert named == {"official-lists": "official", "official-split": "official (the collection's split file)",
+                     "patients-70-10-20": "random patients 70/10/20"}
+
+
 def test_localization_table_has_the_iou_thresholds_and_the_overall_box_count(study, report):
     """Issue 14: the IoU columns are headed by the IoU thresholds localize scores (0.1 ... 0.7, not the
     IoBB ones), each cell is localization.json's figure, and the overall row counts every box."""

@@ -57,6 +57,7 @@ PUBLISHED_ANCHORS: tuple[dict[str, Any], ...] = (
 #: How each store split mode is named in the page.
 SPLIT_MODES = {
     "official-lists": "official",
+    "official-split": "official (the collection's split file)",
     "patients-70-10-20": "random patients 70/10/20",
     "synthetic-store": "synthetic",
 }
