@@ -183,6 +183,23 @@ def test_mimic_study_without_split_entry(tmp_path, capsys):
     assert "has no entry in mimic-cxr-2.0.0-split.csv" in err
 
 
+def test_no_rows_is_one_line(tmp_path, capsys):
+    """A header-only labels.csv (pipe labels: no finding names at all) crashed the ETL with a traceback;
+    a CheXpert train.csv of lateral images only leaves nothing under --views frontal."""
+    root = write_generic(tmp_path / "g", patients=3, size=16, per_column=False)
+    _write(root / "labels.csv", _rows(root / "labels.csv")[:1])
+    for command in ("explore", "etl"):
+        assert main([command, "--data", str(root), "--out", str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {root / 'labels.csv'}: no images: the file has a header but no rows"]
+        assert not (tmp_path / command).exists()
+    cx = write_chexpert(tmp_path / "cx", patients=3, size=16)
+    for name in ("train.csv", "valid.csv"):
+        _write(cx / name, [r for r in _rows(cx / name) if r[3] != "Frontal"])
+    assert main(["explore", "--data", str(cx), "--out", str(tmp_path / "x")]) == 2
+    assert "no images: --views frontal: left out" in capsys.readouterr().err
+
+
 def test_chexpert_missing_column(tmp_path, capsys):
     root = write_chexpert(tmp_path, patients=2, size=16)
     rows = _rows(root / "valid.csv")

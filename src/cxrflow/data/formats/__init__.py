@@ -122,6 +122,9 @@ def load_collection(
     else:
         name = detect_format(path) if format == "auto" else format
         collection = _module(name).read(path, views=views, need_images=need_images)
+    if len(collection.entries) == 0:  # a header-only file, or --views frontal leaving nothing
+        why = "; ".join(collection.notes) + " (try --views all)" if collection.notes else "the file has a header but no rows"
+        raise CxrflowError(f"no images: {why}", collection.metadata_path)
     if strict and collection.missing:
         raise CxrflowError(
             f"{len(collection.missing)} of {len(collection.entries)} images are not on disk "
