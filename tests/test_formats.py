@@ -222,6 +222,7 @@ def test_etl_chexpert_store_has_states_counts_and_format(spark, chexpert_dir, tm
     manifest = run_etl(chexpert_dir, tmp_path / "store", sizes=(16,), spark=spark)
     col = load_collection(chexpert_dir)
     assert manifest["format"] == "chexpert" and manifest["format_version"] == FORMAT_VERSION
+    assert manifest["views"] == "frontal"  # what the store holds, so that it can be made again
     assert manifest["label_names"] == list(chexpert_format.VOCAB.names)
     assert manifest["uncertain_policies"] == ["ignore", "ones", "zeros"]
     rows = _store_rows(tmp_path / "store", 16)

@@ -288,6 +288,27 @@ def _localization_tables(page: Page) -> list[dict]:
     return [t for t in page.tables if t["rows"] and t["rows"][0][:2] == ["Finding", "Boxes"]]
 
 
+def test_rerun_script_rebuilds_ensembles_and_other_formats_stores(study, report):
+    """The rerun script made the ensemble a comment (the report command after it then failed on a
+    missing folder) and left out the store's --format and --views."""
+    import html as htmlmod
+    import shlex
+
+    from cxrflow.results.htmlreport import rerun_script
+
+    script = htmlmod.unescape(re.search(r"re-run the study</h3>\s*<pre><code>(.*?)</code>", report.read_text(), re.S).group(1))
+    ens = _metrics(study["ensemble"])
+    line = next(x for x in script.splitlines() if x.startswith("cxrflow ensemble "))
+    args = shlex.split(line)
+    assert args[2 : 2 + len(ens["members"])] == [m["eval"] for m in ens["members"]]
+    assert args[args.index("--out") + 1] == str(study["ensemble"]) and args[args.index("--method") + 1] == ens["method"]
+    assert script.index(line) < script.index("cxrflow report ")
+    manifest = {"source": {"data_dir": "/data/CheXpert-v1.0-small"}, "split": {"seed": 0, "val_fraction": 0.3},
+                "sizes": [256], "format": "chexpert", "views": "all"}
+    etl = rerun_script([], [], {"s": {"manifest": manifest, "path": "cx-store", "sha256": "0"}}, []).splitlines()
+    assert "cxrflow etl --data /data/CheXpert-v1.0-small --out cx-store --sizes 256 --seed 0 --val-fraction 0.3 --format chexpert --views all" in etl
+
+
 def test_split_modes_of_every_format_are_named():
     """MIMIC's official split.csv and a CSV's split column ('official-split') read in words like NIH's lists."""
     from cxrflow.results.htmlreport import split_name

@@ -592,6 +592,8 @@ def rerun_script(evaluations: list[dict], runs: list[dict], stores: dict[str, di
             cmd = f"cxrflow etl --data {q(src)} --out {q(info['path'])} --sizes {sizes} --seed {split.get('seed', 0)}"
             if split.get("val_fraction") is not None:
                 cmd += f" --val-fraction {split['val_fraction']}"
+            if m.get("format"):  # collections other than NIH's: the reader and the views it kept
+                cmd += f" --format {q(str(m['format']))}" + (f" --views {q(str(m['views']))}" if m.get("views") else "")
             lines += [f"# store {info['path']} (manifest sha256 {info.get('sha256', '?')})", cmd, ""]
         else:
             lines += [f"# store {info['path']}: not written by 'cxrflow etl' (split mode {split.get('mode')}); reuse it as it is", ""]
@@ -621,8 +623,12 @@ def rerun_script(evaluations: list[dict], runs: list[dict], stores: dict[str, di
     for ev in evaluations:
         if ev["ensemble"]:
             m = ev["metrics"]
-            members = ", ".join(str(x.get("eval")) for x in m.get("members", []))
-            lines += [f"# ensemble {ev['folder']}: 'cxrflow ensemble' ({m.get('method')}) over {members}", ""]
+            boot = m.get("bootstrap") or {}
+            members = " ".join(q(str(x.get("eval"))) for x in m.get("members", []))
+            cmd = f"cxrflow ensemble {members} --out {q(str(ev['folder']))} --method {q(str(m.get('method')))}"
+            if boot:
+                cmd += f" --n-boot {boot.get('n_boot')} --seed {boot.get('seed')}"
+            lines += [f"# ensemble {ev['folder']}", cmd, ""]
     lines.append("cxrflow report " + " ".join(q(a) for a in report_args))
     return "\n".join(lines) + "\n"
 

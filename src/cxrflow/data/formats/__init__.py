@@ -67,6 +67,8 @@ class Collection:
     bbox: pd.DataFrame | None = None
     images_checked: bool = True
     notes: list[str] = field(default_factory=list)
+    #: the ``--views`` it was read with (the manifest records it, so the store can be made again)
+    views: str = "frontal"
 
     def summary(self) -> dict:
         return {
@@ -122,6 +124,7 @@ def load_collection(
     else:
         name = detect_format(path) if format == "auto" else format
         collection = _module(name).read(path, views=views, need_images=need_images)
+    collection.views = views
     if len(collection.entries) == 0:  # a header-only file, or --views frontal leaving nothing
         why = "; ".join(collection.notes) + " (try --views all)" if collection.notes else "the file has a header but no rows"
         raise CxrflowError(f"no images: {why}", collection.metadata_path)
@@ -172,7 +175,7 @@ def store_label_keys(collection: Collection, records: list[dict], quarantined: s
     if collection.states is not None:
         states = np.frombuffer(b"".join(r["known"] for r in train), dtype=np.uint8).reshape(-1, k)
     counts = label_counts(labels, states, collection.vocab.names)
-    keys: dict = {"format": collection.format, "label_counts": counts}
+    keys: dict = {"format": collection.format, "views": collection.views, "label_counts": counts}
     if states is not None:
         keys["uncertain_policies"] = list(POLICIES)
         keys["pos_weight"] = pos_weight(counts, collection.vocab.names, "ignore")
