@@ -170,6 +170,12 @@ def test_train_and_evaluate_with_unknown_labels(stores, tmp_path):
     assert metrics["excluded_unknown"] == {n: int((states[:, j] != KNOWN).sum()) for j, n in enumerate(names)}
     predictions = pq.read_table(folder / "predictions.parquet")
     assert predictions.column(f"known_{names[0]}").to_pylist() == (states[:, 0] == KNOWN).astype(int).tolist()
+    # calibration removes the logit shift of the loss the run trained with: U-Zeros' pos_weight, not the manifest's U-Ignore one
+    manifest = json.loads((stores["states"] / "_manifest.json").read_text())
+    zeros = np.log(np.maximum(pos_weight(manifest["label_counts"], names, "zeros"), 1e-12))
+    offsets = np.array([metrics["calibration"]["logit_offset"][n] for n in names])
+    np.testing.assert_allclose(offsets, zeros, rtol=1e-6)
+    assert not np.allclose(offsets, np.log(np.maximum(manifest["pos_weight"], 1e-12)))
 
 
 def test_per_finding_policy():

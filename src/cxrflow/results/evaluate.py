@@ -619,8 +619,13 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
     score = dict(batch_size=batch_size, device=device, pixel_mean=pixel_mean, pixel_std=pixel_std)
     evaluated = predict_split(model, store, size, split, **score)
     validation = evaluated if split == "val" else predict_split(model, store, size, "val", **score)
-    offsets = pos_weight_offsets(manifest.get("pos_weight"), len(label_names))
     has_states = "uncertain_policies" in manifest  # stores with label states report exclusions
+    weights = manifest.get("pos_weight")
+    if has_states:  # the loss's pos_weight was that of the run's --uncertain policy, not the manifest's U-Ignore one
+        from cxrflow.data.uncertain import policy_pos_weight
+
+        weights = policy_pos_weight(manifest, str(config.get("uncertain") or "ignore")).tolist()
+    offsets = pos_weight_offsets(weights, len(label_names))
     metrics = score_with_calibration(
         evaluated, validation, label_names, logit_offsets=offsets, n_boot=n_boot, seed=seed, known=has_states
     )
