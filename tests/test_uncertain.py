@@ -205,3 +205,24 @@ def test_loader_per_finding_policy(stores):
                                   uncertain="zeros,Edema=ones")))
     assert batch["labels"].numpy().tolist() == want_labels.tolist()
     assert batch["known"].numpy().tolist() == want_known.tolist()
+
+
+def test_ensemble_of_runs_with_unknown_labels_scores_known_labels_only(stores, tmp_path):
+    """An ensemble's stacking, thresholds, calibration and AUCs use each finding's known labels, as
+    its members' evaluations do (it counted the unknown labels as negatives)."""
+    from sklearn.metrics import roc_auc_score
+
+    from cxrflow.modelling.ensemble import build_ensemble
+
+    for name, seed in (("a", "0"), ("b", "1")):
+        _train(stores["states"], tmp_path / name, "--seed", seed)
+        assert main(["evaluate", "--run", str(tmp_path / name), "--device", "cpu", "--n-boot", "20"]) == 0
+    member = json.loads(next((tmp_path / "a").glob("eval-test-*/metrics.json")).read_text())
+    ens = build_ensemble([tmp_path / "a", tmp_path / "b"], tmp_path / "ens", method="stacked", n_boot=20)
+    assert ens["excluded_unknown"] == member["excluded_unknown"] and sum(ens["excluded_unknown"].values()) > 0
+    test = pq.read_table(tmp_path / "ens" / "predictions.parquet").to_pandas()
+    for name in ens["label_names"]:
+        known = test[f"known_{name}"].to_numpy().astype(bool)
+        y, p = test[f"label_{name}"].to_numpy()[known], test[f"prob_{name}"].to_numpy()[known]
+        expected = roc_auc_score(y, p) if 0 < y.sum() < len(y) else None
+        assert ens["auc"][name] == (None if expected is None else pytest.approx(expected, abs=1e-9))

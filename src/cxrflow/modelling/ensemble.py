@@ -220,15 +220,19 @@ def _nonnegative_logistic(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
     return {"coef": [float(c) for c in weights], "intercept": float(model.intercept_[0])}
 
 
-def fit_stacking(member_logits: Sequence[np.ndarray], labels: np.ndarray, *, seed: int = 0) -> list[dict | None]:
+def fit_stacking(
+    member_logits: Sequence[np.ndarray], labels: np.ndarray, *, seed: int = 0, known: np.ndarray | None = None
+) -> list[dict | None]:
     """Per finding, a logistic regression with non-negative weights of the label on the members'
-    validation logits; None for a finding with one label value (it then uses the mean)."""
+    validation logits, over the rows whose label is known (``known`` ``[N, K]``, all without it);
+    None for a finding with one label value (it then uses the mean)."""
     z = np.stack([np.asarray(l, dtype=np.float64) for l in member_logits])  # [M, N, K]
     labels = np.asarray(labels)
+    mask = np.ones(labels.shape, bool) if known is None else np.asarray(known).astype(bool)
     fits: list[dict | None] = []
     for j in range(labels.shape[1]):
-        y = labels[:, j].round().astype(int)
-        fits.append(None if y.min() == y.max() else _nonnegative_logistic(z[:, :, j].T, y, seed))
+        y = labels[mask[:, j], j].round().astype(int)
+        fits.append(None if len(y) == 0 or y.min() == y.max() else _nonnegative_logistic(z[:, mask[:, j], j].T, y, seed))
     return fits
 
 
@@ -240,6 +244,7 @@ def _combined(member_preds: Sequence[dict], logits: np.ndarray) -> dict:
         "labels": np.asarray(first["labels"], dtype=np.float32),
         "logits": logits.astype(np.float32),
         "probs": sigmoid(logits).astype(np.float32),
+        **({"known": np.asarray(first["known"])} if first.get("known") is not None else {}),  # label states
     }
 
 
@@ -263,10 +268,13 @@ def build_ensemble(
     members = check_members([load_member(p, split) for p in paths])
     names = list(members[0].metrics["label_names"])
     calibrations = [m.calibration for m in members]
-    stacking = fit_stacking([m.val["logits"] for m in members], members[0].val["labels"], seed=seed) if method == "stacked" else None
+    known = members[0].val.get("known")  # stores with label states: fits and metrics on known labels only
+    stacking = (fit_stacking([m.val["logits"] for m in members], members[0].val["labels"], seed=seed, known=known)
+                if method == "stacked" else None)  # fmt: skip
     validation = _combined([m.val for m in members], ensemble_logits(method, [m.val["logits"] for m in members], calibrations, stacking))
     evaluated = _combined([m.test for m in members], ensemble_logits(method, [m.test["logits"] for m in members], calibrations, stacking))
-    scored = score_with_calibration(evaluated, validation, names, n_boot=n_boot, seed=seed)
+    has_states = known is not None or members[0].test.get("known") is not None
+    scored = score_with_calibration(evaluated, validation, names, n_boot=n_boot, seed=seed, known=has_states)
     first = members[0].metrics
     metrics: dict[str, Any] = {
         "kind": "ensemble",
