@@ -69,6 +69,20 @@ def test_voi_lut_sequence(tmp_path):
     np.testing.assert_array_equal(load_gray(path)[0], _to8(lut[RAW12] / 65535.0, False))
 
 
+def test_sixteen_bit_colour_is_scaled_not_clipped(tmp_path):
+    from pydicom import dcmread
+
+    path = write_dicom(tmp_path / "rgb.dcm", RNG.integers(0, 256, (6, 8)).astype(np.uint8))
+    dataset = dcmread(path)
+    rgb = RNG.integers(0, 65536, (6, 8, 3)).astype(np.uint16)
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation, dataset.PlanarConfiguration = 3, "RGB", 0
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
+    dataset.PixelData = rgb.tobytes()
+    dataset.save_as(path)
+    luma = (rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114) / 65535 * 255
+    np.testing.assert_allclose(load_gray(path)[0], np.rint(luma), atol=1)
+
+
 def test_palette_color_is_the_luma_of_its_palette(tmp_path):
     from pydicom import dcmread
 

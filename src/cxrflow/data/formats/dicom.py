@@ -124,6 +124,9 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
         pixels = pixels[0]
     if samples == 3:
         rgb = pixels.astype(np.float64)
+        bits = int(ds.get("BitsStored", 8) or 8)
+        if bits > 8:  # 16-bit colour: scaled to 0..255 like the 8-bit files, not clipped
+            rgb *= 255.0 / float(2**bits - 1)
         gray = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114) / 1000.0
         return DicomImage(np.clip(np.rint(gray), 0, 255).astype(np.uint8), _spacing(ds),
                           str(ds.get("PhotometricInterpretation", "")), ds.get("BitsStored"), syntax_name)
