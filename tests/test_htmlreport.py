@@ -307,15 +307,19 @@ def test_rerun_script_rebuilds_ensembles_and_other_formats_stores(study, report)
                 "sizes": [256], "format": "chexpert", "views": "all"}
     etl = rerun_script([], [], {"s": {"manifest": manifest, "path": "cx-store", "sha256": "0"}}, []).splitlines()
     assert "cxrflow etl --data /data/CheXpert-v1.0-small --out cx-store --sizes 256 --seed 0 --val-fraction 0.3 --format chexpert --views all" in etl
+    manifest = {"source": {"data_dir": "/data/nih"}, "sizes": [256], "split": {"mode": "split-csv", "split_csv": "/s/split.csv", "seed": 0}}
+    etl = rerun_script([], [], {"s": {"manifest": manifest, "path": "st", "sha256": "0"}}, []).splitlines()
+    assert "cxrflow etl --data /data/nih --out st --sizes 256 --seed 0 --split-csv /s/split.csv" in etl
 
 
 def test_split_modes_of_every_format_are_named():
     """MIMIC's official split.csv and a CSV's split column ('official-split') read in words like NIH's lists."""
     from cxrflow.results.htmlreport import split_name
 
-    named = {m: split_name({"manifest": {"split": {"mode": m}}}) for m in ("official-lists", "official-split", "patients-70-10-20")}
+    modes = ("official-lists", "official-split", "patients-70-10-20", "split-csv")
+    named = {m: split_name({"manifest": {"split": {"mode": m}}}) for m in modes}
     assert named == {"official-lists": "official", "official-split": "official (the collection's split file)",
-                     "patients-70-10-20": "random patients 70/10/20"}
+                     "patients-70-10-20": "random patients 70/10/20", "split-csv": "as given by --split-csv"}
 
 
 def test_localization_table_has_the_iou_thresholds_and_the_overall_box_count(study, report):

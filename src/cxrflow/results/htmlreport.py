@@ -58,6 +58,7 @@ PUBLISHED_ANCHORS: tuple[dict[str, Any], ...] = (
 SPLIT_MODES = {
     "official-lists": "official",
     "official-split": "official (the collection's split file)",
+    "split-csv": "as given by --split-csv",
     "patients-70-10-20": "random patients 70/10/20",
     "synthetic-store": "synthetic",
 }
@@ -592,6 +593,8 @@ def rerun_script(evaluations: list[dict], runs: list[dict], stores: dict[str, di
             cmd = f"cxrflow etl --data {q(src)} --out {q(info['path'])} --sizes {sizes} --seed {split.get('seed', 0)}"
             if split.get("val_fraction") is not None:
                 cmd += f" --val-fraction {split['val_fraction']}"
+            if split.get("split_csv"):  # the exact assignment it was made with
+                cmd += f" --split-csv {q(str(split['split_csv']))}"
             if m.get("format"):  # collections other than NIH's: the reader and the views it kept
                 cmd += f" --format {q(str(m['format']))}" + (f" --views {q(str(m['views']))}" if m.get("views") else "")
             lines += [f"# store {info['path']} (manifest sha256 {info.get('sha256', '?')})", cmd, ""]
