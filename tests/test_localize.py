@@ -189,6 +189,21 @@ def test_predict_writes_heatmap_overlays(localized, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "not a folder" in err[0]
 
 
+def test_boxes_csv_keeps_every_digit_of_the_boxes(tmp_path):
+    """boxes.csv was written with 6 significant digits: an original of 2500 px at a 256 px store gives
+    coordinates such as 1234.765625, and IoBB recomputed from the rounded boxes could fall on the other
+    side of a threshold than localization.json's."""
+    from cxrflow.results.localize import BOXES_CSV, write_outputs
+
+    pred = pd.DataFrame({"image_id": ["a.png", "b.png"], "finding": ["Mass", "Nodule"], "x": [1234.765625, 0.1 + 0.2],
+                         "y": [2047.0 / 3, 1e-7], "w": [9.765625 * 7, 1.0 / 3], "h": [2.5, 1234567.125],
+                         "score": [0.123456789, 1.0], "threshold": [60.0, 180.0], "rank": [1, 2]})  # fmt: skip
+    write_outputs(tmp_path, {"n_boxes": {"Mass": 0}, "method": "hirescam"}, pred, pd.DataFrame(), None, "t")
+    back = pd.read_csv(tmp_path / BOXES_CSV)
+    for column in ("x", "y", "w", "h", "score"):
+        assert back[column].tolist() == pred[column].tolist()
+
+
 def test_split_ground_truth_sorts_boxes_by_what_can_be_scored():
     from cxrflow.results.localize import split_ground_truth
 

@@ -392,9 +392,9 @@ def write_outputs(tmp: Path, result: dict, pred: pd.DataFrame, scored: pd.DataFr
     from cxrflow.atomic import save_figure_atomic, write_json_atomic
     from cxrflow.results.overlays import plot_gallery
 
-    pred[["image_id", "finding", "x", "y", "w", "h", "score", "threshold", "rank"]].to_csv(
-        tmp / BOXES_CSV, index=False, float_format="%.6g"
-    )
+    # full precision: the figures recomputed from boxes.csv must be the ones in localization.json, also
+    # for the non-integer coordinates of a non-square original (1234.765625 is not 1234.77)
+    pred[["image_id", "finding", "x", "y", "w", "h", "score", "threshold", "rank"]].to_csv(tmp / BOXES_CSV, index=False)
     figures = []
     for finding, n in result["n_boxes"].items():
         if n == 0:
