@@ -360,3 +360,20 @@ def test_thresholds_come_from_validation_not_from_the_evaluated_split(tmp_path):
     assert [m["threshold"][n] for n in names] == pytest.approx(from_val, abs=0, nan_ok=True)
     differ = sum(1 for a, b in zip(from_val, from_test) if not (np.isnan(a) or np.isnan(b)) and a != b)
     assert differ >= 10, (from_val, from_test)
+
+
+def test_summary_and_store_info_columns_line_up_with_long_finding_names():
+    """CheXpert's 'Enlarged Cardiomediastinum' (26 characters) pushed its row's numbers out of their columns."""
+    from cxrflow.data.store import format_manifest
+    from cxrflow.results.evaluate import format_summary
+
+    names = ["Enlarged Cardiomediastinum", "Edema"]
+    metrics = {"model": "simple_cnn", "size": 32, "checkpoint": "best_finetune", "split": "test", "n_images": 9,
+               "n_patients": 6, "mean_auc": 0.7, "mean_auc_ci95": [0.6, 0.8], "n_findings_in_mean": 2,
+               "label_names": names, "positives": {n: 5 for n in names}, "auc": {n: 0.7 for n in names},
+               "auc_ci95": {n: [0.6, 0.8] for n in names}}  # fmt: skip
+    rows = format_summary(metrics).splitlines()[2:5]
+    assert len({r.index("0.700") for r in rows[1:]}) == 1 and rows[0].index("AUC") + 3 == rows[1].index("0.700") + 5
+    shown = format_manifest({"label_names": names, "pos_weight": [2.0, 3.0], "positives": {n: 4 for n in names}})
+    lines = [line for line in shown.splitlines() if line.startswith("  ") and line.split()[-1] in ("2.00", "3.00")]
+    assert len(lines) == 2 and len({len(line) for line in lines}) == 1

@@ -258,8 +258,9 @@ def format_manifest(manifest: dict) -> str:
     pos = manifest.get("positives", {})
     if names and pw:
         lines.append("train positives / pos_weight:")
+        wide = max([20, *map(len, names)])
         for n, w in zip(names, pw):
-            lines.append(f"  {n:<20} {pos.get(n, '?'):>7}  {w:8.2f}")
+            lines.append(f"  {n:<{wide}} {pos.get(n, '?'):>7}  {w:8.2f}")
     counts = manifest.get("label_counts", {})
     if counts and "uncertain_policies" in manifest:
         lines.append("train labels: positive / negative / uncertain / not mentioned "

@@ -675,11 +675,12 @@ def format_summary(metrics: dict) -> str:
     ci = metrics.get("mean_auc_ci95")
     ci_text = f" (95% CI {ci[0]:.4f}-{ci[1]:.4f}, patient bootstrap)" if ci else ""
     mean = metrics.get("mean_auc")
+    wide = max([20, *map(len, metrics["label_names"])])  # CheXpert's "Enlarged Cardiomediastinum" is 26
     lines = [
         f"{metrics.get('model')} {metrics.get('size')}px {metrics.get('checkpoint')} on {metrics.get('split')}: "
         f"{metrics['n_images']} images, {metrics['n_patients']} patients",
         f"mean AUC {'n/a' if mean is None else f'{mean:.4f}'}{ci_text} over {metrics['n_findings_in_mean']} findings",
-        f"{'finding':<20} {'pos':>6} {'AUC':>7}  {'95% CI':<15} {'thresh':>7} {'sens':>6} {'spec':>6}",
+        f"{'finding':<{wide}} {'pos':>6} {'AUC':>7}  {'95% CI':<15} {'thresh':>7} {'sens':>6} {'spec':>6}",
     ]
 
     def f(x: float | None, d: int = 3) -> str:
@@ -688,7 +689,7 @@ def format_summary(metrics: dict) -> str:
     for n in metrics["label_names"]:
         c = metrics["auc_ci95"].get(n)
         lines.append(
-            f"{n:<20} {metrics['positives'][n]:>6} {f(metrics['auc'][n]):>7}  "
+            f"{n:<{wide}} {metrics['positives'][n]:>6} {f(metrics['auc'][n]):>7}  "
             f"{(f'{c[0]:.3f}-{c[1]:.3f}' if c else 'n/a'):<15} {f(metrics.get('threshold', {}).get(n)):>7} "
             f"{f(metrics.get('sensitivity', {}).get(n)):>6} {f(metrics.get('specificity', {}).get(n)):>6}"
         )
