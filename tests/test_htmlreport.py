@@ -312,6 +312,20 @@ def test_rerun_script_rebuilds_ensembles_and_other_formats_stores(study, report)
     assert "cxrflow etl --data /data/nih --out st --sizes 256 --seed 0 --split-csv /s/split.csv" in etl
 
 
+def test_rerun_script_names_ensemble_members_by_the_runs_it_trains(tmp_path, monkeypatch):
+    """An ensemble's members are recorded with absolute paths; the script trains its runs at the paths
+    the report was given, so it names the members there too."""
+    from cxrflow.results.htmlreport import rerun_script
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    runs = [{"ensemble": False, "path": "runs/a", "config": None, "evaluations": []}]
+    members = [{"eval": str(tmp_path / "runs" / "a" / "eval-test-best_finetune")}, {"eval": "/elsewhere/b/eval-test-last"}]
+    ens = {"ensemble": True, "folder": Path("ens"), "metrics": {"method": "mean", "members": members}}
+    lines = rerun_script([ens], runs, {}, ["ens"]).splitlines()
+    assert "cxrflow ensemble runs/a/eval-test-best_finetune /elsewhere/b/eval-test-last --out ens --method mean" in lines
+
+
 def test_split_modes_of_every_format_are_named():
     """MIMIC's official split.csv and a CSV's split column ('official-split') read in words like NIH's lists."""
     from cxrflow.results.htmlreport import split_name

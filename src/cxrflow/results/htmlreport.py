@@ -623,11 +623,18 @@ def rerun_script(evaluations: list[dict], runs: list[dict], stores: dict[str, di
                 cmd += f" --out {q(str(ev['folder']))}"
             lines.append(cmd)
         lines.append("")
+    # a member of a run the script trains is named by that run's path as given (the script may run elsewhere)
+    given = {Path(s["path"]).resolve(): s["path"] for s in runs if not s["ensemble"]}
+
+    def member(x: dict) -> str:
+        ev = Path(str(x.get("eval")))
+        return str(Path(given[ev.parent]) / ev.name) if ev.parent in given else str(ev)
+
     for ev in evaluations:
         if ev["ensemble"]:
             m = ev["metrics"]
             boot = m.get("bootstrap") or {}
-            members = " ".join(q(str(x.get("eval"))) for x in m.get("members", []))
+            members = " ".join(q(member(x)) for x in m.get("members", []))
             cmd = f"cxrflow ensemble {members} --out {q(str(ev['folder']))} --method {q(str(m.get('method')))}"
             if boot:
                 cmd += f" --n-boot {boot.get('n_boot')} --seed {boot.get('seed')}"
