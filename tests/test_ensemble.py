@@ -249,3 +249,25 @@ def test_bad_members_are_one_line_errors(members, tmp_path, capsys):
     ckpt.write_bytes(ckpt.read_bytes() + b"retrained")
     one_line_error(["ensemble", str(e0), str(retrained), "--out", out], "changed since this evaluation")
     assert not (tmp_path / "ens").exists()
+
+
+def test_an_ensemble_holds_its_output_lock_while_it_combines(members, tmp_path, monkeypatch):
+    """A second ensemble on the same --out, even with --overwrite, stops naming the first while the
+    first is still combining its members (not only while it renames its folder into place)."""
+    import cxrflow.modelling.ensemble as ensemble
+
+    _, _, runs, _ = members
+    out = tmp_path / "ens"
+    original, second = ensemble.check_members, []
+
+    def check_members_while_a_second_ensemble_starts(loaded):
+        if not second:
+            second.append(True)
+            with pytest.raises(CxrflowError, match="locked by cxrflow ensemble"):
+                build_ensemble(runs, out, n_boot=10, overwrite=True)
+        return original(loaded)
+
+    monkeypatch.setattr(ensemble, "check_members", check_members_while_a_second_ensemble_starts)
+    build_ensemble(runs, out, n_boot=10)
+    assert second and (out / "metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]

@@ -243,23 +243,8 @@ def _combined(member_preds: Sequence[dict], logits: np.ndarray) -> dict:
     }
 
 
-def build_ensemble(
-    paths: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    method: str = "mean",
-    split: str = "test",
-    n_boot: int = 1000,
-    seed: int = 0,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Combine evaluated runs into the ensemble folder ``out``; returns its metrics (with ``out``)."""
-    if method not in METHODS:
-        raise CxrflowError(f"unknown ensemble method {method!r}; use mean or stacked")
-    out = Path(out)
-    check_target(out, "ensemble", overwrite=overwrite, inputs=paths)
-    if len(paths) < 2:
-        raise CxrflowError(f"an ensemble needs at least two evaluated runs, got {len(paths)}")
+def _ensemble_metrics(paths, out: Path, method: str, split: str, n_boot: int, seed: int) -> tuple:
+    """The members combined and scored: (metrics, test and validation predictions, names, members)."""
     members = check_members([load_member(p, split) for p in paths])
     names = list(members[0].metrics["label_names"])
     calibrations = [m.calibration for m in members]
@@ -302,8 +287,30 @@ def build_ensemble(
         "cxrflow_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
+    return metrics, evaluated, validation, names, members
 
+
+def build_ensemble(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    method: str = "mean",
+    split: str = "test",
+    n_boot: int = 1000,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Combine evaluated runs into the ensemble folder ``out``; returns its metrics (with ``out``)."""
+    if method not in METHODS:
+        raise CxrflowError(f"unknown ensemble method {method!r}; use mean or stacked")
+    out = Path(out)
+    check_target(out, "ensemble", overwrite=overwrite, inputs=paths)
+    if len(paths) < 2:
+        raise CxrflowError(f"an ensemble needs at least two evaluated runs, got {len(paths)}")
+    # the lock is held from the start, so a second ensemble on the same --out (even with --overwrite)
+    # stops naming this one instead of replacing its output a moment later
     with publishing(out, "ensemble", overwrite=overwrite, inputs=paths) as pub:
+        metrics, evaluated, validation, names, members = _ensemble_metrics(paths, out, method, split, n_boot, seed)
         what = f"{metrics['model']} of {len(members)} runs"
         metrics["figures"] = write_prediction_files(pub.tmp, evaluated, validation, names, metrics, what)
         write_json_atomic(pub.tmp / METRICS_NAME, metrics)
