@@ -253,6 +253,12 @@ def test_store_info_verify_reads_every_footer_and_lists_leftovers(store, capsys)
         (["evaluate", "--run", "X", "--n-boot", "0"], "--n-boot"),
         (["train", "--out", "Y", "--seed", "-1"], "--seed"),
         (["predict", "x.png", "--run", "X", "--batch-size", "0"], "--batch-size"),
+        (["evaluate", "--run", "X", "--n-boot", str(10**13)], "--n-boot: must be an integer in 1..1,000,000"),
+        (["ensemble", "X", "Y", "--out", "Z", "--seed", "-1"], "--seed: must be an integer in 0..4294967295"),
+        (["ensemble", "X", "Y", "--out", "Z", "--seed", str(2**70)], "--seed"),
+        (["ensemble", "X", "Y", "--out", "Z", "--n-boot", "0"], "--n-boot"),
+        (["ensemble", "X", "Y", "--out", "Z", "--n-boot", str(10**13)], "--n-boot"),
+        (["sweep", "x.yaml", "--out", "Z", "--n-boot", "-1"], "--n-boot"),
     ],
 )
 def test_impossible_option_values_are_one_usage_line(capsys, argv, message):
@@ -322,9 +328,10 @@ def test_unknown_device_is_one_line_in_every_command(store, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "best_finetune.pt").write_bytes(b"x")
-    for argv in (["evaluate", "--run", str(run), "--device", "foo"], ["predict", "x.png", "--run", str(run), "--device", "foo"]):
-        assert main(argv) == 2
-        assert "unknown device 'foo'" in _one_error_line(capsys.readouterr().err)
+    for device in ("foo", ""):  # an empty --device is a mistake, not "auto"
+        for argv in (["evaluate", "--run", str(run), "--device", device], ["predict", "x.png", "--run", str(run), "--device", device]):
+            assert main(argv) == 2
+            assert f"unknown device {device!r}" in _one_error_line(capsys.readouterr().err)
     for argv in (["train", "--out", str(tmp_path / "r"), "--device", "foo"], ["sweep", "x.yaml", "--out", "o", "--device", "foo"]):
         with pytest.raises(SystemExit):
             main(argv)

@@ -11,6 +11,9 @@ import argparse
 #: Seeds must fit every generator cxrflow seeds (numpy's legacy seeding takes 32 bits).
 SEED_MAX = 2**32 - 1
 
+#: Bootstrap resamples: far more than any percentile interval needs; beyond it only memory and time grow.
+N_BOOT_MAX = 1_000_000
+
 
 def check_seed(value: int) -> int:
     """``value`` if it is a usable seed (0..SEED_MAX), else ValueError saying the range."""
@@ -36,3 +39,18 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {text!r}")
     return value
+
+
+def check_n_boot(value: int) -> int:
+    """``value`` if it is a usable number of bootstrap resamples (1..N_BOOT_MAX), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= N_BOOT_MAX:
+        raise ValueError(f"the number of bootstrap resamples must be an integer in 1..{N_BOOT_MAX:,}, got {value!r}")
+    return value
+
+
+def n_boot(text: str) -> int:
+    """argparse type of ``--n-boot``: an integer in 1..N_BOOT_MAX."""
+    try:
+        return check_n_boot(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in 1..{N_BOOT_MAX:,}, got {text!r}") from None

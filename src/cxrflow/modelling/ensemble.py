@@ -39,6 +39,7 @@ import numpy as np
 from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.modelling.calibration import apply_temperatures, calibration_of, logit, sigmoid
+from cxrflow import options
 from cxrflow.errors import CxrflowError
 from cxrflow.identity import file_sha256
 from cxrflow.outputs import check_target, publishing
@@ -404,15 +405,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the ensemble folder to write (an evaluation folder in its own right)")
     parser.add_argument("--method", default="mean", help="mean (of calibrated probabilities) or stacked (logistic regression on validation logits)")
     parser.add_argument("--split", default="test", choices=["val", "test"], help="the members' evaluated split, for run folders (default: test)")
-    parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap and stacking seed (default: 0)")
+    parser.add_argument("--n-boot", type=options.n_boot, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
+    parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap and stacking seed (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble folder")
     add_tracking_arguments(parser)  # the ensemble is its own MLflow run (ENS/mlflow.json)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.n_boot < 1:
-        raise CxrflowError(f"--n-boot must be at least 1, got {args.n_boot}")
     tracking = request_from_args(args)
     replaced = read_record(args.out) if args.overwrite else None  # a tracked ensemble stays tracked when rebuilt
     metrics = build_ensemble(
