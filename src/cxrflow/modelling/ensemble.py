@@ -50,6 +50,7 @@ from cxrflow.results.evaluate import (
     METRICS_NAME,
     PREDICTIONS_NAME,
     VAL_PREDICTIONS_NAME,
+    check_metrics,
     default_eval_dir,
     evaluation_status,
     format_summary,
@@ -114,6 +115,7 @@ def load_member(path: str | os.PathLike, split: str = "test") -> Member:
         metrics = json.loads((folder / METRICS_NAME).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CxrflowError(f"unreadable evaluation: {exc}", folder / METRICS_NAME) from None
+    check_metrics(metrics, folder / METRICS_NAME)
     if metrics.get("kind") == "ensemble":
         raise CxrflowError("an ensemble cannot be a member of another ensemble; name its runs instead", folder)
     if "label_names" not in metrics or "calibration" not in metrics or not (folder / VAL_PREDICTIONS_NAME).is_file():
@@ -371,12 +373,13 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
         metrics = json.loads((folder / METRICS_NAME).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CxrflowError(f"unreadable ensemble: {exc}", folder / METRICS_NAME) from None
+    check_metrics(metrics, folder / METRICS_NAME)
     if metrics.get("kind") != "ensemble":
         raise CxrflowError("an evaluation folder, not a run or ensemble: give --run the run folder it belongs to", folder)
     names = list(metrics["label_names"])
     members, member_calibrations = [], []
     for entry in metrics["members"]:
-        checkpoint = entry["checkpoint"] if entry["checkpoint"] in (*CHECKPOINT_NAMES, "last") else None
+        checkpoint = entry.get("checkpoint") if entry.get("checkpoint") in (*CHECKPOINT_NAMES, "last") else None
         try:
             evaluation = json.loads((Path(entry["eval"]) / METRICS_NAME).read_text())
         except (OSError, json.JSONDecodeError):

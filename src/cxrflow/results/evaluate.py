@@ -333,6 +333,11 @@ def check_metrics(m: Any, path: str | os.PathLike) -> dict:
     ci = m.get("mean_auc_ci95")
     if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(number(v) for v in ci)):
         raise CxrflowError(f"metrics field 'mean_auc_ci95' must be [low, high] or null, got {ci!r}", path)
+    members = m.get("members")
+    if m.get("kind") == "ensemble" and not (
+        isinstance(members, list) and all(isinstance(x, dict) and isinstance(x.get("run"), str) and isinstance(x.get("eval"), str) for x in members)
+    ):
+        raise CxrflowError(f"metrics field 'members' of an ensemble must be a list of objects with 'run' and 'eval' folders, got {members!r}"[:240], path)
     size = m.get("size")
     sizes = size if m.get("kind") == "ensemble" and isinstance(size, list) else [size]  # an ensemble's members' sizes
     if size is not None and not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
@@ -509,8 +514,12 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
             metrics = json.loads(metrics_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             return f"unreadable evaluation ({exc}); run 'cxrflow evaluate' again"
+    try:
+        check_metrics(metrics, metrics_path)
+    except CxrflowError as exc:
+        return f"{exc.message}; run 'cxrflow evaluate' (or 'cxrflow ensemble') again"
     if metrics.get("kind") == "ensemble":
-        for member in metrics.get("members", []):
+        for member in metrics["members"]:
             member_metrics = Path(member.get("eval", "")) / METRICS_NAME
             reason = evaluation_status(member_metrics)
             if reason is None and json.loads(member_metrics.read_text()).get("checkpoint_sha256") != member.get("checkpoint_sha256"):
