@@ -208,6 +208,8 @@ BAD_MANIFESTS = [
     ("rows", lambda m: json.dumps({**m, "rows": {"16": {"train": "many"}}}), "'rows.16'"),
     ("version", lambda m: json.dumps({**m, "format_version": "1"}), "'format_version'"),
     ("pos-weight", lambda m: json.dumps({**m, "pos_weight": [1.0]}), "'pos_weight'"),
+    ("split-identity", lambda m: json.dumps({**m, "split_identity": 5}), "'split_identity'"),
+    ("split-identity-of", lambda m: json.dumps({**m, "split_identity": {"train": 5}}), "'split_identity'"),
 ]
 
 

@@ -199,6 +199,9 @@ def check_manifest(manifest: dict, path: str | os.PathLike) -> None:
     weights = manifest.get("pos_weight")
     if not isinstance(weights, list) or len(weights) != len(names) or not all(_is_number(w) and w >= 0 for w in weights):
         raise bad("pos_weight", f"a list of {len(names)} non-negative numbers (one per finding)", weights)
+    identity = manifest.get("split_identity", {})  # absent in stores written before it existed
+    if not isinstance(identity, dict) or not all(split in SPLITS and isinstance(h, str) for split, h in identity.items()):
+        raise bad("split_identity", f"an object of sha256 strings per split ({', '.join(SPLITS)})", identity)
 
 
 def check_partition(manifest: dict, store: str | os.PathLike, size: int, split: str) -> Path:
