@@ -399,3 +399,14 @@ def test_pipes_in_place_of_metadata_or_manifest_are_one_line_not_a_hang(store, t
     os.mkfifo(store / MANIFEST_NAME)
     assert main(["store-info", str(store)]) == 2
     assert "not a regular file" in _one_error_line(capsys.readouterr().err)
+    from cxrflow.data.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, patients=4, size=16, seed=0)
+    split_csv = tmp_path / "split.csv"
+    os.mkfifo(split_csv)
+    out = tmp_path / "store-from-split"
+    assert main(["etl", "--data", str(data), "--out", str(out), "--split-csv", str(split_csv), "--sizes", "8",
+                 "--master", "local[1]", "--no-progress"]) == 2  # fmt: skip
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(split_csv) in line and "not a regular file" in line and not out.exists()

@@ -96,6 +96,8 @@ def read_split_csv(path: str | os.PathLike, entries: pd.DataFrame) -> pd.DataFra
     metadata does not have, and a patient (by the metadata's patient ids) in two splits.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a pipe or device would hang the ETL before it starts
+        raise CxrflowError("not a regular file (a folder, named pipe or device); expected a split CSV file", path)
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
