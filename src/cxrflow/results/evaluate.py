@@ -528,7 +528,13 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
                 return f"ensemble member {member.get('run')}: {reason}; build the ensemble again"
         return None
     name = metrics.get("checkpoint", "?")
-    again = f"run 'cxrflow evaluate --run {metrics.get('run', 'RUN')} --checkpoint {name} --overwrite' again"
+    run = metrics.get("run", "RUN")
+    folder = metrics_path.parent
+    # an evaluation written with --out elsewhere is made again in its own folder, not the run's default one
+    out = "" if "run" not in metrics or not metrics.get("split") or folder.absolute() == default_eval_dir(Path(str(run)).absolute(), str(metrics["split"]), str(name)) else (
+        f" --split {metrics['split']} --out {folder}"
+    )
+    again = f"run 'cxrflow evaluate --run {run} --checkpoint {name}{out} --overwrite' again"
     return checkpoint_status(metrics_path, metrics, "evaluation", again)
 
 
