@@ -19,6 +19,7 @@ from PIL import Image
 from cxrflow.atomic import write_json_atomic
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
+from cxrflow.outputs import write_marker
 from cxrflow.data.imaging import MAX_SIDE, ImageError, load_and_resize, load_gray
 from cxrflow.data.metadata import AGE_UNKNOWN, read_data_entry
 from cxrflow.data.store import MANIFEST_NAME, read_manifest
@@ -234,10 +235,14 @@ def test_store_info_verify_reads_every_footer_and_lists_leftovers(store, capsys)
         p.unlink()
     leftover = store.parent / ".store.partial-dead0001"
     leftover.mkdir()
+    marked = store.parent / ".store.old-dead0002"
+    marked.mkdir()
+    write_marker(marked, "etl")
     assert main(["store-info", str(store), "--verify"]) == 2
     err = capsys.readouterr().err
     assert f"{parts[0]}: corrupt" in err and "split=test: missing (4 rows expected)" in err
-    assert f"leftover of a killed run: {leftover}" in err
+    assert f"leftover of a killed run: {leftover} (it carries no cxrflow etl marker, so cxrflow leaves it to you)" in err
+    assert f"leftover of a killed run: {marked} (the next 'cxrflow etl --out {store}' removes it)" in err
     assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
 
 

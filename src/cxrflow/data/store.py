@@ -336,12 +336,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrflow.outputs import leftovers
+    from cxrflow.outputs import leftovers, read_marker
 
     manifest = read_manifest(args.store)
     print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest))
     for folder in leftovers(args.store):
-        print(f"leftover of a killed run: {folder} (the next 'cxrflow etl --out {args.store}' removes it)", file=sys.stderr)
+        fate = (f"the next 'cxrflow etl --out {args.store}' removes it" if read_marker(folder, "etl") is not None
+                else "it carries no cxrflow etl marker, so cxrflow leaves it to you")  # fmt: skip
+        print(f"leftover of a killed run: {folder} ({fate})", file=sys.stderr)
     if args.verify:
         problems, files, rows = verify_store(args.store, manifest)
         for problem in problems:
