@@ -234,6 +234,21 @@ def test_bad_members_are_one_line_errors(members, tmp_path, capsys):
     # an ensemble is not a member; an evaluation without calibration (older cxrflow) asks to re-evaluate
     ens = build_ensemble([e0, e1], tmp_path / "ens-ok", n_boot=10)["out"]
     one_line_error(["ensemble", str(e0), ens, "--out", out], "cannot be a member of another ensemble")
+    # a member's or an ensemble's metrics.json of the wrong shape: one line naming the file and the field
+    for text, field in (("[]", "expected a JSON object"), (json.dumps({**json.loads((e1 / "metrics.json").read_text()), "mean_auc": "high"}), "'mean_auc'")):
+        shaped = tmp_path / "shaped"
+        shutil.rmtree(shaped, ignore_errors=True)
+        shutil.copytree(e1, shaped)
+        (shaped / "metrics.json").write_text(text)
+        one_line_error(["ensemble", str(e0), str(shaped), "--out", out], field)
+    broken = tmp_path / "ens-broken"
+    shutil.copytree(ens, broken)
+    image = tmp_path / "x.png"
+    Image.new("L", (40, 40), 128).save(image)
+    for members in ("x", [5], [{"run": 3}]):
+        (broken / "metrics.json").write_text(json.dumps({**json.loads((_path(ens) / "metrics.json").read_text()), "members": members}))
+        one_line_error(["predict", "--run", str(broken), str(image)], "'members' of an ensemble")
+        one_line_error(["report", str(broken), "--out", str(tmp_path / "report")], "'members' of an ensemble")
     old = tmp_path / "old-eval"
     shutil.copytree(e1, old)
     (old / "val_predictions.parquet").unlink()
@@ -249,3 +264,25 @@ def test_bad_members_are_one_line_errors(members, tmp_path, capsys):
     ckpt.write_bytes(ckpt.read_bytes() + b"retrained")
     one_line_error(["ensemble", str(e0), str(retrained), "--out", out], "changed since this evaluation")
     assert not (tmp_path / "ens").exists()
+
+
+def test_an_ensemble_holds_its_output_lock_while_it_combines(members, tmp_path, monkeypatch):
+    """A second ensemble on the same --out, even with --overwrite, stops naming the first while the
+    first is still combining its members (not only while it renames its folder into place)."""
+    import cxrflow.modelling.ensemble as ensemble
+
+    _, _, runs, _ = members
+    out = tmp_path / "ens"
+    original, second = ensemble.check_members, []
+
+    def check_members_while_a_second_ensemble_starts(loaded):
+        if not second:
+            second.append(True)
+            with pytest.raises(CxrflowError, match="locked by cxrflow ensemble"):
+                build_ensemble(runs, out, n_boot=10, overwrite=True)
+        return original(loaded)
+
+    monkeypatch.setattr(ensemble, "check_members", check_members_while_a_second_ensemble_starts)
+    build_ensemble(runs, out, n_boot=10)
+    assert second and (out / "metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]

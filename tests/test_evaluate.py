@@ -286,6 +286,23 @@ def test_evaluation_records_its_checkpoint_and_store(tiny_run, tmp_path):
     assert evaluation_status(tmp_path / "ev" / "metrics.json") is None
 
 
+def test_a_stale_evaluation_names_the_command_that_makes_it_again_in_its_own_folder(tiny_run, tmp_path):
+    """Retrained after two evaluations (the run's default folder and one written with --out): each
+    says to evaluate again, the second into its own folder rather than the run's default one."""
+    from cxrflow.results.evaluate import evaluation_status
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    default = evaluate_run(run, n_boot=5)["out"]
+    evaluate_run(run, out=tmp_path / "ev", n_boot=5)
+    ckpt = torch.load(run / "best_finetune.pt", weights_only=True)
+    torch.save({**ckpt, "epoch": ckpt["epoch"] + 1}, run / "best_finetune.pt")  # e.g. train --overwrite
+    at_default = evaluation_status(Path(default) / "metrics.json")
+    elsewhere = evaluation_status(tmp_path / "ev" / "metrics.json")
+    assert "best_finetune.pt changed since this evaluation" in at_default and "--out" not in at_default
+    assert f"--checkpoint best_finetune --split test --out {tmp_path / 'ev'} --overwrite" in elsewhere
+
+
 def test_normalisation_comes_from_the_checkpoint_not_the_store(tiny_run, tmp_path):
     """A store rebuilt with other pixel statistics does not change a trained model's inputs."""
     run, store = tiny_run

@@ -19,6 +19,7 @@ from PIL import Image
 from cxrflow.atomic import write_json_atomic
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
+from cxrflow.outputs import write_marker
 from cxrflow.data.imaging import MAX_SIDE, ImageError, load_and_resize, load_gray
 from cxrflow.data.metadata import AGE_UNKNOWN, read_data_entry
 from cxrflow.data.store import MANIFEST_NAME, read_manifest
@@ -208,6 +209,8 @@ BAD_MANIFESTS = [
     ("rows", lambda m: json.dumps({**m, "rows": {"16": {"train": "many"}}}), "'rows.16'"),
     ("version", lambda m: json.dumps({**m, "format_version": "1"}), "'format_version'"),
     ("pos-weight", lambda m: json.dumps({**m, "pos_weight": [1.0]}), "'pos_weight'"),
+    ("split-identity", lambda m: json.dumps({**m, "split_identity": 5}), "'split_identity'"),
+    ("split-identity-of", lambda m: json.dumps({**m, "split_identity": {"train": 5}}), "'split_identity'"),
 ]
 
 
@@ -232,10 +235,14 @@ def test_store_info_verify_reads_every_footer_and_lists_leftovers(store, capsys)
         p.unlink()
     leftover = store.parent / ".store.partial-dead0001"
     leftover.mkdir()
+    marked = store.parent / ".store.old-dead0002"
+    marked.mkdir()
+    write_marker(marked, "etl")
     assert main(["store-info", str(store), "--verify"]) == 2
     err = capsys.readouterr().err
     assert f"{parts[0]}: corrupt" in err and "split=test: missing (4 rows expected)" in err
-    assert f"leftover of a killed run: {leftover}" in err
+    assert f"leftover of a killed run: {leftover} (it carries no cxrflow etl marker, so cxrflow leaves it to you)" in err
+    assert f"leftover of a killed run: {marked} (the next 'cxrflow etl --out {store}' removes it)" in err
     assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
 
 
@@ -253,6 +260,12 @@ def test_store_info_verify_reads_every_footer_and_lists_leftovers(store, capsys)
         (["evaluate", "--run", "X", "--n-boot", "0"], "--n-boot"),
         (["train", "--out", "Y", "--seed", "-1"], "--seed"),
         (["predict", "x.png", "--run", "X", "--batch-size", "0"], "--batch-size"),
+        (["evaluate", "--run", "X", "--n-boot", str(10**13)], "--n-boot: must be an integer in 1..1,000,000"),
+        (["ensemble", "X", "Y", "--out", "Z", "--seed", "-1"], "--seed: must be an integer in 0..4294967295"),
+        (["ensemble", "X", "Y", "--out", "Z", "--seed", str(2**70)], "--seed"),
+        (["ensemble", "X", "Y", "--out", "Z", "--n-boot", "0"], "--n-boot"),
+        (["ensemble", "X", "Y", "--out", "Z", "--n-boot", str(10**13)], "--n-boot"),
+        (["sweep", "x.yaml", "--out", "Z", "--n-boot", "-1"], "--n-boot"),
     ],
 )
 def test_impossible_option_values_are_one_usage_line(capsys, argv, message):
@@ -322,9 +335,10 @@ def test_unknown_device_is_one_line_in_every_command(store, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "best_finetune.pt").write_bytes(b"x")
-    for argv in (["evaluate", "--run", str(run), "--device", "foo"], ["predict", "x.png", "--run", str(run), "--device", "foo"]):
-        assert main(argv) == 2
-        assert "unknown device 'foo'" in _one_error_line(capsys.readouterr().err)
+    for device in ("foo", ""):  # an empty --device is a mistake, not "auto"
+        for argv in (["evaluate", "--run", str(run), "--device", device], ["predict", "x.png", "--run", str(run), "--device", device]):
+            assert main(argv) == 2
+            assert f"unknown device {device!r}" in _one_error_line(capsys.readouterr().err)
     for argv in (["train", "--out", str(tmp_path / "r"), "--device", "foo"], ["sweep", "x.yaml", "--out", "o", "--device", "foo"]):
         with pytest.raises(SystemExit):
             main(argv)
@@ -390,3 +404,14 @@ def test_pipes_in_place_of_metadata_or_manifest_are_one_line_not_a_hang(store, t
     os.mkfifo(store / MANIFEST_NAME)
     assert main(["store-info", str(store)]) == 2
     assert "not a regular file" in _one_error_line(capsys.readouterr().err)
+    from cxrflow.data.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, patients=4, size=16, seed=0)
+    split_csv = tmp_path / "split.csv"
+    os.mkfifo(split_csv)
+    out = tmp_path / "store-from-split"
+    assert main(["etl", "--data", str(data), "--out", str(out), "--split-csv", str(split_csv), "--sizes", "8",
+                 "--master", "local[1]", "--no-progress"]) == 2  # fmt: skip
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(split_csv) in line and "not a regular file" in line and not out.exists()

@@ -251,6 +251,17 @@ def test_moved_store_builds_without_thumbnails_and_says_why(tmp_path):
     assert len([i for i in page.images if i["alt"].startswith("test_")]) == _thumbnails(s["evaluations"][0], 2)
 
 
+@pytest.mark.parametrize("field, value", [("rows", "x"), ("split_identity", 5), ("pos_weight", "x")])
+def test_a_store_manifest_of_the_wrong_shape_is_named_and_the_page_still_builds(tmp_path, field, value):
+    s = write_study(tmp_path, runs=[("simple_cnn", 64, ("finetune",))], test_rows=12, store_size=32,
+                    localization=False, ensemble=False)  # fmt: skip
+    manifest = s["store"] / "_manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), field: value}))
+    text = Page(build_html(s["runs"], cases=2)).all_text
+    assert f"store manifest {manifest}: manifest field '{field}' must be" in text
+    assert "test_0000" in text  # the cases are still listed, by image id
+
+
 def test_heatmap_overlays_where_localization_exists(study, one_torch_thread, tmp_path):
     import torch
 

@@ -89,6 +89,15 @@ def test_every_row_exactly_once(stores, shape, size, split, num_workers, world_s
         assert sum(s < batch_size for s in sizes) <= 1
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_batch_size_beyond_the_split_is_one_batch_not_a_huge_buffer(stores, num_workers):
+    """--batch-size 10**11 at 16 px would ask for a 25 TiB buffer; the split's 23 rows are one batch."""
+    store = stores["few-big"]
+    expected = read_partition(store, 16, "val").column("image_id").to_pylist()
+    (batches,) = epoch_batches(store, 16, "val", batch_size=10**11, num_workers=num_workers)
+    assert len(batches) == 1 and sorted(batches[0]["image_id"]) == sorted(expected)
+
+
 @pytest.mark.parametrize("num_workers,world_size", [(0, 2), (2, 3)])
 def test_drop_last_gives_full_equal_batches(stores, num_workers, world_size):
     n, batch_size = 61, 4

@@ -220,6 +220,50 @@ def test_train_evaluate_and_report_stop_on_a_held_lock_with_one_line(tmp_path, c
     assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
 
 
+def test_a_run_started_while_another_writes_names_the_holder_not_already_exists(tmp_path, capsys):
+    """The first run's folder is already there (train writes in place, report was published before):
+    the second run is told who is writing it, not that an output "already exists"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    write_marker(run, "train")
+    holder = _hold_lock(run, "train")
+    try:
+        argv = ["train", "--quiet", "--store", str(tmp_path / "store"), "--size", "32", "--model", "simple_cnn",
+                "--out", str(run), "--epochs", "1"]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"locked by cxrflow train (pid {holder.pid}" in err[0], err
+        with pytest.raises(CxrflowError, match=f"locked by cxrflow train \\(pid {holder.pid}"):
+            check_target(run, "train", overwrite=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    # once the holder is gone the ordinary refusal comes back, and a refusal of a folder that is not
+    # this command's output never depends on a lock
+    with pytest.raises(CxrflowError, match="already exists here"):
+        check_target(run, "train", overwrite=False)
+    assert sorted(p.name for p in run.iterdir()) == [marker_name("train")]
+
+
+def test_split_stops_on_a_held_lock_with_one_line(tmp_path, capsys):
+    from cxrflow.data.synth import synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, patients=6, size=16, seed=0)
+    out = tmp_path / "split.csv"
+    holder = _hold_lock(out, "split")
+    try:
+        assert main(["split", "--data", str(data), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"locked by cxrflow split (pid {holder.pid}" in err[0], err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["split", "--data", str(data), "--out", str(out)]) == 0  # the dead holder's lock is reclaimed
+    assert out.read_text().startswith("image_id,patient_id,split") and not (tmp_path / ".split.csv.lock").exists()
+
+
 def test_etl_takes_its_lock_before_reading_any_metadata(tmp_path, capsys):
     """A second ETL on a held output stops at once naming the holder. Its metadata here is empty, so an
     ETL that read the metadata before taking the lock would stop with "no images" instead."""

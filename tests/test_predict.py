@@ -63,6 +63,25 @@ def test_bad_file_is_one_error_line_and_others_still_predicted(run_and_images, c
     assert lines[0].startswith(f"error: {img / 'broken.png'}: ") and "nope.png: no such file" in lines[1]
 
 
+def test_heatmaps_never_replace_a_file_predict_did_not_write(run_and_images, tmp_path, capsys):
+    run, _, img, _ = run_and_images
+    argv = ["predict", "--run", str(run), str(img / "gray.png"), "--json", "--heatmaps", str(tmp_path / "h")]
+    assert main(argv) == 0
+    written = [Path(p) for p in json.loads(capsys.readouterr().out)["predictions"][0]["heatmaps"].values()]
+    assert written  # not evaluated: findings at or above 0.5 are flagged, and the tiny run flags some
+    assert main(argv) == 0  # predict's own files are replaced by the next predict
+    capsys.readouterr()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / written[0].name).write_text("the user's own file")
+    argv[-1] = str(mine)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(mine / written[0].name) in err[0] and "refusing to replace it" in err[0], err
+    assert sorted(p.name for p in mine.iterdir()) == [written[0].name]
+    assert (mine / written[0].name).read_text() == "the user's own file"
+
+
 def test_table_output_and_exit_zero(run_and_images, capsys):
     run, _, img, _ = run_and_images
     assert main(["predict", "--run", str(run), str(img / "gray.png")]) == 0

@@ -128,3 +128,25 @@ def test_evaluation_of_a_replaced_checkpoint_is_refused_in_one_line(runs, tmp_pa
     (legacy / "metrics.json").write_text(json.dumps(m))
     assert main(["report", str(legacy.parent), "--out", str(tmp_path / "report")]) == 2
     assert "does not record which checkpoint" in capsys.readouterr().err
+
+
+def test_a_report_holds_its_output_lock_while_it_builds(runs, tmp_path, monkeypatch):
+    """Two reports on one --out at once, both with --overwrite: the second stops naming the first
+    instead of replacing its output a moment later (the lock covers the build, not only the rename)."""
+    import cxrflow.results.report as report
+
+    out = tmp_path / "report"
+    assert main(["report", str(runs[0]), "--out", str(out)]) == 0
+    original, second = report.build_rows, []
+
+    def build_rows_while_a_second_report_starts(paths, split="test"):
+        if not second:
+            second.append(True)
+            with pytest.raises(CxrflowError, match="locked by cxrflow report"):
+                write_report([runs[1]], out, overwrite=True)
+        return original(paths, split)
+
+    monkeypatch.setattr(report, "build_rows", build_rows_while_a_second_report_starts)
+    write_report([runs[0], runs[1]], out, overwrite=True)
+    assert second and len(list(csv.DictReader(open(out / "table.csv")))) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn", "report", "res"]  # no lock, partial or old folder

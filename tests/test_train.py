@@ -106,8 +106,17 @@ def test_simple_cnn_learns_the_planted_signal(store, tmp_path, capsys):
     assert "--resume" in _one_error_line(capsys.readouterr().err)
     # --overwrite also removes the old run's evaluations (they describe a model that is gone)
     assert main(["evaluate", "--run", str(run), "--n-boot", "10"]) == 0 and (run / "eval-test-best_finetune").is_dir()
+    # ... and only those: a folder of the user's named eval-*, or a link to one, is left as it is
+    (run / "eval-mine").mkdir()
+    for folder in (run / "eval-mine", tmp_path / "elsewhere"):
+        folder.mkdir(exist_ok=True)
+        (folder / "metrics.json").write_text("{}")
+        (folder / "notes.txt").write_text("mine")
+    (run / "eval-link").symlink_to(tmp_path / "elsewhere")
     assert _train(*argv[:-4], "--epochs", "1", "--overwrite") == 0
     assert len(_metrics(run)) == 1 and not (run / "eval-test-best_finetune").exists()
+    for folder in (run / "eval-mine", run / "eval-link", tmp_path / "elsewhere"):
+        assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "notes.txt"]
 
 
 def test_densenet121_two_stages_and_resume_between_them(small_store, tmp_path, capsys):

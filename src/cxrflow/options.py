@@ -11,20 +11,43 @@ import argparse
 #: Seeds must fit every generator cxrflow seeds (numpy's legacy seeding takes 32 bits).
 SEED_MAX = 2**32 - 1
 
+#: Bootstrap resamples: far more than any percentile interval needs; beyond it only memory and time grow.
+N_BOOT_MAX = 1_000_000
+
+
+def _check_int(value: int, low: int, high: int, what: str, shown: str) -> int:
+    """``value`` if it is an integer in low..high, else ValueError naming ``what`` and the range ``shown``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} must be an integer in {shown}, got {value!r}")
+    return value
+
+
+def _parse_int(text: str, check, shown: str) -> int:
+    """``int(text)`` through ``check``, or the ArgumentTypeError argparse prints as one usage line."""
+    try:
+        return check(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in {shown}, got {text!r}") from None
+
 
 def check_seed(value: int) -> int:
     """``value`` if it is a usable seed (0..SEED_MAX), else ValueError saying the range."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
-        raise ValueError(f"a seed must be an integer in 0..{SEED_MAX}, got {value!r}")
-    return value
+    return _check_int(value, 0, SEED_MAX, "a seed", f"0..{SEED_MAX}")
 
 
 def seed(text: str) -> int:
     """argparse type of ``--seed``: an integer in 0..SEED_MAX."""
-    try:
-        return check_seed(int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer in 0..{SEED_MAX}, got {text!r}") from None
+    return _parse_int(text, check_seed, f"0..{SEED_MAX}")
+
+
+def check_n_boot(value: int) -> int:
+    """``value`` if it is a usable number of bootstrap resamples (1..N_BOOT_MAX), else ValueError."""
+    return _check_int(value, 1, N_BOOT_MAX, "the number of bootstrap resamples", f"1..{N_BOOT_MAX:,}")
+
+
+def n_boot(text: str) -> int:
+    """argparse type of ``--n-boot``: an integer in 1..N_BOOT_MAX."""
+    return _parse_int(text, check_n_boot, f"1..{N_BOOT_MAX:,}")
 
 
 def positive_int(text: str) -> int:

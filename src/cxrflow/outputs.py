@@ -142,9 +142,20 @@ def check_target(
     """Refuse ``out`` unless it is absent, an empty folder, or (with ``overwrite``) this command's output.
 
     ``inputs`` are the paths the run reads: ``out`` may be neither one of them nor hold one.
-    ``how`` ends the refusal of an existing output without ``overwrite``.
+    ``how`` ends the refusal of an existing output without ``overwrite``. While another run holds
+    ``out``'s lock, a refusal names that run instead (its output is being written, not finished).
     """
-    out = Path(out)
+    try:
+        _check_target(Path(out), command, overwrite=overwrite, inputs=inputs, how=how)
+    except CxrflowError:
+        lock = OutputLock(out, command)
+        holder = lock.busy()
+        if holder is not None:
+            raise lock._refuse(holder) from None
+        raise
+
+
+def _check_target(out: Path, command: str, *, overwrite: bool, inputs: Iterable[PathLike], how: str) -> None:
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise CxrflowError("exists and is not a folder (not a cxrflow output); refusing to replace it, choose another --out", out)
     why = _protected(out, inputs)
@@ -230,6 +241,22 @@ class OutputLock:
             f"locked by {who}, which is writing this output now; wait for it to finish or choose another --out",
             self.out,
         )
+
+    def busy(self) -> dict | None:
+        """The holder's record while a live process holds this lock, else None; takes nothing.
+
+        Read from the lock file (a live pid on this host, or any record from another host), so a
+        probe never takes the lock from under a run that is about to acquire it.
+        """
+        holder = self._holder() if self.path.exists() else {}
+        if not holder:
+            return None
+        if holder.get("host") != socket.gethostname():
+            return holder
+        pid = holder.get("pid")
+        if not isinstance(pid, int) or pid == os.getpid() or not _pid_alive(pid):
+            return None
+        return holder
 
     def acquire(self) -> "OutputLock":
         """Take the lock or raise a CxrflowError naming the holder."""

@@ -56,6 +56,7 @@ from typing import Any, Callable, Sequence
 
 from cxrflow.atomic import write_json_atomic
 from cxrflow.modelling.config import TrainConfig, apply_overrides, preset, read_config_file
+from cxrflow import options
 from cxrflow.errors import CxrflowError
 from cxrflow.results.evaluate import METRICS_NAME, default_eval_dir, evaluation_status
 from cxrflow.outputs import claiming
@@ -355,8 +356,10 @@ def run_sweep(
     if device not in ("auto", "cpu", "cuda"):
         raise CxrflowError(f"--device must be auto, cpu or cuda, got {device!r}")
     n_boot = int(n_boot if n_boot is not None else sweep.extra.get("n_boot", 1000))
-    if n_boot < 1:
-        raise CxrflowError(f"n_boot must be at least 1, got {n_boot}")
+    try:
+        options.check_n_boot(n_boot)
+    except ValueError as exc:
+        raise CxrflowError(str(exc), sweep.source) from None
     check_stores(sweep)
     out = Path(out)
     stores = {str(s.config.store) for s in sweep.runs}
@@ -522,7 +525,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="store folder (overrides the file's 'store')")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = every visible GPU, else CPU")
     parser.add_argument("--gpus", default=None, help="comma-separated GPU indices to use (default: all visible)")
-    parser.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples per evaluation (default: the file's n_boot or 1000)")
+    parser.add_argument("--n-boot", type=options.n_boot, default=None, help="bootstrap resamples per evaluation (default: the file's n_boot or 1000)")
     parser.add_argument("--in-process", action="store_true", help="run every step in this process, one after another")
     add_tracking_arguments(parser)
     add_spark_arguments(parser)

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from cxrflow.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
 from cxrflow.errors import CxrflowError
-from cxrflow.outputs import check_target, publishing
+from cxrflow.outputs import publishing
 from cxrflow.data.labels import NIH14, LabelVocabulary
 from cxrflow.data.formats import add_format_arguments, load_collection
 from cxrflow.data.metadata import AGE_RANGE, label_matrix, read_data_entry
@@ -241,13 +241,12 @@ def explore(
     label states, see :mod:`cxrflow.data.uncertain`) add ``label_states``: positives, negatives, uncertain
     and not mentioned per finding; ``findings`` counts positives.
     """
-    check_target(out_dir, "explore", overwrite=overwrite, inputs=[source])
-    stats = compute_stats(entries, vocab)
-    if states is not None:
-        from cxrflow.data.uncertain import label_counts
-
-        stats["label_states"] = label_counts(label_matrix(entries, vocab), states, vocab.names)
     with publishing(out_dir, "explore", overwrite=overwrite, inputs=[source]) as pub:
+        stats = compute_stats(entries, vocab)
+        if states is not None:
+            from cxrflow.data.uncertain import label_counts
+
+            stats["label_states"] = label_counts(label_matrix(entries, vocab), states, vocab.names)
         for key, fig in make_figures(entries, stats).items():
             save_figure_atomic(fig, pub.tmp / FIGURES[key])
         write_json_atomic(pub.tmp / STATS_NAME, stats)

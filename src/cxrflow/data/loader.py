@@ -456,7 +456,9 @@ def _window_batches(blocks: Iterator[_Rows], batch_size: int, total: int, window
     groups are released as soon as it is used up. Memory: about ``window`` rows plus a row group or two.
     """
     window = max(window, batch_size)
-    capacity = _layout(batch_size, size, num_labels)[1]
+    # no batch holds more than the ``total`` rows there are: a --batch-size beyond the split is one batch,
+    # not a buffer sized for rows that do not exist
+    capacity = _layout(min(batch_size, max(total, 1)), size, num_labels)[1]
     carry: list[_Rows] = []
     remaining = total
     stream = iter(blocks)

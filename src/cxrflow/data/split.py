@@ -96,6 +96,8 @@ def read_split_csv(path: str | os.PathLike, entries: pd.DataFrame) -> pd.DataFra
     metadata does not have, and a patient (by the metadata's patient ids) in two splits.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a pipe or device would hang the ETL before it starts
+        raise CxrflowError("not a regular file (a folder, named pipe or device); expected a split CSV file", path)
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
@@ -163,18 +165,24 @@ def _is_split_csv(path: Path) -> bool:
 
 
 def write_split_csv(frame: pd.DataFrame, path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Write ``image_id,patient_id,split`` to a temporary file, then rename it into place."""
+    """Write ``image_id,patient_id,split`` to a temporary file, then rename it into place.
+
+    The output's lock is held throughout: a second split on the same file stops naming the first.
+    """
+    from cxrflow.outputs import OutputLock
+
     path = Path(path)
     if path.is_dir():
         raise CxrflowError("is a folder; --out must name a CSV file (e.g. split.csv)", path)
-    if path.exists() and not overwrite:
-        raise CxrflowError("output exists; pass --overwrite to replace it", path)
-    if path.exists() and not _is_split_csv(path):
-        raise CxrflowError("is not a cxrflow split CSV (no image_id,patient_id,split header); refusing to replace it", path)
     if not path.parent.is_dir():
         raise CxrflowError("folder of the output file does not exist", path.parent)
-    with atomic_path(path) as tmp:
-        frame[["image_id", "patient_id", "split"]].to_csv(tmp, index=False)
+    with OutputLock(path, "split"):
+        if path.exists() and not overwrite:
+            raise CxrflowError("output exists; pass --overwrite to replace it", path)
+        if path.exists() and not _is_split_csv(path):
+            raise CxrflowError("is not a cxrflow split CSV (no image_id,patient_id,split header); refusing to replace it", path)
+        with atomic_path(path) as tmp:
+            frame[["image_id", "patient_id", "split"]].to_csv(tmp, index=False)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -199,6 +199,9 @@ def check_manifest(manifest: dict, path: str | os.PathLike) -> None:
     weights = manifest.get("pos_weight")
     if not isinstance(weights, list) or len(weights) != len(names) or not all(_is_number(w) and w >= 0 for w in weights):
         raise bad("pos_weight", f"a list of {len(names)} non-negative numbers (one per finding)", weights)
+    identity = manifest.get("split_identity", {})  # absent in stores written before it existed
+    if not isinstance(identity, dict) or not all(split in SPLITS and isinstance(h, str) for split, h in identity.items()):
+        raise bad("split_identity", f"an object of sha256 strings per split ({', '.join(SPLITS)})", identity)
 
 
 def check_partition(manifest: dict, store: str | os.PathLike, size: int, split: str) -> Path:
@@ -334,12 +337,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrflow.outputs import leftovers
+    from cxrflow.outputs import leftovers, read_marker
 
     manifest = read_manifest(args.store)
     print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest))
     for folder in leftovers(args.store):
-        print(f"leftover of a killed run: {folder} (the next 'cxrflow etl --out {args.store}' removes it)", file=sys.stderr)
+        fate = (f"the next 'cxrflow etl --out {args.store}' removes it" if read_marker(folder, "etl") is not None
+                else "it carries no cxrflow etl marker, so cxrflow leaves it to you")  # fmt: skip
+        print(f"leftover of a killed run: {folder} ({fate})", file=sys.stderr)
     if args.verify:
         problems, files, rows = verify_store(args.store, manifest)
         for problem in problems:

@@ -39,6 +39,7 @@ import numpy as np
 from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.modelling.calibration import apply_temperatures, calibration_of, logit, sigmoid
+from cxrflow import options
 from cxrflow.errors import CxrflowError
 from cxrflow.identity import file_sha256
 from cxrflow.outputs import check_target, publishing
@@ -49,6 +50,7 @@ from cxrflow.results.evaluate import (
     METRICS_NAME,
     PREDICTIONS_NAME,
     VAL_PREDICTIONS_NAME,
+    check_metrics,
     default_eval_dir,
     evaluation_status,
     format_summary,
@@ -113,6 +115,7 @@ def load_member(path: str | os.PathLike, split: str = "test") -> Member:
         metrics = json.loads((folder / METRICS_NAME).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CxrflowError(f"unreadable evaluation: {exc}", folder / METRICS_NAME) from None
+    check_metrics(metrics, folder / METRICS_NAME)
     if metrics.get("kind") == "ensemble":
         raise CxrflowError("an ensemble cannot be a member of another ensemble; name its runs instead", folder)
     if "label_names" not in metrics or "calibration" not in metrics or not (folder / VAL_PREDICTIONS_NAME).is_file():
@@ -248,23 +251,8 @@ def _combined(member_preds: Sequence[dict], logits: np.ndarray) -> dict:
     }
 
 
-def build_ensemble(
-    paths: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    method: str = "mean",
-    split: str = "test",
-    n_boot: int = 1000,
-    seed: int = 0,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Combine evaluated runs into the ensemble folder ``out``; returns its metrics (with ``out``)."""
-    if method not in METHODS:
-        raise CxrflowError(f"unknown ensemble method {method!r}; use mean or stacked")
-    out = Path(out)
-    check_target(out, "ensemble", overwrite=overwrite, inputs=paths)
-    if len(paths) < 2:
-        raise CxrflowError(f"an ensemble needs at least two evaluated runs, got {len(paths)}")
+def _ensemble_metrics(paths, out: Path, method: str, split: str, n_boot: int, seed: int) -> tuple:
+    """The members combined and scored: (metrics, test and validation predictions, names, members)."""
     members = check_members([load_member(p, split) for p in paths])
     names = list(members[0].metrics["label_names"])
     calibrations = [m.calibration for m in members]
@@ -310,8 +298,30 @@ def build_ensemble(
         "cxrflow_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
+    return metrics, evaluated, validation, names, members
 
+
+def build_ensemble(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    method: str = "mean",
+    split: str = "test",
+    n_boot: int = 1000,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Combine evaluated runs into the ensemble folder ``out``; returns its metrics (with ``out``)."""
+    if method not in METHODS:
+        raise CxrflowError(f"unknown ensemble method {method!r}; use mean or stacked")
+    out = Path(out)
+    check_target(out, "ensemble", overwrite=overwrite, inputs=paths)
+    if len(paths) < 2:
+        raise CxrflowError(f"an ensemble needs at least two evaluated runs, got {len(paths)}")
+    # the lock is held from the start, so a second ensemble on the same --out (even with --overwrite)
+    # stops naming this one instead of replacing its output a moment later
     with publishing(out, "ensemble", overwrite=overwrite, inputs=paths) as pub:
+        metrics, evaluated, validation, names, members = _ensemble_metrics(paths, out, method, split, n_boot, seed)
         what = f"{metrics['model']} of {len(members)} runs"
         metrics["figures"] = write_prediction_files(pub.tmp, evaluated, validation, names, metrics, what)
         write_json_atomic(pub.tmp / METRICS_NAME, metrics)
@@ -371,12 +381,13 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
         metrics = json.loads((folder / METRICS_NAME).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CxrflowError(f"unreadable ensemble: {exc}", folder / METRICS_NAME) from None
+    check_metrics(metrics, folder / METRICS_NAME)
     if metrics.get("kind") != "ensemble":
         raise CxrflowError("an evaluation folder, not a run or ensemble: give --run the run folder it belongs to", folder)
     names = list(metrics["label_names"])
     members, member_calibrations = [], []
     for entry in metrics["members"]:
-        checkpoint = entry["checkpoint"] if entry["checkpoint"] in (*CHECKPOINT_NAMES, "last") else None
+        checkpoint = entry.get("checkpoint") if entry.get("checkpoint") in (*CHECKPOINT_NAMES, "last") else None
         try:
             evaluation = json.loads((Path(entry["eval"]) / METRICS_NAME).read_text())
         except (OSError, json.JSONDecodeError):
@@ -405,15 +416,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the ensemble folder to write (an evaluation folder in its own right)")
     parser.add_argument("--method", default="mean", help="mean (of calibrated probabilities) or stacked (logistic regression on validation logits)")
     parser.add_argument("--split", default="test", choices=["val", "test"], help="the members' evaluated split, for run folders (default: test)")
-    parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap and stacking seed (default: 0)")
+    parser.add_argument("--n-boot", type=options.n_boot, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
+    parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap and stacking seed (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble folder")
     add_tracking_arguments(parser)  # the ensemble is its own MLflow run (ENS/mlflow.json)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.n_boot < 1:
-        raise CxrflowError(f"--n-boot must be at least 1, got {args.n_boot}")
     tracking = request_from_args(args)
     replaced = read_record(args.out) if args.overwrite else None  # a tracked ensemble stays tracked when rebuilt
     metrics = build_ensemble(

@@ -38,7 +38,7 @@ def resolve_device(choice: str | torch.device | None) -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda``/``cuda:N`` without that GPU is an error."""
     if isinstance(choice, torch.device):
         return choice
-    choice = "auto" if choice in (None, "") else str(choice)
+    choice = "auto" if choice is None else str(choice)
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cpu":

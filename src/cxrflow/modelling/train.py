@@ -272,9 +272,10 @@ def _prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, ctx: Dist) 
         if overwrite and not resume:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
-            # evaluations of the old checkpoints describe a model that no longer exists
+            # evaluations of the old checkpoints describe a model that no longer exists; only folders
+            # 'cxrflow evaluate' wrote (its marker, not a link) go: any other eval-* is left alone
             for evaluation in out.glob("eval-*"):
-                if (evaluation / "metrics.json").is_file():
+                if evaluation.is_dir() and not evaluation.is_symlink() and read_marker(evaluation, "evaluate") is not None:
                     shutil.rmtree(evaluation)
     _barrier(ctx)
 

@@ -333,6 +333,11 @@ def check_metrics(m: Any, path: str | os.PathLike) -> dict:
     ci = m.get("mean_auc_ci95")
     if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(number(v) for v in ci)):
         raise CxrflowError(f"metrics field 'mean_auc_ci95' must be [low, high] or null, got {ci!r}", path)
+    members = m.get("members")
+    if m.get("kind") == "ensemble" and not (
+        isinstance(members, list) and all(isinstance(x, dict) and isinstance(x.get("run"), str) and isinstance(x.get("eval"), str) for x in members)
+    ):
+        raise CxrflowError(f"metrics field 'members' of an ensemble must be a list of objects with 'run' and 'eval' folders, got {members!r}"[:240], path)
     size = m.get("size")
     sizes = size if m.get("kind") == "ensemble" and isinstance(size, list) else [size]  # an ensemble's members' sizes
     if size is not None and not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
@@ -509,8 +514,12 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
             metrics = json.loads(metrics_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             return f"unreadable evaluation ({exc}); run 'cxrflow evaluate' again"
+    try:
+        check_metrics(metrics, metrics_path)
+    except CxrflowError as exc:
+        return f"{exc.message}; run 'cxrflow evaluate' (or 'cxrflow ensemble') again"
     if metrics.get("kind") == "ensemble":
-        for member in metrics.get("members", []):
+        for member in metrics["members"]:
             member_metrics = Path(member.get("eval", "")) / METRICS_NAME
             reason = evaluation_status(member_metrics)
             if reason is None and json.loads(member_metrics.read_text()).get("checkpoint_sha256") != member.get("checkpoint_sha256"):
@@ -519,7 +528,13 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
                 return f"ensemble member {member.get('run')}: {reason}; build the ensemble again"
         return None
     name = metrics.get("checkpoint", "?")
-    again = f"run 'cxrflow evaluate --run {metrics.get('run', 'RUN')} --checkpoint {name} --overwrite' again"
+    run = metrics.get("run", "RUN")
+    folder = metrics_path.parent
+    # an evaluation written with --out elsewhere is made again in its own folder, not the run's default one
+    out = "" if "run" not in metrics or not metrics.get("split") or folder.absolute() == default_eval_dir(Path(str(run)).absolute(), str(metrics["split"]), str(name)) else (
+        f" --split {metrics['split']} --out {folder}"
+    )
+    again = f"run 'cxrflow evaluate --run {run} --checkpoint {name}{out} --overwrite' again"
     return checkpoint_status(metrics_path, metrics, "evaluation", again)
 
 
@@ -714,7 +729,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default: test)")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/eval-<split>-<checkpoint>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing evaluation folder")
-    parser.add_argument("--n-boot", type=options.positive_int, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
+    parser.add_argument("--n-boot", type=options.n_boot, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
     parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap seed (default: 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=options.positive_int, default=64, help="images per forward pass (default: 64)")
@@ -723,8 +738,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.n_boot < 1:
-        raise CxrflowError(f"--n-boot must be at least 1, got {args.n_boot}")
     tracking = request_from_args(args)
     metrics = evaluate_run(
         args.run,

@@ -143,6 +143,8 @@ def _run_folder(folder: Path, metrics: dict) -> Path:
 
 def open_stores(evaluations: list[dict], store_override: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
     """Each store the evaluations were made on, by the path recorded: its manifest, or why it is not there."""
+    from cxrflow.data.store import read_manifest
+
     stores: dict[str, dict[str, Any]] = {}
     for ev in evaluations:
         recorded = str(ev["metrics"].get("store") or "")
@@ -156,9 +158,10 @@ def open_stores(evaluations: list[dict], store_override: str | os.PathLike | Non
             moved = "no longer at the path recorded at evaluation" if not store_override else "not a cxrflow store"
             info["problem"] = f"store {path} is {moved} (no _manifest.json there); pass --store DIR to point at it"
         else:
-            manifest, why = _read_json(path / "_manifest.json")
-            if manifest is None:
-                info["problem"] = f"store manifest {path / '_manifest.json'} is {why}"
+            try:  # the shape the data section and the cases rely on, checked as every reader does
+                manifest = read_manifest(path)
+            except CxrflowError as exc:
+                info["problem"] = f"store manifest {path / '_manifest.json'}: {exc.message}"
             else:
                 info.update(manifest=manifest, sha256=file_sha256(path / "_manifest.json"))
         stores[recorded] = info

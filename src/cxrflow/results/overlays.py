@@ -109,12 +109,14 @@ def flagged_findings(prediction: dict) -> list[str]:
 def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, method: str | None = None) -> str:
     """One overlay PNG per image and flagged finding in ``out_dir`` (``<image stem>-<finding>.png``);
     adds ``"heatmaps": {finding: path}`` to each prediction. Returns the method used."""
+    import os
     from pathlib import Path
 
     from PIL import Image
 
     from cxrflow.atomic import save_figure_atomic
     from cxrflow.errors import CxrflowError
+    from cxrflow.outputs import read_marker, write_marker
     from cxrflow.modelling.heatmaps import cam_method, heatmaps
     from cxrflow.data.imaging import load_gray, preprocess
 
@@ -127,6 +129,16 @@ def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, me
         raise CxrflowError(f"cannot create the heatmap folder: {exc.strerror or exc}", out_dir) from None
     method = cam_method(predictor.model, method)
     stems = [Path(p["image"]).stem for p in predictions]
+    targets = [
+        [out_dir / f"{stem if stems.count(stem) == 1 else f'{stem}-{i}'}-{name}.png" for name in flagged_findings(prediction)]
+        for i, (prediction, stem) in enumerate(zip(predictions, stems))
+    ]
+    # a file in DIR is replaced only when an earlier predict wrote it (listed in DIR's marker)
+    listed = (read_marker(out_dir, "predict") or {}).get("files")
+    ours = {name for name in listed if isinstance(name, str)} if isinstance(listed, list) else set()
+    taken = next((t for paths in targets for t in paths if os.path.lexists(t) and t.name not in ours), None)
+    if taken is not None:
+        raise CxrflowError("exists and is not a heatmap cxrflow predict wrote; refusing to replace it, choose another --heatmaps folder", taken)
     for i, (prediction, stem) in enumerate(zip(predictions, stems)):
         names = flagged_findings(prediction)
         prediction["heatmaps"] = {}
@@ -143,11 +155,11 @@ def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, me
             shown = Image.fromarray(gray).resize((max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale))))
         else:
             shown = None
-        prefix = stem if stems.count(stem) == 1 else f"{stem}-{i}"
-        for name, heat in zip(names, maps):
+        for name, heat, path in zip(names, maps, targets[i]):
             fig = plot_overlay(gray, heat, finding=name, probability=prediction["probabilities"][name], method=method,
                                source=Path(prediction["image"]).name, display=None if shown is None else np.asarray(shown))  # fmt: skip
-            path = out_dir / f"{prefix}-{name}.png"
+            ours.add(path.name)
+            write_marker(out_dir, "predict", files=sorted(ours))  # before the file: a kill leaves it listed as ours
             save_figure_atomic(fig, path, dpi=100)
             prediction["heatmaps"][name] = str(path)
     return method

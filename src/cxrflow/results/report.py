@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from cxrflow.errors import CxrflowError
 from cxrflow.results.evaluate import METRICS_NAME, check_metrics, evaluation_status
-from cxrflow.outputs import check_target, publishing
+from cxrflow.outputs import publishing
 
 #: The paper's published mean test AUCs (Table 1), by (model, input size, stage).
 #: Its simple CNN is a single-stage model; it is matched at any input size.
@@ -273,20 +273,21 @@ def write_report(
         from cxrflow.results.htmlreport import HTML_NAME
 
         names["report_html"] = HTML_NAME
-    check_target(out, "report", overwrite=overwrite, inputs=paths)
-    rows = build_rows(paths, split)
-    png = io.BytesIO()
-    plot_run_comparison(rows).savefig(png, format="png", dpi=120)
-    files = {TABLE_MD: format_markdown(rows).encode(), TABLE_CSV: format_csv(rows).encode(), COMPARISON_PNG: png.getvalue()}
-    if html:
-        from cxrflow.results.htmlreport import build_html
-
-        page = build_html(
-            paths, split=split, explore=explore, store=store, cases=cases, cases_for=cases_for,
-            report_args=report_args if report_args is not None else [*map(str, paths), "--out", str(out)],
-        )  # fmt: skip
-        files[HTML_NAME] = page.encode("utf-8")
+    # the lock is held from the start, so a second report on the same --out (even with --overwrite)
+    # stops naming this one instead of replacing its output a moment later
     with publishing(out, "report", overwrite=overwrite, inputs=paths) as pub:
+        rows = build_rows(paths, split)
+        png = io.BytesIO()
+        plot_run_comparison(rows).savefig(png, format="png", dpi=120)
+        files = {TABLE_MD: format_markdown(rows).encode(), TABLE_CSV: format_csv(rows).encode(), COMPARISON_PNG: png.getvalue()}
+        if html:
+            from cxrflow.results.htmlreport import build_html
+
+            page = build_html(
+                paths, split=split, explore=explore, store=store, cases=cases, cases_for=cases_for,
+                report_args=report_args if report_args is not None else [*map(str, paths), "--out", str(out)],
+            )  # fmt: skip
+            files[HTML_NAME] = page.encode("utf-8")
         for name, content in files.items():
             (pub.tmp / name).write_bytes(content)
         pub.commit()
