@@ -1,7 +1,8 @@
 """Atomic file writes: write beside the destination under a temporary name, then rename.
 
 A crash leaves either the old file or the new one, never half of one. Every output of cxrflow
-(manifests, configs, checkpoints, metrics, tables, figures) goes through :func:`atomic_path`.
+(manifests, configs, checkpoints, metrics, tables, figures) goes through :func:`atomic_path`;
+:func:`read_json_object` reads its JSON files back.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from cxrflow.errors import CxrflowError
 
 
 @contextlib.contextmanager
@@ -61,6 +64,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     one place every JSON output of cxrflow goes through.
     """
     write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in one of cxrflow's files (``what``: "manifest", "run config", ...), or one
+    CxrflowError naming the file: unreadable, not JSON, or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CxrflowError(f"unreadable {what}: {exc}", path) from None
+    if not isinstance(value, dict):
+        raise CxrflowError(f"not a cxrflow {what}: expected a JSON object, got {type(value).__name__}", path)
+    return value
 
 
 def save_figure_atomic(fig: Any, path: str | os.PathLike, dpi: int = 120) -> None:

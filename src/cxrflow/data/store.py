@@ -33,6 +33,7 @@ from typing import Sequence
 import pyarrow as pa
 
 from cxrflow import __version__
+from cxrflow.atomic import read_json_object
 from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import LabelVocabulary
 
@@ -133,12 +134,7 @@ def read_manifest(store: str | os.PathLike) -> dict:
         raise CxrflowError(f"not a complete cxrflow store: {MANIFEST_NAME} is missing", store)
     if not path.is_file():
         raise CxrflowError("not a regular file (a folder, named pipe or device)", path)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CxrflowError(f"unreadable manifest: {exc}", path) from None
-    if not isinstance(manifest, dict):
-        raise CxrflowError(f"not a cxrflow manifest: expected a JSON object, got {type(manifest).__name__}", path)
+    manifest = read_json_object(path, "manifest")
     version = manifest.get("format_version")
     if not _is_int(version) or version < 1:
         raise CxrflowError(f"manifest field 'format_version' must be a positive integer, got {version!r}", path)

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cxrflow.modelling import sparktrain
-from cxrflow.atomic import atomic_path, write_json_atomic, write_text_atomic
+from cxrflow.atomic import atomic_path, read_json_object, write_json_atomic, write_text_atomic
 from cxrflow.modelling.config import (
     DEVICES,
     PRESETS,
@@ -679,12 +679,7 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
     path = Path(args.out) / "config.json"
     if not path.exists():
         return None
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CxrflowError(f"unreadable run config: {exc}", path) from None
-    if not isinstance(saved, dict):
-        raise CxrflowError(f"not a cxrflow run config: expected a JSON object, got {type(saved).__name__}", path)
+    saved = read_json_object(path, "run config")
     try:
         config = config_from_dict(saved)
     except CxrflowError as exc:
