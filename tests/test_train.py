@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -356,8 +357,9 @@ def test_two_process_gloo_run_agrees_on_one_best_checkpoint(small_store, tmp_pat
            "--device", "cpu"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    best = [line for line in done.stdout.splitlines() if line.startswith("[rank ")]
-    by_rank = {r: sorted(line[9:] for line in best if line.startswith(f"[rank {r}]")) for r in (0, 1)}
+    # both ranks write into one pipe: a rank's line can land inside another's, so find lines anywhere
+    best = re.findall(r"\[rank (\d)\] (best \w+: epoch \d+, val AUC [-+.0-9eE]+)", done.stdout)
+    by_rank = {r: sorted(line for rank, line in best if rank == str(r)) for r in (0, 1)}
     assert len(by_rank[0]) == 2 and by_rank[0] == by_rank[1]  # both ranks computed the same validation AUCs
     rows = _metrics(run)
     assert [(r["stage"], r["epoch"]) for r in rows] == [("kt", 1), ("finetune", 1)]
