@@ -134,18 +134,25 @@ def _full_slots(master: str, task_cpus: int) -> int | None:
 
 
 def wait_for_slots(spark: Any, launch: SparkLaunch) -> int:
-    """Wait (up to ``launch.wait_seconds``) until the cluster has a slot for every process; returns the slots."""
+    """Wait (up to ``launch.wait_seconds``) until the cluster has a slot for every process; returns the slots.
+
+    A ``local-cluster`` master's executors register one by one after the session starts: its wait goes
+    on until all of them are there, so what a sweep runs at once does not depend on how fast they came.
+    """
     jsc = spark.sparkContext._jsc.sc()
     full = _full_slots(launch.master, int(spark.conf.get("spark.task.cpus", "1")))
+    target = max(launch.processes, full or 0)
     deadline = time.monotonic() + launch.wait_seconds
     while True:
         profile = jsc.resourceProfileManager().defaultResourceProfile()
         slots = int(jsc.maxNumConcurrentTasks(profile))
-        if slots >= launch.processes:
+        if slots >= target:
             return slots
-        if time.monotonic() >= deadline or (full is not None and slots >= full):
+        if time.monotonic() >= deadline or (full is not None and full <= slots < launch.processes):
             break
         time.sleep(0.5)
+    if slots >= launch.processes:
+        return slots
     executors = max(int(jsc.getExecutorMemoryStatus().size()) - 1, 0)
     raise CxrflowError(
         f"the Spark master {launch.master} offers {slots} task slot(s) on {executors} executor(s) but "
