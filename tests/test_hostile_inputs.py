@@ -266,6 +266,9 @@ def test_store_info_verify_reads_every_footer_and_lists_leftovers(store, capsys)
         (["ensemble", "X", "Y", "--out", "Z", "--n-boot", "0"], "--n-boot"),
         (["ensemble", "X", "Y", "--out", "Z", "--n-boot", str(10**13)], "--n-boot"),
         (["sweep", "x.yaml", "--out", "Z", "--n-boot", "-1"], "--n-boot"),
+        (["split", "--data", "X", "--out", "Y", "--val-fraction", "0"], "validation cannot be empty"),
+        (["etl", "--data", "X", "--out", "Y", "--val-fraction", "1"], "--val-fraction: must be a number between 0"),
+        (["etl", "--data", "X", "--out", "Y", "--val-fraction", "nan"], "--val-fraction"),
     ],
 )
 def test_impossible_option_values_are_one_usage_line(capsys, argv, message):

@@ -252,6 +252,16 @@ def test_val_finding_without_positives_is_reported_not_fatal(tmp_path, capsys):
     assert row["val_auc_mean"] == pytest.approx(np.mean([v for v in row["val_auc"].values() if v is not None]))
 
 
+def test_finding_without_train_negatives_is_named_as_untrained(tmp_path, capsys):
+    store = tmp_path / "store"
+    write_synthetic_store(store, rows={"train": 16, "val": 6, "test": 2}, seed=3, prevalence=1.0)
+    run = tmp_path / "run"
+    assert _train("--store", str(store), "--size", "32", "--model", "simple_cnn", "--out", str(run),
+                  "--epochs", "1", "--batch-size", "8") == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: no negative")]
+    assert len(notes) == 1 and all(name in notes[0] for name in NIH14.names), notes
+
+
 def test_bad_inputs_give_one_error_line(store, tmp_path, capsys):
     base = ["--store", str(store), "--size", "32", "--out", str(tmp_path / "r")]
     cases = [

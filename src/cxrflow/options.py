@@ -59,3 +59,19 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {text!r}")
     return value
+
+
+def val_fraction(text: str) -> float:
+    """argparse type of ``--val-fraction``: a share strictly between 0 and 1.
+
+    0 would leave validation empty, and training keeps its best epoch by validation AUC.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a number between 0 and 1 (exclusive), got {text!r}: training keeps its best epoch "
+            "by validation AUC, so validation cannot be empty")
+    return value

@@ -433,8 +433,8 @@ def run_etl(
         raise CxrflowError(f"--threads must be at least 1, got {threads}")
     if rows_per_file is not None and rows_per_file < 1:
         raise CxrflowError(f"--rows-per-file must be at least 1, got {rows_per_file}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise CxrflowError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 < val_fraction < 1.0:  # validation picks the best epoch: it cannot be empty
+        raise CxrflowError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if spark is None:
         master = check_master(master)
         check_memory(driver_memory, "--driver-memory")
@@ -650,7 +650,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="store folder to write")
     parser.add_argument("--sizes", default="256,512", help="comma-separated image sides in pixels (default 256,512)")
     parser.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
-    parser.add_argument("--val-fraction", type=float, default=0.3, help="share of train_val patients for validation (default 0.3)")
+    parser.add_argument("--val-fraction", type=options.val_fraction, default=0.3, help="share of train_val patients for validation (default 0.3)")
     parser.add_argument("--seed", type=options.seed, default=0, help="split seed, also of the stored row order (default 0)")
     parser.add_argument(
         "--split-csv", type=Path, default=None,

@@ -191,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, help="CSV to write: image_id,patient_id,split")
     parser.add_argument(
-        "--val-fraction", type=float, default=0.3, help="share of train_val patients for val (default 0.3)"
+        "--val-fraction", type=options.val_fraction, default=0.3, help="share of train_val patients for val (default 0.3)"
     )
     parser.add_argument("--seed", type=options.seed, default=0, help="random seed of the patient shuffle (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")

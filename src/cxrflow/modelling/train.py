@@ -376,6 +376,11 @@ def _train(
     masked = "uncertain_policies" in manifest  # some labels are not known: the loss counts known ones only
     pos_weight = (policy_pos_weight(manifest, config.uncertain) if masked
                   else _pos_weight(manifest, len(label_names), config.store)).to(ctx.device)
+    untrained = [n for n, w in zip(label_names, pos_weight.tolist()) if w == 0]
+    if untrained:  # negatives / positives = 0: the loss gives these outputs no gradient at all
+        info(f"note: no negative train label for {', '.join(untrained)}: pos_weight 0, so "
+             f"{'this output does' if len(untrained) == 1 else 'these outputs do'} not learn; "
+             "their test AUC is the untrained model's")
     train_rows = int(manifest["rows"][str(int(config.size))]["train"])
     stages = config.stage_plan(train_rows, ctx.world_size)
     # the normalisation travels with the run, so predict works without the store; the splits'
