@@ -552,3 +552,37 @@ def test_in_headless_chromium(report, study, tmp_path):
     assert result["aucs_again"] == sorted(result["aucs_after"])
     with Image.open(shot) as im:
         assert im.size == (1280, 2400) and np.asarray(im.convert("L")).std() > 10
+
+
+#: The width Chromium lays a page out in when printing on A4 landscape with the template's 10 mm
+#: margins: 277 mm at 96 CSS px per inch.
+A4_LANDSCAPE_PX = 1047
+
+PRINT_WIDTH_CHECK = """
+<script>
+window.addEventListener("load", function () {
+  var pre = document.createElement("pre");
+  pre.id = "print-width";
+  pre.textContent = String(document.querySelector("#table1 table").scrollWidth);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def test_table1_fits_across_a4_landscape_when_printed(report, tmp_path):
+    browser = _chromium_or_skip()
+    html = report.read_text()
+    assert html.count("@media print {") == 1
+    # the print rules applied on screen, in a window as wide as the printed page
+    page = tmp_path / "as-printed.html"
+    page.write_text(html.replace("@media print {", "@media all {").replace("</body>", PRINT_WIDTH_CHECK + "</body>"))
+    proxy = CountingProxy()
+    try:
+        done = _chromium(browser, tmp_path / "profile", proxy, f"--window-size={A4_LANDSCAPE_PX},800",
+                         "--virtual-time-budget=15000", "--dump-dom", page.as_uri())
+    finally:
+        proxy.close()
+    found = re.search(r'<pre id="print-width">(\d+)</pre>', done.stdout)
+    assert found, f"the width check did not run: {done.stderr[-2000:]}"
+    assert int(found.group(1)) <= A4_LANDSCAPE_PX
