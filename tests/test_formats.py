@@ -115,6 +115,25 @@ def test_generic_reader_per_column_and_pipe(tmp_path):
     assert splits["split"].tolist() == [r[6] for r in rows[1:]]
 
 
+def test_what_stands_at_an_image_path_is_found_and_only_an_absent_path_is_missing(tmp_path):
+    import os
+
+    root = write_generic(tmp_path / "a", patients=6, findings=("Nodule", "Mass"))
+    col = load_collection(root, "csv")
+    ids = col.entries["image_id"].tolist()
+    paths = {i: Path(col.images[i]) for i in ids[:4]}
+    paths[ids[0]].unlink()
+    paths[ids[0]].mkdir()  # a folder: the ETL's decoder quarantines it as one
+    paths[ids[1]].unlink()
+    os.mkfifo(paths[ids[1]])
+    paths[ids[2]].unlink()
+    paths[ids[2]].symlink_to(tmp_path / "nowhere.png")  # a broken link
+    paths[ids[3]].unlink()
+    col = load_collection(root, "csv")
+    assert col.missing == [ids[3]]
+    assert set(ids[:3]) <= set(col.images) and len(col.images) == len(ids) - 1
+
+
 def test_detection_nih_and_ambiguous(tmp_path):
     from cxrflow.data.synth import synthesize
 

@@ -92,6 +92,8 @@ def test_etl_quarantines_bombs_and_pipes_and_keeps_the_rest(spark, tmp_path):
     _pixel_bomb(images[0])
     images[1].unlink()
     os.mkfifo(images[1])
+    images[-1].unlink()
+    images[-1].mkdir()  # a folder where an image should be is quarantined as one, not counted missing
     # ages outside 0-120 are unknown and counted; the store keeps the raw value
     entry = data / "Data_Entry_2017_v2020.csv"
     lines = entry.read_text().splitlines()
@@ -103,7 +105,8 @@ def test_etl_quarantines_bombs_and_pipes_and_keeps_the_rest(spark, tmp_path):
     reasons = {q["image_id"]: q["reason"] for q in manifest["quarantined"]}
     assert "pixel budget" in reasons[images[0].name] and "1000000x1" in reasons[images[0].name]
     assert "named pipe" in reasons[images[1].name]
-    assert manifest["source"]["written"] == manifest["source"]["metadata_rows"] - 2
+    assert "is a folder" in reasons[images[-1].name]
+    assert manifest["source"]["written"] == manifest["source"]["metadata_rows"] - 3 and manifest["missing"] == []
     assert manifest["source"]["age_unknown"] == 1
     ages = pq.read_table(tmp_path / "store" / "size=16", columns=["image_id", "age"]).to_pydict()
     assert dict(zip(ages["image_id"], ages["age"]))[cells[0]] == 414

@@ -418,7 +418,8 @@ def find_images(root: str | os.PathLike) -> dict[str, Path]:
     """Every image under ``root`` (recursive, .png/.jpg/.jpeg), keyed by file name.
 
     Handles ``images/`` and the Kaggle layout ``images_001/images/...``; follows symbolic links to
-    folders once; skips hidden folders. Two files with the same name are a user error.
+    folders once; skips hidden folders. A folder named like an image is found as that image (the
+    ETL quarantines it as a folder) and not searched. Two entries with the same name are a user error.
     """
     root = Path(root)
     if not root.is_dir():
@@ -431,8 +432,9 @@ def find_images(root: str | os.PathLike) -> dict[str, Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
+        named = [d for d in dirs if d.lower().endswith(IMAGE_SUFFIXES)]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in named)
+        for name in sorted(files) + named:
             if name.lower().endswith(IMAGE_SUFFIXES):
                 path = Path(folder) / name
                 if name in found:

@@ -225,12 +225,16 @@ def entries_frame(
 
 
 def locate_images(paths: dict[str, str | Path], need_images: bool) -> tuple[dict[str, str | Path], list[str]]:
-    """(images found, image ids missing on disk) for ``image_id -> path``."""
+    """(images found, image ids missing on disk) for ``image_id -> path``.
+
+    Whatever is at the path counts as found, a folder, pipe or broken link too: the ETL's decoder
+    quarantines it with what it is, where "missing" would hide it.
+    """
     if not need_images:
         return {}, []
     found, missing = {}, []
     for image_id, path in paths.items():
-        if os.path.isfile(path):
+        if os.path.lexists(path):
             found[image_id] = path
         else:
             missing.append(image_id)

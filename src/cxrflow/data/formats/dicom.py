@@ -265,6 +265,8 @@ def header_demographics(path: str | Path) -> tuple[int | None, str | None]:
     """(age in whole years, sex M/F) from ``PatientAge`` (``063Y``, ``006M``, ...) and ``PatientSex``."""
     import pydicom
 
+    if not os.path.isfile(path):  # a folder or named pipe at the path: the ETL's decoder quarantines it
+        return None, None
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["PatientAge", "PatientSex"])
     except Exception:  # an unreadable header: demographics stay unknown, the image decides its own fate
