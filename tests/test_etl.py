@@ -390,14 +390,31 @@ def _cli(*args):
     return [sys.executable, "-m", "cxrflow.cli", "etl", *args]
 
 
+def _processes_with(mark: bytes) -> list[int]:
+    """Ids of the live processes whose environment holds ``mark`` (zombies have an empty environ)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if mark in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 @pytest.mark.slow
 def test_killed_run_leaves_nothing_that_looks_complete(spark, synthetic, tmp_path):
     out = tmp_path / "killed"
+    # every process of the run inherits this mark, the PySpark daemon and its workers too: the daemon
+    # makes a process group of its own, so the kill below does not reach them and they outlive the run
+    mark = f"CXRFLOW_TEST_KILLED_RUN={tmp_path}"
     proc = subprocess.Popen(
         _cli("--data", str(synthetic), "--out", str(out), "--sizes", "16", "--master", "local[1]", "--rows-per-file", "1"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        env={**os.environ, mark.split("=", 1)[0]: mark.split("=", 1)[1]},
     )
     deadline = time.monotonic() + 120
     try:
@@ -411,7 +428,12 @@ def test_killed_run_leaves_nothing_that_looks_complete(spark, synthetic, tmp_pat
         proc.wait(timeout=60)
         proc.stderr.close()
     assert proc.returncode != 0
-    time.sleep(1.0)  # let orphaned workers notice
+    # an orphaned worker finishing its task writes into the partial folder (making it again if it
+    # was removed), so wait until the dead run's workers have noticed and exited, not a fixed second
+    deadline = time.monotonic() + 120
+    while _processes_with(mark.encode()):
+        assert time.monotonic() < deadline, f"the killed run's processes {_processes_with(mark.encode())} outlived it"
+        time.sleep(0.05)
     assert not out.exists()
     assert not list(tmp_path.rglob(MANIFEST_NAME))
     partial = next(tmp_path.glob(".killed.partial-*"))
