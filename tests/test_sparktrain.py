@@ -227,7 +227,7 @@ def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp
 
 
 @pytest.mark.slow
-def test_a_two_run_sweep_on_the_cluster_resumes_the_cut_run_and_tracks_both(store, tmp_path):
+def test_a_two_run_sweep_on_the_cluster_resumes_the_cut_run_and_tracks_both(store, tmp_path, monkeypatch):
     from cxrflow.outputs import write_marker
     from cxrflow.sweep import load_sweep, run_dir
     from cxrflow.modelling.train import train
@@ -265,7 +265,7 @@ def test_a_two_run_sweep_on_the_cluster_resumes_the_cut_run_and_tracks_both(stor
 
     from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     for name in ("a", "b"):
         record = json.loads((run_dir(out, name) / "mlflow.json").read_text())
         assert record["tracking_uri"] == (out / "mlruns").as_uri()
