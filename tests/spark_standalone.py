@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,12 +25,6 @@ from typing import Callable, Iterator
 import pyspark
 
 from cxrflow.data.spark import find_java
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -78,8 +73,6 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "JAVA_HOME": find_java().home, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1",
            "SPARK_MASTER_HOST": "127.0.0.1", "SPARK_NO_DAEMONIZE": "1", "SPARK_LOG_DIR": str(folder)}
-    port = free_port()
-    url = f"spark://127.0.0.1:{port}"
     spark_class = str(home / "bin" / "spark-class")
     started: list[subprocess.Popen] = []
 
@@ -92,10 +85,15 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
         return proc
 
     try:
-        master = start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-                       "--webui-port", str(free_port()))
-        _wait_for(lambda: _accepts(port), timeout, "the master did not listen")
+        # every port is 0, chosen by the master and workers themselves as they bind: a port found free
+        # here and passed on could be taken by another process before they bind it (Spark then moves
+        # to the next port, and the workers would look for the master where it is not)
+        master = start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", "0",
+                       "--webui-port", "0")
         master_log = folder / "master.log"
+        _wait_for(lambda: _master_url(master_log) is not None, timeout, "the master did not start")
+        url = _master_url(master_log)
+        _wait_for(lambda: _accepts(int(url.rsplit(":", 1)[1])), timeout, "the master did not listen")
         nodes: list[subprocess.Popen] = []
 
         def add_worker() -> subprocess.Popen:
@@ -103,7 +101,7 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
             i = len(nodes)
             nodes.append(start(f"worker-{i}", "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
                                "--cores", str(cores), "--memory", memory, "--work-dir", str(folder / f"work-{i}"),
-                               "--webui-port", str(free_port()), url))
+                               "--webui-port", "0", url))
             _wait_for(lambda: master_log.read_text(errors="replace").count("Registering worker") > i,
                       timeout, f"worker {i} did not register")
             return nodes[-1]
@@ -114,6 +112,12 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
     finally:
         for proc in reversed(started):
             _stop(proc)
+
+
+def _master_url(log: Path) -> str | None:
+    """The master's URL from its log ("Starting Spark master at spark://127.0.0.1:PORT"), once it is there."""
+    found = re.search(r"Starting Spark master at (spark://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
+    return found.group(1) if found else None
 
 
 def _accepts(port: int) -> bool:
