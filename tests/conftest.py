@@ -7,6 +7,8 @@ gets the same ``local[2]`` session (small memory, quiet logs), stopped when the 
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 
@@ -34,3 +36,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def refused_port():
+    """A loopback port where nothing answers: bound by this test and never listened on, so every
+    connection is refused and no other process can take the port while the test runs (a port that
+    was merely free a moment ago can be)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -116,17 +115,11 @@ def test_two_processes_on_a_local_cluster_match_torchrun(store, tmp_path):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_bad_cluster_input_gives_one_line_and_writes_nothing(store, tmp_path):
+def test_bad_cluster_input_gives_one_line_and_writes_nothing(store, tmp_path, refused_port):
     run = tmp_path / "run"
     cases = [
-        (["--spark-master", f"spark://127.0.0.1:{_free_port()}"], "cannot reach the Spark master"),
+        (["--spark-master", f"spark://127.0.0.1:{refused_port}"], "cannot reach the Spark master"),
         (["--spark-master", "local-cluster[1,1,1024]", "--processes", "2", "--spark-wait", "20"],
          "offers 1 task slot(s) on"),  # "... on 1 executor(s) but --processes 2 needs 2 at once" (0 while it still starts)
         (["--spark-master", "local-cluster[1,1,1024]", "--gpu"], "gives its tasks no GPUs"),
