@@ -73,7 +73,8 @@ def test_training_with_a_worker_killed_fails_cleanly_and_resumes_on_a_new_worker
     with loopback_cluster(tmp_path / "cluster", workers=2) as cluster:
         argv = ["train", "--quiet", "--store", str(store), "--size", "32", "--model", "simple_cnn", "--out", str(run),
                 "--epochs", "8", "--batch-size", "8", "--set", "early_stopping_patience=0",
-                "--spark-master", cluster.url, "--processes", "2"]
+                "--spark-master", cluster.url, "--processes", "2",
+                "--spark-wait", "300"]  # both runs wait for their executors however slowly they register
 
         def kill_a_worker(pid: int) -> bool:
             if not (run / "metrics.jsonl").exists():
