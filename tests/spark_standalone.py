@@ -35,9 +35,15 @@ class Cluster:
     logs: Path
     add_worker: Callable[[], subprocess.Popen]
 
-    def kill_worker(self, index: int) -> None:
-        """SIGKILL a worker with everything it started (its executor and Python workers): a lost node."""
+    def kill_worker(self, index: int, timeout: float = 60) -> None:
+        """SIGKILL a worker with everything it started (its executor and Python workers): a lost node.
+
+        The executor's PySpark daemon runs in a process group of its own, so it and its Python workers
+        outlive the group's kill until they notice their executor is gone; this returns once they have
+        exited, so nothing of the lost node writes after it (into a folder the job has since removed)."""
         _signal_group(self.workers[index], signal.SIGKILL)
+        mark = _node_mark(self.logs, f"worker-{index}")
+        _wait_for(lambda: not processes_with(mark), timeout, f"worker {index}'s processes did not exit")
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -78,7 +84,8 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
 
     def start(name: str, *argv: str) -> subprocess.Popen:
         log = open(folder / f"{name}.log", "w")
-        proc = subprocess.Popen([spark_class, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+        mark = _node_mark(folder, name).decode().split("=", 1)
+        proc = subprocess.Popen([spark_class, *argv], env={**env, mark[0]: mark[1]}, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         started.append(proc)
@@ -112,6 +119,24 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
     finally:
         for proc in reversed(started):
             _stop(proc)
+
+
+def _node_mark(folder: Path, name: str) -> bytes:
+    """The environment entry every process of one node carries (its executors and Python workers inherit it)."""
+    return f"CXRFLOW_TEST_NODE={folder}/{name}".encode()
+
+
+def processes_with(mark: bytes) -> list[int]:
+    """Ids of the live processes whose environment holds the entry ``mark`` (b"NAME=value")."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if mark in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def _master_url(log: Path) -> str | None:

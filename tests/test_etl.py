@@ -21,6 +21,7 @@ from cxrflow.data.metadata import load_release
 from cxrflow.data.split import assign_splits
 from cxrflow.data.store import MANIFEST_NAME, SCHEMA, format_manifest, read_manifest, row_order_key
 from cxrflow.data.synth import synthesize
+from spark_standalone import processes_with
 
 SIZES = [16, 32]
 HEADER = (
@@ -390,19 +391,6 @@ def _cli(*args):
     return [sys.executable, "-m", "cxrflow.cli", "etl", *args]
 
 
-def _processes_with(mark: bytes) -> list[int]:
-    """Ids of the live processes whose environment holds ``mark`` (zombies have an empty environ)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if mark in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 @pytest.mark.slow
 def test_killed_run_leaves_nothing_that_looks_complete(spark, synthetic, tmp_path):
     out = tmp_path / "killed"
@@ -431,8 +419,8 @@ def test_killed_run_leaves_nothing_that_looks_complete(spark, synthetic, tmp_pat
     # an orphaned worker finishing its task writes into the partial folder (making it again if it
     # was removed), so wait until the dead run's workers have noticed and exited, not a fixed second
     deadline = time.monotonic() + 120
-    while _processes_with(mark.encode()):
-        assert time.monotonic() < deadline, f"the killed run's processes {_processes_with(mark.encode())} outlived it"
+    while processes_with(mark.encode()):
+        assert time.monotonic() < deadline, f"the killed run's processes {processes_with(mark.encode())} outlived it"
         time.sleep(0.05)
     assert not out.exists()
     assert not list(tmp_path.rglob(MANIFEST_NAME))
