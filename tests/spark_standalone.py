@@ -42,8 +42,7 @@ class Cluster:
         outlive the group's kill until they notice their executor is gone; this returns once they have
         exited, so nothing of the lost node writes after it (into a folder the job has since removed)."""
         _signal_group(self.workers[index], signal.SIGKILL)
-        mark = _node_mark(self.logs, f"worker-{index}")
-        _wait_for(lambda: not processes_with(mark), timeout, f"worker {index}'s processes did not exit")
+        wait_until_exited(_node_mark(self.logs, f"worker-{index}"), timeout)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -137,6 +136,11 @@ def processes_with(mark: bytes) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def wait_until_exited(mark: bytes, timeout: float = 120) -> None:
+    """Wait until no process carries ``mark`` in its environment: what a killed job started has exited."""
+    _wait_for(lambda: not processes_with(mark), timeout, f"processes {processes_with(mark)} with {mark!r} did not exit")
 
 
 def _master_url(log: Path) -> str | None:

@@ -21,7 +21,7 @@ from cxrflow.data.metadata import load_release
 from cxrflow.data.split import assign_splits
 from cxrflow.data.store import MANIFEST_NAME, SCHEMA, format_manifest, read_manifest, row_order_key
 from cxrflow.data.synth import synthesize
-from spark_standalone import processes_with
+from spark_standalone import wait_until_exited
 
 SIZES = [16, 32]
 HEADER = (
@@ -418,10 +418,7 @@ def test_killed_run_leaves_nothing_that_looks_complete(spark, synthetic, tmp_pat
     assert proc.returncode != 0
     # an orphaned worker finishing its task writes into the partial folder (making it again if it
     # was removed), so wait until the dead run's workers have noticed and exited, not a fixed second
-    deadline = time.monotonic() + 120
-    while processes_with(mark.encode()):
-        assert time.monotonic() < deadline, f"the killed run's processes {processes_with(mark.encode())} outlived it"
-        time.sleep(0.05)
+    wait_until_exited(mark.encode())
     assert not out.exists()
     assert not list(tmp_path.rglob(MANIFEST_NAME))
     partial = next(tmp_path.glob(".killed.partial-*"))

@@ -17,7 +17,7 @@ from cxrflow.errors import CxrflowError
 from cxrflow.modelling.sparktrain import SparkLaunch, _full_slots, job_error, launch_from_args
 from cxrflow.data.synthstore import write_synthetic_store
 from cxrflow.modelling.train import get_args_parser
-from spark_standalone import run_with_fault
+from spark_standalone import run_with_fault, wait_until_exited
 
 CLUSTER = "local-cluster[2,1,1024]"
 #: Per cluster run: Spark's start, two executors, the job (minutes on a machine shared with other jobs).
@@ -204,9 +204,15 @@ def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp
             os.kill(victim, signal.SIGKILL)
         return victim is not None
 
-    code, err, killed = run_with_fault(argv, _env(), kill_rank_1, RUN_TIMEOUT)
+    # the job's processes on the executors (PySpark workers, torchrun, the ranks) carry this mark
+    mark = f"CXRFLOW_TEST_JOB={tmp_path}"
+    code, err, killed = run_with_fault([*argv, "--spark-conf", f"spark.executorEnv.{mark}"], _env(), kill_rank_1,
+                                       RUN_TIMEOUT)
     assert killed, "no training process was found to kill"
     assert code == 2, err[-3000:]
+    # the driver is gone; rank 0, which holds the run folder's lock, is told to stop by signal and may
+    # still be on its way out: the resume below starts once every process of the failed job has exited
+    wait_until_exited(mark.encode())
     # the processes' own output streams through to the driver (the peer's broken connection included);
     # cxrflow's verdict is the one error line at the end
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
