@@ -164,8 +164,12 @@ def test_self_contained_escaped_and_small(report):
 def test_rerun_script_rebuilds_each_run_config(study, tmp_path):
     logs = study["root"] / "logs"
     logs.mkdir(exist_ok=True)
-    (logs / "resnet50-256.log").write_text("\n$ cxrflow train --config c.json --out x\nepoch 1 ...\n$ cxrflow evaluate --run x\n")
-    ctx = build_context([*study["runs"]], cases=0)
+    log = logs / "resnet50-256.log"
+    log.write_text("\n$ cxrflow train --config c.json --out x\nepoch 1 ...\n$ cxrflow evaluate --run x\n")
+    try:
+        ctx = build_context([*study["runs"]], cases=0)
+    finally:  # the study is shared by the module: later tests see it as the fixture made it, in any order
+        log.unlink()
     assert [r["commands"] for r in ctx["reproduce"]["runs"]] == [[], ["cxrflow train --config c.json --out x", "cxrflow evaluate --run x"]]
     assert "cxrflow evaluate --run x" in render(ctx)
     script = ctx["reproduce"]["script"]
