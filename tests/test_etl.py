@@ -256,6 +256,8 @@ def test_task_threads_keep_input_order_and_quarantine(handmade, tmp_path, thread
     root, kinds = handmade
     task = _task(root)
     options = {"sizes": [16, 24], "group_rows": {16: 3, 24: 3}, "compression": "zstd", "num_labels": 14}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
     summary = process_task(task, store=str(tmp_path / "one"), threads=1, **options)
     again = process_task(task, store=str(tmp_path / "many"), threads=threads, **options)
     broken = sorted(n for n, k in kinds.items() if k in ("corrupt", "zero-byte", "truncated"))
@@ -286,6 +288,16 @@ def test_task_bug_in_a_decode_thread_raises_and_leaves_no_file(handmade, tmp_pat
     with pytest.raises(RuntimeError, match="a bug"):
         process_task(task, store=str(tmp_path), sizes=[16], group_rows={16: 2}, compression="zstd", num_labels=14, threads=3)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_task_never_makes_the_store_folder_itself(handmade, tmp_path):
+    """A task that outlives its job (its driver killed, the partial folder since removed or published)
+    fails instead of leaving a stray copy of the folder behind."""
+    root, _ = handmade
+    gone = tmp_path / ".store.partial-gone"
+    with pytest.raises(FileNotFoundError):
+        process_task(_task(root), store=str(gone), sizes=[16], group_rows={16: 2}, compression="zstd", num_labels=14)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_handmade_set_every_mode_and_every_fault(handmade, handmade_store):
