@@ -83,8 +83,8 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
 
     def start(name: str, *argv: str) -> subprocess.Popen:
         log = open(folder / f"{name}.log", "w")
-        mark = _node_mark(folder, name).decode().split("=", 1)
-        proc = subprocess.Popen([spark_class, *argv], env={**env, mark[0]: mark[1]}, stdout=log, stderr=subprocess.STDOUT,
+        key, value = _node_mark(folder, name).decode().split("=", 1)
+        proc = subprocess.Popen([spark_class, *argv], env={**env, key: value}, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         started.append(proc)
