@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,12 +27,6 @@ import pyspark
 from cxrflow.data.spark import find_java
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Cluster:
     url: str
@@ -40,9 +35,14 @@ class Cluster:
     logs: Path
     add_worker: Callable[[], subprocess.Popen]
 
-    def kill_worker(self, index: int) -> None:
-        """SIGKILL a worker with everything it started (its executor and Python workers): a lost node."""
+    def kill_worker(self, index: int, timeout: float = 60) -> None:
+        """SIGKILL a worker with everything it started (its executor and Python workers): a lost node.
+
+        The executor's PySpark daemon runs in a process group of its own, so it and its Python workers
+        outlive the group's kill until they notice their executor is gone; this returns once they have
+        exited, so nothing of the lost node writes after it (into a folder the job has since removed)."""
         _signal_group(self.workers[index], signal.SIGKILL)
+        wait_until_exited(_node_mark(self.logs, f"worker-{index}"), timeout)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -78,24 +78,28 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "JAVA_HOME": find_java().home, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1",
            "SPARK_MASTER_HOST": "127.0.0.1", "SPARK_NO_DAEMONIZE": "1", "SPARK_LOG_DIR": str(folder)}
-    port = free_port()
-    url = f"spark://127.0.0.1:{port}"
     spark_class = str(home / "bin" / "spark-class")
     started: list[subprocess.Popen] = []
 
     def start(name: str, *argv: str) -> subprocess.Popen:
         log = open(folder / f"{name}.log", "w")
-        proc = subprocess.Popen([spark_class, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+        key, value = _node_mark(folder, name).decode().split("=", 1)
+        proc = subprocess.Popen([spark_class, *argv], env={**env, key: value}, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         started.append(proc)
         return proc
 
     try:
-        master = start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-                       "--webui-port", str(free_port()))
-        _wait_for(lambda: _accepts(port), timeout, "the master did not listen")
+        # every port is 0, chosen by the master and workers themselves as they bind: a port found free
+        # here and passed on could be taken by another process before they bind it (Spark then moves
+        # to the next port, and the workers would look for the master where it is not)
+        master = start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", "0",
+                       "--webui-port", "0")
         master_log = folder / "master.log"
+        _wait_for(lambda: _master_url(master_log) is not None, timeout, "the master did not start")
+        url = _master_url(master_log)
+        _wait_for(lambda: _accepts(int(url.rsplit(":", 1)[1])), timeout, "the master did not listen")
         nodes: list[subprocess.Popen] = []
 
         def add_worker() -> subprocess.Popen:
@@ -103,7 +107,7 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
             i = len(nodes)
             nodes.append(start(f"worker-{i}", "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
                                "--cores", str(cores), "--memory", memory, "--work-dir", str(folder / f"work-{i}"),
-                               "--webui-port", str(free_port()), url))
+                               "--webui-port", "0", url))
             _wait_for(lambda: master_log.read_text(errors="replace").count("Registering worker") > i,
                       timeout, f"worker {i} did not register")
             return nodes[-1]
@@ -114,6 +118,35 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
     finally:
         for proc in reversed(started):
             _stop(proc)
+
+
+def _node_mark(folder: Path, name: str) -> bytes:
+    """The environment entry every process of one node carries (its executors and Python workers inherit it)."""
+    return f"CXRFLOW_TEST_NODE={folder}/{name}".encode()
+
+
+def processes_with(mark: bytes) -> list[int]:
+    """Ids of the live processes whose environment holds the entry ``mark`` (b"NAME=value")."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if mark in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def wait_until_exited(mark: bytes, timeout: float = 120) -> None:
+    """Wait until no process carries ``mark`` in its environment: what a killed job started has exited."""
+    _wait_for(lambda: not processes_with(mark), timeout, f"processes {processes_with(mark)} with {mark!r} did not exit")
+
+
+def _master_url(log: Path) -> str | None:
+    """The master's URL from its log ("Starting Spark master at spark://127.0.0.1:PORT"), once it is there."""
+    found = re.search(r"Starting Spark master at (spark://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
+    return found.group(1) if found else None
 
 
 def _accepts(port: int) -> bool:

@@ -21,6 +21,7 @@ from cxrflow.data.metadata import load_release
 from cxrflow.data.split import assign_splits
 from cxrflow.data.store import MANIFEST_NAME, SCHEMA, format_manifest, read_manifest, row_order_key
 from cxrflow.data.synth import synthesize
+from spark_standalone import wait_until_exited
 
 SIZES = [16, 32]
 HEADER = (
@@ -255,6 +256,8 @@ def test_task_threads_keep_input_order_and_quarantine(handmade, tmp_path, thread
     root, kinds = handmade
     task = _task(root)
     options = {"sizes": [16, 24], "group_rows": {16: 3, 24: 3}, "compression": "zstd", "num_labels": 14}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
     summary = process_task(task, store=str(tmp_path / "one"), threads=1, **options)
     again = process_task(task, store=str(tmp_path / "many"), threads=threads, **options)
     broken = sorted(n for n, k in kinds.items() if k in ("corrupt", "zero-byte", "truncated"))
@@ -285,6 +288,16 @@ def test_task_bug_in_a_decode_thread_raises_and_leaves_no_file(handmade, tmp_pat
     with pytest.raises(RuntimeError, match="a bug"):
         process_task(task, store=str(tmp_path), sizes=[16], group_rows={16: 2}, compression="zstd", num_labels=14, threads=3)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_task_never_makes_the_store_folder_itself(handmade, tmp_path):
+    """A task that outlives its job (its driver killed, the partial folder since removed or published)
+    fails instead of leaving a stray copy of the folder behind."""
+    root, _ = handmade
+    gone = tmp_path / ".store.partial-gone"
+    with pytest.raises(FileNotFoundError):
+        process_task(_task(root), store=str(gone), sizes=[16], group_rows={16: 2}, compression="zstd", num_labels=14)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_handmade_set_every_mode_and_every_fault(handmade, handmade_store):
@@ -393,11 +406,15 @@ def _cli(*args):
 @pytest.mark.slow
 def test_killed_run_leaves_nothing_that_looks_complete(spark, synthetic, tmp_path):
     out = tmp_path / "killed"
+    # every process of the run inherits this mark, the PySpark daemon and its workers too: the daemon
+    # makes a process group of its own, so the kill below does not reach them and they outlive the run
+    mark = f"CXRFLOW_TEST_KILLED_RUN={tmp_path}"
     proc = subprocess.Popen(
         _cli("--data", str(synthetic), "--out", str(out), "--sizes", "16", "--master", "local[1]", "--rows-per-file", "1"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        env={**os.environ, mark.split("=", 1)[0]: mark.split("=", 1)[1]},
     )
     deadline = time.monotonic() + 120
     try:
@@ -411,7 +428,9 @@ def test_killed_run_leaves_nothing_that_looks_complete(spark, synthetic, tmp_pat
         proc.wait(timeout=60)
         proc.stderr.close()
     assert proc.returncode != 0
-    time.sleep(1.0)  # let orphaned workers notice
+    # an orphaned worker finishing its task writes into the partial folder (making it again if it
+    # was removed), so wait until the dead run's workers have noticed and exited, not a fixed second
+    wait_until_exited(mark.encode())
     assert not out.exists()
     assert not list(tmp_path.rglob(MANIFEST_NAME))
     partial = next(tmp_path.glob(".killed.partial-*"))

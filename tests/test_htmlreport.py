@@ -164,8 +164,12 @@ def test_self_contained_escaped_and_small(report):
 def test_rerun_script_rebuilds_each_run_config(study, tmp_path):
     logs = study["root"] / "logs"
     logs.mkdir(exist_ok=True)
-    (logs / "resnet50-256.log").write_text("\n$ cxrflow train --config c.json --out x\nepoch 1 ...\n$ cxrflow evaluate --run x\n")
-    ctx = build_context([*study["runs"]], cases=0)
+    log = logs / "resnet50-256.log"
+    log.write_text("\n$ cxrflow train --config c.json --out x\nepoch 1 ...\n$ cxrflow evaluate --run x\n")
+    try:
+        ctx = build_context([*study["runs"]], cases=0)
+    finally:  # the study is shared by the module: later tests see it as the fixture made it, in any order
+        log.unlink()
     assert [r["commands"] for r in ctx["reproduce"]["runs"]] == [[], ["cxrflow train --config c.json --out x", "cxrflow evaluate --run x"]]
     assert "cxrflow evaluate --run x" in render(ctx)
     script = ctx["reproduce"]["script"]
@@ -500,10 +504,24 @@ class CountingProxy:
                     first_line = conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1")
                     if not first_line:  # a preconnected socket closed unused: no request was made
                         continue
-                    self.requests.append(first_line)
+                    if first_line != self.SETTLE:
+                        self.requests.append(first_line)
                     conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 except OSError:
                     pass
+
+    SETTLE = "SETTLE cxrflow-counting-proxy"
+
+    def settle(self, timeout: float = 60):
+        """Return once every connection made before this call has been read and recorded.
+
+        A browser that has exited can leave connections in the listen queue that the serving thread
+        has not read yet (it reads them one at a time); they would be counted against whatever runs
+        next, or not at all. The queue is first in, first out, so when this call's own connection
+        is answered, every earlier one has been recorded."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as conn:
+            conn.sendall(self.SETTLE.encode() + b"\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 502"), "the counting proxy did not answer"
 
     def close(self):
         self.sock.close()
@@ -537,11 +555,13 @@ def test_in_headless_chromium(report, study, tmp_path):
     try:
         # the proxy sees what a page fetches: one image from the network is one request
         control = _page_check(browser, tmp_path, proxy, '<html><body><main></main><img src="http://cxrflow-test.invalid/x.png" alt="x"><table class="sortable"><tbody></tbody></table></body></html>')
+        proxy.settle()
         assert _page_hosts(proxy.requests) == {"cxrflow-test.invalid"} and control["undecoded"] == ["x"]
         proxy.requests.clear()
         result = _page_check(browser, tmp_path, proxy, report.read_text())
         shot = tmp_path / "report.png"
         _chromium(browser, tmp_path / "profile", proxy, "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri())
+        proxy.settle()
     finally:
         proxy.close()
     assert result["sections"] == ["data", "table1", "runs", "cases", "reproduce"]

@@ -142,17 +142,19 @@ def test_leftovers_of_a_killed_run_are_listed_and_removed_only_when_marked(tmp_p
 
 _HOLD = textwrap.dedent(
     """
-    import sys, time
+    import sys
     from cxrflow.outputs import OutputLock
     with OutputLock(sys.argv[1], sys.argv[2]):
         print("locked", flush=True)
-        time.sleep(float(sys.argv[3]))
+        sys.stdin.read()  # until the test kills it (or, should the test die first, its end of the pipe closes)
     """
 )
 
 
-def _hold_lock(out: Path, command: str, seconds: float = 60) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), command, str(seconds)], stdout=subprocess.PIPE, text=True)
+def _hold_lock(out: Path, command: str) -> subprocess.Popen:
+    """A process that holds ``out``'s lock until it is killed, however long the test takes to get there."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), command], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
 

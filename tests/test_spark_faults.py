@@ -17,7 +17,7 @@ from cxrflow.data.metadata import load_release
 from cxrflow.data.store import read_manifest
 from cxrflow.data.synth import synthesize
 from cxrflow.data.synthstore import write_synthetic_store
-from spark_standalone import loopback_cluster, run_with_fault
+from spark_standalone import loopback_cluster, run_with_fault, wait_until_exited
 
 JOB_TIMEOUT = 420
 
@@ -73,7 +73,8 @@ def test_training_with_a_worker_killed_fails_cleanly_and_resumes_on_a_new_worker
     with loopback_cluster(tmp_path / "cluster", workers=2) as cluster:
         argv = ["train", "--quiet", "--store", str(store), "--size", "32", "--model", "simple_cnn", "--out", str(run),
                 "--epochs", "8", "--batch-size", "8", "--set", "early_stopping_patience=0",
-                "--spark-master", cluster.url, "--processes", "2"]
+                "--spark-master", cluster.url, "--processes", "2",
+                "--spark-wait", "300"]  # both runs wait for their executors however slowly they register
 
         def kill_a_worker(pid: int) -> bool:
             if not (run / "metrics.jsonl").exists():
@@ -81,8 +82,14 @@ def test_training_with_a_worker_killed_fails_cleanly_and_resumes_on_a_new_worker
             cluster.kill_worker(1)
             return True
 
-        code, err, killed = run_with_fault(argv, _env(), kill_a_worker, JOB_TIMEOUT)
+        # the job's processes on the executors (PySpark workers, torchrun, the ranks) carry this mark
+        mark = f"CXRFLOW_TEST_JOB={tmp_path}"
+        code, err, killed = run_with_fault([*argv, "--spark-conf", f"spark.executorEnv.{mark}"], _env(), kill_a_worker,
+                                           JOB_TIMEOUT)
         assert killed and code == 2, err[-3000:]
+        # rank 0 on the surviving worker holds the run folder's lock until it has exited: the resume
+        # below starts once every process of the failed job is gone, however slowly they stop
+        wait_until_exited(mark.encode())
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: ") and "--resume" in last, err[-3000:]
         before = _metrics(run)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +17,14 @@ from cxrflow.errors import CxrflowError
 from cxrflow.modelling.sparktrain import SparkLaunch, _full_slots, job_error, launch_from_args
 from cxrflow.data.synthstore import write_synthetic_store
 from cxrflow.modelling.train import get_args_parser
-from spark_standalone import run_with_fault
+from spark_standalone import run_with_fault, wait_until_exited
 
 CLUSTER = "local-cluster[2,1,1024]"
 #: Per cluster run: Spark's start, two executors, the job (minutes on a machine shared with other jobs).
 RUN_TIMEOUT = 420
+#: How long a cluster run waits for its executors: the check waits for a state (every executor there),
+#: so a long bound costs nothing where they come fast, and a loaded machine does not change the outcome.
+SPARK_WAIT = ("--spark-wait", "300")
 
 
 def _env() -> dict[str, str]:
@@ -103,7 +105,7 @@ def test_two_processes_on_a_local_cluster_match_torchrun(store, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     run = tmp_path / "spark"
-    done = cxrflow(*_train_args(store, run), "--spark-master", CLUSTER, "--processes", "2")
+    done = cxrflow(*_train_args(store, run), "--spark-master", CLUSTER, "--processes", "2", *SPARK_WAIT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert f"training on {CLUSTER}: 2 process(es), CPU, gloo" in done.stdout
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in reference.iterdir())
@@ -116,20 +118,15 @@ def test_two_processes_on_a_local_cluster_match_torchrun(store, tmp_path):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_bad_cluster_input_gives_one_line_and_writes_nothing(store, tmp_path):
+def test_bad_cluster_input_gives_one_line_and_writes_nothing(store, tmp_path, refused_port):
     run = tmp_path / "run"
     cases = [
-        (["--spark-master", f"spark://127.0.0.1:{_free_port()}"], "cannot reach the Spark master"),
-        (["--spark-master", "local-cluster[1,1,1024]", "--processes", "2", "--spark-wait", "20"],
-         "offers 1 task slot(s) on"),  # "... on 1 executor(s) but --processes 2 needs 2 at once" (0 while it still starts)
-        (["--spark-master", "local-cluster[1,1,1024]", "--gpu"], "gives its tasks no GPUs"),
+        (["--spark-master", f"spark://127.0.0.1:{refused_port}"], "cannot reach the Spark master"),
+        # "... on 1 executor(s) but --processes 2 needs 2 at once": the check stops waiting once the
+        # local cluster's one executor is there (so it never says 0 because the executor was slow)
+        (["--spark-master", "local-cluster[1,1,1024]", "--processes", "2", *SPARK_WAIT], "offers 1 task slot(s) on"),
+        (["--spark-master", "local-cluster[1,1,1024]", "--gpu", *SPARK_WAIT], "gives its tasks no GPUs"),
         (["--spark-master", "local-cluster[1,1,1024]", "--mlflow", "htp:/nowhere"], "malformed MLflow tracking URI"),
     ]
     for extra, expected in cases:
@@ -147,14 +144,14 @@ def test_bad_cluster_input_gives_one_line_and_writes_nothing(store, tmp_path):
         (str(store), "/proc/self/cwd/run", "the run folder is not on storage the Spark executors share"),
     ]:
         argv = _train_args(Path(store_arg), Path(out_arg))
-        done = cxrflow(*argv, "--spark-master", "local-cluster[1,1,1024]", cwd=tmp_path)
+        done = cxrflow(*argv, "--spark-master", "local-cluster[1,1,1024]", *SPARK_WAIT, cwd=tmp_path)
         assert done.returncode == 2, done.stderr[-2000:]
         assert expected in _one_error_line(done.stderr)
         assert not run.exists() and not list(tmp_path.glob(".cxrflow-probe-*"))
     # an error inside the training processes reaches the driver as that process's own line
     blown = tmp_path / "blown"
     done = cxrflow(*_train_args(store, blown), "--set", "optimizer=sgd", "--lr", "1e38",
-                   "--spark-master", "local-cluster[1,1,1024]")
+                   "--spark-master", "local-cluster[1,1,1024]", *SPARK_WAIT)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "not finite" in last and "no epoch had finished" in last, done.stderr[-2000:]
@@ -199,7 +196,7 @@ def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp
     write_synthetic_store(store, sizes=(32,), rows={"train": 256, "val": 32, "test": 8}, seed=2)
     run = tmp_path / "run"
     argv = [*_train_args(store, run, epochs=8), "--set", "early_stopping_patience=0", "--spark-master", CLUSTER,
-            "--processes", "2"]
+            "--processes", "2", *SPARK_WAIT]
 
     def kill_rank_1(pid: int) -> bool:
         victim = _training_process(pid, rank=1) if (run / "metrics.jsonl").exists() else None
@@ -207,9 +204,15 @@ def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp
             os.kill(victim, signal.SIGKILL)
         return victim is not None
 
-    code, err, killed = run_with_fault(argv, _env(), kill_rank_1, RUN_TIMEOUT)
+    # the job's processes on the executors (PySpark workers, torchrun, the ranks) carry this mark
+    mark = f"CXRFLOW_TEST_JOB={tmp_path}"
+    code, err, killed = run_with_fault([*argv, "--spark-conf", f"spark.executorEnv.{mark}"], _env(), kill_rank_1,
+                                       RUN_TIMEOUT)
     assert killed, "no training process was found to kill"
     assert code == 2, err[-3000:]
+    # the driver is gone; rank 0, which holds the run folder's lock, is told to stop by signal and may
+    # still be on its way out: the resume below starts once every process of the failed job has exited
+    wait_until_exited(mark.encode())
     # the processes' own output streams through to the driver (the peer's broken connection included);
     # cxrflow's verdict is the one error line at the end
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -227,7 +230,7 @@ def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp
 
 
 @pytest.mark.slow
-def test_a_two_run_sweep_on_the_cluster_resumes_the_cut_run_and_tracks_both(store, tmp_path):
+def test_a_two_run_sweep_on_the_cluster_resumes_the_cut_run_and_tracks_both(store, tmp_path, monkeypatch):
     from cxrflow.outputs import write_marker
     from cxrflow.sweep import load_sweep, run_dir
     from cxrflow.modelling.train import train
@@ -251,7 +254,8 @@ def test_a_two_run_sweep_on_the_cluster_resumes_the_cut_run_and_tracks_both(stor
     write_marker(out, "sweep")  # as the earlier sweep that was cut had marked its folder
     first_epoch = _metrics(run_dir(out, "a"))
 
-    argv = ["sweep", str(sweep_file), "--out", str(out), "--spark-master", CLUSTER, "--processes", "1", "--mlflow"]
+    argv = ["sweep", str(sweep_file), "--out", str(out), "--spark-master", CLUSTER, "--processes", "1", "--mlflow",
+            *SPARK_WAIT]
     done = cxrflow(*argv)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 run(s) at once" in done.stdout
@@ -265,7 +269,7 @@ def test_a_two_run_sweep_on_the_cluster_resumes_the_cut_run_and_tracks_both(stor
 
     from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     for name in ("a", "b"):
         record = json.loads((run_dir(out, name) / "mlflow.json").read_text())
         assert record["tracking_uri"] == (out / "mlruns").as_uri()

@@ -132,9 +132,16 @@ def test_scheduler_runs_one_job_per_gpu_in_parallel(tmp_path):
 
     from cxrflow.sweep import _Job, _run_subprocesses
 
+    # each step marks its start, then waits (up to 60 s) until a step on another GPU has started: steps
+    # that run in parallel overlap however late the machine lets either interpreter start; steps run
+    # one after another would not (a fixed sleep was a guess at how far apart two starts can be)
+    started = tmp_path / "started"
+    started.mkdir()
     script = (
-        "import os, sys, time; t = time.time(); time.sleep(0.5); "
-        "print(sys.argv[1], os.environ.get('CUDA_VISIBLE_DEVICES'), t, time.time())"
+        "import os, sys, time, pathlib; t = time.time(); gpu = os.environ.get('CUDA_VISIBLE_DEVICES'); "
+        f"marks = pathlib.Path({str(started)!r}); (marks / gpu).touch(); deadline = t + 60\n"
+        "while time.time() < deadline and not [m for m in marks.iterdir() if m.name != gpu]: time.sleep(0.02)\n"
+        "print(sys.argv[1], gpu, t, time.time())"
     )
     jobs = [_Job(name, deque([[f"{name}1"], [f"{name}2"]]), tmp_path / f"{name}.log") for name in ("a", "b", "c")]
     jobs[2].steps = deque([["c1"], ["fail"], ["c3"]])

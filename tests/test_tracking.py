@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -114,15 +113,9 @@ def test_train_and_evaluate_log_into_one_mlflow_run(store, tmp_path, capsys):
     assert "warning" not in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_refusing_server_costs_one_warning_not_the_run(store, tmp_path, capsys):
+def test_a_refusing_server_costs_one_warning_not_the_run(store, tmp_path, capsys, refused_port):
     run = tmp_path / "run"
-    assert main([*_train_argv(store, run), "--mlflow", f"http://127.0.0.1:{_free_port()}"]) == 0
+    assert main([*_train_argv(store, run), "--mlflow", f"http://127.0.0.1:{refused_port}"]) == 0
     err = capsys.readouterr().err
     assert err.count("warning: MLflow tracking") == 1 and "carrying on" in err, err
     assert (run / "done.json").is_file() and len(_rows(run)) == 2 and not (run / RUN_ID_FILE).exists()
@@ -164,7 +157,7 @@ def test_mlflow_missing_or_malformed_uri_is_one_line_and_nothing_written(store, 
     assert not run.exists()
 
 
-def test_an_ensemble_is_its_own_mlflow_run_naming_its_tracked_members(store, tmp_path, capsys):
+def test_an_ensemble_is_its_own_mlflow_run_naming_its_tracked_members(store, tmp_path, capsys, refused_port):
     runs = tmp_path / "runs"
     tracked, untracked, ens = runs / "a", runs / "b", runs / "ens"
     assert main([*_train_argv(store, tracked), "--mlflow"]) == 0
@@ -175,7 +168,7 @@ def test_an_ensemble_is_its_own_mlflow_run_naming_its_tracked_members(store, tmp
     assert main(["ensemble", *members, "--out", str(ens), "--n-boot", "20", "--mlflow", "http://host:notaport"]) == 2
     assert "malformed MLflow tracking URI" in _one_error_line(capsys.readouterr().err) and not ens.exists()
     down = tmp_path / "ens-down"  # a refusing server costs one warning, not the ensemble
-    assert main(["ensemble", *members, "--out", str(down), "--n-boot", "20", "--mlflow", f"http://127.0.0.1:{_free_port()}"]) == 0
+    assert main(["ensemble", *members, "--out", str(down), "--n-boot", "20", "--mlflow", f"http://127.0.0.1:{refused_port}"]) == 0
     err = capsys.readouterr().err
     assert err.count("warning: MLflow tracking") == 1 and "logging an ensemble" in err, err
     assert (down / "metrics.json").is_file() and not (down / RUN_ID_FILE).exists()

@@ -338,7 +338,10 @@ def test_kill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     metrics = killed / "metrics.jsonl"
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and metrics.read_text().count("\n") >= 1:
-            time.sleep(0.4 * epoch_seconds)  # into the second epoch
+            # into the second epoch: 0.4 of an epoch as long as this run's own first epoch took too, so
+            # a reference measured while the machine was busier cannot carry the kill past the last epoch
+            own_seconds = json.loads(metrics.read_text().splitlines()[0])["seconds"]
+            time.sleep(0.4 * min(epoch_seconds, own_seconds))
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)

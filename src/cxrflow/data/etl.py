@@ -178,7 +178,11 @@ class _PartWriter:
         if not self.rows:
             return
         if self.writer is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            # the store's own folder is the driver's (its partial folder): a task makes only the partition
+            # folders inside it, so a task that outlives its job (a lost executor's Python worker, a killed
+            # driver's) fails here instead of re-creating a folder the driver has removed or published
+            self.folder.parent.mkdir(exist_ok=True)
+            self.folder.mkdir(exist_ok=True)
             self.writer = pq.ParquetWriter(
                 str(self.tmp),
                 self.schema,
