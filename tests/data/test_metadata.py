@@ -21,7 +21,7 @@ from cxrflow.data.metadata import (
     read_image_list,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "nih"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "nih"
 V2020 = FIXTURES / "Data_Entry_2017_v2020.head.csv"
 ORIGINAL = FIXTURES / "Data_Entry_2017.head.csv"
 BBOX = FIXTURES / "BBox_List_2017.head.csv"

@@ -192,7 +192,7 @@ def test_git_commit_only_of_cxrflow_own_checkout(tmp_path):
 
     commit = git_commit()
     here = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if here.returncode == 0 and Path(__file__).parents[1].joinpath("src", "cxrflow").resolve() == Path(
+    if here.returncode == 0 and Path(__file__).parents[2].joinpath("src", "cxrflow").resolve() == Path(
         __import__("cxrflow").__file__).parent.resolve():  # fmt: skip
         assert commit is not None and commit.startswith(here.stdout.strip())
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)

@@ -23,7 +23,7 @@ JOB_TIMEOUT = 420
 
 
 def _env() -> dict[str, str]:
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     # the driver binds to loopback too (by default a driver on a spark:// master takes the host's address)
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
             "SPARK_LOCAL_IP": "127.0.0.1"}

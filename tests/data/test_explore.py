@@ -22,7 +22,7 @@ from cxrflow.data.explore import (
 from cxrflow.data.labels import NIH14
 from cxrflow.data.metadata import read_data_entry
 
-FIXTURES = Path(__file__).parent / "fixtures" / "nih"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "nih"
 HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
     "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
