@@ -418,3 +418,109 @@ def test_pipes_in_place_of_metadata_or_manifest_are_one_line_not_a_hang(store, t
                  "--master", "local[1]", "--no-progress"]) == 2  # fmt: skip
     line = _one_error_line(capsys.readouterr().err)
     assert str(split_csv) in line and "not a regular file" in line and not out.exists()
+
+
+# ------------------------------------------------------- third audit: damaged run files and configs
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """A 1-epoch simple_cnn run on a 16 px store, evaluated on test (copied by tests that damage it)."""
+    root = tmp_path_factory.mktemp("evaluated")
+    store = root / "store"
+    write_synthetic_store(store, sizes=(16,), rows={"train": 8, "val": 4, "test": 4}, seed=0)
+    run = root / "run"
+    assert main(["train", "--quiet", "--store", str(store), "--size", "16", "--model", "simple_cnn", "--out", str(run),
+                 "--epochs", "1", "--batch-size", "4", "--device", "cpu"]) == 0  # fmt: skip
+    assert main(["evaluate", "--run", str(run), "--n-boot", "5", "--device", "cpu"]) == 0
+    return run
+
+
+def _copy_run(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest)
+    return dest
+
+
+def test_config_files_that_are_not_text_or_not_files_are_one_line(store, tmp_path, capsys):
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"runs: \xff\xfe")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    for config, problem in ((binary, "not UTF-8"), (deep, "nested too deeply"), (folder, "not a regular file")):
+        for argv in (["train", "--store", str(store), "--size", "16", "--out", str(tmp_path / "r"), "--config", str(config)],
+                     ["sweep", str(config), "--out", str(tmp_path / "sw"), "--store", str(store)]):  # fmt: skip
+            assert main(argv) == 2, argv
+            line = _one_error_line(capsys.readouterr().err)
+            assert str(config) in line and problem in line, line
+    assert not (tmp_path / "r").exists() and not (tmp_path / "sw").exists()
+
+
+SWEEP_RUN = "runs: [{name: a, model: simple_cnn, size: 16, finetune: {epochs: 1, lr: 0.001}%s}]\n"
+
+
+@pytest.mark.parametrize("text,problem", [
+    (SWEEP_RUN % ", evaluate: 5", "'evaluate' must be a list"),
+    (SWEEP_RUN % "" + "n_boot: true\n", "bootstrap resamples must be an integer"),
+    (SWEEP_RUN % "" + "n_boot: 2.7\n", "bootstrap resamples must be an integer"),
+    (SWEEP_RUN % ", batch_size: 0", "(run 1): batch_size must be at least 1"),
+    (SWEEP_RUN % ", model: resnet5", "(run 1): unknown model"),
+], ids=["evaluate-int", "n_boot-bool", "n_boot-float", "batch-size-0", "model"])  # fmt: skip
+def test_sweep_values_of_the_wrong_type_are_one_line_naming_the_file(store, tmp_path, capsys, text, problem):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(text)
+    assert main(["sweep", str(config), "--out", str(tmp_path / "sw"), "--store", str(store)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {config}") and problem in line, line
+    assert not (tmp_path / "sw").exists()
+
+
+def test_damaged_run_files_are_one_line_naming_the_file(evaluated_run, tmp_path, capsys):
+    from cxrflow.results.evaluate import read_epoch_records
+
+    run = _copy_run(evaluated_run, tmp_path / "run")
+    (run / "done.json").write_bytes(b"\xff\xfe{")
+    assert main(["train", "--quiet", "--out", str(run), "--resume"]) == 2
+    assert str(run / "done.json") in _one_error_line(capsys.readouterr().err)
+    (run / "done.json").unlink()
+    saved = json.loads((run / "config.json").read_text())
+    for edit, problem in (({"batch_size": 0}, "batch_size must be at least 1"), ({"size": None}, "'size' is missing")):
+        changed = {**saved, **edit}
+        changed = {k: v for k, v in changed.items() if v is not None}
+        (run / "config.json").write_text(json.dumps(changed))
+        assert main(["train", "--quiet", "--out", str(run), "--resume"]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert str(run / "config.json") in line and problem in line, line
+    (run / "metrics.jsonl").write_bytes(b"\xff\xfe\n" + (evaluated_run / "metrics.jsonl").read_bytes())
+    assert len(read_epoch_records(run)) == 1  # the bad line is skipped like a line cut short
+    metrics = next(run.glob("eval-test-*")) / "metrics.json"
+    metrics.write_bytes(b"\xff\xfe")
+    assert main(["ensemble", str(run), str(evaluated_run), "--out", str(tmp_path / "ens")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(metrics) in line and "unreadable evaluation" in line
+    assert not (tmp_path / "ens").exists()
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda ck: ck["config"].update(size=100_000), "'config.size' must be a positive integer of at most 4096"),
+    (lambda ck: ck.update(label_names=[ck["label_names"][0]] * len(ck["label_names"])), "names a finding twice"),
+    (lambda ck: ck.update(label_names=ck["label_names"][::-1]), "are not the store's"),
+], ids=["huge-size", "duplicate-names", "other-order"])  # fmt: skip
+def test_checkpoints_with_impossible_size_or_other_findings_are_refused(evaluated_run, tmp_path, capsys, edit, problem):
+    import torch
+
+    run = _copy_run(evaluated_run, tmp_path / "run")
+    checkpoint = run / "best_finetune.pt"
+    ck = torch.load(checkpoint, weights_only=True)
+    edit(ck)
+    torch.save(ck, checkpoint)
+    out = tmp_path / "ev"
+    for argv in (["evaluate", "--run", str(run), "--out", str(out), "--n-boot", "5", "--device", "cpu"],
+                 ["localize", "--run", str(run), "--out", str(tmp_path / "loc"), "--device", "cpu"]):  # fmt: skip
+        assert main(argv) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert str(checkpoint) in line and problem in line, line
+    assert not out.exists() and not (tmp_path / "loc").exists()

@@ -46,7 +46,7 @@ from PIL import Image
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow import options
-from cxrflow.data.imaging import ImageError, load_and_resize
+from cxrflow.data.imaging import MAX_STORE_SIZE, ImageError, load_and_resize
 from cxrflow.outputs import publishing
 from cxrflow.data.formats import Collection, add_format_arguments
 from cxrflow.data.formats.dicom import spacing_row, write_spacing
@@ -71,7 +71,7 @@ FILE_TARGET_BYTES = 128 * 2**20
 TARGET_TASKS = 64
 MIN_ROWS_PER_FILE = 32
 COMPRESSIONS = ("zstd", "snappy", "lz4", "gzip", "none")
-MAX_SIZE = 4096
+MAX_SIZE = MAX_STORE_SIZE
 #: Threads per task that decode and resize (see :func:`process_task`).
 DECODE_THREADS = 2
 

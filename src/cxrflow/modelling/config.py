@@ -278,24 +278,34 @@ def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str = "
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The settings in a JSON, YAML or TOML file (chosen by extension)."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise CxrflowError("no such config file", file)
+    if not file.is_file():
+        raise CxrflowError("is not a regular file (a folder, pipe or device); expected a settings file (.json, .yaml, .toml)", file)
     suffix = file.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml", ".toml"):
+        raise CxrflowError("config file must end in .json, .yaml, .yml or .toml", file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CxrflowError(f"cannot parse config: not UTF-8 text ({exc.reason} at byte {exc.start})", file) from None
+    except OSError as exc:
+        raise CxrflowError(f"cannot read config: {exc.strerror or exc}", file) from None
     try:
         if suffix == ".json":
-            data = json.loads(file.read_text())
-        elif suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(file.read_text())
+            data = json.loads(text)
         elif suffix == ".toml":
-            data = tomllib.loads(file.read_text())
+            data = tomllib.loads(text)
         else:
-            raise CxrflowError("config file must end in .json, .yaml, .yml or .toml", file)
+            data = yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         line = getattr(exc, "lineno", None)
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             line = mark.line + 1
         raise CxrflowError(f"cannot parse config: {str(exc).splitlines()[0]}", file, line) from None
+    except RecursionError:
+        raise CxrflowError("cannot parse config: nested too deeply", file) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -391,7 +391,7 @@ def _train(
 
     if resume and (out / "done.json").exists():
         info(f"{out} already finished (done.json); nothing to resume")
-        return json.loads((out / "done.json").read_text())
+        return read_json_object(out / "done.json", "run summary (done.json)")
     resuming = resume and (out / "last.pt").exists()
     torch.manual_seed(config.seed)
     # built before the run folder is touched, so a weights problem leaves nothing behind; a resumed
@@ -685,11 +685,15 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
     if not path.exists():
         return None
     saved = read_json_object(path, "run config")
+    missing = [key for key in ("store", "size", "model") if key not in saved]
+    if missing:
+        raise CxrflowError(f"run config field {missing[0]!r} is missing; start again with --overwrite", path)
     try:
         config = config_from_dict(saved)
+        config.out = args.out
+        config.validate()  # a damaged file names itself, not an option the user never gave
     except CxrflowError as exc:
         raise CxrflowError(exc.message, path) from None
-    config.out = args.out
     return _checked_resume_config(args, config, saved)
 
 
