@@ -524,3 +524,39 @@ def test_checkpoints_with_impossible_size_or_other_findings_are_refused(evaluate
         line = _one_error_line(capsys.readouterr().err)
         assert str(checkpoint) in line and problem in line, line
     assert not out.exists() and not (tmp_path / "loc").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch):
+    import contextlib
+    import errno
+
+    import torch
+
+    from cxrflow import cli
+    from cxrflow.data.etl import _environment_failure
+    from cxrflow.modelling import train
+
+    def disk_full(args):
+        with open("/dev/full", "wb") as f:  # every write: ENOSPC, no file name in the error
+            f.write(b"x" * 100_000)
+
+    import cxrflow.data.synth
+
+    monkeypatch.setattr(cxrflow.data.synth, "run", disk_full)
+    assert cli.main(["synth", "--out", str(tmp_path / "syn")]) == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+        f"error: {tmp_path / 'syn'}: No space left on device; free some space and run again")
+
+    @contextlib.contextmanager
+    def full_tmp(path, **kwargs):
+        yield Path("/dev/full")
+
+    monkeypatch.setattr(train, "atomic_path", full_tmp)
+    with pytest.raises(OSError) as info:  # torch.save itself said "unexpected pos" (a RuntimeError)
+        train.save_checkpoint(tmp_path / "last.pt", {"w": torch.zeros(100_000)})
+    assert info.value.errno == errno.ENOSPC
+    spark_text = "An exception was thrown from the Python worker: OSError: [Errno 28] Error writing bytes to file. " \
+                 "Detail: [errno 28] No space left on device"  # fmt: skip
+    refusal = _environment_failure(RuntimeError(spark_text), tmp_path / "store")
+    assert refusal is not None and refusal.path == str(tmp_path / "store") and "No space left on device" in refusal.message
+    assert _environment_failure(RuntimeError("a bug"), tmp_path / "store") is None

@@ -9,6 +9,7 @@ warnings are shown after it, one line each; output piped into ``head`` stops qui
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -33,6 +34,11 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("predict", "cxrflow.results.predict", "finding probabilities for new image files"),
     ("demo", "cxrflow.demo", "end-to-end demo on a synthetic dataset"),
 ]
+
+
+#: Errors of the machine, not of cxrflow: a full or read-only disk, a quota, missing permissions.
+#: They are one line naming the file (or the output being written), like any other user error.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,12 +85,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS or isinstance(exc, BrokenPipeError):
+            raise
+        print(f"error: {environment_error(exc, getattr(args, 'out', None))}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # the reader (``| head``) has what it wanted: stop quietly, with the status of a SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
     finally:
         _show_warnings(caught)
+
+
+def environment_error(exc: OSError, out: str | None) -> str:
+    """One line for a disk or permission failure: the file (else the output being written) and the fix."""
+    where = exc.filename or out
+    fix = "free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (
+        "write somewhere you may write, or fix the permissions"
+    )
+    return f"{where}: {exc.strerror or exc}; {fix}" if where else f"{exc.strerror or exc}; {fix}"
 
 
 def _show_warnings(caught: list[warnings.WarningMessage], limit: int = 5) -> None:

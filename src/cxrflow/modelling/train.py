@@ -20,6 +20,7 @@ the same AUC, and rank 0 writes the files.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -238,9 +239,14 @@ def train_one_epoch(
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save to a temporary file in the same folder, then rename into place."""
+    """torch.save to a temporary file in the same folder, then rename into place.
+
+    Serialized in memory first: torch.save writing to a full disk raises a RuntimeError that does
+    not say why ("unexpected pos"), a plain write raises the OSError (no space left) it is."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        Path(tmp).write_bytes(buffer.getbuffer())
 
 
 def _load(path: Path) -> dict:
