@@ -560,3 +560,17 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch
     refusal = _environment_failure(RuntimeError(spark_text), tmp_path / "store")
     assert refusal is not None and refusal.path == str(tmp_path / "store") and "No space left on device" in refusal.message
     assert _environment_failure(RuntimeError("a bug"), tmp_path / "store") is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "warmup_steps=1e400"], "warmup_steps: expected int, got '1e400'"),
+    (["--set", "min_steps=1e30"], "min_steps must be at most 1,000,000,000"),
+    (["--epochs", str(10**20)], "needs at most 100,000 epochs"),
+    (["--num-workers", "100000"], "num_workers must be at most 256"),
+    (["--spark-master", "local[1]", "--spark-wait", "inf"], "--spark-wait must be a positive number of seconds"),
+], ids=["overflow", "steps", "epochs", "workers", "spark-wait"])  # fmt: skip
+def test_settings_too_large_to_ever_finish_are_one_line(store, tmp_path, capsys, extra, message):
+    argv = ["train", "--store", str(store), "--size", "16", "--model", "simple_cnn", "--out", str(tmp_path / "run"), *extra]
+    assert main(argv) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()

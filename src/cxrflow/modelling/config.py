@@ -166,6 +166,9 @@ class TrainConfig:
             ("plateau_factor", self.plateau_factor, 0 < self.plateau_factor < 1, "in (0, 1): the learning rate is multiplied by it"),
             ("plateau_patience", self.plateau_patience, self.plateau_patience >= 0, ">= 0"),
             ("early_stopping_patience", self.early_stopping_patience, self.early_stopping_patience >= 0, ">= 0 (0 = off)"),
+            ("num_workers", self.num_workers, self.num_workers <= MAX_WORKERS, f"at most {MAX_WORKERS} (each is a process)"),
+            ("min_steps", self.min_steps, self.min_steps <= MAX_STEPS, f"at most {MAX_STEPS:,}"),
+            ("warmup_steps", self.warmup_steps, self.warmup_steps <= MAX_STEPS, f"at most {MAX_STEPS:,}"),
         )
         for name, value, ok, expected in checks:
             if not ok:
@@ -173,6 +176,8 @@ class TrainConfig:
         for st in self.stages():
             if not math.isfinite(st.lr):
                 raise CxrflowError(f"stage {st.name} needs a finite learning rate, got {st.lr}")
+            if st.epochs > MAX_EPOCHS:
+                raise CxrflowError(f"stage {st.name} needs at most {MAX_EPOCHS:,} epochs, got {st.epochs}")
 
 
 def preset(name: str) -> TrainConfig:
@@ -219,6 +224,11 @@ def preset(name: str) -> TrainConfig:
 PRESETS = ("paper", "default")
 #: The default preset's step budget per stage (about 32,000 images at batch 32).
 DEFAULT_MIN_STEPS = 1000
+#: Ceilings of settings that parse but could never finish (10^20 epochs) or would fork a process per
+#: loader worker asked for (--num-workers 100000).
+MAX_EPOCHS = 100_000
+MAX_STEPS = 1_000_000_000
+MAX_WORKERS = 256
 
 
 def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
@@ -242,7 +252,7 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
             return float(value)
         if kind is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("1e400"))
         raise CxrflowError(f"{key}: expected {kind.__name__}, got {value!r}", source) from None
     raise TypeError(f"unsupported field type {kind!r}")
 
