@@ -574,3 +574,15 @@ def test_settings_too_large_to_ever_finish_are_one_line(store, tmp_path, capsys,
     assert main(argv) == 2
     assert message in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["synth", "--patients", str(10**14)], "--patients must be between 1 and 1,000,000"),
+    (["demo", "--patients", str(10**11)], "--patients must be between 20 and 1,000,000"),
+    (["demo", "--epochs", str(10**12)], "--epochs must be between 1 and 99,999"),
+], ids=["synth-patients", "demo-patients", "demo-epochs"])  # fmt: skip
+def test_synthetic_data_too_large_to_make_is_one_line_before_any_folder(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main([argv[0], "--out", str(out), *argv[1:]]) == 2  # synth: a 728 TiB allocation (traceback)
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()  # demo made its data, explore and store first
