@@ -586,3 +586,30 @@ def test_synthetic_data_too_large_to_make_is_one_line_before_any_folder(tmp_path
     assert main([argv[0], "--out", str(out), *argv[1:]]) == 2  # synth: a 728 TiB allocation (traceback)
     assert message in _one_error_line(capsys.readouterr().err)
     assert not out.exists()  # demo made its data, explore and store first
+
+
+def test_ctrl_c_inside_a_library_that_logs_it_is_one_line(tmp_path):
+    import subprocess
+
+    # py4j logs a KeyboardInterrupt that reaches a Spark call with logging.exception on the root
+    # logger; with no handler there, logging printed the whole traceback before "error: interrupted"
+    script = """
+import logging, sys
+import cxrflow.data.store as store
+from cxrflow import cli
+
+def interrupted(args):
+    logging.getLogger("py4j.clientserver").warning("a library warning\\nwith a second line")
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        logging.exception("KeyboardInterrupt while sending command.")
+        raise
+
+store.run = interrupted
+sys.exit(cli.main(["store-info", "x"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == ["warning: a library warning", "error: interrupted"], done.stderr

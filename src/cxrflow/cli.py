@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None and not argv else 2
     caught: list[warnings.WarningMessage] = []
+    log = _OneLineLog()
+    logging.root.addHandler(log)
     try:
         with warnings.catch_warnings(record=True) as caught:
             code = int(args._run(args) or 0)
@@ -95,7 +98,26 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
     finally:
+        logging.root.removeHandler(log)
         _show_warnings(caught)
+
+
+class _OneLineLog(logging.Handler):
+    """Library records on the root logger, one line each and never a traceback (without a handler
+    there, ``logging.exception`` in py4j printed one when Ctrl-C reached a Spark call). An
+    interrupt's own record is dropped: the CLI says "interrupted" once."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            return
+        try:
+            text = (record.getMessage().strip().splitlines() or [""])[0]
+            print(f"{record.levelname.lower()}: {text[:300]}", file=sys.stderr)
+        except Exception:  # a record whose message cannot be formatted must not end the command
+            self.handleError(record)
 
 
 def environment_error(exc: OSError, out: str | None) -> str:
