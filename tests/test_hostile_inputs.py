@@ -613,3 +613,17 @@ sys.exit(cli.main(["store-info", "x"]))
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip().splitlines() == ["warning: a library warning", "error: interrupted"], done.stderr
+
+
+def test_two_predicts_adding_heatmaps_to_one_folder_the_second_names_the_first(evaluated_run, tmp_path, capsys):
+    from cxrflow.outputs import OutputLock
+
+    image = tmp_path / "x.png"
+    Image.new("L", (40, 40), 90).save(image)
+    folder = tmp_path / "heatmaps"
+    with OutputLock(folder, "predict"):  # another predict writing overlays there (each rewrote the list of the other's)
+        assert main(["predict", "--run", str(evaluated_run), "--device", "cpu", "--heatmaps", str(folder), str(image)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(folder) in line and "locked by cxrflow predict" in line
+    assert not folder.exists()
+    assert main(["predict", "--run", str(evaluated_run), "--device", "cpu", "--heatmaps", str(folder), str(image)]) == 0
