@@ -627,3 +627,24 @@ def test_two_predicts_adding_heatmaps_to_one_folder_the_second_names_the_first(e
     assert str(folder) in line and "locked by cxrflow predict" in line
     assert not folder.exists()
     assert main(["predict", "--run", str(evaluated_run), "--device", "cpu", "--heatmaps", str(folder), str(image)]) == 0
+
+
+def test_store_label_values_other_than_0_or_1_are_one_line_naming_the_row(evaluated_run, tmp_path, capsys):
+    import shutil
+
+    import pyarrow as pa
+
+    store = tmp_path / "store"
+    shutil.copytree(evaluated_run.parent / "store", store)
+    part = sorted((store / "size=16" / "split=test").glob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    labels = table.column("labels").to_pylist()
+    labels[0] = [7] * len(labels[0])  # sklearn ended the evaluation with a 'multiclass' traceback
+    table = table.set_column(table.schema.get_field_index("labels"), "labels", pa.array(labels, table.schema.field("labels").type))
+    pq.write_table(table, part)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--run", str(evaluated_run), "--store", str(store), "--out", str(out), "--n-boot", "5",
+                 "--device", "cpu"]) == 2  # fmt: skip
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(part) in line and "row 0" in line and "label values must be 0 or 1, got [7]" in line
+    assert not out.exists()
