@@ -126,6 +126,8 @@ def _protected(out: Path, inputs: Iterable[PathLike]) -> str | None:
         if real == Path(os.path.realpath(special)):
             return f"is {what}"
     cwd = Path(os.path.realpath(os.getcwd()))
+    if real == cwd:  # even empty: publishing renames over it, and the shell is left in a deleted folder
+        return "is the current folder"
     if real in cwd.parents:
         return "holds the current folder"
     return None
