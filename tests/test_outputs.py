@@ -334,3 +334,23 @@ def test_the_current_folder_is_refused_even_when_empty(tmp_path, monkeypatch, ca
     assert main(["explore", "--metadata", str(metadata), "--out", ""]) == 2
     assert "is the current folder" in capsys.readouterr().err
     assert here.is_dir() and os.path.samefile(os.getcwd(), here) and not any(here.iterdir())
+
+
+def test_a_lock_file_that_is_not_cxrflows_is_never_written_through(tmp_path):
+    precious = tmp_path / "precious.txt"
+    out = tmp_path / "out"
+    lock = tmp_path / ".out.lock"
+    for make, problem in ((lambda: lock.symlink_to(precious), "is a symbolic link"),  # it was truncated and rewritten
+                          (lambda: os.link(precious, lock), "is not cxrflow's lock file"),
+                          (lambda: lock.write_text("a file of yours\n"), "is not cxrflow's lock file")):  # fmt: skip
+        precious.write_text("my data\n")
+        make()
+        with pytest.raises(CxrflowError, match=problem) as info:
+            OutputLock(out, "explore").acquire()
+        assert info.value.path == str(lock)
+        assert precious.read_text() == "my data\n"
+        lock.unlink()
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "command": "etl"}))  # a killed run's
+    with OutputLock(out, "explore"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
