@@ -648,3 +648,14 @@ def test_store_label_values_other_than_0_or_1_are_one_line_naming_the_row(evalua
     line = _one_error_line(capsys.readouterr().err)
     assert str(part) in line and "row 0" in line and "label values must be 0 or 1, got [7]" in line
     assert not out.exists()
+
+
+def test_report_explore_that_is_not_an_explore_output_is_one_line(evaluated_run, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.png").write_bytes(b"mine")  # the data section was left out without a word
+    out = tmp_path / "report"
+    assert main(["report", str(evaluated_run), "--out", str(out), "--explore", str(folder)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(folder) in line and "not a cxrflow explore output" in line
+    assert not out.exists()
