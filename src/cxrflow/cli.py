@@ -88,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:
-        if exc.errno not in ENVIRONMENT_ERRNOS or isinstance(exc, BrokenPipeError):
-            raise
-        print(f"error: {environment_error(exc, getattr(args, 'out', None))}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         # the reader (``| head``) has what it wanted: stop quietly, with the status of a SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
+    except OSError as exc:  # after BrokenPipeError, which is one too
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"error: {environment_error(exc, getattr(args, 'out', None))}", file=sys.stderr)
+        return 2
     finally:
         logging.root.removeHandler(log)
         _show_warnings(caught)
