@@ -424,3 +424,244 @@ def test_pipes_in_place_of_metadata_or_manifest_are_one_line_not_a_hang(store, t
                  "--master", "local[1]", "--no-progress"]) == 2  # fmt: skip
     line = _one_error_line(capsys.readouterr().err)
     assert str(split_csv) in line and "not a regular file" in line and not out.exists()
+
+
+# ------------------------------------------------------- third audit: damaged run files and configs
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """A 1-epoch simple_cnn run on a 16 px store, evaluated on test (copied by tests that damage it)."""
+    root = tmp_path_factory.mktemp("evaluated")
+    store = root / "store"
+    write_synthetic_store(store, sizes=(16,), rows={"train": 8, "val": 4, "test": 4}, seed=0)
+    run = root / "run"
+    assert main(["train", "--quiet", "--store", str(store), "--size", "16", "--model", "simple_cnn", "--out", str(run),
+                 "--epochs", "1", "--batch-size", "4", "--device", "cpu"]) == 0  # fmt: skip
+    assert main(["evaluate", "--run", str(run), "--n-boot", "5", "--device", "cpu"]) == 0
+    return run
+
+
+def _copy_run(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest)
+    return dest
+
+
+def test_config_files_that_are_not_text_or_not_files_are_one_line(store, tmp_path, capsys):
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"runs: \xff\xfe")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    for config, problem in ((binary, "not UTF-8"), (deep, "nested too deeply"), (folder, "not a regular file")):
+        for argv in (["train", "--store", str(store), "--size", "16", "--out", str(tmp_path / "r"), "--config", str(config)],
+                     ["sweep", str(config), "--out", str(tmp_path / "sw"), "--store", str(store)]):  # fmt: skip
+            assert main(argv) == 2, argv
+            line = _one_error_line(capsys.readouterr().err)
+            assert str(config) in line and problem in line, line
+    assert not (tmp_path / "r").exists() and not (tmp_path / "sw").exists()
+
+
+SWEEP_RUN = "runs: [{name: a, model: simple_cnn, size: 16, finetune: {epochs: 1, lr: 0.001}%s}]\n"
+
+
+@pytest.mark.parametrize("text,problem", [
+    (SWEEP_RUN % ", evaluate: 5", "'evaluate' must be a list"),
+    (SWEEP_RUN % "" + "n_boot: true\n", "bootstrap resamples must be an integer"),
+    (SWEEP_RUN % "" + "n_boot: 2.7\n", "bootstrap resamples must be an integer"),
+    (SWEEP_RUN % ", batch_size: 0", "(run 1): batch_size must be at least 1"),
+    (SWEEP_RUN % ", model: resnet5", "(run 1): unknown model"),
+], ids=["evaluate-int", "n_boot-bool", "n_boot-float", "batch-size-0", "model"])  # fmt: skip
+def test_sweep_values_of_the_wrong_type_are_one_line_naming_the_file(store, tmp_path, capsys, text, problem):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(text)
+    assert main(["sweep", str(config), "--out", str(tmp_path / "sw"), "--store", str(store)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {config}") and problem in line, line
+    assert not (tmp_path / "sw").exists()
+
+
+def test_damaged_run_files_are_one_line_naming_the_file(evaluated_run, tmp_path, capsys):
+    from cxrflow.results.evaluate import read_epoch_records
+
+    run = _copy_run(evaluated_run, tmp_path / "run")
+    (run / "done.json").write_bytes(b"\xff\xfe{")
+    assert main(["train", "--quiet", "--out", str(run), "--resume"]) == 2
+    assert str(run / "done.json") in _one_error_line(capsys.readouterr().err)
+    (run / "done.json").unlink()
+    saved = json.loads((run / "config.json").read_text())
+    for edit, problem in (({"batch_size": 0}, "batch_size must be at least 1"), ({"size": None}, "'size' is missing")):
+        changed = {**saved, **edit}
+        changed = {k: v for k, v in changed.items() if v is not None}
+        (run / "config.json").write_text(json.dumps(changed))
+        assert main(["train", "--quiet", "--out", str(run), "--resume"]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert str(run / "config.json") in line and problem in line, line
+    (run / "metrics.jsonl").write_bytes(b"\xff\xfe\n" + (evaluated_run / "metrics.jsonl").read_bytes())
+    assert len(read_epoch_records(run)) == 1  # the bad line is skipped like a line cut short
+    metrics = next(run.glob("eval-test-*")) / "metrics.json"
+    metrics.write_bytes(b"\xff\xfe")
+    assert main(["ensemble", str(run), str(evaluated_run), "--out", str(tmp_path / "ens")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(metrics) in line and "unreadable evaluation" in line
+    assert not (tmp_path / "ens").exists()
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda ck: ck["config"].update(size=100_000), "'config.size' must be a positive integer of at most 4096"),
+    (lambda ck: ck.update(label_names=[ck["label_names"][0]] * len(ck["label_names"])), "names a finding twice"),
+    (lambda ck: ck.update(label_names=ck["label_names"][::-1]), "are not the store's"),
+], ids=["huge-size", "duplicate-names", "other-order"])  # fmt: skip
+def test_checkpoints_with_impossible_size_or_other_findings_are_refused(evaluated_run, tmp_path, capsys, edit, problem):
+    import torch
+
+    run = _copy_run(evaluated_run, tmp_path / "run")
+    checkpoint = run / "best_finetune.pt"
+    ck = torch.load(checkpoint, weights_only=True)
+    edit(ck)
+    torch.save(ck, checkpoint)
+    out = tmp_path / "ev"
+    for argv in (["evaluate", "--run", str(run), "--out", str(out), "--n-boot", "5", "--device", "cpu"],
+                 ["localize", "--run", str(run), "--out", str(tmp_path / "loc"), "--device", "cpu"]):  # fmt: skip
+        assert main(argv) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert str(checkpoint) in line and problem in line, line
+    assert not out.exists() and not (tmp_path / "loc").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch):
+    import contextlib
+    import errno
+
+    import torch
+
+    from cxrflow import cli
+    from cxrflow.data.etl import _environment_failure
+    from cxrflow.modelling import train
+
+    def disk_full(args):
+        with open("/dev/full", "wb") as f:  # every write: ENOSPC, no file name in the error
+            f.write(b"x" * 100_000)
+
+    import cxrflow.data.synth
+
+    monkeypatch.setattr(cxrflow.data.synth, "run", disk_full)
+    assert cli.main(["synth", "--out", str(tmp_path / "syn")]) == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+        f"error: {tmp_path / 'syn'}: No space left on device; free some space and run again")
+
+    @contextlib.contextmanager
+    def full_tmp(path, **kwargs):
+        yield Path("/dev/full")
+
+    monkeypatch.setattr(train, "atomic_path", full_tmp)
+    with pytest.raises(OSError) as info:  # torch.save itself said "unexpected pos" (a RuntimeError)
+        train.save_checkpoint(tmp_path / "last.pt", {"w": torch.zeros(100_000)})
+    assert info.value.errno == errno.ENOSPC
+    spark_text = "An exception was thrown from the Python worker: OSError: [Errno 28] Error writing bytes to file. " \
+                 "Detail: [errno 28] No space left on device"  # fmt: skip
+    refusal = _environment_failure(RuntimeError(spark_text), tmp_path / "store")
+    assert refusal is not None and refusal.path == str(tmp_path / "store") and "No space left on device" in refusal.message
+    assert _environment_failure(RuntimeError("a bug"), tmp_path / "store") is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "warmup_steps=1e400"], "warmup_steps: expected int, got '1e400'"),
+    (["--set", "min_steps=1e30"], "min_steps must be at most 1,000,000,000"),
+    (["--epochs", str(10**20)], "needs at most 100,000 epochs"),
+    (["--num-workers", "100000"], "num_workers must be at most 256"),
+    (["--spark-master", "local[1]", "--spark-wait", "inf"], "--spark-wait must be a positive number of seconds"),
+], ids=["overflow", "steps", "epochs", "workers", "spark-wait"])  # fmt: skip
+def test_settings_too_large_to_ever_finish_are_one_line(store, tmp_path, capsys, extra, message):
+    argv = ["train", "--store", str(store), "--size", "16", "--model", "simple_cnn", "--out", str(tmp_path / "run"), *extra]
+    assert main(argv) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["synth", "--patients", str(10**14)], "--patients must be between 1 and 1,000,000"),
+    (["demo", "--patients", str(10**11)], "--patients must be between 20 and 1,000,000"),
+    (["demo", "--epochs", str(10**12)], "--epochs must be between 1 and 99,999"),
+], ids=["synth-patients", "demo-patients", "demo-epochs"])  # fmt: skip
+def test_synthetic_data_too_large_to_make_is_one_line_before_any_folder(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main([argv[0], "--out", str(out), *argv[1:]]) == 2  # synth: a 728 TiB allocation (traceback)
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()  # demo made its data, explore and store first
+
+
+def test_ctrl_c_inside_a_library_that_logs_it_is_one_line(tmp_path):
+    import subprocess
+
+    # py4j logs a KeyboardInterrupt that reaches a Spark call with logging.exception on the root
+    # logger; with no handler there, logging printed the whole traceback before "error: interrupted"
+    script = """
+import logging, sys
+import cxrflow.data.store as store
+from cxrflow import cli
+
+def interrupted(args):
+    logging.getLogger("py4j.clientserver").warning("a library warning\\nwith a second line")
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        logging.exception("KeyboardInterrupt while sending command.")
+        raise
+
+store.run = interrupted
+sys.exit(cli.main(["store-info", "x"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == ["warning: a library warning", "error: interrupted"], done.stderr
+
+
+def test_two_predicts_adding_heatmaps_to_one_folder_the_second_names_the_first(evaluated_run, tmp_path, capsys):
+    from cxrflow.outputs import OutputLock
+
+    image = tmp_path / "x.png"
+    Image.new("L", (40, 40), 90).save(image)
+    folder = tmp_path / "heatmaps"
+    with OutputLock(folder, "predict"):  # another predict writing overlays there (each rewrote the list of the other's)
+        assert main(["predict", "--run", str(evaluated_run), "--device", "cpu", "--heatmaps", str(folder), str(image)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(folder) in line and "locked by cxrflow predict" in line
+    assert not folder.exists()
+    assert main(["predict", "--run", str(evaluated_run), "--device", "cpu", "--heatmaps", str(folder), str(image)]) == 0
+
+
+def test_store_label_values_other_than_0_or_1_are_one_line_naming_the_row(evaluated_run, tmp_path, capsys):
+    import shutil
+
+    import pyarrow as pa
+
+    store = tmp_path / "store"
+    shutil.copytree(evaluated_run.parent / "store", store)
+    part = sorted((store / "size=16" / "split=test").glob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    labels = table.column("labels").to_pylist()
+    labels[0] = [7] * len(labels[0])  # sklearn ended the evaluation with a 'multiclass' traceback
+    table = table.set_column(table.schema.get_field_index("labels"), "labels", pa.array(labels, table.schema.field("labels").type))
+    pq.write_table(table, part)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--run", str(evaluated_run), "--store", str(store), "--out", str(out), "--n-boot", "5",
+                 "--device", "cpu"]) == 2  # fmt: skip
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(part) in line and "row 0" in line and "label values must be 0 or 1, got [7]" in line
+    assert not out.exists()
+
+
+def test_report_explore_that_is_not_an_explore_output_is_one_line(evaluated_run, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.png").write_bytes(b"mine")  # the data section was left out without a word
+    out = tmp_path / "report"
+    assert main(["report", str(evaluated_run), "--out", str(out), "--explore", str(folder)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(folder) in line and "not a cxrflow explore output" in line
+    assert not out.exists()

@@ -321,3 +321,38 @@ def test_two_etl_runs_at_once_one_proceeds_the_other_names_the_holder(tmp_path):
     assert len(lines) == 1 and ("locked by cxrflow etl (pid" in lines[0] or "already exists here" in lines[0]), loser[2]
     assert (out / "_manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "store"]
+
+
+def test_the_current_folder_is_refused_even_when_empty(tmp_path, monkeypatch, capsys):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in ("", ".", str(here)):  # publishing renamed the output over it: the shell was left in a deleted folder
+        with pytest.raises(CxrflowError, match="is the current folder"):
+            check_target(out, "explore")
+    fixtures = Path(__file__).parent / "fixtures" / "nih" / "Data_Entry_2017_v2020.head.csv"
+    metadata = tmp_path / "Data_Entry_2017_v2020.csv"
+    metadata.write_text(fixtures.read_text())
+    assert main(["explore", "--metadata", str(metadata), "--out", ""]) == 2
+    assert "is the current folder" in capsys.readouterr().err
+    assert here.is_dir() and os.path.samefile(os.getcwd(), here) and not any(here.iterdir())
+
+
+def test_a_lock_file_that_is_not_cxrflows_is_never_written_through(tmp_path):
+    precious = tmp_path / "precious.txt"
+    out = tmp_path / "out"
+    lock = tmp_path / ".out.lock"
+    for make, problem in ((lambda: lock.symlink_to(precious), "is a symbolic link"),  # it was truncated and rewritten
+                          (lambda: os.link(precious, lock), "is not cxrflow's lock file"),
+                          (lambda: lock.write_text("a file of yours\n"), "is not cxrflow's lock file")):  # fmt: skip
+        precious.write_text("my data\n")
+        make()
+        with pytest.raises(CxrflowError, match=problem) as info:
+            OutputLock(out, "explore").acquire()
+        assert info.value.path == str(lock)
+        assert precious.read_text() == "my data\n"
+        lock.unlink()
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "command": "etl"}))  # a killed run's
+    with OutputLock(out, "explore"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()

@@ -73,6 +73,8 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
         value = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise CxrflowError(f"unreadable {what}: {exc}", path) from None
+    except RecursionError:
+        raise CxrflowError(f"unreadable {what}: nested too deeply", path) from None
     if not isinstance(value, dict):
         raise CxrflowError(f"not a cxrflow {what}: expected a JSON object, got {type(value).__name__}", path)
     return value

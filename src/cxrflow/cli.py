@@ -9,7 +9,9 @@ warnings are shown after it, one line each; output piped into ``head`` stops qui
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -33,6 +35,11 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("predict", "cxrflow.results.predict", "finding probabilities for new image files"),
     ("demo", "cxrflow.demo", "end-to-end demo on a synthetic dataset"),
 ]
+
+
+#: Errors of the machine, not of cxrflow: a full or read-only disk, a quota, missing permissions.
+#: They are one line naming the file (or the output being written), like any other user error.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None and not argv else 2
     caught: list[warnings.WarningMessage] = []
+    log = _OneLineLog()
+    logging.root.addHandler(log)
     try:
         with warnings.catch_warnings(record=True) as caught:
             code = int(args._run(args) or 0)
@@ -83,8 +92,41 @@ def main(argv: list[str] | None = None) -> int:
         # the reader (``| head``) has what it wanted: stop quietly, with the status of a SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
+    except OSError as exc:  # after BrokenPipeError, which is one too
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"error: {environment_error(exc, getattr(args, 'out', None))}", file=sys.stderr)
+        return 2
     finally:
+        logging.root.removeHandler(log)
         _show_warnings(caught)
+
+
+class _OneLineLog(logging.Handler):
+    """Library records on the root logger, one line each and never a traceback (without a handler
+    there, ``logging.exception`` in py4j printed one when Ctrl-C reached a Spark call). An
+    interrupt's own record is dropped: the CLI says "interrupted" once."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            return
+        try:
+            text = (record.getMessage().strip().splitlines() or [""])[0]
+            print(f"{record.levelname.lower()}: {text[:300]}", file=sys.stderr)
+        except Exception:  # a record whose message cannot be formatted must not end the command
+            self.handleError(record)
+
+
+def environment_error(exc: OSError, out: str | None) -> str:
+    """One line for a disk or permission failure: the file (else the output being written) and the fix."""
+    where = exc.filename or out
+    fix = "free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (
+        "write somewhere you may write, or fix the permissions"
+    )
+    return f"{where}: {exc.strerror or exc}; {fix}" if where else f"{exc.strerror or exc}; {fix}"
 
 
 def _show_warnings(caught: list[warnings.WarningMessage], limit: int = 5) -> None:

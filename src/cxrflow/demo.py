@@ -205,10 +205,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.patients < 20:
-        raise CxrflowError(f"--patients must be at least 20, got {args.patients}")
-    if args.epochs < 1:
-        raise CxrflowError(f"--epochs must be at least 1, got {args.epochs}")
+    from cxrflow.data.synth import MAX_PATIENTS
+    from cxrflow.modelling.config import MAX_EPOCHS
+
+    if not 20 <= args.patients <= MAX_PATIENTS:
+        raise CxrflowError(f"--patients must be between 20 and {MAX_PATIENTS:,}, got {args.patients}")
+    if not 1 <= args.epochs < MAX_EPOCHS:  # simple_cnn trains one more
+        raise CxrflowError(f"--epochs must be between 1 and {MAX_EPOCHS - 1:,}, got {args.epochs}")
     summary = run_demo(args.out, patients=args.patients, epochs=args.epochs, seed=args.seed, master=args.master, overwrite=args.overwrite)
     print(format_summary(summary))
     if not summary["target_met"]:

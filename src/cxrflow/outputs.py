@@ -44,6 +44,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
 from datetime import datetime, timezone
@@ -126,6 +127,8 @@ def _protected(out: Path, inputs: Iterable[PathLike]) -> str | None:
         if real == Path(os.path.realpath(special)):
             return f"is {what}"
     cwd = Path(os.path.realpath(os.getcwd()))
+    if real == cwd:  # even empty: publishing renames over it, and the shell is left in a deleted folder
+        return "is the current folder"
     if real in cwd.parents:
         return "holds the current folder"
     return None
@@ -213,6 +216,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock_file_of_ours(fd: int) -> bool:
+    """Whether the open file ``fd`` can be cxrflow's lock file: a regular file with one name, empty
+    (just created) or holding a holder record (left by a killed run)."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        return False
+    text = os.pread(fd, 4096, 0)
+    if not text.strip():
+        return True
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "pid" in record
+
+
 class OutputLock:
     """An exclusive lock on one output path: ``.<name>.lock`` beside it, with the holder's pid and host."""
 
@@ -265,10 +284,17 @@ class OutputLock:
         except OSError as exc:
             raise CxrflowError(f"cannot create the folder: {exc.strerror or exc}", self.out.parent) from None
         while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:  # never through a link: truncating it would empty the file it points at
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise CxrflowError("is a symbolic link, not cxrflow's lock file; refusing to write through it "
+                                       "(remove it, or choose another --out)", self.path) from None
                 raise CxrflowError(f"cannot create the lock file: {exc.strerror or exc}", self.path) from None
+            if not _lock_file_of_ours(fd):
+                os.close(fd)
+                raise CxrflowError("exists and is not cxrflow's lock file (another file's content or links); refusing to "
+                                   "replace it (remove it, or choose another --out)", self.path)
             try:
                 locked = self._flock(fd)
             except BaseException:

@@ -135,19 +135,25 @@ def parse_sweep(data: dict, *, source: str = "sweep config", store: str | os.Pat
         apply_overrides(config, settings, where)
         config.store = store_path
         config.out = name
-        config.validate()
+        try:
+            config.validate()
+        except CxrflowError as exc:
+            raise CxrflowError(exc.message, exc.path or where, exc.line) from None
         checkpoints = entry.get("evaluate") or _default_checkpoints(config)
         if isinstance(checkpoints, str):
             checkpoints = [checkpoints]
         possible = _default_checkpoints(config)
+        if not isinstance(checkpoints, list):
+            raise CxrflowError(f"run {name!r}: 'evaluate' must be a list of checkpoints ({', '.join(possible)}), got {checkpoints!r}", source)
         bad = [c for c in checkpoints if c not in possible]
         if bad:
             raise CxrflowError(f"run {name!r} cannot evaluate {bad}: it trains {', '.join(possible)}", source)
         specs.append(RunSpec(name, config, list(checkpoints)))
+    n_boot = data.get("n_boot", 1000)
     try:
-        n_boot = int(data.get("n_boot", 1000))
-    except (TypeError, ValueError):
-        raise CxrflowError(f"n_boot must be an integer, got {data.get('n_boot')!r}", source) from None
+        options.check_n_boot(n_boot)
+    except ValueError as exc:
+        raise CxrflowError(str(exc), source) from None
     return Sweep(specs, source, {"n_boot": n_boot}, parse_ensembles(data.get("ensembles") or [], specs, source))
 
 
@@ -255,7 +261,7 @@ def _check_same_settings(spec: RunSpec, folder: Path) -> None:
 
     try:
         saved = json.loads(saved_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return  # the trainer reports an unreadable config itself
     wanted = spec.config.to_dict()
     differ = [

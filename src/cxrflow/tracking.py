@@ -134,7 +134,7 @@ def read_record(run_folder: str | os.PathLike) -> dict | None:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return None  # a damaged record: the run is tracked again from scratch
     return record if isinstance(record, dict) and record.get("run_id") else None
 

@@ -74,3 +74,12 @@ def test_run_comparison():
     ]
     fig = plot_run_comparison(rows)
     assert _labelled(fig.axes[0])
+
+
+def test_run_comparison_draws_an_interval_that_leaves_out_its_estimate():
+    # a bootstrap interval of a 4-image test split: the mean AUC lies above it (matplotlib refused
+    # the negative error bar and 'cxrflow report' ended in a traceback)
+    rows = [{"label": "tiny", "mean_auc": 0.62, "ci_low": 0.30, "ci_high": 0.55, "paper_mean_auc": None},
+            {"label": "none", "mean_auc": None, "ci_low": None, "ci_high": None, "paper_mean_auc": 0.7}]  # fmt: skip
+    fig = plot_run_comparison(rows)
+    assert isinstance(fig, Figure) and fig.axes[0].get_title()

@@ -46,7 +46,7 @@ from PIL import Image
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow import options
-from cxrflow.data.imaging import ImageError, load_and_resize
+from cxrflow.data.imaging import MAX_STORE_SIZE, ImageError, load_and_resize
 from cxrflow.outputs import publishing
 from cxrflow.data.formats import Collection, add_format_arguments
 from cxrflow.data.formats.dicom import spacing_row, write_spacing
@@ -71,7 +71,7 @@ FILE_TARGET_BYTES = 128 * 2**20
 TARGET_TASKS = 64
 MIN_ROWS_PER_FILE = 32
 COMPRESSIONS = ("zstd", "snappy", "lz4", "gzip", "none")
-MAX_SIZE = 4096
+MAX_SIZE = MAX_STORE_SIZE
 #: Threads per task that decode and resize (see :func:`process_task`).
 DECODE_THREADS = 2
 
@@ -392,6 +392,21 @@ def _pixel_stats(histogram: np.ndarray) -> dict[str, float]:
     return {"mean": mean, "std": math.sqrt(max(var, 0.0))}
 
 
+#: What a worker's disk or permission failure reads like inside Spark's exception text.
+_ENVIRONMENT_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
+
+
+def _environment_failure(exc: Exception, out: Path) -> CxrflowError | None:
+    """A CxrflowError when a Spark job failed because a worker could not write (full disk, read-only
+    or forbidden folder), else None: Spark passes the worker's OSError on only as text."""
+    text = str(exc)
+    found = next((f for f in _ENVIRONMENT_FAILURES if f in text), None)
+    if found is None:
+        return None
+    fix = "write somewhere you may write" if found in ("Read-only file system", "Permission denied") else "free some space"
+    return CxrflowError(f"a Spark task could not write the store: {found}; {fix} and run again (nothing was published)", out)
+
+
 def run_etl(
     data_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -521,11 +536,14 @@ def _write_store(pub, release, splits, tasks, records, sizes, master, spark, gro
             )
             sc.setJobDescription(f"cxrflow etl: {len(records)} images to sizes {sizes}")
             rdd = sc.parallelize(tasks, len(tasks)).mapPartitions(work)
-            if progress is not None:
-                with _Progress(counter, len(records), progress):
+            try:
+                if progress is not None:
+                    with _Progress(counter, len(records), progress):
+                        summaries = rdd.collect()
+                else:
                     summaries = rdd.collect()
-            else:
-                summaries = rdd.collect()
+            except Exception as exc:
+                raise _environment_failure(exc, pub.out) or exc
         job_seconds = time.perf_counter() - job_started
     finally:
         if own_spark and spark is not None:

@@ -73,6 +73,8 @@ PILLOW_BLOCKS = 16
 #: four times the largest side of any chest X-ray format in use (CR/DR detectors are <= 4300 px).
 MAX_SIDE = 16384
 MAX_PIXELS = MAX_SIDE * MAX_SIDE
+#: Largest side a store keeps (``etl --sizes``), so also the largest a checkpoint can be trained at.
+MAX_STORE_SIZE = 4096
 
 
 def _keep_pillow_blocks() -> None:

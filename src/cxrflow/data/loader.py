@@ -256,6 +256,10 @@ def _decode(batch: pa.RecordBatch, size: int, num_labels: int, path: str, first_
     if flat.null_count:
         raise CxrflowError("null label values", path)
     label_values = flat.to_numpy(zero_copy_only=False).reshape(n, num_labels)
+    wrong = np.flatnonzero((label_values > 1).any(axis=1))  # uint8: a value is 0 or 1, or the file is damaged
+    if len(wrong):
+        row = int(wrong[0])
+        raise bad(row, f"label values must be 0 or 1, got {sorted(set(label_values[row].tolist()))}")
     states = None
     if KNOWN_COLUMN in batch.schema.names:
         states = batch.column(KNOWN_COLUMN).flatten().to_numpy(zero_copy_only=False).reshape(n, num_labels)

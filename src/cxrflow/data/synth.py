@@ -131,6 +131,8 @@ ORIGINAL_SIZES = (
 MAX_IMAGES_PER_PATIENT = 200
 #: Where findings are drawn: in their own grid cell (slightly jittered) or anywhere in the image.
 PLACEMENTS = ("grid", "anywhere")
+#: More patients than any collection has (ChestX-ray14: 30,805); beyond it the tables alone outgrow memory.
+MAX_PATIENTS = 1_000_000
 
 
 def finding_layout(vocab: LabelVocabulary) -> dict[str, tuple[tuple[int, int], str]]:
@@ -236,8 +238,8 @@ def sample_entries(
     as strings ready to write: image_id, finding_labels, follow_up, patient_id, age, sex, view,
     width, height, spacing.
     """
-    if patients < 1:
-        raise CxrflowError(f"--patients must be at least 1, got {patients}")
+    if not 1 <= patients <= MAX_PATIENTS:
+        raise CxrflowError(f"--patients must be between 1 and {MAX_PATIENTS:,} (the release has 30,805), got {patients}")
     counts = _images_per_patient(patients, images, rng)
     pids = np.arange(1, patients + 1, dtype=np.int64)
     patient_of_image = np.repeat(pids, counts)

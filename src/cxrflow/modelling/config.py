@@ -166,6 +166,9 @@ class TrainConfig:
             ("plateau_factor", self.plateau_factor, 0 < self.plateau_factor < 1, "in (0, 1): the learning rate is multiplied by it"),
             ("plateau_patience", self.plateau_patience, self.plateau_patience >= 0, ">= 0"),
             ("early_stopping_patience", self.early_stopping_patience, self.early_stopping_patience >= 0, ">= 0 (0 = off)"),
+            ("num_workers", self.num_workers, self.num_workers <= MAX_WORKERS, f"at most {MAX_WORKERS} (each is a process)"),
+            ("min_steps", self.min_steps, self.min_steps <= MAX_STEPS, f"at most {MAX_STEPS:,}"),
+            ("warmup_steps", self.warmup_steps, self.warmup_steps <= MAX_STEPS, f"at most {MAX_STEPS:,}"),
         )
         for name, value, ok, expected in checks:
             if not ok:
@@ -173,6 +176,8 @@ class TrainConfig:
         for st in self.stages():
             if not math.isfinite(st.lr):
                 raise CxrflowError(f"stage {st.name} needs a finite learning rate, got {st.lr}")
+            if st.epochs > MAX_EPOCHS:
+                raise CxrflowError(f"stage {st.name} needs at most {MAX_EPOCHS:,} epochs, got {st.epochs}")
 
 
 def preset(name: str) -> TrainConfig:
@@ -219,6 +224,11 @@ def preset(name: str) -> TrainConfig:
 PRESETS = ("paper", "default")
 #: The default preset's step budget per stage (about 32,000 images at batch 32).
 DEFAULT_MIN_STEPS = 1000
+#: Ceilings of settings that parse but could never finish (10^20 epochs) or would fork a process per
+#: loader worker asked for (--num-workers 100000).
+MAX_EPOCHS = 100_000
+MAX_STEPS = 1_000_000_000
+MAX_WORKERS = 256
 
 
 def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
@@ -242,7 +252,7 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
             return float(value)
         if kind is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("1e400"))
         raise CxrflowError(f"{key}: expected {kind.__name__}, got {value!r}", source) from None
     raise TypeError(f"unsupported field type {kind!r}")
 
@@ -278,24 +288,34 @@ def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str = "
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The settings in a JSON, YAML or TOML file (chosen by extension)."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise CxrflowError("no such config file", file)
+    if not file.is_file():
+        raise CxrflowError("is not a regular file (a folder, pipe or device); expected a settings file (.json, .yaml, .toml)", file)
     suffix = file.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml", ".toml"):
+        raise CxrflowError("config file must end in .json, .yaml, .yml or .toml", file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CxrflowError(f"cannot parse config: not UTF-8 text ({exc.reason} at byte {exc.start})", file) from None
+    except OSError as exc:
+        raise CxrflowError(f"cannot read config: {exc.strerror or exc}", file) from None
     try:
         if suffix == ".json":
-            data = json.loads(file.read_text())
-        elif suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(file.read_text())
+            data = json.loads(text)
         elif suffix == ".toml":
-            data = tomllib.loads(file.read_text())
+            data = tomllib.loads(text)
         else:
-            raise CxrflowError("config file must end in .json, .yaml, .yml or .toml", file)
+            data = yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         line = getattr(exc, "lineno", None)
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             line = mark.line + 1
         raise CxrflowError(f"cannot parse config: {str(exc).splitlines()[0]}", file, line) from None
+    except RecursionError:
+        raise CxrflowError("cannot parse config: nested too deeply", file) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cxrflow import __version__
-from cxrflow.atomic import write_json_atomic
+from cxrflow.atomic import read_json_object, write_json_atomic
 from cxrflow.modelling.calibration import apply_temperatures, calibration_of, logit, sigmoid
 from cxrflow import options
 from cxrflow.errors import CxrflowError
@@ -111,10 +111,7 @@ def load_member(path: str | os.PathLike, split: str = "test") -> Member:
     """Read one member's evaluation; an ensemble, or an evaluation without calibration or validation
     predictions (written before they existed), is an error."""
     folder = evaluation_folder(path, split)
-    try:
-        metrics = json.loads((folder / METRICS_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CxrflowError(f"unreadable evaluation: {exc}", folder / METRICS_NAME) from None
+    metrics = read_json_object(folder / METRICS_NAME, "evaluation")
     check_metrics(metrics, folder / METRICS_NAME)
     if metrics.get("kind") == "ensemble":
         raise CxrflowError("an ensemble cannot be a member of another ensemble; name its runs instead", folder)
@@ -377,10 +374,7 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
     from cxrflow.results.predict import load_predictor, operating_scale
 
     folder = Path(folder)
-    try:
-        metrics = json.loads((folder / METRICS_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CxrflowError(f"unreadable ensemble: {exc}", folder / METRICS_NAME) from None
+    metrics = read_json_object(folder / METRICS_NAME, "ensemble")
     check_metrics(metrics, folder / METRICS_NAME)
     if metrics.get("kind") != "ensemble":
         raise CxrflowError("an evaluation folder, not a run or ensemble: give --run the run folder it belongs to", folder)
@@ -390,7 +384,7 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
         checkpoint = entry.get("checkpoint") if entry.get("checkpoint") in (*CHECKPOINT_NAMES, "last") else None
         try:
             evaluation = json.loads((Path(entry["eval"]) / METRICS_NAME).read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):
             raise CxrflowError("a member's evaluation is gone; rebuild the ensemble", entry["eval"]) from None
         predictor = load_predictor(entry["run"], checkpoint or evaluation["checkpoint_path"], device=device, raw=True)
         if entry.get("checkpoint_sha256") and file_sha256(predictor.checkpoint) != entry["checkpoint_sha256"]:

@@ -108,6 +108,17 @@ def training_pixel_stats(config: dict, size: int) -> tuple[float, float]:
     )
 
 
+def check_label_names(label_names: list, manifest: dict, checkpoint: str | os.PathLike) -> None:
+    """The model's outputs are read in the store's finding order: a checkpoint whose findings are
+    not the store's, in the same order, would score each output against another finding's labels."""
+    if list(label_names) != list(manifest.get("label_names") or []):
+        raise CxrflowError(
+            f"the checkpoint's findings {list(label_names)} are not the store's {manifest.get('label_names')} in "
+            "the same order; pass the store this run was trained on with --store"[:400],
+            checkpoint,
+        )
+
+
 def predict_split(
     model: nn.Module,
     store: str | os.PathLike,

@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torchvision import models as tvm
 
+from cxrflow.data.imaging import MAX_STORE_SIZE
 from cxrflow.data.demographics import DemographicsEmbedding, check_fusion
 from cxrflow.errors import CxrflowError
 
@@ -484,10 +485,12 @@ def _check_checkpoint(ckpt: dict, file: Path) -> None:
     if config.get("model") not in MODEL_NAMES:
         raise CxrflowError(f"checkpoint field 'config.model' must be one of {', '.join(MODEL_NAMES)}, got {config.get('model')!r}", file)
     size = config.get("size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-        raise CxrflowError(f"checkpoint field 'config.size' must be a positive integer, got {size!r}", file)
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_STORE_SIZE):
+        raise CxrflowError(f"checkpoint field 'config.size' must be a positive integer of at most {MAX_STORE_SIZE} (the largest size a store holds), got {size!r}", file)
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise CxrflowError(f"checkpoint field 'label_names' must be a non-empty list of names, got {names!r}"[:200], file)
+    if len(set(names)) != len(names):
+        raise CxrflowError(f"checkpoint field 'label_names' names a finding twice: {names!r}"[:200], file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CxrflowError("checkpoint field 'model' must be a state dict (name -> tensor)", file)
     for key in ("pixel_mean", "pixel_std"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import re
 import socket
@@ -95,8 +96,8 @@ def launch_from_args(args: argparse.Namespace) -> SparkLaunch | None:
         if not sep or not key.strip():
             raise CxrflowError(f"--spark-conf expects KEY=VALUE, got {item!r}")
         conf[key.strip()] = value.strip()
-    if not args.spark_wait > 0:
-        raise CxrflowError(f"--spark-wait must be positive, got {args.spark_wait}")
+    if not 0 < args.spark_wait < math.inf:
+        raise CxrflowError(f"--spark-wait must be a positive number of seconds, got {args.spark_wait}")
     return SparkLaunch(master, processes, bool(args.gpu), conf, float(args.spark_wait))
 
 

@@ -20,6 +20,7 @@ the same AUC, and rank 0 writes the files.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -238,9 +239,14 @@ def train_one_epoch(
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save to a temporary file in the same folder, then rename into place."""
+    """torch.save to a temporary file in the same folder, then rename into place.
+
+    Serialized in memory first: torch.save writing to a full disk raises a RuntimeError that does
+    not say why ("unexpected pos"), a plain write raises the OSError (no space left) it is."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        Path(tmp).write_bytes(buffer.getbuffer())
 
 
 def _load(path: Path) -> dict:
@@ -391,7 +397,7 @@ def _train(
 
     if resume and (out / "done.json").exists():
         info(f"{out} already finished (done.json); nothing to resume")
-        return json.loads((out / "done.json").read_text())
+        return read_json_object(out / "done.json", "run summary (done.json)")
     resuming = resume and (out / "last.pt").exists()
     torch.manual_seed(config.seed)
     # built before the run folder is touched, so a weights problem leaves nothing behind; a resumed
@@ -685,11 +691,15 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
     if not path.exists():
         return None
     saved = read_json_object(path, "run config")
+    missing = [key for key in ("store", "size", "model") if key not in saved]
+    if missing:
+        raise CxrflowError(f"run config field {missing[0]!r} is missing; start again with --overwrite", path)
     try:
         config = config_from_dict(saved)
+        config.out = args.out
+        config.validate()  # a damaged file names itself, not an option the user never gave
     except CxrflowError as exc:
         raise CxrflowError(exc.message, path) from None
-    config.out = args.out
     return _checked_resume_config(args, config, saved)
 
 

@@ -351,7 +351,7 @@ def read_epoch_records(run: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():  # bad bytes: a line that does not parse
         line = line.strip()
         if not line:
             continue
@@ -512,7 +512,7 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
     if metrics is None:
         try:
             metrics = json.loads(metrics_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             return f"unreadable evaluation ({exc}); run 'cxrflow evaluate' again"
     try:
         check_metrics(metrics, metrics_path)
@@ -613,7 +613,7 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
     """Score the checkpoint, write the evaluation into ``pub.tmp`` and publish it."""
     from cxrflow.modelling.calibration import pos_weight_offsets
     from cxrflow.identity import file_sha256
-    from cxrflow.modelling.inference import predict_split, training_pixel_stats
+    from cxrflow.modelling.inference import check_label_names, predict_split, training_pixel_stats
     from cxrflow.modelling.models import load_checkpoint
     from cxrflow.results.plots import plot_training_curves
     from cxrflow.data.store import read_manifest
@@ -630,6 +630,7 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
     pixel_mean, pixel_std = training_pixel_stats(config, size)
     manifest = read_manifest(store)
     identity = check_store_identity(config, store, manifest, size, (split, "val"))
+    check_label_names(label_names, manifest, ckpt_path)
     # validation is scored exactly as 'cxrflow predict' scores a file (same inference path and precision)
     score = dict(batch_size=batch_size, device=device, pixel_mean=pixel_mean, pixel_std=pixel_std)
     evaluated = predict_split(model, store, size, split, **score)

@@ -215,6 +215,11 @@ def data_section(stores: dict[str, dict], explore: str | os.PathLike | None) -> 
         folder = Path(explore)
         if not folder.is_dir():
             raise CxrflowError("no such explore folder (write one with 'cxrflow explore')", folder)
+        from cxrflow.outputs import marker_name, read_marker
+
+        if read_marker(folder, "explore") is None and not (folder / "stats.json").is_file():
+            raise CxrflowError(f"not a cxrflow explore output (no {marker_name('explore')} or stats.json); "
+                               "write one with 'cxrflow explore'", folder)  # fmt: skip
         stats, _ = _read_json(folder / "stats.json")
         figures = [figure(folder / name, alt) for name, alt in EXPLORE_FIGURES if (folder / name).exists()]
     if not manifests and not figures and stats is None and not problems:

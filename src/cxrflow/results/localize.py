@@ -331,7 +331,7 @@ def _gallery_cases(scored: pd.DataFrame, finding: str, found: HeatmapPass, pred:
 def _load(run: Path, checkpoint: str | None, store: str | os.PathLike | None, device: str):
     """(checkpoint name, path, model, checkpoint dict, store path, size, manifest, pixel mean, std)."""
     from cxrflow.results.evaluate import resolve_checkpoint
-    from cxrflow.modelling.inference import resolve_device
+    from cxrflow.modelling.inference import check_label_names, resolve_device
     from cxrflow.modelling.models import load_checkpoint
     from cxrflow.data.store import check_partition, pixel_stats, read_manifest
 
@@ -343,6 +343,7 @@ def _load(run: Path, checkpoint: str | None, store: str | os.PathLike | None, de
     config = dict(ckpt.get("config") or {})
     store = Path(store) if store is not None else Path(config.get("store", ""))
     manifest = read_manifest(store)
+    check_label_names(ckpt["label_names"], manifest, path)
     size = int(config["size"])
     check_partition(manifest, store, size, "train")
     if "pixel_mean" in config and "pixel_std" in config:

@@ -109,6 +109,24 @@ def flagged_findings(prediction: dict) -> list[str]:
 def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, method: str | None = None) -> str:
     """One overlay PNG per image and flagged finding in ``out_dir`` (``<image stem>-<finding>.png``);
     adds ``"heatmaps": {finding: path}`` to each prediction. Returns the method used."""
+    from pathlib import Path
+
+    from cxrflow.errors import CxrflowError
+    from cxrflow.outputs import OutputLock
+    from cxrflow.modelling.heatmaps import cam_method
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CxrflowError("exists and is not a folder; choose another --heatmaps folder", out_dir)
+    method = cam_method(predictor.model, method)
+    # two predicts adding to one DIR at once would each rewrite its list of overlays without the other's
+    with OutputLock(out_dir, "predict"):
+        _write_overlays(predictor, predictions, out_dir, method)
+    return method
+
+
+def _write_overlays(predictor, predictions: list[dict], out_dir, method: str) -> None:
+    """The overlays of :func:`write_prediction_heatmaps`, written while its lock on ``out_dir`` is held."""
     import os
     from pathlib import Path
 
@@ -117,17 +135,13 @@ def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, me
     from cxrflow.atomic import save_figure_atomic
     from cxrflow.errors import CxrflowError
     from cxrflow.outputs import read_marker, write_marker
-    from cxrflow.modelling.heatmaps import cam_method, heatmaps
+    from cxrflow.modelling.heatmaps import heatmaps
     from cxrflow.data.imaging import load_gray, preprocess
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CxrflowError("exists and is not a folder; choose another --heatmaps folder", out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CxrflowError(f"cannot create the heatmap folder: {exc.strerror or exc}", out_dir) from None
-    method = cam_method(predictor.model, method)
     stems = [Path(p["image"]).stem for p in predictions]
     targets = [
         [out_dir / f"{stem if stems.count(stem) == 1 else f'{stem}-{i}'}-{name}.png" for name in flagged_findings(prediction)]
@@ -162,4 +176,3 @@ def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, me
             write_marker(out_dir, "predict", files=sorted(ours))  # before the file: a kill leaves it listed as ours
             save_figure_atomic(fig, path, dpi=100)
             prediction["heatmaps"][name] = str(path)
-    return method

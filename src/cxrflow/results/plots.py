@@ -222,7 +222,9 @@ def plot_run_comparison(
     mean = np.array([np.nan if r.get("mean_auc") is None else r["mean_auc"] for r in rows], dtype=float)
     lo = np.array([np.nan if r.get("ci_low") is None else r["ci_low"] for r in rows], dtype=float)
     hi = np.array([np.nan if r.get("ci_high") is None else r["ci_high"] for r in rows], dtype=float)
-    err = np.vstack([np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)])
+    # a percentile interval of a tiny test split can leave out its own point estimate; matplotlib
+    # refuses negative error bars (a traceback in 'cxrflow report'), so the whisker stops at the bar
+    err = np.clip(np.vstack([np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)]), 0, None)
     ax.barh(y, np.nan_to_num(mean), xerr=err, color="tab:blue", alpha=0.75, capsize=3, label="cxrflow (mean, 95% CI)")
     paper = np.array([np.nan if r.get("paper_mean_auc") is None else r["paper_mean_auc"] for r in rows], dtype=float)
     if np.isfinite(paper).any():
