@@ -618,7 +618,7 @@ sys.exit(cli.main(["store-info", "x"]))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
     assert done.returncode == 130, done.stderr
-    assert done.stderr.strip().splitlines() == ["warning: a library warning", "error: interrupted"], done.stderr
+    assert done.stderr.strip().splitlines() == ["py4j.clientserver: warning: a library warning", "error: interrupted"], done.stderr
 
 
 def test_two_predicts_adding_heatmaps_to_one_folder_the_second_names_the_first(evaluated_run, tmp_path, capsys):

@@ -115,7 +115,8 @@ class _OneLineLog(logging.Handler):
             return
         try:
             text = (record.getMessage().strip().splitlines() or [""])[0]
-            print(f"{record.levelname.lower()}: {text[:300]}", file=sys.stderr)
+            # led by the logger's name: a library's "error" is never mistaken for cxrflow's one error line
+            print(f"{record.name}: {record.levelname.lower()}: {text[:300]}", file=sys.stderr)
         except Exception:  # a record whose message cannot be formatted must not end the command
             self.handleError(record)
 
