@@ -69,6 +69,66 @@ def test_voi_lut_sequence(tmp_path):
     np.testing.assert_array_equal(load_gray(path)[0], _to8(lut[RAW12] / 65535.0, False))
 
 
+@pytest.mark.parametrize("vr", ["US", "OW"])
+def test_eight_bit_voi_lut_over_twelve_bit_data(tmp_path, vr):
+    """A VOI LUT of 4096 entries with 8-bit output: pydicom's apply_voi_lut indexed it with uint8, so
+    every stored value above 255 wrapped around (a 0..16 image instead of 0..255)."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    path = write_dicom(tmp_path / "lut8.dcm", RAW12, bits_stored=12)
+    dataset = dcmread(path)
+    lut = np.rint(np.sqrt(np.arange(4096) / 4095) * 255).astype(np.int64)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 8])
+    item.add_new(0x00283006, vr, lut.astype("<u2").tobytes() if vr == "OW" else lut.tolist())
+    dataset.VOILUTSequence = Sequence([item])
+    dataset.save_as(path)
+    np.testing.assert_array_equal(load_gray(path)[0], _to8(lut[RAW12] / 255.0, False))
+
+
+@pytest.mark.parametrize("bits", [16, 12])
+def test_modality_lut_sequence(tmp_path, bits):
+    """A Modality LUT (here 12-bit entries, as some exports write them) then a window: pydicom's
+    apply_modality_lut ended in "data type 'uint12' not understood", a traceback out of the ETL."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    path = write_dicom(tmp_path / "mlut.dcm", RAW12, bits_stored=12, window=(1500.0, 2000.0))
+    dataset = dcmread(path)
+    lut = np.rint((np.arange(4096) / 4095) ** 1.5 * (2**bits - 1)).astype(np.int64)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, bits])
+    item.add_new(0x00283006, "OW", lut.astype("<u2").tobytes())
+    item.ModalityLUTType = "US"
+    dataset.ModalityLUTSequence = Sequence([item])
+    dataset.save_as(path)
+    np.testing.assert_array_equal(load_gray(path)[0], _to8(_window(lut[RAW12].astype(float), 1500.0, 2000.0), False))
+
+
+@pytest.mark.parametrize("syntax", ["explicit", "rle"])
+def test_ybr_full_is_its_own_luma(tmp_path, syntax):
+    """YBR_FULL colour: the gray image is the Y plane. Through pydicom's RGB conversion, which clips,
+    and back to luma it was up to 6 levels off where the chroma is strong."""
+    from pydicom import dcmread
+    from pydicom.uid import RLELossless
+
+    y = RNG.integers(0, 256, (16, 20)).astype(np.uint8)
+    cb = np.where(y > 128, 200, 40).astype(np.uint8)  # strong chroma: R, G or B leaves 0..255
+    cr = np.where(y > 64, 60, 210).astype(np.uint8)
+    path = write_dicom(tmp_path / "ybr.dcm", y, bits_stored=8)
+    dataset = dcmread(path)
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation, dataset.PlanarConfiguration = 3, "YBR_FULL", 0
+    ybr = np.stack([y, cb, cr], -1)
+    dataset.PixelData = ybr.tobytes()
+    if syntax == "rle":
+        dataset.compress(RLELossless, ybr)
+    dataset.save_as(path)
+    np.testing.assert_array_equal(load_gray(path)[0], y)
+
+
 def test_sixteen_bit_colour_is_scaled_not_clipped(tmp_path):
     from pydicom import dcmread
 

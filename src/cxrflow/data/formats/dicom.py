@@ -7,9 +7,9 @@ in order (DICOM PS3.3 C.11):
 1. pixels decoded by pydicom; compressed transfer syntaxes through its plugins (pylibjpeg with
    libjpeg / openjpeg for JPEG and JPEG 2000; RLE natively). A file without pixel data, or whose
    syntax no installed plugin decodes, raises :class:`~cxrflow.data.imaging.ImageError` with the reason
-   (the ETL quarantines it). Multi-frame files: the first frame. Colour files: ITU-R 601 luma;
+   (the ETL quarantines it). Multi-frame files: the first frame. Colour files: ITU-R 601 luma (``YBR_FULL``: its own Y plane);
    ``PALETTE COLOR`` files: the luma of each index's palette colour.
-2. modality transform: ``RescaleSlope``/``RescaleIntercept`` or a Modality LUT.
+2. modality transform: a Modality LUT or ``RescaleSlope``/``RescaleIntercept`` (LUTs read by :func:`_lut`).
 3. VOI transform to 0..255: a VOI LUT (scaled by its output bit depth) when present, else the first
    ``WindowCenter``/``WindowWidth`` with the standard's linear function
    ``((x - (c - 0.5)) / (w - 1) + 0.5)`` clipped to [0, 1] (``VOILUTFunction`` LINEAR_EXACT and
@@ -74,17 +74,54 @@ def _first(value) -> float:
         return float(value)
 
 
+def _lut(ds, item) -> tuple[int, np.ndarray, int]:
+    """(first stored value mapped, entries, bits per entry) of a Modality or VOI LUT item (PS3.3 C.11.1.1).
+
+    Read here rather than by pydicom's ``apply_voi_lut``/``apply_modality_lut``: those index an 8-bit
+    LUT with uint8 (a 4096-entry table wraps around) and refuse a 12-bit Modality LUT.
+    """
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536  # 0 means 2**16 entries
+    if first >= 32768 and int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        first -= 65536  # a signed first value written as US
+    data = item["LUTData"].value
+    if isinstance(data, (bytes, bytearray)):
+        little = getattr(ds, "original_encoding", (None, True))[1] is not False
+        if bits <= 8 and len(data) in (entries, entries + 1):  # 8-bit entries packed one per byte
+            table = np.frombuffer(data, np.uint8)[:entries]
+        else:
+            table = np.frombuffer(data[: len(data) // 2 * 2], "<u2" if little else ">u2")[:entries]
+    else:
+        table = np.atleast_1d(np.asarray(data))
+    if table.size == 0:
+        raise ValueError("the LUT has no entries")
+    return first, table.astype(np.int64), bits
+
+
+def _look_up(values: np.ndarray, first: int, table: np.ndarray) -> np.ndarray:
+    """Values below the first mapped one take the first entry, those past the table the last."""
+    index = np.rint(np.asarray(values, dtype=np.float64)).astype(np.int64) - first
+    return table[np.clip(index, 0, len(table) - 1)]
+
+
+def _modality(ds, stored: np.ndarray) -> np.ndarray:
+    """Stored values -> modality values: the Modality LUT, else ``RescaleSlope``/``RescaleIntercept``."""
+    if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
+        first, table, _ = _lut(ds, ds.ModalityLUTSequence[0])
+        return _look_up(stored, first, table)
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        slope = _first(ds.RescaleSlope) if ds.get("RescaleSlope") not in (None, "") else 1.0
+        intercept = _first(ds.RescaleIntercept) if ds.get("RescaleIntercept") not in (None, "") else 0.0
+        return np.asarray(stored, dtype=np.float64) * slope + intercept
+    return stored
+
+
 def _voi(ds, modality: np.ndarray) -> np.ndarray:
     """Modality-transformed values -> float on 0..1 by the VOI LUT, the window, or min..max."""
-    from pydicom.pixels import apply_voi_lut
-
     values = np.asarray(modality, dtype=np.float64)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        item = ds.VOILUTSequence[0]
-        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-        index = modality if np.issubdtype(modality.dtype, np.integer) else np.rint(values).astype(np.int64)
-        out = apply_voi_lut(index, ds, index=0, prefer_lut=True).astype(np.float64)
-        return np.clip(out / float(2**bits - 1), 0.0, 1.0)
+        first, table, bits = _lut(ds, ds.VOILUTSequence[0])
+        return np.clip(_look_up(values, first, table) / float(2**bits - 1), 0.0, 1.0)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         c, w = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
         function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
@@ -114,20 +151,20 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     syntax_name = getattr(syntax, "name", str(syntax)) if syntax is not None else "unknown"
     _check_size(ds, where)
+    samples = int(ds.get("SamplesPerPixel", 1))
     try:
-        pixels = ds.pixel_array
+        pixels, colour = _decode(ds, samples)
     except Exception as exc:  # missing plugin, broken codestream, inconsistent header
         raise _error(f"cannot decode DICOM pixel data (transfer syntax {syntax_name}): {_short(exc)}", where) from None
-    samples = int(ds.get("SamplesPerPixel", 1))
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        pixels = pixels[0]
     if samples == 3:
-        rgb = pixels.astype(np.float64)
+        values = pixels.astype(np.float64)
         bits = int(ds.get("BitsStored", 8) or 8)
         if bits > 8:  # 16-bit colour: scaled to 0..255 like the 8-bit files, not clipped
-            rgb *= 255.0 / float(2**bits - 1)
-        gray = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114) / 1000.0
+            values *= 255.0 / float(2**bits - 1)
+        if colour.startswith("YBR_FULL"):  # Y is the luma itself; through RGB it would be clipped there
+            gray = values[..., 0]
+        else:
+            gray = (values[..., 0] * 299 + values[..., 1] * 587 + values[..., 2] * 114) / 1000.0
         return DicomImage(np.clip(np.rint(gray), 0, 255).astype(np.uint8), _spacing(ds),
                           str(ds.get("PhotometricInterpretation", "")), ds.get("BitsStored"), syntax_name)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
@@ -145,6 +182,23 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
         gray = _to_gray(ds, pixels, photometric)
     bits = ds.get("BitsStored")
     return DicomImage(gray, _spacing(ds), photometric, None if bits is None else int(bits), syntax_name)
+
+
+def _decode(ds, samples: int) -> tuple[np.ndarray, str]:
+    """The first frame's stored values and their colour space. ``YBR_FULL``/``YBR_FULL_422`` frames
+    stay in YCbCr (pydicom's default conversion to RGB clips, and the luma taken back from the clipped
+    RGB is not the file's Y); every other file is decoded as pydicom returns it."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if samples == 3 and photometric.startswith("YBR_FULL") and syntax is not None:
+        from pydicom.pixels import get_decoder
+
+        pixels, meta = get_decoder(syntax).as_array(ds, index=0, as_rgb=False)
+        return pixels, str(meta.get("photometric_interpretation", photometric))
+    pixels = ds.pixel_array
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]
+    return pixels, "RGB" if samples == 3 else photometric
 
 
 def _check_size(ds, where: str | None) -> None:
@@ -179,9 +233,7 @@ def _palette_gray(ds, indices: np.ndarray, where: str | None) -> np.ndarray:
 
 def _to_gray(ds, stored: np.ndarray, photometric: str) -> np.ndarray:
     """Stored values -> uint8: modality transform, VOI transform, MONOCHROME1 inverted, rounded."""
-    from pydicom.pixels import apply_modality_lut
-
-    scaled = _voi(ds, np.asarray(apply_modality_lut(stored, ds)))
+    scaled = _voi(ds, _modality(ds, stored))
     if photometric == "MONOCHROME1":
         scaled = 1.0 - scaled
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
