@@ -129,6 +129,34 @@ def test_ybr_full_is_its_own_luma(tmp_path, syntax):
     np.testing.assert_array_equal(load_gray(path)[0], y)
 
 
+def test_empty_window_is_no_window(tmp_path):
+    """WindowCenter/WindowWidth present but empty (type 2 elements left blank by an export): the
+    image's min..max, as without a window; it was a TypeError traceback out of the ETL."""
+    from pydicom import dcmread
+
+    path = write_dicom(tmp_path / "w.dcm", RAW12, bits_stored=12, window=(2000.0, 1000.0))
+    dataset = dcmread(path)
+    dataset["WindowCenter"].value, dataset["WindowWidth"].value = "", ""
+    dataset.save_as(path)
+    lo, hi = RAW12.min(), RAW12.max()
+    np.testing.assert_array_equal(load_gray(path)[0], _to8((RAW12 - lo) / (hi - lo), False))
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_bare_dataset_without_file_meta(tmp_path, implicit):
+    """A .dcm holding the dataset alone (no preamble, no file meta, as older exports write): decoded
+    in the encoding it was read with, where it was quarantined for its missing Transfer Syntax UID."""
+    from pydicom import dcmread, dcmwrite
+    from pydicom.dataset import FileMetaDataset
+
+    dataset = dcmread(write_dicom(tmp_path / "full.dcm", RAW12, bits_stored=12, window=(2000.0, 1000.0)))
+    dataset.file_meta, dataset.preamble = FileMetaDataset(), None
+    path = tmp_path / "bare.dcm"
+    dcmwrite(path, dataset, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    assert path.read_bytes()[128:132] != b"DICM"
+    np.testing.assert_array_equal(load_gray(path)[0], _to8(_window(RAW12.astype(float), 2000.0, 1000.0), False))
+
+
 def test_sixteen_bit_colour_is_scaled_not_clipped(tmp_path):
     from pydicom import dcmread
 

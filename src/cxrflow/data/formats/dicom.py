@@ -122,7 +122,7 @@ def _voi(ds, modality: np.ndarray) -> np.ndarray:
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         first, table, bits = _lut(ds, ds.VOILUTSequence[0])
         return np.clip(_look_up(values, first, table) / float(2**bits - 1), 0.0, 1.0)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
+    if ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):  # empty = no window
         c, w = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
         function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
         if function == "SIGMOID":
@@ -149,6 +149,15 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise _error("DICOM file without pixel data", where)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None and ds.original_encoding[0] is not None and "PixelData" in ds:
+        # a bare dataset without the Part 10 header (no preamble, no file meta): its pixel data are
+        # native, in the encoding the dataset itself was read with
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = ds.original_encoding
+        syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
     syntax_name = getattr(syntax, "name", str(syntax)) if syntax is not None else "unknown"
     _check_size(ds, where)
     samples = int(ds.get("SamplesPerPixel", 1))
