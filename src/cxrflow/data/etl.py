@@ -637,7 +637,8 @@ def _manifest(
             "missing": len(missing),
             "quarantined": len(quarantined),
             "unlisted_on_disk": len(release.unlisted),
-            "age_unknown": int(release.entries.attrs.get("age_unknown", 0)),
+            # the NIH reader counts its unusable ages itself; the other readers leave them at -1
+            "age_unknown": int(release.entries.attrs.get("age_unknown", (release.entries["age"] < 0).sum())),
         },
         "missing": missing,
         "quarantined": quarantined,

@@ -289,6 +289,8 @@ def test_etl_mimic_official_split(spark, tmp_path):
         image: {"train": "train", "validate": "val", "test": "test"}[split_of[image]] for image in rows
     }
     assert manifest["split"]["mode"] == "official-split" and manifest["split"]["val_fraction"] is None
+    # MIMIC-CXR-JPG's files hold no ages: the source summary said "age_unknown 0" for them
+    assert manifest["source"]["age_unknown"] == manifest["source"]["metadata_rows"] > 0
 
 
 def test_store_of_format_version_1_still_opens(tmp_path):
