@@ -308,6 +308,20 @@ def test_store_of_format_version_1_still_opens(tmp_path):
     assert batch["known"].shape == batch["labels"].shape and bool((batch["known"] == 1).all())
 
 
+def test_generic_pipe_labels_no_finding_in_any_case_and_one_spelling_per_finding(tmp_path, capsys):
+    """'no finding' was learnt as a finding of its own (every normal image a positive of it), and
+    'nodule' beside 'Nodule' split one finding's positives between two heads."""
+    (tmp_path / "labels.csv").write_text(
+        "image,patient_id,labels\na.png,1,no finding\nb.png,2,Nodule | Mass\nc.png,3,NO FINDING\nd.png,4,Mass\n")
+    col = load_collection(tmp_path, "csv", need_images=False)
+    assert col.vocab.names == ("Mass", "Nodule")
+    assert col.entries[["Mass", "Nodule"]].to_numpy().tolist() == [[0, 0], [1, 1], [0, 0], [1, 0]]
+    with open(tmp_path / "labels.csv", "a") as f:
+        f.write("e.png,5,nodule\n")
+    err = _error_of(["explore", "--data", str(tmp_path), "--out", str(tmp_path / "x")], capsys)
+    assert err == f"error: {tmp_path / 'labels.csv'}:6: finding 'nodule' is also written 'Nodule'; spell each finding one way"
+
+
 def test_generic_pipe_labels_no_finding_with_findings(tmp_path, capsys):
     root = write_generic(tmp_path, patients=3, per_column=False)
     _edit(root / "labels.csv", 3, "labels", "No Finding|Mass")

@@ -7,8 +7,9 @@ Columns (header names; order free):
 ``image``       required: image file path relative to the data folder (PNG, JPEG or DICOM
                 ``.dcm``); also the image id. Absolute paths and ``..`` are refused.
 ``patient_id``  required: integers, or any text (then numbered 1, 2, ... in sorted order)
-``labels``      either this: finding names separated by ``|`` (empty or ``No Finding`` =
-                none); the vocabulary is the sorted set of names seen, every label known
+``labels``      either this: finding names separated by ``|`` (empty or ``No Finding``, in
+                any case, = none); the vocabulary is the sorted set of names seen, every
+                label known; two spellings of a name that differ only in case are an error
 *finding*       or one column per finding (every column not named here), in file order:
                 ``1`` positive, ``0`` negative, ``-1`` uncertain, empty not mentioned
 ``age``         optional: whole years, empty = unknown (then a DICOM's ``PatientAge``)
@@ -98,9 +99,21 @@ def _patients(table) -> np.ndarray:
     return text.map(codes).to_numpy().astype(np.int64)
 
 
+def _normalise_labels(text: str) -> str:
+    """``A | b|no finding`` -> ``A|b|No Finding``: parts stripped, the no-finding token in any case."""
+    parts = [p.strip() for p in text.split("|") if p.strip()]
+    return "|".join(NO_FINDING if p.lower() == NO_FINDING.lower() else p for p in parts)
+
+
 def _pipe_labels(table) -> tuple[LabelVocabulary, np.ndarray]:
-    values = table.frame["labels"]
-    names = sorted({p.strip() for v in values for p in v.split("|") if p.strip() and p.strip() != NO_FINDING})
+    values = table.frame["labels"].map(_normalise_labels)
+    names = sorted({p for v in values for p in v.split("|") if p and p != NO_FINDING})
+    spelled = {}
+    for name in names:  # "Nodule" and "nodule" would be two findings, each with half the positives
+        if spelled.setdefault(name.lower(), name) != name:
+            other = spelled[name.lower()]
+            table.first(values.str.split("|").map(lambda parts, n=name: n in parts).to_numpy(), lambda r, n=name, o=other: (
+                f"finding {n!r} is also written {o!r}; spell each finding one way"))
     vocab = LabelVocabulary(tuple(names), no_finding=NO_FINDING)
     codes, uniques = pd.factorize(values)
     rows = np.zeros((len(uniques), len(names)), dtype=np.uint8)
