@@ -157,6 +157,30 @@ def test_bare_dataset_without_file_meta(tmp_path, implicit):
     np.testing.assert_array_equal(load_gray(path)[0], _to8(_window(RAW12.astype(float), 2000.0, 1000.0), False))
 
 
+@pytest.mark.parametrize("damage", ["window text", "short LUT descriptor"])
+def test_unusable_header_values_are_a_reason_not_a_traceback(tmp_path, damage):
+    """A window centre that is not a number, or a LUT descriptor of two values, raised ValueError out
+    of the decoder: one such file ended the whole ETL job instead of being quarantined."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    path = write_dicom(tmp_path / "bad.dcm", RAW12, bits_stored=12, window=(1234.0, 999.0))
+    if damage == "window text":
+        data = path.read_bytes()
+        assert data.count(b"1234") == 1
+        path.write_bytes(data.replace(b"1234", b"abcd"))
+    else:
+        dataset = dcmread(path)
+        item = Dataset()
+        item.add_new(0x00283002, "US", [4096, 0])
+        item.add_new(0x00283006, "OW", np.arange(4096).astype("<u2").tobytes())
+        dataset.VOILUTSequence = Sequence([item])
+        dataset.save_as(path)
+    with pytest.raises(ImageError, match="unusable DICOM rescale, LUT or window values in the header"):
+        load_gray(path)
+
+
 def test_sixteen_bit_colour_is_scaled_not_clipped(tmp_path):
     from pydicom import dcmread
 

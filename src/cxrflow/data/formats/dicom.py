@@ -6,7 +6,8 @@ in order (DICOM PS3.3 C.11):
 
 1. pixels decoded by pydicom; compressed transfer syntaxes through its plugins (pylibjpeg with
    libjpeg / openjpeg for JPEG and JPEG 2000; RLE natively). A file without pixel data, or whose
-   syntax no installed plugin decodes, raises :class:`~cxrflow.data.imaging.ImageError` with the reason
+   syntax no installed plugin decodes, or whose rescale, LUT or window values are unusable (text, a
+   short LUT descriptor), raises :class:`~cxrflow.data.imaging.ImageError` with the reason
    (the ETL quarantines it). Multi-frame files: the first frame. Colour files: ITU-R 601 luma (``YBR_FULL``: its own Y plane);
    ``PALETTE COLOR`` files: the luma of each index's palette colour.
 2. modality transform: a Modality LUT or ``RescaleSlope``/``RescaleIntercept`` (LUTs read by :func:`_lut`).
@@ -181,14 +182,10 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
         return DicomImage(_palette_gray(ds, pixels, where), _spacing(ds), photometric, ds.get("BitsStored"), syntax_name)
     if pixels.ndim != 2:
         raise _error(f"unsupported DICOM pixel layout {pixels.shape} (expected one gray frame)", where)
-    if np.issubdtype(pixels.dtype, np.integer) and pixels.dtype.itemsize <= 2:
-        # integer data: the whole transform as a table over the stored values that occur (<= 65,536
-        # entries), then one lookup per pixel instead of several float passes over the image
-        lo, hi = int(pixels.min()), int(pixels.max())
-        table = _to_gray(ds, np.arange(lo, hi + 1).astype(pixels.dtype), photometric)
-        gray = table[pixels.astype(np.int32) - lo] if lo < 0 else np.concatenate([np.zeros(lo, np.uint8), table])[pixels]
-    else:
-        gray = _to_gray(ds, pixels, photometric)
+    try:
+        gray = _gray(ds, pixels, photometric)
+    except (ValueError, TypeError, IndexError) as exc:  # a header value the transform cannot use
+        raise _error(f"unusable DICOM rescale, LUT or window values in the header: {_short(exc)}", where) from None
     bits = ds.get("BitsStored")
     return DicomImage(gray, _spacing(ds), photometric, None if bits is None else int(bits), syntax_name)
 
@@ -238,6 +235,17 @@ def _palette_gray(ds, indices: np.ndarray, where: str | None) -> np.ndarray:
     rgb *= 255.0 / float(2**bits - 1)
     gray = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114) / 1000.0
     return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+
+
+def _gray(ds, pixels: np.ndarray, photometric: str) -> np.ndarray:
+    """One gray frame's stored values -> uint8 by :func:`_to_gray`. Integer data: the transform as a
+    table over the stored values that occur (<= 65,536 entries), then one lookup per pixel instead of
+    several float passes over the image."""
+    if not (np.issubdtype(pixels.dtype, np.integer) and pixels.dtype.itemsize <= 2):
+        return _to_gray(ds, pixels, photometric)
+    lo, hi = int(pixels.min()), int(pixels.max())
+    table = _to_gray(ds, np.arange(lo, hi + 1).astype(pixels.dtype), photometric)
+    return table[pixels.astype(np.int32) - lo] if lo < 0 else np.concatenate([np.zeros(lo, np.uint8), table])[pixels]
 
 
 def _to_gray(ds, stored: np.ndarray, photometric: str) -> np.ndarray:
