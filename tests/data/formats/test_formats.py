@@ -113,6 +113,12 @@ def test_generic_reader_per_column_and_pipe(tmp_path):
         assert col.entries["Mass"].iloc[i] == ("Mass" in r[5].split("|"))
     splits = assign_collection_splits(col, 0.3, 0)
     assert splits["split"].tolist() == [r[6] for r in rows[1:]]
+    # MIMIC's and CheXpert's names of the validation split mean val too
+    assert "val" in splits["split"].tolist()
+    text = (pipe / "labels.csv").read_text()
+    (pipe / "labels.csv").write_text(text.replace(",val\n", ",Validate\n", 1).replace(",val\n", ",valid \n"))
+    again = assign_collection_splits(load_collection(pipe), 0.3, 0)
+    assert again["split"].tolist() == splits["split"].tolist()
 
 
 def test_what_stands_at_an_image_path_is_found_and_only_an_absent_path_is_missing(tmp_path):

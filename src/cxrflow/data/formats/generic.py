@@ -16,8 +16,9 @@ Columns (header names; order free):
 ``sex``         optional: M/F (Male/Female), empty = unknown (then a DICOM's ``PatientSex``)
 ``view``        optional: PA, AP, LATERAL, ...; with ``--views frontal`` only PA/AP rows are
                 kept when the column is present
-``split``       optional: train/val/test for every row (a patient in one split only);
-                without it patients are split 70/10/20
+``split``       optional: train/val/test for every row (a patient in one split only;
+                ``validate``, ``valid`` and ``validation`` mean val); without it
+                patients are split 70/10/20
 ==============  =========================================================================
 
 Column names are case-insensitive and other usual spellings are accepted (:data:`ALIASES`:
@@ -51,6 +52,8 @@ from cxrflow.data.uncertain import KNOWN
 FILE_NAME = "labels.csv"
 REQUIRED = ("image", "patient_id")
 OPTIONAL = ("labels", "age", "sex", "view", "split")
+#: Other names collections give the validation split (MIMIC's ``validate``, CheXpert's ``valid``).
+VAL_SPELLINGS = {"validate": "val", "valid": "val", "validation": "val"}
 SPLITS = ("train", "val", "test")
 NO_FINDING = "No Finding"
 
@@ -165,7 +168,7 @@ def read(root: Path, *, views: str = "frontal", need_images: bool = True, file_n
     keep = np.isin(view, FRONTAL) if views == "frontal" and "view" in columns else np.ones(len(ids), dtype=bool)
     train_val = test = val = None
     if "split" in columns:
-        split = table.frame["split"].str.lower().to_numpy(dtype=object)
+        split = table.frame["split"].str.strip().str.lower().replace(VAL_SPELLINGS).to_numpy(dtype=object)
         table.first(~np.isin(split, SPLITS), lambda r: f"'split' must be train, val or test, got {table.frame['split'].iloc[r]!r}")
         check_patient_splits(table, patients, split)
         kept_ids, kept_split = ids.to_numpy()[keep], split[keep]
