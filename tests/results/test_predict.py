@@ -222,6 +222,21 @@ def test_thresholds_of_an_evaluation_of_another_checkpoint_are_not_used(run_and_
     assert note.startswith("note: ") and "cxrflow evaluate" in note
 
 
+def test_an_unreadable_evaluation_is_named_not_skipped_silently(run_and_images, tmp_path, capsys):
+    run, _, img, _ = run_and_images
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["evaluate", "--run", str(copy), "--n-boot", "10"]) == 0
+    (metrics,) = copy.glob("eval-*-best_finetune/metrics.json")
+    metrics.write_bytes(b'{"mean_auc": 0.9, \xff')
+    predictor = load_predictor(copy)
+    assert predictor.thresholds is None and predictor.calibration is None
+    capsys.readouterr()
+    assert main(["predict", "--run", str(copy), str(img / "gray.png")]) == 0
+    (note,) = capsys.readouterr().err.strip().splitlines()
+    assert note.startswith(f"note: {metrics}: unreadable") and "calibration are not used" in note
+
+
 @pytest.mark.slow
 def test_predict_on_the_original_png_files_gives_evaluates_probabilities(spark, tmp_path):
     """Real ETL of real PNG files, a trained run, its evaluation: predict on the same PNG files (its

@@ -152,7 +152,8 @@ def _evaluation_record(run: Path, checkpoint_name: str) -> tuple[dict | None, st
     for path in sorted(run.glob(f"eval-*-{checkpoint_name}/metrics.json")):
         try:
             metrics = check_metrics(json.loads(path.read_text()), path)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:  # said, not skipped silently: without it the output is raw
+            note = note or f"{path}: unreadable ({_first_line(exc)}); its thresholds and calibration are not used"
             continue
         stale = evaluation_status(path, metrics)
         if stale is not None:
@@ -160,6 +161,10 @@ def _evaluation_record(run: Path, checkpoint_name: str) -> tuple[dict | None, st
             continue
         return metrics, None
     return None, note
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def operating_scale(evaluation: dict | None, label_names: Sequence[str], *, raw: bool) -> tuple[dict | None, tuple | None]:
