@@ -356,3 +356,16 @@ def test_a_lock_file_that_is_not_cxrflows_is_never_written_through(tmp_path):
     with OutputLock(out, "explore"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+def test_a_symlinked_out_is_refused_as_a_link_and_what_it_points_at_is_untouched(tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    for overwrite in (False, True):
+        with pytest.raises(CxrflowError, match="is a symbolic link") as info:
+            check_target(link, "evaluate", overwrite=overwrite)
+        assert "give the folder it points at" in str(info.value)
+    assert link.is_symlink() and (target / "notes.txt").read_text() == "mine"

@@ -159,7 +159,10 @@ def check_target(
 
 
 def _check_target(out: Path, command: str, *, overwrite: bool, inputs: Iterable[PathLike], how: str) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.is_symlink():  # publishing renames over the link itself, never into what it points at
+        raise CxrflowError("is a symbolic link (cxrflow writes outputs only to real folders); refusing to replace it, "
+                           "choose another --out or give the folder it points at", out)
+    if out.exists() and not out.is_dir():
         raise CxrflowError("exists and is not a folder (not a cxrflow output); refusing to replace it, choose another --out", out)
     why = _protected(out, inputs)
     if why is not None:
