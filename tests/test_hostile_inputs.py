@@ -513,7 +513,7 @@ def test_damaged_run_files_are_one_line_naming_the_file(evaluated_run, tmp_path,
 @pytest.mark.parametrize("edit,problem", [
     (lambda ck: ck["config"].update(size=100_000), "'config.size' must be a positive integer of at most 4096"),
     (lambda ck: ck.update(label_names=[ck["label_names"][0]] * len(ck["label_names"])), "names a finding twice"),
-    (lambda ck: ck.update(label_names=ck["label_names"][::-1]), "are not the store's"),
+    (lambda ck: ck.update(label_names=ck["label_names"][::-1]), "are not the store's in the same order (output 1 is"),
 ], ids=["huge-size", "duplicate-names", "other-order"])  # fmt: skip
 def test_checkpoints_with_impossible_size_or_other_findings_are_refused(evaluated_run, tmp_path, capsys, edit, problem):
     import torch
@@ -530,6 +530,19 @@ def test_checkpoints_with_impossible_size_or_other_findings_are_refused(evaluate
         line = _one_error_line(capsys.readouterr().err)
         assert str(checkpoint) in line and problem in line, line
     assert not out.exists() and not (tmp_path / "loc").exists()
+
+
+def test_findings_not_the_stores_name_where_they_differ_and_keep_the_fix_however_long_the_names():
+    from cxrflow.modelling.inference import check_label_names
+
+    store = {"label_names": [f"A finding with a very long name number {i}" for i in range(40)]}
+    for ours, where in ((store["label_names"][:-1], "(39 findings in the checkpoint, 40 in the store)"),
+                        (store["label_names"][:5] + ["Other"] + store["label_names"][6:], "(output 6 is 'Other' in the checkpoint")):
+        with pytest.raises(CxrflowError) as info:
+            check_label_names(ours, store, "run/best.pt")
+        message = str(info.value)
+        assert where in message and message.endswith("pass the store this run was trained on with --store"), message
+    check_label_names(list(store["label_names"]), store, "run/best.pt")
 
 
 def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch):

@@ -111,10 +111,14 @@ def training_pixel_stats(config: dict, size: int) -> tuple[float, float]:
 def check_label_names(label_names: list, manifest: dict, checkpoint: str | os.PathLike) -> None:
     """The model's outputs are read in the store's finding order: a checkpoint whose findings are
     not the store's, in the same order, would score each output against another finding's labels."""
-    if list(label_names) != list(manifest.get("label_names") or []):
+    ours, store = [str(n) for n in label_names], [str(n) for n in manifest.get("label_names") or []]
+    if ours != store:
+        i = next((i for i, (a, b) in enumerate(zip(ours, store)) if a != b), min(len(ours), len(store)))
+        where = (f"output {i + 1} is {ours[i]!r:.60} in the checkpoint, {store[i]!r:.60} in the store"
+                 if i < min(len(ours), len(store)) else f"{len(ours)} findings in the checkpoint, {len(store)} in the store")
         raise CxrflowError(
-            f"the checkpoint's findings {list(label_names)} are not the store's {manifest.get('label_names')} in "
-            "the same order; pass the store this run was trained on with --store"[:400],
+            f"the checkpoint's findings are not the store's in the same order ({where}); "
+            "pass the store this run was trained on with --store",
             checkpoint,
         )
 
