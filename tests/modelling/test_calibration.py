@@ -16,7 +16,7 @@ from cxrflow.modelling.calibration import (
     calibration_of,
     pos_weight_offsets,
 )
-from cxrflow.results.plots import plot_reliability
+from cxrflow.plots import plot_reliability
 
 
 def test_ece_hand_computed():

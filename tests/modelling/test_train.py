@@ -19,7 +19,7 @@ import torch
 from cxrflow.cli import main
 from cxrflow.modelling.config import resolve_config
 from cxrflow.data.labels import NIH14
-from cxrflow.results.metrics import mean_auc, per_class_auc
+from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.modelling.models import create_model, load_checkpoint
 from cxrflow.data.synthstore import write_synthetic_store
 from cxrflow.modelling.inference import predict_split

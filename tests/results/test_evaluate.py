@@ -15,7 +15,7 @@ from cxrflow.results.evaluate import (
     youden_threshold,
 )
 from cxrflow.data.labels import NIH14
-from cxrflow.results.metrics import binary_auc, per_class_auc
+from cxrflow.metrics import binary_auc, per_class_auc
 
 
 def _data(n=400, k=3, patients=120, seed=0):

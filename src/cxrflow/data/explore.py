@@ -31,7 +31,7 @@ from cxrflow.outputs import publishing
 from cxrflow.data.labels import NIH14, LabelVocabulary
 from cxrflow.data.formats import add_format_arguments, load_collection
 from cxrflow.data.metadata import AGE_RANGE, label_matrix, read_data_entry
-from cxrflow.results.plots import _new_axes
+from cxrflow.plots import _new_axes
 
 FIGURES = {
     "findings": "findings.png",

@@ -57,7 +57,7 @@ from cxrflow.modelling.inference import autocast as _autocast
 from cxrflow.modelling.inference import model_input, predict_split, resolve_device
 from cxrflow.modelling.inference import unwrap as _unwrap
 from cxrflow.data.loader import augment, make_loader
-from cxrflow.results.metrics import mean_auc, per_class_auc
+from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.modelling.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model, load_weights
 from cxrflow.outputs import claiming, read_marker, write_marker
 from cxrflow.data.store import check_partition, pixel_stats, read_manifest

@@ -41,7 +41,7 @@ from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow import options
-from cxrflow.results.metrics import mean_auc, per_class_auc, roc
+from cxrflow.metrics import mean_auc, per_class_auc, roc
 from cxrflow.outputs import publishing
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_evaluation, request_from_args
@@ -467,7 +467,7 @@ def write_prediction_files(
     into ``folder``; returns the figures' names. ``what`` names the model in the titles."""
     import pyarrow.parquet as pq
 
-    from cxrflow.results.plots import plot_reliability, plot_roc
+    from cxrflow.plots import plot_reliability, plot_roc
 
     pq.write_table(predictions_table(evaluated, label_names), folder / PREDICTIONS_NAME)
     pq.write_table(predictions_table(validation, label_names), folder / VAL_PREDICTIONS_NAME)
@@ -615,7 +615,7 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
     from cxrflow.identity import file_sha256
     from cxrflow.modelling.inference import check_label_names, predict_split, training_pixel_stats
     from cxrflow.modelling.models import load_checkpoint
-    from cxrflow.results.plots import plot_training_curves
+    from cxrflow.plots import plot_training_curves
     from cxrflow.data.store import read_manifest
 
     checkpoint_sha256 = file_sha256(ckpt_path)

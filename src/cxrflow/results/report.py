@@ -265,7 +265,7 @@ def write_report(
     Returns the rows and the paths written. The HTML options are those of
     :func:`cxrflow.results.htmlreport.build_context`.
     """
-    from cxrflow.results.plots import plot_run_comparison
+    from cxrflow.plots import plot_run_comparison
 
     out = Path(out)
     names = {"table_md": TABLE_MD, "table_csv": TABLE_CSV, "comparison_png": COMPARISON_PNG}

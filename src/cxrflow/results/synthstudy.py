@@ -46,7 +46,7 @@ def _figures(folder: Path, labels: np.ndarray, probs: np.ndarray, names: Sequenc
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cxrflow.results.plots import plot_roc, plot_training_curves
+    from cxrflow.plots import plot_roc, plot_training_curves
 
     plot_roc(labels, probs, names, title=f"ROC curves, {title}").savefig(folder / "roc.png", dpi=110)
     records = [{"stage": s, "epoch": e, "train_loss": 1.0 / (e + i), "val_loss": 1.1 / (e + i), "val_auc_mean": 0.6 + 0.05 * e + 0.02 * i}

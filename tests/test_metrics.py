@@ -3,7 +3,7 @@ import math
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from cxrflow.results.metrics import binary_auc, mean_auc, per_class_auc
+from cxrflow.metrics import binary_auc, mean_auc, per_class_auc
 
 
 def test_hand_computed_auc():

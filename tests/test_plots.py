@@ -2,7 +2,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from cxrflow.data.labels import NIH14
-from cxrflow.results.plots import (
+from cxrflow.plots import (
     ordered_epochs,
     plot_auc_curves,
     plot_roc,

@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cxrflow.results.metrics import binary_auc, roc
+from cxrflow.metrics import binary_auc, roc
 
 STAGE_TITLES = {"kt": "KT (frozen backbone)", "finetune": "fine-tuning"}
 STAGE_SHORT = {"kt": "KT", "finetune": "fine-tuning"}
