@@ -37,7 +37,8 @@ def main() -> None:
     from cxrflow.modelling.calibration import apply_temperatures, ece_and_brier, fit_temperatures
     from cxrflow.modelling.config import StageSettings, TrainConfig
     from cxrflow.modelling.ensemble import build_ensemble
-    from cxrflow.results.evaluate import evaluate_run, read_predictions
+    from cxrflow.results.evaluate import evaluate_run
+    from cxrflow.runs import read_predictions
     from cxrflow.data.synthstore import write_synthetic_store
     from cxrflow.modelling.train import train
 

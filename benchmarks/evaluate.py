@@ -40,7 +40,7 @@ def make_run(root: Path, test_images: int, val_images: int) -> Path:
     """A store with ``test_images`` test rows at 512 px and a run folder holding a random simple_cnn."""
     import torch
 
-    from cxrflow.identity import store_identity
+    from cxrflow.data.store import store_identity
     from cxrflow.modelling.models import create_model
     from cxrflow.data.store import pixel_stats, read_manifest
     from cxrflow.data.synthstore import write_synthetic_store

@@ -485,7 +485,7 @@ def test_sweep_values_of_the_wrong_type_are_one_line_naming_the_file(store, tmp_
 
 
 def test_damaged_run_files_are_one_line_naming_the_file(evaluated_run, tmp_path, capsys):
-    from cxrflow.results.evaluate import read_epoch_records
+    from cxrflow.runs import read_epoch_records
 
     run = _copy_run(evaluated_run, tmp_path / "run")
     (run / "done.json").write_bytes(b"\xff\xfe{")

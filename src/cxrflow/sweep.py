@@ -58,7 +58,7 @@ from cxrflow.atomic import write_json_atomic
 from cxrflow.modelling.config import TrainConfig, apply_overrides, preset, read_config_file
 from cxrflow import options
 from cxrflow.errors import CxrflowError
-from cxrflow.results.evaluate import METRICS_NAME, default_eval_dir, evaluation_status
+from cxrflow.runs import METRICS_NAME, default_eval_dir, evaluation_status
 from cxrflow.outputs import claiming
 from cxrflow.modelling.sparktrain import SparkLaunch, launch_from_args, run_sweep_jobs
 from cxrflow.modelling.sparktrain import add_arguments as add_spark_arguments

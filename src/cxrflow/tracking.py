@@ -321,7 +321,7 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Attach the run folder's files and mark the MLflow run finished (or failed/killed)."""
-        from cxrflow.results.evaluate import read_epoch_records
+        from cxrflow.runs import read_epoch_records
 
         def close() -> None:
             self._log_missing(read_epoch_records(self.folder), training=True)
@@ -336,7 +336,7 @@ class Tracker:
     def log_evaluation(self, metrics: dict, eval_folder: str | os.PathLike) -> None:
         """An evaluation's mean AUC with CI, per-finding AUCs, metrics.json and figures (and any
         training epochs MLflow missed)."""
-        from cxrflow.results.evaluate import read_epoch_records
+        from cxrflow.runs import read_epoch_records
 
         def log() -> None:
             self._log_missing(read_epoch_records(self.folder), training=False)

@@ -470,7 +470,7 @@ def test_local_cluster_gives_the_same_store_as_local(synthetic, synthetic_store,
 
 
 def test_manifest_records_row_order_and_split_identity(synthetic_store):
-    from cxrflow.identity import store_split_identity
+    from cxrflow.data.store import store_split_identity
 
     store, manifest = synthetic_store
     assert manifest["row_order"] == {"kind": "shuffled", "seed": 0, "key": "blake2b-64(seed, image_id)"}

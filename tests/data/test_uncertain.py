@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cxrflow.cli import main
-from cxrflow.results.evaluate import summarize
+from cxrflow.metrics import summarize
 from cxrflow.data.loader import make_loader
 from cxrflow.data.store import KNOWN_COLUMN, MANIFEST_NAME, schema_for
 from cxrflow.data.synthstore import write_synthetic_store

@@ -12,7 +12,8 @@ from PIL import Image
 from cxrflow.modelling.calibration import expected_calibration_error, fit_temperature, logit
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.results.evaluate import bootstrap_auc_ci, evaluate_run, sensitivity_specificity, youden_threshold
+from cxrflow.metrics import bootstrap_auc_ci, sensitivity_specificity, youden_threshold
+from cxrflow.results.evaluate import evaluate_run
 from cxrflow.modelling.ensemble import build_ensemble
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrflow.results.evaluate import (
+from cxrflow.metrics import (
     _weighted_auc,
     bootstrap_auc_ci,
     bootstrap_aucs,
@@ -134,7 +134,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from cxrflow.cli import main  # noqa: E402
 from cxrflow.errors import CxrflowError  # noqa: E402
-from cxrflow.results.evaluate import evaluate_run, read_predictions, resolve_checkpoint  # noqa: E402
+from cxrflow.results.evaluate import evaluate_run  # noqa: E402
+from cxrflow.runs import read_predictions, resolve_checkpoint  # noqa: E402
 
 
 def train_tiny_run(tmp, model="simple_cnn", rows=None, epochs=2, store=None):
@@ -274,8 +275,9 @@ def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_ru
 
 
 def test_evaluation_records_its_checkpoint_and_store(tiny_run, tmp_path):
-    from cxrflow.results.evaluate import evaluation_status
-    from cxrflow.identity import file_sha256, store_split_identity
+    from cxrflow.runs import evaluation_status
+    from cxrflow.data.store import store_split_identity
+    from cxrflow.identity import file_sha256
 
     run, store = tiny_run
     m = evaluate_run(run, out=tmp_path / "ev", n_boot=10)
@@ -289,7 +291,7 @@ def test_evaluation_records_its_checkpoint_and_store(tiny_run, tmp_path):
 def test_a_stale_evaluation_names_the_command_that_makes_it_again_in_its_own_folder(tiny_run, tmp_path):
     """Retrained after two evaluations (the run's default folder and one written with --out): each
     says to evaluate again, the second into its own folder rather than the run's default one."""
-    from cxrflow.results.evaluate import evaluation_status
+    from cxrflow.runs import evaluation_status
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0], run)
@@ -382,7 +384,7 @@ def test_thresholds_come_from_validation_not_from_the_evaluated_split(tmp_path):
 def test_summary_and_store_info_columns_line_up_with_long_finding_names():
     """CheXpert's 'Enlarged Cardiomediastinum' (26 characters) pushed its row's numbers out of their columns."""
     from cxrflow.data.store import format_manifest
-    from cxrflow.results.evaluate import format_summary
+    from cxrflow.modelling.scoring import format_summary
 
     names = ["Enlarged Cardiomediastinum", "Edema"]
     metrics = {"model": "simple_cnn", "size": 32, "checkpoint": "best_finetune", "split": "test", "n_images": 9,

@@ -6,7 +6,7 @@ import pytest
 
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.results.evaluate import summarize
+from cxrflow.metrics import summarize
 from cxrflow.data.labels import NIH14
 from cxrflow.results.report import build_rows, format_markdown, paper_mean_auc, write_report
 

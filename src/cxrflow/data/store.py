@@ -36,6 +36,7 @@ from cxrflow import __version__
 from cxrflow.atomic import read_json_object
 from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import LabelVocabulary
+from cxrflow.identity import split_identity
 
 #: Bumped whenever the layout or the columns change incompatibly.
 FORMAT_VERSION = 2
@@ -324,6 +325,26 @@ def verify_store(store: str | os.PathLike, manifest: dict) -> tuple[list[str], i
             if count != expected:
                 problems.append(f"{folder}: {count} rows in readable parts, the manifest says {expected}")
     return problems, files_read, rows_read
+
+
+def store_split_identity(store: str | os.PathLike, size: int, split: str) -> str:
+    """:func:`split_identity` of one (size, split) partition, read from its id and label columns only."""
+    import pyarrow.parquet as pq
+
+    ids: list[str] = []
+    labels: list[list[int]] = []
+    for path in sorted(split_dir(store, size, split).glob("*.parquet")):
+        table = pq.read_table(path, columns=["image_id", "labels"])
+        ids.extend(table.column("image_id").to_pylist())
+        labels.extend(table.column("labels").to_pylist())
+    return split_identity(ids, labels)
+
+
+def store_identity(store: str | os.PathLike, manifest: dict, size: int) -> dict[str, str]:
+    """Identity of every split of the store at ``size``: the manifest's when recorded, else computed."""
+    recorded = manifest.get("split_identity") or {}
+    rows = manifest.get("rows", {}).get(str(int(size)), {})
+    return {split: recorded.get(split) or store_split_identity(Path(store), size, split) for split in rows}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ ensemble needs no new inference:
 
 The ensemble's output is treated like one model's logits: thresholds are chosen on its validation
 predictions, a temperature per finding is fitted on them, and the test split is summarised by the
-same patient bootstrap as an evaluation (:func:`cxrflow.results.evaluate.score_with_calibration`). The
+same patient bootstrap as an evaluation (:func:`cxrflow.modelling.scoring.score_with_calibration`). The
 folder ``ENS`` is an evaluation folder in its own right (``metrics.json`` with ``"kind": "ensemble"``,
 its method and members, ``predictions.parquet``, ``val_predictions.parquet``, ``roc.png``,
 ``reliability.png``), so ``cxrflow report`` shows it as a row and ``cxrflow predict --run ENS`` scores
@@ -45,7 +45,8 @@ from cxrflow.identity import file_sha256
 from cxrflow.outputs import check_target, publishing
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_ensemble, read_record, request_from_args
-from cxrflow.results.evaluate import (
+from cxrflow.modelling.scoring import format_summary, score_with_calibration, write_prediction_files
+from cxrflow.runs import (
     CHECKPOINT_NAMES,
     METRICS_NAME,
     PREDICTIONS_NAME,
@@ -53,11 +54,8 @@ from cxrflow.results.evaluate import (
     check_metrics,
     default_eval_dir,
     evaluation_status,
-    format_summary,
     read_predictions,
     resolve_checkpoint,
-    score_with_calibration,
-    write_prediction_files,
 )
 
 METHODS = ("mean", "stacked")

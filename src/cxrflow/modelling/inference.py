@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,7 @@ from torch import nn
 
 from cxrflow.errors import CxrflowError
 from cxrflow.data.loader import make_loader, to_model_input
-from cxrflow.data.store import check_partition, pixel_stats, read_manifest
+from cxrflow.data.store import check_partition, pixel_stats, read_manifest, store_identity
 from cxrflow.data.uncertain import masked_bce
 
 #: Device choices every command accepts (``cuda:N`` too).
@@ -121,6 +123,21 @@ def check_label_names(label_names: list, manifest: dict, checkpoint: str | os.Pa
             "pass the store this run was trained on with --store",
             checkpoint,
         )
+
+
+def check_store_identity(config: dict, store: Path, manifest: dict, size: int, splits: Sequence[str]) -> dict[str, str]:
+    """The identity of ``splits`` of ``store``; an error when one differs from what the run was
+    trained with (another dataset's store, or a store rebuilt from other images or labels)."""
+    now = store_identity(store, manifest, size)
+    trained = config.get("store_identity") or {}
+    for split in dict.fromkeys(splits):
+        if trained.get(split) and now.get(split) != trained[split]:
+            raise CxrflowError(
+                f"the store's {split} split is not the one this run was trained with (other image ids or "
+                "labels); pass the run's own store with --store, or evaluate a run trained on this store",
+                store,
+            )
+    return {split: now[split] for split in dict.fromkeys(splits) if split in now}
 
 
 def predict_split(

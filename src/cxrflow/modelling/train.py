@@ -52,7 +52,7 @@ from cxrflow.modelling.config import (
 from cxrflow.data.demographics import FUSIONS, fusion_record
 from cxrflow.errors import CxrflowError
 from cxrflow import options
-from cxrflow.identity import store_identity
+from cxrflow.data.store import store_identity
 from cxrflow.modelling.inference import autocast as _autocast
 from cxrflow.modelling.inference import model_input, predict_split, resolve_device
 from cxrflow.modelling.inference import unwrap as _unwrap

@@ -30,7 +30,7 @@ import numpy as np
 from cxrflow import __version__
 from cxrflow.results.embed import figure_uri
 from cxrflow.errors import CxrflowError
-from cxrflow.results.evaluate import METRICS_NAME, evaluation_checkpoint
+from cxrflow.runs import METRICS_NAME, evaluation_checkpoint
 from cxrflow.identity import file_sha256
 from cxrflow.results.report import MODEL_TITLES, STAGE_TITLES, build_rows
 
@@ -499,7 +499,7 @@ def read_case_predictions(path: Path) -> tuple[dict[str, Any], list[str]]:
     """``predictions.parquet`` as arrays, plus which labels are known (``known_<finding>``) where recorded."""
     import pyarrow.parquet as pq
 
-    from cxrflow.results.evaluate import read_predictions
+    from cxrflow.runs import read_predictions
 
     pred, names = read_predictions(path)
     columns = [f"known_{n}" for n in names]

@@ -55,6 +55,7 @@ from cxrflow.data.boxes import (
 from cxrflow.errors import CxrflowError
 from cxrflow.identity import file_sha256
 from cxrflow.outputs import check_target, publishing
+from cxrflow.runs import default_localize_dir
 from cxrflow.modelling.heatmaps import square_geometry, store_to_original
 
 JSON_NAME = "localization.json"
@@ -260,16 +261,11 @@ def _frame(boxes: list[dict]) -> pd.DataFrame:
 # --- the whole benchmark ---------------------------------------------------------------------------
 
 
-def default_localize_dir(run: str | os.PathLike, split: str, checkpoint_name: str) -> Path:
-    """Where ``cxrflow localize`` writes by default: ``RUN/localize-<split>-<checkpoint>``."""
-    return Path(run) / f"localize-{split}-{checkpoint_name}"
-
-
 def localization_status(path: str | os.PathLike, result: dict) -> str | None:
     """None when the localization at ``path`` (its ``localization.json``) was made from the checkpoint
     its run holds now; else one line saying why not, naming the command that makes it again. Every
     consumer of a localization (the report's table, gallery and heatmap overlays) calls this first."""
-    from cxrflow.results.evaluate import checkpoint_status
+    from cxrflow.runs import checkpoint_status
 
     again = (f"run 'cxrflow localize --run {result.get('run', 'RUN')} --checkpoint {result.get('checkpoint', '?')} "
              f"--split {result.get('split', 'test')} --overwrite' again")  # fmt: skip
@@ -330,7 +326,7 @@ def _gallery_cases(scored: pd.DataFrame, finding: str, found: HeatmapPass, pred:
 
 def _load(run: Path, checkpoint: str | None, store: str | os.PathLike | None, device: str):
     """(checkpoint name, path, model, checkpoint dict, store path, size, manifest, pixel mean, std)."""
-    from cxrflow.results.evaluate import resolve_checkpoint
+    from cxrflow.runs import resolve_checkpoint
     from cxrflow.modelling.inference import check_label_names, resolve_device
     from cxrflow.modelling.models import load_checkpoint
     from cxrflow.data.store import check_partition, pixel_stats, read_manifest

@@ -104,7 +104,7 @@ def load_predictor(
     """Load a run's checkpoint (default: best_finetune, else best_kt) for prediction, calibrated
     unless ``raw`` (when the run was evaluated). An ensemble folder gives an
     :class:`~cxrflow.modelling.ensemble.EnsemblePredictor` with the same face."""
-    from cxrflow.results.evaluate import METRICS_NAME, resolve_checkpoint
+    from cxrflow.runs import METRICS_NAME, resolve_checkpoint
     from cxrflow.modelling.inference import resolve_device, training_pixel_stats
     from cxrflow.modelling.models import load_checkpoint
 
@@ -146,7 +146,7 @@ def _evaluation_record(run: Path, checkpoint_name: str) -> tuple[dict | None, st
     Every evaluation of a checkpoint chooses its thresholds and fits its temperatures on the
     validation split, so any current ``RUN/eval-<split>-<checkpoint>/metrics.json`` will do.
     """
-    from cxrflow.results.evaluate import check_metrics, evaluation_status
+    from cxrflow.runs import check_metrics, evaluation_status
 
     note = None
     for path in sorted(run.glob(f"eval-*-{checkpoint_name}/metrics.json")):

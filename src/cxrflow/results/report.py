@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cxrflow.errors import CxrflowError
-from cxrflow.results.evaluate import METRICS_NAME, check_metrics, evaluation_status
+from cxrflow.runs import METRICS_NAME, check_metrics, evaluation_status
 from cxrflow.outputs import publishing
 
 #: The paper's published mean test AUCs (Table 1), by (model, input size, stage).

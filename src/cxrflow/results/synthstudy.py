@@ -2,7 +2,7 @@
 
 For tests and benchmarks of ``cxrflow report``: a synthetic store (:mod:`cxrflow.data.synthstore`), run
 folders with ``config.json``, evaluation folders with ``metrics.json`` (computed by
-:func:`cxrflow.results.evaluate.summarize` from predictions with a planted signal), ``predictions.parquet``
+:func:`cxrflow.metrics.summarize` from predictions with a planted signal), ``predictions.parquet``
 and figures, optionally calibration keys and ``reliability.png`` (the shape issue 12 writes), a
 ``localize-*`` folder (issue 13's shape), an ensemble folder and small real checkpoints. No
 training is run: building a study takes seconds.
@@ -96,7 +96,8 @@ def write_evaluation(
     """One evaluation folder as ``cxrflow evaluate`` writes it, over the store's test split."""
     import pyarrow.parquet as pq
 
-    from cxrflow.results.evaluate import predictions_table, summarize, youden_threshold
+    from cxrflow.metrics import summarize, youden_threshold
+    from cxrflow.runs import predictions_table
     from cxrflow.data.store import pixel_stats, read_manifest
 
     manifest = read_manifest(store)

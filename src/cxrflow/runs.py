@@ -1,0 +1,301 @@
+"""A run folder and what is written into it: where things are, which checkpoint an output scored,
+and whether that output still belongs to the checkpoint the run holds now.
+
+A run folder (``cxrflow train --out RUN``) holds ``best_kt.pt``, ``best_finetune.pt`` and
+``last.pt``, ``metrics.jsonl`` (one record per epoch), and the outputs made from its checkpoints:
+evaluations in ``RUN/eval-<split>-<checkpoint>/`` (``metrics.json``, ``predictions.parquet``,
+``val_predictions.parquet``, figures) and localizations in ``RUN/localize-<split>-<checkpoint>/``.
+
+- :func:`resolve_checkpoint`: ``best_finetune`` / ``best_kt`` / ``last`` / a path to (name, file).
+- :class:`Provenance`: the record every output keeps of the checkpoint it scored (with its hash).
+- :func:`evaluation_status` / :func:`checkpoint_status`: the one check every consumer of an
+  evaluation or localization makes before using it (the checkpoint's bytes must be unchanged).
+- :func:`check_metrics`, :func:`read_epoch_records`, :func:`predictions_table`,
+  :func:`read_predictions`: the files' shapes, read and written in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrflow.errors import CxrflowError
+from cxrflow.identity import file_sha256
+
+#: Checkpoint names a run folder may hold, in the order evaluate prefers them by default.
+CHECKPOINT_NAMES = ("best_finetune", "best_kt")
+#: Stage each named checkpoint belongs to.
+CHECKPOINT_STAGE = {"best_finetune": "finetune", "best_kt": "kt"}
+METRICS_NAME = "metrics.json"
+PREDICTIONS_NAME = "predictions.parquet"
+#: The validation split's predictions, same columns (ensembles are fitted on them without inference).
+VAL_PREDICTIONS_NAME = "val_predictions.parquet"
+RELIABILITY_NAME = "reliability.png"
+
+
+# --------------------------------------------------------------------------------------------------
+# where things are
+
+
+def resolve_checkpoint(run: str | os.PathLike, checkpoint: str | None = None) -> tuple[str, Path]:
+    """(name, path) of the checkpoint to evaluate.
+
+    ``checkpoint`` is ``best_finetune``, ``best_kt``, a file path, or None for the default:
+    ``best_finetune`` when the run has it, else ``best_kt``.
+    """
+    run = Path(run)
+    if checkpoint in (None, "", "auto"):
+        for name in CHECKPOINT_NAMES:
+            if (run / f"{name}.pt").is_file():
+                return name, run / f"{name}.pt"
+        raise CxrflowError(
+            f"no checkpoint to evaluate (expected {' or '.join(n + '.pt' for n in CHECKPOINT_NAMES)}; "
+            "has 'cxrflow train' finished a stage?)",
+            run,
+        )
+    if checkpoint in CHECKPOINT_NAMES or checkpoint == "last":
+        path = run / f"{checkpoint}.pt"
+        if not path.is_file():
+            have = sorted(p.stem for p in run.glob("*.pt"))
+            raise CxrflowError(f"the run has no {checkpoint}.pt (it has: {', '.join(have) or 'no checkpoints'})", run)
+        return checkpoint, path
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CxrflowError(
+            f"no such checkpoint (give {', '.join(CHECKPOINT_NAMES)}, last, or a .pt file)", path
+        )
+    return path.stem, path
+
+
+def default_eval_dir(run: str | os.PathLike, split: str, checkpoint_name: str) -> Path:
+    """Where ``cxrflow evaluate`` writes by default: ``RUN/eval-<split>-<checkpoint>``."""
+    return Path(run) / f"eval-{split}-{checkpoint_name}"
+
+
+def default_localize_dir(run: str | os.PathLike, split: str, checkpoint_name: str) -> Path:
+    """Where ``cxrflow localize`` writes by default: ``RUN/localize-<split>-<checkpoint>``."""
+    return Path(run) / f"localize-{split}-{checkpoint_name}"
+
+
+# --------------------------------------------------------------------------------------------------
+# which checkpoint an output scored
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """The checkpoint an output (an evaluation's ``metrics.json``, a ``localization.json``) was made
+    from: its run, name, file and content hash, and the stage, epoch and model it holds. Written at
+    the top of the output's record; :func:`checkpoint_status` checks it later."""
+
+    run: str
+    run_name: str
+    checkpoint: str
+    checkpoint_path: str
+    checkpoint_sha256: str
+    stage: str | None
+    epoch: int | None
+    model: str | None
+
+    @classmethod
+    def of(cls, run: str | os.PathLike, name: str, path: str | os.PathLike, ckpt: dict, sha256: str) -> Provenance:
+        """The provenance of checkpoint ``name`` (file ``path``, loaded as ``ckpt``, bytes hashing to
+        ``sha256``) of the run folder ``run``."""
+        run = Path(run)
+        return cls(
+            run=str(run.resolve()),
+            run_name=run.name,
+            checkpoint=name,
+            checkpoint_path=str(Path(path).resolve()),
+            checkpoint_sha256=sha256,
+            stage=ckpt.get("stage", CHECKPOINT_STAGE.get(name)),
+            epoch=ckpt.get("epoch"),
+            model=(ckpt.get("config") or {}).get("model"),
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The fields as the JSON object an output's record starts with."""
+        return dataclasses.asdict(self)
+
+
+def evaluation_checkpoint(metrics_path: str | os.PathLike, metrics: dict) -> Path:
+    """The checkpoint file an evaluation (or a localization) is about: ``RUN/<checkpoint>.pt`` beside
+    a default ``RUN/eval-*`` (``RUN/localize-*``) folder (so a moved run still works), else the
+    recorded ``checkpoint_path``."""
+    folder = Path(metrics_path).parent
+    name = metrics.get("checkpoint")
+    if name and folder.name.startswith(("eval-", "localize-")) and (folder.parent / f"{name}.pt").is_file():
+        return folder.parent / f"{name}.pt"
+    return Path(metrics.get("checkpoint_path") or folder / f"{name}.pt")
+
+
+def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = None) -> str | None:
+    """None when the evaluation at ``metrics_path`` belongs to the checkpoint now in its run; else
+    one line saying why not and that the run must be evaluated again.
+
+    Compares the evaluation's recorded ``checkpoint_sha256`` with the checkpoint file's bytes now
+    (a retrained, resumed or replaced checkpoint has other bytes). An ensemble is current when every
+    member's evaluation is and still names the same checkpoint. Every consumer of an evaluation
+    calls this before using it.
+    """
+    metrics_path = Path(metrics_path)
+    if metrics is None:
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except (OSError, ValueError, RecursionError) as exc:
+            return f"unreadable evaluation ({exc}); run 'cxrflow evaluate' again"
+    try:
+        check_metrics(metrics, metrics_path)
+    except CxrflowError as exc:
+        return f"{exc.message}; run 'cxrflow evaluate' (or 'cxrflow ensemble') again"
+    if metrics.get("kind") == "ensemble":
+        for member in metrics["members"]:
+            member_metrics = Path(member.get("eval", "")) / METRICS_NAME
+            reason = evaluation_status(member_metrics)
+            if reason is None and json.loads(member_metrics.read_text()).get("checkpoint_sha256") != member.get("checkpoint_sha256"):
+                reason = "a member was evaluated again with another checkpoint"
+            if reason is not None:
+                return f"ensemble member {member.get('run')}: {reason}; build the ensemble again"
+        return None
+    name = metrics.get("checkpoint", "?")
+    run = metrics.get("run", "RUN")
+    folder = metrics_path.parent
+    # an evaluation written with --out elsewhere is made again in its own folder, not the run's default one
+    out = "" if "run" not in metrics or not metrics.get("split") or folder.absolute() == default_eval_dir(Path(str(run)).absolute(), str(metrics["split"]), str(name)) else (
+        f" --split {metrics['split']} --out {folder}"
+    )
+    again = f"run 'cxrflow evaluate --run {run} --checkpoint {name}{out} --overwrite' again"
+    return checkpoint_status(metrics_path, metrics, "evaluation", again)
+
+
+def checkpoint_status(path: str | os.PathLike, record: dict, what: str, again: str) -> str | None:
+    """None when the output whose record (``metrics.json``, ``localization.json``) is at ``path`` was
+    made from the checkpoint file its run holds now (by ``checkpoint_sha256``); else one line saying
+    why not, ending with ``again`` (the command that makes it again). ``what`` names the output."""
+    recorded = record.get("checkpoint_sha256")
+    if not recorded:
+        return f"the {what} does not record which checkpoint it scored (made by an older cxrflow); {again}"
+    checkpoint = evaluation_checkpoint(path, record)
+    if not checkpoint.is_file():
+        return f"the {what}'s checkpoint {checkpoint} is gone; {again}"
+    if file_sha256(checkpoint) != recorded:
+        return (
+            f"{checkpoint.name} changed since this {what} (retrained or resumed; it scored "
+            f"{record.get('stage')} epoch {record.get('epoch')}); {again}"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# the files of an evaluation
+
+
+def check_metrics(m: Any, path: str | os.PathLike) -> dict:
+    """``m`` (a parsed ``metrics.json``) if it has the shape readers rely on, else one CxrflowError
+    naming the file and the field."""
+
+    def number(x: Any) -> bool:
+        return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x))
+
+    if not isinstance(m, dict):
+        raise CxrflowError(f"not a cxrflow evaluation: expected a JSON object, got {type(m).__name__}", path)
+    for key in ("mean_auc", "auc", "label_names"):
+        if key not in m:
+            raise CxrflowError(f"not a cxrflow evaluation: key {key!r} is missing", path)
+    names = m["label_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CxrflowError("metrics field 'label_names' must be a list of finding names", path)
+    if not number(m["mean_auc"]):
+        raise CxrflowError(f"metrics field 'mean_auc' must be a number or null, got {m['mean_auc']!r}", path)
+    for key in ("auc", "threshold"):
+        value = m.get(key, {})
+        if not isinstance(value, dict) or not all(number(v) for v in value.values()):
+            raise CxrflowError(f"metrics field {key!r} must map findings to numbers or null", path)
+    ci = m.get("mean_auc_ci95")
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(number(v) for v in ci)):
+        raise CxrflowError(f"metrics field 'mean_auc_ci95' must be [low, high] or null, got {ci!r}", path)
+    members = m.get("members")
+    if m.get("kind") == "ensemble" and not (
+        isinstance(members, list) and all(isinstance(x, dict) and isinstance(x.get("run"), str) and isinstance(x.get("eval"), str) for x in members)
+    ):
+        raise CxrflowError(f"metrics field 'members' of an ensemble must be a list of objects with 'run' and 'eval' folders, got {members!r}"[:240], path)
+    size = m.get("size")
+    sizes = size if m.get("kind") == "ensemble" and isinstance(size, list) else [size]  # an ensemble's members' sizes
+    if size is not None and not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+        raise CxrflowError(f"metrics field 'size' must be an integer, got {size!r}", path)
+    return m
+
+
+def read_epoch_records(run: str | os.PathLike) -> list[dict]:
+    """The epoch records of ``RUN/metrics.jsonl``; a line cut short by a crash is skipped."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():  # bad bytes: a line that does not parse
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "stage" in rec and "epoch" in rec:
+            records.append(rec)
+    return records
+
+
+def predictions_table(pred: dict, label_names: Sequence[str]):
+    """``predictions.parquet`` content: image_id, patient_id, prob_<finding> ..., label_<finding> ...,
+    then logit_<finding> ... and calprob_<finding> ... when ``pred`` has ``logits`` / ``calprobs``, and,
+    when some labels are not known, known_<finding> (uint8 0/1)."""
+    import pyarrow as pa
+
+    probs = np.asarray(pred["probs"], dtype=np.float32)
+    labels = np.asarray(pred["labels"])
+    cols: dict[str, Any] = {
+        "image_id": pa.array(list(pred["image_id"]), pa.string()),
+        "patient_id": pa.array(np.asarray(pred["patient_id"], dtype=np.int64)),
+    }
+    for j, name in enumerate(label_names):
+        cols[f"prob_{name}"] = pa.array(probs[:, j])
+    for j, name in enumerate(label_names):
+        cols[f"label_{name}"] = pa.array(labels[:, j].round().astype(np.uint8))
+    for key, prefix in (("logits", "logit_"), ("calprobs", "calprob_")):
+        if pred.get(key) is not None:
+            values = np.asarray(pred[key], dtype=np.float32)
+            for j, name in enumerate(label_names):
+                cols[f"{prefix}{name}"] = pa.array(values[:, j])
+    known = pred.get("known")
+    if known is not None and not np.asarray(known).all():
+        for j, name in enumerate(label_names):
+            cols[f"known_{name}"] = pa.array(np.asarray(known)[:, j].round().astype(np.uint8))
+    return pa.table(cols)
+
+
+def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
+    """Read ``predictions.parquet`` (or ``val_predictions.parquet``) back into (predict_split-style
+    dict, label names); ``logits`` and ``calprobs`` are there when the file has those columns."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    names = [c[len("prob_") :] for c in table.column_names if c.startswith("prob_")]
+    frame = table.to_pandas()
+    pred = {
+        "image_id": frame["image_id"].tolist(),
+        "patient_id": frame["patient_id"].to_numpy(np.int64),
+        "probs": frame[[f"prob_{n}" for n in names]].to_numpy(np.float64),
+        "labels": frame[[f"label_{n}" for n in names]].to_numpy(np.float64),
+    }
+    for key, prefix in (("logits", "logit_"), ("calprobs", "calprob_")):
+        if all(f"{prefix}{n}" in frame for n in names):
+            pred[key] = frame[[f"{prefix}{n}" for n in names]].to_numpy(np.float64)
+    if names and f"known_{names[0]}" in frame.columns:
+        pred["known"] = frame[[f"known_{n}" for n in names]].to_numpy(np.float64)
+    return pred, names
+
