@@ -20,7 +20,8 @@ from cxrflow.atomic import write_json_atomic
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
 from cxrflow.outputs import write_marker
-from cxrflow.data.imaging import MAX_SIDE, ImageError, load_and_resize, load_gray
+from cxrflow.data.imagecheck import MAX_SIDE
+from cxrflow.data.imaging import ImageError, load_and_resize, load_gray
 from cxrflow.data.metadata import AGE_UNKNOWN, read_data_entry
 from cxrflow.data.store import MANIFEST_NAME, read_manifest
 from cxrflow.data.synthstore import write_synthetic_store

@@ -180,7 +180,7 @@ def test_predict_with_an_ensemble_runs_every_member(members, stacked, tmp_path, 
 
 
 def test_report_shows_the_ensemble_row_with_members_and_ece(members, stacked, tmp_path):
-    from cxrflow.results.report import build_rows, format_csv, format_markdown
+    from cxrflow.results.table import build_rows, format_csv, format_markdown
 
     _, _, runs, _ = members
     rows = build_rows([*runs, stacked["out"]])

@@ -16,7 +16,7 @@ from cxrflow.cli import main
 from cxrflow.modelling.config import resolve_config
 from cxrflow.data.etl import run_etl
 from cxrflow.results.evaluate import evaluate_run
-from cxrflow.results.report import build_rows, format_csv, format_markdown
+from cxrflow.results.table import build_rows, format_csv, format_markdown
 from cxrflow.data.synth import DEMOGRAPHIC_FINDINGS, synthesize
 from cxrflow.modelling.train import train
 

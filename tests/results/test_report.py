@@ -8,7 +8,8 @@ from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
 from cxrflow.metrics import summarize
 from cxrflow.data.labels import NIH14
-from cxrflow.results.report import build_rows, format_markdown, paper_mean_auc, write_report
+from cxrflow.results.report import write_report
+from cxrflow.results.table import build_rows, format_markdown, paper_mean_auc
 
 
 def _evaluation(folder, model, size, stage, signal, seed=0):

@@ -440,9 +440,9 @@ def run_etl(
     apply and ``seed`` only sets the row order); without it the split is the collection's, the same
     as ``cxrflow split`` computes with the same options.
     """
-    from cxrflow.data.formats import assign_collection_splits, load_collection
+    from cxrflow.data.formats import load_collection
     from cxrflow.data.spark import check_master, check_memory
-    from cxrflow.data.split import read_split_csv
+    from cxrflow.data.split import assign_collection_splits, read_split_csv
 
     started = time.perf_counter()
     sizes = parse_sizes(sizes) if isinstance(sizes, str) else parse_sizes(list(sizes))

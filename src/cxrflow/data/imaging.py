@@ -44,7 +44,7 @@ the ``L`` rule.
 A file that is empty, truncated, corrupt or not an image raises :class:`ImageError` with the
 reason; the ETL quarantines it and goes on. So does anything that is not a regular file (a named
 pipe, device or socket is never opened; symbolic links are followed only to regular files) and an
-image whose padded square would exceed :data:`MAX_PIXELS` (read from its header, before decoding).
+image whose padded square would exceed :data:`cxrflow.data.imagecheck.MAX_PIXELS` (read from its header, before decoding).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from cxrflow.errors import CxrflowError
 from cxrflow.data.formats.dicom import decode_dicom, is_dicom
+from cxrflow.data.imagecheck import ImageError, check_pixel_budget
 
 #: Pillow resampling filter and reducing gap used for every resize (see the module docstring).
 RESAMPLE = Image.Resampling.LANCZOS
@@ -68,11 +68,6 @@ REDUCING_GAP = 2.0
 #: image is fresh memory from the system, page faults included: ~8% of an image's time at 1024 px,
 #: measured). A block holds one image of up to 16 MB (a 1024 px gray image is 1 MB).
 PILLOW_BLOCKS = 16
-#: Largest padded square side an image may have: its header is checked before decoding, so a tiny
-#: file declaring huge dimensions is quarantined instead of exhausting memory. 16384 px is about
-#: four times the largest side of any chest X-ray format in use (CR/DR detectors are <= 4300 px).
-MAX_SIDE = 16384
-MAX_PIXELS = MAX_SIDE * MAX_SIDE
 #: Largest side a store keeps (``etl --sizes``), so also the largest a checkpoint can be trained at.
 MAX_STORE_SIZE = 4096
 
@@ -88,10 +83,6 @@ _keep_pillow_blocks()
 _RGB_LIKE = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"})
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
-
-
-class ImageError(CxrflowError):
-    """An image that cannot be decoded (empty, truncated, corrupt, unsupported); carries the reason."""
 
 
 Source = str | os.PathLike | bytes | bytearray | memoryview
@@ -131,20 +122,6 @@ def _read_bytes(source: Source) -> tuple[bytes, str | None]:
     except OSError as exc:
         raise ImageError(f"cannot read: {exc.strerror or exc}", path) from None
     return data, str(path)
-
-
-def check_pixel_budget(width: int, height: int, budget: int = MAX_PIXELS) -> None:
-    """ImageError when padding a ``width`` x ``height`` image to a square would exceed ``budget`` pixels.
-
-    Checked from the header, before anything is decoded or allocated: a 1,000,000 x 1 PNG of 1 KB
-    would otherwise ask for a 10^12-pixel square.
-    """
-    side = max(int(width), int(height))
-    if width < 1 or height < 1 or side * side > budget:
-        raise ImageError(
-            f"image of {width}x{height} pixels would be {side}x{side} after padding to a square, over the "
-            f"pixel budget of {budget:,} ({MAX_SIDE}x{MAX_SIDE}); not decoded"
-        )
 
 
 def _open(data: bytes, where: str | None) -> Image.Image:

@@ -18,6 +18,7 @@ import pandas as pd
 from cxrflow.atomic import atomic_path
 from cxrflow.errors import CxrflowError
 from cxrflow import options
+from cxrflow.data.formats import Collection
 
 MODE_OFFICIAL = "official-lists"
 MODE_PATIENTS = "patients-70-10-20"
@@ -146,6 +147,20 @@ def read_split_csv(path: str | os.PathLike, entries: pd.DataFrame) -> pd.DataFra
     return frame
 
 
+def assign_collection_splits(collection: Collection, val_fraction: float, seed: int) -> pd.DataFrame:
+    """``image_id, patient_id, split`` for every row: the official split when there is one.
+
+    With an official validation split (MIMIC's ``validate``, a CSV's ``val``) it is used as is and
+    ``val_fraction`` does not apply.
+    """
+    if collection.val is None:
+        return assign_splits(collection.entries, collection.train_val, collection.test, val_fraction, seed)
+    frame = assign_splits(collection.entries, collection.train_val, collection.test, 0.0, seed)
+    frame.loc[frame["image_id"].isin(collection.val).to_numpy(), "split"] = "val"
+    frame.attrs["mode"] = "official-split"
+    return frame
+
+
 def split_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     """Images and patients per split: ``{"train": {"images": n, "patients": n}, ...}``."""
     out = {}
@@ -201,7 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrflow.data.formats import assign_collection_splits, load_collection
+    from cxrflow.data.formats import load_collection
 
     collection = load_collection(args.data, args.format, views=args.views, need_images=False)
     frame = assign_collection_splits(collection, args.val_fraction, args.seed)

@@ -45,6 +45,7 @@ from cxrflow.identity import file_sha256
 from cxrflow.outputs import check_target, publishing
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_ensemble, read_record, request_from_args
+from cxrflow.modelling.predictor import load_run_predictor, operating_scale
 from cxrflow.modelling.scoring import format_summary, score_with_calibration, write_prediction_files
 from cxrflow.runs import (
     CHECKPOINT_NAMES,
@@ -330,9 +331,9 @@ def build_ensemble(
 
 @dataclass
 class EnsemblePredictor:
-    """Every member's model, combined as the ensemble was: the face of :class:`cxrflow.results.predict.Predictor`."""
+    """Every member's model, combined as the ensemble was: the face of :class:`cxrflow.modelling.predictor.Predictor`."""
 
-    members: list  # of cxrflow.results.predict.Predictor, raw logits
+    members: list  # of cxrflow.modelling.predictor.Predictor, raw logits
     member_calibrations: list[tuple]
     method: str
     stacking: list | None
@@ -369,8 +370,6 @@ class EnsemblePredictor:
 def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", raw: bool = False) -> EnsemblePredictor:
     """Load every member of the ensemble folder for ``cxrflow predict``; a member checkpoint that
     changed since the ensemble was built is an error."""
-    from cxrflow.results.predict import load_predictor, operating_scale
-
     folder = Path(folder)
     metrics = read_json_object(folder / METRICS_NAME, "ensemble")
     check_metrics(metrics, folder / METRICS_NAME)
@@ -384,7 +383,7 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
             evaluation = json.loads((Path(entry["eval"]) / METRICS_NAME).read_text())
         except (OSError, ValueError, RecursionError):
             raise CxrflowError("a member's evaluation is gone; rebuild the ensemble", entry["eval"]) from None
-        predictor = load_predictor(entry["run"], checkpoint or evaluation["checkpoint_path"], device=device, raw=True)
+        predictor = load_run_predictor(entry["run"], checkpoint or evaluation["checkpoint_path"], device=device, raw=True)
         if entry.get("checkpoint_sha256") and file_sha256(predictor.checkpoint) != entry["checkpoint_sha256"]:
             raise CxrflowError("a member's checkpoint changed since the ensemble was built; rebuild the ensemble", predictor.checkpoint)
         if predictor.label_names != names:

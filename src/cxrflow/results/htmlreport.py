@@ -32,7 +32,7 @@ from cxrflow.results.embed import figure_uri
 from cxrflow.errors import CxrflowError
 from cxrflow.runs import METRICS_NAME, evaluation_checkpoint
 from cxrflow.identity import file_sha256
-from cxrflow.results.report import MODEL_TITLES, STAGE_TITLES, build_rows
+from cxrflow.results.table import MODEL_TITLES, STAGE_TITLES, build_rows
 
 HTML_NAME = "report.html"
 

@@ -1,250 +1,27 @@
-"""The paper's Table 1 over several evaluated runs: ``table.md``, ``table.csv`` and ``comparison.png``.
+"""``cxrflow report``: ``table.md``, ``table.csv``, ``comparison.png`` and ``report.html`` in one folder.
 
-Inputs are evaluation folders written by ``cxrflow evaluate`` (holding ``metrics.json``), or run
-folders, in which case every ``eval-<split>-*/`` evaluation inside is used (a two-stage run evaluated
-at ``best_kt`` and ``best_finetune`` gives two rows, KT and fine-tuned, like the paper). One row per
-evaluation: model, size, stage, mean AUC with its 95% patient-bootstrap interval, the paper's
-published mean AUC for the same configuration (reference column), the mean expected calibration
-error (after the evaluation's temperature scaling, and raw) and the per-finding AUCs; the best row is
-marked. An ensemble folder (``cxrflow ensemble``) is one row of its own, with its members named. A run that fuses demographics is its own row, its model named
-"+ demographics".
+The table's rows (the paper's Table 1 over several evaluated runs) come from :mod:`cxrflow.results.table`,
+the page from :mod:`cxrflow.results.htmlreport`; the folder is published at once (:mod:`cxrflow.outputs`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from cxrflow.errors import CxrflowError
-from cxrflow.runs import METRICS_NAME, check_metrics, evaluation_status
 from cxrflow.outputs import publishing
-
-#: The paper's published mean test AUCs (Table 1), by (model, input size, stage).
-#: Its simple CNN is a single-stage model; it is matched at any input size.
-PAPER_MEAN_AUC: dict[tuple[str, int | None, str], float] = {
-    ("simple_cnn", None, "finetune"): 0.6329,
-    ("resnet50", 256, "kt"): 0.6663,
-    ("resnet50", 256, "finetune"): 0.6670,
-    ("resnet50", 512, "kt"): 0.6868,
-    ("resnet50", 512, "finetune"): 0.6901,
-    ("densenet121", 256, "kt"): 0.6842,
-    ("densenet121", 256, "finetune"): 0.6843,
-    ("densenet121", 512, "kt"): 0.6977,
-    ("densenet121", 512, "finetune"): 0.6978,
-}
-MODEL_TITLES = {"simple_cnn": "Simple CNN", "resnet50": "ResNet-50", "densenet121": "DenseNet-121"}
-STAGE_TITLES = {"kt": "KT", "finetune": "fine-tuned"}
-#: How a fusion is named after the model's title ("none": image only, nothing added).
-FUSION_TITLES = {"demographics": " + demographics"}
-TABLE_MD = "table.md"
-TABLE_CSV = "table.csv"
-COMPARISON_PNG = "comparison.png"
-
-
-def paper_mean_auc(model: str, size: int | None, stage: str) -> float | None:
-    """The paper's mean AUC for this configuration, or None when the paper has no such run."""
-    if model == "simple_cnn":
-        return PAPER_MEAN_AUC.get(("simple_cnn", None, stage))
-    return PAPER_MEAN_AUC.get((model, None if size is None else int(size), stage))
-
-
-def model_title(model: str, fusion: str = "none") -> str:
-    """``DenseNet-121``, or ``DenseNet-121 + demographics`` for a fused run."""
-    return MODEL_TITLES.get(model, model) + FUSION_TITLES.get(fusion, "" if fusion == "none" else f" + {fusion}")
-
-
-def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") -> list[Path]:
-    """The ``metrics.json`` files named by ``paths`` (evaluation folders, run folders or files).
-
-    A run folder contributes its ``eval-<split>-*`` folders, KT before fine-tuned. A path with no
-    evaluation is an error naming it (so a missing run is never silently left out of the table).
-    """
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_file() and p.name == METRICS_NAME:
-            found.append(p)
-        elif (p / METRICS_NAME).is_file():
-            found.append(p / METRICS_NAME)
-        elif p.is_dir():
-            inner = sorted(
-                p.glob(f"eval-{split}-*/{METRICS_NAME}"),
-                key=lambda m: (0 if m.parent.name.endswith("best_kt") else 1, m.parent.name),
-            )
-            if not inner:
-                raise CxrflowError(
-                    f"no evaluation on split {split!r} here (expected {METRICS_NAME} or eval-{split}-*/; "
-                    f"run 'cxrflow evaluate --run {p}' first)",
-                    p,
-                )
-            found.extend(inner)
-        else:
-            raise CxrflowError("no such run or evaluation folder", p)
-    return found
-
-
-def load_row(metrics_path: Path) -> dict[str, Any]:
-    """One table row from an evaluation's ``metrics.json``."""
-    try:
-        m = json.loads(Path(metrics_path).read_text())
-    except (OSError, ValueError) as exc:
-        raise CxrflowError(f"unreadable evaluation: {exc}", metrics_path) from None
-    check_metrics(m, metrics_path)
-    stale = evaluation_status(metrics_path, m)
-    if stale is not None:  # a number in the table must belong to the model the run holds now
-        raise CxrflowError(stale, Path(metrics_path).parent)
-    model = m.get("model", "?")
-    fusion = m.get("fusion") or "none"
-    size = m.get("size")
-    stage = m.get("stage") or (m.get("method", "?") if m.get("kind") == "ensemble" else "?")
-    ci = m.get("mean_auc_ci95") or [None, None]
-    ensemble = m.get("kind") == "ensemble"
-    if ensemble:
-        size = "/".join(map(str, size)) if isinstance(size, list) else size
-        members = list(m.get("member_names") or [Path(e.get("eval", "?")).parent.name for e in m.get("members", [])])
-        label = f"Ensemble ({m.get('method')}) of {' + '.join(members)}"
-    else:
-        members = []
-        label = f"{model_title(model, fusion)} {size}px {STAGE_TITLES.get(stage, stage)}"
-    paper = None if ensemble else paper_mean_auc(model, size, stage)
-    mean = m["mean_auc"]
-    ece = (m.get("calibration") or {}).get("ece_mean") or {}
-    return {
-        "label": label,
-        "kind": "ensemble" if ensemble else "evaluation",
-        "members": members,
-        "ece": ece.get("after"),
-        "ece_raw": ece.get("before"),
-        "run": m.get("run_name") or Path(m.get("run", metrics_path.parent.parent)).name,
-        "model": model,
-        "fusion": fusion,
-        "size": size,
-        "stage": stage,
-        "checkpoint": m.get("checkpoint"),
-        "split": m.get("split"),
-        "n_images": m.get("n_images"),
-        "n_patients": m.get("n_patients"),
-        "mean_auc": mean,
-        "ci_low": ci[0],
-        "ci_high": ci[1],
-        "paper_mean_auc": paper,
-        "delta_vs_paper": None if paper is None or mean is None else mean - paper,
-        "nan_findings": list(m.get("nan_findings", [])),
-        "auc": dict(m["auc"]),
-        "label_names": list(m["label_names"]),
-        "source": str(metrics_path),
-    }
-
-
-def build_rows(paths: Sequence[str | os.PathLike], split: str = "test") -> list[dict[str, Any]]:
-    """Rows of every evaluation named by ``paths``, in the given order, with the best marked."""
-    rows = [load_row(p) for p in find_evaluations(paths, split)]
-    scored = [i for i, r in enumerate(rows) if r["mean_auc"] is not None]
-    best = max(scored, key=lambda i: rows[i]["mean_auc"]) if scored else None
-    for i, r in enumerate(rows):
-        r["best"] = i == best
-    return rows
-
-
-def _finding_columns(rows: Sequence[dict]) -> list[str]:
-    names: list[str] = []
-    for r in rows:
-        names.extend(n for n in r["label_names"] if n not in names)
-    return names
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "" if x is None else f"{x:.{digits}f}"
-
-
-def format_csv(rows: Sequence[dict]) -> str:
-    """The table as CSV: one row per evaluation, numbers unrounded, empty cells for n/a."""
-    findings = _finding_columns(rows)
-    head = [
-        "run", "model", "fusion", "size", "stage", "checkpoint", "split", "n_images", "n_patients",
-        "mean_auc", "ci95_low", "ci95_high", "paper_mean_auc", "delta_vs_paper", "best", "nan_findings",
-        "ece_calibrated", "ece_raw", "kind", "members",
-    ] + [f"auc_{n}" for n in findings]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(head)
-    for r in rows:
-        w.writerow(
-            [r["run"], r["model"], r["fusion"], r["size"], r["stage"], r["checkpoint"], r["split"], r["n_images"], r["n_patients"]]
-            + ["" if r[k] is None else repr(float(r[k])) for k in ("mean_auc", "ci_low", "ci_high", "paper_mean_auc", "delta_vs_paper")]
-            + [str(r["best"]).lower(), ";".join(r["nan_findings"])]
-            + ["" if r[k] is None else repr(float(r[k])) for k in ("ece", "ece_raw")]
-            + [r["kind"], ";".join(r["members"])]
-            + ["" if r["auc"].get(n) is None else repr(float(r["auc"][n])) for n in findings]
-        )
-    return buf.getvalue()
-
-
-def format_markdown(rows: Sequence[dict]) -> str:
-    """The table as Markdown: the summary table (best in bold), per-finding AUCs, the paper's values."""
-    findings = _finding_columns(rows)
-    lines = [
-        "# Mean test AUC per run (cf. the paper's Table 1)",
-        "",
-        "Mean ROC AUC over the findings that have both classes in the split; 95% interval from a",
-        "patient-level bootstrap. *Paper* is the published mean AUC of the same model, input size and",
-        "stage (KT = frozen backbone, knowledge transfer; fine-tuned = everything trained), shown for",
-        "reference only: the data, split and preprocessing behind it differ. The best run is in bold.",
-        "*ECE* is the mean expected calibration error over findings (15 equal-width bins; lower is",
-        "better) of the temperature-scaled probabilities, with the model's raw ones in brackets.",
-        "A model named \"+ demographics\" also sees age, sex and view; the paper's models are image only.",
-        "",
-    ]
-    vocabularies = len({tuple(r["label_names"]) for r in rows})
-    if vocabularies > 1:
-        lines += [
-            f"**These evaluations use {vocabularies} different label vocabularies: their mean AUCs are over different",
-            "findings and not comparable.** `report.html` shows one table per vocabulary.",
-            "",
-        ]
-    lines += [
-        "| Run | Model | Size (px) | Stage | Mean AUC | 95% CI | ECE (raw) | Paper | Δ vs paper | Images | Best |",
-        "|---|---|---:|---|---:|---|---:|---:|---:|---:|:---:|",
-    ]
-    for r in rows:
-        mean = _fmt(r["mean_auc"])
-        ci = f"{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}" if r["ci_low"] is not None else "n/a"
-        delta = "" if r["delta_vs_paper"] is None else f"{r['delta_vs_paper']:+.4f}"
-        ece = "n/a" if r["ece"] is None else f"{r['ece']:.3f}" + ("" if r["ece_raw"] is None else f" ({r['ece_raw']:.3f})")
-        model = f"Ensemble ({r['model'][len('ensemble('):-1]})" if r["kind"] == "ensemble" else model_title(r["model"], r["fusion"])
-        cells = [
-            r["run"], model, str(r["size"]), STAGE_TITLES.get(r["stage"], r["stage"]),
-            mean or "n/a", ci, ece, _fmt(r["paper_mean_auc"]) or "—", delta or "—", str(r["n_images"]), "**best**" if r["best"] else "",
-        ]
-        if r["best"]:
-            cells[:5] = [f"**{c}**" for c in cells[:5]]
-        lines.append("| " + " | ".join(cells) + " |")
-    ensembles = [f"{r['run']}: {r['label']}" for r in rows if r["kind"] == "ensemble"]
-    if ensembles:
-        lines += ["", "Ensembles (members are run/checkpoint; weights, thresholds and temperatures fitted on validation, never on test):"]
-        lines += [f"- {e}" for e in ensembles]
-    nan_notes = [f"{r['run']} ({STAGE_TITLES.get(r['stage'], r['stage'])}): {', '.join(r['nan_findings'])}" for r in rows if r["nan_findings"]]
-    if nan_notes:
-        lines += ["", "Findings without an AUC (one class only in the split), left out of the mean:"]
-        lines += [f"- {n}" for n in nan_notes]
-    lines += ["", "## Per-finding test AUC", ""]
-    lines.append("| Finding | " + " | ".join(f"{r['run']} {STAGE_TITLES.get(r['stage'], r['stage'])}" for r in rows) + " |")
-    lines.append("|---|" + "---:|" * len(rows))
-    for n in findings:
-        lines.append(f"| {n} | " + " | ".join(_fmt(r["auc"].get(n), 3) or "n/a" for r in rows) + " |")
-    lines += ["", "## The paper's published mean AUCs", "", "| Model | Size (px) | KT | Fine-tuned |", "|---|---:|---:|---:|"]
-    lines.append(f"| Simple CNN | — | — | {PAPER_MEAN_AUC[('simple_cnn', None, 'finetune')]:.4f} |")
-    for model in ("resnet50", "densenet121"):
-        for size in (256, 512):
-            lines.append(
-                f"| {MODEL_TITLES[model]} | {size} | {PAPER_MEAN_AUC[(model, size, 'kt')]:.4f} | "
-                f"{PAPER_MEAN_AUC[(model, size, 'finetune')]:.4f} |"
-            )
-    return "\n".join(lines) + "\n"
+from cxrflow.results.table import (
+    COMPARISON_PNG,
+    TABLE_CSV,
+    TABLE_MD,
+    build_rows,
+    format_csv,
+    format_markdown,
+)
 
 
 def write_report(

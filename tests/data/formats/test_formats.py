@@ -12,7 +12,8 @@ import pytest
 
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.data.formats import assign_collection_splits, detect_format, load_collection
+from cxrflow.data.formats import detect_format, load_collection
+from cxrflow.data.split import assign_collection_splits
 from cxrflow.data.formats import chexpert as chexpert_format
 from cxrflow.data.store import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from cxrflow.data.synthformats import write_chexpert, write_generic, write_mimic

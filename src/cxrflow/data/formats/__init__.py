@@ -137,22 +137,6 @@ def load_collection(
     return collection
 
 
-def assign_collection_splits(collection: Collection, val_fraction: float, seed: int) -> pd.DataFrame:
-    """``image_id, patient_id, split`` for every row: the official split when there is one.
-
-    With an official validation split (MIMIC's ``validate``, a CSV's ``val``) it is used as is and
-    ``val_fraction`` does not apply.
-    """
-    from cxrflow.data.split import assign_splits
-
-    if collection.val is None:
-        return assign_splits(collection.entries, collection.train_val, collection.test, val_fraction, seed)
-    frame = assign_splits(collection.entries, collection.train_val, collection.test, 0.0, seed)
-    frame.loc[frame["image_id"].isin(collection.val).to_numpy(), "split"] = "val"
-    frame.attrs["mode"] = "official-split"
-    return frame
-
-
 def add_format_arguments(parser, *, views: bool = True) -> None:
     """``--format`` (and ``--views``) for explore, split and etl."""
     parser.add_argument("--format", default="auto", choices=FORMAT_CHOICES,

@@ -7,7 +7,7 @@ in order (DICOM PS3.3 C.11):
 1. pixels decoded by pydicom; compressed transfer syntaxes through its plugins (pylibjpeg with
    libjpeg / openjpeg for JPEG and JPEG 2000; RLE natively). A file without pixel data, or whose
    syntax no installed plugin decodes, or whose rescale, LUT or window values are unusable (text, a
-   short LUT descriptor), raises :class:`~cxrflow.data.imaging.ImageError` with the reason
+   short LUT descriptor), raises :class:`~cxrflow.data.imagecheck.ImageError` with the reason
    (the ETL quarantines it). Multi-frame files: the first frame. Colour files: ITU-R 601 luma (``YBR_FULL``: its own Y plane);
    ``PALETTE COLOR`` files: the luma of each index's palette colour.
 2. modality transform: a Modality LUT or ``RescaleSlope``/``RescaleIntercept`` (LUTs read by :func:`_lut`).
@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrflow.data.imagecheck import ImageError, check_pixel_budget
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
@@ -56,8 +58,6 @@ def is_dicom(data: bytes, where: str | None = None) -> bool:
 
 
 def _error(message: str, where: str | None):
-    from cxrflow.data.imaging import ImageError
-
     return ImageError(message, where)
 
 
@@ -208,10 +208,8 @@ def _decode(ds, samples: int) -> tuple[np.ndarray, str]:
 
 
 def _check_size(ds, where: str | None) -> None:
-    """The pixel budget of every image (:func:`cxrflow.data.imaging.check_pixel_budget`), from the header's
+    """The pixel budget of every image (:func:`cxrflow.data.imagecheck.check_pixel_budget`), from the header's
     Rows and Columns, before pydicom allocates or decompresses anything."""
-    from cxrflow.data.imaging import ImageError, check_pixel_budget
-
     try:
         rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     except (TypeError, ValueError):
