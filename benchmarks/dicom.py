@@ -39,7 +39,7 @@ def _load() -> str:
 
 def generate(root: Path, n: int, side: int, syntax: str, seed: int) -> list[Path]:
     """``n`` smooth 12-bit radiograph-like images (gradients + noise: compressible like real ones)."""
-    from cxrflow.data.synthformats import write_dicom
+    from cxrflow.testing.synthformats import write_dicom
 
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:side, 0:side].astype(np.float32) / side

@@ -39,7 +39,7 @@ def main() -> None:
     from cxrflow.modelling.ensemble import build_ensemble
     from cxrflow.results.evaluate import evaluate_run
     from cxrflow.runs import read_predictions
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
     from cxrflow.modelling.train import train
 
     work = Path(args.out or tempfile.mkdtemp(prefix="cxrflow-ensemble-bench-"))

@@ -43,7 +43,7 @@ def make_run(root: Path, test_images: int, val_images: int) -> Path:
     from cxrflow.data.store import store_identity
     from cxrflow.modelling.models import create_model
     from cxrflow.data.store import pixel_stats, read_manifest
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
     from cxrflow.modelling.train import save_checkpoint
 
     store, run = root / "store", root / "run"

@@ -11,7 +11,7 @@ its own subprocess so peak memory is per case:
     as Petastorm's NdarrayCodec does, read row by row, decoded with ``np.load`` and collated into
     tensors. It leaves out Petastorm's own overheads, so it is faster than the real thing.
 
-(m) batch composition at a 1% shuffle window (see :mod:`cxrflow.data.batchmix`): distinct percentiles
+(m) batch composition at a 1% shuffle window (see :mod:`cxrflow.testing.batchmix`): distinct percentiles
     of image_id order and distinct patients per batch of 32, for the ETL's shuffled row order and
     for the image_id order stores had before, each against a uniform permutation; and the loader's
     throughput on the two layouts (same run), which the row order must not change.
@@ -198,7 +198,7 @@ def recompress(workdir: Path, compression: str) -> None:
 def build(workdir: Path, sizes: list[int], images: int, paper_images: int, row_group_rows: int | None,
           compression: str = "snappy") -> None:
     from cxrflow.data.etl import auto_rows_per_file
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     start = time.perf_counter()
     # files and row groups laid out as the ETL lays out the full release (112,120 images)
@@ -244,8 +244,8 @@ def measure(args, case: str, size: int, workers: int = 0, images: int | None = N
 
 def mixing(args) -> None:
     """(m): batch composition of the shuffled and the image_id-ordered layouts at a 1% window."""
-    from cxrflow.data.batchmix import batch_mixing
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.batchmix import batch_mixing
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     print(f"\n(m) batch composition, {args.mix_rows} train rows, 4 images per patient, row groups of 256 rows "
           f"(the ETL's at 512 px), window 1% of the split, batch {args.batch_size}")
@@ -263,7 +263,7 @@ def mixing(args) -> None:
 def layout_throughput(args, size: int) -> None:
     """The loader's uint8 throughput on the shuffled layout vs the same images in image_id order."""
     from cxrflow.data.etl import auto_rows_per_file
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     ordered = args.workdir / "ordered"
     write_synthetic_store(ordered, sizes=(size,), rows={"train": args.images}, rows_per_file=auto_rows_per_file(112_120, size),

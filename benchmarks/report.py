@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from cxrflow.results.htmlreport import build_html
-from cxrflow.results.synthstudy import write_study
+from cxrflow.testing.synthstudy import write_study
 
 
 def best_of(fn, repeat: int) -> tuple[float, object]:

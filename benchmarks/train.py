@@ -187,7 +187,7 @@ def _timed_run(cmd: list[str], run: Path) -> tuple[float, list[float]]:
 
 
 def distributed_table(processes: int, epochs: int, rows: int, size: int, master: str) -> None:
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     with tempfile.TemporaryDirectory(prefix="cxrflow-bench-") as tmp:
         store = Path(tmp) / "store"

@@ -24,7 +24,7 @@ from cxrflow.data.imagecheck import MAX_SIDE
 from cxrflow.data.imaging import ImageError, load_and_resize, load_gray
 from cxrflow.data.metadata import AGE_UNKNOWN, read_data_entry
 from cxrflow.data.store import MANIFEST_NAME, read_manifest
-from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.testing.synthstore import write_synthetic_store
 
 NIH = Path(__file__).parent / "fixtures" / "nih"
 HEADER = (NIH / "Data_Entry_2017_v2020.head.csv").read_text().splitlines()[0]

@@ -13,7 +13,7 @@ import pytest
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
 from cxrflow.outputs import OutputLock, check_target, claiming, leftovers, marker_name, publishing, read_marker, write_marker
-from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.testing.synthstore import write_synthetic_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

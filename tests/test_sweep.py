@@ -69,7 +69,7 @@ def test_changed_settings_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     store = tmp_path / "store"
     write_synthetic_store(store, sizes=(32,), rows={"train": 64, "val": 32, "test": 32}, prevalence=0.3)
@@ -163,7 +163,7 @@ def test_scheduler_runs_one_job_per_gpu_in_parallel(tmp_path):
 
 
 def test_missing_store_or_size_fails_before_training(tmp_path):
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     assert main(["sweep", str(CONFIGS / "paper.yaml"), "--out", str(tmp_path / "o"), "--store", str(tmp_path / "none")]) == 2
     write_synthetic_store(tmp_path / "st", sizes=(32,), rows={"train": 4, "val": 4, "test": 4})
@@ -231,7 +231,7 @@ def test_invalid_ensembles(ensembles, match):
 def test_sweep_builds_its_ensembles_once(tmp_path, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
     from cxrflow.tracking import default_uri
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")

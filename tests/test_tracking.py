@@ -13,7 +13,7 @@ import pytest
 from cxrflow.cli import main
 from cxrflow.modelling.config import resolve_config
 from cxrflow.errors import CxrflowError
-from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.testing.synthstore import write_synthetic_store
 from cxrflow.tracking import (
     RUN_ID_FILE,
     TrackingRequest,

@@ -49,7 +49,7 @@ def tiny(tmp_path):
 
 def test_ages_a_collection_does_not_give_are_not_called_out_of_range(tmp_path, capsys):
     """MIMIC-CXR has no ages at all; the summary line said '57 unknown: outside 0-120'."""
-    from cxrflow.data.synthformats import write_mimic
+    from cxrflow.testing.synthformats import write_mimic
 
     root = write_mimic(tmp_path / "mimic", subjects=4, size=16)
     assert main(["explore", "--data", str(root), "--out", str(tmp_path / "x")]) == 0

@@ -22,7 +22,7 @@ import torch
 from cxrflow.errors import CxrflowError
 from cxrflow.data.loader import augment, make_loader, to_model_input
 from cxrflow.data.store import MANIFEST_NAME, SCHEMA, split_dir
-from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.testing.synthstore import write_synthetic_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 

@@ -16,7 +16,7 @@ import pytest
 from cxrflow.data.metadata import load_release
 from cxrflow.data.store import read_manifest
 from cxrflow.data.synth import synthesize
-from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.testing.synthstore import write_synthetic_store
 from spark_standalone import loopback_cluster, run_with_fault, wait_until_exited
 
 JOB_TIMEOUT = 420

@@ -8,7 +8,7 @@ from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import NIH14
 from cxrflow.data.store import MANIFEST_NAME, SCHEMA, check_partition, pixel_stats, read_manifest
-from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.testing.synthstore import write_synthetic_store
 
 
 @pytest.fixture(scope="module")

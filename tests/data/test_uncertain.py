@@ -15,7 +15,7 @@ from cxrflow.cli import main
 from cxrflow.metrics import summarize
 from cxrflow.data.loader import make_loader
 from cxrflow.data.store import KNOWN_COLUMN, MANIFEST_NAME, schema_for
-from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.testing.synthstore import write_synthetic_store
 from cxrflow.data.uncertain import (
     KNOWN,
     UNCERTAIN,

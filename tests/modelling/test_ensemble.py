@@ -34,7 +34,7 @@ def _train(tmp, store, name, *, seed, epochs, lr):
 @pytest.fixture(scope="module")
 def members(tmp_path_factory, one_torch_thread):
     """Two different evaluated runs (other seed, learning rate and length) on one store."""
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     tmp = tmp_path_factory.mktemp("ensemble")
     store = tmp / "store"

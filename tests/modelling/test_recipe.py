@@ -8,7 +8,7 @@ import math
 import pytest
 
 from cxrflow.modelling.config import preset, resolve_config
-from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.testing.synthstore import write_synthetic_store
 from cxrflow.modelling.train import train, warmup_cosine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

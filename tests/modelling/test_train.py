@@ -21,7 +21,7 @@ from cxrflow.modelling.config import resolve_config
 from cxrflow.data.labels import NIH14
 from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.modelling.models import create_model, load_checkpoint
-from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.testing.synthstore import write_synthetic_store
 from cxrflow.modelling.inference import predict_split
 from cxrflow.modelling.train import config_from_args, get_args_parser, train
 

@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 
 from cxrflow.results.cases import case_set, overlay, read_pixels, select_cases, thumbnail_size
 from cxrflow.data.store import split_dir
-from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.testing.synthstore import write_synthetic_store
 
 
 def test_select_cases_hand_computed():

@@ -141,7 +141,7 @@ from cxrflow.runs import read_predictions, resolve_checkpoint  # noqa: E402
 def train_tiny_run(tmp, model="simple_cnn", rows=None, epochs=2, store=None):
     """A finished run of cxrflow's own trainer on a synthetic store (32 px)."""
     from cxrflow.modelling.config import StageSettings, TrainConfig
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
     from cxrflow.modelling.train import train
 
     if store is None:
@@ -322,7 +322,7 @@ def test_normalisation_comes_from_the_checkpoint_not_the_store(tiny_run, tmp_pat
 
 
 def test_another_datasets_store_is_refused_in_one_line(tiny_run, tmp_path, capsys):
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     run, _ = tiny_run
     other = tmp_path / "other"
@@ -362,7 +362,7 @@ def test_thresholds_come_from_validation_not_from_the_evaluated_split(tmp_path):
     validation-Youden ones, computed from validation probabilities scored as predict scores them."""
     from cxrflow.modelling.inference import predict_split, training_pixel_stats
     from cxrflow.modelling.models import load_checkpoint
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     store = tmp_path / "store"
     write_synthetic_store(store, sizes=(32,), rows={"train": 96, "val": 48, "test": 48}, prevalence=0.3)

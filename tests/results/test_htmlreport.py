@@ -20,8 +20,8 @@ from cxrflow.modelling.config import resolve_config
 from cxrflow.errors import CxrflowError
 from cxrflow.results.htmlreport import build_context, build_html, render
 from cxrflow.data.labels import LabelVocabulary
-from cxrflow.data.synthstore import write_synthetic_store
-from cxrflow.results.synthstudy import write_evaluation, write_run_config, write_study
+from cxrflow.testing.synthstore import write_synthetic_store
+from cxrflow.testing.synthstudy import write_evaluation, write_run_config, write_study
 
 
 class Page(HTMLParser):

@@ -11,7 +11,7 @@ import pytest
 
 from cxrflow.data.formats.dicom import read_dicom
 from cxrflow.data.imaging import ImageError, load_gray, resize_gray
-from cxrflow.data.synthformats import write_dicom
+from cxrflow.testing.synthformats import write_dicom
 
 RNG = np.random.default_rng(7)
 RAW12 = RNG.integers(0, 4096, (64, 72)).astype(np.uint16)
@@ -277,7 +277,7 @@ def test_predict_accepts_dicom(tmp_path, capsys):
     import json
 
     from cxrflow.cli import main
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     write_synthetic_store(tmp_path / "store", sizes=(32,), rows={"train": 16, "val": 8, "test": 8})
     assert main(["train", "--quiet", "--store", str(tmp_path / "store"), "--size", "32", "--model", "simple_cnn",

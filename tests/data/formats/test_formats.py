@@ -16,7 +16,7 @@ from cxrflow.data.formats import detect_format, load_collection
 from cxrflow.data.split import assign_collection_splits
 from cxrflow.data.formats import chexpert as chexpert_format
 from cxrflow.data.store import FORMAT_VERSION, MANIFEST_NAME, read_manifest
-from cxrflow.data.synthformats import write_chexpert, write_generic, write_mimic
+from cxrflow.testing.synthformats import write_chexpert, write_generic, write_mimic
 from cxrflow.data.uncertain import KNOWN, UNCERTAIN, UNMENTIONED, label_counts
 
 
@@ -302,7 +302,7 @@ def test_etl_mimic_official_split(spark, tmp_path):
 
 def test_store_of_format_version_1_still_opens(tmp_path):
     from cxrflow.data.loader import make_loader
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     write_synthetic_store(tmp_path / "s", sizes=(16,), rows={"train": 8, "val": 4, "test": 4})
     path = tmp_path / "s" / MANIFEST_NAME
@@ -379,7 +379,7 @@ def test_chexpert_image_in_both_files(tmp_path, capsys):
 
 
 def test_generic_age_and_sex_from_dicom_headers(tmp_path):
-    from cxrflow.data.synthformats import write_dicom
+    from cxrflow.testing.synthformats import write_dicom
 
     for i in range(3):
         write_dicom(tmp_path / f"img{i}.dcm", np.full((8, 8), 100 * i, np.uint16))

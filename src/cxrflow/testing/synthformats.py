@@ -2,7 +2,7 @@
 
 For tests, the demo and benchmarks: each writer lays out the files exactly as the format's reader
 expects them as downloaded (see :mod:`cxrflow.data.formats`), with a planted, learnable signal per
-finding (:func:`cxrflow.data.synthstore.planted_image`) and a share of uncertain and unmentioned labels.
+finding (:func:`cxrflow.testing.synthstore.planted_image`) and a share of uncertain and unmentioned labels.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from cxrflow.data.synthstore import planted_image
+from cxrflow.testing.synthstore import planted_image
 
 #: (value written, label, state) draws for a CheXpert-style observation
 _OBS = (("1.0", 0.25), ("0.0", 0.45), ("-1.0", 0.1), ("", 0.2))

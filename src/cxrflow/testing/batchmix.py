@@ -4,7 +4,7 @@ patients per batch, against a uniformly random permutation of the same split.
 In the NIH release a patient's follow-ups have consecutive image ids, so a batch drawn from a few
 hundred consecutive ids covers few patients and few parts of the split. The ETL writes each split
 in a seeded pseudo-random row order so the loader's bounded window is already a uniform sample;
-this module measures that (``tests/data/test_batchmix.py``, ``benchmarks/loader.py``).
+this module measures that (``tests/testing/test_batchmix.py``, ``benchmarks/loader.py``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A study in the exact file shapes of cxrflow's run, evaluation, ensemble and localization folders.
 
-For tests and benchmarks of ``cxrflow report``: a synthetic store (:mod:`cxrflow.data.synthstore`), run
+For tests and benchmarks of ``cxrflow report``: a synthetic store (:mod:`cxrflow.testing.synthstore`), run
 folders with ``config.json``, evaluation folders with ``metrics.json`` (computed by
 :func:`cxrflow.metrics.summarize` from predictions with a planted signal), ``predictions.parquet``
 and figures, optionally calibration keys and ``reliability.png`` (the shape issue 12 writes), a
@@ -239,7 +239,7 @@ def write_study(
     ``draw_each=False`` draws the figures once and copies them (fast); ``checkpoints`` writes real
     random-weight checkpoints (simple_cnn runs only, to stay small); localization goes to the first run.
     """
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     root = Path(root)
     store = root / "store"

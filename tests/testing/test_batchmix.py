@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cxrflow.data.batchmix import batch_mixing
-from cxrflow.data.synthstore import write_synthetic_store
+from cxrflow.testing.batchmix import batch_mixing
+from cxrflow.testing.synthstore import write_synthetic_store
 
 ROWS = 6400  # 1% window = 64 rows = one row group, as ~1% of the release's train split is a few row groups
 
