@@ -5,6 +5,9 @@ calibration) all score through here, so a checkpoint gives the same numbers wher
 
 - :func:`resolve_device`: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` to a :class:`torch.device`, with
   one clear error for a device that is not there.
+- :func:`resolve_inference`: a checkpoint loaded for scoring (:class:`Inference`) with everything its
+  inputs need, all from the checkpoint: size, findings, the pixel statistics it was trained with,
+  device and precision. ``evaluate``, ``predict``, ``localize`` and the report all load through it.
 - :func:`model_input`: uint8 ``[N, 1, S, S]`` -> normalised float on the device (channels_last on CUDA).
 - :func:`batch_logits`: one forward pass (bf16 autocast on CUDA), logits as float32 on the CPU;
   demographics (:mod:`cxrflow.data.demographics`) go with the images, for the models that fuse them.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cxrflow.errors import CxrflowError
+from cxrflow.identity import file_sha256
 from cxrflow.data.loader import make_loader, to_model_input
 from cxrflow.data.store import check_partition, pixel_stats, read_manifest, store_identity
 from cxrflow.data.uncertain import masked_bce
@@ -60,9 +65,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The precision a forward pass runs in on ``device``: bfloat16 on CUDA, float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; a no-op context on CPU (float32 there)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=compute_dtype(device), enabled=device.type == "cuda")
 
 
 def model_input(images: torch.Tensor, mean: float, std: float, device: torch.device) -> torch.Tensor:
@@ -108,6 +118,57 @@ def training_pixel_stats(config: dict, size: int) -> tuple[float, float]:
         "the checkpoint does not record the training pixel mean/std and its store is not readable; "
         "pass --store with the store the run was trained on"
     )
+
+
+@dataclass
+class Inference:
+    """A checkpoint loaded for scoring and what its inputs need, all from the checkpoint itself."""
+
+    model: nn.Module  # in eval mode, on ``device``
+    checkpoint: dict  # the checkpoint dict: config, label_names, stage, epoch, ...
+    path: Path
+    sha256: str  # of the checkpoint file's bytes, hashed just before loading them
+    size: int
+    label_names: list[str]
+    pixel_mean: float  # the normalisation the model was trained with
+    pixel_std: float
+    store: Path  # the run's store: ``store`` as given, else the one the checkpoint names
+    device: torch.device
+    dtype: torch.dtype  # the precision of a forward pass (:func:`compute_dtype`)
+
+    @property
+    def config(self) -> dict:
+        return dict(self.checkpoint.get("config") or {})
+
+
+def resolve_inference(
+    checkpoint: str | os.PathLike, store: str | os.PathLike | None = None, *, device: str | torch.device = "auto"
+) -> Inference:
+    """Load the ``checkpoint`` file for scoring, on ``device``.
+
+    Size, findings and the pixel statistics come from the checkpoint (what it was trained with),
+    never from a store's current manifest. ``store`` is where the run's store is now, when it moved
+    (default: the one the checkpoint names); only a checkpoint written before pixel statistics were
+    recorded falls back to that store's train statistics (:func:`training_pixel_stats`).
+    """
+    from cxrflow.modelling.models import load_checkpoint
+
+    device = resolve_device(device)
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CxrflowError("no such checkpoint", path)
+    sha256 = file_sha256(path)
+    model, ckpt = load_checkpoint(path, map_location=device)
+    config = dict(ckpt.get("config") or {})
+    if "size" not in config:
+        raise CxrflowError("checkpoint config has no 'size'", path)
+    size = int(config["size"])
+    if store is not None:
+        config["store"] = str(store)
+    mean, std = training_pixel_stats(config, size)
+    run_store = Path(config.get("store", ""))
+    return Inference(model.eval(), ckpt, path, sha256, size, list(ckpt["label_names"]), mean, std, run_store, device,
+                     compute_dtype(device))  # fmt: skip
 
 
 def check_label_names(label_names: list, manifest: dict, checkpoint: str | os.PathLike) -> None:
@@ -196,31 +257,38 @@ def predict_split(
         "logits": torch.cat(logits).numpy() if logits else np.zeros((0, k), np.float32),
     }
     if world_size > 1:
-        parts: list[Any] = [None] * world_size
-        dist.all_gather_object(parts, part)
-        part = {
-            "image_id": [i for p in parts for i in p["image_id"]],
-            **{key: np.concatenate([p[key] for p in parts]) for key in ("patient_id", "labels", "logits", "known")},
-        }
-    logits_t = torch.from_numpy(part["logits"])
-    labels_t = torch.from_numpy(part["labels"])
-    loss = None
-    pw = manifest.get("pos_weight")
-    if pw is not None:
-        if len(pw) != k:
-            raise CxrflowError(f"manifest pos_weight must have {k} values (one per finding)", store)
-        criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pw, dtype=torch.float64))
-        if part["known"].all():
-            loss = float(criterion(logits_t.double(), labels_t.double()))
-        else:  # labels not known are left out of the loss (cxrflow.data.uncertain)
-            known_t = torch.from_numpy(part["known"]).double()
-            loss = float(masked_bce(logits_t.double(), labels_t.double(), known_t, criterion.pos_weight))
+        part = _gathered(part, world_size)
     return {
         "image_id": part["image_id"],
         "patient_id": part["patient_id"].astype(np.int64),
         "labels": part["labels"].astype(np.float32),
         "known": part["known"].astype(np.float32),
         "logits": part["logits"].astype(np.float32),
-        "probs": torch.sigmoid(logits_t).numpy().astype(np.float32),
-        "loss": loss,
+        "probs": torch.sigmoid(torch.from_numpy(part["logits"])).numpy().astype(np.float32),
+        "loss": _split_loss(part, manifest.get("pos_weight"), k, store),
     }
+
+
+def _gathered(part: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """Every rank's shard of a scored split, concatenated in rank order (the same on every rank)."""
+    parts: list[Any] = [None] * world_size
+    dist.all_gather_object(parts, part)
+    return {
+        "image_id": [i for p in parts for i in p["image_id"]],
+        **{key: np.concatenate([p[key] for p in parts]) for key in ("patient_id", "labels", "logits", "known")},
+    }
+
+
+def _split_loss(part: dict[str, Any], pos_weight: list | None, k: int, store: str | os.PathLike) -> float | None:
+    """Mean BCE of a scored split with the store's ``pos_weight`` (None without one); labels that are
+    not known are left out (:mod:`cxrflow.data.uncertain`)."""
+    if pos_weight is None:
+        return None
+    if len(pos_weight) != k:
+        raise CxrflowError(f"manifest pos_weight must have {k} values (one per finding)", store)
+    logits = torch.from_numpy(part["logits"]).double()
+    labels = torch.from_numpy(part["labels"]).double()
+    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))
+    if part["known"].all():
+        return float(criterion(logits, labels))
+    return float(masked_bce(logits, labels, torch.from_numpy(part["known"]).double(), criterion.pos_weight))

@@ -20,8 +20,7 @@ import torch
 
 from cxrflow.errors import CxrflowError
 from cxrflow.modelling.calibration import apply_temperatures, calibration_of, sigmoid
-from cxrflow.modelling.inference import batch_logits, resolve_device, training_pixel_stats
-from cxrflow.modelling.models import load_checkpoint
+from cxrflow.modelling.inference import batch_logits, resolve_inference
 from cxrflow.runs import check_metrics, evaluation_status, resolve_checkpoint
 
 
@@ -94,18 +93,12 @@ def load_run_predictor(
     else:
         name, path = resolve_checkpoint(run_dir, checkpoint)
         evaluation, note = _evaluation_record(run_dir, name)
-    device = resolve_device(device)
-    model, ckpt = load_checkpoint(path, map_location=device)
-    config = dict(ckpt.get("config") or {})
-    if store is not None:
-        config["store"] = str(store)
-    if "size" not in config:
-        raise CxrflowError("checkpoint config has no 'size'", path)
-    size = int(config["size"])
-    mean, std = training_pixel_stats(config, size)
-    label_names = list(ckpt["label_names"])
-    thresholds, calibration = operating_scale(evaluation, label_names, raw=raw)
-    return Predictor(model.eval(), size, mean, std, label_names, Path(path), device, thresholds, calibration, note)
+    inference = resolve_inference(path, store, device=device)
+    thresholds, calibration = operating_scale(evaluation, inference.label_names, raw=raw)
+    return Predictor(
+        inference.model, inference.size, inference.pixel_mean, inference.pixel_std, inference.label_names, Path(path),
+        inference.device, thresholds, calibration, note,
+    )  # fmt: skip
 
 
 def _evaluation_record(run: Path, checkpoint_name: str) -> tuple[dict | None, str | None]:
@@ -134,7 +127,9 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def operating_scale(evaluation: dict | None, label_names: Sequence[str], *, raw: bool) -> tuple[dict | None, tuple | None]:
+def operating_scale(
+    evaluation: dict | None, label_names: Sequence[str], *, raw: bool
+) -> tuple[dict | None, tuple | None]:
     """(thresholds, calibration) from an evaluation's metrics: the calibrated ones unless ``raw``
     or the evaluation predates calibration; thresholds of findings without one are left out."""
     if evaluation is None:

@@ -33,10 +33,10 @@ from cxrflow import options
 from cxrflow.modelling.scoring import format_summary, score_with_calibration, write_prediction_files
 from cxrflow.outputs import publishing
 from cxrflow.runs import (
-    CHECKPOINT_STAGE,
     METRICS_NAME,
     PREDICTIONS_NAME,
     VAL_PREDICTIONS_NAME,
+    Provenance,
     default_eval_dir,
     read_epoch_records,
     resolve_checkpoint,
@@ -77,71 +77,80 @@ def evaluate_run(
                               batch_size=batch_size, store=store)
 
 
-def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot, seed, device, batch_size, store) -> dict:
+def _evaluate_into(
+    pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot, seed, device, batch_size, store
+) -> dict:
     """Score the checkpoint, write the evaluation into ``pub.tmp`` and publish it."""
-    from cxrflow.modelling.calibration import pos_weight_offsets
-    from cxrflow.identity import file_sha256
-    from cxrflow.modelling.inference import check_label_names, check_store_identity, predict_split, training_pixel_stats
-    from cxrflow.modelling.models import load_checkpoint
-    from cxrflow.plots import plot_training_curves
     from cxrflow.data.store import read_manifest
+    from cxrflow.modelling.inference import check_label_names, check_store_identity, predict_split, resolve_inference
 
-    checkpoint_sha256 = file_sha256(ckpt_path)
-    model, ckpt = load_checkpoint(ckpt_path, map_location=device)
-    config = dict(ckpt.get("config") or {})
-    store = Path(store) if store is not None else Path(config.get("store", ""))
-    if "size" not in config:
-        raise CxrflowError("checkpoint config has no 'size'", ckpt_path)
-    size = int(config["size"])
-    label_names = list(ckpt["label_names"])
-    # the normalisation the model was trained with (recorded in its checkpoint), never the store's current one
-    pixel_mean, pixel_std = training_pixel_stats(config, size)
-    manifest = read_manifest(store)
-    identity = check_store_identity(config, store, manifest, size, (split, "val"))
-    check_label_names(label_names, manifest, ckpt_path)
+    inference = resolve_inference(ckpt_path, store, device=device)
+    manifest = read_manifest(inference.store)
+    identity = check_store_identity(inference.config, inference.store, manifest, inference.size, (split, "val"))
+    check_label_names(inference.label_names, manifest, ckpt_path)
     # validation is scored exactly as 'cxrflow predict' scores a file (same inference path and precision)
-    score = dict(batch_size=batch_size, device=device, pixel_mean=pixel_mean, pixel_std=pixel_std)
-    evaluated = predict_split(model, store, size, split, **score)
-    validation = evaluated if split == "val" else predict_split(model, store, size, "val", **score)
-    has_states = "uncertain_policies" in manifest  # stores with label states report exclusions
-    weights = manifest.get("pos_weight")
-    if has_states:  # the loss's pos_weight was that of the run's --uncertain policy, not the manifest's U-Ignore one
-        from cxrflow.data.uncertain import policy_pos_weight
+    def score(split_name: str) -> dict:
+        return predict_split(
+            inference.model, inference.store, inference.size, split_name, batch_size=batch_size,
+            device=inference.device, pixel_mean=inference.pixel_mean, pixel_std=inference.pixel_std,
+        )  # fmt: skip
 
-        weights = policy_pos_weight(manifest, str(config.get("uncertain") or "ignore")).tolist()
-    offsets = pos_weight_offsets(weights, len(label_names))
-    metrics = score_with_calibration(
-        evaluated, validation, label_names, logit_offsets=offsets, n_boot=n_boot, seed=seed, known=has_states
+    evaluated = score(split)
+    validation = evaluated if split == "val" else score("val")
+    has_states = "uncertain_policies" in manifest  # stores with label states report exclusions
+    offsets = _logit_offsets(manifest, inference.config, len(inference.label_names))
+    scored = score_with_calibration(
+        evaluated, validation, inference.label_names, logit_offsets=offsets, n_boot=n_boot, seed=seed, known=has_states
     )
     loss = evaluated.get("loss")
     metrics = {
-        "run": str(run.resolve()),
-        "run_name": run.name,
-        "checkpoint": name,
-        "checkpoint_path": str(Path(ckpt_path).resolve()),
-        "checkpoint_sha256": checkpoint_sha256,
-        "stage": ckpt.get("stage", CHECKPOINT_STAGE.get(name)),
-        "epoch": ckpt.get("epoch"),
-        "model": config.get("model"),
-        "fusion": config.get("fusion", "none"),
-        "size": size,
+        **Provenance.of(run, name, ckpt_path, inference.checkpoint, inference.sha256).record(),
+        "fusion": inference.config.get("fusion", "none"),
+        "size": inference.size,
         "split": split,
-        "store": str(store),
+        "store": str(inference.store),
         "store_identity": identity,
         "loss": None if loss is None else float(loss),
         # the normalisation the model was trained with, so that 'cxrflow predict' can work without the store
-        "pixel_mean": pixel_mean,
-        "pixel_std": pixel_std,
-        **metrics,
+        "pixel_mean": inference.pixel_mean,
+        "pixel_std": inference.pixel_std,
+        **scored,
         "cxrflow_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    _write_evaluation(pub, run, metrics, evaluated, validation)
+    metrics["out"] = str(pub.out)
+    return metrics
+
+
+def _logit_offsets(manifest: dict, config: dict, k: int):
+    """The ``log pos_weight`` shift of the training loss, per finding
+    (:func:`cxrflow.modelling.calibration.pos_weight_offsets`)."""
+    from cxrflow.modelling.calibration import pos_weight_offsets
+
+    weights = manifest.get("pos_weight")
+    # stores with label states: the loss's pos_weight was that of the run's --uncertain policy, not the
+    # manifest's U-Ignore one
+    if "uncertain_policies" in manifest:
+        from cxrflow.data.uncertain import policy_pos_weight
+
+        weights = policy_pos_weight(manifest, str(config.get("uncertain") or "ignore")).tolist()
+    return pos_weight_offsets(weights, k)
+
+
+def _write_evaluation(pub, run: Path, metrics: dict, evaluated: dict, validation: dict) -> None:
+    """Predictions, figures (training curves too, when the run has its epoch records) and
+    ``metrics.json`` into ``pub.tmp``, then publish the folder."""
+    from cxrflow.plots import plot_training_curves
 
     tmp = pub.tmp
-    figures = write_prediction_files(tmp, evaluated, validation, label_names, metrics, f"{config.get('model')} {size}px, {name}")
+    model, size = metrics.get("model"), metrics["size"]
+    names = metrics["label_names"]
+    what = f"{model} {size}px, {metrics['checkpoint']}"
+    figures = write_prediction_files(tmp, evaluated, validation, names, metrics, what)
     records = read_epoch_records(run)
     if records:
-        plot_training_curves(records, title=f"Training curves, {run.name} ({config.get('model')} {size}px)").savefig(
+        plot_training_curves(records, title=f"Training curves, {run.name} ({model} {size}px)").savefig(
             tmp / "curves.png", dpi=110
         )
         figures.append("curves.png")
@@ -150,8 +159,6 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
     metrics["figures"] = figures
     write_json_atomic(tmp / METRICS_NAME, metrics)
     pub.commit()
-    metrics["out"] = str(pub.out)
-    return metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -551,16 +551,16 @@ def _heatmaps_for(ev: dict, heatmap_fn: Callable[..., np.ndarray] | None):
     # build_rows has already refused an evaluation whose checkpoint is gone or changed (evaluation_status)
     ckpt = evaluation_checkpoint(ev["folder"] / METRICS_NAME, m)
     loc = next((d for _, d in found if d.get("checkpoint_sha256") == m.get("checkpoint_sha256")), found[0][1])
-    from cxrflow.modelling.models import load_checkpoint
+    from cxrflow.modelling.inference import resolve_inference
 
-    model, _ = load_checkpoint(ckpt, map_location="cpu")
+    inference = resolve_inference(ckpt, device="cpu")
     method = loc.get("method") or "gradcam"
-    mean, std = m.get("pixel_mean"), m.get("pixel_std")
 
     def heat(image: np.ndarray, finding: int) -> np.ndarray:
-        import torch
-
-        return heatmap_fn(model, image, finding, method=method, pixel_mean=mean, pixel_std=std, device=torch.device("cpu"))
+        return heatmap_fn(
+            inference.model, image, finding, method=method, pixel_mean=inference.pixel_mean,
+            pixel_std=inference.pixel_std, device=inference.device,
+        )  # fmt: skip
 
     return heat, None
 

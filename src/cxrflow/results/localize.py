@@ -53,9 +53,8 @@ from cxrflow.data.boxes import (
     read_boxes,
 )
 from cxrflow.errors import CxrflowError
-from cxrflow.identity import file_sha256
 from cxrflow.outputs import check_target, publishing
-from cxrflow.runs import default_localize_dir
+from cxrflow.runs import Provenance, default_localize_dir
 from cxrflow.modelling.heatmaps import square_geometry, store_to_original
 
 JSON_NAME = "localization.json"
@@ -325,28 +324,19 @@ def _gallery_cases(scored: pd.DataFrame, finding: str, found: HeatmapPass, pred:
 
 
 def _load(run: Path, checkpoint: str | None, store: str | os.PathLike | None, device: str):
-    """(checkpoint name, path, model, checkpoint dict, store path, size, manifest, pixel mean, std)."""
+    """(checkpoint name, the checkpoint loaded for scoring, its store's manifest)."""
+    from cxrflow.data.store import check_partition, read_manifest
+    from cxrflow.modelling.inference import check_label_names, resolve_inference
     from cxrflow.runs import resolve_checkpoint
-    from cxrflow.modelling.inference import check_label_names, resolve_device
-    from cxrflow.modelling.models import load_checkpoint
-    from cxrflow.data.store import check_partition, pixel_stats, read_manifest
 
     if not run.is_dir():
         raise CxrflowError("no such run folder", run)
     name, path = resolve_checkpoint(run, checkpoint)
-    device = resolve_device(device)
-    model, ckpt = load_checkpoint(path, map_location=device)
-    config = dict(ckpt.get("config") or {})
-    store = Path(store) if store is not None else Path(config.get("store", ""))
-    manifest = read_manifest(store)
-    check_label_names(ckpt["label_names"], manifest, path)
-    size = int(config["size"])
-    check_partition(manifest, store, size, "train")
-    if "pixel_mean" in config and "pixel_std" in config:
-        mean, std = float(config["pixel_mean"]), float(config["pixel_std"])
-    else:
-        mean, std = pixel_stats(manifest, size)
-    return name, path, model, ckpt, store, size, manifest, mean, std, device
+    inference = resolve_inference(path, store, device=device)
+    manifest = read_manifest(inference.store)
+    check_label_names(inference.label_names, manifest, path)
+    check_partition(manifest, inference.store, inference.size, "train")
+    return name, inference, manifest
 
 
 def ground_truth(
@@ -428,33 +418,45 @@ def localize_run(
     if max_boxes < 1:
         raise CxrflowError(f"--max-boxes must be at least 1, got {max_boxes}")
     run = Path(run)
-    name, ckpt_path, model, ckpt, store, size, manifest, mean, std, device = _load(run, checkpoint, store, device)
+    name, inference, manifest = _load(run, checkpoint, store, device)
+    store, size, label_names = inference.store, inference.size, inference.label_names
     out = Path(out) if out is not None else default_localize_dir(run, split, name)
     check_output(out, overwrite, [run, store])
     check_partition(manifest, store, size, split)
-    method = cam_method(model, method)
-    label_names = list(ckpt["label_names"])
+    method = cam_method(inference.model, method)
     boxes, images, gt, unscored, other = ground_truth(store, bbox, manifest, size, split, label_names)
     found = heatmap_pass(
-        model, store, size, split, gt, label_names, method=method, pixel_mean=mean, pixel_std=std, device=device,
-        batch_size=batch_size, max_boxes=max_boxes,
+        inference.model, store, size, split, gt, label_names, method=method, pixel_mean=inference.pixel_mean,
+        pixel_std=inference.pixel_std, device=inference.device, batch_size=batch_size, max_boxes=max_boxes,
     )  # fmt: skip
     pred = _frame(found.boxes)
     main = evaluate_boxes(gt, pred, label_names)
-    n_boxes = {n: int((gt["finding"] == n).sum()) for n in label_names}
     result = {
-        "run": str(run.resolve()),
-        "checkpoint": name,
-        "checkpoint_path": str(Path(ckpt_path).resolve()),
-        "checkpoint_sha256": file_sha256(ckpt_path),
-        "stage": ckpt.get("stage"),
-        "epoch": ckpt.get("epoch"),
-        "model": (ckpt.get("config") or {}).get("model"),
+        **Provenance.of(run, name, inference.path, inference.checkpoint, inference.sha256).record(),
         "store": str(store),
         "size": size,
         "split": split,
         "method": method,
         "box_source": str(bbox) if bbox is not None else f"{store}/{BOXES_NAME}",
+        **box_rule(max_boxes),
+        **_scores(main, boxes, images, gt, pred, found, label_names),
+        "boxes_in_other_splits": other,
+        "unscored": unscored,
+        "unscored_count": len(unscored),
+        "heatmap_seconds": round(found.seconds, 3),
+        "device": str(inference.device),
+        "cxrflow_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    title = f"{config_name(inference.checkpoint)}, {method}, {split}"
+    publish(out, overwrite, lambda tmp: write_outputs(tmp, result, pred, main["scored"], found, title), [run, store])
+    result["out"] = str(out)
+    return result
+
+
+def box_rule(max_boxes: int) -> dict[str, Any]:
+    """How predicted boxes are made and scored, as recorded in ``localization.json``."""
+    return {
         "thresholds": {
             "heatmap": list(WANG_THRESHOLDS), "sweep": list(SWEEP_THRESHOLDS),
             "iobb": list(IOBB_THRESHOLDS), "iou": list(IOU_THRESHOLDS),
@@ -465,6 +467,17 @@ def localize_run(
             "per image and finding, ranked by the region's peak, then its mean; localised when best IoU/IoBB >= T"
         ),
         "max_boxes": max_boxes,
+    }
+
+
+def _scores(
+    main: dict, boxes: pd.DataFrame, images: pd.DataFrame, gt: pd.DataFrame, pred: pd.DataFrame, found: HeatmapPass,
+    label_names: Sequence[str],
+) -> dict[str, Any]:
+    """The model's accuracy tables (``main``, from :func:`evaluate_boxes`), the baseline's, the
+    threshold sweep, Wang et al.'s figures and the box counts."""
+    n_boxes = {n: int((gt["finding"] == n).sum()) for n in label_names}
+    return {
         "accuracy_iobb": main["accuracy_iobb"],
         "accuracy_iou": main["accuracy_iou"],
         "fp_per_image": main["fp_per_image_by_iobb"]["0.5"],
@@ -476,18 +489,7 @@ def localize_run(
         "n_images": int(gt["image_id"].nunique()),
         "n_predicted_boxes": int(len(pred)),
         "findings_without_boxes": [n for n in label_names if n_boxes[n] == 0],
-        "boxes_in_other_splits": other,
-        "unscored": unscored,
-        "unscored_count": len(unscored),
-        "heatmap_seconds": round(found.seconds, 3),
-        "device": str(device),
-        "cxrflow_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    title = f"{config_name(ckpt)}, {method}, {split}"
-    publish(out, overwrite, lambda tmp: write_outputs(tmp, result, pred, main["scored"], found, title), [run, store])
-    result["out"] = str(out)
-    return result
 
 
 def config_name(ckpt: dict) -> str:

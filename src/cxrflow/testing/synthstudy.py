@@ -146,8 +146,11 @@ def write_run_config(run: Path, store: Path, model: str, size: int, label_names:
     (run / "config.json").write_text(json.dumps(saved, indent=2))
 
 
-def write_checkpoint(run: Path, stage: str, model: str, size: int, label_names: Sequence[str]) -> Path:
-    """A real checkpoint of a randomly initialised model (what ``load_checkpoint`` reads)."""
+def write_checkpoint(
+    run: Path, stage: str, model: str, size: int, label_names: Sequence[str], pixel_stats: tuple[float, float] = (0.5, 0.25)
+) -> Path:
+    """A real checkpoint of a randomly initialised model (what ``load_checkpoint`` reads), recording
+    the pixel (mean, std) it stands to have been trained with, as the trainer does."""
     import torch
 
     from cxrflow.modelling.models import create_model
@@ -155,7 +158,8 @@ def write_checkpoint(run: Path, stage: str, model: str, size: int, label_names: 
     torch.manual_seed(0)
     net = create_model(model, len(label_names), pretrained="none")
     path = run / f"best_{stage}.pt"
-    torch.save({"model": net.state_dict(), "config": {"model": model, "size": size}, "label_names": list(label_names),
+    config = {"model": model, "size": size, "pixel_mean": float(pixel_stats[0]), "pixel_std": float(pixel_stats[1])}
+    torch.save({"model": net.state_dict(), "config": config, "label_names": list(label_names),
                 "stage": stage, "epoch": 3}, path)  # fmt: skip
     return path
 
@@ -239,12 +243,14 @@ def write_study(
     ``draw_each=False`` draws the figures once and copies them (fast); ``checkpoints`` writes real
     random-weight checkpoints (simple_cnn runs only, to stay small); localization goes to the first run.
     """
+    from cxrflow.data.store import pixel_stats
     from cxrflow.testing.synthstore import write_synthetic_store
 
     root = Path(root)
     store = root / "store"
     manifest = write_synthetic_store(store, sizes=(store_size,), rows={"train": 16, "val": 8, "test": test_rows}, seed=seed)
     names = manifest["label_names"]
+    stats = pixel_stats(manifest, store_size)  # what evaluations record, as the checkpoints do
     run_dirs, evals, first_eval = [], [], None
     for i, (model, size, stages) in enumerate(runs):
         run = root / "runs" / f"{model}-{size}"
@@ -252,7 +258,7 @@ def write_study(
         run_dirs.append(run)
         for k, stage in enumerate(stages):
             if checkpoints and model == "simple_cnn":
-                write_checkpoint(run, stage, model, size, names)
+                write_checkpoint(run, stage, model, size, names, stats)
             folder = run / f"eval-test-best_{stage}"
             write_evaluation(folder, run, store, model=model, size=size, stage=stage, signal=0.4 + 0.15 * i + 0.1 * k,
                              seed=seed + 10 * i + k, store_size=store_size, calibrated=calibrated,
