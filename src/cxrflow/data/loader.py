@@ -20,6 +20,9 @@ copied once, from there straight into the batch's tensors. A batch's tensors sha
 buffer, reused once the consumer has dropped the batch (in a worker, a shared-memory buffer that
 the main process hands back), so steady-state batches cost no page faults.
 
+The reading (steps 1-3 and decoding) is :mod:`cxrflow.data.rowreader`, the windows, batches and
+their buffers are :mod:`cxrflow.data.batching`; this module runs them in each DataLoader worker.
+
 Batches are dicts (see :func:`make_loader`). Images stay uint8 until :func:`to_model_input`, which
 runs on the batch's device, so on a GPU the host-to-device copy is 4x smaller than float32.
 :func:`augment` is the optional train-time geometric transform, also on the batch's device.
@@ -27,31 +30,30 @@ runs on the batch's device, so on a GPU the host-to-device copy is 4x smaller th
 
 from __future__ import annotations
 
-import collections
-import math
 import os
-import sys
-import threading
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cxrflow.data.demographics import encode_arrow as encode_demographics
 from cxrflow.errors import CxrflowError
-from cxrflow.data.store import FORMAT_VERSION, KNOWN_COLUMN, MANIFEST_NAME, check_partition, read_manifest
-from cxrflow.data.uncertain import apply_policy, resolve_policy
-
-#: Columns the loader reads; the others (follow_up, original size) are never decoded.
-COLUMNS = ["image_id", "patient_id", "labels", "age", "sex", "view", "pixels"]
+from cxrflow.data.store import check_partition, read_manifest
+from cxrflow.data.uncertain import resolve_policy
+from cxrflow.data.batching import POOL_SLOTS, LocalSlots, OneOff, SharedSlots, read_ahead, unpack, window_batches
+from cxrflow.data.rowreader import (
+    Plan,
+    epoch_units,
+    list_units,
+    num_batches,
+    rank_range,
+    read_remote_manifest,
+    read_rows,
+    resolve_filesystem,
+    worker_range,
+)
 
 #: Default shuffle buffer, in pixel bytes per rank, shared among its DataLoader workers: 512 rows
 #: at 512 px (two of the ETL's row groups), 2048 at 256 px; memory stays the same at every size.
@@ -68,486 +70,6 @@ _SLOT_KEY = "_cxrflow_slot"
 
 
 # --------------------------------------------------------------------------------------------
-# Where the store lives
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """One row group of one Parquet file: the smallest piece the loader reads."""
-
-    path: str
-    row_group: int
-    n_rows: int
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What every worker needs to find its rows; identical in all ranks and workers."""
-
-    filesystem: pafs.FileSystem
-    units: tuple[_Unit, ...]
-    size: int
-    num_labels: int
-    #: the store has label states (``labels_known``), and the policy for uncertain labels
-    has_states: bool = False
-    uncertain: str | tuple[str, ...] = "ignore"
-
-
-def _resolve_filesystem(store: str | os.PathLike, filesystem: Any) -> tuple[pafs.FileSystem, str, bool]:
-    """(pyarrow filesystem, root path inside it, is-local) for a local path, a URL or a given filesystem."""
-    if filesystem is not None:
-        if not isinstance(filesystem, pafs.FileSystem):  # an fsspec filesystem
-            filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
-        return filesystem, str(store).rstrip("/"), isinstance(filesystem, pafs.LocalFileSystem)
-    text = os.fspath(store)
-    if "://" in text:
-        try:
-            fs, root = pafs.FileSystem.from_uri(text)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            try:
-                import fsspec
-            except ImportError:  # pragma: no cover - fsspec ships with torch
-                raise CxrflowError("unsupported filesystem URL (install fsspec for more schemes)", text) from None
-            try:
-                fsspec_fs, root = fsspec.core.url_to_fs(text)
-            except (ValueError, ImportError) as exc:
-                raise CxrflowError(f"unsupported filesystem URL: {exc}", text) from None
-            fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
-        return fs, root.rstrip("/"), isinstance(fs, pafs.LocalFileSystem)
-    return pafs.LocalFileSystem(), str(Path(text).absolute()), True
-
-
-def _read_remote_manifest(fs: pafs.FileSystem, root: str, shown: str) -> dict:
-    """The manifest of a store on a non-local filesystem, with the same checks as ``read_manifest``."""
-    import json
-
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        raise CxrflowError("no such store (run 'cxrflow etl' first)", shown)
-    path = f"{root}/{MANIFEST_NAME}"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise CxrflowError(f"not a complete cxrflow store: {MANIFEST_NAME} is missing", shown)
-    try:
-        with fs.open_input_stream(path) as f:
-            manifest = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CxrflowError(f"unreadable manifest: {exc}", f"{shown}/{MANIFEST_NAME}") from None
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CxrflowError(
-            f"store format version {version} is newer than this cxrflow supports ({FORMAT_VERSION}); upgrade cxrflow",
-            f"{shown}/{MANIFEST_NAME}",
-        )
-    return manifest
-
-
-def _list_units(fs: pafs.FileSystem, folder: str) -> list[_Unit]:
-    """Every row group of the partition's Parquet files, in file-name order."""
-    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    paths = sorted(
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.File
-        and i.base_name.endswith(".parquet")
-        and not i.base_name.startswith(("_", "."))
-    )
-    units = []
-    for path in paths:
-        try:
-            with fs.open_input_file(path) as f:
-                meta = pq.ParquetFile(f).metadata
-        except (pa.ArrowException, OSError) as exc:
-            raise CxrflowError(f"corrupt or unreadable Parquet file: {exc}", path) from None
-        missing = [c for c in COLUMNS if c not in meta.schema.to_arrow_schema().names]
-        if missing:
-            raise CxrflowError(f"not a cxrflow store file: columns {missing} are missing", path)
-        units.extend(_Unit(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
-    return [u for u in units if u.n_rows > 0]
-
-
-# --------------------------------------------------------------------------------------------
-# Who reads which rows
-
-
-def _rank_range(total: int, rank: int, world_size: int, drop_last: bool) -> tuple[int, int]:
-    """[start, stop) of this rank's rows in the epoch's row index space."""
-    if drop_last:
-        per_rank = total // world_size  # equal shares, so every rank yields the same number of batches
-        return rank * per_rank, (rank + 1) * per_rank
-    return rank * total // world_size, (rank + 1) * total // world_size
-
-
-def _num_batches(rows: int, batch_size: int, drop_last: bool) -> int:
-    return rows // batch_size if drop_last else math.ceil(rows / batch_size)
-
-
-def _worker_range(rank_rows: int, batch_size: int, drop_last: bool, worker: int, num_workers: int) -> tuple[int, int]:
-    """[start, stop) of one worker's rows inside its rank's slice: a block of whole batches."""
-    batches = _num_batches(rank_rows, batch_size, drop_last)
-    used = min(rank_rows, batches * batch_size)
-    first, last = worker * batches // num_workers, (worker + 1) * batches // num_workers
-    return min(first * batch_size, used), min(last * batch_size, used)
-
-
-def _epoch_units(units: Sequence[_Unit], shuffle: bool, seed: int, epoch: int) -> list[_Unit]:
-    if not shuffle:
-        return list(units)
-    order = np.random.default_rng([seed, epoch]).permutation(len(units))
-    return [units[i] for i in order]
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding
-
-
-@dataclass
-class _Rows:
-    """A block of decoded rows (numpy); images uint8 [n, S, S], labels uint8 [n, K]."""
-
-    image: np.ndarray
-    labels: np.ndarray
-    patient_id: np.ndarray
-    demographics: np.ndarray
-    known: np.ndarray  # uint8 [n, K]: 1 where the label counts (see cxrflow.data.uncertain)
-    image_id: np.ndarray  # object array of str
-
-    def __len__(self) -> int:
-        return len(self.image_id)
-
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.image, self.labels, self.patient_id, self.demographics, self.known, self.image_id
-
-
-def _offsets(array: pa.Array, n: int) -> np.ndarray:
-    """Value offsets of a binary or list array as int64, honouring the array's slice offset."""
-    wide = pa.types.is_large_binary(array.type) or pa.types.is_large_list(array.type)
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64 if wide else np.int32)
-    return offsets[array.offset : array.offset + n + 1].astype(np.int64)
-
-
-def _decode(batch: pa.RecordBatch, size: int, num_labels: int, path: str, first_row: int,
-            uncertain: str | tuple[str, ...] = "ignore") -> _Rows:
-    """Columns of one record batch to numpy without per-row Python work (except image ids)."""
-    n = batch.num_rows
-    ids = batch.column("image_id")
-
-    def bad(row: int, problem: str) -> CxrflowError:
-        return CxrflowError(f"row {first_row + row} (image_id {ids[row].as_py()}): {problem}", path)
-
-    pixels = batch.column("pixels")
-    if pixels.null_count:
-        raise bad(int(np.flatnonzero(pixels.is_null().to_numpy(zero_copy_only=False))[0]), "pixels are null")
-    offsets = _offsets(pixels, n)
-    lengths = np.diff(offsets)
-    wrong = np.flatnonzero(lengths != size * size)
-    if len(wrong):
-        row = int(wrong[0])
-        raise bad(row, f"{lengths[row]} pixel bytes, expected {size * size} for size {size}")
-    data = np.frombuffer(pixels.buffers()[2], dtype=np.uint8)
-    image = data[offsets[0] : offsets[-1]].reshape(n, size, size)
-
-    labels = batch.column("labels")
-    lab_offsets = _offsets(labels, n)
-    lab_lengths = np.diff(lab_offsets)
-    wrong = np.flatnonzero(lab_lengths != num_labels)
-    if labels.null_count or len(wrong):
-        row = int(wrong[0]) if len(wrong) else 0
-        raise bad(row, f"labels have {lab_lengths[row] if len(wrong) else 'null'} entries, expected {num_labels}")
-    flat = labels.flatten()
-    if flat.null_count:
-        raise CxrflowError("null label values", path)
-    label_values = flat.to_numpy(zero_copy_only=False).reshape(n, num_labels)
-    wrong = np.flatnonzero((label_values > 1).any(axis=1))  # uint8: a value is 0 or 1, or the file is damaged
-    if len(wrong):
-        row = int(wrong[0])
-        raise bad(row, f"label values must be 0 or 1, got {sorted(set(label_values[row].tolist()))}")
-    states = None
-    if KNOWN_COLUMN in batch.schema.names:
-        states = batch.column(KNOWN_COLUMN).flatten().to_numpy(zero_copy_only=False).reshape(n, num_labels)
-    label_values, known = apply_policy(label_values, states, uncertain)
-
-    demographics = encode_demographics(batch.column("age"), batch.column("sex"), batch.column("view"))
-    return _Rows(
-        image=image,
-        labels=label_values,
-        patient_id=batch.column("patient_id").to_numpy(zero_copy_only=False),
-        demographics=demographics,
-        known=known,
-        image_id=np.asarray(ids.to_pylist(), dtype=object),
-    )
-
-
-def _read_rows(plan: _Plan, units: Sequence[_Unit], start: int, stop: int, use_threads: bool) -> Iterator[_Rows]:
-    """Rows [start, stop) of the index space formed by ``units`` end to end, row group by row group."""
-    ends = np.cumsum([u.n_rows for u in units])
-    first = int(np.searchsorted(ends, start, side="right"))
-    open_path, open_file = None, None
-    try:
-        for i in range(first, len(units)):
-            unit, unit_start = units[i], int(ends[i]) - units[i].n_rows
-            if unit_start >= stop:
-                break
-            lo, hi = max(start, unit_start) - unit_start, min(stop, int(ends[i])) - unit_start
-            if unit.path != open_path:
-                if open_file is not None:
-                    open_file.close()
-                open_path, open_file = unit.path, plan.filesystem.open_input_file(unit.path)
-                parquet = pq.ParquetFile(open_file)
-            try:
-                columns = COLUMNS + [KNOWN_COLUMN] if plan.has_states else COLUMNS
-                table = parquet.read_row_group(unit.row_group, columns=columns, use_threads=use_threads)
-            except (pa.ArrowException, OSError) as exc:
-                raise CxrflowError(f"corrupt Parquet file (row group {unit.row_group}): {exc}", unit.path) from None
-            if table.num_rows != unit.n_rows:
-                raise CxrflowError(f"row group {unit.row_group} changed since the loader was made", unit.path)
-            table = table.slice(lo, hi - lo)
-            first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.row_group)) + lo
-            for record_batch in table.to_batches():
-                if record_batch.num_rows:
-                    yield _decode(record_batch, plan.size, plan.num_labels, unit.path, first_row, plan.uncertain)
-                    first_row += record_batch.num_rows
-    finally:
-        if open_file is not None:
-            open_file.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Output memory
-#
-# A 512-px batch of 32 is 8 MiB. Fresh memory for every batch costs a page fault per 4 KiB on first
-# write (and, from a DataLoader worker, a new shared-memory file whose pages fault in both
-# processes): more than the copy itself. So each batch's four tensors live in one packed buffer,
-# and the buffers are reused once the consumer has dropped every tensor of the batch.
-
-#: Buffers kept for reuse per process: the batches queued by the DataLoader plus those the consumer
-#: still holds. When all are in use, a batch gets fresh memory (never waits, never overwrites).
-_POOL_SLOTS = 6
-
-#: Row groups read ahead by the background reading thread.
-_READ_AHEAD = 2
-
-_FIELDS = ("image", "labels", "patient_id", "demographics", "known")
-
-
-def _layout(n: int, size: int, num_labels: int) -> tuple[list[tuple[str, int, tuple[int, ...], torch.dtype]], int]:
-    """Where each tensor of an ``n``-row batch lies in its packed uint8 buffer (64-byte aligned), and its bytes."""
-    specs = (("image", (n, 1, size, size), torch.uint8), ("labels", (n, num_labels), torch.float32),
-             ("patient_id", (n,), torch.int64), ("demographics", (n, 3), torch.float32),
-             ("known", (n, num_labels), torch.float32))
-    out, offset = [], 0
-    for name, shape, dtype in specs:
-        out.append((name, offset, shape, dtype))
-        offset += -(-math.prod(shape) * dtype.itemsize // 64) * 64
-    return out, offset
-
-
-def _unpack(packed: torch.Tensor, n: int, size: int, num_labels: int) -> dict[str, torch.Tensor]:
-    """The batch tensors as views of one packed uint8 buffer (see :func:`_layout`)."""
-    fields, _ = _layout(n, size, num_labels)
-    return {
-        name: packed[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-        for name, offset, shape, dtype in fields
-    }
-
-
-def _new_shared(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 CPU tensor in shared memory, so that handing it from a DataLoader
-    worker to the main process costs no copy (the same trick as torch's default_collate)."""
-    proto = torch.empty(0, dtype=torch.uint8)
-    return proto.new(proto._typed_storage()._new_shared(nbytes, device="cpu"))
-
-
-class _LocalSlots:
-    """Reusable output buffers in this process. A buffer is free again when nothing but the pool
-    refers to it: batch tensors are made with ``torch.from_numpy``, which holds the array."""
-
-    def __init__(self) -> None:
-        self.slots: list[np.ndarray] = []
-        self.free_refs = 0
-
-    def take(self, nbytes: int, capacity: int) -> tuple[torch.Tensor, int]:
-        for k in range(len(self.slots)):
-            if len(self.slots[k]) >= nbytes and _refs(self.slots, k) == self.free_refs:
-                return torch.from_numpy(self.slots[k][:nbytes]), k
-        if len(self.slots) < _POOL_SLOTS:
-            self.slots.append(np.empty(max(nbytes, capacity), dtype=np.uint8))
-            self.free_refs = _refs(self.slots, len(self.slots) - 1)
-            return torch.from_numpy(self.slots[-1][:nbytes]), len(self.slots) - 1
-        return torch.empty(nbytes, dtype=torch.uint8), -1
-
-
-def _refs(slots: list[np.ndarray], k: int) -> int:
-    return sys.getrefcount(slots[k])
-
-
-class _SharedSlots:
-    """Reusable shared-memory output buffers of one DataLoader worker. ``busy`` (shared with the
-    main process, one flag per buffer) is set here when a buffer is filled and cleared by the main
-    process once the consumer has dropped the batch (see :meth:`StoreLoader.__iter__`)."""
-
-    def __init__(self, busy: np.ndarray):
-        self.busy = busy
-        self.slots: list[torch.Tensor] = []
-
-    def take(self, nbytes: int, capacity: int) -> tuple[torch.Tensor, int]:
-        for k, slot in enumerate(self.slots):
-            if not self.busy[k] and len(slot) >= nbytes:
-                self.busy[k] = 1
-                return slot[:nbytes], k
-        if len(self.slots) < len(self.busy):
-            self.slots.append(_new_shared(max(nbytes, capacity)))
-            self.busy[len(self.slots) - 1] = 1
-            return self.slots[-1][:nbytes], len(self.slots) - 1
-        return _new_shared(nbytes), -1
-
-
-class _OneOff:
-    """Fresh output memory for every batch (shared memory inside a worker of a caller's own DataLoader)."""
-
-    def __init__(self, shared: bool):
-        self.shared = shared
-
-    def take(self, nbytes: int, capacity: int) -> tuple[torch.Tensor, int]:
-        return (_new_shared(nbytes) if self.shared else torch.empty(nbytes, dtype=torch.uint8)), -1
-
-
-# --------------------------------------------------------------------------------------------
-# Shuffling and batching
-
-
-class _Window:
-    """Decoded blocks laid end to end (zero-copy views over their Arrow buffers), indexed as one."""
-
-    def __init__(self, blocks: list[_Rows]):
-        self.blocks = blocks
-        self.starts = np.cumsum([0] + [len(b) for b in blocks])
-
-    def segments(self, index: np.ndarray) -> Iterator[tuple[slice, _Rows, np.ndarray]]:
-        """For ascending window rows ``index``: (positions in ``index``, block, rows in that block)."""
-        cuts = np.searchsorted(index, self.starts)
-        for b, block in enumerate(self.blocks):
-            lo, hi = int(cuts[b]), int(cuts[b + 1])
-            if hi > lo:
-                yield slice(lo, hi), block, index[lo:hi] - self.starts[b]
-
-    def gather(self, index: np.ndarray, packed: torch.Tensor, size: int, num_labels: int) -> dict[str, Any]:
-        """Rows ``index`` (ascending) copied once, straight from the blocks into the packed buffer."""
-        n = len(index)
-        tensors = _unpack(packed, n, size, num_labels)
-        outs = [tensors[name].numpy().reshape(n, -1) for name in _FIELDS] + [np.empty(n, dtype=object)]
-        for at, block, rows in self.segments(index):
-            for out, src in zip(outs, block.arrays()):
-                if out.dtype == object or src.dtype != out.dtype:
-                    out[at] = src[rows].reshape(len(rows), *out.shape[1:])
-                else:
-                    np.take(src.reshape(len(src), -1), rows, axis=0, out=out[at])
-        return {**tensors, "image_id": outs[-1].tolist()}
-
-    def copy(self, index: np.ndarray) -> _Rows:
-        """The rows ``index`` (ascending) as a new, small block that owns its memory."""
-        parts = [[a[rows] for a in block.arrays()] for _, block, rows in self.segments(index)]
-        return _Rows(*(np.concatenate(columns) for columns in zip(*parts)))
-
-
-def _window_batches(blocks: Iterator[_Rows], batch_size: int, total: int, window: int, size: int, num_labels: int,
-                    rng: np.random.Generator | None, slots: Any) -> Iterator[tuple[dict[str, Any], torch.Tensor, int]]:
-    """``total`` rows in batches of ``batch_size`` (only the very last may be short), with each
-    batch's packed buffer and its slot number (-1: not pooled).
-
-    Blocks are gathered into a window of at least ``window`` rows (whole row groups, never copied);
-    with ``rng`` the window's rows are permuted, otherwise they keep stream order. Each batch is
-    copied straight from the window's blocks into its output buffer; the fewer than ``batch_size``
-    rows left over are copied into a small block that opens the next window, so the window's row
-    groups are released as soon as it is used up. Memory: about ``window`` rows plus a row group or two.
-    """
-    window = max(window, batch_size)
-    # no batch holds more than the ``total`` rows there are: a --batch-size beyond the split is one batch,
-    # not a buffer sized for rows that do not exist
-    capacity = _layout(min(batch_size, max(total, 1)), size, num_labels)[1]
-    carry: list[_Rows] = []
-    remaining = total
-    stream = iter(blocks)
-    done = False
-    while not done:
-        parts, n = carry, sum(len(c) for c in carry)
-        while n < window:
-            block = next(stream, None)
-            if block is None:
-                done = True
-                break
-            parts.append(block)
-            n += len(block)
-        if n == 0:
-            break
-        view = _Window(parts)
-        order = rng.permutation(n) if rng is not None else np.arange(n)
-        full = n if done else n - n % batch_size
-        for start in range(0, full, batch_size):
-            index = order[start : start + batch_size]
-            if rng is not None:
-                index = np.sort(index)  # the batch's rows are random; reading them in window order is faster
-            packed, slot = slots.take(_layout(len(index), size, num_labels)[1], capacity)
-            remaining -= len(index)
-            yield view.gather(index, packed, size, num_labels), packed, slot
-        carry = [view.copy(np.sort(order[full:]))] if full < n else []
-        del view, parts, block
-    if remaining:
-        raise AssertionError(f"stream ended {remaining} rows short")
-
-
-def _read_ahead(blocks: Iterator[_Rows], rows: int) -> Iterator[_Rows]:
-    """``blocks``, read by a background thread up to about ``rows`` rows ahead of the consumer.
-
-    pyarrow's reading and decompression and numpy's copies release the GIL, so the next window is
-    read while the current one is cut into batches. Errors are re-raised in the consumer; closing
-    the iterator stops the thread.
-    """
-    cond = threading.Condition()
-    ready: collections.deque = collections.deque()
-    state = {"rows": 0, "end": False, "error": None, "stop": False}
-
-    def run() -> None:
-        try:
-            for block in blocks:
-                with cond:
-                    cond.wait_for(lambda: state["stop"] or state["rows"] < rows)
-                    if state["stop"]:
-                        return
-                    ready.append(block)
-                    state["rows"] += len(block)
-                    cond.notify_all()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
-            with cond:
-                state["error"] = exc
-        finally:
-            blocks.close()
-            with cond:
-                state["end"] = True
-                cond.notify_all()
-
-    thread = threading.Thread(target=run, name="cxrflow-loader-read", daemon=True)
-    thread.start()
-    try:
-        while True:
-            with cond:
-                cond.wait_for(lambda: ready or state["end"])
-                if not ready:
-                    if state["error"] is not None:
-                        raise state["error"]
-                    return
-                block = ready.popleft()
-                state["rows"] -= len(block)
-                cond.notify_all()
-            yield block
-            del block
-    finally:
-        with cond:
-            state["stop"] = True
-            ready.clear()
-            cond.notify_all()
-        thread.join()
-
-
-# --------------------------------------------------------------------------------------------
 # The dataset each DataLoader worker runs, and the loader object
 
 
@@ -558,7 +80,7 @@ class _StoreStream(IterableDataset):
     workers reuse their output buffers and send each batch packed; the main process unpacks it.
     """
 
-    def __init__(self, plan: _Plan, *, batch_size: int, shuffle: bool, seed: int, epoch: int, rank: int,
+    def __init__(self, plan: Plan, *, batch_size: int, shuffle: bool, seed: int, epoch: int, rank: int,
                  world_size: int, drop_last: bool, shuffle_buffer: int, busy: torch.Tensor | None = None):
         super().__init__()
         self.plan = plan
@@ -571,11 +93,11 @@ class _StoreStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         if info is None:
-            slots: Any = _LocalSlots()
+            slots: Any = LocalSlots()
         elif self.busy is not None:
-            slots = _SharedSlots(self.busy[worker].numpy())
+            slots = SharedSlots(self.busy[worker].numpy())
         else:
-            slots = _OneOff(shared=True)
+            slots = OneOff(shared=True)
         try:
             for batch, packed, slot in self._batches(worker, workers, in_worker=info is not None, slots=slots):
                 if info is not None and self.busy is not None:
@@ -591,10 +113,10 @@ class _StoreStream(IterableDataset):
 
     def _batches(self, worker: int, workers: int, in_worker: bool,
                  slots: Any) -> Iterator[tuple[dict[str, Any], torch.Tensor, int]]:
-        units = _epoch_units(self.plan.units, self.shuffle, self.seed, self.epoch)
+        units = epoch_units(self.plan.units, self.shuffle, self.seed, self.epoch)
         total = sum(u.n_rows for u in units)
-        rank_lo, rank_hi = _rank_range(total, self.rank, self.world_size, self.drop_last)
-        lo, hi = _worker_range(rank_hi - rank_lo, self.batch_size, self.drop_last, worker, workers)
+        rank_lo, rank_hi = rank_range(total, self.rank, self.world_size, self.drop_last)
+        lo, hi = worker_range(rank_hi - rank_lo, self.batch_size, self.drop_last, worker, workers)
         if hi <= lo:
             return
         if self.shuffle:
@@ -602,10 +124,10 @@ class _StoreStream(IterableDataset):
             window = min(-(-self.shuffle_buffer // workers), hi - lo)  # the rank's buffer, shared by its workers
         else:
             rng, window = None, self.batch_size
-        blocks = _read_rows(self.plan, units, rank_lo + lo, rank_lo + hi, use_threads=not in_worker)
+        blocks = read_rows(self.plan, units, rank_lo + lo, rank_lo + hi, use_threads=not in_worker)
         if not in_worker:  # read the next window while this one is batched (workers overlap with each other)
-            blocks = _read_ahead(blocks, max(window, self.batch_size))
-        yield from _window_batches(blocks, self.batch_size, hi - lo, window, self.plan.size, self.plan.num_labels,
+            blocks = read_ahead(blocks, max(window, self.batch_size))
+        yield from window_batches(blocks, self.batch_size, hi - lo, window, self.plan.size, self.plan.num_labels,
                                    rng=rng, slots=slots)
 
 
@@ -617,7 +139,7 @@ class StoreLoader:
     started afresh by every iteration, so the loader object can be reused across epochs.
     """
 
-    def __init__(self, plan: _Plan, manifest: dict, *, split: str, batch_size: int, shuffle: bool, seed: int,
+    def __init__(self, plan: Plan, manifest: dict, *, split: str, batch_size: int, shuffle: bool, seed: int,
                  epoch: int, num_workers: int, rank: int, world_size: int, drop_last: bool,
                  shuffle_buffer: int, pin_memory: bool):
         self.plan = plan
@@ -629,8 +151,8 @@ class StoreLoader:
         self.drop_last, self.shuffle_buffer, self.pin_memory = drop_last, shuffle_buffer, pin_memory
         #: Rows in the whole partition, and rows this rank yields per epoch.
         self.total_rows = sum(u.n_rows for u in plan.units)
-        lo, hi = _rank_range(self.total_rows, rank, world_size, drop_last)
-        self.num_batches = _num_batches(hi - lo, batch_size, drop_last)
+        lo, hi = rank_range(self.total_rows, rank, world_size, drop_last)
+        self.num_batches = num_batches(hi - lo, batch_size, drop_last)
         self.num_rows = min(hi - lo, self.num_batches * batch_size)
 
     def __len__(self) -> int:
@@ -661,7 +183,7 @@ class StoreLoader:
             return
         busy = None
         if self.num_workers:
-            busy = torch.zeros((self.num_workers, _POOL_SLOTS), dtype=torch.int8).share_memory_()
+            busy = torch.zeros((self.num_workers, POOL_SLOTS), dtype=torch.int8).share_memory_()
         loader = DataLoader(
             self._dataset(busy),
             batch_size=None,
@@ -678,7 +200,7 @@ class StoreLoader:
                 yield item
                 continue
             packed, (worker, slot, n) = item[_PACKED_KEY], item[_SLOT_KEY]
-            batch = {**_unpack(packed, n, self.size, len(self.label_names)), "image_id": item["image_id"]}
+            batch = {**unpack(packed, n, self.size, len(self.label_names)), "image_id": item["image_id"]}
             if slot >= 0:
                 if packed.is_pinned():  # the pin-memory thread copied it: the shared buffer is free now
                     busy[worker, slot] = 0
@@ -743,12 +265,12 @@ def make_loader(
             raise CxrflowError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
         raise CxrflowError(f"rank must be in 0..{world_size - 1} for world_size {world_size}, got {rank!r}")
-    fs, root, local = _resolve_filesystem(store, filesystem)
+    fs, root, local = resolve_filesystem(store, filesystem)
     shown = os.fspath(store)
-    manifest = read_manifest(root) if local else _read_remote_manifest(fs, root, shown)
+    manifest = read_manifest(root) if local else read_remote_manifest(fs, root, shown)
     check_partition(manifest, shown, size, split)
     folder = f"{root}/size={int(size)}/split={split}"
-    units = _list_units(fs, folder)
+    units = list_units(fs, folder)
     expected = int(manifest["rows"][str(int(size))][split])
     found = sum(u.n_rows for u in units)
     if found != expected:
@@ -757,7 +279,7 @@ def make_loader(
             "the store is incomplete or was modified (re-run 'cxrflow etl')",
             folder,
         )
-    plan = _Plan(filesystem=fs, units=tuple(units), size=int(size), num_labels=len(manifest["label_names"]),
+    plan = Plan(filesystem=fs, units=tuple(units), size=int(size), num_labels=len(manifest["label_names"]),
                  has_states="uncertain_policies" in manifest,
                  uncertain=resolve_policy(uncertain, manifest["label_names"]))
     return StoreLoader(
