@@ -12,7 +12,8 @@ one split and writes one file per size
 inputs and the seed, never on the master or the number of executors, and a retried task rewrites
 the same file. Tasks return small summaries only (counts, quarantined images with their reason,
 label sums, a 256-bin pixel histogram per size), which give the manifest's pixel mean/std and
-``pos_weight`` without moving a pixel to the driver.
+``pos_weight`` without moving a pixel to the driver (:mod:`cxrflow.data.etlsummary` makes the
+manifest from them).
 
 Everything is written under a hidden temporary sibling of the destination; the manifest is written
 last, after the store was checked with pyarrow, and only then is the folder renamed into place. A
@@ -29,7 +30,6 @@ import gc
 import math
 import os
 import sys
-import threading
 import time
 import uuid
 from collections import deque
@@ -50,16 +50,14 @@ from cxrflow.data.imaging import MAX_STORE_SIZE, ImageError, load_and_resize
 from cxrflow.outputs import publishing
 from cxrflow.data.formats import Collection, add_format_arguments
 from cxrflow.data.formats.dicom import spacing_row, write_spacing
+from cxrflow.data.etlsummary import Progress, build_manifest, split_identities, verify_store_files
 from cxrflow.data.store import (
     KNOWN_COLUMN,
     MANIFEST_NAME,
-    SCHEMA,
     SPLITS,
     format_manifest,
-    manifest_core,
     row_group_rows,
     schema_for,
-    row_order,
     row_order_key,
     split_dir,
 )
@@ -322,76 +320,6 @@ def _run_partition(tasks: Iterator[tuple[str, int, list[dict]]], counter, **kwar
 # ------------------------------------------------------------------------------------- driver side
 
 
-class _Progress:
-    """Images done / total and images per second on a stream, from a Spark accumulator."""
-
-    def __init__(self, counter, total: int, stream: TextIO, interval: float = 0.5):
-        self.counter, self.total, self.stream = counter, total, stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.interval = interval if self.tty else 10.0
-        self.started = time.perf_counter()
-        self.width = 0
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="cxrflow-etl-progress", daemon=True)
-
-    def line(self, done: int) -> str:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        pct = 100.0 * done / self.total if self.total else 100.0
-        return f"etl: {done}/{self.total} images ({pct:.0f}%), {done / elapsed:.1f} images/s, {elapsed:.0f} s"
-
-    def _show(self, done: int, final: bool = False) -> None:
-        text = self.line(done)
-        if self.tty:
-            self.stream.write("\r" + text.ljust(self.width) + ("\n" if final else ""))
-            self.width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def _loop(self) -> None:
-        while not self.stop_event.wait(self.interval):
-            self._show(int(self.counter.value))
-
-    def __enter__(self) -> "_Progress":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        self.thread.join()
-        self._show(int(self.counter.value), final=True)
-
-
-def _verify_store(tmp: Path, sizes: Sequence[int], rows: dict[str, dict[str, int]]) -> None:
-    """Check with pyarrow (footers only) that every partition has its rows and the exact schema."""
-    import pyarrow.dataset as ds
-
-    dataset = ds.dataset(str(tmp), format="parquet", partitioning="hive")
-    for field in SCHEMA:
-        got = dataset.schema.field(field.name).type if field.name in dataset.schema.names else None
-        if got is not None and got != field.type:
-            raise RuntimeError(f"store column {field.name} has type {got}, expected {field.type}")
-    for s in sizes:
-        for split, n in rows[str(s)].items():
-            folder = split_dir(tmp, s, split)
-            files = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
-            count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-            if count != n:
-                raise RuntimeError(f"store partition size={s}/split={split} has {count} rows, expected {n}")
-
-
-def _pixel_stats(histogram: np.ndarray) -> dict[str, float]:
-    """Mean and std on the 0..1 scale from a 256-bin count histogram (exact integer sums)."""
-    values = np.arange(256, dtype=np.float64) / 255.0
-    n = int(histogram.sum())
-    if n == 0:
-        return {"mean": float("nan"), "std": float("nan")}
-    p = histogram.astype(np.float64) / n
-    mean = float((p * values).sum())
-    var = float((p * (values - mean) ** 2).sum())
-    return {"mean": mean, "std": math.sqrt(max(var, 0.0))}
-
-
 #: What a worker's disk or permission failure reads like inside Spark's exception text.
 _ENVIRONMENT_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
 
@@ -429,7 +357,7 @@ def run_etl(
     progress: TextIO | None = None,
     split_csv: str | os.PathLike | None = None,
 ) -> dict:
-    """Run the ETL and return the manifest (also written to ``out/_manifest.json``).
+    """Run the ETL and return the manifest (also written to ``out/build_manifest.json``).
 
     ``spark``: an existing SparkSession to use (then ``master`` and the memory options are not
     used and the session is left running); by default one is started on ``master`` and stopped.
@@ -538,7 +466,7 @@ def _write_store(pub, release, splits, tasks, records, sizes, master, spark, gro
             rdd = sc.parallelize(tasks, len(tasks)).mapPartitions(work)
             try:
                 if progress is not None:
-                    with _Progress(counter, len(records), progress):
+                    with Progress(counter, len(records), progress):
                         summaries = rdd.collect()
                 else:
                     summaries = rdd.collect()
@@ -549,7 +477,7 @@ def _write_store(pub, release, splits, tasks, records, sizes, master, spark, gro
         if own_spark and spark is not None:
             spark.stop()
 
-    manifest = _manifest(
+    manifest = build_manifest(
         release, splits, summaries, sizes, vocab, master if own_spark else spark.sparkContext.master,
         val_fraction, seed, compression, group_rows, per_file, job_seconds,
     )
@@ -564,12 +492,12 @@ def _write_store(pub, release, splits, tasks, records, sizes, master, spark, gro
     kept = [r for r in records if r["image_id"] not in quarantined_ids]
     # the store keeps the raw values; this counts those a fused model will see as unknown
     manifest["demographics_unknown"] = count_unknown(*([r[f] for r in kept] for f in DEMOGRAPHIC_FIELDS))
-    manifest["split_identity"] = _split_identities(records, manifest["quarantined"])
+    manifest["split_identity"] = split_identities(records, manifest["quarantined"])
     manifest.update(store_label_keys(release, records, quarantined_ids))
     spacing = write_spacing(tmp, [row for s in summaries for row in s["pixel_spacing"]])
     if spacing is not None:
         manifest["pixel_spacing"] = spacing
-    _verify_store(tmp, sizes, manifest["rows"])
+    verify_store_files(tmp, sizes, manifest["rows"])
     if release.bbox is not None:  # after the check: the box file is not a partition
         from cxrflow.data.boxes import write_boxes
 
@@ -578,91 +506,6 @@ def _write_store(pub, release, splits, tasks, records, sizes, master, spark, gro
     write_json_atomic(tmp / MANIFEST_NAME, manifest)
     pub.commit()
     return manifest
-
-
-def _split_identities(records: Sequence[dict], quarantined: Sequence[dict]) -> dict[str, str]:
-    """:func:`cxrflow.identity.split_identity` of every split's written rows (from the metadata: no pixels)."""
-    from cxrflow.identity import split_identity
-
-    dropped = {q["image_id"] for q in quarantined}
-    out = {}
-    for split in SPLITS:
-        kept = [r for r in records if r["split"] == split and r["image_id"] not in dropped]
-        out[split] = split_identity([r["image_id"] for r in kept], [np.frombuffer(r["labels"], np.uint8) for r in kept])
-    return out
-
-
-def _manifest(
-    release, splits, summaries, sizes, vocab, master, val_fraction, seed, compression, group_rows, per_file, job_seconds
-) -> dict:
-    """The manifest from the tasks' summaries (see :mod:`cxrflow.data.store` for the keys)."""
-    k = len(vocab)
-    rows = {split: 0 for split in SPLITS}
-    positives = np.zeros(k, dtype=np.int64)
-    histograms = {s: np.zeros(256, dtype=np.int64) for s in sizes}
-    quarantined: list[dict] = []
-    processed = 0
-    task_seconds = sum(s["seconds"] for s in summaries)
-    decode_seconds = sum(s["decode_seconds"] for s in summaries)
-    for summary in summaries:
-        rows[summary["split"]] += summary["written"]
-        processed += summary["images"]
-        quarantined.extend(summary["quarantined"])
-        if summary["split"] == "train":
-            positives += np.asarray(summary["positives"], dtype=np.int64)
-            for s in sizes:
-                histograms[s] += np.asarray(summary["histograms"][s], dtype=np.int64)
-    quarantined.sort(key=lambda q: q["image_id"])
-    written = sum(rows.values())
-    metadata_rows = len(release.entries)
-    missing = list(release.missing)
-    if metadata_rows != written + len(missing) + len(quarantined):
-        raise RuntimeError(
-            f"ETL lost images: {metadata_rows} metadata rows != {written} written + {len(missing)} missing "
-            f"+ {len(quarantined)} quarantined"
-        )
-    return {
-        **manifest_core(
-            vocab,
-            sizes,
-            {str(s): dict(rows) for s in sizes},
-            {str(s): _pixel_stats(histograms[s]) for s in sizes},
-            positives,
-        ),
-        "source": {
-            "data_dir": str(Path(release.root).absolute()),
-            "metadata_rows": metadata_rows,
-            "images_found": metadata_rows - len(missing),
-            "written": written,
-            "missing": len(missing),
-            "quarantined": len(quarantined),
-            "unlisted_on_disk": len(release.unlisted),
-            # the NIH reader counts its unusable ages itself; the other readers leave them at -1
-            "age_unknown": int(release.entries.attrs.get("age_unknown", (release.entries["age"] < 0).sum())),
-        },
-        "missing": missing,
-        "quarantined": quarantined,
-        "split": {
-            "mode": splits.attrs.get("mode"),
-            **({"split_csv": splits.attrs["split_csv"]} if "split_csv" in splits.attrs else {}),
-            # without the official lists the split is 70/10/20 by patient and val_fraction does not apply
-            "val_fraction": val_fraction if splits.attrs.get("mode") == "official-lists" else None,
-            "seed": seed,
-            "patients": {split: int(splits.loc[splits["split"] == split, "patient_id"].nunique()) for split in SPLITS},
-        },
-        "row_order": row_order(seed),
-        "parquet": {
-            "compression": compression,
-            "rows_per_file": per_file,
-            "row_group_rows": {str(s): n for s, n in group_rows.items()},
-        },
-        "spark_master": master,
-        "spark_job_seconds": round(job_seconds, 3),
-        "spark_tasks": len(summaries),
-        "task_seconds": round(task_seconds, 3),
-        "decode_resize_seconds": round(decode_seconds, 3),
-        "images_per_second": round(processed / job_seconds, 3) if job_seconds > 0 else None,
-    }
 
 
 # ------------------------------------------------------------------------------------------- CLI
