@@ -188,7 +188,7 @@ def test_rerun_script_rebuilds_each_run_config(study, tmp_path):
 
 
 def test_git_commit_only_of_cxrflow_own_checkout(tmp_path):
-    from cxrflow.results.htmlreport import git_commit
+    from cxrflow.results.study import git_commit
 
     commit = git_commit()
     here = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -309,7 +309,7 @@ def test_rerun_script_rebuilds_ensembles_and_other_formats_stores(study, report)
     import html as htmlmod
     import shlex
 
-    from cxrflow.results.htmlreport import rerun_script
+    from cxrflow.results.reproduce import rerun_script
 
     script = htmlmod.unescape(re.search(r"re-run the study</h3>\s*<pre><code>(.*?)</code>", report.read_text(), re.S).group(1))
     ens = _metrics(study["ensemble"])
@@ -330,7 +330,7 @@ def test_rerun_script_rebuilds_ensembles_and_other_formats_stores(study, report)
 def test_rerun_script_names_ensemble_members_by_the_runs_it_trains(tmp_path, monkeypatch):
     """An ensemble's members are recorded with absolute paths; the script trains its runs at the paths
     the report was given, so it names the members there too."""
-    from cxrflow.results.htmlreport import rerun_script
+    from cxrflow.results.reproduce import rerun_script
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "a").mkdir(parents=True)
@@ -343,7 +343,7 @@ def test_rerun_script_names_ensemble_members_by_the_runs_it_trains(tmp_path, mon
 
 def test_split_modes_of_every_format_are_named():
     """MIMIC's official split.csv and a CSV's split column ('official-split') read in words like NIH's lists."""
-    from cxrflow.results.htmlreport import split_name
+    from cxrflow.results.study import split_name
 
     modes = ("official-lists", "official-split", "patients-70-10-20", "split-csv")
     named = {m: split_name({"manifest": {"split": {"mode": m}}}) for m in modes}

@@ -10,17 +10,15 @@ data exists:
 2. Table 1: every run and ensemble, one table per label vocabulary, beside the paper and published anchors;
 3. per run: training curves, ROC, operating points, calibration, localization;
 4. cases: per finding, top false positives / negatives and most confident positives, from the store;
-5. reproduce: versions, commands, each run's resolved config, store manifest hashes, a rerun script.
+5. reproduce: versions, commands, each run's resolved config, store manifest hashes, a rerun script
+   (:mod:`cxrflow.results.reproduce`).
+
+The evaluations, their stores and how the page names each one are gathered by :mod:`cxrflow.results.study`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
-import shlex
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,11 +26,19 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cxrflow import __version__
-from cxrflow.results.embed import figure_uri
 from cxrflow.errors import CxrflowError
 from cxrflow.runs import METRICS_NAME, evaluation_checkpoint
-from cxrflow.identity import file_sha256
-from cxrflow.results.table import MODEL_TITLES, STAGE_TITLES, build_rows
+from cxrflow.results.reproduce import reproduce_section
+from cxrflow.results.study import (
+    evaluation_anchor,
+    evaluation_title,
+    figure,
+    load_evaluations,
+    open_stores,
+    read_json,
+    split_name,
+)
+from cxrflow.results.table import MODEL_TITLES, STAGE_TITLES
 
 HTML_NAME = "report.html"
 
@@ -54,127 +60,12 @@ PUBLISHED_ANCHORS: tuple[dict[str, Any], ...] = (
     },
 )
 
-#: How each store split mode is named in the page.
-SPLIT_MODES = {
-    "official-lists": "official",
-    "official-split": "official (the collection's split file)",
-    "split-csv": "as given by --split-csv",
-    "patients-70-10-20": "random patients 70/10/20",
-    "synthetic-store": "synthetic",
-}
-
 EXPLORE_FIGURES = (
     ("findings.png", "Images per finding in the dataset (bar chart, counts per finding)"),
     ("cooccurrence.png", "How often two findings occur on the same image (matrix of finding pairs)"),
     ("age_by_sex.png", "Age distribution of the patients by sex (histogram, years)"),
     ("images_per_patient.png", "Images per patient (histogram)"),
 )
-
-
-# --------------------------------------------------------------------------------------------------
-# small readers
-
-
-def _read_json(path: Path) -> tuple[dict | None, str | None]:
-    """(content, None) or (None, why not)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None, "missing"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"unreadable ({exc})"
-    return (data, None) if isinstance(data, dict) else (None, "not a JSON object")
-
-
-def figure(path: Path, alt: str, caption: str | None = None) -> dict[str, Any]:
-    """A figure for the page: its data URI and alt text, or the reason it could not be shown."""
-    try:
-        return {"uri": figure_uri(path), "alt": alt, "caption": caption or alt, "name": Path(path).name}
-    except (OSError, ValueError) as exc:
-        return {"error": f"{Path(path).name} could not be shown: {exc}", "caption": caption or alt, "name": Path(path).name}
-
-
-def git_commit(package: Path | None = None) -> str | None:
-    """The commit of the git checkout cxrflow runs from (its ``src/cxrflow``), else None.
-
-    A cxrflow installed into some other repository's virtual environment is not that repository's code,
-    so the checkout must hold this very package.
-    """
-    package = (package or Path(__file__).parents[1]).resolve()  # src/cxrflow, above results/
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10, check=False)
-
-    try:
-        found = git("rev-parse", "--show-toplevel", "HEAD")
-        lines = found.stdout.split()
-        if found.returncode != 0 or len(lines) != 2 or Path(lines[0], "src", "cxrflow").resolve() != package:
-            return None
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return lines[1] + (" (with uncommitted changes)" if dirty else "")
-
-
-# --------------------------------------------------------------------------------------------------
-# evaluations and stores
-
-
-def load_evaluations(paths: Sequence[str | os.PathLike], split: str) -> list[dict[str, Any]]:
-    """Every evaluation named by ``paths``: its Table 1 row, metrics, folder and run folder."""
-    rows = build_rows(paths, split)
-    evaluations = []
-    for row in rows:
-        folder = Path(row["source"]).parent
-        metrics, _ = _read_json(Path(row["source"]))
-        ensemble = metrics.get("kind") == "ensemble"
-        run = folder if ensemble else _run_folder(folder, metrics)
-        evaluations.append({"row": row, "metrics": metrics, "folder": folder, "run": run, "ensemble": ensemble})
-    return evaluations
-
-
-def _run_folder(folder: Path, metrics: dict) -> Path:
-    """The run an evaluation belongs to: the folder above it when that is a run, else the one it names."""
-    if (folder.parent / "config.json").is_file() or metrics.get("run") is None:
-        return folder.parent
-    named = Path(metrics["run"])
-    return named if named.is_dir() else folder.parent
-
-
-def open_stores(evaluations: list[dict], store_override: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
-    """Each store the evaluations were made on, by the path recorded: its manifest, or why it is not there."""
-    from cxrflow.data.store import read_manifest
-
-    stores: dict[str, dict[str, Any]] = {}
-    for ev in evaluations:
-        recorded = str(ev["metrics"].get("store") or "")
-        if recorded in stores:
-            continue
-        path = Path(store_override) if store_override else Path(recorded)
-        info: dict[str, Any] = {"recorded": recorded, "path": str(path), "manifest": None}
-        if not recorded and not store_override:
-            info["unknown"] = "the evaluation does not record its store"
-        elif not (path / "_manifest.json").is_file():
-            moved = "no longer at the path recorded at evaluation" if not store_override else "not a cxrflow store"
-            info["problem"] = f"store {path} is {moved} (no _manifest.json there); pass --store DIR to point at it"
-        else:
-            try:  # the shape the data section and the cases rely on, checked as every reader does
-                manifest = read_manifest(path)
-            except CxrflowError as exc:
-                info["problem"] = f"store manifest {path / '_manifest.json'}: {exc.message}"
-            else:
-                info.update(manifest=manifest, sha256=file_sha256(path / "_manifest.json"))
-        stores[recorded] = info
-    return stores
-
-
-def split_name(store: dict[str, Any] | None) -> str:
-    """How the store's test split was drawn, in words (the thing to check before comparing AUCs)."""
-    manifest = (store or {}).get("manifest")
-    if manifest is None:
-        return "unknown (store not found)"
-    mode = (manifest.get("split") or {}).get("mode")
-    return SPLIT_MODES.get(mode, str(mode or "unknown"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,7 +111,7 @@ def data_section(stores: dict[str, dict], explore: str | os.PathLike | None) -> 
         if read_marker(folder, "explore") is None and not (folder / "stats.json").is_file():
             raise CxrflowError(f"not a cxrflow explore output (no {marker_name('explore')} or stats.json); "
                                "write one with 'cxrflow explore'", folder)  # fmt: skip
-        stats, _ = _read_json(folder / "stats.json")
+        stats, _ = read_json(folder / "stats.json")
         figures = [figure(folder / name, alt) for name, alt in EXPLORE_FIGURES if (folder / name).exists()]
     if not manifests and not figures and stats is None and not problems:
         return None
@@ -251,8 +142,8 @@ def table_sections(evaluations: list[dict], stores: dict[str, dict]) -> list[dic
             rows.append(
                 {
                     **r,
-                    "anchor": _anchor(ev),
-                    "title": _title(ev),
+                    "anchor": evaluation_anchor(ev),
+                    "title": evaluation_title(ev),
                     "model_title": "ensemble" if ev["ensemble"] else MODEL_TITLES.get(r["model"], r["model"]),
                     "stage_title": m.get("method", "") if ev["ensemble"] else STAGE_TITLES.get(r["stage"], r["stage"]),
                     "split_name": split_name(stores.get(str(m.get("store") or ""))),
@@ -281,20 +172,6 @@ def _is_nih(names: Sequence[str]) -> bool:
     from cxrflow.data.labels import NIH14
 
     return tuple(names) == NIH14.names
-
-
-def _anchor(ev: dict) -> str:
-    """A stable HTML id for an evaluation."""
-    digest = hashlib.sha1(str(ev["folder"].resolve()).encode()).hexdigest()[:10]
-    return f"eval-{digest}"
-
-
-def _title(ev: dict) -> str:
-    r, m = ev["row"], ev["metrics"]
-    if ev["ensemble"]:
-        return f"{ev['folder'].name}: ensemble ({m.get('method', '?')}) of {len(m.get('members', []))} evaluations"
-    stage = STAGE_TITLES.get(r["stage"], r["stage"])
-    return f"{r['run']}: {MODEL_TITLES.get(r['model'], r['model'])} {r['size']} px, {stage}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,7 +206,7 @@ def _finding_table(m: dict) -> list[dict[str, Any]]:
 def evaluation_part(ev: dict) -> dict[str, Any]:
     """One evaluation inside its run's section: ROC, operating points, calibration."""
     m, folder = ev["metrics"], ev["folder"]
-    title = _title(ev)
+    title = evaluation_title(ev)
     listed = list(m.get("figures") or [])
     figures = []
     if "roc.png" in listed or (folder / "roc.png").exists():
@@ -342,7 +219,7 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
         )
     cal = m.get("calibration")
     return {
-        "anchor": _anchor(ev),
+        "anchor": evaluation_anchor(ev),
         "title": title,
         "row": ev["row"],
         "folder": str(folder),
@@ -365,7 +242,7 @@ def current_localizations(run: Path) -> tuple[list[tuple[Path, dict]], list[dict
 
     found, left_out = [], []
     for path in sorted(run.glob("localize-*/localization.json")):
-        loc, why = _read_json(path)
+        loc, why = read_json(path)
         if loc is None:
             left_out.append({"folder": str(path.parent), "error": f"{path.name} is {why}", "stale": False})
             continue
@@ -429,7 +306,7 @@ def run_sections(evaluations: list[dict]) -> list[dict[str, Any]]:
         by_run.setdefault(ev["run"], []).append(ev)
     sections = []
     for run, evs in by_run.items():
-        config, _ = _read_json(run / "config.json")
+        config, _ = read_json(run / "config.json")
         curves = next((ev["folder"] / "curves.png" for ev in evs if (ev["folder"] / "curves.png").exists()), None)
         first = evs[0]
         sections.append(
@@ -483,7 +360,7 @@ def case_sections(
     for ev in chosen:
         pred_path = ev["folder"] / "predictions.parquet"
         if not pred_path.is_file():
-            out.append({"title": _title(ev), "anchor": _anchor(ev), "error": f"no {pred_path.name} in {ev['folder']}"})
+            out.append({"title": evaluation_title(ev), "anchor": evaluation_anchor(ev), "error": f"no {pred_path.name} in {ev['folder']}"})
             continue
         predictions, names = read_case_predictions(pred_path)
         store = stores.get(str(ev["metrics"].get("store") or ""), {})
@@ -491,7 +368,7 @@ def case_sections(
         reader = _store_reader(store, ev, need_model_input=overlay is not None)
         result = case_set(predictions, names, n, thresholds=ev["metrics"].get("threshold"), read=reader, heatmaps=overlay)
         result["note"] = " ".join(filter(None, [result["note"], why_not])) or None
-        out.append({"title": _title(ev), "anchor": _anchor(ev), "n": n, **result})
+        out.append({"title": evaluation_title(ev), "anchor": evaluation_anchor(ev), "n": n, **result})
     return out
 
 
@@ -572,111 +449,6 @@ def default_heatmap_fn() -> Callable[..., np.ndarray] | None:
     except ImportError:
         return None
     return heatmap
-
-
-# --------------------------------------------------------------------------------------------------
-# 5. reproduce
-
-
-def _train_settings(config: dict) -> dict[str, Any]:
-    """The settings of a saved run config that ``cxrflow train --config`` accepts (no out, names, stages)."""
-    from cxrflow.modelling.config import TrainConfig
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out"}
-    return {k: v for k, v in config.items() if k in fields}
-
-
-def rerun_script(evaluations: list[dict], runs: list[dict], stores: dict[str, dict], report_args: list[str]) -> str:
-    """The shell commands that redo the study: the ETL, each run's training and evaluation, the report."""
-    q = shlex.quote
-    lines = ["#!/usr/bin/env bash", "# Re-run this study with cxrflow " + __version__, "set -euo pipefail", ""]
-    for info in stores.values():
-        m = info.get("manifest")
-        if m is None:
-            continue
-        src = (m.get("source") or {}).get("data_dir")
-        split = m.get("split") or {}
-        sizes = ",".join(str(s) for s in m.get("sizes", []))
-        if src:
-            cmd = f"cxrflow etl --data {q(src)} --out {q(info['path'])} --sizes {sizes} --seed {split.get('seed', 0)}"
-            if split.get("val_fraction") is not None:
-                cmd += f" --val-fraction {split['val_fraction']}"
-            if split.get("split_csv"):  # the exact assignment it was made with
-                cmd += f" --split-csv {q(str(split['split_csv']))}"
-            if m.get("format"):  # collections other than NIH's: the reader and the views it kept
-                cmd += f" --format {q(str(m['format']))}" + (f" --views {q(str(m['views']))}" if m.get("views") else "")
-            lines += [f"# store {info['path']} (manifest sha256 {info.get('sha256', '?')})", cmd, ""]
-        else:
-            lines += [f"# store {info['path']}: not written by 'cxrflow etl' (split mode {split.get('mode')}); reuse it as it is", ""]
-    lines.append("mkdir -p rerun-configs")
-    for section in runs:
-        if section["ensemble"]:
-            continue
-        run = section["path"]
-        if section["config"]:
-            name = Path(run).name
-            settings = json.dumps(_train_settings(section["config"]), indent=2)
-            lines += [f"# run {name}", f"cat > rerun-configs/{q(name)}.json <<'EOF'", settings, "EOF",
-                      f"cxrflow train --config rerun-configs/{q(name)}.json --out {q(run)}"]  # fmt: skip
-        else:
-            lines.append(f"# run {run}: no config.json there; train it as it was trained before")
-        for part in section["evaluations"]:
-            ev = next(e for e in evaluations if _anchor(e) == part["anchor"])
-            m = ev["metrics"]
-            boot = m.get("bootstrap") or {}
-            cmd = f"cxrflow evaluate --run {q(run)} --checkpoint {m.get('checkpoint')} --split {m.get('split')}"
-            if boot:
-                cmd += f" --n-boot {boot.get('n_boot')} --seed {boot.get('seed')}"
-            if ev["folder"].parent != Path(run) or not ev["folder"].name.startswith("eval-"):
-                cmd += f" --out {q(str(ev['folder']))}"
-            lines.append(cmd)
-        lines.append("")
-    # a member of a run the script trains is named by that run's path as given (the script may run elsewhere)
-    given = {Path(s["path"]).resolve(): s["path"] for s in runs if not s["ensemble"]}
-
-    def member(x: dict) -> str:
-        ev = Path(str(x.get("eval")))
-        return str(Path(given[ev.parent]) / ev.name) if ev.parent in given else str(ev)
-
-    for ev in evaluations:
-        if ev["ensemble"]:
-            m = ev["metrics"]
-            boot = m.get("bootstrap") or {}
-            members = " ".join(q(member(x)) for x in m.get("members", []))
-            cmd = f"cxrflow ensemble {members} --out {q(str(ev['folder']))} --method {q(str(m.get('method')))}"
-            if boot:
-                cmd += f" --n-boot {boot.get('n_boot')} --seed {boot.get('seed')}"
-            lines += [f"# ensemble {ev['folder']}", cmd, ""]
-    lines.append("cxrflow report " + " ".join(q(a) for a in report_args))
-    return "\n".join(lines) + "\n"
-
-
-def logged_commands(run: Path) -> list[str]:
-    """The ``cxrflow`` command lines a sweep ran for this run (``SWEEP/logs/<run>.log``), in order."""
-    log = run.parent.parent / "logs" / f"{run.name}.log"
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    return [line[2:] for line in lines if line.startswith("$ cxrflow ")]
-
-
-def reproduce_section(evaluations: list[dict], runs: list[dict], stores: dict[str, dict], report_args: list[str]) -> dict[str, Any]:
-    versions = sorted({str(ev["metrics"].get("cxrflow_version")) for ev in evaluations if ev["metrics"].get("cxrflow_version")})
-    recorded_commits = sorted({str(s["config"]["git_commit"]) for s in runs if s["config"] and s["config"].get("git_commit")})
-    return {
-        "version": __version__,
-        "evaluation_versions": versions,
-        "git_commit": git_commit(),
-        "recorded_commits": recorded_commits,
-        "command": "cxrflow report " + " ".join(shlex.quote(a) for a in report_args),
-        "stores": [{"path": s["path"], "recorded": s["recorded"], "sha256": s.get("sha256"), "problem": s.get("problem")} for s in stores.values()],
-        "runs": [{"name": s["name"], "path": s["path"], "config": None if not s["config"] else json.dumps(s["config"], indent=2),
-                  "commands": [] if s["ensemble"] else logged_commands(Path(s["path"]))} for s in runs],  # fmt: skip
-        "evaluations": [{"title": _title(ev), "folder": str(ev["folder"]), "sha": ev["metrics"].get("checkpoint_sha256"),
-                         "created": ev["metrics"].get("created")} for ev in evaluations],  # fmt: skip
-        "script": rerun_script(evaluations, runs, stores, report_args),
-    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,148 @@
+"""The study a report is about: its evaluations (and ensembles) loaded from the folders given, the
+stores they name opened, and how the page names and links each evaluation. Shared by the sections of
+``report.html`` (:mod:`cxrflow.results.htmlreport`, :mod:`cxrflow.results.reproduce`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cxrflow.errors import CxrflowError
+from cxrflow.identity import file_sha256
+from cxrflow.results.embed import figure_uri
+from cxrflow.results.table import MODEL_TITLES, STAGE_TITLES, build_rows
+
+#: How each store split mode is named in the page.
+SPLIT_MODES = {
+    "official-lists": "official",
+    "official-split": "official (the collection's split file)",
+    "split-csv": "as given by --split-csv",
+    "patients-70-10-20": "random patients 70/10/20",
+    "synthetic-store": "synthetic",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# small readers
+
+
+def read_json(path: Path) -> tuple[dict | None, str | None]:
+    """(content, None) or (None, why not)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"unreadable ({exc})"
+    return (data, None) if isinstance(data, dict) else (None, "not a JSON object")
+
+
+def figure(path: Path, alt: str, caption: str | None = None) -> dict[str, Any]:
+    """A figure for the page: its data URI and alt text, or the reason it could not be shown."""
+    try:
+        return {"uri": figure_uri(path), "alt": alt, "caption": caption or alt, "name": Path(path).name}
+    except (OSError, ValueError) as exc:
+        return {"error": f"{Path(path).name} could not be shown: {exc}", "caption": caption or alt, "name": Path(path).name}
+
+
+def git_commit(package: Path | None = None) -> str | None:
+    """The commit of the git checkout cxrflow runs from (its ``src/cxrflow``), else None.
+
+    A cxrflow installed into some other repository's virtual environment is not that repository's code,
+    so the checkout must hold this very package.
+    """
+    package = (package or Path(__file__).parents[1]).resolve()  # src/cxrflow, above results/
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10, check=False)
+
+    try:
+        found = git("rev-parse", "--show-toplevel", "HEAD")
+        lines = found.stdout.split()
+        if found.returncode != 0 or len(lines) != 2 or Path(lines[0], "src", "cxrflow").resolve() != package:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return lines[1] + (" (with uncommitted changes)" if dirty else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluations and stores
+
+
+def load_evaluations(paths: Sequence[str | os.PathLike], split: str) -> list[dict[str, Any]]:
+    """Every evaluation named by ``paths``: its Table 1 row, metrics, folder and run folder."""
+    rows = build_rows(paths, split)
+    evaluations = []
+    for row in rows:
+        folder = Path(row["source"]).parent
+        metrics, _ = read_json(Path(row["source"]))
+        ensemble = metrics.get("kind") == "ensemble"
+        run = folder if ensemble else _run_folder(folder, metrics)
+        evaluations.append({"row": row, "metrics": metrics, "folder": folder, "run": run, "ensemble": ensemble})
+    return evaluations
+
+
+def _run_folder(folder: Path, metrics: dict) -> Path:
+    """The run an evaluation belongs to: the folder above it when that is a run, else the one it names."""
+    if (folder.parent / "config.json").is_file() or metrics.get("run") is None:
+        return folder.parent
+    named = Path(metrics["run"])
+    return named if named.is_dir() else folder.parent
+
+
+def open_stores(evaluations: list[dict], store_override: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
+    """Each store the evaluations were made on, by the path recorded: its manifest, or why it is not there."""
+    from cxrflow.data.store import read_manifest
+
+    stores: dict[str, dict[str, Any]] = {}
+    for ev in evaluations:
+        recorded = str(ev["metrics"].get("store") or "")
+        if recorded in stores:
+            continue
+        path = Path(store_override) if store_override else Path(recorded)
+        info: dict[str, Any] = {"recorded": recorded, "path": str(path), "manifest": None}
+        if not recorded and not store_override:
+            info["unknown"] = "the evaluation does not record its store"
+        elif not (path / "_manifest.json").is_file():
+            moved = "no longer at the path recorded at evaluation" if not store_override else "not a cxrflow store"
+            info["problem"] = f"store {path} is {moved} (no _manifest.json there); pass --store DIR to point at it"
+        else:
+            try:  # the shape the data section and the cases rely on, checked as every reader does
+                manifest = read_manifest(path)
+            except CxrflowError as exc:
+                info["problem"] = f"store manifest {path / '_manifest.json'}: {exc.message}"
+            else:
+                info.update(manifest=manifest, sha256=file_sha256(path / "_manifest.json"))
+        stores[recorded] = info
+    return stores
+
+
+def split_name(store: dict[str, Any] | None) -> str:
+    """How the store's test split was drawn, in words (the thing to check before comparing AUCs)."""
+    manifest = (store or {}).get("manifest")
+    if manifest is None:
+        return "unknown (store not found)"
+    mode = (manifest.get("split") or {}).get("mode")
+    return SPLIT_MODES.get(mode, str(mode or "unknown"))
+
+
+def evaluation_anchor(ev: dict) -> str:
+    """A stable HTML id for an evaluation."""
+    digest = hashlib.sha1(str(ev["folder"].resolve()).encode()).hexdigest()[:10]
+    return f"eval-{digest}"
+
+
+def evaluation_title(ev: dict) -> str:
+    r, m = ev["row"], ev["metrics"]
+    if ev["ensemble"]:
+        return f"{ev['folder'].name}: ensemble ({m.get('method', '?')}) of {len(m.get('members', []))} evaluations"
+    stage = STAGE_TITLES.get(r["stage"], r["stage"])
+    return f"{r['run']}: {MODEL_TITLES.get(r['model'], r['model'])} {r['size']} px, {stage}"
