@@ -76,50 +76,17 @@ def write_synthetic_store(
             positives = lab.sum(axis=0).astype(np.int64)
     for size in sizes:
         manifest_rows[str(size)] = {}
-        total, total_sq, count = 0.0, 0.0, 0
+        sums = [0.0, 0.0, 0]  # the train split's pixel sum, sum of squares and count (0..1 scale)
         patient = next_patient
         for split, n in rows.items():
-            out = split_dir(store, size, split)
-            out.mkdir(parents=True, exist_ok=True)
-            lab = labels_by_split[split]
-            img_rng = np.random.default_rng([seed, size, sum(map(ord, split))])
-            order = order_by_split[split]
-            for file_no, start in enumerate(range(0, n, rows_per_file)):
-                stop = min(n, start + rows_per_file)
-                index = np.asarray(order[start:stop], dtype=np.int64)
-                pixels = []
-                for i in index:
-                    img = planted_image(lab[i], size, img_rng, signal)
-                    if split == "train":
-                        f = img.astype(np.float64) / 255.0
-                        total += f.sum()
-                        total_sq += (f * f).sum()
-                        count += f.size
-                    pixels.append(img.tobytes())
-                m = stop - start
-                table = pa.table(
-                    {
-                        "image_id": [ids_by_split[split][i] for i in index],
-                        "patient_id": pa.array(patient + index // max(follow_ups, 1), pa.int64()),
-                        "labels": pa.array([list(map(int, r)) for r in lab[index]], pa.list_(pa.uint8())),
-                        "age": pa.array(img_rng.integers(1, 95, m), pa.int16()),
-                        "sex": pa.array(img_rng.choice(["M", "F"], m).tolist(), pa.string()),
-                        "view": pa.array(img_rng.choice(["PA", "AP"], m).tolist(), pa.string()),
-                        "follow_up": pa.array(index % max(follow_ups, 1), pa.int32()),
-                        "orig_width": pa.array(np.full(m, size), pa.int32()),
-                        "orig_height": pa.array(np.full(m, size), pa.int32()),
-                        "pixels": pa.array(pixels, pa.binary()),
-                    },
-                    schema=SCHEMA,
-                )
-                pq.write_table(
-                    table,
-                    out / f"part-{file_no:05d}.parquet",
-                    row_group_size=row_group_rows or etl_row_group_rows(size, rows_per_file),
-                    use_dictionary=["image_id", "sex", "view"],
-                )
+            _write_split(
+                store, size, split, ids_by_split[split], labels_by_split[split], order_by_split[split], patient=patient,
+                seed=seed, follow_ups=follow_ups, signal=signal, rows_per_file=rows_per_file,
+                row_group_rows=row_group_rows, sums=sums if split == "train" else None,
+            )  # fmt: skip
             patient += -(-n // max(follow_ups, 1))
             manifest_rows[str(size)][split] = n
+        total, total_sq, count = sums
         mean = total / max(count, 1)
         std = float(np.sqrt(max(total_sq / max(count, 1) - mean * mean, 1e-12)))
         pixel_stats[str(size)] = {"mean": float(mean), "std": std}
@@ -135,3 +102,54 @@ def write_synthetic_store(
         manifest["row_order"] = row_order(seed)
     write_json_atomic(store / MANIFEST_NAME, manifest)
     return manifest
+
+
+def _write_split(
+    store: Path, size: int, split: str, ids: list[str], lab: np.ndarray, order: list[int], *, patient: int, seed: int,
+    follow_ups: int, signal: float, rows_per_file: int, row_group_rows: int | None, sums: list | None,
+) -> None:
+    """The Parquet files of one (size, split) partition, ``rows_per_file`` rows each in ``order``."""
+    out = split_dir(store, size, split)
+    out.mkdir(parents=True, exist_ok=True)
+    img_rng = np.random.default_rng([seed, size, sum(map(ord, split))])
+    n = len(ids)
+    for file_no, start in enumerate(range(0, n, rows_per_file)):
+        index = np.asarray(order[start : min(n, start + rows_per_file)], dtype=np.int64)
+        pq.write_table(
+            _part_table(index, ids, lab, patient, follow_ups, size, img_rng, signal, sums),
+            out / f"part-{file_no:05d}.parquet",
+            row_group_size=row_group_rows or etl_row_group_rows(size, rows_per_file),
+            use_dictionary=["image_id", "sex", "view"],
+        )
+
+
+def _part_table(
+    index: np.ndarray, ids: list[str], lab: np.ndarray, patient: int, follow_ups: int, size: int,
+    img_rng: np.random.Generator, signal: float, sums: list | None,
+) -> pa.Table:
+    """The rows ``index`` of a split with planted images; adds their pixels to ``sums`` (train only)."""
+    pixels = []
+    for i in index:
+        img = planted_image(lab[i], size, img_rng, signal)
+        if sums is not None:
+            f = img.astype(np.float64) / 255.0
+            sums[0] += f.sum()
+            sums[1] += (f * f).sum()
+            sums[2] += f.size
+        pixels.append(img.tobytes())
+    m = len(index)
+    return pa.table(
+        {
+            "image_id": [ids[i] for i in index],
+            "patient_id": pa.array(patient + index // max(follow_ups, 1), pa.int64()),
+            "labels": pa.array([list(map(int, r)) for r in lab[index]], pa.list_(pa.uint8())),
+            "age": pa.array(img_rng.integers(1, 95, m), pa.int16()),
+            "sex": pa.array(img_rng.choice(["M", "F"], m).tolist(), pa.string()),
+            "view": pa.array(img_rng.choice(["PA", "AP"], m).tolist(), pa.string()),
+            "follow_up": pa.array(index % max(follow_ups, 1), pa.int32()),
+            "orig_width": pa.array(np.full(m, size), pa.int32()),
+            "orig_height": pa.array(np.full(m, size), pa.int32()),
+            "pixels": pa.array(pixels, pa.binary()),
+        },
+        schema=SCHEMA,
+    )
