@@ -20,12 +20,9 @@ Every version up to :data:`FORMAT_VERSION` opens.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import math
 import os
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -324,28 +321,3 @@ def verify_store(store: str | os.PathLike, manifest: dict) -> tuple[list[str], i
             if count != expected:
                 problems.append(f"{folder}: {count} rows in readable parts, the manifest says {expected}")
     return problems, files_read, rows_read
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="store folder written by 'cxrflow etl'")
-    parser.add_argument("--json", action="store_true", help="print the raw manifest as JSON")
-    parser.add_argument("--verify", action="store_true", help="read every part's footer and check rows and columns against the manifest")
-
-
-def run(args: argparse.Namespace) -> int:
-    from cxrflow.outputs import leftovers, read_marker
-
-    manifest = read_manifest(args.store)
-    print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest))
-    for folder in leftovers(args.store):
-        fate = (f"the next 'cxrflow etl --out {args.store}' removes it" if read_marker(folder, "etl") is not None
-                else "it carries no cxrflow etl marker, so cxrflow leaves it to you")  # fmt: skip
-        print(f"leftover of a killed run: {folder} ({fate})", file=sys.stderr)
-    if args.verify:
-        problems, files, rows = verify_store(args.store, manifest)
-        for problem in problems:
-            print(f"verify: {problem}", file=sys.stderr)
-        if problems:
-            raise CxrflowError(f"store verification failed: {len(problems)} problem(s) (listed above)", args.store)
-        print(f"verify: OK, {files} files, {rows} rows, as the manifest says")
-    return 0

@@ -13,13 +13,12 @@ an uninterrupted run. Run folder::
     RUN/done.json        written when the whole run has finished
 
 Multi-GPU (or multi-process CPU) runs use DDP: ``torchrun --nproc_per_node N -m cxrflow.cli train
-...``; every rank reads its own shard, validation predictions are gathered so every rank computes
+...`` (the command, :mod:`cxrflow.commands.train`, chooses the start); every rank reads its own shard, validation predictions are gathered so every rank computes
 the same AUC, and rank 0 writes the files.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -37,33 +36,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cxrflow.modelling import sparktrain
 from cxrflow.atomic import atomic_path, read_json_object, write_json_atomic, write_text_atomic
 from cxrflow.modelling.config import (
-    DEVICES,
-    PRESETS,
-    STAGE_CHOICES,
     Stage,
-    UNCERTAIN_POLICIES,
     TrainConfig,
-    config_from_dict,
-    resolve_config,
 )
-from cxrflow.data.demographics import FUSIONS, fusion_record
+from cxrflow.data.demographics import fusion_record
 from cxrflow.errors import CxrflowError
-from cxrflow import options
 from cxrflow.identity import store_identity
 from cxrflow.modelling.inference import autocast as _autocast
 from cxrflow.modelling.inference import model_input, predict_split, resolve_device
 from cxrflow.modelling.inference import unwrap as _unwrap
 from cxrflow.data.loader import augment, make_loader
 from cxrflow.results.metrics import mean_auc, per_class_auc
-from cxrflow.modelling.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model, load_weights
+from cxrflow.modelling.models import ChestClassifier, count_parameters, create_model, load_weights
 from cxrflow.outputs import claiming, read_marker, write_marker
 from cxrflow.data.store import check_partition, pixel_stats, read_manifest
 from cxrflow.data.uncertain import MaskedBCEWithLogits, policy_pos_weight
-from cxrflow.tracking import TrackingRequest, request_from_args, tracked_training
-from cxrflow.tracking import add_arguments as add_tracking_arguments
+from cxrflow.tracking import TrackingRequest, tracked_training
 
 #: Files a run writes; ``--overwrite`` removes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "best_kt.pt", "best_finetune.pt", "last.pt", "done.json", "mlflow.json")
@@ -593,187 +583,6 @@ def _train(
 # --- command line ---------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``cxrflow train`` options (also used by :func:`get_args_parser`)."""
-    parser.add_argument("--store", help="store folder written by 'cxrflow etl'")
-    parser.add_argument("--size", type=int, help="image size to train at (one the store holds)")
-    parser.add_argument("--model", help=f"model name: {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--out", required=True, help="run folder to create (or resume)")
-    parser.add_argument("--stage", choices=STAGE_CHOICES, help="which stages to run (default both)")
-    parser.add_argument("--epochs", type=int, nargs="+", metavar="E",
-                        help="epochs per selected stage, in order; one value sets every stage")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float, nargs="+", metavar="LR",
-                        help="learning rate per selected stage, in order (kt, finetune); one value sets every stage")
-    parser.add_argument("--pretrained", metavar="imagenet|none|PATH",
-                        help="backbone weights: torchvision ImageNet (from $TORCH_HOME; the default), random, or a state dict file")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    parser.add_argument("--seed", type=options.seed)
-    parser.add_argument("--config", metavar="FILE", help="settings file (.json, .yaml, .toml)")
-    parser.add_argument("--preset", choices=PRESETS, help="starting settings (default: 'default')")
-    parser.add_argument("--device", choices=DEVICES, help="auto = cuda when available")
-    parser.add_argument("--num-workers", type=int, help="loader worker processes")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other setting, e.g. --set optimizer=sgd --set finetune.lr=1e-4 (repeatable)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
-    parser.add_argument("--uncertain", metavar="|".join(UNCERTAIN_POLICIES),
-                        help="uncertain labels (stores that have them): ignore (U-Ignore, default), ones or zeros, "
-                             "optionally per finding: zeros,Atelectasis=ones,Edema=ones")
-    add_tracking_arguments(parser)
-    sparktrain.add_arguments(parser)
-    parser.add_argument("--fusion", metavar="|".join(FUSIONS),
-                        help="demographics: fuse age, sex and view with the image features (default none)")
-    parser.add_argument("--grad-checkpointing", action="store_true", default=None,
-                        help="activation checkpointing: less memory, about a third more compute (densenet121, resnet50)")
-
-
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """A standalone parser for the train options (for other entry points)."""
-    parser = argparse.ArgumentParser(description="cxrflow two-stage training", add_help=add_help)
-    add_arguments(parser)
-    return parser
-
-
-def _per_stage(values: list | None, option: str, config_stages: list[str], field: str) -> dict[str, Any]:
-    if not values:
-        return {}
-    if len(values) == 1:
-        values = values * len(config_stages)
-    if len(values) != len(config_stages):
-        raise CxrflowError(
-            f"{option} takes one value or one per stage ({', '.join(config_stages)}), got {len(values)}"
-        )
-    return {f"{name}.{field}": v for name, v in zip(config_stages, values)}
-
-
-def _option_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given by --set and the named command-line options (None: not given)."""
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CxrflowError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = value.strip()
-    options_given = {
-        "store": args.store, "size": args.size, "model": args.model, "out": args.out, "stage": args.stage,
-        "batch_size": args.batch_size, "pretrained": args.pretrained, "seed": args.seed,
-        "device": args.device, "num_workers": args.num_workers, "uncertain": args.uncertain, "fusion": args.fusion,
-        "grad_checkpointing": args.grad_checkpointing,
-    }  # fmt: skip
-    overrides.update({k: v for k, v in options_given.items() if v is not None})  # an option not given keeps --set's value
-    return overrides
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Preset -> --config file -> command-line options (later wins); validated."""
-    overrides = _option_overrides(args)
-    config = resolve_config(args.preset, args.config, overrides)
-    names = [s.name for s in config.stages()]
-    per_stage = {**_per_stage(args.epochs, "--epochs", names, "epochs"), **_per_stage(args.lr, "--lr", names, "lr")}
-    if per_stage:
-        config = resolve_config(args.preset, args.config, {**overrides, **per_stage})
-    return config
-
-
-#: Settings ``--resume`` lets differ from the saved run: where it runs, not what it computes.
-RESUME_MAY_DIFFER = ("out", "device", "num_workers", "eval_batch_size")
-
-
-def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
-    """The saved config of the run in --out, or None without one.
-
-    Only :data:`RESUME_MAY_DIFFER` may be changed on resuming; any other option given (on the
-    command line, by --set, --config or --preset) that differs from the saved run would change the
-    result (the batch order, the model, the schedule) and is refused, naming it.
-    """
-    path = Path(args.out) / "config.json"
-    if not path.exists():
-        return None
-    saved = read_json_object(path, "run config")
-    missing = [key for key in ("store", "size", "model") if key not in saved]
-    if missing:
-        raise CxrflowError(f"run config field {missing[0]!r} is missing; start again with --overwrite", path)
-    try:
-        config = config_from_dict(saved)
-        config.out = args.out
-        config.validate()  # a damaged file names itself, not an option the user never gave
-    except CxrflowError as exc:
-        raise CxrflowError(exc.message, path) from None
-    return _checked_resume_config(args, config, saved)
-
-
-def _checked_resume_config(args: argparse.Namespace, saved: TrainConfig, saved_dict: dict) -> TrainConfig:
-    """The saved config with the options given to --resume applied; a CxrflowError naming every
-    one that differs from the saved run outside :data:`RESUME_MAY_DIFFER`.
-
-    A different --store is accepted when it holds the same splits (a moved store), by identity.
-    """
-    from cxrflow.modelling.config import apply_overrides, read_config_file
-
-    requested = config_from_dict(saved.to_dict())
-    changed: list[str] = []
-    saved_preset = saved_dict.get("preset") or "default"
-    if args.preset and args.preset != saved_preset:
-        changed.append(f"preset (saved {saved_preset}, given {args.preset})")
-    if args.config:
-        apply_overrides(requested, {k: v for k, v in read_config_file(args.config).items() if k != "preset"}, str(args.config))
-    apply_overrides(requested, {k: v for k, v in _option_overrides(args).items() if v is not None})
-    names = [s.name for s in saved.stages()]
-    apply_overrides(requested, {**_per_stage(args.epochs, "--epochs", names, "epochs"), **_per_stage(args.lr, "--lr", names, "lr")})
-    requested.validate()
-    before, after = saved.to_dict(), requested.to_dict()
-    if after["store"] != before["store"] and _same_splits(after["store"], saved_dict):
-        before["store"] = after["store"]  # the same data at a new place
-    for key, value in after.items():
-        if key not in RESUME_MAY_DIFFER and value != before[key]:
-            changed.append(f"{key} (saved {_shown(before[key])}, given {_shown(value)})")
-    if changed:
-        raise CxrflowError(
-            f"--resume continues the run with its saved settings, but these options differ and would change the "
-            f"result: {'; '.join(changed)}. Drop them (only {', '.join(RESUME_MAY_DIFFER[1:])} may change) "
-            "or start again with --overwrite",
-            args.out,
-        )
-    return requested
-
-
-def _same_splits(store: str, saved: dict) -> bool:
-    """Whether ``store`` holds exactly the splits the saved run was trained on (its store moved)."""
-    recorded = saved.get("store_identity")
-    if not recorded:
-        return False
-    try:
-        return store_identity(store, read_manifest(store), int(saved["size"])) == recorded
-    except (CxrflowError, KeyError, OSError):
-        return False
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} {v}" for k, v in value.items()) + "}"
-    return str(value)
-
-
-def run_config(args: argparse.Namespace) -> TrainConfig:
-    """The config a ``cxrflow train`` command runs: the saved one when resuming, else the options'."""
-    return (_resume_config(args) if args.resume else None) or config_from_args(args)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.resume and args.overwrite:
-        raise CxrflowError("--resume and --overwrite exclude each other")
-    launch = sparktrain.launch_from_args(args)
-    request = request_from_args(args)
-    config = run_config(args)
-    options = {"resume": args.resume, "overwrite": args.overwrite, "quiet": args.quiet}
-    if launch is not None:
-        sparktrain.train_on_spark(config, launch, tracking=request, **options)
-    else:
-        run_process(config, tracking=request, **options)
-    return 0
-
-
 def run_process(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
                 tracking: TrackingRequest | None = None) -> dict:
     """One training process, however it was started (alone, torchrun, Spark's TorchDistributor)."""
@@ -785,13 +594,3 @@ def run_process(config: TrainConfig, *, resume: bool = False, overwrite: bool = 
         if ctx.active and dist.is_initialized():
             dist.destroy_process_group()
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cxrflow.modelling.train ...`` (same as ``cxrflow train ...``)."""
-    from cxrflow.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

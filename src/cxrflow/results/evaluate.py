@@ -28,7 +28,6 @@ trained with (:func:`check_store_identity`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from datetime import datetime, timezone
@@ -40,11 +39,8 @@ import numpy as np
 from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
-from cxrflow import options
 from cxrflow.results.metrics import mean_auc, per_class_auc, roc
 from cxrflow.outputs import publishing
-from cxrflow.tracking import add_arguments as add_tracking_arguments
-from cxrflow.tracking import log_evaluation, request_from_args
 
 #: Checkpoint names a run folder may hold, in the order evaluate prefers them by default.
 CHECKPOINT_NAMES = ("best_finetune", "best_kt")
@@ -575,8 +571,6 @@ def check_store_identity(config: dict, store: Path, manifest: dict, size: int, s
     return {split: now[split] for split in dict.fromkeys(splits) if split in now}
 
 
-
-
 def evaluate_run(
     run: str | os.PathLike,
     *,
@@ -718,41 +712,3 @@ def format_summary(metrics: dict) -> str:
             f"{cal['ece_mean']['after']:.4f}, mean Brier {cal['brier_mean']['before']:.4f} -> {cal['brier_mean']['after']:.4f}"
         )
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run folder written by 'cxrflow train'")
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="best_finetune, best_kt, last or a .pt path (default: best_finetune if present, else best_kt)",
-    )
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default: test)")
-    parser.add_argument("--out", default=None, help="output folder (default: RUN/eval-<split>-<checkpoint>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing evaluation folder")
-    parser.add_argument("--n-boot", type=options.n_boot, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
-    parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap seed (default: 0)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--batch-size", type=options.positive_int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--store", default=None, help="store folder, when it moved since training (default: the run's); it must hold the run's splits")
-    add_tracking_arguments(parser)  # a tracked run (RUN/mlflow.json) is logged to also without --mlflow
-
-
-def run(args: argparse.Namespace) -> int:
-    tracking = request_from_args(args)
-    metrics = evaluate_run(
-        args.run,
-        checkpoint=args.checkpoint,
-        split=args.split,
-        out=args.out,
-        n_boot=args.n_boot,
-        seed=args.seed,
-        device=args.device,
-        batch_size=args.batch_size,
-        store=args.store,
-        overwrite=args.overwrite,
-    )
-    log_evaluation(tracking, metrics)
-    print(format_summary(metrics))
-    print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
-    return 0
