@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="store folder to write")
     parser.add_argument("--sizes", default="256,512", help="comma-separated image sides in pixels (default 256,512)")
     parser.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
-    parser.add_argument("--val-fraction", type=options.val_fraction, default=0.3, help="share of train_val patients for validation (default 0.3)")
+    options.add_val_fraction(parser)
     parser.add_argument("--seed", type=options.seed, default=0, help="split seed, also of the stored row order (default 0)")
     parser.add_argument(
         "--split-csv", type=Path, default=None,

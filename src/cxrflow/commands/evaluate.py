@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cxrflow import options
+from cxrflow.commands.common import checked_device
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_evaluation, request_from_args
 
@@ -21,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing evaluation folder")
     parser.add_argument("--n-boot", type=options.n_boot, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
     parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap seed (default: 0)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--batch-size", type=options.positive_int, default=64, help="images per forward pass (default: 64)")
+    options.add_device(parser, checked_by_parser=False)
+    options.add_batch_size(parser, 64)
     parser.add_argument("--store", default=None, help="store folder, when it moved since training (default: the run's); it must hold the run's splits")
     add_tracking_arguments(parser)  # a tracked run (RUN/mlflow.json) is logged to also without --mlflow
 
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         format_summary,
     )
 
+    checked_device(args.device)
     tracking = request_from_args(args)
     metrics = evaluate_run(
         args.run,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cxrflow import options
+from cxrflow.commands.common import checked_device
 from cxrflow.data.boxes import MAX_BOXES
-from cxrflow.errors import CxrflowError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: RUN/localize-<split>-<checkpoint>)")
     parser.add_argument("--bbox", default=None, help="a BBox_List_2017.csv to use instead of the store's box file")
     parser.add_argument("--store", default=None, help="store folder, when it moved since training (default: the run's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per heatmap batch (default: 16)")
+    options.add_device(parser, checked_by_parser=False)
+    options.add_batch_size(parser, 16, "images per heatmap batch")
     parser.add_argument("--max-boxes", type=int, default=MAX_BOXES, help=f"predicted boxes kept per image and finding (default: {MAX_BOXES})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing localization folder")
 
@@ -28,8 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cxrflow.results.localize import BOXES_CSV, JSON_NAME, format_table, localize_run
 
-    if args.batch_size < 1:
-        raise CxrflowError(f"--batch-size must be at least 1, got {args.batch_size}")
+    checked_device(args.device)
     result = localize_run(
         args.run, checkpoint=args.checkpoint, split=args.split, method=args.method, out=args.out, bbox=args.bbox,
         store=args.store, device=args.device, batch_size=args.batch_size, max_boxes=args.max_boxes,

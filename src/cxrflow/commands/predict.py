@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxrflow import options
+from cxrflow.commands.common import checked_device
 from cxrflow.errors import CxrflowError
 
 if TYPE_CHECKING:
@@ -28,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--raw", action="store_true", help="the model's raw sigmoid outputs instead of calibrated probabilities (and thresholds on that scale)"
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    parser.add_argument("--batch-size", type=options.positive_int, default=32, help="images per forward pass (default: 32)")
+    options.add_device(parser, checked_by_parser=False)
+    options.add_batch_size(parser, 32)
     parser.add_argument("--store", default=None, help="the training store, only for checkpoints that lack pixel statistics")
     parser.add_argument(
         "--heatmaps", default=None, metavar="DIR",
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.run is None and args.checkpoint is None:
         raise CxrflowError("give --run RUN (or --checkpoint FILE.pt)")
+    checked_device(args.device)
     images, demographics = demographics_from_args(args)
     predictor = load_predictor(args.run, args.checkpoint, device=args.device, store=args.store, raw=args.raw)
     if demographics is not None and not predictor.uses_demographics:

@@ -13,9 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", required=True, type=Path, help="release folder (Data_Entry CSV, optional split lists)"
     )
     parser.add_argument("--out", required=True, type=Path, help="CSV to write: image_id,patient_id,split")
-    parser.add_argument(
-        "--val-fraction", type=options.val_fraction, default=0.3, help="share of train_val patients for val (default 0.3)"
-    )
+    options.add_val_fraction(parser)
     parser.add_argument("--seed", type=options.seed, default=0, help="random seed of the patient shuffle (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     from cxrflow.data.formats import add_format_arguments

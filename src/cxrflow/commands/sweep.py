@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="sweep file (.yaml, .yml, .toml or .json), e.g. configs/paper.yaml")
     parser.add_argument("--out", required=True, help="sweep folder: runs/, logs/, report/ (re-run to continue)")
     parser.add_argument("--store", default=None, help="store folder (overrides the file's 'store')")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = every visible GPU, else CPU")
+    options.add_device(parser)
     parser.add_argument("--gpus", default=None, help="comma-separated GPU indices to use (default: all visible)")
     parser.add_argument("--n-boot", type=options.n_boot, default=None, help="bootstrap resamples per evaluation (default: the file's n_boot or 1000)")
     parser.add_argument("--in-process", action="store_true", help="run every step in this process, one after another")

@@ -9,64 +9,63 @@ and refuses options that would change its result.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from cxrflow import options
 from cxrflow.atomic import read_json_object
-from cxrflow.data.demographics import FUSIONS
 from cxrflow.data.spark import check_master
 from cxrflow.errors import CxrflowError
-from cxrflow.modelling.config import (
-    DEVICES,
-    PRESETS,
-    STAGE_CHOICES,
-    UNCERTAIN_POLICIES,
-    TrainConfig,
-    config_from_dict,
-    resolve_config,
-)
-from cxrflow.modelling.models import MODEL_NAMES
+from cxrflow.modelling.config import PRESETS, TrainConfig, config_from_dict, option_fields, resolve_config
 from cxrflow.modelling.sparktrain import SparkLaunch
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import request_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``cxrflow train`` options (also used by :func:`get_args_parser`)."""
-    parser.add_argument("--store", help="store folder written by 'cxrflow etl'")
-    parser.add_argument("--size", type=int, help="image size to train at (one the store holds)")
-    parser.add_argument("--model", help=f"model name: {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--out", required=True, help="run folder to create (or resume)")
-    parser.add_argument("--stage", choices=STAGE_CHOICES, help="which stages to run (default both)")
-    parser.add_argument("--epochs", type=int, nargs="+", metavar="E",
-                        help="epochs per selected stage, in order; one value sets every stage")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float, nargs="+", metavar="LR",
-                        help="learning rate per selected stage, in order (kt, finetune); one value sets every stage")
-    parser.add_argument("--pretrained", metavar="imagenet|none|PATH",
-                        help="backbone weights: torchvision ImageNet (from $TORCH_HOME; the default), random, or a state dict file")
+    """The ``cxrflow train`` options (also used by :func:`get_args_parser`): one per
+    :class:`~cxrflow.modelling.config.TrainConfig` field marked as an option, with that field's help."""
+    settings = parser.add_argument_group("settings (fields of cxrflow.modelling.config.TrainConfig; "
+                                         "any other one with --set NAME=VALUE)")
+    for f in option_fields():
+        add_setting(settings, f, required=f.name == "out")
+    settings.add_argument("--epochs", type=int, nargs="+", metavar="E",
+                          help="epochs per selected stage, in order; one value sets every stage")
+    settings.add_argument("--lr", type=float, nargs="+", metavar="LR",
+                          help="learning rate per selected stage, in order (kt, finetune); one value sets every stage")
+    settings.add_argument("--preset", choices=PRESETS, help="starting settings (default: default)")
+    settings.add_argument("--config", metavar="FILE", help="settings file (.json, .yaml, .toml)")
+    settings.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                          help="any other setting, e.g. --set optimizer=sgd --set finetune.lr=1e-4 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    parser.add_argument("--seed", type=options.seed)
-    parser.add_argument("--config", metavar="FILE", help="settings file (.json, .yaml, .toml)")
-    parser.add_argument("--preset", choices=PRESETS, help="starting settings (default: 'default')")
-    parser.add_argument("--device", choices=DEVICES, help="auto = cuda when available")
-    parser.add_argument("--num-workers", type=int, help="loader worker processes")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other setting, e.g. --set optimizer=sgd --set finetune.lr=1e-4 (repeatable)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
-    parser.add_argument("--uncertain", metavar="|".join(UNCERTAIN_POLICIES),
-                        help="uncertain labels (stores that have them): ignore (U-Ignore, default), ones or zeros, "
-                             "optionally per finding: zeros,Atelectasis=ones,Edema=ones")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, only one line per epoch (for logs)")
     add_tracking_arguments(parser)
     add_spark_arguments(parser)
-    parser.add_argument("--fusion", metavar="|".join(FUSIONS),
-                        help="demographics: fuse age, sex and view with the image features (default none)")
-    parser.add_argument("--grad-checkpointing", action="store_true", default=None,
-                        help="activation checkpointing: less memory, about a third more compute (densenet121, resnet50)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = other_settings()
+
+
+def other_settings() -> str:
+    """The settings without an option of their own, with their help (for ``--help``)."""
+    others = [f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("option") and f.name != "preset"]
+    wide = max(len(f.name) for f in others)
+    return "other settings (--set NAME=VALUE, or NAME: VALUE in a --config file):\n" + "\n".join(
+        f"  {f.name:<{wide}}  {f.metadata['help']}" for f in others)
+
+
+def add_setting(parser: Any, f: dataclasses.Field, *, required: bool = False) -> None:
+    """``--NAME`` for one config field: its help and choices; not given = None (the preset's, the
+    file's or --set's value stands)."""
+    flag = "--" + f.name.replace("_", "-")
+    if f.type in ("bool", bool):
+        parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+        return
+    parse = f.metadata.get("parse") or {"int": int, "float": float}.get(str(f.type), str)
+    parser.add_argument(flag, type=parse, choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
+                        required=required, help=f.metadata["help"])
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -96,12 +95,7 @@ def _option_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not sep:
             raise CxrflowError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value.strip()
-    options_given = {
-        "store": args.store, "size": args.size, "model": args.model, "out": args.out, "stage": args.stage,
-        "batch_size": args.batch_size, "pretrained": args.pretrained, "seed": args.seed,
-        "device": args.device, "num_workers": args.num_workers, "uncertain": args.uncertain, "fusion": args.fusion,
-        "grad_checkpointing": args.grad_checkpointing,
-    }  # fmt: skip
+    options_given = {f.name: getattr(args, f.name) for f in option_fields()}
     overrides.update({k: v for k, v in options_given.items() if v is not None})  # an option not given keeps --set's value
     return overrides
 
@@ -211,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     request = request_from_args(args)
     config = run_config(args)
     how = {"resume": args.resume, "overwrite": args.overwrite, "quiet": args.quiet}
+    check_inputs(config)
     if launch is not None:
         from cxrflow.modelling.sparktrain import train_on_spark
 
@@ -220,6 +215,16 @@ def run(args: argparse.Namespace) -> int:
 
         run_process(config, tracking=request, **how)
     return 0
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """The store, its image size and its train and val splits, checked before torch is imported
+    (a mistyped --store or --size answers at once)."""
+    from cxrflow.data.manifest import check_partition, read_manifest
+
+    manifest = read_manifest(config.store)
+    for split in ("train", "val"):
+        check_partition(manifest, config.store, config.size, split)
 
 
 def main(argv: list[str] | None = None) -> int:
