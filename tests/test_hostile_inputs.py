@@ -616,7 +616,7 @@ def test_ctrl_c_inside_a_library_that_logs_it_is_one_line(tmp_path):
     # logger; with no handler there, logging printed the whole traceback before "error: interrupted"
     script = """
 import logging, sys
-import cxrflow.data.store as store
+import cxrflow.commands.store_info as store
 from cxrflow import cli
 
 def interrupted(args):
