@@ -17,6 +17,7 @@ AUC must reach :data:`TARGET_AUC`; the exit status says whether it did.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,8 @@ def _demo(out: Path, *, patients, image_size, sizes, epochs, seed, master, spark
     timings["explore"] = time.perf_counter() - t
 
     t = stage("etl", f"Spark ({master}) to a Parquet store at sizes {', '.join(map(str, sizes))} px")
-    manifest = run_etl(out / "data", out / "store", sizes=sizes, master=master, seed=seed, spark=spark)
+    manifest = run_etl(out / "data", out / "store", sizes=sizes, master=master, seed=seed, spark=spark,
+                       progress=sys.stderr)
     rows = manifest["rows"][str(sizes[0])]
     echo(f"store: {', '.join(f'{k} {v}' for k, v in rows.items())} images per size; {len(manifest['quarantined'])} quarantined")
     timings["etl"] = time.perf_counter() - t

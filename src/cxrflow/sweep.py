@@ -273,10 +273,12 @@ def _check_same_settings(spec: RunSpec, folder: Path) -> None:
         )
 
 
-def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: Sequence[str] = ()) -> list[list[str]]:
+def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: Sequence[str] = (),
+               quiet: bool = True) -> list[list[str]]:
     """The ``cxrflow`` command lines still needed for one run (empty when it is complete).
 
-    ``tracking``: options added to every step (``--mlflow URI``)."""
+    ``tracking``: options added to every step (``--mlflow URI``); ``quiet``: training without its
+    progress bars (steps whose output goes to a log file)."""
     folder = run_dir(out, spec.name)
     _check_same_settings(spec, folder)
     steps: list[list[str]] = []
@@ -284,7 +286,8 @@ def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: 
         config_file = out / "configs" / f"{spec.name}.json"
         config_file.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(config_file, {k: v for k, v in spec.config.to_dict().items() if k != "out"})
-        train = ["train", "--config", str(config_file), "--out", str(folder), "--quiet", "--device", device]
+        train = ["train", "--config", str(config_file), "--out", str(folder), *(["--quiet"] if quiet else []),
+                 "--device", device]
         if folder.exists():
             train.append("--resume")
         steps.append([*train, *tracking])
@@ -406,7 +409,8 @@ def _run_sweep(
     else:
         step_device = device if in_process else "cpu"
     for spec in sweep.runs:
-        steps = plan_steps(spec, out, device=step_device, n_boot=n_boot, tracking=tracking)
+        # steps in this process show their progress on this terminal; the others write log files
+        steps = plan_steps(spec, out, device=step_device, n_boot=n_boot, tracking=tracking, quiet=not in_process)
         if steps:
             jobs.append(_Job(spec.name, deque(steps), out / "logs" / f"{spec.name}.log"))
         else:

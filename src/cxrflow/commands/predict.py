@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
 from cxrflow import options
 from cxrflow.commands.common import checked_device
@@ -73,7 +73,7 @@ def demographics_from_args(args: argparse.Namespace) -> tuple[list[str], dict[st
 
 def run(args: argparse.Namespace) -> int:
     from cxrflow.atomic import json_safe
-    from cxrflow.results.predict import format_table, load_predictor, predict_files
+    from cxrflow.results.predict import load_predictor, predict_files
 
     if args.run is None and args.checkpoint is None:
         raise CxrflowError("give --run RUN (or --checkpoint FILE.pt)")
@@ -107,11 +107,52 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     elif predictions:
-        print(format_table(predictions, predictor.label_names))
+        print(format_calls(predictions, predictor.label_names, predictor.thresholds))
         if heatmap_method:
             print(f"wrote {sum(len(p['heatmaps']) for p in predictions)} {heatmap_method} heatmaps to {args.heatmaps}")
+        if predictor.thresholds is None:
+            print(f"note: {no_thresholds(args, predictor)}", file=sys.stderr)
     if getattr(predictor, "note", None):  # an ensemble checks its members when it loads
         print(f"note: {predictor.note}", file=sys.stderr)
     for e in errors:
         print(f"error: {e['image']}: {e['error']}", file=sys.stderr)
     return 2 if errors else 0
+
+
+def format_calls(predictions: Sequence[dict], label_names: Sequence[str], thresholds: dict[str, float] | None) -> str:
+    """One line per image: the file and one probability per finding (header: the finding names). With
+    thresholds (an evaluated run), a ``threshold`` line under the header and, per image, the findings
+    called with the probability and the threshold that called them."""
+    if not predictions:
+        return ""
+    width = max(len("threshold"), *(len(r["image"]) for r in predictions))
+    cols = [max(len(n), 5) for n in label_names]
+    header = f"{'image':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(label_names, cols))
+    if thresholds is None:
+        lines = [header]
+    else:
+        shown = [f"{thresholds[n]:>{w}.3f}" if n in thresholds else f"{'n/a':>{w}}" for n, w in zip(label_names, cols)]
+        lines = [header + "  called (probability >= threshold)", f"{'threshold':<{width}}  " + "  ".join(shown)]
+    for r in predictions:
+        p = r["probabilities"]
+        line = f"{r['image']:<{width}}  " + "  ".join(f"{p[n]:>{w}.3f}" for n, w in zip(label_names, cols))
+        if thresholds is not None:
+            calls = [f"{n} {p[n]:.3f} >= {thresholds[n]:.3f}" for n in label_names
+                     if n in thresholds and p[n] >= thresholds[n]]
+            line += "  " + (", ".join(calls) or "none")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def no_thresholds(args: argparse.Namespace, predictor: Any) -> str:
+    """Why no finding is called: the thresholds come from an evaluation of this checkpoint, and there is none to use."""
+    if args.run is None:
+        why = "a checkpoint file alone has no evaluation; give its run folder with --run"
+    elif getattr(predictor, "note", None):
+        why = "its evaluation cannot be used (see the next note)"
+    else:
+        checkpoint = Path(predictor.checkpoint).stem
+        why = (f"{args.run} has no evaluation of {checkpoint}; 'cxrflow evaluate --run {args.run} --checkpoint "
+               f"{checkpoint}' chooses them on the validation split")
+    return (f"no finding is called: the thresholds that call a finding come from an evaluation of the checkpoint, "
+            f"and {why}; the numbers above are {'calibrated ' if predictor.calibrated else ''}probabilities only")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cxrflow.errors import CxrflowError
 
@@ -20,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrflow.results.report import format_markdown, write_report
+    from cxrflow.results.report import write_report
 
     if args.cases < 0:
         raise CxrflowError(f"--cases must be 0 or more, got {args.cases}")
@@ -32,9 +33,27 @@ def run(args: argparse.Namespace) -> int:
         args.runs, args.out, split=args.split, overwrite=args.overwrite, html=not args.no_html, explore=args.explore,
         store=args.store, cases=args.cases, cases_for=args.cases_for, report_args=argv,
     )  # fmt: skip
-    if "report_html" in result:
-        print(f"wrote {result['report_html']}")
-    print(format_markdown(result["rows"]).split("\n## ")[0].rstrip())
-    for key in ("table_md", "table_csv", "comparison_png"):
-        print(f"wrote {result[key]}")
+    print(summary_lines(result))
     return 0
+
+
+def summary_lines(result: dict) -> str:
+    """Where the report is and its headline (the tables stay in their files, not on the terminal)."""
+    rows, best = result["rows"], result["best"]
+    folder = Path(result["table_md"]).parent
+    lines = [f"report: {result['report_html']} (open it in a browser)" if "report_html" in result
+             else f"report folder: {folder}"]
+    kinds = sum(r["kind"] == "ensemble" for r in rows)
+    lines.append(f"{_count(len(rows) - kinds, 'evaluation')}" + (f" and {_count(kinds, 'ensemble')}" if kinds else "")
+                 + f" on the {rows[0]['split'] if rows else '?'} split")
+    if best is not None and best["mean_auc"] is not None:
+        ci = f" (95% CI {best['ci_low']:.3f}-{best['ci_high']:.3f})" if best["ci_low"] is not None else ""
+        paper = "" if best["paper_mean_auc"] is None else f"; the paper's {best['paper_mean_auc']:.3f}"
+        lines.append(f"best: {best['run']} ({best['label']}), mean AUC {best['mean_auc']:.3f}{ci}{paper}")
+    lines.append(f"tables and figure: {Path(result['table_md']).name}, {Path(result['table_csv']).name}, "
+                 f"{Path(result['comparison_png']).name} in {folder}/")
+    return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

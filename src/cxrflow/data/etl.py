@@ -45,6 +45,7 @@ from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow.data.imaging import MAX_STORE_SIZE, ImageError, load_and_resize
 from cxrflow.outputs import publishing
+from cxrflow.progress import Progress
 from cxrflow.data.formats import Collection
 from cxrflow.data.formats.dicom import spacing_row, write_spacing
 from cxrflow.data.store import (
@@ -319,14 +320,13 @@ def _run_partition(tasks: Iterator[tuple[str, int, list[dict]]], counter, **kwar
 
 
 class _Progress:
-    """Images done / total and images per second on a stream, from a Spark accumulator."""
+    """Images done / total on a stream from a Spark accumulator (the :class:`cxrflow.progress.Progress`
+    bar while the stream is a terminal), then one summary line: images and images per second."""
 
     def __init__(self, counter, total: int, stream: TextIO, interval: float = 0.5):
-        self.counter, self.total, self.stream = counter, total, stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.interval = interval if self.tty else 10.0
+        self.counter, self.total, self.stream, self.interval = counter, total, stream, interval
         self.started = time.perf_counter()
-        self.width = 0
+        self.bar = Progress(total, "etl", unit="img", stream=stream)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="cxrflow-etl-progress", daemon=True)
 
@@ -335,27 +335,22 @@ class _Progress:
         pct = 100.0 * done / self.total if self.total else 100.0
         return f"etl: {done}/{self.total} images ({pct:.0f}%), {done / elapsed:.1f} images/s, {elapsed:.0f} s"
 
-    def _show(self, done: int, final: bool = False) -> None:
-        text = self.line(done)
-        if self.tty:
-            self.stream.write("\r" + text.ljust(self.width) + ("\n" if final else ""))
-            self.width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
     def _loop(self) -> None:
         while not self.stop_event.wait(self.interval):
-            self._show(int(self.counter.value))
+            self.bar.update(int(self.counter.value))
 
     def __enter__(self) -> "_Progress":
-        self.thread.start()
+        if self.bar.shown:
+            self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop_event.set()
-        self.thread.join()
-        self._show(int(self.counter.value), final=True)
+        if self.thread.is_alive():
+            self.thread.join()
+        self.bar.close()
+        self.stream.write(self.line(int(self.counter.value)) + "\n")
+        self.stream.flush()
 
 
 def _verify_store(tmp: Path, sizes: Sequence[int], rows: dict[str, dict[str, int]]) -> None:

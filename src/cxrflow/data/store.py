@@ -125,20 +125,13 @@ def format_manifest(manifest: dict) -> str:
     """Human-readable summary of a manifest (for ``cxrflow store-info``)."""
     lines = [
         f"cxrflow store, format {manifest.get('format_version')}, written by cxrflow "
-        f"{manifest.get('cxrflow_version', '?')} at {manifest.get('created', '?')}"
+        f"{manifest.get('cxrflow_version', '?')} on {_when(manifest.get('created', '?'))}"
         + (f", collection format {manifest['format']}" if "format" in manifest else ""),
         f"findings ({len(manifest.get('label_names', []))}): {', '.join(manifest.get('label_names', []))}",
         f"sizes: {', '.join(str(s) for s in manifest.get('sizes', []))}",
-        "rows:",
     ]
-    for size, per_split in manifest.get("rows", {}).items():
-        cells = ", ".join(f"{k} {v}" for k, v in per_split.items())
-        stats = manifest.get("pixel_stats", {}).get(size, {})
-        extra = f"  (train pixel mean {stats['mean']:.4f}, std {stats['std']:.4f})" if stats else ""
-        lines.append(f"  {size:>5}: {cells}{extra}")
-    src = manifest.get("source", {})
-    if src:
-        lines.append("source: " + ", ".join(f"{k} {v}" for k, v in src.items() if not isinstance(v, (list, dict))))
+    lines += _rows_table(manifest)
+    lines += _source_lines(manifest.get("source", {}))
     unknown = manifest.get("demographics_unknown")
     if unknown:
         lines.append("demographics unknown to a fused model (raw values kept): "
@@ -170,9 +163,8 @@ def format_manifest(manifest: dict) -> str:
             c = counts.get(n, {})
             lines.append(f"  {n:<26} {c.get('positive', 0):>7} {c.get('negative', 0):>7} "
                          f"{c.get('uncertain', 0):>7} {c.get('unknown', 0):>7}")
-    split = manifest.get("split", {})
-    if split:
-        lines.append("split: " + ", ".join(f"{k}={v}" for k, v in split.items()))
+    if manifest.get("split"):
+        lines.append("split: " + _split_text(manifest["split"]))
     order = manifest.get("row_order")
     lines.append(f"row order: {order['kind']} (seed {order.get('seed')})" if order else "row order: image_id (store written before shuffled rows)")
     if "wall_seconds" in manifest:
@@ -185,10 +177,75 @@ def format_manifest(manifest: dict) -> str:
     parquet = manifest.get("parquet", {})
     if parquet:
         lines.append(
-            f"parquet: {parquet.get('compression')} compression, images per file {parquet.get('rows_per_file')}, "
-            f"rows per row group {parquet.get('row_group_rows')}"
+            f"parquet: {parquet.get('compression')} compression, {parquet.get('rows_per_file')} images per file, "
+            f"rows per row group {_per_size(parquet.get('row_group_rows'))}"
         )
     return "\n".join(lines)
+
+
+def _per_size(value: object) -> str:
+    """``{'16': 32, '64': 8}`` as ``32 (size 16), 8 (size 64)``; a plain value as it is."""
+    if isinstance(value, dict):
+        return ", ".join(f"{v} (size {k})" for k, v in value.items())
+    return str(value)
+
+
+def _when(created: object) -> str:
+    """An ISO time stamp as ``2026-12-07 15:36 UTC`` (as it is when it does not parse)."""
+    try:
+        return datetime.fromisoformat(str(created)).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return str(created)
+
+
+def _rows_table(manifest: dict) -> list[str]:
+    """Images per size and split, with the train pixel statistics, as aligned columns."""
+    rows = manifest.get("rows", {})
+    splits = [s for s in SPLITS if any(s in per for per in rows.values())]
+    lines = ["images per split:", f"  {'size':>5}" + "".join(f"  {s:>7}" for s in splits) + "  train pixel mean / std"]
+    for size, per_split in rows.items():
+        stats = manifest.get("pixel_stats", {}).get(size) or {}
+        shown = (f"{stats['mean']:.3f} / {stats['std']:.3f}" if stats.get("mean") is not None
+                 and stats.get("std") is not None else "n/a (no train images)")
+        lines.append(f"  {size:>5}" + "".join(f"  {per_split.get(s, 0):>7,}" for s in splits) + f"  {shown}")
+    return lines
+
+
+def _source_lines(source: dict) -> list[str]:
+    """Where the images came from and what became of them, in words."""
+    if not source:
+        return []
+    said = {"data_dir", "metadata_rows", "images_found", "written", "missing", "quarantined", "unlisted_on_disk",
+            "age_unknown"}
+    counts = [f"{source[k]:,} {what}" for k, what in (
+        ("metadata_rows", "metadata rows"), ("images_found", "images found"), ("written", "written"),
+        ("missing", "missing on disk"), ("quarantined", "quarantined"),
+        ("unlisted_on_disk", "on disk but not in the metadata"), ("age_unknown", "with no usable age"),
+    ) if isinstance(source.get(k), int)]
+    counts += [f"{k.replace('_', ' ')} {v}" for k, v in source.items()
+               if k not in said and not isinstance(v, (list, dict))]
+    return [f"source: {source.get('data_dir', '?')}"] + (["  " + ", ".join(counts)] if counts else [])
+
+
+def _split_text(split: dict) -> str:
+    """How the store's patients were split, in words."""
+    mode, seed, fraction = split.get("mode"), split.get("seed"), split.get("val_fraction")
+    if mode == "official-lists" and fraction is not None:
+        how = (f"the official test list; the other patients {1 - fraction:.0%} train / {fraction:.0%} val "
+               f"(seed {seed})")
+    elif mode == "official-split":
+        how = "the collection's own train / val / test split"
+    elif mode == "split-csv":
+        how = f"as in the split file {split.get('split_csv', '?')}"
+    elif mode == "patients-70-10-20":
+        how = f"no official split: all patients 70 / 10 / 20 train / val / test (seed {seed})"
+    else:
+        how = f"{mode} (seed {seed})"
+    patients = split.get("patients")
+    if isinstance(patients, dict) and patients:
+        how += "; patients: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                          for k, v in patients.items())
+    return how
 
 
 def verify_store(store: str | os.PathLike, manifest: dict) -> tuple[list[str], int, int]:

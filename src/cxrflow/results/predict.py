@@ -247,21 +247,3 @@ def predict_files(
     order = {str(p): i for i, p in enumerate(paths)}
     predictions.sort(key=lambda r: order[r["image"]])
     return predictions, errors
-
-
-def format_table(predictions: Sequence[dict], label_names: Sequence[str]) -> str:
-    """One line per image: the file, one probability per finding (header = finding names) and, when
-    the run was evaluated, the findings at or above their validation-Youden threshold."""
-    if not predictions:
-        return ""
-    width = max(len("image"), *(len(r["image"]) for r in predictions))
-    cols = [max(len(n), 5) for n in label_names]
-    flagged = "positive" in predictions[0]
-    header = f"{'image':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(label_names, cols))
-    lines = [header + ("  positive at the validation threshold" if flagged else "")]
-    for r in predictions:
-        line = f"{r['image']:<{width}}  " + "  ".join(f"{r['probabilities'][n]:>{w}.3f}" for n, w in zip(label_names, cols))
-        if flagged:
-            line += "  " + (", ".join(r["positive"]) or "none")
-        lines.append(line)
-    return "\n".join(lines)
