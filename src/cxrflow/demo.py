@@ -106,8 +106,7 @@ def _demo(out: Path, *, patients, image_size, sizes, epochs, seed, master, spark
     timings["explore"] = time.perf_counter() - t
 
     t = stage("etl", f"Spark ({master}) to a Parquet store at sizes {', '.join(map(str, sizes))} px")
-    manifest = run_etl(out / "data", out / "store", sizes=sizes, master=master, seed=seed, spark=spark,
-                       progress=sys.stderr)
+    manifest = run_etl(out / "data", out / "store", sizes, master, seed=seed, spark=spark, progress=sys.stderr)
     rows = manifest["rows"][str(sizes[0])]
     echo(f"store: {', '.join(f'{k} {v}' for k, v in rows.items())} images per size; {len(manifest['quarantined'])} quarantined")
     timings["etl"] = time.perf_counter() - t

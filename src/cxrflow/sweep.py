@@ -353,7 +353,8 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Bring every run of ``sweep`` to trained + evaluated, then write the report.
 
-    ``device``: ``auto`` (GPUs when present), ``cuda`` or ``cpu``. With GPUs, one run per GPU in
+    ``device``: ``auto`` (GPUs when present), ``cuda`` or ``cpu``. Steps run in this process show
+    their progress on this terminal; steps in subprocesses write log files. With GPUs, one run per GPU in
     parallel (``gpus`` restricts which). ``in_process`` runs the steps one after another in this
     process (no subprocess start-up; a crash then stops the sweep). Returns a summary with the
     report's paths, the runs done now, skipped and failed. ``explore``: an ``explore`` output folder
@@ -409,7 +410,6 @@ def _run_sweep(
     else:
         step_device = device if in_process else "cpu"
     for spec in sweep.runs:
-        # steps in this process show their progress on this terminal; the others write log files
         steps = plan_steps(spec, out, device=step_device, n_boot=n_boot, tracking=tracking, quiet=not in_process)
         if steps:
             jobs.append(_Job(spec.name, deque(steps), out / "logs" / f"{spec.name}.log"))
