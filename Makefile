@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/report.py
+	$(BIN)/python benchmarks/startup.py
 
 clean:
 	rm -rf demo-output .pytest_cache

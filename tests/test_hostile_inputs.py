@@ -364,7 +364,9 @@ def test_warnings_come_after_the_error_line(tmp_path, capsys, monkeypatch):
         warnings.warn("a long library warning\nwith a second line\nand a third", UserWarning)
         raise CxrflowError("the real problem", tmp_path)
 
-    monkeypatch.setattr(sys.modules["cxrflow.data.store"], "run", noisy)
+    import cxrflow.commands.store_info
+
+    monkeypatch.setattr(cxrflow.commands.store_info, "run", noisy)
     assert cli.main(["store-info", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == f"error: {tmp_path}: the real problem"
@@ -560,9 +562,9 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch
         with open("/dev/full", "wb") as f:  # every write: ENOSPC, no file name in the error
             f.write(b"x" * 100_000)
 
-    import cxrflow.data.synth
+    import cxrflow.commands.synth
 
-    monkeypatch.setattr(cxrflow.data.synth, "run", disk_full)
+    monkeypatch.setattr(cxrflow.commands.synth, "run", disk_full)
     assert cli.main(["synth", "--out", str(tmp_path / "syn")]) == 2
     assert _one_error_line(capsys.readouterr().err) == (
         f"error: {tmp_path / 'syn'}: No space left on device; free some space and run again")
@@ -615,7 +617,7 @@ def test_ctrl_c_inside_a_library_that_logs_it_is_one_line(tmp_path):
     # logger; with no handler there, logging printed the whole traceback before "error: interrupted"
     script = """
 import logging, sys
-import cxrflow.data.store as store
+import cxrflow.commands.store_info as store
 from cxrflow import cli
 
 def interrupted(args):

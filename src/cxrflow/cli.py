@@ -1,7 +1,9 @@
 """The ``cxrflow`` command: one subcommand per pipeline stage.
 
-Each stage module exposes ``add_arguments(parser)`` and ``run(args) -> int``; this file only wires
-them up. Modules are imported lazily so that ``cxrflow --help`` and light commands stay fast.
+Each subcommand is a module of :mod:`cxrflow.commands` with ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them up. Only the selected subcommand's module is imported,
+and those import the heavy libraries (torch, scikit-learn, pyspark) inside ``run``, so ``--help`` and
+a mistyped option answer at once.
 A :class:`~cxrflow.errors.CxrflowError` becomes one ``error: ...`` line and exit status 2; library
 warnings are shown after it, one line each; output piped into ``head`` stops quietly.
 """
@@ -21,19 +23,19 @@ from cxrflow.errors import CxrflowError
 
 #: (subcommand, module, one-line description) in pipeline order.
 COMMANDS: list[tuple[str, str, str]] = [
-    ("synth", "cxrflow.data.synth", "write a synthetic dataset in the NIH ChestX-ray14 release format"),
-    ("explore", "cxrflow.data.explore", "dataset statistics and figures from the metadata (the paper's data section)"),
-    ("split", "cxrflow.data.split", "patient-level train/val/test split as CSV"),
-    ("etl", "cxrflow.data.etl", "Spark ETL: raw images to a multi-resolution Parquet store"),
-    ("store-info", "cxrflow.data.store", "print a Parquet store's manifest"),
-    ("train", "cxrflow.modelling.train", "train a model from the store in two stages (knowledge transfer, fine-tuning)"),
-    ("evaluate", "cxrflow.results.evaluate", "per-finding test AUC with confidence intervals, ROC and loss figures"),
-    ("ensemble", "cxrflow.modelling.ensemble", "combine evaluated runs (mean or stacked) into an evaluated ensemble"),
-    ("report", "cxrflow.results.report", "report.html (the whole study on one page) and the paper's Table 1 over several runs"),
-    ("sweep", "cxrflow.sweep", "train, evaluate and report every run listed in a config file"),
-    ("localize", "cxrflow.results.localize", "heatmaps against ground-truth boxes: the ChestX-ray14 localization benchmark"),
-    ("predict", "cxrflow.results.predict", "finding probabilities for new image files"),
-    ("demo", "cxrflow.demo", "end-to-end demo on a synthetic dataset"),
+    ("synth", "cxrflow.commands.synth", "write a synthetic dataset in the NIH ChestX-ray14 release format"),
+    ("explore", "cxrflow.commands.explore", "dataset statistics and figures from the metadata (the paper's data section)"),
+    ("split", "cxrflow.commands.split", "patient-level train/val/test split as CSV"),
+    ("etl", "cxrflow.commands.etl", "Spark ETL: raw images to a multi-resolution Parquet store"),
+    ("store-info", "cxrflow.commands.store_info", "print a Parquet store's manifest"),
+    ("train", "cxrflow.commands.train", "train a model from the store in two stages (knowledge transfer, fine-tuning)"),
+    ("evaluate", "cxrflow.commands.evaluate", "per-finding test AUC with confidence intervals, ROC and loss figures"),
+    ("ensemble", "cxrflow.commands.ensemble", "combine evaluated runs (mean or stacked) into an evaluated ensemble"),
+    ("report", "cxrflow.commands.report", "report.html (the whole study on one page) and the paper's Table 1 over several runs"),
+    ("sweep", "cxrflow.commands.sweep", "train, evaluate and report every run listed in a config file"),
+    ("localize", "cxrflow.commands.localize", "heatmaps against ground-truth boxes: the ChestX-ray14 localization benchmark"),
+    ("predict", "cxrflow.commands.predict", "finding probabilities for new image files"),
+    ("demo", "cxrflow.commands.demo", "end-to-end demo on a synthetic dataset"),
 ]
 
 

@@ -7,6 +7,7 @@ argparse turns the ``ArgumentTypeError`` these raise into ``error: cxrflow <comm
 from __future__ import annotations
 
 import argparse
+import re
 
 #: Seeds must fit every generator cxrflow seeds (numpy's legacy seeding takes 32 bits).
 SEED_MAX = 2**32 - 1
@@ -75,3 +76,46 @@ def val_fraction(text: str) -> float:
             f"must be a number between 0 and 1 (exclusive), got {text!r}: training keeps its best epoch "
             "by validation AUC, so validation cannot be empty")
     return value
+
+
+#: What ``--device`` takes in every command (``cuda:N``: the N-th visible GPU).
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+DEVICE_HELP = "auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or cuda:N (default: auto)"
+
+
+def check_device(text: str) -> str:
+    """``text`` if it names a device cxrflow can use (whether that GPU exists is checked when it is
+    used), else ValueError with the one message every command prints."""
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(text)):
+        return text
+    raise ValueError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N")
+
+
+def device(text: str) -> str:
+    """argparse type of ``--device``: auto, cpu, cuda or cuda:N."""
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_device(parser: argparse.ArgumentParser, *, checked_by_parser: bool = True, default: str | None = "auto") -> None:
+    """``--device`` with the same values, default and help in every command.
+
+    ``checked_by_parser=False``: the command checks it itself with :func:`check_device` first thing in
+    ``run`` (evaluate, predict and localize answer a bad device with their one error line and exit 2).
+    """
+    parser.add_argument("--device", default=default, type=device if checked_by_parser else str,
+                        metavar="|".join(DEVICE_CHOICES), help=DEVICE_HELP)
+
+
+def add_batch_size(parser: argparse.ArgumentParser, default: int | None, what: str = "images per forward pass") -> None:
+    """``--batch-size``: an integer of at least 1 in every command."""
+    shown = "" if default is None else f" (default: {default})"
+    parser.add_argument("--batch-size", type=positive_int, default=default, help=f"{what}{shown}")
+
+
+def add_val_fraction(parser: argparse.ArgumentParser, default: float = 0.3) -> None:
+    """``--val-fraction``: the share of the train_val patients that validation gets."""
+    parser.add_argument("--val-fraction", type=val_fraction, default=default,
+                        help=f"share of the train_val patients for validation (default: {default})")

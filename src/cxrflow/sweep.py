@@ -36,13 +36,12 @@ parallel, one per GPU (``CUDA_VISIBLE_DEVICES``); on CPU one at a time. A failed
 the others: it is named at the end and the exit status is 2.
 
 ``--spark-master URL --processes N``: each run's training is its own distributed job on the Spark
-cluster (:func:`cxrflow.modelling.sparktrain.run_sweep_jobs`), as many at once as the cluster's slots allow.
+cluster (:func:`run_sweep_jobs`), as many at once as the cluster's slots allow.
 ``--mlflow [URI]`` tracks every run and ensemble (default store ``OUT/mlruns``; see :mod:`cxrflow.tracking`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -60,10 +59,8 @@ from cxrflow import options
 from cxrflow.errors import CxrflowError
 from cxrflow.runs import METRICS_NAME, default_eval_dir, evaluation_status
 from cxrflow.outputs import claiming
-from cxrflow.modelling.sparktrain import SparkLaunch, launch_from_args, run_sweep_jobs
-from cxrflow.modelling.sparktrain import add_arguments as add_spark_arguments
-from cxrflow.tracking import add_arguments as add_tracking_arguments
-from cxrflow.tracking import default_uri, log_ensemble, request_from_args, request_from_argv
+from cxrflow.modelling.sparktrain import SparkLaunch
+from cxrflow.tracking import log_ensemble, request_from_argv
 
 RUN_KEYS = ("name", "evaluate")
 #: Settings that may differ between the sweep file and an existing run (they do not change results).
@@ -276,10 +273,12 @@ def _check_same_settings(spec: RunSpec, folder: Path) -> None:
         )
 
 
-def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: Sequence[str] = ()) -> list[list[str]]:
+def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: Sequence[str] = (),
+               quiet: bool = True) -> list[list[str]]:
     """The ``cxrflow`` command lines still needed for one run (empty when it is complete).
 
-    ``tracking``: options added to every step (``--mlflow URI``)."""
+    ``tracking``: options added to every step (``--mlflow URI``); ``quiet``: training without its
+    progress bars (steps whose output goes to a log file)."""
     folder = run_dir(out, spec.name)
     _check_same_settings(spec, folder)
     steps: list[list[str]] = []
@@ -287,7 +286,8 @@ def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: 
         config_file = out / "configs" / f"{spec.name}.json"
         config_file.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(config_file, {k: v for k, v in spec.config.to_dict().items() if k != "out"})
-        train = ["train", "--config", str(config_file), "--out", str(folder), "--quiet", "--device", device]
+        train = ["train", "--config", str(config_file), "--out", str(folder), *(["--quiet"] if quiet else []),
+                 "--device", device]
         if folder.exists():
             train.append("--resume")
         steps.append([*train, *tracking])
@@ -353,7 +353,8 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Bring every run of ``sweep`` to trained + evaluated, then write the report.
 
-    ``device``: ``auto`` (GPUs when present), ``cuda`` or ``cpu``. With GPUs, one run per GPU in
+    ``device``: ``auto`` (GPUs when present), ``cuda`` or ``cpu``. Steps run in this process show
+    their progress on this terminal; steps in subprocesses write log files. With GPUs, one run per GPU in
     parallel (``gpus`` restricts which). ``in_process`` runs the steps one after another in this
     process (no subprocess start-up; a crash then stops the sweep). Returns a summary with the
     report's paths, the runs done now, skipped and failed. ``explore``: an ``explore`` output folder
@@ -409,7 +410,7 @@ def _run_sweep(
     else:
         step_device = device if in_process else "cpu"
     for spec in sweep.runs:
-        steps = plan_steps(spec, out, device=step_device, n_boot=n_boot, tracking=tracking)
+        steps = plan_steps(spec, out, device=step_device, n_boot=n_boot, tracking=tracking, quiet=not in_process)
         if steps:
             jobs.append(_Job(spec.name, deque(steps), out / "logs" / f"{spec.name}.log"))
         else:
@@ -525,33 +526,56 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="sweep file (.yaml, .yml, .toml or .json), e.g. configs/paper.yaml")
-    parser.add_argument("--out", required=True, help="sweep folder: runs/, logs/, report/ (re-run to continue)")
-    parser.add_argument("--store", default=None, help="store folder (overrides the file's 'store')")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = every visible GPU, else CPU")
-    parser.add_argument("--gpus", default=None, help="comma-separated GPU indices to use (default: all visible)")
-    parser.add_argument("--n-boot", type=options.n_boot, default=None, help="bootstrap resamples per evaluation (default: the file's n_boot or 1000)")
-    parser.add_argument("--in-process", action="store_true", help="run every step in this process, one after another")
-    add_tracking_arguments(parser)
-    add_spark_arguments(parser)
+# --------------------------------------------------------------------------------------------------
+# on a Spark cluster
 
 
-def run(args: argparse.Namespace) -> int:
-    launch = launch_from_args(args)
-    request = request_from_args(args)
-    tracking = [] if request.uri is None else [
-        "--mlflow", request.uri or default_uri(args.out), "--mlflow-experiment", request.experiment]
-    sweep = load_sweep(args.config, store=args.store)
-    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-    summary = run_sweep(sweep, args.out, device=args.device, gpus=gpus, n_boot=args.n_boot, in_process=args.in_process,
-                        launch=launch, tracking=tracking)
-    if summary["report"]:
-        print(f"report: {summary['report']['report_html']} (+ table.md, table.csv, comparison.png)")
-    best = summary["best"]
-    if best and best["mean_auc"] is not None:
-        print(f"best: {best['run']} ({best['stage']}) mean test AUC {best['mean_auc']:.4f}")
-    for name, why in summary["failed"].items():
-        where = run_dir(args.out, name) if name in {s.name for s in sweep.runs} else Path(args.out) / "ensembles" / name
-        print(f"error: {where}: failed ({why})", file=sys.stderr)
-    return 2 if summary["failed"] else 0
+def run_sweep_jobs(jobs: list, launch: SparkLaunch, echo: Callable[[str], None],
+                   command: Callable[[list[str]], list[str]]) -> None:
+    """A sweep on the cluster: every job's ``train`` step is its own barrier job on one shared session,
+    as many at once as the cluster's slots allow; its ``evaluate`` steps run here as subprocesses.
+
+    ``jobs`` are :class:`_Job` (name, steps, log, failed); a failed step fails its job only.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cxrflow.modelling.sparktrain import cluster_session, wait_for_slots
+
+    with cluster_session(launch, "cxrflow-sweep") as spark:
+        at_once = max(1, wait_for_slots(spark, launch) // launch.processes)
+        echo(f"on {launch.master}: {launch.processes} process(es) per run, {at_once} run(s) at once")
+        with ThreadPoolExecutor(max_workers=at_once) as pool:
+            list(pool.map(lambda job: _run_steps(spark, launch, job, echo, command), jobs))
+
+
+def _run_steps(spark: Any, launch: SparkLaunch, job: Any, echo: Callable[[str], None],
+               command: Callable[[list[str]], list[str]]) -> None:
+    import subprocess
+
+    from cxrflow.commands.train import get_args_parser, run_config
+    from cxrflow.modelling.sparktrain import train_on_spark
+    from cxrflow.tracking import request_from_args
+
+    while job.steps:
+        argv = job.steps.popleft()
+        with open(job.log, "a") as log:
+            log.write(f"\n$ cxrflow {' '.join(argv)}\n")
+        echo(f"[{job.name}] cxrflow {argv[0]}{' on the cluster' if argv[0] == 'train' else ''}; log: {job.log}")
+        try:
+            if argv[0] == "train":
+                args = get_args_parser().parse_args(argv[1:])
+                train_on_spark(run_config(args), launch, resume=args.resume, overwrite=args.overwrite, quiet=True,
+                               tracking=request_from_args(args), spark=spark, log_path=str(job.log))
+            else:
+                with open(job.log, "a") as log:
+                    code = subprocess.run(command(argv), stdout=log, stderr=subprocess.STDOUT).returncode
+                if code != 0:
+                    job.failed = f"exit status {code}; see {job.log}"
+        except CxrflowError as exc:
+            with open(job.log, "a") as log:
+                log.write(f"error: {exc}\n")
+            job.failed = str(exc)
+        if job.failed:
+            echo(f"[{job.name}] failed ({job.failed})")
+            return
+    echo(f"[{job.name}] done")

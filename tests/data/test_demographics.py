@@ -166,7 +166,7 @@ def test_parsing_what_a_user_types(tmp_path):
 def test_predict_takes_demographics_from_flags_or_a_csv(tmp_path):
     from argparse import Namespace
 
-    from cxrflow.results.predict import demographics_from_args
+    from cxrflow.commands.predict import demographics_from_args
 
     def args(**kw):
         return Namespace(**{"images": [], "age": None, "sex": None, "view": None, "metadata": None, **kw})

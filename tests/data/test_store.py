@@ -73,3 +73,27 @@ def test_store_info_cli(store, tmp_path, capsys):
     assert main(["store-info", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "no such store" in err[0]
+
+
+def test_store_info_words_the_manifest_without_python_reprs():
+    from cxrflow.data.store import format_manifest
+
+    manifest = {
+        "format_version": 2, "cxrflow_version": "0.1.0", "created": "2026-01-02T03:04:05+00:00", "label_names": ["A", "B"],
+        "sizes": [16], "rows": {"16": {"train": 34, "val": 6, "test": 1234}},
+        "pixel_stats": {"16": {"mean": 0.41234, "std": 0.2}},
+        "source": {"data_dir": "/d", "metadata_rows": 41, "images_found": 41, "written": 40, "missing": 0,
+                   "quarantined": 1, "unlisted_on_disk": 0, "age_unknown": 2},
+        "split": {"mode": "patients-70-10-20", "val_fraction": None, "seed": 3, "patients": {"train": 9, "val": 2, "test": 3}},
+        "parquet": {"compression": "zstd", "rows_per_file": 32, "row_group_rows": {"16": 32}},
+    }  # fmt: skip
+    text = format_manifest(manifest)
+    for repr_mark in ("{", "}", "=None", "None", "'"):
+        assert repr_mark not in text, repr_mark
+    lines = text.splitlines()
+    table = lines[lines.index("images per split:") + 1:][:2]
+    assert table[0].split() == ["size", "train", "val", "test", "train", "pixel", "mean", "/", "std"]
+    assert table[1].split() == ["16", "34", "6", "1,234", "0.412", "/", "0.200"]
+    assert table[0].index("test") + 4 == table[1].index("1,234") + 5  # right-aligned under its heading
+    assert "split: no official split: all patients 70 / 10 / 20 train / val / test (seed 3); patients: train 9, val 2, test 3" in text
+    assert "written by cxrflow 0.1.0 on 2026-01-02 03:04 UTC" in text

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from cxrflow.errors import CxrflowError
-from cxrflow.modelling.sparktrain import SparkLaunch, _full_slots, job_error, launch_from_args
+from cxrflow.commands.train import get_args_parser, launch_from_args
+from cxrflow.modelling.sparktrain import SparkLaunch, _full_slots, job_error
 from cxrflow.testing.synthstore import write_synthetic_store
-from cxrflow.modelling.train import get_args_parser
 from spark_standalone import run_with_fault, wait_until_exited
 
 CLUSTER = "local-cluster[2,1,1024]"

@@ -23,7 +23,8 @@ from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.modelling.models import create_model, load_checkpoint
 from cxrflow.testing.synthstore import write_synthetic_store
 from cxrflow.modelling.inference import predict_split
-from cxrflow.modelling.train import config_from_args, get_args_parser, train
+from cxrflow.commands.train import config_from_args, get_args_parser
+from cxrflow.modelling.train import train
 
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "stage", "epoch", "config", "label_names", "metrics"}
 METRIC_KEYS = {"stage", "epoch", "train_loss", "val_loss", "val_auc_mean", "val_auc", "lr", "seconds", "images_per_second"}

@@ -262,3 +262,24 @@ def test_predict_on_the_original_png_files_gives_evaluates_probabilities(spark, 
         expected = table.loc[[f.name for f in files], [f"{prefix}{n}" for n in names]].to_numpy()
         np.testing.assert_allclose(got, expected, atol=1e-4)
         assert np.ptp(expected, axis=0).max() > 1e-3  # different images, different probabilities
+
+
+def test_an_unevaluated_run_says_why_no_finding_is_called(run_and_images, capsys):
+    run, _, img, _ = run_and_images
+    assert main(["predict", "--run", str(run), str(img / "gray.png")]) == 0
+    captured = capsys.readouterr()
+    assert "called" not in captured.out.splitlines()[0]
+    note = captured.err.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith("note: no finding is called: the thresholds")
+    assert f"{run} has no evaluation of best_finetune; 'cxrflow evaluate --run {run} --checkpoint best_finetune'" in note[0]
+
+
+def test_calls_are_printed_with_the_thresholds_that_made_them():
+    from cxrflow.commands.predict import format_calls
+
+    predictions = [{"image": "a.png", "probabilities": {"Edema": 0.7, "Mass": 0.2}}]
+    lines = format_calls(predictions, ["Edema", "Mass"], {"Edema": 0.41, "Mass": 0.3}).splitlines()
+    assert lines[0].split() == ["image", "Edema", "Mass", "called", "(probability", ">=", "threshold)"]
+    assert lines[1].split() == ["threshold", "0.410", "0.300"]
+    assert lines[2].split("  ")[-1] == "Edema 0.700 >= 0.410"
+    assert lines[1].index("0.410") == lines[2].index("0.700")

@@ -151,3 +151,14 @@ def test_a_report_holds_its_output_lock_while_it_builds(runs, tmp_path, monkeypa
     write_report([runs[0], runs[1]], out, overwrite=True)
     assert second and len(list(csv.DictReader(open(out / "table.csv")))) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn", "report", "res"]  # no lock, partial or old folder
+
+
+def test_report_prints_where_it_is_and_the_best_row_not_the_table(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"report: {out / 'report.html'} (open it in a browser)"
+    assert lines[1] == "3 evaluations on the test split"
+    assert lines[2].startswith("best: res (ResNet-50 256px fine-tuned), mean AUC ") and "the paper's 0.667" in lines[2]
+    assert lines[3] == f"tables and figure: table.md, table.csv, comparison.png in {out}/"
+    assert len(lines) == 4 and not any("|" in line for line in lines)

@@ -17,17 +17,17 @@ import pyarrow.parquet as pq
 
 from cxrflow.data.store import SCHEMA, SPLITS, manifest_core, row_order, split_dir
 from cxrflow.identity import split_identity
+from cxrflow.progress import Progress as Bar
 
 
 class Progress:
-    """Images done / total and images per second on a stream, from a Spark accumulator."""
+    """Images done / total on a stream from a Spark accumulator (the :class:`cxrflow.progress.Progress`
+    bar while the stream is a terminal), then one summary line: images and images per second."""
 
     def __init__(self, counter, total: int, stream: TextIO, interval: float = 0.5):
-        self.counter, self.total, self.stream = counter, total, stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.interval = interval if self.tty else 10.0
+        self.counter, self.total, self.stream, self.interval = counter, total, stream, interval
         self.started = time.perf_counter()
-        self.width = 0
+        self.bar = Bar(total, "etl", unit="img", stream=stream)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="cxrflow-etl-progress", daemon=True)
 
@@ -36,27 +36,22 @@ class Progress:
         pct = 100.0 * done / self.total if self.total else 100.0
         return f"etl: {done}/{self.total} images ({pct:.0f}%), {done / elapsed:.1f} images/s, {elapsed:.0f} s"
 
-    def _show(self, done: int, final: bool = False) -> None:
-        text = self.line(done)
-        if self.tty:
-            self.stream.write("\r" + text.ljust(self.width) + ("\n" if final else ""))
-            self.width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
     def _loop(self) -> None:
         while not self.stop_event.wait(self.interval):
-            self._show(int(self.counter.value))
+            self.bar.update(int(self.counter.value))
 
     def __enter__(self) -> Self:
-        self.thread.start()
+        if self.bar.shown:
+            self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop_event.set()
-        self.thread.join()
-        self._show(int(self.counter.value), final=True)
+        if self.thread.is_alive():
+            self.thread.join()
+        self.bar.close()
+        self.stream.write(self.line(int(self.counter.value)) + "\n")
+        self.stream.flush()
 
 
 def verify_store_files(tmp: Path, sizes: Sequence[int], rows: dict[str, dict[str, int]]) -> None:

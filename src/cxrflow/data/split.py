@@ -8,7 +8,6 @@ on the seed and the set of patients, not on the row order. No patient is ever in
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pandas as pd
 
 from cxrflow.atomic import atomic_path
 from cxrflow.errors import CxrflowError
-from cxrflow import options
 from cxrflow.data.formats import Collection
 
 MODE_OFFICIAL = "official-lists"
@@ -198,47 +196,3 @@ def write_split_csv(frame: pd.DataFrame, path: str | os.PathLike, overwrite: boo
             raise CxrflowError("is not a cxrflow split CSV (no image_id,patient_id,split header); refusing to replace it", path)
         with atomic_path(path) as tmp:
             frame[["image_id", "patient_id", "split"]].to_csv(tmp, index=False)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data", required=True, type=Path, help="release folder (Data_Entry CSV, optional split lists)"
-    )
-    parser.add_argument("--out", required=True, type=Path, help="CSV to write: image_id,patient_id,split")
-    parser.add_argument(
-        "--val-fraction", type=options.val_fraction, default=0.3, help="share of train_val patients for val (default 0.3)"
-    )
-    parser.add_argument("--seed", type=options.seed, default=0, help="random seed of the patient shuffle (default 0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    from cxrflow.data.formats import add_format_arguments
-
-    add_format_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    from cxrflow.data.formats import load_collection
-
-    collection = load_collection(args.data, args.format, views=args.views, need_images=False)
-    frame = assign_collection_splits(collection, args.val_fraction, args.seed)
-    write_split_csv(frame, args.out, overwrite=args.overwrite)
-    if frame.attrs["mode"] == "official-split":
-        print("mode: the collection's own train/val/test split")
-    elif frame.attrs["mode"] == MODE_OFFICIAL and collection.format != "nih":
-        print(
-            f"mode: the collection's official test split; its other patients split "
-            f"{1 - args.val_fraction:.0%}/{args.val_fraction:.0%} train/val, seed {args.seed}"
-        )
-    elif frame.attrs["mode"] == MODE_OFFICIAL:
-        print(
-            f"mode: official lists (test = test_list.txt; train_val_list.txt patients split "
-            f"{1 - args.val_fraction:.0%}/{args.val_fraction:.0%} train/val, seed {args.seed})"
-        )
-    else:
-        print(
-            "mode: no official split in the data folder: all patients split "
-            f"70/10/20 train/val/test (seed {args.seed}; --val-fraction is not used)"
-        )
-    for name, c in split_counts(frame).items():
-        print(f"  {name:5s} {c['images']:7d} images  {c['patients']:6d} patients")
-    print(f"wrote {len(frame)} rows to {args.out}")
-    return 0

@@ -20,12 +20,8 @@ Every version up to :data:`FORMAT_VERSION` opens.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import math
 import os
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -33,15 +29,21 @@ from typing import Sequence
 import pyarrow as pa
 
 from cxrflow import __version__
-from cxrflow.atomic import read_json_object
-from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import LabelVocabulary
 from cxrflow.identity import split_identity
+from cxrflow.data.manifest import (  # noqa: F401 - the store's manifest, read without pyarrow
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SPLITS,
+    _is_int,
+    _is_number,
+    check_manifest,
+    check_partition,
+    pixel_stats,
+    read_manifest,
+    split_dir,
+)
 
-#: Bumped whenever the layout or the columns change incompatibly.
-FORMAT_VERSION = 2
-MANIFEST_NAME = "_manifest.json"
-SPLITS = ("train", "val", "test")
 
 SCHEMA = pa.schema(
     [
@@ -98,7 +100,7 @@ def manifest_core(
     vocab: LabelVocabulary,
     sizes: Sequence[int],
     rows: dict[str, dict[str, int]],
-    pixel_stats: dict[str, dict[str, float]],
+    pixel_stats: dict[str, dict[str, float]],  # noqa: F811 - the key it fills, not the reader of the same name
     train_positives: Sequence[int],
 ) -> dict:
     """The manifest keys every store has: version, labels, sizes, rows, pixel and label statistics.
@@ -120,124 +122,17 @@ def manifest_core(
     }
 
 
-def split_dir(store: str | os.PathLike, size: int, split: str) -> Path:
-    """Folder holding one (size, split) partition."""
-    return Path(store) / f"size={int(size)}" / f"split={split}"
-
-
-def read_manifest(store: str | os.PathLike) -> dict:
-    """The store's manifest; a clear error when the store is missing, incomplete or too new."""
-    store = Path(store)
-    if not store.exists():
-        raise CxrflowError("no such store (run 'cxrflow etl' first)", store)
-    path = store / MANIFEST_NAME
-    if not path.exists():
-        raise CxrflowError(f"not a complete cxrflow store: {MANIFEST_NAME} is missing", store)
-    if not path.is_file():
-        raise CxrflowError("not a regular file (a folder, named pipe or device)", path)
-    manifest = read_json_object(path, "manifest")
-    version = manifest.get("format_version")
-    if not _is_int(version) or version < 1:
-        raise CxrflowError(f"manifest field 'format_version' must be a positive integer, got {version!r}", path)
-    if version > FORMAT_VERSION:
-        raise CxrflowError(
-            f"store format version {version} is newer than this cxrflow supports ({FORMAT_VERSION}); "
-            "upgrade cxrflow",
-            path,
-        )
-    check_manifest(manifest, path)
-    return manifest
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
-def check_manifest(manifest: dict, path: str | os.PathLike) -> None:
-    """One CxrflowError naming the manifest field that does not have the shape readers rely on."""
-
-    def bad(field: str, expected: str, got: object) -> CxrflowError:
-        shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
-        return CxrflowError(f"manifest field {field!r} must be {expected}, got {shown}", path)
-
-    names = manifest.get("label_names")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        raise bad("label_names", "a non-empty list of finding names", names)
-    sizes = manifest.get("sizes")
-    if not isinstance(sizes, list) or not sizes or not all(_is_int(s) and s > 0 for s in sizes):
-        raise bad("sizes", "a non-empty list of positive integers", sizes)
-    rows = manifest.get("rows")
-    if not isinstance(rows, dict):
-        raise bad("rows", "an object {size: {split: rows}}", rows)
-    for size in sizes:
-        per_split = rows.get(str(size))
-        if not isinstance(per_split, dict) or not all(
-            split in SPLITS and _is_int(n) and n >= 0 for split, n in per_split.items()
-        ):
-            raise bad(f"rows.{size}", f"an object of row counts per split ({', '.join(SPLITS)})", per_split)
-    stats = manifest.get("pixel_stats")
-    if not isinstance(stats, dict):
-        raise bad("pixel_stats", "an object {size: {mean, std}}", stats)
-    for size in sizes:
-        entry = stats.get(str(size))
-        if not isinstance(entry, dict):
-            raise bad(f"pixel_stats.{size}", "an object with mean and std", entry)
-        mean, std = entry.get("mean"), entry.get("std")
-        if mean is None and std is None:
-            continue  # a store without train images has no statistics; training refuses it
-        if not _is_number(mean) or not 0 <= mean <= 1:
-            raise bad(f"pixel_stats.{size}.mean", "a number in 0..1", mean)
-        if not _is_number(std) or not 0 < std <= 1:
-            raise bad(f"pixel_stats.{size}.std", "a number in (0, 1]", std)
-    weights = manifest.get("pos_weight")
-    if not isinstance(weights, list) or len(weights) != len(names) or not all(_is_number(w) and w >= 0 for w in weights):
-        raise bad("pos_weight", f"a list of {len(names)} non-negative numbers (one per finding)", weights)
-    identity = manifest.get("split_identity", {})  # absent in stores written before it existed
-    if not isinstance(identity, dict) or not all(split in SPLITS and isinstance(h, str) for split, h in identity.items()):
-        raise bad("split_identity", f"an object of sha256 strings per split ({', '.join(SPLITS)})", identity)
-
-
-def check_partition(manifest: dict, store: str | os.PathLike, size: int, split: str) -> Path:
-    """The folder of (size, split), or a clear error naming the sizes and splits that exist."""
-    sizes = [int(s) for s in manifest.get("sizes", [])]
-    if int(size) not in sizes:
-        raise CxrflowError(f"size {size} is not in the store; it has sizes {sizes}", store)
-    rows = manifest.get("rows", {}).get(str(int(size)), {})
-    if split not in rows:
-        raise CxrflowError(f"split {split!r} is not in the store; it has {sorted(rows)}", store)
-    return split_dir(store, size, split)
-
-
-def pixel_stats(manifest: dict, size: int) -> tuple[float, float]:
-    """(mean, std) of train pixels at ``size``, on the 0..1 scale."""
-    stats = manifest["pixel_stats"][str(int(size))]
-    if stats.get("mean") is None or stats.get("std") is None:
-        raise CxrflowError(f"the store has no train pixel statistics at size {size} (no train images)")
-    return float(stats["mean"]), float(stats["std"])
-
-
 def format_manifest(manifest: dict) -> str:
     """Human-readable summary of a manifest (for ``cxrflow store-info``)."""
     lines = [
         f"cxrflow store, format {manifest.get('format_version')}, written by cxrflow "
-        f"{manifest.get('cxrflow_version', '?')} at {manifest.get('created', '?')}"
+        f"{manifest.get('cxrflow_version', '?')} on {_when(manifest.get('created', '?'))}"
         + (f", collection format {manifest['format']}" if "format" in manifest else ""),
         f"findings ({len(manifest.get('label_names', []))}): {', '.join(manifest.get('label_names', []))}",
         f"sizes: {', '.join(str(s) for s in manifest.get('sizes', []))}",
-        "rows:",
     ]
-    for size, per_split in manifest.get("rows", {}).items():
-        cells = ", ".join(f"{k} {v}" for k, v in per_split.items())
-        stats = manifest.get("pixel_stats", {}).get(size, {})
-        extra = f"  (train pixel mean {stats['mean']:.4f}, std {stats['std']:.4f})" if stats else ""
-        lines.append(f"  {size:>5}: {cells}{extra}")
-    src = manifest.get("source", {})
-    if src:
-        lines.append("source: " + ", ".join(f"{k} {v}" for k, v in src.items() if not isinstance(v, (list, dict))))
+    lines += _rows_table(manifest)
+    lines += _source_lines(manifest.get("source", {}))
     unknown = manifest.get("demographics_unknown")
     if unknown:
         lines.append("demographics unknown to a fused model (raw values kept): "
@@ -269,9 +164,8 @@ def format_manifest(manifest: dict) -> str:
             c = counts.get(n, {})
             lines.append(f"  {n:<26} {c.get('positive', 0):>7} {c.get('negative', 0):>7} "
                          f"{c.get('uncertain', 0):>7} {c.get('unknown', 0):>7}")
-    split = manifest.get("split", {})
-    if split:
-        lines.append("split: " + ", ".join(f"{k}={v}" for k, v in split.items()))
+    if manifest.get("split"):
+        lines.append("split: " + _split_text(manifest["split"]))
     order = manifest.get("row_order")
     lines.append(f"row order: {order['kind']} (seed {order.get('seed')})" if order else "row order: image_id (store written before shuffled rows)")
     if "wall_seconds" in manifest:
@@ -284,10 +178,75 @@ def format_manifest(manifest: dict) -> str:
     parquet = manifest.get("parquet", {})
     if parquet:
         lines.append(
-            f"parquet: {parquet.get('compression')} compression, images per file {parquet.get('rows_per_file')}, "
-            f"rows per row group {parquet.get('row_group_rows')}"
+            f"parquet: {parquet.get('compression')} compression, {parquet.get('rows_per_file')} images per file, "
+            f"rows per row group {_per_size(parquet.get('row_group_rows'))}"
         )
     return "\n".join(lines)
+
+
+def _per_size(value: object) -> str:
+    """``{'16': 32, '64': 8}`` as ``32 (size 16), 8 (size 64)``; a plain value as it is."""
+    if isinstance(value, dict):
+        return ", ".join(f"{v} (size {k})" for k, v in value.items())
+    return str(value)
+
+
+def _when(created: object) -> str:
+    """An ISO time stamp as ``2026-12-07 15:36 UTC`` (as it is when it does not parse)."""
+    try:
+        return datetime.fromisoformat(str(created)).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return str(created)
+
+
+def _rows_table(manifest: dict) -> list[str]:
+    """Images per size and split, with the train pixel statistics, as aligned columns."""
+    rows = manifest.get("rows", {})
+    splits = [s for s in SPLITS if any(s in per for per in rows.values())]
+    lines = ["images per split:", f"  {'size':>5}" + "".join(f"  {s:>7}" for s in splits) + "  train pixel mean / std"]
+    for size, per_split in rows.items():
+        stats = manifest.get("pixel_stats", {}).get(size) or {}
+        shown = (f"{stats['mean']:.3f} / {stats['std']:.3f}" if stats.get("mean") is not None
+                 and stats.get("std") is not None else "n/a (no train images)")
+        lines.append(f"  {size:>5}" + "".join(f"  {per_split.get(s, 0):>7,}" for s in splits) + f"  {shown}")
+    return lines
+
+
+def _source_lines(source: dict) -> list[str]:
+    """Where the images came from and what became of them, in words."""
+    if not source:
+        return []
+    said = {"data_dir", "metadata_rows", "images_found", "written", "missing", "quarantined", "unlisted_on_disk",
+            "age_unknown"}
+    counts = [f"{source[k]:,} {what}" for k, what in (
+        ("metadata_rows", "metadata rows"), ("images_found", "images found"), ("written", "written"),
+        ("missing", "missing on disk"), ("quarantined", "quarantined"),
+        ("unlisted_on_disk", "on disk but not in the metadata"), ("age_unknown", "with no usable age"),
+    ) if isinstance(source.get(k), int)]
+    counts += [f"{k.replace('_', ' ')} {v}" for k, v in source.items()
+               if k not in said and not isinstance(v, (list, dict))]
+    return [f"source: {source.get('data_dir', '?')}"] + (["  " + ", ".join(counts)] if counts else [])
+
+
+def _split_text(split: dict) -> str:
+    """How the store's patients were split, in words."""
+    mode, seed, fraction = split.get("mode"), split.get("seed"), split.get("val_fraction")
+    if mode == "official-lists" and fraction is not None:
+        how = (f"the official test list; the other patients {1 - fraction:.0%} train / {fraction:.0%} val "
+               f"(seed {seed})")
+    elif mode == "official-split":
+        how = "the collection's own train / val / test split"
+    elif mode == "split-csv":
+        how = f"as in the split file {split.get('split_csv', '?')}"
+    elif mode == "patients-70-10-20":
+        how = f"no official split: all patients 70 / 10 / 20 train / val / test (seed {seed})"
+    else:
+        how = f"{mode} (seed {seed})"
+    patients = split.get("patients")
+    if isinstance(patients, dict) and patients:
+        how += "; patients: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                          for k, v in patients.items())
+    return how
 
 
 def verify_store(store: str | os.PathLike, manifest: dict) -> tuple[list[str], int, int]:
@@ -345,28 +304,3 @@ def store_identity(store: str | os.PathLike, manifest: dict, size: int) -> dict[
     recorded = manifest.get("split_identity") or {}
     rows = manifest.get("rows", {}).get(str(int(size)), {})
     return {split: recorded.get(split) or store_split_identity(Path(store), size, split) for split in rows}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="store folder written by 'cxrflow etl'")
-    parser.add_argument("--json", action="store_true", help="print the raw manifest as JSON")
-    parser.add_argument("--verify", action="store_true", help="read every part's footer and check rows and columns against the manifest")
-
-
-def run(args: argparse.Namespace) -> int:
-    from cxrflow.outputs import leftovers, read_marker
-
-    manifest = read_manifest(args.store)
-    print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest))
-    for folder in leftovers(args.store):
-        fate = (f"the next 'cxrflow etl --out {args.store}' removes it" if read_marker(folder, "etl") is not None
-                else "it carries no cxrflow etl marker, so cxrflow leaves it to you")  # fmt: skip
-        print(f"leftover of a killed run: {folder} ({fate})", file=sys.stderr)
-    if args.verify:
-        problems, files, rows = verify_store(args.store, manifest)
-        for problem in problems:
-            print(f"verify: {problem}", file=sys.stderr)
-        if problems:
-            raise CxrflowError(f"store verification failed: {len(problems)} problem(s) (listed above)", args.store)
-        print(f"verify: OK, {files} files, {rows} rows, as the manifest says")
-    return 0

@@ -19,13 +19,16 @@ from typing import Any
 
 import yaml
 
-from cxrflow.errors import CxrflowError
+from cxrflow import options
 from cxrflow.data.uncertain import POLICIES, check_policy
+from cxrflow.errors import CxrflowError
+from cxrflow.modelling.catalog import CHECKPOINTING_MODELS, FUSIONS, MODEL_NAMES, check_fusion, check_model
+from cxrflow.options import DEVICE_CHOICES, check_device
 
 STAGE_CHOICES = ("kt", "finetune", "both")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "plateau", "cosine")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = DEVICE_CHOICES
 UNCERTAIN_POLICIES = POLICIES
 
 
@@ -51,43 +54,66 @@ class StageSettings:
     lr: float
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, option: bool = False, factory: Any = None,
+            choices: tuple[str, ...] | None = None, metavar: str | None = None, parse: Any = None) -> Any:
+    """A :class:`TrainConfig` field with its help text. ``option``: ``cxrflow train --NAME`` sets it
+    (every field can be set by ``--set NAME=VALUE`` and in a settings file); ``choices`` (refused by
+    the parser) and ``metavar`` are what ``--help`` shows; ``parse``: the option's argparse type
+    (default: the field's type)."""
+    meta = {"help": help, "option": option, "choices": choices, "metavar": metavar, "parse": parse}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on (besides the store's content)."""
 
-    store: str = ""
-    size: int = 0
-    model: str = "densenet121"
-    out: str = ""
-    preset: str = "default"
-    stage: str = "both"
-    pretrained: str = "imagenet"
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    kt: StageSettings = field(default_factory=lambda: StageSettings(epochs=3, lr=1e-3))
-    finetune: StageSettings = field(default_factory=lambda: StageSettings(epochs=10, lr=1e-4))
-    scheduler: str = "plateau"
-    plateau_factor: float = 0.1
-    plateau_patience: int = 1
+    store: str = setting("", "store folder written by 'cxrflow etl'", option=True)
+    size: int = setting(0, "image size to train at (one the store holds)", option=True)
+    model: str = setting("densenet121", "model name", option=True, metavar="|".join(MODEL_NAMES))
+    out: str = setting("", "run folder to create (or resume)", option=True)
+    preset: str = setting("default", "starting settings: paper or default")
+    stage: str = setting("both", "which stages to run (default: both)", option=True, choices=STAGE_CHOICES)
+    pretrained: str = setting(
+        "imagenet", "backbone weights: torchvision's ImageNet weights (from $TORCH_HOME; the default), "
+        "none (random initialisation) or a state dict file", option=True, metavar="imagenet|none|PATH")
+    batch_size: int = setting(32, "images per optimiser step", option=True, parse=options.positive_int)
+    eval_batch_size: int = setting(64, "images per forward pass when scoring validation")
+    optimizer: str = setting("adam", "adam or sgd", choices=OPTIMIZERS)
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(0.0, "L2 weight decay of the optimizer")
+    kt: StageSettings = setting(help="knowledge transfer (head only): epochs and lr",
+                                factory=lambda: StageSettings(epochs=3, lr=1e-3))
+    finetune: StageSettings = setting(help="fine-tuning (everything): epochs and lr",
+                                      factory=lambda: StageSettings(epochs=10, lr=1e-4))
+    scheduler: str = setting("plateau", "learning-rate schedule: none, plateau or cosine", choices=SCHEDULERS)
+    plateau_factor: float = setting(0.1, "plateau: the factor the learning rate is multiplied by")
+    plateau_patience: int = setting(1, "plateau: epochs without improvement before the rate drops")
     #: every stage runs at least this many optimiser steps: a small train split gets more epochs
     #: than the stage's ``epochs`` (0: exactly ``epochs``); see :meth:`stage_plan`
-    min_steps: int = 0
+    min_steps: int = setting(0, "optimiser steps every stage runs at least (a small train split gets more epochs)")
     #: cosine: the learning rate rises linearly over this many steps, then decays to 0 by the stage's end
-    warmup_steps: int = 0
-    early_stopping_patience: int = 3
-    augment: bool = True
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
+    warmup_steps: int = setting(0, "cosine: steps of linear warm-up")
+    early_stopping_patience: int = setting(3, "epochs without a better validation AUC before a stage stops (0: off)")
+    augment: bool = setting(True, "random affine jitter of the training images")
+    seed: int = setting(0, "seed of the weights, the batch order and the augmentation", option=True,
+                        parse=options.seed)
+    device: str = setting("auto", options.DEVICE_HELP, option=True, parse=options.device,
+                          metavar="|".join(options.DEVICE_CHOICES))
+    num_workers: int = setting(0, "loader worker processes", option=True)
     #: uncertain labels of stores that have them: ignore | ones | zeros [,Finding=policy ...] (cxrflow.data.uncertain)
-    uncertain: str = "ignore"
+    uncertain: str = setting(
+        "ignore", "uncertain labels (stores that have them): ignore (U-Ignore, default), ones or zeros, optionally "
+        "per finding: zeros,Atelectasis=ones,Edema=ones", option=True, metavar="|".join(UNCERTAIN_POLICIES))
     #: "none" (image only) or "demographics" (age, sex, view fused before the head)
-    fusion: str = "none"
+    fusion: str = setting("none", "demographics: fuse age, sex and view with the image features (default: none)",
+                          option=True, metavar="|".join(FUSIONS))
     #: activation checkpointing (less memory, more compute; densenet121 and resnet50)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = setting(
+        False, f"activation checkpointing: less memory, about a third more compute ({', '.join(CHECKPOINTING_MODELS)})",
+        option=True)
 
     def stages(self) -> list[Stage]:
         """The stages this run trains, in order (``simple_cnn``: one all-trainable "finetune" stage)."""
@@ -110,22 +136,21 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise a CxrflowError naming the first invalid setting; returns self."""
-        from cxrflow.data.demographics import check_fusion
-        from cxrflow.modelling.models import CHECKPOINTING_MODELS, MODEL_NAMES
-
         if not self.store:
             raise CxrflowError("no store given (--store)")
         if not self.out:
             raise CxrflowError("no run folder given (--out)")
         if self.size <= 0:
             raise CxrflowError("no image size given (--size)")
-        if self.model not in MODEL_NAMES:
-            raise CxrflowError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        check_model(self.model)
+        try:
+            check_device(self.device)
+        except ValueError as exc:
+            raise CxrflowError(str(exc)) from None
         for name, value, choices in (
             ("stage", self.stage, STAGE_CHOICES),
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("scheduler", self.scheduler, SCHEDULERS),
-            ("device", self.device, DEVICES),
         ):
             if value not in choices:
                 raise CxrflowError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -341,6 +366,11 @@ def _sets_epochs(values: dict[str, Any]) -> bool:
         key in ("kt.epochs", "finetune.epochs") or (key in ("kt", "finetune") and isinstance(v, dict) and "epochs" in v)
         for key, v in values.items()
     )
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """The fields ``cxrflow train`` has a ``--NAME`` option for, in declaration order."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("option")]
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

@@ -21,10 +21,8 @@ folder (shared storage), which the driver turns into the one error line.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import math
 import os
 import re
 import socket
@@ -34,11 +32,10 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from cxrflow.modelling.config import TrainConfig
 from cxrflow.errors import CxrflowError
-from cxrflow.data.spark import check_master
 
 #: Spark settings every training session gets (``--spark-conf`` overrides them).
 SESSION_CONF = {
@@ -62,43 +59,6 @@ class SparkLaunch:
     @property
     def device(self) -> str:
         return "cuda" if self.gpu else "cpu"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The Spark options of ``cxrflow train`` and ``cxrflow sweep``."""
-    group = parser.add_argument_group("training on a Spark cluster")
-    group.add_argument("--spark-master", metavar="URL",
-                       help="start the training processes on this Spark master through TorchDistributor "
-                            "(local-cluster[W,C,MB], spark://host:port, yarn, k8s://...)")
-    group.add_argument("--processes", type=int, metavar="N", help="training processes on the cluster (default 1)")
-    group.add_argument("--gpu", action="store_true", help="train on GPUs (nccl); the cluster must give tasks GPUs")
-    group.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
-                       help="any Spark setting, e.g. spark.task.resource.gpu.amount=1 (repeatable)")
-    group.add_argument("--spark-wait", type=float, default=60.0, metavar="SECONDS",
-                       help="how long to wait for executors to register (default 60)")
-
-
-def launch_from_args(args: argparse.Namespace) -> SparkLaunch | None:
-    """The launch the options ask for, or None for a local/torchrun start; bad options raise."""
-    if not getattr(args, "spark_master", None):
-        if getattr(args, "processes", None) or getattr(args, "gpu", False) or getattr(args, "spark_conf", None):
-            raise CxrflowError("--processes, --gpu and --spark-conf need --spark-master")
-        return None
-    master = check_master(args.spark_master)
-    processes = 1 if args.processes is None else int(args.processes)
-    if processes < 1:
-        raise CxrflowError(f"--processes must be at least 1, got {processes}")
-    if getattr(args, "device", None) == "cuda" and not args.gpu:
-        raise CxrflowError("--device cuda on a Spark cluster: pass --gpu instead")
-    conf: dict[str, str] = {}
-    for item in args.spark_conf or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise CxrflowError(f"--spark-conf expects KEY=VALUE, got {item!r}")
-        conf[key.strip()] = value.strip()
-    if not 0 < args.spark_wait < math.inf:
-        raise CxrflowError(f"--spark-wait must be a positive number of seconds, got {args.spark_wait}")
-    return SparkLaunch(master, processes, bool(args.gpu), conf, float(args.spark_wait))
 
 
 # --- checks before the job ---------------------------------------------------------------------------
@@ -433,51 +393,3 @@ def train_on_spark(config: TrainConfig, launch: SparkLaunch, *, resume: bool = F
         print(f"training on {launch.master}: {launch.processes} process(es), "
               f"{'GPU, nccl' if launch.gpu else 'CPU, gloo'}; run folder {config.out}", flush=True)
     return run_job(spark, launch, config, options, tracking=tracking, log_path=log_path)
-
-
-def run_sweep_jobs(jobs: list, launch: SparkLaunch, echo: Callable[[str], None],
-                   command: Callable[[list[str]], list[str]]) -> None:
-    """A sweep on the cluster: every job's ``train`` step is its own barrier job on one shared session,
-    as many at once as the cluster's slots allow; its ``evaluate`` steps run here as subprocesses.
-
-    ``jobs`` are :class:`cxrflow.sweep._Job` (name, steps, log, failed); a failed step fails its job only.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    with cluster_session(launch, "cxrflow-sweep") as spark:
-        at_once = max(1, wait_for_slots(spark, launch) // launch.processes)
-        echo(f"on {launch.master}: {launch.processes} process(es) per run, {at_once} run(s) at once")
-        with ThreadPoolExecutor(max_workers=at_once) as pool:
-            list(pool.map(lambda job: _run_steps(spark, launch, job, echo, command), jobs))
-
-
-def _run_steps(spark: Any, launch: SparkLaunch, job: Any, echo: Callable[[str], None],
-               command: Callable[[list[str]], list[str]]) -> None:
-    import subprocess
-
-    from cxrflow.tracking import request_from_args
-    from cxrflow.modelling.train import get_args_parser, run_config
-
-    while job.steps:
-        argv = job.steps.popleft()
-        with open(job.log, "a") as log:
-            log.write(f"\n$ cxrflow {' '.join(argv)}\n")
-        echo(f"[{job.name}] cxrflow {argv[0]}{' on the cluster' if argv[0] == 'train' else ''}; log: {job.log}")
-        try:
-            if argv[0] == "train":
-                args = get_args_parser().parse_args(argv[1:])
-                train_on_spark(run_config(args), launch, resume=args.resume, overwrite=args.overwrite, quiet=True,
-                               tracking=request_from_args(args), spark=spark, log_path=str(job.log))
-            else:
-                with open(job.log, "a") as log:
-                    code = subprocess.run(command(argv), stdout=log, stderr=subprocess.STDOUT).returncode
-                if code != 0:
-                    job.failed = f"exit status {code}; see {job.log}"
-        except CxrflowError as exc:
-            with open(job.log, "a") as log:
-                log.write(f"error: {exc}\n")
-            job.failed = str(exc)
-        if job.failed:
-            echo(f"[{job.name}] failed ({job.failed})")
-            return
-    echo(f"[{job.name}] done")

@@ -23,11 +23,9 @@ whether it still describes the checkpoint the run holds now.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -528,40 +526,3 @@ def format_table(result: dict) -> str:
             f"{'n/a' if fp is None else f'{fp:6.2f}':>6}"
         )
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run folder written by 'cxrflow train'")
-    parser.add_argument("--checkpoint", default=None, help="best_finetune, best_kt, last or a .pt path (default: best_finetune, else best_kt)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="split whose boxes are scored (default: test)")
-    parser.add_argument("--method", default=None, choices=["gradcam", "hirescam"], help="heatmap method (default: the model's faithful one)")
-    parser.add_argument("--out", default=None, help="output folder (default: RUN/localize-<split>-<checkpoint>)")
-    parser.add_argument("--bbox", default=None, help="a BBox_List_2017.csv to use instead of the store's box file")
-    parser.add_argument("--store", default=None, help="store folder, when it moved since training (default: the run's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per heatmap batch (default: 16)")
-    parser.add_argument("--max-boxes", type=int, default=MAX_BOXES, help=f"predicted boxes kept per image and finding (default: {MAX_BOXES})")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing localization folder")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise CxrflowError(f"--batch-size must be at least 1, got {args.batch_size}")
-    result = localize_run(
-        args.run, checkpoint=args.checkpoint, split=args.split, method=args.method, out=args.out, bbox=args.bbox,
-        store=args.store, device=args.device, batch_size=args.batch_size, max_boxes=args.max_boxes,
-        overwrite=args.overwrite,
-    )  # fmt: skip
-    print(format_table(result))
-    if result["findings_without_boxes"]:
-        print(f"no boxes in the {result['split']} split for: {', '.join(result['findings_without_boxes'])} (accuracy n/a)")
-    if result["unscored"]:
-        reasons = pd.Series([u["kind"] for u in result["unscored"]]).value_counts()
-        print(
-            f"{len(result['unscored'])} boxes not scored ("
-            + "; ".join(f"{k}: {v}" for k, v in reasons.items())
-            + f"), listed in {JSON_NAME}",
-            file=sys.stderr,
-        )
-    print(f"wrote {result['out']}/ ({JSON_NAME}, {BOXES_CSV}, {', '.join(result['figures'])})")
-    return 0

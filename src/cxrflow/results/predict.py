@@ -23,20 +23,15 @@ value that is not known); they are encoded exactly as in training (:mod:`cxrflow
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from cxrflow.atomic import json_safe
-from cxrflow.data.demographics import FIELDS, encode, parse_age, parse_choice, read_metadata_csv
+from cxrflow.data.demographics import FIELDS, encode
 from cxrflow.errors import CxrflowError
-from cxrflow import options
 from cxrflow.modelling.predictor import Predictor, load_run_predictor
 from cxrflow.runs import METRICS_NAME
 
@@ -141,114 +136,9 @@ def predict_files(
     return predictions, errors
 
 
-def format_table(predictions: Sequence[dict], label_names: Sequence[str]) -> str:
-    """One line per image: the file, one probability per finding (header = finding names) and, when
-    the run was evaluated, the findings at or above their validation-Youden threshold."""
-    if not predictions:
-        return ""
-    width = max(len("image"), *(len(r["image"]) for r in predictions))
-    cols = [max(len(n), 5) for n in label_names]
-    flagged = "positive" in predictions[0]
-    header = f"{'image':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(label_names, cols))
-    lines = [header + ("  positive at the validation threshold" if flagged else "")]
-    for r in predictions:
-        line = f"{r['image']:<{width}}  " + "  ".join(f"{r['probabilities'][n]:>{w}.3f}" for n, w in zip(label_names, cols))
-        if flagged:
-            line += "  " + (", ".join(r["positive"]) or "none")
-        lines.append(line)
-    return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "images", nargs="*", metavar="IMAGE",
-        help="PNG, JPEG or DICOM files (any size, gray, RGB, RGBA or 16-bit); default: the images of --metadata",
-    )
-    parser.add_argument("--run", default=None, help="run folder written by 'cxrflow train', or an ensemble folder ('cxrflow ensemble')")
-    parser.add_argument(
-        "--checkpoint", default=None, help="best_finetune, best_kt, last or a .pt path (default: best_finetune, else best_kt)"
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument(
-        "--raw", action="store_true", help="the model's raw sigmoid outputs instead of calibrated probabilities (and thresholds on that scale)"
-    )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    parser.add_argument("--batch-size", type=options.positive_int, default=32, help="images per forward pass (default: 32)")
-    parser.add_argument("--store", default=None, help="the training store, only for checkpoints that lack pixel statistics")
-    parser.add_argument(
-        "--heatmaps", default=None, metavar="DIR",
-        help="write a heatmap overlay PNG per image and flagged finding into DIR (paths in the JSON output)",
-    )  # fmt: skip
-    parser.add_argument("--heatmap-method", default=None, choices=["gradcam", "hirescam"], help="default: the model's own")
-    parser.add_argument("--age", default=None, help="patient age in years, for runs trained with --fusion demographics")
-    parser.add_argument("--sex", default=None, help="M or F (or unknown), for fused runs")
-    parser.add_argument("--view", default=None, help="view position PA or AP (or unknown), for fused runs")
-    parser.add_argument("--metadata", default=None, metavar="CSV",
-                        help="image,age,sex,view rows for many files (image as given, or its file name)")
 
 
-def demographics_from_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Demographics] | None]:
-    """The images to score and their demographics from --age/--sex/--view or --metadata (None: none given)."""
-    flags = {f: getattr(args, f) for f in FIELDS}
-    given = [f for f, v in flags.items() if v is not None]
-    images = list(args.images)
-    if args.metadata is not None:
-        if given:
-            raise CxrflowError(f"--metadata and --{given[0]} exclude each other; put the values in the CSV")
-        table = read_metadata_csv(args.metadata)
-        if not images:
-            base = Path(args.metadata).parent
-            images = [name if Path(name).is_absolute() else str(base / name) for name in table]
-            table = dict(zip(images, table.values()))
-        return images, table
-    if not images:
-        raise CxrflowError("give at least one IMAGE (or --metadata CSV)")
-    if not given:
-        return images, None
-    if len(given) < len(FIELDS):
-        missing = ", ".join(f"--{f}" for f in FIELDS if f not in given)
-        raise CxrflowError(f"give --age, --sex and --view together (missing {missing}; 'unknown' is allowed)")
-    entry = (parse_age(flags["age"]), parse_choice(flags["sex"], "sex", "--sex"), parse_choice(flags["view"], "view", "--view"))
-    return images, {str(image): entry for image in images}
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.run is None and args.checkpoint is None:
-        raise CxrflowError("give --run RUN (or --checkpoint FILE.pt)")
-    images, demographics = demographics_from_args(args)
-    predictor = load_predictor(args.run, args.checkpoint, device=args.device, store=args.store, raw=args.raw)
-    if demographics is not None and not predictor.uses_demographics:
-        print("note: this run does not use demographics; --age/--sex/--view/--metadata are ignored", file=sys.stderr)
-    predictions, errors = predict_files(
-        predictor, images, batch_size=max(1, args.batch_size), demographics=demographics
-    )
-    heatmap_method = None
-    if args.heatmaps is not None:
-        from cxrflow.results.overlays import write_prediction_heatmaps
-
-        heatmap_method = write_prediction_heatmaps(predictor, predictions, args.heatmaps, method=args.heatmap_method)
-    if args.json:
-        print(
-            json.dumps(
-                json_safe({
-                    "checkpoint": str(predictor.checkpoint),
-                    "size": predictor.size,
-                    "calibrated": predictor.calibrated,
-                    "label_names": predictor.label_names,
-                    "thresholds": predictor.thresholds,
-                    "predictions": predictions,
-                    "errors": errors,
-                    **({"heatmap_method": heatmap_method} if heatmap_method else {}),
-                }),
-                indent=2,
-            )
-        )
-    elif predictions:
-        print(format_table(predictions, predictor.label_names))
-        if heatmap_method:
-            print(f"wrote {sum(len(p['heatmaps']) for p in predictions)} {heatmap_method} heatmaps to {args.heatmaps}")
-    if getattr(predictor, "note", None):  # an ensemble checks its members when it loads
-        print(f"note: {predictor.note}", file=sys.stderr)
-    for e in errors:
-        print(f"error: {e['image']}: {e['error']}", file=sys.stderr)
-    return 2 if errors else 0

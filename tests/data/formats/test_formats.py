@@ -388,3 +388,19 @@ def test_generic_age_and_sex_from_dicom_headers(tmp_path):
     col = load_collection(tmp_path)
     assert col.entries["age"].tolist() == [63, 40, 63]  # write_dicom's PatientAge 063Y, PatientSex F
     assert col.entries["sex"].tolist() == ["F", "F", "F"]
+
+
+def test_a_collections_metadata_file_given_as_data_names_its_folder(tmp_path, chexpert_dir, capsys):
+    from cxrflow.data.synth import synthesize
+
+    nih = tmp_path / "nih"
+    synthesize(nih, patients=4, size=16, seed=0)
+    entry = next(nih.glob("Data_Entry_2017*.csv"))
+    train_csv = next(chexpert_dir.rglob("train.csv"))
+    for command in ("split", "explore"):
+        for file, kind in ((entry, "nih"), (train_csv, "chexpert")):
+            err = _error_of([command, "--data", str(file), "--out", str(tmp_path / "out")], capsys)
+            assert err == (f"error: {file}: this is the metadata file of a {kind} collection, not a labels CSV "
+                           f"(--format csv): give its folder: --data {file.parent}")
+    generic = write_generic(tmp_path / "g", patients=3)
+    assert len(load_collection(next(generic.glob("*.csv")), need_images=False).entries) > 0  # a labels CSV still reads

@@ -20,6 +20,7 @@ csv       the generic ``labels.csv`` (see :mod:`.generic`)         ``labels.csv`
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -105,6 +106,18 @@ def detect_format(data_dir: str | os.PathLike) -> str:
     raise CxrflowError(f"the folder looks like several formats ({', '.join(found)}); pass --format", root)
 
 
+def check_not_metadata_file(path: Path) -> None:
+    """A collection's own metadata file given instead of its folder (``Data_Entry_2017.csv``, CheXpert's
+    ``train.csv``) is one error naming the folder to give, not a generic labels CSV."""
+    for name in READERS:
+        reader = _module(name)
+        patterns = getattr(reader, "METADATA_FILES", ())
+        if any(fnmatch.fnmatch(path.name, p) for p in patterns) and reader.detect(path.parent):
+            raise CxrflowError(
+                f"this is the metadata file of a {name} collection, not a labels CSV (--format csv): give its "
+                f"folder: --data {path.parent}", path)
+
+
 def load_collection(
     data_dir: str | os.PathLike,
     format: str = "auto",
@@ -117,6 +130,8 @@ def load_collection(
     if views not in VIEW_CHOICES:
         raise CxrflowError(f"--views must be one of {', '.join(VIEW_CHOICES)}, got {views!r}")
     path = Path(data_dir)
+    if path.is_file() and format in ("auto", "csv"):
+        check_not_metadata_file(path)
     if path.is_file():  # a CSV file named directly: the generic format, its folder the data folder
         if format not in ("auto", "csv"):
             raise CxrflowError(f"--data must be the collection's folder for --format {format}", path)

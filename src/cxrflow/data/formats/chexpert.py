@@ -53,6 +53,8 @@ VOCAB = LabelVocabulary(
 #: Read as "not mentioned" it had no known negative at all: pos_weight 0, a head that never trained.
 DERIVED = ("No Finding",)
 TRAIN_NAME, VALID_NAME = "train.csv", "valid.csv"
+#: The collection's own files a user may give as --data instead of its folder.
+METADATA_FILES = (TRAIN_NAME, VALID_NAME)
 COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *VOCAB.names)
 
 

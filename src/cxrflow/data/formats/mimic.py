@@ -30,6 +30,8 @@ from cxrflow.data.formats.common import (
 from cxrflow.data.uncertain import UNMENTIONED
 
 PREFIX = "mimic-cxr-2.0.0-"
+#: The collection's own files a user may give as --data instead of its folder.
+METADATA_FILES = (f"{PREFIX}*.csv", f"{PREFIX}*.csv.gz")
 LABEL_HEADER = ("subject_id", "study_id", *sorted(VOCAB.names))
 METADATA_HEADER = (
     "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns",

@@ -13,6 +13,8 @@ from cxrflow.data.labels import NIH14
 from cxrflow.data.metadata import DATA_ENTRY_NAMES, load_release
 
 VOCAB = NIH14
+#: The collection's own files a user may give as --data instead of its folder.
+METADATA_FILES = ("Data_Entry_2017*.csv", "BBox_List_2017.csv")
 
 
 def detect(root: Path) -> bool:
