@@ -32,7 +32,7 @@ from cxrflow.results.embed import figure_uri
 from cxrflow.errors import CxrflowError
 from cxrflow.results.evaluate import METRICS_NAME, evaluation_checkpoint
 from cxrflow.identity import file_sha256
-from cxrflow.results.report import MODEL_TITLES, STAGE_TITLES, build_rows
+from cxrflow.results.report import STAGE_TITLES, build_rows, model_title
 
 HTML_NAME = "report.html"
 
@@ -253,7 +253,7 @@ def table_sections(evaluations: list[dict], stores: dict[str, dict]) -> list[dic
                     **r,
                     "anchor": _anchor(ev),
                     "title": _title(ev),
-                    "model_title": "ensemble" if ev["ensemble"] else MODEL_TITLES.get(r["model"], r["model"]),
+                    "model_title": "ensemble" if ev["ensemble"] else model_title(r["model"]),
                     "stage_title": m.get("method", "") if ev["ensemble"] else STAGE_TITLES.get(r["stage"], r["stage"]),
                     "split_name": split_name(stores.get(str(m.get("store") or ""))),
                     "ece_before": before,
@@ -294,7 +294,7 @@ def _title(ev: dict) -> str:
     if ev["ensemble"]:
         return f"{ev['folder'].name}: ensemble ({m.get('method', '?')}) of {len(m.get('members', []))} evaluations"
     stage = STAGE_TITLES.get(r["stage"], r["stage"])
-    return f"{r['run']}: {MODEL_TITLES.get(r['model'], r['model'])} {r['size']} px, {stage}"
+    return f"{r['run']}: {model_title(r['model'])} {r['size']} px, {stage}"
 
 
 # --------------------------------------------------------------------------------------------------
