@@ -147,3 +147,28 @@ def test_import_cxrflow_stays_light():
     assert cxrflow.load_model is api.load_model and cxrflow.open_store is api.open_store
     with pytest.raises(AttributeError, match="no attribute 'load_models'"):
         cxrflow.load_models  # noqa: B018
+
+
+def test_heatmaps_of_a_fused_model_use_the_images_demographics(tmp_path):
+    """The shared heatmap core (CLI --heatmaps and Model.heatmaps) passes a fused model the image's
+    own age, sex and view: a model that fuses them cannot score an image without them."""
+    import torch
+
+    from cxrflow.modelling.models import create_model
+    from cxrflow.results.overlays import check_heatmap_predictor, prediction_heatmaps
+    from cxrflow.results.predict import Predictor
+
+    model = create_model("simple_cnn", 3, fusion="demographics").eval()
+    predictor = Predictor(model, 32, 0.5, 0.25, ["A", "B", "C"], tmp_path / "c.pt", torch.device("cpu"))
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 32), dtype=np.uint8), "L").save(tmp_path / "x.png")
+    prediction = {"image": str(tmp_path / "x.png"), "demographics": {"age": 63.0, "sex": "F", "view": "PA"}}
+    maps = prediction_heatmaps(predictor, prediction, ["B", "C"], "gradcam")
+    assert maps.shape == (2, 32, 32) and np.isfinite(maps).all()
+    with pytest.raises(CxrflowError, match="needs age, sex and view"):
+        prediction_heatmaps(predictor, {"image": prediction["image"]}, ["B"], "gradcam")
+
+    class Ensemble:
+        checkpoint = tmp_path / "ensemble"
+
+    with pytest.raises(CxrflowError, match="heatmaps need a single model's run, not an ensemble"):
+        check_heatmap_predictor(Ensemble())
