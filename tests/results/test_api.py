@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,9 +102,11 @@ def test_the_documented_example_runs_verbatim(evaluated):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_never_evaluated_gives_raw_probabilities_and_no_calls(evaluated):
+def test_a_checkpoint_never_evaluated_gives_raw_probabilities_and_no_calls(evaluated, tmp_path):
     run, _, images = evaluated
-    plain = cxrflow.load_model(run / "best_finetune.pt")  # a file: no evaluation belongs to it
+    alone = tmp_path / "alone.pt"
+    shutil.copyfile(run / "best_finetune.pt", alone)
+    plain = cxrflow.load_model(alone)  # a file outside its run folder: no evaluation belongs to it
     table = plain.predict(images[0])
     assert table.shape == (1, 14) and set(table.columns.get_level_values(0)) == {"probability"}
     assert table.columns.names[0] == "raw" and table.attrs["thresholds"] is None and table.attrs["calls"] is None
@@ -111,6 +114,10 @@ def test_a_checkpoint_never_evaluated_gives_raw_probabilities_and_no_calls(evalu
     raw = cxrflow.load_model(run, raw=True).predict(images[0])
     np.testing.assert_allclose(table["probability"].to_numpy(), raw["probability"].to_numpy())
     assert raw.columns.names[0] == "raw" and ("call", "Effusion") in raw.columns
+    # the run's own checkpoint file is the run's checkpoint: its evaluation's calibration and calls apply
+    inside = cxrflow.load_model(run / "best_finetune.pt").predict(images)
+    whole = cxrflow.load_model(run).predict(images)
+    assert inside.attrs["scale"] == "calibrated" and inside.equals(whole)
 
 
 @pytest.mark.slow

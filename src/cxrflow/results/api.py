@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from cxrflow.data.loader import StoreLoader
 
 PathLike = str | os.PathLike
+#: The file that makes a folder a training run (written by ``cxrflow train``).
+RUN_CONFIG = "config.json"
 #: Age, sex and view of one image as a user writes them: ``(63, "F", "PA")``; None or "unknown" where not known.
 DemographicsInput = tuple[Any, Any, Any]
 
@@ -46,9 +48,9 @@ class Heatmap:
     #: ``gradcam`` or ``hirescam``
     method: str
     #: ``float32[S, S]`` in [0, 1] over the model's input (the image padded to a square, resized to S)
-    map: np.ndarray
+    map: np.ndarray = field(repr=False)
     #: the ``predict`` result the heatmap belongs to (for the overlay's title)
-    prediction: dict
+    prediction: dict = field(repr=False)
 
     def on_original(self) -> np.ndarray:
         """The map on the original image's pixel grid, ``float32[height, width]``."""
@@ -230,14 +232,16 @@ def load_model(
     """A trained model for scoring files, loaded exactly as ``cxrflow predict`` loads it.
 
     ``path``: a run folder (its best checkpoint: ``best_finetune``, else ``best_kt``; ``checkpoint``
-    picks another: ``best_kt``, ``last`` or a file), an ensemble folder, or a ``.pt`` checkpoint file.
-    Probabilities are calibrated and calls made at the thresholds of the run's evaluation of that
-    checkpoint when there is one (``raw=True``: the raw sigmoid, thresholds on that scale); a run
+    picks another: ``best_kt``, ``last`` or a file), an ensemble folder, or a ``.pt`` checkpoint file
+    (inside its run folder, the run's evaluations of it count). Probabilities are calibrated and calls
+    made at the thresholds of the run's current evaluation of that checkpoint when there is one (``raw=True``: the raw sigmoid, thresholds on that scale); a run
     never evaluated gives raw probabilities and no calls. ``store``: the training store, only for
     old checkpoints without pixel statistics. ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
     """
     source = Path(path)
-    if source.is_file():
+    if source.is_file() and (source.parent / RUN_CONFIG).is_file():  # a run's own checkpoint: its evaluations apply
+        predictor = load_predictor(source.parent, str(source), device=device, store=store, raw=raw)
+    elif source.is_file():
         predictor = load_predictor(None, str(source), device=device, store=store, raw=raw)
     elif source.is_dir():
         predictor = load_predictor(source, checkpoint, device=device, store=store, raw=raw)
