@@ -179,3 +179,21 @@ def test_heatmaps_of_a_fused_model_use_the_images_demographics(tmp_path):
 
     with pytest.raises(CxrflowError, match="heatmaps need a single model's run, not an ensemble"):
         check_heatmap_predictor(Ensemble())
+
+
+@pytest.mark.slow
+def test_an_evaluation_of_another_checkpoint_is_not_used_and_says_so(evaluated, tmp_path):
+    import torch
+
+    run, _, images = evaluated
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt = torch.load(copy / "best_finetune.pt", weights_only=True)
+    ckpt["model"]["head.bias"] += 1.0  # as if the run had been trained again after its evaluation
+    torch.save(ckpt, copy / "best_finetune.pt")
+    with pytest.warns(UserWarning, match="best_finetune.pt changed since this evaluation"):
+        model = cxrflow.load_model(copy)
+    table = model.predict(images)
+    assert table.attrs["scale"] == "raw" and table.attrs["thresholds"] is None and "call" not in table.columns.get_level_values(0)
+    with pytest.warns(UserWarning, match="does not use demographics"):
+        model.predict(images[0], demographics=(63, "F", "PA"))

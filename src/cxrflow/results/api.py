@@ -12,6 +12,7 @@ with :func:`cxrflow.data.store.read_manifest` and streams batches with
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,8 @@ class Model:
             raise CxrflowError(f"errors must be 'raise' or 'skip', got {errors!r}")
         if not paths:
             raise CxrflowError("give at least one image file")
+        if demographics is not None and not self.predictor.uses_demographics:
+            warnings.warn("this run does not use demographics; they are ignored", stacklevel=3)
         predictions, failed = predict_files(self.predictor, paths, batch_size=max(1, int(batch_size)),
                                             demographics=_demographics(paths, demographics))  # fmt: skip
         if failed and errors == "raise":
@@ -237,6 +240,7 @@ def load_model(
     made at the thresholds of the run's current evaluation of that checkpoint when there is one (``raw=True``: the raw sigmoid, thresholds on that scale); a run
     never evaluated gives raw probabilities and no calls. ``store``: the training store, only for
     old checkpoints without pixel statistics. ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+    An evaluation that belongs to another checkpoint than the run holds now is not used, with a warning.
     """
     source = Path(path)
     if source.is_file() and (source.parent / RUN_CONFIG).is_file():  # a run's own checkpoint: its evaluations apply
@@ -247,6 +251,8 @@ def load_model(
         predictor = load_predictor(source, checkpoint, device=device, store=store, raw=raw)
     else:
         raise CxrflowError("no such run folder or checkpoint file", source)
+    if getattr(predictor, "note", None):  # what cxrflow predict prints as a note: its evaluation was not used
+        warnings.warn(predictor.note, stacklevel=2)
     return Model(predictor)
 
 
