@@ -105,3 +105,24 @@ def test_a_new_model_is_one_entry(tiny, tmp_path):
 
     assert model_title(name) == "Tiny test CNN"
     assert model_title(name, "demographics") == "Tiny test CNN + demographics"
+
+
+def test_the_documented_entry_registers_a_working_model():
+    """docs/model-registry.md's example, run as written: the model builds, maps and has a title."""
+    import re
+    from pathlib import Path
+
+    from cxrflow.modelling.heatmaps import cam_layer
+    from cxrflow.results.report import model_title
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "model-registry.md"
+    (block,) = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.DOTALL)
+    try:
+        exec(compile(block, str(doc), "exec"), {})  # noqa: S102 (the documented code as written)
+        model = models.create_model("efficientnet_b0", 3).eval()
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+        assert isinstance(cam_layer(model), nn.Sequential) and model_title("efficientnet_b0") == "EfficientNet-B0"
+        assert models._weights_enum(model_entry("efficientnet_b0").imagenet_weights).url.endswith(".pth")
+    finally:
+        unregister_model("efficientnet_b0")
