@@ -1,26 +1,26 @@
 """The names the command line checks before torch is imported: models, models with activation
 checkpointing, fusion methods.
 
-The implementations live in :mod:`cxrflow.modelling.models` (the model registry) and
-:mod:`cxrflow.data.demographics` (the fusion); those import torch, which takes seconds, so the names
-a user types are also listed here, and a test keeps the two equal.
+Model names come from the model registry (:mod:`cxrflow.modelling.registry`, which imports no
+torch); fusion methods are listed here because :mod:`cxrflow.data.demographics` imports torch, and a
+test keeps the two equal.
 """
 
 from __future__ import annotations
 
 from cxrflow.errors import CxrflowError
+from cxrflow.modelling.registry import checkpointing_models, model_entry, model_names
 
-MODEL_NAMES: tuple[str, ...] = ("simple_cnn", "resnet50", "densenet121")
-CHECKPOINTING_MODELS: tuple[str, ...] = ("resnet50", "densenet121")
+#: The built-in models (for help texts; :func:`check_model` reads the registry as it is now).
+MODEL_NAMES: tuple[str, ...] = model_names()
+CHECKPOINTING_MODELS: tuple[str, ...] = checkpointing_models()
 #: Fusion methods ``--fusion`` accepts ("none": image only).
 FUSIONS: tuple[str, ...] = ("none", "demographics")
 
 
 def check_model(name: str) -> str:
     """``name`` if it is a registered model, else one CxrflowError listing the models."""
-    if name not in MODEL_NAMES:
-        raise CxrflowError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    return name
+    return model_entry(name).name
 
 
 def check_fusion(fusion: str) -> str:

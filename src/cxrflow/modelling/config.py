@@ -22,7 +22,7 @@ import yaml
 from cxrflow import options
 from cxrflow.data.uncertain import POLICIES, check_policy
 from cxrflow.errors import CxrflowError
-from cxrflow.modelling.catalog import CHECKPOINTING_MODELS, FUSIONS, MODEL_NAMES, check_fusion, check_model
+from cxrflow.modelling.catalog import CHECKPOINTING_MODELS, FUSIONS, MODEL_NAMES, check_fusion
 from cxrflow.options import DEVICE_CHOICES, check_device
 
 STAGE_CHOICES = ("kt", "finetune", "both")
@@ -116,10 +116,13 @@ class TrainConfig:
         option=True)
 
     def stages(self) -> list[Stage]:
-        """The stages this run trains, in order (``simple_cnn``: one all-trainable "finetune" stage)."""
+        """The stages this run trains, in order (a single-stage model, such as ``simple_cnn``, trains
+        one all-trainable "finetune" stage; see its registry entry)."""
+        from cxrflow.modelling.registry import model_entry
+
         kt = Stage("kt", "head", self.kt.epochs, self.kt.lr)
         ft = Stage("finetune", "all", self.finetune.epochs, self.finetune.lr)
-        if self.model == "simple_cnn":
+        if not model_entry(self.model).two_stage:
             return [ft]
         return {"kt": [kt], "finetune": [ft], "both": [kt, ft]}[self.stage]
 
@@ -136,13 +139,15 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise a CxrflowError naming the first invalid setting; returns self."""
+        from cxrflow.modelling.registry import checkpointing_models, model_entry
+
         if not self.store:
             raise CxrflowError("no store given (--store)")
         if not self.out:
             raise CxrflowError("no run folder given (--out)")
         if self.size <= 0:
             raise CxrflowError("no image size given (--size)")
-        check_model(self.model)
+        entry = model_entry(self.model)  # an unknown name is an error listing the registered ones
         try:
             check_device(self.device)
         except ValueError as exc:
@@ -155,13 +160,15 @@ class TrainConfig:
             if value not in choices:
                 raise CxrflowError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         check_fusion(self.fusion)
-        if self.grad_checkpointing and self.model not in CHECKPOINTING_MODELS:
+        if self.grad_checkpointing and entry.grad_checkpointing is None:
             raise CxrflowError(
-                f"--grad-checkpointing is available for {', '.join(CHECKPOINTING_MODELS)}, not {self.model}"
+                f"--grad-checkpointing is available for {', '.join(checkpointing_models())}, not {self.model}"
             )
-        if self.model == "simple_cnn" and self.stage == "kt":
-            raise CxrflowError("simple_cnn has no pretrained backbone, so no kt stage; use --stage finetune or both")
-        if self.model == "simple_cnn" and self.pretrained == "imagenet":
+        if self.fusion != "none" and not entry.demographics:
+            raise CxrflowError(f"{self.model} does not fuse demographics; use --fusion none")
+        if not entry.two_stage and self.stage == "kt":
+            raise CxrflowError(f"{self.model} trains in one stage, so no kt stage; use --stage finetune or both")
+        if entry.imagenet_weights is None and self.pretrained == "imagenet":
             self.pretrained = "none"  # it has no ImageNet weights; the preset's default does not apply
         for label, n in (("batch_size", self.batch_size), ("eval_batch_size", self.eval_batch_size)):
             if n < 1:

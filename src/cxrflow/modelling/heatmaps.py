@@ -1,7 +1,7 @@
 """Where a model looks: class-activation heatmaps per finding, and their place in the original image.
 
 Two methods, both computed by Captum on the layer each model's registry entry names
-(:data:`cxrflow.modelling.models.CAM_SPECS`), in float32 (autocast off, even for a model trained in bf16):
+(its :class:`~cxrflow.modelling.registry.ModelEntry`'s ``cam``), in float32 (autocast off, even for a model trained in bf16):
 
 - ``gradcam`` (Selvaraju et al. 2017): Captum's ``LayerGradCam``: the layer's channels weighted
   by their spatially averaged gradient of the finding's logit, summed, then ReLU. Faithful where
@@ -32,37 +32,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrflow.errors import CxrflowError
-
-METHODS = ("gradcam", "hirescam")
+from cxrflow.modelling.registry import CAM_METHODS as METHODS
 
 
 def cam_method(model: nn.Module, method: str | None = None) -> str:
     """The method to use: ``method`` when given (checked), else the model's registered default."""
-    from cxrflow.modelling.models import CAM_SPECS
-
     if method in (None, "", "auto"):
-        return CAM_SPECS[_name(model)].method
+        return _entry(model).cam.method
     if method not in METHODS:
         raise CxrflowError(f"unknown heatmap method {method!r}; choose one of {', '.join(METHODS)}")
     return method
 
 
-def _name(model: nn.Module) -> str:
+def _entry(model: nn.Module):
+    """The registry entry of ``model`` (a ChestClassifier, possibly wrapped)."""
     from cxrflow.modelling.inference import unwrap
-    from cxrflow.modelling.models import CAM_SPECS
+    from cxrflow.modelling.registry import model_entry, model_names
 
     name = getattr(unwrap(model), "name", None)
-    if name not in CAM_SPECS:
-        raise CxrflowError(f"model {name!r} names no class-activation layer; heatmaps need one of {', '.join(CAM_SPECS)}")
-    return name
+    if name not in model_names():
+        raise CxrflowError(f"model {name!r} names no class-activation layer; heatmaps need one of {', '.join(model_names())}")
+    return model_entry(name)
 
 
 def cam_layer(model: nn.Module) -> nn.Module:
     """The submodule whose activations the heatmaps use (from the model's registry entry)."""
     from cxrflow.modelling.inference import unwrap
-    from cxrflow.modelling.models import CAM_SPECS
 
-    return unwrap(model).get_submodule(CAM_SPECS[_name(model)].layer)
+    return unwrap(model).get_submodule(_entry(model).cam.layer)
 
 
 def class_activation_maps(

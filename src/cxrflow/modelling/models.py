@@ -1,11 +1,15 @@
 """Classifiers built by name, all with the same face: ``backbone`` -> pooled features -> ``head``.
 
+What a name builds, and what it can do, is its entry in :mod:`cxrflow.modelling.registry`; this
+module only assembles entries into :class:`ChestClassifier` and loads weights, so it never branches
+on a model's name.
+
 ``create_model("densenet121", 14, pretrained="imagenet")`` returns a :class:`ChestClassifier` whose
 ``backbone`` maps ``[N, 3, S, S]`` images to ``[N, F]`` pooled features and whose ``head`` is a new
 ``Linear(F, K)``. Training code freezes "the backbone" without knowing the architecture. Models
 return logits; the sigmoid belongs to the loss (``BCEWithLogitsLoss``) and to prediction.
 
-Any model can fuse demographics (``fusion="demographics"``): a small embedding of age, sex and view
+A model whose entry allows it fuses demographics (``fusion="demographics"``): a small embedding of age, sex and view
 (:mod:`cxrflow.data.demographics`) is concatenated with the pooled features before the head, so the
 head is ``Linear(F + E, K)``; every model is called ``model(x, demographics=None)`` and an
 image-only model ignores them. Freezing the backbone leaves head and fusion layers trainable.
@@ -19,18 +23,16 @@ import re
 import socket
 import urllib.error
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
-from torchvision import models as tvm
 
 from cxrflow.data.imaging import MAX_STORE_SIZE
 from cxrflow.data.demographics import DemographicsEmbedding, check_fusion
 from cxrflow.errors import CxrflowError
+from cxrflow.modelling.backbones import CheckpointedSequential, SimpleCNN  # noqa: F401 (their old home)
+from cxrflow.modelling.registry import CamSpec, ModelEntry, checkpointing_models, model_entry, model_names  # noqa: F401
 
 
 class ChestClassifier(nn.Module):
@@ -88,11 +90,12 @@ class ChestClassifier(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute backbone activations in the backward pass instead of keeping them (less memory)."""
-        if self.name not in _CHECKPOINTING:
+        switch = model_entry(self.name).grad_checkpointing
+        if switch is None:
             raise CxrflowError(
-                f"{self.name} has no activation checkpointing; it is available for {', '.join(_CHECKPOINTING)}"
+                f"{self.name} has no activation checkpointing; it is available for {', '.join(checkpointing_models())}"
             )
-        _CHECKPOINTING[self.name](self.backbone, enable)
+        switch(self.backbone, enable)
 
     def freeze_backbone(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) every backbone parameter and its BatchNorm statistics."""
@@ -114,149 +117,52 @@ class ChestClassifier(nn.Module):
         return self
 
 
-# --- architectures -------------------------------------------------------------------------------
+# --- the registry, seen from here ------------------------------------------------------------------
 
 
-class SimpleCNN(nn.Module):
-    """The paper's baseline feature extractor: two conv blocks, then a fixed 8x8 grid, flattened.
-
-    Adaptive pooling to a fixed grid keeps the layout information a flattening layer would keep,
-    at any input size.
-    """
-
-    grid = 8
-
-    def __init__(self, channels: tuple[int, int] = (16, 32)):
-        super().__init__()
-        c1, c2 = channels
-        self.features = nn.Sequential(
-            nn.Conv2d(3, c1, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(self.grid),
-            nn.Flatten(),
-        )
-        self.num_features = c2 * self.grid * self.grid
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+def __getattr__(name: str):
+    """``MODEL_NAMES``, ``CAM_SPECS`` and ``CHECKPOINTING_MODELS``: live views of the registry
+    (:mod:`cxrflow.modelling.registry`), so a model registered later is in them too."""
+    if name == "MODEL_NAMES":
+        return model_names()
+    if name == "CAM_SPECS":
+        return {n: model_entry(n).cam for n in model_names()}
+    if name == "CHECKPOINTING_MODELS":
+        return checkpointing_models()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _simple_cnn(pretrained: str, download: bool) -> tuple[nn.Module, int]:
-    if pretrained == "imagenet":
-        raise CxrflowError("simple_cnn has no ImageNet weights; use --pretrained none or a weights file")
-    net = SimpleCNN()
-    return net, net.num_features
-
-
-def _resnet50(pretrained: str, download: bool) -> tuple[nn.Module, int]:
-    weights = _imagenet_weights(tvm.ResNet50_Weights.IMAGENET1K_V2, download) if pretrained == "imagenet" else None
-    net = _build(tvm.resnet50, weights)
-    n = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, n
-
-
-def _densenet121(pretrained: str, download: bool) -> tuple[nn.Module, int]:
-    weights = _imagenet_weights(tvm.DenseNet121_Weights.IMAGENET1K_V1, download) if pretrained == "imagenet" else None
-    net = _build(tvm.densenet121, weights)
-    n = net.classifier.in_features
-    net.classifier = nn.Identity()
-    return net, n
-
-
-#: name -> builder(pretrained, download) returning (backbone producing [N, F], F).
-_BUILDERS: dict[str, Callable[[str, bool], tuple[nn.Module, int]]] = {
-    "simple_cnn": _simple_cnn,
-    "resnet50": _resnet50,
-    "densenet121": _densenet121,
-}
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
-
-
-@dataclass(frozen=True)
-class CamSpec:
-    """Where a model's class-activation maps are taken (a submodule path of ChestClassifier) and
-    the method that is faithful to its head: ``hirescam`` where the head weighs grid positions
-    separately (simple_cnn flattens an 8x8 grid), ``gradcam`` after global average pooling."""
-
-    layer: str
-    method: str
-
-
-#: name -> class-activation layer and default method (see :mod:`cxrflow.modelling.heatmaps`).
-CAM_SPECS: dict[str, CamSpec] = {
-    "simple_cnn": CamSpec("backbone.features.6", "hirescam"),  # second conv block's ReLU
-    "resnet50": CamSpec("backbone.layer4", "gradcam"),  # last residual stage
-    "densenet121": CamSpec("backbone.features.norm5", "gradcam"),  # last dense block, normalised
-}
-
-
-# --- activation checkpointing --------------------------------------------------------------------
-
-
-class CheckpointedSequential(nn.Sequential):
-    """An ``nn.Sequential`` that, while gradients are wanted, recomputes each block's activations in
-    the backward pass (``torch.utils.checkpoint``) instead of storing them. Same children, same
-    state-dict keys as the ``nn.Sequential`` it replaces."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return super().forward(x)
-        for block in self:
-            if x.requires_grad or any(p.requires_grad for p in block.parameters()):
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
-
-
-def _resnet_checkpointing(net: nn.Module, enable: bool) -> None:
-    """Checkpoint every bottleneck block of layer1..layer4."""
-    kind = CheckpointedSequential if enable else nn.Sequential
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        setattr(net, name, kind(*getattr(net, name)))
-
-
-def _densenet_checkpointing(net: nn.Module, enable: bool) -> None:
-    """torchvision's own memory-efficient DenseNet: each dense layer recomputes its concatenation
-    and bottleneck (the part whose memory grows quadratically with depth)."""
-    for module in net.modules():
-        if isinstance(module, tvm.densenet._DenseLayer):
-            module.memory_efficient = enable
-
-
-#: name -> switch(backbone, enable) for the models that support activation checkpointing.
-_CHECKPOINTING: dict[str, Callable[[nn.Module, bool], None]] = {
-    "resnet50": _resnet_checkpointing,
-    "densenet121": _densenet_checkpointing,
-}
-CHECKPOINTING_MODELS: tuple[str, ...] = tuple(_CHECKPOINTING)
 #: Names of the original torchvision classifier, dropped when a torchvision state dict is loaded.
 _TORCHVISION_HEADS = ("fc.", "classifier.")
 
 
-def _build(factory: Callable[..., nn.Module], weights) -> nn.Module:
-    """A torchvision network, with ``weights``' ImageNet file (already cached) loaded safely."""
-    net = factory(weights=None)
+def _weights_enum(spec: str):
+    """The torchvision weights enum member an entry names (``"DenseNet121_Weights.IMAGENET1K_V1"``)."""
+    from torchvision import models as tvm
+
+    kind, _, member = spec.partition(".")
+    weights = getattr(getattr(tvm, kind, None), member, None)
     if weights is None:
-        return net
-    state = load_cached_weights(_weights_cache_file(weights))
-    state = {_old_densenet_key(k): v for k, v in state.items()}
+        raise CxrflowError(f"this torchvision has no weights {spec}; update torchvision or the model's registry entry")
+    return weights
+
+
+def _load_imagenet(backbone: nn.Module, entry: ModelEntry, weights) -> None:
+    """Load ``weights``' cached ImageNet file into a freshly built backbone (its classifier dropped)."""
+    file = _weights_cache_file(weights)
+    state = load_cached_weights(file)
+    expected = backbone.state_dict()
+    fix = entry.legacy_key or (lambda key: key)
+    state = {fix(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k in expected or not k.startswith(_TORCHVISION_HEADS)}
     try:
-        net.load_state_dict(state)
+        backbone.load_state_dict(state)
     except RuntimeError as exc:
         raise CxrflowError(
-            f"cached ImageNet weights do not fit {factory.__name__}: {_mismatch(net.state_dict(), state)}; delete the "
+            f"cached ImageNet weights do not fit {entry.name}: {_mismatch(expected, state)}; delete the "
             f"file and place a fresh copy of {weights.url} there",
-            _weights_cache_file(weights),
+            file,
         ) from exc
-    return net
 
 
 #: torchvision's weight files are named ``<name>-<first hex digits of their sha256>.pth``.
@@ -291,12 +197,6 @@ def load_cached_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CxrflowError("weights file does not hold a state dict (name -> tensor)", file)
     return state
-
-
-def _old_densenet_key(key: str) -> str:
-    """torchvision's DenseNet files use ``norm.1``-style names of before PyTorch 0.4."""
-    m = _DENSENET_OLD_KEY.match(key)
-    return m.group(1) + m.group(2) if m else key
 
 
 def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
@@ -351,23 +251,18 @@ def _imagenet_weights(weights, download: bool):
 
 # --- loading weights from files -------------------------------------------------------------------
 
-_DENSENET_OLD_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
-)
-
-
 def _normalise_keys(state: dict[str, torch.Tensor], name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map a saved state dict onto ChestClassifier's keys; returns it and the dropped head keys."""
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
+    fix = model_entry(name).legacy_key
     ours = any(k.startswith(("backbone.", "head.")) for k in state)
     for key, value in state.items():
         if key.startswith("module."):
             key = key[len("module.") :]
-        if name == "densenet121":
-            m = _DENSENET_OLD_KEY.match(key.removeprefix("backbone."))
-            if m:
-                key = ("backbone." if key.startswith("backbone.") else "") + m.group(1) + m.group(2)
+        if fix is not None:
+            inner = fix(key.removeprefix("backbone."))
+            key = ("backbone." if key.startswith("backbone.") else "") + inner
         if not ours:
             if key.startswith(_TORCHVISION_HEADS):
                 dropped.append(key)
@@ -437,16 +332,24 @@ def create_model(
     ``$TORCH_HOME`` cache, downloaded only when ``download`` and the network allow) or a path to a
     state dict (torchvision-style, a ChestClassifier's, or a cxrflow checkpoint).
     ``fusion``: ``"none"`` or ``"demographics"`` (see :mod:`cxrflow.data.demographics`).
-    ``grad_checkpointing``: activation checkpointing (models in :data:`CHECKPOINTING_MODELS`).
+    ``grad_checkpointing``: activation checkpointing (entries with a ``grad_checkpointing`` switch).
     """
     check_fusion(fusion)
-    if name not in _BUILDERS:
-        raise CxrflowError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    entry = model_entry(name)
     if num_classes < 1:
         raise CxrflowError(f"a model needs at least one output, got num_classes={num_classes}")
+    if fusion != "none" and not entry.demographics:
+        raise CxrflowError(f"{name} does not fuse demographics; use --fusion none")
     pretrained = str(pretrained)
     kind = pretrained if pretrained in ("none", "imagenet") else "file"
-    backbone, num_features = _BUILDERS[name](kind, download)
+    weights = None
+    if kind == "imagenet":
+        if entry.imagenet_weights is None:
+            raise CxrflowError(f"{name} has no ImageNet weights; use --pretrained none or a weights file")
+        weights = _imagenet_weights(_weights_enum(entry.imagenet_weights), download)
+    backbone, num_features = entry.build()
+    if weights is not None:
+        _load_imagenet(backbone, entry, weights)
     model = ChestClassifier(
         name, backbone, num_features, num_classes, DemographicsEmbedding() if fusion == "demographics" else None
     )
@@ -484,8 +387,8 @@ def _check_checkpoint(ckpt: dict, file: Path) -> None:
     config, names, state = ckpt["config"], ckpt["label_names"], ckpt["model"]
     if not isinstance(config, dict):
         raise CxrflowError(f"checkpoint field 'config' must be a mapping, got {type(config).__name__}", file)
-    if config.get("model") not in MODEL_NAMES:
-        raise CxrflowError(f"checkpoint field 'config.model' must be one of {', '.join(MODEL_NAMES)}, got {config.get('model')!r}", file)
+    if config.get("model") not in model_names():
+        raise CxrflowError(f"checkpoint field 'config.model' must be one of {', '.join(model_names())}, got {config.get('model')!r}", file)
     size = config.get("size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_STORE_SIZE):
         raise CxrflowError(f"checkpoint field 'config.size' must be a positive integer of at most {MAX_STORE_SIZE} (the largest size a store holds), got {size!r}", file)

@@ -38,7 +38,7 @@ from cxrflow.results.study import (
     read_json,
     split_name,
 )
-from cxrflow.results.table import MODEL_TITLES, STAGE_TITLES
+from cxrflow.results.table import STAGE_TITLES, model_title
 
 HTML_NAME = "report.html"
 
@@ -144,7 +144,7 @@ def table_sections(evaluations: list[dict], stores: dict[str, dict]) -> list[dic
                     **r,
                     "anchor": evaluation_anchor(ev),
                     "title": evaluation_title(ev),
-                    "model_title": "ensemble" if ev["ensemble"] else MODEL_TITLES.get(r["model"], r["model"]),
+                    "model_title": "ensemble" if ev["ensemble"] else model_title(r["model"]),
                     "stage_title": m.get("method", "") if ev["ensemble"] else STAGE_TITLES.get(r["stage"], r["stage"]),
                     "split_name": split_name(stores.get(str(m.get("store") or ""))),
                     "ece_before": before,

@@ -106,6 +106,59 @@ def flagged_findings(prediction: dict) -> list[str]:
     return [n for n, p in prediction["probabilities"].items() if p >= DEFAULT_FLAG_PROBABILITY]
 
 
+def check_heatmap_predictor(predictor) -> None:
+    """Heatmaps come from one model's class-activation layer: an ensemble has no single one."""
+    from cxrflow.errors import CxrflowError
+
+    if getattr(predictor, "model", None) is None:
+        raise CxrflowError(f"heatmaps need a single model's run, not an ensemble ({predictor.checkpoint})")
+
+
+def prediction_heatmaps(predictor, prediction: dict, findings: Sequence[str], method: str) -> np.ndarray:
+    """Heatmaps ``float32[len(findings), S, S]`` in [0, 1] of ``findings`` on one ``predict`` result's
+    image (the run's preprocessing, its class-activation layer; a fused run gets the image's demographics)."""
+    import torch
+
+    from cxrflow.data.demographics import FIELDS, encode
+    from cxrflow.data.imaging import preprocess
+    from cxrflow.modelling.heatmaps import heatmaps
+
+    image = preprocess(prediction["image"], [predictor.size])[predictor.size]
+    demo = None
+    if predictor.uses_demographics and "demographics" in prediction:
+        known = tuple(prediction["demographics"][f] for f in FIELDS)
+        demo = torch.from_numpy(encode([known] * len(findings)))
+    return heatmaps(
+        predictor.model, np.repeat(image[None], len(findings), axis=0), [predictor.label_names.index(n) for n in findings],
+        method=method, pixel_mean=predictor.mean, pixel_std=predictor.std, device=predictor.device, demographics=demo,
+    )  # fmt: skip
+
+
+def original_gray(path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The original image in 8-bit gray, and a copy reduced to :data:`OVERLAY_MAX_SIDE` to draw when
+    it is larger (None otherwise)."""
+    from PIL import Image
+
+    from cxrflow.data.imaging import load_gray
+
+    gray, _ = load_gray(path)
+    if max(gray.shape) <= OVERLAY_MAX_SIDE:
+        return gray, None
+    scale = OVERLAY_MAX_SIDE / max(gray.shape)
+    shown = Image.fromarray(gray).resize((max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale))))
+    return gray, np.asarray(shown)
+
+
+def prediction_overlay(prediction: dict, finding: str, heat: np.ndarray, method: str, original=None):
+    """The overlay figure of one finding's heatmap on a ``predict`` result's original image
+    (``original``: :func:`original_gray`'s result, when the caller already has it)."""
+    from pathlib import Path
+
+    gray, shown = original if original is not None else original_gray(prediction["image"])
+    return plot_overlay(gray, heat, finding=finding, probability=prediction["probabilities"][finding], method=method,
+                        source=Path(prediction["image"]).name, display=shown)  # fmt: skip
+
+
 def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, method: str | None = None) -> str:
     """One overlay PNG per image and flagged finding in ``out_dir`` (``<image stem>-<finding>.png``);
     adds ``"heatmaps": {finding: path}`` to each prediction. Returns the method used."""
@@ -115,6 +168,7 @@ def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, me
     from cxrflow.outputs import OutputLock
     from cxrflow.modelling.heatmaps import cam_method
 
+    check_heatmap_predictor(predictor)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CxrflowError("exists and is not a folder; choose another --heatmaps folder", out_dir)
@@ -130,13 +184,9 @@ def _write_overlays(predictor, predictions: list[dict], out_dir, method: str) ->
     import os
     from pathlib import Path
 
-    from PIL import Image
-
     from cxrflow.atomic import save_figure_atomic
     from cxrflow.errors import CxrflowError
     from cxrflow.outputs import read_marker, write_marker
-    from cxrflow.modelling.heatmaps import heatmaps
-    from cxrflow.data.imaging import load_gray, preprocess
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,25 +203,15 @@ def _write_overlays(predictor, predictions: list[dict], out_dir, method: str) ->
     taken = next((t for paths in targets for t in paths if os.path.lexists(t) and t.name not in ours), None)
     if taken is not None:
         raise CxrflowError("exists and is not a heatmap cxrflow predict wrote; refusing to replace it, choose another --heatmaps folder", taken)
-    for i, (prediction, stem) in enumerate(zip(predictions, stems)):
+    for i, prediction in enumerate(predictions):
         names = flagged_findings(prediction)
         prediction["heatmaps"] = {}
         if not names:
             continue
-        image = preprocess(prediction["image"], [predictor.size])[predictor.size]
-        maps = heatmaps(
-            predictor.model, np.repeat(image[None], len(names), axis=0), [predictor.label_names.index(n) for n in names],
-            method=method, pixel_mean=predictor.mean, pixel_std=predictor.std, device=predictor.device,
-        )  # fmt: skip
-        gray, _ = load_gray(prediction["image"])
-        if max(gray.shape) > OVERLAY_MAX_SIDE:
-            scale = OVERLAY_MAX_SIDE / max(gray.shape)
-            shown = Image.fromarray(gray).resize((max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale))))
-        else:
-            shown = None
+        maps = prediction_heatmaps(predictor, prediction, names, method)
+        original = original_gray(prediction["image"])
         for name, heat, path in zip(names, maps, targets[i]):
-            fig = plot_overlay(gray, heat, finding=name, probability=prediction["probabilities"][name], method=method,
-                               source=Path(prediction["image"]).name, display=None if shown is None else np.asarray(shown))  # fmt: skip
+            fig = prediction_overlay(prediction, name, heat, method, original)
             ours.add(path.name)
             write_marker(out_dir, "predict", files=sorted(ours))  # before the file: a kill leaves it listed as ours
             save_figure_atomic(fig, path, dpi=100)

@@ -16,7 +16,7 @@ from typing import Any
 from cxrflow.errors import CxrflowError
 from cxrflow.identity import file_sha256
 from cxrflow.results.embed import figure_uri
-from cxrflow.results.table import MODEL_TITLES, STAGE_TITLES, build_rows
+from cxrflow.results.table import STAGE_TITLES, build_rows, model_title
 
 #: How each store split mode is named in the page.
 SPLIT_MODES = {
@@ -145,4 +145,4 @@ def evaluation_title(ev: dict) -> str:
     if ev["ensemble"]:
         return f"{ev['folder'].name}: ensemble ({m.get('method', '?')}) of {len(m.get('members', []))} evaluations"
     stage = STAGE_TITLES.get(r["stage"], r["stage"])
-    return f"{r['run']}: {MODEL_TITLES.get(r['model'], r['model'])} {r['size']} px, {stage}"
+    return f"{r['run']}: {model_title(r['model'])} {r['size']} px, {stage}"

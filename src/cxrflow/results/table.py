@@ -25,7 +25,7 @@ from cxrflow.errors import CxrflowError
 from cxrflow.runs import METRICS_NAME, check_metrics, evaluation_status
 
 #: The paper's published mean test AUCs (Table 1), by (model, input size, stage).
-#: Its simple CNN is a single-stage model; it is matched at any input size.
+#: A size of None matches any input size (the paper's simple CNN, a single-stage model).
 PAPER_MEAN_AUC: dict[tuple[str, int | None, str], float] = {
     ("simple_cnn", None, "finetune"): 0.6329,
     ("resnet50", 256, "kt"): 0.6663,
@@ -37,7 +37,6 @@ PAPER_MEAN_AUC: dict[tuple[str, int | None, str], float] = {
     ("densenet121", 512, "kt"): 0.6977,
     ("densenet121", 512, "finetune"): 0.6978,
 }
-MODEL_TITLES = {"simple_cnn": "Simple CNN", "resnet50": "ResNet-50", "densenet121": "DenseNet-121"}
 STAGE_TITLES = {"kt": "KT", "finetune": "fine-tuned"}
 #: How a fusion is named after the model's title ("none": image only, nothing added).
 FUSION_TITLES = {"demographics": " + demographics"}
@@ -48,14 +47,17 @@ COMPARISON_PNG = "comparison.png"
 
 def paper_mean_auc(model: str, size: int | None, stage: str) -> float | None:
     """The paper's mean AUC for this configuration, or None when the paper has no such run."""
-    if model == "simple_cnn":
-        return PAPER_MEAN_AUC.get(("simple_cnn", None, stage))
+    if (model, None, stage) in PAPER_MEAN_AUC:
+        return PAPER_MEAN_AUC[(model, None, stage)]
     return PAPER_MEAN_AUC.get((model, None if size is None else int(size), stage))
 
 
 def model_title(model: str, fusion: str = "none") -> str:
-    """``DenseNet-121``, or ``DenseNet-121 + demographics`` for a fused run."""
-    return MODEL_TITLES.get(model, model) + FUSION_TITLES.get(fusion, "" if fusion == "none" else f" + {fusion}")
+    """``DenseNet-121`` (the title in the model's registry entry), or ``DenseNet-121 + demographics``
+    for a fused run."""
+    from cxrflow.modelling.registry import model_title as registered_title
+
+    return registered_title(model) + FUSION_TITLES.get(fusion, "" if fusion == "none" else f" + {fusion}")
 
 
 def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") -> list[Path]:
@@ -237,11 +239,12 @@ def format_markdown(rows: Sequence[dict]) -> str:
     for n in findings:
         lines.append(f"| {n} | " + " | ".join(_fmt(r["auc"].get(n), 3) or "n/a" for r in rows) + " |")
     lines += ["", "## The paper's published mean AUCs", "", "| Model | Size (px) | KT | Fine-tuned |", "|---|---:|---:|---:|"]
-    lines.append(f"| Simple CNN | — | — | {PAPER_MEAN_AUC[('simple_cnn', None, 'finetune')]:.4f} |")
-    for model in ("resnet50", "densenet121"):
-        for size in (256, 512):
-            lines.append(
-                f"| {MODEL_TITLES[model]} | {size} | {PAPER_MEAN_AUC[(model, size, 'kt')]:.4f} | "
-                f"{PAPER_MEAN_AUC[(model, size, 'finetune')]:.4f} |"
-            )
+    published: dict[tuple[str, int | None], dict[str, float]] = {}
+    for (model, size, stage), auc in PAPER_MEAN_AUC.items():
+        published.setdefault((model, size), {})[stage] = auc
+    for (model, size), aucs in published.items():
+        lines.append(
+            f"| {model_title(model)} | {'—' if size is None else size} | {_fmt(aucs.get('kt')) or '—'} | "
+            f"{_fmt(aucs.get('finetune')) or '—'} |"
+        )
     return "\n".join(lines) + "\n"
