@@ -62,11 +62,11 @@ def test_built_in_entries_are_complete():
 def test_a_new_model_is_one_entry(tiny, tmp_path):
     """Builds, passes the config's checks, trains one step, rebuilds from its checkpoint, gets heatmaps
     and a title: nothing but the entry names the model."""
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthstore import write_synthetic_store
     from cxrflow.modelling.config import StageSettings, TrainConfig
     from cxrflow.modelling.heatmaps import cam_layer, cam_method, heatmaps
     from cxrflow.modelling.train import train
-    from cxrflow.results.report import model_title
+    from cxrflow.results.table import model_title
 
     name = tiny.name
     assert name in models.MODEL_NAMES and name in models.CAM_SPECS and name not in models.CHECKPOINTING_MODELS
@@ -113,7 +113,7 @@ def test_the_documented_entry_registers_a_working_model():
     from pathlib import Path
 
     from cxrflow.modelling.heatmaps import cam_layer
-    from cxrflow.results.report import model_title
+    from cxrflow.results.table import model_title
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "model-registry.md"
     (block,) = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.DOTALL)

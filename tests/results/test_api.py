@@ -30,8 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def evaluated(tmp_path_factory):
     """A simple_cnn run trained at 32 px on a store that also holds 64 px, evaluated (calibrated,
     thresholds), and two of its test images as a PNG and a 16-bit DICOM file."""
-    from cxrflow.data.synthformats import write_dicom
-    from cxrflow.data.synthstore import write_synthetic_store
+    from cxrflow.testing.synthformats import write_dicom
+    from cxrflow.testing.synthstore import write_synthetic_store
     from cxrflow.results.evaluate import evaluate_run
 
     tmp = tmp_path_factory.mktemp("api")
