@@ -100,7 +100,10 @@ def logged_commands(run: Path) -> list[str]:
     return [line[2:] for line in lines if line.startswith("$ cxrflow ")]
 
 
-def reproduce_section(evaluations: list[dict], runs: list[dict], stores: dict[str, dict], report_args: list[str]) -> dict[str, Any]:
+def reproduce_section(
+    evaluations: list[dict], runs: list[dict], stores: dict[str, dict], report_args: list[str]
+) -> dict[str, Any]:
+    """Section 5: versions, the report command, stores, each run's config and commands, the rerun script."""
     versions = sorted({str(ev["metrics"].get("cxrflow_version")) for ev in evaluations if ev["metrics"].get("cxrflow_version")})
     recorded_commits = sorted({str(s["config"]["git_commit"]) for s in runs if s["config"] and s["config"].get("git_commit")})
     return {
@@ -109,10 +112,27 @@ def reproduce_section(evaluations: list[dict], runs: list[dict], stores: dict[st
         "git_commit": git_commit(),
         "recorded_commits": recorded_commits,
         "command": "cxrflow report " + " ".join(shlex.quote(a) for a in report_args),
-        "stores": [{"path": s["path"], "recorded": s["recorded"], "sha256": s.get("sha256"), "problem": s.get("problem")} for s in stores.values()],
-        "runs": [{"name": s["name"], "path": s["path"], "config": None if not s["config"] else json.dumps(s["config"], indent=2),
-                  "commands": [] if s["ensemble"] else logged_commands(Path(s["path"]))} for s in runs],  # fmt: skip
-        "evaluations": [{"title": evaluation_title(ev), "folder": str(ev["folder"]), "sha": ev["metrics"].get("checkpoint_sha256"),
-                         "created": ev["metrics"].get("created")} for ev in evaluations],  # fmt: skip
+        "stores": [
+            {"path": s["path"], "recorded": s["recorded"], "sha256": s.get("sha256"), "problem": s.get("problem")}
+            for s in stores.values()
+        ],
+        "runs": [
+            {
+                "name": s["name"],
+                "path": s["path"],
+                "config": None if not s["config"] else json.dumps(s["config"], indent=2),
+                "commands": [] if s["ensemble"] else logged_commands(Path(s["path"])),
+            }
+            for s in runs
+        ],
+        "evaluations": [
+            {
+                "title": evaluation_title(ev),
+                "folder": str(ev["folder"]),
+                "sha": ev["metrics"].get("checkpoint_sha256"),
+                "created": ev["metrics"].get("created"),
+            }
+            for ev in evaluations
+        ],
         "script": rerun_script(evaluations, runs, stores, report_args),
     }
