@@ -277,9 +277,8 @@ def test_an_unevaluated_run_says_why_no_finding_is_called(run_and_images, capsys
 def test_calls_are_printed_with_the_thresholds_that_made_them():
     from cxrflow.commands.predict import format_calls
 
-    predictions = [{"image": "a.png", "probabilities": {"Edema": 0.7, "Mass": 0.2}}]
-    lines = format_calls(predictions, ["Edema", "Mass"], {"Edema": 0.41, "Mass": 0.3}).splitlines()
-    assert lines[0].split() == ["image", "Edema", "Mass", "called", "(probability", ">=", "threshold)"]
-    assert lines[1].split() == ["threshold", "0.410", "0.300"]
-    assert lines[2].split("  ")[-1] == "Edema 0.700 >= 0.410"
-    assert lines[1].index("0.410") == lines[2].index("0.700")
+    predictions = [{"image": "a.png", "probabilities": {"Edema": 0.7, "Mass": 0.2, "Hernia": 0.9}}]
+    header, row = format_calls(predictions, ["Edema", "Mass", "Hernia"], {"Edema": 0.41, "Mass": 0.3}).splitlines()
+    assert header.split()[:4] == ["image", "Edema>=0.410", "Mass>=0.300", "Hernia"]  # Hernia: no threshold, never called
+    assert row.split()[:4] == ["a.png", "0.700", "0.200", "0.900"] and row.endswith("  Edema")
+    assert header.index("Edema>=0.410") + len("Edema>=0.410") == row.index("0.700") + len("0.700")

@@ -1,6 +1,9 @@
-"""What several commands share: the device check of the commands that answer it in ``run``."""
+"""What several commands share: checks they make in ``run`` before importing their stage."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterable
 
 from cxrflow import options
 from cxrflow.errors import CxrflowError
@@ -12,3 +15,11 @@ def checked_device(text: str) -> str:
         return options.check_device(text)
     except ValueError as exc:
         raise CxrflowError(str(exc)) from None
+
+
+def must_exist(paths: Iterable[str | os.PathLike | None], message: str) -> None:
+    """The first of ``paths`` that does not exist as one error line (``message``), before the stage
+    that would say the same is imported with its heavy libraries. None is skipped (not given)."""
+    for path in paths:
+        if path is not None and not os.path.lexists(path):
+            raise CxrflowError(message, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cxrflow import options
+from cxrflow.commands.common import must_exist
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_ensemble, read_record, request_from_args
 
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    must_exist(args.members, "no such run or evaluation folder")
     from cxrflow.modelling.ensemble import build_ensemble
     from cxrflow.modelling.scoring import format_summary
     from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cxrflow import options
-from cxrflow.commands.common import checked_device
+from cxrflow.commands.common import checked_device, must_exist
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_evaluation, request_from_args
 
@@ -29,11 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    checked_device(args.device)
+    must_exist([args.run], "no such run folder")
     from cxrflow.modelling.scoring import format_summary
     from cxrflow.results.evaluate import evaluate_run
     from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME
 
-    checked_device(args.device)
     tracking = request_from_args(args)
     metrics = evaluate_run(
         args.run,

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from cxrflow.commands.common import must_exist
 from cxrflow.data.formats import add_format_arguments
 
 
@@ -19,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    must_exist([args.data], "not a folder (expected a chest X-ray collection folder)")
     from cxrflow.data.explore import FIGURES, STATS_NAME, SUMMARY_NAME, _age_text, explore
     from cxrflow.data.formats import load_collection
     from cxrflow.data.labels import NIH14

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from cxrflow import options
-from cxrflow.commands.common import checked_device
+from cxrflow.commands.common import checked_device, must_exist
 from cxrflow.data.boxes import MAX_BOXES
 
 
@@ -25,11 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    checked_device(args.device)
+    must_exist([args.run], "no such run folder")
     import pandas as pd
 
     from cxrflow.results.localize import BOXES_CSV, JSON_NAME, format_table, localize_run
 
-    checked_device(args.device)
     result = localize_run(
         args.run, checkpoint=args.checkpoint, split=args.split, method=args.method, out=args.out, bbox=args.bbox,
         store=args.store, device=args.device, batch_size=args.batch_size, max_boxes=args.max_boxes,

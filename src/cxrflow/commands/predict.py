@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from cxrflow import options
-from cxrflow.commands.common import checked_device
+from cxrflow.commands.common import checked_device, must_exist
 from cxrflow.errors import CxrflowError
 
 if TYPE_CHECKING:
@@ -72,12 +72,13 @@ def demographics_from_args(args: argparse.Namespace) -> tuple[list[str], dict[st
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrflow.atomic import json_safe
-    from cxrflow.results.predict import load_predictor, predict_files
-
     if args.run is None and args.checkpoint is None:
         raise CxrflowError("give --run RUN (or --checkpoint FILE.pt)")
     checked_device(args.device)
+    must_exist([args.run], "no such run folder")
+    from cxrflow.atomic import json_safe
+    from cxrflow.results.predict import load_predictor, predict_files
+
     images, demographics = demographics_from_args(args)
     predictor = load_predictor(args.run, args.checkpoint, device=args.device, store=args.store, raw=args.raw)
     if demographics is not None and not predictor.uses_demographics:
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_calls(predictions, predictor.label_names, predictor.thresholds))
         if heatmap_method:
             print(f"wrote {sum(len(p['heatmaps']) for p in predictions)} {heatmap_method} heatmaps to {args.heatmaps}")
-        if predictor.thresholds is None:
+        if predictor.thresholds is None and not getattr(predictor, "note", None):  # a note says why itself
             print(f"note: {no_thresholds(args, predictor)}", file=sys.stderr)
     if getattr(predictor, "note", None):  # an ensemble checks its members when it loads
         print(f"note: {predictor.note}", file=sys.stderr)
@@ -120,26 +121,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_calls(predictions: Sequence[dict], label_names: Sequence[str], thresholds: dict[str, float] | None) -> str:
-    """One line per image: the file and one probability per finding (header: the finding names). With
-    thresholds (an evaluated run), a ``threshold`` line under the header and, per image, the findings
-    called with the probability and the threshold that called them."""
+    """One line per image: the file and one probability per finding. With thresholds (an evaluated
+    run) each finding's heading carries the threshold that calls it (``Edema>=0.412``) and each line
+    ends with the findings called; without, the headings are the finding names alone."""
     if not predictions:
         return ""
-    width = max(len("threshold"), *(len(r["image"]) for r in predictions))
-    cols = [max(len(n), 5) for n in label_names]
-    header = f"{'image':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(label_names, cols))
-    if thresholds is None:
-        lines = [header]
-    else:
-        shown = [f"{thresholds[n]:>{w}.3f}" if n in thresholds else f"{'n/a':>{w}}" for n, w in zip(label_names, cols)]
-        lines = [header + "  called (probability >= threshold)", f"{'threshold':<{width}}  " + "  ".join(shown)]
+    names = [n if thresholds is None or n not in thresholds else f"{n}>={thresholds[n]:.3f}" for n in label_names]
+    width = max(len("image"), *(len(r["image"]) for r in predictions))
+    cols = [max(len(n), 5) for n in names]
+    header = f"{'image':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, cols))
+    lines = [header + ("" if thresholds is None else "  positive at the validation threshold")]
     for r in predictions:
         p = r["probabilities"]
         line = f"{r['image']:<{width}}  " + "  ".join(f"{p[n]:>{w}.3f}" for n, w in zip(label_names, cols))
         if thresholds is not None:
-            calls = [f"{n} {p[n]:.3f} >= {thresholds[n]:.3f}" for n in label_names
-                     if n in thresholds and p[n] >= thresholds[n]]
-            line += "  " + (", ".join(calls) or "none")
+            line += "  " + (", ".join(n for n in label_names if n in thresholds and p[n] >= thresholds[n]) or "none")
         lines.append(line)
     return "\n".join(lines)
 
@@ -148,8 +144,6 @@ def no_thresholds(args: argparse.Namespace, predictor: Any) -> str:
     """Why no finding is called: the thresholds come from an evaluation of this checkpoint, and there is none to use."""
     if args.run is None:
         why = "a checkpoint file alone has no evaluation; give its run folder with --run"
-    elif getattr(predictor, "note", None):
-        why = "its evaluation cannot be used (see the next note)"
     else:
         checkpoint = Path(predictor.checkpoint).stem
         why = (f"{args.run} has no evaluation of {checkpoint}; 'cxrflow evaluate --run {args.run} --checkpoint "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cxrflow.commands.common import must_exist
 from cxrflow.errors import CxrflowError
 
 
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    must_exist(args.runs, "no such run or evaluation folder")
     from cxrflow.results.report import write_report
 
     if args.cases < 0:

@@ -16,10 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrflow.data.store import format_manifest, read_manifest, verify_store
+    from cxrflow.data.manifest import read_manifest
     from cxrflow.outputs import leftovers, read_marker
 
     manifest = read_manifest(args.store)
+    from cxrflow.data.store import format_manifest, verify_store  # pyarrow: after the store is found
+
     print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest))
     for folder in leftovers(args.store):
         fate = (f"the next 'cxrflow etl --out {args.store}' removes it" if read_marker(folder, "etl") is not None

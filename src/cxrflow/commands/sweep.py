@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cxrflow import options
+from cxrflow.commands.common import must_exist
 from cxrflow.commands.train import add_spark_arguments, launch_from_args
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import default_uri, request_from_args
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    must_exist([args.config], "no such config file")
     from cxrflow.sweep import load_sweep, run_dir, run_sweep
 
     launch = launch_from_args(args)

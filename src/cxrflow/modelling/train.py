@@ -248,7 +248,7 @@ class _Run:
     quiet: bool
     step_hook: StepHook | None
     epoch_hook: Callable[[list[dict]], None] | None
-    plan: "_Plan | None" = None
+    plan: _Plan | None = None
     model: Any = None
     criterion: Any = None
     history: list[dict] = field(default_factory=list)
