@@ -153,3 +153,69 @@ def test_export_refuses_what_it_must_not_do(exported, tmp_path, capsys):
     (mine / "notes.txt").write_text("the user's")
     assert main(["export", "--run", run, "--format", "mlflow", "--out", str(mine)]) == 2
     assert (mine / "notes.txt").read_text() == "the user's" and "Traceback" not in capsys.readouterr().err
+
+
+def _serve(folder, port):
+    """``mlflow models serve`` on a loopback port, in its own process group (stopped by the caller)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder), "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_model_answers_good_requests_and_refuses_bad_ones_with_json(exported):
+    import os
+    import signal
+    import time
+
+    import requests
+
+    port = _free_port()
+    server = _serve(exported["tmp"] / "model", port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the server did not answer /ping within 120 s"
+            time.sleep(0.5)
+        good = {"dataframe_records": [{"image": image} for image in _encoded(exported["files"][:2])]}
+        answer = requests.post(f"{url}/invocations", json=good, timeout=60)
+        assert answer.status_code == 200
+        rows = answer.json()["predictions"]
+        model_out = np.array([[r[f"prob_{n}"] for n in load_predictor(exported["run"]).label_names] for r in rows])
+        calibrated = exported["evaluation"].loc[exported["ids"][:2]].filter(like="calprob_").to_numpy(float)
+        np.testing.assert_allclose(model_out, calibrated, atol=1e-5)
+        truncated = base64.b64encode(exported["files"][0].read_bytes()[:50]).decode()
+        bad = {"not a recognised image": {"dataframe_records": [{"image": "bm90IGFuIGltYWdl"}]},
+               "truncated": {"dataframe_records": [{"image": truncated}]},
+               "missing inputs ['image']": {"dataframe_records": [{"img": good["dataframe_records"][0]["image"]}]}}  # fmt: skip
+        for named, body in bad.items():
+            refused = requests.post(f"{url}/invocations", json=body, timeout=60)
+            assert 400 <= refused.status_code < 500 and named in refused.json()["message"], (named, refused.text[:300])
+            again = requests.post(f"{url}/invocations", json=good, timeout=60)
+            assert again.status_code == 200 and again.json()["predictions"] == rows
+        mixed = {"dataframe_records": [good["dataframe_records"][0], {"image": "bm90IGFuIGltYWdl"}]}
+        rows = requests.post(f"{url}/invocations", json=mixed, timeout=60).json()["predictions"]
+        assert rows[0]["error"] is None and rows[1]["prob_Atelectasis"] is None and "not a recognised" in rows[1]["error"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
