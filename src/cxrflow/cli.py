@@ -32,7 +32,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("report", "cxrflow.results.report", "report.html (the whole study on one page) and the paper's Table 1 over several runs"),
     ("sweep", "cxrflow.sweep", "train, evaluate and report every run listed in a config file"),
     ("localize", "cxrflow.results.localize", "heatmaps against ground-truth boxes: the ChestX-ray14 localization benchmark"),
-    ("predict", "cxrflow.results.predict", "finding probabilities for new image files"),
+    ("predict", "cxrflow.results.predictcli", "finding probabilities for new image files"),
     ("export", "cxrflow.results.export", "a run's model as an MLflow model folder (serving, batch) or an ONNX graph"),
     ("demo", "cxrflow.demo", "end-to-end demo on a synthetic dataset"),
 ]

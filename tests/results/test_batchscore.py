@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from test_evaluate import train_tiny_run
 
 from cxrflow.cli import main
 from cxrflow.results.predict import load_predictor
-from test_evaluate import train_tiny_run
 
 pytestmark = pytest.mark.slow  # a trained, evaluated run scored by real local Spark
 
@@ -85,7 +85,7 @@ def test_a_collections_files_are_scored_and_a_broken_one_is_an_error_row(evaluat
     run, _ = evaluated
     synthesize(tmp_path / "nih", patients=6, size=48, seed=2)
     collection = load_collection(tmp_path / "nih", views="all")
-    broken = sorted(collection.images.items())[0]
+    broken = min(collection.images.items())
     with open(broken[1], "r+b") as f:
         f.truncate(60)
     out = tmp_path / "pred"

@@ -11,10 +11,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_evaluate import train_tiny_run
 
 from cxrflow.cli import main
 from cxrflow.results.predict import load_predictor, predict_files
-from test_evaluate import train_tiny_run
 
 pytestmark = pytest.mark.slow  # a trained and evaluated run, then MLflow and ONNX exports
 

@@ -24,8 +24,9 @@ import contextlib
 import functools
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cxrflow.errors import CxrflowError
 

@@ -8,7 +8,8 @@ calibration) and its subgroup audit where one exists, then the intended use and 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -44,8 +45,8 @@ def _evaluation_section(metrics: dict | None, label_names: Sequence[str]) -> lis
     lo, hi = (metrics.get("mean_auc_ci95") or [None, None])[:2]
     lines = [
         "## Evaluation", "",
-        f"Split `{metrics.get('split')}`: {metrics.get('n_images')} images of {metrics.get('n_patients')} patients; "
-        f"mean AUC {_fmt(metrics.get('mean_auc'))} (95% CI {_fmt(lo)}-{_fmt(hi)}, patient bootstrap).", "",
+        (f"Split `{metrics.get('split')}`: {metrics.get('n_images')} images of {metrics.get('n_patients')} patients; "
+         f"mean AUC {_fmt(metrics.get('mean_auc'))} (95% CI {_fmt(lo)}-{_fmt(hi)}, patient bootstrap)."), "",
         "| finding | AUC | 95% CI | threshold (calibrated) |", "| --- | ---: | --- | ---: |",
     ]  # fmt: skip
     auc, ci = metrics.get("auc") or {}, metrics.get("auc_ci95") or {}
@@ -79,11 +80,11 @@ def model_card(*, run: str, checkpoint: str, config: dict, manifest: dict | None
         f"# cxrflow model: {config.get('model')} at {spec['size']} px", "",
         f"Exported from run `{run}`, checkpoint `{checkpoint}` (stage {config.get('stage', 'n/a')}), as {fmt}.", "",
         "## What it does", "",
-        f"Takes a chest X-ray (PNG, JPEG or DICOM) and gives one probability per finding ({len(label_names)}: "
-        f"{', '.join(label_names)}), {scale}, and a positive flag per finding at the evaluation's operating "
-        "threshold (Youden's J on the validation split).", "",
-        f"Preprocessing inside the model: decode to 8-bit gray, pad to a square with black, resize to {spec['size']} px "
-        f"(Lanczos), normalise with the training pixel mean {spec['pixel_mean']:.4f} and std {spec['pixel_std']:.4f}.",
+        (f"Takes a chest X-ray (PNG, JPEG or DICOM) and gives one probability per finding ({len(label_names)}: "
+         f"{', '.join(label_names)}), {scale}, and a positive flag per finding at the evaluation's operating "
+         "threshold (Youden's J on the validation split)."), "",
+        (f"Preprocessing inside the model: decode to 8-bit gray, pad to a square with black, resize to {spec['size']} px "
+         f"(Lanczos), normalise with the training pixel mean {spec['pixel_mean']:.4f} and std {spec['pixel_std']:.4f}."),
         "Demographics (age, sex, view) are used: give them as columns." if spec.get("uses_demographics") else
         "Demographics are not used.", "",
     ]  # fmt: skip

@@ -106,7 +106,7 @@ def sidecar(predictor: Predictor, spec: dict[str, Any], max_diff: float) -> dict
         "label_names": list(predictor.label_names),
         "inputs": inputs,
         "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(predictor.label_names)],
-                   "scale": "calibrated" if spec["calibrated"] else "raw sigmoid"},  # fmt: skip
+                   "scale": "calibrated" if spec["calibrated"] else "raw sigmoid"},
         "thresholds": spec["thresholds"],
         "preprocessing": {
             "before_the_graph": [

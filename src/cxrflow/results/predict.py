@@ -297,9 +297,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--view", default=None, help="view position PA or AP (or unknown), for fused runs")
     parser.add_argument("--metadata", default=None, metavar="CSV",
                         help="image,age,sex,view rows for many files (image as given, or its file name)")
-    from cxrflow.results.batchscore import add_batch_arguments
-
-    add_batch_arguments(parser)
 
 
 def demographics_from_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Demographics] | None]:
@@ -330,10 +327,6 @@ def demographics_from_args(args: argparse.Namespace) -> tuple[list[str], dict[st
 def run(args: argparse.Namespace) -> int:
     if args.run is None and args.checkpoint is None:
         raise CxrflowError("give --run RUN (or --checkpoint FILE.pt)")
-    if getattr(args, "out", None) is not None:  # a whole store or collection, as a Spark job
-        from cxrflow.results.batchscore import run_batch
-
-        return run_batch(args, load_predictor(args.run, args.checkpoint, device=args.device, store=args.store, raw=args.raw))
     images, demographics = demographics_from_args(args)
     predictor = load_predictor(args.run, args.checkpoint, device=args.device, store=args.store, raw=args.raw)
     if demographics is not None and not predictor.uses_demographics:

@@ -32,7 +32,7 @@ SPEC_ARTIFACT = "scoring"
 class CxrflowModel(mlflow.pyfunc.PythonModel):
     """Base64 images in, calibrated probabilities and operating-point flags out (one row each)."""
 
-    def load_context(self, context) -> None:  # noqa: ANN001 - mlflow's PythonModelContext
+    def load_context(self, context) -> None:
         from cxrflow.results.score import predictor_from_spec
 
         with open(context.artifacts[SPEC_ARTIFACT], encoding="utf-8") as f:
@@ -40,7 +40,7 @@ class CxrflowModel(mlflow.pyfunc.PythonModel):
         self.predictor = predictor_from_spec(context.artifacts[CHECKPOINT_ARTIFACT], self.spec)
 
     # pd.DataFrame is a hint MLflow infers no second signature from (the model's signature is explicit)
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:  # noqa: ANN001
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from cxrflow.results.score import ERROR_COLUMN, MAX_IMAGE_BYTES, score_frame
 
         if not isinstance(model_input, pd.DataFrame):
