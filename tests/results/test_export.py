@@ -219,3 +219,55 @@ def test_served_model_answers_good_requests_and_refuses_bad_ones_with_json(expor
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_fused_model_takes_demographics_in_both_formats(exported, tmp_path):
+    """A run that fuses age, sex and view: the MLflow model reads them from columns as predict does,
+    and the ONNX graph has a second input."""
+    import mlflow.pyfunc
+    import onnxruntime as ort
+    import torch
+
+    from cxrflow.data.demographics import encode
+    from cxrflow.modelling.models import create_model
+
+    names = load_predictor(exported["run"]).label_names
+    net = create_model("simple_cnn", len(names), pretrained="none", fusion="demographics")
+    run = tmp_path / "fused"
+    run.mkdir()
+    config = {"model": "simple_cnn", "size": 32, "pixel_mean": 0.4, "pixel_std": 0.2, "fusion": "demographics"}
+    torch.save({"model": net.state_dict(), "config": config, "label_names": names}, run / "best_finetune.pt")
+    assert main(["export", "--run", str(run), "--format", "mlflow", "--out", str(tmp_path / "m")]) == 0
+    assert main(["export", "--run", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    files = exported["files"][:3]
+    people = [(63.0, "F", "AP"), (None, None, None), (30.0, "M", "PA")]
+    model = mlflow.pyfunc.load_model(str(tmp_path / "m"))
+    frame = pd.DataFrame({"image": _encoded(files), "age": [p[0] for p in people], "sex": [p[1] for p in people],
+                          "view": [p[2] for p in people]})  # fmt: skip
+    got = model.predict(frame).filter(like="prob_").to_numpy(float)
+    predictions, _ = predict_files(load_predictor(run), files, demographics={str(f): p for f, p in zip(files, people)})
+    want = np.array([[p["probabilities"][n] for n in names] for p in predictions])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    unknown = model.predict(frame[["image"]]).filter(like="prob_").to_numpy(float)
+    assert not np.allclose(unknown[0], got[0], atol=1e-4)  # the demographics change the answer
+    np.testing.assert_allclose(unknown[1], got[1], atol=1e-6)  # all unknown either way
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixels", "demographics"]
+    pixels = np.stack([np.asarray(Image.open(f))[None] for f in files])
+    (onnx_probs,) = session.run(["probabilities"], {"pixels": pixels, "demographics": encode(people)})
+    np.testing.assert_allclose(onnx_probs, want, atol=1e-4)
+
+
+def test_logged_and_registered_model_loads_from_the_registry(exported, tmp_path):
+    import mlflow
+    import mlflow.pyfunc
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["export", "--run", str(exported["run"]), "--format", "mlflow", "--out", str(tmp_path / "m"),
+            "--mlflow", uri, "--register", "cxr-tiny"]  # fmt: skip
+    assert main(argv) == 0
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/cxr-tiny/1")
+    local = mlflow.pyfunc.load_model(str(tmp_path / "m"))
+    frame = pd.DataFrame({"image": _encoded(exported["files"][:2])})
+    pd.testing.assert_frame_equal(model.predict(frame), local.predict(frame))
