@@ -74,6 +74,13 @@ def test_a_killed_job_resumes_where_it_stopped(evaluated, tmp_path, spark, capsy
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("eval-*"))
     assert main(["predict", "--run", str(other), "--store", str(store), "--split", "test", "--out", str(out), "--resume"]) == 2
     assert "another spec" in capsys.readouterr().err
+    # the same folder scored afresh by the other model, in the same Spark session: the workers use the new model
+    shutil.rmtree(out)
+    assert main(["predict", "--run", str(other), "--store", str(store), "--split", "test", "--out", str(out)]) == 0
+    raw = pd.read_parquet(run / "eval-test-best_finetune" / "predictions.parquet").set_index("image_id")
+    names = load_predictor(other).label_names
+    np.testing.assert_allclose(_scored(out).loc[raw.index, [f"prob_{n}" for n in names]].to_numpy(float),
+                               raw[[f"prob_{n}" for n in names]].to_numpy(float), atol=1e-5)  # fmt: skip
 
 
 def test_a_collections_files_are_scored_and_a_broken_one_is_an_error_row(evaluated, tmp_path, spark):

@@ -76,8 +76,9 @@ def _units_of_collection(data: str, fmt: str) -> list[dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_predictor(model_dir: str) -> Any:
-    """The predictor of ``model_dir``, loaded once per Python worker (Spark reuses its workers)."""
+def _worker_predictor(model_dir: str, stamp: str) -> Any:
+    """The predictor of ``model_dir``, loaded once per Python worker (Spark reuses its workers);
+    ``stamp`` (the checkpoint's hash) tells a model written later into the same folder from this one."""
     from cxrflow.results.score import predictor_from_spec
 
     spec = json.loads((Path(model_dir) / "scoring.json").read_text())
@@ -117,7 +118,7 @@ def _unit_inputs(predictor: Any, unit: dict[str, Any]) -> tuple[list[str], Any, 
     return ids, pixels, demo, errors
 
 
-def score_unit(model_dir: str, out: str, unit: dict[str, Any], threads: int = 1) -> tuple[str, int, int]:
+def score_unit(model_dir: str, stamp: str, out: str, unit: dict[str, Any], threads: int = 1) -> tuple[str, int, int]:
     """Score one unit into its Parquet part (written atomically); returns (part, rows, errors)."""
     import numpy as np
     import pyarrow as pa
@@ -128,7 +129,7 @@ def score_unit(model_dir: str, out: str, unit: dict[str, Any], threads: int = 1)
     from cxrflow.results.score import result_columns, score_pixels
 
     torch.set_num_threads(threads)
-    predictor = _worker_predictor(model_dir)
+    predictor = _worker_predictor(model_dir, stamp)
     ids, pixels, demo, errors = _unit_inputs(predictor, unit)
     ok = np.array([e is None for e in errors], dtype=bool)
     probs = score_pixels(predictor, pixels, demo if predictor.uses_demographics else None)
@@ -224,12 +225,14 @@ def run_batch(args: argparse.Namespace, predictor: Any) -> int:
     out = Path(args.out)
     inputs = [p for p in (args.run, args.store, args.data) if p]
     with claiming(out, "predict", resume=args.resume, inputs=inputs, how="pass --resume to continue it"):
-        _prepare(out, _record(args, predictor, spec, units), predictor, args.resume)
+        record = _record(args, predictor, spec, units)
+        _prepare(out, record, predictor, args.resume)
         todo = [u for u in units if not (out / u["part"]).is_file()]
         done = []
         if todo:
             with _session(args.spark_master) as spark:
-                task = functools.partial(score_unit, str((out / MODEL_DIR).absolute()), str(out.absolute()))
+                stamp = f"{record['checkpoint_sha256']}:{json.dumps(spec, sort_keys=True)}"
+                task = functools.partial(score_unit, str((out / MODEL_DIR).absolute()), stamp, str(out.absolute()))
                 done = spark.sparkContext.parallelize(todo, len(todo)).map(task).collect()
         rows, errors = sum(r for _, r, _ in done), sum(e for _, _, e in done)
         from cxrflow.atomic import write_json_atomic

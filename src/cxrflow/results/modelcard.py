@@ -26,8 +26,11 @@ def _data_section(config: dict, manifest: dict | None) -> list[str]:
     lines.append(f"- store: `{config.get('store', 'unknown')}`")
     if manifest is None:
         return lines + ["- the store's manifest was not readable at export time; splits unknown", ""]
-    source = manifest.get("format") or manifest.get("source") or "unknown"
-    lines.append(f"- collection format: {source}")
+    source = manifest.get("source")
+    fmt = manifest.get("format") or (source.get("format") if isinstance(source, dict) else None)
+    lines.append(f"- collection format: {fmt or 'not recorded'}")
+    if isinstance(source, dict):
+        lines.append("- source: " + ", ".join(f"{k} {v}" for k, v in source.items() if not isinstance(v, (dict, list))))
     rows = (manifest.get("rows") or {}).get(str(config.get("size")), {})
     if rows:
         lines.append("- images per split at the model's size: " + ", ".join(f"{s} {n}" for s, n in rows.items()))
@@ -38,7 +41,7 @@ def _data_section(config: dict, manifest: dict | None) -> list[str]:
     return lines + [""]
 
 
-def _evaluation_section(metrics: dict | None, label_names: Sequence[str]) -> list[str]:
+def _evaluation_section(metrics: dict | None, label_names: Sequence[str], calibrated: bool) -> list[str]:
     if metrics is None:
         return ["## Evaluation", "", "The run was not evaluated at this checkpoint: the probabilities are the raw",
                 "sigmoid outputs and no operating thresholds are set (`positive_<finding>` is null).", ""]  # fmt: skip
@@ -47,10 +50,10 @@ def _evaluation_section(metrics: dict | None, label_names: Sequence[str]) -> lis
         "## Evaluation", "",
         (f"Split `{metrics.get('split')}`: {metrics.get('n_images')} images of {metrics.get('n_patients')} patients; "
          f"mean AUC {_fmt(metrics.get('mean_auc'))} (95% CI {_fmt(lo)}-{_fmt(hi)}, patient bootstrap)."), "",
-        "| finding | AUC | 95% CI | threshold (calibrated) |", "| --- | ---: | --- | ---: |",
+        f"| finding | AUC | 95% CI | threshold ({'calibrated' if calibrated else 'raw'} scale) |", "| --- | ---: | --- | ---: |",
     ]  # fmt: skip
     auc, ci = metrics.get("auc") or {}, metrics.get("auc_ci95") or {}
-    thresholds = metrics.get("threshold_calibrated") or metrics.get("threshold") or {}
+    thresholds = (metrics.get("threshold_calibrated") if calibrated else metrics.get("threshold")) or {}
     for name in label_names:
         low, high = (ci.get(name) or [None, None])[:2]
         lines.append(f"| {name} | {_fmt(auc.get(name))} | {_fmt(low)}-{_fmt(high)} | {_fmt(thresholds.get(name))} |")
@@ -89,7 +92,7 @@ def model_card(*, run: str, checkpoint: str, config: dict, manifest: dict | None
         "Demographics are not used.", "",
     ]  # fmt: skip
     lines += _data_section(config, manifest)
-    lines += _evaluation_section(metrics, label_names)
+    lines += _evaluation_section(metrics, label_names, bool(spec.get("calibrated")))
     lines += _audit_section(metrics)
     lines += [
         "## Intended use", "",
@@ -100,6 +103,6 @@ def model_card(*, run: str, checkpoint: str, config: dict, manifest: dict | None
         "  (other hospitals, scanners, populations, lateral views, children) is unknown until measured there.",
         "- The intervals above are for the evaluated split only; a subgroup's performance can differ (see the audit).",
         "- Thresholds trade sensitivity for specificity as chosen on validation data; a deployment should choose its own.",
-        "- Probabilities are calibrated to the training collection's prevalence, not to another population's.", "",
+        "- Probabilities reflect the training collection's prevalence, not another population's.", "",
     ]  # fmt: skip
     return "\n".join(lines)
