@@ -116,7 +116,7 @@ def requirements() -> list[str]:
     pins = [f"cxrflow=={__version__}"]
     for package in ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow", "pydicom"):
         try:
-            pins.append(f"{package}=={version(package)}")
+            pins.append(f"{package}=={version(package).split('+')[0]}")  # no local tag (+cu130): PyPI has none
         except PackageNotFoundError:
             if package == "mlflow":
                 pins.append(f"mlflow-skinny=={version('mlflow-skinny')}")
