@@ -35,6 +35,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("sweep", "cxrflow.commands.sweep", "train, evaluate and report every run listed in a config file"),
     ("localize", "cxrflow.commands.localize", "heatmaps against ground-truth boxes: the ChestX-ray14 localization benchmark"),
     ("predict", "cxrflow.commands.predict", "finding probabilities for new image files"),
+    ("export", "cxrflow.commands.export", "a run's model as an MLflow model folder (serving, batch) or an ONNX graph"),
     ("demo", "cxrflow.commands.demo", "end-to-end demo on a synthetic dataset"),
 ]
 

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--view", default=None, help="view position PA or AP (or unknown), for fused runs")
     parser.add_argument("--metadata", default=None, metavar="CSV",
                         help="image,age,sex,view rows for many files (image as given, or its file name)")
+    from cxrflow.results.batchscore import add_batch_arguments
+
+    add_batch_arguments(parser)
 
 
 def demographics_from_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Demographics] | None]:
@@ -72,6 +75,8 @@ def demographics_from_args(args: argparse.Namespace) -> tuple[list[str], dict[st
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        return _run_batch(args)
     if args.run is None and args.checkpoint is None:
         raise CxrflowError("give --run RUN (or --checkpoint FILE.pt)")
     checked_device(args.device)
@@ -150,3 +155,16 @@ def no_thresholds(args: argparse.Namespace, predictor: Any) -> str:
                f"{checkpoint}' chooses them on the validation split")
     return (f"no finding is called: the thresholds that call a finding come from an evaluation of the checkpoint, "
             f"and {why}; the numbers above are {'calibrated ' if predictor.calibrated else ''}probabilities only")
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    """``--out``: a whole store or collection scored as a Spark job (:mod:`cxrflow.results.batchscore`)."""
+    if args.run is None:
+        raise CxrflowError("give --run RUN: the run whose model scores the store")
+    checked_device(args.device)
+    must_exist([args.run], "no such run folder")
+    from cxrflow.results.batchscore import run_batch
+    from cxrflow.results.predict import load_predictor
+
+    predictor = load_predictor(args.run, args.checkpoint, device=args.device, store=args.store, raw=args.raw)
+    return run_batch(args, predictor)

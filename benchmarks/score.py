@@ -1,0 +1,123 @@
+"""Spark batch scoring (``cxrflow predict --store --out``) beside the single-process predict loop.
+
+Writes a synthetic store of ``--images`` test rows at ``--size`` px (``--rows-per-file`` per Parquet
+file, so one Spark task per file) and a run holding a randomly initialised ``--model`` checkpoint,
+then, in the same run, on the same rows:
+
+1. baseline: one process, one torch thread, the predict loop: each store file read and scored by
+   :func:`cxrflow.results.score.score_pixels` (the predictor ``cxrflow predict`` uses);
+2. the Spark job on ``--master`` (:func:`cxrflow.results.batchscore.run_batch`, one torch thread per
+   task), timed after a warm-up job that starts the Python workers: reading, scoring, writing Parquet.
+
+Prints images/s for both, their ratio and the target (0.8 x the loop x the master's cores). The
+best of ``--rounds`` rounds counts (the round least disturbed by other work on a shared machine).
+
+    python benchmarks/score.py --images 1024 --size 64 --model resnet50 --master 'local[2]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_run(root: Path, model: str, size: int, images: int, rows_per_file: int) -> tuple[Path, Path]:
+    """A store with ``images`` test rows and a run whose best_finetune.pt is an untrained ``model``."""
+    import torch
+
+    from cxrflow.data.labels import NIH14
+    from cxrflow.testing.synthstore import write_synthetic_store
+    from cxrflow.modelling.models import create_model
+
+    store = root / "store"
+    write_synthetic_store(store, sizes=(size,), rows={"train": 16, "val": 16, "test": images}, rows_per_file=rows_per_file)
+    names = list(NIH14.names)
+    net = create_model(model, len(names), pretrained="none")
+    run = root / "run"
+    run.mkdir()
+    config = {"model": model, "size": size, "store": str(store), "pixel_mean": 0.5, "pixel_std": 0.25}
+    torch.save({"model": net.state_dict(), "config": config, "label_names": names, "stage": "finetune", "epoch": 1},
+               run / "best_finetune.pt")  # fmt: skip
+    return run, store
+
+
+def loop(run: Path, store: Path, size: int) -> tuple[float, int]:
+    """The single-process predict loop over the store's test files; (seconds, images)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from cxrflow.data.demographics import encode_arrow
+    from cxrflow.data.store import split_dir
+    from cxrflow.results.predict import load_predictor
+    from cxrflow.results.score import score_pixels
+
+    torch.set_num_threads(1)
+    predictor = load_predictor(run)
+    start, n = time.perf_counter(), 0
+    for file in sorted(split_dir(store, size, "test").glob("*.parquet")):
+        table = pq.read_table(file, columns=["image_id", "pixels", "age", "sex", "view"])
+        pixels = np.stack([np.frombuffer(v, np.uint8) for v in table.column("pixels").to_pylist()]).reshape(-1, size, size)
+        score_pixels(predictor, pixels, encode_arrow(table.column("age"), table.column("sex"), table.column("view")))
+        n += len(pixels)
+    return time.perf_counter() - start, n
+
+
+def spark_job(spark, run: Path, store: Path, out: Path) -> float:
+    """Seconds of one batch-scoring job of the test split into ``out`` on the running session."""
+    from cxrflow.results.batchscore import run_batch
+    from cxrflow.results.predict import load_predictor
+
+    args = argparse.Namespace(run=str(run), checkpoint=None, store=str(store), out=str(out), split="test", data=None,
+                              format="auto", spark_master="unused", resume=False, images=[])  # fmt: skip
+    predictor = load_predictor(run)
+    start = time.perf_counter()
+    run_batch(args, predictor)
+    return time.perf_counter() - start
+
+
+def _cores(master: str) -> int:
+    found = re.fullmatch(r"local\[(\d+|\*)\]", master)
+    if not found:
+        raise SystemExit(f"--master must be local[N] for this benchmark, got {master!r}")
+    return os.cpu_count() or 1 if found.group(1) == "*" else int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--rows-per-file", type=int, default=128)
+    parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    cores = _cores(args.master)
+    from cxrflow.data.spark import spark_session
+
+    with tempfile.TemporaryDirectory(prefix="cxrflow-bench-score-") as tmp:
+        root = Path(tmp)
+        run, store = make_run(root, args.model, args.size, args.images, args.rows_per_file)
+        loops, jobs = [], []
+        with spark_session(args.master, "cxrflow-bench-score", conf={"spark.default.parallelism": str(cores)}) as spark:
+            spark.sparkContext.parallelize(range(cores * 4), cores).map(lambda x: x).count()  # start the workers
+            spark_job(spark, run, store, root / "warm")
+            for r in range(args.rounds):
+                seconds, n = loop(run, store, args.size)
+                loops.append(n / seconds)
+                jobs.append(args.images / spark_job(spark, run, store, root / f"out{r}"))
+        best_loop, best_job = max(loops), max(jobs)
+        target = 0.8 * best_loop * cores
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"{args.images} images, {args.model} at {args.size} px, {args.rows_per_file} per task; load average {load}")
+        print(f"predict loop, 1 process, 1 thread : {best_loop:8.1f} images/s")
+        print(f"Spark job on {args.master:<14}     : {best_job:8.1f} images/s  ({best_job / best_loop:.2f}x the loop)")
+        print(f"target 0.8 x loop x {cores} cores      : {target:8.1f} images/s  -> {'met' if best_job >= target else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
