@@ -8,9 +8,10 @@ same numbers wherever it is used. The tensor is float32 ``[N, 3]`` = (age, sex, 
 - sex: ``M`` = 0, ``F`` = 1 (also ``Male``/``Female``, any case); anything else is unknown;
 - view: ``PA`` = 0, ``AP`` = 1 (any case); anything else is unknown.
 
-Unknown is NaN in that tensor, never a number: :class:`DemographicsEmbedding` turns each field
-into a (value, known) pair, the value masked to 0 where unknown, so the model learns what
-"unknown" means instead of trusting a placeholder. The store keeps the raw values; the ETL's
+Unknown is NaN in that tensor, never a number: the fused model's demographic term
+(:class:`cxrflow.modelling.fusion.DemographicLogits`) turns each field into a (standardised value,
+known) pair, the value 0 where unknown, so the model learns what "unknown" means instead of
+trusting a placeholder. The store keeps the raw values; the ETL's
 manifest counts the unknown ones (:func:`count_unknown`).
 """
 
@@ -25,8 +26,6 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
-from torch import nn
 
 from cxrflow.errors import CxrflowError
 
@@ -42,18 +41,15 @@ UNKNOWN_WORDS = ("", "unknown", "?", "na", "n/a")
 
 #: Fusion methods ``--fusion`` accepts ("none": image only).
 FUSIONS = ("none", "demographics")
-#: Width of the learned demographics embedding that is concatenated with the pooled features.
-EMBEDDING_DIM = 32
-
 #: The exact encoding, recorded in a fused run's config.
 ENCODING: dict[str, Any] = {
     "columns": list(FIELDS),
     "age": {"value": f"age / {AGE_SCALE:g}", "known": f"{AGE_RANGE[0]} <= age <= {AGE_RANGE[1]} years"},
     "sex": {"value": {"M": 0, "F": 1}, "aliases": {"Male": "M", "Female": "F"}, "case": "ignored"},
     "view": {"value": {"PA": 0, "AP": 1}, "case": "ignored"},
-    "unknown": "NaN in the [N, 3] tensor; the model sees (value masked to 0, known flag 0)",
-    "embedding": f"Linear(6, {EMBEDDING_DIM}) + ReLU over (3 masked values, 3 known flags), "
-    "concatenated with the pooled image features before the head",
+    "unknown": "NaN in the [N, 3] tensor; the model sees (standardised value 0, known flag 0)",
+    "term": "per finding, a logistic term on (3 values standardised on the training split, 3 known flags) "
+    "added to the image logits; fitted by logistic regression on the training split before training",
 }
 
 
@@ -159,23 +155,3 @@ def read_metadata_csv(path: str | os.PathLike) -> dict[str, tuple[float | None, 
             )
     return out
 
-
-# --- the fusion layer ----------------------------------------------------------------------------
-
-
-class DemographicsEmbedding(nn.Module):
-    """``[N, 3]`` demographics (NaN = unknown) -> ``[N, dim]``: ReLU(Linear(masked values ++ known flags))."""
-
-    def __init__(self, dim: int = EMBEDDING_DIM, fields: int = len(FIELDS)):
-        super().__init__()
-        self.fields = fields
-        self.proj = nn.Linear(2 * fields, dim)
-        self.out_features = dim
-
-    def forward(self, demographics: torch.Tensor) -> torch.Tensor:
-        if demographics.dim() != 2 or demographics.shape[1] != self.fields:
-            raise ValueError(f"expected demographics [N, {self.fields}], got {tuple(demographics.shape)}")
-        d = demographics.to(self.proj.weight.dtype)
-        known = ~torch.isnan(d)
-        values = torch.where(known, d, torch.zeros_like(d))
-        return torch.relu(self.proj(torch.cat([values, known.to(d.dtype)], dim=1)))

@@ -53,6 +53,7 @@ from cxrflow.data.demographics import FUSIONS, fusion_record
 from cxrflow.errors import CxrflowError
 from cxrflow import options
 from cxrflow.identity import store_identity
+from cxrflow.modelling.fusion import init_from_store, param_groups
 from cxrflow.modelling.inference import autocast as _autocast
 from cxrflow.modelling.inference import model_input, predict_split, resolve_device
 from cxrflow.modelling.inference import unwrap as _unwrap
@@ -294,7 +295,7 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
 # --- the loop --------------------------------------------------------------------------------------
 
 
-def _make_optimizer(config: TrainConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def _make_optimizer(config: TrainConfig, params: list[nn.Parameter] | list[dict], lr: float) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
@@ -408,6 +409,9 @@ def _train(
     )
     for note in getattr(model, "load_notes", []):
         info(f"weights {config.pretrained}: {note}")
+    if model.fusion is not None and not resuming and "loaded fusion layers" not in getattr(model, "load_notes", []):
+        info(init_from_store(model, config.store, config.size, uncertain=config.uncertain,
+                             pos_weight=pos_weight.tolist(), seed=config.seed))
     _prepare_run_folder(out, resume=resume, overwrite=overwrite, ctx=ctx)
     state = _load(out / "last.pt") if resuming else None
     if ctx.main:
@@ -449,7 +453,7 @@ def _train(
             f"of about {steps_per_epoch} steps, scheduler {config.scheduler}"
         )
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = _make_optimizer(config, params, stage.lr)
+        optimizer = _make_optimizer(config, param_groups(model, params, stage.lr, config.weight_decay), stage.lr)
         scheduler = _make_scheduler(config, optimizer, stage.epochs * steps_per_epoch)
         per_step = scheduler if config.scheduler == "cosine" else None
         if first:

@@ -615,6 +615,7 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
     from cxrflow.identity import file_sha256
     from cxrflow.modelling.inference import check_label_names, predict_split, training_pixel_stats
     from cxrflow.modelling.models import load_checkpoint
+    from cxrflow.results.demographics_baseline import demographics_only
     from cxrflow.results.plots import plot_training_curves
     from cxrflow.data.store import read_manifest
 
@@ -644,6 +645,10 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
     offsets = pos_weight_offsets(weights, len(label_names))
     metrics = score_with_calibration(
         evaluated, validation, label_names, logit_offsets=offsets, n_boot=n_boot, seed=seed, known=has_states
+    )
+    metrics["demographics_only"] = demographics_only(
+        store, size, split, label_names, evaluated, metrics["auc"], interval=bootstrap_auc_ci,
+        uncertain=str(config.get("uncertain") or "ignore"), known=has_states, n_boot=n_boot, seed=seed,
     )
     loss = evaluated.get("loss")
     metrics = {
@@ -711,6 +716,9 @@ def format_summary(metrics: dict) -> str:
         )
     if metrics.get("nan_findings"):
         lines.append(f"no AUC (one class in the split, left out of the mean): {', '.join(metrics['nan_findings'])}")
+    from cxrflow.results.demographics_baseline import format_lines
+
+    lines += format_lines(metrics)
     cal = metrics.get("calibration")
     if cal and cal["ece_mean"]["before"] is not None:
         lines.append(
