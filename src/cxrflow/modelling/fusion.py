@@ -16,7 +16,8 @@ The same features and fit give ``cxrflow evaluate`` its demographics-only baseli
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,9 +100,8 @@ def standardisation(demographics: np.ndarray) -> tuple[np.ndarray, np.ndarray, l
 
 def design(demographics: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """The :class:`DemographicLogits` features of ``demographics`` as a float64 array (for scikit-learn)."""
-    d = torch.as_tensor(np.asarray(demographics, dtype=np.float64))
-    as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))  # noqa: E731
-    return standardised_features(d, as_t(center), as_t(scale)).numpy()
+    d, c, s = (torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in (demographics, center, scale))
+    return standardised_features(d, c, s).numpy()
 
 
 def fit_logistic(

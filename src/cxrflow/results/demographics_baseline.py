@@ -13,7 +13,8 @@ the patient is, not what the image shows.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,7 @@ def demographics_only(
         "left_out": left_out,
         **({"note": f"the store has no {', '.join(left_out)}: left out of the demographics-only baseline"}
            if left_out else {}),
-        "fitted_on": {"split": "train", "images": int(len(train["labels"]))},
+        "fitted_on": {"split": "train", "images": len(train["labels"])},
         "model": "per finding, logistic regression (scikit-learn, L2, C=1) on standardised age, sex, view and "
                  "their known-flags",
     }
@@ -166,3 +167,12 @@ def fusion_comparison(evaluations: Sequence[dict[str, Any]]) -> dict[str, Any] |
                      "margin": None if f is None or best is None else f - best})
     return {"split": plain.get("split"), "image_only_run": plain.get("run_name"), "fused_run": fused.get("run_name"),
             "rows": rows}
+
+
+def demographics_part(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """What an evaluation's section of the report shows about demographics alone (None: not computed)."""
+    demo = metrics.get("demographics_only")
+    if not demo:
+        return None
+    return {"skipped": demo.get("skipped"), "note": demo.get("note"), "shortcuts": shortcut_sentences(metrics),
+            "fields": _fields_text(demo.get("fields") or FIELDS), "rule": demo.get("rule", SHORTCUT_RULE)}
