@@ -17,12 +17,36 @@ Finished runs in ``--work`` are reused, so an interrupted benchmark continues.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
 
+#: Design ablations of the fused run (``--variants``): what the default design's choices are worth.
+#: ``no-init``: the demographic term starts as a new layer instead of the logistic-regression fit;
+#: ``no-init-lr10``: the same with ten times the stage's learning rate for the term.
+VARIANTS = {"no-init": {"init": False, "lr_factor": 1.0}, "no-init-lr10": {"init": False, "lr_factor": 10.0}}
 
-def train_and_evaluate(store: Path, run: Path, fusion: str, args: argparse.Namespace) -> dict:
+
+@contextlib.contextmanager
+def variant(name: str | None):
+    """Train under one ablation of the fused design (nothing changes for ``None``)."""
+    from cxrflow.modelling import fusion, train
+
+    if name is None:
+        yield
+        return
+    settings, saved = VARIANTS[name], (train.init_from_store, fusion.FUSION_LR_FACTOR)
+    try:
+        if not settings["init"]:
+            train.init_from_store = lambda *a, **k: "demographic term not fitted (benchmark ablation)"
+        fusion.FUSION_LR_FACTOR = settings["lr_factor"]
+        yield
+    finally:
+        train.init_from_store, fusion.FUSION_LR_FACTOR = saved
+
+
+def train_and_evaluate(store: Path, run: Path, fusion: str, args: argparse.Namespace, ablation: str | None = None) -> dict:
     """Train (or reuse) one run with the benchmark's recipe and evaluate (or reuse) it on test."""
     from cxrflow.modelling.config import resolve_config
     from cxrflow.modelling.train import train
@@ -34,7 +58,8 @@ def train_and_evaluate(store: Path, run: Path, fusion: str, args: argparse.Names
             "fusion": fusion, "seed": args.seed, "device": "cpu", "finetune.epochs": args.epochs,
             "min_steps": 0, "warmup_steps": 20, "batch_size": 32,
         })
-        train(config, resume=run.exists(), quiet=True, log=lambda _: None)
+        with variant(ablation):
+            train(config, resume=run.exists(), quiet=True, log=lambda _: None)
     done = run / "eval-test-best_finetune" / "metrics.json"
     metrics = json.loads(done.read_text()) if done.exists() else evaluate_run(run, n_boot=200, device="cpu")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -103,6 +128,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", required=True, help="folder for data, store and runs (reused)")
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                        help="also train these ablations of the fused design and show their AUC")
     args = parser.parse_args()
 
     import torch
@@ -119,9 +146,12 @@ def main() -> None:
         run_etl(base / "data", store, [args.size], master="local[2]", overwrite=True)
     plain = train_and_evaluate(store, base / f"none-e{args.epochs}", "none", args)
     fused = train_and_evaluate(store, base / f"demographics-e{args.epochs}", "demographics", args)
+    ablations = {v: train_and_evaluate(store, base / f"demographics-{v}-e{args.epochs}", "demographics", args, v)
+                 for v in args.variants}
     alone = demographics_only(store, args.size)
     names = plain["label_names"]
-    print(f"{'finding':<20} {'image':>6} {'fused':>6} {'demo':>6} {'fused-max':>9}  {'shortcut?':<9}")
+    extra = "".join(f" {v:>12}" for v in ablations)
+    print(f"{'finding':<20} {'image':>6} {'fused':>6} {'demo':>6} {'fused-max':>9}  {'demog.?':<7}{extra}")
     margins, others = [], []
     for n in names:
         best = max(plain["auc"][n], alone[n])
@@ -131,9 +161,12 @@ def main() -> None:
         else:
             others.append(fused["auc"][n] - plain["auc"][n])
         flag = "demog." if n in DEMOGRAPHIC_FINDINGS else ""
-        print(f"{n:<20} {plain['auc'][n]:>6.3f} {fused['auc'][n]:>6.3f} {alone[n]:>6.3f} {margin:>+9.3f}  {flag:<9}")
+        cells = "".join(f" {m['auc'][n]:>12.3f}" for m in ablations.values())
+        print(f"{n:<20} {plain['auc'][n]:>6.3f} {fused['auc'][n]:>6.3f} {alone[n]:>6.3f} {margin:>+9.3f}  {flag:<7}{cells}")
     print(f"mean AUC: image-only {plain['mean_auc']:.4f}, fused {fused['mean_auc']:.4f} "
           f"(lift {fused['mean_auc'] - plain['mean_auc']:+.4f})")
+    for v, m in ablations.items():
+        print(f"mean AUC of ablation {v}: {m['mean_auc']:.4f}")
     print(f"demographic findings: worst fused - max(image-only, demographics-only) {min(margins):+.3f}")
     print(f"other findings: mean fused - image-only {sum(others) / len(others):+.4f}")
     ratio = fused["ms_per_image"] / plain["ms_per_image"]
