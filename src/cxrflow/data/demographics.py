@@ -1,4 +1,4 @@
-"""Age, sex and view position as model input: one encoding, the fusion layer, unknown values.
+"""Age, sex and view position: one encoding for model input, unknown values, predict's input, and the shortcut rule.
 
 Every path that turns demographics into numbers (the loader for training and evaluation,
 ``cxrflow predict`` for new files) goes through :func:`encode_arrow`, so a fused model sees the
@@ -155,3 +155,34 @@ def read_metadata_csv(path: str | os.PathLike) -> dict[str, tuple[float | None, 
             )
     return out
 
+
+# --- shortcuts (demographics alone predict a finding nearly as well as the model) --------------------
+
+#: A finding is a shortcut when demographics alone clearly predict it and nearly as well as the model.
+SHORTCUT_FLOOR = 0.6
+SHORTCUT_MARGIN = 0.05
+SHORTCUT_RULE = (f"demographics-only AUC lower bound > {SHORTCUT_FLOOR} and demographics-only AUC >= "
+                 f"model AUC - {SHORTCUT_MARGIN}")
+
+
+def shortcut_findings(
+    names: Sequence[str], auc: dict[str, float | None], low: dict[str, float | None], model_auc: dict[str, float | None]
+) -> list[str]:
+    """The findings (in ``names`` order) that meet :data:`SHORTCUT_RULE`; a missing value never does."""
+    out = []
+    for n in names:
+        a, lo, m = auc.get(n), low.get(n), model_auc.get(n)
+        if a is not None and lo is not None and m is not None and lo > SHORTCUT_FLOOR and a >= m - SHORTCUT_MARGIN:
+            out.append(n)
+    return out
+
+
+def rescored_baseline(baseline: dict[str, Any] | None, names: Sequence[str], model_auc: dict[str, float | None],
+                      source: str) -> dict[str, Any]:
+    """A member evaluation's ``demographics_only`` for a model scored on the same images (an ensemble):
+    the same baseline, its shortcuts judged against ``model_auc``."""
+    if not baseline or baseline.get("skipped"):
+        return dict(baseline or {"skipped": "no member evaluation has a demographics-only baseline", "auc": {},
+                                 "auc_low": {}, "auc_high": {}, "shortcut": []})
+    shortcut = shortcut_findings(names, baseline.get("auc") or {}, baseline.get("auc_low") or {}, model_auc)
+    return {**baseline, "shortcut": shortcut, "from": source}

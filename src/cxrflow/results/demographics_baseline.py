@@ -5,8 +5,8 @@ with known-flags for unknown values; :func:`cxrflow.modelling.fusion.fit_logisti
 model starts from) on the run's training split only, scores it on the evaluated split's images
 and reports its AUC with the evaluation's own patient-bootstrap interval, as ``metrics.json``'s
 ``demographics_only``. A finding is a *shortcut* when demographics alone clearly predict it (the
-interval's lower bound is above :data:`SHORTCUT_FLOOR`) and nearly as well as the model does (AUC
-at least the model's minus :data:`SHORTCUT_MARGIN`): much of what a model can learn there is who
+interval's lower bound is above ``SHORTCUT_FLOOR``) and nearly as well as the model does (AUC
+at least the model's minus ``SHORTCUT_MARGIN``; :func:`cxrflow.data.demographics.shortcut_findings`): much of what a model can learn there is who
 the patient is, not what the image shows.
 """
 
@@ -18,24 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from cxrflow.data.demographics import FIELDS
+from cxrflow.data.demographics import FIELDS, SHORTCUT_FLOOR, SHORTCUT_MARGIN, SHORTCUT_RULE, shortcut_findings
 
-SHORTCUT_FLOOR = 0.6
-SHORTCUT_MARGIN = 0.05
-SHORTCUT_RULE = (f"demographics-only AUC lower bound > {SHORTCUT_FLOOR} and demographics-only AUC >= "
-                 f"model AUC - {SHORTCUT_MARGIN}")
-
-
-def shortcut_findings(
-    names: Sequence[str], auc: dict[str, float | None], low: dict[str, float | None], model_auc: dict[str, float | None]
-) -> list[str]:
-    """The findings (in ``names`` order) that meet :data:`SHORTCUT_RULE`; a missing value never does."""
-    out = []
-    for n in names:
-        a, lo, m = auc.get(n), low.get(n), model_auc.get(n)
-        if a is not None and lo is not None and m is not None and lo > SHORTCUT_FLOOR and a >= m - SHORTCUT_MARGIN:
-            out.append(n)
-    return out
+__all__ = ["SHORTCUT_FLOOR", "SHORTCUT_MARGIN", "SHORTCUT_RULE", "demographics_only", "shortcut_findings"]
 
 
 def _skipped(reason: str) -> dict[str, Any]:
