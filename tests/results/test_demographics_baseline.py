@@ -135,3 +135,9 @@ def test_fusion_comparison_needs_both_kinds():
     assert [(r["name"], r["image_only"], r["fused"], r["demographics_only"]) for r in table["rows"]] == [
         ("A", 0.7, 0.85, 0.8), ("B", 0.9, 0.89, 0.5)]
     assert table["rows"][0]["margin"] == pytest.approx(0.05) and table["rows"][1]["margin"] == pytest.approx(-0.01)
+
+
+def test_a_store_without_its_training_split_skips_and_says_so(tmp_path):
+    evaluated = _write(tmp_path / "s", "test", [_row(30, "F", "PA", 0)] * 2, 100)
+    demo = demographics_only(tmp_path / "s", 8, "test", NAMES, evaluated, {}, interval=bootstrap_auc_ci, n_boot=20)
+    assert demo["skipped"] == "the store has no training split at size 8 to fit it on" and demo["auc"] == {}

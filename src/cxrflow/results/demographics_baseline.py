@@ -59,7 +59,11 @@ def demographics_only(
     from cxrflow.modelling.fusion import fit_logistic, logistic_scores, read_split_demographics
     from cxrflow.results.metrics import per_class_auc
 
+    from cxrflow.data.store import split_dir
+
     names = list(label_names)
+    if not any(split_dir(store, size, "train").glob("*.parquet")):
+        return _skipped(f"the store has no training split at size {size} to fit it on")
     train = read_split_demographics(store, size, "train", names, uncertain)
     fit = fit_logistic(train["demographics"], train["labels"], train["known"], seed=seed)
     used = [f for f in FIELDS if f not in fit["missing"]]
