@@ -41,6 +41,7 @@ from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow import options
+from cxrflow.results.demographics_baseline import demographics_only, format_lines
 from cxrflow.results.metrics import mean_auc, per_class_auc, roc
 from cxrflow.outputs import publishing
 from cxrflow.tracking import add_arguments as add_tracking_arguments
@@ -615,7 +616,6 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
     from cxrflow.identity import file_sha256
     from cxrflow.modelling.inference import check_label_names, predict_split, training_pixel_stats
     from cxrflow.modelling.models import load_checkpoint
-    from cxrflow.results.demographics_baseline import demographics_only
     from cxrflow.results.plots import plot_training_curves
     from cxrflow.data.store import read_manifest
 
@@ -716,8 +716,6 @@ def format_summary(metrics: dict) -> str:
         )
     if metrics.get("nan_findings"):
         lines.append(f"no AUC (one class in the split, left out of the mean): {', '.join(metrics['nan_findings'])}")
-    from cxrflow.results.demographics_baseline import format_lines
-
     lines += format_lines(metrics)
     cal = metrics.get("calibration")
     if cal and cal["ece_mean"]["before"] is not None:
