@@ -1,5 +1,6 @@
-"""Demographics: the one encoding (unknown is never a number), the fusion layer, fused models of every
-registry entry, activation checkpointing, and the user-facing parsing of predict's inputs."""
+"""Demographics: the one encoding (unknown is never a number), fused models of every registry entry,
+activation checkpointing, and the user-facing parsing of predict's inputs (the fusion term itself:
+tests/modelling/test_fusion_head.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 
 from cxrflow.modelling.config import resolve_config
 from cxrflow.data.demographics import (
-    DemographicsEmbedding,
     count_unknown,
     encode,
     encode_arrow,
@@ -52,27 +52,13 @@ def test_arrow_columns_with_nulls_and_counts():
     }
 
 
-def test_embedding_masks_unknown_values():
-    """An unknown field contributes only its 'unknown' flag: whatever placeholder it had, same output."""
-    torch.manual_seed(0)
-    emb = DemographicsEmbedding(dim=8)
-    known = torch.tensor([[0.5, 1.0, 0.0]])
-    a = emb(torch.tensor([[math.nan, 1.0, 0.0]]))
-    assert torch.isfinite(a).all()
-    with torch.no_grad():
-        emb.proj.weight[:, 0] += 100.0  # the age value's weight no longer matters for an unknown age
-    assert torch.allclose(emb(torch.tensor([[math.nan, 1.0, 0.0]])), a)
-    assert not torch.allclose(emb(known), a)
-    with pytest.raises(ValueError):
-        emb(torch.zeros(2, 4))
-
-
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_fused_model_of_every_entry_trains_head_and_fusion_in_kt(name):
     torch.manual_seed(0)
     model = create_model(name, 14, fusion="demographics")
     image_only = create_model(name, 14)
-    assert model.head.in_features == image_only.head.in_features + model.fusion.out_features
+    # the demographic term is added to the logits: the head sees the image features only
+    assert model.head.in_features == image_only.head.in_features and model.fusion.out_features == 14
     x = torch.randn(3, 3, 32, 32)
     d = torch.tensor(encode([(63, "F", "AP"), (414, "M", "PA"), (None, None, None)]))
     model.freeze_backbone(name != "simple_cnn")
@@ -108,9 +94,10 @@ def test_fused_checkpoint_round_trip(tmp_path):
     # a fused checkpoint as starting weights of a fused model: backbone, head and fusion load
     again = create_model("simple_cnn", 14, pretrained=str(tmp_path / "c.pt"), fusion="demographics")
     assert "loaded fusion layers" in again.load_notes
-    # ... and of an image-only model: the backbone loads, the head (other shape) starts afresh
+    # ... and of an image-only model: backbone and head (the image part of the logits) load, the fusion term does not
     plain = create_model("simple_cnn", 14, pretrained=str(tmp_path / "c.pt"))
-    assert any("shape differs" in n for n in plain.load_notes)
+    assert "loaded backbone and head" in plain.load_notes and plain.fusion is None
+    assert torch.equal(plain.head.weight, model.head.weight)
 
 
 @pytest.mark.parametrize("name", CHECKPOINTING_MODELS)

@@ -287,3 +287,17 @@ def test_an_ensemble_holds_its_output_lock_while_it_combines(members, tmp_path, 
     build_ensemble(runs, out, n_boot=10)
     assert second and (out / "metrics.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]
+
+
+def test_the_ensemble_keeps_its_members_demographics_only_baseline(members, stacked):
+    """Same store, same test images: the members' baseline, its shortcuts judged against the ensemble's AUC."""
+    from cxrflow.data.demographics import shortcut_findings
+
+    _, _, _, evals = members
+    member = json.loads((_path(evals[0]) / "metrics.json").read_text())["demographics_only"]
+    m = json.loads((_path(stacked["out"]) / "metrics.json").read_text())
+    demo = m["demographics_only"]
+    assert demo["auc"] == member["auc"] and demo["auc_low"] == member["auc_low"] and demo["from"] == str(_path(evals[0]))
+    assert demo["shortcut"] == shortcut_findings(m["label_names"], demo["auc"], demo["auc_low"], m["auc"])
+    # the synthetic store's demographics are drawn apart from its labels: nothing is a shortcut there
+    assert demo["shortcut"] == [] and all(abs(a - 0.5) < 0.25 for a in demo["auc"].values() if a is not None)

@@ -68,6 +68,39 @@ def test_fused_run_beats_image_only_on_demographic_findings_and_mean(fused_and_p
     assert json.loads((root / "none" / "config.json").read_text())["fusion"] == "none"
 
 
+def test_every_evaluation_has_demographics_alone_and_names_the_shortcuts(fused_and_plain):
+    """The image-only run's evaluation names the findings that follow age, sex and view (and at most one
+    other) as shortcuts; the fused run is at least as good as either part on them, within noise."""
+    root, _, runs = fused_and_plain
+    plain, fused = runs["none"], runs["demographics"]
+    demo = list(DEMOGRAPHIC_FINDINGS)
+    for m in (plain, fused):
+        saved = json.loads((root / ("none" if m is plain else "demographics") / "eval-test-best_finetune" /
+                            "metrics.json").read_text())["demographics_only"]
+        assert set(saved) >= {"auc", "auc_low", "auc_high", "shortcut"} and set(saved["auc"]) == set(m["label_names"])
+        assert all(saved["auc_low"][n] <= saved["auc"][n] <= saved["auc_high"][n] for n in demo)
+    # the same fit, the same test images: one baseline whichever run is evaluated
+    assert plain["demographics_only"]["auc"] == fused["demographics_only"]["auc"]
+    shortcut = plain["demographics_only"]["shortcut"]
+    assert set(demo) <= set(shortcut) and len(set(shortcut) - set(demo)) <= 1, shortcut
+    alone = plain["demographics_only"]["auc"]
+    for n in demo:
+        assert fused["auc"][n] >= max(plain["auc"][n], alone[n]) - 0.05, (n, plain["auc"][n], alone[n], fused["auc"][n])
+
+
+def test_report_shows_demographics_alone_and_the_fusion_comparison(fused_and_plain):
+    from cxrflow.results.htmlreport import build_html
+
+    root, _, _ = fused_and_plain
+    page = build_html([root / "none", root / "demographics"], cases=0, heatmap_fn=None)
+    assert "Demographics only (95% CI)" in page and '<table id="fusion">' in page
+    for name in DEMOGRAPHIC_FINDINGS:  # the image-only run's shortcuts, in words
+        assert f"{name}: age, sex and view alone give AUC" in page
+    assert "much of what it could learn here is who the patient is" in page
+    alone = build_html([root / "none"], cases=0, heatmap_fn=None)
+    assert "Demographics only (95% CI)" in alone and '<table id="fusion">' not in alone  # one kind: no comparison
+
+
 def test_report_shows_the_fused_run_as_its_own_row(fused_and_plain):
     root, _, runs = fused_and_plain
     rows = build_rows([root / "none", root / "demographics"])

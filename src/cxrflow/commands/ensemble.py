@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     must_exist(args.members, "no such run or evaluation folder")
     from cxrflow.modelling.ensemble import build_ensemble
     from cxrflow.modelling.scoring import format_summary
+    from cxrflow.results.demographics_baseline import format_lines
     from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME
 
     tracking = request_from_args(args)
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         args.members, args.out, method=args.method, split=args.split, n_boot=args.n_boot, seed=args.seed, overwrite=args.overwrite
     )
     log_ensemble(tracking, metrics, replaced)
-    lines = format_summary(metrics).splitlines()
+    lines = [*format_summary(metrics).splitlines(), *format_lines(metrics)]
     lines[0] = (
         f"{metrics['model']} of {', '.join(metrics['member_names'])} on {metrics['split']}: "
         f"{metrics['n_images']} images, {metrics['n_patients']} patients"

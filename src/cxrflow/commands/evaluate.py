@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     checked_device(args.device)
     must_exist([args.run], "no such run folder")
     from cxrflow.modelling.scoring import format_summary
+    from cxrflow.results.demographics_baseline import format_lines
     from cxrflow.results.evaluate import evaluate_run
     from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME
 
@@ -49,6 +50,6 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     log_evaluation(tracking, metrics)
-    print(format_summary(metrics))
+    print("\n".join([format_summary(metrics), *format_lines(metrics)]))
     print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
     return 0

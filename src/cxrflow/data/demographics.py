@@ -1,4 +1,4 @@
-"""Age, sex and view position as model input: one encoding, the fusion layer, unknown values.
+"""Age, sex and view position: one encoding for model input, unknown values, predict's input, and the shortcut rule.
 
 Every path that turns demographics into numbers (the loader for training and evaluation,
 ``cxrflow predict`` for new files) goes through :func:`encode_arrow`, so a fused model sees the
@@ -8,9 +8,10 @@ same numbers wherever it is used. The tensor is float32 ``[N, 3]`` = (age, sex, 
 - sex: ``M`` = 0, ``F`` = 1 (also ``Male``/``Female``, any case); anything else is unknown;
 - view: ``PA`` = 0, ``AP`` = 1 (any case); anything else is unknown.
 
-Unknown is NaN in that tensor, never a number: :class:`DemographicsEmbedding` turns each field
-into a (value, known) pair, the value masked to 0 where unknown, so the model learns what
-"unknown" means instead of trusting a placeholder. The store keeps the raw values; the ETL's
+Unknown is NaN in that tensor, never a number: the fused model's demographic term
+(:class:`cxrflow.modelling.fusion.DemographicLogits`) turns each field into a (standardised value,
+known) pair, the value 0 where unknown, so the model learns what "unknown" means instead of
+trusting a placeholder. The store keeps the raw values; the ETL's
 manifest counts the unknown ones (:func:`count_unknown`).
 """
 
@@ -25,8 +26,6 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
-from torch import nn
 
 from cxrflow.errors import CxrflowError
 
@@ -42,18 +41,15 @@ UNKNOWN_WORDS = ("", "unknown", "?", "na", "n/a")
 
 #: Fusion methods ``--fusion`` accepts ("none": image only).
 FUSIONS = ("none", "demographics")
-#: Width of the learned demographics embedding that is concatenated with the pooled features.
-EMBEDDING_DIM = 32
-
 #: The exact encoding, recorded in a fused run's config.
 ENCODING: dict[str, Any] = {
     "columns": list(FIELDS),
     "age": {"value": f"age / {AGE_SCALE:g}", "known": f"{AGE_RANGE[0]} <= age <= {AGE_RANGE[1]} years"},
     "sex": {"value": {"M": 0, "F": 1}, "aliases": {"Male": "M", "Female": "F"}, "case": "ignored"},
     "view": {"value": {"PA": 0, "AP": 1}, "case": "ignored"},
-    "unknown": "NaN in the [N, 3] tensor; the model sees (value masked to 0, known flag 0)",
-    "embedding": f"Linear(6, {EMBEDDING_DIM}) + ReLU over (3 masked values, 3 known flags), "
-    "concatenated with the pooled image features before the head",
+    "unknown": "NaN in the [N, 3] tensor; the model sees (standardised value 0, known flag 0)",
+    "term": "per finding, a logistic term on (3 values standardised on the training split, 3 known flags) "
+    "added to the image logits; fitted by logistic regression on the training split before training",
 }
 
 
@@ -160,22 +156,33 @@ def read_metadata_csv(path: str | os.PathLike) -> dict[str, tuple[float | None, 
     return out
 
 
-# --- the fusion layer ----------------------------------------------------------------------------
+# --- shortcuts (demographics alone predict a finding nearly as well as the model) --------------------
+
+#: A finding is a shortcut when demographics alone clearly predict it and nearly as well as the model.
+SHORTCUT_FLOOR = 0.6
+SHORTCUT_MARGIN = 0.05
+SHORTCUT_RULE = (f"demographics-only AUC lower bound > {SHORTCUT_FLOOR} and demographics-only AUC >= "
+                 f"model AUC - {SHORTCUT_MARGIN}")
 
 
-class DemographicsEmbedding(nn.Module):
-    """``[N, 3]`` demographics (NaN = unknown) -> ``[N, dim]``: ReLU(Linear(masked values ++ known flags))."""
+def shortcut_findings(
+    names: Sequence[str], auc: dict[str, float | None], low: dict[str, float | None], model_auc: dict[str, float | None]
+) -> list[str]:
+    """The findings (in ``names`` order) that meet :data:`SHORTCUT_RULE`; a missing value never does."""
+    out = []
+    for n in names:
+        a, lo, m = auc.get(n), low.get(n), model_auc.get(n)
+        if a is not None and lo is not None and m is not None and lo > SHORTCUT_FLOOR and a >= m - SHORTCUT_MARGIN:
+            out.append(n)
+    return out
 
-    def __init__(self, dim: int = EMBEDDING_DIM, fields: int = len(FIELDS)):
-        super().__init__()
-        self.fields = fields
-        self.proj = nn.Linear(2 * fields, dim)
-        self.out_features = dim
 
-    def forward(self, demographics: torch.Tensor) -> torch.Tensor:
-        if demographics.dim() != 2 or demographics.shape[1] != self.fields:
-            raise ValueError(f"expected demographics [N, {self.fields}], got {tuple(demographics.shape)}")
-        d = demographics.to(self.proj.weight.dtype)
-        known = ~torch.isnan(d)
-        values = torch.where(known, d, torch.zeros_like(d))
-        return torch.relu(self.proj(torch.cat([values, known.to(d.dtype)], dim=1)))
+def rescored_baseline(baseline: dict[str, Any] | None, names: Sequence[str], model_auc: dict[str, float | None],
+                      source: str) -> dict[str, Any]:
+    """A member evaluation's ``demographics_only`` for a model scored on the same images (an ensemble):
+    the same baseline, its shortcuts judged against ``model_auc``."""
+    if not baseline or baseline.get("skipped"):
+        return dict(baseline or {"skipped": "no member evaluation has a demographics-only baseline", "auc": {},
+                                 "auc_low": {}, "auc_high": {}, "shortcut": []})
+    shortcut = shortcut_findings(names, baseline.get("auc") or {}, baseline.get("auc_low") or {}, model_auc)
+    return {**baseline, "shortcut": shortcut, "from": source}

@@ -246,6 +246,8 @@ def _combined(member_preds: Sequence[dict], logits: np.ndarray) -> dict:
 
 def _ensemble_metrics(paths, out: Path, method: str, split: str, n_boot: int, seed: int) -> tuple:
     """The members combined and scored: (metrics, test and validation predictions, names, members)."""
+    from cxrflow.data.demographics import rescored_baseline
+
     members = check_members([load_member(p, split) for p in paths])
     names = list(members[0].metrics["label_names"])
     calibrations = [m.calibration for m in members]
@@ -285,6 +287,7 @@ def _ensemble_metrics(paths, out: Path, method: str, split: str, n_boot: int, se
         "store": first.get("store"),
         **({"store_identity": first["store_identity"]} if "store_identity" in first else {}),
         **scored,
+        "demographics_only": rescored_baseline(first.get("demographics_only"), names, scored["auc"], str(members[0].eval_dir)),
         "stacking": None if stacking is None else {
             "fitted_on": "val", "model": f"logistic regression on the members' logits, weights >= 0 (C={STACKING_C}, seed {seed})",
             "weights": dict(zip(names, stacking)), "fallback_to_mean": [n for n, w in zip(names, stacking) if w is None]},

@@ -9,10 +9,10 @@ on a model's name.
 ``Linear(F, K)``. Training code freezes "the backbone" without knowing the architecture. Models
 return logits; the sigmoid belongs to the loss (``BCEWithLogitsLoss``) and to prediction.
 
-A model whose entry allows it fuses demographics (``fusion="demographics"``): a small embedding of age, sex and view
-(:mod:`cxrflow.data.demographics`) is concatenated with the pooled features before the head, so the
-head is ``Linear(F + E, K)``; every model is called ``model(x, demographics=None)`` and an
-image-only model ignores them. Freezing the backbone leaves head and fusion layers trainable.
+A model whose registry entry allows it fuses demographics (``fusion="demographics"``): a per-finding logistic term on age, sex
+and view (:mod:`cxrflow.modelling.fusion`) is added to the head's logits ("wide and deep"), so the
+head stays ``Linear(F, K)``; every model is called ``model(x, demographics=None)`` and an
+image-only model ignores them. Freezing the backbone leaves head and fusion term trainable.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from cxrflow.data.imaging import MAX_STORE_SIZE
-from cxrflow.data.demographics import DemographicsEmbedding, check_fusion
+from cxrflow.data.demographics import check_fusion
+from cxrflow.modelling.fusion import make_fusion
 from cxrflow.errors import CxrflowError
 from cxrflow.modelling.backbones import CheckpointedSequential, SimpleCNN  # noqa: F401 (their old home)
 from cxrflow.modelling.registry import CamSpec, ModelEntry, checkpointing_models, model_entry, model_names  # noqa: F401
@@ -49,15 +50,15 @@ class ChestClassifier(nn.Module):
         self.name = name
         self.backbone = backbone
         self.num_features = num_features
-        #: None (image only) or a module mapping demographics [N, 3] to [N, E] (``out_features``).
+        #: None (image only) or a module mapping demographics [N, 3] to logits [N, K] added to the head's.
         self.fusion = fusion
         self.head = nn.Linear(self.head_features, num_classes)
         self.backbone_frozen = False
 
     @property
     def head_features(self) -> int:
-        """Inputs of the head: pooled features plus the demographics embedding, if any."""
-        return self.num_features + (self.fusion.out_features if self.fusion is not None else 0)
+        """Inputs of the head: the pooled features (the demographic term is added to its logits)."""
+        return self.num_features
 
     @property
     def uses_demographics(self) -> bool:
@@ -80,13 +81,15 @@ class ChestClassifier(nn.Module):
         if self.fusion is not None:
             if demographics is None:
                 raise CxrflowError(f"this {self.name} model fuses demographics: it needs age, sex and view")
-            features = torch.cat([features, self.fusion(demographics.to(features.device)).to(features.dtype)], dim=1)
+            return self.forward_head(features) + self.fusion(demographics.to(features.device)).to(features.dtype)
         return self.forward_head(features)
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a freshly initialised ``Linear(F [+ E], num_classes)``."""
+        """Replace the head (and an unfitted demographic term) by freshly initialised ones for ``num_classes``."""
         old = self.head.weight
         self.head = nn.Linear(self.head_features, num_classes).to(device=old.device, dtype=old.dtype)
+        if self.fusion is not None:
+            self.fusion = make_fusion(num_classes).to(device=old.device, dtype=old.dtype)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute backbone activations in the backward pass instead of keeping them (less memory)."""
@@ -351,7 +354,7 @@ def create_model(
     if weights is not None:
         _load_imagenet(backbone, entry, weights)
     model = ChestClassifier(
-        name, backbone, num_features, num_classes, DemographicsEmbedding() if fusion == "demographics" else None
+        name, backbone, num_features, num_classes, make_fusion(num_classes) if fusion == "demographics" else None
     )
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -417,6 +420,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CxrflowError("not a cxrflow checkpoint (needs keys model, config, label_names)", file)
     _check_checkpoint(ckpt, file)
     name = ckpt["config"].get("model")
+    if "fusion.proj.weight" in ckpt["model"]:
+        raise CxrflowError("this run fuses demographics the earlier way (an embedding beside the image features); "
+                           "train it again with this version of cxrflow", file)
     model = create_model(name, len(ckpt["label_names"]), pretrained="none", fusion=ckpt["config"].get("fusion", "none"))
     load_weights(model, ckpt["model"], file)
     if isinstance(map_location, (str, torch.device)):

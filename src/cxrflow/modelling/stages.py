@@ -14,7 +14,7 @@ from cxrflow.modelling.config import Stage, TrainConfig
 from cxrflow.modelling.models import ChestClassifier
 
 
-def make_optimizer(config: TrainConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, params: list[nn.Parameter] | list[dict], lr: float) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)

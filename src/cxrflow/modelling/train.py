@@ -43,6 +43,7 @@ from cxrflow.data.uncertain import MaskedBCEWithLogits, policy_pos_weight
 from cxrflow.errors import CxrflowError
 from cxrflow.data.store import store_identity
 from cxrflow.modelling.config import Stage, TrainConfig
+from cxrflow.modelling.fusion import init_from_store, param_groups
 from cxrflow.modelling.distributed import (
     Dist,
     all_reduce,
@@ -281,7 +282,7 @@ def _train(run: _Run, *, resume: bool, overwrite: bool) -> dict:
     torch.manual_seed(config.seed)
     # built before the run folder is touched, so a weights problem leaves nothing behind; a resumed
     # run takes every weight from last.pt, so its starting weights need not exist any more
-    run.model = _build_model(run, pretrained="none" if resuming else config.pretrained)
+    run.model = _build_model(run, pretrained="none" if resuming else config.pretrained, resuming=resuming)
     _prepare_run_folder(out, resume=resume, overwrite=overwrite, ctx=run.ctx)
     state = _load(out / "last.pt") if resuming else None
     if run.ctx.main:
@@ -328,13 +329,17 @@ def _plan(run: _Run) -> _Plan:
     return _Plan(label_names, mean, std, masked, pos_weight, train_rows, stages, saved)
 
 
-def _build_model(run: _Run, pretrained: str) -> ChestClassifier:
-    """The model on the run's device with its starting weights, and the loss."""
+def _build_model(run: _Run, pretrained: str, resuming: bool) -> ChestClassifier:
+    """The model on the run's device with its starting weights (a fused model's demographic term
+    fitted on the training split, unless resumed or loaded), and the loss."""
     config, plan, ctx = run.config, run.plan, run.ctx
     model = create_model(config.model, len(plan.label_names), pretrained=pretrained, fusion=config.fusion,
                          grad_checkpointing=config.grad_checkpointing)
     for note in getattr(model, "load_notes", []):
         run.info(f"weights {config.pretrained}: {note}")
+    if model.fusion is not None and not resuming and "loaded fusion layers" not in getattr(model, "load_notes", []):
+        run.info(init_from_store(model, config.store, config.size, uncertain=config.uncertain,
+                                 pos_weight=plan.pos_weight.tolist(), seed=config.seed))
     model.to(ctx.device)
     if ctx.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -397,7 +402,8 @@ def _start_stage(run: _Run, stage_index: int, global_epoch: int, state: dict | N
     steps_per_epoch = max(1, plan.train_rows // (config.batch_size * run.ctx.world_size))
     run.info(f"stage {stage.name}: trainable {trainable:,} of {total:,} parameters, lr {stage.lr:g}, "
              f"{_count(stage.epochs, 'epoch')} of about {_count(steps_per_epoch, 'step')}, scheduler {config.scheduler}")
-    optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad], stage.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config, param_groups(model, params, stage.lr, config.weight_decay), stage.lr)
     scheduler = make_scheduler(config, optimizer, stage.epochs * steps_per_epoch)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

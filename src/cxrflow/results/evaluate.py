@@ -29,6 +29,8 @@ from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow.modelling.scoring import score_with_calibration, write_prediction_files
+from cxrflow.metrics import bootstrap_auc_ci
+from cxrflow.results.demographics_baseline import demographics_only
 from cxrflow.outputs import publishing
 from cxrflow.runs import (
     METRICS_NAME,
@@ -95,6 +97,11 @@ def _evaluate_into(
     offsets = _logit_offsets(manifest, inference.config, len(inference.label_names))
     scored = score_with_calibration(
         evaluated, validation, inference.label_names, logit_offsets=offsets, n_boot=n_boot, seed=seed, known=has_states
+    )
+    scored["demographics_only"] = demographics_only(
+        inference.store, inference.size, split, inference.label_names, evaluated, scored["auc"],
+        interval=bootstrap_auc_ci, uncertain=str(inference.config.get("uncertain") or "ignore"), known=has_states,
+        n_boot=n_boot, seed=seed,
     )
     loss = evaluated.get("loss")
     metrics = {

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cxrflow.results.demographics_baseline import demographics_part, fusion_comparison
 from cxrflow import __version__
 from cxrflow.errors import CxrflowError
 from cxrflow.runs import METRICS_NAME, evaluation_checkpoint
@@ -181,6 +182,7 @@ def _is_nih(names: Sequence[str]) -> bool:
 def _finding_table(m: dict) -> list[dict[str, Any]]:
     names = m["label_names"]
     cal = m.get("calibration") or {}
+    demo = m.get("demographics_only") or {}
     out = []
     for n in names:
         out.append(
@@ -198,6 +200,9 @@ def _finding_table(m: dict) -> list[dict[str, Any]]:
                 "ece_after": ((cal.get("ece") or {}).get("after") or {}).get(n),
                 "brier_before": ((cal.get("brier") or {}).get("before") or {}).get(n),
                 "brier_after": ((cal.get("brier") or {}).get("after") or {}).get(n),
+                "demo_auc": (demo.get("auc") or {}).get(n),
+                "demo_ci": [(demo.get(k) or {}).get(n) for k in ("auc_low", "auc_high")],
+                "shortcut": n in (demo.get("shortcut") or []),
             }
         )
     return out
@@ -230,6 +235,7 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
         "calibration": None if not cal else {k: cal.get(k) for k in ("method", "fitted_on", "bins", "ece_mean", "brier_mean")},
         "has_operating_points": "threshold" in m,
         "has_unknown": bool(m.get("excluded_unknown")),
+        "demographics_only": demographics_part(m),
         "members": [{"run": x.get("run"), "eval": x.get("eval"), "sha": x.get("checkpoint_sha256")} for x in m.get("members", [])],
     }
 
@@ -483,6 +489,7 @@ def build_context(
         "cases": case_sections(evaluations, stores, tables, n=cases, cases_for=cases_for, heatmap_fn=heatmap_fn),
         "heatmaps_available": heatmap_fn is not None,
         "reproduce": reproduce_section(evaluations, runs, stores, args),
+        "fusion": fusion_comparison([ev["metrics"] for ev in evaluations]),
     }
 
 
