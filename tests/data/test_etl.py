@@ -443,6 +443,7 @@ def test_killed_run_leaves_nothing_that_looks_complete(spark, synthetic, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_local_cluster_gives_the_same_store_as_local(synthetic, synthetic_store, tmp_path):
     store, manifest = synthetic_store
     out = tmp_path / "cluster"

@@ -30,6 +30,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_etl_with_a_worker_killed_mid_job_is_complete_or_not_published(tmp_path):
     release = tmp_path / "release"
     synthesize(release, patients=40, size=128, seed=5)
@@ -66,6 +67,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_training_with_a_worker_killed_fails_cleanly_and_resumes_on_a_new_worker(tmp_path):
     store = tmp_path / "store"
     write_synthetic_store(store, sizes=(32,), rows={"train": 256, "val": 32, "test": 8}, seed=6)

@@ -97,6 +97,7 @@ def test_job_errors_become_one_line_naming_resume():
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_two_processes_on_a_local_cluster_match_torchrun(store, tmp_path):
     reference = tmp_path / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -119,6 +120,7 @@ def test_two_processes_on_a_local_cluster_match_torchrun(store, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_bad_cluster_input_gives_one_line_and_writes_nothing(store, tmp_path, refused_port):
     run = tmp_path / "run"
     cases = [
@@ -191,6 +193,7 @@ def _training_process(root: int, rank: int) -> int | None:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp_path):
     store = tmp_path / "store"
     write_synthetic_store(store, sizes=(32,), rows={"train": 256, "val": 32, "test": 8}, seed=2)
@@ -230,6 +233,7 @@ def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_a_two_run_sweep_on_the_cluster_resumes_the_cut_run_and_tracks_both(store, tmp_path, monkeypatch):
     from cxrflow.outputs import write_marker
     from cxrflow.sweep import load_sweep, run_dir

@@ -549,6 +549,7 @@ def _page_check(browser, tmp_path, proxy, html: str) -> dict:
     return json.loads(htmlmod.unescape(found.group(1)))
 
 
+@pytest.mark.browser
 def test_in_headless_chromium(report, study, tmp_path):
     browser = _chromium_or_skip()
     proxy = CountingProxy()
@@ -590,6 +591,7 @@ window.addEventListener("load", function () {
 """
 
 
+@pytest.mark.browser
 def test_table1_fits_across_a4_landscape_when_printed(report, tmp_path):
     browser = _chromium_or_skip()
     html = report.read_text()
