@@ -24,8 +24,10 @@ from pathlib import Path
 
 #: Design ablations of the fused run (``--variants``): what the default design's choices are worth.
 #: ``no-init``: the demographic term starts as a new layer instead of the logistic-regression fit;
-#: ``no-init-lr10``: the same with ten times the stage's learning rate for the term.
-VARIANTS = {"no-init": {"init": False, "lr_factor": 1.0}, "no-init-lr10": {"init": False, "lr_factor": 10.0}}
+#: ``no-init-lr10``: the same with ten times the stage's learning rate for the term; ``lr10``: the fit,
+#: then ten times the stage's learning rate.
+VARIANTS = {"no-init": {"init": False, "lr_factor": 1.0}, "no-init-lr10": {"init": False, "lr_factor": 10.0},
+            "lr10": {"init": True, "lr_factor": 10.0}}
 
 
 @contextlib.contextmanager
