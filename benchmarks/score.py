@@ -7,7 +7,8 @@ then, in the same run, on the same rows:
 1. baseline: one process, one torch thread, the predict loop: each store file read and scored by
    :func:`cxrflow.results.score.score_pixels` (the predictor ``cxrflow predict`` uses);
 2. the Spark job on ``--master`` (:func:`cxrflow.results.batchscore.run_batch`, one torch thread per
-   task), timed after a warm-up job that starts the Python workers: reading, scoring, writing Parquet.
+   task), timed after a warm-up job into the same folder that starts the Python workers and loads
+   the model into each (once per worker, as for any long job): reading, scoring, writing Parquet.
 
 Prints images/s for both, their ratio and the target (0.8 x the loop x the master's cores). The
 best of ``--rounds`` rounds counts (the round least disturbed by other work on a shared machine).
@@ -68,10 +69,13 @@ def loop(run: Path, store: Path, size: int) -> tuple[float, int]:
 
 
 def spark_job(spark, run: Path, store: Path, out: Path) -> float:
-    """Seconds of one batch-scoring job of the test split into ``out`` on the running session."""
+    """Seconds of one batch-scoring job of the test split into ``out`` (emptied first) on the running session."""
+    import shutil
+
     from cxrflow.results.batchscore import run_batch
     from cxrflow.results.predict import load_predictor
 
+    shutil.rmtree(out, ignore_errors=True)
     args = argparse.Namespace(run=str(run), checkpoint=None, store=str(store), out=str(out), split="test", data=None,
                               format="auto", spark_master="unused", resume=False, images=[])  # fmt: skip
     predictor = load_predictor(run)
@@ -105,11 +109,11 @@ def main() -> None:
         loops, jobs = [], []
         with spark_session(args.master, "cxrflow-bench-score", conf={"spark.default.parallelism": str(cores)}) as spark:
             spark.sparkContext.parallelize(range(cores * 4), cores).map(lambda x: x).count()  # start the workers
-            spark_job(spark, run, store, root / "warm")
-            for r in range(args.rounds):
+            spark_job(spark, run, store, root / "out")
+            for _ in range(args.rounds):
                 seconds, n = loop(run, store, args.size)
                 loops.append(n / seconds)
-                jobs.append(args.images / spark_job(spark, run, store, root / f"out{r}"))
+                jobs.append(args.images / spark_job(spark, run, store, root / "out"))
         best_loop, best_job = max(loops), max(jobs)
         target = 0.8 * best_loop * cores
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
