@@ -73,9 +73,10 @@ def resolve_checkpoint(run: str | os.PathLike, checkpoint: str | None = None) ->
     return path.stem, path
 
 
-def default_eval_dir(run: str | os.PathLike, split: str, checkpoint_name: str) -> Path:
-    """Where ``cxrflow evaluate`` writes by default: ``RUN/eval-<split>-<checkpoint>``."""
-    return Path(run) / f"eval-{split}-{checkpoint_name}"
+def default_eval_dir(run: str | os.PathLike, split: str, checkpoint_name: str, store_name: str | None = None) -> Path:
+    """Where ``cxrflow evaluate`` writes by default: ``RUN/eval-<split>-<checkpoint>``, or
+    ``RUN/eval-<store_name>-<split>-<checkpoint>`` for an evaluation on another collection's store."""
+    return Path(run) / (f"eval-{store_name}-{split}-{checkpoint_name}" if store_name else f"eval-{split}-{checkpoint_name}")
 
 
 def default_localize_dir(run: str | os.PathLike, split: str, checkpoint_name: str) -> Path:
