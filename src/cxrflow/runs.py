@@ -170,6 +170,10 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
     out = "" if "run" not in metrics or not metrics.get("split") or folder.absolute() == default_eval_dir(Path(str(run)).absolute(), str(metrics["split"]), str(name)) else (
         f" --split {metrics['split']} --out {folder}"
     )
+    if metrics.get("alignment") is not None:  # scored on another collection's store (cxrflow.results.crosseval)
+        maps = "".join(f" --map {m!r}" for m in metrics.get("map") or [])
+        out = f" --store {metrics.get('store')} --split {metrics.get('split')}{maps}" + (
+            "" if folder.name.startswith("eval-") else f" --out {folder}")  # fmt: skip
     again = f"run 'cxrflow evaluate --run {run} --checkpoint {name}{out} --overwrite' again"
     return checkpoint_status(metrics_path, metrics, "evaluation", again)
 

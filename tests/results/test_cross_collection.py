@@ -14,7 +14,11 @@ from cxrflow.cli import main
 from cxrflow.data.alignment import ALIASES, align, name_key, parse_map, same_finding
 from cxrflow.data.formats.chexpert import VOCAB as CHEXPERT
 from cxrflow.data.labels import NIH14, LabelVocabulary
+from cxrflow.data.store import KNOWN_COLUMN
+from cxrflow.data.uncertain import KNOWN, POLICIES, UNCERTAIN, UNMENTIONED, apply_policy
 from cxrflow.errors import CxrflowError
+from cxrflow.metrics import binary_auc
+from cxrflow.runs import read_predictions
 
 # ------------------------------------------------------------------------------------------------
 # the alias table, without pixels
@@ -59,10 +63,10 @@ def test_user_map_extends_the_table_and_bad_maps_are_one_clear_error():
 # a run scored on a second store of the same images under other finding names
 
 
-from test_evaluate import train_tiny_run  # noqa: E402
+from test_evaluate import train_tiny_run
 
-from cxrflow.results.crosseval import evaluate_on_store  # noqa: E402
-from cxrflow.results.evaluate import evaluate_run  # noqa: E402
+from cxrflow.results.crosseval import evaluate_on_store
+from cxrflow.results.evaluate import evaluate_run
 
 #: the second store's findings: model (NIH) name -> its name there; Infiltration, Fibrosis and Hernia
 #: are not labelled there, and it labels one finding the model does not predict
@@ -73,9 +77,10 @@ RENAMED = {"Pleural_Thickening": "pleural thickening", "Effusion": "Pleural Effu
 EXTRA = "Support Devices"
 
 
-def relabelled_copy(src: Path, dst: Path, renamed: dict[str, str], extra: str) -> None:
+def relabelled_copy(src: Path, dst: Path, renamed: dict[str, str], extra: str, *, states: bool = False) -> None:
     """``src`` copied to ``dst`` with the same pixels and the labels of ``renamed``'s findings only
-    (under their new names, in reverse order), plus ``extra``, a finding labelled by chance."""
+    (under their new names, in reverse order), plus ``extra``, a finding labelled by chance; with
+    ``states``, a CheXpert-like store whose labels are by chance uncertain (20%) or not mentioned (10%)."""
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "_manifest.json").read_text())
     old = manifest["label_names"]
@@ -87,10 +92,18 @@ def relabelled_copy(src: Path, dst: Path, renamed: dict[str, str], extra: str) -
         lab = np.array(table.column("labels").to_pylist(), dtype=np.uint8)
         new = np.concatenate([lab[:, keep], (rng.random((len(lab), 1)) < 0.3).astype(np.uint8)], axis=1)
         column = pa.array([list(map(int, r)) for r in new], pa.list_(pa.uint8()))
-        pq.write_table(table.set_column(table.schema.get_field_index("labels"), "labels", column), part)
+        table = table.set_column(table.schema.get_field_index("labels"), "labels", column)
+        if states:
+            draw = rng.random(new.shape)
+            known = np.where(draw < 0.1, UNMENTIONED, np.where(draw < 0.3, UNCERTAIN, KNOWN)).astype(np.uint8)
+            column = pa.array([list(map(int, r)) for r in known], pa.list_(pa.uint8()))
+            table = table.add_column(table.schema.get_field_index("labels") + 1, KNOWN_COLUMN, column)
+        pq.write_table(table, part)
     manifest.update(label_names=names, vocabulary=LabelVocabulary(tuple(names)).to_dict(),
                     positives={n: 1 for n in names}, pos_weight=[1.0] * len(names))  # fmt: skip
     manifest.pop("split_identity", None)
+    if states:
+        manifest.update(format_version=max(2, manifest["format_version"]), uncertain_policies=list(POLICIES))
     (dst / "_manifest.json").write_text(json.dumps(manifest))
 
 
@@ -168,3 +181,30 @@ def test_bad_input_is_one_line_before_scoring(two_stores, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_uncertain_labels_of_the_other_store_follow_the_policy(two_stores, tmp_path):
+    run, store, _, _ = two_stores
+    states = tmp_path / "states"
+    relabelled_copy(store, states, RENAMED, EXTRA, states=True)
+    own, _ = read_predictions(run / "eval-test-best_finetune" / "predictions.parquet")
+    row = {image: i for i, image in enumerate(own["image_id"])}
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((states / "size=32" / "split=test").glob("*.parquet")))
+    order = [row[i] for i in table.column("image_id").to_pylist()]
+    labels = np.array(table.column("labels").to_pylist(), dtype=np.uint8)
+    label_states = np.array(table.column(KNOWN_COLUMN).to_pylist(), dtype=np.uint8)
+    names = json.loads((states / "_manifest.json").read_text())["label_names"]
+    excluded = {}
+    for policy in ("ignore", "ones"):
+        got = evaluate_on_store(run, states, out=tmp_path / policy, uncertain=policy, n_boot=5, device="cpu")
+        assert got["uncertain"] == policy
+        y, known = apply_policy(labels, label_states, policy)
+        for model_name, store_name in got["alignment"].items():
+            j, k = names.index(store_name), list(NIH14.names).index(model_name)
+            mask = known[:, j].astype(bool)
+            expected = binary_auc(y[mask, j], own["probs"][order][mask, k])
+            assert got["auc"][model_name] == pytest.approx(expected, abs=1e-6), (policy, model_name)
+            assert got["excluded_unknown"][model_name] == int((~mask).sum())
+        excluded[policy] = sum(got["excluded_unknown"].values())
+    assert excluded["ignore"] > excluded["ones"] > 0  # uncertain labels are masked, or counted as positives

@@ -6,8 +6,8 @@ import argparse
 
 from cxrflow import options
 from cxrflow.commands.common import checked_device, must_exist
-from cxrflow.errors import CxrflowError
 from cxrflow.data.uncertain import check_policy
+from cxrflow.errors import CxrflowError
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_evaluation, request_from_args
 
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     checked_device(args.device)
     must_exist([args.run], "no such run folder")
     from cxrflow.modelling.scoring import format_summary
-    from cxrflow.results.demographics_baseline import format_lines
     from cxrflow.results.crosseval import evaluate_on_store, format_not_labelled, is_other_collection
+    from cxrflow.results.demographics_baseline import format_lines
     from cxrflow.results.evaluate import evaluate_run
     from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME, resolve_checkpoint
 

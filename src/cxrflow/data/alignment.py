@@ -21,8 +21,8 @@ only when the user says so with ``--map``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 from cxrflow.errors import CxrflowError
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -145,7 +146,7 @@ def evaluate_on_store(
     out = Path(out) if out is not None else default_eval_dir(run, split, name, store.resolve().name)
     device = resolve_device(device)
     with publishing(out, "evaluate", overwrite=overwrite, inputs=[run, ckpt_path, store]) as pub:
-        return _evaluate_into(pub, run, name, ckpt_path, store, manifest, alignment, split=split, uncertain=uncertain,
+        return _evaluate_into(pub, run, name, ckpt_path, store, manifest, alignment, split=split, uncertain=uncertain, maps=maps,
                               n_boot=n_boot, seed=seed, device=device, batch_size=batch_size)  # fmt: skip
 
 
@@ -173,7 +174,7 @@ def _checkpoint_label_names(path: Path) -> list[str]:
 
 
 def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, store: Path, manifest: dict, alignment, *, split: str,
-                   uncertain: str, n_boot: int, seed: int, device, batch_size: int) -> dict:  # fmt: skip
+                   uncertain: str, maps: Sequence[str], n_boot: int, seed: int, device, batch_size: int) -> dict:  # fmt: skip
     """Score the aligned findings, write the evaluation into ``pub.tmp`` and publish it."""
     from cxrflow.data.store import store_identity
     from cxrflow.modelling.inference import predict_split, resolve_inference
@@ -208,10 +209,10 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, store: Path, mani
         "fusion": inference.config.get("fusion", "none"), "size": inference.size, "split": split,
         "store": str(store.resolve()), "store_identity": store_identity(store, manifest, inference.size),
         "collections": {"model": _run_collection(inference), "store": collection_name(manifest, store)},
-        **alignment.record(), "uncertain": uncertain if has_states else None,
+        **alignment.record(), "map": list(maps), "uncertain": uncertain if has_states else None,
         "model_label_names": list(inference.label_names), "threshold_source": source,
         "loss": None, "pixel_mean": inference.pixel_mean, "pixel_std": inference.pixel_std, **scored,
-        "cxrflow_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cxrflow_version": __version__, "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }  # fmt: skip
     _write_evaluation(pub, run, metrics, evaluated, validation)
     metrics["out"] = str(pub.out)
