@@ -208,3 +208,22 @@ def test_uncertain_labels_of_the_other_store_follow_the_policy(two_stores, tmp_p
             assert got["excluded_unknown"][model_name] == int((~mask).sum())
         excluded[policy] = sum(got["excluded_unknown"].values())
     assert excluded["ignore"] > excluded["ones"] > 0  # uncertain labels are masked, or counted as positives
+
+
+@pytest.mark.slow
+def test_predict_keeps_the_runs_own_operating_points_and_a_stale_one_names_its_store(two_stores, tmp_path):
+    import torch
+
+    from cxrflow.modelling.predictor import _evaluation_record
+    from cxrflow.runs import evaluation_status
+
+    run, _, other, own = two_stores
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval-test-*"))
+    got = evaluate_on_store(copy, other, maps=["Infiltration=Support Devices"], n_boot=5, device="cpu")
+    assert got["alignment"]["Infiltration"] == "Support Devices" and got["map"] == ["Infiltration=Support Devices"]
+    assert _evaluation_record(copy, "best_finetune") == (None, None)  # not a threshold source for 'cxrflow predict'
+    ckpt = torch.load(copy / "best_finetune.pt", weights_only=True)
+    torch.save({**ckpt, "epoch": ckpt["epoch"] + 1}, copy / "best_finetune.pt")
+    line = evaluation_status(Path(got["out"]) / "metrics.json")
+    assert f"--store {other.resolve()} --split test --map 'Infiltration=Support Devices' --overwrite" in line, line
