@@ -73,9 +73,10 @@ def resolve_checkpoint(run: str | os.PathLike, checkpoint: str | None = None) ->
     return path.stem, path
 
 
-def default_eval_dir(run: str | os.PathLike, split: str, checkpoint_name: str) -> Path:
-    """Where ``cxrflow evaluate`` writes by default: ``RUN/eval-<split>-<checkpoint>``."""
-    return Path(run) / f"eval-{split}-{checkpoint_name}"
+def default_eval_dir(run: str | os.PathLike, split: str, checkpoint_name: str, store_name: str | None = None) -> Path:
+    """Where ``cxrflow evaluate`` writes by default: ``RUN/eval-<split>-<checkpoint>``, or
+    ``RUN/eval-<store_name>-<split>-<checkpoint>`` for an evaluation on another collection's store."""
+    return Path(run) / (f"eval-{store_name}-{split}-{checkpoint_name}" if store_name else f"eval-{split}-{checkpoint_name}")
 
 
 def default_localize_dir(run: str | os.PathLike, split: str, checkpoint_name: str) -> Path:
@@ -169,6 +170,10 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
     out = "" if "run" not in metrics or not metrics.get("split") or folder.absolute() == default_eval_dir(Path(str(run)).absolute(), str(metrics["split"]), str(name)) else (
         f" --split {metrics['split']} --out {folder}"
     )
+    if metrics.get("alignment") is not None:  # scored on another collection's store (cxrflow.results.crosseval)
+        maps = "".join(f" --map {m!r}" for m in metrics.get("map") or [])
+        out = f" --store {metrics.get('store')} --split {metrics.get('split')}{maps}" + (
+            "" if folder.name.startswith("eval-") else f" --out {folder}")  # fmt: skip
     again = f"run 'cxrflow evaluate --run {run} --checkpoint {name}{out} --overwrite' again"
     return checkpoint_status(metrics_path, metrics, "evaluation", again)
 

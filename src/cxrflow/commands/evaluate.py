@@ -6,6 +6,8 @@ import argparse
 
 from cxrflow import options
 from cxrflow.commands.common import checked_device, must_exist
+from cxrflow.data.uncertain import check_policy
+from cxrflow.errors import CxrflowError
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_evaluation, request_from_args
 
@@ -17,14 +19,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="best_finetune, best_kt, last or a .pt path (default: best_finetune if present, else best_kt)",
     )
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default: test)")
-    parser.add_argument("--out", default=None, help="output folder (default: RUN/eval-<split>-<checkpoint>)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                        help="split to evaluate (default: test); all: every split of another collection's --store")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: RUN/eval-<split>-<checkpoint>, RUN/eval-<store>-<split>-<checkpoint> "
+                             "on another collection's store)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing evaluation folder")
     parser.add_argument("--n-boot", type=options.n_boot, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
     parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap seed (default: 0)")
     options.add_device(parser, checked_by_parser=False)
     options.add_batch_size(parser, 64)
     parser.add_argument("--store", default=None, help="store folder, when it moved since training (default: the run's); it must hold the run's splits")
+    parser.add_argument("--map", action="append", default=[], metavar="MODEL_FINDING=STORE_FINDING",
+                        help="score the model's finding against the store's finding of another name (repeatable; "
+                             "docs/cross-collection.md); a --store of the same findings is then scored as another collection's")
+    parser.add_argument("--uncertain", type=check_policy, default="ignore",
+                        help="another collection's uncertain labels: ignore (masked, default), ones or zeros")
     add_tracking_arguments(parser)  # a tracked run (RUN/mlflow.json) is logged to also without --mlflow
 
 
@@ -32,12 +42,31 @@ def run(args: argparse.Namespace) -> int:
     checked_device(args.device)
     must_exist([args.run], "no such run folder")
     from cxrflow.modelling.scoring import format_summary
+    from cxrflow.results.crosseval import evaluate_on_store, format_not_labelled, is_other_collection
     from cxrflow.results.demographics_baseline import format_lines
     from cxrflow.results.evaluate import evaluate_run
-    from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME
+    from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME, resolve_checkpoint
 
     tracking = request_from_args(args)
-    metrics = evaluate_run(
+    if args.store is not None and (args.map or is_other_collection(resolve_checkpoint(args.run, args.checkpoint)[1], args.store)):
+        metrics = evaluate_on_store(
+            args.run, args.store, checkpoint=args.checkpoint, split=args.split, out=args.out, maps=tuple(args.map),
+            uncertain=args.uncertain, n_boot=args.n_boot, seed=args.seed, device=args.device,
+            batch_size=args.batch_size, overwrite=args.overwrite,
+        )  # fmt: skip
+    elif args.split == "all":
+        raise CxrflowError("--split all scores every split of another collection's store (give it with --store)")
+    else:
+        metrics = _evaluate(args, evaluate_run)
+    log_evaluation(tracking, metrics)
+    print("\n".join([format_summary(metrics), *format_lines(metrics), *format_not_labelled(metrics)]))
+    print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, evaluate_run) -> dict:
+    """The run's own evaluation (its store, or that store moved)."""
+    return evaluate_run(
         args.run,
         checkpoint=args.checkpoint,
         split=args.split,
@@ -49,7 +78,3 @@ def run(args: argparse.Namespace) -> int:
         store=args.store,
         overwrite=args.overwrite,
     )
-    log_evaluation(tracking, metrics)
-    print("\n".join([format_summary(metrics), *format_lines(metrics)]))
-    print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
-    return 0

@@ -214,13 +214,16 @@ def predict_split(
     world_size: int = 1,
     pixel_mean: float | None = None,
     pixel_std: float | None = None,
+    uncertain: str = "ignore",
 ) -> dict[str, Any]:
     """Score a whole split: ``image_id``, ``patient_id`` int64[N], ``labels``, ``logits`` and ``probs``
     float32[N, K], ``loss`` (mean BCE with the store's pos_weight, or None without one).
 
     ``pixel_mean``/``pixel_std`` are the normalisation the model was trained with (from its
     checkpoint); without them the store's train statistics are used (training's own validation).
-    With ``world_size > 1`` (inside a process group) each rank scores its shard and the results are
+    ``uncertain`` is the policy for a store's uncertain labels (:mod:`cxrflow.data.uncertain`). The
+    store may label other findings than the model predicts (another collection's): then ``labels``
+    are the store's and ``loss`` is None. With ``world_size > 1`` (inside a process group) each rank scores its shard and the results are
     gathered, so every rank returns the same complete arrays.
     """
     device = resolve_device(device)
@@ -232,7 +235,8 @@ def predict_split(
     if pixel_mean is None or pixel_std is None:
         pixel_mean, pixel_std = pixel_stats(manifest, size)
     loader = make_loader(
-        store, size, split, batch_size=batch_size, shuffle=False, num_workers=num_workers, rank=rank, world_size=world_size
+        store, size, split, batch_size=batch_size, shuffle=False, num_workers=num_workers, rank=rank, world_size=world_size,
+        uncertain=uncertain,
     )
     ids: list[str] = []
     patients, labels, logits, known = [], [], [], []
@@ -248,13 +252,13 @@ def predict_split(
             ids.extend(str(i) for i in batch["image_id"])
     finally:
         net.train(was_training)
-    k = net.num_classes
+    k = len(manifest.get("label_names") or []) or net.num_classes
     part = {
         "image_id": ids,
         "patient_id": torch.cat(patients).numpy() if patients else np.zeros(0, np.int64),
         "labels": torch.cat(labels).numpy() if labels else np.zeros((0, k), np.float32),
         "known": torch.cat(known).numpy() if known else np.zeros((0, k), np.float32),
-        "logits": torch.cat(logits).numpy() if logits else np.zeros((0, k), np.float32),
+        "logits": torch.cat(logits).numpy() if logits else np.zeros((0, net.num_classes), np.float32),
     }
     if world_size > 1:
         part = _gathered(part, world_size)
@@ -265,7 +269,7 @@ def predict_split(
         "known": part["known"].astype(np.float32),
         "logits": part["logits"].astype(np.float32),
         "probs": torch.sigmoid(torch.from_numpy(part["logits"])).numpy().astype(np.float32),
-        "loss": _split_loss(part, manifest.get("pos_weight"), k, store),
+        "loss": _split_loss(part, manifest.get("pos_weight"), k, store) if k == net.num_classes else None,
     }
 
 

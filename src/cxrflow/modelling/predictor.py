@@ -115,6 +115,8 @@ def _evaluation_record(run: Path, checkpoint_name: str) -> tuple[dict | None, st
         except (OSError, ValueError) as exc:  # said, not skipped silently: without it the output is raw
             note = note or f"{path}: unreadable ({_first_line(exc)}); its thresholds and calibration are not used"
             continue
+        if metrics.get("alignment") is not None:  # scored on another collection's store: not the run's operating points
+            continue
         stale = evaluation_status(path, metrics)
         if stale is not None:
             note = note or f"{path.parent}: {stale}; its thresholds and calibration are not used"
