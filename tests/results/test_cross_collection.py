@@ -123,6 +123,7 @@ def test_shared_findings_score_as_on_the_own_store(two_stores, capsys):
     assert main(["evaluate", "--run", str(run), "--store", str(other), "--n-boot", "20", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "not labelled in other: Infiltration, Fibrosis, Hernia" in printed
+    assert "scored on other: 11 of the model's 14 findings (as Cardiomegaly -> cardiomegaly, Effusion -> Pleural Effusion," in printed
     folder = run / "eval-other-test-best_finetune"
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["alignment"] == {m: RENAMED[m] for m in NIH14.names if m in RENAMED}

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     checked_device(args.device)
     must_exist([args.run], "no such run folder")
     from cxrflow.modelling.scoring import format_summary
-    from cxrflow.results.crosseval import evaluate_on_store, format_not_labelled, is_other_collection
+    from cxrflow.results.crosseval import evaluate_on_store, format_cross_lines, is_other_collection
     from cxrflow.results.demographics_baseline import format_lines
     from cxrflow.results.evaluate import evaluate_run
     from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME, resolve_checkpoint
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         metrics = _evaluate(args, evaluate_run)
     log_evaluation(tracking, metrics)
-    print("\n".join([format_summary(metrics), *format_lines(metrics), *format_not_labelled(metrics)]))
+    print("\n".join([format_summary(metrics), *format_lines(metrics), *format_cross_lines(metrics)]))
     print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
     return 0
 

@@ -232,8 +232,17 @@ def _run_collection(inference) -> str:
         return Path(inference.store).name or "unknown"
 
 
-def format_not_labelled(metrics: dict) -> list[str]:
-    """The terminal line naming the model's findings the store does not label (none when all are)."""
-    missing = metrics.get("not_labelled") or []
+def format_cross_lines(metrics: dict) -> list[str]:
+    """Terminal lines of an evaluation on another collection's store: what was scored against what,
+    where the thresholds came from, and the model's findings the store does not label (none for the
+    run's own evaluations)."""
+    if metrics.get("alignment") is None:
+        return []
     where = Path(str(metrics.get("store", "the store"))).name
-    return [f"not labelled in {where}: {', '.join(missing)}"] if missing else []
+    pairs = metrics["alignment"]
+    renamed = [f"{m} -> {s}" for m, s in pairs.items() if m != s]
+    n_model = len(metrics.get("model_label_names") or pairs)
+    lines = [f"scored on {where}: {len(pairs)} of the model's {n_model} findings"
+             + (f" (as {', '.join(renamed)})" if renamed else ""), f"thresholds and temperatures: {metrics.get('threshold_source')}"]  # fmt: skip
+    missing = metrics.get("not_labelled") or []
+    return lines + ([f"not labelled in {where}: {', '.join(missing)}"] if missing else [])
