@@ -220,7 +220,7 @@ def test_predict_keeps_the_runs_own_operating_points_and_a_stale_one_names_its_s
 
     run, _, other, own = two_stores
     copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval-test-*"))
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval-*"))
     got = evaluate_on_store(copy, other, maps=["Infiltration=Support Devices"], n_boot=5, device="cpu")
     assert got["alignment"]["Infiltration"] == "Support Devices" and got["map"] == ["Infiltration=Support Devices"]
     assert _evaluation_record(copy, "best_finetune") == (None, None)  # not a threshold source for 'cxrflow predict'
