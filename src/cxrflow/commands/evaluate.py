@@ -6,10 +6,16 @@ import argparse
 
 from cxrflow import options
 from cxrflow.commands.common import checked_device, must_exist
-from cxrflow.data.uncertain import check_policy
 from cxrflow.errors import CxrflowError
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_evaluation, request_from_args
+
+
+def _uncertain_policy(text: str) -> str:
+    """argparse type of ``--uncertain`` (numpy is imported only when the option is given)."""
+    from cxrflow.data.uncertain import check_policy
+
+    return check_policy(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map", action="append", default=[], metavar="MODEL_FINDING=STORE_FINDING",
                         help="score the model's finding against the store's finding of another name (repeatable; "
                              "docs/cross-collection.md); a --store of the same findings is then scored as another collection's")
-    parser.add_argument("--uncertain", type=check_policy, default="ignore",
+    parser.add_argument("--uncertain", type=_uncertain_policy, default="ignore",
                         help="another collection's uncertain labels: ignore (masked, default), ones or zeros")
     add_tracking_arguments(parser)  # a tracked run (RUN/mlflow.json) is logged to also without --mlflow
 
