@@ -110,22 +110,37 @@ def bootstrap_aucs(
     if n_boot < 1:
         raise ValueError("n_boot must be at least 1")
     n, k = labels.shape
-    _, patient_of_image = np.unique(patient_ids, return_inverse=True)
-    n_patients = int(patient_of_image.max()) + 1 if n else 0
-    rng = np.random.default_rng(seed)
     y = labels.astype(bool)
     out = np.full((n_boot, k), np.nan)
-    chunk = max(1, min(n_boot, _CHUNK_WEIGHTS // max(n, n_patients, 1)))
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        draws = rng.integers(0, n_patients, size=(b, n_patients))
-        flat = (draws + np.arange(b)[:, None] * n_patients).ravel()
-        counts = np.bincount(flat, minlength=b * n_patients).reshape(b, n_patients)
+    patient_of_image, chunks = patient_resamples(patient_ids, n_boot, seed)
+    for start, counts in chunks:
+        b = counts.shape[0]
         weights = counts[:, patient_of_image].astype(np.float64)
         for j in range(k):
             w = weights if known is None else weights * np.asarray(known)[:, j]
             out[start : start + b, j] = _weighted_auc(y[:, j], probs[:, j], w)
     return out
+
+
+def patient_resamples(patient_ids: np.ndarray, n_boot: int, seed: int):
+    """(patient index of each image ``[N]``, iterator of ``(first resample, counts[b, P])``): how often
+    each of the P patients is drawn in each of ``n_boot`` resamples, in chunks. The one source of the
+    evaluation's resamples: the subgroup audit (:mod:`cxrflow.results.audit`) reuses exactly these."""
+    _, patient_of_image = np.unique(np.asarray(patient_ids), return_inverse=True)
+    patient_of_image = patient_of_image.ravel()
+    n = patient_of_image.size
+    n_patients = int(patient_of_image.max()) + 1 if n else 0
+    chunk = max(1, min(n_boot, _CHUNK_WEIGHTS // max(n, n_patients, 1)))
+
+    def chunks():
+        rng = np.random.default_rng(seed)
+        for start in range(0, n_boot, chunk):
+            b = min(chunk, n_boot - start)
+            draws = rng.integers(0, n_patients, size=(b, n_patients))
+            flat = (draws + np.arange(b)[:, None] * n_patients).ravel()
+            yield start, np.bincount(flat, minlength=b * n_patients).reshape(b, n_patients)
+
+    return patient_of_image, chunks()
 
 
 def _interval(values: np.ndarray, level: float) -> list[float] | None:
