@@ -75,3 +75,14 @@ def val_fraction(text: str) -> float:
             f"must be a number between 0 and 1 (exclusive), got {text!r}: training keeps its best epoch "
             "by validation AUC, so validation cannot be empty")
     return value
+
+
+def probability(text: str) -> float:
+    """argparse type of a rate such as ``--audit-fpr``: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (exclusive), got {text!r}")
+    return value

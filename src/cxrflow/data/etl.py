@@ -50,6 +50,7 @@ from cxrflow.data.imaging import MAX_STORE_SIZE, ImageError, load_and_resize
 from cxrflow.outputs import publishing
 from cxrflow.data.formats import Collection, add_format_arguments
 from cxrflow.data.formats.dicom import spacing_row, write_spacing
+from cxrflow.data.synthetic import synthetic_record
 from cxrflow.data.store import (
     KNOWN_COLUMN,
     MANIFEST_NAME,
@@ -640,6 +641,7 @@ def _manifest(
             # the NIH reader counts its unusable ages itself; the other readers leave them at -1
             "age_unknown": int(release.entries.attrs.get("age_unknown", (release.entries["age"] < 0).sum())),
         },
+        **synthetic_record(release.root),  # a collection written by cxrflow's generators
         "missing": missing,
         "quarantined": quarantined,
         "split": {

@@ -129,6 +129,7 @@ def write_synthetic_store(
         "missing": [],
         "quarantined": [],
         "split": {"mode": "synthetic-store", "seed": seed},
+        "synthetic": {"generator": "cxrflow.data.synthstore"},
         "split_identity": {split: split_identity(ids_by_split[split], labels_by_split[split]) for split in rows},
     }
     if shuffled:

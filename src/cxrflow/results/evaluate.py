@@ -400,6 +400,9 @@ def predictions_table(pred: dict, label_names: Sequence[str]):
             values = np.asarray(pred[key], dtype=np.float32)
             for j, name in enumerate(label_names):
                 cols[f"{prefix}{name}"] = pa.array(values[:, j])
+    for column, kind in (("age", pa.int16()), ("sex", pa.string()), ("view", pa.string())):  # the audit's attributes
+        if pred.get(column) is not None:
+            cols[column] = pa.array(list(pred[column]), kind)
     known = pred.get("known")
     if known is not None and not np.asarray(known).all():
         for j, name in enumerate(label_names):
@@ -604,11 +607,14 @@ def evaluate_run(
     batch_size: int = 64,
     store: str | os.PathLike | None = None,
     overwrite: bool = False,
+    audit: bool = True,
+    audit_fpr: float = 0.2,
 ) -> dict[str, Any]:
     """Evaluate one checkpoint of a run on ``split`` and write metrics, predictions and figures.
 
-    Thresholds for sensitivity/specificity come from the validation split. Returns the metrics
-    dict with ``out`` (the folder written) added.
+    Thresholds for sensitivity/specificity come from the validation split. With ``audit``, the
+    subgroup audit (:mod:`cxrflow.results.subgroups`) writes ``subgroups.csv``; ``audit_fpr`` sets
+    its global underdiagnosis threshold. Returns the metrics dict with ``out`` (the folder written) added.
     """
     from cxrflow.modelling.inference import resolve_device
 
@@ -621,10 +627,10 @@ def evaluate_run(
     inputs = [run, ckpt_path] + ([store] if store is not None else [])
     with publishing(out, "evaluate", overwrite=overwrite, inputs=inputs) as pub:
         return _evaluate_into(pub, run, name, ckpt_path, split=split, n_boot=n_boot, seed=seed, device=device,
-                              batch_size=batch_size, store=store)
+                              batch_size=batch_size, store=store, audit=(audit, audit_fpr))
 
 
-def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot, seed, device, batch_size, store) -> dict:
+def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot, seed, device, batch_size, store, audit) -> dict:
     """Score the checkpoint, write the evaluation into ``pub.tmp`` and publish it."""
     from cxrflow.modelling.calibration import pos_weight_offsets
     from cxrflow.identity import file_sha256
@@ -685,7 +691,14 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
     }
 
     tmp = pub.tmp
-    figures = write_prediction_files(tmp, evaluated, validation, label_names, metrics, f"{config.get('model')} {size}px, {name}")
+    from cxrflow.results.subgroups import audit_evaluation, data_words, store_attributes
+
+    what = f"{config.get('model')} {size}px, {name}{data_words(manifest)}"  # "(synthetic data)" for a synthetic store
+    metrics["synthetic"] = bool(data_words(manifest))
+    for part, part_split in ((evaluated, split), (validation, "val")):  # one dict when the split is val
+        part.update(store_attributes(store, size, part_split, part["image_id"]))
+    figures = write_prediction_files(tmp, evaluated, validation, label_names, metrics, what)
+    metrics["audit"] = audit_evaluation(tmp, evaluated, label_names, metrics, fpr=audit[1], what=what) if audit[0] else None
     records = read_epoch_records(run)
     if records:
         plot_training_curves(records, title=f"Training curves, {run.name} ({config.get('model')} {size}px)").savefig(
@@ -750,6 +763,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=options.positive_int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--store", default=None, help="store folder, when it moved since training (default: the run's); it must hold the run's splits")
+    parser.add_argument("--no-audit", dest="audit", action="store_false", help="skip the subgroup audit (subgroups.csv)")
+    parser.add_argument("--audit-fpr", type=options.probability, default=0.2,
+                        help="false-positive rate of the audit's one global 'no finding' threshold (default: 0.2)")
     add_tracking_arguments(parser)  # a tracked run (RUN/mlflow.json) is logged to also without --mlflow
 
 
@@ -766,6 +782,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         store=args.store,
         overwrite=args.overwrite,
+        audit=args.audit,
+        audit_fpr=args.audit_fpr,
     )
     log_evaluation(tracking, metrics)
     print(format_summary(metrics))
