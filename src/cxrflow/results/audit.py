@@ -9,13 +9,13 @@ Per finding and group: images, positives, AUC with a 95% percentile interval fro
 own patient bootstrap (the same resamples, :func:`cxrflow.results.evaluate.patient_resamples`),
 sensitivity (TPR) and FPR at the evaluation's operating threshold, and the gap: the group's AUC
 minus the AUC of every other image of the split, with an interval of that difference over the same
-resamples. Many groups times many findings are many tests, so the gap intervals are widened for
-multiplicity: p-values from the bootstrap standard error (normal approximation) go through
-Benjamini-Hochberg at ``q = 0.05`` over every eligible (finding, group), and every gap interval is
-the false-coverage-rate adjusted interval of Benjamini and Yekutieli (2005) at level
-``1 - q R / m`` (R flagged of m eligible; ``1 - q / m`` when none is). A gap is flagged exactly when
-that interval excludes 0 and the group has at least :data:`MIN_COUNT` positives and negatives;
-smaller groups are reported, marked ``too_small``, and never flagged.
+resamples. Many groups times many findings are many tests (about 280 for 14 findings), and at 95%
+each a model without any gap would show a dozen. So the gap intervals are simultaneous: with m
+eligible (finding, group) pairs, each gap interval is the bootstrap estimate plus or minus
+``z(1 - 0.05 / 2m)`` bootstrap standard errors (Bonferroni; about 3.7 standard errors for m = 280),
+so that a model without any gap shows one flag or more in at most 5% of evaluations. A gap is
+flagged exactly when that interval excludes 0 and the group has at least :data:`MIN_COUNT`
+positives and negatives; smaller groups are reported, marked ``too_small``, and never flagged.
 
 Per group, the underdiagnosis rate (Seyyed-Kalantari et al. 2021): among images with at least one
 finding, the fraction the model calls "no finding" (every probability below its operating
@@ -58,8 +58,8 @@ VIEWS = ("PA", "AP", "other")
 ATTRIBUTES = ("sex", "age", "view", "sex x age")
 #: A gap is judged only where the group has at least this many positives and this many negatives.
 MIN_COUNT = 10
-#: False discovery rate of the flagged gaps (Benjamini-Hochberg over every eligible test).
-FDR_Q = 0.05
+#: Chance that a model without any gap shows a flag (family-wise, over every eligible test of an evaluation).
+FWER = 0.05
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def make_attributes(age: Sequence[Any], sex: Sequence[Any], view: Sequence[Any])
     if "sex" in known and "age" in known:
         both = np.array([f"{s} {a}" for s, a in zip(known["sex"], known["age"])], dtype=object)
         order = [f"{s} {a}" for s in (*SEXES, UNKNOWN) for a in (*(b[2] for b in AGE_BANDS), UNKNOWN)]
-        attributes.insert(2, _attribute("sex x age", both, order))
+        attributes.append(_attribute("sex x age", both, order))
     else:
         skipped["sex x age"] = "needs both sex and age"
     return attributes, skipped
@@ -295,20 +295,18 @@ def _finding_rows(labels, known, called, names, attributes, thresholds, aucs) ->
     return rows
 
 
-def flag_gaps(rows: list[dict], q: float = FDR_Q) -> None:
-    """Set every finding row's ``gap_p``, ``gap_level``, ``gap_low``/``gap_high`` (the false-coverage
-    adjusted interval) and ``flagged`` (eligible and its interval excludes 0); see the module doc."""
+def flag_gaps(rows: list[dict], alpha: float = FWER) -> None:
+    """Set every finding row's ``gap_p`` (two-sided, normal with the bootstrap standard error),
+    ``gap_level``, ``gap_low``/``gap_high`` (the simultaneous interval, see the module doc) and
+    ``flagged`` (eligible and its interval excludes 0)."""
     normal = NormalDist()
     for r in rows:
         se, gap = r.pop("gap_se"), r["gap"]
         ok = math.isfinite(se) and se > 0 and math.isfinite(gap)
         r["gap_p"] = 2.0 * (1.0 - normal.cdf(abs(gap) / se)) if ok else math.nan
         r["_se"] = se if ok else math.nan
-    eligible = [r for r in rows if not r["too_small"] and math.isfinite(r["gap_p"])]
-    m = len(eligible)
-    p_sorted = sorted(r["gap_p"] for r in eligible)
-    found = max((i + 1 for i, p in enumerate(p_sorted) if p <= q * (i + 1) / m), default=0)
-    level = 1.0 - q * max(found, 1) / m if m else 0.95
+    m = sum(1 for r in rows if not r["too_small"] and math.isfinite(r["gap_p"]))
+    level = 1.0 - alpha / max(m, 1)
     z = normal.inv_cdf(1.0 - (1.0 - level) / 2.0)
     for r in rows:
         se = r.pop("_se")
@@ -396,8 +394,8 @@ def summarize_audit(rows, attributes, skipped, *, n_boot, seed, fpr, t_global, a
         "gaps": {
             "definition": "group AUC minus the AUC of every other image of the split",
             "rule": f"flagged when the interval excludes 0 and the group has at least {MIN_COUNT} positives and {MIN_COUNT} negatives",
-            "interval": "Benjamini-Yekutieli false-coverage adjusted, normal with the bootstrap standard error",
-            "fdr_q": FDR_Q, "tests": len(eligible), "flagged": len(flagged), "level": _clean(level),
+            "interval": "simultaneous (Bonferroni over the tests): gap +- z(1 - fwer / 2 tests) bootstrap standard errors",
+            "fwer": FWER, "tests": len(eligible), "flagged": len(flagged), "level": _clean(level),
         },
         "flagged": [{**{k: _clean(r[k]) for k in ("finding", "attribute", "group", "auc", "rest_auc", "gap", "gap_low", "gap_high")},
                      "text": gap_sentence(r)} for r in flagged],
