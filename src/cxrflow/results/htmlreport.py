@@ -170,11 +170,9 @@ def open_stores(evaluations: list[dict], store_override: str | os.PathLike | Non
 
 def split_name(store: dict[str, Any] | None) -> str:
     """How the store's test split was drawn, in words (the thing to check before comparing AUCs)."""
-    manifest = (store or {}).get("manifest")
-    if manifest is None:
-        return "unknown (store not found)"
-    mode = (manifest.get("split") or {}).get("mode")
-    return SPLIT_MODES.get(mode, str(mode or "unknown"))
+    from cxrflow.results.auditreport import split_words
+
+    return split_words((store or {}).get("manifest"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,6 +197,7 @@ def data_section(stores: dict[str, dict], explore: str | os.PathLike | None) -> 
                 "source": {k: v for k, v in (m.get("source") or {}).items() if not isinstance(v, (list, dict))},
                 "split": {k: v for k, v in (m.get("split") or {}).items() if not isinstance(v, (list, dict))},
                 "split_name": split_name(info),
+                "synthetic": _synthetic(m),
                 "splits": splits,
                 "rows": [{"size": s, "counts": [m["rows"][s].get(sp) for sp in splits]} for s in sizes if s in m.get("rows", {})],
                 "pixel_stats": [{"size": s, **(m.get("pixel_stats") or {}).get(s, {})} for s in sizes if s in (m.get("pixel_stats") or {})],
@@ -248,9 +247,12 @@ def table_sections(evaluations: list[dict], stores: dict[str, dict]) -> list[dic
         for ev in evs:
             r, m = ev["row"], ev["metrics"]
             before, after = _ece(m)
+            synthetic = ev.get("synthetic", False)  # no comparison with published results for synthetic data
             rows.append(
                 {
                     **r,
+                    **({"paper_mean_auc": None, "delta_vs_paper": None} if synthetic else {}),
+                    "synthetic": synthetic,
                     "anchor": _anchor(ev),
                     "title": _title(ev),
                     "model_title": "ensemble" if ev["ensemble"] else MODEL_TITLES.get(r["model"], r["model"]),
@@ -271,7 +273,8 @@ def table_sections(evaluations: list[dict], stores: dict[str, dict]) -> list[dic
                 "rows": rows,
                 "has_ece": any(r["ece_before"] is not None or r["ece_after"] is not None for r in rows),
                 "has_paper": any(r["paper_mean_auc"] is not None for r in rows),
-                "anchors": PUBLISHED_ANCHORS if len(names) == 14 and _is_nih(names) else (),
+                "anchors": PUBLISHED_ANCHORS if len(names) == 14 and _is_nih(names) and not any(r["synthetic"] for r in rows) else (),
+                "synthetic": sum(r["synthetic"] for r in rows),
             }
         )
     return tables
@@ -341,7 +344,11 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
             figure(folder / "reliability.png", f"Reliability diagram of {title}: predicted probability against observed frequency, before and after calibration")
         )
     cal = m.get("calibration")
+    from cxrflow.results.auditreport import audit_part
+
     return {
+        "audit": None if ev["ensemble"] else audit_part(m, folder, title),
+        "synthetic": ev.get("synthetic", False),
         "anchor": _anchor(ev),
         "title": title,
         "row": ev["row"],
@@ -491,7 +498,7 @@ def case_sections(
         reader = _store_reader(store, ev, need_model_input=overlay is not None)
         result = case_set(predictions, names, n, thresholds=ev["metrics"].get("threshold"), read=reader, heatmaps=overlay)
         result["note"] = " ".join(filter(None, [result["note"], why_not])) or None
-        out.append({"title": _title(ev), "anchor": _anchor(ev), "n": n, **result})
+        out.append({"title": _title(ev), "anchor": _anchor(ev), "n": n, "synthetic": ev.get("synthetic", False), **result})
     return out
 
 
@@ -697,11 +704,14 @@ def build_context(
     """Everything the page shows, as plain data (sections absent are None or empty)."""
     evaluations = load_evaluations(paths, split)
     stores = open_stores(evaluations, store)
+    synthetic_stores = _mark_synthetic(evaluations, stores)
     tables = table_sections(evaluations, stores)
     runs = run_sections(evaluations)
     args = report_args if report_args is not None else [*map(str, paths), "--out", "REPORT"]
     return {
-        "title": f"cxrflow study: {len(evaluations)} evaluation{'s' if len(evaluations) != 1 else ''}",
+        "title": f"cxrflow study: {len(evaluations)} evaluation{'s' if len(evaluations) != 1 else ''}"
+        + (" (synthetic data)" if synthetic_stores else ""),
+        "synthetic_stores": synthetic_stores,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
         "data": data_section(stores, explore),
@@ -712,6 +722,25 @@ def build_context(
         "heatmaps_available": heatmap_fn is not None,
         "reproduce": reproduce_section(evaluations, runs, stores, args),
     }
+
+
+def _synthetic(manifest: dict | None) -> bool:
+    from cxrflow.data.synthetic import is_synthetic
+
+    return is_synthetic(manifest)
+
+
+def _mark_synthetic(evaluations: list[dict], stores: dict[str, dict]) -> list[str]:
+    """Set each evaluation's ``synthetic``; the stores (paths) of synthetic data behind the page."""
+    from cxrflow.results.auditreport import is_synthetic_evaluation
+
+    found = []
+    for ev in evaluations:
+        recorded = str(ev["metrics"].get("store") or "")
+        ev["synthetic"] = is_synthetic_evaluation(ev["metrics"], stores.get(recorded))
+        if ev["synthetic"] and recorded not in found:
+            found.append(recorded)
+    return [stores.get(r, {}).get("path", r) or "unknown store" for r in found]
 
 
 def render(context: dict[str, Any]) -> str:

@@ -110,7 +110,7 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
     else:
         members = []
         label = f"{model_title(model, fusion)} {size}px {STAGE_TITLES.get(stage, stage)}"
-    paper = None if ensemble else paper_mean_auc(model, size, stage)
+    paper = None if ensemble or m.get("synthetic") else paper_mean_auc(model, size, stage)  # never for synthetic data
     mean = m["mean_auc"]
     ece = (m.get("calibration") or {}).get("ece_mean") or {}
     return {
