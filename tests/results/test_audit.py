@@ -18,8 +18,9 @@ from cxrflow.results.audit import (
     read_csv,
     run_audit,
 )
-from cxrflow.results.evaluate import _weighted_auc, bootstrap_aucs, patient_resamples
+from cxrflow.results.evaluate import _weighted_auc, bootstrap_aucs
 from cxrflow.results.metrics import binary_auc
+from cxrflow.results.resample import patient_resamples
 
 
 def _rows(result, finding, attribute):
@@ -32,7 +33,7 @@ def test_hand_computed_group_and_rest_auc():
     probs = np.array([0.9, 0.4, 0.5, 0.1, 0.8, 0.2, 0.8, 0.95])[:, None]
     labels = np.array([1, 1, 0, 0, 1, 0, 0, 0])[:, None]
     sex = ["F", "F", "F", "F", "M", "M", "M", "M"]
-    attributes, skipped = make_attributes([30] * 8, sex, ["PA"] * 8)
+    attributes, _ = make_attributes([30] * 8, sex, ["PA"] * 8)
     result = run_audit(labels, probs, np.arange(8), ["Effusion"], attributes, [0.6], n_boot=50)
     rows = _rows(result, "Effusion", "sex")
     assert rows["F"]["auc"] == pytest.approx(0.75) and rows["M"]["auc"] == pytest.approx(0.5)

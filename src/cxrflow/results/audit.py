@@ -6,7 +6,7 @@ and the sex x age-band intersections. An attribute the collection does not give 
 has no age) is skipped and the audit says so; images whose value is unknown form a group ``unknown``.
 
 Per finding and group: images, positives, AUC with a 95% percentile interval from the evaluation's
-own patient bootstrap (the same resamples, :func:`cxrflow.results.evaluate.patient_resamples`),
+own patient bootstrap (the same resamples, :func:`cxrflow.results.resample.patient_resamples`),
 sensitivity (TPR) and FPR at the evaluation's operating threshold, and the gap: the group's AUC
 minus the AUC of every other image of the split, with an interval of that difference over the same
 resamples. Many groups times many findings are many tests (about 280 for 14 findings), and at 95%
@@ -185,7 +185,7 @@ def _percentile(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 def _bootstrap_groups(labels, probs, known, patient_ids, attributes, n_boot, seed, extra_columns):
     """Point and resampled group and rest AUCs per finding (``[K, G]``, ``[K, n_boot, G]`` each), and
     the resampled sums of ``extra_columns`` (``[N, C]``, summed with image weights: ``[n_boot, C]``)."""
-    from cxrflow.results.evaluate import patient_resamples
+    from cxrflow.results.resample import patient_resamples
 
     k = labels.shape[1]
     patient_of_image, chunks = patient_resamples(patient_ids, n_boot, seed)

@@ -4,7 +4,7 @@ One pass per resample over the images in score order (ties in blocks, counted ha
 group of every attribute at once, the weight of negatives seen so far; so one pass gives each group's
 concordant pairs, its pairs with the whole split and, by subtraction, the pairs of the rest:
 ``C(rest, rest) = C(all, all) - C(g, all) - C(all, g) + C(g, g)``. A resample weighs each image by
-how often its patient was drawn (:func:`cxrflow.results.evaluate.patient_resamples`). Compiled with
+how often its patient was drawn (:func:`cxrflow.results.resample.patient_resamples`). Compiled with
 numba (cached on disk where numba can write its cache); imported only by :mod:`cxrflow.results.audit` when an audit runs.
 """
 

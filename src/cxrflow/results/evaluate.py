@@ -56,9 +56,6 @@ PREDICTIONS_NAME = "predictions.parquet"
 VAL_PREDICTIONS_NAME = "val_predictions.parquet"
 RELIABILITY_NAME = "reliability.png"
 
-# Bootstrap replicates are processed in chunks holding about this many weights at once.
-_CHUNK_WEIGHTS = 8_000_000
-
 
 # --------------------------------------------------------------------------------------------------
 # bootstrap
@@ -112,6 +109,8 @@ def bootstrap_aucs(
     n, k = labels.shape
     y = labels.astype(bool)
     out = np.full((n_boot, k), np.nan)
+    from cxrflow.results.resample import patient_resamples
+
     patient_of_image, chunks = patient_resamples(patient_ids, n_boot, seed)
     for start, counts in chunks:
         b = counts.shape[0]
@@ -120,27 +119,6 @@ def bootstrap_aucs(
             w = weights if known is None else weights * np.asarray(known)[:, j]
             out[start : start + b, j] = _weighted_auc(y[:, j], probs[:, j], w)
     return out
-
-
-def patient_resamples(patient_ids: np.ndarray, n_boot: int, seed: int):
-    """(patient index of each image ``[N]``, iterator of ``(first resample, counts[b, P])``): how often
-    each of the P patients is drawn in each of ``n_boot`` resamples, in chunks. The one source of the
-    evaluation's resamples: the subgroup audit (:mod:`cxrflow.results.audit`) reuses exactly these."""
-    _, patient_of_image = np.unique(np.asarray(patient_ids), return_inverse=True)
-    patient_of_image = patient_of_image.ravel()
-    n = patient_of_image.size
-    n_patients = int(patient_of_image.max()) + 1 if n else 0
-    chunk = max(1, min(n_boot, _CHUNK_WEIGHTS // max(n, n_patients, 1)))
-
-    def chunks():
-        rng = np.random.default_rng(seed)
-        for start in range(0, n_boot, chunk):
-            b = min(chunk, n_boot - start)
-            draws = rng.integers(0, n_patients, size=(b, n_patients))
-            flat = (draws + np.arange(b)[:, None] * n_patients).ravel()
-            yield start, np.bincount(flat, minlength=b * n_patients).reshape(b, n_patients)
-
-    return patient_of_image, chunks()
 
 
 def _interval(values: np.ndarray, level: float) -> list[float] | None:
@@ -691,12 +669,9 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot,
     }
 
     tmp = pub.tmp
-    from cxrflow.results.subgroups import audit_evaluation, data_words, store_attributes
+    from cxrflow.results.subgroups import attach_attributes, audit_evaluation
 
-    what = f"{config.get('model')} {size}px, {name}{data_words(manifest)}"  # "(synthetic data)" for a synthetic store
-    metrics["synthetic"] = bool(data_words(manifest))
-    for part, part_split in ((evaluated, split), (validation, "val")):  # one dict when the split is val
-        part.update(store_attributes(store, size, part_split, part["image_id"]))
+    what = attach_attributes(store, size, split, evaluated, validation, metrics, manifest, f"{config.get('model')} {size}px, {name}")
     figures = write_prediction_files(tmp, evaluated, validation, label_names, metrics, what)
     metrics["audit"] = audit_evaluation(tmp, evaluated, label_names, metrics, fpr=audit[1], what=what) if audit[0] else None
     records = read_epoch_records(run)

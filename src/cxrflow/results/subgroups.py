@@ -52,6 +52,17 @@ def store_attributes(store: str | os.PathLike, size: int, split: str, image_ids:
     return out
 
 
+def attach_attributes(store, size: int, split: str, evaluated: dict, validation: dict, metrics: dict, manifest: dict,
+                      what: str) -> str:
+    """Add the store's ``age``, ``sex`` and ``view`` to both prediction dicts (they go into the
+    predictions files), record in ``metrics`` whether the store is synthetic, and return ``what``
+    (the model's name in titles) with " (synthetic data)" added for a synthetic store."""
+    for part, part_split in ((evaluated, split), (validation, "val")):  # one dict when the split is val
+        part.update(store_attributes(store, size, part_split, part["image_id"]))
+    metrics["synthetic"] = bool(data_words(manifest))
+    return what + data_words(manifest)
+
+
 def audit_evaluation(
     folder: Path,
     evaluated: dict[str, Any],
