@@ -12,7 +12,9 @@ minus the AUC of every other image of the split, with an interval of that differ
 resamples. Many groups times many findings are many tests (about 280 for 14 findings), and at 95%
 each a model without any gap would show a dozen. So the gap intervals are simultaneous: with m
 eligible (finding, group) pairs, each gap interval is the bootstrap estimate plus or minus
-``z(1 - 0.05 / 2m)`` bootstrap standard errors (Bonferroni; about 3.7 standard errors for m = 280),
+``z(1 - 0.05 / 2m)`` bootstrap standard errors (Bonferroni; about 3.7 standard errors for m = 280;
+the standard error of a group whose AUC lies further from 0.5 than the rest's is first widened to
+what it would be without a gap, :func:`null_se`, since an AUC near 1 varies less),
 so that a model without any gap shows one flag or more in at most 5% of evaluations. A gap is
 flagged exactly when that interval excludes 0 and the group has at least :data:`MIN_COUNT`
 positives and negatives; smaller groups are reported, marked ``too_small``, and never flagged.
@@ -287,12 +289,30 @@ def _finding_rows(labels, known, called, names, attributes, thresholds, aucs) ->
                     "n_positive": n_pos, "auc": auc, "auc_low": low, "auc_high": high, "tpr": tpr, "fpr": fpr,
                     "gap": auc - rest_auc, "gap_low": math.nan, "gap_high": math.nan, "flagged": False,
                     "n_negative": int(member.sum()) - n_pos, "rest_auc": rest_auc,
-                    "gap_se": float(gaps.std(ddof=1)) if gaps.size > 1 else math.nan,
+                    "gap_se": null_se(float(gaps.std(ddof=1)) if gaps.size > 1 else math.nan, auc, rest_auc, n_pos,
+                                      int(member.sum()) - n_pos),
                     "too_small": n_pos < MIN_COUNT or int(member.sum()) - n_pos < MIN_COUNT,
                     "threshold": float(thresholds[j]),
                 })  # fmt: skip
                 col += 1
     return rows
+
+
+def hanley_mcneil_variance(auc: float, n_pos: int, n_neg: int) -> float:
+    """Variance of an AUC estimated from ``n_pos`` positives and ``n_neg`` negatives (Hanley and McNeil 1982)."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    return (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+
+
+def null_se(se: float, auc: float, rest_auc: float, n_pos: int, n_neg: int) -> float:
+    """The gap's bootstrap standard error, widened where the group's AUC lies further from 0.5 than the
+    rest's: an AUC near 1 varies less, so a group that is better by chance would otherwise look surely
+    better. Scaled by the group's Hanley-McNeil standard error at the rest's AUC (no gap) over the one
+    at its own; never narrowed."""
+    if not (math.isfinite(se) and math.isfinite(auc) and math.isfinite(rest_auc)) or n_pos < 1 or n_neg < 1:
+        return se
+    own, null = hanley_mcneil_variance(auc, n_pos, n_neg), hanley_mcneil_variance(rest_auc, n_pos, n_neg)
+    return se * math.sqrt(max(1.0, null / own)) if own > 0 else se
 
 
 def flag_gaps(rows: list[dict], alpha: float = FWER) -> None:
