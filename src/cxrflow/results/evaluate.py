@@ -473,14 +473,16 @@ def write_prediction_files(
     plot_roc(labels, evaluated["probs"], label_names, aucs=aucs, title=f"ROC curves, {what}, {split} split").savefig(
         folder / "roc.png", dpi=110
     )
-    ece = metrics["calibration"]["ece_mean"]
-    curves = {
-        f"raw (mean ECE {ece['before']:.3f})": evaluated["probs"],
-        f"temperature-scaled on val (mean ECE {ece['after']:.3f})": evaluated["calprobs"],
+    from cxrflow.modelling.calibration import expected_calibration_error as ece
+
+    bins, known = metrics["calibration"]["bins"], np.ones(labels.shape, bool) if evaluated.get("known") is None else np.asarray(evaluated["known"]) > 0
+    pooled = {key: ece(labels[known], np.asarray(evaluated[key], dtype=np.float64)[known], bins) for key in ("probs", "calprobs")}
+    curves = {  # the ECE beside each curve is of the same pooled pairs and bins as the curve
+        f"raw (pooled ECE {pooled['probs']:.3f})": evaluated["probs"],
+        f"temperature-scaled on val (pooled ECE {pooled['calprobs']:.3f})": evaluated["calprobs"],
     }
-    plot_reliability(labels, curves, bins=metrics["calibration"]["bins"], title=f"Reliability, {what}, {split} split").savefig(
-        folder / RELIABILITY_NAME, dpi=110
-    )
+    title = f"Reliability, {what}, {split} split\nall {labels.shape[1]} findings pooled: every (image, finding) pair with a known label"
+    plot_reliability(labels, curves, bins=bins, title=title, mask=known).savefig(folder / RELIABILITY_NAME, dpi=110)
     return ["roc.png", RELIABILITY_NAME]
 
 
