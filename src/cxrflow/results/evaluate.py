@@ -432,6 +432,7 @@ def score_with_calibration(
     dicts' ``known`` masks) and the metrics report the exclusions.
     """
     from cxrflow.modelling.calibration import apply_temperatures, calibration_report, fit_temperatures
+    from cxrflow.results.operating import operating_report
 
     k = len(label_names)
     val_labels = np.asarray(validation["labels"])
@@ -448,6 +449,7 @@ def score_with_calibration(
     probs = np.asarray(evaluated["probs"], dtype=np.float64)
     mask = np.asarray(evaluated["known"]) if known and evaluated.get("known") is not None else None
     metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed, known=mask)
+    metrics.update(operating_report(labels, probs, evaluated["patient_id"], label_names, thresholds, known=mask, n_boot=n_boot, seed=seed))
     metrics["threshold_split"] = "val"
     metrics["threshold_calibrated"] = {n: _num(t) for n, t in zip(label_names, cal_thresholds)}
     metrics["calibration"] = calibration_report(
@@ -473,6 +475,11 @@ def write_prediction_files(
     plot_roc(labels, evaluated["probs"], label_names, aucs=aucs, title=f"ROC curves, {what}, {split} split").savefig(
         folder / "roc.png", dpi=110
     )
+    from cxrflow.results.operating import PR_NAME, plot_pr
+
+    auprc = [(metrics.get("auprc") or {}).get(n) for n in label_names]
+    plot_pr(labels, evaluated["probs"], label_names, auprc=auprc, title=f"Precision-recall curves, {what}, {split} split").savefig(
+        folder / PR_NAME, dpi=110)  # fmt: skip
     from cxrflow.modelling.calibration import expected_calibration_error as ece
 
     bins, known = metrics["calibration"]["bins"], np.ones(labels.shape, bool) if evaluated.get("known") is None else np.asarray(evaluated["known"]) > 0
@@ -483,7 +490,7 @@ def write_prediction_files(
     }
     title = f"Reliability, {what}, {split} split\nall {labels.shape[1]} findings pooled: every (image, finding) pair with a known label"
     plot_reliability(labels, curves, bins=bins, title=title, mask=known).savefig(folder / RELIABILITY_NAME, dpi=110)
-    return ["roc.png", RELIABILITY_NAME]
+    return ["roc.png", PR_NAME, RELIABILITY_NAME]
 
 
 def evaluation_checkpoint(metrics_path: str | os.PathLike, metrics: dict) -> Path:

@@ -318,6 +318,12 @@ def _finding_table(m: dict) -> list[dict[str, Any]]:
                 "threshold": (m.get("threshold") or {}).get(n),
                 "sensitivity": (m.get("sensitivity") or {}).get(n),
                 "specificity": (m.get("specificity") or {}).get(n),
+                "sensitivity_ci": (m.get("sensitivity_ci95") or {}).get(n),
+                "specificity_ci": (m.get("specificity_ci95") or {}).get(n),
+                "counts": (m.get("counts") or {}).get(n),
+                "prevalence": (m.get("prevalence") or {}).get(n),
+                "auprc": (m.get("auprc") or {}).get(n),
+                "auprc_ci": (m.get("auprc_ci95") or {}).get(n),
                 "excluded_unknown": (m.get("excluded_unknown") or {}).get(n),
                 "temperature": (cal.get("temperature") or {}).get(n),
                 "ece_before": ((cal.get("ece") or {}).get("before") or {}).get(n),
@@ -339,6 +345,9 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
         figures.append(
             figure(folder / "roc.png", f"ROC curves per finding of {title} on the {m.get('split')} split; the AUC of each finding is in the table below")
         )
+    if "pr.png" in listed or (folder / "pr.png").exists():
+        figures.append(figure(folder / "pr.png", f"Precision-recall curves per finding of {title} on the {m.get('split')} split; "
+                              "AUPRC and prevalence (the chance level) of each finding in the legend"))  # fmt: skip
     if "reliability.png" in listed or (folder / "reliability.png").exists():
         figures.append(
             figure(folder / "reliability.png", f"Reliability diagram of {title}: predicted probability against observed frequency, before and after calibration")
@@ -359,6 +368,8 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
         "findings": _finding_table(m),
         "calibration": None if not cal else {k: cal.get(k) for k in ("method", "fitted_on", "bins", "ece_mean", "brier_mean")},
         "has_operating_points": "threshold" in m,
+        "has_auprc": "auprc" in m,
+        "has_counts": "counts" in m,
         "has_unknown": bool(m.get("excluded_unknown")),
         "members": [{"run": x.get("run"), "eval": x.get("eval"), "sha": x.get("checkpoint_sha256")} for x in m.get("members", [])],
     }
