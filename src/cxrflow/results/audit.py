@@ -262,7 +262,11 @@ def run_audit(
     g = indicator.shape[1]
     with np.errstate(invalid="ignore", divide="ignore"):
         ud_b, ud_global_b = sums[:, g : 2 * g] / sums[:, :g], sums[:, 2 * g :] / sums[:, :g]
-    rows += _any_rows(abnormal, called, healthy_call_op, healthy_call_global, attributes, ud_b, ud_global_b)
+    any_rows = _any_rows(abnormal, called, healthy_call_op, healthy_call_global, attributes, ud_b, ud_global_b)
+    if math.isnan(t_global):  # no image without a finding: no global threshold, so no rate at it
+        for r in any_rows:
+            r.update(underdiagnosis_global=math.nan, underdiagnosis_global_low=math.nan, underdiagnosis_global_high=math.nan)
+    rows += any_rows
     summary = summarize_audit(rows, attributes, skipped or {}, n_boot=n_boot, seed=seed, fpr=fpr, t_global=t_global,
                               achieved=float(np.mean(~healthy_call_global[~abnormal])) if (~abnormal).any() else None)  # fmt: skip
     summary["overall_auc"] = {n: _clean(binary_auc(labels[known[:, j], j], probs[known[:, j], j])) for j, n in enumerate(names)}

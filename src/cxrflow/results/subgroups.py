@@ -137,9 +137,10 @@ def plot_forest(
             ax.plot([whole, whole], [top + 0.4, y + 0.6], color="0.35", ls="--", lw=1)
         y -= 0.6
     ax.set_yticks(ticks, labels, fontsize=6.5)
-    ax.set_xlim(0.0, 1.0)
+    lows = [float(r["auc_low"]) for r in chosen if r["auc_low"] is not None and math.isfinite(float(r["auc_low"]))]
+    ax.set_xlim(min([0.5, *lows]) - 0.02, 1.005)
     ax.axvline(0.5, color="0.7", lw=0.8)
-    ax.set_xlabel("ROC AUC with 95% patient-bootstrap interval (dashed: the whole split's AUC of the finding)")
+    ax.set_xlabel("ROC AUC with its 95% patient-bootstrap interval\n(dashed: the finding's AUC on the whole split; grey: chance)")
     ax.set_ylabel(f"Finding and {attribute} group")
     ax.set_title(title + "\n(diamond, vermillion: gap to the rest flagged; hollow: under 10 positives or negatives)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
