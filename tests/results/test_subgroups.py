@@ -12,18 +12,19 @@ from cxrflow.results.audit import ANY, COLUMNS, make_attributes, read_csv
 from cxrflow.results.metrics import binary_auc
 
 
-def _train(tmp: Path) -> tuple[Path, Path]:
+def _train(tmp: Path, fusion: str = "none") -> tuple[Path, Path]:
     from cxrflow.data.synthstore import write_synthetic_store
     from cxrflow.modelling.config import StageSettings, TrainConfig
     from cxrflow.modelling.train import train
 
     store = tmp / "store"
-    write_synthetic_store(store, sizes=(32,), rows={"train": 96, "val": 48, "test": 96}, prevalence=0.3)
-    out = tmp / "run"
+    if not store.exists():
+        write_synthetic_store(store, sizes=(32,), rows={"train": 96, "val": 48, "test": 96}, prevalence=0.3)
+    out = tmp / f"run-{fusion}"
     config = TrainConfig(
         store=str(store), size=32, model="simple_cnn", out=str(out), pretrained="none", batch_size=16,
         kt=StageSettings(epochs=1, lr=1e-2), finetune=StageSettings(epochs=1, lr=3e-3),
-        augment=False, device="cpu", early_stopping_patience=0,
+        augment=False, device="cpu", early_stopping_patience=0, fusion=fusion,
     )  # fmt: skip
     train(config, quiet=True, log=lambda msg: None)
     return out, store
@@ -100,3 +101,14 @@ def test_report_of_a_synthetic_store_says_synthetic_and_shows_the_audit(evaluate
     assert "Underdiagnosis (synthetic data)" in html and html.count("Forest plot of") >= 4
     assert re.search(r"No flagged gaps|Flagged gaps", html)
     assert "official" not in re.sub(r"<[^>]+>", "", html).split("Table 1")[1].split("3. Runs")[0]
+
+
+@pytest.mark.slow
+def test_a_fusion_run_gets_the_same_audit(evaluated):
+    run, store, out = evaluated
+    fused, _ = _train(out.parent, fusion="demographics")
+    target = out.parent / "eval-fused"
+    assert main(["evaluate", "--run", str(fused), "--out", str(target), "--n-boot", "20"]) == 0
+    m = json.loads((target / "metrics.json").read_text())
+    assert m["fusion"] == "demographics" and m["audit"]["file"] == "subgroups.csv"
+    assert len(read_csv(target / "subgroups.csv")) == len(read_csv(out / "subgroups.csv"))
