@@ -41,7 +41,7 @@ def evaluated(tmp_path_factory):
 
 @pytest.mark.slow
 def test_evaluate_writes_an_audit_that_recomputes_from_predictions_and_the_store(evaluated):
-    run, store, out = evaluated
+    _, store, out = evaluated
     m = json.loads((out / "metrics.json").read_text())
     assert m["synthetic"] is True and m["audit"]["file"] == "subgroups.csv"
     assert m["audit"]["underdiagnosis"]["global_fpr"] == 0.3
@@ -105,7 +105,7 @@ def test_report_of_a_synthetic_store_says_synthetic_and_shows_the_audit(evaluate
 
 @pytest.mark.slow
 def test_a_fusion_run_gets_the_same_audit(evaluated):
-    run, store, out = evaluated
+    _, _, out = evaluated
     fused, _ = _train(out.parent, fusion="demographics")
     target = out.parent / "eval-fused"
     assert main(["evaluate", "--run", str(fused), "--out", str(target), "--n-boot", "20"]) == 0
