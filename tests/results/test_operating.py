@@ -46,3 +46,15 @@ def test_pr_figure_has_a_curve_per_finding():
     (ax,) = fig.axes
     labels = [line.get_label() for line in ax.get_lines()]
     assert ax.get_title() == "PR test" and labels[0].startswith("A (AUPRC 0.400") and "AUPRC n/a" in labels[1]
+
+
+def test_resampled_average_precision_equals_the_weighted_one():
+    from cxrflow.results.operating import resampled_average_precision
+
+    rng = np.random.default_rng(5)
+    y = rng.random(90) < 0.25
+    s = rng.random(90).round(1)
+    patient = rng.integers(0, 30, 90)
+    counts = rng.integers(0, 3, (6, 30))
+    want = weighted_average_precision(y, s, counts[:, patient].astype(float))
+    np.testing.assert_allclose(resampled_average_precision(y, s, patient, counts), want, atol=1e-12)

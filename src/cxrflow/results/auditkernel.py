@@ -1,4 +1,5 @@
-"""The subgroup audit's inner loop, compiled: group and rest AUCs of one finding under many resamples.
+"""Compiled bootstrap loops: group and rest AUCs of one finding (the subgroup audit) and average
+precision (the evaluation's AUPRC interval), under many resamples.
 
 One pass per resample over the images in score order (ties in blocks, counted half) keeps, for every
 group of every attribute at once, the weight of negatives seen so far; so one pass gives each group's
@@ -86,7 +87,33 @@ def _group_and_rest_aucs(counts, patient, positive, block_starts, columns, n_col
     return group, rest
 
 
+def _average_precisions(counts, patient, positive, block_starts):  # pragma: no cover - compiled
+    """Average precision under each row of ``counts[b, P]``; the images in descending score order
+    with their tie blocks (each block one step, as scikit-learn's). NaN without positive weight."""
+    b = counts.shape[0]
+    out = np.full(b, np.nan)
+    for r in range(b):
+        tp = 0.0
+        seen = 0.0
+        total = 0.0
+        for k in range(block_starts.shape[0] - 1):
+            gained = 0.0
+            for i in range(block_starts[k], block_starts[k + 1]):
+                w = counts[r, patient[i]]
+                seen += w
+                if positive[i]:
+                    gained += w
+            tp += gained
+            if gained > 0:
+                total += (tp / seen) * gained
+        if tp > 0:
+            out[r] = total / tp
+    return out
+
+
 try:  # compiled once and kept in numba's cache (beside the module, else the user's cache folder)
     group_and_rest_aucs = njit(cache=True)(_group_and_rest_aucs)
+    average_precisions = njit(cache=True)(_average_precisions)
 except RuntimeError:  # nowhere to write a cache: compiled in every process (a few seconds)
     group_and_rest_aucs = njit(cache=False)(_group_and_rest_aucs)
+    average_precisions = njit(cache=False)(_average_precisions)

@@ -38,6 +38,17 @@ def weighted_average_precision(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> n
         return np.where(total[:, 0] > 0, (precision * gained).sum(axis=1) / total[:, 0], np.nan)
 
 
+def resampled_average_precision(y: np.ndarray, s: np.ndarray, patient: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """:func:`weighted_average_precision` with image weights ``counts[:, patient]``, compiled (one pass per resample)."""
+    from cxrflow.results import auditkernel
+
+    order = np.argsort(-s, kind="mergesort")
+    s_o = s[order]
+    starts = np.flatnonzero(np.r_[True, s_o[1:] != s_o[:-1]]) if order.size else np.zeros(0, np.int64)
+    return auditkernel.average_precisions(np.ascontiguousarray(counts, dtype=np.int64), patient[order].astype(np.int64),
+                                          y[order].astype(np.bool_), np.r_[starts, order.size].astype(np.int64))  # fmt: skip
+
+
 def _interval(values: np.ndarray) -> list[float] | None:
     values = values[np.isfinite(values)]
     return None if values.size == 0 else [float(v) for v in np.percentile(values, [2.5, 97.5])]
@@ -78,11 +89,11 @@ def operating_report(
     boot_cells = np.zeros((n_boot, 4 * k))
     patient_of_image, chunks = patient_resamples(patient_ids, n_boot, seed)
     for start, counts in chunks:
-        w = counts[:, patient_of_image].astype(np.float64)
-        rows = slice(start, start + len(w))
-        boot_cells[rows] = w @ stacked
+        rows = slice(start, start + len(counts))
+        boot_cells[rows] = counts[:, patient_of_image].astype(np.float64) @ stacked
         for j in range(k):
-            boot_ap[rows, j] = weighted_average_precision(y[mask[:, j], j], p[mask[:, j], j], w[:, mask[:, j]])
+            m = mask[:, j]
+            boot_ap[rows, j] = resampled_average_precision(y[m, j], p[m, j], patient_of_image[m], counts)
     tp, fp, fn, tn = (boot_cells[:, i * k : (i + 1) * k] for i in range(4))
     with np.errstate(invalid="ignore", divide="ignore"):
         sens_b, spec_b = tp / (tp + fn), tn / (tn + fp)
