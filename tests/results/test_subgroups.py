@@ -72,10 +72,11 @@ def test_evaluate_writes_an_audit_that_recomputes_from_predictions_and_the_store
 
 
 @pytest.mark.slow
-def test_no_audit_skips_it(evaluated, tmp_path):
+def test_no_audit_skips_it(evaluated, tmp_path, capsys):
     run, _, _ = evaluated
     out = tmp_path / "plain"
     assert main(["evaluate", "--run", str(run), "--out", str(out), "--n-boot", "20", "--no-audit"]) == 0
+    assert "subgroup audit: skipped (--no-audit)" in capsys.readouterr().out
     assert not (out / "subgroups.csv").exists()
     assert json.loads((out / "metrics.json").read_text())["audit"] is None
 

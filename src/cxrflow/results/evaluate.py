@@ -771,5 +771,8 @@ def run(args: argparse.Namespace) -> int:
     )
     log_evaluation(tracking, metrics)
     print(format_summary(metrics))
+    from cxrflow.results.subgroups import format_audit
+
+    print(format_audit(metrics.get("audit")))
     print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
     return 0

@@ -98,6 +98,18 @@ def audit_evaluation(
     return summary
 
 
+def format_audit(audit: dict[str, Any] | None) -> str:
+    """A few lines for the terminal: how many gaps were tested and flagged (each in words), what was skipped."""
+    if not audit:
+        return "subgroup audit: skipped (--no-audit)"
+    gaps = audit["gaps"]
+    lines = [f"subgroup audit ({', '.join(audit['attributes'])}): {gaps['flagged']} of {gaps['tests']} gaps flagged"
+             f" (simultaneous {100 * (gaps['level'] or 0.95):.2f}% intervals); {audit['file']}"]  # fmt: skip
+    lines += [f"  {f['text']}" for f in audit["flagged"]]
+    lines += [f"  not audited by {name}: {why}" for name, why in audit["skipped"].items()]
+    return "\n".join(lines)
+
+
 def plot_forest(
     rows: Sequence[dict[str, Any]],
     attribute: str,
