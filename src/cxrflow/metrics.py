@@ -22,9 +22,6 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-# Bootstrap replicates are processed in chunks holding about this many weights at once.
-_CHUNK_WEIGHTS = 8_000_000
-
 
 def binary_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """ROC AUC of one finding (ties count half); NaN with one class only."""
@@ -116,17 +113,13 @@ def bootstrap_aucs(
     if n_boot < 1:
         raise ValueError("n_boot must be at least 1")
     n, k = labels.shape
-    _, patient_of_image = np.unique(patient_ids, return_inverse=True)
-    n_patients = int(patient_of_image.max()) + 1 if n else 0
-    rng = np.random.default_rng(seed)
     y = labels.astype(bool)
     out = np.full((n_boot, k), np.nan)
-    chunk = max(1, min(n_boot, _CHUNK_WEIGHTS // max(n, n_patients, 1)))
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        draws = rng.integers(0, n_patients, size=(b, n_patients))
-        flat = (draws + np.arange(b)[:, None] * n_patients).ravel()
-        counts = np.bincount(flat, minlength=b * n_patients).reshape(b, n_patients)
+    from cxrflow.resample import patient_resamples
+
+    patient_of_image, chunks = patient_resamples(patient_ids, n_boot, seed)
+    for start, counts in chunks:
+        b = counts.shape[0]
         weights = counts[:, patient_of_image].astype(np.float64)
         for j in range(k):
             w = weights if known is None else weights * np.asarray(known)[:, j]

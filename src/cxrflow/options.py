@@ -119,3 +119,14 @@ def add_val_fraction(parser: argparse.ArgumentParser, default: float = 0.3) -> N
     """``--val-fraction``: the share of the train_val patients that validation gets."""
     parser.add_argument("--val-fraction", type=val_fraction, default=default,
                         help=f"share of the train_val patients for validation (default: {default})")
+
+
+def probability(text: str) -> float:
+    """argparse type of a rate such as ``--audit-fpr``: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (exclusive), got {text!r}")
+    return value

@@ -91,22 +91,40 @@ def plot_reliability(
     bins: int = 15,
     title: str = "Reliability diagram (all findings pooled)",
     ax: Axes | None = None,
+    mask: np.ndarray | None = None,
 ) -> Figure:
     """Observed frequency against mean predicted probability in equal-width bins, one line per
     entry of ``curves`` (e.g. ``{"before (ECE 0.21)": raw, "after (ECE 0.03)": calibrated}``),
-    every (image, finding) pair pooled; the diagonal is perfect calibration."""
+    every (image, finding) pair pooled (only those where ``mask`` is true); the diagonal is perfect
+    calibration. Each point is labelled with how many pairs its bin holds, and the bars at the
+    bottom (right axis, log scale) show the same counts, so a point from a nearly empty bin shows."""
     from sklearn.calibration import calibration_curve
 
-    y = np.asarray(labels).astype(int).ravel()
+    keep = np.ones(np.shape(labels), bool).ravel() if mask is None else np.asarray(mask).astype(bool).ravel()
+    y = np.asarray(labels).astype(int).ravel()[keep]
     fig, ax = _new_axes(ax, (6.5, 6.5))
     ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfect calibration")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    bars = ax.inset_axes((0.0, 0.0, 1.0, 0.2), sharex=ax)  # the bin counts, inside the bottom of the plot
     for i, (name, probs) in enumerate(curves.items()):
-        observed, predicted = calibration_curve(y, np.asarray(probs, dtype=np.float64).ravel(), n_bins=bins, strategy="uniform")
-        ax.plot(predicted, observed, "o-", ms=4, color=("tab:red", "tab:blue", "tab:green")[i % 3], label=name)
+        p = np.asarray(probs, dtype=np.float64).ravel()[keep]
+        observed, predicted = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+        counts = np.bincount(np.searchsorted(edges[1:-1], p), minlength=bins)  # calibration_curve's bins
+        colour = ("tab:red", "tab:blue", "tab:green")[i % 3]
+        ax.plot(predicted, observed, "o-", ms=4, color=colour, label=name)
+        for x, o, n in zip(predicted, observed, counts[counts > 0]):
+            ax.annotate(f"{n}", (x, o), textcoords="offset points", xytext=(3, 3 + 8 * i), fontsize=6, color=colour)
+        bars.bar(edges[:-1] + (i + 0.5) / (len(curves) + 1) / bins, np.where(counts > 0, counts, np.nan), width=1 / bins / (len(curves) + 1),
+                 color=colour, alpha=0.25, align="edge")  # fmt: skip
+    bars.set_yscale("log")
+    bars.set_ylim(0.8, max(10.0, float(len(y))) * 1.5)
+    bars.patch.set_alpha(0.0)
+    bars.tick_params(labelbottom=False, labelsize=6, direction="in", pad=-14)
+    bars.set_ylabel("pairs (log)", fontsize=6, labelpad=-28)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_aspect("equal")
-    ax.set_xlabel(f"Mean predicted probability in the bin ({bins} equal-width bins)")
+    ax.set_xlabel(f"Mean predicted probability in the bin ({bins} equal-width bins)\nnumbers and bars: (image, finding) pairs in the bin")
     ax.set_ylabel("Observed frequency of the finding in the bin (fraction of images)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

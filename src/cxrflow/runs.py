@@ -276,6 +276,9 @@ def predictions_table(pred: dict, label_names: Sequence[str]):
             values = np.asarray(pred[key], dtype=np.float32)
             for j, name in enumerate(label_names):
                 cols[f"{prefix}{name}"] = pa.array(values[:, j])
+    for column, kind in (("age", pa.int16()), ("sex", pa.string()), ("view", pa.string())):  # the audit's attributes
+        if pred.get(column) is not None:
+            cols[column] = pa.array(list(pred[column]), kind)
     known = pred.get("known")
     if known is not None and not np.asarray(known).all():
         for j, name in enumerate(label_names):

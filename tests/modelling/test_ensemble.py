@@ -116,7 +116,13 @@ def test_every_figure_in_the_ensemble_metrics_recomputes_from_its_predictions(me
     probs = test[[f"prob_{n}" for n in names]].to_numpy()
     ci = bootstrap_auc_ci(labels, probs, test["patient_id"].to_numpy(), n_boot=50, seed=0)
     assert m["mean_auc_ci95"] == pytest.approx(ci["mean_auc_ci"], abs=1e-6)
-    assert set(m["figures"]) == {"roc.png", "reliability.png"} and all((out / f).stat().st_size > 10_000 for f in m["figures"])
+    assert set(m["figures"]) == {"roc.png", "pr.png", "reliability.png"} and all((out / f).stat().st_size > 10_000 for f in m["figures"])
+    from sklearn.metrics import average_precision_score
+
+    for name in names:  # the precision-recall figure's AUPRCs, from the same predictions
+        y = test[f"label_{name}"]
+        if y.nunique() == 2:
+            assert m["auprc"][name] == pytest.approx(average_precision_score(y, test[f"prob_{name}"]), abs=1e-6)
 
 
 def test_stacking_weights_are_never_negative():

@@ -80,3 +80,21 @@ def test_case_predictions_carry_unknown_labels(tmp_path):
     assert select_cases(pred["probs"], pred["labels"], 2, pred["known"])[0]["fp"].tolist() == []  # 'a' is not known
     pq.write_table(table.drop(["known_Mass"]), tmp_path / "q.parquet")
     assert read_case_predictions(tmp_path / "q.parquet")[0]["known"] is None
+
+
+def test_false_positives_and_negatives_are_wrong_calls_at_the_threshold_or_none():
+    probs = np.array([[0.95], [0.9], [0.3], [0.6], [0.2]])
+    labels = np.array([[1], [1], [0], [0], [0]])
+    # threshold 0.5: one false positive (0.6), no false negative; the positives are correct calls, never "false"
+    (chosen,) = select_cases(probs, labels, 3, thresholds=[0.5])
+    assert chosen["fp"].tolist() == [3] and chosen["fn"].tolist() == [] and chosen["tp"].tolist() == [0, 1]
+    pred = {"image_id": list("abcde"), "probs": probs, "labels": labels}
+    result = case_set(pred, ["Mass"], 3, thresholds={"Mass": 0.81})
+    kinds = {k["key"]: k for k in result["findings"][0]["kinds"]}
+    assert [i["image_id"] for i in kinds["fp"]["items"]] == [] and kinds["fp"]["empty"] == "no false positives at threshold 0.81"
+    assert kinds["fn"]["items"] == [] and kinds["fn"]["empty"] == "no false negatives at threshold 0.81"
+    assert all(i["called"] for i in kinds["tp"]["items"])
+    # without a threshold nothing is called: the kinds are named as rankings, not as errors
+    result = case_set(pred, ["Mass"], 1)
+    titles = [k["title"] for k in result["findings"][0]["kinds"]]
+    assert titles[:2] == ["Highest-scored negatives", "Lowest-scored positives"]

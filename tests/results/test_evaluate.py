@@ -178,7 +178,8 @@ def test_evaluate_run_writes_metrics_predictions_and_figures(tiny_run, tmp_path)
     from sklearn.metrics import roc_auc_score
 
     table = pq.read_table(out / "predictions.parquet").to_pandas()
-    assert list(table.columns[:2]) == ["image_id", "patient_id"] and table.shape == (48, 2 + 4 * 14)
+    assert list(table.columns[:2]) == ["image_id", "patient_id"] and table.shape == (48, 2 + 4 * 14 + 3)
+    assert list(table.columns[-3:]) == ["age", "sex", "view"]  # the subgroup audit's attributes, from the store
     for name, auc in m["auc"].items():
         y = table[f"label_{name}"]
         if y.nunique() == 2:

@@ -82,7 +82,7 @@ def _explore(tmp):
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     s = write_study(root, runs=[("simple_cnn", 64, ("finetune",)), ("resnet50", 256, ("kt", "finetune"))],
-                    test_rows=24, store_size=64, checkpoints=True)  # fmt: skip
+                    test_rows=24, store_size=64, checkpoints=True, synthetic=False)  # stands in for the NIH release
     s["explore"] = _explore(root)
     return s
 
@@ -100,13 +100,22 @@ def _metrics(folder):
 
 
 def _thumbnails(folder, n):
-    """How many case thumbnails an evaluation gives: per finding n of each kind, fewer where the split lacks them."""
+    """How many case thumbnails an evaluation gives: per finding n of each kind, fewer where the split
+    lacks them (false positives and negatives at the evaluation's threshold)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(Path(folder) / "predictions.parquet")
-    labels = np.column_stack([table.column(c).to_numpy() for c in table.column_names if c.startswith("label_")])
-    pos = labels.sum(axis=0)
-    return int(sum(min(n, len(labels) - p) + 2 * min(n, p) for p in pos))
+    names = [c[len("label_"):] for c in table.column_names if c.startswith("label_")]
+    thresholds = _metrics(folder)["threshold"]
+    total = 0
+    for name in names:
+        y = table.column(f"label_{name}").to_numpy() > 0.5
+        if thresholds.get(name) is None:  # no threshold: ranked, n of each kind as far as the split has them
+            total += min(n, int((~y).sum())) + 2 * min(n, int(y.sum()))
+            continue
+        called = table.column(f"prob_{name}").to_numpy().astype(np.float64) >= thresholds[name]
+        total += min(n, int((called & ~y).sum())) + min(n, int((~called & y).sum())) + min(n, int(y.sum()))
+    return total
 
 
 def test_every_section_with_the_numbers_of_the_run_folders(study, report):
@@ -347,8 +356,14 @@ def test_split_modes_of_every_format_are_named():
 
     modes = ("official-lists", "official-split", "patients-70-10-20", "split-csv")
     named = {m: split_name({"manifest": {"split": {"mode": m}}}) for m in modes}
-    assert named == {"official-lists": "official", "official-split": "official (the collection's split file)",
-                     "patients-70-10-20": "random patients 70/10/20", "split-csv": "as given by --split-csv"}
+    assert named == {"official-lists": "official (the NIH release's test_list.txt)",
+                     "official-split": "the collection's own train/val/test split",
+                     "patients-70-10-20": "patient split (random 70/10/20 by patient)", "split-csv": "as given by --split-csv"}
+    # "official" only for the NIH release itself: another collection's list, or a synthetic NIH-format one, is not
+    chexpert = split_name({"manifest": {"format": "chexpert", "split": {"mode": "official-lists"}}})
+    synthetic = split_name({"manifest": {"synthetic": {"generator": "cxrflow synth"}, "split": {"mode": "official-lists"}}})
+    assert chexpert == "the collection's test list" and synthetic == "the synthetic collection's test list"
+    assert "official" not in chexpert + synthetic
 
 
 def test_localization_table_has_the_iou_thresholds_and_the_overall_box_count(study, report):

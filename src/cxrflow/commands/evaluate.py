@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "docs/cross-collection.md); a --store of the same findings is then scored as another collection's")
     parser.add_argument("--uncertain", type=_uncertain_policy, default="ignore",
                         help="another collection's uncertain labels: ignore (masked, default), ones or zeros")
+    parser.add_argument("--no-audit", dest="audit", action="store_false", help="skip the subgroup audit (subgroups.csv)")
+    parser.add_argument("--audit-fpr", type=options.probability, default=0.2,
+                        help="false-positive rate of the audit's one global 'no finding' threshold (default: 0.2)")
     add_tracking_arguments(parser)  # a tracked run (RUN/mlflow.json) is logged to also without --mlflow
 
 
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from cxrflow.results.crosseval import evaluate_on_store, format_cross_lines, is_other_collection
     from cxrflow.results.demographics_baseline import format_lines
     from cxrflow.results.evaluate import evaluate_run
+    from cxrflow.results.subgroups import format_audit
     from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME, resolve_checkpoint
 
     tracking = request_from_args(args)
@@ -66,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         metrics = _evaluate(args, evaluate_run)
     log_evaluation(tracking, metrics)
     print("\n".join([format_summary(metrics), *format_lines(metrics), *format_cross_lines(metrics)]))
+    if "audit" in metrics:  # an evaluation on another collection's store has no audit
+        print(format_audit(metrics["audit"]))
     print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
     return 0
 
@@ -83,4 +89,6 @@ def _evaluate(args: argparse.Namespace, evaluate_run) -> dict:
         batch_size=args.batch_size,
         store=args.store,
         overwrite=args.overwrite,
+        audit=args.audit,
+        audit_fpr=args.audit_fpr,
     )

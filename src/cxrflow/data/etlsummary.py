@@ -15,6 +15,7 @@ from typing import Self, TextIO
 import numpy as np
 import pyarrow.parquet as pq
 
+from cxrflow.data.synthetic import synthetic_record
 from cxrflow.data.store import SCHEMA, SPLITS, manifest_core, row_order, split_dir
 from cxrflow.identity import split_identity
 from cxrflow.progress import Progress as Bar
@@ -142,6 +143,7 @@ def build_manifest(
             # the NIH reader counts its unusable ages itself; the other readers leave them at -1
             "age_unknown": int(release.entries.attrs.get("age_unknown", (release.entries["age"] < 0).sum())),
         },
+        **synthetic_record(release.root),  # a collection written by cxrflow's generators
         "missing": missing,
         "quarantined": quarantined,
         "split": {

@@ -18,6 +18,7 @@ import numpy as np
 
 from cxrflow.metrics import json_number, summarize, youden_threshold
 from cxrflow.modelling.calibration import apply_temperatures, calibration_report, fit_temperatures
+from cxrflow.operating import operating_report
 from cxrflow.runs import PREDICTIONS_NAME, RELIABILITY_NAME, VAL_PREDICTIONS_NAME, predictions_table
 
 
@@ -57,6 +58,7 @@ def score_with_calibration(
     probs = np.asarray(evaluated["probs"], dtype=np.float64)
     mask = np.asarray(evaluated["known"]) if known and evaluated.get("known") is not None else None
     metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed, known=mask)
+    metrics.update(operating_report(labels, probs, evaluated["patient_id"], label_names, thresholds, known=mask, n_boot=n_boot, seed=seed))
     metrics["threshold_split"] = "val"
     metrics["threshold_calibrated"] = {n: json_number(t) for n, t in zip(label_names, cal_thresholds)}
     metrics["calibration"] = calibration_report(
@@ -72,6 +74,8 @@ def write_prediction_files(
     into ``folder``; returns the figures' names. ``what`` names the model in the titles."""
     import pyarrow.parquet as pq
 
+    from cxrflow.modelling.calibration import expected_calibration_error as ece
+    from cxrflow.operating import PR_NAME, plot_pr
     from cxrflow.plots import plot_reliability, plot_roc
 
     pq.write_table(predictions_table(evaluated, label_names), folder / PREDICTIONS_NAME)
@@ -82,15 +86,19 @@ def write_prediction_files(
     plot_roc(labels, evaluated["probs"], label_names, aucs=aucs, title=f"ROC curves, {what}, {split} split").savefig(
         folder / "roc.png", dpi=110
     )
-    ece = metrics["calibration"]["ece_mean"]
-    curves = {
-        f"raw (mean ECE {ece['before']:.3f})": evaluated["probs"],
-        f"temperature-scaled on val (mean ECE {ece['after']:.3f})": evaluated["calprobs"],
+    auprc = [(metrics.get("auprc") or {}).get(n) for n in label_names]
+    plot_pr(labels, evaluated["probs"], label_names, auprc=auprc, title=f"Precision-recall curves, {what}, {split} split").savefig(
+        folder / PR_NAME, dpi=110)  # fmt: skip
+    bins = metrics["calibration"]["bins"]
+    known = np.ones(labels.shape, bool) if evaluated.get("known") is None else np.asarray(evaluated["known"]) > 0
+    pooled = {key: ece(labels[known], np.asarray(evaluated[key], dtype=np.float64)[known], bins) for key in ("probs", "calprobs")}
+    curves = {  # the ECE beside each curve is of the same pooled pairs and bins as the curve
+        f"raw (pooled ECE {pooled['probs']:.3f})": evaluated["probs"],
+        f"temperature-scaled on val (pooled ECE {pooled['calprobs']:.3f})": evaluated["calprobs"],
     }
-    plot_reliability(labels, curves, bins=metrics["calibration"]["bins"], title=f"Reliability, {what}, {split} split").savefig(
-        folder / RELIABILITY_NAME, dpi=110
-    )
-    return ["roc.png", RELIABILITY_NAME]
+    title = f"Reliability, {what}, {split} split\nall {labels.shape[1]} findings pooled: every (image, finding) pair with a known label"
+    plot_reliability(labels, curves, bins=bins, title=title, mask=known).savefig(folder / RELIABILITY_NAME, dpi=110)
+    return ["roc.png", PR_NAME, RELIABILITY_NAME]
 
 
 

@@ -20,21 +20,33 @@ from cxrflow.results.embed import array_uri
 
 #: (key, title, what it means) of each kind of case, in page order.
 KINDS = (
-    ("fp", "Top false positives", "no label for the finding, highest probability"),
-    ("fn", "Top false negatives", "labelled with the finding, lowest probability"),
+    ("fp", "Top false positives", "called positive at the threshold without the label, highest probability first"),
+    ("fn", "Top false negatives", "labelled with the finding but not called at the threshold, lowest probability first"),
     ("tp", "Most confident positives", "labelled with the finding, highest probability"),
 )
+#: The same without an operating threshold: nothing is "called", so the images are only ranked.
+RANKED_KINDS = (
+    ("fp", "Highest-scored negatives", "no label for the finding, highest probability (no threshold to call them)"),
+    ("fn", "Lowest-scored positives", "labelled with the finding, lowest probability (no threshold to call them)"),
+    KINDS[2],
+)
+_NONE = {"fp": "no false positives", "fn": "no false negatives", "tp": "no positives"}
 #: Longest side of a thumbnail, in pixels.
 THUMB_SIDE = 128
 
 HeatmapFn = Callable[..., np.ndarray]
 
 
-def select_cases(probs: np.ndarray, labels: np.ndarray, n: int, known: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+def select_cases(
+    probs: np.ndarray, labels: np.ndarray, n: int, known: np.ndarray | None = None, thresholds: Sequence[float | None] | None = None
+) -> list[dict[str, np.ndarray]]:
     """Per finding, row indices of its top ``n`` false positives, false negatives and confident positives.
 
-    Rows whose label is unknown for a finding (``known == 0``) are left out of that finding's cases.
-    Ties keep the rows' order.
+    With ``thresholds`` (one per finding, None or NaN: none), false positives are the negatives called
+    positive (``prob >= threshold``) and false negatives the positives not called, so there may be
+    fewer than ``n`` or none; without a threshold they are the highest-scored negatives and the
+    lowest-scored positives. Rows whose label is unknown for a finding (``known == 0``) are left out
+    of that finding's cases. Ties keep the rows' order.
     """
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels)
@@ -43,10 +55,15 @@ def select_cases(probs: np.ndarray, labels: np.ndarray, n: int, known: np.ndarra
         usable = np.ones(len(probs), bool) if known is None else np.asarray(known[:, j]).astype(bool)
         pos = np.flatnonzero(usable & (labels[:, j] > 0.5))
         neg = np.flatnonzero(usable & (labels[:, j] <= 0.5))
+        t = None if thresholds is None else thresholds[j]
+        if t is not None and not np.isnan(t):
+            neg, pos_missed = neg[probs[neg, j] >= t], pos[probs[pos, j] < t]
+        else:
+            pos_missed = pos
         result.append(
             {
                 "fp": neg[np.argsort(-probs[neg, j], kind="stable")[:n]],
-                "fn": pos[np.argsort(probs[pos, j], kind="stable")[:n]],
+                "fn": pos_missed[np.argsort(probs[pos_missed, j], kind="stable")[:n]],
                 "tp": pos[np.argsort(-probs[pos, j], kind="stable")[:n]],
             }
         )
@@ -125,14 +142,15 @@ def case_set(
     probs = np.asarray(predictions["probs"], dtype=np.float64)
     labels = np.asarray(predictions["labels"])
     ids = list(predictions["image_id"])
-    chosen = select_cases(probs, labels, n, predictions.get("known"))
+    per_finding = [(thresholds or {}).get(name) for name in label_names]
+    chosen = select_cases(probs, labels, n, predictions.get("known"), per_finding)
     rows = sorted({int(i) for per in chosen for idx in per.values() for i in idx})
     pixels, note = read([ids[i] for i in rows]) if read is not None else ({}, None)
     findings = []
     for j, name in enumerate(label_names):
         threshold = (thresholds or {}).get(name)
         kinds = []
-        for key, title, meaning in KINDS:
+        for key, title, meaning in KINDS if threshold is not None else RANKED_KINDS:
             items = []
             for i in chosen[j][key]:
                 image_id = ids[int(i)]
@@ -152,6 +170,7 @@ def case_set(
                     if heatmaps is not None:
                         item["overlay_uri"] = array_uri(overlay(image, heatmaps(image, j)), THUMB_SIDE)
                 items.append(item)
-            kinds.append({"key": key, "title": title, "meaning": meaning, "items": items})
+            empty = _NONE[key] + (f" at threshold {threshold:.2f}" if threshold is not None and key != "tp" else " in this split")
+            kinds.append({"key": key, "title": title, "meaning": meaning, "items": items, "empty": empty})
         findings.append({"name": name, "threshold": threshold, "kinds": kinds})
     return {"findings": findings, "note": note, "overlays": heatmaps is not None and bool(pixels)}

@@ -31,6 +31,7 @@ from cxrflow.errors import CxrflowError
 from cxrflow.modelling.scoring import score_with_calibration, write_prediction_files
 from cxrflow.metrics import bootstrap_auc_ci
 from cxrflow.results.demographics_baseline import demographics_only
+from cxrflow.results.subgroups import attach_attributes, audit_evaluation
 from cxrflow.outputs import publishing
 from cxrflow.runs import (
     METRICS_NAME,
@@ -53,11 +54,14 @@ def evaluate_run(
     batch_size: int = 64,
     store: str | os.PathLike | None = None,
     overwrite: bool = False,
+    audit: bool = True,
+    audit_fpr: float = 0.2,
 ) -> dict[str, Any]:
     """Evaluate one checkpoint of a run on ``split`` and write metrics, predictions and figures.
 
-    Thresholds for sensitivity/specificity come from the validation split. Returns the metrics
-    dict with ``out`` (the folder written) added.
+    Thresholds for sensitivity/specificity come from the validation split. With ``audit``, the
+    subgroup audit (:mod:`cxrflow.results.subgroups`) writes ``subgroups.csv``; ``audit_fpr`` sets
+    its global underdiagnosis threshold. Returns the metrics dict with ``out`` (the folder written) added.
     """
     from cxrflow.modelling.inference import resolve_device
 
@@ -70,11 +74,11 @@ def evaluate_run(
     inputs = [run, ckpt_path] + ([store] if store is not None else [])
     with publishing(out, "evaluate", overwrite=overwrite, inputs=inputs) as pub:
         return _evaluate_into(pub, run, name, ckpt_path, split=split, n_boot=n_boot, seed=seed, device=device,
-                              batch_size=batch_size, store=store)
+                              batch_size=batch_size, store=store, audit=(audit, audit_fpr))
 
 
 def _evaluate_into(
-    pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot, seed, device, batch_size, store
+    pub, run: Path, name: str, ckpt_path: Path, *, split, n_boot, seed, device, batch_size, store, audit
 ) -> dict:
     """Score the checkpoint, write the evaluation into ``pub.tmp`` and publish it."""
     from cxrflow.data.store import read_manifest
@@ -119,7 +123,9 @@ def _evaluate_into(
         "cxrflow_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_evaluation(pub, run, metrics, evaluated, validation)
+    what = attach_attributes(inference.store, inference.size, split, evaluated, validation, metrics, manifest,
+                             f"{metrics.get('model')} {inference.size}px, {metrics['checkpoint']}")
+    _write_evaluation(pub, run, metrics, evaluated, validation, what=what, audit=audit)
     metrics["out"] = str(pub.out)
     return metrics
 
@@ -139,16 +145,21 @@ def _logit_offsets(manifest: dict, config: dict, k: int):
     return pos_weight_offsets(weights, k)
 
 
-def _write_evaluation(pub, run: Path, metrics: dict, evaluated: dict, validation: dict) -> None:
-    """Predictions, figures (training curves too, when the run has its epoch records) and
-    ``metrics.json`` into ``pub.tmp``, then publish the folder."""
+def _write_evaluation(
+    pub, run: Path, metrics: dict, evaluated: dict, validation: dict, *, what: str | None = None,
+    audit: tuple[bool, float] = (False, 0.2),
+) -> None:
+    """Predictions, figures (training curves too, when the run has its epoch records), the subgroup
+    audit when ``audit[0]`` (at global FPR ``audit[1]``) and ``metrics.json`` into ``pub.tmp``, then
+    publish the folder."""
     from cxrflow.plots import plot_training_curves
 
     tmp = pub.tmp
     model, size = metrics.get("model"), metrics["size"]
     names = metrics["label_names"]
-    what = f"{model} {size}px, {metrics['checkpoint']}"
+    what = what or f"{model} {size}px, {metrics['checkpoint']}"
     figures = write_prediction_files(tmp, evaluated, validation, names, metrics, what)
+    metrics["audit"] = audit_evaluation(tmp, evaluated, names, metrics, fpr=audit[1], what=what) if audit[0] else None
     records = read_epoch_records(run)
     if records:
         plot_training_curves(records, title=f"Training curves, {run.name} ({model} {size}px)").savefig(

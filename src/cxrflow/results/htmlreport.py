@@ -91,6 +91,7 @@ def data_section(stores: dict[str, dict], explore: str | os.PathLike | None) -> 
                 "source": {k: v for k, v in (m.get("source") or {}).items() if not isinstance(v, (list, dict))},
                 "split": {k: v for k, v in (m.get("split") or {}).items() if not isinstance(v, (list, dict))},
                 "split_name": split_name(info),
+                "synthetic": _synthetic(m),
                 "splits": splits,
                 "rows": [{"size": s, "counts": [m["rows"][s].get(sp) for sp in splits]} for s in sizes if s in m.get("rows", {})],
                 "pixel_stats": [{"size": s, **(m.get("pixel_stats") or {}).get(s, {})} for s in sizes if s in (m.get("pixel_stats") or {})],
@@ -140,9 +141,12 @@ def table_sections(evaluations: list[dict], stores: dict[str, dict]) -> list[dic
         for ev in evs:
             r, m = ev["row"], ev["metrics"]
             before, after = _ece(m)
+            synthetic = ev.get("synthetic", False)  # no comparison with published results for synthetic data
             rows.append(
                 {
                     **r,
+                    **({"paper_mean_auc": None, "delta_vs_paper": None} if synthetic else {}),
+                    "synthetic": synthetic,
                     "anchor": evaluation_anchor(ev),
                     "title": evaluation_title(ev),
                     "model_title": "ensemble" if ev["ensemble"] else model_title(r["model"]),
@@ -163,7 +167,8 @@ def table_sections(evaluations: list[dict], stores: dict[str, dict]) -> list[dic
                 "rows": rows,
                 "has_ece": any(r["ece_before"] is not None or r["ece_after"] is not None for r in rows),
                 "has_paper": any(r["paper_mean_auc"] is not None for r in rows),
-                "anchors": PUBLISHED_ANCHORS if len(names) == 14 and _is_nih(names) else (),
+                "anchors": PUBLISHED_ANCHORS if len(names) == 14 and _is_nih(names) and not any(r["synthetic"] for r in rows) else (),
+                "synthetic": sum(r["synthetic"] for r in rows),
             }
         )
     return tables
@@ -194,6 +199,12 @@ def _finding_table(m: dict) -> list[dict[str, Any]]:
                 "threshold": (m.get("threshold") or {}).get(n),
                 "sensitivity": (m.get("sensitivity") or {}).get(n),
                 "specificity": (m.get("specificity") or {}).get(n),
+                "sensitivity_ci": (m.get("sensitivity_ci95") or {}).get(n),
+                "specificity_ci": (m.get("specificity_ci95") or {}).get(n),
+                "counts": (m.get("counts") or {}).get(n),
+                "prevalence": (m.get("prevalence") or {}).get(n),
+                "auprc": (m.get("auprc") or {}).get(n),
+                "auprc_ci": (m.get("auprc_ci95") or {}).get(n),
                 "excluded_unknown": (m.get("excluded_unknown") or {}).get(n),
                 "temperature": (cal.get("temperature") or {}).get(n),
                 "ece_before": ((cal.get("ece") or {}).get("before") or {}).get(n),
@@ -218,12 +229,19 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
         figures.append(
             figure(folder / "roc.png", f"ROC curves per finding of {title} on the {m.get('split')} split; the AUC of each finding is in the table below")
         )
+    if "pr.png" in listed or (folder / "pr.png").exists():
+        figures.append(figure(folder / "pr.png", f"Precision-recall curves per finding of {title} on the {m.get('split')} split; "
+                              "AUPRC and prevalence (the chance level) of each finding in the legend"))  # fmt: skip
     if "reliability.png" in listed or (folder / "reliability.png").exists():
         figures.append(
             figure(folder / "reliability.png", f"Reliability diagram of {title}: predicted probability against observed frequency, before and after calibration")
         )
     cal = m.get("calibration")
+    from cxrflow.results.auditreport import audit_part
+
     return {
+        "audit": None if ev["ensemble"] else audit_part(m, folder, title),
+        "synthetic": ev.get("synthetic", False),
         "anchor": evaluation_anchor(ev),
         "title": title,
         "row": ev["row"],
@@ -234,6 +252,8 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
         "findings": _finding_table(m),
         "calibration": None if not cal else {k: cal.get(k) for k in ("method", "fitted_on", "bins", "ece_mean", "brier_mean")},
         "has_operating_points": "threshold" in m,
+        "has_auprc": "auprc" in m,
+        "has_counts": "counts" in m,
         "has_unknown": bool(m.get("excluded_unknown")),
         "demographics_only": demographics_part(m),
         "members": [{"run": x.get("run"), "eval": x.get("eval"), "sha": x.get("checkpoint_sha256")} for x in m.get("members", [])],
@@ -374,7 +394,7 @@ def case_sections(
         reader = _store_reader(store, ev, need_model_input=overlay is not None)
         result = case_set(predictions, names, n, thresholds=ev["metrics"].get("threshold"), read=reader, heatmaps=overlay)
         result["note"] = " ".join(filter(None, [result["note"], why_not])) or None
-        out.append({"title": evaluation_title(ev), "anchor": evaluation_anchor(ev), "n": n, **result})
+        out.append({"title": evaluation_title(ev), "anchor": evaluation_anchor(ev), "n": n, "synthetic": ev.get("synthetic", False), **result})
     return out
 
 
@@ -475,11 +495,14 @@ def build_context(
     """Everything the page shows, as plain data (sections absent are None or empty)."""
     evaluations = load_evaluations(paths, split)
     stores = open_stores(evaluations, store)
+    synthetic_stores = _mark_synthetic(evaluations, stores)
     tables = table_sections(evaluations, stores)
     runs = run_sections(evaluations)
     args = report_args if report_args is not None else [*map(str, paths), "--out", "REPORT"]
     return {
-        "title": f"cxrflow study: {len(evaluations)} evaluation{'s' if len(evaluations) != 1 else ''}",
+        "title": f"cxrflow study: {len(evaluations)} evaluation{'s' if len(evaluations) != 1 else ''}"
+        + (" (synthetic data)" if synthetic_stores else ""),
+        "synthetic_stores": synthetic_stores,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
         "data": data_section(stores, explore),
@@ -491,6 +514,25 @@ def build_context(
         "reproduce": reproduce_section(evaluations, runs, stores, args),
         "fusion": fusion_comparison([ev["metrics"] for ev in evaluations]),
     }
+
+
+def _synthetic(manifest: dict | None) -> bool:
+    from cxrflow.data.synthetic import is_synthetic
+
+    return is_synthetic(manifest)
+
+
+def _mark_synthetic(evaluations: list[dict], stores: dict[str, dict]) -> list[str]:
+    """Set each evaluation's ``synthetic``; the stores (paths) of synthetic data behind the page."""
+    from cxrflow.results.auditreport import is_synthetic_evaluation
+
+    found = []
+    for ev in evaluations:
+        recorded = str(ev["metrics"].get("store") or "")
+        ev["synthetic"] = is_synthetic_evaluation(ev["metrics"], stores.get(recorded))
+        if ev["synthetic"] and recorded not in found:
+            found.append(recorded)
+    return [stores.get(r, {}).get("path", r) or "unknown store" for r in found]
 
 
 def render(context: dict[str, Any]) -> str:

@@ -127,11 +127,9 @@ def open_stores(evaluations: list[dict], store_override: str | os.PathLike | Non
 
 def split_name(store: dict[str, Any] | None) -> str:
     """How the store's test split was drawn, in words (the thing to check before comparing AUCs)."""
-    manifest = (store or {}).get("manifest")
-    if manifest is None:
-        return "unknown (store not found)"
-    mode = (manifest.get("split") or {}).get("mode")
-    return SPLIT_MODES.get(mode, str(mode or "unknown"))
+    from cxrflow.results.auditreport import split_words
+
+    return split_words((store or {}).get("manifest"))
 
 
 def evaluation_anchor(ev: dict) -> str:

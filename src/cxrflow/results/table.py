@@ -112,7 +112,7 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
     else:
         members = []
         label = f"{model_title(model, fusion)} {size}px {STAGE_TITLES.get(stage, stage)}"
-    paper = None if ensemble else paper_mean_auc(model, size, stage)
+    paper = None if ensemble or m.get("synthetic") else paper_mean_auc(model, size, stage)  # never for synthetic data
     mean = m["mean_auc"]
     ece = (m.get("calibration") or {}).get("ece_mean") or {}
     return {
@@ -139,6 +139,7 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
         "auc": dict(m["auc"]),
         "label_names": list(m["label_names"]),
         "source": str(metrics_path),
+        "synthetic": bool(m.get("synthetic")),
     }
 
 
@@ -219,7 +220,7 @@ def format_markdown(rows: Sequence[dict]) -> str:
         ece = "n/a" if r["ece"] is None else f"{r['ece']:.3f}" + ("" if r["ece_raw"] is None else f" ({r['ece_raw']:.3f})")
         model = f"Ensemble ({r['model'][len('ensemble('):-1]})" if r["kind"] == "ensemble" else model_title(r["model"], r["fusion"])
         cells = [
-            r["run"], model, str(r["size"]), STAGE_TITLES.get(r["stage"], r["stage"]),
+            r["run"] + (" (synthetic data)" if r.get("synthetic") else ""), model, str(r["size"]), STAGE_TITLES.get(r["stage"], r["stage"]),
             mean or "n/a", ci, ece, _fmt(r["paper_mean_auc"]) or "—", delta or "—", str(r["n_images"]), "**best**" if r["best"] else "",
         ]
         if r["best"]:

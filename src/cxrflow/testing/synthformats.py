@@ -21,6 +21,13 @@ from cxrflow.testing.synthstore import planted_image
 _OBS = (("1.0", 0.25), ("0.0", 0.45), ("-1.0", 0.1), ("", 0.2))
 
 
+def _mark(folder: Path) -> None:
+    """Mark the collection synthetic, so that a store made from it says so (:mod:`cxrflow.data.synthetic`)."""
+    from cxrflow.outputs import write_marker
+
+    write_marker(folder, "synth", generator="cxrflow.data.synthformats")
+
+
 def _observation(rng: np.random.Generator) -> str:
     values, weights = zip(*_OBS)
     return str(rng.choice(values, p=weights))
@@ -62,6 +69,7 @@ def write_chexpert(root: str | os.PathLike, patients: int = 30, *, size: int = 4
                     _image(folder / rel, obs, size, rng)
         with open(folder / f"{name}.csv", "w", newline="") as f:
             csv.writer(f).writerows([list(COLUMNS), *rows])
+    _mark(folder)
     return folder
 
 
@@ -101,6 +109,7 @@ def write_mimic(root: str | os.PathLike, subjects: int = 30, *, size: int = 48, 
         if gzipped:
             path.with_suffix(".csv.gz").write_bytes(gzip.compress(path.read_bytes()))
             path.unlink()
+    _mark(root)
     return root
 
 
@@ -128,6 +137,7 @@ def write_generic(root: str | os.PathLike, patients: int = 30, *, size: int = 48
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "labels.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
+    _mark(root)
     return root
 
 

@@ -237,11 +237,14 @@ def write_study(
     checkpoints: bool = False,
     draw_each: bool = False,
     seed: int = 0,
+    synthetic: bool = True,
 ) -> dict[str, Any]:
     """Write a store and the runs' folders under ``root``; returns their paths.
 
     ``draw_each=False`` draws the figures once and copies them (fast); ``checkpoints`` writes real
     random-weight checkpoints (simple_cnn runs only, to stay small); localization goes to the first run.
+    ``synthetic=False`` presents the store as the NIH release with its official lists (its manifest
+    no longer says synthetic), for the parts of a report that appear only for real collections.
     """
     from cxrflow.data.store import pixel_stats
     from cxrflow.testing.synthstore import write_synthetic_store
@@ -249,6 +252,12 @@ def write_study(
     root = Path(root)
     store = root / "store"
     manifest = write_synthetic_store(store, sizes=(store_size,), rows={"train": 16, "val": 8, "test": test_rows}, seed=seed)
+    if not synthetic:
+        from cxrflow.atomic import write_json_atomic
+
+        manifest.pop("synthetic", None)
+        manifest["split"] = {**manifest["split"], "mode": "official-lists"}
+        write_json_atomic(store / "_manifest.json", manifest)
     names = manifest["label_names"]
     stats = pixel_stats(manifest, store_size)  # what evaluations record, as the checkpoints do
     run_dirs, evals, first_eval = [], [], None
