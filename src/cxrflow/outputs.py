@@ -42,6 +42,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -184,18 +185,25 @@ def _check_target(out: Path, command: str, *, overwrite: bool, inputs: Iterable[
 
 
 def leftovers(out: PathLike) -> list[Path]:
-    """``.<name>.partial-*`` / ``.<name>.old-*`` folders beside ``out`` (left by a killed run)."""
+    """``.<name>.partial-<hex>`` / ``.<name>.old-<hex>`` folders beside ``out`` (left by a killed run).
+
+    Names are compared as text, never as a glob pattern: ``st[12]`` is a name, not ``st1`` or ``st2``.
+    """
     out = Path(out).absolute()
-    found: list[Path] = []
-    for kind in ("partial", "old"):
-        found.extend(p for p in out.parent.glob(f".{out.name}.{kind}-*") if p.is_dir() and not p.is_symlink())
-    return sorted(found)
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(partial|old)-[^./]+")
+    try:
+        names = [entry.name for entry in os.scandir(out.parent)]
+    except OSError:
+        return []
+    found = [out.parent / n for n in names if pattern.fullmatch(n)]
+    return sorted(p for p in found if p.is_dir() and not p.is_symlink())
 
 
 def _remove_leftovers(out: Path, command: str) -> None:
-    """Delete the leftovers of ``out`` that carry this command's marker (call with the lock held)."""
+    """Delete the leftovers of ``out`` that carry this command's marker naming ``out`` (call with the lock held)."""
     for folder in leftovers(out):
-        if read_marker(folder, command) is not None:
+        marker = read_marker(folder, command)
+        if marker is not None and marker.get("target", out.name) == out.name:
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -410,7 +418,7 @@ def publishing(
         _make_folder(tmp)
         pub = Publication(out, command, tmp)
         try:
-            write_marker(tmp, command, partial=True)
+            write_marker(tmp, command, partial=True, target=out.name)
             yield pub
         finally:
             if not pub.committed:
