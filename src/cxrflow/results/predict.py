@@ -24,6 +24,7 @@ value that is not known); they are encoded exactly as in training (:mod:`cxrflow
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -149,7 +150,7 @@ def _evaluation_record(run: Path, checkpoint_name: str) -> tuple[dict | None, st
     from cxrflow.results.evaluate import check_metrics, evaluation_status
 
     note = None
-    for path in sorted(run.glob(f"eval-*-{checkpoint_name}/metrics.json")):
+    for path in sorted(run.glob(f"eval-*-{glob.escape(checkpoint_name)}/metrics.json")):
         try:
             metrics = check_metrics(json.loads(path.read_text()), path)
         except (OSError, ValueError) as exc:  # said, not skipped silently: without it the output is raw
