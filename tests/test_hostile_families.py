@@ -2,18 +2,29 @@
 rather than list examples.
 
 - outputs: user paths are never glob patterns, and clean-up touches only this output's own leftovers.
+- names: names that become file names are sanitised and distinct; every CSV cxrflow writes shows
+  formula-like cells as text (and reads its own CSVs back unchanged).
 """
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cxrflow import csvsafe
+from cxrflow.cli import main
+from cxrflow.names import file_part, file_parts, path_tag
 from cxrflow.outputs import leftovers, publishing, write_marker
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "cxrflow"
+#: Text a hostile collection, run folder or finding may carry: formulas, separators, controls, quotes.
+HOSTILE_TEXT = st.text(alphabet=st.sampled_from(list("=+-@'\t\r\n\x1b/\\.:|!\"A0 ") + ["é", "\u202e", "\x00"]), max_size=12)
 
 #: Output names made of glob metacharacters and ordinary letters (``st[12]``, ``*``, ``a?``).
 GLOBBY = st.text(alphabet=string.ascii_lowercase[:3] + "0123[]*?!-", min_size=1, max_size=8).filter(
@@ -53,3 +64,103 @@ def test_leftovers_are_matched_by_exact_name_not_by_prefix(tmp_path):
     with publishing(out, "etl") as pub:
         pub.commit()
     assert theirs.is_dir() and mine.is_dir()
+
+
+# ------------------------------------------------------------------ names become paths or formulas
+
+
+@given(HOSTILE_TEXT | st.text(max_size=12))
+def test_protected_cells_never_start_a_formula_and_round_trip(value):
+    cell = csvsafe.protect(value)
+    assert not cell.startswith(("=", "+", "@", "\t", "\r")) and csvsafe.unprotect(cell) == value
+    assert not cell.startswith("-") or re.fullmatch(r"-[0-9.eE+-]+|-(inf|nan)", cell, re.IGNORECASE)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.lists(HOSTILE_TEXT.filter(lambda s: s.strip() and "\x00" not in s), min_size=1, max_size=5, unique=True))
+def test_csvs_cxrflow_writes_read_back_unchanged(tmp_path_factory, ids):
+    path = tmp_path_factory.mktemp("csv") / "split.csv"
+    frame = pd.DataFrame({"image_id": ids, "patient_id": ids, "split": "train", "score": 0.5})
+    csvsafe.write_frame(frame, path, index=False)
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert not raw["image_id"].str.match(r"[=+@\t\r]").any()
+    back = csvsafe.read_frame(path, dtype=str, keep_default_na=False)
+    assert back["image_id"].tolist() == ids
+
+
+def test_every_csv_cxrflow_writes_goes_through_the_safe_writer():
+    """No module writes CSV around :mod:`cxrflow.csvsafe` (synthetic collections mimic the releases' own files)."""
+    allowed = {"csvsafe.py", "synthformats.py"}
+    offenders = [
+        f"{path.relative_to(SRC)}:{n}"
+        for path in SRC.rglob("*.py") if path.name not in allowed
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\.to_csv\(|\bcsv\.(writer|DictWriter)\(", line)
+    ]  # fmt: skip
+    assert offenders == []
+
+
+@given(st.text(max_size=300))
+def test_file_parts_are_one_safe_bounded_component(name):
+    part = file_part(name)
+    assert part and "/" not in part and "\x00" not in part and not part.startswith(".") and part.isprintable()
+    assert len(part.encode()) <= 80
+    assert part == name or re.search(r"-[0-9a-f]{8}$", part)
+
+
+@given(st.lists(HOSTILE_TEXT | st.sampled_from(["Mass", "mass", "Lesion/Mass", "Lesion_Mass"]), max_size=8))
+def test_distinct_names_get_distinct_file_parts(names):
+    parts = file_parts(names)
+    assert len({p.casefold() for p in parts.values()}) == len(parts) == len(set(names))
+
+
+def test_same_file_name_in_two_folders_gets_two_tags(tmp_path):
+    assert path_tag(tmp_path / "d1" / "x.png") != path_tag(tmp_path / "d2" / "x.png")
+    assert path_tag(tmp_path / "d1" / "x.png") == path_tag(tmp_path / "d1" / ".." / "d1" / "x.png")
+
+
+FORMULA_RUN = "=2+5+cmd|' -C calc'!A0"
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    """A 1-epoch run named like a formula, on a store whose findings hold a path separator and a formula."""
+    from cxrflow.data.labels import LabelVocabulary
+    from cxrflow.data.synthstore import write_synthetic_store
+
+    root = tmp_path_factory.mktemp("hostile")
+    store = root / "store"
+    vocab = LabelVocabulary(("Lesion/Mass", "Lesion_Mass", "=1+1", "Effusion"), no_finding=None)
+    write_synthetic_store(store, sizes=(16,), rows={"train": 8, "val": 4, "test": 4}, seed=0, vocab=vocab)
+    run = root / "runs" / FORMULA_RUN
+    run.parent.mkdir()
+    assert main(["train", "--quiet", "--store", str(store), "--size", "16", "--model", "simple_cnn", "--out", str(run),
+                 "--epochs", "1", "--batch-size", "4", "--device", "cpu"]) == 0  # fmt: skip
+    return run
+
+
+@pytest.mark.slow
+def test_findings_and_images_named_like_paths_get_their_own_overlays(hostile_run, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from cxrflow.results import overlays
+
+    monkeypatch.setattr(overlays, "flagged_findings", lambda p: list(p["probabilities"]))
+    for folder in ("d1", "d2"):
+        (tmp_path / folder).mkdir()
+        Image.new("L", (20, 20), 80 if folder == "d1" else 160).save(tmp_path / folder / "x.png")
+    written = []
+    for folder in ("d1", "d2"):  # two predicts into one folder
+        assert main(["predict", "--run", str(hostile_run), str(tmp_path / folder / "x.png"), "--json",
+                     "--heatmaps", str(tmp_path / "h")]) == 0  # fmt: skip
+        written += [p for pred in __import__("json").loads(capsys.readouterr().out)["predictions"] for p in pred["heatmaps"].values()]
+    assert len(written) == len(set(written)) == 8
+    assert all(Path(p).parent == tmp_path / "h" and Path(p).is_file() for p in written)
+
+
+@pytest.mark.slow
+def test_a_run_named_like_a_formula_is_text_in_table_csv(hostile_run, tmp_path):
+    assert main(["evaluate", "--run", str(hostile_run), "--n-boot", "5", "--device", "cpu"]) == 0
+    assert main(["report", str(hostile_run), "--out", str(tmp_path / "r"), "--no-html"]) == 0
+    text = (tmp_path / "r" / "table.csv").read_text()
+    assert "'" + FORMULA_RUN in text and "\n" + FORMULA_RUN not in text and "," + FORMULA_RUN not in text

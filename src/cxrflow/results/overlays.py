@@ -134,6 +134,7 @@ def _write_overlays(predictor, predictions: list[dict], out_dir, method: str) ->
 
     from cxrflow.atomic import save_figure_atomic
     from cxrflow.errors import CxrflowError
+    from cxrflow.names import file_part, path_tag
     from cxrflow.outputs import read_marker, write_marker
     from cxrflow.modelling.heatmaps import heatmaps
     from cxrflow.data.imaging import load_gray, preprocess
@@ -144,7 +145,7 @@ def _write_overlays(predictor, predictions: list[dict], out_dir, method: str) ->
         raise CxrflowError(f"cannot create the heatmap folder: {exc.strerror or exc}", out_dir) from None
     stems = [Path(p["image"]).stem for p in predictions]
     targets = [
-        [out_dir / f"{stem if stems.count(stem) == 1 else f'{stem}-{i}'}-{name}.png" for name in flagged_findings(prediction)]
+        [out_dir / f"{file_part(stem)}-{path_tag(prediction['image'])}-{file_part(name)}.png" for name in flagged_findings(prediction)]
         for i, (prediction, stem) in enumerate(zip(predictions, stems))
     ]
     # a file in DIR is replaced only when an earlier predict wrote it (listed in DIR's marker)

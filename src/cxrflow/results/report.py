@@ -13,13 +13,13 @@ marked. An ensemble folder (``cxrflow ensemble``) is one row of its own, with it
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from cxrflow import csvsafe
 from cxrflow.errors import CxrflowError
 from cxrflow.results.evaluate import METRICS_NAME, check_metrics, evaluation_status
 from cxrflow.outputs import publishing
@@ -170,7 +170,7 @@ def format_csv(rows: Sequence[dict]) -> str:
         "ece_calibrated", "ece_raw", "kind", "members",
     ] + [f"auc_{n}" for n in findings]
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csvsafe.writer(buf, lineterminator="\n")
     w.writerow(head)
     for r in rows:
         w.writerow(
