@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cxrflow.errors import CxrflowError
+from cxrflow.safeio import UnreadableFile, read_json
 
 
 @contextlib.contextmanager
@@ -70,7 +71,9 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     """The JSON object in one of cxrflow's files (``what``: "manifest", "run config", ...), or one
     CxrflowError naming the file: unreadable, not JSON, or not an object."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = read_json(path, what)
+    except UnreadableFile:
+        raise
     except (OSError, ValueError) as exc:
         raise CxrflowError(f"unreadable {what}: {exc}", path) from None
     except RecursionError:

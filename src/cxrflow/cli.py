@@ -18,6 +18,7 @@ import warnings
 
 from cxrflow import __version__
 from cxrflow.errors import CxrflowError
+from cxrflow.names import printable
 
 #: (subcommand, module, one-line description) in pipeline order.
 COMMANDS: list[tuple[str, str, str]] = [
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
         return code
     except CxrflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
     except OSError as exc:  # after BrokenPipeError, which is one too
-        if exc.errno not in ENVIRONMENT_ERRNOS:
+        if exc.errno not in ENVIRONMENT_ERRNOS and exc.filename is None:  # an OSError of a path is the user's
             raise
         print(f"error: {environment_error(exc, getattr(args, 'out', None))}", file=sys.stderr)
         return 2
@@ -125,9 +126,9 @@ def environment_error(exc: OSError, out: str | None) -> str:
     """One line for a disk or permission failure: the file (else the output being written) and the fix."""
     where = exc.filename or out
     fix = "free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (
-        "write somewhere you may write, or fix the permissions"
+        "write somewhere you may write, or fix the permissions" if exc.errno in ENVIRONMENT_ERRNOS else "check the path"
     )
-    return f"{where}: {exc.strerror or exc}; {fix}" if where else f"{exc.strerror or exc}; {fix}"
+    return printable(f"{where}: {exc.strerror or exc}; {fix}" if where else f"{exc.strerror or exc}; {fix}")
 
 
 def _show_warnings(caught: list[warnings.WarningMessage], limit: int = 5) -> None:

@@ -54,6 +54,7 @@ from typing import Any, Iterable, Iterator
 
 from cxrflow import __version__
 from cxrflow.errors import CxrflowError
+from cxrflow.safeio import CONFIG_BYTES, read_json
 
 try:
     import fcntl
@@ -95,7 +96,7 @@ def read_marker(folder: PathLike, command: str) -> dict | None:
     try:
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
+        data = read_json(path, "marker", CONFIG_BYTES)
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("producer", f"cxrflow {command}") != f"cxrflow {command}":

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrflow.data.demographics import encode_arrow as encode_demographics
 from cxrflow.errors import CxrflowError
+from cxrflow.safeio import JSON_BYTES, check_size
 from cxrflow.data.store import FORMAT_VERSION, KNOWN_COLUMN, MANIFEST_NAME, check_partition, read_manifest
 from cxrflow.data.uncertain import apply_policy, resolve_policy
 
@@ -124,8 +125,12 @@ def _read_remote_manifest(fs: pafs.FileSystem, root: str, shown: str) -> dict:
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise CxrflowError("no such store (run 'cxrflow etl' first)", shown)
     path = f"{root}/{MANIFEST_NAME}"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
         raise CxrflowError(f"not a complete cxrflow store: {MANIFEST_NAME} is missing", shown)
+    if info.type != pafs.FileType.File:  # a pipe would block the read, a folder fail it
+        raise CxrflowError("is not a regular file (a folder, named pipe or device); expected a store manifest", path)
+    check_size(info.size or 0, JSON_BYTES, f"{shown}/{MANIFEST_NAME}", "store manifest")
     try:
         with fs.open_input_stream(path) as f:
             manifest = json.loads(f.read().decode("utf-8"))

@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from cxrflow import __version__
 from cxrflow.atomic import read_json_object
+from cxrflow import safeio
 from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import LabelVocabulary
 
@@ -310,7 +311,7 @@ def verify_store(store: str | os.PathLike, manifest: dict) -> tuple[list[str], i
             count = 0
             for f in files:
                 try:
-                    meta = pq.ParquetFile(f).metadata
+                    meta = pq.ParquetFile(safeio.regular_file(f, "store part")).metadata
                     schema = meta.schema.to_arrow_schema()
                 except Exception as exc:  # any footer that does not parse is a corrupt file
                     problems.append(f"{f}: corrupt ({str(exc).splitlines()[0][:160]})")

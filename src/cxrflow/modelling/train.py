@@ -59,6 +59,7 @@ from cxrflow.modelling.inference import unwrap as _unwrap
 from cxrflow.data.loader import augment, make_loader
 from cxrflow.results.metrics import mean_auc, per_class_auc
 from cxrflow.modelling.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model, load_weights
+from cxrflow import safeio
 from cxrflow.outputs import claiming, read_marker, write_marker
 from cxrflow.data.store import check_partition, pixel_stats, read_manifest
 from cxrflow.data.uncertain import MaskedBCEWithLogits, policy_pos_weight
@@ -251,7 +252,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def _load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(safeio.regular_file(path, "checkpoint"), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean a damaged file
         raise CxrflowError(f"cannot read checkpoint: {str(exc).splitlines()[0]}", path) from None
 

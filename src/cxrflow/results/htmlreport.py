@@ -29,6 +29,7 @@ import numpy as np
 
 from cxrflow import __version__
 from cxrflow.results.embed import figure_uri
+from cxrflow import safeio
 from cxrflow.errors import CxrflowError
 from cxrflow.results.evaluate import METRICS_NAME, evaluation_checkpoint
 from cxrflow.identity import file_sha256
@@ -78,10 +79,10 @@ EXPLORE_FIGURES = (
 def _read_json(path: Path) -> tuple[dict | None, str | None]:
     """(content, None) or (None, why not)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = safeio.read_json(path, "cxrflow file")
     except FileNotFoundError:
         return None, "missing"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         return None, f"unreadable ({exc})"
     return (data, None) if isinstance(data, dict) else (None, "not a JSON object")
 

@@ -37,6 +37,7 @@ import torch
 
 from cxrflow.atomic import json_safe
 from cxrflow.data.demographics import FIELDS, encode, parse_age, parse_choice, read_metadata_csv
+from cxrflow import safeio
 from cxrflow.errors import CxrflowError
 from cxrflow import options
 
@@ -152,7 +153,7 @@ def _evaluation_record(run: Path, checkpoint_name: str) -> tuple[dict | None, st
     note = None
     for path in sorted(run.glob(f"eval-*-{glob.escape(checkpoint_name)}/metrics.json")):
         try:
-            metrics = check_metrics(json.loads(path.read_text()), path)
+            metrics = check_metrics(safeio.read_json(path, "evaluation"), path)
         except (OSError, ValueError) as exc:  # said, not skipped silently: without it the output is raw
             note = note or f"{path}: unreadable ({_first_line(exc)}); its thresholds and calibration are not used"
             continue

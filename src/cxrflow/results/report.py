@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from cxrflow import csvsafe
+from cxrflow import csvsafe, safeio
 from cxrflow.errors import CxrflowError
 from cxrflow.results.evaluate import METRICS_NAME, check_metrics, evaluation_status
 from cxrflow.outputs import publishing
@@ -90,7 +89,7 @@ def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") ->
 def load_row(metrics_path: Path) -> dict[str, Any]:
     """One table row from an evaluation's ``metrics.json``."""
     try:
-        m = json.loads(Path(metrics_path).read_text())
+        m = safeio.read_json(metrics_path, "evaluation")
     except (OSError, ValueError) as exc:
         raise CxrflowError(f"unreadable evaluation: {exc}", metrics_path) from None
     check_metrics(m, metrics_path)
