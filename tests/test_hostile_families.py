@@ -4,6 +4,7 @@ rather than list examples.
 - outputs: user paths are never glob patterns, and clean-up touches only this output's own leftovers.
 - names: names that become file names are sanitised and distinct; every CSV cxrflow writes shows
   formula-like cells as text (and reads its own CSVs back unchanged).
+- where outputs go: never into a store or collection; ``--overwrite`` replaces only what cxrflow wrote.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from hypothesis import strategies as st
 
 from cxrflow import csvsafe
 from cxrflow.cli import main
+from cxrflow.errors import CxrflowError
 from cxrflow.names import file_part, file_parts, path_tag
-from cxrflow.outputs import leftovers, publishing, write_marker
+from cxrflow.outputs import check_target, leftovers, publishing, write_marker
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cxrflow"
 #: Text a hostile collection, run folder or finding may carry: formulas, separators, controls, quotes.
@@ -164,3 +166,69 @@ def test_a_run_named_like_a_formula_is_text_in_table_csv(hostile_run, tmp_path):
     assert main(["report", str(hostile_run), "--out", str(tmp_path / "r"), "--no-html"]) == 0
     text = (tmp_path / "r" / "table.csv").read_text()
     assert "'" + FORMULA_RUN in text and "\n" + FORMULA_RUN not in text and "," + FORMULA_RUN not in text
+
+
+# ------------------------------------------------------------------------------------ where outputs go
+
+#: Relative paths a user may save inside an output folder (notes, a sub-folder of theirs, a hidden file).
+USER_FILES = st.lists(st.sampled_from(["notes.txt", ".DS_Store", "mine/keep.csv", "a b.md", "roc.png.bak"]), min_size=1,
+                      max_size=3, unique=True)  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(user_files=USER_FILES, command=st.sampled_from(["evaluate", "report", "explore", "etl"]))
+def test_overwrite_refuses_to_delete_a_file_cxrflow_did_not_write(tmp_path_factory, user_files, command):
+    out = tmp_path_factory.mktemp("pub") / "out"
+    with publishing(out, command) as pub:
+        (pub.tmp / "metrics.json").write_text("{}")
+        (pub.tmp / "sub").mkdir()
+        (pub.tmp / "sub" / "roc.png").write_bytes(b"png")
+        pub.commit()
+    for rel in user_files:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("the user's")
+    with pytest.raises(CxrflowError, match="did not write") as info:
+        with publishing(out, command, overwrite=True) as pub:
+            pub.commit()
+    assert any(rel in str(info.value) for rel in user_files)
+    assert all((out / rel).read_text() == "the user's" for rel in user_files) and (out / "metrics.json").exists()
+    for rel in user_files:  # once the user's files are gone, the overwrite goes ahead
+        (out / rel).unlink()
+    with publishing(out, command, overwrite=True) as pub:
+        pub.commit()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "report", "localize", "explore", "ensemble", "predict"])
+@pytest.mark.parametrize("sealed", ["etl", "synth"])
+def test_no_output_goes_into_a_store_or_collection(tmp_path, command, sealed):
+    folder = tmp_path / "sealed"
+    with publishing(folder, sealed) as pub:
+        pub.commit()
+    for out in (folder / "out", folder / "size=16" / "deep" / "out"):
+        with pytest.raises(CxrflowError, match=f"inside a cxrflow {sealed} output"):
+            check_target(out, command)
+    if command != sealed:
+        with pytest.raises(CxrflowError):
+            check_target(folder, command)
+
+
+@pytest.mark.slow
+def test_predict_heatmaps_never_write_into_the_store_and_evaluate_keeps_the_users_notes(hostile_run, tmp_path, capsys):
+    from PIL import Image
+
+    store = hostile_run.parent.parent / "store"
+    before = sorted(p.name for p in store.rglob("*"))
+    Image.new("L", (20, 20), 80).save(tmp_path / "x.png")
+    for target in (store, store / "size=16", store / "overlays"):
+        rc = main(["predict", "--run", str(hostile_run), str(tmp_path / "x.png"), "--heatmaps", str(target)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "cxrflow etl output" in err[0], err
+    assert sorted(p.name for p in store.rglob("*")) == before
+    assert main(["evaluate", "--run", str(hostile_run), "--n-boot", "5", "--device", "cpu"]) in (0, 2)
+    capsys.readouterr()
+    evaluation = hostile_run / "eval-test-best_finetune"
+    (evaluation / "notes.txt").write_text("my notes")
+    rc = main(["evaluate", "--run", str(hostile_run), "--n-boot", "5", "--device", "cpu", "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "notes.txt" in err[0], err
+    assert (evaluation / "notes.txt").read_text() == "my notes"

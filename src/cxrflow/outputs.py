@@ -114,6 +114,60 @@ def _marked_by(folder: Path) -> list[str]:
     return sorted(c for c in commands if read_marker(folder, c) is not None)
 
 
+#: Outputs that later stages read and that never hold another output: stores and collections.
+SEALED = ("etl", "synth")
+
+
+def inside_sealed(out: PathLike, command: str, itself: bool = True) -> str | None:
+    """Why ``out`` may not be written by ``cxrflow <command>``: it is (with ``itself``), or is inside, a
+    store or a collection (a folder carrying an ``etl`` or ``synth`` marker) not this command's own; else None."""
+    real = Path(os.path.realpath(out))
+    for folder in (real, *real.parents) if itself else real.parents:
+        for sealed in _sealed_by(folder):
+            if folder != real or sealed != command:
+                where = "a" if folder == real else "inside a"
+                return f"is {where} cxrflow {sealed} output ({folder}); outputs never go into a store or a collection"
+    return None
+
+
+def _sealed_by(folder: Path) -> list[str]:
+    """The sealed commands whose output ``folder`` is: by marker, or (a store written without one, as
+    tests and older versions do) by a store's manifest beside its ``size=`` folders."""
+    found = [c for c in SEALED if read_marker(folder, c) is not None]
+    with contextlib.suppress(OSError):
+        if not found and (folder / "_manifest.json").is_file() and any(p.name.startswith("size=") for p in folder.iterdir()):
+            found.append("etl")
+    return found
+
+
+def refuse_inside_sealed(out: PathLike, command: str, itself: bool = True) -> None:
+    """CxrflowError when :func:`inside_sealed` says why ``out`` may not be written."""
+    why = inside_sealed(out, command, itself)
+    if why is not None:
+        raise CxrflowError(f"{why}; choose another folder", out)
+
+
+def file_listing(folder: PathLike) -> list[str]:
+    """Every file under ``folder`` (links not followed, listed as files), as relative POSIX paths,
+    without the markers at its top: what a marker's ``files`` records, and what an overwrite may delete."""
+    folder = Path(folder)
+    found = []
+    for root, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        found += [Path(os.path.relpath(os.path.join(root, n), folder)).as_posix() for n in files + links]
+    return sorted(p for p in found if not (p.startswith(".cxrflow-") and p.endswith(".json") and "/" not in p))
+
+
+def foreign_file(out: PathLike, marker: dict) -> str | None:
+    """The first file in ``out`` that its marker's ``files`` does not list (a file cxrflow did not write),
+    or None (also for markers of versions that listed no files)."""
+    listed = marker.get("files")
+    if not isinstance(listed, list):
+        return None
+    known = set(listed)
+    return next((p for p in file_listing(out) if p not in known), None)
+
+
 def _protected(out: Path, inputs: Iterable[PathLike]) -> str | None:
     """Why ``out`` must never be replaced (an input, a folder holding one, home, root), or None."""
     real = Path(os.path.realpath(out))
@@ -169,6 +223,7 @@ def _check_target(out: Path, command: str, *, overwrite: bool, inputs: Iterable[
     why = _protected(out, inputs)
     if why is not None:
         raise CxrflowError(f"{why}, not a cxrflow {command} output; refusing to replace it, choose another --out", out)
+    refuse_inside_sealed(out, command, itself=False)  # the folder itself: by its marker, below
     try:
         empty = not out.is_dir() or next(os.scandir(out), None) is None
     except OSError as exc:
@@ -183,6 +238,14 @@ def _check_target(out: Path, command: str, *, overwrite: bool, inputs: Iterable[
         raise CxrflowError(f"folder exists and is {what}; refusing to replace it, choose another --out", out)
     if not overwrite:
         raise CxrflowError(f"a cxrflow {command} output already exists here; {how}", out)
+    _refuse_foreign(out, command)
+
+
+def _refuse_foreign(out: Path, command: str) -> None:
+    foreign = foreign_file(out, read_marker(out, command) or {})
+    if foreign is not None:
+        raise CxrflowError(f"holds {foreign}, which cxrflow {command} did not write; refusing to replace the folder "
+                           "(move that file out of it, or choose another --out)", out)
 
 
 def leftovers(out: PathLike) -> list[Path]:
@@ -378,10 +441,11 @@ class Publication:
 
     def commit(self, **info: Any) -> Path:
         """Mark ``tmp`` (``info`` goes into the marker) and rename it onto ``out``; returns ``out``."""
-        write_marker(self.tmp, self.command, **info)
+        write_marker(self.tmp, self.command, **{"files": file_listing(self.tmp), **info})
         old = None
         if self.out.is_dir() and not self.out.is_symlink():
             if read_marker(self.out, self.command) is not None:
+                _refuse_foreign(self.out, self.command)
                 old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
                 os.replace(self.out, old)
             else:

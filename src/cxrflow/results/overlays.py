@@ -112,12 +112,13 @@ def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, me
     from pathlib import Path
 
     from cxrflow.errors import CxrflowError
-    from cxrflow.outputs import OutputLock
+    from cxrflow.outputs import OutputLock, refuse_inside_sealed
     from cxrflow.modelling.heatmaps import cam_method
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CxrflowError("exists and is not a folder; choose another --heatmaps folder", out_dir)
+    refuse_inside_sealed(out_dir, "predict")
     method = cam_method(predictor.model, method)
     # two predicts adding to one DIR at once would each rewrite its list of overlays without the other's
     with OutputLock(out_dir, "predict"):
