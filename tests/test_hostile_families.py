@@ -187,9 +187,8 @@ def test_overwrite_refuses_to_delete_a_file_cxrflow_did_not_write(tmp_path_facto
     for rel in user_files:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text("the user's")
-    with pytest.raises(CxrflowError, match="did not write") as info:
-        with publishing(out, command, overwrite=True) as pub:
-            pub.commit()
+    with pytest.raises(CxrflowError, match="did not write") as info, publishing(out, command, overwrite=True) as pub:
+        pub.commit()
     assert any(rel in str(info.value) for rel in user_files)
     assert all((out / rel).read_text() == "the user's" for rel in user_files) and (out / "metrics.json").exists()
     for rel in user_files:  # once the user's files are gone, the overwrite goes ahead
