@@ -5,11 +5,14 @@ rather than list examples.
 - names: names that become file names are sanitised and distinct; every CSV cxrflow writes shows
   formula-like cells as text (and reads its own CSVs back unchanged).
 - where outputs go: never into a store or collection; ``--overwrite`` replaces only what cxrflow wrote.
+- modes: an output that replaces a folder keeps that folder's mode; a new one follows the umask.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import string
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from cxrflow import csvsafe
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
 from cxrflow.names import file_part, file_parts, path_tag
-from cxrflow.outputs import check_target, leftovers, publishing, write_marker
+from cxrflow.outputs import check_target, claiming, leftovers, publishing, write_marker
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cxrflow"
 #: Text a hostile collection, run folder or finding may carry: formulas, separators, controls, quotes.
@@ -231,3 +234,68 @@ def test_predict_heatmaps_never_write_into_the_store_and_evaluate_keeps_the_user
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "notes.txt" in err[0], err
     assert (evaluation / "notes.txt").read_text() == "my notes"
+
+
+# ---------------------------------------------------------------------------------------------- modes
+
+MODES = st.sampled_from([0o700, 0o750, 0o755, 0o770, 0o711, 0o775])
+UMASKS = st.sampled_from([0o022, 0o077, 0o002, 0o027])
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mode=MODES, umask=UMASKS, command=st.sampled_from(["synth", "evaluate", "report"]), first=st.booleans())
+def test_an_output_replacing_a_folder_keeps_its_mode_and_a_new_one_follows_the_umask(tmp_path_factory, mode, umask,
+                                                                                     command, first):  # fmt: skip
+    root = tmp_path_factory.mktemp("modes")
+    out = root / "priv"
+    old = os.umask(umask)
+    try:
+        if first:  # an empty folder the user made
+            out.mkdir()
+        else:  # an earlier output
+            with publishing(out, command) as pub:
+                pub.commit()
+        os.chmod(out, mode)
+        with publishing(out, command, overwrite=True) as pub:
+            pub.commit()
+        assert _mode(out) == mode
+        with publishing(root / "new", command) as pub:
+            pub.commit()
+        assert _mode(root / "new") == 0o777 & ~umask
+        with claiming(root / "run", "train"):
+            pass
+        os.chmod(root / "run", mode)
+        with claiming(root / "run", "train", overwrite=True, fresh=True):
+            pass
+        assert _mode(root / "run") == mode
+    finally:
+        os.umask(old)
+
+
+@given(mode=st.sampled_from([0o600, 0o640, 0o644, 0o660]), umask=UMASKS)
+def test_a_file_output_replacing_a_file_keeps_its_mode(tmp_path_factory, mode, umask):
+    from cxrflow.atomic import write_text_atomic
+
+    path = tmp_path_factory.mktemp("file") / "split.csv"
+    old = os.umask(umask)
+    try:
+        write_text_atomic(path, "a")
+        assert _mode(path) == 0o666 & ~umask
+        os.chmod(path, mode)
+        write_text_atomic(path, "b")
+        assert _mode(path) == mode and path.read_text() == "b"
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.slow
+def test_synth_into_a_private_folder_keeps_it_private(tmp_path):
+    priv = tmp_path / "priv"
+    priv.mkdir(mode=0o700)
+    os.chmod(priv, 0o700)
+    assert main(["synth", "--out", str(priv), "--patients", "4", "--size", "32"]) == 0
+    assert _mode(priv) == 0o700 and any(priv.iterdir())

@@ -271,9 +271,20 @@ def _remove_leftovers(out: Path, command: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _make_folder(path: Path) -> None:
-    """mkdir with the user's normal permissions (0777 less the umask), never mkdtemp's 0700."""
+def _make_folder(path: Path, mode: int | None = None) -> None:
+    """mkdir with the user's normal permissions (0777 less the umask), never mkdtemp's 0700; with
+    ``mode``, that mode (of the folder it replaces)."""
     os.mkdir(path, 0o777)
+    if mode is not None:
+        os.chmod(path, mode)
+
+
+def _keep_mode(out: Path, tmp: Path) -> None:
+    """Give ``tmp`` the mode of the real folder ``out`` it is about to replace (a private folder stays private)."""
+    with contextlib.suppress(FileNotFoundError):
+        info = os.lstat(out)
+        if stat.S_ISDIR(info.st_mode):
+            os.chmod(tmp, stat.S_IMODE(info.st_mode))
 
 
 # --------------------------------------------------------------------------------------------- lock
@@ -443,6 +454,7 @@ class Publication:
         """Mark ``tmp`` (``info`` goes into the marker) and rename it onto ``out``; returns ``out``."""
         write_marker(self.tmp, self.command, **{"files": file_listing(self.tmp), **info})
         old = None
+        _keep_mode(self.out, self.tmp)
         if self.out.is_dir() and not self.out.is_symlink():
             if read_marker(self.out, self.command) is not None:
                 _refuse_foreign(self.out, self.command)
@@ -481,6 +493,7 @@ def publishing(
         _remove_leftovers(out, command)
         tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         _make_folder(tmp)
+        _keep_mode(out, tmp)  # private from the start, not only once in place
         pub = Publication(out, command, tmp)
         try:
             write_marker(tmp, command, partial=True, target=out.name)
@@ -532,13 +545,15 @@ def claiming(
     with OutputLock(out, command):
         check()
         _remove_leftovers(out, command)
+        mode = None
         if fresh and overwrite and out.is_dir() and read_marker(out, command) is not None:
+            mode = stat.S_IMODE(os.stat(out).st_mode)
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
             shutil.rmtree(old, ignore_errors=True)
         if create:
             if not out.is_dir():
-                _make_folder(out)
+                _make_folder(out, mode)
             if read_marker(out, command) is None:
                 write_marker(out, command)
         yield out
