@@ -6,6 +6,7 @@ rather than list examples.
   formula-like cells as text (and reads its own CSVs back unchanged).
 - where outputs go: never into a store or collection; ``--overwrite`` replaces only what cxrflow wrote.
 - modes: an output that replaces a folder keeps that folder's mode; a new one follows the umask.
+- printing: control characters of names (terminal escape sequences) are escaped wherever names are printed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from cxrflow import csvsafe
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.names import file_part, file_parts, path_tag
+from cxrflow.names import file_part, file_parts, path_tag, printable
 from cxrflow.outputs import check_target, claiming, leftovers, publishing, write_marker
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cxrflow"
@@ -299,3 +300,33 @@ def test_synth_into_a_private_folder_keeps_it_private(tmp_path):
     os.chmod(priv, 0o700)
     assert main(["synth", "--out", str(priv), "--patients", "4", "--size", "32"]) == 0
     assert _mode(priv) == 0o700 and any(priv.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- printing
+
+CONTROL = st.text(alphabet=st.sampled_from(["\x1b", "[", "3", "1", "m", "\x07", "\r", "\n", "\x9b", "\u202e", "a", "é", "/"]),
+                  max_size=12)  # fmt: skip
+
+
+@given(CONTROL, CONTROL)
+def test_error_lines_never_carry_control_characters(name, problem):
+    line = str(CxrflowError(problem, name))
+    assert line.isprintable() and printable(name) in line
+    assert printable("Pleural Thickening é/x.png") == "Pleural Thickening é/x.png"
+
+
+@pytest.mark.slow
+def test_names_with_escape_sequences_are_printed_escaped(hostile_run, tmp_path, capsys):
+    from PIL import Image
+
+    good = tmp_path / "ok\x1b[31m.png"
+    Image.new("L", (20, 20), 80).save(good)
+    bad = tmp_path / "bad\x1b]0;owned\x07.png"
+    bad.write_bytes(b"not an image")
+    rc = main(["predict", "--run", str(hostile_run), str(good), str(bad)])
+    captured = capsys.readouterr()
+    assert "\x1b" not in captured.out + captured.err and "\x07" not in captured.err
+    assert "ok\\x1b[31m.png" in captured.out and "bad\\x1b]0;owned\\x07.png" in captured.err, (rc, captured)
+    rc = main(["report", str(tmp_path / "no\x1b[2Jrun"), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "\x1b" not in err and "no\\x1b[2Jrun" in err

@@ -117,7 +117,7 @@ class _OneLineLog(logging.Handler):
         try:
             text = (record.getMessage().strip().splitlines() or [""])[0]
             # led by the logger's name: a library's "error" is never mistaken for cxrflow's one error line
-            print(f"{record.name}: {record.levelname.lower()}: {text[:300]}", file=sys.stderr)
+            print(printable(f"{record.name}: {record.levelname.lower()}: {text[:300]}"), file=sys.stderr)
         except Exception:  # a record whose message cannot be formatted must not end the command
             self.handleError(record)
 
@@ -139,7 +139,7 @@ def _show_warnings(caught: list[warnings.WarningMessage], limit: int = 5) -> Non
         if text not in seen:
             seen.append(text)
     for text in seen[:limit]:
-        print(f"warning: {text[:300]}", file=sys.stderr)
+        print(f"warning: {printable(text[:300])}", file=sys.stderr)
     if len(seen) > limit:
         print(f"warning: ... and {len(seen) - limit} more", file=sys.stderr)
 

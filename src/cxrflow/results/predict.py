@@ -39,6 +39,7 @@ from cxrflow.atomic import json_safe
 from cxrflow.data.demographics import FIELDS, encode, parse_age, parse_choice, read_metadata_csv
 from cxrflow import safeio
 from cxrflow.errors import CxrflowError
+from cxrflow.names import printable
 from cxrflow import options
 
 #: (age, sex, view) of one image; None for a value that is not known.
@@ -260,13 +261,13 @@ def format_table(predictions: Sequence[dict], label_names: Sequence[str]) -> str
     the run was evaluated, the findings at or above their validation-Youden threshold."""
     if not predictions:
         return ""
-    width = max(len("image"), *(len(r["image"]) for r in predictions))
+    width = max(len("image"), *(len(printable(r["image"])) for r in predictions))
     cols = [max(len(n), 5) for n in label_names]
     flagged = "positive" in predictions[0]
     header = f"{'image':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(label_names, cols))
     lines = [header + ("  positive at the validation threshold" if flagged else "")]
     for r in predictions:
-        line = f"{r['image']:<{width}}  " + "  ".join(f"{r['probabilities'][n]:>{w}.3f}" for n, w in zip(label_names, cols))
+        line = f"{printable(r['image']):<{width}}  " + "  ".join(f"{r['probabilities'][n]:>{w}.3f}" for n, w in zip(label_names, cols))
         if flagged:
             line += "  " + (", ".join(r["positive"]) or "none")
         lines.append(line)
@@ -364,5 +365,5 @@ def run(args: argparse.Namespace) -> int:
     if getattr(predictor, "note", None):  # an ensemble checks its members when it loads
         print(f"note: {predictor.note}", file=sys.stderr)
     for e in errors:
-        print(f"error: {e['image']}: {e['error']}", file=sys.stderr)
+        print(f"error: {printable(e['image'])}: {printable(e['error'])}", file=sys.stderr)
     return 2 if errors else 0
