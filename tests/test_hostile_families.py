@@ -7,6 +7,7 @@ rather than list examples.
 - where outputs go: never into a store or collection; ``--overwrite`` replaces only what cxrflow wrote.
 - modes: an output that replaces a folder keeps that folder's mode; a new one follows the umask.
 - printing: control characters of names (terminal escape sequences) are escaped wherever names are printed.
+- rows left out: every command that reads a collection says what it left out and why.
 """
 
 from __future__ import annotations
@@ -330,3 +331,34 @@ def test_names_with_escape_sequences_are_printed_escaped(hostile_run, tmp_path, 
     rc = main(["report", str(tmp_path / "no\x1b[2Jrun"), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2 and "\x1b" not in err and "no\\x1b[2Jrun" in err
+
+
+# ---------------------------------------------------------------------------------------- rows left out
+
+
+def _chexpert_with_odd_views(root: Path, odd: int) -> tuple[Path, int, int]:
+    """A CheXpert folder whose first ``odd`` Frontal train rows have view LL or RL; returns it, the
+    number of such rows and the number of lateral rows."""
+    from cxrflow.data.synthformats import write_chexpert
+
+    folder = write_chexpert(root, patients=8, size=16, seed=1)
+    table = pd.read_csv(folder / "train.csv", dtype=str, keep_default_na=False)
+    frontal = table.index[table["Frontal/Lateral"] == "Frontal"][:odd]
+    table.loc[frontal, "AP/PA"] = ["LL" if i % 2 else "RL" for i in range(len(frontal))]
+    table.to_csv(folder / "train.csv", index=False)
+    valid = pd.read_csv(folder / "valid.csv", dtype=str, keep_default_na=False)
+    lateral = int((table["Frontal/Lateral"] == "Lateral").sum() + (valid["Frontal/Lateral"] == "Lateral").sum())
+    return folder, len(frontal), lateral
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(odd=st.integers(1, 3), command=st.sampled_from(["explore", "split"]))
+def test_commands_reading_a_collection_say_what_they_left_out(tmp_path_factory, capsys, odd, command):
+    root = tmp_path_factory.mktemp("views")
+    folder, odd, lateral = _chexpert_with_odd_views(root, odd)
+    out = root / ("explore" if command == "explore" else "split.csv")
+    assert main([command, "--data", str(folder), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"{odd} marked Frontal" in said and f"{lateral} lateral" in said, said
+    if command == "explore":
+        assert f"{odd} marked Frontal" in (out / "summary.md").read_text()

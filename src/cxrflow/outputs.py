@@ -135,7 +135,8 @@ def _sealed_by(folder: Path) -> list[str]:
     tests and older versions do) by a store's manifest beside its ``size=`` folders."""
     found = [c for c in SEALED if read_marker(folder, c) is not None]
     with contextlib.suppress(OSError):
-        if not found and (folder / "_manifest.json").is_file() and any(p.name.startswith("size=") for p in folder.iterdir()):
+        manifest = (folder / "_manifest.json").is_file()
+        if not found and manifest and any(p.name.startswith("size=") for p in folder.iterdir()):
             found.append("etl")
     return found
 

@@ -146,7 +146,8 @@ def load_yaml(text: str, path: Any = None) -> Any:
             if self.check_event(yaml.AliasEvent):
                 event = self.peek_event()
                 line = event.start_mark.line + 1 if event.start_mark else None
-                raise UnreadableFile("cannot parse config: YAML aliases (*name) are not allowed in cxrflow settings", path, line)
+                why = "cannot parse config: YAML aliases (*name) are not allowed in cxrflow settings"
+                raise UnreadableFile(why, path, line)
             return super().compose_node(parent, index)
 
     return yaml.load(text, Loader=_NoAliases)

@@ -48,7 +48,7 @@ from cxrflow.errors import CxrflowError
 from cxrflow import options
 from cxrflow.data.imaging import MAX_STORE_SIZE, ImageError, load_and_resize
 from cxrflow.outputs import publishing
-from cxrflow.data.formats import Collection, add_format_arguments
+from cxrflow.data.formats import Collection, add_format_arguments, say_left_out
 from cxrflow.data.formats.dicom import spacing_row, write_spacing
 from cxrflow.data.store import (
     KNOWN_COLUMN,
@@ -717,4 +717,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.out}")
     print(format_manifest(manifest))
+    say_left_out(manifest.get("notes"))
     return 0

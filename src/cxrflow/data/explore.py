@@ -29,7 +29,7 @@ from cxrflow.atomic import save_figure_atomic, write_json_atomic, write_text_ato
 from cxrflow.errors import CxrflowError
 from cxrflow.outputs import publishing
 from cxrflow.data.labels import NIH14, LabelVocabulary
-from cxrflow.data.formats import add_format_arguments, load_collection
+from cxrflow.data.formats import add_format_arguments, load_collection, say_left_out
 from cxrflow.data.metadata import AGE_RANGE, label_matrix, read_data_entry
 from cxrflow.results.plots import _new_axes
 
@@ -233,13 +233,15 @@ def explore(
     vocab: LabelVocabulary = NIH14,
     overwrite: bool = False,
     states: np.ndarray | None = None,
+    notes: list[str] | None = None,
 ) -> dict:
     """Write stats.json, the figures and summary.md into ``out_dir``; return the stats.
 
     ``out_dir`` is published whole (see :mod:`cxrflow.outputs`): an existing folder is replaced
     only with ``overwrite`` and only if an earlier ``explore`` wrote it. ``states`` (the collection's
     label states, see :mod:`cxrflow.data.uncertain`) add ``label_states``: positives, negatives, uncertain
-    and not mentioned per finding; ``findings`` counts positives.
+    and not mentioned per finding; ``findings`` counts positives. ``notes`` (what reading the
+    collection left out, and why) end summary.md.
     """
     with publishing(out_dir, "explore", overwrite=overwrite, inputs=[source]) as pub:
         stats = compute_stats(entries, vocab)
@@ -250,7 +252,8 @@ def explore(
         for key, fig in make_figures(entries, stats).items():
             save_figure_atomic(fig, pub.tmp / FIGURES[key])
         write_json_atomic(pub.tmp / STATS_NAME, stats)
-        write_text_atomic(pub.tmp / SUMMARY_NAME, summary_markdown(stats, source))
+        left_out = "".join(f"\nLeft out: {n}\n" for n in notes or [])
+        write_text_atomic(pub.tmp / SUMMARY_NAME, summary_markdown(stats, source) + left_out)
         pub.commit()
     return stats
 
@@ -269,10 +272,11 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         collection = load_collection(args.data, args.format, views=args.views, need_images=False)
         entries, source, vocab = collection.entries, collection.metadata_path, collection.vocab
-        states = collection.states
+        states, notes = collection.states, collection.notes
     else:
-        entries, source, vocab, states = read_data_entry(args.metadata), args.metadata, NIH14, None
-    stats = explore(entries, args.out, str(source), vocab, overwrite=args.overwrite, states=states)
+        entries, source, vocab, states, notes = read_data_entry(args.metadata), args.metadata, NIH14, None, []
+    stats = explore(entries, args.out, str(source), vocab, overwrite=args.overwrite, states=states, notes=notes)
+    say_left_out(notes)
     top = max((k for k in stats["cooccurrence"]), key=lambda k: stats["findings"][k])
     rare = min((k for k in stats["cooccurrence"]), key=lambda k: stats["findings"][k])
     print(

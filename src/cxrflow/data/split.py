@@ -201,7 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrflow.data.formats import assign_collection_splits, load_collection
+    from cxrflow.data.formats import assign_collection_splits, load_collection, say_left_out
 
     collection = load_collection(args.data, args.format, views=args.views, need_images=False)
     frame = assign_collection_splits(collection, args.val_fraction, args.seed)
@@ -225,5 +225,6 @@ def run(args: argparse.Namespace) -> int:
         )
     for name, c in split_counts(frame).items():
         print(f"  {name:5s} {c['images']:7d} images  {c['patients']:6d} patients")
+    say_left_out(collection.notes)
     print(f"wrote {len(frame)} rows to {args.out}")
     return 0

@@ -137,6 +137,13 @@ def load_collection(
     return collection
 
 
+def say_left_out(notes: list[str] | None) -> None:
+    """Print what reading a collection left out and why (its ``notes``), one ``left out:`` line each;
+    explore, split and etl call it, and keep the same lines in their summary file."""
+    for note in notes or []:
+        print(f"left out: {note}")
+
+
 def assign_collection_splits(collection: Collection, val_fraction: float, seed: int) -> pd.DataFrame:
     """``image_id, patient_id, split`` for every row: the official split when there is one.
 
