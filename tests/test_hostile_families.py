@@ -8,6 +8,7 @@ rather than list examples.
 - modes: an output that replaces a folder keeps that folder's mode; a new one follows the umask.
 - printing: control characters of names (terminal escape sequences) are escaped wherever names are printed.
 - rows left out: every command that reads a collection says what it left out and why.
+- pixel budgets: a compressed DICOM is measured by its codestream's own dimensions, not its header's.
 """
 
 from __future__ import annotations
@@ -362,3 +363,66 @@ def test_commands_reading_a_collection_say_what_they_left_out(tmp_path_factory, 
     assert f"{odd} marked Frontal" in said and f"{lateral} lateral" in said, said
     if command == "explore":
         assert f"{odd} marked Frontal" in (out / "summary.md").read_text()
+
+
+# -------------------------------------------------------------------------------------- pixel budgets
+
+
+def _jpeg2000_dicom(path: Path) -> bytes:
+    import numpy as np
+
+    from cxrflow.data.synthformats import write_dicom
+
+    write_dicom(path, (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 7) % 4096, transfer_syntax="jpeg2000")
+    return path.read_bytes()
+
+
+def _with_siz(data: bytes, width: int, height: int) -> bytes:
+    """``data`` with its JPEG 2000 SIZ marker saying ``width`` x ``height`` (the DICOM header still says 64x64)."""
+    at = data.find(b"\xff\x4f\xff\x51")
+    assert at > 0
+    x = at + 8  # SOC, SIZ, Lsiz, Rsiz, then Xsiz, Ysiz
+    return data[:x] + width.to_bytes(4, "big") + height.to_bytes(4, "big") + data[x + 8 :]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(width=st.integers(1, 2**31), height=st.integers(1, 2**31))
+def test_a_codestream_larger_than_its_header_is_refused_before_decoding(tmp_path_factory, width, height):
+    from cxrflow.data.imaging import MAX_SIDE, ImageError, preprocess
+
+    if max(width, height) <= MAX_SIDE:
+        return
+    path = tmp_path_factory.mktemp("j2k") / "bomb.dcm"
+    path.write_bytes(_with_siz(_jpeg2000_dicom(path), width, height))
+    with pytest.raises(ImageError, match=f"codestream says {width}x{height}"):
+        preprocess(path, [32])
+
+
+def test_an_honest_jpeg2000_dicom_still_decodes(tmp_path):
+    from cxrflow.data.imaging import preprocess
+
+    path = tmp_path / "ok.dcm"
+    _jpeg2000_dicom(path)
+    assert preprocess(path, [32])[32].shape == (32, 32)
+
+
+@given(width=st.integers(1, 65535), height=st.integers(1, 65535))
+def test_jpeg_frame_headers_are_read_from_the_codestream(width, height):
+    import io
+
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from cxrflow.data.formats.dicom import codestream_sizes
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 90).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = bytes(data)
+    assert codestream_sizes(ds) == [(width, height)]
