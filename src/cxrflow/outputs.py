@@ -169,6 +169,19 @@ def foreign_file(out: PathLike, marker: dict) -> str | None:
     return next((p for p in file_listing(out) if p not in known), None)
 
 
+def note_written(folder: PathLike, *names: str) -> None:
+    """Add ``names`` (files cxrflow writes into a published folder after its commit, such as a tracking
+    record) to the file list of each marker the folder carries; call it before writing them."""
+    from cxrflow.atomic import write_json_atomic
+
+    folder = Path(folder)
+    for command in _marked_by(folder):
+        marker = read_marker(folder, command) or {}
+        listed = marker.get("files")
+        if isinstance(listed, list) and not set(names) <= set(listed):
+            write_json_atomic(folder / marker_name(command), {**marker, "files": sorted({*listed, *names})})
+
+
 def _protected(out: Path, inputs: Iterable[PathLike]) -> str | None:
     """Why ``out`` must never be replaced (an input, a folder holding one, home, root), or None."""
     real = Path(os.path.realpath(out))

@@ -44,6 +44,7 @@ from urllib.parse import urlparse
 from cxrflow.atomic import write_json_atomic
 from cxrflow import safeio
 from cxrflow.errors import CxrflowError
+from cxrflow.outputs import note_written
 
 RUN_ID_FILE = "mlflow.json"
 DEFAULT_EXPERIMENT = "cxrflow"
@@ -266,6 +267,7 @@ class Tracker:
                                     tags={"cxrflow.run_folder": str(self.folder.resolve())})
             self.run_id = run.info.run_id
             self.created = True
+            note_written(self.folder, RUN_ID_FILE)  # an --overwrite may replace it with the folder
             write_json_atomic(self.folder / RUN_ID_FILE, {"tracking_uri": self.uri, "experiment": self.experiment,
                                                           "experiment_id": experiment_id, "run_id": self.run_id})
         self.client = client
