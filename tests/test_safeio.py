@@ -174,3 +174,15 @@ def test_a_name_too_long_for_the_file_system_is_one_line(evaluated, tmp_path, ca
     errors = [line for line in err if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "Traceback" not in "\n".join(err), err
     assert "too long" in errors[0].lower(), errors
+
+
+@pytest.mark.timeout(60, method="signal")
+def test_a_huge_split_csv_is_one_line(tmp_path, capsys):
+    from cxrflow.data.synth import synthesize
+
+    synthesize(tmp_path / "data", patients=4, size=32, seed=0)
+    split = _sparse(tmp_path / "split.csv", b"image_id,patient_id,split\n")
+    rc = main(["etl", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "store"), "--split-csv", str(split)])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "split.csv" in errors[0] and "bytes, over the" in errors[0], err

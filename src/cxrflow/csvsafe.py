@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from cxrflow.safeio import CSV_BYTES, open_regular
+
 #: First characters that make a spreadsheet read a cell as a formula, and the quote that escapes them.
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 
@@ -84,10 +86,14 @@ def write_frame(frame: Any, path: Any, **kwargs: Any) -> None:
 
 
 def read_frame(path: Any, **kwargs: Any) -> Any:
-    """``pandas.read_csv(path, **kwargs)`` of a CSV cxrflow wrote: text cells as they were before :func:`protect`."""
+    """``pandas.read_csv(path, **kwargs)`` of a CSV cxrflow wrote: text cells as they were before :func:`protect`.
+
+    Only a regular file under :data:`cxrflow.safeio.CSV_BYTES` is read (else :class:`~cxrflow.safeio.UnreadableFile`).
+    """
     import pandas as pd
 
-    frame = pd.read_csv(path, **kwargs)
+    with open_regular(path, "CSV file", CSV_BYTES) as f:
+        frame = pd.read_csv(f, **kwargs)
     for column in frame.columns:
         if _is_text(frame[column]):
             frame[column] = frame[column].map(unprotect)
