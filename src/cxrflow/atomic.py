@@ -11,11 +11,13 @@ import contextlib
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from cxrflow.errors import CxrflowError
+from cxrflow.safeio import UnreadableFile, read_json
 
 
 @contextlib.contextmanager
@@ -23,7 +25,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it.
 
     ``suffix`` lets writers that infer the format from the name (matplotlib) see the real one.
-    The file gets a normal mode (0666 less the umask), not mkstemp's private 0600.
+    The file gets a normal mode (0666 less the umask), not mkstemp's private 0600; a file it replaces
+    keeps its own mode (a private file stays private).
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
@@ -33,10 +36,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, _mode_of(path, 0o666 & ~umask))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _mode_of(path: Path, default: int) -> int:
+    """The permission bits of the regular file at ``path``, else ``default``."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return default
+    return stat.S_IMODE(info.st_mode) if stat.S_ISREG(info.st_mode) else default
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -70,7 +82,9 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     """The JSON object in one of cxrflow's files (``what``: "manifest", "run config", ...), or one
     CxrflowError naming the file: unreadable, not JSON, or not an object."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = read_json(path, what)
+    except UnreadableFile:
+        raise
     except (OSError, ValueError) as exc:
         raise CxrflowError(f"unreadable {what}: {exc}", path) from None
     except RecursionError:

@@ -20,6 +20,7 @@ import warnings
 
 from cxrflow import __version__
 from cxrflow.errors import CxrflowError
+from cxrflow.names import printable
 
 #: (subcommand, module, one-line description) in pipeline order.
 COMMANDS: list[tuple[str, str, str]] = [
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
         return code
     except CxrflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
     except OSError as exc:  # after BrokenPipeError, which is one too
-        if exc.errno not in ENVIRONMENT_ERRNOS:
+        if exc.errno not in ENVIRONMENT_ERRNOS and exc.filename is None:  # an OSError of a path is the user's
             raise
         print(f"error: {environment_error(exc, getattr(args, 'out', None))}", file=sys.stderr)
         return 2
@@ -119,7 +120,7 @@ class _OneLineLog(logging.Handler):
         try:
             text = (record.getMessage().strip().splitlines() or [""])[0]
             # led by the logger's name: a library's "error" is never mistaken for cxrflow's one error line
-            print(f"{record.name}: {record.levelname.lower()}: {text[:300]}", file=sys.stderr)
+            print(printable(f"{record.name}: {record.levelname.lower()}: {text[:300]}"), file=sys.stderr)
         except Exception:  # a record whose message cannot be formatted must not end the command
             self.handleError(record)
 
@@ -128,9 +129,9 @@ def environment_error(exc: OSError, out: str | None) -> str:
     """One line for a disk or permission failure: the file (else the output being written) and the fix."""
     where = exc.filename or out
     fix = "free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (
-        "write somewhere you may write, or fix the permissions"
+        "write somewhere you may write, or fix the permissions" if exc.errno in ENVIRONMENT_ERRNOS else "check the path"
     )
-    return f"{where}: {exc.strerror or exc}; {fix}" if where else f"{exc.strerror or exc}; {fix}"
+    return printable(f"{where}: {exc.strerror or exc}; {fix}" if where else f"{exc.strerror or exc}; {fix}")
 
 
 def _show_warnings(caught: list[warnings.WarningMessage], limit: int = 5) -> None:
@@ -141,7 +142,7 @@ def _show_warnings(caught: list[warnings.WarningMessage], limit: int = 5) -> Non
         if text not in seen:
             seen.append(text)
     for text in seen[:limit]:
-        print(f"warning: {text[:300]}", file=sys.stderr)
+        print(f"warning: {printable(text[:300])}", file=sys.stderr)
     if len(seen) > limit:
         print(f"warning: ... and {len(seen) - limit} more", file=sys.stderr)
 

@@ -1,12 +1,15 @@
 """The one exception type for errors a user can cause and fix.
 
-The CLI prints it as a single line ``error: <file>:<line>: <problem>`` and exits with status 2.
+The CLI prints it as a single line ``error: <file>:<line>: <problem>`` and exits with status 2; control
+characters of file names in it are escaped (:func:`cxrflow.names.printable`), so it never drives the terminal.
 Bugs are not wrapped: they raise normally, with a traceback.
 """
 
 from __future__ import annotations
 
 from os import PathLike
+
+from cxrflow.names import printable
 
 
 class CxrflowError(Exception):
@@ -22,4 +25,4 @@ class CxrflowError(Exception):
         where = ""
         if self.path is not None:
             where = f"{self.path}:" + (f"{self.line}:" if self.line is not None else "") + " "
-        return f"{where}{self.message}"
+        return printable(f"{where}{self.message}")

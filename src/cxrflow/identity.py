@@ -16,13 +16,15 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from cxrflow import safeio
+
 _CHUNK = 1 << 20
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with safeio.open_regular(path, "file to hash") as f:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()

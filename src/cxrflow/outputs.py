@@ -42,6 +42,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -53,6 +54,7 @@ from typing import Any, Iterable, Iterator
 
 from cxrflow import __version__
 from cxrflow.errors import CxrflowError
+from cxrflow.safeio import CONFIG_BYTES, read_json
 
 try:
     import fcntl
@@ -94,7 +96,7 @@ def read_marker(folder: PathLike, command: str) -> dict | None:
     try:
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
+        data = read_json(path, "marker", CONFIG_BYTES)
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("producer", f"cxrflow {command}") != f"cxrflow {command}":
@@ -110,6 +112,74 @@ def _marked_by(folder: Path) -> list[str]:
         return []
     commands = [n[len(".cxrflow-") : -len(".json")] for n in names]
     return sorted(c for c in commands if read_marker(folder, c) is not None)
+
+
+#: Outputs that later stages read and that never hold another output: stores and collections.
+SEALED = ("etl", "synth")
+
+
+def inside_sealed(out: PathLike, command: str, itself: bool = True) -> str | None:
+    """Why ``out`` may not be written by ``cxrflow <command>``: it is (with ``itself``), or is inside, a
+    store or a collection (a folder carrying an ``etl`` or ``synth`` marker) not this command's own; else None."""
+    real = Path(os.path.realpath(out))
+    for folder in (real, *real.parents) if itself else real.parents:
+        for sealed in _sealed_by(folder):
+            if folder != real or sealed != command:
+                where = "a" if folder == real else "inside a"
+                return f"is {where} cxrflow {sealed} output ({folder}); outputs never go into a store or a collection"
+    return None
+
+
+def _sealed_by(folder: Path) -> list[str]:
+    """The sealed commands whose output ``folder`` is: by marker, or (a store written without one, as
+    tests and older versions do) by a store's manifest beside its ``size=`` folders."""
+    found = [c for c in SEALED if read_marker(folder, c) is not None]
+    with contextlib.suppress(OSError):
+        manifest = (folder / "_manifest.json").is_file()
+        if not found and manifest and any(p.name.startswith("size=") for p in folder.iterdir()):
+            found.append("etl")
+    return found
+
+
+def refuse_inside_sealed(out: PathLike, command: str, itself: bool = True) -> None:
+    """CxrflowError when :func:`inside_sealed` says why ``out`` may not be written."""
+    why = inside_sealed(out, command, itself)
+    if why is not None:
+        raise CxrflowError(f"{why}; choose another folder", out)
+
+
+def file_listing(folder: PathLike) -> list[str]:
+    """Every file under ``folder`` (links not followed, listed as files), as relative POSIX paths,
+    without the markers at its top: what a marker's ``files`` records, and what an overwrite may delete."""
+    folder = Path(folder)
+    found = []
+    for root, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        found += [Path(os.path.relpath(os.path.join(root, n), folder)).as_posix() for n in files + links]
+    return sorted(p for p in found if not (p.startswith(".cxrflow-") and p.endswith(".json") and "/" not in p))
+
+
+def foreign_file(out: PathLike, marker: dict) -> str | None:
+    """The first file in ``out`` that its marker's ``files`` does not list (a file cxrflow did not write),
+    or None (also for markers of versions that listed no files)."""
+    listed = marker.get("files")
+    if not isinstance(listed, list):
+        return None
+    known = set(listed)
+    return next((p for p in file_listing(out) if p not in known), None)
+
+
+def note_written(folder: PathLike, *names: str) -> None:
+    """Add ``names`` (files cxrflow writes into a published folder after its commit, such as a tracking
+    record) to the file list of each marker the folder carries; call it before writing them."""
+    from cxrflow.atomic import write_json_atomic
+
+    folder = Path(folder)
+    for command in _marked_by(folder):
+        marker = read_marker(folder, command) or {}
+        listed = marker.get("files")
+        if isinstance(listed, list) and not set(names) <= set(listed):
+            write_json_atomic(folder / marker_name(command), {**marker, "files": sorted({*listed, *names})})
 
 
 def _protected(out: Path, inputs: Iterable[PathLike]) -> str | None:
@@ -167,6 +237,7 @@ def _check_target(out: Path, command: str, *, overwrite: bool, inputs: Iterable[
     why = _protected(out, inputs)
     if why is not None:
         raise CxrflowError(f"{why}, not a cxrflow {command} output; refusing to replace it, choose another --out", out)
+    refuse_inside_sealed(out, command, itself=False)  # the folder itself: by its marker, below
     try:
         empty = not out.is_dir() or next(os.scandir(out), None) is None
     except OSError as exc:
@@ -181,27 +252,53 @@ def _check_target(out: Path, command: str, *, overwrite: bool, inputs: Iterable[
         raise CxrflowError(f"folder exists and is {what}; refusing to replace it, choose another --out", out)
     if not overwrite:
         raise CxrflowError(f"a cxrflow {command} output already exists here; {how}", out)
+    _refuse_foreign(out, command)
+
+
+def _refuse_foreign(out: Path, command: str) -> None:
+    foreign = foreign_file(out, read_marker(out, command) or {})
+    if foreign is not None:
+        raise CxrflowError(f"holds {foreign}, which cxrflow {command} did not write; refusing to replace the folder "
+                           "(move that file out of it, or choose another --out)", out)
 
 
 def leftovers(out: PathLike) -> list[Path]:
-    """``.<name>.partial-*`` / ``.<name>.old-*`` folders beside ``out`` (left by a killed run)."""
+    """``.<name>.partial-<hex>`` / ``.<name>.old-<hex>`` folders beside ``out`` (left by a killed run).
+
+    Names are compared as text, never as a glob pattern: ``st[12]`` is a name, not ``st1`` or ``st2``.
+    """
     out = Path(out).absolute()
-    found: list[Path] = []
-    for kind in ("partial", "old"):
-        found.extend(p for p in out.parent.glob(f".{out.name}.{kind}-*") if p.is_dir() and not p.is_symlink())
-    return sorted(found)
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(partial|old)-[^./]+")
+    try:
+        names = [entry.name for entry in os.scandir(out.parent)]
+    except OSError:
+        return []
+    found = [out.parent / n for n in names if pattern.fullmatch(n)]
+    return sorted(p for p in found if p.is_dir() and not p.is_symlink())
 
 
 def _remove_leftovers(out: Path, command: str) -> None:
-    """Delete the leftovers of ``out`` that carry this command's marker (call with the lock held)."""
+    """Delete the leftovers of ``out`` that carry this command's marker naming ``out`` (call with the lock held)."""
     for folder in leftovers(out):
-        if read_marker(folder, command) is not None:
+        marker = read_marker(folder, command)
+        if marker is not None and marker.get("target", out.name) == out.name:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _make_folder(path: Path) -> None:
-    """mkdir with the user's normal permissions (0777 less the umask), never mkdtemp's 0700."""
+def _make_folder(path: Path, mode: int | None = None) -> None:
+    """mkdir with the user's normal permissions (0777 less the umask), never mkdtemp's 0700; with
+    ``mode``, that mode (of the folder it replaces)."""
     os.mkdir(path, 0o777)
+    if mode is not None:
+        os.chmod(path, mode)
+
+
+def _keep_mode(out: Path, tmp: Path) -> None:
+    """Give ``tmp`` the mode of the real folder ``out`` it is about to replace (a private folder stays private)."""
+    with contextlib.suppress(FileNotFoundError):
+        info = os.lstat(out)
+        if stat.S_ISDIR(info.st_mode):
+            os.chmod(tmp, stat.S_IMODE(info.st_mode))
 
 
 # --------------------------------------------------------------------------------------------- lock
@@ -369,10 +466,12 @@ class Publication:
 
     def commit(self, **info: Any) -> Path:
         """Mark ``tmp`` (``info`` goes into the marker) and rename it onto ``out``; returns ``out``."""
-        write_marker(self.tmp, self.command, **info)
+        write_marker(self.tmp, self.command, **{"files": file_listing(self.tmp), **info})
         old = None
+        _keep_mode(self.out, self.tmp)
         if self.out.is_dir() and not self.out.is_symlink():
             if read_marker(self.out, self.command) is not None:
+                _refuse_foreign(self.out, self.command)
                 old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
                 os.replace(self.out, old)
             else:
@@ -408,9 +507,10 @@ def publishing(
         _remove_leftovers(out, command)
         tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         _make_folder(tmp)
+        _keep_mode(out, tmp)  # private from the start, not only once in place
         pub = Publication(out, command, tmp)
         try:
-            write_marker(tmp, command, partial=True)
+            write_marker(tmp, command, partial=True, target=out.name)
             yield pub
         finally:
             if not pub.committed:
@@ -459,13 +559,15 @@ def claiming(
     with OutputLock(out, command):
         check()
         _remove_leftovers(out, command)
+        mode = None
         if fresh and overwrite and out.is_dir() and read_marker(out, command) is not None:
+            mode = stat.S_IMODE(os.stat(out).st_mode)
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
             shutil.rmtree(old, ignore_errors=True)
         if create:
             if not out.is_dir():
-                _make_folder(out)
+                _make_folder(out, mode)
             if read_marker(out, command) is None:
                 write_marker(out, command)
         yield out

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrflow import safeio
 from cxrflow.errors import CxrflowError
 from cxrflow.identity import file_sha256
 
@@ -147,7 +148,7 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
     metrics_path = Path(metrics_path)
     if metrics is None:
         try:
-            metrics = json.loads(metrics_path.read_text())
+            metrics = safeio.read_json(metrics_path, "evaluation")
         except (OSError, ValueError, RecursionError) as exc:
             return f"unreadable evaluation ({exc}); run 'cxrflow evaluate' again"
     try:
@@ -158,7 +159,7 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
         for member in metrics["members"]:
             member_metrics = Path(member.get("eval", "")) / METRICS_NAME
             reason = evaluation_status(member_metrics)
-            if reason is None and json.loads(member_metrics.read_text()).get("checkpoint_sha256") != member.get("checkpoint_sha256"):
+            if reason is None and safeio.read_json(member_metrics, "evaluation").get("checkpoint_sha256") != member.get("checkpoint_sha256"):
                 reason = "a member was evaluated again with another checkpoint"
             if reason is not None:
                 return f"ensemble member {member.get('run')}: {reason}; build the ensemble again"

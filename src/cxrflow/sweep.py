@@ -56,6 +56,7 @@ from typing import Any, Callable, Sequence
 from cxrflow.atomic import write_json_atomic
 from cxrflow.modelling.config import TrainConfig, apply_overrides, preset, read_config_file
 from cxrflow import options
+from cxrflow import safeio
 from cxrflow.errors import CxrflowError
 from cxrflow.runs import METRICS_NAME, default_eval_dir, evaluation_status
 from cxrflow.outputs import claiming
@@ -254,10 +255,9 @@ def _check_same_settings(spec: RunSpec, folder: Path) -> None:
     saved_path = folder / "config.json"
     if not saved_path.is_file():
         return
-    import json
 
     try:
-        saved = json.loads(saved_path.read_text())
+        saved = safeio.read_json(saved_path, "run config", safeio.CONFIG_BYTES)
     except (OSError, ValueError, RecursionError):
         return  # the trainer reports an unreadable config itself
     wanted = spec.config.to_dict()

@@ -42,7 +42,9 @@ from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 from cxrflow.atomic import write_json_atomic
+from cxrflow import safeio
 from cxrflow.errors import CxrflowError
+from cxrflow.outputs import note_written
 
 RUN_ID_FILE = "mlflow.json"
 DEFAULT_EXPERIMENT = "cxrflow"
@@ -131,7 +133,7 @@ def read_record(run_folder: str | os.PathLike) -> dict | None:
     """``RUN/mlflow.json`` (tracking URI, experiment and run id), or None when the run is not tracked."""
     path = Path(run_folder) / RUN_ID_FILE
     try:
-        record = json.loads(path.read_text())
+        record = safeio.read_json(path, "tracking record", safeio.CONFIG_BYTES)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, RecursionError):
@@ -265,6 +267,7 @@ class Tracker:
                                     tags={"cxrflow.run_folder": str(self.folder.resolve())})
             self.run_id = run.info.run_id
             self.created = True
+            note_written(self.folder, RUN_ID_FILE)  # an --overwrite may replace it with the folder
             write_json_atomic(self.folder / RUN_ID_FILE, {"tracking_uri": self.uri, "experiment": self.experiment,
                                                           "experiment_id": experiment_id, "run_id": self.run_id})
         self.client = client
@@ -287,7 +290,7 @@ class Tracker:
         if self.logged_step is None:
             if self.created:
                 config_path = self.folder / "config.json"
-                self._log_params(flatten_params(json.loads(config_path.read_text())) if config_path.is_file() else {})
+                self._log_params(flatten_params(safeio.read_json(config_path, "run config", safeio.CONFIG_BYTES)) if config_path.is_file() else {})
                 self.logged_step = 0
             else:
                 if training:

@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cxrflow.data.etl import run_etl
+    from cxrflow.data.formats import say_left_out
     from cxrflow.data.store import format_manifest
 
     manifest = run_etl(
@@ -63,4 +64,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.out}")
     print(format_manifest(manifest))
+    say_left_out(manifest.get("notes"))
     return 0

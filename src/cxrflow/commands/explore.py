@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     must_exist([args.data], "not a folder (expected a chest X-ray collection folder)")
     from cxrflow.data.explore import FIGURES, STATS_NAME, SUMMARY_NAME, _age_text, explore
-    from cxrflow.data.formats import load_collection
+    from cxrflow.data.formats import load_collection, say_left_out
     from cxrflow.data.labels import NIH14
     from cxrflow.data.metadata import read_data_entry
 
@@ -30,10 +30,11 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         collection = load_collection(args.data, args.format, views=args.views, need_images=False)
         entries, source, vocab = collection.entries, collection.metadata_path, collection.vocab
-        states = collection.states
+        states, notes = collection.states, collection.notes
     else:
-        entries, source, vocab, states = read_data_entry(args.metadata), args.metadata, NIH14, None
-    stats = explore(entries, args.out, str(source), vocab, overwrite=args.overwrite, states=states)
+        entries, source, vocab, states, notes = read_data_entry(args.metadata), args.metadata, NIH14, None, []
+    stats = explore(entries, args.out, str(source), vocab, overwrite=args.overwrite, states=states, notes=notes)
+    say_left_out(notes)
     top = max((k for k in stats["cooccurrence"]), key=lambda k: stats["findings"][k])
     rare = min((k for k in stats["cooccurrence"]), key=lambda k: stats["findings"][k])
     print(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from cxrflow import options
 from cxrflow.commands.common import checked_device, must_exist
 from cxrflow.errors import CxrflowError
+from cxrflow.names import printable
 
 if TYPE_CHECKING:
     from cxrflow.results.predict import Demographics
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(predictor, "note", None):  # an ensemble checks its members when it loads
         print(f"note: {predictor.note}", file=sys.stderr)
     for e in errors:
-        print(f"error: {e['image']}: {e['error']}", file=sys.stderr)
+        print(f"error: {printable(e['image'])}: {printable(e['error'])}", file=sys.stderr)
     return 2 if errors else 0
 
 
@@ -132,13 +133,13 @@ def format_calls(predictions: Sequence[dict], label_names: Sequence[str], thresh
     if not predictions:
         return ""
     names = [n if thresholds is None or n not in thresholds else f"{n}>={thresholds[n]:.3f}" for n in label_names]
-    width = max(len("image"), *(len(r["image"]) for r in predictions))
+    width = max(len("image"), *(len(printable(r["image"])) for r in predictions))
     cols = [max(len(n), 5) for n in names]
     header = f"{'image':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, cols))
     lines = [header + ("" if thresholds is None else "  positive at the validation threshold")]
     for r in predictions:
         p = r["probabilities"]
-        line = f"{r['image']:<{width}}  " + "  ".join(f"{p[n]:>{w}.3f}" for n, w in zip(label_names, cols))
+        line = f"{printable(r['image']):<{width}}  " + "  ".join(f"{p[n]:>{w}.3f}" for n, w in zip(label_names, cols))
         if thresholds is not None:
             line += "  " + (", ".join(n for n in label_names if n in thresholds and p[n] >= thresholds[n]) or "none")
         lines.append(line)

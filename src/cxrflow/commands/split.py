@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxrflow.data.formats import load_collection
+    from cxrflow.data.formats import load_collection, say_left_out
     from cxrflow.data.split import MODE_OFFICIAL, assign_collection_splits, split_counts, write_split_csv
 
     collection = load_collection(args.data, args.format, views=args.views, need_images=False)
@@ -48,4 +48,5 @@ def run(args: argparse.Namespace) -> int:
     for name, c in split_counts(frame).items():
         print(f"  {name:5s} {c['images']:7d} images  {c['patients']:6d} patients")
     print(f"wrote {len(frame)} rows to {args.out}")
+    say_left_out(collection.notes)
     return 0

@@ -28,7 +28,6 @@ import functools
 import gc
 import math
 import os
-import sys
 import time
 import uuid
 from collections import deque

@@ -229,6 +229,7 @@ def explore(
     vocab: LabelVocabulary = NIH14,
     overwrite: bool = False,
     states: np.ndarray | None = None,
+    notes: list[str] | None = None,
 ) -> dict:
     """Write stats.json, the figures and summary.md into ``out_dir``; return the stats.
 
@@ -246,6 +247,7 @@ def explore(
         for key, fig in make_figures(entries, stats).items():
             save_figure_atomic(fig, pub.tmp / FIGURES[key])
         write_json_atomic(pub.tmp / STATS_NAME, stats)
-        write_text_atomic(pub.tmp / SUMMARY_NAME, summary_markdown(stats, source))
+        left_out = "".join(f"\nLeft out: {n}\n" for n in notes or [])
+        write_text_atomic(pub.tmp / SUMMARY_NAME, summary_markdown(stats, source) + left_out)
         pub.commit()
     return stats

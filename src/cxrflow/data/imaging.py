@@ -60,6 +60,7 @@ from PIL import Image
 
 from cxrflow.data.formats.dicom import decode_dicom, is_dicom
 from cxrflow.data.imagecheck import ImageError, check_pixel_budget
+from cxrflow.safeio import IMAGE_BYTES, check_size
 
 #: Pillow resampling filter and reducing gap used for every resize (see the module docstring).
 RESAMPLE = Image.Resampling.LANCZOS
@@ -115,7 +116,8 @@ def _read_bytes(source: Source) -> tuple[bytes, str | None]:
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # replaced between the stat and the open
                 raise ImageError("is not a regular file, not an image file", path)
-            data = f.read()
+            check_size(os.fstat(f.fileno()).st_size, IMAGE_BYTES, path, "image file", ImageError)
+            data = f.read(IMAGE_BYTES + 1)
     except FileNotFoundError:
         broken = os.path.islink(path)
         raise ImageError("broken symbolic link" if broken else "no such file", path) from None

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cxrflow.safeio import JSON_BYTES, check_size
 from cxrflow.data.demographics import encode_arrow as encode_demographics
 from cxrflow.data.store import FORMAT_VERSION, KNOWN_COLUMN, MANIFEST_NAME
 from cxrflow.data.uncertain import apply_policy
@@ -84,8 +85,12 @@ def read_remote_manifest(fs: pafs.FileSystem, root: str, shown: str) -> dict:
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise CxrflowError("no such store (run 'cxrflow etl' first)", shown)
     path = f"{root}/{MANIFEST_NAME}"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
         raise CxrflowError(f"not a complete cxrflow store: {MANIFEST_NAME} is missing", shown)
+    if info.type != pafs.FileType.File:  # a pipe would block the read, a folder fail it
+        raise CxrflowError("is not a regular file (a folder, named pipe or device); expected a store manifest", path)
+    check_size(info.size or 0, JSON_BYTES, f"{shown}/{MANIFEST_NAME}", "store manifest")
     try:
         with fs.open_input_stream(path) as f:
             manifest = json.loads(f.read().decode("utf-8"))

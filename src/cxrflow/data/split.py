@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cxrflow.atomic import atomic_path
+from cxrflow import csvsafe
 from cxrflow.errors import CxrflowError
 from cxrflow.data.formats import Collection
 
@@ -98,7 +99,7 @@ def read_split_csv(path: str | os.PathLike, entries: pd.DataFrame) -> pd.DataFra
     if path.exists() and not path.is_file():  # a pipe or device would hang the ETL before it starts
         raise CxrflowError("not a regular file (a folder, named pipe or device); expected a split CSV file", path)
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = csvsafe.read_frame(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise CxrflowError("no such split file", path) from None
     except (OSError, ValueError, pd.errors.ParserError) as exc:
@@ -195,4 +196,4 @@ def write_split_csv(frame: pd.DataFrame, path: str | os.PathLike, overwrite: boo
         if path.exists() and not _is_split_csv(path):
             raise CxrflowError("is not a cxrflow split CSV (no image_id,patient_id,split header); refusing to replace it", path)
         with atomic_path(path) as tmp:
-            frame[["image_id", "patient_id", "split"]].to_csv(tmp, index=False)
+            csvsafe.write_frame(frame[["image_id", "patient_id", "split"]], tmp, index=False)

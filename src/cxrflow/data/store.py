@@ -28,7 +28,7 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from cxrflow import __version__
+from cxrflow import __version__, safeio
 from cxrflow.data.labels import LabelVocabulary
 from cxrflow.identity import split_identity
 from cxrflow.data.manifest import (  # noqa: F401 - the store's manifest, read without pyarrow
@@ -270,7 +270,7 @@ def verify_store(store: str | os.PathLike, manifest: dict) -> tuple[list[str], i
             count = 0
             for f in files:
                 try:
-                    meta = pq.ParquetFile(f).metadata
+                    meta = pq.ParquetFile(safeio.regular_file(f, "store part")).metadata
                     schema = meta.schema.to_arrow_schema()
                 except Exception as exc:  # any footer that does not parse is a corrupt file
                     problems.append(f"{f}: corrupt ({str(exc).splitlines()[0][:160]})")

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from cxrflow import options
+from cxrflow import safeio
 from cxrflow.data.uncertain import POLICIES, check_policy
 from cxrflow.errors import CxrflowError
 from cxrflow.modelling.catalog import CHECKPOINTING_MODELS, FUSIONS, MODEL_NAMES, check_fusion
@@ -328,7 +329,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if suffix not in (".json", ".yaml", ".yml", ".toml"):
         raise CxrflowError("config file must end in .json, .yaml, .yml or .toml", file)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = safeio.read_bytes(file, "settings file", safeio.CONFIG_BYTES).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CxrflowError(f"cannot parse config: not UTF-8 text ({exc.reason} at byte {exc.start})", file) from None
     except OSError as exc:
@@ -339,7 +340,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         elif suffix == ".toml":
             data = tomllib.loads(text)
         else:
-            data = yaml.safe_load(text)
+            data = safeio.load_yaml(text, file)
     except (json.JSONDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         line = getattr(exc, "lineno", None)
         mark = getattr(exc, "problem_mark", None)

@@ -26,7 +26,6 @@ runs (:func:`cxrflow.tracking.log_ensemble`).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,12 +35,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from cxrflow import __version__
+from cxrflow import safeio
 from cxrflow.atomic import read_json_object, write_json_atomic
 from cxrflow.modelling.calibration import apply_temperatures, calibration_of, logit, sigmoid
 from cxrflow.errors import CxrflowError
 from cxrflow.identity import file_sha256
 from cxrflow.outputs import check_target, publishing
-from cxrflow.tracking import log_ensemble
 from cxrflow.modelling.predictor import load_run_predictor, operating_scale
 from cxrflow.modelling.scoring import score_with_calibration, write_prediction_files
 from cxrflow.runs import (
@@ -380,7 +379,7 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
     for entry in metrics["members"]:
         checkpoint = entry.get("checkpoint") if entry.get("checkpoint") in (*CHECKPOINT_NAMES, "last") else None
         try:
-            evaluation = json.loads((Path(entry["eval"]) / METRICS_NAME).read_text())
+            evaluation = safeio.read_json(Path(entry["eval"]) / METRICS_NAME, "evaluation")
         except (OSError, ValueError, RecursionError):
             raise CxrflowError("a member's evaluation is gone; rebuild the ensemble", entry["eval"]) from None
         predictor = load_run_predictor(entry["run"], checkpoint or evaluation["checkpoint_path"], device=device, raw=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cxrflow import safeio
 from cxrflow.data.imaging import MAX_STORE_SIZE
 from cxrflow.data.demographics import check_fusion
 from cxrflow.modelling.fusion import make_fusion
@@ -182,7 +183,7 @@ def load_cached_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if match is None:
         raise CxrflowError("weights file name carries no hash (expected <name>-<sha256 prefix>.pth)", file)
     digest = hashlib.sha256()
-    with open(file, "rb") as f:
+    with safeio.open_regular(file, "weights file") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     if not digest.hexdigest().startswith(match.group(1)):
@@ -194,7 +195,7 @@ def load_cached_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's note on pickle protocols would precede the error line
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = torch.load(safeio.regular_file(file, "weights file"), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean "not plain tensors"
         raise CxrflowError(f"weights file is not a plain state dict: {str(exc).splitlines()[0][:200]}", file) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -281,7 +282,7 @@ def _load_weights_file(model: ChestClassifier, path: str) -> list[str]:
     if not file.is_file():
         raise CxrflowError("no such weights file (expected 'imagenet', 'none' or a state dict file)", file)
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        obj = torch.load(safeio.regular_file(file, "weights file"), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors have many types; all mean "not a weights file"
         raise CxrflowError(f"not a loadable PyTorch state dict: {exc}".splitlines()[0], file) from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -413,7 +414,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not file.is_file():
         raise CxrflowError("no such checkpoint", file)
     try:
-        ckpt = torch.load(file, map_location=map_location, weights_only=True)
+        ckpt = torch.load(safeio.regular_file(file, "checkpoint"), map_location=map_location, weights_only=True)
     except Exception as exc:  # see _load_weights_file
         raise CxrflowError(f"not a readable checkpoint: {exc}".splitlines()[0], file) from None
     if not isinstance(ckpt, dict) or not {"model", "config", "label_names"} <= set(ckpt):

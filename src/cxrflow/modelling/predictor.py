@@ -9,7 +9,8 @@ whose :class:`~cxrflow.modelling.ensemble.EnsemblePredictor` has the same face) 
 
 from __future__ import annotations
 
-import json
+import glob
+
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxrflow import safeio
 from cxrflow.errors import CxrflowError
 from cxrflow.modelling.calibration import apply_temperatures, calibration_of, sigmoid
 from cxrflow.modelling.inference import batch_logits, resolve_inference
@@ -109,9 +111,9 @@ def _evaluation_record(run: Path, checkpoint_name: str) -> tuple[dict | None, st
     validation split, so any current ``RUN/eval-<split>-<checkpoint>/metrics.json`` will do.
     """
     note = None
-    for path in sorted(run.glob(f"eval-*-{checkpoint_name}/metrics.json")):
+    for path in sorted(run.glob(f"eval-*-{glob.escape(checkpoint_name)}/metrics.json")):
         try:
-            metrics = check_metrics(json.loads(path.read_text()), path)
+            metrics = check_metrics(safeio.read_json(path, "evaluation"), path)
         except (OSError, ValueError) as exc:  # said, not skipped silently: without it the output is raw
             note = note or f"{path}: unreadable ({_first_line(exc)}); its thresholds and calibration are not used"
             continue

@@ -22,6 +22,7 @@ folder (shared storage), which the driver turns into the one error line.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import re
@@ -315,7 +316,7 @@ def training_process(config_values: dict, options: dict, tracking: Any = None, l
 
 def _read_reports(report_path: Path) -> dict[int, str]:
     reports = {}
-    for path in report_path.parent.glob(report_path.name + ".*"):
+    for path in report_path.parent.glob(glob.escape(report_path.name) + ".*"):
         with contextlib.suppress(OSError, ValueError):
             reports[int(path.suffix[1:])] = path.read_text().strip()
         path.unlink(missing_ok=True)

@@ -41,6 +41,7 @@ from cxrflow.data.loader import augment, make_loader
 from cxrflow.data.store import check_partition, pixel_stats, read_manifest
 from cxrflow.data.uncertain import MaskedBCEWithLogits, policy_pos_weight
 from cxrflow.errors import CxrflowError
+from cxrflow import safeio
 from cxrflow.data.store import store_identity
 from cxrflow.modelling.config import Stage, TrainConfig
 from cxrflow.modelling.fusion import init_from_store, param_groups
@@ -166,7 +167,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def _load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(safeio.regular_file(path, "checkpoint"), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean a damaged file
         raise CxrflowError(f"cannot read checkpoint: {str(exc).splitlines()[0]}", path) from None
 

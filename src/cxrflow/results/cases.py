@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cxrflow import safeio
 from cxrflow.results.embed import array_uri
 
 #: (key, title, what it means) of each kind of case, in page order.
@@ -83,7 +84,7 @@ def read_pixels(partition: str | os.PathLike, size: int, image_ids: Sequence[str
     value_set = _string_array(wanted)
     found: dict[str, np.ndarray] = {}
     for file in sorted(Path(partition).glob("*.parquet")):
-        pf = pq.ParquetFile(file)
+        pf = pq.ParquetFile(safeio.regular_file(file, "store part"))
         for rg in range(pf.num_row_groups):
             ids = pf.read_row_group(rg, columns=["image_id"]).column("image_id")
             hit = pc.is_in(ids, value_set=value_set)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import base64
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from cxrflow import safeio
 
 #: Widest figure embedded, in pixels: a page column at print resolution.
 FIGURE_MAX_WIDTH = 1100
@@ -39,7 +40,7 @@ def figure_uri(path: str | os.PathLike, max_width: int = FIGURE_MAX_WIDTH) -> st
     that instead of the figure.
     """
     try:
-        with Image.open(Path(path)) as img:
+        with safeio.open_regular(path, "figure", safeio.IMAGE_BYTES) as f, Image.open(f) as img:
             img.load()
             image = img.convert("RGBA" if "A" in img.getbands() else "RGB") if img.mode not in ("L", "RGB") else img.copy()
     except UnidentifiedImageError as exc:

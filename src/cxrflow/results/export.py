@@ -16,12 +16,10 @@ calibrated when a current evaluation of the checkpoint exists, raw otherwise (``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import warnings
 from collections.abc import Iterator

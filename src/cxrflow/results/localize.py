@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrflow import __version__
+from cxrflow.names import file_part
+from cxrflow import __version__, csvsafe
 from cxrflow.data.boxes import (
     BOXES_NAME,
     IOBB_THRESHOLDS,
@@ -379,7 +380,7 @@ def write_outputs(tmp: Path, result: dict, pred: pd.DataFrame, scored: pd.DataFr
 
     # full precision: the figures recomputed from boxes.csv must be the ones in localization.json, also
     # for the non-integer coordinates of a non-square original (1234.765625 is not 1234.77)
-    pred[["image_id", "finding", "x", "y", "w", "h", "score", "threshold", "rank"]].to_csv(tmp / BOXES_CSV, index=False)
+    csvsafe.write_frame(pred[["image_id", "finding", "x", "y", "w", "h", "score", "threshold", "rank"]], tmp / BOXES_CSV, index=False)
     figures = []
     for finding, n in result["n_boxes"].items():
         if n == 0:
@@ -388,7 +389,7 @@ def write_outputs(tmp: Path, result: dict, pred: pd.DataFrame, scored: pd.DataFr
             _gallery_cases(scored, finding, found, pred), finding=finding, method=result["method"],
             title=f"{finding} ({title}): ground truth green, predicted yellow",
         )  # fmt: skip
-        figures.append(f"gallery-{finding}.png")
+        figures.append(f"gallery-{file_part(finding)}.png")
         save_figure_atomic(fig, tmp / figures[-1], dpi=100)
     result["figures"] = figures
     write_json_atomic(tmp / JSON_NAME, result)

@@ -165,13 +165,14 @@ def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, me
     from pathlib import Path
 
     from cxrflow.errors import CxrflowError
-    from cxrflow.outputs import OutputLock
+    from cxrflow.outputs import OutputLock, refuse_inside_sealed
     from cxrflow.modelling.heatmaps import cam_method
 
     check_heatmap_predictor(predictor)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CxrflowError("exists and is not a folder; choose another --heatmaps folder", out_dir)
+    refuse_inside_sealed(out_dir, "predict")
     method = cam_method(predictor.model, method)
     # two predicts adding to one DIR at once would each rewrite its list of overlays without the other's
     with OutputLock(out_dir, "predict"):
@@ -186,6 +187,7 @@ def _write_overlays(predictor, predictions: list[dict], out_dir, method: str) ->
 
     from cxrflow.atomic import save_figure_atomic
     from cxrflow.errors import CxrflowError
+    from cxrflow.names import file_part, path_tag
     from cxrflow.outputs import read_marker, write_marker
 
     try:
@@ -194,7 +196,7 @@ def _write_overlays(predictor, predictions: list[dict], out_dir, method: str) ->
         raise CxrflowError(f"cannot create the heatmap folder: {exc.strerror or exc}", out_dir) from None
     stems = [Path(p["image"]).stem for p in predictions]
     targets = [
-        [out_dir / f"{stem if stems.count(stem) == 1 else f'{stem}-{i}'}-{name}.png" for name in flagged_findings(prediction)]
+        [out_dir / f"{file_part(stem)}-{path_tag(prediction['image'])}-{file_part(name)}.png" for name in flagged_findings(prediction)]
         for i, (prediction, stem) in enumerate(zip(predictions, stems))
     ]
     # a file in DIR is replaced only when an earlier predict wrote it (listed in DIR's marker)

@@ -6,13 +6,13 @@ stores they name opened, and how the page names and links each evaluation. Share
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cxrflow import safeio
 from cxrflow.errors import CxrflowError
 from cxrflow.identity import file_sha256
 from cxrflow.results.embed import figure_uri
@@ -35,10 +35,10 @@ SPLIT_MODES = {
 def read_json(path: Path) -> tuple[dict | None, str | None]:
     """(content, None) or (None, why not)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = safeio.read_json(path, "cxrflow file")
     except FileNotFoundError:
         return None, "missing"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         return None, f"unreadable ({exc})"
     return (data, None) if isinstance(data, dict) else (None, "not a JSON object")
 

@@ -13,14 +13,13 @@ marked. An ensemble folder (``cxrflow ensemble``) is one row of its own, with it
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cxrflow import csvsafe, safeio
 from cxrflow.errors import CxrflowError
 from cxrflow.runs import METRICS_NAME, check_metrics, evaluation_status
 
@@ -92,7 +91,7 @@ def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") ->
 def load_row(metrics_path: Path) -> dict[str, Any]:
     """One table row from an evaluation's ``metrics.json``."""
     try:
-        m = json.loads(Path(metrics_path).read_text())
+        m = safeio.read_json(metrics_path, "evaluation")
     except (OSError, ValueError) as exc:
         raise CxrflowError(f"unreadable evaluation: {exc}", metrics_path) from None
     check_metrics(m, metrics_path)
@@ -173,7 +172,7 @@ def format_csv(rows: Sequence[dict]) -> str:
         "ece_calibrated", "ece_raw", "kind", "members",
     ] + [f"auc_{n}" for n in findings]
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csvsafe.writer(buf, lineterminator="\n")
     w.writerow(head)
     for r in rows:
         w.writerow(

@@ -118,6 +118,13 @@ def check_not_metadata_file(path: Path) -> None:
                 f"folder: --data {path.parent}", path)
 
 
+def say_left_out(notes: list[str] | None) -> None:
+    """Print what reading a collection left out and why (its ``notes``), one ``left out:`` line each;
+    explore, split and etl call it, and keep the same lines in their summary file."""
+    for note in notes or []:
+        print(f"left out: {note}")
+
+
 def load_collection(
     data_dir: str | os.PathLike,
     format: str = "auto",

@@ -96,6 +96,16 @@ def _views(table) -> tuple[np.ndarray, np.ndarray]:
     return view, frontal
 
 
+def _left_out_note(parts: list) -> str:
+    """What ``--views frontal`` left out and why: lateral rows, and rows marked Frontal whose view is not AP/PA."""
+    lateral = sum(int((np.asarray(p[7]) == "LATERAL").sum()) for p in parts)
+    odd = [v for p in parts for v, f in zip(p[7], p[8]) if not f and v != "LATERAL"]
+    counts = sorted(pd.Series(odd, dtype=object).value_counts().items())
+    views = ", ".join(f"{n} {v or 'without a view'}" for v, n in counts)
+    text = f"--views frontal: left out {lateral + len(odd)} rows: {lateral} lateral"
+    return text + (f", {len(odd)} marked Frontal whose AP/PA view is not AP or PA ({views})" if odd else "")
+
+
 def _read_one(root: Path, name: str):
     table = read_table(root / name, COLUMNS)
     ids, paths, patients, studies = _ids(table, root)
@@ -134,7 +144,7 @@ def read(root: Path, *, views: str = "frontal", need_images: bool = True) -> Col
         n_train = int(keep[0].sum())
         train_val, test = ids[:n_train], ids[n_train:]
     dropped = sum(int((~m).sum()) for m in keep)
-    notes = [f"--views frontal: left out {dropped} lateral or other-view rows"] if dropped else []
+    notes = [_left_out_note(parts)] if dropped and views == "frontal" else []
     return Collection(
         format="chexpert", root=root, vocab=VOCAB, entries=entries, images=images, missing=missing,
         metadata_path=root / TRAIN_NAME, states=cat(6), train_val=train_val, test=test,

@@ -219,6 +219,43 @@ def _check_size(ds, where: str | None) -> None:
             check_pixel_budget(columns, rows)
         except ImageError as exc:
             raise _error(exc.message, where) from None
+    for width, height in codestream_sizes(ds):  # what the decoder will allocate, whatever the header says
+        try:
+            check_pixel_budget(width, height)
+        except ImageError as exc:
+            raise _error(f"compressed pixel data: the codestream says {width}x{height} (the header {columns}x{rows}); "
+                         f"{exc.message}", where) from None
+
+
+_J2K_SIZ = b"\xff\x4f\xff\x51"  # SOC then SIZ: a JPEG 2000 codestream's image size
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # JPEG, JPEG-LS frames
+
+
+def codestream_sizes(ds) -> list[tuple[int, int]]:
+    """(width, height) of every JPEG 2000, JPEG or JPEG-LS frame header in encapsulated pixel data,
+    read from the codestream's own SIZ / SOF marker (the header's Rows and Columns may lie)."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not getattr(syntax, "is_compressed", False) or "PixelData" not in ds:
+        return []
+    data = bytes(ds.PixelData)
+    sizes = []
+    at = data.find(_J2K_SIZ)
+    while at >= 0 and at + 24 <= len(data):
+        x, y, x0, y0 = (int.from_bytes(data[at + 8 + 4 * i : at + 12 + 4 * i], "big") for i in range(4))
+        sizes.append((max(x - x0, 1), max(y - y0, 1)))
+        at = data.find(_J2K_SIZ, at + 4)
+    at = data.find(b"\xff\xd8\xff")  # JPEG / JPEG-LS: SOI, then the frame header among the first markers
+    while 0 <= at and at + 9 <= len(data):
+        if data[at] == 0xFF and data[at + 1] in _JPEG_SOF:
+            sizes.append((int.from_bytes(data[at + 7 : at + 9], "big"), int.from_bytes(data[at + 5 : at + 7], "big")))
+            at = data.find(b"\xff\xd8\xff", at + 2)
+        elif data[at] == 0xFF and data[at + 1] in (0xD8, 0xFF):
+            at += 1 if data[at + 1] == 0xFF else 2
+        elif data[at] == 0xFF:
+            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")  # skip a marker segment
+        else:
+            at = data.find(b"\xff\xd8\xff", at + 1)
+    return sizes
 
 
 def _palette_gray(ds, indices: np.ndarray, where: str | None) -> np.ndarray:
