@@ -82,6 +82,7 @@ def test_non_regular_files_are_refused_without_being_opened(tmp_path):
         sock.close()
 
 
+@pytest.mark.slow
 def test_etl_quarantines_bombs_and_pipes_and_keeps_the_rest(spark, tmp_path):
     from cxrflow.data.etl import run_etl
     from cxrflow.data.synth import synthesize

@@ -81,6 +81,7 @@ def test_uris_and_conversions():
                                   "seconds": 2.0, "images_per_second": 10.0}
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_log_into_one_mlflow_run(store, tmp_path, capsys):
     run = tmp_path / "runs" / "r1"
     assert main([*_train_argv(store, run), "--mlflow"]) == 0
@@ -113,6 +114,7 @@ def test_train_and_evaluate_log_into_one_mlflow_run(store, tmp_path, capsys):
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_refusing_server_costs_one_warning_not_the_run(store, tmp_path, capsys, refused_port):
     run = tmp_path / "run"
     assert main([*_train_argv(store, run), "--mlflow", f"http://127.0.0.1:{refused_port}"]) == 0
@@ -157,6 +159,7 @@ def test_mlflow_missing_or_malformed_uri_is_one_line_and_nothing_written(store, 
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_an_ensemble_is_its_own_mlflow_run_naming_its_tracked_members(store, tmp_path, capsys, refused_port):
     runs = tmp_path / "runs"
     tracked, untracked, ens = runs / "a", runs / "b", runs / "ens"

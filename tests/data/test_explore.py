@@ -96,6 +96,7 @@ def test_long_tail_of_images_per_patient():
     assert ax.get_yscale() == "log" and "max 184" in ax.get_title() and ax.get_xlim()[1] >= 184
 
 
+@pytest.mark.slow
 def test_cli_metadata_and_data_folder(tiny, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["explore", "--metadata", str(tiny), "--out", str(out)]) == 0

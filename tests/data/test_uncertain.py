@@ -207,6 +207,7 @@ def test_loader_per_finding_policy(stores):
     assert batch["known"].numpy().tolist() == want_known.tolist()
 
 
+@pytest.mark.slow
 def test_ensemble_of_runs_with_unknown_labels_scores_known_labels_only(stores, tmp_path):
     """An ensemble's stacking, thresholds, calibration and AUCs use each finding's known labels, as
     its members' evaluations do (it counted the unknown labels as negatives)."""

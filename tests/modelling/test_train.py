@@ -121,6 +121,7 @@ def test_simple_cnn_learns_the_planted_signal(store, tmp_path, capsys):
         assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "notes.txt"]
 
 
+@pytest.mark.slow
 def test_densenet121_two_stages_and_resume_between_them(small_store, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--store", str(small_store), "--size", "32", "--model", "densenet121", "--pretrained", "none",
@@ -161,6 +162,7 @@ def test_densenet121_two_stages_and_resume_between_them(small_store, tmp_path, c
     assert all(torch.allclose(again["model"][k].float(), ft["model"][k].float(), atol=1e-5) for k in ft["model"])
 
 
+@pytest.mark.slow
 def test_finetuning_starts_from_the_best_kt_epoch_when_it_is_not_the_last(small_store, tmp_path):
     """kt epoch 2 ends with its head turned over (so its validation AUC falls below epoch 1's):
     fine-tuning must start from best_kt.pt (epoch 1), not from the last kt weights."""

@@ -200,6 +200,7 @@ def test_evaluate_run_writes_metrics_predictions_and_figures(tiny_run, tmp_path)
     assert main(["evaluate", "--run", str(run), "--out", str(out), "--overwrite", "--n-boot", "10"]) == 0
 
 
+@pytest.mark.slow
 def test_evaluate_default_folder_and_nan_finding(tmp_path):
     # a test split without a single Hernia positive: its AUC is NaN, named, and left out of the mean
     import pyarrow as pa
@@ -289,6 +290,7 @@ def test_evaluation_records_its_checkpoint_and_store(tiny_run, tmp_path):
     assert evaluation_status(tmp_path / "ev" / "metrics.json") is None
 
 
+@pytest.mark.slow
 def test_a_stale_evaluation_names_the_command_that_makes_it_again_in_its_own_folder(tiny_run, tmp_path):
     """Retrained after two evaluations (the run's default folder and one written with --out): each
     says to evaluate again, the second into its own folder rather than the run's default one."""
@@ -306,6 +308,7 @@ def test_a_stale_evaluation_names_the_command_that_makes_it_again_in_its_own_fol
     assert f"--checkpoint best_finetune --split test --out {tmp_path / 'ev'} --overwrite" in elsewhere
 
 
+@pytest.mark.slow
 def test_normalisation_comes_from_the_checkpoint_not_the_store(tiny_run, tmp_path):
     """A store rebuilt with other pixel statistics does not change a trained model's inputs."""
     run, store = tiny_run
@@ -358,6 +361,7 @@ def _invert_val_labels(store: Path) -> None:
     (store / "_manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 def test_thresholds_come_from_validation_not_from_the_evaluated_split(tmp_path):
     """With validation labels turned over, val and test disagree: the recorded thresholds are the
     validation-Youden ones, computed from validation probabilities scored as predict scores them."""

@@ -224,6 +224,7 @@ def test_sections_without_data_are_absent(tmp_path):
     assert not [i for i in page.images if i["alt"].startswith("Reliability")]
 
 
+@pytest.mark.slow
 def test_names_from_files_are_text_and_vocabularies_get_their_own_table(study, tmp_path):
     vocab = LabelVocabulary(("<b>Mass</b>", "Nodule & co"), no_finding=None)
     store = tmp_path / "odd<store>"
@@ -249,6 +250,7 @@ def test_unreadable_figure_is_named_and_the_page_still_builds(study, tmp_path):
     assert [i for i in page.images if i["alt"].startswith("Training curves")]
 
 
+@pytest.mark.slow
 def test_moved_store_builds_without_thumbnails_and_says_why(tmp_path):
     s = write_study(tmp_path, runs=[("simple_cnn", 64, ("finetune",))], test_rows=12, store_size=32,
                     localization=False, ensemble=False)  # fmt: skip
@@ -379,6 +381,7 @@ def test_localization_table_has_the_iou_thresholds_and_the_overall_box_count(stu
         assert cells[2 * len(iobb) : 2 * len(iobb) + len(iou)] == [f"{loc['accuracy_iou'][t][name]:.3f}" for t in iou]
 
 
+@pytest.mark.slow
 def test_localization_of_a_checkpoint_the_run_no_longer_holds_is_left_out(study, one_torch_thread, tmp_path):
     """Issue 14: a localize-* table, its gallery and the overlays it feeds belong to one checkpoint."""
     import pyarrow.dataset as ds

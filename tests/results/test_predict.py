@@ -63,6 +63,7 @@ def test_bad_file_is_one_error_line_and_others_still_predicted(run_and_images, c
     assert lines[0].startswith(f"error: {img / 'broken.png'}: ") and "nope.png: no such file" in lines[1]
 
 
+@pytest.mark.slow
 def test_heatmaps_never_replace_a_file_predict_did_not_write(run_and_images, tmp_path, capsys):
     run, _, img, _ = run_and_images
     argv = ["predict", "--run", str(run), str(img / "gray.png"), "--json", "--heatmaps", str(tmp_path / "h")]
@@ -125,6 +126,7 @@ def test_no_pixel_statistics_anywhere_is_a_clear_error(run_and_images, tmp_path,
     assert err.startswith("error: ") and "--store" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_evaluated_run_flags_findings_at_the_validation_thresholds(run_and_images, tmp_path, capsys):
     run, _, img, _ = run_and_images
     copy = tmp_path / "run"
@@ -185,6 +187,7 @@ def test_pixel_bombs_and_pipes_get_an_error_and_the_other_files_a_result(run_and
     assert "not a file" in reasons[str(fifo)] or "named pipe" in reasons[str(fifo)]
 
 
+@pytest.mark.slow
 def test_output_piped_into_head_ends_quietly(run_and_images):
     import subprocess
     import sys
@@ -201,6 +204,7 @@ def test_output_piped_into_head_ends_quietly(run_and_images):
     assert proc.returncode == 141
 
 
+@pytest.mark.slow
 def test_thresholds_of_an_evaluation_of_another_checkpoint_are_not_used(run_and_images, tmp_path, capsys):
     import torch
 
@@ -222,6 +226,7 @@ def test_thresholds_of_an_evaluation_of_another_checkpoint_are_not_used(run_and_
     assert note.startswith("note: ") and "cxrflow evaluate" in note
 
 
+@pytest.mark.slow
 def test_an_unreadable_evaluation_is_named_not_skipped_silently(run_and_images, tmp_path, capsys):
     run, _, img, _ = run_and_images
     copy = tmp_path / "run"

@@ -238,6 +238,7 @@ def test_bad_dicom_reasons(tmp_path):
         load_gray(_undecodable(tmp_path / "mpeg.dcm"))
 
 
+@pytest.mark.slow
 def test_etl_reads_dicom_and_quarantines_bad_ones(spark, tmp_path):
     from cxrflow.data.etl import run_etl
 
