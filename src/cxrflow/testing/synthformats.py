@@ -25,7 +25,7 @@ def _mark(folder: Path) -> None:
     """Mark the collection synthetic, so that a store made from it says so (:mod:`cxrflow.data.synthetic`)."""
     from cxrflow.outputs import write_marker
 
-    write_marker(folder, "synth", generator="cxrflow.data.synthformats")
+    write_marker(folder, "synth", generator="cxrflow.testing.synthformats")
 
 
 def _observation(rng: np.random.Generator) -> str:

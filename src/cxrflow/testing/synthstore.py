@@ -95,7 +95,7 @@ def write_synthetic_store(
         "source": {"metadata_rows": sum(rows.values()), "written": sum(rows.values()), "missing": 0, "quarantined": 0},
         "missing": [],
         "quarantined": [],
-        "split": {"mode": "synthetic-store", "seed": seed}, "synthetic": {"generator": "cxrflow.data.synthstore"},
+        "split": {"mode": "synthetic-store", "seed": seed}, "synthetic": {"generator": "cxrflow.testing.synthstore"},
         "split_identity": {split: split_identity(ids_by_split[split], labels_by_split[split]) for split in rows},
     }
     if shuffled:

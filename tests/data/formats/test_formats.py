@@ -283,7 +283,7 @@ def test_etl_generic_csv_all_known_has_no_states_column(spark, tmp_path):
     table = ds.dataset(str(tmp_path / "store"), format="parquet", partitioning="hive").to_table()
     assert "labels_known" not in table.column_names
     assert manifest["source"]["written"] == len(_rows(root / "labels.csv")) - 1
-    assert manifest["synthetic"]["generator"] == "cxrflow.data.synthformats"  # a generated collection's store says so
+    assert manifest["synthetic"]["generator"] == "cxrflow.testing.synthformats"  # a generated collection's store says so
 
 
 def test_etl_mimic_official_split(spark, tmp_path):
