@@ -21,11 +21,12 @@ with every label known (NIH) have no ``labels_known`` column and all labels know
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Sequence
 
 from cxrflow.errors import CxrflowError
+
+if TYPE_CHECKING:  # numpy is imported where it is used: the policy names are read by --help
+    import numpy as np
 
 UNMENTIONED, KNOWN, UNCERTAIN = 0, 1, 2
 POLICIES = ("ignore", "ones", "zeros")
@@ -70,6 +71,8 @@ def apply_policy(labels: np.ndarray, states: np.ndarray | None,
                  policy: str | Sequence[str] = "ignore") -> tuple[np.ndarray, np.ndarray]:
     """(labels, known) uint8 arrays after ``policy`` (one for all findings, or one per finding);
     ``states`` None means every label is known."""
+    import numpy as np
+
     if states is None:
         return labels, np.ones_like(labels, dtype=np.uint8)
     per = np.broadcast_to(np.asarray([policy] if isinstance(policy, str) else list(policy)), (states.shape[-1],))
@@ -82,6 +85,8 @@ def apply_policy(labels: np.ndarray, states: np.ndarray | None,
 
 def label_counts(labels: np.ndarray, states: np.ndarray | None, names: Sequence[str]) -> dict[str, dict[str, int]]:
     """Per finding: positives, negatives, uncertain and unknown (not mentioned) rows."""
+    import numpy as np
+
     labels = np.asarray(labels, dtype=np.uint8).reshape(-1, len(names))
     if states is None:
         states = np.full_like(labels, KNOWN)
