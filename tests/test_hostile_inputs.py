@@ -1,4 +1,4 @@
-"""The hostile and careless inputs of issue 11, one class per test: each ends in one clear line (or a
+"""Hostile and careless inputs across the subcommands, one class per test: each ends in one clear line (or a
 counted quarantine), never a traceback, a hang, or a file of cxrflow's that is not valid."""
 
 import json

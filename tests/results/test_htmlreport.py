@@ -298,7 +298,7 @@ def test_heatmap_overlays_where_localization_exists(study, one_torch_thread, tmp
     # a run without localization output gets no overlays
     ctx = build_context([study["runs"][1]], cases=1, heatmap_fn=saliency)
     assert not ctx["cases"][0]["overlays"]
-    # a run whose checkpoint changed since the evaluation is refused in one line (issue 10): its
+    # a run whose checkpoint changed since the evaluation is refused in one line: its
     # numbers and heatmaps would belong to another model
     run = tmp_path / "run"
     shutil.copytree(study["runs"][0], run)
@@ -369,7 +369,7 @@ def test_split_modes_of_every_format_are_named():
 
 
 def test_localization_table_has_the_iou_thresholds_and_the_overall_box_count(study, report):
-    """Issue 14: the IoU columns are headed by the IoU thresholds localize scores (0.1 ... 0.7, not the
+    """The IoU columns are headed by the IoU thresholds localize scores (0.1 ... 0.7, not the
     IoBB ones), each cell is localization.json's figure, and the overall row counts every box."""
     (table,) = _localization_tables(Page(report.read_text()))
     loc = json.loads(next(Path(study["runs"][0]).glob("localize-*/localization.json")).read_text())
@@ -383,7 +383,7 @@ def test_localization_table_has_the_iou_thresholds_and_the_overall_box_count(stu
 
 @pytest.mark.slow
 def test_localization_of_a_checkpoint_the_run_no_longer_holds_is_left_out(study, one_torch_thread, tmp_path):
-    """Issue 14: a localize-* table, its gallery and the overlays it feeds belong to one checkpoint."""
+    """A localize-* table, its gallery and the overlays it feeds belong to one checkpoint."""
     import pyarrow.dataset as ds
     import torch
 

@@ -282,7 +282,7 @@ def current_localizations(run: Path) -> tuple[list[tuple[Path, dict]], list[dict
 
 
 def localization_parts(run: Path) -> list[dict[str, Any]]:
-    """Every ``localize-*`` folder of a run (issue 13's ``localization.json``), as tables and galleries;
+    """Every ``localize-*`` folder of a run (``cxrflow localize``'s ``localization.json``), as tables and galleries;
     one made from an older checkpoint is left out with a one-line note saying why."""
     found, parts = current_localizations(run)
     for path, loc in found:
@@ -469,7 +469,7 @@ def _heatmaps_for(ev: dict, heatmap_fn: Callable[..., np.ndarray] | None):
 
 
 def default_heatmap_fn() -> Callable[..., np.ndarray] | None:
-    """``cxrflow.modelling.heatmaps.heatmap`` when that module is installed (issue 13), else None."""
+    """``cxrflow.modelling.heatmaps.heatmap`` when that module is installed, else None."""
     try:
         from cxrflow.modelling.heatmaps import heatmap
     except ImportError:

@@ -3,8 +3,8 @@
 For tests and benchmarks of ``cxrflow report``: a synthetic store (:mod:`cxrflow.testing.synthstore`), run
 folders with ``config.json``, evaluation folders with ``metrics.json`` (computed by
 :func:`cxrflow.metrics.summarize` from predictions with a planted signal), ``predictions.parquet``
-and figures, optionally calibration keys and ``reliability.png`` (the shape issue 12 writes), a
-``localize-*`` folder (issue 13's shape), an ensemble folder and small real checkpoints. No
+and figures, optionally calibration keys and ``reliability.png`` (the shape calibration writes), a
+``localize-*`` folder (the shape ``cxrflow localize`` writes), an ensemble folder and small real checkpoints. No
 training is run: building a study takes seconds.
 """
 
@@ -165,7 +165,7 @@ def write_checkpoint(
 
 
 def write_localization(run: Path, label_names: Sequence[str], split: str = "test") -> Path:
-    """``RUN/localize-<split>-best_finetune/`` in issue 13's shape, with a gallery figure."""
+    """``RUN/localize-<split>-best_finetune/`` in the shape ``cxrflow localize`` writes, with a gallery figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -205,7 +205,7 @@ def write_localization(run: Path, label_names: Sequence[str], split: str = "test
 def write_ensemble(
     folder: Path, members: Sequence[Path], store: Path, store_size: int, seed: int = 99, figures_from: Path | None = None
 ) -> dict:
-    """An ensemble folder (issue 12's shape): an evaluation with ``kind``, ``method`` and ``members``."""
+    """An ensemble folder (the shape ``cxrflow ensemble`` writes): an evaluation with ``kind``, ``method`` and ``members``."""
     first = json.loads((members[0] / "metrics.json").read_text())
     metrics = write_evaluation(folder, folder, store, model="ensemble(mean)", size=first["size"], stage="finetune",
                                signal=1.6, seed=seed, store_size=store_size, calibrated=True,
