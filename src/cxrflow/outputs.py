@@ -224,7 +224,7 @@ def check_target(
         lock = OutputLock(out, command)
         holder = lock.busy()
         if holder is not None:
-            raise lock._refuse(holder) from None
+            raise lock.refusal(holder) from None
         raise
 
 
@@ -354,7 +354,7 @@ class OutputLock:
             time.sleep(0.01)
         return {}
 
-    def _refuse(self, holder: dict) -> CxrflowError:
+    def refusal(self, holder: dict) -> CxrflowError:
         who = f"cxrflow {holder.get('command', '?')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')})"
         return CxrflowError(
             f"locked by {who}, which is writing this output now; wait for it to finish or choose another --out",
@@ -402,7 +402,7 @@ class OutputLock:
                 raise
             if not locked:
                 os.close(fd)
-                raise self._refuse(self._holder())
+                raise self.refusal(self._holder())
             try:  # the file we locked must still be the lock file (a releasing holder unlinks it)
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

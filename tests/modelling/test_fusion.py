@@ -107,8 +107,9 @@ def test_report_shows_the_fused_run_as_its_own_row(fused_and_plain):
     assert [r["fusion"] for r in rows] == ["none", "demographics"]
     assert rows[1]["label"] == "Simple CNN + demographics 32px fine-tuned"
     lines = [line.replace("**", "") for line in format_markdown(rows).splitlines()]
-    assert "| demographics | Simple CNN + demographics | 32 | fine-tuned |" in "\n".join(lines)
-    assert "| none | Simple CNN | 32 | fine-tuned |" in "\n".join(lines)
+    # the runs trained on a synthetic store, and the table says so beside each run
+    assert "| demographics (synthetic data) | Simple CNN + demographics | 32 | fine-tuned |" in "\n".join(lines)
+    assert "| none (synthetic data) | Simple CNN | 32 | fine-tuned |" in "\n".join(lines)
     table = list(csv.DictReader(format_csv(rows).splitlines()))
     assert [t["fusion"] for t in table] == ["none", "demographics"]
 

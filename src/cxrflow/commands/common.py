@@ -21,5 +21,11 @@ def must_exist(paths: Iterable[str | os.PathLike | None], message: str) -> None:
     """The first of ``paths`` that does not exist as one error line (``message``), before the stage
     that would say the same is imported with its heavy libraries. None is skipped (not given)."""
     for path in paths:
-        if path is not None and not os.path.lexists(path):
-            raise CxrflowError(message, path)
+        if path is None:
+            continue
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            raise CxrflowError(message, path) from None
+        except OSError as exc:  # a name too long for the file system, a component that is a file, ...
+            raise CxrflowError(f"{exc.strerror or exc}; check the path", path) from None

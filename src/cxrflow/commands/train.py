@@ -9,6 +9,7 @@ and refuses options that would change its result.
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import math
 import sys
@@ -204,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     request = request_from_args(args)
     config = run_config(args)
     how = {"resume": args.resume, "overwrite": args.overwrite, "quiet": args.quiet}
+    check_not_busy(config.out)
     check_inputs(config)
     if launch is not None:
         from cxrflow.modelling.sparktrain import train_on_spark
@@ -214,6 +216,16 @@ def run(args: argparse.Namespace) -> int:
 
         run_process(config, tracking=request, **how)
     return 0
+
+
+def check_not_busy(out: str | os.PathLike) -> None:
+    """A run folder another process is writing now names that process first (before the inputs)."""
+    from cxrflow.outputs import OutputLock
+
+    lock = OutputLock(out, "train")
+    holder = lock.busy()
+    if holder is not None:
+        raise lock.refusal(holder)
 
 
 def check_inputs(config: TrainConfig) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrflow import csvsafe
 from cxrflow.metrics import binary_auc
 
 #: The CSV's leading columns, in this order (more follow them).
@@ -438,7 +439,7 @@ def summarize_audit(rows, attributes, skipped, *, n_boot, seed, fpr, t_global, a
 def csv_text(rows: list[dict]) -> str:
     """``subgroups.csv``: :data:`COLUMNS` first, then :data:`EXTRA_COLUMNS`; empty cells for NaN."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csvsafe.writer(out, lineterminator="\n")
     header = [*COLUMNS, *EXTRA_COLUMNS]
     writer.writerow(header)
 
