@@ -60,11 +60,15 @@ def main() -> None:
     audit_s = time.perf_counter() - start
 
     groups = sum(len(a.groups) for a in attributes)
-    print(f"{args.images} images, {args.patients} patients, {len(names)} findings, {groups} groups, {args.n_boot} resamples")
+    print(
+        f"{args.images} images, {args.patients} patients, {len(names)} findings, {groups} groups, {args.n_boot} resamples"
+    )
     print(f"evaluation bootstrap (baseline): {boot_s:8.2f} s")
     print(f"subgroup audit:                  {audit_s:8.2f} s   ratio {audit_s / boot_s:.2f} (target <= 2)")
     print(f"audit's compiled pass, compile or cache load (once per process): {compile_s:.2f} s")
-    print(f"tests {result['summary']['gaps']['tests']}, flagged {result['summary']['gaps']['flagged']} (no gap planted)")
+    print(
+        f"tests {result['summary']['gaps']['tests']}, flagged {result['summary']['gaps']['flagged']} (no gap planted)"
+    )
 
 
 if __name__ == "__main__":

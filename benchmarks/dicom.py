@@ -47,8 +47,11 @@ def generate(root: Path, n: int, side: int, syntax: str, seed: int) -> list[Path
     for i in range(n):
         body = 1800 + 1200 * np.exp(-((x - 0.5) ** 2 + (y - 0.55) ** 2) / 0.08) * (0.8 + 0.2 * rng.random())
         img = np.clip(body + rng.normal(0, 40, (side, side)), 0, 4095).astype(np.uint16)
-        paths.append(write_dicom(root / "dcm" / f"{syntax}-{i:03d}.dcm", img, bits_stored=12, window=(2400, 2400),
-                                 transfer_syntax=syntax))
+        paths.append(
+            write_dicom(
+                root / "dcm" / f"{syntax}-{i:03d}.dcm", img, bits_stored=12, window=(2400, 2400), transfer_syntax=syntax
+            )
+        )
     with open(root / "labels.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "patient_id", "labels"])
@@ -112,9 +115,15 @@ def main() -> None:
             baseline(paths[:1], sizes), cxrflow_decode(paths[:1], sizes)  # imports, plugins: not timed
             etl(root, work / f"store-{syntax}", sizes, spark)  # Spark's Python workers start: not timed
             for r in range(args.rounds):
-                times = {"baseline": baseline(paths, sizes), "cxrflow": cxrflow_decode(paths, sizes),
-                         "etl": etl(root, work / f"store-{syntax}", sizes, spark)}
-                print(f"{syntax} round {r + 1}: " + ", ".join(f"{k} {len(paths) / t:.2f} images/s" for k, t in times.items()))
+                times = {
+                    "baseline": baseline(paths, sizes),
+                    "cxrflow": cxrflow_decode(paths, sizes),
+                    "etl": etl(root, work / f"store-{syntax}", sizes, spark),
+                }
+                print(
+                    f"{syntax} round {r + 1}: "
+                    + ", ".join(f"{k} {len(paths) / t:.2f} images/s" for k, t in times.items())
+                )
                 best = {k: min(best[k], times[k]) for k in best}
             rate = {k: len(paths) / t for k, t in best.items()}
             print(

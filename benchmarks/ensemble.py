@@ -27,7 +27,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=800, help="training images (default 800)")
     parser.add_argument("--eval-rows", type=int, default=400, help="validation and test images each (default 400)")
-    parser.add_argument("--signal", type=float, default=4.0, help="planted signal in gray levels, noise sd 25 (default 4)")
+    parser.add_argument(
+        "--signal", type=float, default=4.0, help="planted signal in gray levels, noise sd 25 (default 4)"
+    )
     parser.add_argument("--prevalence", type=float, default=0.08, help="prevalence of each finding (default 0.08)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n-boot", type=int, default=200)
@@ -37,10 +39,10 @@ def main() -> None:
     from cxrflow.modelling.calibration import apply_temperatures, ece_and_brier, fit_temperatures
     from cxrflow.modelling.config import StageSettings, TrainConfig
     from cxrflow.modelling.ensemble import build_ensemble
+    from cxrflow.modelling.train import train
     from cxrflow.results.evaluate import evaluate_run
     from cxrflow.runs import read_predictions
     from cxrflow.testing.synthstore import write_synthetic_store
-    from cxrflow.modelling.train import train
 
     work = Path(args.out or tempfile.mkdtemp(prefix="cxrflow-ensemble-bench-"))
     store = work / "store"
@@ -65,7 +67,11 @@ def main() -> None:
     for method, members in (("stacked", list(runs)[:2]), ("stacked", list(runs)), ("mean", list(runs))):
         label = f"{method}: {' + '.join(members)}"
         ensembles[label] = build_ensemble(
-            [work / m for m in members], work / f"ens-{method}-{len(members)}", method=method, n_boot=args.n_boot, overwrite=True
+            [work / m for m in members],
+            work / f"ens-{method}-{len(members)}",
+            method=method,
+            n_boot=args.n_boot,
+            overwrite=True,
         )
     seconds = time.perf_counter() - started
 
@@ -78,7 +84,11 @@ def main() -> None:
         # what temperature scaling alone (no log pos_weight shift) would have given
         val, _ = read_predictions(Path(m["out"]) / "val_predictions.parquet")
         test, _ = read_predictions(Path(m["out"]) / "predictions.parquet")
-        t_only = np.nanmean(ece_and_brier(test["labels"], apply_temperatures(test["logits"], fit_temperatures(val["logits"], val["labels"])))[0])
+        t_only = np.nanmean(
+            ece_and_brier(
+                test["labels"], apply_temperatures(test["logits"], fit_temperatures(val["logits"], val["labels"]))
+            )[0]
+        )
         print(_row(name, m, None, t_only))
     for label, m in ensembles.items():
         best = max(evaluations[n.split("/")[0]]["mean_auc"] for n in m["member_names"])

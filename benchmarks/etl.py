@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master", default="local[*]", help="Spark master (default local[*])")
     parser.add_argument("--compression", default="zstd", help="Parquet compression (default zstd)")
     parser.add_argument("--rows-per-file", type=int, default=None, help="ETL images per task/file (default automatic)")
-    parser.add_argument("--rounds", type=int, default=5, help="times each contender runs, interleaved; the best counts (default 5)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="times each contender runs, interleaved; the best counts (default 5)"
+    )
     parser.add_argument("--work", type=Path, default=None, help="folder for the data (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the generated data and store")
     args = parser.parse_args(argv)
@@ -222,14 +224,22 @@ def main(argv: list[str] | None = None) -> int:
         store_mb = sum(f.stat().st_size for f in store.rglob("*.parquet")) / 2**20
         ratio = etl_ips / (bare_ips * cores)
         print(f"best of {args.rounds} rounds:")
-        print(f"{n} images, {mb:.2f} MB per PNG; Pillow decode {decode_ms:.1f} ms/image (real NIH PNGs: ~{REAL_NIH_DECODE_MS:.0f} ms)")
-        print(f"bare loop (1 process, decode + resize to {sizes}): {bare_ips:.1f} images/s ({1000 / bare_ips:.1f} ms/image)")
-        print(f"bare loop in {cores} processes at once: {pool_ips:.1f} images/s ({pool_ips / bare_ips:.2f} x one process)")
+        print(
+            f"{n} images, {mb:.2f} MB per PNG; Pillow decode {decode_ms:.1f} ms/image (real NIH PNGs: ~{REAL_NIH_DECODE_MS:.0f} ms)"
+        )
+        print(
+            f"bare loop (1 process, decode + resize to {sizes}): {bare_ips:.1f} images/s ({1000 / bare_ips:.1f} ms/image)"
+        )
+        print(
+            f"bare loop in {cores} processes at once: {pool_ips:.1f} images/s ({pool_ips / bare_ips:.2f} x one process)"
+        )
         print(
             f"ETL on {args.master} ({cores} cores): Spark start {jvm_s:.1f} s + Python workers {workers_s:.1f} s, "
             f"job {job_s:.1f} s ({etl_ips:.1f} images/s), store {store_mb:.0f} MB ({args.compression})"
         )
-        print(f"ratio ETL / (bare x {cores} cores) = {etl_ips:.1f} / ({bare_ips:.1f} x {cores}) = {ratio:.2f}  (target >= 0.8)")
+        print(
+            f"ratio ETL / (bare x {cores} cores) = {etl_ips:.1f} / ({bare_ips:.1f} x {cores}) = {ratio:.2f}  (target >= 0.8)"
+        )
         print(f"ratio ETL / bare in {cores} processes at once = {etl_ips / pool_ips:.2f}  (Spark's own overhead)")
         if etl_cpu:
             etl_cpu_ms, bare_cpu_ms = 1000 * min(etl_cpu) / n, 1000 * min(bare_cpu) / n
@@ -253,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         for label, c in ((f"this machine ({cores} cores)", cores), ("8 workers x 4 cores", 32)):
             synthetic_h = (startup_s + RELEASE_IMAGES * per_image_s / c) / 3600
             real_h = (startup_s + RELEASE_IMAGES * real_per_image_s / c) / 3600
-            print(f"  {label:<26} {synthetic_h * 60:7.1f} min at the synthetic cost, {real_h * 60:7.1f} min at the real NIH decode cost")
+            print(
+                f"  {label:<26} {synthetic_h * 60:7.1f} min at the synthetic cost, {real_h * 60:7.1f} min at the real NIH decode cost"
+            )
         print(f"after: {_load()} (other work on the machine slows both contenders)")
     finally:
         if not args.keep and args.work is None:

@@ -61,7 +61,9 @@ def main() -> None:
     print(f"\n{'size':>5} {'images/s':>9} {'KiB/image':>10}")
     for size in (512, 1024):
         print(f"{size:>5} {best[size]['rate']:>9.1f} {best[size]['bytes'] / 1024:>10.1f}")
-    print(f"1024/512: speed {best[1024]['rate'] / best[512]['rate']:.2f}x, bytes {best[1024]['bytes'] / best[512]['bytes']:.2f}x")
+    print(
+        f"1024/512: speed {best[1024]['rate'] / best[512]['rate']:.2f}x, bytes {best[1024]['bytes'] / best[512]['bytes']:.2f}x"
+    )
     n = mixed["source"]["written"]
     per_size = ", ".join(
         f"{s} px {store_bytes_per_image(work / 'store-mixed', s, n) / 1024:.1f} KiB" for s in (256, 512, 1024)

@@ -40,11 +40,10 @@ def make_run(root: Path, test_images: int, val_images: int) -> Path:
     """A store with ``test_images`` test rows at 512 px and a run folder holding a random simple_cnn."""
     import torch
 
-    from cxrflow.data.store import store_identity
+    from cxrflow.data.store import pixel_stats, read_manifest, store_identity
     from cxrflow.modelling.models import create_model
-    from cxrflow.data.store import pixel_stats, read_manifest
-    from cxrflow.testing.synthstore import write_synthetic_store
     from cxrflow.modelling.train import save_checkpoint
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     store, run = root / "store", root / "run"
     manifest = write_synthetic_store(store, sizes=(SIZE,), rows={"train": 32, "val": val_images, "test": test_images},
@@ -82,8 +81,11 @@ def main() -> None:
     own = args.workdir is None
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cxrflow-bench-evaluate-"))
     try:
-        print(f"cxrflow evaluate memory benchmark: {SIZE} px, N = {args.images}, val {args.val}, batch {args.batch_size}, "
-              f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"cxrflow evaluate memory benchmark: {SIZE} px, N = {args.images}, val {args.val}, batch {args.batch_size}, "
+            f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
         results = {}
         for n in (args.images, 4 * args.images):
             t = time.perf_counter()
@@ -91,14 +93,21 @@ def main() -> None:
             print(f"built store and run with {n} test images ({time.perf_counter() - t:.0f} s)", flush=True)
             results[n] = measure(run, args)
             r = results[n]
-            print(f"  evaluate on {n:>5} test images: peak RSS {r['peak'] / 2**20:7.0f} MB, {r['seconds']:.0f} s "
-                  f"(the split's pixels: {n * SIZE * SIZE / 2**20:.0f} MB)", flush=True)
+            print(
+                f"  evaluate on {n:>5} test images: peak RSS {r['peak'] / 2**20:7.0f} MB, {r['seconds']:.0f} s "
+                f"(the split's pixels: {n * SIZE * SIZE / 2**20:.0f} MB)",
+                flush=True,
+            )
         small, large = results[args.images]["peak"], results[4 * args.images]["peak"]
         limit = 1.1 * small + 50 * 2**20
-        print(f"peak(4N) / peak(N) = {large / small:.3f}; peak(4N) - peak(N) = {(large - small) / 2**20:+.0f} MB; "
-              f"target peak(4N) <= 1.1 peak(N) + 50 MB = {limit / 2**20:.0f} MB: {'met' if large <= limit else 'NOT met'}")
+        print(
+            f"peak(4N) / peak(N) = {large / small:.3f}; peak(4N) - peak(N) = {(large - small) / 2**20:+.0f} MB; "
+            f"target peak(4N) <= 1.1 peak(N) + 50 MB = {limit / 2**20:.0f} MB: {'met' if large <= limit else 'NOT met'}"
+        )
         print(json.dumps({str(k): v for k, v in results.items()}))
-        print(f"load average at end {os.getloadavg()[0]:.1f} (other jobs on this machine slow the timings, not the memory)")
+        print(
+            f"load average at end {os.getloadavg()[0]:.1f} (other jobs on this machine slow the timings, not the memory)"
+        )
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)

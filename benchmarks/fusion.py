@@ -26,8 +26,11 @@ from pathlib import Path
 #: ``no-init``: the demographic term starts as a new layer instead of the logistic-regression fit;
 #: ``no-init-lr10``: the same with ten times the stage's learning rate for the term; ``lr10``: the fit,
 #: then ten times the stage's learning rate.
-VARIANTS = {"no-init": {"init": False, "lr_factor": 1.0}, "no-init-lr10": {"init": False, "lr_factor": 10.0},
-            "lr10": {"init": True, "lr_factor": 10.0}}
+VARIANTS = {
+    "no-init": {"init": False, "lr_factor": 1.0},
+    "no-init-lr10": {"init": False, "lr_factor": 10.0},
+    "lr10": {"init": True, "lr_factor": 10.0},
+}
 
 
 @contextlib.contextmanager
@@ -48,18 +51,33 @@ def variant(name: str | None):
         train.init_from_store, fusion.FUSION_LR_FACTOR = saved
 
 
-def train_and_evaluate(store: Path, run: Path, fusion: str, args: argparse.Namespace, ablation: str | None = None) -> dict:
+def train_and_evaluate(
+    store: Path, run: Path, fusion: str, args: argparse.Namespace, ablation: str | None = None
+) -> dict:
     """Train (or reuse) one run with the benchmark's recipe and evaluate (or reuse) it on test."""
     from cxrflow.modelling.config import resolve_config
     from cxrflow.modelling.train import train
     from cxrflow.results.evaluate import evaluate_run
 
     if not (run / "done.json").exists():
-        config = resolve_config("default", None, {
-            "store": str(store), "size": args.size, "model": "simple_cnn", "out": str(run), "pretrained": "none",
-            "fusion": fusion, "seed": args.seed, "device": "cpu", "finetune.epochs": args.epochs,
-            "min_steps": 0, "warmup_steps": 20, "batch_size": 32,
-        })
+        config = resolve_config(
+            "default",
+            None,
+            {
+                "store": str(store),
+                "size": args.size,
+                "model": "simple_cnn",
+                "out": str(run),
+                "pretrained": "none",
+                "fusion": fusion,
+                "seed": args.seed,
+                "device": "cpu",
+                "finetune.epochs": args.epochs,
+                "min_steps": 0,
+                "warmup_steps": 20,
+                "batch_size": 32,
+            },
+        )
         with variant(ablation):
             train(config, resume=run.exists(), quiet=True, log=lambda _: None)
     done = run / "eval-test-best_finetune" / "metrics.json"
@@ -74,8 +92,8 @@ def train_and_evaluate(store: Path, run: Path, fusion: str, args: argparse.Names
 def demographics_only(store: Path, size: int) -> dict[str, float]:
     """Test AUC per finding of a logistic regression on age, sex and view fitted on the train split."""
     from cxrflow.data.store import read_manifest
-    from cxrflow.modelling.fusion import fit_logistic, logistic_scores, read_split_demographics
     from cxrflow.metrics import per_class_auc
+    from cxrflow.modelling.fusion import fit_logistic, logistic_scores, read_split_demographics
 
     names = read_manifest(store)["label_names"]
     train = read_split_demographics(store, size, "train", names)
@@ -112,7 +130,7 @@ def interleaved_step_ratio(store: Path, size: int, steps: int = 30) -> tuple[flo
             break
         x = model_input(batch["image"], mean, std, torch.device("cpu"))
         images += x.shape[0]
-        for f in (("none", "demographics") if i % 2 else ("demographics", "none")):
+        for f in ("none", "demographics") if i % 2 else ("demographics", "none"):
             t0 = time.perf_counter()
             loss = loss_fn(models[f](x, demographics=batch["demographics"]), batch["labels"])
             optims[f].zero_grad()
@@ -130,8 +148,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", required=True, help="folder for data, store and runs (reused)")
-    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
-                        help="also train these ablations of the fused design and show their AUC")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        choices=list(VARIANTS),
+        help="also train these ablations of the fused design and show their AUC",
+    )
     args = parser.parse_args()
 
     import torch
@@ -143,13 +166,21 @@ def main() -> None:
     base = Path(args.work) / f"p{args.patients}-{args.size}px"
     store = base / "store"
     if not (store / "_manifest.json").exists():
-        synthesize(base / "data", patients=args.patients, size=2 * args.size, seed=args.seed, overwrite=True,
-                   demographic_findings=True)
+        synthesize(
+            base / "data",
+            patients=args.patients,
+            size=2 * args.size,
+            seed=args.seed,
+            overwrite=True,
+            demographic_findings=True,
+        )
         run_etl(base / "data", store, [args.size], master="local[2]", overwrite=True)
     plain = train_and_evaluate(store, base / f"none-e{args.epochs}", "none", args)
     fused = train_and_evaluate(store, base / f"demographics-e{args.epochs}", "demographics", args)
-    ablations = {v: train_and_evaluate(store, base / f"demographics-{v}-e{args.epochs}", "demographics", args, v)
-                 for v in args.variants}
+    ablations = {
+        v: train_and_evaluate(store, base / f"demographics-{v}-e{args.epochs}", "demographics", args, v)
+        for v in args.variants
+    }
     alone = demographics_only(store, args.size)
     names = plain["label_names"]
     extra = "".join(f" {v:>12}" for v in ablations)
@@ -164,16 +195,22 @@ def main() -> None:
             others.append(fused["auc"][n] - plain["auc"][n])
         flag = "demog." if n in DEMOGRAPHIC_FINDINGS else ""
         cells = "".join(f" {m['auc'][n]:>12.3f}" for m in ablations.values())
-        print(f"{n:<20} {plain['auc'][n]:>6.3f} {fused['auc'][n]:>6.3f} {alone[n]:>6.3f} {margin:>+9.3f}  {flag:<7}{cells}")
-    print(f"mean AUC: image-only {plain['mean_auc']:.4f}, fused {fused['mean_auc']:.4f} "
-          f"(lift {fused['mean_auc'] - plain['mean_auc']:+.4f})")
+        print(
+            f"{n:<20} {plain['auc'][n]:>6.3f} {fused['auc'][n]:>6.3f} {alone[n]:>6.3f} {margin:>+9.3f}  {flag:<7}{cells}"
+        )
+    print(
+        f"mean AUC: image-only {plain['mean_auc']:.4f}, fused {fused['mean_auc']:.4f} "
+        f"(lift {fused['mean_auc'] - plain['mean_auc']:+.4f})"
+    )
     for v, m in ablations.items():
         print(f"mean AUC of ablation {v}: {m['mean_auc']:.4f}")
     print(f"demographic findings: worst fused - max(image-only, demographics-only) {min(margins):+.3f}")
     print(f"other findings: mean fused - image-only {sum(others) / len(others):+.4f}")
     ratio = fused["ms_per_image"] / plain["ms_per_image"]
-    print(f"training loop: {plain['ms_per_image']:.3f} ms/image image-only, {fused['ms_per_image']:.3f} fused "
-          f"(ratio {ratio:.3f})")
+    print(
+        f"training loop: {plain['ms_per_image']:.3f} ms/image image-only, {fused['ms_per_image']:.3f} fused "
+        f"(ratio {ratio:.3f})"
+    )
     a, b = interleaved_step_ratio(store, args.size)
     print(f"interleaved steps: {a:.3f} ms/image image-only, {b:.3f} fused (ratio {b / a:.3f})")
     for n in DEMOGRAPHIC_FINDINGS:

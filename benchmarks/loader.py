@@ -64,8 +64,11 @@ def _tree_pss_bytes(root: int) -> tuple[int, int]:
         pid = todo.pop()
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
-                fields = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)
-                          if k.startswith("Pss")}
+                fields = {
+                    k: int(v.split()[0]) * 1024
+                    for k, v in (line.split(":", 1) for line in f if ":" in line)
+                    if k.startswith("Pss")
+                }
         except (OSError, ValueError):
             fields = {}
         total += fields.get("Pss", 0)
@@ -87,7 +90,7 @@ class PeakMemory:
             self.peak, self.peak_data = max(self.peak, total), max(self.peak_data, data)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -176,8 +179,17 @@ def run_case(args) -> None:
     finally:
         if not args.cpu_time:
             memory.__exit__()
-    print(json.dumps({"images": n, "seconds": best, "cpu_seconds": best_cpu, "peak_mem": memory.peak,
-                      "peak_data": memory.peak_data}))
+    print(
+        json.dumps(
+            {
+                "images": n,
+                "seconds": best,
+                "cpu_seconds": best_cpu,
+                "peak_mem": memory.peak,
+                "peak_data": memory.peak_data,
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------ building the data
@@ -188,23 +200,35 @@ def recompress(workdir: Path, compression: str) -> None:
     for path in sorted(workdir.glob("size=*/split=*/*.parquet")):
         source = pq.ParquetFile(path)
         tmp = path.with_suffix(".tmp")
-        with pq.ParquetWriter(tmp, source.schema_arrow, compression=compression,
-                              use_dictionary=["image_id", "sex", "view"]) as writer:
+        with pq.ParquetWriter(
+            tmp, source.schema_arrow, compression=compression, use_dictionary=["image_id", "sex", "view"]
+        ) as writer:
             for g in range(source.num_row_groups):
                 writer.write_table(source.read_row_group(g))
         os.replace(tmp, path)
 
 
-def build(workdir: Path, sizes: list[int], images: int, paper_images: int, row_group_rows: int | None,
-          compression: str = "snappy") -> None:
+def build(
+    workdir: Path,
+    sizes: list[int],
+    images: int,
+    paper_images: int,
+    row_group_rows: int | None,
+    compression: str = "snappy",
+) -> None:
     from cxrflow.data.etl import auto_rows_per_file
     from cxrflow.testing.synthstore import write_synthetic_store
 
     start = time.perf_counter()
     # files and row groups laid out as the ETL lays out the full release (112,120 images)
-    write_synthetic_store(workdir, sizes=tuple(sizes), rows={"train": images},
-                          rows_per_file=auto_rows_per_file(112_120, max(sizes)),
-                          row_group_rows=row_group_rows, seed=0)
+    write_synthetic_store(
+        workdir,
+        sizes=tuple(sizes),
+        rows={"train": images},
+        rows_per_file=auto_rows_per_file(112_120, max(sizes)),
+        row_group_rows=row_group_rows,
+        seed=0,
+    )
     if compression != "snappy":  # write_synthetic_store uses pyarrow's default, snappy
         recompress(workdir, compression)
     if 512 in sizes and paper_images:
@@ -217,21 +241,44 @@ def build(workdir: Path, sizes: list[int], images: int, paper_images: int, row_g
                 buf = io.BytesIO()
                 np.save(buf, rng.random((3, 512, 512), dtype=np.float32))  # NdarrayCodec.encode
                 blobs.append(buf.getvalue())
-            table = pa.table({
-                "image_id": [f"{i:06d}.png" for i in range(start_row, start_row + m)],
-                "image": pa.array(blobs, pa.binary()),
-                "labels": pa.array([[0] * 14] * m, pa.list_(pa.int32())),
-            })
+            table = pa.table(
+                {
+                    "image_id": [f"{i:06d}.png" for i in range(start_row, start_row + m)],
+                    "image": pa.array(blobs, pa.binary()),
+                    "labels": pa.array([[0] * 14] * m, pa.list_(pa.int32())),
+                }
+            )
             writer = writer or pq.ParquetWriter(workdir / "paper-emulation.parquet", table.schema, compression="snappy")
             writer.write_table(table)  # one row group per 10 rows (~30 MB, like Petastorm's row groups)
         writer.close()
     print(f"built store in {workdir} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def measure(args, case: str, size: int, workers: int = 0, images: int | None = None, store: Path | None = None,
-            cpu_time: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--case", case, "--store", str(store or args.workdir), "--size", str(size),
-           "--workers-case", str(workers), "--batch-size", str(args.batch_size), "--repeat", str(args.repeat)]
+def measure(
+    args,
+    case: str,
+    size: int,
+    workers: int = 0,
+    images: int | None = None,
+    store: Path | None = None,
+    cpu_time: bool = False,
+) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--case",
+        case,
+        "--store",
+        str(store or args.workdir),
+        "--size",
+        str(size),
+        "--workers-case",
+        str(workers),
+        "--batch-size",
+        str(args.batch_size),
+        "--repeat",
+        str(args.repeat),
+    ]
     if cpu_time:
         cmd.append("--cpu-time")
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -247,16 +294,20 @@ def mixing(args) -> None:
     from cxrflow.testing.batchmix import batch_mixing
     from cxrflow.testing.synthstore import write_synthetic_store
 
-    print(f"\n(m) batch composition, {args.mix_rows} train rows, 4 images per patient, row groups of 256 rows "
-          f"(the ETL's at 512 px), window 1% of the split, batch {args.batch_size}")
+    print(
+        f"\n(m) batch composition, {args.mix_rows} train rows, 4 images per patient, row groups of 256 rows "
+        f"(the ETL's at 512 px), window 1% of the split, batch {args.batch_size}"
+    )
     print(f"{'layout':<28}{'percentiles':>12}{'uniform':>9}{'ratio':>7}{'patients':>10}{'uniform':>9}{'ratio':>7}")
     for shuffled, name in ((True, "shuffled (ETL row order)"), (False, "image_id order (before)")):
         store = args.workdir / f"mix-{name.split()[0]}"
         write_synthetic_store(store, sizes=(4,), rows={"train": args.mix_rows}, rows_per_file=512, row_group_rows=256,
                               follow_ups=4, shuffled=shuffled, seed=0)  # fmt: skip
         m = batch_mixing(store, 4, "train", batch_size=args.batch_size, window_fraction=0.01, seed=1)
-        print(f"{name:<28}{m['percentiles']:>12.1f}{m['uniform_percentiles']:>9.1f}{m['percentiles_ratio']:>7.2f}"
-              f"{m['patients']:>10.1f}{m['uniform_patients']:>9.1f}{m['patients_ratio']:>7.2f}")
+        print(
+            f"{name:<28}{m['percentiles']:>12.1f}{m['uniform_percentiles']:>9.1f}{m['percentiles_ratio']:>7.2f}"
+            f"{m['patients']:>10.1f}{m['uniform_patients']:>9.1f}{m['patients_ratio']:>7.2f}"
+        )
     print("target: both ratios >= 0.9 for the shuffled layout")
 
 
@@ -281,10 +332,12 @@ def layout_throughput(args, size: int) -> None:
             cpu[name].append(r["images"] / r["cpu_seconds"])
     best = {k: max(v) for k, v in rates.items()}
     best_cpu = {k: max(v) for k, v in cpu.items()}
-    print(f"(b) make_loader uint8, 0 workers, shuffled layout vs image_id layout (best of 3 interleaved rounds):\n"
-          f"    wall: {best['shuffled']:.0f} vs {best['ordered']:.0f} images/s, ratio {best['shuffled'] / best['ordered']:.3f}\n"
-          f"    per CPU-second (less sensitive to other jobs): {best_cpu['shuffled']:.0f} vs {best_cpu['ordered']:.0f}, "
-          f"ratio {best_cpu['shuffled'] / best_cpu['ordered']:.3f} (target: within 5%)")
+    print(
+        f"(b) make_loader uint8, 0 workers, shuffled layout vs image_id layout (best of 3 interleaved rounds):\n"
+        f"    wall: {best['shuffled']:.0f} vs {best['ordered']:.0f} images/s, ratio {best['shuffled'] / best['ordered']:.3f}\n"
+        f"    per CPU-second (less sensitive to other jobs): {best_cpu['shuffled']:.0f} vs {best_cpu['ordered']:.0f}, "
+        f"ratio {best_cpu['shuffled'] / best_cpu['ordered']:.3f} (target: within 5%)"
+    )
     shutil.rmtree(ordered, ignore_errors=True)
 
 
@@ -294,15 +347,28 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--row-group-rows", type=int, default=None,
-                   help="rows per row group (default: the ETL's layout, about 64 MiB: 256 rows at 512 px)")
-    p.add_argument("--compression", default="snappy", choices=["snappy", "zstd", "none"],
-                   help="Parquet compression of the built store (the ETL writes zstd; noise pixels barely compress)")
+    p.add_argument(
+        "--row-group-rows",
+        type=int,
+        default=None,
+        help="rows per row group (default: the ETL's layout, about 64 MiB: 256 rows at 512 px)",
+    )
+    p.add_argument(
+        "--compression",
+        default="snappy",
+        choices=["snappy", "zstd", "none"],
+        help="Parquet compression of the built store (the ETL writes zstd; noise pixels barely compress)",
+    )
     p.add_argument("--paper-images", type=int, default=200, help="rows in the emulated paper file (3 MB each)")
     p.add_argument("--repeat", type=int, default=2, help="passes per case; the fastest is reported")
     p.add_argument("--workdir", type=Path, default=None, help="where to build the store (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the built store")
-    p.add_argument("--mix-rows", type=int, default=78_000, help="rows of the batch-composition stores (the release's train split: ~78k)")
+    p.add_argument(
+        "--mix-rows",
+        type=int,
+        default=78_000,
+        help="rows of the batch-composition stores (the release's train split: ~78k)",
+    )
     p.add_argument("--only-mix", action="store_true", help="only the batch-composition and layout-throughput cases")
     # internal: one case in this process
     p.add_argument("--case", choices=["floor", "uint8", "float", "float-reuse", "paper"], help=argparse.SUPPRESS)
@@ -318,9 +384,12 @@ def main() -> None:
     own_dir = args.workdir is None
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cxrflow-bench-loader-"))
     try:
-        print(f"cxrflow loader benchmark: {args.images} images, sizes {args.sizes}, batch {args.batch_size}, "
-              f"{args.row_group_rows or 'ETL-layout'} rows per row group, {args.compression}, {os.cpu_count()} CPUs, "
-              f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"cxrflow loader benchmark: {args.images} images, sizes {args.sizes}, batch {args.batch_size}, "
+            f"{args.row_group_rows or 'ETL-layout'} rows per row group, {args.compression}, {os.cpu_count()} CPUs, "
+            f"load average at start {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
         mixing(args)
         build(args.workdir, args.sizes, args.images, 0 if args.only_mix else args.paper_images, args.row_group_rows,
               args.compression)  # fmt: skip
@@ -331,38 +400,54 @@ def main() -> None:
             return
         header = f"{'case':<44}{'images/s':>10}{'MB/s':>9}{'peak mem':>11}{'(data)':>10}{'ratio':>8}"
         for size in args.sizes:
-            print(f"\nsize {size} (MB/s counts uint8 pixels delivered; peak mem = Pss of case process + workers; data = without library code)")
+            print(
+                f"\nsize {size} (MB/s counts uint8 pixels delivered; peak mem = Pss of case process + workers; data = without library code)"
+            )
             print(header)
             floor = measure(args, "floor", size)
             floor_rate = floor["images"] / floor["seconds"]
 
             def row(name: str, r: dict, base: float, base_name: str) -> float:
                 rate = r["images"] / r["seconds"]
-                print(f"{name:<44}{rate:>10.0f}{r['mb'] / r['seconds']:>9.0f}{r['peak_mem'] / 2**20:>8.0f} MB{r['peak_data'] / 2**20:>7.0f} MB"
-                      f"{rate / base:>7.2f}x  vs {base_name}")
+                print(
+                    f"{name:<44}{rate:>10.0f}{r['mb'] / r['seconds']:>9.0f}{r['peak_mem'] / 2**20:>8.0f} MB{r['peak_data'] / 2**20:>7.0f} MB"
+                    f"{rate / base:>7.2f}x  vs {base_name}"
+                )
                 return rate
 
             row("(a) floor: bare pyarrow scan -> numpy", floor, floor_rate, "(a)")
             best_uint8, best_float = 0.0, 0.0
             for w in args.workers:
-                best_uint8 = max(best_uint8, row(f"(b) make_loader uint8, {w} workers", measure(args, "uint8", size, w),
-                                                 floor_rate, "(a)"))
+                best_uint8 = max(
+                    best_uint8,
+                    row(f"(b) make_loader uint8, {w} workers", measure(args, "uint8", size, w), floor_rate, "(a)"),
+                )
             best_w = 0
             for w in args.workers:
-                rate = row(f"(c) + to_model_input float32x3, {w} workers", measure(args, "float", size, w),
-                           floor_rate, "(a)")
+                rate = row(
+                    f"(c) + to_model_input float32x3, {w} workers", measure(args, "float", size, w), floor_rate, "(a)"
+                )
                 best_float, best_w = max((best_float, best_w), (rate, w))
-            best_float = max(best_float, row(f"(c) same, reusing one out= buffer, {best_w} workers",
-                                             measure(args, "float-reuse", size, best_w), floor_rate, "(a)"))
+            best_float = max(
+                best_float,
+                row(
+                    f"(c) same, reusing one out= buffer, {best_w} workers",
+                    measure(args, "float-reuse", size, best_w),
+                    floor_rate,
+                    "(a)",
+                ),
+            )
             print(f"best (b) / (a) = {best_uint8 / floor_rate:.2f} (target >= 0.7)")
             layout_throughput(args, size)
             if size == 512 and args.paper_images:
                 paper = measure(args, "paper", size)
                 paper_rate = row("(p) EMULATED paper path (np.save rows)", paper, floor_rate, "(a)")
                 print(f"best (c) / (p) emulated paper path = {best_float / paper_rate:.1f}x (same run)")
-                print("(p) is an emulation of Petastorm's storage and decode (NdarrayCodec, np.save per row), "
-                      "not Petastorm itself, which cannot import with current pyarrow; Petastorm 0.13.1 itself was "
-                      "measured side by side in its own environment (see the README).")
+                print(
+                    "(p) is an emulation of Petastorm's storage and decode (NdarrayCodec, np.save per row), "
+                    "not Petastorm itself, which cannot import with current pyarrow; Petastorm 0.13.1 itself was "
+                    "measured side by side in its own environment (see the README)."
+                )
         print(f"\nload average at end {os.getloadavg()[0]:.1f} (other jobs on this machine slow every figure)")
     finally:
         if own_dir and not args.keep:

@@ -53,7 +53,7 @@ def measure(name: str, size: int, n: int, batch: int, rounds: int, device: torch
     own = cam_method(model)
     for method in (own, *[m for m in METHODS if m != own]):
         seconds = _best_of(
-            lambda: heatmaps(model, images, targets, method=method, pixel_mean=0.5, pixel_std=0.25, device=device, batch_size=batch),
+            lambda method=method: heatmaps(model, images, targets, method=method, pixel_mean=0.5, pixel_std=0.25, device=device, batch_size=batch),
             rounds, device,
         )  # fmt: skip
         row[method] = n / seconds
@@ -75,7 +75,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"heatmaps vs inference at {args.size} px, {args.images} images, batch {args.batch}, best of {args.rounds}, {where}")
+    print(
+        f"heatmaps vs inference at {args.size} px, {args.images} images, batch {args.batch}, best of {args.rounds}, {where}"
+    )
     print(f"{'model':<12} {'inference/s':>11} {'own method':>10} {'heatmaps/s':>10} {'ratio':>6} {'other/s':>8}")
     for name in args.models.split(","):
         r = measure(name, args.size, args.images, args.batch, args.rounds, device)

@@ -38,24 +38,40 @@ RECIPES = {"paper": ("paper", {}), "default": ("default", {}), "default+augment"
 def one(store: Path, work: Path, model: str, recipe: str, size: int, seed: int, device: str) -> dict:
     """Train (or reuse) and evaluate (or reuse) one run; returns its figures."""
     from cxrflow.modelling.config import resolve_config
-    from cxrflow.results.evaluate import evaluate_run
     from cxrflow.modelling.train import train
+    from cxrflow.results.evaluate import evaluate_run
 
     preset, overrides = RECIPES[recipe]
     run = work / f"{model}-{recipe}"
     started = time.perf_counter()
     if not (run / "done.json").exists():
-        config = resolve_config(preset, None, {
-            "store": str(store), "size": size, "model": model, "out": str(run), "pretrained": "none",
-            "seed": seed, "device": device, **overrides,
-        })
+        config = resolve_config(
+            preset,
+            None,
+            {
+                "store": str(store),
+                "size": size,
+                "model": model,
+                "out": str(run),
+                "pretrained": "none",
+                "seed": seed,
+                "device": device,
+                **overrides,
+            },
+        )
         train(config, resume=run.exists(), quiet=True, log=lambda _: None)
     minutes = (time.perf_counter() - started) / 60
     evals = sorted(run.glob("eval-test-best_finetune/metrics.json"))
     metrics = json.loads(evals[0].read_text()) if evals else evaluate_run(run, n_boot=500, device=device)
-    return {"model": model, "recipe": recipe, "mean_auc": metrics["mean_auc"], "ci": metrics["mean_auc_ci95"],
-            "steps": _steps(run), "epochs": len((run / "metrics.jsonl").read_text().splitlines()),
-            "train_minutes_this_session": round(minutes, 2)}
+    return {
+        "model": model,
+        "recipe": recipe,
+        "mean_auc": metrics["mean_auc"],
+        "ci": metrics["mean_auc_ci95"],
+        "steps": _steps(run),
+        "epochs": len((run / "metrics.jsonl").read_text().splitlines()),
+        "train_minutes_this_session": round(minutes, 2),
+    }
 
 
 def main() -> None:
@@ -81,8 +97,14 @@ def main() -> None:
     for n in args.images:
         base = Path(args.work) / f"n{n}-{args.size}px"
         if not (base / "store" / "_manifest.json").exists():
-            synthesize(base / "data", patients=max(2, math.ceil(n / 3.6)), size=2 * args.size, seed=args.seed,
-                       overwrite=True, demographic_findings=True)
+            synthesize(
+                base / "data",
+                patients=max(2, math.ceil(n / 3.6)),
+                size=2 * args.size,
+                seed=args.seed,
+                overwrite=True,
+                demographic_findings=True,
+            )
             run_etl(base / "data", base / "store", [args.size], master="local[2]", overwrite=True)
         rows = json.loads((base / "store" / "_manifest.json").read_text())["rows"][str(args.size)]
         for model in args.models:
@@ -94,9 +116,15 @@ def main() -> None:
                 f"{name} {c['mean_auc']:.4f} ({c['ci'][0]:.3f}-{c['ci'][1]:.3f}, {c['epochs']} epochs, {c['steps']} steps)"
                 for name, c in cells.items()
             )
-            versus = (f"  default - paper {cells['default']['mean_auc'] - cells['paper']['mean_auc']:+.4f}"
-                      if {"default", "paper"} <= cells.keys() else "")
-            print(f"{sum(rows.values()):>6} images ({rows['train']} train) {args.size} px {model:<12} {shown}{versus}", flush=True)
+            versus = (
+                f"  default - paper {cells['default']['mean_auc'] - cells['paper']['mean_auc']:+.4f}"
+                if {"default", "paper"} <= cells.keys()
+                else ""
+            )
+            print(
+                f"{sum(rows.values()):>6} images ({rows['train']} train) {args.size} px {model:<12} {shown}{versus}",
+                flush=True,
+            )
     (Path(args.work) / f"results-{args.size}px.json").write_text(json.dumps(results, indent=2) + "\n")
 
 

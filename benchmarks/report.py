@@ -60,8 +60,12 @@ def main() -> None:
         (root / "report-all-cases.html").write_text(page_all)
         size, size_all = len(page.encode()), len(page_all.encode())
         print(f"baseline: read {len(preds)} predictions.parquet  : {base:.3f} s")
-        print(f"report.html, cases of the best evaluation : {best_cases:.3f} s ({best_cases / base:.0f}x baseline), {size / 1e6:.2f} MB")
-        print(f"report.html, cases of all {len(preds)} evaluations : {all_cases:.3f} s ({all_cases / base:.0f}x baseline), {size_all / 1e6:.2f} MB")
+        print(
+            f"report.html, cases of the best evaluation : {best_cases:.3f} s ({best_cases / base:.0f}x baseline), {size / 1e6:.2f} MB"
+        )
+        print(
+            f"report.html, cases of all {len(preds)} evaluations : {all_cases:.3f} s ({all_cases / base:.0f}x baseline), {size_all / 1e6:.2f} MB"
+        )
 
 
 if __name__ == "__main__":

@@ -35,11 +35,13 @@ def make_run(root: Path, model: str, size: int, images: int, rows_per_file: int)
     import torch
 
     from cxrflow.data.labels import NIH14
-    from cxrflow.testing.synthstore import write_synthetic_store
     from cxrflow.modelling.models import create_model
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     store = root / "store"
-    write_synthetic_store(store, sizes=(size,), rows={"train": 16, "val": 16, "test": images}, rows_per_file=rows_per_file)
+    write_synthetic_store(
+        store, sizes=(size,), rows={"train": 16, "val": 16, "test": images}, rows_per_file=rows_per_file
+    )
     names = list(NIH14.names)
     net = create_model(model, len(names), pretrained="none")
     run = root / "run"
@@ -66,7 +68,9 @@ def loop(run: Path, store: Path, size: int) -> tuple[float, float, int]:
     start, cpu, n = time.perf_counter(), time.process_time(), 0
     for file in sorted(split_dir(store, size, "test").glob("*.parquet")):
         table = pq.read_table(file, columns=["image_id", "pixels", "age", "sex", "view"])
-        pixels = np.stack([np.frombuffer(v, np.uint8) for v in table.column("pixels").to_pylist()]).reshape(-1, size, size)
+        pixels = np.stack([np.frombuffer(v, np.uint8) for v in table.column("pixels").to_pylist()]).reshape(
+            -1, size, size
+        )
         score_pixels(predictor, pixels, encode_arrow(table.column("age"), table.column("sex"), table.column("view")))
         n += len(pixels)
     return time.perf_counter() - start, time.process_time() - cpu, n
@@ -147,13 +151,19 @@ def main() -> None:
         best_loop, best_job = max(loops), max(jobs)
         target = 0.8 * best_loop * cores
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-        print(f"{args.images} images, {args.model} at {args.size} px, {args.rows_per_file} per task; load average {load}")
+        print(
+            f"{args.images} images, {args.model} at {args.size} px, {args.rows_per_file} per task; load average {load}"
+        )
         print(f"predict loop, 1 process, 1 thread : {best_loop:8.1f} images/s")
         print(f"Spark job on {args.master:<14}     : {best_job:8.1f} images/s  ({best_job / best_loop:.2f}x the loop)")
-        print(f"target 0.8 x loop x {cores} cores      : {target:8.1f} images/s  -> {'met' if best_job >= target else 'NOT met'}")
+        print(
+            f"target 0.8 x loop x {cores} cores      : {target:8.1f} images/s  -> {'met' if best_job >= target else 'NOT met'}"
+        )
         ratio = cpu_job / min(cpu_loop)
-        print(f"CPU per image: loop {min(cpu_loop) * 1000:.1f} ms, Spark task {cpu_job * 1000:.1f} ms ({ratio:.2f}x); "
-              f"on {cores} free cores the job would run at {cores / ratio:.2f}x the loop")
+        print(
+            f"CPU per image: loop {min(cpu_loop) * 1000:.1f} ms, Spark task {cpu_job * 1000:.1f} ms ({ratio:.2f}x); "
+            f"on {cores} free cores the job would run at {cores / ratio:.2f}x the loop"
+        )
 
 
 if __name__ == "__main__":

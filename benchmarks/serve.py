@@ -51,7 +51,10 @@ def untrained_model(root: Path, arch: str, size: int) -> Path:
     names = list(NIH14.names)
     config = {"model": arch, "size": size, "pixel_mean": 0.5, "pixel_std": 0.25}
     state = create_model(arch, len(names), pretrained="none").state_dict()
-    torch.save({"model": state, "config": config, "label_names": names, "stage": "finetune", "epoch": 1}, run / "best_finetune.pt")
+    torch.save(
+        {"model": state, "config": config, "label_names": names, "stage": "finetune", "epoch": 1},
+        run / "best_finetune.pt",
+    )
     if main(["export", "--run", str(run), "--format", "mlflow", "--out", str(root / "model")]) != 0:
         raise SystemExit("export failed")
     return root / "model"
@@ -130,7 +133,9 @@ def load_test(url: str, body: bytes, clients: int, duration: float, max_requests
                     budget[0] -= 1
                 start = time.perf_counter()
                 try:
-                    r = session.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=timeout)
+                    r = session.post(
+                        f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=timeout
+                    )
                     ok = r.status_code == 200 and r.json()["predictions"][0]["error"] is None
                     why = None if ok else f"HTTP {r.status_code}: {r.text[:200]}"
                 except requests.RequestException as exc:
@@ -181,7 +186,9 @@ def bad_requests(url: str, root: Path, good: bytes) -> list[tuple[str, int, str,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="an exported MLflow model folder (default: export an untrained one)")
+    parser.add_argument(
+        "--model", default=None, help="an exported MLflow model folder (default: export an untrained one)"
+    )
     parser.add_argument("--arch", default="densenet121")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--clients", type=int, default=16)
@@ -209,7 +216,9 @@ def main() -> int:
         try:
             wait_ready(url, server, log)
             threading.Thread(target=sample, daemon=True).start()
-            good = json.dumps({"dataframe_records": [{"image": base64.b64encode(png(args.image_px)).decode()}]}).encode()
+            good = json.dumps(
+                {"dataframe_records": [{"image": base64.b64encode(png(args.image_px)).decode()}]}
+            ).encode()
             stats = load_test(url, good, args.clients, args.duration, args.max_requests, args.timeout)
             refused = bad_requests(url, root, good)
         finally:

@@ -32,7 +32,17 @@ def cases(tmp: Path) -> dict[str, list[str]]:
         "cxrflow evaluate --help": ["evaluate", "--help"],
         "cxrflow predict --help": ["predict", "--help"],
         "cxrflow train --store /nonexistent": [*train, "--store", str(tmp / "nonexistent")],
-        "cxrflow train --model vgg": ["train", "--store", str(tmp), "--size", "32", "--model", "vgg", "--out", str(tmp / "r")],
+        "cxrflow train --model vgg": [
+            "train",
+            "--store",
+            str(tmp),
+            "--size",
+            "32",
+            "--model",
+            "vgg",
+            "--out",
+            str(tmp / "r"),
+        ],
         "cxrflow train --device gpu": [*train, "--store", str(tmp), "--device", "gpu"],
         "cxrflow store-info /nonexistent": ["store-info", str(tmp / "nonexistent")],
     }

@@ -46,9 +46,19 @@ from cxrflow.modelling.models import CHECKPOINTING_MODELS, MODEL_NAMES, create_m
 
 
 def images_per_second(
-    name: str, size: int, *, batch: int, steps: int, warmup: int, device: torch.device,
-    head_only: bool = False, bf16: bool = False, channels_last: bool = False, grad_checkpointing: bool = False,
-    memory: dict | None = None, cpu_time: bool = False,
+    name: str,
+    size: int,
+    *,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    head_only: bool = False,
+    bf16: bool = False,
+    channels_last: bool = False,
+    grad_checkpointing: bool = False,
+    memory: dict | None = None,
+    cpu_time: bool = False,
 ) -> float:
     """Mean training images/s of ``steps`` optimiser steps after ``warmup`` untimed ones.
 
@@ -118,32 +128,58 @@ def _one_measurement(args: argparse.Namespace) -> None:
     name, size, batch, ckpt = args.one[0], int(args.one[1]), int(args.one[2]), args.one[3] == "1"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     memory: dict = {}
-    rate = images_per_second(name, size, batch=batch, steps=args.steps, warmup=args.warmup, device=device,
-                             grad_checkpointing=ckpt, memory=memory, bf16=device.type == "cuda",
-                             channels_last=device.type == "cuda", cpu_time=device.type == "cpu")
+    rate = images_per_second(
+        name,
+        size,
+        batch=batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device,
+        grad_checkpointing=ckpt,
+        memory=memory,
+        bf16=device.type == "cuda",
+        channels_last=device.type == "cuda",
+        cpu_time=device.type == "cpu",
+    )
     print(json.dumps({"images_per_second": rate, **memory}))
 
 
 def checkpointing_table(size: int, batch: int, steps: int, warmup: int, threads: int | None) -> None:
     """Peak memory and images/s with and without activation checkpointing, each in a fresh process."""
-    where = (f"GPU {torch.cuda.get_device_name()} (bf16 + channels_last), images per second" if torch.cuda.is_available()
-             else "CPU, images per CPU second of the process")
+    where = (
+        f"GPU {torch.cuda.get_device_name()} (bf16 + channels_last), images per second"
+        if torch.cuda.is_available()
+        else "CPU, images per CPU second of the process"
+    )
     print(f"\nactivation checkpointing, {where}, {size} px, batch {batch}, {steps} timed steps after {warmup} warm-up")
     print(f"{'model':<12} {'peak MiB':>9} {'ckpt MiB':>9} {'memory':>7} {'img/s':>7} {'ckpt img/s':>11} {'speed':>6}")
     for name in CHECKPOINTING_MODELS:
         out = []
         for ckpt in ("0", "1"):
-            cmd = [sys.executable, __file__, "--one", name, str(size), str(batch), ckpt, "--steps", str(steps),
-                   "--warmup", str(warmup)] + (["--threads", str(threads)] if threads else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                name,
+                str(size),
+                str(batch),
+                ckpt,
+                "--steps",
+                str(steps),
+                "--warmup",
+                str(warmup),
+            ] + (["--threads", str(threads)] if threads else [])
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             run = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             out.append(json.loads(run.stdout.splitlines()[-1]))
         plain, ckpt = out
         mib = 2**20
-        print(f"{name:<12} {plain['peak_bytes'] / mib:>9.0f} {ckpt['peak_bytes'] / mib:>9.0f} "
-              f"{ckpt['peak_bytes'] / plain['peak_bytes']:>6.2f}x {plain['images_per_second']:>7.1f} "
-              f"{ckpt['images_per_second']:>11.1f} {ckpt['images_per_second'] / plain['images_per_second']:>5.2f}x",
-              flush=True)
+        print(
+            f"{name:<12} {plain['peak_bytes'] / mib:>9.0f} {ckpt['peak_bytes'] / mib:>9.0f} "
+            f"{ckpt['peak_bytes'] / plain['peak_bytes']:>6.2f}x {plain['images_per_second']:>7.1f} "
+            f"{ckpt['images_per_second']:>11.1f} {ckpt['images_per_second'] / plain['images_per_second']:>5.2f}x",
+            flush=True,
+        )
 
 
 def cpu_table(models: list[str], sizes: list[int], batch: int, steps: int, warmup: int) -> None:
@@ -192,15 +228,40 @@ def distributed_table(processes: int, epochs: int, rows: int, size: int, master:
     with tempfile.TemporaryDirectory(prefix="cxrflow-bench-") as tmp:
         store = Path(tmp) / "store"
         write_synthetic_store(store, sizes=(size,), rows={"train": rows, "val": rows // 4, "test": 8}, seed=0)
-        train = ["-m", "cxrflow.cli", "train", "--quiet", "--store", str(store), "--size", str(size), "--model",
-                 "simple_cnn", "--epochs", str(epochs), "--batch-size", "16"]
+        train = [
+            "-m",
+            "cxrflow.cli",
+            "train",
+            "--quiet",
+            "--store",
+            str(store),
+            "--size",
+            str(size),
+            "--model",
+            "simple_cnn",
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            "16",
+        ]
         launches = {
-            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                         str(processes), *train, "--device", "cpu"],
+            "torchrun": [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(processes),
+                *train,
+                "--device",
+                "cpu",
+            ],
             "TorchDistributor": [sys.executable, *train, "--spark-master", master, "--processes", str(processes)],
         }
-        print(f"\n{processes}-process CPU training, simple_cnn {size}px, {rows} train images, {epochs} epochs "
-              f"(gloo); Spark master {master}")
+        print(
+            f"\n{processes}-process CPU training, simple_cnn {size}px, {rows} train images, {epochs} epochs "
+            f"(gloo); Spark master {master}"
+        )
         print(f"{'launch':<17} {'epoch s':>8} {'start-up s':>11} {'wall s':>8}")
         epoch_time = {}
         for name, cmd in launches.items():
@@ -209,7 +270,9 @@ def distributed_table(processes: int, epochs: int, rows: int, size: int, master:
             later = seconds[1:] or seconds
             epoch_time[name] = sum(later) / len(later)
             print(f"{name:<17} {epoch_time[name]:>8.2f} {wall - sum(seconds):>11.1f} {wall:>8.1f}", flush=True)
-        print(f"epoch time ratio TorchDistributor/torchrun: {epoch_time['TorchDistributor'] / epoch_time['torchrun']:.2f}x")
+        print(
+            f"epoch time ratio TorchDistributor/torchrun: {epoch_time['TorchDistributor'] / epoch_time['torchrun']:.2f}x"
+        )
 
 
 def main() -> None:
@@ -229,8 +292,12 @@ def main() -> None:
     parser.add_argument("--dist-epochs", type=int, default=4)
     parser.add_argument("--dist-rows", type=int, default=512, help="train images of the distributed run")
     parser.add_argument("--dist-master", default="local-cluster[2,1,1024]")
-    parser.add_argument("--ckpt-size", type=int, default=None,
-                        help="size of the checkpointing table (default 128 on CPU, 1024 on a GPU)")
+    parser.add_argument(
+        "--ckpt-size",
+        type=int,
+        default=None,
+        help="size of the checkpointing table (default 128 on CPU, 1024 on a GPU)",
+    )
     parser.add_argument("--ckpt-batch-size", type=int, default=None, help="its batch (default 8 on CPU, 16 on a GPU)")
     parser.add_argument("--checkpointing-only", action="store_true", help="only the activation checkpointing table")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "SIZE", "BATCH", "CKPT"), help=argparse.SUPPRESS)
@@ -241,8 +308,13 @@ def main() -> None:
         _one_measurement(args)
         return
     gpu = torch.cuda.is_available()
-    ckpt_args = (args.ckpt_size or (1024 if gpu else 128), args.ckpt_batch_size or (16 if gpu else 8),
-                 args.steps, args.warmup, args.threads)
+    ckpt_args = (
+        args.ckpt_size or (1024 if gpu else 128),
+        args.ckpt_batch_size or (16 if gpu else 8),
+        args.steps,
+        args.warmup,
+        args.threads,
+    )
     if args.checkpointing_only:
         checkpointing_table(*ckpt_args)
         return

@@ -18,9 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pyspark
 
@@ -71,21 +71,35 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 
 @contextlib.contextmanager
-def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str = "1g",
-                     timeout: float = 120) -> Iterator[Cluster]:
+def loopback_cluster(
+    folder: Path, workers: int = 2, cores: int = 1, memory: str = "1g", timeout: float = 120
+) -> Iterator[Cluster]:
     """Start a master and ``workers`` workers on 127.0.0.1; stop them all on the way out."""
     home = Path(pyspark.__file__).parent
     folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "JAVA_HOME": find_java().home, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1",
-           "SPARK_MASTER_HOST": "127.0.0.1", "SPARK_NO_DAEMONIZE": "1", "SPARK_LOG_DIR": str(folder)}
+    env = {
+        **os.environ,
+        "JAVA_HOME": find_java().home,
+        "SPARK_HOME": str(home),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_MASTER_HOST": "127.0.0.1",
+        "SPARK_NO_DAEMONIZE": "1",
+        "SPARK_LOG_DIR": str(folder),
+    }
     spark_class = str(home / "bin" / "spark-class")
     started: list[subprocess.Popen] = []
 
     def start(name: str, *argv: str) -> subprocess.Popen:
         log = open(folder / f"{name}.log", "w")
         key, value = _node_mark(folder, name).decode().split("=", 1)
-        proc = subprocess.Popen([spark_class, *argv], env={**env, key: value}, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [spark_class, *argv],
+            env={**env, key: value},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         started.append(proc)
         return proc
@@ -94,8 +108,9 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
         # every port is 0, chosen by the master and workers themselves as they bind: a port found free
         # here and passed on could be taken by another process before they bind it (Spark then moves
         # to the next port, and the workers would look for the master where it is not)
-        master = start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", "0",
-                       "--webui-port", "0")
+        master = start(
+            "master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", "0", "--webui-port", "0"
+        )
         master_log = folder / "master.log"
         _wait_for(lambda: _master_url(master_log) is not None, timeout, "the master did not start")
         url = _master_url(master_log)
@@ -105,11 +120,28 @@ def loopback_cluster(folder: Path, workers: int = 2, cores: int = 1, memory: str
         def add_worker() -> subprocess.Popen:
             """Start one more worker and wait until the master has registered it."""
             i = len(nodes)
-            nodes.append(start(f"worker-{i}", "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                               "--cores", str(cores), "--memory", memory, "--work-dir", str(folder / f"work-{i}"),
-                               "--webui-port", "0", url))
-            _wait_for(lambda: master_log.read_text(errors="replace").count("Registering worker") > i,
-                      timeout, f"worker {i} did not register")
+            nodes.append(
+                start(
+                    f"worker-{i}",
+                    "org.apache.spark.deploy.worker.Worker",
+                    "--host",
+                    "127.0.0.1",
+                    "--cores",
+                    str(cores),
+                    "--memory",
+                    memory,
+                    "--work-dir",
+                    str(folder / f"work-{i}"),
+                    "--webui-port",
+                    "0",
+                    url,
+                )
+            )
+            _wait_for(
+                lambda: master_log.read_text(errors="replace").count("Registering worker") > i,
+                timeout,
+                f"worker {i} did not register",
+            )
             return nodes[-1]
 
         for _ in range(workers):
@@ -157,14 +189,16 @@ def _accepts(port: int) -> bool:
         return False
 
 
-def run_with_fault(argv: list[str], env: dict[str, str], fault: Callable[[int], bool],
-                   timeout: float) -> tuple[int, str, bool]:
+def run_with_fault(
+    argv: list[str], env: dict[str, str], fault: Callable[[int], bool], timeout: float
+) -> tuple[int, str, bool]:
     """Run ``python -m cxrflow.cli *argv``, calling ``fault(pid)`` every 50 ms until it reports that it
     struck; bounded by ``timeout``, and the process is always reaped. Returns (exit status, stderr, struck)."""
     struck = False
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cxrflow.cli", *argv], env=env, stdout=subprocess.DEVNULL,
-                                stderr=err, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cxrflow.cli", *argv], env=env, stdout=subprocess.DEVNULL, stderr=err, text=True
+        )
         try:
             deadline = time.monotonic() + timeout
             while proc.poll() is None and time.monotonic() < deadline and not struck:

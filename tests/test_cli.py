@@ -55,7 +55,7 @@ def _heavy_imported(argv: list[str]) -> tuple[int, str, list[str]]:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     *lines, last = proc.stderr.strip().splitlines()
     assert last.startswith("HEAVY "), proc.stderr
-    return proc.returncode, "\n".join(lines), eval(last[len("HEAVY "):])
+    return proc.returncode, "\n".join(lines), eval(last[len("HEAVY ") :])
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["evaluate", "--help"], ["predict", "--help"]])
@@ -69,8 +69,9 @@ def test_a_mistake_in_train_is_answered_before_torch_is_imported(tmp_path):
     code, err, heavy = _heavy_imported([*common, "--store", str(tmp_path / "nonexistent")])
     assert code == 2 and err == f"error: {tmp_path / 'nonexistent'}: no such store (run 'cxrflow etl' first)"
     assert heavy == []
-    code, err, heavy = _heavy_imported(["train", "--store", str(tmp_path), "--size", "32", "--model", "vgg",
-                                        "--out", str(tmp_path / "run")])
+    code, err, heavy = _heavy_imported(
+        ["train", "--store", str(tmp_path), "--size", "32", "--model", "vgg", "--out", str(tmp_path / "run")]
+    )
     assert code == 2 and err.startswith("error: unknown model 'vgg'") and heavy == []
     code, err, heavy = _heavy_imported([*common, "--device", "gpu"])
     assert code == 2 and "unknown device 'gpu'" in err and heavy == []
@@ -96,15 +97,23 @@ def test_every_train_setting_has_help_and_every_option_reaches_the_config(tmp_pa
     for f in dataclasses.fields(TrainConfig):
         assert (f"--{f.name.replace('_', '-')}" in text) == bool(f.metadata["option"]) or f.name == "preset"
         assert f.name in text or f"--{f.name.replace('_', '-')}" in text
-    args = get_args_parser().parse_args(["--out", "r", "--batch-size", "4", "--grad-checkpointing", "--device", "cuda:1"])
+    args = get_args_parser().parse_args(
+        ["--out", "r", "--batch-size", "4", "--grad-checkpointing", "--device", "cuda:1"]
+    )
     overrides = _option_overrides(args)
     assert overrides == {"out": "r", "batch_size": 4, "grad_checkpointing": True, "device": "cuda:1"}
     assert {f.name for f in option_fields()} >= set(overrides)
 
 
-@pytest.mark.parametrize("argv", [["train", "--out", "r", "--batch-size", "0"], ["evaluate", "--run", "r", "--batch-size", "x"],
-                                  ["etl", "--data", "d", "--out", "o", "--val-fraction", "1"],
-                                  ["sweep", "s.yaml", "--out", "o", "--device", "tpu"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--out", "r", "--batch-size", "0"],
+        ["evaluate", "--run", "r", "--batch-size", "x"],
+        ["etl", "--data", "d", "--out", "o", "--val-fraction", "1"],
+        ["sweep", "s.yaml", "--out", "o", "--device", "tpu"],
+    ],
+)
 def test_shared_options_are_checked_alike_in_every_command(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

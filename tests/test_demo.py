@@ -28,7 +28,7 @@ def test_tiny_demo_end_to_end(tmp_path, spark):
     from sklearn.metrics import roc_auc_score
 
     table = pd.read_parquet(runs / best["run"] / f"eval-test-best_{best['stage']}" / "predictions.parquet")
-    names = [c[len("label_"):] for c in table.columns if c.startswith("label_")]
+    names = [c[len("label_") :] for c in table.columns if c.startswith("label_")]
     aucs = [roc_auc_score(table[f"label_{n}"], table[f"prob_{n}"]) for n in names if table[f"label_{n}"].nunique() == 2]
     assert len(aucs) >= 10 and sum(aucs) / len(aucs) == pytest.approx(best["mean_auc"], abs=1e-6)
     assert sum(aucs) / len(aucs) >= 0.85 and summary["target_met"]

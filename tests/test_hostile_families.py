@@ -32,7 +32,9 @@ from cxrflow.outputs import check_target, claiming, leftovers, publishing, write
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cxrflow"
 #: Text a hostile collection, run folder or finding may carry: formulas, separators, controls, quotes.
-HOSTILE_TEXT = st.text(alphabet=st.sampled_from(list("=+-@'\t\r\n\x1b/\\.:|!\"A0 ") + ["é", "\u202e", "\x00"]), max_size=12)
+HOSTILE_TEXT = st.text(
+    alphabet=st.sampled_from(list("=+-@'\t\r\n\x1b/\\.:|!\"A0 ") + ["é", "\u202e", "\x00"]), max_size=12
+)
 
 #: Output names made of glob metacharacters and ordinary letters (``st[12]``, ``*``, ``a?``).
 GLOBBY = st.text(alphabet=string.ascii_lowercase[:3] + "0123[]*?!-", min_size=1, max_size=8).filter(
@@ -161,7 +163,11 @@ def test_findings_and_images_named_like_paths_get_their_own_overlays(hostile_run
     for folder in ("d1", "d2"):  # two predicts into one folder
         assert main(["predict", "--run", str(hostile_run), str(tmp_path / folder / "x.png"), "--json",
                      "--heatmaps", str(tmp_path / "h")]) == 0  # fmt: skip
-        written += [p for pred in __import__("json").loads(capsys.readouterr().out)["predictions"] for p in pred["heatmaps"].values()]
+        written += [
+            p
+            for pred in __import__("json").loads(capsys.readouterr().out)["predictions"]
+            for p in pred["heatmaps"].values()
+        ]
     assert len(written) == len(set(written)) == 8
     assert all(Path(p).parent == tmp_path / "h" and Path(p).is_file() for p in written)
 

@@ -18,12 +18,12 @@ from PIL import Image
 
 from cxrflow.atomic import write_json_atomic
 from cxrflow.cli import main
-from cxrflow.errors import CxrflowError
-from cxrflow.outputs import write_marker
 from cxrflow.data.imagecheck import MAX_SIDE
 from cxrflow.data.imaging import ImageError, load_and_resize, load_gray
 from cxrflow.data.metadata import AGE_UNKNOWN, read_data_entry
 from cxrflow.data.store import MANIFEST_NAME, read_manifest
+from cxrflow.errors import CxrflowError
+from cxrflow.outputs import write_marker
 from cxrflow.testing.synthstore import write_synthetic_store
 
 NIH = Path(__file__).parent / "fixtures" / "nih"
@@ -148,8 +148,30 @@ def test_ages_out_of_range_are_unknown_and_counted_and_float_ages_are_one_line(t
 _CELL = st.one_of(
     st.integers(-(2**70), 2**70).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["", " ", "nan", "NaN", "inf", "45.0", "1e400", "M", "F", "PA", "AP", "No Finding", "Hernia",
-                     "Mass|Nodule", "Flu", '"a,b"', "x.png", "\u00e9", "0x10", "-0"]),  # fmt: skip
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "nan",
+            "NaN",
+            "inf",
+            "45.0",
+            "1e400",
+            "M",
+            "F",
+            "PA",
+            "AP",
+            "No Finding",
+            "Hernia",
+            "Mass|Nodule",
+            "Flu",
+            '"a,b"',
+            "x.png",
+            "\u00e9",
+            "0x10",
+            "-0",
+        ]
+    ),  # fmt: skip
     st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x00"), max_size=6),
 )
 _ROW = st.lists(_CELL, min_size=8, max_size=13).map(lambda cells: ",".join(cells))
@@ -157,8 +179,13 @@ _ROW = st.lists(_CELL, min_size=8, max_size=13).map(lambda cells: ",".join(cells
 
 # derandomize: the same 150 rows on every run and machine (a seed from the test's name), and no example
 # database: a row that once failed elsewhere is not replayed only where its .hypothesis folder is
-@settings(max_examples=150, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(rows=st.lists(_ROW, min_size=1, max_size=4))
 def test_generated_metadata_rows_give_a_clean_error_with_file_and_line_or_valid_entries(tmp_path, rows):
     path = tmp_path / "Data_Entry_2017_v2020.csv"
@@ -213,7 +240,11 @@ BAD_MANIFESTS = [
     ("labels", lambda m: json.dumps({**m, "label_names": "Mass"}), "'label_names'"),
     ("sizes", lambda m: json.dumps({**m, "sizes": [0]}), "'sizes'"),
     ("std-zero", lambda m: json.dumps({**m, "pixel_stats": {"16": {"mean": 0.5, "std": 0.0}}}), "'pixel_stats.16.std'"),
-    ("std-nan", lambda m: json.dumps({**m, "pixel_stats": {"16": {"mean": 0.5, "std": math.nan}}}), "'pixel_stats.16.std'"),
+    (
+        "std-nan",
+        lambda m: json.dumps({**m, "pixel_stats": {"16": {"mean": 0.5, "std": math.nan}}}),
+        "'pixel_stats.16.std'",
+    ),
     ("rows", lambda m: json.dumps({**m, "rows": {"16": {"train": "many"}}}), "'rows.16'"),
     ("version", lambda m: json.dumps({**m, "format_version": "1"}), "'format_version'"),
     ("pos-weight", lambda m: json.dumps({**m, "pos_weight": [1.0]}), "'pos_weight'"),
@@ -249,7 +280,9 @@ def test_store_info_verify_reads_every_footer_and_lists_leftovers(store, capsys)
     assert main(["store-info", str(store), "--verify"]) == 2
     err = capsys.readouterr().err
     assert f"{parts[0]}: corrupt" in err and "split=test: missing (4 rows expected)" in err
-    assert f"leftover of a killed run: {leftover} (it carries no cxrflow etl marker, so cxrflow leaves it to you)" in err
+    assert (
+        f"leftover of a killed run: {leftover} (it carries no cxrflow etl marker, so cxrflow leaves it to you)" in err
+    )
     assert f"leftover of a killed run: {marked} (the next 'cxrflow etl --out {store}' removes it)" in err
     assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
 
@@ -347,10 +380,16 @@ def test_unknown_device_is_one_line_in_every_command(store, tmp_path, capsys):
     run.mkdir()
     (run / "best_finetune.pt").write_bytes(b"x")
     for device in ("foo", ""):  # an empty --device is a mistake, not "auto"
-        for argv in (["evaluate", "--run", str(run), "--device", device], ["predict", "x.png", "--run", str(run), "--device", device]):
+        for argv in (
+            ["evaluate", "--run", str(run), "--device", device],
+            ["predict", "x.png", "--run", str(run), "--device", device],
+        ):
             assert main(argv) == 2
             assert f"unknown device {device!r}" in _one_error_line(capsys.readouterr().err)
-    for argv in (["train", "--out", str(tmp_path / "r"), "--device", "foo"], ["sweep", "x.yaml", "--out", "o", "--device", "foo"]):
+    for argv in (
+        ["train", "--out", str(tmp_path / "r"), "--device", "foo"],
+        ["sweep", "x.yaml", "--out", "o", "--device", "foo"],
+    ):
         with pytest.raises(SystemExit):
             main(argv)
         assert "--device" in _one_error_line(capsys.readouterr().err)
@@ -362,7 +401,7 @@ def test_warnings_come_after_the_error_line(tmp_path, capsys, monkeypatch):
     from cxrflow import cli
 
     def noisy(args):
-        warnings.warn("a long library warning\nwith a second line\nand a third", UserWarning)
+        warnings.warn("a long library warning\nwith a second line\nand a third", UserWarning, stacklevel=2)
         raise CxrflowError("the real problem", tmp_path)
 
     import cxrflow.commands.store_info
@@ -540,8 +579,10 @@ def test_findings_not_the_stores_name_where_they_differ_and_keep_the_fix_however
     from cxrflow.modelling.inference import check_label_names
 
     store = {"label_names": [f"A finding with a very long name number {i}" for i in range(40)]}
-    for ours, where in ((store["label_names"][:-1], "(39 findings in the checkpoint, 40 in the store)"),
-                        (store["label_names"][:5] + ["Other"] + store["label_names"][6:], "(output 6 is 'Other' in the checkpoint")):
+    for ours, where in (
+        (store["label_names"][:-1], "(39 findings in the checkpoint, 40 in the store)"),
+        (store["label_names"][:5] + ["Other"] + store["label_names"][6:], "(output 6 is 'Other' in the checkpoint"),
+    ):
         with pytest.raises(CxrflowError) as info:
             check_label_names(ours, store, "run/best.pt")
         message = str(info.value)
@@ -568,7 +609,8 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(cxrflow.commands.synth, "run", disk_full)
     assert cli.main(["synth", "--out", str(tmp_path / "syn")]) == 2
     assert _one_error_line(capsys.readouterr().err) == (
-        f"error: {tmp_path / 'syn'}: No space left on device; free some space and run again")
+        f"error: {tmp_path / 'syn'}: No space left on device; free some space and run again"
+    )
 
     @contextlib.contextmanager
     def full_tmp(path, **kwargs):
@@ -581,7 +623,9 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch
     spark_text = "An exception was thrown from the Python worker: OSError: [Errno 28] Error writing bytes to file. " \
                  "Detail: [errno 28] No space left on device"  # fmt: skip
     refusal = _environment_failure(RuntimeError(spark_text), tmp_path / "store")
-    assert refusal is not None and refusal.path == str(tmp_path / "store") and "No space left on device" in refusal.message
+    assert (
+        refusal is not None and refusal.path == str(tmp_path / "store") and "No space left on device" in refusal.message
+    )
     assert _environment_failure(RuntimeError("a bug"), tmp_path / "store") is None
 
 
@@ -593,7 +637,18 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch
     (["--spark-master", "local[1]", "--spark-wait", "inf"], "--spark-wait must be a positive number of seconds"),
 ], ids=["overflow", "steps", "epochs", "workers", "spark-wait"])  # fmt: skip
 def test_settings_too_large_to_ever_finish_are_one_line(store, tmp_path, capsys, extra, message):
-    argv = ["train", "--store", str(store), "--size", "16", "--model", "simple_cnn", "--out", str(tmp_path / "run"), *extra]
+    argv = [
+        "train",
+        "--store",
+        str(store),
+        "--size",
+        "16",
+        "--model",
+        "simple_cnn",
+        "--out",
+        str(tmp_path / "run"),
+        *extra,
+    ]
     assert main(argv) == 2
     assert message in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
@@ -635,7 +690,10 @@ sys.exit(cli.main(["store-info", "x"]))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
     assert done.returncode == 130, done.stderr
-    assert done.stderr.strip().splitlines() == ["py4j.clientserver: warning: a library warning", "error: interrupted"], done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "py4j.clientserver: warning: a library warning",
+        "error: interrupted",
+    ], done.stderr
 
 
 def test_two_predicts_adding_heatmaps_to_one_folder_the_second_names_the_first(evaluated_run, tmp_path, capsys):
@@ -645,7 +703,10 @@ def test_two_predicts_adding_heatmaps_to_one_folder_the_second_names_the_first(e
     Image.new("L", (40, 40), 90).save(image)
     folder = tmp_path / "heatmaps"
     with OutputLock(folder, "predict"):  # another predict writing overlays there (each rewrote the list of the other's)
-        assert main(["predict", "--run", str(evaluated_run), "--device", "cpu", "--heatmaps", str(folder), str(image)]) == 2
+        assert (
+            main(["predict", "--run", str(evaluated_run), "--device", "cpu", "--heatmaps", str(folder), str(image)])
+            == 2
+        )
     line = _one_error_line(capsys.readouterr().err)
     assert str(folder) in line and "locked by cxrflow predict" in line
     assert not folder.exists()
@@ -663,7 +724,9 @@ def test_store_label_values_other_than_0_or_1_are_one_line_naming_the_row(evalua
     table = pq.read_table(part)
     labels = table.column("labels").to_pylist()
     labels[0] = [7] * len(labels[0])  # sklearn ended the evaluation with a 'multiclass' traceback
-    table = table.set_column(table.schema.get_field_index("labels"), "labels", pa.array(labels, table.schema.field("labels").type))
+    table = table.set_column(
+        table.schema.get_field_index("labels"), "labels", pa.array(labels, table.schema.field("labels").type)
+    )
     pq.write_table(table, part)
     out = tmp_path / "ev"
     assert main(["evaluate", "--run", str(evaluated_run), "--store", str(store), "--out", str(out), "--n-boot", "5",

@@ -12,7 +12,16 @@ import pytest
 
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
-from cxrflow.outputs import OutputLock, check_target, claiming, leftovers, marker_name, publishing, read_marker, write_marker
+from cxrflow.outputs import (
+    OutputLock,
+    check_target,
+    claiming,
+    leftovers,
+    marker_name,
+    publishing,
+    read_marker,
+    write_marker,
+)
 from cxrflow.testing.synthstore import write_synthetic_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -153,8 +162,9 @@ _HOLD = textwrap.dedent(
 
 def _hold_lock(out: Path, command: str) -> subprocess.Popen:
     """A process that holds ``out``'s lock until it is killed, however long the test takes to get there."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), command], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(out), command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -183,8 +193,24 @@ def test_train_evaluate_and_report_stop_on_a_held_lock_with_one_line(tmp_path, c
     run = tmp_path / "run"
     holder = _hold_lock(run, "train")
     try:
-        argv = ["train", "--quiet", "--store", str(store), "--size", "32", "--model", "simple_cnn", "--out", str(run),
-                "--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+        argv = [
+            "train",
+            "--quiet",
+            "--store",
+            str(store),
+            "--size",
+            "32",
+            "--model",
+            "simple_cnn",
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+        ]
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"locked by cxrflow train (pid {holder.pid}" in err[0], err
@@ -206,7 +232,10 @@ def test_train_evaluate_and_report_stop_on_a_held_lock_with_one_line(tmp_path, c
         holder.wait()
     # the run folder, the store and the checkpoint are never an evaluation's --out
     for out in (run, store, tmp_path):
-        assert main(["evaluate", "--run", str(run), "--out", str(out), "--overwrite", "--n-boot", "5", "--device", "cpu"]) == 2
+        assert (
+            main(["evaluate", "--run", str(run), "--out", str(out), "--overwrite", "--n-boot", "5", "--device", "cpu"])
+            == 2
+        )
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("not a cxrflow evaluate output" in err or "holds the input" in err), err
     assert (run / "best_finetune.pt").is_file() and (store / "_manifest.json").is_file()
@@ -352,7 +381,9 @@ def test_a_lock_file_that_is_not_cxrflows_is_never_written_through(tmp_path):
         assert info.value.path == str(lock)
         assert precious.read_text() == "my data\n"
         lock.unlink()
-    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "command": "etl"}))  # a killed run's
+    lock.write_text(
+        json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "command": "etl"})
+    )  # a killed run's
     with OutputLock(out, "explore"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()

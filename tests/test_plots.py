@@ -16,7 +16,9 @@ def _records():
     recs = []
     for stage, n in (("kt", 2), ("finetune", 3)):
         for e in range(1, n + 1):
-            recs.append({"stage": stage, "epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "val_auc_mean": 0.6 + 0.05 * e})
+            recs.append(
+                {"stage": stage, "epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "val_auc_mean": 0.6 + 0.05 * e}
+            )
     return recs
 
 
@@ -56,7 +58,13 @@ def test_plot_into_given_axes():
 def test_training_curves_both_stages_and_boundary():
     recs = _records() + [{"stage": "kt", "epoch": 2, "train_loss": 9.0, "val_loss": 9.0, "val_auc_mean": 0.5}]
     ordered = ordered_epochs(recs)
-    assert [(r["stage"], r["epoch"]) for r in ordered] == [("kt", 1), ("kt", 2), ("finetune", 1), ("finetune", 2), ("finetune", 3)]
+    assert [(r["stage"], r["epoch"]) for r in ordered] == [
+        ("kt", 1),
+        ("kt", 2),
+        ("finetune", 1),
+        ("finetune", 2),
+        ("finetune", 3),
+    ]
     assert ordered[1]["train_loss"] == 9.0  # a re-logged epoch (resume): the last record wins
     fig = plot_training_curves(recs)
     loss_ax, auc_ax = fig.axes

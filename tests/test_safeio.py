@@ -63,7 +63,9 @@ def _argv(command: str, store: Path, run: Path, out: Path, image: Path) -> list[
 @pytest.mark.slow
 @pytest.mark.timeout(60, method="signal")
 @pytest.mark.parametrize("command,relative", CASES)
-def test_a_pipe_in_place_of_any_file_cxrflow_reads_back_is_one_line_not_a_hang(evaluated, tmp_path, capsys, command, relative):
+def test_a_pipe_in_place_of_any_file_cxrflow_reads_back_is_one_line_not_a_hang(
+    evaluated, tmp_path, capsys, command, relative
+):
     from PIL import Image
 
     store, run = evaluated
@@ -155,7 +157,19 @@ LONG = "n" * 300
         ["split", "--data", "{tmp}/data", "--out", "{tmp}/" + LONG],
         ["explore", "--data", "{tmp}/data", "--out", "{tmp}/" + LONG],
         ["store-info", "{tmp}/" + LONG],
-        ["train", "--store", "{tmp}/store", "--out", "{tmp}/" + LONG, "--size", "16", "--epochs", "1", "--device", "cpu"],
+        [
+            "train",
+            "--store",
+            "{tmp}/store",
+            "--out",
+            "{tmp}/" + LONG,
+            "--size",
+            "16",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ],
         ["evaluate", "--run", "{tmp}/" + LONG],
         ["report", "{tmp}/" + LONG, "--out", "{tmp}/r"],
         ["predict", "--run", "{tmp}/" + LONG, "{tmp}/x.png"],

@@ -43,9 +43,15 @@ def test_toml_and_defaults(tmp_path):
 @pytest.mark.parametrize(
     "data, match",
     [
-        ({"store": "s", "runs": [{"name": "a", "model": "simple_cnn", "size": 32, "colour": 1}]}, "unknown setting 'colour'"),
+        (
+            {"store": "s", "runs": [{"name": "a", "model": "simple_cnn", "size": 32, "colour": 1}]},
+            "unknown setting 'colour'",
+        ),
         ({"store": "s", "runs": [{"name": "a", "model": "simple_cnn", "size": 32}] * 2}, "two runs are named"),
-        ({"store": "s", "runs": [{"name": "a", "model": "simple_cnn", "size": 32, "evaluate": ["best_kt"]}]}, "cannot evaluate"),
+        (
+            {"store": "s", "runs": [{"name": "a", "model": "simple_cnn", "size": 32, "evaluate": ["best_kt"]}]},
+            "cannot evaluate",
+        ),
         ({"runs": [{"name": "a", "model": "simple_cnn", "size": 32}]}, "no store"),
         ({"store": "s", "runs": [{"name": "../x", "model": "simple_cnn", "size": 32}]}, "needs a 'name'"),
         ({"store": "s", "runs": []}, "non-empty list"),
@@ -165,7 +171,10 @@ def test_scheduler_runs_one_job_per_gpu_in_parallel(tmp_path):
 def test_missing_store_or_size_fails_before_training(tmp_path):
     from cxrflow.testing.synthstore import write_synthetic_store
 
-    assert main(["sweep", str(CONFIGS / "paper.yaml"), "--out", str(tmp_path / "o"), "--store", str(tmp_path / "none")]) == 2
+    assert (
+        main(["sweep", str(CONFIGS / "paper.yaml"), "--out", str(tmp_path / "o"), "--store", str(tmp_path / "none")])
+        == 2
+    )
     write_synthetic_store(tmp_path / "st", sizes=(32,), rows={"train": 4, "val": 4, "test": 4})
     from cxrflow.sweep import run_sweep
 
@@ -256,11 +265,14 @@ def test_sweep_builds_its_ensembles_once(tmp_path, capsys, monkeypatch):
     assert record["tracking_uri"] == default_uri(out)
     params = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).data.params
     assert params["method"] == "stacked" and [params[f"members.{i}.mlflow_run_id"] for i in (0, 1)] == [
-        json.loads((out / "runs" / r / "mlflow.json").read_text())["run_id"] for r in ("a", "b")]
+        json.loads((out / "runs" / r / "mlflow.json").read_text())["run_id"] for r in ("a", "b")
+    ]
     with open(out / "report" / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["a", "b", "ab"] and rows[2]["members"] == "a/best_finetune;b/best_finetune"
-    assert rows[2]["kind"] == "ensemble" and float(rows[2]["ece_calibrated"]) == pytest.approx(m["calibration"]["ece_mean"]["after"])
+    assert rows[2]["kind"] == "ensemble" and float(rows[2]["ece_calibrated"]) == pytest.approx(
+        m["calibration"]["ece_mean"]["after"]
+    )
     stamp = ens.stat().st_mtime_ns
     capsys.readouterr()
     assert main(["sweep", str(config), "--out", str(out), "--device", "cpu", "--in-process"]) == 0

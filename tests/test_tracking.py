@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from cxrflow.cli import main
-from cxrflow.modelling.config import resolve_config
 from cxrflow.errors import CxrflowError
+from cxrflow.modelling.config import resolve_config
+from cxrflow.modelling.train import train
 from cxrflow.testing.synthstore import write_synthetic_store
 from cxrflow.tracking import (
     RUN_ID_FILE,
@@ -23,7 +24,6 @@ from cxrflow.tracking import (
     flatten_params,
     tracked_training,
 )
-from cxrflow.modelling.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,8 +51,22 @@ def _rows(run: Path) -> list[dict]:
 
 
 def _train_argv(store: Path, run: Path, epochs: int = 2) -> list[str]:
-    return ["train", "--quiet", "--store", str(store), "--size", "32", "--model", "simple_cnn", "--out", str(run),
-            "--epochs", str(epochs), "--batch-size", "8"]
+    return [
+        "train",
+        "--quiet",
+        "--store",
+        str(store),
+        "--size",
+        "32",
+        "--model",
+        "simple_cnn",
+        "--out",
+        str(run),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+    ]
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -69,16 +83,33 @@ def test_uris_and_conversions():
     assert check_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert check_uri("databricks") == "databricks"
     assert check_uri("sqlite:///tmp/m.db") == "sqlite:///tmp/m.db"
-    assert check_uri("relative/mlruns").startswith("file:///") and check_uri("relative/mlruns").endswith("/relative/mlruns")
+    assert check_uri("relative/mlruns").startswith("file:///") and check_uri("relative/mlruns").endswith(
+        "/relative/mlruns"
+    )
     for bad in ["htp://x", "http://", "http://h:port", "file://otherhost/x", "a b", "", "c:x"]:
         with pytest.raises(CxrflowError, match="malformed MLflow tracking URI"):
             check_uri(bad)
     assert default_uri("/x/runs") == "file:///x/runs/mlruns"
     assert flatten_params({"a": {"b": 1}, "c": [1, 2], "d": None}) == {"a.b": "1", "c": "[1, 2]", "d": "None"}
-    row = {"stage": "kt", "epoch": 1, "train_loss": 0.5, "val_loss": None, "val_auc_mean": 0.75, "lr": 1e-3,
-           "val_auc": {"Mass": 0.5, "Hernia": None}, "seconds": 2.0, "images_per_second": 10.0}
-    assert epoch_metrics(row) == {"train_loss": 0.5, "val_auc_mean": 0.75, "lr": 1e-3, "val_auc/Mass": 0.5,
-                                  "seconds": 2.0, "images_per_second": 10.0}
+    row = {
+        "stage": "kt",
+        "epoch": 1,
+        "train_loss": 0.5,
+        "val_loss": None,
+        "val_auc_mean": 0.75,
+        "lr": 1e-3,
+        "val_auc": {"Mass": 0.5, "Hernia": None},
+        "seconds": 2.0,
+        "images_per_second": 10.0,
+    }
+    assert epoch_metrics(row) == {
+        "train_loss": 0.5,
+        "val_auc_mean": 0.75,
+        "lr": 1e-3,
+        "val_auc/Mass": 0.5,
+        "seconds": 2.0,
+        "images_per_second": 10.0,
+    }
 
 
 @pytest.mark.slow
@@ -96,7 +127,9 @@ def test_train_and_evaluate_log_into_one_mlflow_run(store, tmp_path, capsys):
     rows = _rows(run)
     assert _history(client, record["run_id"], "val_auc_mean") == [(i, r["val_auc_mean"]) for i, r in enumerate(rows, 1)]
     assert _history(client, record["run_id"], "train_loss") == [(i, r["train_loss"]) for i, r in enumerate(rows, 1)]
-    assert _history(client, record["run_id"], "val_auc/Mass") == [(i, r["val_auc"]["Mass"]) for i, r in enumerate(rows, 1)]
+    assert _history(client, record["run_id"], "val_auc/Mass") == [
+        (i, r["val_auc"]["Mass"]) for i, r in enumerate(rows, 1)
+    ]
     assert {a.path for a in client.list_artifacts(record["run_id"])} >= {"config.json", "metrics.jsonl", "done.json"}
 
     # a later evaluation, without --mlflow, logs into the same MLflow run
@@ -104,11 +137,14 @@ def test_train_and_evaluate_log_into_one_mlflow_run(store, tmp_path, capsys):
     metrics = json.loads((run / "eval-test-best_finetune" / "metrics.json").read_text())
     logged = client.get_run(record["run_id"]).data.metrics
     assert logged["test/best_finetune/mean_auc"] == pytest.approx(metrics["mean_auc"])
-    assert [logged["test/best_finetune/mean_auc_ci95_low"], logged["test/best_finetune/mean_auc_ci95_high"]] == \
-        pytest.approx(metrics["mean_auc_ci95"])
+    assert [
+        logged["test/best_finetune/mean_auc_ci95_low"],
+        logged["test/best_finetune/mean_auc_ci95_high"],
+    ] == pytest.approx(metrics["mean_auc_ci95"])
     defined = {n: v for n, v in metrics["auc"].items() if v is not None}
     assert {k: v for k, v in logged.items() if k.startswith("test/best_finetune/auc/")} == pytest.approx(
-        {f"test/best_finetune/auc/{n}": v for n, v in defined.items()})
+        {f"test/best_finetune/auc/{n}": v for n, v in defined.items()}
+    )
     artifacts = {a.path for a in client.list_artifacts(record["run_id"], "eval-test-best_finetune")}
     assert artifacts == {f"eval-test-best_finetune/{n}" for n in ["metrics.json", *metrics["figures"]]}
     assert "warning" not in capsys.readouterr().err
@@ -126,8 +162,18 @@ def test_a_refusing_server_costs_one_warning_not_the_run(store, tmp_path, capsys
 def test_a_store_broken_mid_run_is_one_warning_and_evaluate_fills_the_gap(store, tmp_path, capsys):
     run = tmp_path / "run"
     mlruns = tmp_path / "mlruns"
-    config = resolve_config(None, None, {"store": str(store), "size": 32, "model": "simple_cnn", "out": str(run),
-                                         "finetune.epochs": 3, "batch_size": 8})
+    config = resolve_config(
+        None,
+        None,
+        {
+            "store": str(store),
+            "size": 32,
+            "model": "simple_cnn",
+            "out": str(run),
+            "finetune.epochs": 3,
+            "batch_size": 8,
+        },
+    )
 
     def break_store(model, stage, epoch, step):
         if epoch == 2 and step == 1:
@@ -171,7 +217,12 @@ def test_an_ensemble_is_its_own_mlflow_run_naming_its_tracked_members(store, tmp
     assert main(["ensemble", *members, "--out", str(ens), "--n-boot", "20", "--mlflow", "http://host:notaport"]) == 2
     assert "malformed MLflow tracking URI" in _one_error_line(capsys.readouterr().err) and not ens.exists()
     down = tmp_path / "ens-down"  # a refusing server costs one warning, not the ensemble
-    assert main(["ensemble", *members, "--out", str(down), "--n-boot", "20", "--mlflow", f"http://127.0.0.1:{refused_port}"]) == 0
+    assert (
+        main(
+            ["ensemble", *members, "--out", str(down), "--n-boot", "20", "--mlflow", f"http://127.0.0.1:{refused_port}"]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert err.count("warning: MLflow tracking") == 1 and "logging an ensemble" in err, err
     assert (down / "metrics.json").is_file() and not (down / RUN_ID_FILE).exists()
@@ -183,18 +234,26 @@ def test_an_ensemble_is_its_own_mlflow_run_naming_its_tracked_members(store, tmp
     client = _client(record["tracking_uri"])
     mlrun = client.get_run(record["run_id"])
     metrics = json.loads((ens / "metrics.json").read_text())
-    assert mlrun.info.status == "FINISHED" and mlrun.info.run_name == "ens" and record["run_id"] != member_record["run_id"]
+    assert (
+        mlrun.info.status == "FINISHED" and mlrun.info.run_name == "ens" and record["run_id"] != member_record["run_id"]
+    )
     params = mlrun.data.params
-    assert params["method"] == "mean" and params["split"] == "test" and json.loads(params["label_names"]) == metrics["label_names"]
+    assert (
+        params["method"] == "mean"
+        and params["split"] == "test"
+        and json.loads(params["label_names"]) == metrics["label_names"]
+    )
     assert [params[f"members.{i}.eval"] for i in (0, 1)] == [m["eval"] for m in metrics["members"]]
     assert [params[f"members.{i}.name"] for i in (0, 1)] == metrics["member_names"]
     assert params["members.0.mlflow_run_id"] == member_record["run_id"] and "members.1.mlflow_run_id" not in params
     logged = mlrun.data.metrics
     assert logged["test/ensemble/mean_auc"] == pytest.approx(metrics["mean_auc"])
-    assert [logged["test/ensemble/mean_auc_ci95_low"], logged["test/ensemble/mean_auc_ci95_high"]] == \
-        pytest.approx(metrics["mean_auc_ci95"])
+    assert [logged["test/ensemble/mean_auc_ci95_low"], logged["test/ensemble/mean_auc_ci95_high"]] == pytest.approx(
+        metrics["mean_auc_ci95"]
+    )
     assert {k: v for k, v in logged.items() if k.startswith("test/ensemble/auc/")} == pytest.approx(
-        {f"test/ensemble/auc/{n}": v for n, v in metrics["auc"].items() if v is not None})
+        {f"test/ensemble/auc/{n}": v for n, v in metrics["auc"].items() if v is not None}
+    )
     assert {a.path for a in client.list_artifacts(record["run_id"])} == {"metrics.json", *metrics["figures"]}
 
     # rebuilt without --mlflow: the ensemble it replaced was tracked, so the new one is a new MLflow run in that store
@@ -204,4 +263,3 @@ def test_an_ensemble_is_its_own_mlflow_run_naming_its_tracked_members(store, tmp
     assert client.get_run(rebuilt["run_id"]).data.params["method"] == "stacked"
     assert client.get_run(record["run_id"]).data.params["method"] == "mean"
     assert "warning" not in capsys.readouterr().err
-

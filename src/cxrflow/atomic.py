@@ -13,8 +13,9 @@ import math
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cxrflow.errors import CxrflowError
 from cxrflow.safeio import UnreadableFile, read_json

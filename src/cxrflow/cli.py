@@ -25,16 +25,28 @@ from cxrflow.names import printable
 #: (subcommand, module, one-line description) in pipeline order.
 COMMANDS: list[tuple[str, str, str]] = [
     ("synth", "cxrflow.commands.synth", "write a synthetic dataset in the NIH ChestX-ray14 release format"),
-    ("explore", "cxrflow.commands.explore", "dataset statistics and figures from the metadata (the paper's data section)"),
+    (
+        "explore",
+        "cxrflow.commands.explore",
+        "dataset statistics and figures from the metadata (the paper's data section)",
+    ),
     ("split", "cxrflow.commands.split", "patient-level train/val/test split as CSV"),
     ("etl", "cxrflow.commands.etl", "Spark ETL: raw images to a multi-resolution Parquet store"),
     ("store-info", "cxrflow.commands.store_info", "print a Parquet store's manifest"),
     ("train", "cxrflow.commands.train", "train a model from the store in two stages (knowledge transfer, fine-tuning)"),
     ("evaluate", "cxrflow.commands.evaluate", "per-finding test AUC with confidence intervals, ROC and loss figures"),
     ("ensemble", "cxrflow.commands.ensemble", "combine evaluated runs (mean or stacked) into an evaluated ensemble"),
-    ("report", "cxrflow.commands.report", "report.html (the whole study on one page) and the paper's Table 1 over several runs"),
+    (
+        "report",
+        "cxrflow.commands.report",
+        "report.html (the whole study on one page) and the paper's Table 1 over several runs",
+    ),
     ("sweep", "cxrflow.commands.sweep", "train, evaluate and report every run listed in a config file"),
-    ("localize", "cxrflow.commands.localize", "heatmaps against ground-truth boxes: the ChestX-ray14 localization benchmark"),
+    (
+        "localize",
+        "cxrflow.commands.localize",
+        "heatmaps against ground-truth boxes: the ChestX-ray14 localization benchmark",
+    ),
     ("predict", "cxrflow.commands.predict", "finding probabilities for new image files"),
     ("export", "cxrflow.commands.export", "a run's model as an MLflow model folder (serving, batch) or an ONNX graph"),
     ("demo", "cxrflow.commands.demo", "end-to-end demo on a synthetic dataset"),
@@ -128,8 +140,14 @@ class _OneLineLog(logging.Handler):
 def environment_error(exc: OSError, out: str | None) -> str:
     """One line for a disk or permission failure: the file (else the output being written) and the fix."""
     where = exc.filename or out
-    fix = "free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (
-        "write somewhere you may write, or fix the permissions" if exc.errno in ENVIRONMENT_ERRNOS else "check the path"
+    fix = (
+        "free some space and run again"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        else (
+            "write somewhere you may write, or fix the permissions"
+            if exc.errno in ENVIRONMENT_ERRNOS
+            else "check the path"
+        )
     )
     return printable(f"{where}: {exc.strerror or exc}; {fix}" if where else f"{exc.strerror or exc}; {fix}")
 

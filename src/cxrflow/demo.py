@@ -73,8 +73,17 @@ def run_demo(
     out = Path(out).absolute()
     with claiming(out, "demo", overwrite=overwrite, fresh=True):
         write_marker(out, "demo", patients=patients, sizes=list(sizes), seed=seed)
-        return _demo(out, patients=patients, image_size=image_size, sizes=sizes, epochs=epochs, seed=seed,
-                     master=master, spark=spark, echo=echo)
+        return _demo(
+            out,
+            patients=patients,
+            image_size=image_size,
+            sizes=sizes,
+            epochs=epochs,
+            seed=seed,
+            master=master,
+            spark=spark,
+            echo=echo,
+        )
 
 
 def _demo(out: Path, *, patients, image_size, sizes, epochs, seed, master, spark, echo) -> dict[str, Any]:
@@ -83,9 +92,9 @@ def _demo(out: Path, *, patients, image_size, sizes, epochs, seed, master, spark
     from cxrflow.data.etl import run_etl
     from cxrflow.data.explore import explore
     from cxrflow.data.metadata import load_release
+    from cxrflow.data.synth import synthesize
     from cxrflow.results.predict import load_predictor, predict_files
     from cxrflow.sweep import parse_sweep, run_sweep
-    from cxrflow.data.synth import synthesize
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -108,7 +117,9 @@ def _demo(out: Path, *, patients, image_size, sizes, epochs, seed, master, spark
     t = stage("etl", f"Spark ({master}) to a Parquet store at sizes {', '.join(map(str, sizes))} px")
     manifest = run_etl(out / "data", out / "store", sizes, master, seed=seed, spark=spark, progress=sys.stderr)
     rows = manifest["rows"][str(sizes[0])]
-    echo(f"store: {', '.join(f'{k} {v}' for k, v in rows.items())} images per size; {len(manifest['quarantined'])} quarantined")
+    echo(
+        f"store: {', '.join(f'{k} {v}' for k, v in rows.items())} images per size; {len(manifest['quarantined'])} quarantined"
+    )
     timings["etl"] = time.perf_counter() - t
 
     t = stage("train + evaluate + report", "simple_cnn and densenet121 (random init), evaluated on test")
@@ -170,14 +181,21 @@ def format_summary(summary: dict[str, Any]) -> str:
             return str(p)
 
     report = summary["outputs"]["report"] or {}
-    lines = ["", "== summary", f"open the report: {rel(report.get('report_html', '-'))}", f"everything is under {rel(out)}/"]
+    lines = [
+        "",
+        "== summary",
+        f"open the report: {rel(report.get('report_html', '-'))}",
+        f"everything is under {rel(out)}/",
+    ]
     lines.append(f"  dataset (NIH format)      {rel(summary['outputs']['dataset'])}/")
     lines.append(f"  data exploration          {rel(summary['outputs']['explore'])}/ (summary.md, figures)")
     lines.append(f"  Parquet store             {rel(summary['outputs']['store'])}/ (_manifest.json)")
     lines.append(f"  report table              {rel(report.get('table_md', '-'))}  (+ table.csv)")
     lines.append(f"  runs vs paper figure      {rel(report.get('comparison_png', '-'))}")
     for e in summary["outputs"]["evaluations"]:
-        lines.append(f"  evaluation                {rel(e)}/ (metrics.json, predictions.parquet, roc.png, reliability.png, curves.png)")
+        lines.append(
+            f"  evaluation                {rel(e)}/ (metrics.json, predictions.parquet, roc.png, reliability.png, curves.png)"
+        )
     lines.append("mean test AUC (95% CI, patient bootstrap):")
     for name, v in summary["mean_test_auc"].items():
         ci = v["ci95"]
@@ -189,5 +207,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"target >= {summary['target_auc']} {verdict}"
     )
     s = summary["seconds"]
-    lines.append("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items() if k != "total") + f"; total {s['total']:.0f} s")
+    lines.append(
+        "wall time: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in s.items() if k != "total")
+        + f"; total {s['total']:.0f} s"
+    )
     return "\n".join(lines)

@@ -259,12 +259,13 @@ def summarize(
     }
     if thresholds is not None:
         thresholds = np.asarray(thresholds, dtype=np.float64)
-        sens_spec = [sensitivity_specificity(labels[mask[:, j], j], probs[mask[:, j], j], thresholds[j])
-                     for j in range(len(names))]
+        sens_spec = [
+            sensitivity_specificity(labels[mask[:, j], j], probs[mask[:, j], j], thresholds[j])
+            for j in range(len(names))
+        ]
         result["threshold"] = {n: json_number(t) for n, t in zip(names, thresholds)}
         result["sensitivity"] = {n: json_number(ss[0]) for n, ss in zip(names, sens_spec)}
         result["specificity"] = {n: json_number(ss[1]) for n, ss in zip(names, sens_spec)}
     if known is not None:
         result["excluded_unknown"] = {n: int(x) for n, x in zip(names, (~mask).sum(axis=0))}
     return result
-

@@ -83,7 +83,9 @@ def operating_report(
     cells = {"tp": called & y, "fp": called & ~y, "fn": ~called & y, "tn": ~called & ~y}
     cells = {key: value & mask for key, value in cells.items()}
     ones = np.ones((1, len(y)))
-    point = np.array([weighted_average_precision(y[mask[:, j], j], p[mask[:, j], j], ones[:, mask[:, j]])[0] for j in range(k)])
+    point = np.array(
+        [weighted_average_precision(y[mask[:, j], j], p[mask[:, j], j], ones[:, mask[:, j]])[0] for j in range(k)]
+    )
     boot_ap = np.full((n_boot, k), np.nan)
     stacked = np.concatenate([cells[c] for c in ("tp", "fp", "fn", "tn")], axis=1).astype(np.float64)
     boot_cells = np.zeros((n_boot, 4 * k))
@@ -99,7 +101,9 @@ def operating_report(
         sens_b, spec_b = tp / (tp + fn), tn / (tn + fp)
     names = list(label_names)
     result: dict[str, Any] = {
-        "prevalence": {n: _num(float(y[mask[:, j], j].mean()) if mask[:, j].any() else math.nan) for j, n in enumerate(names)},
+        "prevalence": {
+            n: _num(float(y[mask[:, j], j].mean()) if mask[:, j].any() else math.nan) for j, n in enumerate(names)
+        },
         "auprc": {n: _num(a) for n, a in zip(names, point)},
         "auprc_ci95": {n: _interval(boot_ap[:, j]) for j, n in enumerate(names)},
     }
@@ -139,7 +143,9 @@ def plot_pr(
         precision, recall, _ = precision_recall_curve(y, np.asarray(probs)[:, j])
         value = None if auprc is None else auprc[j]
         text = "n/a" if value is None else f"{value:.3f}"
-        ax.plot(recall, precision, color=colour, ls=style, lw=1.3, label=f"{name} (AUPRC {text}, prevalence {y.mean():.3f})")
+        ax.plot(
+            recall, precision, color=colour, ls=style, lw=1.3, label=f"{name} (AUPRC {text}, prevalence {y.mean():.3f})"
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.005)
     ax.set_xlabel("Recall = sensitivity (fraction of positives found)")

@@ -74,7 +74,8 @@ def val_fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(
             f"must be a number between 0 and 1 (exclusive), got {text!r}: training keeps its best epoch "
-            "by validation AUC, so validation cannot be empty")
+            "by validation AUC, so validation cannot be empty"
+        )
     return value
 
 
@@ -99,14 +100,21 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_device(parser: argparse.ArgumentParser, *, checked_by_parser: bool = True, default: str | None = "auto") -> None:
+def add_device(
+    parser: argparse.ArgumentParser, *, checked_by_parser: bool = True, default: str | None = "auto"
+) -> None:
     """``--device`` with the same values, default and help in every command.
 
     ``checked_by_parser=False``: the command checks it itself with :func:`check_device` first thing in
     ``run`` (evaluate, predict and localize answer a bad device with their one error line and exit 2).
     """
-    parser.add_argument("--device", default=default, type=device if checked_by_parser else str,
-                        metavar="|".join(DEVICE_CHOICES), help=DEVICE_HELP)
+    parser.add_argument(
+        "--device",
+        default=default,
+        type=device if checked_by_parser else str,
+        metavar="|".join(DEVICE_CHOICES),
+        help=DEVICE_HELP,
+    )
 
 
 def add_batch_size(parser: argparse.ArgumentParser, default: int | None, what: str = "images per forward pass") -> None:
@@ -117,8 +125,12 @@ def add_batch_size(parser: argparse.ArgumentParser, default: int | None, what: s
 
 def add_val_fraction(parser: argparse.ArgumentParser, default: float = 0.3) -> None:
     """``--val-fraction``: the share of the train_val patients that validation gets."""
-    parser.add_argument("--val-fraction", type=val_fraction, default=default,
-                        help=f"share of the train_val patients for validation (default: {default})")
+    parser.add_argument(
+        "--val-fraction",
+        type=val_fraction,
+        default=default,
+        help=f"share of the train_val patients for validation (default: {default})",
+    )
 
 
 def probability(text: str) -> float:

@@ -48,9 +48,10 @@ import socket
 import stat
 import time
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from cxrflow import __version__
 from cxrflow.errors import CxrflowError
@@ -79,7 +80,7 @@ def write_marker(folder: PathLike, command: str, **info: Any) -> Path:
         {
             "producer": f"cxrflow {command}",
             "cxrflow_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **info,
         },
     )
@@ -230,10 +231,15 @@ def check_target(
 
 def _check_target(out: Path, command: str, *, overwrite: bool, inputs: Iterable[PathLike], how: str) -> None:
     if out.is_symlink():  # publishing renames over the link itself, never into what it points at
-        raise CxrflowError("is a symbolic link (cxrflow writes outputs only to real folders); refusing to replace it, "
-                           "choose another --out or give the folder it points at", out)
+        raise CxrflowError(
+            "is a symbolic link (cxrflow writes outputs only to real folders); refusing to replace it, "
+            "choose another --out or give the folder it points at",
+            out,
+        )
     if out.exists() and not out.is_dir():
-        raise CxrflowError("exists and is not a folder (not a cxrflow output); refusing to replace it, choose another --out", out)
+        raise CxrflowError(
+            "exists and is not a folder (not a cxrflow output); refusing to replace it, choose another --out", out
+        )
     why = _protected(out, inputs)
     if why is not None:
         raise CxrflowError(f"{why}, not a cxrflow {command} output; refusing to replace it, choose another --out", out)
@@ -246,8 +252,10 @@ def _check_target(out: Path, command: str, *, overwrite: bool, inputs: Iterable[
         return
     if read_marker(out, command) is None:
         others = _marked_by(out)
-        what = f"a cxrflow {others[0]} output, not a cxrflow {command} output" if others else (
-            f"not a cxrflow {command} output (no {marker_name(command)})"
+        what = (
+            f"a cxrflow {others[0]} output, not a cxrflow {command} output"
+            if others
+            else (f"not a cxrflow {command} output (no {marker_name(command)})")
         )
         raise CxrflowError(f"folder exists and is {what}; refusing to replace it, choose another --out", out)
     if not overwrite:
@@ -258,8 +266,11 @@ def _check_target(out: Path, command: str, *, overwrite: bool, inputs: Iterable[
 def _refuse_foreign(out: Path, command: str) -> None:
     foreign = foreign_file(out, read_marker(out, command) or {})
     if foreign is not None:
-        raise CxrflowError(f"holds {foreign}, which cxrflow {command} did not write; refusing to replace the folder "
-                           "(move that file out of it, or choose another --out)", out)
+        raise CxrflowError(
+            f"holds {foreign}, which cxrflow {command} did not write; refusing to replace the folder "
+            "(move that file out of it, or choose another --out)",
+            out,
+        )
 
 
 def leftovers(out: PathLike) -> list[Path]:
@@ -377,7 +388,7 @@ class OutputLock:
             return None
         return holder
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         """Take the lock or raise a CxrflowError naming the holder."""
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -388,13 +399,19 @@ class OutputLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
-                    raise CxrflowError("is a symbolic link, not cxrflow's lock file; refusing to write through it "
-                                       "(remove it, or choose another --out)", self.path) from None
+                    raise CxrflowError(
+                        "is a symbolic link, not cxrflow's lock file; refusing to write through it "
+                        "(remove it, or choose another --out)",
+                        self.path,
+                    ) from None
                 raise CxrflowError(f"cannot create the lock file: {exc.strerror or exc}", self.path) from None
             if not _lock_file_of_ours(fd):
                 os.close(fd)
-                raise CxrflowError("exists and is not cxrflow's lock file (another file's content or links); refusing to "
-                                   "replace it (remove it, or choose another --out)", self.path)
+                raise CxrflowError(
+                    "exists and is not cxrflow's lock file (another file's content or links); refusing to "
+                    "replace it (remove it, or choose another --out)",
+                    self.path,
+                )
             try:
                 locked = self._flock(fd)
             except BaseException:
@@ -411,7 +428,7 @@ class OutputLock:
                 break
             os.close(fd)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+                  "started": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(holder) + "\n").encode())
         self.fd = fd
@@ -443,7 +460,7 @@ class OutputLock:
         os.close(self.fd)
         self.fd = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
@@ -478,7 +495,9 @@ class Publication:
                 try:
                     os.rmdir(self.out)  # an empty folder; fails if someone put files in it since the check
                 except OSError:
-                    raise CxrflowError("folder is no longer empty and not a cxrflow output; left as it is", self.out) from None
+                    raise CxrflowError(
+                        "folder is no longer empty and not a cxrflow output; left as it is", self.out
+                    ) from None
         try:
             os.replace(self.tmp, self.out)
         except BaseException:
@@ -545,8 +564,11 @@ def claiming(
     legacy = list(legacy)
 
     def check() -> None:
-        is_legacy = legacy and out.is_dir() and read_marker(out, command) is None and all(
-            (out / name).is_file() for name in legacy
+        is_legacy = (
+            legacy
+            and out.is_dir()
+            and read_marker(out, command) is None
+            and all((out / name).is_file() for name in legacy)
         )
         if resume and is_legacy and _protected(out, inputs) is None:
             return

@@ -9,7 +9,7 @@ The CLI commands save them.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -124,7 +124,9 @@ def plot_reliability(
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_aspect("equal")
-    ax.set_xlabel(f"Mean predicted probability in the bin ({bins} equal-width bins)\nnumbers and bars: (image, finding) pairs in the bin")
+    ax.set_xlabel(
+        f"Mean predicted probability in the bin ({bins} equal-width bins)\nnumbers and bars: (image, finding) pairs in the bin"
+    )
     ax.set_ylabel("Observed frequency of the finding in the bin (fraction of images)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -163,7 +165,13 @@ def _mark_stages(ax: Axes, recs: list[dict]) -> None:
     for i, (stage, first, last) in enumerate(spans):
         if i > 0:
             prev = STAGE_SHORT.get(spans[i - 1][0], spans[i - 1][0])
-            ax.axvline(first - 0.5, color="0.3", ls=":", lw=1.2, label=f"stage boundary ({prev} -> {STAGE_SHORT.get(stage, stage)})")
+            ax.axvline(
+                first - 0.5,
+                color="0.3",
+                ls=":",
+                lw=1.2,
+                label=f"stage boundary ({prev} -> {STAGE_SHORT.get(stage, stage)})",
+            )
         wide = last - first >= 2 or len(spans) == 1
         ax.text(
             (first + last) / 2,
@@ -182,7 +190,9 @@ def _values(recs: list[dict], key: str) -> np.ndarray:
     return np.array([np.nan if r.get(key) is None else float(r[key]) for r in recs])
 
 
-def plot_loss_curves(records: Iterable[Mapping], *, title: str = "Training and validation loss", ax: Axes | None = None) -> Figure:
+def plot_loss_curves(
+    records: Iterable[Mapping], *, title: str = "Training and validation loss", ax: Axes | None = None
+) -> Figure:
     """Train and validation loss per epoch over both stages, stage boundary marked."""
     recs = ordered_epochs(records)
     fig, ax = _new_axes(ax, (7.0, 4.5))
@@ -198,7 +208,9 @@ def plot_loss_curves(records: Iterable[Mapping], *, title: str = "Training and v
     return fig
 
 
-def plot_auc_curves(records: Iterable[Mapping], *, title: str = "Validation mean AUC", ax: Axes | None = None) -> Figure:
+def plot_auc_curves(
+    records: Iterable[Mapping], *, title: str = "Validation mean AUC", ax: Axes | None = None
+) -> Figure:
     """Mean validation AUC per epoch over both stages, stage boundary marked."""
     recs = ordered_epochs(records)
     fig, ax = _new_axes(ax, (7.0, 4.5))

@@ -24,15 +24,17 @@ class Progress:
     (default stderr) is not a terminal. ``update(done, **numbers)`` sets the position and the
     numbers shown beside it (rounded); ``close()`` removes the bar."""
 
-    def __init__(self, total: int, label: str, *, enabled: bool = True, unit: str = "it",
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self, total: int, label: str, *, enabled: bool = True, unit: str = "it", stream: TextIO | None = None
+    ) -> None:
         stream = sys.stderr if stream is None else stream
         self.bar = None
         if enabled and is_terminal(stream):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=label, unit=unit, file=stream, leave=False, dynamic_ncols=True,
-                            mininterval=0.2)
+            self.bar = tqdm(
+                total=total, desc=label, unit=unit, file=stream, leave=False, dynamic_ncols=True, mininterval=0.2
+            )
 
     @property
     def shown(self) -> bool:

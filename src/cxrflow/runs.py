@@ -68,16 +68,16 @@ def resolve_checkpoint(run: str | os.PathLike, checkpoint: str | None = None) ->
         return checkpoint, path
     path = Path(checkpoint)
     if not path.is_file():
-        raise CxrflowError(
-            f"no such checkpoint (give {', '.join(CHECKPOINT_NAMES)}, last, or a .pt file)", path
-        )
+        raise CxrflowError(f"no such checkpoint (give {', '.join(CHECKPOINT_NAMES)}, last, or a .pt file)", path)
     return path.stem, path
 
 
 def default_eval_dir(run: str | os.PathLike, split: str, checkpoint_name: str, store_name: str | None = None) -> Path:
     """Where ``cxrflow evaluate`` writes by default: ``RUN/eval-<split>-<checkpoint>``, or
     ``RUN/eval-<store_name>-<split>-<checkpoint>`` for an evaluation on another collection's store."""
-    return Path(run) / (f"eval-{store_name}-{split}-{checkpoint_name}" if store_name else f"eval-{split}-{checkpoint_name}")
+    return Path(run) / (
+        f"eval-{store_name}-{split}-{checkpoint_name}" if store_name else f"eval-{split}-{checkpoint_name}"
+    )
 
 
 def default_localize_dir(run: str | os.PathLike, split: str, checkpoint_name: str) -> Path:
@@ -159,7 +159,9 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
         for member in metrics["members"]:
             member_metrics = Path(member.get("eval", "")) / METRICS_NAME
             reason = evaluation_status(member_metrics)
-            if reason is None and safeio.read_json(member_metrics, "evaluation").get("checkpoint_sha256") != member.get("checkpoint_sha256"):
+            if reason is None and safeio.read_json(member_metrics, "evaluation").get("checkpoint_sha256") != member.get(
+                "checkpoint_sha256"
+            ):
                 reason = "a member was evaluated again with another checkpoint"
             if reason is not None:
                 return f"ensemble member {member.get('run')}: {reason}; build the ensemble again"
@@ -168,8 +170,12 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
     run = metrics.get("run", "RUN")
     folder = metrics_path.parent
     # an evaluation written with --out elsewhere is made again in its own folder, not the run's default one
-    out = "" if "run" not in metrics or not metrics.get("split") or folder.absolute() == default_eval_dir(Path(str(run)).absolute(), str(metrics["split"]), str(name)) else (
-        f" --split {metrics['split']} --out {folder}"
+    out = (
+        ""
+        if "run" not in metrics
+        or not metrics.get("split")
+        or folder.absolute() == default_eval_dir(Path(str(run)).absolute(), str(metrics["split"]), str(name))
+        else (f" --split {metrics['split']} --out {folder}")
     )
     if metrics.get("alignment") is not None:  # scored on another collection's store (cxrflow.results.crosseval)
         maps = "".join(f" --map {m!r}" for m in metrics.get("map") or [])
@@ -227,9 +233,17 @@ def check_metrics(m: Any, path: str | os.PathLike) -> dict:
         raise CxrflowError(f"metrics field 'mean_auc_ci95' must be [low, high] or null, got {ci!r}", path)
     members = m.get("members")
     if m.get("kind") == "ensemble" and not (
-        isinstance(members, list) and all(isinstance(x, dict) and isinstance(x.get("run"), str) and isinstance(x.get("eval"), str) for x in members)
+        isinstance(members, list)
+        and all(
+            isinstance(x, dict) and isinstance(x.get("run"), str) and isinstance(x.get("eval"), str) for x in members
+        )
     ):
-        raise CxrflowError(f"metrics field 'members' of an ensemble must be a list of objects with 'run' and 'eval' folders, got {members!r}"[:240], path)
+        raise CxrflowError(
+            f"metrics field 'members' of an ensemble must be a list of objects with 'run' and 'eval' folders, got {members!r}"[
+                :240
+            ],
+            path,
+        )
     size = m.get("size")
     sizes = size if m.get("kind") == "ensemble" and isinstance(size, list) else [size]  # an ensemble's members' sizes
     if size is not None and not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
@@ -307,4 +321,3 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
     if names and f"known_{names[0]}" in frame.columns:
         pred["known"] = frame[[f"known_{n}" for n in names]].to_numpy(np.float64)
     return pred, names
-

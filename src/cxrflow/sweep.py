@@ -49,18 +49,18 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
+from cxrflow import options, safeio
 from cxrflow.atomic import write_json_atomic
-from cxrflow.modelling.config import TrainConfig, apply_overrides, preset, read_config_file
-from cxrflow import options
-from cxrflow import safeio
 from cxrflow.errors import CxrflowError
-from cxrflow.runs import METRICS_NAME, default_eval_dir, evaluation_status
-from cxrflow.outputs import claiming
+from cxrflow.modelling.config import TrainConfig, apply_overrides, preset, read_config_file
 from cxrflow.modelling.sparktrain import SparkLaunch
+from cxrflow.outputs import claiming
+from cxrflow.runs import METRICS_NAME, default_eval_dir, evaluation_status
 from cxrflow.tracking import log_ensemble, request_from_argv
 
 RUN_KEYS = ("name", "evaluate")
@@ -107,7 +107,9 @@ def parse_sweep(data: dict, *, source: str = "sweep config", store: str | os.Pat
         raise CxrflowError("a sweep config must be a mapping with 'runs'", source)
     unknown = set(data) - {"store", "defaults", "runs", "n_boot", "description", "ensembles"}
     if unknown:
-        raise CxrflowError(f"unknown top-level keys {sorted(unknown)}; expected store, defaults, runs, n_boot, ensembles", source)
+        raise CxrflowError(
+            f"unknown top-level keys {sorted(unknown)}; expected store, defaults, runs, n_boot, ensembles", source
+        )
     runs = data.get("runs")
     if not isinstance(runs, list) or not runs:
         raise CxrflowError("'runs' must be a non-empty list of runs", source)
@@ -142,7 +144,10 @@ def parse_sweep(data: dict, *, source: str = "sweep config", store: str | os.Pat
             checkpoints = [checkpoints]
         possible = _default_checkpoints(config)
         if not isinstance(checkpoints, list):
-            raise CxrflowError(f"run {name!r}: 'evaluate' must be a list of checkpoints ({', '.join(possible)}), got {checkpoints!r}", source)
+            raise CxrflowError(
+                f"run {name!r}: 'evaluate' must be a list of checkpoints ({', '.join(possible)}), got {checkpoints!r}",
+                source,
+            )
         bad = [c for c in checkpoints if c not in possible]
         if bad:
             raise CxrflowError(f"run {name!r} cannot evaluate {bad}: it trains {', '.join(possible)}", source)
@@ -213,7 +218,9 @@ def build_sweep_ensembles(
         if missing:
             failed[spec.name] = f"members not evaluated: {', '.join(missing)}"
             continue
-        echo(f"[{spec.name}] cxrflow ensemble --method {spec.method} ({', '.join(f'{r}:{c}' for r, c in spec.members)})")
+        echo(
+            f"[{spec.name}] cxrflow ensemble --method {spec.method} ({', '.join(f'{r}:{c}' for r, c in spec.members)})"
+        )
         try:
             metrics = build_ensemble(evals, folder, method=spec.method, n_boot=n_boot, overwrite=True)
         except CxrflowError as exc:
@@ -261,9 +268,7 @@ def _check_same_settings(spec: RunSpec, folder: Path) -> None:
     except (OSError, ValueError, RecursionError):
         return  # the trainer reports an unreadable config itself
     wanted = spec.config.to_dict()
-    differ = [
-        k for k in wanted if k not in _FREE_SETTINGS and k in saved and saved[k] != wanted[k]
-    ]
+    differ = [k for k in wanted if k not in _FREE_SETTINGS and k in saved and saved[k] != wanted[k]]
     if differ:
         shown = ", ".join(f"{k}: run has {saved[k]!r}, sweep wants {wanted[k]!r}" for k in differ[:4])
         raise CxrflowError(
@@ -273,8 +278,9 @@ def _check_same_settings(spec: RunSpec, folder: Path) -> None:
         )
 
 
-def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: Sequence[str] = (),
-               quiet: bool = True) -> list[list[str]]:
+def plan_steps(
+    spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: Sequence[str] = (), quiet: bool = True
+) -> list[list[str]]:
     """The ``cxrflow`` command lines still needed for one run (empty when it is complete).
 
     ``tracking``: options added to every step (``--mlflow URI``); ``quiet``: training without its
@@ -286,8 +292,16 @@ def plan_steps(spec: RunSpec, out: Path, *, device: str, n_boot: int, tracking: 
         config_file = out / "configs" / f"{spec.name}.json"
         config_file.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(config_file, {k: v for k, v in spec.config.to_dict().items() if k != "out"})
-        train = ["train", "--config", str(config_file), "--out", str(folder), *(["--quiet"] if quiet else []),
-                 "--device", device]
+        train = [
+            "train",
+            "--config",
+            str(config_file),
+            "--out",
+            str(folder),
+            *(["--quiet"] if quiet else []),
+            "--device",
+            device,
+        ]
         if folder.exists():
             train.append("--resume")
         steps.append([*train, *tracking])
@@ -371,8 +385,18 @@ def run_sweep(
     out = Path(out)
     stores = {str(s.config.store) for s in sweep.runs}
     with claiming(out, "sweep", resume=True, inputs=[sweep.source, *stores], legacy=("sweep.json",)):
-        return _run_sweep(sweep, out, device=device, gpus=gpus, n_boot=n_boot, in_process=in_process, echo=echo, explore=explore,
-                          launch=launch, tracking=tracking)
+        return _run_sweep(
+            sweep,
+            out,
+            device=device,
+            gpus=gpus,
+            n_boot=n_boot,
+            in_process=in_process,
+            echo=echo,
+            explore=explore,
+            launch=launch,
+            tracking=tracking,
+        )
 
 
 def _run_sweep(
@@ -395,7 +419,11 @@ def _run_sweep(
         {
             "source": sweep.source,
             "runs": [
-                {"name": s.name, "evaluate": s.evaluate, "config": {**s.config.to_dict(), "out": str(run_dir(out, s.name))}}
+                {
+                    "name": s.name,
+                    "evaluate": s.evaluate,
+                    "config": {**s.config.to_dict(), "out": str(run_dir(out, s.name))},
+                }
                 for s in sweep.runs
             ],
             "n_boot": n_boot,
@@ -417,8 +445,12 @@ def _run_sweep(
             skipped.append(spec.name)
     if skipped:
         echo(f"already trained and evaluated: {', '.join(skipped)}")
-    where = f"on Spark ({launch.master})" if launch is not None else "in this process" if in_process else (
-        f"on GPU {', '.join(s for s in slots if s is not None)}" if slots != [None] else "on CPU, one at a time"
+    where = (
+        f"on Spark ({launch.master})"
+        if launch is not None
+        else "in this process"
+        if in_process
+        else (f"on GPU {', '.join(s for s in slots if s is not None)}" if slots != [None] else "on CPU, one at a time")
     )
     if jobs:
         echo(f"{len(jobs)} run(s) to train/evaluate {where}: {', '.join(j.name for j in jobs)}")
@@ -436,8 +468,11 @@ def _run_sweep(
     else:
         _run_subprocesses(jobs, slots, echo)
     failed = {j.name: j.failed for j in jobs if j.failed}
-    evaluated = [run_dir(out, s.name) for s in sweep.runs if any(
-        (default_eval_dir(run_dir(out, s.name), "test", c) / METRICS_NAME).is_file() for c in s.evaluate)]
+    evaluated = [
+        run_dir(out, s.name)
+        for s in sweep.runs
+        if any((default_eval_dir(run_dir(out, s.name), "test", c) / METRICS_NAME).is_file() for c in s.evaluate)
+    ]
     ensembles, ensemble_failed = build_sweep_ensembles(sweep, out, n_boot=n_boot, echo=echo, tracking=tracking)
     failed.update(ensemble_failed)
     evaluated += ensembles
@@ -507,10 +542,10 @@ def _run_subprocesses(
                 else:
                     echo(f"[{job.name}] done")
     finally:
-        for job, proc, log in active.values():
+        for _job, proc, _log in active.values():
             if proc.poll() is None:
                 proc.terminate()
-        for job, proc, log in active.values():
+        for _job, proc, _log in active.values():
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -530,8 +565,9 @@ def _main_thread() -> bool:
 # on a Spark cluster
 
 
-def run_sweep_jobs(jobs: list, launch: SparkLaunch, echo: Callable[[str], None],
-                   command: Callable[[list[str]], list[str]]) -> None:
+def run_sweep_jobs(
+    jobs: list, launch: SparkLaunch, echo: Callable[[str], None], command: Callable[[list[str]], list[str]]
+) -> None:
     """A sweep on the cluster: every job's ``train`` step is its own barrier job on one shared session,
     as many at once as the cluster's slots allow; its ``evaluate`` steps run here as subprocesses.
 
@@ -548,8 +584,9 @@ def run_sweep_jobs(jobs: list, launch: SparkLaunch, echo: Callable[[str], None],
             list(pool.map(lambda job: _run_steps(spark, launch, job, echo, command), jobs))
 
 
-def _run_steps(spark: Any, launch: SparkLaunch, job: Any, echo: Callable[[str], None],
-               command: Callable[[list[str]], list[str]]) -> None:
+def _run_steps(
+    spark: Any, launch: SparkLaunch, job: Any, echo: Callable[[str], None], command: Callable[[list[str]], list[str]]
+) -> None:
     import subprocess
 
     from cxrflow.commands.train import get_args_parser, run_config
@@ -564,8 +601,16 @@ def _run_steps(spark: Any, launch: SparkLaunch, job: Any, echo: Callable[[str], 
         try:
             if argv[0] == "train":
                 args = get_args_parser().parse_args(argv[1:])
-                train_on_spark(run_config(args), launch, resume=args.resume, overwrite=args.overwrite, quiet=True,
-                               tracking=request_from_args(args), spark=spark, log_path=str(job.log))
+                train_on_spark(
+                    run_config(args),
+                    launch,
+                    resume=args.resume,
+                    overwrite=args.overwrite,
+                    quiet=True,
+                    tracking=request_from_args(args),
+                    spark=spark,
+                    log_path=str(job.log),
+                )
             else:
                 with open(job.log, "a") as log:
                     code = subprocess.run(command(argv), stdout=log, stderr=subprocess.STDOUT).returncode

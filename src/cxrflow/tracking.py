@@ -36,13 +36,14 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
-from cxrflow.atomic import write_json_atomic
 from cxrflow import safeio
+from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
 from cxrflow.outputs import note_written
 
@@ -67,12 +68,20 @@ class TrackingRequest:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--mlflow [URI]`` and ``--mlflow-experiment NAME``."""
     parser.add_argument(
-        "--mlflow", nargs="?", const="", default=None, metavar="URI",
+        "--mlflow",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="URI",
         help="log to MLflow: a tracking URI (http://host:port, file:///path, databricks) or, without one, "
-             "a local store 'mlruns' beside the run folder (needs pip install 'cxrflow[mlflow]')",
+        "a local store 'mlruns' beside the run folder (needs pip install 'cxrflow[mlflow]')",
     )
-    parser.add_argument("--mlflow-experiment", default=DEFAULT_EXPERIMENT, metavar="NAME",
-                        help=f"MLflow experiment of new runs (default {DEFAULT_EXPERIMENT!r})")
+    parser.add_argument(
+        "--mlflow-experiment",
+        default=DEFAULT_EXPERIMENT,
+        metavar="NAME",
+        help=f"MLflow experiment of new runs (default {DEFAULT_EXPERIMENT!r})",
+    )
 
 
 def check_uri(uri: str) -> str:
@@ -188,8 +197,14 @@ def ensemble_params(metrics: dict) -> dict[str, str]:
             "name": name, "eval": member["eval"], "checkpoint_sha256": member.get("checkpoint_sha256"),
             **({"mlflow_run_id": record["run_id"], "mlflow_tracking_uri": record.get("tracking_uri")} if record else {}),
         }  # fmt: skip
-    return flatten_params({"method": metrics["method"], "split": metrics.get("split"),
-                           "label_names": list(metrics["label_names"]), "members": members})
+    return flatten_params(
+        {
+            "method": metrics["method"],
+            "split": metrics.get("split"),
+            "label_names": list(metrics["label_names"]),
+            "members": members,
+        }
+    )
 
 
 def _warn(message: str) -> None:
@@ -200,8 +215,15 @@ class Tracker:
     """One run folder's MLflow run. Every call is guarded: the first backend failure is one warning,
     and the tracker logs nothing more in this process."""
 
-    def __init__(self, uri: str, run_folder: str | os.PathLike, *, experiment: str = DEFAULT_EXPERIMENT,
-                 run_id: str | None = None, warn: Callable[[str], None] = _warn):
+    def __init__(
+        self,
+        uri: str,
+        run_folder: str | os.PathLike,
+        *,
+        experiment: str = DEFAULT_EXPERIMENT,
+        run_id: str | None = None,
+        warn: Callable[[str], None] = _warn,
+    ):
         self.uri, self.folder, self.experiment = uri, Path(run_folder), experiment
         self.run_id, self.warn = run_id, warn
         self.client: Any = None
@@ -210,14 +232,17 @@ class Tracker:
         self.logged_step: int | None = None
 
     @classmethod
-    def for_run(cls, request: TrackingRequest | None, run_folder: str | os.PathLike,
-                warn: Callable[[str], None] = _warn) -> "Tracker | None":
+    def for_run(
+        cls, request: TrackingRequest | None, run_folder: str | os.PathLike, warn: Callable[[str], None] = _warn
+    ) -> Tracker | None:
         """The tracker of a run folder: its recorded MLflow run, or a new one where ``request`` asks."""
         request = request or TrackingRequest()
         record = read_record(run_folder)
         if request.uri is None and record is None:
             return None
-        uri = request.uri or (record["tracking_uri"] if record else default_uri(Path(os.path.abspath(run_folder)).parent))
+        uri = request.uri or (
+            record["tracking_uri"] if record else default_uri(Path(os.path.abspath(run_folder)).parent)
+        )
         same = record is not None and record.get("tracking_uri") == uri
         return cls(uri, run_folder, experiment=request.experiment, run_id=record["run_id"] if same else None, warn=warn)
 
@@ -244,14 +269,19 @@ class Tracker:
 
         if self.uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow-skinny has no database backend
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a server that is down costs seconds, not minutes
+        os.environ.setdefault(
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"
+        )  # a server that is down costs seconds, not minutes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         client = MlflowClient(tracking_uri=self.uri)
         if self.run_id is not None:
             try:
                 client.get_run(self.run_id)
             except Exception as exc:
-                if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(exc, "error_code", "")) and "not found" not in str(exc).lower():
+                if (
+                    "RESOURCE_DOES_NOT_EXIST" not in str(getattr(exc, "error_code", ""))
+                    and "not found" not in str(exc).lower()
+                ):
                     raise
                 self.run_id = None  # the recorded run was deleted: track the folder in a new one
         if self.run_id is None:
@@ -263,19 +293,27 @@ class Tracker:
                     experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
             else:
                 experiment_id = experiment.experiment_id
-            run = client.create_run(experiment_id, run_name=self.folder.name,
-                                    tags={"cxrflow.run_folder": str(self.folder.resolve())})
+            run = client.create_run(
+                experiment_id, run_name=self.folder.name, tags={"cxrflow.run_folder": str(self.folder.resolve())}
+            )
             self.run_id = run.info.run_id
             self.created = True
             note_written(self.folder, RUN_ID_FILE)  # an --overwrite may replace it with the folder
-            write_json_atomic(self.folder / RUN_ID_FILE, {"tracking_uri": self.uri, "experiment": self.experiment,
-                                                          "experiment_id": experiment_id, "run_id": self.run_id})
+            write_json_atomic(
+                self.folder / RUN_ID_FILE,
+                {
+                    "tracking_uri": self.uri,
+                    "experiment": self.experiment,
+                    "experiment_id": experiment_id,
+                    "run_id": self.run_id,
+                },
+            )
         self.client = client
 
     def _log_metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in values.items()]
@@ -290,7 +328,11 @@ class Tracker:
         if self.logged_step is None:
             if self.created:
                 config_path = self.folder / "config.json"
-                self._log_params(flatten_params(safeio.read_json(config_path, "run config", safeio.CONFIG_BYTES)) if config_path.is_file() else {})
+                self._log_params(
+                    flatten_params(safeio.read_json(config_path, "run config", safeio.CONFIG_BYTES))
+                    if config_path.is_file()
+                    else {}
+                )
                 self.logged_step = 0
             else:
                 if training:
@@ -364,8 +406,9 @@ class Tracker:
 
 
 @contextlib.contextmanager
-def tracked_training(request: TrackingRequest | None, run_folder: str | os.PathLike,
-                     enabled: bool = True) -> Iterator[Callable[[list[dict]], None] | None]:
+def tracked_training(
+    request: TrackingRequest | None, run_folder: str | os.PathLike, enabled: bool = True
+) -> Iterator[Callable[[list[dict]], None] | None]:
     """The epoch hook of one training process (None when untracked or not rank 0); closes the MLflow run."""
     tracker = Tracker.for_run(request, run_folder) if enabled else None
     if tracker is None:

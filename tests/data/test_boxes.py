@@ -55,7 +55,13 @@ def test_predicted_boxes_pool_thresholds_rank_by_peak_and_cap():
     heat[36:38, 2:4] = 0.3
     boxes = predicted_boxes(heat, (60, 180), max_boxes=None)
     first = boxes[0]
-    assert (first["x"], first["y"], first["w"], first["h"], first["score"]) == (10, 10, 4, 4, 1.0)  # tight 180-box first
+    assert (first["x"], first["y"], first["w"], first["h"], first["score"]) == (
+        10,
+        10,
+        4,
+        4,
+        1.0,
+    )  # tight 180-box first
     assert (boxes[1]["x"], boxes[1]["w"]) == (5, 20)  # same peak, wider 60-box next
     assert boxes[2]["score"] == pytest.approx(0.5)
     assert len(boxes) == 4
@@ -84,7 +90,12 @@ def test_accuracy_fp_and_pairs():
     assert r["accuracy_iobb"]["0.75"]["Mass"] == pytest.approx(1 / 3)
     assert r["accuracy_iou"]["0.3"]["overall"] == 0.5 and r["accuracy_iou"]["0.4"]["overall"] == 0.25
     # FP at T(IoBB)=0.5: pair (a, Mass) 1, (b, Mass) 0, (b, Nodule) 1 -> Mass 0.5 per image, Nodule 1
-    assert r["fp_per_image_by_iobb"]["0.5"] == {"Mass": 0.5, "Nodule": 1.0, "Edema": None, "overall": pytest.approx(2 / 3)}
+    assert r["fp_per_image_by_iobb"]["0.5"] == {
+        "Mass": 0.5,
+        "Nodule": 1.0,
+        "Edema": None,
+        "overall": pytest.approx(2 / 3),
+    }
     assert r["fp_per_image_by_iobb"]["0.75"]["Mass"] == 1.0  # the IoBB-0.5 box counts as false too
     # without predicted boxes every ground-truth box scores 0
     empty = evaluate_boxes(gt, pred.iloc[:0], ["Mass"])

@@ -11,7 +11,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cxrflow.modelling.config import resolve_config
 from cxrflow.data.demographics import (
     count_unknown,
     encode,
@@ -21,6 +20,7 @@ from cxrflow.data.demographics import (
     read_metadata_csv,
 )
 from cxrflow.errors import CxrflowError
+from cxrflow.modelling.config import resolve_config
 from cxrflow.modelling.models import CHECKPOINTING_MODELS, MODEL_NAMES, count_parameters, create_model, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,10 +45,17 @@ def test_arrow_columns_with_nulls_and_counts():
     view = pa.array(["PA", "AP", "AP", "PA", "lateral"])
     unknown = np.isnan(encode_arrow(age, sex, view))
     assert unknown.tolist() == [
-        [False, False, False], [True, False, False], [True, True, False], [False, True, False], [True, False, True]
+        [False, False, False],
+        [True, False, False],
+        [True, True, False],
+        [False, True, False],
+        [True, False, True],
     ]
     assert count_unknown([30, None, 121, 1, -4], ["M", "F", None, "U", "F"], ["PA", "AP", "AP", "PA", "lateral"]) == {
-        "age": 3, "sex": 2, "view": 1, "any": 4
+        "age": 3,
+        "sex": 2,
+        "view": 1,
+        "any": 4,
     }
 
 
@@ -85,8 +92,14 @@ def test_fused_model_of_every_entry_trains_head_and_fusion_in_kt(name):
 def test_fused_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = create_model("simple_cnn", 14, fusion="demographics").eval()
-    torch.save({"model": model.state_dict(), "config": {"model": "simple_cnn", "fusion": "demographics"},
-                "label_names": [str(i) for i in range(14)]}, tmp_path / "c.pt")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": {"model": "simple_cnn", "fusion": "demographics"},
+            "label_names": [str(i) for i in range(14)],
+        },
+        tmp_path / "c.pt",
+    )
     loaded, _ = load_checkpoint(tmp_path / "c.pt")
     x, d = torch.randn(2, 3, 32, 32), torch.tensor(encode([(40, "F", "PA"), (80, "M", "AP")]))
     with torch.no_grad():

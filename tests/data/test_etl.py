@@ -14,13 +14,13 @@ import pytest
 from PIL import Image, ImageOps
 
 from cxrflow.cli import main
-from cxrflow.errors import CxrflowError
 from cxrflow.data.etl import auto_rows_per_file, parse_sizes, plan_tasks, process_task, row_group_rows, run_etl
 from cxrflow.data.labels import NIH14
 from cxrflow.data.metadata import load_release
 from cxrflow.data.split import assign_splits
 from cxrflow.data.store import MANIFEST_NAME, SCHEMA, format_manifest, read_manifest, row_order_key
 from cxrflow.data.synth import synthesize
+from cxrflow.errors import CxrflowError
 from spark_standalone import wait_until_exited
 
 SIZES = [16, 32]
@@ -38,7 +38,9 @@ def _read(store, size=None, split=None):
         flt = ds.field("size") == size
     if split is not None:
         flt = (ds.field("split") == split) if flt is None else flt & (ds.field("split") == split)
-    table = dataset.to_table(filter=flt).sort_by([("size", "ascending"), ("split", "ascending"), ("image_id", "ascending")])
+    table = dataset.to_table(filter=flt).sort_by(
+        [("size", "ascending"), ("split", "ascending"), ("image_id", "ascending")]
+    )
     return table
 
 
@@ -286,7 +288,9 @@ def test_task_bug_in_a_decode_thread_raises_and_leaves_no_file(handmade, tmp_pat
 
     monkeypatch.setattr(etl, "load_and_resize", buggy)
     with pytest.raises(RuntimeError, match="a bug"):
-        process_task(task, store=str(tmp_path), sizes=[16], group_rows={16: 2}, compression="zstd", num_labels=14, threads=3)
+        process_task(
+            task, store=str(tmp_path), sizes=[16], group_rows={16: 2}, compression="zstd", num_labels=14, threads=3
+        )
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
@@ -358,7 +362,11 @@ def test_existing_store_refused_then_overwritten(spark, handmade, handmade_store
     copy = tmp_path / "copy"
     run_etl(root, copy, [8], spark=spark, rows_per_file=32)
     again = run_etl(root, copy, [12], spark=spark, rows_per_file=32, overwrite=True)
-    assert again["sizes"] == [12] and sorted(p.name for p in copy.iterdir()) == [".cxrflow-etl.json", MANIFEST_NAME, "size=12"]
+    assert again["sizes"] == [12] and sorted(p.name for p in copy.iterdir()) == [
+        ".cxrflow-etl.json",
+        MANIFEST_NAME,
+        "size=12",
+    ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or old folders left
 
 
@@ -410,7 +418,9 @@ def test_killed_run_leaves_nothing_that_looks_complete(spark, synthetic, tmp_pat
     # makes a process group of its own, so the kill below does not reach them and they outlive the run
     mark = f"CXRFLOW_TEST_KILLED_RUN={tmp_path}"
     proc = subprocess.Popen(
-        _cli("--data", str(synthetic), "--out", str(out), "--sizes", "16", "--master", "local[1]", "--rows-per-file", "1"),
+        _cli(
+            "--data", str(synthetic), "--out", str(out), "--sizes", "16", "--master", "local[1]", "--rows-per-file", "1"
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -449,8 +459,16 @@ def test_local_cluster_gives_the_same_store_as_local(synthetic, synthetic_store,
     out = tmp_path / "cluster"
     proc = subprocess.run(
         _cli(
-            "--data", str(synthetic), "--out", str(out), "--sizes", "16,32", "--rows-per-file", "8",
-            "--master", "local-cluster[2,1,1024]",
+            "--data",
+            str(synthetic),
+            "--out",
+            str(out),
+            "--sizes",
+            "16,32",
+            "--rows-per-file",
+            "8",
+            "--master",
+            "local-cluster[2,1,1024]",
         ),  # fmt: skip
         capture_output=True,
         text=True,
@@ -494,7 +512,6 @@ def test_etl_without_split_file_is_the_split_command(synthetic, synthetic_store,
 
 
 def test_etl_uses_exactly_the_split_file(spark, synthetic, synthetic_store, tmp_path):
-    import pandas as pd
 
     release = load_release(synthetic)
     frame = assign_splits(release.entries, release.train_val, release.test, seed=0)
@@ -523,7 +540,9 @@ def _bad_split_file(synthetic, tmp_path, kind):
     elif kind == "missing":
         frame = frame.iloc[1:]
     elif kind == "foreign":
-        frame = pd.concat([frame, pd.DataFrame({"image_id": ["99999999_000.png"], "patient_id": [99999999], "split": ["train"]})])
+        frame = pd.concat(
+            [frame, pd.DataFrame({"image_id": ["99999999_000.png"], "patient_id": [99999999], "split": ["train"]})]
+        )
     elif kind == "bad-split":
         frame.loc[frame.index[3], "split"] = "holdout"
     path = tmp_path / f"{kind}.csv"

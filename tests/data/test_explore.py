@@ -80,7 +80,12 @@ def test_stats_hand_checked(tiny):
 def test_figures_are_titled_and_labelled(tiny):
     entries = read_data_entry(tiny)
     stats = compute_stats(entries)
-    for fig in (plot_findings(stats), plot_cooccurrence(stats), plot_age_by_sex(entries), plot_images_per_patient(entries)):
+    for fig in (
+        plot_findings(stats),
+        plot_cooccurrence(stats),
+        plot_age_by_sex(entries),
+        plot_images_per_patient(entries),
+    ):
         assert isinstance(fig, Figure)
         ax = fig.axes[0]
         assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
@@ -117,7 +122,9 @@ def test_cli_bad_metadata_is_one_error_line(tmp_path, capsys):
     bad.write_text("\n".join([HEADER, TINY[0], TINY[1].replace("No Finding", "Nothing")]) + "\n")
     assert main(["explore", "--metadata", str(bad), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {bad}:3: unknown finding 'Nothing' in Finding Labels 'Nothing' (known: {', '.join(NIH14.names)}, No Finding)"]
+    assert err == [
+        f"error: {bad}:3: unknown finding 'Nothing' in Finding Labels 'Nothing' (known: {', '.join(NIH14.names)}, No Finding)"
+    ]
     assert main(["explore", "--metadata", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope.csv'}: file not found"
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from cxrflow.errors import CxrflowError
 from cxrflow.data.imaging import ImageError, load_and_resize, load_gray, pad_square, preprocess, resize_gray
+from cxrflow.errors import CxrflowError
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cxrflow.errors import CxrflowError
 from cxrflow.data.loader import augment, make_loader, to_model_input
 from cxrflow.data.store import MANIFEST_NAME, SCHEMA, split_dir
+from cxrflow.errors import CxrflowError
 from cxrflow.testing.synthstore import write_synthetic_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
@@ -102,8 +102,13 @@ def test_a_batch_size_beyond_the_split_is_one_batch_not_a_huge_buffer(stores, nu
 def test_drop_last_gives_full_equal_batches(stores, num_workers, world_size):
     n, batch_size = 61, 4
     per_rank = epoch_batches(
-        stores["many-small"], 32, "train", batch_size=batch_size, num_workers=num_workers,
-        world_size=world_size, drop_last=True,
+        stores["many-small"],
+        32,
+        "train",
+        batch_size=batch_size,
+        num_workers=num_workers,
+        world_size=world_size,
+        drop_last=True,
     )
     per_rank_batches = (n // world_size) // batch_size
     assert [len(b) for b in per_rank] == [per_rank_batches] * world_size
@@ -226,8 +231,10 @@ def test_urls_and_fsspec_filesystems(stores, tmp_path):
     store = stores["few-big"]
     expected = ids_of(epoch_batches(store, 16, "val", batch_size=4, seed=5))
     assert ids_of(epoch_batches(store.as_uri(), 16, "val", batch_size=4, seed=5)) == expected
-    assert ids_of(epoch_batches(str(store), 16, "val", batch_size=4, seed=5,
-                                filesystem=pafs.LocalFileSystem())) == expected
+    assert (
+        ids_of(epoch_batches(str(store), 16, "val", batch_size=4, seed=5, filesystem=pafs.LocalFileSystem()))
+        == expected
+    )
     memory = fsspec.filesystem("memory")
     root = f"/cxrflow-test-{tmp_path.name}"
     for path in store.rglob("*"):
@@ -373,7 +380,9 @@ def test_peak_memory_flat_when_store_grows_tenfold(tmp_path):
     for n in (300, 3000):
         store = tmp_path / f"s{n}"
         write_synthetic_store(store, sizes=(128,), rows={"train": n}, rows_per_file=300, row_group_rows=32)
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(store)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROBE, str(store)], capture_output=True, text=True, check=True
+        )
         rows, grew = map(int, out.stdout.split())
         assert rows == n
         growth[n] = grew

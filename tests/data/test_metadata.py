@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from cxrflow.cli import main
-from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import NIH14, LabelVocabulary
 from cxrflow.data.metadata import (
     find_images,
@@ -20,6 +19,7 @@ from cxrflow.data.metadata import (
     read_data_entry,
     read_image_list,
 )
+from cxrflow.errors import CxrflowError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "nih"
 V2020 = FIXTURES / "Data_Entry_2017_v2020.head.csv"
@@ -67,7 +67,9 @@ def test_label_columns_match_per_row_parsing():
 def test_original_format_with_trailing_column_and_short_spacing():
     old, new = read_data_entry(ORIGINAL), read_data_entry(V2020)
     assert ORIGINAL.read_text().splitlines()[1].endswith(",")
-    pd.testing.assert_frame_equal(old.drop(columns=["spacing_x", "spacing_y"]), new.drop(columns=["spacing_x", "spacing_y"]))
+    pd.testing.assert_frame_equal(
+        old.drop(columns=["spacing_x", "spacing_y"]), new.drop(columns=["spacing_x", "spacing_y"])
+    )
     np.testing.assert_allclose(old["spacing_x"], new["spacing_x"])
 
 
@@ -83,7 +85,9 @@ def test_bbox_head_and_infiltrate_alias(tmp_path):
     boxes = read_bbox(BBOX)
     assert list(boxes.columns) == ["image_id", "finding", "x", "y", "w", "h"] and len(boxes) == 20
     assert boxes.iloc[0]["image_id"] == "00013118_008.png"
-    assert boxes.iloc[0][["x", "y", "w", "h"]].tolist() == pytest.approx([225.084745762712, 547.019216763771, 86.7796610169491, 79.1864406779661])
+    assert boxes.iloc[0][["x", "y", "w", "h"]].tolist() == pytest.approx(
+        [225.084745762712, 547.019216763771, 86.7796610169491, 79.1864406779661]
+    )
     lines = BBOX.read_text().splitlines()
     lines[2] = lines[2].replace("Atelectasis", "Infiltrate")
     assert read_bbox(write_lines(tmp_path / "b.csv", lines))["finding"].iloc[1] == "Infiltration"
@@ -91,7 +95,10 @@ def test_bbox_head_and_infiltrate_alias(tmp_path):
 
 def test_another_vocabulary_describes_another_label_set(tmp_path):
     lines = head_lines()[:4]
-    lines[1:] = [line.replace("Cardiomegaly|Emphysema", "Emphysema").replace("Cardiomegaly|Effusion", "Effusion") for line in lines[1:]]
+    lines[1:] = [
+        line.replace("Cardiomegaly|Emphysema", "Emphysema").replace("Cardiomegaly|Effusion", "Effusion")
+        for line in lines[1:]
+    ]
     vocab = LabelVocabulary(("Effusion", "Emphysema", "Cardiomegaly"))
     df = read_data_entry(write_lines(tmp_path / "d.csv", lines), vocab)
     assert list(df.columns[11:]) == ["Effusion", "Emphysema", "Cardiomegaly"]
@@ -149,10 +156,20 @@ BAD_DATA_ENTRY = [
     ("too few columns", _truncate(9), 11, "expected 11 columns, found 10"),
     ("value after last column", _append(8, ",,x"), 10, "expected 11 columns, found 13"),
     ("empty labels", _set(3, 1, ""), 5, "empty 'Finding Labels'"),
-    ("duplicate image", _set(12, 0, "00000001_002.png"), 14, "duplicate Image Index '00000001_002.png' (first on line 4)"),
+    (
+        "duplicate image",
+        _set(12, 0, "00000001_002.png"),
+        14,
+        "duplicate Image Index '00000001_002.png' (first on line 4)",
+    ),
     ("bad sex", _set(5, 5, "X"), 7, "'Patient Gender' must be one of M/F"),
     ("bad view", _set(5, 6, "LL"), 7, "'View Position' must be one of PA/AP"),
-    ("id beyond int64", _set(5, 3, "99999999999999999999"), 7, "'Patient ID' = 99999999999999999999 does not fit a 64-bit integer"),
+    (
+        "id beyond int64",
+        _set(5, 3, "99999999999999999999"),
+        7,
+        "'Patient ID' = 99999999999999999999 does not fit a 64-bit integer",
+    ),
     ("NaN spacing", _set(5, 9, "nan"), 7, "'OriginalImagePixelSpacing[x,y]' must be a finite number, got 'nan'"),
     ("infinite spacing", _set(5, 10, "inf"), 7, "must be a finite number, got 'inf'"),
     ("age beyond int64", _set(5, 4, "1" + "0" * 20), 7, "does not fit a 64-bit integer"),
@@ -235,7 +252,11 @@ def test_read_image_list_skips_blank_lines(tmp_path):
     path = tmp_path / "l.txt"
     path.write_text("a.png\n\nb.png\n")
     assert read_image_list(path) == ["a.png", "b.png"]
-    assert read_image_list(FIXTURES / "test_list.head.txt") == ["00000003_000.png", "00000003_001.png", "00000003_002.png"]
+    assert read_image_list(FIXTURES / "test_list.head.txt") == [
+        "00000003_000.png",
+        "00000003_001.png",
+        "00000003_002.png",
+    ]
 
 
 def test_list_entry_not_in_metadata(tmp_path):

@@ -3,19 +3,30 @@ import sys
 
 import pytest
 
-from cxrflow.errors import CxrflowError
 from cxrflow.data.spark import SUPPORTED_JAVA, check_master, find_java, java_version
+from cxrflow.errors import CxrflowError
 
 
 @pytest.mark.parametrize(
     "master",
-    ["local", "local[2]", "local[*]", "local[4,2]", "local-cluster[2,1,1024]", "spark://host:7077", "yarn", "k8s://https://k:443"],
+    [
+        "local",
+        "local[2]",
+        "local[*]",
+        "local[4,2]",
+        "local-cluster[2,1,1024]",
+        "spark://host:7077",
+        "yarn",
+        "k8s://https://k:443",
+    ],
 )
 def test_valid_masters(master):
     assert check_master(f" {master} ") == master
 
 
-@pytest.mark.parametrize("master", ["", "locl[2]", "local[0]", "local[x]", "local-cluster[2,1]", "http://host", "spark://"])
+@pytest.mark.parametrize(
+    "master", ["", "locl[2]", "local[0]", "local[x]", "local-cluster[2,1]", "http://host", "spark://"]
+)
 def test_invalid_masters_are_one_clear_error(master):
     with pytest.raises(CxrflowError, match="invalid Spark master"):
         check_master(master)

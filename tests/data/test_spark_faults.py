@@ -25,8 +25,12 @@ JOB_TIMEOUT = 420
 def _env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[2] / "src")
     # the driver binds to loopback too (by default a driver on a spark:// master takes the host's address)
-    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
-            "SPARK_LOCAL_IP": "127.0.0.1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
 
 
 @pytest.mark.slow
@@ -44,8 +48,24 @@ def test_etl_with_a_worker_killed_mid_job_is_complete_or_not_published(tmp_path)
             return True
 
         code, err, killed = run_with_fault(
-            ["etl", "--data", str(release), "--out", str(out), "--sizes", "32", "--master", cluster.url,
-             "--rows-per-file", "4", "--no-progress"], _env(), kill_a_worker, JOB_TIMEOUT)
+            [
+                "etl",
+                "--data",
+                str(release),
+                "--out",
+                str(out),
+                "--sizes",
+                "32",
+                "--master",
+                cluster.url,
+                "--rows-per-file",
+                "4",
+                "--no-progress",
+            ],
+            _env(),
+            kill_a_worker,
+            JOB_TIMEOUT,
+        )
     assert killed, "the job ended before a worker could be killed"
     assert not list(tmp_path.glob(".store.partial-*")), "the temporary store was left behind"
     if code != 0:  # refused: one clear line, nothing published
@@ -73,10 +93,30 @@ def test_training_with_a_worker_killed_fails_cleanly_and_resumes_on_a_new_worker
     write_synthetic_store(store, sizes=(32,), rows={"train": 256, "val": 32, "test": 8}, seed=6)
     run = tmp_path / "run"
     with loopback_cluster(tmp_path / "cluster", workers=2) as cluster:
-        argv = ["train", "--quiet", "--store", str(store), "--size", "32", "--model", "simple_cnn", "--out", str(run),
-                "--epochs", "8", "--batch-size", "8", "--set", "early_stopping_patience=0",
-                "--spark-master", cluster.url, "--processes", "2",
-                "--spark-wait", "300"]  # both runs wait for their executors however slowly they register
+        argv = [
+            "train",
+            "--quiet",
+            "--store",
+            str(store),
+            "--size",
+            "32",
+            "--model",
+            "simple_cnn",
+            "--out",
+            str(run),
+            "--epochs",
+            "8",
+            "--batch-size",
+            "8",
+            "--set",
+            "early_stopping_patience=0",
+            "--spark-master",
+            cluster.url,
+            "--processes",
+            "2",
+            "--spark-wait",
+            "300",
+        ]  # both runs wait for their executors however slowly they register
 
         def kill_a_worker(pid: int) -> bool:
             if not (run / "metrics.jsonl").exists():
@@ -86,8 +126,9 @@ def test_training_with_a_worker_killed_fails_cleanly_and_resumes_on_a_new_worker
 
         # the job's processes on the executors (PySpark workers, torchrun, the ranks) carry this mark
         mark = f"CXRFLOW_TEST_JOB={tmp_path}"
-        code, err, killed = run_with_fault([*argv, "--spark-conf", f"spark.executorEnv.{mark}"], _env(), kill_a_worker,
-                                           JOB_TIMEOUT)
+        code, err, killed = run_with_fault(
+            [*argv, "--spark-conf", f"spark.executorEnv.{mark}"], _env(), kill_a_worker, JOB_TIMEOUT
+        )
         assert killed and code == 2, err[-3000:]
         # rank 0 on the surviving worker holds the run folder's lock until it has exited: the resume
         # below starts once every process of the failed job is gone, however slowly they stop
@@ -98,8 +139,13 @@ def test_training_with_a_worker_killed_fails_cleanly_and_resumes_on_a_new_worker
         assert 1 <= len(before) < 8 and not (run / "done.json").exists()
 
         cluster.add_worker()  # the lost node is replaced
-        done = subprocess.run([sys.executable, "-m", "cxrflow.cli", *argv, "--resume"], env=_env(),
-                              capture_output=True, text=True, timeout=JOB_TIMEOUT)
+        done = subprocess.run(
+            [sys.executable, "-m", "cxrflow.cli", *argv, "--resume"],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=JOB_TIMEOUT,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     after = _metrics(run)
     assert [r["epoch"] for r in after] == list(range(1, 9)) and after[: len(before)] == before

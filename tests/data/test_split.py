@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from cxrflow.cli import main
-from cxrflow.errors import CxrflowError
 from cxrflow.data.metadata import read_data_entry
 from cxrflow.data.split import MODE_OFFICIAL, MODE_PATIENTS, assign_splits, split_counts
 from cxrflow.data.synth import TEST_NAME, TRAIN_VAL_NAME, sample_entries, write_data_entry
+from cxrflow.errors import CxrflowError
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,9 @@ def test_bad_input_is_a_user_error(release):
     other = entries.loc[entries["patient_id"] != moved, "image_id"].iloc[0]
     with pytest.raises(CxrflowError, match="has images in both official lists"):
         # put one test patient's image in train_val (and keep every image listed once)
-        assign_splits(entries, [i for i in train_val if i != other] + [test[0]], [i for i in test if i != test[0]] + [other])
+        assign_splits(
+            entries, [i for i in train_val if i != other] + [test[0]], [i for i in test if i != test[0]] + [other]
+        )
 
 
 def test_cli_official_lists_then_refuses_overwrite(release, tmp_path, capsys):

@@ -5,9 +5,9 @@ import pyarrow.dataset as ds
 import pytest
 
 from cxrflow.cli import main
-from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import NIH14
 from cxrflow.data.store import MANIFEST_NAME, SCHEMA, check_partition, pixel_stats, read_manifest
+from cxrflow.errors import CxrflowError
 from cxrflow.testing.synthstore import write_synthetic_store
 
 
@@ -91,9 +91,12 @@ def test_store_info_words_the_manifest_without_python_reprs():
     for repr_mark in ("{", "}", "=None", "None", "'"):
         assert repr_mark not in text, repr_mark
     lines = text.splitlines()
-    table = lines[lines.index("images per split:") + 1:][:2]
+    table = lines[lines.index("images per split:") + 1 :][:2]
     assert table[0].split() == ["size", "train", "val", "test", "train", "pixel", "mean", "/", "std"]
     assert table[1].split() == ["16", "34", "6", "1,234", "0.412", "/", "0.200"]
     assert table[0].index("test") + 4 == table[1].index("1,234") + 5  # right-aligned under its heading
-    assert "split: no official split: all patients 70 / 10 / 20 train / val / test (seed 3); patients: train 9, val 2, test 3" in text
+    assert (
+        "split: no official split: all patients 70 / 10 / 20 train / val / test (seed 3); patients: train 9, val 2, test 3"
+        in text
+    )
     assert "written by cxrflow 0.1.0 on 2026-01-02 03:04 UTC" in text

@@ -8,10 +8,18 @@ import pytest
 from PIL import Image
 
 from cxrflow.cli import main
-from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import NIH14
 from cxrflow.data.metadata import label_matrix, load_release, read_data_entry
-from cxrflow.data.synth import BBOX_HEADER, DATA_ENTRY_HEADER, GRID, PATTERNS, sample_entries, synthesize, write_data_entry
+from cxrflow.data.synth import (
+    BBOX_HEADER,
+    DATA_ENTRY_HEADER,
+    GRID,
+    PATTERNS,
+    sample_entries,
+    synthesize,
+    write_data_entry,
+)
+from cxrflow.errors import CxrflowError
 
 SIZE = 64
 
@@ -46,7 +54,12 @@ def test_every_finding_has_its_box(synth_dir):
     boxes = {(ids.index(r.image_id), r.finding) for r in release.bbox.itertuples()}
     assert boxes == positives
     b = release.bbox
-    assert (b["x"] >= 0).all() and (b["y"] >= 0).all() and (b["x"] + b["w"] <= SIZE).all() and (b["y"] + b["h"] <= SIZE).all()
+    assert (
+        (b["x"] >= 0).all()
+        and (b["y"] >= 0).all()
+        and (b["x"] + b["w"] <= SIZE).all()
+        and (b["y"] + b["h"] <= SIZE).all()
+    )
     assert (b["w"] >= SIZE / 5).all()  # patterns are large enough to survive downsampling
     cells = b.apply(lambda r: (int((r.y + r.h / 2) // (SIZE / GRID)), int((r.x + r.w / 2) // (SIZE / GRID))), axis=1)
     assert all(cell == PATTERNS[f][0] for cell, f in zip(cells, b["finding"]))
@@ -87,7 +100,9 @@ def test_each_finding_brightens_its_own_cell(synth_dir):
     out, _ = synth_dir
     release = load_release(out)
     labels = label_matrix(release.entries)
-    pixels = np.stack([np.asarray(Image.open(release.images[i]), dtype=np.float32) for i in release.entries["image_id"]])
+    pixels = np.stack(
+        [np.asarray(Image.open(release.images[i]), dtype=np.float32) for i in release.entries["image_id"]]
+    )
     c = SIZE // GRID
     for j, name in enumerate(NIH14.names):
         (row, col), _ = PATTERNS[name]

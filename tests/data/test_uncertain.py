@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from cxrflow.cli import main
-from cxrflow.metrics import summarize
 from cxrflow.data.loader import make_loader
 from cxrflow.data.store import KNOWN_COLUMN, MANIFEST_NAME, schema_for
-from cxrflow.testing.synthstore import write_synthetic_store
 from cxrflow.data.uncertain import (
     KNOWN,
     UNCERTAIN,
@@ -25,6 +23,8 @@ from cxrflow.data.uncertain import (
     masked_bce,
     pos_weight,
 )
+from cxrflow.metrics import summarize
+from cxrflow.testing.synthstore import write_synthetic_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -89,18 +89,28 @@ def _add_states(store: Path, seed: int, all_known: bool = False) -> np.ndarray:
         table = pq.read_table(path)
         group_rows = pq.ParquetFile(path).metadata.row_group(0).num_rows  # same row groups, same shuffle
         labels = np.array(table.column("labels").to_pylist(), dtype=np.uint8)
-        states = np.full_like(labels, KNOWN) if all_known else rng.choice(
-            [KNOWN, UNCERTAIN, UNMENTIONED], size=labels.shape, p=[0.7, 0.15, 0.15]).astype(np.uint8)
-        table = table.add_column(table.schema.get_field_index("labels") + 1, KNOWN_COLUMN,
-                                 pa.array(states.tolist(), pa.list_(pa.uint8())))
+        states = (
+            np.full_like(labels, KNOWN)
+            if all_known
+            else rng.choice([KNOWN, UNCERTAIN, UNMENTIONED], size=labels.shape, p=[0.7, 0.15, 0.15]).astype(np.uint8)
+        )
+        table = table.add_column(
+            table.schema.get_field_index("labels") + 1, KNOWN_COLUMN, pa.array(states.tolist(), pa.list_(pa.uint8()))
+        )
         assert table.schema.equals(schema_for(True), check_metadata=False)
         pq.write_table(table, path, row_group_size=group_rows)
         if "split=train" in str(path):
             train_labels.append(labels)
             train_states.append(states)
     counts = label_counts(np.concatenate(train_labels), np.concatenate(train_states), manifest["label_names"])
-    manifest.update({"format": "chexpert", "label_counts": counts, "uncertain_policies": ["ignore", "ones", "zeros"],
-                     "pos_weight": pos_weight(counts, manifest["label_names"])})
+    manifest.update(
+        {
+            "format": "chexpert",
+            "label_counts": counts,
+            "uncertain_policies": ["ignore", "ones", "zeros"],
+            "pos_weight": pos_weight(counts, manifest["label_names"]),
+        }
+    )
     (store / MANIFEST_NAME).write_text(json.dumps(manifest))
     return np.concatenate(train_states)
 
@@ -123,16 +133,39 @@ def test_loader_applies_the_policy(stores, policy):
     labels = np.array(table.column("labels").to_pylist(), dtype=np.uint8)
     states = np.array(table.column(KNOWN_COLUMN).to_pylist(), dtype=np.uint8)
     want_labels, want_known = apply_policy(labels, states, policy)
-    batch = next(iter(make_loader(stores["states"], 32, "train", batch_size=len(labels), shuffle=False,
-                                  uncertain=policy)))
+    batch = next(
+        iter(make_loader(stores["states"], 32, "train", batch_size=len(labels), shuffle=False, uncertain=policy))
+    )
     assert batch["labels"].numpy().tolist() == want_labels.tolist()
     assert batch["known"].numpy().tolist() == want_known.tolist()
     assert batch["known"].dtype == torch.float32
 
 
 def _train(store: Path, out: Path, *extra: str) -> None:
-    assert main(["train", "--quiet", "--store", str(store), "--size", "32", "--model", "simple_cnn", "--out",
-                 str(out), "--epochs", "1", "--batch-size", "16", "--device", "cpu", *extra]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--quiet",
+                "--store",
+                str(store),
+                "--size",
+                "32",
+                "--model",
+                "simple_cnn",
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+                *extra,
+            ]
+        )
+        == 0
+    )
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -164,8 +197,12 @@ def test_train_and_evaluate_with_unknown_labels(stores, tmp_path):
     assert main(["evaluate", "--run", str(tmp_path / "run"), "--device", "cpu", "--n-boot", "20"]) == 0
     folder = next((tmp_path / "run").glob("eval-test-*"))
     metrics = json.loads((folder / "metrics.json").read_text())
-    states = np.concatenate([np.array(pq.read_table(p).column(KNOWN_COLUMN).to_pylist())
-                             for p in sorted((stores["states"] / "size=32" / "split=test").glob("part-*.parquet"))])
+    states = np.concatenate(
+        [
+            np.array(pq.read_table(p).column(KNOWN_COLUMN).to_pylist())
+            for p in sorted((stores["states"] / "size=32" / "split=test").glob("part-*.parquet"))
+        ]
+    )
     names = metrics["label_names"]
     assert metrics["excluded_unknown"] == {n: int((states[:, j] != KNOWN).sum()) for j, n in enumerate(names)}
     predictions = pq.read_table(folder / "predictions.parquet")
@@ -179,8 +216,8 @@ def test_train_and_evaluate_with_unknown_labels(stores, tmp_path):
 
 
 def test_per_finding_policy():
-    from cxrflow.errors import CxrflowError
     from cxrflow.data.uncertain import resolve_policy
+    from cxrflow.errors import CxrflowError
 
     assert resolve_policy("zeros", "abc") == "zeros"
     assert resolve_policy("zeros,b=ones", "abc") == ("zeros", "ones", "zeros")
@@ -201,8 +238,13 @@ def test_loader_per_finding_policy(stores):
     names = json.loads((stores["states"] / MANIFEST_NAME).read_text())["label_names"]
     per = tuple("ones" if n == "Edema" else "zeros" for n in names)
     want_labels, want_known = apply_policy(labels, states, per)
-    batch = next(iter(make_loader(stores["states"], 32, "train", batch_size=len(labels), shuffle=False,
-                                  uncertain="zeros,Edema=ones")))
+    batch = next(
+        iter(
+            make_loader(
+                stores["states"], 32, "train", batch_size=len(labels), shuffle=False, uncertain="zeros,Edema=ones"
+            )
+        )
+    )
     assert batch["labels"].numpy().tolist() == want_labels.tolist()
     assert batch["known"].numpy().tolist() == want_known.tolist()
 

@@ -6,15 +6,15 @@ import pytest
 from cxrflow.modelling.calibration import (
     apply_temperatures,
     binary_nll,
+    calibration_of,
     calibration_report,
     ece_and_brier,
     expected_calibration_error,
     fit_temperature,
     fit_temperatures,
     logit,
-    sigmoid,
-    calibration_of,
     pos_weight_offsets,
+    sigmoid,
 )
 from cxrflow.plots import plot_reliability
 
@@ -82,7 +82,7 @@ def test_report_block_shape_and_means():
     assert block["method"] == "temperature" and block["fitted_on"] == "val" and block["bins"] == 15
     assert block["temperature"] == {"A": 2.0, "B": 1.0, "C": 0.5} and block["unfitted"] == ["B"]
     for key in ("ece", "brier"):
-        for when, probs in (("before", raw), ("after", cal)):
+        for when in ("before", "after"):
             per = block[key][when]
             assert list(per) == names
             assert block[f"{key}_mean"][when] == pytest.approx(np.mean(list(per.values())))

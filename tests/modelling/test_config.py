@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from cxrflow.errors import CxrflowError
 from cxrflow.modelling.config import (
     Stage,
     TrainConfig,
@@ -15,7 +16,6 @@ from cxrflow.modelling.config import (
     read_config_file,
     resolve_config,
 )
-from cxrflow.errors import CxrflowError
 
 REQUIRED = {"store": "s", "size": 32, "model": "densenet121", "out": "run"}
 

@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cxrflow.modelling.calibration import expected_calibration_error, fit_temperature, logit
 from cxrflow.cli import main
 from cxrflow.errors import CxrflowError
 from cxrflow.metrics import bootstrap_auc_ci, sensitivity_specificity, youden_threshold
-from cxrflow.results.evaluate import evaluate_run
+from cxrflow.modelling.calibration import expected_calibration_error, fit_temperature, logit
 from cxrflow.modelling.ensemble import build_ensemble
+from cxrflow.results.evaluate import evaluate_run
 
 
 def _train(tmp, store, name, *, seed, epochs, lr):
@@ -110,13 +110,17 @@ def test_every_figure_in_the_ensemble_metrics_recomputes_from_its_predictions(me
         assert cal["temperature"][name] == pytest.approx(fit_temperature(val[f"logit_{name}"], y_val), rel=1e-4)
         for when, col in (("before", "prob_"), ("after", "calprob_")):
             assert cal["ece"][when][name] == pytest.approx(expected_calibration_error(y, test[col + name]), abs=1e-6)
-            assert cal["brier"][when][name] == pytest.approx(brier_score_loss(y, test[col + name], pos_label=1), abs=1e-6)
+            assert cal["brier"][when][name] == pytest.approx(
+                brier_score_loss(y, test[col + name], pos_label=1), abs=1e-6
+            )
     assert m["mean_auc"] == pytest.approx(np.mean([a for a in aucs if a is not None]))
     labels = test[[f"label_{n}" for n in names]].to_numpy()
     probs = test[[f"prob_{n}" for n in names]].to_numpy()
     ci = bootstrap_auc_ci(labels, probs, test["patient_id"].to_numpy(), n_boot=50, seed=0)
     assert m["mean_auc_ci95"] == pytest.approx(ci["mean_auc_ci"], abs=1e-6)
-    assert set(m["figures"]) == {"roc.png", "pr.png", "reliability.png"} and all((out / f).stat().st_size > 10_000 for f in m["figures"])
+    assert set(m["figures"]) == {"roc.png", "pr.png", "reliability.png"} and all(
+        (out / f).stat().st_size > 10_000 for f in m["figures"]
+    )
     from sklearn.metrics import average_precision_score
 
     for name in names:  # the precision-recall figure's AUPRCs, from the same predictions
@@ -138,7 +142,9 @@ def test_stacking_weights_are_never_negative():
     assert fit["coef"][0] > 0 and fit["coef"][1] == 0.0
     from sklearn.linear_model import LogisticRegression
 
-    assert LogisticRegression(C=0.1).fit(np.hstack([good, shadow]), y[:, 0]).coef_[0, 1] < 0  # what the constraint prevents
+    assert (
+        LogisticRegression(C=0.1).fit(np.hstack([good, shadow]), y[:, 0]).coef_[0, 1] < 0
+    )  # what the constraint prevents
     assert fit_stacking([good, shadow], np.zeros((400, 1))) == [None]
 
 
@@ -210,7 +216,9 @@ def test_bad_members_are_one_line_errors(members, tmp_path, capsys):
 
     out = str(tmp_path / "ens")
     one_line_error(["ensemble", str(e0), "--out", out], "at least two evaluated runs")
-    one_line_error(["ensemble", str(e0), str(e1), "--out", out, "--method", "median"], "unknown ensemble method 'median'")
+    one_line_error(
+        ["ensemble", str(e0), str(e1), "--out", out, "--method", "median"], "unknown ensemble method 'median'"
+    )
     one_line_error(["ensemble", str(e0), str(runs[0]), "--out", out], "the same checkpoint is named twice")
     unevaluated = tmp_path / "fresh"
     shutil.copytree(runs[0], unevaluated, ignore=shutil.ignore_patterns("eval-*"))
@@ -242,7 +250,10 @@ def test_bad_members_are_one_line_errors(members, tmp_path, capsys):
     ens = build_ensemble([e0, e1], tmp_path / "ens-ok", n_boot=10)["out"]
     one_line_error(["ensemble", str(e0), ens, "--out", out], "cannot be a member of another ensemble")
     # a member's or an ensemble's metrics.json of the wrong shape: one line naming the file and the field
-    for text, field in (("[]", "expected a JSON object"), (json.dumps({**json.loads((e1 / "metrics.json").read_text()), "mean_auc": "high"}), "'mean_auc'")):
+    for text, field in (
+        ("[]", "expected a JSON object"),
+        (json.dumps({**json.loads((e1 / "metrics.json").read_text()), "mean_auc": "high"}), "'mean_auc'"),
+    ):
         shaped = tmp_path / "shaped"
         shutil.rmtree(shaped, ignore_errors=True)
         shutil.copytree(e1, shaped)
@@ -253,7 +264,9 @@ def test_bad_members_are_one_line_errors(members, tmp_path, capsys):
     image = tmp_path / "x.png"
     Image.new("L", (40, 40), 128).save(image)
     for members in ("x", [5], [{"run": 3}]):
-        (broken / "metrics.json").write_text(json.dumps({**json.loads((_path(ens) / "metrics.json").read_text()), "members": members}))
+        (broken / "metrics.json").write_text(
+            json.dumps({**json.loads((_path(ens) / "metrics.json").read_text()), "members": members})
+        )
         one_line_error(["predict", "--run", str(broken), str(image)], "'members' of an ensemble")
         one_line_error(["report", str(broken), "--out", str(tmp_path / "report")], "'members' of an ensemble")
     old = tmp_path / "old-eval"
@@ -265,7 +278,9 @@ def test_bad_members_are_one_line_errors(members, tmp_path, capsys):
     retrained = tmp_path / "retrained"
     shutil.copytree(runs[1], retrained)
     (retrained / _path(e1).name / "metrics.json").write_text(
-        json.dumps({**json.loads((_path(e1) / "metrics.json").read_text()), "checkpoint_path": str(retrained / "unused.pt")})
+        json.dumps(
+            {**json.loads((_path(e1) / "metrics.json").read_text()), "checkpoint_path": str(retrained / "unused.pt")}
+        )
     )
     ckpt = retrained / f"{json.loads((_path(e1) / 'metrics.json').read_text())['checkpoint']}.pt"
     ckpt.write_bytes(ckpt.read_bytes() + b"retrained")
@@ -303,7 +318,9 @@ def test_the_ensemble_keeps_its_members_demographics_only_baseline(members, stac
     member = json.loads((_path(evals[0]) / "metrics.json").read_text())["demographics_only"]
     m = json.loads((_path(stacked["out"]) / "metrics.json").read_text())
     demo = m["demographics_only"]
-    assert demo["auc"] == member["auc"] and demo["auc_low"] == member["auc_low"] and demo["from"] == str(_path(evals[0]))
+    assert (
+        demo["auc"] == member["auc"] and demo["auc_low"] == member["auc_low"] and demo["from"] == str(_path(evals[0]))
+    )
     assert demo["shortcut"] == shortcut_findings(m["label_names"], demo["auc"], demo["auc_low"], m["auc"])
     # the synthetic store's demographics are drawn apart from its labels: nothing is a shortcut there
     assert demo["shortcut"] == [] and all(abs(a - 0.5) < 0.25 for a in demo["auc"].values() if a is not None)

@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from cxrflow.cli import main
-from cxrflow.modelling.config import resolve_config
 from cxrflow.data.etl import run_etl
+from cxrflow.data.synth import DEMOGRAPHIC_FINDINGS, synthesize
+from cxrflow.modelling.config import resolve_config
+from cxrflow.modelling.train import train
 from cxrflow.results.evaluate import evaluate_run
 from cxrflow.results.table import build_rows, format_csv, format_markdown
-from cxrflow.data.synth import DEMOGRAPHIC_FINDINGS, synthesize
-from cxrflow.modelling.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 SIZE = 32
@@ -32,11 +32,23 @@ def fused_and_plain(tmp_path_factory, spark):
     manifest = run_etl(root / "data", root / "store", [SIZE], spark=spark, rows_per_file=512)
     runs = {}
     for fusion in ("none", "demographics"):
-        config = resolve_config("default", None, {
-            "store": str(root / "store"), "size": SIZE, "model": "simple_cnn", "out": str(root / fusion),
-            "fusion": fusion, "device": "cpu", "finetune.epochs": 8, "finetune.lr": 1e-3, "augment": False,
-            "early_stopping_patience": 0, "scheduler": "plateau",
-        })
+        config = resolve_config(
+            "default",
+            None,
+            {
+                "store": str(root / "store"),
+                "size": SIZE,
+                "model": "simple_cnn",
+                "out": str(root / fusion),
+                "fusion": fusion,
+                "device": "cpu",
+                "finetune.epochs": 8,
+                "finetune.lr": 1e-3,
+                "augment": False,
+                "early_stopping_patience": 0,
+                "scheduler": "plateau",
+            },
+        )
         train(config, quiet=True, log=lambda _: None)
         runs[fusion] = evaluate_run(root / fusion, n_boot=20, device="cpu")
     return root, manifest, runs
@@ -48,7 +60,9 @@ def test_manifest_counts_unknown_demographics_and_store_keeps_raw_values(fused_a
     assert unknown["age"] > 0 and unknown["sex"] == 0 and unknown["view"] == 0 and unknown["any"] == unknown["age"]
     from cxrflow.data.store import format_manifest
 
-    assert f"demographics unknown to a fused model (raw values kept): age {unknown['age']}, sex 0" in format_manifest(manifest)
+    assert f"demographics unknown to a fused model (raw values kept): age {unknown['age']}, sex 0" in format_manifest(
+        manifest
+    )
     ages = np.concatenate([pq.read_table(root / "store", columns=["age"]).column("age").to_numpy()])
     bad = (ages < 1) | (ages > 120)
     assert int(bad.sum()) == unknown["age"] and set(ages[bad].tolist()) <= {0, 150, 414}  # raw values kept
@@ -75,8 +89,9 @@ def test_every_evaluation_has_demographics_alone_and_names_the_shortcuts(fused_a
     plain, fused = runs["none"], runs["demographics"]
     demo = list(DEMOGRAPHIC_FINDINGS)
     for m in (plain, fused):
-        saved = json.loads((root / ("none" if m is plain else "demographics") / "eval-test-best_finetune" /
-                            "metrics.json").read_text())["demographics_only"]
+        saved = json.loads(
+            (root / ("none" if m is plain else "demographics") / "eval-test-best_finetune" / "metrics.json").read_text()
+        )["demographics_only"]
         assert set(saved) >= {"auc", "auc_low", "auc_high", "shortcut"} and set(saved["auc"]) == set(m["label_names"])
         assert all(saved["auc_low"][n] <= saved["auc"][n] <= saved["auc_high"][n] for n in demo)
     # the same fit, the same test images: one baseline whichever run is evaluated
@@ -147,12 +162,45 @@ def test_predict_a_fused_run_with_demographics(fused_and_plain, image_files, cap
     row = table[0]
     evaluated = pq.read_table(root / "demographics" / "eval-test-best_finetune" / "predictions.parquet").to_pylist()
     prob = next(r for r in evaluated if r["image_id"] == row["image_id"])
-    assert main(["predict", "--run", run, str(paths[0]), "--age", str(row["age"]), "--sex", row["sex"],
-                 "--view", row["view"], "--json"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                run,
+                str(paths[0]),
+                "--age",
+                str(row["age"]),
+                "--sex",
+                row["sex"],
+                "--view",
+                row["view"],
+                "--json",
+            ]
+        )
+        == 0
+    )
     mine = json.loads(capsys.readouterr().out)["predictions"][0]["probabilities"]
     assert mine["Edema"] == pytest.approx(prob["calprob_Edema"], abs=1e-5)  # calibrated by default
-    assert main(["predict", "--run", run, str(paths[0]), "--age", str(row["age"]), "--sex", row["sex"],
-                 "--view", row["view"], "--json", "--raw"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                run,
+                str(paths[0]),
+                "--age",
+                str(row["age"]),
+                "--sex",
+                row["sex"],
+                "--view",
+                row["view"],
+                "--json",
+                "--raw",
+            ]
+        )
+        == 0
+    )
     raw = json.loads(capsys.readouterr().out)["predictions"][0]["probabilities"]
     assert raw["Edema"] == pytest.approx(prob["prob_Edema"], abs=1e-5)
 
@@ -175,8 +223,21 @@ def test_predict_fused_run_bad_input_is_one_line(fused_and_plain, image_files, c
 
 def test_unknown_fusion_is_one_line(fused_and_plain, tmp_path, capsys):
     root, _, _ = fused_and_plain
-    code = main(["train", "--store", str(root / "store"), "--size", "32", "--model", "simple_cnn",
-                 "--out", str(tmp_path / "r"), "--fusion", "age"])
+    code = main(
+        [
+            "train",
+            "--store",
+            str(root / "store"),
+            "--size",
+            "32",
+            "--model",
+            "simple_cnn",
+            "--out",
+            str(tmp_path / "r"),
+            "--fusion",
+            "age",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err == "error: unknown fusion 'age'; choose one of none, demographics\n"
     assert not (tmp_path / "r").exists()

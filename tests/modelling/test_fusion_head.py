@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cxrflow.data.demographics import encode
-from cxrflow.testing.synthstore import write_synthetic_store
+from cxrflow.metrics import per_class_auc
 from cxrflow.modelling.fusion import (
     FUSION_LR_FACTOR,
     DemographicLogits,
@@ -25,7 +25,7 @@ from cxrflow.modelling.fusion import (
     standardisation,
 )
 from cxrflow.modelling.models import create_model, load_checkpoint
-from cxrflow.metrics import per_class_auc
+from cxrflow.testing.synthstore import write_synthetic_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -103,8 +103,14 @@ def test_init_from_store_is_the_training_split_fit_shifted_by_log_pos_weight(tmp
     np.testing.assert_allclose(model.fusion.bias.detach().numpy(), fit["bias"] + math.log(4.0), atol=1e-5)
     np.testing.assert_allclose(model.fusion.center.numpy(), fit["center"], atol=1e-6)
     # the fit travels in the checkpoint
-    torch.save({"model": model.state_dict(), "config": {"model": "simple_cnn", "fusion": "demographics"},
-                "label_names": names}, tmp_path / "c.pt")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": {"model": "simple_cnn", "fusion": "demographics"},
+            "label_names": names,
+        },
+        tmp_path / "c.pt",
+    )
     loaded, _ = load_checkpoint(tmp_path / "c.pt")
     assert torch.equal(loaded.fusion.center, model.fusion.center) and torch.equal(loaded.fusion.bias, model.fusion.bias)
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from cxrflow.data.imaging import resize_gray
 from cxrflow.errors import CxrflowError
 from cxrflow.modelling.heatmaps import (
     cam_layer,
@@ -18,9 +19,8 @@ from cxrflow.modelling.heatmaps import (
     store_to_original,
     to_original,
 )
-from cxrflow.data.imaging import resize_gray
-from cxrflow.results.localize import boxes_in_original
 from cxrflow.modelling.models import CAM_SPECS, MODEL_NAMES, ChestClassifier, create_model
+from cxrflow.results.localize import boxes_in_original
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -99,7 +99,9 @@ def test_hirescam_sums_to_the_logit_for_simple_cnn(built):
     act, grad = _by_hand(model, x, 0, CAM_SPECS["simple_cnn"].layer)
     with torch.no_grad():
         logit = model(x)[0, 0]
-    assert float((grad * act).sum().detach()) == pytest.approx(float(logit - model.head.bias[0].detach()), rel=1e-4, abs=1e-5)
+    assert float((grad * act).sum().detach()) == pytest.approx(
+        float(logit - model.head.bias[0].detach()), rel=1e-4, abs=1e-5
+    )
 
 
 def test_float32_inside_bf16_autocast(built):

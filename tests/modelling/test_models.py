@@ -10,8 +10,8 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from cxrflow.modelling import models
 from cxrflow.errors import CxrflowError
+from cxrflow.modelling import models
 from cxrflow.modelling.models import MODEL_NAMES, ChestClassifier, count_parameters, create_model, load_checkpoint
 
 SIZES = {"simple_cnn": (32, 64, 50), "resnet50": (32, 64), "densenet121": (32, 48)}
@@ -140,8 +140,11 @@ def test_imagenet_weights_come_from_the_torch_home_cache(tmp_path, monkeypatch):
     torch.manual_seed(1)
     reference = tvm.densenet121()
     # torchvision's published DenseNet file uses the old key style ("norm.1"); write it that way
-    old_style = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
-                 for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    old_style = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+        for k, v in reference.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     assert any(".norm.1." in k for k in old_style)
     # a file whose name carries its own sha256 prefix, as torchvision's do (the real one is 30 MB)
     torch.save(old_style, cache / "densenet121.pth")
@@ -194,7 +197,9 @@ def test_load_checkpoint_rebuilds_the_model(tmp_path):
     torch.manual_seed(3)
     model = create_model("simple_cnn", 4).eval()
     names = ["A", "B", "C", "D"]
-    torch.save({"model": model.state_dict(), "config": {"model": "simple_cnn"}, "label_names": names}, tmp_path / "c.pt")
+    torch.save(
+        {"model": model.state_dict(), "config": {"model": "simple_cnn"}, "label_names": names}, tmp_path / "c.pt"
+    )
     loaded, ckpt = load_checkpoint(tmp_path / "c.pt")
     assert ckpt["label_names"] == names and not loaded.training
     x = torch.randn(2, 3, 40, 40)
@@ -241,7 +246,10 @@ def test_checkpoint_of_the_wrong_shape_names_the_field_or_the_layers(tmp_path):
         "size": ({**good, "config": {"model": "simple_cnn", "size": 0}}, "'config.size' must be a positive integer"),
         "names": ({**good, "label_names": "ABCD"}, "'label_names' must be a non-empty list"),
         "std": ({**good, "config": {"model": "simple_cnn", "size": 32, "pixel_std": 0.0}}, "'config.pixel_std'"),
-        "head": ({**good, "label_names": list("ABC")}, r"2 wrong shape \(head.bias \(4,\) vs \(3,\), head.weight \(4, 2048\) vs \(3, 2048\)\)"),
+        "head": (
+            {**good, "label_names": list("ABC")},
+            r"2 wrong shape \(head.bias \(4,\) vs \(3,\), head.weight \(4, 2048\) vs \(3, 2048\)\)",
+        ),
     }
     for name, (ckpt, message) in cases.items():
         torch.save(ckpt, tmp_path / f"{name}.pt")

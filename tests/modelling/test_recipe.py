@@ -8,8 +8,8 @@ import math
 import pytest
 
 from cxrflow.modelling.config import preset, resolve_config
-from cxrflow.testing.synthstore import write_synthetic_store
 from cxrflow.modelling.train import train, warmup_cosine
+from cxrflow.testing.synthstore import write_synthetic_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,14 +52,25 @@ def test_explicit_epochs_are_the_epochs_run():
 def test_a_small_split_gets_more_epochs_and_a_cosine_schedule(tmp_path):
     store = tmp_path / "store"
     write_synthetic_store(store, sizes=(32,), rows={"train": 64, "val": 32, "test": 8}, seed=0)
-    config = resolve_config("default", None, {
-        "store": str(store), "size": 32, "model": "simple_cnn", "out": str(tmp_path / "run"), "batch_size": 16,
-        "min_steps": 18, "warmup_steps": 40, "scheduler": "cosine", "finetune.epochs": 1, "device": "cpu",
-        "finetune.lr": 1e-3,
-    })
+    config = resolve_config(
+        "default",
+        None,
+        {
+            "store": str(store),
+            "size": 32,
+            "model": "simple_cnn",
+            "out": str(tmp_path / "run"),
+            "batch_size": 16,
+            "min_steps": 18,
+            "warmup_steps": 40,
+            "scheduler": "cosine",
+            "finetune.epochs": 1,
+            "device": "cpu",
+            "finetune.lr": 1e-3,
+        },
+    )
     lrs = []
-    train(config, quiet=True, log=lambda _: None,
-          step_hook=lambda model, stage, epoch, step: lrs.append(None))
+    train(config, quiet=True, log=lambda _: None, step_hook=lambda model, stage, epoch, step: lrs.append(None))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == math.ceil(18 / 4) == 5  # 4 steps per epoch: epochs follow the step budget
     assert len(lrs) == 20

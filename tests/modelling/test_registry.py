@@ -62,11 +62,11 @@ def test_built_in_entries_are_complete():
 def test_a_new_model_is_one_entry(tiny, tmp_path):
     """Builds, passes the config's checks, trains one step, rebuilds from its checkpoint, gets heatmaps
     and a title: nothing but the entry names the model."""
-    from cxrflow.testing.synthstore import write_synthetic_store
     from cxrflow.modelling.config import StageSettings, TrainConfig
     from cxrflow.modelling.heatmaps import cam_layer, cam_method, heatmaps
     from cxrflow.modelling.train import train
     from cxrflow.results.table import model_title
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     name = tiny.name
     assert name in models.MODEL_NAMES and name in models.CAM_SPECS and name not in models.CHECKPOINTING_MODELS
@@ -92,7 +92,12 @@ def test_a_new_model_is_one_entry(tiny, tmp_path):
             TrainConfig(**{**config.to_dict(), "kt": config.kt, "finetune": config.finetune, **bad}).validate()
 
     steps: list[tuple[str, int, int]] = []
-    train(config, quiet=True, log=lambda msg: None, step_hook=lambda m, stage, epoch, step: steps.append((stage, epoch, step)))
+    train(
+        config,
+        quiet=True,
+        log=lambda msg: None,
+        step_hook=lambda m, stage, epoch, step: steps.append((stage, epoch, step)),
+    )
     assert len(steps) == 1 and steps[0][0] == "finetune"
     trained, ckpt = models.load_checkpoint(tmp_path / "run" / "best_finetune.pt")
     assert trained.name == name and ckpt["config"]["model"] == name

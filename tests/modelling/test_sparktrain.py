@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cxrflow.errors import CxrflowError
 from cxrflow.commands.train import get_args_parser, launch_from_args
+from cxrflow.errors import CxrflowError
 from cxrflow.modelling.sparktrain import SparkLaunch, _full_slots, job_error
 from cxrflow.testing.synthstore import write_synthetic_store
 from spark_standalone import run_with_fault, wait_until_exited
@@ -33,8 +33,14 @@ def _env() -> dict[str, str]:
 
 
 def cxrflow(*argv: str, cwd: Path | None = None, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxrflow.cli", *argv], env=_env(), cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cxrflow.cli", *argv],
+        env=_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -55,8 +61,26 @@ def store(tmp_path_factory) -> Path:
 
 
 def _train_args(store: Path, run: Path, epochs: int = 2) -> list[str]:
-    return ["train", "--quiet", "--store", str(store), "--size", "32", "--model", "simple_cnn", "--out", str(run),
-            "--epochs", str(epochs), "--lr", "3e-3", "--batch-size", "8", "--seed", "3"]
+    return [
+        "train",
+        "--quiet",
+        "--store",
+        str(store),
+        "--size",
+        "32",
+        "--model",
+        "simple_cnn",
+        "--out",
+        str(run),
+        "--epochs",
+        str(epochs),
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "8",
+        "--seed",
+        "3",
+    ]
 
 
 # --- options and error mapping (no cluster) --------------------------------------------------------
@@ -100,8 +124,19 @@ def test_job_errors_become_one_line_naming_resume():
 @pytest.mark.cluster
 def test_two_processes_on_a_local_cluster_match_torchrun(store, tmp_path):
     reference = tmp_path / "torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cxrflow.cli", *_train_args(store, reference), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cxrflow.cli",
+        *_train_args(store, reference),
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -114,7 +149,11 @@ def test_two_processes_on_a_local_cluster_match_torchrun(store, tmp_path):
     assert a["best"] == b["best"]  # same best epoch and validation AUC
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
     for ra, rb in zip(_metrics(reference), _metrics(run), strict=True):
-        assert (ra["epoch"], ra["train_images"], ra["val_images"]) == (rb["epoch"], rb["train_images"], rb["val_images"])
+        assert (ra["epoch"], ra["train_images"], ra["val_images"]) == (
+            rb["epoch"],
+            rb["train_images"],
+            rb["val_images"],
+        )
         assert rb["val_auc_mean"] == pytest.approx(ra["val_auc_mean"], abs=1e-9)
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-6)
 
@@ -152,8 +191,16 @@ def test_bad_cluster_input_gives_one_line_and_writes_nothing(store, tmp_path, re
         assert not run.exists() and not list(tmp_path.glob(".cxrflow-probe-*"))
     # an error inside the training processes reaches the driver as that process's own line
     blown = tmp_path / "blown"
-    done = cxrflow(*_train_args(store, blown), "--set", "optimizer=sgd", "--lr", "1e38",
-                   "--spark-master", "local-cluster[1,1,1024]", *SPARK_WAIT)
+    done = cxrflow(
+        *_train_args(store, blown),
+        "--set",
+        "optimizer=sgd",
+        "--lr",
+        "1e38",
+        "--spark-master",
+        "local-cluster[1,1,1024]",
+        *SPARK_WAIT,
+    )
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "not finite" in last and "no epoch had finished" in last, done.stderr[-2000:]
@@ -185,8 +232,10 @@ def _training_process(root: int, rank: int) -> int | None:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ) and any(
-            part.endswith(b"train.py") for part in cmdline
+        if (
+            f"RANK={rank}".encode() in environ
+            and b"TORCHELASTIC_RUN_ID" in b" ".join(environ)
+            and any(part.endswith(b"train.py") for part in cmdline)
         ):
             return pid
     return None
@@ -198,8 +247,16 @@ def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp
     store = tmp_path / "store"
     write_synthetic_store(store, sizes=(32,), rows={"train": 256, "val": 32, "test": 8}, seed=2)
     run = tmp_path / "run"
-    argv = [*_train_args(store, run, epochs=8), "--set", "early_stopping_patience=0", "--spark-master", CLUSTER,
-            "--processes", "2", *SPARK_WAIT]
+    argv = [
+        *_train_args(store, run, epochs=8),
+        "--set",
+        "early_stopping_patience=0",
+        "--spark-master",
+        CLUSTER,
+        "--processes",
+        "2",
+        *SPARK_WAIT,
+    ]
 
     def kill_rank_1(pid: int) -> bool:
         victim = _training_process(pid, rank=1) if (run / "metrics.jsonl").exists() else None
@@ -209,8 +266,9 @@ def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp
 
     # the job's processes on the executors (PySpark workers, torchrun, the ranks) carry this mark
     mark = f"CXRFLOW_TEST_JOB={tmp_path}"
-    code, err, killed = run_with_fault([*argv, "--spark-conf", f"spark.executorEnv.{mark}"], _env(), kill_rank_1,
-                                       RUN_TIMEOUT)
+    code, err, killed = run_with_fault(
+        [*argv, "--spark-conf", f"spark.executorEnv.{mark}"], _env(), kill_rank_1, RUN_TIMEOUT
+    )
     assert killed, "no training process was found to kill"
     assert code == 2, err[-3000:]
     # the driver is gone; rank 0, which holds the run folder's lock, is told to stop by signal and may
@@ -235,9 +293,9 @@ def test_a_killed_training_process_fails_the_job_cleanly_and_resume_finishes(tmp
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_a_two_run_sweep_on_the_cluster_resumes_the_cut_run_and_tracks_both(store, tmp_path, monkeypatch):
+    from cxrflow.modelling.train import train
     from cxrflow.outputs import write_marker
     from cxrflow.sweep import load_sweep, run_dir
-    from cxrflow.modelling.train import train
 
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(
@@ -258,8 +316,18 @@ def test_a_two_run_sweep_on_the_cluster_resumes_the_cut_run_and_tracks_both(stor
     write_marker(out, "sweep")  # as the earlier sweep that was cut had marked its folder
     first_epoch = _metrics(run_dir(out, "a"))
 
-    argv = ["sweep", str(sweep_file), "--out", str(out), "--spark-master", CLUSTER, "--processes", "1", "--mlflow",
-            *SPARK_WAIT]
+    argv = [
+        "sweep",
+        str(sweep_file),
+        "--out",
+        str(out),
+        "--spark-master",
+        CLUSTER,
+        "--processes",
+        "1",
+        "--mlflow",
+        *SPARK_WAIT,
+    ]
     done = cxrflow(*argv)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 run(s) at once" in done.stdout

@@ -17,17 +17,27 @@ import pytest
 import torch
 
 from cxrflow.cli import main
-from cxrflow.modelling.config import resolve_config
+from cxrflow.commands.train import config_from_args, get_args_parser
 from cxrflow.data.labels import NIH14
 from cxrflow.metrics import mean_auc, per_class_auc
-from cxrflow.modelling.models import create_model, load_checkpoint
-from cxrflow.testing.synthstore import write_synthetic_store
+from cxrflow.modelling.config import resolve_config
 from cxrflow.modelling.inference import predict_split
-from cxrflow.commands.train import config_from_args, get_args_parser
+from cxrflow.modelling.models import create_model, load_checkpoint
 from cxrflow.modelling.train import train
+from cxrflow.testing.synthstore import write_synthetic_store
 
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "stage", "epoch", "config", "label_names", "metrics"}
-METRIC_KEYS = {"stage", "epoch", "train_loss", "val_loss", "val_auc_mean", "val_auc", "lr", "seconds", "images_per_second"}
+METRIC_KEYS = {
+    "stage",
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_auc_mean",
+    "val_auc",
+    "lr",
+    "seconds",
+    "images_per_second",
+}
 TIMING = ("seconds", "images_per_second")
 
 
@@ -64,13 +74,33 @@ def _one_error_line(err: str) -> str:
 
 def test_simple_cnn_learns_the_planted_signal(store, tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["--store", str(store), "--size", "32", "--model", "simple_cnn", "--out", str(run),
-            "--epochs", "4", "--lr", "3e-3", "--batch-size", "16"]
+    argv = [
+        "--store",
+        str(store),
+        "--size",
+        "32",
+        "--model",
+        "simple_cnn",
+        "--out",
+        str(run),
+        "--epochs",
+        "4",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "16",
+    ]
     assert _train(*argv) == 0
     out = capsys.readouterr().out
     assert "stage finetune: trainable 33,822 of 33,822 parameters" in out
     assert sorted(p.name for p in run.iterdir()) == [
-        ".cxrflow-train.json", "best_finetune.pt", "config.json", "done.json", "last.pt", "metrics.jsonl"]
+        ".cxrflow-train.json",
+        "best_finetune.pt",
+        "config.json",
+        "done.json",
+        "last.pt",
+        "metrics.jsonl",
+    ]
     rows = _metrics(run)
     assert [(r["stage"], r["epoch"]) for r in rows] == [("finetune", e) for e in range(1, 5)]
     assert all(METRIC_KEYS <= set(r) and set(r["val_auc"]) == set(NIH14.names) for r in rows)
@@ -124,8 +154,25 @@ def test_simple_cnn_learns_the_planted_signal(store, tmp_path, capsys):
 @pytest.mark.slow
 def test_densenet121_two_stages_and_resume_between_them(small_store, tmp_path, capsys):
     run = tmp_path / "run"
-    common = ["--store", str(small_store), "--size", "32", "--model", "densenet121", "--pretrained", "none",
-              "--epochs", "1", "--lr", "1e-3", "1e-4", "--batch-size", "8", "--seed", "5"]
+    common = [
+        "--store",
+        str(small_store),
+        "--size",
+        "32",
+        "--model",
+        "densenet121",
+        "--pretrained",
+        "none",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "1e-4",
+        "--batch-size",
+        "8",
+        "--seed",
+        "5",
+    ]
     assert _train(*common, "--out", str(run)) == 0
     out = capsys.readouterr().out
     assert "stage kt: trainable 14,350 of 6,968,206 parameters" in out
@@ -166,8 +213,28 @@ def test_densenet121_two_stages_and_resume_between_them(small_store, tmp_path, c
 def test_finetuning_starts_from_the_best_kt_epoch_when_it_is_not_the_last(small_store, tmp_path):
     """kt epoch 2 ends with its head turned over (so its validation AUC falls below epoch 1's):
     fine-tuning must start from best_kt.pt (epoch 1), not from the last kt weights."""
-    argv = ["--store", str(small_store), "--size", "32", "--model", "densenet121", "--pretrained", "none",
-            "--epochs", "2", "1", "--lr", "1e-2", "1e-4", "--batch-size", "8", "--seed", "5", "--out", str(tmp_path / "run")]
+    argv = [
+        "--store",
+        str(small_store),
+        "--size",
+        "32",
+        "--model",
+        "densenet121",
+        "--pretrained",
+        "none",
+        "--epochs",
+        "2",
+        "1",
+        "--lr",
+        "1e-2",
+        "1e-4",
+        "--batch-size",
+        "8",
+        "--seed",
+        "5",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     config = config_from_args(get_args_parser().parse_args(argv))
     steps = 32 // 8
     seen: dict[str, dict] = {}
@@ -214,8 +281,18 @@ def test_resume_refuses_options_that_change_the_result(small_store, tmp_path, ca
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_store, tmp_path, capsys):
-    config = resolve_config(None, None, {"store": str(small_store), "size": 32, "model": "simple_cnn",
-                                         "out": str(tmp_path / "run"), "finetune.epochs": 3, "batch_size": 8})
+    config = resolve_config(
+        None,
+        None,
+        {
+            "store": str(small_store),
+            "size": 32,
+            "model": "simple_cnn",
+            "out": str(tmp_path / "run"),
+            "finetune.epochs": 3,
+            "batch_size": 8,
+        },
+    )
 
     def poison(model, stage, epoch, step):
         if epoch == 2 and step == 2:
@@ -234,8 +311,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_store, tmp_path
 
     # from the command line: a learning rate that blows up gives one error line, exit 2
     capsys.readouterr()
-    code = _train("--store", str(small_store), "--size", "32", "--model", "simple_cnn", "--out",
-                  str(tmp_path / "run2"), "--set", "optimizer=sgd", "--lr", "1e38", "--epochs", "1", "--batch-size", "8")
+    code = _train(
+        "--store",
+        str(small_store),
+        "--size",
+        "32",
+        "--model",
+        "simple_cnn",
+        "--out",
+        str(tmp_path / "run2"),
+        "--set",
+        "optimizer=sgd",
+        "--lr",
+        "1e38",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+    )
     assert code == 2
     assert "no epoch had finished" in _one_error_line(capsys.readouterr().err)
 
@@ -247,8 +340,23 @@ def test_val_finding_without_positives_is_reported_not_fatal(tmp_path, capsys):
     without = {n for n, col in zip(NIH14.names, np.array(val).T) if col.sum() in (0, len(val))}
     assert without  # the store is built so that some findings have no positives in val
     run = tmp_path / "run"
-    assert _train("--store", str(store), "--size", "32", "--model", "simple_cnn", "--out", str(run),
-                  "--epochs", "1", "--batch-size", "8") == 0
+    assert (
+        _train(
+            "--store",
+            str(store),
+            "--size",
+            "32",
+            "--model",
+            "simple_cnn",
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+        )
+        == 0
+    )
     assert "undefined" in capsys.readouterr().out
     row = _metrics(run)[0]
     assert {n for n, v in row["val_auc"].items() if v is None} == without
@@ -259,8 +367,23 @@ def test_finding_without_train_negatives_is_named_as_untrained(tmp_path, capsys)
     store = tmp_path / "store"
     write_synthetic_store(store, rows={"train": 16, "val": 6, "test": 2}, seed=3, prevalence=1.0)
     run = tmp_path / "run"
-    assert _train("--store", str(store), "--size", "32", "--model", "simple_cnn", "--out", str(run),
-                  "--epochs", "1", "--batch-size", "8") == 0
+    assert (
+        _train(
+            "--store",
+            str(store),
+            "--size",
+            "32",
+            "--model",
+            "simple_cnn",
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+        )
+        == 0
+    )
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: no negative")]
     assert len(notes) == 1 and all(name in notes[0] for name in NIH14.names), notes
 
@@ -269,9 +392,14 @@ def test_bad_inputs_give_one_error_line(store, tmp_path, capsys):
     base = ["--store", str(store), "--size", "32", "--out", str(tmp_path / "r")]
     cases = [
         (["--model", "vgg16", *base], "simple_cnn, resnet50, densenet121"),
-        (["--model", "simple_cnn", *base[:2], "--size", "64", "--out", str(tmp_path / "r")], "size 64 is not in the store"),
-        (["--model", "simple_cnn", "--store", str(tmp_path / "nope"), "--size", "32", "--out", str(tmp_path / "r")],
-         "no such store"),
+        (
+            ["--model", "simple_cnn", *base[:2], "--size", "64", "--out", str(tmp_path / "r")],
+            "size 64 is not in the store",
+        ),
+        (
+            ["--model", "simple_cnn", "--store", str(tmp_path / "nope"), "--size", "32", "--out", str(tmp_path / "r")],
+            "no such store",
+        ),
         (["--model", "simple_cnn", *base, "--resume", "--overwrite"], "exclude each other"),
         (["--model", "simple_cnn", *base, "--lr", "1", "2"], "one value or one per stage"),
         (["--model", "simple_cnn", *base, "--set", "weight_decay"], "KEY=VALUE"),
@@ -294,8 +422,23 @@ def test_preset_config_file_and_options_reach_the_run(small_store, tmp_path):
     settings = tmp_path / "settings.yaml"
     settings.write_text("model: simple_cnn\nfinetune:\n  epochs: 1\n")
     run = tmp_path / "run"
-    assert _train("--preset", "paper", "--config", str(settings), "--store", str(small_store), "--size", "32",
-                  "--out", str(run), "--seed", "4") == 0
+    assert (
+        _train(
+            "--preset",
+            "paper",
+            "--config",
+            str(settings),
+            "--store",
+            str(small_store),
+            "--size",
+            "32",
+            "--out",
+            str(run),
+            "--seed",
+            "4",
+        )
+        == 0
+    )
     saved = json.loads((run / "config.json").read_text())
     assert (saved["preset"], saved["batch_size"], saved["optimizer"], saved["seed"]) == ("paper", 5, "sgd", 4)
     assert saved["stages"] == [{"name": "finetune", "trainable": "all", "epochs": 1, "lr": saved["finetune"]["lr"]}]
@@ -328,15 +471,35 @@ def _env() -> dict[str, str]:
 def test_kill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     store = tmp_path / "store"
     write_synthetic_store(store, sizes=(32,), rows={"train": 256, "val": 32, "test": 8}, seed=2)
-    args = ["--store", str(store), "--size", "32", "--model", "simple_cnn", "--epochs", "3", "--lr", "2e-3",
-            "--batch-size", "16", "--set", "plateau_patience=0", "--set", "early_stopping_patience=0"]
+    args = [
+        "--store",
+        str(store),
+        "--size",
+        "32",
+        "--model",
+        "simple_cnn",
+        "--epochs",
+        "3",
+        "--lr",
+        "2e-3",
+        "--batch-size",
+        "16",
+        "--set",
+        "plateau_patience=0",
+        "--set",
+        "early_stopping_patience=0",
+    ]
     reference = tmp_path / "reference"
     assert _train(*args, "--out", str(reference)) == 0
     epoch_seconds = _metrics(reference)[1]["seconds"]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "cxrflow.cli", "train", "--quiet", *args, "--out", str(killed)],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cxrflow.cli", "train", "--quiet", *args, "--out", str(killed)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     metrics = killed / "metrics.jsonl"
     while time.monotonic() < deadline and proc.poll() is None:
@@ -367,10 +530,34 @@ def test_kill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_run_agrees_on_one_best_checkpoint(small_store, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cxrflow.cli", "train", "--quiet", "--store", str(small_store), "--size", "32",
-           "--model", "densenet121", "--pretrained", "none", "--out", str(run), "--epochs", "1", "--batch-size", "4",
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cxrflow.cli",
+        "train",
+        "--quiet",
+        "--store",
+        str(small_store),
+        "--size",
+        "32",
+        "--model",
+        "densenet121",
+        "--pretrained",
+        "none",
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # both ranks write into one pipe: a rank's line can land inside another's, so find lines anywhere

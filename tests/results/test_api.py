@@ -30,9 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def evaluated(tmp_path_factory):
     """A simple_cnn run trained at 32 px on a store that also holds 64 px, evaluated (calibrated,
     thresholds), and two of its test images as a PNG and a 16-bit DICOM file."""
+    from cxrflow.results.evaluate import evaluate_run
     from cxrflow.testing.synthformats import write_dicom
     from cxrflow.testing.synthstore import write_synthetic_store
-    from cxrflow.results.evaluate import evaluate_run
 
     tmp = tmp_path_factory.mktemp("api")
     store = tmp / "store"
@@ -194,6 +194,10 @@ def test_an_evaluation_of_another_checkpoint_is_not_used_and_says_so(evaluated, 
     with pytest.warns(UserWarning, match="best_finetune.pt changed since this evaluation"):
         model = cxrflow.load_model(copy)
     table = model.predict(images)
-    assert table.attrs["scale"] == "raw" and table.attrs["thresholds"] is None and "call" not in table.columns.get_level_values(0)
+    assert (
+        table.attrs["scale"] == "raw"
+        and table.attrs["thresholds"] is None
+        and "call" not in table.columns.get_level_values(0)
+    )
     with pytest.warns(UserWarning, match="does not use demographics"):
         model.predict(images[0], demographics=(63, "F", "PA"))

@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 
+from cxrflow.metrics import _weighted_auc, binary_auc, bootstrap_aucs
+from cxrflow.resample import patient_resamples
 from cxrflow.results.audit import (
     ANY,
     COLUMNS,
@@ -18,9 +20,6 @@ from cxrflow.results.audit import (
     read_csv,
     run_audit,
 )
-from cxrflow.metrics import _weighted_auc, bootstrap_aucs
-from cxrflow.metrics import binary_auc
-from cxrflow.resample import patient_resamples
 
 
 def _rows(result, finding, attribute):
@@ -53,7 +52,9 @@ def test_group_and_rest_aucs_equal_those_of_materialised_resamples():
     n = 120
     y = rng.random(n) < 0.35
     s = rng.random(n).round(1)  # many ties, also across groups
-    attributes, _ = make_attributes(rng.integers(-1, 99, n), rng.choice(["M", "F", "U"], n), rng.choice(["PA", "AP", "LL", ""], n))
+    attributes, _ = make_attributes(
+        rng.integers(-1, 99, n), rng.choice(["M", "F", "U"], n), rng.choice(["PA", "AP", "LL", ""], n)
+    )
     images = np.flatnonzero(rng.random(n) < 0.85)  # the others have an unknown label
     plan = FindingPlan.build(y, s, images, np.arange(n), attributes)
     counts = rng.integers(0, 3, (3, n))

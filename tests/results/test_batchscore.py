@@ -30,7 +30,10 @@ def _scored(folder):
 def test_spark_scoring_of_a_store_equals_the_evaluation_row_for_row(evaluated, tmp_path, spark):
     run, store = evaluated
     out = tmp_path / "pred"
-    assert main(["predict", "--run", str(run), "--store", str(store), "--out", str(out), "--spark-master", "local[2]"]) == 0
+    assert (
+        main(["predict", "--run", str(run), "--store", str(store), "--out", str(out), "--spark-master", "local[2]"])
+        == 0
+    )
     scored = _scored(out)
     predictor = load_predictor(run)
     names = predictor.label_names
@@ -72,7 +75,10 @@ def test_a_killed_job_resumes_where_it_stopped(evaluated, tmp_path, spark, capsy
     # a resumed job with another model is refused, not mixed in
     other = tmp_path / "other"
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("eval-*"))
-    assert main(["predict", "--run", str(other), "--store", str(store), "--split", "test", "--out", str(out), "--resume"]) == 2
+    assert (
+        main(["predict", "--run", str(other), "--store", str(store), "--split", "test", "--out", str(out), "--resume"])
+        == 2
+    )
     assert "another spec" in capsys.readouterr().err
     # the same folder scored afresh by the other model, in the same Spark session: the workers use the new model
     shutil.rmtree(out)

@@ -1,8 +1,8 @@
 import numpy as np
 import pyarrow.parquet as pq
 
-from cxrflow.results.cases import case_set, overlay, read_pixels, select_cases, thumbnail_size
 from cxrflow.data.store import split_dir
+from cxrflow.results.cases import case_set, overlay, read_pixels, select_cases, thumbnail_size
 from cxrflow.testing.synthstore import write_synthetic_store
 
 
@@ -22,7 +22,9 @@ def test_select_cases_hand_computed():
 
 def test_read_pixels_returns_exactly_the_wanted_images(tmp_path):
     store = tmp_path / "store"
-    write_synthetic_store(store, sizes=(32,), rows={"train": 8, "val": 4, "test": 40}, rows_per_file=16, row_group_rows=4)
+    write_synthetic_store(
+        store, sizes=(32,), rows={"train": 8, "val": 4, "test": 40}, rows_per_file=16, row_group_rows=4
+    )
     part = split_dir(store, 32, "test")
     table = pq.read_table(part, columns=["image_id", "pixels"])
     truth = dict(zip(table.column("image_id").to_pylist(), table.column("pixels").to_pylist()))
@@ -91,7 +93,9 @@ def test_false_positives_and_negatives_are_wrong_calls_at_the_threshold_or_none(
     pred = {"image_id": list("abcde"), "probs": probs, "labels": labels}
     result = case_set(pred, ["Mass"], 3, thresholds={"Mass": 0.81})
     kinds = {k["key"]: k for k in result["findings"][0]["kinds"]}
-    assert [i["image_id"] for i in kinds["fp"]["items"]] == [] and kinds["fp"]["empty"] == "no false positives at threshold 0.81"
+    assert [i["image_id"] for i in kinds["fp"]["items"]] == [] and kinds["fp"][
+        "empty"
+    ] == "no false positives at threshold 0.81"
     assert kinds["fn"]["items"] == [] and kinds["fn"]["empty"] == "no false negatives at threshold 0.81"
     assert all(i["called"] for i in kinds["tp"]["items"])
     # without a threshold nothing is called: the kinds are named as rankings, not as errors

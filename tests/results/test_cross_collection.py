@@ -37,7 +37,15 @@ def test_nih_to_chexpert_alignment_is_the_documented_one():
         "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion",
         "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax", "Consolidation": "Consolidation", "Edema": "Edema",
     }  # fmt: skip
-    assert got.not_labelled == ["Infiltration", "Mass", "Nodule", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+    assert got.not_labelled == [
+        "Infiltration",
+        "Mass",
+        "Nodule",
+        "Emphysema",
+        "Fibrosis",
+        "Pleural_Thickening",
+        "Hernia",
+    ]
     assert "Support Devices" in got.not_predicted and "Pleural Effusion" not in got.not_predicted
     # the other way round too: a CheXpert model scored on an NIH store
     assert align(CHEXPERT.names, NIH14.names).pairs["Pleural Effusion"] == "Effusion"
@@ -51,7 +59,10 @@ def test_user_map_extends_the_table_and_bad_maps_are_one_clear_error():
         align(NIH14.names, CHEXPERT.names, {"Nodule": "Lung Nodule"})
     with pytest.raises(CxrflowError, match="'Nodules' is not a finding of the model"):
         align(NIH14.names, CHEXPERT.names, {"Nodules": "Lung Lesion"})
-    with pytest.raises(CxrflowError, match=r"'Effusion' and 'Pleural_Thickening', are mapped to the one store finding 'Pleural Effusion' \(by --map"):
+    with pytest.raises(
+        CxrflowError,
+        match=r"'Effusion' and 'Pleural_Thickening', are mapped to the one store finding 'Pleural Effusion' \(by --map",
+    ):
         align(NIH14.names, CHEXPERT.names, {"Pleural_Thickening": "Pleural Effusion"})
     with pytest.raises(CxrflowError, match="MODEL_FINDING=STORE_FINDING"):
         parse_map(["Mass"])
@@ -63,10 +74,10 @@ def test_user_map_extends_the_table_and_bad_maps_are_one_clear_error():
 # a run scored on a second store of the same images under other finding names
 
 
-from test_evaluate import train_tiny_run
+from test_evaluate import train_tiny_run  # noqa: E402 - the section's own imports
 
-from cxrflow.results.crosseval import evaluate_on_store
-from cxrflow.results.evaluate import evaluate_run
+from cxrflow.results.crosseval import evaluate_on_store  # noqa: E402
+from cxrflow.results.evaluate import evaluate_run  # noqa: E402
 
 #: the second store's findings: model (NIH) name -> its name there; Infiltration, Fibrosis and Hernia
 #: are not labelled there, and it labels one finding the model does not predict
@@ -123,7 +134,10 @@ def test_shared_findings_score_as_on_the_own_store(two_stores, capsys):
     assert main(["evaluate", "--run", str(run), "--store", str(other), "--n-boot", "20", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "not labelled in other: Infiltration, Fibrosis, Hernia" in printed
-    assert "scored on other: 11 of the model's 14 findings (as Cardiomegaly -> cardiomegaly, Effusion -> Pleural Effusion," in printed
+    assert (
+        "scored on other: 11 of the model's 14 findings (as Cardiomegaly -> cardiomegaly, Effusion -> Pleural Effusion,"
+        in printed
+    )
     folder = run / "eval-other-test-best_finetune"
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["alignment"] == {m: RENAMED[m] for m in NIH14.names if m in RENAMED}
@@ -149,7 +163,9 @@ def test_split_all_and_a_chexpert_named_store_without_the_runs_evaluation(two_st
     every = evaluate_on_store(run, other, split="all", out=tmp_path / "all", n_boot=5, device="cpu")
     assert every["n_images"] == 96 + 48 + 48 and every["split"] == "all"
     chexpert = tmp_path / "chexpert"
-    write_synthetic_store(chexpert, sizes=(32,), rows={"train": 16, "val": 24, "test": 24}, vocab=CHEXPERT, prevalence=0.3)
+    write_synthetic_store(
+        chexpert, sizes=(32,), rows={"train": 16, "val": 24, "test": 24}, vocab=CHEXPERT, prevalence=0.3
+    )
     alone = tmp_path / "alone"
     shutil.copytree(run, alone, ignore=shutil.ignore_patterns("eval-*"))  # no evaluation of its own
     got = evaluate_on_store(alone, chexpert, n_boot=5, device="cpu")
@@ -171,7 +187,10 @@ def test_bad_input_is_one_line_before_scoring(two_stores, tmp_path, capsys):
     cases = [
         (["--store", str(other), "--map", "Hernia=Lung Lesion"], "'Lung Lesion' is not a finding of the store other"),
         (["--store", str(other), "--map", "Hernias=Support Devices"], "'Hernias' is not a finding of the model"),
-        (["--store", str(other), "--map", "Hernia=Pleural Effusion"], "are mapped to the one store finding 'Pleural Effusion'"),
+        (
+            ["--store", str(other), "--map", "Hernia=Pleural Effusion"],
+            "are mapped to the one store finding 'Pleural Effusion'",
+        ),
         (["--store", str(not_a_store)], "not a complete cxrflow store"),
         (["--store", str(small)], "the store has no 32 px images, the size this model takes (it has: 16)"),
         (["--split", "all"], "--split all scores every split of another collection's store"),

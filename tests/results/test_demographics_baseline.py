@@ -24,24 +24,30 @@ NAMES = ["Female", "Old", "Noise"]
 def _write(store, split: str, rows: list[tuple], first_patient: int) -> dict:
     """rows: (age, sex, view, labels); one patient per image."""
     n = len(rows)
-    table = pa.table({
-        "image_id": [f"{split}_{i}.png" for i in range(n)],
-        "patient_id": pa.array(range(first_patient, first_patient + n), pa.int64()),
-        "labels": pa.array([list(r[3]) for r in rows], pa.list_(pa.uint8())),
-        "age": pa.array([r[0] for r in rows], pa.int16()),
-        "sex": pa.array([r[1] for r in rows], pa.string()),
-        "view": pa.array([r[2] for r in rows], pa.string()),
-        "follow_up": pa.array([0] * n, pa.int32()),
-        "orig_width": pa.array([8] * n, pa.int32()),
-        "orig_height": pa.array([8] * n, pa.int32()),
-        "pixels": pa.array([bytes(64)] * n, pa.binary()),
-    }, schema=SCHEMA)
+    table = pa.table(
+        {
+            "image_id": [f"{split}_{i}.png" for i in range(n)],
+            "patient_id": pa.array(range(first_patient, first_patient + n), pa.int64()),
+            "labels": pa.array([list(r[3]) for r in rows], pa.list_(pa.uint8())),
+            "age": pa.array([r[0] for r in rows], pa.int16()),
+            "sex": pa.array([r[1] for r in rows], pa.string()),
+            "view": pa.array([r[2] for r in rows], pa.string()),
+            "follow_up": pa.array([0] * n, pa.int32()),
+            "orig_width": pa.array([8] * n, pa.int32()),
+            "orig_height": pa.array([8] * n, pa.int32()),
+            "pixels": pa.array([bytes(64)] * n, pa.binary()),
+        },
+        schema=SCHEMA,
+    )
     folder = split_dir(store, 8, split)
     folder.mkdir(parents=True)
     pq.write_table(table, folder / "part-00000.parquet")
-    return {"image_id": table.column("image_id").to_pylist()[::-1],  # the evaluation's order need not be the store's
-            "patient_id": np.arange(first_patient, first_patient + n)[::-1],
-            "labels": np.array([r[3] for r in rows], np.float32)[::-1], "known": np.ones((n, 3), np.float32)}
+    return {
+        "image_id": table.column("image_id").to_pylist()[::-1],  # the evaluation's order need not be the store's
+        "patient_id": np.arange(first_patient, first_patient + n)[::-1],
+        "labels": np.array([r[3] for r in rows], np.float32)[::-1],
+        "known": np.ones((n, 3), np.float32),
+    }
 
 
 def _row(age, sex, view, noise):
@@ -51,9 +57,23 @@ def _row(age, sex, view, noise):
 
 @pytest.fixture
 def tiny(tmp_path):
-    train = [_row(a, s, v, n) for a, s, v, n in [(20, "M", "PA", 1), (30, "F", "AP", 0), (40, "M", "AP", 1), (45, "F", "PA", 0),
-                                                   (60, "M", "PA", 0), (70, "F", "AP", 1), (80, "M", "AP", 0), (85, "F", "PA", 1)]]
-    test = [_row(a, s, v, n) for a, s, v, n in [(25, "M", "PA", 1), (35, "F", "PA", 0), (65, "M", "AP", 0), (75, "F", "AP", 1)]]
+    train = [
+        _row(a, s, v, n)
+        for a, s, v, n in [
+            (20, "M", "PA", 1),
+            (30, "F", "AP", 0),
+            (40, "M", "AP", 1),
+            (45, "F", "PA", 0),
+            (60, "M", "PA", 0),
+            (70, "F", "AP", 1),
+            (80, "M", "AP", 0),
+            (85, "F", "PA", 1),
+        ]
+    ]
+    test = [
+        _row(a, s, v, n)
+        for a, s, v, n in [(25, "M", "PA", 1), (35, "F", "PA", 0), (65, "M", "AP", 0), (75, "F", "AP", 1)]
+    ]
     _write(tmp_path / "s", "train", train, 1)
     return tmp_path / "s", _write(tmp_path / "s", "test", test, 100)
 
@@ -72,8 +92,8 @@ def test_baseline_by_hand(tiny):
 
 
 def test_recomputed_from_the_same_fit_and_same_interval(tiny):
-    from cxrflow.modelling.fusion import fit_logistic, logistic_scores, read_split_demographics
     from cxrflow.metrics import per_class_auc
+    from cxrflow.modelling.fusion import fit_logistic, logistic_scores, read_split_demographics
 
     store, evaluated = tiny
     demo = demographics_only(store, 8, "test", NAMES, evaluated, {}, interval=bootstrap_auc_ci, n_boot=50, seed=3)
@@ -102,7 +122,9 @@ def test_a_store_without_demographics_skips_and_says_so(tmp_path):
     _write(tmp_path / "s", "train", train, 1)
     evaluated = _write(tmp_path / "s", "test", train[:4], 100)
     demo = demographics_only(tmp_path / "s", 8, "test", NAMES, evaluated, {}, interval=bootstrap_auc_ci, n_boot=20)
-    assert demo["skipped"].startswith("the store has no age, sex or view") and demo["auc"] == {} and demo["shortcut"] == []
+    assert (
+        demo["skipped"].startswith("the store has no age, sex or view") and demo["auc"] == {} and demo["shortcut"] == []
+    )
     assert format_lines({"demographics_only": demo}) == [f"demographics-only baseline skipped: {demo['skipped']}"]
 
 
@@ -116,24 +138,41 @@ def test_shortcut_rule_at_its_edges():
 
 
 def test_shortcut_sentence_in_plain_words():
-    metrics = {"auc": {"Hernia": 0.60}, "demographics_only": {
-        "auc": {"Hernia": 0.88}, "auc_low": {"Hernia": 0.84}, "auc_high": {"Hernia": 0.91}, "shortcut": ["Hernia"],
-        "fields": ["age", "sex", "view"]}}
+    metrics = {
+        "auc": {"Hernia": 0.60},
+        "demographics_only": {
+            "auc": {"Hernia": 0.88},
+            "auc_low": {"Hernia": 0.84},
+            "auc_high": {"Hernia": 0.91},
+            "shortcut": ["Hernia"],
+            "fields": ["age", "sex", "view"],
+        },
+    }
     assert shortcut_sentences(metrics) == [
-        ("Hernia: age, sex and view alone give AUC 0.88 [0.84, 0.91], the model 0.60: "
-         "much of what it could learn here is who the patient is")
+        (
+            "Hernia: age, sex and view alone give AUC 0.88 [0.84, 0.91], the model 0.60: "
+            "much of what it could learn here is who the patient is"
+        )
     ]
 
 
 def test_fusion_comparison_needs_both_kinds():
     demo = {"auc": {"A": 0.8, "B": 0.5}}
-    plain = {"fusion": "none", "split": "test", "label_names": ["A", "B"], "auc": {"A": 0.7, "B": 0.9},
-             "run_name": "p", "demographics_only": demo}
+    plain = {
+        "fusion": "none",
+        "split": "test",
+        "label_names": ["A", "B"],
+        "auc": {"A": 0.7, "B": 0.9},
+        "run_name": "p",
+        "demographics_only": demo,
+    }
     fused = {**plain, "fusion": "demographics", "auc": {"A": 0.85, "B": 0.89}, "run_name": "f"}
     assert fusion_comparison([plain]) is None and fusion_comparison([fused]) is None
     table = fusion_comparison([fused, plain])
     assert [(r["name"], r["image_only"], r["fused"], r["demographics_only"]) for r in table["rows"]] == [
-        ("A", 0.7, 0.85, 0.8), ("B", 0.9, 0.89, 0.5)]
+        ("A", 0.7, 0.85, 0.8),
+        ("B", 0.9, 0.89, 0.5),
+    ]
     assert table["rows"][0]["margin"] == pytest.approx(0.05) and table["rows"][1]["margin"] == pytest.approx(-0.01)
 
 

@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import torch
 
+from cxrflow.data.labels import NIH14
 from cxrflow.metrics import (
     _weighted_auc,
+    binary_auc,
     bootstrap_auc_ci,
     bootstrap_aucs,
+    per_class_auc,
     sensitivity_specificity,
     summarize,
     youden_threshold,
 )
-from cxrflow.data.labels import NIH14
-from cxrflow.metrics import binary_auc, per_class_auc
 
 
 def _data(n=400, k=3, patients=120, seed=0):
@@ -141,8 +142,8 @@ from cxrflow.runs import read_predictions, resolve_checkpoint  # noqa: E402
 def train_tiny_run(tmp, model="simple_cnn", rows=None, epochs=2, store=None):
     """A finished run of cxrflow's own trainer on a synthetic store (32 px)."""
     from cxrflow.modelling.config import StageSettings, TrainConfig
-    from cxrflow.testing.synthstore import write_synthetic_store
     from cxrflow.modelling.train import train
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     if store is None:
         store = tmp / "store"
@@ -167,8 +168,23 @@ def test_evaluate_run_writes_metrics_predictions_and_figures(tiny_run, tmp_path)
     out = tmp_path / "ev"
     assert main(["evaluate", "--run", str(run), "--out", str(out), "--n-boot", "200"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("mean_auc", "mean_auc_ci95", "auc", "auc_ci95", "n_images", "n_patients", "positives",
-                "sensitivity", "specificity", "threshold", "nan_findings", "checkpoint", "stage", "model", "size"):
+    for key in (
+        "mean_auc",
+        "mean_auc_ci95",
+        "auc",
+        "auc_ci95",
+        "n_images",
+        "n_patients",
+        "positives",
+        "sensitivity",
+        "specificity",
+        "threshold",
+        "nan_findings",
+        "checkpoint",
+        "stage",
+        "model",
+        "size",
+    ):
         assert key in m, key
     assert m["checkpoint"] == "best_finetune" and m["stage"] == "finetune" and m["model"] == "simple_cnn"
     assert m["n_images"] == 48 and m["split"] == "test" and len(m["auc"]) == 14
@@ -233,9 +249,8 @@ def test_checkpoint_resolution_errors(tiny_run, tmp_path):
 def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_run, tmp_path):
     from sklearn.metrics import brier_score_loss
 
-    from cxrflow.modelling.calibration import expected_calibration_error, fit_temperature
-
     from cxrflow.data.store import read_manifest
+    from cxrflow.modelling.calibration import expected_calibration_error, fit_temperature
 
     run, store = tiny_run
     out = tmp_path / "ev"
@@ -253,7 +268,9 @@ def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_ru
             z = frame[f"logit_{name}"].to_numpy(np.float64)
             np.testing.assert_allclose(frame[f"prob_{name}"], 1 / (1 + np.exp(-z)), atol=1e-6)
             shifted = z - cal["logit_offset"][name]  # log pos_weight of the training loss
-            np.testing.assert_allclose(frame[f"calprob_{name}"], 1 / (1 + np.exp(-shifted / cal["temperature"][name])), atol=1e-6)
+            np.testing.assert_allclose(
+                frame[f"calprob_{name}"], 1 / (1 + np.exp(-shifted / cal["temperature"][name])), atol=1e-6
+            )
         y_val = val[f"label_{name}"]
         if y_val.nunique() == 2:  # T is the NLL minimum on the validation logits
             shifted = val[f"logit_{name}"] - cal["logit_offset"][name]
@@ -261,7 +278,9 @@ def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_ru
         y = test[f"label_{name}"]
         for when, col in (("before", "prob_"), ("after", "calprob_")):
             assert cal["ece"][when][name] == pytest.approx(expected_calibration_error(y, test[col + name]), abs=1e-6)
-            assert cal["brier"][when][name] == pytest.approx(brier_score_loss(y, test[col + name], pos_label=1), abs=1e-6)
+            assert cal["brier"][when][name] == pytest.approx(
+                brier_score_loss(y, test[col + name], pos_label=1), abs=1e-6
+            )
         # thresholds: Youden's J on the validation probabilities, raw and calibrated
         for key, col in (("threshold", "prob_"), ("threshold_calibrated", "calprob_")):
             expected = youden_threshold(y_val, val[col + name])
@@ -277,9 +296,9 @@ def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_ru
 
 
 def test_evaluation_records_its_checkpoint_and_store(tiny_run, tmp_path):
-    from cxrflow.runs import evaluation_status
     from cxrflow.data.store import store_split_identity
     from cxrflow.identity import file_sha256
+    from cxrflow.runs import evaluation_status
 
     run, store = tiny_run
     m = evaluate_run(run, out=tmp_path / "ev", n_boot=10)

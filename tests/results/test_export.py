@@ -88,7 +88,9 @@ def test_a_bad_image_gets_nulls_and_an_error_and_the_batch_still_scores(exported
     frame = pd.DataFrame({"image": [good[0], "bm90IGFuIGltYWdl", truncated, "%%%", good[1]]})
     out = model.predict(frame)
     assert out["error"].isna().tolist() == [True, False, False, False, True]
-    assert "not a recognised image" in out["error"][1] and "truncated" in out["error"][2] and "base64" in out["error"][3]
+    assert (
+        "not a recognised image" in out["error"][1] and "truncated" in out["error"][2] and "base64" in out["error"][3]
+    )
     probs = out.filter(like="prob_")
     assert probs.iloc[[1, 2, 3]].isna().all().all() and probs.iloc[[0, 4]].notna().all().all()
     assert out.filter(like="positive_").iloc[[1, 2, 3]].isna().all().all()
@@ -215,7 +217,9 @@ def test_served_model_answers_good_requests_and_refuses_bad_ones_with_json(expor
             assert again.status_code == 200 and again.json()["predictions"] == rows
         mixed = {"dataframe_records": [good["dataframe_records"][0], {"image": "bm90IGFuIGltYWdl"}]}
         rows = requests.post(f"{url}/invocations", json=mixed, timeout=60).json()["predictions"]
-        assert rows[0]["error"] is None and rows[1]["prob_Atelectasis"] is None and "not a recognised" in rows[1]["error"]
+        assert (
+            rows[0]["error"] is None and rows[1]["prob_Atelectasis"] is None and "not a recognised" in rows[1]["error"]
+        )
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from cxrflow.cli import main
-from cxrflow.modelling.config import resolve_config
-from cxrflow.errors import CxrflowError
-from cxrflow.results.htmlreport import build_context, build_html, render
 from cxrflow.data.labels import LabelVocabulary
+from cxrflow.errors import CxrflowError
+from cxrflow.modelling.config import resolve_config
+from cxrflow.results.htmlreport import build_context, build_html, render
 from cxrflow.testing.synthstore import write_synthetic_store
 from cxrflow.testing.synthstudy import write_evaluation, write_run_config, write_study
 
@@ -81,8 +81,14 @@ def _explore(tmp):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    s = write_study(root, runs=[("simple_cnn", 64, ("finetune",)), ("resnet50", 256, ("kt", "finetune"))],
-                    test_rows=24, store_size=64, checkpoints=True, synthetic=False)  # stands in for the NIH release
+    s = write_study(
+        root,
+        runs=[("simple_cnn", 64, ("finetune",)), ("resnet50", 256, ("kt", "finetune"))],
+        test_rows=24,
+        store_size=64,
+        checkpoints=True,
+        synthetic=False,
+    )  # stands in for the NIH release
     s["explore"] = _explore(root)
     return s
 
@@ -90,7 +96,15 @@ def study(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(study, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    args = ["report", *map(str, study["runs"]), str(study["ensemble"]), "--out", str(out), "--explore", str(study["explore"])]
+    args = [
+        "report",
+        *map(str, study["runs"]),
+        str(study["ensemble"]),
+        "--out",
+        str(out),
+        "--explore",
+        str(study["explore"]),
+    ]
     assert main(args) == 0
     return out / "report.html"
 
@@ -105,7 +119,7 @@ def _thumbnails(folder, n):
     import pyarrow.parquet as pq
 
     table = pq.read_table(Path(folder) / "predictions.parquet")
-    names = [c[len("label_"):] for c in table.column_names if c.startswith("label_")]
+    names = [c[len("label_") :] for c in table.column_names if c.startswith("label_")]
     thresholds = _metrics(folder)["threshold"]
     total = 0
     for name in names:
@@ -142,7 +156,11 @@ def test_every_section_with_the_numbers_of_the_run_folders(study, report):
     ops = [t for t in page.tables if t["rows"] and t["rows"][0][:3] == ["Finding", "Positives", "AUC"]]
     assert len(ops) == 4
     mass = next(r for r in ops[1]["rows"] if r[0] == "Mass")
-    assert mass[4:7] == [f"{kt['threshold']['Mass']:.3f}", f"{kt['sensitivity']['Mass']:.3f}", f"{kt['specificity']['Mass']:.3f}"]
+    assert mass[4:7] == [
+        f"{kt['threshold']['Mass']:.3f}",
+        f"{kt['sensitivity']['Mass']:.3f}",
+        f"{kt['specificity']['Mass']:.3f}",
+    ]
     assert "Localization" in text and "Accuracy (IoBB)" in text and "Members:" in text
     alts = [img["alt"] for img in page.images]
     assert sum(a.startswith("ROC curves per finding") for a in alts) == 4
@@ -166,7 +184,7 @@ def test_self_contained_escaped_and_small(report):
         with Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))) as im:
             assert im.width > 0
     assert not [u for u in page.links if not (u.startswith("#") or u.startswith("data:"))]
-    assert "<link" not in html and "@import" not in html and "src=\"http" not in html
+    assert "<link" not in html and "@import" not in html and 'src="http' not in html
     assert report.stat().st_size < 10 * 2**20
 
 
@@ -179,7 +197,10 @@ def test_rerun_script_rebuilds_each_run_config(study, tmp_path):
         ctx = build_context([*study["runs"]], cases=0)
     finally:  # the study is shared by the module: later tests see it as the fixture made it, in any order
         log.unlink()
-    assert [r["commands"] for r in ctx["reproduce"]["runs"]] == [[], ["cxrflow train --config c.json --out x", "cxrflow evaluate --run x"]]
+    assert [r["commands"] for r in ctx["reproduce"]["runs"]] == [
+        [],
+        ["cxrflow train --config c.json --out x", "cxrflow evaluate --run x"],
+    ]
     assert "cxrflow evaluate --run x" in render(ctx)
     script = ctx["reproduce"]["script"]
     blocks = re.findall(r"cat > rerun-configs/(\S+)\.json <<'EOF'\n(.*?)\nEOF", script, re.S)
@@ -200,12 +221,30 @@ def test_git_commit_only_of_cxrflow_own_checkout(tmp_path):
     from cxrflow.results.study import git_commit
 
     commit = git_commit()
-    here = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    here = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
     if here.returncode == 0 and Path(__file__).parents[2].joinpath("src", "cxrflow").resolve() == Path(
         __import__("cxrflow").__file__).parent.resolve():  # fmt: skip
         assert commit is not None and commit.startswith(here.stdout.strip())
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(tmp_path),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "x",
+        ],
+        check=True,
+    )
     (tmp_path / "cxrflow").mkdir()
     assert git_commit(tmp_path / "cxrflow") is None  # another repository: not cxrflow's commit
 
@@ -322,18 +361,32 @@ def test_rerun_script_rebuilds_ensembles_and_other_formats_stores(study, report)
 
     from cxrflow.results.reproduce import rerun_script
 
-    script = htmlmod.unescape(re.search(r"re-run the study</h3>\s*<pre><code>(.*?)</code>", report.read_text(), re.S).group(1))
+    script = htmlmod.unescape(
+        re.search(r"re-run the study</h3>\s*<pre><code>(.*?)</code>", report.read_text(), re.S).group(1)
+    )
     ens = _metrics(study["ensemble"])
     line = next(x for x in script.splitlines() if x.startswith("cxrflow ensemble "))
     args = shlex.split(line)
     assert args[2 : 2 + len(ens["members"])] == [m["eval"] for m in ens["members"]]
     assert args[args.index("--out") + 1] == str(study["ensemble"]) and args[args.index("--method") + 1] == ens["method"]
     assert script.index(line) < script.index("cxrflow report ")
-    manifest = {"source": {"data_dir": "/data/CheXpert-v1.0-small"}, "split": {"seed": 0, "val_fraction": 0.3},
-                "sizes": [256], "format": "chexpert", "views": "all"}
+    manifest = {
+        "source": {"data_dir": "/data/CheXpert-v1.0-small"},
+        "split": {"seed": 0, "val_fraction": 0.3},
+        "sizes": [256],
+        "format": "chexpert",
+        "views": "all",
+    }
     etl = rerun_script([], [], {"s": {"manifest": manifest, "path": "cx-store", "sha256": "0"}}, []).splitlines()
-    assert "cxrflow etl --data /data/CheXpert-v1.0-small --out cx-store --sizes 256 --seed 0 --val-fraction 0.3 --format chexpert --views all" in etl
-    manifest = {"source": {"data_dir": "/data/nih"}, "sizes": [256], "split": {"mode": "split-csv", "split_csv": "/s/split.csv", "seed": 0}}
+    assert (
+        "cxrflow etl --data /data/CheXpert-v1.0-small --out cx-store --sizes 256 --seed 0 --val-fraction 0.3 --format chexpert --views all"
+        in etl
+    )
+    manifest = {
+        "source": {"data_dir": "/data/nih"},
+        "sizes": [256],
+        "split": {"mode": "split-csv", "split_csv": "/s/split.csv", "seed": 0},
+    }
     etl = rerun_script([], [], {"s": {"manifest": manifest, "path": "st", "sha256": "0"}}, []).splitlines()
     assert "cxrflow etl --data /data/nih --out st --sizes 256 --seed 0 --split-csv /s/split.csv" in etl
 
@@ -346,10 +399,15 @@ def test_rerun_script_names_ensemble_members_by_the_runs_it_trains(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "a").mkdir(parents=True)
     runs = [{"ensemble": False, "path": "runs/a", "config": None, "evaluations": []}]
-    members = [{"eval": str(tmp_path / "runs" / "a" / "eval-test-best_finetune")}, {"eval": "/elsewhere/b/eval-test-last"}]
+    members = [
+        {"eval": str(tmp_path / "runs" / "a" / "eval-test-best_finetune")},
+        {"eval": "/elsewhere/b/eval-test-last"},
+    ]
     ens = {"ensemble": True, "folder": Path("ens"), "metrics": {"method": "mean", "members": members}}
     lines = rerun_script([ens], runs, {}, ["ens"]).splitlines()
-    assert "cxrflow ensemble runs/a/eval-test-best_finetune /elsewhere/b/eval-test-last --out ens --method mean" in lines
+    assert (
+        "cxrflow ensemble runs/a/eval-test-best_finetune /elsewhere/b/eval-test-last --out ens --method mean" in lines
+    )
 
 
 def test_split_modes_of_every_format_are_named():
@@ -358,12 +416,17 @@ def test_split_modes_of_every_format_are_named():
 
     modes = ("official-lists", "official-split", "patients-70-10-20", "split-csv")
     named = {m: split_name({"manifest": {"split": {"mode": m}}}) for m in modes}
-    assert named == {"official-lists": "official (the NIH release's test_list.txt)",
-                     "official-split": "the collection's own train/val/test split",
-                     "patients-70-10-20": "patient split (random 70/10/20 by patient)", "split-csv": "as given by --split-csv"}
+    assert named == {
+        "official-lists": "official (the NIH release's test_list.txt)",
+        "official-split": "the collection's own train/val/test split",
+        "patients-70-10-20": "patient split (random 70/10/20 by patient)",
+        "split-csv": "as given by --split-csv",
+    }
     # "official" only for the NIH release itself: another collection's list, or a synthetic NIH-format one, is not
     chexpert = split_name({"manifest": {"format": "chexpert", "split": {"mode": "official-lists"}}})
-    synthetic = split_name({"manifest": {"synthetic": {"generator": "cxrflow synth"}, "split": {"mode": "official-lists"}}})
+    synthetic = split_name(
+        {"manifest": {"synthetic": {"generator": "cxrflow synth"}, "split": {"mode": "official-lists"}}}
+    )
     assert chexpert == "the collection's test list" and synthetic == "the synthetic collection's test list"
     assert "official" not in chexpert + synthetic
 
@@ -393,9 +456,14 @@ def test_localization_of_a_checkpoint_the_run_no_longer_holds_is_left_out(study,
     shutil.copytree(study["runs"][0], run)
     shutil.rmtree(run / "localize-test-best_finetune")  # the study's stand-in; localize for real below
     shutil.copyfile(run / "best_finetune.pt", run / "last.pt")
-    test_ids = ds.dataset(study["store"] / "size=64" / "split=test").to_table(columns=["image_id"]).column(0).to_pylist()
+    test_ids = (
+        ds.dataset(study["store"] / "size=64" / "split=test").to_table(columns=["image_id"]).column(0).to_pylist()
+    )
     boxes = tmp_path / "boxes.csv"
-    boxes.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + "".join(f"{i},Mass,10,10,20,20\n" for i in sorted(test_ids)[:3]))
+    boxes.write_text(
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+        + "".join(f"{i},Mass,10,10,20,20\n" for i in sorted(test_ids)[:3])
+    )
     for checkpoint in ("best_finetune", "last"):
         assert main(["localize", "--run", str(run), "--checkpoint", checkpoint, "--bbox", str(boxes),
                      "--store", str(study["store"]), "--device", "cpu"]) == 0  # fmt: skip
@@ -418,7 +486,9 @@ def test_localization_of_a_checkpoint_the_run_no_longer_holds_is_left_out(study,
     ctx = build_context([run], cases=1, heatmap_fn=heatmap)
     page = Page(render(ctx))
     assert not _localization_tables(page) and note in page.all_text
-    assert not ctx["cases"][0]["overlays"] and "localization output is for an older checkpoint" in ctx["cases"][0]["note"]
+    assert (
+        not ctx["cases"][0]["overlays"] and "localization output is for an older checkpoint" in ctx["cases"][0]["note"]
+    )
 
 
 def test_run_without_evaluation_is_one_line_naming_the_command(tmp_path, capsys):
@@ -471,11 +541,14 @@ window.addEventListener("load", function () {
 
 def _chromium_or_skip() -> str:
     found = os.environ.get("CXRFLOW_CHROMIUM") or next(
-        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")) if p), None
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")) if p),
+        None,
     )
     if found is None:
         if os.environ.get("CI"):
-            pytest.fail("CI is set but no Chromium was found: .ci/run installs Debian's 'chromium' package before 'make test'")
+            pytest.fail(
+                "CI is set but no Chromium was found: .ci/run installs Debian's 'chromium' package before 'make test'"
+            )
         pytest.skip("no Chromium browser on this machine (install Debian's 'chromium' package or set CXRFLOW_CHROMIUM)")
     return found
 
@@ -490,7 +563,11 @@ PAGE_CDN_HOSTS = {"fonts.googleapis.com", "ajax.googleapis.com", "storage.google
 def _page_hosts(requests: list[str]) -> set[str]:
     """The hosts among the proxy's requests that the page, not the browser's own services, asked for."""
     hosts = {_host(r) for r in requests}
-    return {h for h in hosts if h in PAGE_CDN_HOSTS or not any(h == d or h.endswith("." + d) for d in BROWSER_SERVICE_DOMAINS)}
+    return {
+        h
+        for h in hosts
+        if h in PAGE_CDN_HOSTS or not any(h == d or h.endswith("." + d) for d in BROWSER_SERVICE_DOMAINS)
+    }
 
 
 def _host(request_line: str) -> str:
@@ -573,13 +650,20 @@ def test_in_headless_chromium(report, study, tmp_path):
     proxy = CountingProxy()
     try:
         # the proxy sees what a page fetches: one image from the network is one request
-        control = _page_check(browser, tmp_path, proxy, '<html><body><main></main><img src="http://cxrflow-test.invalid/x.png" alt="x"><table class="sortable"><tbody></tbody></table></body></html>')
+        control = _page_check(
+            browser,
+            tmp_path,
+            proxy,
+            '<html><body><main></main><img src="http://cxrflow-test.invalid/x.png" alt="x"><table class="sortable"><tbody></tbody></table></body></html>',
+        )
         proxy.settle()
         assert _page_hosts(proxy.requests) == {"cxrflow-test.invalid"} and control["undecoded"] == ["x"]
         proxy.requests.clear()
         result = _page_check(browser, tmp_path, proxy, report.read_text())
         shot = tmp_path / "report.png"
-        _chromium(browser, tmp_path / "profile", proxy, "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri())
+        _chromium(
+            browser, tmp_path / "profile", proxy, "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri()
+        )
         proxy.settle()
     finally:
         proxy.close()
@@ -619,8 +703,15 @@ def test_table1_fits_across_a4_landscape_when_printed(report, tmp_path):
     page.write_text(html.replace("@media print {", "@media all {").replace("</body>", PRINT_WIDTH_CHECK + "</body>"))
     proxy = CountingProxy()
     try:
-        done = _chromium(browser, tmp_path / "profile", proxy, f"--window-size={A4_LANDSCAPE_PX},800",
-                         "--virtual-time-budget=15000", "--dump-dom", page.as_uri())
+        done = _chromium(
+            browser,
+            tmp_path / "profile",
+            proxy,
+            f"--window-size={A4_LANDSCAPE_PX},800",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            page.as_uri(),
+        )
     finally:
         proxy.close()
     found = re.search(r'<pre id="print-width">(\d+)</pre>', done.stdout)

@@ -10,20 +10,20 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 
-from cxrflow.data.boxes import BOXES_NAME, IOBB_THRESHOLDS, IOU_THRESHOLDS
 from cxrflow.cli import main
+from cxrflow.data.boxes import BOXES_NAME, IOBB_THRESHOLDS, IOU_THRESHOLDS
+from cxrflow.data.store import SCHEMA, read_manifest
 from cxrflow.identity import file_sha256
 from cxrflow.results.localize import localization_status, localize_run
-from cxrflow.data.store import SCHEMA, read_manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def localized(spark, tmp_path_factory):
-    from cxrflow.modelling.config import StageSettings, TrainConfig
     from cxrflow.data.etl import run_etl
     from cxrflow.data.synth import synthesize
+    from cxrflow.modelling.config import StageSettings, TrainConfig
     from cxrflow.modelling.train import train
 
     tmp = tmp_path_factory.mktemp("localize")
@@ -103,14 +103,25 @@ def test_json_matches_a_recomputation_from_boxes_csv(localized):
             assert saved["accuracy_iobb"][f"{t:g}"][name] == pytest.approx((rows["iobb"] >= t - 1e-6).mean(), abs=1e-3)
     for t in IOU_THRESHOLDS:
         assert saved["accuracy_iou"][f"{t:g}"]["overall"] == pytest.approx((best["iou"] >= t - 1e-6).mean(), abs=1e-3)
-    for key in ("run", "checkpoint", "checkpoint_sha256", "thresholds", "wang2017", "fp_per_image", "unscored", "figures"):
+    for key in (
+        "run",
+        "checkpoint",
+        "checkpoint_sha256",
+        "thresholds",
+        "wang2017",
+        "fp_per_image",
+        "unscored",
+        "figures",
+    ):
         assert key in saved
     assert saved["figures"] and all((out / f).is_file() for f in saved["figures"])
     assert len(saved["sweep"]) == len(saved["thresholds"]["sweep"])
 
 
 def _bbox_csv(path, rows):
-    path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    path.write_text(
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + "".join(",".join(map(str, r)) + "\n" for r in rows)
+    )
     return path
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_evaluate import train_tiny_run
 
 from cxrflow.cli import main
+from cxrflow.modelling.inference import predict_split
 from cxrflow.modelling.models import load_checkpoint
 from cxrflow.results.predict import load_predictor, predict_files
-from cxrflow.modelling.inference import predict_split
-from test_evaluate import train_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -246,10 +246,11 @@ def test_an_unreadable_evaluation_is_named_not_skipped_silently(run_and_images, 
 def test_predict_on_the_original_png_files_gives_evaluates_probabilities(spark, tmp_path):
     """Real ETL of real PNG files, a trained run, its evaluation: predict on the same PNG files (its
     own decode and resize) gives the probabilities of predictions.parquet."""
-    from cxrflow.data.etl import run_etl
-    from cxrflow.results.evaluate import evaluate_run
-    from cxrflow.data.synth import synthesize
     from test_evaluate import train_tiny_run
+
+    from cxrflow.data.etl import run_etl
+    from cxrflow.data.synth import synthesize
+    from cxrflow.results.evaluate import evaluate_run
 
     release = tmp_path / "release"
     synthesize(release, patients=30, size=96, seed=4)
@@ -276,7 +277,10 @@ def test_an_unevaluated_run_says_why_no_finding_is_called(run_and_images, capsys
     assert "called" not in captured.out.splitlines()[0]
     note = captured.err.strip().splitlines()
     assert len(note) == 1 and note[0].startswith("note: no finding is called: the thresholds")
-    assert f"{run} has no evaluation of best_finetune; 'cxrflow evaluate --run {run} --checkpoint best_finetune'" in note[0]
+    assert (
+        f"{run} has no evaluation of best_finetune; 'cxrflow evaluate --run {run} --checkpoint best_finetune'"
+        in note[0]
+    )
 
 
 def test_calls_are_printed_with_the_thresholds_that_made_them():
@@ -284,6 +288,11 @@ def test_calls_are_printed_with_the_thresholds_that_made_them():
 
     predictions = [{"image": "a.png", "probabilities": {"Edema": 0.7, "Mass": 0.2, "Hernia": 0.9}}]
     header, row = format_calls(predictions, ["Edema", "Mass", "Hernia"], {"Edema": 0.41, "Mass": 0.3}).splitlines()
-    assert header.split()[:4] == ["image", "Edema>=0.410", "Mass>=0.300", "Hernia"]  # Hernia: no threshold, never called
+    assert header.split()[:4] == [
+        "image",
+        "Edema>=0.410",
+        "Mass>=0.300",
+        "Hernia",
+    ]  # Hernia: no threshold, never called
     assert row.split()[:4] == ["a.png", "0.700", "0.200", "0.900"] and row.endswith("  Edema")
     assert header.index("Edema>=0.410") + len("Edema>=0.410") == row.index("0.700") + len("0.700")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from cxrflow.cli import main
+from cxrflow.data.labels import NIH14
 from cxrflow.errors import CxrflowError
 from cxrflow.metrics import summarize
-from cxrflow.data.labels import NIH14
 from cxrflow.results.report import write_report
 from cxrflow.results.table import build_rows, format_markdown, paper_mean_auc
 
@@ -25,8 +25,15 @@ def _evaluation(folder, model, size, stage, signal, seed=0):
     y = (rng.random((120, 14)) < 0.3).astype(np.uint8)
     p = rng.random((120, 14)) + signal * y
     m = summarize(y, p, np.arange(120) // 2, NIH14.names, n_boot=20)
-    m.update(model=model, size=size, stage=stage, run_name=folder.parent.name, checkpoint=f"best_{stage}", split="test",
-             checkpoint_sha256=file_sha256(checkpoint))
+    m.update(
+        model=model,
+        size=size,
+        stage=stage,
+        run_name=folder.parent.name,
+        checkpoint=f"best_{stage}",
+        split="test",
+        checkpoint_sha256=file_sha256(checkpoint),
+    )
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(m))
     return m

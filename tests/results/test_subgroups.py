@@ -8,14 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxrflow.cli import main
-from cxrflow.results.audit import ANY, COLUMNS, make_attributes, read_csv
 from cxrflow.metrics import binary_auc
+from cxrflow.results.audit import ANY, COLUMNS, make_attributes, read_csv
 
 
 def _train(tmp: Path, fusion: str = "none") -> tuple[Path, Path]:
-    from cxrflow.testing.synthstore import write_synthetic_store
     from cxrflow.modelling.config import StageSettings, TrainConfig
     from cxrflow.modelling.train import train
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     store = tmp / "store"
     if not store.exists():

@@ -12,12 +12,28 @@ from cxrflow.tracking import log_ensemble, read_record, request_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "members", nargs="+", metavar="RUN_OR_EVAL", help="evaluation folders, or run folders (their default checkpoint's evaluation)"
+        "members",
+        nargs="+",
+        metavar="RUN_OR_EVAL",
+        help="evaluation folders, or run folders (their default checkpoint's evaluation)",
     )
-    parser.add_argument("--out", required=True, help="the ensemble folder to write (an evaluation folder in its own right)")
-    parser.add_argument("--method", default="mean", help="mean (of calibrated probabilities) or stacked (logistic regression on validation logits)")
-    parser.add_argument("--split", default="test", choices=["val", "test"], help="the members' evaluated split, for run folders (default: test)")
-    parser.add_argument("--n-boot", type=options.n_boot, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
+    parser.add_argument(
+        "--out", required=True, help="the ensemble folder to write (an evaluation folder in its own right)"
+    )
+    parser.add_argument(
+        "--method",
+        default="mean",
+        help="mean (of calibrated probabilities) or stacked (logistic regression on validation logits)",
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["val", "test"],
+        help="the members' evaluated split, for run folders (default: test)",
+    )
+    parser.add_argument(
+        "--n-boot", type=options.n_boot, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)"
+    )
     parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap and stacking seed (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble folder")
     add_tracking_arguments(parser)  # the ensemble is its own MLflow run (ENS/mlflow.json)
@@ -33,7 +49,13 @@ def run(args: argparse.Namespace) -> int:
     tracking = request_from_args(args)
     replaced = read_record(args.out) if args.overwrite else None  # a tracked ensemble stays tracked when rebuilt
     metrics = build_ensemble(
-        args.members, args.out, method=args.method, split=args.split, n_boot=args.n_boot, seed=args.seed, overwrite=args.overwrite
+        args.members,
+        args.out,
+        method=args.method,
+        split=args.split,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        overwrite=args.overwrite,
     )
     log_ensemble(tracking, metrics, replaced)
     lines = [*format_summary(metrics).splitlines(), *format_lines(metrics)]
@@ -42,5 +64,7 @@ def run(args: argparse.Namespace) -> int:
         f"{metrics['n_images']} images, {metrics['n_patients']} patients"
     )
     print("\n".join(lines))
-    print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
+    print(
+        f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})"
+    )
     return 0

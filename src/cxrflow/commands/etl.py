@@ -12,21 +12,31 @@ from cxrflow.data.formats import add_format_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="collection folder (NIH, CheXpert, MIMIC-CXR-JPG or labels.csv)")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="collection folder (NIH, CheXpert, MIMIC-CXR-JPG or labels.csv)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="store folder to write")
     parser.add_argument("--sizes", default="256,512", help="comma-separated image sides in pixels (default 256,512)")
     parser.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
     options.add_val_fraction(parser)
-    parser.add_argument("--seed", type=options.seed, default=0, help="split seed, also of the stored row order (default 0)")
+    parser.add_argument(
+        "--seed", type=options.seed, default=0, help="split seed, also of the stored row order (default 0)"
+    )
     parser.add_argument(
         "--split-csv", type=Path, default=None,
         help="use exactly this split file (from 'cxrflow split --out'); default: the same split 'cxrflow split' computes",
     )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
-    parser.add_argument("--strict", action="store_true", help="fail on a missing or undecodable image instead of reporting it")
+    parser.add_argument(
+        "--strict", action="store_true", help="fail on a missing or undecodable image instead of reporting it"
+    )
     parser.add_argument("--verbose", action="store_true", help="show Spark's logs")
-    parser.add_argument("--rows-per-file", type=int, default=None, help="images per Parquet file and task (default: automatic)")
-    parser.add_argument("--compression", default="zstd", choices=COMPRESSIONS, help="Parquet compression (default zstd)")
+    parser.add_argument(
+        "--rows-per-file", type=int, default=None, help="images per Parquet file and task (default: automatic)"
+    )
+    parser.add_argument(
+        "--compression", default="zstd", choices=COMPRESSIONS, help="Parquet compression (default zstd)"
+    )
     parser.add_argument(
         "--threads", type=int, default=DECODE_THREADS,
         help=f"threads per Spark task that decode and resize (default {DECODE_THREADS}; more for slow network storage)",

@@ -25,25 +25,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="best_finetune, best_kt, last or a .pt path (default: best_finetune if present, else best_kt)",
     )
-    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
-                        help="split to evaluate (default: test); all: every split of another collection's --store")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default: RUN/eval-<split>-<checkpoint>, RUN/eval-<store>-<split>-<checkpoint> "
-                             "on another collection's store)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "all"],
+        help="split to evaluate (default: test); all: every split of another collection's --store",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: RUN/eval-<split>-<checkpoint>, RUN/eval-<store>-<split>-<checkpoint> "
+        "on another collection's store)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing evaluation folder")
-    parser.add_argument("--n-boot", type=options.n_boot, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)")
+    parser.add_argument(
+        "--n-boot", type=options.n_boot, default=1000, help="patient bootstrap resamples for the CIs (default: 1000)"
+    )
     parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap seed (default: 0)")
     options.add_device(parser, checked_by_parser=False)
     options.add_batch_size(parser, 64)
-    parser.add_argument("--store", default=None, help="store folder, when it moved since training (default: the run's); it must hold the run's splits")
-    parser.add_argument("--map", action="append", default=[], metavar="MODEL_FINDING=STORE_FINDING",
-                        help="score the model's finding against the store's finding of another name (repeatable; "
-                             "docs/cross-collection.md); a --store of the same findings is then scored as another collection's")
-    parser.add_argument("--uncertain", type=_uncertain_policy, default="ignore",
-                        help="another collection's uncertain labels: ignore (masked, default), ones or zeros")
-    parser.add_argument("--no-audit", dest="audit", action="store_false", help="skip the subgroup audit (subgroups.csv)")
-    parser.add_argument("--audit-fpr", type=options.probability, default=0.2,
-                        help="false-positive rate of the audit's one global 'no finding' threshold (default: 0.2)")
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="store folder, when it moved since training (default: the run's); it must hold the run's splits",
+    )
+    parser.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="MODEL_FINDING=STORE_FINDING",
+        help="score the model's finding against the store's finding of another name (repeatable; "
+        "docs/cross-collection.md); a --store of the same findings is then scored as another collection's",
+    )
+    parser.add_argument(
+        "--uncertain",
+        type=_uncertain_policy,
+        default="ignore",
+        help="another collection's uncertain labels: ignore (masked, default), ones or zeros",
+    )
+    parser.add_argument(
+        "--no-audit", dest="audit", action="store_false", help="skip the subgroup audit (subgroups.csv)"
+    )
+    parser.add_argument(
+        "--audit-fpr",
+        type=options.probability,
+        default=0.2,
+        help="false-positive rate of the audit's one global 'no finding' threshold (default: 0.2)",
+    )
     add_tracking_arguments(parser)  # a tracked run (RUN/mlflow.json) is logged to also without --mlflow
 
 
@@ -58,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME, resolve_checkpoint
 
     tracking = request_from_args(args)
-    if args.store is not None and (args.map or is_other_collection(resolve_checkpoint(args.run, args.checkpoint)[1], args.store)):
+    if args.store is not None and (
+        args.map or is_other_collection(resolve_checkpoint(args.run, args.checkpoint)[1], args.store)
+    ):
         metrics = evaluate_on_store(
             args.run, args.store, checkpoint=args.checkpoint, split=args.split, out=args.out, maps=tuple(args.map),
             uncertain=args.uncertain, n_boot=args.n_boot, seed=args.seed, device=args.device,
@@ -72,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join([format_summary(metrics), *format_lines(metrics), *format_cross_lines(metrics)]))
     if "audit" in metrics:  # an evaluation on another collection's store has no audit
         print(format_audit(metrics["audit"]))
-    print(f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})")
+    print(
+        f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})"
+    )
     return 0
 
 

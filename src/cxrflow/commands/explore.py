@@ -12,7 +12,9 @@ from cxrflow.data.formats import add_format_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="collection folder (NIH release, CheXpert, MIMIC-CXR-JPG, labels.csv)")
+    source.add_argument(
+        "--data", type=Path, help="collection folder (NIH release, CheXpert, MIMIC-CXR-JPG, labels.csv)"
+    )
     source.add_argument("--metadata", type=Path, help="a Data_Entry_2017[_v2020].csv file")
     parser.add_argument("--out", required=True, type=Path, help="folder for stats.json, figures and summary.md")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")

@@ -12,14 +12,24 @@ from cxrflow.results.export import FORMATS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder written by 'cxrflow train'")
-    parser.add_argument("--checkpoint", default=None, help="best_finetune, best_kt or last (default: best_finetune, else best_kt)")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="mlflow: an MLflow model folder; onnx: one ONNX graph")
+    parser.add_argument(
+        "--checkpoint", default=None, help="best_finetune, best_kt or last (default: best_finetune, else best_kt)"
+    )
+    parser.add_argument(
+        "--format", required=True, choices=FORMATS, help="mlflow: an MLflow model folder; onnx: one ONNX graph"
+    )
     parser.add_argument("--out", required=True, help="the model folder (mlflow) or the .onnx file (onnx)")
     parser.add_argument("--raw", action="store_true", help="export raw sigmoid outputs even when the run was evaluated")
-    parser.add_argument("--store", default=None, help="the training store, only for checkpoints that lack pixel statistics")
+    parser.add_argument(
+        "--store", default=None, help="the training store, only for checkpoints that lack pixel statistics"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
-    parser.add_argument("--mlflow", default=None, metavar="URI", help="also log the model to this MLflow tracking server")
-    parser.add_argument("--register", default=None, metavar="NAME", help="with --mlflow: register the logged model as NAME")
+    parser.add_argument(
+        "--mlflow", default=None, metavar="URI", help="also log the model to this MLflow tracking server"
+    )
+    parser.add_argument(
+        "--register", default=None, metavar="NAME", help="with --mlflow: register the logged model as NAME"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

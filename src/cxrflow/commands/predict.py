@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from cxrflow import options
 from cxrflow.commands.common import checked_device, must_exist
@@ -19,30 +20,46 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "images", nargs="*", metavar="IMAGE",
+        "images",
+        nargs="*",
+        metavar="IMAGE",
         help="PNG, JPEG or DICOM files (any size, gray, RGB, RGBA or 16-bit); default: the images of --metadata",
     )
-    parser.add_argument("--run", default=None, help="run folder written by 'cxrflow train', or an ensemble folder ('cxrflow ensemble')")
     parser.add_argument(
-        "--checkpoint", default=None, help="best_finetune, best_kt, last or a .pt path (default: best_finetune, else best_kt)"
+        "--run", default=None, help="run folder written by 'cxrflow train', or an ensemble folder ('cxrflow ensemble')"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="best_finetune, best_kt, last or a .pt path (default: best_finetune, else best_kt)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
-        "--raw", action="store_true", help="the model's raw sigmoid outputs instead of calibrated probabilities (and thresholds on that scale)"
+        "--raw",
+        action="store_true",
+        help="the model's raw sigmoid outputs instead of calibrated probabilities (and thresholds on that scale)",
     )
     options.add_device(parser, checked_by_parser=False)
     options.add_batch_size(parser, 32)
-    parser.add_argument("--store", default=None, help="the training store, only for checkpoints that lack pixel statistics")
+    parser.add_argument(
+        "--store", default=None, help="the training store, only for checkpoints that lack pixel statistics"
+    )
     parser.add_argument(
         "--heatmaps", default=None, metavar="DIR",
         help="write a heatmap overlay PNG per image and flagged finding into DIR (paths in the JSON output)",
     )  # fmt: skip
-    parser.add_argument("--heatmap-method", default=None, choices=["gradcam", "hirescam"], help="default: the model's own")
+    parser.add_argument(
+        "--heatmap-method", default=None, choices=["gradcam", "hirescam"], help="default: the model's own"
+    )
     parser.add_argument("--age", default=None, help="patient age in years, for runs trained with --fusion demographics")
     parser.add_argument("--sex", default=None, help="M or F (or unknown), for fused runs")
     parser.add_argument("--view", default=None, help="view position PA or AP (or unknown), for fused runs")
-    parser.add_argument("--metadata", default=None, metavar="CSV",
-                        help="image,age,sex,view rows for many files (image as given, or its file name)")
+    parser.add_argument(
+        "--metadata",
+        default=None,
+        metavar="CSV",
+        help="image,age,sex,view rows for many files (image as given, or its file name)",
+    )
     from cxrflow.results.batchscore import add_batch_arguments
 
     add_batch_arguments(parser)
@@ -71,7 +88,11 @@ def demographics_from_args(args: argparse.Namespace) -> tuple[list[str], dict[st
     if len(given) < len(FIELDS):
         missing = ", ".join(f"--{f}" for f in FIELDS if f not in given)
         raise CxrflowError(f"give --age, --sex and --view together (missing {missing}; 'unknown' is allowed)")
-    entry = (parse_age(flags["age"]), parse_choice(flags["sex"], "sex", "--sex"), parse_choice(flags["view"], "view", "--view"))
+    entry = (
+        parse_age(flags["age"]),
+        parse_choice(flags["sex"], "sex", "--sex"),
+        parse_choice(flags["view"], "view", "--view"),
+    )
     return images, {str(image): entry for image in images}
 
 
@@ -100,16 +121,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                json_safe({
-                    "checkpoint": str(predictor.checkpoint),
-                    "size": predictor.size,
-                    "calibrated": predictor.calibrated,
-                    "label_names": predictor.label_names,
-                    "thresholds": predictor.thresholds,
-                    "predictions": predictions,
-                    "errors": errors,
-                    **({"heatmap_method": heatmap_method} if heatmap_method else {}),
-                }),
+                json_safe(
+                    {
+                        "checkpoint": str(predictor.checkpoint),
+                        "size": predictor.size,
+                        "calibrated": predictor.calibrated,
+                        "label_names": predictor.label_names,
+                        "thresholds": predictor.thresholds,
+                        "predictions": predictions,
+                        "errors": errors,
+                        **({"heatmap_method": heatmap_method} if heatmap_method else {}),
+                    }
+                ),
                 indent=2,
             )
         )
@@ -152,10 +175,14 @@ def no_thresholds(args: argparse.Namespace, predictor: Any) -> str:
         why = "a checkpoint file alone has no evaluation; give its run folder with --run"
     else:
         checkpoint = Path(predictor.checkpoint).stem
-        why = (f"{args.run} has no evaluation of {checkpoint}; 'cxrflow evaluate --run {args.run} --checkpoint "
-               f"{checkpoint}' chooses them on the validation split")
-    return (f"no finding is called: the thresholds that call a finding come from an evaluation of the checkpoint, "
-            f"and {why}; the numbers above are {'calibrated ' if predictor.calibrated else ''}probabilities only")
+        why = (
+            f"{args.run} has no evaluation of {checkpoint}; 'cxrflow evaluate --run {args.run} --checkpoint "
+            f"{checkpoint}' chooses them on the validation split"
+        )
+    return (
+        f"no finding is called: the thresholds that call a finding come from an evaluation of the checkpoint, "
+        f"and {why}; the numbers above are {'calibrated ' if predictor.calibrated else ''}probabilities only"
+    )
 
 
 def _run_batch(args: argparse.Namespace) -> int:

@@ -12,7 +12,9 @@ from cxrflow.errors import CxrflowError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="store folder written by 'cxrflow etl'")
     parser.add_argument("--json", action="store_true", help="print the raw manifest as JSON")
-    parser.add_argument("--verify", action="store_true", help="read every part's footer and check rows and columns against the manifest")
+    parser.add_argument(
+        "--verify", action="store_true", help="read every part's footer and check rows and columns against the manifest"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

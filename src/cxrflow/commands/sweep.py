@@ -19,7 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="store folder (overrides the file's 'store')")
     options.add_device(parser)
     parser.add_argument("--gpus", default=None, help="comma-separated GPU indices to use (default: all visible)")
-    parser.add_argument("--n-boot", type=options.n_boot, default=None, help="bootstrap resamples per evaluation (default: the file's n_boot or 1000)")
+    parser.add_argument(
+        "--n-boot",
+        type=options.n_boot,
+        default=None,
+        help="bootstrap resamples per evaluation (default: the file's n_boot or 1000)",
+    )
     parser.add_argument("--in-process", action="store_true", help="run every step in this process, one after another")
     add_tracking_arguments(parser)
     add_spark_arguments(parser)
@@ -31,12 +36,23 @@ def run(args: argparse.Namespace) -> int:
 
     launch = launch_from_args(args)
     request = request_from_args(args)
-    tracking = [] if request.uri is None else [
-        "--mlflow", request.uri or default_uri(args.out), "--mlflow-experiment", request.experiment]
+    tracking = (
+        []
+        if request.uri is None
+        else ["--mlflow", request.uri or default_uri(args.out), "--mlflow-experiment", request.experiment]
+    )
     sweep = load_sweep(args.config, store=args.store)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-    summary = run_sweep(sweep, args.out, device=args.device, gpus=gpus, n_boot=args.n_boot, in_process=args.in_process,
-                        launch=launch, tracking=tracking)
+    summary = run_sweep(
+        sweep,
+        args.out,
+        device=args.device,
+        gpus=gpus,
+        n_boot=args.n_boot,
+        in_process=args.in_process,
+        launch=launch,
+        tracking=tracking,
+    )
     if summary["report"]:
         print(f"report: {summary['report']['report_html']} (+ table.md, table.csv, comparison.png)")
     best = summary["best"]

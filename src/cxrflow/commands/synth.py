@@ -19,14 +19,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--placement", default="grid", choices=PLACEMENTS, help="findings in their own grid cell (default) or anywhere"
     )
     parser.add_argument(
-        "--demographic-findings", action="store_true",
+        "--demographic-findings",
+        action="store_true",
         help=f"{', '.join(DEMOGRAPHIC_FINDINGS)} follow age, sex and view and are faint on the image (for fusion)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     s = synthesize(
-        args.out, patients=args.patients, size=args.size, seed=args.seed, overwrite=args.overwrite, placement=args.placement,
+        args.out,
+        patients=args.patients,
+        size=args.size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        placement=args.placement,
         demographic_findings=args.demographic_findings,
     )
     print(

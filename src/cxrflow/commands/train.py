@@ -9,9 +9,9 @@ and refuses options that would change its result.
 from __future__ import annotations
 
 import argparse
-import os
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,18 +28,34 @@ from cxrflow.tracking import request_from_args
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``cxrflow train`` options (also used by :func:`get_args_parser`): one per
     :class:`~cxrflow.modelling.config.TrainConfig` field marked as an option, with that field's help."""
-    settings = parser.add_argument_group("settings (fields of cxrflow.modelling.config.TrainConfig; "
-                                         "any other one with --set NAME=VALUE)")
+    settings = parser.add_argument_group(
+        "settings (fields of cxrflow.modelling.config.TrainConfig; any other one with --set NAME=VALUE)"
+    )
     for f in option_fields():
         add_setting(settings, f, required=f.name == "out")
-    settings.add_argument("--epochs", type=int, nargs="+", metavar="E",
-                          help="epochs per selected stage, in order; one value sets every stage")
-    settings.add_argument("--lr", type=float, nargs="+", metavar="LR",
-                          help="learning rate per selected stage, in order (kt, finetune); one value sets every stage")
+    settings.add_argument(
+        "--epochs",
+        type=int,
+        nargs="+",
+        metavar="E",
+        help="epochs per selected stage, in order; one value sets every stage",
+    )
+    settings.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        metavar="LR",
+        help="learning rate per selected stage, in order (kt, finetune); one value sets every stage",
+    )
     settings.add_argument("--preset", choices=PRESETS, help="starting settings (default: default)")
     settings.add_argument("--config", metavar="FILE", help="settings file (.json, .yaml, .toml)")
-    settings.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                          help="any other setting, e.g. --set optimizer=sgd --set finetune.lr=1e-4 (repeatable)")
+    settings.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other setting, e.g. --set optimizer=sgd --set finetune.lr=1e-4 (repeatable)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only one line per epoch (for logs)")
@@ -54,7 +70,8 @@ def other_settings() -> str:
     others = [f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("option") and f.name != "preset"]
     wide = max(len(f.name) for f in others)
     return "other settings (--set NAME=VALUE, or NAME: VALUE in a --config file):\n" + "\n".join(
-        f"  {f.name:<{wide}}  {f.metadata['help']}" for f in others)
+        f"  {f.name:<{wide}}  {f.metadata['help']}" for f in others
+    )
 
 
 def add_setting(parser: Any, f: dataclasses.Field, *, required: bool = False) -> None:
@@ -65,8 +82,14 @@ def add_setting(parser: Any, f: dataclasses.Field, *, required: bool = False) ->
         parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
         return
     parse = f.metadata.get("parse") or {"int": int, "float": float}.get(str(f.type), str)
-    parser.add_argument(flag, type=parse, choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
-                        required=required, help=f.metadata["help"])
+    parser.add_argument(
+        flag,
+        type=parse,
+        choices=f.metadata.get("choices"),
+        metavar=f.metadata.get("metavar"),
+        required=required,
+        help=f.metadata["help"],
+    )
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -82,9 +105,7 @@ def _per_stage(values: list | None, option: str, config_stages: list[str], field
     if len(values) == 1:
         values = values * len(config_stages)
     if len(values) != len(config_stages):
-        raise CxrflowError(
-            f"{option} takes one value or one per stage ({', '.join(config_stages)}), got {len(values)}"
-        )
+        raise CxrflowError(f"{option} takes one value or one per stage ({', '.join(config_stages)}), got {len(values)}")
     return {f"{name}.{field}": v for name, v in zip(config_stages, values)}
 
 
@@ -97,7 +118,9 @@ def _option_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise CxrflowError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value.strip()
     options_given = {f.name: getattr(args, f.name) for f in option_fields()}
-    overrides.update({k: v for k, v in options_given.items() if v is not None})  # an option not given keeps --set's value
+    overrides.update(
+        {k: v for k, v in options_given.items() if v is not None}
+    )  # an option not given keeps --set's value
     return overrides
 
 
@@ -153,10 +176,14 @@ def _checked_resume_config(args: argparse.Namespace, saved: TrainConfig, saved_d
     if args.preset and args.preset != saved_preset:
         changed.append(f"preset (saved {saved_preset}, given {args.preset})")
     if args.config:
-        apply_overrides(requested, {k: v for k, v in read_config_file(args.config).items() if k != "preset"}, str(args.config))
+        apply_overrides(
+            requested, {k: v for k, v in read_config_file(args.config).items() if k != "preset"}, str(args.config)
+        )
     apply_overrides(requested, {k: v for k, v in _option_overrides(args).items() if v is not None})
     names = [s.name for s in saved.stages()]
-    apply_overrides(requested, {**_per_stage(args.epochs, "--epochs", names, "epochs"), **_per_stage(args.lr, "--lr", names, "lr")})
+    apply_overrides(
+        requested, {**_per_stage(args.epochs, "--epochs", names, "epochs"), **_per_stage(args.lr, "--lr", names, "lr")}
+    )
     requested.validate()
     before, after = saved.to_dict(), requested.to_dict()
     if after["store"] != before["store"] and _same_splits(after["store"], saved_dict):
@@ -248,15 +275,28 @@ def main(argv: list[str] | None = None) -> int:
 def add_spark_arguments(parser: argparse.ArgumentParser) -> None:
     """The Spark options of ``cxrflow train`` and ``cxrflow sweep``."""
     group = parser.add_argument_group("training on a Spark cluster")
-    group.add_argument("--spark-master", metavar="URL",
-                       help="start the training processes on this Spark master through TorchDistributor "
-                            "(local-cluster[W,C,MB], spark://host:port, yarn, k8s://...)")
+    group.add_argument(
+        "--spark-master",
+        metavar="URL",
+        help="start the training processes on this Spark master through TorchDistributor "
+        "(local-cluster[W,C,MB], spark://host:port, yarn, k8s://...)",
+    )
     group.add_argument("--processes", type=int, metavar="N", help="training processes on the cluster (default 1)")
     group.add_argument("--gpu", action="store_true", help="train on GPUs (nccl); the cluster must give tasks GPUs")
-    group.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
-                       help="any Spark setting, e.g. spark.task.resource.gpu.amount=1 (repeatable)")
-    group.add_argument("--spark-wait", type=float, default=60.0, metavar="SECONDS",
-                       help="how long to wait for executors to register (default 60)")
+    group.add_argument(
+        "--spark-conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any Spark setting, e.g. spark.task.resource.gpu.amount=1 (repeatable)",
+    )
+    group.add_argument(
+        "--spark-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for executors to register (default 60)",
+    )
 
 
 def launch_from_args(args: argparse.Namespace) -> SparkLaunch | None:

@@ -76,7 +76,9 @@ class Alignment:
 
     def indices(self, model_names: Sequence[str], store_names: Sequence[str]) -> tuple[list[int], list[int]]:
         """(model output index, store label index) of every scored finding, in the model's order."""
-        return [list(model_names).index(m) for m in self.pairs], [list(store_names).index(s) for s in self.pairs.values()]
+        return [list(model_names).index(m) for m in self.pairs], [
+            list(store_names).index(s) for s in self.pairs.values()
+        ]
 
     def record(self) -> dict:
         """The ``metrics.json`` fields of the alignment."""

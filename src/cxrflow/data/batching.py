@@ -37,9 +37,13 @@ _FIELDS = ("image", "labels", "patient_id", "demographics", "known")
 
 def _layout(n: int, size: int, num_labels: int) -> tuple[list[tuple[str, int, tuple[int, ...], torch.dtype]], int]:
     """Where each tensor of an ``n``-row batch lies in its packed uint8 buffer (64-byte aligned), and its bytes."""
-    specs = (("image", (n, 1, size, size), torch.uint8), ("labels", (n, num_labels), torch.float32),
-             ("patient_id", (n,), torch.int64), ("demographics", (n, 3), torch.float32),
-             ("known", (n, num_labels), torch.float32))
+    specs = (
+        ("image", (n, 1, size, size), torch.uint8),
+        ("labels", (n, num_labels), torch.float32),
+        ("patient_id", (n,), torch.int64),
+        ("demographics", (n, 3), torch.float32),
+        ("known", (n, num_labels), torch.float32),
+    )
     out, offset = [], 0
     for name, shape, dtype in specs:
         out.append((name, offset, shape, dtype))
@@ -155,8 +159,16 @@ class _Window:
         return Rows(*(np.concatenate(columns) for columns in zip(*parts)))
 
 
-def window_batches(blocks: Iterator[Rows], batch_size: int, total: int, window: int, size: int, num_labels: int,
-                    rng: np.random.Generator | None, slots: Any) -> Iterator[tuple[dict[str, Any], torch.Tensor, int]]:
+def window_batches(
+    blocks: Iterator[Rows],
+    batch_size: int,
+    total: int,
+    window: int,
+    size: int,
+    num_labels: int,
+    rng: np.random.Generator | None,
+    slots: Any,
+) -> Iterator[tuple[dict[str, Any], torch.Tensor, int]]:
     """``total`` rows in batches of ``batch_size`` (only the very last may be short), with each
     batch's packed buffer and its slot number (-1: not pooled).
 

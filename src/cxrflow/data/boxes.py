@@ -16,14 +16,14 @@ predicted box; it counts as localised at threshold T when that value is at least
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import NIH14, LabelVocabulary
+from cxrflow.errors import CxrflowError
 
 #: The store's box file. CONTRACTS.md names it ``boxes.parquet``; the leading underscore keeps it out
 #: of ``pyarrow.dataset.dataset(STORE, partitioning="hive")`` (which skips ``_``/``.`` names, as for
@@ -70,7 +70,9 @@ def write_boxes(store: str | os.PathLike, frame: pd.DataFrame) -> dict:
     }
 
 
-def read_boxes(store: str | os.PathLike | None, bbox_csv: str | os.PathLike | None, vocab: LabelVocabulary = NIH14) -> pd.DataFrame:
+def read_boxes(
+    store: str | os.PathLike | None, bbox_csv: str | os.PathLike | None, vocab: LabelVocabulary = NIH14
+) -> pd.DataFrame:
     """Ground-truth boxes: from ``bbox_csv`` (a ``BBox_List_2017.csv``) when given, else from the
     store's box file; a clear error when neither is there."""
     if bbox_csv is not None:
@@ -80,7 +82,8 @@ def read_boxes(store: str | os.PathLike | None, bbox_csv: str | os.PathLike | No
     path = next((Path(store) / n for n in BOXES_NAMES if (Path(store) / n).is_file()), None)
     if path is None:
         raise CxrflowError(
-            f"the store has no {BOXES_NAME} (its source had no BBox_List_2017.csv); pass --bbox BBox_List_2017.csv", store
+            f"the store has no {BOXES_NAME} (its source had no BBox_List_2017.csv); pass --bbox BBox_List_2017.csv",
+            store,
         )
     import pyarrow.parquet as pq
 
@@ -105,7 +108,10 @@ def box_problem(x: float, y: float, w: float, h: float, width: int, height: int)
         return "empty box", f"empty box (w={w:g}, h={h:g})"
     t = EDGE_TOLERANCE
     if x < -t or y < -t or x + w > width + t or y + h > height + t:
-        return "box outside the image", f"box x={x:g}..{x + w:g}, y={y:g}..{y + h:g} is outside the {width}x{height} image"
+        return (
+            "box outside the image",
+            f"box x={x:g}..{x + w:g}, y={y:g}..{y + h:g} is outside the {width}x{height} image",
+        )
     return None
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -161,8 +162,9 @@ def read_metadata_csv(path: str | os.PathLike) -> dict[str, tuple[float | None, 
 #: A finding is a shortcut when demographics alone clearly predict it and nearly as well as the model.
 SHORTCUT_FLOOR = 0.6
 SHORTCUT_MARGIN = 0.05
-SHORTCUT_RULE = (f"demographics-only AUC lower bound > {SHORTCUT_FLOOR} and demographics-only AUC >= "
-                 f"model AUC - {SHORTCUT_MARGIN}")
+SHORTCUT_RULE = (
+    f"demographics-only AUC lower bound > {SHORTCUT_FLOOR} and demographics-only AUC >= model AUC - {SHORTCUT_MARGIN}"
+)
 
 
 def shortcut_findings(
@@ -177,12 +179,21 @@ def shortcut_findings(
     return out
 
 
-def rescored_baseline(baseline: dict[str, Any] | None, names: Sequence[str], model_auc: dict[str, float | None],
-                      source: str) -> dict[str, Any]:
+def rescored_baseline(
+    baseline: dict[str, Any] | None, names: Sequence[str], model_auc: dict[str, float | None], source: str
+) -> dict[str, Any]:
     """A member evaluation's ``demographics_only`` for a model scored on the same images (an ensemble):
     the same baseline, its shortcuts judged against ``model_auc``."""
     if not baseline or baseline.get("skipped"):
-        return dict(baseline or {"skipped": "no member evaluation has a demographics-only baseline", "auc": {},
-                                 "auc_low": {}, "auc_high": {}, "shortcut": []})
+        return dict(
+            baseline
+            or {
+                "skipped": "no member evaluation has a demographics-only baseline",
+                "auc": {},
+                "auc_low": {},
+                "auc_high": {},
+                "shortcut": [],
+            }
+        )
     shortcut = shortcut_findings(names, baseline.get("auc") or {}, baseline.get("auc_low") or {}, model_auc)
     return {**baseline, "shortcut": shortcut, "from": source}

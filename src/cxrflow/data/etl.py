@@ -31,9 +31,10 @@ import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 import pandas as pd
@@ -42,21 +43,21 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from cxrflow.atomic import write_json_atomic
-from cxrflow.errors import CxrflowError
-from cxrflow.data.imaging import MAX_STORE_SIZE, ImageError, load_and_resize
-from cxrflow.outputs import publishing
+from cxrflow.data.etlsummary import Progress, build_manifest, split_identities, verify_store_files
 from cxrflow.data.formats import Collection
 from cxrflow.data.formats.dicom import spacing_row, write_spacing
-from cxrflow.data.etlsummary import Progress, build_manifest, split_identities, verify_store_files
+from cxrflow.data.imaging import MAX_STORE_SIZE, ImageError, load_and_resize
 from cxrflow.data.store import (
     KNOWN_COLUMN,
     MANIFEST_NAME,
     SPLITS,
     row_group_rows,
-    schema_for,
     row_order_key,
+    schema_for,
     split_dir,
 )
+from cxrflow.errors import CxrflowError
+from cxrflow.outputs import publishing
 
 #: Target uncompressed bytes of one file at the largest size (caps images per task and file).
 FILE_TARGET_BYTES = 128 * 2**20
@@ -150,8 +151,9 @@ def _table(rows: list[dict], pixels: list[np.ndarray]) -> pa.Table:
 class _PartWriter:
     """Streams one (size, split, part) file: fixed-size row groups, hidden name until closed."""
 
-    def __init__(self, store: str, size: int, split: str, part: int, group_rows: int, compression: str,
-                 known: bool = False):
+    def __init__(
+        self, store: str, size: int, split: str, part: int, group_rows: int, compression: str, known: bool = False
+    ):
         self.schema = schema_for(known)
         self.folder = split_dir(store, size, split)
         self.final = self.folder / f"part-{part:05d}.parquet"
@@ -327,8 +329,14 @@ def _environment_failure(exc: Exception, out: Path) -> CxrflowError | None:
     found = next((f for f in _ENVIRONMENT_FAILURES if f in text), None)
     if found is None:
         return None
-    fix = "write somewhere you may write" if found in ("Read-only file system", "Permission denied") else "free some space"
-    return CxrflowError(f"a Spark task could not write the store: {found}; {fix} and run again (nothing was published)", out)
+    fix = (
+        "write somewhere you may write"
+        if found in ("Read-only file system", "Permission denied")
+        else "free some space"
+    )
+    return CxrflowError(
+        f"a Spark task could not write the store: {found}; {fix} and run again (nothing was published)", out
+    )
 
 
 def run_etl(
@@ -394,10 +402,29 @@ def run_etl(
         per_file = rows_per_file or auto_rows_per_file(len(records), max(sizes))
         tasks = plan_tasks(records, per_file, seed)
         group_rows = {s: row_group_rows(s, per_file) for s in sizes}
-        return _write_store(pub, release, splits, tasks, records, sizes, master, spark, group_rows, per_file,
-                            vocab=release.vocab, strict=strict, verbose=verbose, val_fraction=val_fraction, seed=seed,
-                            compression=compression, threads=threads, driver_memory=driver_memory,
-                            executor_memory=executor_memory, progress=progress, started=started)
+        return _write_store(
+            pub,
+            release,
+            splits,
+            tasks,
+            records,
+            sizes,
+            master,
+            spark,
+            group_rows,
+            per_file,
+            vocab=release.vocab,
+            strict=strict,
+            verbose=verbose,
+            val_fraction=val_fraction,
+            seed=seed,
+            compression=compression,
+            threads=threads,
+            driver_memory=driver_memory,
+            executor_memory=executor_memory,
+            progress=progress,
+            started=started,
+        )
 
 
 def image_records(release: Collection, splits: pd.DataFrame) -> list[dict]:
@@ -407,7 +434,9 @@ def image_records(release: Collection, splits: pd.DataFrame) -> list[dict]:
     label_matrix = entries[list(vocab.names)].to_numpy(dtype=np.uint8)
     split_of = dict(zip(splits["image_id"], splits["split"]))
     records = []
-    for i, row in enumerate(entries[["image_id", "patient_id", "age", "sex", "view", "follow_up"]].itertuples(index=False)):
+    for i, row in enumerate(
+        entries[["image_id", "patient_id", "age", "sex", "view", "follow_up"]].itertuples(index=False)
+    ):
         path = release.images.get(row.image_id)
         if path is None:
             continue
@@ -428,8 +457,30 @@ def image_records(release: Collection, splits: pd.DataFrame) -> list[dict]:
     return records
 
 
-def _write_store(pub, release, splits, tasks, records, sizes, master, spark, group_rows, per_file, *, vocab, strict,
-                 verbose, val_fraction, seed, compression, threads, driver_memory, executor_memory, progress, started):
+def _write_store(
+    pub,
+    release,
+    splits,
+    tasks,
+    records,
+    sizes,
+    master,
+    spark,
+    group_rows,
+    per_file,
+    *,
+    vocab,
+    strict,
+    verbose,
+    val_fraction,
+    seed,
+    compression,
+    threads,
+    driver_memory,
+    executor_memory,
+    progress,
+    started,
+):
     """Run the Spark job into ``pub.tmp``, check the store, write its manifest and publish it."""
     from cxrflow.data.demographics import FIELDS as DEMOGRAPHIC_FIELDS  # driver only: it imports torch
     from cxrflow.data.demographics import count_unknown
@@ -467,15 +518,25 @@ def _write_store(pub, release, splits, tasks, records, sizes, master, spark, gro
                 else:
                     summaries = rdd.collect()
             except Exception as exc:
-                raise _environment_failure(exc, pub.out) or exc
+                raise (_environment_failure(exc, pub.out) or exc) from None
         job_seconds = time.perf_counter() - job_started
     finally:
         if own_spark and spark is not None:
             spark.stop()
 
     manifest = build_manifest(
-        release, splits, summaries, sizes, vocab, master if own_spark else spark.sparkContext.master,
-        val_fraction, seed, compression, group_rows, per_file, job_seconds,
+        release,
+        splits,
+        summaries,
+        sizes,
+        vocab,
+        master if own_spark else spark.sparkContext.master,
+        val_fraction,
+        seed,
+        compression,
+        group_rows,
+        per_file,
+        job_seconds,
     )
     if strict and manifest["quarantined"]:
         q = manifest["quarantined"][0]

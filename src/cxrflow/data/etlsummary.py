@@ -15,8 +15,8 @@ from typing import Self, TextIO
 import numpy as np
 import pyarrow.parquet as pq
 
-from cxrflow.data.synthetic import synthetic_record
 from cxrflow.data.store import SCHEMA, SPLITS, manifest_core, row_order, split_dir
+from cxrflow.data.synthetic import synthetic_record
 from cxrflow.identity import split_identity
 from cxrflow.progress import Progress as Bar
 

@@ -23,10 +23,10 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from cxrflow.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
-from cxrflow.errors import CxrflowError
-from cxrflow.outputs import publishing
 from cxrflow.data.labels import NIH14, LabelVocabulary
 from cxrflow.data.metadata import AGE_RANGE, label_matrix
+from cxrflow.errors import CxrflowError
+from cxrflow.outputs import publishing
 from cxrflow.plots import _new_axes
 
 FIGURES = {

@@ -7,8 +7,8 @@ described by building another vocabulary (other names, another "none" token, ali
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -82,7 +82,7 @@ class LabelVocabulary:
         return {"names": list(self.names), "no_finding": self.no_finding, "aliases": dict(self.aliases)}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "LabelVocabulary":
+    def from_dict(cls, d: Mapping) -> LabelVocabulary:
         return cls(tuple(d["names"]), d.get("no_finding"), dict(d.get("aliases", {})))
 
 

@@ -31,7 +31,8 @@ runs on the batch's device, so on a GPU the host-to-device copy is 4x smaller th
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,9 +40,6 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cxrflow.errors import CxrflowError
-from cxrflow.data.store import check_partition, read_manifest
-from cxrflow.data.uncertain import resolve_policy
 from cxrflow.data.batching import POOL_SLOTS, LocalSlots, OneOff, SharedSlots, read_ahead, unpack, window_batches
 from cxrflow.data.rowreader import (
     Plan,
@@ -54,6 +52,9 @@ from cxrflow.data.rowreader import (
     resolve_filesystem,
     worker_range,
 )
+from cxrflow.data.store import check_partition, read_manifest
+from cxrflow.data.uncertain import resolve_policy
+from cxrflow.errors import CxrflowError
 
 #: Default shuffle buffer, in pixel bytes per rank, shared among its DataLoader workers: 512 rows
 #: at 512 px (two of the ETL's row groups), 2048 at 256 px; memory stays the same at every size.
@@ -63,6 +64,7 @@ DEFAULT_SHUFFLE_BUFFER_BYTES = 128 * 2**20
 def default_shuffle_buffer(size: int, batch_size: int) -> int:
     """Rows of the default shuffle buffer at ``size`` (never less than one batch)."""
     return max(int(batch_size), DEFAULT_SHUFFLE_BUFFER_BYTES // (int(size) * int(size)))
+
 
 _ERROR_KEY = "_cxrflow_error"
 _PACKED_KEY = "_cxrflow_packed"
@@ -80,8 +82,20 @@ class _StoreStream(IterableDataset):
     workers reuse their output buffers and send each batch packed; the main process unpacks it.
     """
 
-    def __init__(self, plan: Plan, *, batch_size: int, shuffle: bool, seed: int, epoch: int, rank: int,
-                 world_size: int, drop_last: bool, shuffle_buffer: int, busy: torch.Tensor | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+        shuffle_buffer: int,
+        busy: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.plan = plan
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, epoch
@@ -101,8 +115,11 @@ class _StoreStream(IterableDataset):
         try:
             for batch, packed, slot in self._batches(worker, workers, in_worker=info is not None, slots=slots):
                 if info is not None and self.busy is not None:
-                    yield {_PACKED_KEY: packed, _SLOT_KEY: (worker, slot, len(batch["image_id"])),
-                           "image_id": batch["image_id"]}
+                    yield {
+                        _PACKED_KEY: packed,
+                        _SLOT_KEY: (worker, slot, len(batch["image_id"])),
+                        "image_id": batch["image_id"],
+                    }
                 else:
                     yield batch
         except CxrflowError as exc:
@@ -111,8 +128,9 @@ class _StoreStream(IterableDataset):
             # Travels to the main process as data, so the user sees one clean line, not a worker traceback.
             yield {_ERROR_KEY: (exc.message, exc.path, exc.line)}
 
-    def _batches(self, worker: int, workers: int, in_worker: bool,
-                 slots: Any) -> Iterator[tuple[dict[str, Any], torch.Tensor, int]]:
+    def _batches(
+        self, worker: int, workers: int, in_worker: bool, slots: Any
+    ) -> Iterator[tuple[dict[str, Any], torch.Tensor, int]]:
         units = epoch_units(self.plan.units, self.shuffle, self.seed, self.epoch)
         total = sum(u.n_rows for u in units)
         rank_lo, rank_hi = rank_range(total, self.rank, self.world_size, self.drop_last)
@@ -127,8 +145,9 @@ class _StoreStream(IterableDataset):
         blocks = read_rows(self.plan, units, rank_lo + lo, rank_lo + hi, use_threads=not in_worker)
         if not in_worker:  # read the next window while this one is batched (workers overlap with each other)
             blocks = read_ahead(blocks, max(window, self.batch_size))
-        yield from window_batches(blocks, self.batch_size, hi - lo, window, self.plan.size, self.plan.num_labels,
-                                   rng=rng, slots=slots)
+        yield from window_batches(
+            blocks, self.batch_size, hi - lo, window, self.plan.size, self.plan.num_labels, rng=rng, slots=slots
+        )
 
 
 class StoreLoader:
@@ -139,9 +158,23 @@ class StoreLoader:
     started afresh by every iteration, so the loader object can be reused across epochs.
     """
 
-    def __init__(self, plan: Plan, manifest: dict, *, split: str, batch_size: int, shuffle: bool, seed: int,
-                 epoch: int, num_workers: int, rank: int, world_size: int, drop_last: bool,
-                 shuffle_buffer: int, pin_memory: bool):
+    def __init__(
+        self,
+        plan: Plan,
+        manifest: dict,
+        *,
+        split: str,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        num_workers: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+        shuffle_buffer: int,
+        pin_memory: bool,
+    ):
         self.plan = plan
         self.manifest = manifest
         self.size, self.split = plan.size, split
@@ -170,9 +203,16 @@ class StoreLoader:
 
     def _dataset(self, busy: torch.Tensor | None) -> _StoreStream:
         return _StoreStream(
-            self.plan, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-            rank=self.rank, world_size=self.world_size, drop_last=self.drop_last,
-            shuffle_buffer=self.shuffle_buffer, busy=busy,
+            self.plan,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            drop_last=self.drop_last,
+            shuffle_buffer=self.shuffle_buffer,
+            busy=busy,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -258,9 +298,14 @@ def make_loader(
     """
     if shuffle_buffer is None and isinstance(size, (int, np.integer)) and size > 0:
         shuffle_buffer = default_shuffle_buffer(size, batch_size if isinstance(batch_size, int) else 1)
-    for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                             ("world_size", world_size, 1), ("seed", seed, 0), ("epoch", epoch, 0),
-                             ("shuffle_buffer", shuffle_buffer, 0)):
+    for name, value, low in (
+        ("batch_size", batch_size, 1),
+        ("num_workers", num_workers, 0),
+        ("world_size", world_size, 1),
+        ("seed", seed, 0),
+        ("epoch", epoch, 0),
+        ("shuffle_buffer", shuffle_buffer, 0),
+    ):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise CxrflowError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
@@ -279,13 +324,27 @@ def make_loader(
             "the store is incomplete or was modified (re-run 'cxrflow etl')",
             folder,
         )
-    plan = Plan(filesystem=fs, units=tuple(units), size=int(size), num_labels=len(manifest["label_names"]),
-                 has_states="uncertain_policies" in manifest,
-                 uncertain=resolve_policy(uncertain, manifest["label_names"]))
+    plan = Plan(
+        filesystem=fs,
+        units=tuple(units),
+        size=int(size),
+        num_labels=len(manifest["label_names"]),
+        has_states="uncertain_policies" in manifest,
+        uncertain=resolve_policy(uncertain, manifest["label_names"]),
+    )
     return StoreLoader(
-        plan, manifest, split=split, batch_size=int(batch_size), shuffle=bool(shuffle), seed=int(seed),
-        epoch=int(epoch), num_workers=int(num_workers), rank=int(rank), world_size=int(world_size),
-        drop_last=bool(drop_last), shuffle_buffer=int(shuffle_buffer),
+        plan,
+        manifest,
+        split=split,
+        batch_size=int(batch_size),
+        shuffle=bool(shuffle),
+        seed=int(seed),
+        epoch=int(epoch),
+        num_workers=int(num_workers),
+        rank=int(rank),
+        world_size=int(world_size),
+        drop_last=bool(drop_last),
+        shuffle_buffer=int(shuffle_buffer),
         pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
     )
 
@@ -314,8 +373,10 @@ def to_model_input(
     if out is None:
         out = torch.empty((n, channels, h, w), dtype=torch.float32, device=image.device)
     elif out.shape != (n, channels, h, w) or out.dtype != torch.float32 or out.device != image.device:
-        raise ValueError(f"out must be float32 {(n, channels, h, w)} on {image.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+        raise ValueError(
+            f"out must be float32 {(n, channels, h, w)} on {image.device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+        )
     first = out[:, :1]
     torch.mul(image, 1.0 / (255.0 * std), out=first)
     first.sub_(mean / std)

@@ -40,8 +40,7 @@ def read_manifest(store: str | os.PathLike) -> dict:
         raise CxrflowError(f"manifest field 'format_version' must be a positive integer, got {version!r}", path)
     if version > FORMAT_VERSION:
         raise CxrflowError(
-            f"store format version {version} is newer than this cxrflow supports ({FORMAT_VERSION}); "
-            "upgrade cxrflow",
+            f"store format version {version} is newer than this cxrflow supports ({FORMAT_VERSION}); upgrade cxrflow",
             path,
         )
     check_manifest(manifest, path)
@@ -93,10 +92,16 @@ def check_manifest(manifest: dict, path: str | os.PathLike) -> None:
         if not _is_number(std) or not 0 < std <= 1:
             raise bad(f"pixel_stats.{size}.std", "a number in (0, 1]", std)
     weights = manifest.get("pos_weight")
-    if not isinstance(weights, list) or len(weights) != len(names) or not all(_is_number(w) and w >= 0 for w in weights):
+    if (
+        not isinstance(weights, list)
+        or len(weights) != len(names)
+        or not all(_is_number(w) and w >= 0 for w in weights)
+    ):
         raise bad("pos_weight", f"a list of {len(names)} non-negative numbers (one per finding)", weights)
     identity = manifest.get("split_identity", {})  # absent in stores written before it existed
-    if not isinstance(identity, dict) or not all(split in SPLITS and isinstance(h, str) for split, h in identity.items()):
+    if not isinstance(identity, dict) or not all(
+        split in SPLITS and isinstance(h, str) for split, h in identity.items()
+    ):
         raise bad("split_identity", f"an object of sha256 strings per split ({', '.join(SPLITS)})", identity)
 
 

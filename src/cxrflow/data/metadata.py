@@ -22,15 +22,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
-from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import NIH14, LabelVocabulary
+from cxrflow.errors import CxrflowError
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 BBOX_NAME = "BBox_List_2017.csv"
@@ -164,9 +164,7 @@ def _scan_rows_utf8(layout: _Layout) -> tuple[list[list[str]], np.ndarray]:
                 continue
             n = len(row)
             if n < layout.min_width or n > layout.width:
-                raise CxrflowError(
-                    f"malformed row: expected {layout.width} columns, found {n}", layout.path, start
-                )
+                raise CxrflowError(f"malformed row: expected {layout.width} columns, found {n}", layout.path, start)
             extra = next((v for v in row[layout.min_width :] if v.strip()), None)
             if extra is not None:
                 raise CxrflowError(
@@ -328,7 +326,9 @@ def read_data_entry(path: str | os.PathLike, vocab: LabelVocabulary = NIH14) -> 
         frame, line_of = _read_table(path, DATA_ENTRY_COLUMNS)
     except CxrflowError as exc:
         if exc.message.startswith("empty file"):
-            raise CxrflowError("no images: the metadata file is empty (expected a header, then one row per image)", path) from None
+            raise CxrflowError(
+                "no images: the metadata file is empty (expected a header, then one row per image)", path
+            ) from None
         raise
     if frame.empty:
         raise CxrflowError("no images: the metadata file has a header but no rows", path)
@@ -484,9 +484,7 @@ def find_data_entry(data_dir: str | os.PathLike) -> Path:
     raise CxrflowError(f"no {' or '.join(DATA_ENTRY_NAMES)} in this folder", data_dir)
 
 
-def _check_lists(
-    entries: pd.DataFrame, data_entry: Path, train_val: Path, test: Path
-) -> tuple[list[str], list[str]]:
+def _check_lists(entries: pd.DataFrame, data_entry: Path, train_val: Path, test: Path) -> tuple[list[str], list[str]]:
     """Read both lists and check them against the metadata and each other."""
     known = pd.Index(entries["image_id"])
     patient_of = pd.Series(entries["patient_id"].to_numpy(), index=known)

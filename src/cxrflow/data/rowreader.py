@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cxrflow.safeio import JSON_BYTES, check_size
 from cxrflow.data.demographics import encode_arrow as encode_demographics
 from cxrflow.data.store import FORMAT_VERSION, KNOWN_COLUMN, MANIFEST_NAME
 from cxrflow.data.uncertain import apply_policy
 from cxrflow.errors import CxrflowError
+from cxrflow.safeio import JSON_BYTES, check_size
 
 #: Columns the loader reads; the others (follow_up, original size) are never decoded.
 COLUMNS = ["image_id", "patient_id", "labels", "age", "sex", "view", "pixels"]
@@ -111,9 +111,7 @@ def list_units(fs: pafs.FileSystem, folder: str) -> list[Unit]:
     paths = sorted(
         i.path
         for i in infos
-        if i.type == pafs.FileType.File
-        and i.base_name.endswith(".parquet")
-        and not i.base_name.startswith(("_", "."))
+        if i.type == pafs.FileType.File and i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", "."))
     )
     units = []
     for path in paths:
@@ -189,8 +187,14 @@ def _offsets(array: pa.Array, n: int) -> np.ndarray:
     return offsets[array.offset : array.offset + n + 1].astype(np.int64)
 
 
-def _decode(batch: pa.RecordBatch, size: int, num_labels: int, path: str, first_row: int,
-            uncertain: str | tuple[str, ...] = "ignore") -> Rows:
+def _decode(
+    batch: pa.RecordBatch,
+    size: int,
+    num_labels: int,
+    path: str,
+    first_row: int,
+    uncertain: str | tuple[str, ...] = "ignore",
+) -> Rows:
     """Columns of one record batch to numpy without per-row Python work (except image ids)."""
     n = batch.num_rows
     ids = batch.column("image_id")

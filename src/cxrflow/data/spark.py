@@ -21,9 +21,9 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 from cxrflow.errors import CxrflowError
 

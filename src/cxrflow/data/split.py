@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrflow.atomic import atomic_path
 from cxrflow import csvsafe
-from cxrflow.errors import CxrflowError
+from cxrflow.atomic import atomic_path
 from cxrflow.data.formats import Collection
+from cxrflow.errors import CxrflowError
 
 MODE_OFFICIAL = "official-lists"
 MODE_PATIENTS = "patients-70-10-20"
@@ -106,11 +106,15 @@ def read_split_csv(path: str | os.PathLike, entries: pd.DataFrame) -> pd.DataFra
         raise CxrflowError(f"unreadable split file: {str(exc).splitlines()[0]}", path) from None
     missing_cols = [c for c in ("image_id", "split") if c not in table.columns]
     if missing_cols:
-        raise CxrflowError(f"split file needs columns image_id,split (as 'cxrflow split' writes); missing {missing_cols}", path)
+        raise CxrflowError(
+            f"split file needs columns image_id,split (as 'cxrflow split' writes); missing {missing_cols}", path
+        )
     bad = ~table["split"].isin(SPLIT_NAMES)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise CxrflowError(f"line {row + 2}: split {table['split'].iloc[row]!r} is not one of {', '.join(SPLIT_NAMES)}", path)
+        raise CxrflowError(
+            f"line {row + 2}: split {table['split'].iloc[row]!r} is not one of {', '.join(SPLIT_NAMES)}", path
+        )
     dup = table["image_id"].duplicated()
     if dup.any():
         raise CxrflowError(f"image {table['image_id'][dup].iloc[0]!r} is listed more than once", path)
@@ -194,6 +198,8 @@ def write_split_csv(frame: pd.DataFrame, path: str | os.PathLike, overwrite: boo
         if path.exists() and not overwrite:
             raise CxrflowError("output exists; pass --overwrite to replace it", path)
         if path.exists() and not _is_split_csv(path):
-            raise CxrflowError("is not a cxrflow split CSV (no image_id,patient_id,split header); refusing to replace it", path)
+            raise CxrflowError(
+                "is not a cxrflow split CSV (no image_id,patient_id,split header); refusing to replace it", path
+            )
         with atomic_path(path) as tmp:
             csvsafe.write_frame(frame[["image_id", "patient_id", "split"]], tmp, index=False)

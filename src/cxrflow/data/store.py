@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 import pyarrow as pa
 
 from cxrflow import __version__, safeio
 from cxrflow.data.labels import LabelVocabulary
-from cxrflow.identity import split_identity
 from cxrflow.data.manifest import (  # noqa: F401 - the store's manifest, read without pyarrow
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -43,7 +42,7 @@ from cxrflow.data.manifest import (  # noqa: F401 - the store's manifest, read w
     read_manifest,
     split_dir,
 )
-
+from cxrflow.identity import split_identity
 
 SCHEMA = pa.schema(
     [
@@ -111,7 +110,7 @@ def manifest_core(
     return {
         "format_version": FORMAT_VERSION,
         "cxrflow_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "label_names": list(vocab.names),
         "vocabulary": vocab.to_dict(),
         "sizes": [int(s) for s in sizes],
@@ -135,8 +134,10 @@ def format_manifest(manifest: dict) -> str:
     lines += _source_lines(manifest.get("source", {}))
     unknown = manifest.get("demographics_unknown")
     if unknown:
-        lines.append("demographics unknown to a fused model (raw values kept): "
-                     + ", ".join(f"{k} {v}" for k, v in unknown.items()))
+        lines.append(
+            "demographics unknown to a fused model (raw values kept): "
+            + ", ".join(f"{k} {v}" for k, v in unknown.items())
+        )
     quarantined = manifest.get("quarantined", [])
     if quarantined:
         lines.append(f"quarantined ({len(quarantined)}):")
@@ -158,16 +159,24 @@ def format_manifest(manifest: dict) -> str:
             lines.append(f"  {n:<{wide}} {pos.get(n, '?'):>7}  {w:8.2f}")
     counts = manifest.get("label_counts", {})
     if counts and "uncertain_policies" in manifest:
-        lines.append("train labels: positive / negative / uncertain / not mentioned "
-                     f"(--uncertain {'|'.join(manifest['uncertain_policies'])} decides the uncertain ones):")
+        lines.append(
+            "train labels: positive / negative / uncertain / not mentioned "
+            f"(--uncertain {'|'.join(manifest['uncertain_policies'])} decides the uncertain ones):"
+        )
         for n in names:
             c = counts.get(n, {})
-            lines.append(f"  {n:<26} {c.get('positive', 0):>7} {c.get('negative', 0):>7} "
-                         f"{c.get('uncertain', 0):>7} {c.get('unknown', 0):>7}")
+            lines.append(
+                f"  {n:<26} {c.get('positive', 0):>7} {c.get('negative', 0):>7} "
+                f"{c.get('uncertain', 0):>7} {c.get('unknown', 0):>7}"
+            )
     if manifest.get("split"):
         lines.append("split: " + _split_text(manifest["split"]))
     order = manifest.get("row_order")
-    lines.append(f"row order: {order['kind']} (seed {order.get('seed')})" if order else "row order: image_id (store written before shuffled rows)")
+    lines.append(
+        f"row order: {order['kind']} (seed {order.get('seed')})"
+        if order
+        else "row order: image_id (store written before shuffled rows)"
+    )
     if "wall_seconds" in manifest:
         job = manifest.get("spark_job_seconds")
         lines.append(
@@ -194,7 +203,7 @@ def _per_size(value: object) -> str:
 def _when(created: object) -> str:
     """An ISO time stamp as ``2026-12-07 15:36 UTC`` (as it is when it does not parse)."""
     try:
-        return datetime.fromisoformat(str(created)).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return datetime.fromisoformat(str(created)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
     except ValueError:
         return str(created)
 
@@ -206,8 +215,11 @@ def _rows_table(manifest: dict) -> list[str]:
     lines = ["images per split:", f"  {'size':>5}" + "".join(f"  {s:>7}" for s in splits) + "  train pixel mean / std"]
     for size, per_split in rows.items():
         stats = manifest.get("pixel_stats", {}).get(size) or {}
-        shown = (f"{stats['mean']:.3f} / {stats['std']:.3f}" if stats.get("mean") is not None
-                 and stats.get("std") is not None else "n/a (no train images)")
+        shown = (
+            f"{stats['mean']:.3f} / {stats['std']:.3f}"
+            if stats.get("mean") is not None and stats.get("std") is not None
+            else "n/a (no train images)"
+        )
         lines.append(f"  {size:>5}" + "".join(f"  {per_split.get(s, 0):>7,}" for s in splits) + f"  {shown}")
     return lines
 
@@ -216,15 +228,32 @@ def _source_lines(source: dict) -> list[str]:
     """Where the images came from and what became of them, in words."""
     if not source:
         return []
-    said = {"data_dir", "metadata_rows", "images_found", "written", "missing", "quarantined", "unlisted_on_disk",
-            "age_unknown"}
-    counts = [f"{source[k]:,} {what}" for k, what in (
-        ("metadata_rows", "metadata rows"), ("images_found", "images found"), ("written", "written"),
-        ("missing", "missing on disk"), ("quarantined", "quarantined"),
-        ("unlisted_on_disk", "on disk but not in the metadata"), ("age_unknown", "with no usable age"),
-    ) if isinstance(source.get(k), int)]
-    counts += [f"{k.replace('_', ' ')} {v}" for k, v in source.items()
-               if k not in said and not isinstance(v, (list, dict))]
+    said = {
+        "data_dir",
+        "metadata_rows",
+        "images_found",
+        "written",
+        "missing",
+        "quarantined",
+        "unlisted_on_disk",
+        "age_unknown",
+    }
+    counts = [
+        f"{source[k]:,} {what}"
+        for k, what in (
+            ("metadata_rows", "metadata rows"),
+            ("images_found", "images found"),
+            ("written", "written"),
+            ("missing", "missing on disk"),
+            ("quarantined", "quarantined"),
+            ("unlisted_on_disk", "on disk but not in the metadata"),
+            ("age_unknown", "with no usable age"),
+        )
+        if isinstance(source.get(k), int)
+    ]
+    counts += [
+        f"{k.replace('_', ' ')} {v}" for k, v in source.items() if k not in said and not isinstance(v, (list, dict))
+    ]
     return [f"source: {source.get('data_dir', '?')}"] + (["  " + ", ".join(counts)] if counts else [])
 
 
@@ -232,8 +261,7 @@ def _split_text(split: dict) -> str:
     """How the store's patients were split, in words."""
     mode, seed, fraction = split.get("mode"), split.get("seed"), split.get("val_fraction")
     if mode == "official-lists" and fraction is not None:
-        how = (f"the official test list; the other patients {1 - fraction:.0%} train / {fraction:.0%} val "
-               f"(seed {seed})")
+        how = f"the official test list; the other patients {1 - fraction:.0%} train / {fraction:.0%} val (seed {seed})"
     elif mode == "official-split":
         how = "the collection's own train / val / test split"
     elif mode == "split-csv":
@@ -244,8 +272,9 @@ def _split_text(split: dict) -> str:
         how = f"{mode} (seed {seed})"
     patients = split.get("patients")
     if isinstance(patients, dict) and patients:
-        how += "; patients: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
-                                          for k, v in patients.items())
+        how += "; patients: " + ", ".join(
+            f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in patients.items()
+        )
     return how
 
 
@@ -277,7 +306,9 @@ def verify_store(store: str | os.PathLike, manifest: dict) -> tuple[list[str], i
                     continue
                 files_read += 1
                 count += meta.num_rows
-                wrong = [n for n in SCHEMA.names if n not in schema.names or schema.field(n).type != SCHEMA.field(n).type]
+                wrong = [
+                    n for n in SCHEMA.names if n not in schema.names or schema.field(n).type != SCHEMA.field(n).type
+                ]
                 if wrong:
                     problems.append(f"{f}: columns {', '.join(wrong)} missing or of the wrong type")
             rows_read += count

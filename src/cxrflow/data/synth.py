@@ -64,9 +64,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import NIH14, LabelVocabulary
 from cxrflow.data.metadata import BBOX_NAME, DATA_ENTRY_NAMES, TEST_NAME, TRAIN_VAL_NAME
+from cxrflow.errors import CxrflowError
 from cxrflow.outputs import check_target, marker_name, publishing
 
 DATA_ENTRY_HEADER = (
@@ -185,7 +185,9 @@ def _sample_labels(n: int, vocab: LabelVocabulary, rng: np.random.Generator) -> 
     return labels
 
 
-def _top_up(labels: np.ndarray, patient_of_image: np.ndarray, groups: list[np.ndarray], rng: np.random.Generator) -> None:
+def _top_up(
+    labels: np.ndarray, patient_of_image: np.ndarray, groups: list[np.ndarray], rng: np.random.Generator
+) -> None:
     """Give every finding at least a few patients in each group of patients (in place)."""
     for group in groups:
         target = min(8, max(1, len(group) // 4))
@@ -212,7 +214,11 @@ def _label_strings(labels: np.ndarray, vocab: LabelVocabulary) -> np.ndarray:
 
 
 def _demographic_labels(
-    labels: np.ndarray, vocab: LabelVocabulary, age: np.ndarray, male: np.ndarray, ap: np.ndarray,
+    labels: np.ndarray,
+    vocab: LabelVocabulary,
+    age: np.ndarray,
+    male: np.ndarray,
+    ap: np.ndarray,
     rng: np.random.Generator,
 ) -> None:
     """Redraw the :data:`DEMOGRAPHIC_FINDINGS` columns from age, sex and view (in place)."""
@@ -237,7 +243,9 @@ def sample_entries(
     width, height, spacing.
     """
     if not 1 <= patients <= MAX_PATIENTS:
-        raise CxrflowError(f"--patients must be between 1 and {MAX_PATIENTS:,} (the release has 30,805), got {patients}")
+        raise CxrflowError(
+            f"--patients must be between 1 and {MAX_PATIENTS:,} (the release has 30,805), got {patients}"
+        )
     counts = _images_per_patient(patients, images, rng)
     pids = np.arange(1, patients + 1, dtype=np.int64)
     patient_of_image = np.repeat(pids, counts)

@@ -21,10 +21,15 @@ def synthetic_record(root: str | os.PathLike) -> dict[str, Any]:
     for folder in (Path(root), Path(root).parent):
         marker = read_marker(folder, "synth")
         if marker is not None:
-            return {"synthetic": {"generator": marker.get("generator", "cxrflow synth"), "folder": str(folder.absolute())}}
+            return {
+                "synthetic": {"generator": marker.get("generator", "cxrflow synth"), "folder": str(folder.absolute())}
+            }
     return {}
 
 
 def is_synthetic(manifest: dict | None) -> bool:
     """True for a store made from synthetic data (its manifest says so)."""
-    return bool((manifest or {}).get("synthetic")) or ((manifest or {}).get("split") or {}).get("mode") == "synthetic-store"
+    return (
+        bool((manifest or {}).get("synthetic"))
+        or ((manifest or {}).get("split") or {}).get("mode") == "synthetic-store"
+    )

@@ -21,7 +21,8 @@ with every label known (NIH) have no ``labels_known`` column and all labels know
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from cxrflow.errors import CxrflowError
 
@@ -67,8 +68,9 @@ def resolve_policy(policy: str, names: Sequence[str]) -> str | tuple[str, ...]:
     return tuple(per_finding.get(n, default) for n in names)
 
 
-def apply_policy(labels: np.ndarray, states: np.ndarray | None,
-                 policy: str | Sequence[str] = "ignore") -> tuple[np.ndarray, np.ndarray]:
+def apply_policy(
+    labels: np.ndarray, states: np.ndarray | None, policy: str | Sequence[str] = "ignore"
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels, known) uint8 arrays after ``policy`` (one for all findings, or one per finding);
     ``states`` None means every label is known."""
     import numpy as np

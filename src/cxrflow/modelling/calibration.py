@@ -24,7 +24,8 @@ store's ``pos_weight``, nothing fitted) and ``T`` is fitted on the shifted logit
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -140,7 +141,9 @@ def ece_and_brier(
     ece = np.array([expected_calibration_error(labels[mask[:, j], j], probs[mask[:, j], j], bins) for j in range(k)])
     brier = np.array(
         [
-            brier_score_loss(labels[mask[:, j], j].astype(int), probs[mask[:, j], j], pos_label=1) if mask[:, j].any() else np.nan
+            brier_score_loss(labels[mask[:, j], j].astype(int), probs[mask[:, j], j], pos_label=1)
+            if mask[:, j].any()
+            else np.nan
             for j in range(k)
         ]
     )

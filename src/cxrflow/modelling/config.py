@@ -19,8 +19,7 @@ from typing import Any
 
 import yaml
 
-from cxrflow import options
-from cxrflow import safeio
+from cxrflow import options, safeio
 from cxrflow.data.uncertain import POLICIES, check_policy
 from cxrflow.errors import CxrflowError
 from cxrflow.modelling.catalog import CHECKPOINTING_MODELS, FUSIONS, MODEL_NAMES, check_fusion
@@ -55,8 +54,16 @@ class StageSettings:
     lr: float
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, option: bool = False, factory: Any = None,
-            choices: tuple[str, ...] | None = None, metavar: str | None = None, parse: Any = None) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    option: bool = False,
+    factory: Any = None,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    parse: Any = None,
+) -> Any:
     """A :class:`TrainConfig` field with its help text. ``option``: ``cxrflow train --NAME`` sets it
     (every field can be set by ``--set NAME=VALUE`` and in a settings file); ``choices`` (refused by
     the parser) and ``metavar`` are what ``--help`` shows; ``parse``: the option's argparse type
@@ -78,17 +85,23 @@ class TrainConfig:
     preset: str = setting("default", "starting settings: paper or default")
     stage: str = setting("both", "which stages to run (default: both)", option=True, choices=STAGE_CHOICES)
     pretrained: str = setting(
-        "imagenet", "backbone weights: torchvision's ImageNet weights (from $TORCH_HOME; the default), "
-        "none (random initialisation) or a state dict file", option=True, metavar="imagenet|none|PATH")
+        "imagenet",
+        "backbone weights: torchvision's ImageNet weights (from $TORCH_HOME; the default), "
+        "none (random initialisation) or a state dict file",
+        option=True,
+        metavar="imagenet|none|PATH",
+    )
     batch_size: int = setting(32, "images per optimiser step", option=True, parse=options.positive_int)
     eval_batch_size: int = setting(64, "images per forward pass when scoring validation")
     optimizer: str = setting("adam", "adam or sgd", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "SGD momentum")
     weight_decay: float = setting(0.0, "L2 weight decay of the optimizer")
-    kt: StageSettings = setting(help="knowledge transfer (head only): epochs and lr",
-                                factory=lambda: StageSettings(epochs=3, lr=1e-3))
-    finetune: StageSettings = setting(help="fine-tuning (everything): epochs and lr",
-                                      factory=lambda: StageSettings(epochs=10, lr=1e-4))
+    kt: StageSettings = setting(
+        help="knowledge transfer (head only): epochs and lr", factory=lambda: StageSettings(epochs=3, lr=1e-3)
+    )
+    finetune: StageSettings = setting(
+        help="fine-tuning (everything): epochs and lr", factory=lambda: StageSettings(epochs=10, lr=1e-4)
+    )
     scheduler: str = setting("plateau", "learning-rate schedule: none, plateau or cosine", choices=SCHEDULERS)
     plateau_factor: float = setting(0.1, "plateau: the factor the learning rate is multiplied by")
     plateau_patience: int = setting(1, "plateau: epochs without improvement before the rate drops")
@@ -99,22 +112,32 @@ class TrainConfig:
     warmup_steps: int = setting(0, "cosine: steps of linear warm-up")
     early_stopping_patience: int = setting(3, "epochs without a better validation AUC before a stage stops (0: off)")
     augment: bool = setting(True, "random affine jitter of the training images")
-    seed: int = setting(0, "seed of the weights, the batch order and the augmentation", option=True,
-                        parse=options.seed)
-    device: str = setting("auto", options.DEVICE_HELP, option=True, parse=options.device,
-                          metavar="|".join(options.DEVICE_CHOICES))
+    seed: int = setting(0, "seed of the weights, the batch order and the augmentation", option=True, parse=options.seed)
+    device: str = setting(
+        "auto", options.DEVICE_HELP, option=True, parse=options.device, metavar="|".join(options.DEVICE_CHOICES)
+    )
     num_workers: int = setting(0, "loader worker processes", option=True)
     #: uncertain labels of stores that have them: ignore | ones | zeros [,Finding=policy ...] (cxrflow.data.uncertain)
     uncertain: str = setting(
-        "ignore", "uncertain labels (stores that have them): ignore (U-Ignore, default), ones or zeros, optionally "
-        "per finding: zeros,Atelectasis=ones,Edema=ones", option=True, metavar="|".join(UNCERTAIN_POLICIES))
+        "ignore",
+        "uncertain labels (stores that have them): ignore (U-Ignore, default), ones or zeros, optionally "
+        "per finding: zeros,Atelectasis=ones,Edema=ones",
+        option=True,
+        metavar="|".join(UNCERTAIN_POLICIES),
+    )
     #: "none" (image only) or "demographics" (age, sex, view fused before the head)
-    fusion: str = setting("none", "demographics: fuse age, sex and view with the image features (default: none)",
-                          option=True, metavar="|".join(FUSIONS))
+    fusion: str = setting(
+        "none",
+        "demographics: fuse age, sex and view with the image features (default: none)",
+        option=True,
+        metavar="|".join(FUSIONS),
+    )
     #: activation checkpointing (less memory, more compute; densenet121 and resnet50)
     grad_checkpointing: bool = setting(
-        False, f"activation checkpointing: less memory, about a third more compute ({', '.join(CHECKPOINTING_MODELS)})",
-        option=True)
+        False,
+        f"activation checkpointing: less memory, about a third more compute ({', '.join(CHECKPOINTING_MODELS)})",
+        option=True,
+    )
 
     def stages(self) -> list[Stage]:
         """The stages this run trains, in order (a single-stage model, such as ``simple_cnn``, trains
@@ -132,13 +155,14 @@ class TrainConfig:
         ``min_steps`` optimiser steps at this batch size (so the recipe follows the amount of data)."""
         per_epoch = max(1, train_rows // max(1, self.batch_size * world_size))
         return [
-            dataclasses.replace(st, epochs=max(st.epochs, math.ceil(self.min_steps / per_epoch))) for st in self.stages()
+            dataclasses.replace(st, epochs=max(st.epochs, math.ceil(self.min_steps / per_epoch)))
+            for st in self.stages()
         ]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise a CxrflowError naming the first invalid setting; returns self."""
         from cxrflow.modelling.registry import checkpointing_models, model_entry
 
@@ -196,10 +220,25 @@ class TrainConfig:
             ("seed", self.seed, 0 <= self.seed <= SEED_MAX, f"an integer in 0..{SEED_MAX}"),
             ("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay, 0 <= self.weight_decay < math.inf, "a finite number >= 0"),
-            ("plateau_factor", self.plateau_factor, 0 < self.plateau_factor < 1, "in (0, 1): the learning rate is multiplied by it"),
+            (
+                "plateau_factor",
+                self.plateau_factor,
+                0 < self.plateau_factor < 1,
+                "in (0, 1): the learning rate is multiplied by it",
+            ),
             ("plateau_patience", self.plateau_patience, self.plateau_patience >= 0, ">= 0"),
-            ("early_stopping_patience", self.early_stopping_patience, self.early_stopping_patience >= 0, ">= 0 (0 = off)"),
-            ("num_workers", self.num_workers, self.num_workers <= MAX_WORKERS, f"at most {MAX_WORKERS} (each is a process)"),
+            (
+                "early_stopping_patience",
+                self.early_stopping_patience,
+                self.early_stopping_patience >= 0,
+                ">= 0 (0 = off)",
+            ),
+            (
+                "num_workers",
+                self.num_workers,
+                self.num_workers <= MAX_WORKERS,
+                f"at most {MAX_WORKERS} (each is a process)",
+            ),
             ("min_steps", self.min_steps, self.min_steps <= MAX_STEPS, f"at most {MAX_STEPS:,}"),
             ("warmup_steps", self.warmup_steps, self.warmup_steps <= MAX_STEPS, f"at most {MAX_STEPS:,}"),
         )
@@ -324,7 +363,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not file.exists():
         raise CxrflowError("no such config file", file)
     if not file.is_file():
-        raise CxrflowError("is not a regular file (a folder, pipe or device); expected a settings file (.json, .yaml, .toml)", file)
+        raise CxrflowError(
+            "is not a regular file (a folder, pipe or device); expected a settings file (.json, .yaml, .toml)", file
+        )
     suffix = file.suffix.lower()
     if suffix not in (".json", ".yaml", ".yml", ".toml"):
         raise CxrflowError("config file must end in .json, .yaml, .yml or .toml", file)
@@ -357,7 +398,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def resolve_config(
-    preset_name: str | None = None, config_file: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+    preset_name: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> TrainConfig:
     """Preset, then file, then overrides; validated."""
     from_file = read_config_file(config_file) if config_file else {}

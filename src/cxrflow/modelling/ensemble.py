@@ -27,22 +27,22 @@ runs (:func:`cxrflow.tracking.log_ensemble`).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from cxrflow import __version__
-from cxrflow import safeio
+from cxrflow import __version__, safeio
 from cxrflow.atomic import read_json_object, write_json_atomic
-from cxrflow.modelling.calibration import apply_temperatures, calibration_of, logit, sigmoid
 from cxrflow.errors import CxrflowError
 from cxrflow.identity import file_sha256
-from cxrflow.outputs import check_target, publishing
+from cxrflow.modelling.calibration import apply_temperatures, calibration_of, logit, sigmoid
 from cxrflow.modelling.predictor import load_run_predictor, operating_scale
 from cxrflow.modelling.scoring import score_with_calibration, write_prediction_files
+from cxrflow.outputs import check_target, publishing
 from cxrflow.runs import (
     CHECKPOINT_NAMES,
     METRICS_NAME,
@@ -121,7 +121,12 @@ def load_member(path: str | os.PathLike, split: str = "test") -> Member:
         raise CxrflowError(stale, folder)
     test, test_names = read_predictions(folder / PREDICTIONS_NAME)
     val, val_names = read_predictions(folder / VAL_PREDICTIONS_NAME)
-    if test_names != metrics["label_names"] or val_names != metrics["label_names"] or "logits" not in test or "logits" not in val:
+    if (
+        test_names != metrics["label_names"]
+        or val_names != metrics["label_names"]
+        or "logits" not in test
+        or "logits" not in val
+    ):
         raise CxrflowError("predictions do not match metrics.json (missing logit columns or other findings)", folder)
     return Member(folder, metrics, test, val)
 
@@ -159,7 +164,10 @@ def check_members(members: Sequence[Member]) -> list[Member]:
                 m.eval_dir,
             )
         if m.metrics.get("split") != first.metrics.get("split"):
-            raise CxrflowError(f"evaluated on split {m.metrics.get('split')!r}, {first.eval_dir} on {first.metrics.get('split')!r}", m.eval_dir)
+            raise CxrflowError(
+                f"evaluated on split {m.metrics.get('split')!r}, {first.eval_dir} on {first.metrics.get('split')!r}",
+                m.eval_dir,
+            )
         a, b = m.metrics.get("store_identity"), first.metrics.get("store_identity")
         if a is not None and b is not None and a != b:
             raise CxrflowError(f"evaluated on another store than {first.eval_dir}", m.eval_dir)
@@ -167,7 +175,9 @@ def check_members(members: Sequence[Member]) -> list[Member]:
         val = _aligned(m.val, first.val["image_id"], "validation", m, first)
         for what, mine, ref in (("test", test, first.test), ("validation", val, first.val)):
             if not np.array_equal(mine["labels"], ref["labels"]):
-                raise CxrflowError(f"other {what} labels than {first.eval_dir} for the same images (another store?)", m.eval_dir)
+                raise CxrflowError(
+                    f"other {what} labels than {first.eval_dir} for the same images (another store?)", m.eval_dir
+                )
         aligned.append(Member(m.eval_dir, m.metrics, test, val))
     return aligned
 
@@ -185,12 +195,14 @@ def ensemble_logits(
     ``intercept + sum_m coef_m * logit_m`` from ``stacking`` (one ``{"coef", "intercept"}`` or None
     = the mean, per finding). Used both on stored predictions and by ``cxrflow predict``.
     """
-    z = np.stack([np.asarray(l, dtype=np.float64) for l in member_logits])  # [M, N, K]
+    z = np.stack([np.asarray(m, dtype=np.float64) for m in member_logits])  # [M, N, K]
     mean = logit(np.mean([apply_temperatures(z[i], *c) for i, c in enumerate(member_calibrations)], axis=0))
     if method == "mean":
         return mean
     if method != "stacked" or stacking is None:
-        raise ValueError(f"method {method!r} needs stacking weights" if method == "stacked" else f"unknown method {method!r}")
+        raise ValueError(
+            f"method {method!r} needs stacking weights" if method == "stacked" else f"unknown method {method!r}"
+        )
     out = mean.copy()
     for j, weights in enumerate(stacking):
         if weights is not None:
@@ -221,13 +233,15 @@ def fit_stacking(
     """Per finding, a logistic regression with non-negative weights of the label on the members'
     validation logits, over the rows whose label is known (``known`` ``[N, K]``, all without it);
     None for a finding with one label value (it then uses the mean)."""
-    z = np.stack([np.asarray(l, dtype=np.float64) for l in member_logits])  # [M, N, K]
+    z = np.stack([np.asarray(m, dtype=np.float64) for m in member_logits])  # [M, N, K]
     labels = np.asarray(labels)
     mask = np.ones(labels.shape, bool) if known is None else np.asarray(known).astype(bool)
     fits: list[dict | None] = []
     for j in range(labels.shape[1]):
         y = labels[mask[:, j], j].round().astype(int)
-        fits.append(None if len(y) == 0 or y.min() == y.max() else _nonnegative_logistic(z[:, mask[:, j], j].T, y, seed))
+        fits.append(
+            None if len(y) == 0 or y.min() == y.max() else _nonnegative_logistic(z[:, mask[:, j], j].T, y, seed)
+        )
     return fits
 
 
@@ -253,8 +267,12 @@ def _ensemble_metrics(paths, out: Path, method: str, split: str, n_boot: int, se
     known = members[0].val.get("known")  # stores with label states: fits and metrics on known labels only
     stacking = (fit_stacking([m.val["logits"] for m in members], members[0].val["labels"], seed=seed, known=known)
                 if method == "stacked" else None)  # fmt: skip
-    validation = _combined([m.val for m in members], ensemble_logits(method, [m.val["logits"] for m in members], calibrations, stacking))
-    evaluated = _combined([m.test for m in members], ensemble_logits(method, [m.test["logits"] for m in members], calibrations, stacking))
+    validation = _combined(
+        [m.val for m in members], ensemble_logits(method, [m.val["logits"] for m in members], calibrations, stacking)
+    )
+    evaluated = _combined(
+        [m.test for m in members], ensemble_logits(method, [m.test["logits"] for m in members], calibrations, stacking)
+    )
     has_states = known is not None or members[0].test.get("known") is not None
     scored = score_with_calibration(evaluated, validation, names, n_boot=n_boot, seed=seed, known=has_states)
     first = members[0].metrics
@@ -291,7 +309,7 @@ def _ensemble_metrics(paths, out: Path, method: str, split: str, n_boot: int, se
             "fitted_on": "val", "model": f"logistic regression on the members' logits, weights >= 0 (C={STACKING_C}, seed {seed})",
             "weights": dict(zip(names, stacking)), "fallback_to_mean": [n for n, w in zip(names, stacking) if w is None]},
         "cxrflow_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }  # fmt: skip
     return metrics, evaluated, validation, names, members
 
@@ -373,7 +391,9 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
     metrics = read_json_object(folder / METRICS_NAME, "ensemble")
     check_metrics(metrics, folder / METRICS_NAME)
     if metrics.get("kind") != "ensemble":
-        raise CxrflowError("an evaluation folder, not a run or ensemble: give --run the run folder it belongs to", folder)
+        raise CxrflowError(
+            "an evaluation folder, not a run or ensemble: give --run the run folder it belongs to", folder
+        )
     names = list(metrics["label_names"])
     members, member_calibrations = [], []
     for entry in metrics["members"]:
@@ -382,9 +402,13 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
             evaluation = safeio.read_json(Path(entry["eval"]) / METRICS_NAME, "evaluation")
         except (OSError, ValueError, RecursionError):
             raise CxrflowError("a member's evaluation is gone; rebuild the ensemble", entry["eval"]) from None
-        predictor = load_run_predictor(entry["run"], checkpoint or evaluation["checkpoint_path"], device=device, raw=True)
+        predictor = load_run_predictor(
+            entry["run"], checkpoint or evaluation["checkpoint_path"], device=device, raw=True
+        )
         if entry.get("checkpoint_sha256") and file_sha256(predictor.checkpoint) != entry["checkpoint_sha256"]:
-            raise CxrflowError("a member's checkpoint changed since the ensemble was built; rebuild the ensemble", predictor.checkpoint)
+            raise CxrflowError(
+                "a member's checkpoint changed since the ensemble was built; rebuild the ensemble", predictor.checkpoint
+            )
         if predictor.label_names != names:
             raise CxrflowError("a member's label names differ from the ensemble's", predictor.checkpoint)
         members.append(predictor)
@@ -392,7 +416,9 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
     stacking = metrics.get("stacking")
     weights = None if stacking is None else [stacking["weights"].get(n) for n in names]
     thresholds, calibration = operating_scale(metrics, names, raw=raw)
-    return EnsemblePredictor(members, member_calibrations, metrics["method"], weights, names, folder, thresholds, calibration)
+    return EnsemblePredictor(
+        members, member_calibrations, metrics["method"], weights, names, folder, thresholds, calibration
+    )
 
 
 # --------------------------------------------------------------------------------------------------

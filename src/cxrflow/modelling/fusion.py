@@ -176,8 +176,13 @@ def read_split_demographics(
 
 
 def init_from_store(
-    model: nn.Module, store: str | os.PathLike, size: int, *, uncertain: str = "ignore",
-    pos_weight: Sequence[float] | None = None, seed: int = 0,
+    model: nn.Module,
+    store: str | os.PathLike,
+    size: int,
+    *,
+    uncertain: str = "ignore",
+    pos_weight: Sequence[float] | None = None,
+    seed: int = 0,
 ) -> str:
     """Fit ``model.fusion`` (a :class:`DemographicLogits`) on the store's training split; returns a note.
 

@@ -24,7 +24,7 @@ then resized to the store size), so a heatmap or a box lands on the original ima
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,9 @@ def _entry(model: nn.Module):
 
     name = getattr(unwrap(model), "name", None)
     if name not in model_names():
-        raise CxrflowError(f"model {name!r} names no class-activation layer; heatmaps need one of {', '.join(model_names())}")
+        raise CxrflowError(
+            f"model {name!r} names no class-activation layer; heatmaps need one of {', '.join(model_names())}"
+        )
     return model_entry(name)
 
 
@@ -84,7 +86,9 @@ def class_activation_maps(
     with torch.autocast(device_type=inputs.device.type, enabled=False):
         x = inputs.float()
         if method == "gradcam":
-            attr = LayerGradCam(net, layer).attribute(x, target=target, additional_forward_args=extra, relu_attributions=True)
+            attr = LayerGradCam(net, layer).attribute(
+                x, target=target, additional_forward_args=extra, relu_attributions=True
+            )
         else:
             attr = LayerGradientXActivation(net, layer).attribute(x, target=target, additional_forward_args=extra)
             attr = attr.sum(dim=1, keepdim=True).clamp_min(0.0)

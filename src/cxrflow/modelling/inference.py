@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cxrflow.errors import CxrflowError
-from cxrflow.identity import file_sha256
 from cxrflow.data.loader import make_loader, to_model_input
 from cxrflow.data.store import check_partition, pixel_stats, read_manifest, store_identity
 from cxrflow.data.uncertain import masked_bce
+from cxrflow.errors import CxrflowError
+from cxrflow.identity import file_sha256
 
 #: Device choices every command accepts (``cuda:N`` too).
 DEVICES = ("auto", "cpu", "cuda")
@@ -177,8 +177,11 @@ def check_label_names(label_names: list, manifest: dict, checkpoint: str | os.Pa
     ours, store = [str(n) for n in label_names], [str(n) for n in manifest.get("label_names") or []]
     if ours != store:
         i = next((i for i, (a, b) in enumerate(zip(ours, store)) if a != b), min(len(ours), len(store)))
-        where = (f"output {i + 1} is {ours[i]!r:.60} in the checkpoint, {store[i]!r:.60} in the store"
-                 if i < min(len(ours), len(store)) else f"{len(ours)} findings in the checkpoint, {len(store)} in the store")
+        where = (
+            f"output {i + 1} is {ours[i]!r:.60} in the checkpoint, {store[i]!r:.60} in the store"
+            if i < min(len(ours), len(store))
+            else f"{len(ours)} findings in the checkpoint, {len(store)} in the store"
+        )
         raise CxrflowError(
             f"the checkpoint's findings are not the store's in the same order ({where}); "
             "pass the store this run was trained on with --store",
@@ -235,7 +238,14 @@ def predict_split(
     if pixel_mean is None or pixel_std is None:
         pixel_mean, pixel_std = pixel_stats(manifest, size)
     loader = make_loader(
-        store, size, split, batch_size=batch_size, shuffle=False, num_workers=num_workers, rank=rank, world_size=world_size,
+        store,
+        size,
+        split,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
         uncertain=uncertain,
     )
     ids: list[str] = []

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from cxrflow import safeio
-from cxrflow.data.imaging import MAX_STORE_SIZE
 from cxrflow.data.demographics import check_fusion
-from cxrflow.modelling.fusion import make_fusion
+from cxrflow.data.imaging import MAX_STORE_SIZE
 from cxrflow.errors import CxrflowError
 from cxrflow.modelling.backbones import CheckpointedSequential, SimpleCNN  # noqa: F401 (their old home)
+from cxrflow.modelling.fusion import make_fusion
 from cxrflow.modelling.registry import CamSpec, ModelEntry, checkpointing_models, model_entry, model_names  # noqa: F401
 
 
@@ -114,7 +114,7 @@ class ChestClassifier(nn.Module):
         """What knowledge transfer trains: the head, and the fusion layers when there are any."""
         return nn.ModuleList([self.head] + ([self.fusion] if self.fusion is not None else []))
 
-    def train(self, mode: bool = True) -> "ChestClassifier":
+    def train(self, mode: bool = True) -> ChestClassifier:
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()
@@ -211,8 +211,10 @@ def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -
     parts = []
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shape", wrong)):
         if keys:
-            shown = [f"{k} {tuple(got[k].shape)} vs {tuple(expected[k].shape)}" if label == "wrong shape" else k
-                     for k in keys[:4]]
+            shown = [
+                f"{k} {tuple(got[k].shape)} vs {tuple(expected[k].shape)}" if label == "wrong shape" else k
+                for k in keys[:4]
+            ]
             more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
             parts.append(f"{len(keys)} {label} ({', '.join(shown)}{more})")
     return "; ".join(parts) or "no layer differs"
@@ -254,6 +256,7 @@ def _imagenet_weights(weights, download: bool):
 
 
 # --- loading weights from files -------------------------------------------------------------------
+
 
 def _normalise_keys(state: dict[str, torch.Tensor], name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map a saved state dict onto ChestClassifier's keys; returns it and the dropped head keys."""
@@ -304,11 +307,15 @@ def _load_weights_file(model: ChestClassifier, path: str) -> list[str]:
     ):
         raise CxrflowError(f"weights do not fit a {model.name} backbone: {_mismatch(expected, got)}", file)
     model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in body.items()}, strict=False)
-    if head and all(
-        k.removeprefix("head.") in model.head.state_dict()
-        and model.head.state_dict()[k.removeprefix("head.")].shape == v.shape
-        for k, v in head.items()
-    ) and len(head) == len(model.head.state_dict()):
+    if (
+        head
+        and all(
+            k.removeprefix("head.") in model.head.state_dict()
+            and model.head.state_dict()[k.removeprefix("head.")].shape == v.shape
+            for k, v in head.items()
+        )
+        and len(head) == len(model.head.state_dict())
+    ):
         model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items()})
         notes.append("loaded backbone and head")
     else:
@@ -392,20 +399,33 @@ def _check_checkpoint(ckpt: dict, file: Path) -> None:
     if not isinstance(config, dict):
         raise CxrflowError(f"checkpoint field 'config' must be a mapping, got {type(config).__name__}", file)
     if config.get("model") not in model_names():
-        raise CxrflowError(f"checkpoint field 'config.model' must be one of {', '.join(model_names())}, got {config.get('model')!r}", file)
+        raise CxrflowError(
+            f"checkpoint field 'config.model' must be one of {', '.join(model_names())}, got {config.get('model')!r}",
+            file,
+        )
     size = config.get("size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_STORE_SIZE):
-        raise CxrflowError(f"checkpoint field 'config.size' must be a positive integer of at most {MAX_STORE_SIZE} (the largest size a store holds), got {size!r}", file)
+        raise CxrflowError(
+            f"checkpoint field 'config.size' must be a positive integer of at most {MAX_STORE_SIZE} (the largest size a store holds), got {size!r}",
+            file,
+        )
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise CxrflowError(f"checkpoint field 'label_names' must be a non-empty list of names, got {names!r}"[:200], file)
+        raise CxrflowError(
+            f"checkpoint field 'label_names' must be a non-empty list of names, got {names!r}"[:200], file
+        )
     if len(set(names)) != len(names):
         raise CxrflowError(f"checkpoint field 'label_names' names a finding twice: {names!r}"[:200], file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CxrflowError("checkpoint field 'model' must be a state dict (name -> tensor)", file)
     for key in ("pixel_mean", "pixel_std"):
         value = config.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or (key == "pixel_std" and value <= 0)):
-            raise CxrflowError(f"checkpoint field 'config.{key}' must be a finite number{' > 0' if key == 'pixel_std' else ''}, got {value!r}", file)
+        if value is not None and (
+            not isinstance(value, (int, float)) or not math.isfinite(value) or (key == "pixel_std" and value <= 0)
+        ):
+            raise CxrflowError(
+                f"checkpoint field 'config.{key}' must be a finite number{' > 0' if key == 'pixel_std' else ''}, got {value!r}",
+                file,
+            )
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[ChestClassifier, dict]:
@@ -422,8 +442,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     _check_checkpoint(ckpt, file)
     name = ckpt["config"].get("model")
     if "fusion.proj.weight" in ckpt["model"]:
-        raise CxrflowError("this run fuses demographics the earlier way (an embedding beside the image features); "
-                           "train it again with this version of cxrflow", file)
+        raise CxrflowError(
+            "this run fuses demographics the earlier way (an embedding beside the image features); "
+            "train it again with this version of cxrflow",
+            file,
+        )
     model = create_model(name, len(ckpt["label_names"]), pretrained="none", fusion=ckpt["config"].get("fusion", "none"))
     load_weights(model, ckpt["model"], file)
     if isinstance(map_location, (str, torch.device)):

@@ -10,7 +10,6 @@ whose :class:`~cxrflow.modelling.ensemble.EnsemblePredictor` has the same face) 
 from __future__ import annotations
 
 import glob
-
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass

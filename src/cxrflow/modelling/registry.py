@@ -65,7 +65,9 @@ class ModelEntry:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"a model name is letters, digits, '_' and '-', got {self.name!r}")
         if self.cam.method not in CAM_METHODS:
-            raise ValueError(f"{self.name}: heatmap method must be one of {', '.join(CAM_METHODS)}, got {self.cam.method!r}")
+            raise ValueError(
+                f"{self.name}: heatmap method must be one of {', '.join(CAM_METHODS)}, got {self.cam.method!r}"
+            )
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -151,7 +153,9 @@ def _densenet_checkpointing(net: nn.Module, enable: bool) -> None:
 
 
 #: torchvision's DenseNet files use ``norm.1``-style names of before PyTorch 0.4.
-DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 def old_densenet_key(key: str) -> str:

@@ -46,7 +46,11 @@ def score_with_calibration(
     k = len(label_names)
     val_labels = np.asarray(validation["labels"])
     val_probs = np.asarray(validation["probs"], dtype=np.float64)
-    vk = np.ones(val_labels.shape, bool) if validation.get("known") is None else np.asarray(validation["known"]).astype(bool)
+    vk = (
+        np.ones(val_labels.shape, bool)
+        if validation.get("known") is None
+        else np.asarray(validation["known"]).astype(bool)
+    )
     thresholds = np.array([youden_threshold(val_labels[vk[:, j], j], val_probs[vk[:, j], j]) for j in range(k)])
     offsets = np.zeros(k) if logit_offsets is None else np.asarray(logit_offsets, dtype=np.float64)
     temperatures = fit_temperatures(np.asarray(validation["logits"], dtype=np.float64) - offsets, val_labels, vk)
@@ -57,8 +61,14 @@ def score_with_calibration(
     labels = np.asarray(evaluated["labels"])
     probs = np.asarray(evaluated["probs"], dtype=np.float64)
     mask = np.asarray(evaluated["known"]) if known and evaluated.get("known") is not None else None
-    metrics = summarize(labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed, known=mask)
-    metrics.update(operating_report(labels, probs, evaluated["patient_id"], label_names, thresholds, known=mask, n_boot=n_boot, seed=seed))
+    metrics = summarize(
+        labels, probs, evaluated["patient_id"], label_names, thresholds, n_boot=n_boot, seed=seed, known=mask
+    )
+    metrics.update(
+        operating_report(
+            labels, probs, evaluated["patient_id"], label_names, thresholds, known=mask, n_boot=n_boot, seed=seed
+        )
+    )
     metrics["threshold_split"] = "val"
     metrics["threshold_calibrated"] = {n: json_number(t) for n, t in zip(label_names, cal_thresholds)}
     metrics["calibration"] = calibration_report(
@@ -91,7 +101,10 @@ def write_prediction_files(
         folder / PR_NAME, dpi=110)  # fmt: skip
     bins = metrics["calibration"]["bins"]
     known = np.ones(labels.shape, bool) if evaluated.get("known") is None else np.asarray(evaluated["known"]) > 0
-    pooled = {key: ece(labels[known], np.asarray(evaluated[key], dtype=np.float64)[known], bins) for key in ("probs", "calprobs")}
+    pooled = {
+        key: ece(labels[known], np.asarray(evaluated[key], dtype=np.float64)[known], bins)
+        for key in ("probs", "calprobs")
+    }
     curves = {  # the ECE beside each curve is of the same pooled pairs and bins as the curve
         f"raw (pooled ECE {pooled['probs']:.3f})": evaluated["probs"],
         f"temperature-scaled on val (pooled ECE {pooled['calprobs']:.3f})": evaluated["calprobs"],
@@ -99,7 +112,6 @@ def write_prediction_files(
     title = f"Reliability, {what}, {split} split\nall {labels.shape[1]} findings pooled: every (image, finding) pair with a known label"
     plot_reliability(labels, curves, bins=bins, title=title, mask=known).savefig(folder / RELIABILITY_NAME, dpi=110)
     return ["roc.png", PR_NAME, RELIABILITY_NAME]
-
 
 
 def format_summary(metrics: dict) -> str:

@@ -31,12 +31,13 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from cxrflow.modelling.config import TrainConfig
 from cxrflow.errors import CxrflowError
+from cxrflow.modelling.config import TrainConfig
 
 #: Spark settings every training session gets (``--spark-conf`` overrides them).
 SESSION_CONF = {
@@ -70,7 +71,7 @@ def check_reachable(master: str, timeout: float = 5.0) -> None:
     if not master.startswith("spark://"):
         return
     problems = []
-    for hostport in master[len("spark://"):].split(","):
+    for hostport in master[len("spark://") :].split(","):
         host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "7077")
         try:
             socket.create_connection((host, int(port)), timeout=timeout).close()
@@ -292,8 +293,13 @@ def _output_to(log_path: str | None) -> Iterator[None]:
             os.close(f)
 
 
-def training_process(config_values: dict, options: dict, tracking: Any = None, log_path: str | None = None,
-                     report_path: str | None = None) -> dict:
+def training_process(
+    config_values: dict,
+    options: dict,
+    tracking: Any = None,
+    log_path: str | None = None,
+    report_path: str | None = None,
+) -> dict:
     """What each training process on the cluster runs (TorchDistributor pickles it by reference).
 
     A failure is also written to ``report_path.<rank>`` (on the shared storage), since the job's
@@ -323,8 +329,15 @@ def _read_reports(report_path: Path) -> dict[int, str]:
     return reports
 
 
-def run_job(spark: Any, launch: SparkLaunch, config: TrainConfig, options: dict, *,
-            tracking: Any = None, log_path: str | None = None) -> dict:
+def run_job(
+    spark: Any,
+    launch: SparkLaunch,
+    config: TrainConfig,
+    options: dict,
+    *,
+    tracking: Any = None,
+    log_path: str | None = None,
+) -> dict:
     """Run the training processes as one barrier job on ``spark``'s cluster; rank 0's summary."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
@@ -366,8 +379,10 @@ def cluster_session(launch: SparkLaunch, app_name: str = "cxrflow-train") -> Ite
     check_reachable(launch.master)
     spark = build_spark(launch.master, app_name, conf=session_conf(launch))
     if spark.sparkContext.master != launch.master:  # getOrCreate handed back this process's other session
-        raise CxrflowError(f"a Spark session on {spark.sparkContext.master} is already running in this process; "
-                           f"stop it to train on {launch.master}")
+        raise CxrflowError(
+            f"a Spark session on {spark.sparkContext.master} is already running in this process; "
+            f"stop it to train on {launch.master}"
+        )
     try:
         check_gpu(spark, launch)
         wait_for_slots(spark, launch)
@@ -376,8 +391,17 @@ def cluster_session(launch: SparkLaunch, app_name: str = "cxrflow-train") -> Ite
         spark.stop()
 
 
-def train_on_spark(config: TrainConfig, launch: SparkLaunch, *, resume: bool = False, overwrite: bool = False,
-                   quiet: bool = False, tracking: Any = None, spark: Any = None, log_path: str | None = None) -> dict:
+def train_on_spark(
+    config: TrainConfig,
+    launch: SparkLaunch,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    tracking: Any = None,
+    spark: Any = None,
+    log_path: str | None = None,
+) -> dict:
     """``cxrflow train --spark-master``: checks, then the training job; returns rank 0's done.json summary.
 
     ``spark``: a session already on ``launch.master`` (a sweep's); ``log_path``: where the training
@@ -391,6 +415,9 @@ def train_on_spark(config: TrainConfig, launch: SparkLaunch, *, resume: bool = F
             return train_on_spark(config, launch, tracking=tracking, spark=session, **options)
     check_shared_storage(spark, config, launch.processes)
     if log_path is None:
-        print(f"training on {launch.master}: {launch.processes} process(es), "
-              f"{'GPU, nccl' if launch.gpu else 'CPU, gloo'}; run folder {config.out}", flush=True)
+        print(
+            f"training on {launch.master}: {launch.processes} process(es), "
+            f"{'GPU, nccl' if launch.gpu else 'CPU, gloo'}; run folder {config.out}",
+            flush=True,
+        )
     return run_job(spark, launch, config, options, tracking=tracking, log_path=log_path)

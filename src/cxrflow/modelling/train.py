@@ -27,24 +27,24 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from cxrflow import safeio
 from cxrflow.atomic import atomic_path, read_json_object, write_json_atomic, write_text_atomic
 from cxrflow.data.demographics import fusion_record
 from cxrflow.data.loader import augment, make_loader
-from cxrflow.data.store import check_partition, pixel_stats, read_manifest
+from cxrflow.data.store import check_partition, pixel_stats, read_manifest, store_identity
 from cxrflow.data.uncertain import MaskedBCEWithLogits, policy_pos_weight
 from cxrflow.errors import CxrflowError
-from cxrflow import safeio
-from cxrflow.data.store import store_identity
+from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.modelling.config import Stage, TrainConfig
-from cxrflow.modelling.fusion import init_from_store, param_groups
 from cxrflow.modelling.distributed import (
     Dist,
     all_reduce,
@@ -56,6 +56,7 @@ from cxrflow.modelling.distributed import (
     setup_distributed,
     wrap,
 )
+from cxrflow.modelling.fusion import init_from_store, param_groups
 from cxrflow.modelling.inference import autocast as _autocast
 from cxrflow.modelling.inference import model_input, predict_split, resolve_device
 from cxrflow.modelling.inference import unwrap as _unwrap
@@ -63,11 +64,18 @@ from cxrflow.modelling.models import ChestClassifier, count_parameters, create_m
 from cxrflow.modelling.stages import epoch_seed, make_optimizer, make_scheduler, set_trainable, warmup_cosine
 from cxrflow.outputs import claiming, read_marker, write_marker
 from cxrflow.progress import Progress
-from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.tracking import TrackingRequest, tracked_training
 
-__all__ = ["Dist", "StepHook", "run_process", "save_checkpoint", "setup_distributed", "train", "train_one_epoch",
-           "warmup_cosine"]
+__all__ = [
+    "Dist",
+    "StepHook",
+    "run_process",
+    "save_checkpoint",
+    "setup_distributed",
+    "train",
+    "train_one_epoch",
+    "warmup_cosine",
+]
 
 #: Files a run writes; ``--overwrite`` removes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "best_kt.pt", "best_finetune.pt", "last.pt", "done.json", "mlflow.json")
@@ -197,7 +205,11 @@ def _prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, ctx: Dist) 
             # evaluations of the old checkpoints describe a model that no longer exists; only folders
             # 'cxrflow evaluate' wrote (its marker, not a link) go: any other eval-* is left alone
             for evaluation in out.glob("eval-*"):
-                if evaluation.is_dir() and not evaluation.is_symlink() and read_marker(evaluation, "evaluate") is not None:
+                if (
+                    evaluation.is_dir()
+                    and not evaluation.is_symlink()
+                    and read_marker(evaluation, "evaluate") is not None
+                ):
                     shutil.rmtree(evaluation)
     barrier(ctx)
 
@@ -230,11 +242,21 @@ def train(
     """
     ctx = ctx or Dist(device=resolve_device(config.device))
     config.validate()
-    with claiming(config.out, "train", overwrite=overwrite, resume=resume, create=False, inputs=[config.store],
-                  legacy=("config.json",), lock=ctx.main, how="pass --resume to continue it or --overwrite to start again"):
+    with claiming(
+        config.out,
+        "train",
+        overwrite=overwrite,
+        resume=resume,
+        create=False,
+        inputs=[config.store],
+        legacy=("config.json",),
+        lock=ctx.main,
+        how="pass --resume to continue it or --overwrite to start again",
+    ):
         say = log or (lambda msg: print(msg, flush=True))
-        run = _Run(config, ctx, Path(config.out), say, say if ctx.main else (lambda msg: None), quiet, step_hook,
-                   epoch_hook)
+        run = _Run(
+            config, ctx, Path(config.out), say, say if ctx.main else (lambda msg: None), quiet, step_hook, epoch_hook
+        )
         return _train(run, resume=resume, overwrite=overwrite)
 
 
@@ -294,8 +316,13 @@ def _train(run: _Run, *, resume: bool, overwrite: bool) -> dict:
     run_start = time.perf_counter()
     for stage_index in range(start_stage, len(stages)):
         continuing = stage_index == start_stage and state is not None and not state["stage_finished"]
-        _run_stage(run, stage_index, global_epoch, start_epoch if stage_index == start_stage else 1,
-                   state if continuing else None)
+        _run_stage(
+            run,
+            stage_index,
+            global_epoch,
+            start_epoch if stage_index == start_stage else 1,
+            state if continuing else None,
+        )
         global_epoch += stages[stage_index].epochs
         run.bad_epochs = 0
     return _finish(run, time.perf_counter() - run_start)
@@ -315,18 +342,30 @@ def _plan(run: _Run) -> _Plan:
             raise CxrflowError(f"split {split!r} at size {config.size} is empty; nothing to {split} on", config.store)
     mean, std = pixel_stats(manifest, config.size)
     masked = "uncertain_policies" in manifest
-    pos_weight = (policy_pos_weight(manifest, config.uncertain) if masked
-                  else _pos_weight(manifest, len(label_names), config.store)).to(ctx.device)
+    pos_weight = (
+        policy_pos_weight(manifest, config.uncertain)
+        if masked
+        else _pos_weight(manifest, len(label_names), config.store)
+    ).to(ctx.device)
     untrained = [n for n, w in zip(label_names, pos_weight.tolist()) if w == 0]
     if untrained:  # negatives / positives = 0: the loss gives these outputs no gradient at all
-        run.info(f"note: no negative train label for {', '.join(untrained)}: pos_weight 0, so "
-                 f"{'this output does' if len(untrained) == 1 else 'these outputs do'} not learn; "
-                 "their test AUC is the untrained model's")
+        run.info(
+            f"note: no negative train label for {', '.join(untrained)}: pos_weight 0, so "
+            f"{'this output does' if len(untrained) == 1 else 'these outputs do'} not learn; "
+            "their test AUC is the untrained model's"
+        )
     train_rows = int(manifest["rows"][str(int(config.size))]["train"])
     stages = config.stage_plan(train_rows, ctx.world_size)
-    saved = {**config.to_dict(), **fusion_record(config.fusion), "label_names": label_names,
-             "stages": [vars(s) for s in stages], "world_size": ctx.world_size, "pixel_mean": mean, "pixel_std": std,
-             "store_identity": store_identity(config.store, manifest, config.size)}
+    saved = {
+        **config.to_dict(),
+        **fusion_record(config.fusion),
+        "label_names": label_names,
+        "stages": [vars(s) for s in stages],
+        "world_size": ctx.world_size,
+        "pixel_mean": mean,
+        "pixel_std": std,
+        "store_identity": store_identity(config.store, manifest, config.size),
+    }
     return _Plan(label_names, mean, std, masked, pos_weight, train_rows, stages, saved)
 
 
@@ -334,18 +373,32 @@ def _build_model(run: _Run, pretrained: str, resuming: bool) -> ChestClassifier:
     """The model on the run's device with its starting weights (a fused model's demographic term
     fitted on the training split, unless resumed or loaded), and the loss."""
     config, plan, ctx = run.config, run.plan, run.ctx
-    model = create_model(config.model, len(plan.label_names), pretrained=pretrained, fusion=config.fusion,
-                         grad_checkpointing=config.grad_checkpointing)
+    model = create_model(
+        config.model,
+        len(plan.label_names),
+        pretrained=pretrained,
+        fusion=config.fusion,
+        grad_checkpointing=config.grad_checkpointing,
+    )
     for note in getattr(model, "load_notes", []):
         run.info(f"weights {config.pretrained}: {note}")
     if model.fusion is not None and not resuming and "loaded fusion layers" not in getattr(model, "load_notes", []):
-        run.info(init_from_store(model, config.store, config.size, uncertain=config.uncertain,
-                                 pos_weight=plan.pos_weight.tolist(), seed=config.seed))
+        run.info(
+            init_from_store(
+                model,
+                config.store,
+                config.size,
+                uncertain=config.uncertain,
+                pos_weight=plan.pos_weight.tolist(),
+                seed=config.seed,
+            )
+        )
     model.to(ctx.device)
     if ctx.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    run.criterion = (MaskedBCEWithLogits(plan.pos_weight) if plan.masked
-                     else nn.BCEWithLogitsLoss(pos_weight=plan.pos_weight))
+    run.criterion = (
+        MaskedBCEWithLogits(plan.pos_weight) if plan.masked else nn.BCEWithLogitsLoss(pos_weight=plan.pos_weight)
+    )
     return model
 
 
@@ -401,8 +454,10 @@ def _start_stage(run: _Run, stage_index: int, global_epoch: int, state: dict | N
     set_trainable(model, stage)
     trainable, total = count_parameters(model)
     steps_per_epoch = max(1, plan.train_rows // (config.batch_size * run.ctx.world_size))
-    run.info(f"stage {stage.name}: trainable {trainable:,} of {total:,} parameters, lr {stage.lr:g}, "
-             f"{_count(stage.epochs, 'epoch')} of about {_count(steps_per_epoch, 'step')}, scheduler {config.scheduler}")
+    run.info(
+        f"stage {stage.name}: trainable {trainable:,} of {total:,} parameters, lr {stage.lr:g}, "
+        f"{_count(stage.epochs, 'epoch')} of about {_count(steps_per_epoch, 'step')}, scheduler {config.scheduler}"
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, param_groups(model, params, stage.lr, config.weight_decay), stage.lr)
     scheduler = make_scheduler(config, optimizer, stage.epochs * steps_per_epoch)
@@ -420,10 +475,19 @@ def _run_epoch(run: _Run, current: _StageRun, epoch: int, *, first: bool) -> boo
     lr = float(current.optimizer.param_groups[0]["lr"])  # the rate the epoch starts at (cosine moves it per step)
     train_loss, images, train_seconds = _train_epoch(run, current, epoch)
     val = _validate(run, first=first)
-    row = {"stage": current.stage.name, "epoch": epoch, "train_loss": _plain(train_loss), "val_loss": val["val_loss"],
-           "val_auc_mean": val["val_auc_mean"], "val_auc": val["val_auc"], "lr": lr,
-           "seconds": time.perf_counter() - t0, "images_per_second": images / max(train_seconds, 1e-9),
-           "train_images": images, "val_images": val["val_images"]}
+    row = {
+        "stage": current.stage.name,
+        "epoch": epoch,
+        "train_loss": _plain(train_loss),
+        "val_loss": val["val_loss"],
+        "val_auc_mean": val["val_auc_mean"],
+        "val_auc": val["val_auc"],
+        "lr": lr,
+        "seconds": time.perf_counter() - t0,
+        "images_per_second": images / max(train_seconds, 1e-9),
+        "train_images": images,
+        "val_images": val["val_images"],
+    }
     run.history.append(row)
     auc = row["val_auc_mean"] if row["val_auc_mean"] is not None else math.nan
     if run.config.scheduler == "plateau" and current.scheduler is not None and math.isfinite(auc):
@@ -439,9 +503,11 @@ def _run_epoch(run: _Run, current: _StageRun, epoch: int, *, first: bool) -> boo
     stop_early = patience > 0 and run.bad_epochs >= patience
     _save_epoch(run, current, epoch, row, improved=improved, finished=stop_early or epoch == current.stage.epochs)
     val_loss = "n/a" if row["val_loss"] is None else f"{row['val_loss']:.3f}"
-    run.info(f"{current.stage.name} epoch {epoch}/{current.stage.epochs}: train loss {train_loss:.3f}, "
-             f"val loss {val_loss}, val AUC {_auc_text(row['val_auc_mean'])}{' (best)' if improved else ''}, "
-             f"lr {lr:.3g}, {row['images_per_second']:.0f} img/s")
+    run.info(
+        f"{current.stage.name} epoch {epoch}/{current.stage.epochs}: train loss {train_loss:.3f}, "
+        f"val loss {val_loss}, val AUC {_auc_text(row['val_auc_mean'])}{' (best)' if improved else ''}, "
+        f"lr {lr:.3g}, {row['images_per_second']:.0f} img/s"
+    )
     return stop_early
 
 
@@ -453,30 +519,52 @@ def _train_epoch(run: _Run, current: _StageRun, epoch: int) -> tuple[float, int,
     generator = torch.Generator(device=ctx.device).manual_seed(seed) if config.augment else None
     train_rows = run.plan.train_rows
     loader = make_loader(
-        config.store, config.size, "train", batch_size=config.batch_size, shuffle=True, seed=config.seed,
-        epoch=current.global_epoch + epoch - 1, num_workers=config.num_workers, rank=ctx.rank,
-        world_size=ctx.world_size, drop_last=train_rows >= config.batch_size * ctx.world_size,
+        config.store,
+        config.size,
+        "train",
+        batch_size=config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        epoch=current.global_epoch + epoch - 1,
+        num_workers=config.num_workers,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        drop_last=train_rows >= config.batch_size * ctx.world_size,
         uncertain=config.uncertain,
     )
     steps = min_over_ranks(len(loader), ctx)
     if steps == 0:
         raise CxrflowError(
             f"the train split ({train_rows} rows) is too small for batch size {config.batch_size} "
-            f"on {ctx.world_size} processes", config.store
+            f"on {ctx.world_size} processes",
+            config.store,
         )
-    progress = Progress(steps, f"{stage.name} {epoch}/{stage.epochs}", enabled=ctx.main and not run.quiet,
-                        unit="batch")
+    progress = Progress(steps, f"{stage.name} {epoch}/{stage.epochs}", enabled=ctx.main and not run.quiet, unit="batch")
     try:
         return train_one_epoch(
-            current.net, loader, run.criterion, current.optimizer, ctx=ctx, mean=run.plan.mean, std=run.plan.std,
-            steps=steps, generator=generator, progress=progress, stage=stage.name, epoch=epoch,
-            step_hook=run.step_hook, per_step_scheduler=current.per_step,
+            current.net,
+            loader,
+            run.criterion,
+            current.optimizer,
+            ctx=ctx,
+            mean=run.plan.mean,
+            std=run.plan.std,
+            steps=steps,
+            generator=generator,
+            progress=progress,
+            stage=stage.name,
+            epoch=epoch,
+            step_hook=run.step_hook,
+            per_step_scheduler=current.per_step,
         )
     except NonFiniteLoss as exc:
         progress.close()
         history, last = run.history, run.out / "last.pt"
-        kept = (f"the last good checkpoint is {last} ({history[-1]['stage']} epoch {history[-1]['epoch']})"
-                if history else "no epoch had finished, so no checkpoint was written")
+        kept = (
+            f"the last good checkpoint is {last} ({history[-1]['stage']} epoch {history[-1]['epoch']})"
+            if history
+            else "no epoch had finished, so no checkpoint was written"
+        )
         raise CxrflowError(
             f"{exc.message}; stopped without saving it, {kept}. Lower the learning "
             "rate (--lr) and start again with --overwrite, or continue from a checkpoint with --pretrained PATH",
@@ -488,8 +576,15 @@ def _validate(run: _Run, *, first: bool) -> dict:
     """Score the whole validation split: loss, mean AUC, AUC per finding, images."""
     config, ctx, names = run.config, run.ctx, run.plan.label_names
     val = predict_split(
-        run.model, config.store, config.size, "val", batch_size=config.eval_batch_size, device=ctx.device,
-        num_workers=config.num_workers, rank=ctx.rank, world_size=ctx.world_size,
+        run.model,
+        config.store,
+        config.size,
+        "val",
+        batch_size=config.eval_batch_size,
+        device=ctx.device,
+        num_workers=config.num_workers,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
     )
     aucs = per_class_auc(val["labels"], val["probs"], val["known"] if run.plan.masked else None)
     auc = mean_auc(aucs)
@@ -498,7 +593,8 @@ def _validate(run: _Run, *, first: bool) -> dict:
         run.info(f"val AUC undefined (one class only) for {', '.join(undefined)}; excluded from the mean")
     return {
         "val_loss": _plain(val["loss"]) if val["loss"] is not None else None,
-        "val_auc_mean": _plain(auc), "val_auc": {n: _plain(a) for n, a in zip(names, aucs)},
+        "val_auc_mean": _plain(auc),
+        "val_auc": {n: _plain(a) for n, a in zip(names, aucs)},
         "val_images": len(val["image_id"]),
     }
 
@@ -533,7 +629,7 @@ def _save_epoch(run: _Run, current: _StageRun, epoch: int, row: dict, *, improve
 def _finish(run: _Run, seconds: float) -> dict:
     """done.json and one line per stage's best epoch."""
     summary = {
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "best": run.best,
         "epochs": len(run.history),
         "wall_seconds_last_session": seconds,
@@ -558,8 +654,14 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def run_process(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
-                tracking: TrackingRequest | None = None) -> dict:
+def run_process(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    tracking: TrackingRequest | None = None,
+) -> dict:
     """One training process, however it was started (alone, torchrun, Spark's TorchDistributor)."""
     ctx = setup_distributed(config.device)
     try:

@@ -141,7 +141,11 @@ class Model:
             if thresholds is not None:
                 row += [(n in p["positive"]) if n in thresholds else pd.NA for n in names]
             rows.append(row)
-        table = pd.DataFrame(rows, columns=pd.MultiIndex.from_tuples(columns), index=pd.Index([p["image"] for p in predictions], name="image"))
+        table = pd.DataFrame(
+            rows,
+            columns=pd.MultiIndex.from_tuples(columns),
+            index=pd.Index([p["image"] for p in predictions], name="image"),
+        )
         table = table.astype({c: "float64" if c[0] == "probability" else "boolean" for c in columns})
         table.columns.names = ["calibrated" if self.calibrated else "raw", "finding"]
         table.attrs.update(self._attrs(), errors=failed)
@@ -155,7 +159,9 @@ class Model:
             "calls": None if self.thresholds is None else "probability >= the evaluation's validation-Youden threshold",
         }
 
-    def _predictions(self, paths: list[str], demographics: Any, batch_size: int, errors: str) -> tuple[list[dict], list[dict]]:
+    def _predictions(
+        self, paths: list[str], demographics: Any, batch_size: int, errors: str
+    ) -> tuple[list[dict], list[dict]]:
         """``predict_files``' (predictions, errors); with ``errors="raise"`` an unreadable file raises."""
         if errors not in ("raise", "skip"):
             raise CxrflowError(f"errors must be 'raise' or 'skip', got {errors!r}")

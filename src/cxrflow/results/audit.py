@@ -108,7 +108,9 @@ def _attribute(name: str, values: np.ndarray, order: Sequence[str]) -> Attribute
     return Attribute(name, np.array([index[v] for v in values], dtype=np.int64), groups)
 
 
-def make_attributes(age: Sequence[Any], sex: Sequence[Any], view: Sequence[Any]) -> tuple[list[Attribute], dict[str, str]]:
+def make_attributes(
+    age: Sequence[Any], sex: Sequence[Any], view: Sequence[Any]
+) -> tuple[list[Attribute], dict[str, str]]:
     """The audit's attributes of N images from the store's raw ``age``, ``sex`` and ``view``, and
     the ones skipped with the reason (the collection gives no value for any image)."""
     sexes, ages, views = _sex_names(sex), _age_names(age), _view_names(view)
@@ -257,7 +259,9 @@ def run_audit(
     extra = np.concatenate(
         [indicator * abnormal[:, None], indicator * (abnormal & healthy_call_op)[:, None],
          indicator * (abnormal & healthy_call_global)[:, None]], axis=1)  # fmt: skip
-    group_pt, rest_pt, group_b, rest_b, sums = _bootstrap_groups(labels, probs, known, patient_ids, attributes, n_boot, seed, extra)
+    group_pt, rest_pt, group_b, rest_b, sums = _bootstrap_groups(
+        labels, probs, known, patient_ids, attributes, n_boot, seed, extra
+    )
     rows = _finding_rows(labels, known, called, names, attributes, thresholds, (group_pt, rest_pt, group_b, rest_b))
     flag_gaps(rows)
     g = indicator.shape[1]
@@ -266,11 +270,15 @@ def run_audit(
     any_rows = _any_rows(abnormal, called, healthy_call_op, healthy_call_global, attributes, ud_b, ud_global_b)
     if math.isnan(t_global):  # no image without a finding: no global threshold, so no rate at it
         for r in any_rows:
-            r.update(underdiagnosis_global=math.nan, underdiagnosis_global_low=math.nan, underdiagnosis_global_high=math.nan)
+            r.update(
+                underdiagnosis_global=math.nan, underdiagnosis_global_low=math.nan, underdiagnosis_global_high=math.nan
+            )
     rows += any_rows
     summary = summarize_audit(rows, attributes, skipped or {}, n_boot=n_boot, seed=seed, fpr=fpr, t_global=t_global,
                               achieved=float(np.mean(~healthy_call_global[~abnormal])) if (~abnormal).any() else None)  # fmt: skip
-    summary["overall_auc"] = {n: _clean(binary_auc(labels[known[:, j], j], probs[known[:, j], j])) for j, n in enumerate(names)}
+    summary["overall_auc"] = {
+        n: _clean(binary_auc(labels[known[:, j], j], probs[known[:, j], j])) for j, n in enumerate(names)
+    }
     return {"rows": rows, "summary": summary}
 
 
@@ -398,7 +406,7 @@ def group_words(attribute: str, group: str) -> str:
 
 
 def gap_sentence(row: dict) -> str:
-    """"Effusion: AUC 0.71 in women vs 0.86 in the rest, gap -0.15 [-0.20, -0.10]"."""
+    """ "Effusion: AUC 0.71 in women vs 0.86 in the rest, gap -0.15 [-0.20, -0.10]"."""
     return (f"{row['finding']}: AUC {row['auc']:.2f} in {group_words(row['attribute'], row['group'])} vs "
             f"{row['rest_auc']:.2f} in the rest, gap {row['gap']:.2f} [{row['gap_low']:.2f}, {row['gap_high']:.2f}]")  # fmt: skip
 
@@ -411,27 +419,64 @@ def summarize_audit(rows, attributes, skipped, *, n_boot, seed, fpr, t_global, a
     level = findings[0]["gap_level"] if findings else 0.95
     return {
         "file": CSV_NAME,
-        "attributes": {a.name: {"groups": list(a.groups), "images": {g: int((a.codes == i).sum()) for i, g in enumerate(a.groups)}}
-                       for a in attributes},
+        "attributes": {
+            a.name: {"groups": list(a.groups), "images": {g: int((a.codes == i).sum()) for i, g in enumerate(a.groups)}}
+            for a in attributes
+        },
         "skipped": dict(skipped),
-        "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "unit": "patient", "resamples": "the evaluation's own",
-                      "auc_interval": "percentile 95%"},
+        "bootstrap": {
+            "n_boot": int(n_boot),
+            "seed": int(seed),
+            "unit": "patient",
+            "resamples": "the evaluation's own",
+            "auc_interval": "percentile 95%",
+        },
         "gaps": {
             "definition": "group AUC minus the AUC of every other image of the split",
             "rule": f"flagged when the interval excludes 0 and the group has at least {MIN_COUNT} positives and {MIN_COUNT} negatives",
             "interval": "simultaneous (Bonferroni over the tests): gap +- z(1 - fwer / 2 tests) bootstrap standard errors",
-            "fwer": FWER, "tests": len(eligible), "flagged": len(flagged), "level": _clean(level),
+            "fwer": FWER,
+            "tests": len(eligible),
+            "flagged": len(flagged),
+            "level": _clean(level),
         },
-        "flagged": [{**{k: _clean(r[k]) for k in ("finding", "attribute", "group", "auc", "rest_auc", "gap", "gap_low", "gap_high")},
-                     "text": gap_sentence(r)} for r in flagged],
+        "flagged": [
+            {
+                **{
+                    k: _clean(r[k])
+                    for k in ("finding", "attribute", "group", "auc", "rest_auc", "gap", "gap_low", "gap_high")
+                },
+                "text": gap_sentence(r),
+            }
+            for r in flagged
+        ],
         "underdiagnosis": {
             "definition": "among images with at least one finding, the fraction called 'no finding'",
             "operating": "every probability below its finding's operating threshold",
             "global": f"highest probability below one threshold set at FPR {fpr:g} on the whole split",
-            "global_fpr": float(fpr), "global_threshold": _clean(t_global), "achieved_fpr": _clean(achieved),
-            "groups": [{k: _clean(r[k]) for k in ("attribute", "group", "n_images", "n_positive", "underdiagnosis",
-                        "underdiagnosis_low", "underdiagnosis_high", "underdiagnosis_global", "underdiagnosis_global_low",
-                        "underdiagnosis_global_high", "too_small")} for r in rows if r["finding"] == ANY],
+            "global_fpr": float(fpr),
+            "global_threshold": _clean(t_global),
+            "achieved_fpr": _clean(achieved),
+            "groups": [
+                {
+                    k: _clean(r[k])
+                    for k in (
+                        "attribute",
+                        "group",
+                        "n_images",
+                        "n_positive",
+                        "underdiagnosis",
+                        "underdiagnosis_low",
+                        "underdiagnosis_high",
+                        "underdiagnosis_global",
+                        "underdiagnosis_global_low",
+                        "underdiagnosis_global_high",
+                        "too_small",
+                    )
+                }
+                for r in rows
+                if r["finding"] == ANY
+            ],
         },
     }
 

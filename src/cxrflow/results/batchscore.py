@@ -43,7 +43,9 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", default=None, metavar="PRED",
                        help="score every row of --store (or the images of --data) as a Spark job into Parquet under PRED")  # fmt: skip
     group.add_argument("--split", default="all", help="with --store: a split (train, val, test) or all (default)")
-    group.add_argument("--data", default=None, metavar="DIR", help="score a collection's image files instead of a store")
+    group.add_argument(
+        "--data", default=None, metavar="DIR", help="score a collection's image files instead of a store"
+    )
     group.add_argument("--format", default="auto", help="with --data: the collection's format (default: detected)")
     group.add_argument("--spark-master", default="local[*]", help="Spark master URL (default: local[*])")
     group.add_argument("--resume", action="store_true", help="continue a killed job: score only the parts PRED lacks")
@@ -169,10 +171,16 @@ def _prepare(out: Path, record: dict, predictor: Any, resume: bool) -> None:
     if existing.is_file():
         before = json.loads(existing.read_text())
         if not resume:
-            raise CxrflowError("holds an earlier batch scoring; pass --resume to continue it, or give another --out", out)
-        changed = [k for k in ("checkpoint_sha256", "spec", "input") if before.get(k) != json.loads(json.dumps(record[k]))]
+            raise CxrflowError(
+                "holds an earlier batch scoring; pass --resume to continue it, or give another --out", out
+            )
+        changed = [
+            k for k in ("checkpoint_sha256", "spec", "input") if before.get(k) != json.loads(json.dumps(record[k]))
+        ]
         if changed:
-            raise CxrflowError(f"was scored with another {' and '.join(changed)}; give another --out to score afresh", out)
+            raise CxrflowError(
+                f"was scored with another {' and '.join(changed)}; give another --out to score afresh", out
+            )
         for leftover in out.rglob(".*.tmp"):  # parts a killed job was writing
             leftover.unlink(missing_ok=True)
         return
@@ -237,7 +245,9 @@ def run_batch(args: argparse.Namespace, predictor: Any) -> int:
         rows, errors = sum(r for _, r, _ in done), sum(e for _, _, e in done)
         from cxrflow.atomic import write_json_atomic
 
-        write_json_atomic(out / DONE_NAME, {"parts": len(units), "scored_now": len(done), "rows_now": rows, "errors_now": errors})
+        write_json_atomic(
+            out / DONE_NAME, {"parts": len(units), "scored_now": len(done), "rows_now": rows, "errors_now": errors}
+        )
     kept = len(units) - len(todo)
     print(f"scored {rows} images in {len(done)} parts into {out}" + (f" ({kept} parts were already there)" if kept else "")
           + (f"; {errors} could not be read (see the 'error' column)" if errors else ""))  # fmt: skip

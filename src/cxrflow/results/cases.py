@@ -11,8 +11,9 @@ run has localization output and a heatmap function is available.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,11 @@ from cxrflow.results.embed import array_uri
 #: (key, title, what it means) of each kind of case, in page order.
 KINDS = (
     ("fp", "Top false positives", "called positive at the threshold without the label, highest probability first"),
-    ("fn", "Top false negatives", "labelled with the finding but not called at the threshold, lowest probability first"),
+    (
+        "fn",
+        "Top false negatives",
+        "labelled with the finding but not called at the threshold, lowest probability first",
+    ),
     ("tp", "Most confident positives", "labelled with the finding, highest probability"),
 )
 #: The same without an operating threshold: nothing is "called", so the images are only ranked.
@@ -39,7 +44,11 @@ HeatmapFn = Callable[..., np.ndarray]
 
 
 def select_cases(
-    probs: np.ndarray, labels: np.ndarray, n: int, known: np.ndarray | None = None, thresholds: Sequence[float | None] | None = None
+    probs: np.ndarray,
+    labels: np.ndarray,
+    n: int,
+    known: np.ndarray | None = None,
+    thresholds: Sequence[float | None] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Per finding, row indices of its top ``n`` false positives, false negatives and confident positives.
 
@@ -171,7 +180,9 @@ def case_set(
                     if heatmaps is not None:
                         item["overlay_uri"] = array_uri(overlay(image, heatmaps(image, j)), THUMB_SIDE)
                 items.append(item)
-            empty = _NONE[key] + (f" at threshold {threshold:.2f}" if threshold is not None and key != "tp" else " in this split")
+            empty = _NONE[key] + (
+                f" at threshold {threshold:.2f}" if threshold is not None and key != "tp" else " in this split"
+            )
             kinds.append({"key": key, "title": title, "meaning": meaning, "items": items, "empty": empty})
         findings.append({"name": name, "threshold": threshold, "kinds": kinds})
     return {"findings": findings, "note": note, "overlays": heatmaps is not None and bool(pixels)}

@@ -121,9 +121,19 @@ def _run_offsets(inference, k_idx: list[int]) -> np.ndarray | None:
 
 
 def evaluate_on_store(
-    run: str | os.PathLike, store: str | os.PathLike, *, checkpoint: str | None = None, split: str = "test",
-    out: str | os.PathLike | None = None, maps: Sequence[str] = (), uncertain: str = "ignore", n_boot: int = 1000,
-    seed: int = 0, device: str = "auto", batch_size: int = 64, overwrite: bool = False,
+    run: str | os.PathLike,
+    store: str | os.PathLike,
+    *,
+    checkpoint: str | None = None,
+    split: str = "test",
+    out: str | os.PathLike | None = None,
+    maps: Sequence[str] = (),
+    uncertain: str = "ignore",
+    n_boot: int = 1000,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 64,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Score a checkpoint of ``run`` on another collection's ``store`` (see the module's docstring);
     returns the metrics dict with ``out`` added. Every user mistake is found before any scoring."""
@@ -198,7 +208,9 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, store: Path, mani
     has_states = "uncertain_policies" in manifest
     own = own_evaluation(run, name)
     if own is not None:
-        scored = score_with_run_calibration(evaluated, validation, names, own[0], n_boot=n_boot, seed=seed, known=has_states)
+        scored = score_with_run_calibration(
+            evaluated, validation, names, own[0], n_boot=n_boot, seed=seed, known=has_states
+        )
         source = f"the run's own evaluation {own[1].parent}"
     else:
         scored = score_with_calibration(evaluated, validation, names, logit_offsets=_run_offsets(inference, model_idx),

@@ -56,10 +56,9 @@ def demographics_only(
     ``known``); ``interval``: the evaluation's bootstrap (``bootstrap_auc_ci``), called with the
     same patients, resamples and seed; ``known``: whether the store has label states.
     """
-    from cxrflow.modelling.fusion import fit_logistic, logistic_scores, read_split_demographics
-    from cxrflow.metrics import per_class_auc
-
     from cxrflow.data.store import split_dir
+    from cxrflow.metrics import per_class_auc
+    from cxrflow.modelling.fusion import fit_logistic, logistic_scores, read_split_demographics
 
     names = list(label_names)
     if not any(split_dir(store, size, "train").glob("*.parquet")):
@@ -92,11 +91,14 @@ def demographics_only(
         "rule": SHORTCUT_RULE,
         "fields": used,
         "left_out": left_out,
-        **({"note": f"the store has no {', '.join(left_out)}: left out of the demographics-only baseline"}
-           if left_out else {}),
+        **(
+            {"note": f"the store has no {', '.join(left_out)}: left out of the demographics-only baseline"}
+            if left_out
+            else {}
+        ),
         "fitted_on": {"split": "train", "images": len(train["labels"])},
         "model": "per finding, logistic regression (scikit-learn, L2, C=1) on standardised age, sex, view and "
-                 "their known-flags",
+        "their known-flags",
     }
 
 
@@ -129,7 +131,9 @@ def format_lines(metrics: dict[str, Any]) -> list[str]:
     if demo.get("skipped"):
         return [f"demographics-only baseline skipped: {demo['skipped']}"]
     shown = ", ".join(f"{n} {a:.3f}" for n, a in demo["auc"].items() if a is not None)
-    lines = [f"demographics-only AUC (logistic regression on {_fields_text(demo.get('fields'))}, fitted on train): {shown}"]
+    lines = [
+        f"demographics-only AUC (logistic regression on {_fields_text(demo.get('fields'))}, fitted on train): {shown}"
+    ]
     if demo.get("note"):
         lines.append(f"note: {demo['note']}")
     lines += [f"shortcut: {s}" for s in shortcut_sentences(metrics)]
@@ -143,8 +147,16 @@ def fusion_comparison(evaluations: Sequence[dict[str, Any]]) -> dict[str, Any] |
     plain = next((m for m in evaluations if (m.get("fusion") or "none") == "none" and "kind" not in m), None)
     if plain is None:
         return None
-    fused = next((m for m in evaluations if m.get("fusion") == "demographics" and m.get("split") == plain.get("split")
-                  and m.get("label_names") == plain.get("label_names")), None)
+    fused = next(
+        (
+            m
+            for m in evaluations
+            if m.get("fusion") == "demographics"
+            and m.get("split") == plain.get("split")
+            and m.get("label_names") == plain.get("label_names")
+        ),
+        None,
+    )
     if fused is None:
         return None
     demo = next((d for d in (plain.get("demographics_only"), fused.get("demographics_only")) if d and d.get("auc")), {})
@@ -152,10 +164,21 @@ def fusion_comparison(evaluations: Sequence[dict[str, Any]]) -> dict[str, Any] |
     for n in plain["label_names"]:
         i, f, d = plain["auc"].get(n), fused["auc"].get(n), (demo.get("auc") or {}).get(n)
         best = max((x for x in (i, d) if x is not None), default=None)
-        rows.append({"name": n, "image_only": i, "fused": f, "demographics_only": d,
-                     "margin": None if f is None or best is None else f - best})
-    return {"split": plain.get("split"), "image_only_run": plain.get("run_name"), "fused_run": fused.get("run_name"),
-            "rows": rows}
+        rows.append(
+            {
+                "name": n,
+                "image_only": i,
+                "fused": f,
+                "demographics_only": d,
+                "margin": None if f is None or best is None else f - best,
+            }
+        )
+    return {
+        "split": plain.get("split"),
+        "image_only_run": plain.get("run_name"),
+        "fused_run": fused.get("run_name"),
+        "rows": rows,
+    }
 
 
 def demographics_part(metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -163,5 +186,10 @@ def demographics_part(metrics: dict[str, Any]) -> dict[str, Any] | None:
     demo = metrics.get("demographics_only")
     if not demo:
         return None
-    return {"skipped": demo.get("skipped"), "note": demo.get("note"), "shortcuts": shortcut_sentences(metrics),
-            "fields": _fields_text(demo.get("fields") or FIELDS), "rule": demo.get("rule", SHORTCUT_RULE)}
+    return {
+        "skipped": demo.get("skipped"),
+        "note": demo.get("note"),
+        "shortcuts": shortcut_sentences(metrics),
+        "fields": _fields_text(demo.get("fields") or FIELDS),
+        "rule": demo.get("rule", SHORTCUT_RULE),
+    }

@@ -42,7 +42,9 @@ def figure_uri(path: str | os.PathLike, max_width: int = FIGURE_MAX_WIDTH) -> st
     try:
         with safeio.open_regular(path, "figure", safeio.IMAGE_BYTES) as f, Image.open(f) as img:
             img.load()
-            image = img.convert("RGBA" if "A" in img.getbands() else "RGB") if img.mode not in ("L", "RGB") else img.copy()
+            image = (
+                img.convert("RGBA" if "A" in img.getbands() else "RGB") if img.mode not in ("L", "RGB") else img.copy()
+            )
     except UnidentifiedImageError as exc:
         raise ValueError(f"not an image Pillow can read ({exc})") from None
     except (SyntaxError, Image.DecompressionBombError) as exc:  # Pillow reports a broken PNG as SyntaxError
@@ -61,5 +63,7 @@ def array_uri(pixels: np.ndarray, max_side: int | None = None) -> str:
     image = Image.fromarray(np.ascontiguousarray(pixels))
     if max_side is not None and max(image.size) > max_side:
         scale = max_side / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
+        )
     return data_uri(png_bytes(image))

@@ -21,18 +21,18 @@ store's splits must be the ones the run was trained with
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cxrflow import __version__
 from cxrflow.atomic import write_json_atomic
 from cxrflow.errors import CxrflowError
-from cxrflow.modelling.scoring import score_with_calibration, write_prediction_files
 from cxrflow.metrics import bootstrap_auc_ci
+from cxrflow.modelling.scoring import score_with_calibration, write_prediction_files
+from cxrflow.outputs import publishing
 from cxrflow.results.demographics_baseline import demographics_only
 from cxrflow.results.subgroups import attach_attributes, audit_evaluation
-from cxrflow.outputs import publishing
 from cxrflow.runs import (
     METRICS_NAME,
     Provenance,
@@ -73,8 +73,19 @@ def evaluate_run(
     device = resolve_device(device)
     inputs = [run, ckpt_path] + ([store] if store is not None else [])
     with publishing(out, "evaluate", overwrite=overwrite, inputs=inputs) as pub:
-        return _evaluate_into(pub, run, name, ckpt_path, split=split, n_boot=n_boot, seed=seed, device=device,
-                              batch_size=batch_size, store=store, audit=(audit, audit_fpr))
+        return _evaluate_into(
+            pub,
+            run,
+            name,
+            ckpt_path,
+            split=split,
+            n_boot=n_boot,
+            seed=seed,
+            device=device,
+            batch_size=batch_size,
+            store=store,
+            audit=(audit, audit_fpr),
+        )
 
 
 def _evaluate_into(
@@ -88,6 +99,7 @@ def _evaluate_into(
     manifest = read_manifest(inference.store)
     identity = check_store_identity(inference.config, inference.store, manifest, inference.size, (split, "val"))
     check_label_names(inference.label_names, manifest, ckpt_path)
+
     # validation is scored exactly as 'cxrflow predict' scores a file (same inference path and precision)
     def score(split_name: str) -> dict:
         return predict_split(
@@ -103,9 +115,17 @@ def _evaluate_into(
         evaluated, validation, inference.label_names, logit_offsets=offsets, n_boot=n_boot, seed=seed, known=has_states
     )
     scored["demographics_only"] = demographics_only(
-        inference.store, inference.size, split, inference.label_names, evaluated, scored["auc"],
-        interval=bootstrap_auc_ci, uncertain=str(inference.config.get("uncertain") or "ignore"), known=has_states,
-        n_boot=n_boot, seed=seed,
+        inference.store,
+        inference.size,
+        split,
+        inference.label_names,
+        evaluated,
+        scored["auc"],
+        interval=bootstrap_auc_ci,
+        uncertain=str(inference.config.get("uncertain") or "ignore"),
+        known=has_states,
+        n_boot=n_boot,
+        seed=seed,
     )
     loss = evaluated.get("loss")
     metrics = {
@@ -121,10 +141,18 @@ def _evaluate_into(
         "pixel_std": inference.pixel_std,
         **scored,
         "cxrflow_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    what = attach_attributes(inference.store, inference.size, split, evaluated, validation, metrics, manifest,
-                             f"{metrics.get('model')} {inference.size}px, {metrics['checkpoint']}")
+    what = attach_attributes(
+        inference.store,
+        inference.size,
+        split,
+        evaluated,
+        validation,
+        metrics,
+        manifest,
+        f"{metrics.get('model')} {inference.size}px, {metrics['checkpoint']}",
+    )
     _write_evaluation(pub, run, metrics, evaluated, validation, what=what, audit=audit)
     metrics["out"] = str(pub.out)
     return metrics
@@ -146,7 +174,13 @@ def _logit_offsets(manifest: dict, config: dict, k: int):
 
 
 def _write_evaluation(
-    pub, run: Path, metrics: dict, evaluated: dict, validation: dict, *, what: str | None = None,
+    pub,
+    run: Path,
+    metrics: dict,
+    evaluated: dict,
+    validation: dict,
+    *,
+    what: str | None = None,
     audit: tuple[bool, float] = (False, 0.2),
 ) -> None:
     """Predictions, figures (training curves too, when the run has its epoch records), the subgroup
@@ -171,7 +205,3 @@ def _write_evaluation(
     metrics["figures"] = figures
     write_json_atomic(tmp / METRICS_NAME, metrics)
     pub.commit()
-
-
-
-

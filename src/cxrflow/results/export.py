@@ -84,7 +84,11 @@ def _context(predictor: Any, run: str) -> tuple[str, dict, dict | None, dict | N
         manifest = read_manifest(config["store"]) if config.get("store") else None
     except CxrflowError:
         manifest = None
-    metrics = _evaluation_record(Path(run), predictor.checkpoint.stem)[0] if predictor.calibrated or predictor.thresholds else None
+    metrics = (
+        _evaluation_record(Path(run), predictor.checkpoint.stem)[0]
+        if predictor.calibrated or predictor.thresholds
+        else None
+    )
     return predictor.checkpoint.stem, ckpt, manifest, metrics
 
 

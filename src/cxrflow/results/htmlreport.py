@@ -19,16 +19,16 @@ The evaluations, their stores and how the page names each one are gathered by :m
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from cxrflow.results.demographics_baseline import demographics_part, fusion_comparison
 from cxrflow import __version__
 from cxrflow.errors import CxrflowError
-from cxrflow.runs import METRICS_NAME, evaluation_checkpoint
+from cxrflow.results.demographics_baseline import demographics_part, fusion_comparison
 from cxrflow.results.reproduce import reproduce_section
 from cxrflow.results.study import (
     evaluation_anchor,
@@ -40,6 +40,7 @@ from cxrflow.results.study import (
     split_name,
 )
 from cxrflow.results.table import STAGE_TITLES, model_title
+from cxrflow.runs import METRICS_NAME, evaluation_checkpoint
 
 HTML_NAME = "report.html"
 
@@ -81,7 +82,10 @@ def data_section(stores: dict[str, dict], explore: str | os.PathLike | None) -> 
         if m is None:
             continue
         sizes = [str(s) for s in m.get("sizes", [])]
-        splits = sorted({s for per in m.get("rows", {}).values() for s in per}, key=lambda s: ("train", "val", "test").index(s) if s in ("train", "val", "test") else 9)
+        splits = sorted(
+            {s for per in m.get("rows", {}).values() for s in per},
+            key=lambda s: ("train", "val", "test").index(s) if s in ("train", "val", "test") else 9,
+        )
         manifests.append(
             {
                 "path": info["path"],
@@ -93,9 +97,19 @@ def data_section(stores: dict[str, dict], explore: str | os.PathLike | None) -> 
                 "split_name": split_name(info),
                 "synthetic": _synthetic(m),
                 "splits": splits,
-                "rows": [{"size": s, "counts": [m["rows"][s].get(sp) for sp in splits]} for s in sizes if s in m.get("rows", {})],
-                "pixel_stats": [{"size": s, **(m.get("pixel_stats") or {}).get(s, {})} for s in sizes if s in (m.get("pixel_stats") or {})],
-                "positives": [{"name": n, "count": (m.get("positives") or {}).get(n)} for n in m.get("label_names", [])],
+                "rows": [
+                    {"size": s, "counts": [m["rows"][s].get(sp) for sp in splits]}
+                    for s in sizes
+                    if s in m.get("rows", {})
+                ],
+                "pixel_stats": [
+                    {"size": s, **(m.get("pixel_stats") or {}).get(s, {})}
+                    for s in sizes
+                    if s in (m.get("pixel_stats") or {})
+                ],
+                "positives": [
+                    {"name": n, "count": (m.get("positives") or {}).get(n)} for n in m.get("label_names", [])
+                ],
                 "missing": list(m.get("missing") or [])[:50],
                 "n_missing": len(m.get("missing") or []),
                 "quarantined": list(m.get("quarantined") or [])[:50],
@@ -117,7 +131,13 @@ def data_section(stores: dict[str, dict], explore: str | os.PathLike | None) -> 
         figures = [figure(folder / name, alt) for name, alt in EXPLORE_FIGURES if (folder / name).exists()]
     if not manifests and not figures and stats is None and not problems:
         return None
-    return {"stores": manifests, "problems": problems, "explore": str(explore) if explore else None, "stats": stats, "figures": figures}
+    return {
+        "stores": manifests,
+        "problems": problems,
+        "explore": str(explore) if explore else None,
+        "stats": stats,
+        "figures": figures,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +187,9 @@ def table_sections(evaluations: list[dict], stores: dict[str, dict]) -> list[dic
                 "rows": rows,
                 "has_ece": any(r["ece_before"] is not None or r["ece_after"] is not None for r in rows),
                 "has_paper": any(r["paper_mean_auc"] is not None for r in rows),
-                "anchors": PUBLISHED_ANCHORS if len(names) == 14 and _is_nih(names) and not any(r["synthetic"] for r in rows) else (),
+                "anchors": PUBLISHED_ANCHORS
+                if len(names) == 14 and _is_nih(names) and not any(r["synthetic"] for r in rows)
+                else (),
                 "synthetic": sum(r["synthetic"] for r in rows),
             }
         )
@@ -227,14 +249,20 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
     figures = []
     if "roc.png" in listed or (folder / "roc.png").exists():
         figures.append(
-            figure(folder / "roc.png", f"ROC curves per finding of {title} on the {m.get('split')} split; the AUC of each finding is in the table below")
+            figure(
+                folder / "roc.png",
+                f"ROC curves per finding of {title} on the {m.get('split')} split; the AUC of each finding is in the table below",
+            )
         )
     if "pr.png" in listed or (folder / "pr.png").exists():
         figures.append(figure(folder / "pr.png", f"Precision-recall curves per finding of {title} on the {m.get('split')} split; "
                               "AUPRC and prevalence (the chance level) of each finding in the legend"))  # fmt: skip
     if "reliability.png" in listed or (folder / "reliability.png").exists():
         figures.append(
-            figure(folder / "reliability.png", f"Reliability diagram of {title}: predicted probability against observed frequency, before and after calibration")
+            figure(
+                folder / "reliability.png",
+                f"Reliability diagram of {title}: predicted probability against observed frequency, before and after calibration",
+            )
         )
     cal = m.get("calibration")
     from cxrflow.results.auditreport import audit_part
@@ -250,13 +278,18 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
         "threshold_split": m.get("threshold_split"),
         "figures": figures,
         "findings": _finding_table(m),
-        "calibration": None if not cal else {k: cal.get(k) for k in ("method", "fitted_on", "bins", "ece_mean", "brier_mean")},
+        "calibration": None
+        if not cal
+        else {k: cal.get(k) for k in ("method", "fitted_on", "bins", "ece_mean", "brier_mean")},
         "has_operating_points": "threshold" in m,
         "has_auprc": "auprc" in m,
         "has_counts": "counts" in m,
         "has_unknown": bool(m.get("excluded_unknown")),
         "demographics_only": demographics_part(m),
-        "members": [{"run": x.get("run"), "eval": x.get("eval"), "sha": x.get("checkpoint_sha256")} for x in m.get("members", [])],
+        "members": [
+            {"run": x.get("run"), "eval": x.get("eval"), "sha": x.get("checkpoint_sha256")}
+            for x in m.get("members", [])
+        ],
     }
 
 
@@ -274,8 +307,13 @@ def current_localizations(run: Path) -> tuple[list[tuple[Path, dict]], list[dict
             continue
         stale = localization_status(path, loc)
         if stale is not None:
-            left_out.append({"folder": str(path.parent), "stale": True,
-                             "error": f"Left out, not made from the checkpoint the run holds now: {stale}"})
+            left_out.append(
+                {
+                    "folder": str(path.parent),
+                    "stale": True,
+                    "error": f"Left out, not made from the checkpoint the run holds now: {stale}",
+                }
+            )
             continue
         found.append((path, loc))
     return found, left_out
@@ -305,7 +343,10 @@ def localization_parts(run: Path) -> list[dict[str, Any]]:
             for n in [*names, "overall"]
         ]
         figures = [
-            figure(path.parent / name, f"Heatmaps of {loc.get('method', 'class activation')} with the annotated boxes ({name})")
+            figure(
+                path.parent / name,
+                f"Heatmaps of {loc.get('method', 'class activation')} with the annotated boxes ({name})",
+            )
             for name in (loc.get("figures") or [])
         ]
         parts.append(
@@ -342,7 +383,9 @@ def run_sections(evaluations: list[dict]) -> list[dict[str, Any]]:
                 "ensemble": first["ensemble"],
                 "config": config,
                 "config_summary": _config_summary(config),
-                "curves": None if curves is None else figure(
+                "curves": None
+                if curves is None
+                else figure(
                     curves, f"Training curves of {run.name}: loss and validation mean AUC per epoch over both stages"
                 ),
                 "evaluations": [evaluation_part(ev) for ev in evs],
@@ -358,7 +401,12 @@ def _config_summary(config: dict | None) -> list[tuple[str, str]]:
     items = [("model", config.get("model")), ("input size (px)", config.get("size")), ("pretrained", config.get("pretrained")),
              ("batch size", config.get("batch_size")), ("optimizer", config.get("optimizer")), ("seed", config.get("seed"))]  # fmt: skip
     for stage in config.get("stages") or []:
-        items.append((f"stage {stage.get('name')}", f"{stage.get('trainable')} trainable, {stage.get('epochs')} epochs, lr {stage.get('lr')}"))
+        items.append(
+            (
+                f"stage {stage.get('name')}",
+                f"{stage.get('trainable')} trainable, {stage.get('epochs')} epochs, lr {stage.get('lr')}",
+            )
+        )
     return [(k, str(v)) for k, v in items if v is not None]
 
 
@@ -386,15 +434,31 @@ def case_sections(
     for ev in chosen:
         pred_path = ev["folder"] / "predictions.parquet"
         if not pred_path.is_file():
-            out.append({"title": evaluation_title(ev), "anchor": evaluation_anchor(ev), "error": f"no {pred_path.name} in {ev['folder']}"})
+            out.append(
+                {
+                    "title": evaluation_title(ev),
+                    "anchor": evaluation_anchor(ev),
+                    "error": f"no {pred_path.name} in {ev['folder']}",
+                }
+            )
             continue
         predictions, names = read_case_predictions(pred_path)
         store = stores.get(str(ev["metrics"].get("store") or ""), {})
         overlay, why_not = _heatmaps_for(ev, heatmap_fn)
         reader = _store_reader(store, ev, need_model_input=overlay is not None)
-        result = case_set(predictions, names, n, thresholds=ev["metrics"].get("threshold"), read=reader, heatmaps=overlay)
+        result = case_set(
+            predictions, names, n, thresholds=ev["metrics"].get("threshold"), read=reader, heatmaps=overlay
+        )
         result["note"] = " ".join(filter(None, [result["note"], why_not])) or None
-        out.append({"title": evaluation_title(ev), "anchor": evaluation_anchor(ev), "n": n, "synthetic": ev.get("synthetic", False), **result})
+        out.append(
+            {
+                "title": evaluation_title(ev),
+                "anchor": evaluation_anchor(ev),
+                "n": n,
+                "synthetic": ev.get("synthetic", False),
+                **result,
+            }
+        )
     return out
 
 
@@ -415,8 +479,8 @@ def read_case_predictions(path: Path) -> tuple[dict[str, Any], list[str]]:
 
 def _store_reader(store: dict, ev: dict, *, need_model_input: bool):
     """A function fetching case images from the evaluation's store, or one that says why it cannot."""
-    from cxrflow.results.cases import read_pixels, thumbnail_size
     from cxrflow.data.store import split_dir
+    from cxrflow.results.cases import read_pixels, thumbnail_size
 
     manifest = store.get("manifest")
     m = ev["metrics"]
@@ -424,7 +488,9 @@ def _store_reader(store: dict, ev: dict, *, need_model_input: bool):
     def read(image_ids: list[str]) -> tuple[dict[str, np.ndarray], str | None]:
         if manifest is None:
             return {}, f"No thumbnails: {store.get('problem') or store.get('unknown') or 'the store is unknown'}."
-        sizes = m.get("size") if isinstance(m.get("size"), list) else [m.get("size") or 0]  # an ensemble's members' sizes
+        sizes = (
+            m.get("size") if isinstance(m.get("size"), list) else [m.get("size") or 0]
+        )  # an ensemble's members' sizes
         size = thumbnail_size(manifest.get("sizes", []), int(max(sizes)), need_model_input)
         partition = split_dir(store["path"], size, str(m.get("split") or "test"))
         if not partition.is_dir():
@@ -503,7 +569,7 @@ def build_context(
         "title": f"cxrflow study: {len(evaluations)} evaluation{'s' if len(evaluations) != 1 else ''}"
         + (" (synthetic data)" if synthetic_stores else ""),
         "synthetic_stores": synthetic_stores,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "version": __version__,
         "data": data_section(stores, explore),
         "tables": tables,

@@ -26,16 +26,16 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cxrflow.names import file_part
 from cxrflow import __version__, csvsafe
 from cxrflow.data.boxes import (
     BOXES_NAME,
@@ -52,9 +52,10 @@ from cxrflow.data.boxes import (
     read_boxes,
 )
 from cxrflow.errors import CxrflowError
+from cxrflow.modelling.heatmaps import square_geometry, store_to_original
+from cxrflow.names import file_part
 from cxrflow.outputs import check_target, publishing
 from cxrflow.runs import Provenance, default_localize_dir
-from cxrflow.modelling.heatmaps import square_geometry, store_to_original
 
 JSON_NAME = "localization.json"
 BOXES_CSV = "boxes.csv"
@@ -205,9 +206,9 @@ def heatmap_pass(
     it has boxes for, turned into predicted boxes (main set and sweep)."""
     import time
 
+    from cxrflow.data.loader import make_loader
     from cxrflow.modelling.heatmaps import heatmaps
     from cxrflow.modelling.inference import batch_logits, model_input
-    from cxrflow.data.loader import make_loader
 
     wanted = {img: list(dict.fromkeys(f)) for img, f in gt.groupby("image_id", sort=False)["finding"]}
     dims = {r.image_id: (int(r.orig_width), int(r.orig_height)) for r in gt.drop_duplicates("image_id").itertuples()}
@@ -227,7 +228,12 @@ def heatmap_pass(
             probs = torch.sigmoid(batch_logits(model, images, pixel_mean, pixel_std, device)).numpy()
         else:
             with torch.no_grad():
-                probs = torch.sigmoid(model(model_input(images, pixel_mean, pixel_std, device), demo.to(device))).float().cpu().numpy()
+                probs = (
+                    torch.sigmoid(model(model_input(images, pixel_mean, pixel_std, device), demo.to(device)))
+                    .float()
+                    .cpu()
+                    .numpy()
+                )
         pairs = [(k, ids[s], f) for k, s in enumerate(sel) for f in wanted[ids[s]]]
         rows = [k for k, _, _ in pairs]
         heat = heatmaps(
@@ -280,7 +286,9 @@ def check_output(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike]
         raise CxrflowError(f"cannot create the output folder: {parent} is not a writable folder", out)
 
 
-def publish(out: Path, overwrite: bool, write: Callable[[Path], None], inputs: Sequence[str | os.PathLike] = ()) -> None:
+def publish(
+    out: Path, overwrite: bool, write: Callable[[Path], None], inputs: Sequence[str | os.PathLike] = ()
+) -> None:
     """The one place ``localize`` replaces its output folder: ``write`` fills the temporary folder of
     :func:`cxrflow.outputs.publishing`, which then replaces ``out``."""
     check_output(out, overwrite, inputs)
@@ -373,14 +381,18 @@ def baseline(boxes: pd.DataFrame, images: pd.DataFrame, gt: pd.DataFrame, label_
     }
 
 
-def write_outputs(tmp: Path, result: dict, pred: pd.DataFrame, scored: pd.DataFrame, found: HeatmapPass, title: str) -> None:
+def write_outputs(
+    tmp: Path, result: dict, pred: pd.DataFrame, scored: pd.DataFrame, found: HeatmapPass, title: str
+) -> None:
     """``boxes.csv``, one gallery figure per finding with boxes, then ``localization.json`` into ``tmp``."""
     from cxrflow.atomic import save_figure_atomic, write_json_atomic
     from cxrflow.results.overlays import plot_gallery
 
     # full precision: the figures recomputed from boxes.csv must be the ones in localization.json, also
     # for the non-integer coordinates of a non-square original (1234.765625 is not 1234.77)
-    csvsafe.write_frame(pred[["image_id", "finding", "x", "y", "w", "h", "score", "threshold", "rank"]], tmp / BOXES_CSV, index=False)
+    csvsafe.write_frame(
+        pred[["image_id", "finding", "x", "y", "w", "h", "score", "threshold", "rank"]], tmp / BOXES_CSV, index=False
+    )
     figures = []
     for finding, n in result["n_boxes"].items():
         if n == 0:
@@ -411,8 +423,8 @@ def localize_run(
 ) -> dict[str, Any]:
     """Run the box benchmark for one checkpoint and write its folder; returns localization.json's
     content with ``out`` added."""
-    from cxrflow.modelling.heatmaps import cam_method
     from cxrflow.data.store import check_partition
+    from cxrflow.modelling.heatmaps import cam_method
 
     if max_boxes < 1:
         raise CxrflowError(f"--max-boxes must be at least 1, got {max_boxes}")
@@ -445,7 +457,7 @@ def localize_run(
         "heatmap_seconds": round(found.seconds, 3),
         "device": str(inference.device),
         "cxrflow_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     title = f"{config_name(inference.checkpoint)}, {method}, {split}"
     publish(out, overwrite, lambda tmp: write_outputs(tmp, result, pred, main["scored"], found, title), [run, store])
@@ -457,8 +469,10 @@ def box_rule(max_boxes: int) -> dict[str, Any]:
     """How predicted boxes are made and scored, as recorded in ``localization.json``."""
     return {
         "thresholds": {
-            "heatmap": list(WANG_THRESHOLDS), "sweep": list(SWEEP_THRESHOLDS),
-            "iobb": list(IOBB_THRESHOLDS), "iou": list(IOU_THRESHOLDS),
+            "heatmap": list(WANG_THRESHOLDS),
+            "sweep": list(SWEEP_THRESHOLDS),
+            "iobb": list(IOBB_THRESHOLDS),
+            "iou": list(IOU_THRESHOLDS),
         },  # fmt: skip
         "box_rule": (
             f"heatmap min-max normalised to 0-255 over the original image's pixels; regions at or above each of "
@@ -470,7 +484,12 @@ def box_rule(max_boxes: int) -> dict[str, Any]:
 
 
 def _scores(
-    main: dict, boxes: pd.DataFrame, images: pd.DataFrame, gt: pd.DataFrame, pred: pd.DataFrame, found: HeatmapPass,
+    main: dict,
+    boxes: pd.DataFrame,
+    images: pd.DataFrame,
+    gt: pd.DataFrame,
+    pred: pd.DataFrame,
+    found: HeatmapPass,
     label_names: Sequence[str],
 ) -> dict[str, Any]:
     """The model's accuracy tables (``main``, from :func:`evaluate_boxes`), the baseline's, the
@@ -518,9 +537,7 @@ def format_table(result: dict) -> str:
         n = sum(result["n_boxes"].values()) if name == "overall" else result["n_boxes"][name]
         if n == 0:
             continue
-        cells = [
-            f"{f(acc[t][name])} {f(base[t][name])} {f(wang.get(t, {}).get(name))}" for t in ("0.1", "0.5")
-        ]
+        cells = [f"{f(acc[t][name])} {f(base[t][name])} {f(wang.get(t, {}).get(name))}" for t in ("0.1", "0.5")]
         fp = result["fp_per_image"].get(name)
         lines.append(
             f"{name:<20} {n:>5}  {cells[0]:<26} {cells[1]:<26} {f(iou['0.5'][name]) + ' ' + f(base_iou['0.5'][name]):<20} "

@@ -75,10 +75,21 @@ def _audit_section(metrics: dict | None) -> list[str]:
     return lines + [""]
 
 
-def model_card(*, run: str, checkpoint: str, config: dict, manifest: dict | None, metrics: dict | None,
-               spec: dict, label_names: Sequence[str], fmt: str) -> str:
+def model_card(
+    *,
+    run: str,
+    checkpoint: str,
+    config: dict,
+    manifest: dict | None,
+    metrics: dict | None,
+    spec: dict,
+    label_names: Sequence[str],
+    fmt: str,
+) -> str:
     """The Markdown model card of one exported model."""
-    scale = "calibrated (temperature scaling fitted on the validation split)" if spec.get("calibrated") else "raw sigmoid"
+    scale = (
+        "calibrated (temperature scaling fitted on the validation split)" if spec.get("calibrated") else "raw sigmoid"
+    )
     lines = [
         f"# cxrflow model: {config.get('model')} at {spec['size']} px", "",
         f"Exported from run `{run}`, checkpoint `{checkpoint}` (stage {config.get('stage', 'n/a')}), as {fmt}.", "",

@@ -41,7 +41,9 @@ class ProbabilityGraph(nn.Module):
         self.model = predictor.model.eval()
         self.mean, self.std = float(predictor.mean), float(predictor.std)
         k = len(predictor.label_names)
-        temperatures, offsets = predictor.calibration if predictor.calibration is not None else (np.ones(k), np.zeros(k))
+        temperatures, offsets = (
+            predictor.calibration if predictor.calibration is not None else (np.ones(k), np.zeros(k))
+        )
         temperatures = np.where(np.isnan(temperatures), 1.0, temperatures)  # as apply_temperatures does
         self.register_buffer("temperature", torch.tensor(temperatures, dtype=torch.float32))
         self.register_buffer("offset", torch.tensor(offsets, dtype=torch.float32))
@@ -105,8 +107,12 @@ def sidecar(predictor: Predictor, spec: dict[str, Any], max_diff: float) -> dict
         "size": predictor.size,
         "label_names": list(predictor.label_names),
         "inputs": inputs,
-        "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(predictor.label_names)],
-                   "scale": "calibrated" if spec["calibrated"] else "raw sigmoid"},
+        "output": {
+            "name": "probabilities",
+            "dtype": "float32",
+            "shape": ["N", len(predictor.label_names)],
+            "scale": "calibrated" if spec["calibrated"] else "raw sigmoid",
+        },
         "thresholds": spec["thresholds"],
         "preprocessing": {
             "before_the_graph": [
@@ -119,7 +125,9 @@ def sidecar(predictor: Predictor, spec: dict[str, Any], max_diff: float) -> dict
         },
         "pixel_mean": spec["pixel_mean"],
         "pixel_std": spec["pixel_std"],
-        "calibration": {"temperature": spec["temperature"], "logit_offset": spec["logit_offset"]} if spec["calibrated"] else None,
+        "calibration": {"temperature": spec["temperature"], "logit_offset": spec["logit_offset"]}
+        if spec["calibrated"]
+        else None,
         "max_abs_difference_to_pytorch": max_diff,
     }
 
@@ -135,7 +143,9 @@ def export_onnx(predictor: Predictor, spec: dict[str, Any], out: str | os.PathLi
     data = export_graph(predictor)
     max_diff = check_graph(data, predictor)
     if not max_diff <= TOLERANCE:
-        raise CxrflowError(f"the ONNX graph differs from PyTorch by {max_diff:.2e} (over {TOLERANCE:g}); not written", out)
+        raise CxrflowError(
+            f"the ONNX graph differs from PyTorch by {max_diff:.2e} (over {TOLERANCE:g}); not written", out
+        )
     with atomic_path(out) as tmp:
         Path(tmp).write_bytes(data)
     side = out.with_suffix(".json")

@@ -6,7 +6,7 @@ Functions return figures; callers save them.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,7 +27,9 @@ def _draw(ax, image: np.ndarray, heat: np.ndarray, orig_width: int, orig_height:
     extent = original_extent(orig_width, orig_height)
     image_extent = extent if image_is_square else (0, orig_width, orig_height, 0)
     ax.imshow(image, cmap="gray", vmin=0, vmax=255, extent=image_extent, interpolation="bilinear")
-    artist = ax.imshow(heat, cmap=HEAT_CMAP, alpha=HEAT_ALPHA, vmin=0.0, vmax=1.0, extent=extent, interpolation="bilinear")
+    artist = ax.imshow(
+        heat, cmap=HEAT_CMAP, alpha=HEAT_ALPHA, vmin=0.0, vmax=1.0, extent=extent, interpolation="bilinear"
+    )
     ax.set_xlim(0, orig_width)
     ax.set_ylim(orig_height, 0)
     return artist
@@ -88,7 +90,9 @@ def plot_gallery(cases: Sequence[dict], *, finding: str, method: str, title: str
         ax.set_axis_off()
     if artist is not None:
         fig.colorbar(artist, cax=fig.add_axes((0.9, 0.14, 0.015, 0.64)), label=f"{method} heatmap (relative, 0-1)")
-    fig.suptitle(title or f"{finding}: ground truth (green) and predicted boxes (yellow), best and worst cases", fontsize=10)
+    fig.suptitle(
+        title or f"{finding}: ground truth (green) and predicted boxes (yellow), best and worst cases", fontsize=10
+    )
     return fig
 
 
@@ -165,8 +169,8 @@ def write_prediction_heatmaps(predictor, predictions: list[dict], out_dir, *, me
     from pathlib import Path
 
     from cxrflow.errors import CxrflowError
-    from cxrflow.outputs import OutputLock, refuse_inside_sealed
     from cxrflow.modelling.heatmaps import cam_method
+    from cxrflow.outputs import OutputLock, refuse_inside_sealed
 
     check_heatmap_predictor(predictor)
     out_dir = Path(out_dir)
@@ -196,7 +200,10 @@ def _write_overlays(predictor, predictions: list[dict], out_dir, method: str) ->
         raise CxrflowError(f"cannot create the heatmap folder: {exc.strerror or exc}", out_dir) from None
     stems = [Path(p["image"]).stem for p in predictions]
     targets = [
-        [out_dir / f"{file_part(stem)}-{path_tag(prediction['image'])}-{file_part(name)}.png" for name in flagged_findings(prediction)]
+        [
+            out_dir / f"{file_part(stem)}-{path_tag(prediction['image'])}-{file_part(name)}.png"
+            for name in flagged_findings(prediction)
+        ]
         for i, (prediction, stem) in enumerate(zip(predictions, stems))
     ]
     # a file in DIR is replaced only when an earlier predict wrote it (listed in DIR's marker)
@@ -204,7 +211,10 @@ def _write_overlays(predictor, predictions: list[dict], out_dir, method: str) ->
     ours = {name for name in listed if isinstance(name, str)} if isinstance(listed, list) else set()
     taken = next((t for paths in targets for t in paths if os.path.lexists(t) and t.name not in ours), None)
     if taken is not None:
-        raise CxrflowError("exists and is not a heatmap cxrflow predict wrote; refusing to replace it, choose another --heatmaps folder", taken)
+        raise CxrflowError(
+            "exists and is not a heatmap cxrflow predict wrote; refusing to replace it, choose another --heatmaps folder",
+            taken,
+        )
     for i, prediction in enumerate(predictions):
         names = flagged_findings(prediction)
         prediction["heatmaps"] = {}

@@ -24,8 +24,9 @@ value that is not known); they are encoded exactly as in training (:mod:`cxrflow
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -99,7 +100,9 @@ def predict_files(
                 result["demographics"] = dict(zip(FIELDS, known))
             if predictor.thresholds is not None:
                 result["positive"] = [
-                    n for n in predictor.label_names if n in predictor.thresholds and probabilities[n] >= predictor.thresholds[n]
+                    n
+                    for n in predictor.label_names
+                    if n in predictor.thresholds and probabilities[n] >= predictor.thresholds[n]
                 ]
             predictions.append(result)
         pending.clear()
@@ -134,11 +137,3 @@ def predict_files(
     order = {str(p): i for i, p in enumerate(paths)}
     predictions.sort(key=lambda r: order[r["image"]])
     return predictions, errors
-
-
-
-
-
-
-
-

@@ -53,7 +53,8 @@ class CxrflowModel(mlflow.pyfunc.PythonModel):
         if len(out) and errors.notna().all():
             reasons = sorted(set(errors.astype(str)))
             raise MlflowException(
-                f"no image in the request could be scored: {'; '.join(reasons)[:1000]}", error_code=INVALID_PARAMETER_VALUE
+                f"no image in the request could be scored: {'; '.join(reasons)[:1000]}",
+                error_code=INVALID_PARAMETER_VALUE,
             )
         return out
 

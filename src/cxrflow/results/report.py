@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from cxrflow.outputs import publishing
 from cxrflow.results.table import (
@@ -53,9 +54,17 @@ def write_report(
     with publishing(out, "report", overwrite=overwrite, inputs=paths) as pub:
         rows = build_rows(paths, split)
         png = io.BytesIO()
-        synthetic = {"title": "Mean test AUC per run (95% CI, patient bootstrap); synthetic data, no published comparison"}
-        plot_run_comparison(rows, **(synthetic if any(r["synthetic"] for r in rows) else {})).savefig(png, format="png", dpi=120)
-        files = {TABLE_MD: format_markdown(rows).encode(), TABLE_CSV: format_csv(rows).encode(), COMPARISON_PNG: png.getvalue()}
+        synthetic = {
+            "title": "Mean test AUC per run (95% CI, patient bootstrap); synthetic data, no published comparison"
+        }
+        plot_run_comparison(rows, **(synthetic if any(r["synthetic"] for r in rows) else {})).savefig(
+            png, format="png", dpi=120
+        )
+        files = {
+            TABLE_MD: format_markdown(rows).encode(),
+            TABLE_CSV: format_csv(rows).encode(),
+            COMPARISON_PNG: png.getvalue(),
+        }
         if html:
             from cxrflow.results.htmlreport import build_html
 
@@ -70,7 +79,3 @@ def write_report(
     written = {name: out / name for name in files}
     best = next((r for r in rows if r["best"]), None)
     return {"rows": rows, "best": best, **{k: str(written[n]) for k, n in names.items()}}
-
-
-
-

@@ -46,7 +46,10 @@ def rerun_script(evaluations: list[dict], runs: list[dict], stores: dict[str, di
                 cmd += f" --format {q(str(m['format']))}" + (f" --views {q(str(m['views']))}" if m.get("views") else "")
             lines += [f"# store {info['path']} (manifest sha256 {info.get('sha256', '?')})", cmd, ""]
         else:
-            lines += [f"# store {info['path']}: not written by 'cxrflow etl' (split mode {split.get('mode')}); reuse it as it is", ""]
+            lines += [
+                f"# store {info['path']}: not written by 'cxrflow etl' (split mode {split.get('mode')}); reuse it as it is",
+                "",
+            ]
     lines.append("mkdir -p rerun-configs")
     for section in runs:
         if section["ensemble"]:
@@ -104,8 +107,12 @@ def reproduce_section(
     evaluations: list[dict], runs: list[dict], stores: dict[str, dict], report_args: list[str]
 ) -> dict[str, Any]:
     """Section 5: versions, the report command, stores, each run's config and commands, the rerun script."""
-    versions = sorted({str(ev["metrics"].get("cxrflow_version")) for ev in evaluations if ev["metrics"].get("cxrflow_version")})
-    recorded_commits = sorted({str(s["config"]["git_commit"]) for s in runs if s["config"] and s["config"].get("git_commit")})
+    versions = sorted(
+        {str(ev["metrics"].get("cxrflow_version")) for ev in evaluations if ev["metrics"].get("cxrflow_version")}
+    )
+    recorded_commits = sorted(
+        {str(s["config"]["git_commit"]) for s in runs if s["config"] and s["config"].get("git_commit")}
+    )
     return {
         "version": __version__,
         "evaluation_versions": versions,

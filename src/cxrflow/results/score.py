@@ -116,7 +116,9 @@ def decode_base64(value: Any, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         if text.startswith("data:") and "," in text[:100]:  # a data URL: data:image/png;base64,....
             text = text.split(",", 1)[1]
         if len(text) * 3 // 4 > max_bytes + 3:
-            raise CxrflowError(f"image of about {len(text) * 3 // 4 / 2**20:.1f} MB is over the limit of {max_bytes / 2**20:.0f} MB")
+            raise CxrflowError(
+                f"image of about {len(text) * 3 // 4 / 2**20:.1f} MB is over the limit of {max_bytes / 2**20:.0f} MB"
+            )
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as exc:
@@ -130,7 +132,9 @@ def decode_base64(value: Any, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     return data
 
 
-def decode_images(values: Sequence[Any], size: int, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[list[np.ndarray | None], list[str | None]]:
+def decode_images(
+    values: Sequence[Any], size: int, max_bytes: int = MAX_IMAGE_BYTES
+) -> tuple[list[np.ndarray | None], list[str | None]]:
     """Each cell decoded by the ETL's preprocessing to uint8 ``[size, size]`` (None where it fails),
     and the reason per failed cell (None where it worked)."""
     from cxrflow.data.imaging import preprocess
@@ -150,7 +154,9 @@ def decode_images(values: Sequence[Any], size: int, max_bytes: int = MAX_IMAGE_B
     return pixels, errors
 
 
-def encode_demographics(age: Sequence[Any] | None, sex: Sequence[Any] | None, view: Sequence[Any] | None, n: int) -> np.ndarray:
+def encode_demographics(
+    age: Sequence[Any] | None, sex: Sequence[Any] | None, view: Sequence[Any] | None, n: int
+) -> np.ndarray:
     """float32 ``[n, 3]`` by the training encoding (:func:`cxrflow.data.demographics.encode_arrow`);
     a missing column is unknown for every row."""
     import pyarrow as pa
@@ -177,7 +183,9 @@ def _number(value: Any) -> float | None:
         return None  # "unknown", "", "?": not known, as on the command line
 
 
-def score_pixels(predictor: Predictor, pixels: np.ndarray, demographics: np.ndarray | None, batch_size: int = 64) -> np.ndarray:
+def score_pixels(
+    predictor: Predictor, pixels: np.ndarray, demographics: np.ndarray | None, batch_size: int = 64
+) -> np.ndarray:
     """Probabilities ``float64[N, K]`` of uint8 ``[N, S, S]`` images (calibrated when the predictor is)."""
     import torch
 
@@ -192,8 +200,13 @@ def score_pixels(predictor: Predictor, pixels: np.ndarray, demographics: np.ndar
     return np.concatenate(out) if out else np.zeros((0, k), np.float64)
 
 
-def result_columns(label_names: Sequence[str], thresholds: dict[str, float] | None, probs: np.ndarray,
-                   ok: np.ndarray, errors: Sequence[str | None]) -> dict[str, Any]:
+def result_columns(
+    label_names: Sequence[str],
+    thresholds: dict[str, float] | None,
+    probs: np.ndarray,
+    ok: np.ndarray,
+    errors: Sequence[str | None],
+) -> dict[str, Any]:
     """The scored columns for N rows: ``probs`` ``[N, K]`` holds the rows where ``ok``; the others
     are null and carry their error. Floats as float64 with NaN for null, booleans as lists with None."""
     n = len(ok)
@@ -224,7 +237,11 @@ def score_frame(predictor: Predictor, frame: Any, max_image_bytes: int = MAX_IMA
     if predictor.uses_demographics:
         get = {c: (list(frame[c]) if c in frame.columns else None) for c in DEMOGRAPHIC_COLUMNS}
         demographics = encode_demographics(get["age"], get["sex"], get["view"], len(frame))[ok]
-    good = np.stack([p for p in pixels if p is not None]) if ok.any() else np.zeros((0, predictor.size, predictor.size), np.uint8)
+    good = (
+        np.stack([p for p in pixels if p is not None])
+        if ok.any()
+        else np.zeros((0, predictor.size, predictor.size), np.uint8)
+    )
     probs = score_pixels(predictor, good, demographics)
     cols = result_columns(predictor.label_names, predictor.thresholds, probs, ok, errors)
     out = pd.DataFrame(index=frame.index)

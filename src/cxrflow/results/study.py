@@ -48,7 +48,11 @@ def figure(path: Path, alt: str, caption: str | None = None) -> dict[str, Any]:
     try:
         return {"uri": figure_uri(path), "alt": alt, "caption": caption or alt, "name": Path(path).name}
     except (OSError, ValueError) as exc:
-        return {"error": f"{Path(path).name} could not be shown: {exc}", "caption": caption or alt, "name": Path(path).name}
+        return {
+            "error": f"{Path(path).name} could not be shown: {exc}",
+            "caption": caption or alt,
+            "name": Path(path).name,
+        }
 
 
 def git_commit(package: Path | None = None) -> str | None:
@@ -60,7 +64,9 @@ def git_commit(package: Path | None = None) -> str | None:
     package = (package or Path(__file__).parents[1]).resolve()  # src/cxrflow, above results/
 
     def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10, check=False)
+        return subprocess.run(
+            ["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10, check=False
+        )
 
     try:
         found = git("rev-parse", "--show-toplevel", "HEAD")

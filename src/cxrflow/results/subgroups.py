@@ -34,14 +34,18 @@ def data_words(manifest: dict | None) -> str:
     return " (synthetic data)" if is_synthetic(manifest) else ""
 
 
-def store_attributes(store: str | os.PathLike, size: int, split: str, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
+def store_attributes(
+    store: str | os.PathLike, size: int, split: str, image_ids: Sequence[str]
+) -> dict[str, np.ndarray]:
     """``{"age", "sex", "view"}`` of ``image_ids`` (in that order) from one store partition; an id
     not in the store gets unknown values (age -1, sex and view None)."""
     import pyarrow.dataset as ds
 
     from cxrflow.data.store import split_dir
 
-    table = ds.dataset(split_dir(store, size, split), format="parquet").to_table(columns=["image_id", *ATTRIBUTE_COLUMNS])
+    table = ds.dataset(split_dir(store, size, split), format="parquet").to_table(
+        columns=["image_id", *ATTRIBUTE_COLUMNS]
+    )
     where = {image_id: i for i, image_id in enumerate(table.column("image_id").to_pylist())}
     index = np.array([where.get(str(i), -1) for i in image_ids], dtype=np.int64)
     out: dict[str, np.ndarray] = {}
@@ -52,8 +56,9 @@ def store_attributes(store: str | os.PathLike, size: int, split: str, image_ids:
     return out
 
 
-def attach_attributes(store, size: int, split: str, evaluated: dict, validation: dict, metrics: dict, manifest: dict,
-                      what: str) -> str:
+def attach_attributes(
+    store, size: int, split: str, evaluated: dict, validation: dict, metrics: dict, manifest: dict, what: str
+) -> str:
     """Add the store's ``age``, ``sex`` and ``view`` to both prediction dicts (they go into the
     predictions files), record in ``metrics`` whether the store is synthetic, and return ``what``
     (the model's name in titles) with " (synthetic data)" added for a synthetic store."""
@@ -79,7 +84,9 @@ def audit_evaluation(
 
     attributes, skipped = make_attributes(evaluated["age"], evaluated["sex"], evaluated["view"])
     boot = metrics.get("bootstrap") or {}
-    thresholds = [math.nan if (metrics.get("threshold") or {}).get(n) is None else metrics["threshold"][n] for n in label_names]
+    thresholds = [
+        math.nan if (metrics.get("threshold") or {}).get(n) is None else metrics["threshold"][n] for n in label_names
+    ]
     known = evaluated.get("known") if metrics.get("excluded_unknown") else None
     result = run_audit(
         evaluated["labels"], evaluated["probs"], evaluated["patient_id"], label_names, attributes, thresholds,
@@ -91,7 +98,9 @@ def audit_evaluation(
     for attribute in summary["attributes"]:
         name = f"subgroups-{attribute.replace(' x ', '-')}.png"
         split = metrics.get("split", "test")
-        fig = plot_forest(result["rows"], attribute, summary["overall_auc"], title=f"AUC by {attribute}, {what}, {split} split")
+        fig = plot_forest(
+            result["rows"], attribute, summary["overall_auc"], title=f"AUC by {attribute}, {what}, {split} split"
+        )
         fig.savefig(folder / name, dpi=100)
         figures.append({"attribute": attribute, "file": name})
     summary["figures"] = figures
@@ -142,7 +151,10 @@ def plot_forest(
             if math.isfinite(auc):
                 ax.plot([auc], [y], marker=marker, ms=5, color=colour, mfc=face)
             ticks.append(y)
-            labels.append(f"{finding}: {r['group']} (n={r['n_images']}, pos={r['n_positive']})" + (" FLAGGED" if r["flagged"] else ""))
+            labels.append(
+                f"{finding}: {r['group']} (n={r['n_images']}, pos={r['n_positive']})"
+                + (" FLAGGED" if r["flagged"] else "")
+            )
             y -= 1.0
         whole = overall.get(finding)
         if whole is not None:
@@ -152,8 +164,12 @@ def plot_forest(
     lows = [float(r["auc_low"]) for r in chosen if r["auc_low"] is not None and math.isfinite(float(r["auc_low"]))]
     ax.set_xlim(min([0.5, *lows]) - 0.02, 1.005)
     ax.axvline(0.5, color="0.7", lw=0.8)
-    ax.set_xlabel("ROC AUC with its 95% patient-bootstrap interval\n(dashed: the finding's AUC on the whole split; grey: chance)")
+    ax.set_xlabel(
+        "ROC AUC with its 95% patient-bootstrap interval\n(dashed: the finding's AUC on the whole split; grey: chance)"
+    )
     ax.set_ylabel(f"Finding and {attribute} group")
-    ax.set_title(title + "\n(diamond, vermillion: gap to the rest flagged; hollow: under 10 positives or negatives)", fontsize=9)
+    ax.set_title(
+        title + "\n(diamond, vermillion: gap to the rest flagged; hollow: under 10 positives or negatives)", fontsize=9
+    )
     ax.grid(axis="x", alpha=0.3)
     return fig

@@ -167,17 +167,47 @@ def format_csv(rows: Sequence[dict]) -> str:
     """The table as CSV: one row per evaluation, numbers unrounded, empty cells for n/a."""
     findings = _finding_columns(rows)
     head = [
-        "run", "model", "fusion", "size", "stage", "checkpoint", "split", "n_images", "n_patients",
-        "mean_auc", "ci95_low", "ci95_high", "paper_mean_auc", "delta_vs_paper", "best", "nan_findings",
-        "ece_calibrated", "ece_raw", "kind", "members",
+        "run",
+        "model",
+        "fusion",
+        "size",
+        "stage",
+        "checkpoint",
+        "split",
+        "n_images",
+        "n_patients",
+        "mean_auc",
+        "ci95_low",
+        "ci95_high",
+        "paper_mean_auc",
+        "delta_vs_paper",
+        "best",
+        "nan_findings",
+        "ece_calibrated",
+        "ece_raw",
+        "kind",
+        "members",
     ] + [f"auc_{n}" for n in findings]
     buf = io.StringIO()
     w = csvsafe.writer(buf, lineterminator="\n")
     w.writerow(head)
     for r in rows:
         w.writerow(
-            [r["run"], r["model"], r["fusion"], r["size"], r["stage"], r["checkpoint"], r["split"], r["n_images"], r["n_patients"]]
-            + ["" if r[k] is None else repr(float(r[k])) for k in ("mean_auc", "ci_low", "ci_high", "paper_mean_auc", "delta_vs_paper")]
+            [
+                r["run"],
+                r["model"],
+                r["fusion"],
+                r["size"],
+                r["stage"],
+                r["checkpoint"],
+                r["split"],
+                r["n_images"],
+                r["n_patients"],
+            ]
+            + [
+                "" if r[k] is None else repr(float(r[k]))
+                for k in ("mean_auc", "ci_low", "ci_high", "paper_mean_auc", "delta_vs_paper")
+            ]
             + [str(r["best"]).lower(), ";".join(r["nan_findings"])]
             + ["" if r[k] is None else repr(float(r[k])) for k in ("ece", "ece_raw")]
             + [r["kind"], ";".join(r["members"])]
@@ -198,7 +228,7 @@ def format_markdown(rows: Sequence[dict]) -> str:
         "reference only: the data, split and preprocessing behind it differ. The best run is in bold.",
         "*ECE* is the mean expected calibration error over findings (15 equal-width bins; lower is",
         "better) of the temperature-scaled probabilities, with the model's raw ones in brackets.",
-        "A model named \"+ demographics\" also sees age, sex and view; the paper's models are image only.",
+        'A model named "+ demographics" also sees age, sex and view; the paper\'s models are image only.',
         "",
     ]
     vocabularies = len({tuple(r["label_names"]) for r in rows})
@@ -216,29 +246,61 @@ def format_markdown(rows: Sequence[dict]) -> str:
         mean = _fmt(r["mean_auc"])
         ci = f"{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}" if r["ci_low"] is not None else "n/a"
         delta = "" if r["delta_vs_paper"] is None else f"{r['delta_vs_paper']:+.4f}"
-        ece = "n/a" if r["ece"] is None else f"{r['ece']:.3f}" + ("" if r["ece_raw"] is None else f" ({r['ece_raw']:.3f})")
-        model = f"Ensemble ({r['model'][len('ensemble('):-1]})" if r["kind"] == "ensemble" else model_title(r["model"], r["fusion"])
+        ece = (
+            "n/a"
+            if r["ece"] is None
+            else f"{r['ece']:.3f}" + ("" if r["ece_raw"] is None else f" ({r['ece_raw']:.3f})")
+        )
+        model = (
+            f"Ensemble ({r['model'][len('ensemble(') : -1]})"
+            if r["kind"] == "ensemble"
+            else model_title(r["model"], r["fusion"])
+        )
         cells = [
-            r["run"] + (" (synthetic data)" if r.get("synthetic") else ""), model, str(r["size"]), STAGE_TITLES.get(r["stage"], r["stage"]),
-            mean or "n/a", ci, ece, _fmt(r["paper_mean_auc"]) or "—", delta or "—", str(r["n_images"]), "**best**" if r["best"] else "",
+            r["run"] + (" (synthetic data)" if r.get("synthetic") else ""),
+            model,
+            str(r["size"]),
+            STAGE_TITLES.get(r["stage"], r["stage"]),
+            mean or "n/a",
+            ci,
+            ece,
+            _fmt(r["paper_mean_auc"]) or "—",
+            delta or "—",
+            str(r["n_images"]),
+            "**best**" if r["best"] else "",
         ]
         if r["best"]:
             cells[:5] = [f"**{c}**" for c in cells[:5]]
         lines.append("| " + " | ".join(cells) + " |")
     ensembles = [f"{r['run']}: {r['label']}" for r in rows if r["kind"] == "ensemble"]
     if ensembles:
-        lines += ["", "Ensembles (members are run/checkpoint; weights, thresholds and temperatures fitted on validation, never on test):"]
+        lines += [
+            "",
+            "Ensembles (members are run/checkpoint; weights, thresholds and temperatures fitted on validation, never on test):",
+        ]
         lines += [f"- {e}" for e in ensembles]
-    nan_notes = [f"{r['run']} ({STAGE_TITLES.get(r['stage'], r['stage'])}): {', '.join(r['nan_findings'])}" for r in rows if r["nan_findings"]]
+    nan_notes = [
+        f"{r['run']} ({STAGE_TITLES.get(r['stage'], r['stage'])}): {', '.join(r['nan_findings'])}"
+        for r in rows
+        if r["nan_findings"]
+    ]
     if nan_notes:
         lines += ["", "Findings without an AUC (one class only in the split), left out of the mean:"]
         lines += [f"- {n}" for n in nan_notes]
     lines += ["", "## Per-finding test AUC", ""]
-    lines.append("| Finding | " + " | ".join(f"{r['run']} {STAGE_TITLES.get(r['stage'], r['stage'])}" for r in rows) + " |")
+    lines.append(
+        "| Finding | " + " | ".join(f"{r['run']} {STAGE_TITLES.get(r['stage'], r['stage'])}" for r in rows) + " |"
+    )
     lines.append("|---|" + "---:|" * len(rows))
     for n in findings:
         lines.append(f"| {n} | " + " | ".join(_fmt(r["auc"].get(n), 3) or "n/a" for r in rows) + " |")
-    lines += ["", "## The paper's published mean AUCs", "", "| Model | Size (px) | KT | Fine-tuned |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "## The paper's published mean AUCs",
+        "",
+        "| Model | Size (px) | KT | Fine-tuned |",
+        "|---|---:|---:|---:|",
+    ]
     published: dict[tuple[str, int | None], dict[str, float]] = {}
     for (model, size, stage), auc in PAPER_MEAN_AUC.items():
         published.setdefault((model, size), {})[stage] = auc

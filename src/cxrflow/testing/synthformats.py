@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -44,8 +44,15 @@ def _image(path: Path, values: Sequence[str], size: int, rng: np.random.Generato
         Image.fromarray(img).save(path)
 
 
-def write_chexpert(root: str | os.PathLike, patients: int = 30, *, size: int = 48, seed: int = 0,
-                   valid_patients: int = 6, small: bool = True) -> Path:
+def write_chexpert(
+    root: str | os.PathLike,
+    patients: int = 30,
+    *,
+    size: int = 48,
+    seed: int = 0,
+    valid_patients: int = 6,
+    small: bool = True,
+) -> Path:
     """``root/CheXpert-v1.0[-small]/{train.csv, valid.csv, train/, valid/}``; returns that folder."""
     from cxrflow.data.formats.chexpert import COLUMNS, VOCAB
 
@@ -59,13 +66,15 @@ def write_chexpert(root: str | os.PathLike, patients: int = 30, *, size: int = 4
                     if kind == "lateral" and rng.random() < 0.5:
                         continue
                     rel = f"{name}/patient{p:05d}/study{study}/view{view}_{kind}.jpg"
-                    obs = [_observation(rng) if name == "train" else str(rng.choice(["1.0", "0.0"]))
-                           for _ in VOCAB.names]
+                    obs = [
+                        _observation(rng) if name == "train" else str(rng.choice(["1.0", "0.0"])) for _ in VOCAB.names
+                    ]
                     obs[0] = "1.0" if all(v in ("0.0", "") for v in obs[1:]) else ""
                     appa = str(rng.choice(["AP", "PA"])) if kind == "frontal" else ""
                     sex = str(rng.choice(["Male", "Female"]))
-                    rows.append([f"{folder.name}/{rel}", sex, str(int(rng.integers(18, 90))),
-                                 kind.capitalize(), appa, *obs])
+                    rows.append(
+                        [f"{folder.name}/{rel}", sex, str(int(rng.integers(18, 90))), kind.capitalize(), appa, *obs]
+                    )
                     _image(folder / rel, obs, size, rng)
         with open(folder / f"{name}.csv", "w", newline="") as f:
             csv.writer(f).writerows([list(COLUMNS), *rows])
@@ -73,8 +82,9 @@ def write_chexpert(root: str | os.PathLike, patients: int = 30, *, size: int = 4
     return folder
 
 
-def write_mimic(root: str | os.PathLike, subjects: int = 30, *, size: int = 48, seed: int = 0,
-                gzipped: bool = False) -> Path:
+def write_mimic(
+    root: str | os.PathLike, subjects: int = 30, *, size: int = 48, seed: int = 0, gzipped: bool = False
+) -> Path:
     """A MIMIC-CXR-JPG folder: the three CSVs (optionally .gz) and ``files/pXX/pSUBJECT/sSTUDY/*.jpg``."""
     import gzip
 
@@ -94,15 +104,36 @@ def write_mimic(root: str | os.PathLike, subjects: int = 30, *, size: int = 48, 
             labels.append([str(subject), str(study_id), *obs])
             for view in ("PA", "LATERAL") if rng.random() < 0.5 else ("AP",):
                 dicom_id = f"{rng.integers(0, 2**63):016x}-{study_id}"
-                meta.append([dicom_id, str(subject), str(study_id), "CHEST (PA AND LAT)", view, str(size), str(size),
-                             "21800101", "120000.000", "", "", ""])
+                meta.append(
+                    [
+                        dicom_id,
+                        str(subject),
+                        str(study_id),
+                        "CHEST (PA AND LAT)",
+                        view,
+                        str(size),
+                        str(size),
+                        "21800101",
+                        "120000.000",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
                 split.append([dicom_id, str(study_id), str(subject), which])
-                _image(root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study_id}" / f"{dicom_id}.jpg",
-                       obs, size, rng)
+                _image(
+                    root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study_id}" / f"{dicom_id}.jpg",
+                    obs,
+                    size,
+                    rng,
+                )
     from cxrflow.data.formats.mimic import LABEL_HEADER, METADATA_HEADER, SPLIT_HEADER
 
-    for kind, header, rows in (("chexpert", LABEL_HEADER, labels), ("metadata", METADATA_HEADER, meta),
-                               ("split", SPLIT_HEADER, split)):
+    for kind, header, rows in (
+        ("chexpert", LABEL_HEADER, labels),
+        ("metadata", METADATA_HEADER, meta),
+        ("split", SPLIT_HEADER, split),
+    ):
         path = root / f"{PREFIX}{kind}.csv"
         with open(path, "w", newline="") as f:
             csv.writer(f).writerows([list(header), *rows])
@@ -113,9 +144,17 @@ def write_mimic(root: str | os.PathLike, subjects: int = 30, *, size: int = 48, 
     return root
 
 
-def write_generic(root: str | os.PathLike, patients: int = 30, *, size: int = 48, seed: int = 0,
-                  findings: Sequence[str] = ("Nodule", "Effusion", "Mass"), per_column: bool = True,
-                  split: bool = False, suffix: str = ".png") -> Path:
+def write_generic(
+    root: str | os.PathLike,
+    patients: int = 30,
+    *,
+    size: int = 48,
+    seed: int = 0,
+    findings: Sequence[str] = ("Nodule", "Effusion", "Mass"),
+    per_column: bool = True,
+    split: bool = False,
+    suffix: str = ".png",
+) -> Path:
     """A ``labels.csv`` folder (see :mod:`cxrflow.data.formats.generic`) with images under ``images/``."""
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -130,10 +169,22 @@ def write_generic(root: str | os.PathLike, patients: int = 30, *, size: int = 48
             if not per_column:
                 obs = ["1.0" if v == "1.0" else "0.0" for v in obs]
             _image(root / rel, obs, size, rng)
-            values = ([{"1.0": "1", "0.0": "0", "-1.0": "-1", "": ""}[v] for v in obs] if per_column
-                      else ["|".join(f for f, v in zip(findings, obs) if v == "1.0") or "No Finding"])
-            rows.append([rel, f"H{p:05d}", str(int(rng.integers(20, 90))), str(rng.choice(["M", "F"])),
-                         str(rng.choice(["PA", "AP"])), *values] + ([which] if split else []))
+            values = (
+                [{"1.0": "1", "0.0": "0", "-1.0": "-1", "": ""}[v] for v in obs]
+                if per_column
+                else ["|".join(f for f, v in zip(findings, obs) if v == "1.0") or "No Finding"]
+            )
+            rows.append(
+                [
+                    rel,
+                    f"H{p:05d}",
+                    str(int(rng.integers(20, 90))),
+                    str(rng.choice(["M", "F"])),
+                    str(rng.choice(["PA", "AP"])),
+                    *values,
+                ]
+                + ([which] if split else [])
+            )
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "labels.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
@@ -141,10 +192,19 @@ def write_generic(root: str | os.PathLike, patients: int = 30, *, size: int = 48
     return root
 
 
-def write_dicom(path: str | os.PathLike, pixels: np.ndarray, *, bits_stored: int = 16,
-                photometric: str = "MONOCHROME2", slope: float | None = None, intercept: float | None = None,
-                window: tuple[float, float] | None = None, spacing: tuple[float, float] | None = (0.143, 0.143),
-                transfer_syntax: str = "explicit", with_pixels: bool = True) -> Path:
+def write_dicom(
+    path: str | os.PathLike,
+    pixels: np.ndarray,
+    *,
+    bits_stored: int = 16,
+    photometric: str = "MONOCHROME2",
+    slope: float | None = None,
+    intercept: float | None = None,
+    window: tuple[float, float] | None = None,
+    spacing: tuple[float, float] | None = (0.143, 0.143),
+    transfer_syntax: str = "explicit",
+    with_pixels: bool = True,
+) -> Path:
     """Write a single-frame radiograph DICOM file with pydicom.
 
     ``pixels``: uint16 (or uint8 with ``bits_stored=8``) HxW. ``transfer_syntax``: ``explicit``,

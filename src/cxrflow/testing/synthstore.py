@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 
 from cxrflow.atomic import write_json_atomic
 from cxrflow.data.labels import NIH14, LabelVocabulary
-from cxrflow.identity import split_identity
 from cxrflow.data.store import MANIFEST_NAME, SCHEMA, manifest_core, row_order, row_order_key, split_dir
 from cxrflow.data.store import row_group_rows as etl_row_group_rows
+from cxrflow.identity import split_identity
 
 
 def planted_image(labels: np.ndarray, size: int, rng: np.random.Generator, signal: float = 80.0) -> np.ndarray:
@@ -95,7 +95,8 @@ def write_synthetic_store(
         "source": {"metadata_rows": sum(rows.values()), "written": sum(rows.values()), "missing": 0, "quarantined": 0},
         "missing": [],
         "quarantined": [],
-        "split": {"mode": "synthetic-store", "seed": seed}, "synthetic": {"generator": "cxrflow.testing.synthstore"},
+        "split": {"mode": "synthetic-store", "seed": seed},
+        "synthetic": {"generator": "cxrflow.testing.synthstore"},
         "split_identity": {split: split_identity(ids_by_split[split], labels_by_split[split]) for split in rows},
     }
     if shuffled:
@@ -105,8 +106,20 @@ def write_synthetic_store(
 
 
 def _write_split(
-    store: Path, size: int, split: str, ids: list[str], lab: np.ndarray, order: list[int], *, patient: int, seed: int,
-    follow_ups: int, signal: float, rows_per_file: int, row_group_rows: int | None, sums: list | None,
+    store: Path,
+    size: int,
+    split: str,
+    ids: list[str],
+    lab: np.ndarray,
+    order: list[int],
+    *,
+    patient: int,
+    seed: int,
+    follow_ups: int,
+    signal: float,
+    rows_per_file: int,
+    row_group_rows: int | None,
+    sums: list | None,
 ) -> None:
     """The Parquet files of one (size, split) partition, ``rows_per_file`` rows each in ``order``."""
     out = split_dir(store, size, split)
@@ -124,8 +137,15 @@ def _write_split(
 
 
 def _part_table(
-    index: np.ndarray, ids: list[str], lab: np.ndarray, patient: int, follow_ups: int, size: int,
-    img_rng: np.random.Generator, signal: float, sums: list | None,
+    index: np.ndarray,
+    ids: list[str],
+    lab: np.ndarray,
+    patient: int,
+    follow_ups: int,
+    size: int,
+    img_rng: np.random.Generator,
+    signal: float,
+    sums: list | None,
 ) -> pa.Table:
     """The rows ``index`` of a split with planted images; adds their pixels to ``sums`` (train only)."""
     pixels = []

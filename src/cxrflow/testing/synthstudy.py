@@ -14,9 +14,10 @@ import hashlib
 import json
 import os
 import shutil
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,9 @@ def _test_split(store: Path, size: int) -> tuple[list[str], np.ndarray, np.ndarr
     return table.column("image_id").to_pylist(), table.column("patient_id").to_numpy(), labels
 
 
-def _figures(folder: Path, labels: np.ndarray, probs: np.ndarray, names: Sequence[str], title: str, calibrated: bool) -> None:
+def _figures(
+    folder: Path, labels: np.ndarray, probs: np.ndarray, names: Sequence[str], title: str, calibrated: bool
+) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -96,9 +99,9 @@ def write_evaluation(
     """One evaluation folder as ``cxrflow evaluate`` writes it, over the store's test split."""
     import pyarrow.parquet as pq
 
+    from cxrflow.data.store import pixel_stats, read_manifest
     from cxrflow.metrics import summarize, youden_threshold
     from cxrflow.runs import predictions_table
-    from cxrflow.data.store import pixel_stats, read_manifest
 
     manifest = read_manifest(store)
     names = manifest["label_names"]
@@ -118,7 +121,7 @@ def write_evaluation(
         "checkpoint_path": str(checkpoint.resolve()), "stage": stage, "epoch": 3, "model": model, "size": size,
         "split": "test", "store": str(store), "loss": 0.5, "pixel_mean": mean, "pixel_std": std,
         "threshold_split": "val", **metrics, "cxrflow_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest() if checkpoint.is_file() else None,
         "figures": ["roc.png", "curves.png"] + (["reliability.png"] if calibrated else []),
     }  # fmt: skip
@@ -147,7 +150,12 @@ def write_run_config(run: Path, store: Path, model: str, size: int, label_names:
 
 
 def write_checkpoint(
-    run: Path, stage: str, model: str, size: int, label_names: Sequence[str], pixel_stats: tuple[float, float] = (0.5, 0.25)
+    run: Path,
+    stage: str,
+    model: str,
+    size: int,
+    label_names: Sequence[str],
+    pixel_stats: tuple[float, float] = (0.5, 0.25),
 ) -> Path:
     """A real checkpoint of a randomly initialised model (what ``load_checkpoint`` reads), recording
     the pixel (mean, std) it stands to have been trained with, as the trainer does."""
@@ -203,7 +211,12 @@ def write_localization(run: Path, label_names: Sequence[str], split: str = "test
 
 
 def write_ensemble(
-    folder: Path, members: Sequence[Path], store: Path, store_size: int, seed: int = 99, figures_from: Path | None = None
+    folder: Path,
+    members: Sequence[Path],
+    store: Path,
+    store_size: int,
+    seed: int = 99,
+    figures_from: Path | None = None,
 ) -> dict:
     """An ensemble folder (the shape ``cxrflow ensemble`` writes): an evaluation with ``kind``, ``method`` and ``members``."""
     first = json.loads((members[0] / "metrics.json").read_text())
@@ -251,7 +264,9 @@ def write_study(
 
     root = Path(root)
     store = root / "store"
-    manifest = write_synthetic_store(store, sizes=(store_size,), rows={"train": 16, "val": 8, "test": test_rows}, seed=seed)
+    manifest = write_synthetic_store(
+        store, sizes=(store_size,), rows={"train": 16, "val": 8, "test": test_rows}, seed=seed
+    )
     if not synthetic:
         from cxrflow.atomic import write_json_atomic
 
@@ -279,5 +294,18 @@ def write_study(
     ensemble_dir = None
     if ensemble and len(evals) >= 2:
         ensemble_dir = root / "ensembles" / "mean-all"
-        write_ensemble(ensemble_dir, evals[-2:], store, store_size, figures_from=None if draw_each or not calibrated else first_eval)
-    return {"root": root, "store": store, "runs": run_dirs, "evaluations": evals, "ensemble": ensemble_dir, "label_names": names}
+        write_ensemble(
+            ensemble_dir,
+            evals[-2:],
+            store,
+            store_size,
+            figures_from=None if draw_each or not calibrated else first_eval,
+        )
+    return {
+        "root": root,
+        "store": store,
+        "runs": run_dirs,
+        "evaluations": evals,
+        "ensemble": ensemble_dir,
+        "label_names": names,
+    }

@@ -37,8 +37,16 @@ def _to8(unit: np.ndarray, invert: bool) -> np.ndarray:
 @pytest.mark.parametrize("photometric,raw,bits", [("MONOCHROME2", RAW12, 12), ("MONOCHROME1", RAW16, 16)])
 def test_windowed_rescaled_decode_matches_independent(tmp_path, syntax, photometric, raw, bits):
     slope, intercept, center, width = 2.0, -1024.0, float(raw.mean()), float(raw.std() * 4)
-    path = write_dicom(tmp_path / "a.dcm", raw, bits_stored=bits, photometric=photometric, slope=slope,
-                       intercept=intercept, window=(center, width), transfer_syntax=syntax)
+    path = write_dicom(
+        tmp_path / "a.dcm",
+        raw,
+        bits_stored=bits,
+        photometric=photometric,
+        slope=slope,
+        intercept=intercept,
+        window=(center, width),
+        transfer_syntax=syntax,
+    )
     expected = _to8(_window(raw * slope + intercept, center, width), photometric == "MONOCHROME1")
     gray, (w, h) = load_gray(path)
     assert (w, h) == (72, 64)
@@ -281,8 +289,29 @@ def test_predict_accepts_dicom(tmp_path, capsys):
     from cxrflow.testing.synthstore import write_synthetic_store
 
     write_synthetic_store(tmp_path / "store", sizes=(32,), rows={"train": 16, "val": 8, "test": 8})
-    assert main(["train", "--quiet", "--store", str(tmp_path / "store"), "--size", "32", "--model", "simple_cnn",
-                 "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--quiet",
+                "--store",
+                str(tmp_path / "store"),
+                "--size",
+                "32",
+                "--model",
+                "simple_cnn",
+                "--out",
+                str(tmp_path / "run"),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     image = write_dicom(tmp_path / "x.dcm", RAW16, photometric="MONOCHROME1")
     assert main(["predict", "--run", str(tmp_path / "run"), str(image), "--json"]) == 0
@@ -290,8 +319,16 @@ def test_predict_accepts_dicom(tmp_path, capsys):
     assert len(out["predictions"][0]["probabilities"]) == 14
 
 
-@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
-                                  "MR_small_implicit.dcm", "MR_small_bigendian.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+    ],
+)
 def test_codecs_match_the_uncompressed_file(name):
     """pydicom's own sample files: one signed 16-bit image in several transfer syntaxes (JPEG-LS and
     JPEG 2000 through the pylibjpeg plugins) decode to the same pixels as its uncompressed copy."""
@@ -332,6 +369,5 @@ def test_voi_lut_functions(tmp_path, function):
     dataset.VOILUTFunction = function
     dataset.save_as(path)
     x = RAW12.astype(np.float64)
-    unit = (1 / (1 + np.exp(-4 * (x - 2000) / 1500)) if function == "SIGMOID"
-            else np.clip((x - 2000) / 1500 + 0.5, 0, 1))
+    unit = 1 / (1 + np.exp(-4 * (x - 2000) / 1500)) if function == "SIGMOID" else np.clip((x - 2000) / 1500 + 0.5, 0, 1)
     np.testing.assert_array_equal(load_gray(path)[0], _to8(unit, False))

@@ -11,13 +11,13 @@ import pyarrow.dataset as ds
 import pytest
 
 from cxrflow.cli import main
-from cxrflow.errors import CxrflowError
+from cxrflow.data.formats import chexpert as chexpert_format
 from cxrflow.data.formats import detect_format, load_collection
 from cxrflow.data.split import assign_collection_splits
-from cxrflow.data.formats import chexpert as chexpert_format
 from cxrflow.data.store import FORMAT_VERSION, MANIFEST_NAME, read_manifest
-from cxrflow.testing.synthformats import write_chexpert, write_generic, write_mimic
 from cxrflow.data.uncertain import KNOWN, UNCERTAIN, UNMENTIONED, label_counts
+from cxrflow.errors import CxrflowError
+from cxrflow.testing.synthformats import write_chexpert, write_generic, write_mimic
 
 
 def _rows(path: Path) -> list[list[str]]:
@@ -51,7 +51,7 @@ def test_chexpert_reader_values_states_patients_views(chexpert_dir):
     rows = [r for r in _rows(chexpert_dir / "train.csv")[1:] if r[3] == "Frontal"]
     first = rows[0]
     assert col.entries["image_id"].iloc[0] == first[0].split("/", 1)[1]
-    assert col.entries["patient_id"].iloc[0] == int(first[0].split("/")[2][len("patient"):])
+    assert col.entries["patient_id"].iloc[0] == int(first[0].split("/")[2][len("patient") :])
     expected = {"1.0": (1, KNOWN), "0.0": (0, KNOWN), "-1.0": (0, UNCERTAIN), "": (0, UNMENTIONED)}
     for j, name in enumerate(col.vocab.names):
         label, state = expected[first[5 + j]] if name != "No Finding" else (int(first[5 + j] == "1.0"), KNOWN)
@@ -59,12 +59,15 @@ def test_chexpert_reader_values_states_patients_views(chexpert_dir):
     # No Finding is 1.0 or empty (the labeler derives it): empty is a known 0, so it has negatives to learn from
     nf = col.vocab.index("No Finding")
     assert {r[5] for r in rows} <= {"1.0", ""} and (col.states[:, nf] == KNOWN).all()
-    assert (col.entries["No Finding"] == 0).any() and label_counts(col.entries[list(col.vocab.names)].to_numpy(),
-                                                                    col.states, col.vocab.names)["No Finding"]["negative"] > 0
+    assert (col.entries["No Finding"] == 0).any() and label_counts(
+        col.entries[list(col.vocab.names)].to_numpy(), col.states, col.vocab.names
+    )["No Finding"]["negative"] > 0
     assert set(col.entries["view"]) <= {"PA", "AP"}  # --views frontal by default
     assert col.entries["sex"].iloc[0] == {"Male": "M", "Female": "F"}[first[1]]
     everything = load_collection(chexpert_dir, "chexpert", views="all")
-    assert len(everything.entries) == len(_rows(chexpert_dir / "train.csv")) + len(_rows(chexpert_dir / "valid.csv")) - 2
+    assert (
+        len(everything.entries) == len(_rows(chexpert_dir / "train.csv")) + len(_rows(chexpert_dir / "valid.csv")) - 2
+    )
     assert main(["explore", "--data", str(chexpert_dir), "--out", str(chexpert_dir.parent / "explore")]) == 0
     stats = json.loads((chexpert_dir.parent / "explore" / "stats.json").read_text())
     edema = col.vocab.index("Edema")
@@ -189,8 +192,11 @@ def test_bad_inputs_are_one_line_with_file_and_line(tmp_path, capsys):
 
     split = write_generic(tmp_path / "p", patients=4, split=True)
     rows = _rows(split / "labels.csv")
-    line = next(i for i, r in enumerate(rows[1:], start=2) if r[1] == rows[1][1] and i > 2) if any(
-        r[1] == rows[1][1] for r in rows[2:]) else None
+    line = (
+        next(i for i, r in enumerate(rows[1:], start=2) if r[1] == rows[1][1] and i > 2)
+        if any(r[1] == rows[1][1] for r in rows[2:])
+        else None
+    )
     if line is None:  # give the first patient a second image
         rows.insert(2, [rows[1][0].replace(".png", "_x.png"), *rows[1][1:]])
         line = 3
@@ -283,7 +289,9 @@ def test_etl_generic_csv_all_known_has_no_states_column(spark, tmp_path):
     table = ds.dataset(str(tmp_path / "store"), format="parquet", partitioning="hive").to_table()
     assert "labels_known" not in table.column_names
     assert manifest["source"]["written"] == len(_rows(root / "labels.csv")) - 1
-    assert manifest["synthetic"]["generator"] == "cxrflow.testing.synthformats"  # a generated collection's store says so
+    assert (
+        manifest["synthetic"]["generator"] == "cxrflow.testing.synthformats"
+    )  # a generated collection's store says so
 
 
 def test_etl_mimic_official_split(spark, tmp_path):
@@ -320,14 +328,18 @@ def test_generic_pipe_labels_no_finding_in_any_case_and_one_spelling_per_finding
     """'no finding' was learnt as a finding of its own (every normal image a positive of it), and
     'nodule' beside 'Nodule' split one finding's positives between two heads."""
     (tmp_path / "labels.csv").write_text(
-        "image,patient_id,labels\na.png,1,no finding\nb.png,2,Nodule | Mass\nc.png,3,NO FINDING\nd.png,4,Mass\n")
+        "image,patient_id,labels\na.png,1,no finding\nb.png,2,Nodule | Mass\nc.png,3,NO FINDING\nd.png,4,Mass\n"
+    )
     col = load_collection(tmp_path, "csv", need_images=False)
     assert col.vocab.names == ("Mass", "Nodule")
     assert col.entries[["Mass", "Nodule"]].to_numpy().tolist() == [[0, 0], [1, 1], [0, 0], [1, 0]]
     with open(tmp_path / "labels.csv", "a") as f:
         f.write("e.png,5,nodule\n")
     err = _error_of(["explore", "--data", str(tmp_path), "--out", str(tmp_path / "x")], capsys)
-    assert err == f"error: {tmp_path / 'labels.csv'}:6: finding 'nodule' is also written 'Nodule'; spell each finding one way"
+    assert (
+        err
+        == f"error: {tmp_path / 'labels.csv'}:6: finding 'nodule' is also written 'Nodule'; spell each finding one way"
+    )
 
 
 def test_generic_pipe_labels_no_finding_with_findings(tmp_path, capsys):
@@ -347,7 +359,9 @@ def test_generic_aliases_csv_file_and_chexpert_parent_folder(tmp_path, chexpert_
     assert col.format == "csv" and col.entries["image_id"].tolist() == [r[0] for r in rows[1:]]
     assert col.entries["age"].tolist() == [int(r[2]) for r in rows[1:]] and not col.missing
     parent = load_collection(chexpert_dir.parent, need_images=False)
-    assert parent.format == "chexpert" and parent.entries.equals(load_collection(chexpert_dir, need_images=False).entries)
+    assert parent.format == "chexpert" and parent.entries.equals(
+        load_collection(chexpert_dir, need_images=False).entries
+    )
 
 
 def test_mimic_image_twice_and_patient_in_two_splits(tmp_path, capsys):
@@ -376,7 +390,7 @@ def test_chexpert_image_in_both_files(tmp_path, capsys):
     _write(root / "valid.csv", valid + [train[1]])
     err = _error_of(["split", "--data", str(root), "--out", str(tmp_path / "s.csv")], capsys)
     assert err.startswith(f"error: {root / 'valid.csv'}:{len(valid) + 1}: image ")
-    assert err.endswith(f"is also listed in train.csv line 2")
+    assert err.endswith("is also listed in train.csv line 2")
 
 
 def test_generic_age_and_sex_from_dicom_headers(tmp_path):
@@ -384,8 +398,15 @@ def test_generic_age_and_sex_from_dicom_headers(tmp_path):
 
     for i in range(3):
         write_dicom(tmp_path / f"img{i}.dcm", np.full((8, 8), 100 * i, np.uint16))
-    _write(tmp_path / "labels.csv", [["image", "patient_id", "labels", "age"],
-                                     ["img0.dcm", "1", "A", ""], ["img1.dcm", "2", "", "40"], ["img2.dcm", "3", "A", ""]])
+    _write(
+        tmp_path / "labels.csv",
+        [
+            ["image", "patient_id", "labels", "age"],
+            ["img0.dcm", "1", "A", ""],
+            ["img1.dcm", "2", "", "40"],
+            ["img2.dcm", "3", "A", ""],
+        ],
+    )
     col = load_collection(tmp_path)
     assert col.entries["age"].tolist() == [63, 40, 63]  # write_dicom's PatientAge 063Y, PatientSex F
     assert col.entries["sex"].tolist() == ["F", "F", "F"]
@@ -401,7 +422,9 @@ def test_a_collections_metadata_file_given_as_data_names_its_folder(tmp_path, ch
     for command in ("split", "explore"):
         for file, kind in ((entry, "nih"), (train_csv, "chexpert")):
             err = _error_of([command, "--data", str(file), "--out", str(tmp_path / "out")], capsys)
-            assert err == (f"error: {file}: this is the metadata file of a {kind} collection, not a labels CSV "
-                           f"(--format csv): give its folder: --data {file.parent}")
+            assert err == (
+                f"error: {file}: this is the metadata file of a {kind} collection, not a labels CSV "
+                f"(--format csv): give its folder: --data {file.parent}"
+            )
     generic = write_generic(tmp_path / "g", patients=3)
     assert len(load_collection(next(generic.glob("*.csv")), need_images=False).entries) > 0  # a labels CSV still reads

@@ -23,15 +23,15 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import LabelVocabulary
+from cxrflow.errors import CxrflowError
 
 VIEW_CHOICES = ("frontal", "all")
 FRONTAL = ("PA", "AP")
@@ -101,7 +101,8 @@ def detect_format(data_dir: str | os.PathLike) -> str:
     if not found:
         raise CxrflowError(
             "no known collection files here (Data_Entry_2017*.csv, CheXpert train.csv/valid.csv, "
-            "mimic-cxr-2.0.0-*.csv, labels.csv); pass --format", root
+            "mimic-cxr-2.0.0-*.csv, labels.csv); pass --format",
+            root,
         )
     raise CxrflowError(f"the folder looks like several formats ({', '.join(found)}); pass --format", root)
 
@@ -115,7 +116,9 @@ def check_not_metadata_file(path: Path) -> None:
         if any(fnmatch.fnmatch(path.name, p) for p in patterns) and reader.detect(path.parent):
             raise CxrflowError(
                 f"this is the metadata file of a {name} collection, not a labels CSV (--format csv): give its "
-                f"folder: --data {path.parent}", path)
+                f"folder: --data {path.parent}",
+                path,
+            )
 
 
 def say_left_out(notes: list[str] | None) -> None:
@@ -148,7 +151,11 @@ def load_collection(
         collection = _module(name).read(path, views=views, need_images=need_images)
     collection.views = views
     if len(collection.entries) == 0:  # a header-only file, or --views frontal leaving nothing
-        why = "; ".join(collection.notes) + " (try --views all)" if collection.notes else "the file has a header but no rows"
+        why = (
+            "; ".join(collection.notes) + " (try --views all)"
+            if collection.notes
+            else "the file has a header but no rows"
+        )
         raise CxrflowError(f"no images: {why}", collection.metadata_path)
     if strict and collection.missing:
         raise CxrflowError(
@@ -161,11 +168,19 @@ def load_collection(
 
 def add_format_arguments(parser, *, views: bool = True) -> None:
     """``--format`` (and ``--views``) for explore, split and etl."""
-    parser.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
-                        help="collection format (default: detected from the folder's files)")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMAT_CHOICES,
+        help="collection format (default: detected from the folder's files)",
+    )
     if views:
-        parser.add_argument("--views", default="frontal", choices=VIEW_CHOICES,
-                            help="frontal (PA/AP only, where the format knows the view; default) or all")
+        parser.add_argument(
+            "--views",
+            default="frontal",
+            choices=VIEW_CHOICES,
+            help="frontal (PA/AP only, where the format knows the view; default) or all",
+        )
 
 
 def store_label_keys(collection: Collection, records: list[dict], quarantined: set[str]) -> dict:

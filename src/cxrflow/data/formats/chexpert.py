@@ -89,8 +89,10 @@ def _ids(table, root: Path) -> tuple[list[str], dict[str, Path], np.ndarray, np.
 def _views(table) -> tuple[np.ndarray, np.ndarray]:
     """(view per row: AP/PA/LL/RL or LATERAL, frontal mask)."""
     fl, appa = table.frame["Frontal/Lateral"], table.frame["AP/PA"]
-    table.first(~fl.isin(["Frontal", "Lateral"]).to_numpy(),
-                lambda r: f"'Frontal/Lateral' must be Frontal or Lateral, got {fl.iloc[r]!r}")
+    table.first(
+        ~fl.isin(["Frontal", "Lateral"]).to_numpy(),
+        lambda r: f"'Frontal/Lateral' must be Frontal or Lateral, got {fl.iloc[r]!r}",
+    )
     view = np.where(appa != "", appa, np.where(fl == "Lateral", "LATERAL", "")).astype(object)
     frontal = (fl == "Frontal").to_numpy() & np.isin(view, ("PA", "AP"))
     return view, frontal
@@ -127,10 +129,14 @@ def read(root: Path, *, views: str = "frontal", need_images: bool = True) -> Col
     if len(parts) == 2:
         (train, train_ids, _, train_patients, *_), (valid, valid_ids, _, valid_patients, *_) = parts
         again = pd.Index(train_ids).get_indexer(valid_ids)
-        valid.first(again >= 0, lambda r: (
-            f"image {valid_ids[r]!r} is also listed in {TRAIN_NAME} line {train.line(int(again[r]))}"))
-        valid.first(np.isin(valid_patients, train_patients), lambda r: (
-            f"patient {valid_patients[r]} is also in {TRAIN_NAME}; a patient must be in one split only"))
+        valid.first(
+            again >= 0,
+            lambda r: f"image {valid_ids[r]!r} is also listed in {TRAIN_NAME} line {train.line(int(again[r]))}",
+        )
+        valid.first(
+            np.isin(valid_patients, train_patients),
+            lambda r: f"patient {valid_patients[r]} is also in {TRAIN_NAME}; a patient must be in one split only",
+        )
 
     def cat(k: int) -> np.ndarray:
         return np.concatenate([np.asarray(p[k])[m] for p, m in zip(parts, keep)])
@@ -146,7 +152,16 @@ def read(root: Path, *, views: str = "frontal", need_images: bool = True) -> Col
     dropped = sum(int((~m).sum()) for m in keep)
     notes = [_left_out_note(parts)] if dropped and views == "frontal" else []
     return Collection(
-        format="chexpert", root=root, vocab=VOCAB, entries=entries, images=images, missing=missing,
-        metadata_path=root / TRAIN_NAME, states=cat(6), train_val=train_val, test=test,
-        images_checked=need_images, notes=notes,
+        format="chexpert",
+        root=root,
+        vocab=VOCAB,
+        entries=entries,
+        images=images,
+        missing=missing,
+        metadata_path=root / TRAIN_NAME,
+        states=cat(6),
+        train_val=train_val,
+        test=test,
+        images_checked=need_images,
+        notes=notes,
     )

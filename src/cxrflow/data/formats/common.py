@@ -11,22 +11,25 @@ import csv
 import gzip
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from cxrflow.errors import CxrflowError
 from cxrflow.data.labels import LabelVocabulary
 from cxrflow.data.metadata import _reading as text_file_errors
 from cxrflow.data.uncertain import KNOWN, UNCERTAIN, UNMENTIONED
+from cxrflow.errors import CxrflowError
 
 #: Observation values of CheXpert-style label columns -> (label, state).
 OBSERVATION_VALUES = {
-    "1.0": (1, KNOWN), "1": (1, KNOWN),
-    "0.0": (0, KNOWN), "0": (0, KNOWN),
-    "-1.0": (0, UNCERTAIN), "-1": (0, UNCERTAIN),
+    "1.0": (1, KNOWN),
+    "1": (1, KNOWN),
+    "0.0": (0, KNOWN),
+    "0": (0, KNOWN),
+    "-1.0": (0, UNCERTAIN),
+    "-1": (0, UNCERTAIN),
     "": (0, UNMENTIONED),
 }
 SEX_VALUES = {"M": "M", "F": "F", "MALE": "M", "FEMALE": "F", "": "U", "U": "U", "UNKNOWN": "U", "O": "U"}
@@ -95,8 +98,17 @@ def _fast(path: Path) -> pd.DataFrame | None:
     """The table through pandas' C parser, or None when it holds anything the slow pass must report."""
     try:
         with _reading(path):
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=True, na_values=[],
-                                skip_blank_lines=True, encoding="utf-8-sig", compression="infer", engine="c")
+            frame = pd.read_csv(
+                path,
+                dtype=str,
+                keep_default_na=False,
+                na_filter=True,
+                na_values=[],
+                skip_blank_lines=True,
+                encoding="utf-8-sig",
+                compression="infer",
+                engine="c",
+            )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError):
         return None
     if frame.isna().to_numpy().any() or any(str(c).startswith("Unnamed: ") for c in frame.columns):
@@ -110,7 +122,11 @@ def read_table(path: str | os.PathLike, required: Sequence[str]) -> Table:
     path = Path(path)
     frame = _fast(path)
     lines = None
-    if frame is None or frame.columns.duplicated().any() or any("." in c and c.rsplit(".", 1)[0] in frame.columns for c in frame.columns):
+    if (
+        frame is None
+        or frame.columns.duplicated().any()
+        or any("." in c and c.rsplit(".", 1)[0] in frame.columns for c in frame.columns)
+    ):
         header, rows, lines = _scan(path)
         frame = pd.DataFrame(rows, columns=header, dtype=str) if rows else pd.DataFrame(columns=header, dtype=str)
     header = list(frame.columns)
@@ -133,9 +149,13 @@ def observations(table: Table, columns: Sequence[str], derived: Sequence[str] = 
     for j, col in enumerate(columns):
         values = table.frame[col]
         ok = values.isin(OBSERVATION_VALUES).to_numpy()
-        table.first(~ok, lambda r, c=col, v=values: (
-            f"unknown value {v.iloc[r]!r} in column {c!r} (expected 1.0 positive, 0.0 negative, "
-            "-1.0 uncertain or empty for not mentioned)"))
+        table.first(
+            ~ok,
+            lambda r, c=col, v=values: (
+                f"unknown value {v.iloc[r]!r} in column {c!r} (expected 1.0 positive, 0.0 negative, "
+                "-1.0 uncertain or empty for not mentioned)"
+            ),
+        )
         positive = values.isin([v for v, (label, _) in OBSERVATION_VALUES.items() if label == 1]).to_numpy()
         uncertain = values.isin([v for v, (_, state) in OBSERVATION_VALUES.items() if state == UNCERTAIN]).to_numpy()
         labels[:, j] = positive
@@ -153,8 +173,10 @@ def image_paths(root: Path, relative: pd.Series, table: Table) -> dict[str, str]
     text = relative.str.replace("\\", "/", regex=False)
     table.first((text == "").to_numpy(), lambda r: "empty image path")
     escapes = text.str.startswith("/") | text.str.contains(r"(?:^|/)\.\.(?:/|$)") | text.str.match(r"^[A-Za-z]:")
-    table.first(escapes.to_numpy(), lambda r: (
-        f"image path {relative.iloc[r]!r} escapes the data folder; paths must be relative to it"))
+    table.first(
+        escapes.to_numpy(),
+        lambda r: f"image path {relative.iloc[r]!r} escapes the data folder; paths must be relative to it",
+    )
     base = str(root) + os.sep
     return dict(zip(relative, base + text))
 
@@ -173,9 +195,13 @@ def check_patient_splits(table: Table, patients: np.ndarray, splits: np.ndarray)
     """A patient's images must all be in one split of an official split file."""
     frame = pd.DataFrame({"p": patients, "s": splits})
     first_split = frame.groupby("p", sort=False)["s"].transform("first").to_numpy()
-    table.first(first_split != splits, lambda r: (
-        f"patient {patients[r]} is in split {splits[r]!r} here but in {first_split[r]!r} on an earlier line; "
-        "a patient must be in one split only"))
+    table.first(
+        first_split != splits,
+        lambda r: (
+            f"patient {patients[r]} is in split {splits[r]!r} here but in {first_split[r]!r} on an earlier line; "
+            "a patient must be in one split only"
+        ),
+    )
 
 
 def parse_age(table: Table, column: str | None) -> np.ndarray:
@@ -195,7 +221,9 @@ def parse_sex(table: Table, column: str | None) -> np.ndarray:
         return np.full(len(table.frame), "U", dtype=object)
     upper = table.frame[column].str.upper()
     ok = upper.isin(SEX_VALUES).to_numpy()
-    table.first(~ok, lambda r: f"{column!r} must be M, F, Male, Female, Unknown or empty, got {table.frame[column].iloc[r]!r}")
+    table.first(
+        ~ok, lambda r: f"{column!r} must be M, F, Male, Female, Unknown or empty, got {table.frame[column].iloc[r]!r}"
+    )
     return upper.map(SEX_VALUES).to_numpy(dtype=object)
 
 

@@ -175,11 +175,18 @@ def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
             gray = values[..., 0]
         else:
             gray = (values[..., 0] * 299 + values[..., 1] * 587 + values[..., 2] * 114) / 1000.0
-        return DicomImage(np.clip(np.rint(gray), 0, 255).astype(np.uint8), _spacing(ds),
-                          str(ds.get("PhotometricInterpretation", "")), ds.get("BitsStored"), syntax_name)
+        return DicomImage(
+            np.clip(np.rint(gray), 0, 255).astype(np.uint8),
+            _spacing(ds),
+            str(ds.get("PhotometricInterpretation", "")),
+            ds.get("BitsStored"),
+            syntax_name,
+        )
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric == "PALETTE COLOR" and pixels.ndim == 2:
-        return DicomImage(_palette_gray(ds, pixels, where), _spacing(ds), photometric, ds.get("BitsStored"), syntax_name)
+        return DicomImage(
+            _palette_gray(ds, pixels, where), _spacing(ds), photometric, ds.get("BitsStored"), syntax_name
+        )
     if pixels.ndim != 2:
         raise _error(f"unsupported DICOM pixel layout {pixels.shape} (expected one gray frame)", where)
     try:
@@ -223,8 +230,11 @@ def _check_size(ds, where: str | None) -> None:
         try:
             check_pixel_budget(width, height)
         except ImageError as exc:
-            raise _error(f"compressed pixel data: the codestream says {width}x{height} (the header {columns}x{rows}); "
-                         f"{exc.message}", where) from None
+            raise _error(
+                f"compressed pixel data: the codestream says {width}x{height} (the header {columns}x{rows}); "
+                f"{exc.message}",
+                where,
+            ) from None
 
 
 _J2K_SIZ = b"\xff\x4f\xff\x51"  # SOC then SIZ: a JPEG 2000 codestream's image size
@@ -316,8 +326,9 @@ def header_spacing(path: str | Path) -> tuple[float, float] | None:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                             specific_tags=["PixelSpacing", "ImagerPixelSpacing"])
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, force=True, specific_tags=["PixelSpacing", "ImagerPixelSpacing"]
+        )
     except Exception:  # the image itself was decoded; a header that will not parse just has no spacing
         return None
     return _spacing(ds)
@@ -343,15 +354,21 @@ def write_spacing(store: str | Path, rows: list[list]) -> dict | None:
     import pyarrow.parquet as pq
 
     rows = sorted(rows)
-    table = pa.table({
-        "image_id": pa.array([r[0] for r in rows], pa.string()),
-        "spacing_row_mm": pa.array([r[1] for r in rows], pa.float32()),
-        "spacing_col_mm": pa.array([r[2] for r in rows], pa.float32()),
-    })
+    table = pa.table(
+        {
+            "image_id": pa.array([r[0] for r in rows], pa.string()),
+            "spacing_row_mm": pa.array([r[1] for r in rows], pa.float32()),
+            "spacing_col_mm": pa.array([r[2] for r in rows], pa.float32()),
+        }
+    )
     pq.write_table(table, Path(store) / SPACING_FILE)
     known = [r[1] for r in rows if r[1] == r[1]]
-    return {"file": SPACING_FILE, "dicom_images": len(rows), "with_spacing": len(known),
-            "row_mm_range": [min(known), max(known)] if known else None}
+    return {
+        "file": SPACING_FILE,
+        "dicom_images": len(rows),
+        "with_spacing": len(known),
+        "row_mm_range": [min(known), max(known)] if known else None,
+    }
 
 
 def looks_like_dicom(path: str | Path) -> bool:

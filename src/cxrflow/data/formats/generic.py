@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrflow.errors import CxrflowError
 from cxrflow.data.formats import FRONTAL, Collection
 from cxrflow.data.formats.common import (
     check_patient_splits,
@@ -48,6 +47,7 @@ from cxrflow.data.formats.common import (
 )
 from cxrflow.data.labels import LabelVocabulary
 from cxrflow.data.uncertain import KNOWN
+from cxrflow.errors import CxrflowError
 
 FILE_NAME = "labels.csv"
 REQUIRED = ("image", "patient_id")
@@ -84,8 +84,9 @@ def _canonical_columns(table) -> None:
                 renames[column] = name
     if len(set(renames.values())) != len(renames):
         twice = next(n for n in renames.values() if list(renames.values()).count(n) > 1)
-        raise CxrflowError(f"two columns mean {twice!r}: {', '.join(c for c, n in renames.items() if n == twice)}",
-                           table.path, 1)
+        raise CxrflowError(
+            f"two columns mean {twice!r}: {', '.join(c for c, n in renames.items() if n == twice)}", table.path, 1
+        )
     table.frame = table.frame.rename(columns=renames)
     for name in REQUIRED:
         if name not in table.frame.columns:
@@ -115,8 +116,10 @@ def _pipe_labels(table) -> tuple[LabelVocabulary, np.ndarray]:
     for name in names:  # "Nodule" and "nodule" would be two findings, each with half the positives
         if spelled.setdefault(name.lower(), name) != name:
             other = spelled[name.lower()]
-            table.first(values.str.split("|").map(lambda parts, n=name: n in parts).to_numpy(), lambda r, n=name, o=other: (
-                f"finding {n!r} is also written {o!r}; spell each finding one way"))
+            table.first(
+                values.str.split("|").map(lambda parts, n=name: n in parts).to_numpy(),
+                lambda r, n=name, o=other: f"finding {n!r} is also written {o!r}; spell each finding one way",
+            )
     vocab = LabelVocabulary(tuple(names), no_finding=NO_FINDING)
     codes, uniques = pd.factorize(values)
     rows = np.zeros((len(uniques), len(names)), dtype=np.uint8)
@@ -124,7 +127,7 @@ def _pipe_labels(table) -> tuple[LabelVocabulary, np.ndarray]:
         try:
             rows[u] = vocab.encode(vocab.parse(text))
         except KeyError:  # the only name not in the vocabulary is the no-finding token
-            table.first(codes == u, lambda r: f"'labels' {text!r} combines {NO_FINDING!r} with findings")
+            table.first(codes == u, lambda r, text=text: f"'labels' {text!r} combines {NO_FINDING!r} with findings")
     return vocab, rows[codes]
 
 
@@ -164,12 +167,17 @@ def read(root: Path, *, views: str = "frontal", need_images: bool = True, file_n
     check_unique(table, ids, "image")
     paths = image_paths(root, ids, table)
     patients = _patients(table)
-    view = table.frame["view"].str.upper().to_numpy(dtype=object) if "view" in columns else np.full(len(ids), "", object)
+    view = (
+        table.frame["view"].str.upper().to_numpy(dtype=object) if "view" in columns else np.full(len(ids), "", object)
+    )
     keep = np.isin(view, FRONTAL) if views == "frontal" and "view" in columns else np.ones(len(ids), dtype=bool)
     train_val = test = val = None
     if "split" in columns:
         split = table.frame["split"].str.strip().str.lower().replace(VAL_SPELLINGS).to_numpy(dtype=object)
-        table.first(~np.isin(split, SPLITS), lambda r: f"'split' must be train, val or test, got {table.frame['split'].iloc[r]!r}")
+        table.first(
+            ~np.isin(split, SPLITS),
+            lambda r: f"'split' must be train, val or test, got {table.frame['split'].iloc[r]!r}",
+        )
         check_patient_splits(table, patients, split)
         kept_ids, kept_split = ids.to_numpy()[keep], split[keep]
         train_val = kept_ids[kept_split != "test"].tolist()
@@ -178,14 +186,29 @@ def read(root: Path, *, views: str = "frontal", need_images: bool = True, file_n
     age, sex = parse_age(table, "age"), parse_sex(table, "sex")
     _from_dicom_headers(ids, paths, age, sex, keep)
     entries = entries_frame(
-        ids[keep], patients[keep], age[keep], sex[keep], view[keep],
-        np.zeros(int(keep.sum()), np.int32), labels[keep], vocab,
+        ids[keep],
+        patients[keep],
+        age[keep],
+        sex[keep],
+        view[keep],
+        np.zeros(int(keep.sum()), np.int32),
+        labels[keep],
+        vocab,
     )
     images, missing = locate_images({i: paths[i] for i in entries["image_id"]}, need_images)
     dropped = int((~keep).sum())
     return Collection(
-        format="csv", root=root, vocab=vocab, entries=entries, images=images, missing=missing,
-        metadata_path=table.path, states=None if states is None else states[keep],
-        train_val=train_val, test=test, val=val, images_checked=need_images,
+        format="csv",
+        root=root,
+        vocab=vocab,
+        entries=entries,
+        images=images,
+        missing=missing,
+        metadata_path=table.path,
+        states=None if states is None else states[keep],
+        train_val=train_val,
+        test=test,
+        val=val,
+        images_checked=need_images,
         notes=[f"--views frontal: left out {dropped} rows whose view is not PA/AP"] if dropped else [],
     )
