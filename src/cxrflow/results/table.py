@@ -216,9 +216,8 @@ def format_csv(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def format_markdown(rows: Sequence[dict]) -> str:
-    """The table as Markdown: the summary table (best in bold), per-finding AUCs, the paper's values."""
-    findings = _finding_columns(rows)
+def _markdown_header(rows: Sequence[dict]) -> list[str]:
+    """The title, the notes on what the columns mean, and a warning when label vocabularies differ."""
     lines = [
         "# Mean test AUC per run (cf. the paper's Table 1)",
         "",
@@ -238,40 +237,41 @@ def format_markdown(rows: Sequence[dict]) -> str:
             "findings and not comparable.** `report.html` shows one table per vocabulary.",
             "",
         ]
-    lines += [
-        "| Run | Model | Size (px) | Stage | Mean AUC | 95% CI | ECE (raw) | Paper | Δ vs paper | Images | Best |",
-        "|---|---|---:|---|---:|---|---:|---:|---:|---:|:---:|",
+    return lines
+
+
+def _markdown_run_row(r: dict) -> str:
+    """One row of the summary table (its first five cells in bold for the best run)."""
+    mean = _fmt(r["mean_auc"])
+    ci = f"{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}" if r["ci_low"] is not None else "n/a"
+    delta = "" if r["delta_vs_paper"] is None else f"{r['delta_vs_paper']:+.4f}"
+    ece = "n/a" if r["ece"] is None else f"{r['ece']:.3f}" + ("" if r["ece_raw"] is None else f" ({r['ece_raw']:.3f})")
+    model = (
+        f"Ensemble ({r['model'][len('ensemble(') : -1]})"
+        if r["kind"] == "ensemble"
+        else model_title(r["model"], r["fusion"])
+    )
+    cells = [
+        r["run"] + (" (synthetic data)" if r.get("synthetic") else ""),
+        model,
+        str(r["size"]),
+        STAGE_TITLES.get(r["stage"], r["stage"]),
+        mean or "n/a",
+        ci,
+        ece,
+        _fmt(r["paper_mean_auc"]) or "—",
+        delta or "—",
+        str(r["n_images"]),
+        "**best**" if r["best"] else "",
     ]
-    for r in rows:
-        mean = _fmt(r["mean_auc"])
-        ci = f"{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}" if r["ci_low"] is not None else "n/a"
-        delta = "" if r["delta_vs_paper"] is None else f"{r['delta_vs_paper']:+.4f}"
-        ece = (
-            "n/a"
-            if r["ece"] is None
-            else f"{r['ece']:.3f}" + ("" if r["ece_raw"] is None else f" ({r['ece_raw']:.3f})")
-        )
-        model = (
-            f"Ensemble ({r['model'][len('ensemble(') : -1]})"
-            if r["kind"] == "ensemble"
-            else model_title(r["model"], r["fusion"])
-        )
-        cells = [
-            r["run"] + (" (synthetic data)" if r.get("synthetic") else ""),
-            model,
-            str(r["size"]),
-            STAGE_TITLES.get(r["stage"], r["stage"]),
-            mean or "n/a",
-            ci,
-            ece,
-            _fmt(r["paper_mean_auc"]) or "—",
-            delta or "—",
-            str(r["n_images"]),
-            "**best**" if r["best"] else "",
-        ]
-        if r["best"]:
-            cells[:5] = [f"**{c}**" for c in cells[:5]]
-        lines.append("| " + " | ".join(cells) + " |")
+    if r["best"]:
+        cells[:5] = [f"**{c}**" for c in cells[:5]]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _markdown_run_notes(rows: Sequence[dict]) -> list[str]:
+    """The lists under the summary table: each ensemble's members, and findings without an AUC."""
+    lines: list[str] = []
     ensembles = [f"{r['run']}: {r['label']}" for r in rows if r["kind"] == "ensemble"]
     if ensembles:
         lines += [
@@ -287,14 +287,24 @@ def format_markdown(rows: Sequence[dict]) -> str:
     if nan_notes:
         lines += ["", "Findings without an AUC (one class only in the split), left out of the mean:"]
         lines += [f"- {n}" for n in nan_notes]
-    lines += ["", "## Per-finding test AUC", ""]
+    return lines
+
+
+def _markdown_findings(rows: Sequence[dict]) -> list[str]:
+    """The per-finding AUC table: one row per finding, one column per evaluation."""
+    lines = ["", "## Per-finding test AUC", ""]
     lines.append(
         "| Finding | " + " | ".join(f"{r['run']} {STAGE_TITLES.get(r['stage'], r['stage'])}" for r in rows) + " |"
     )
     lines.append("|---|" + "---:|" * len(rows))
-    for n in findings:
+    for n in _finding_columns(rows):
         lines.append(f"| {n} | " + " | ".join(_fmt(r["auc"].get(n), 3) or "n/a" for r in rows) + " |")
-    lines += [
+    return lines
+
+
+def _markdown_paper() -> list[str]:
+    """The paper's published mean AUCs, one row per model and input size."""
+    lines = [
         "",
         "## The paper's published mean AUCs",
         "",
@@ -309,4 +319,18 @@ def format_markdown(rows: Sequence[dict]) -> str:
             f"| {model_title(model)} | {'—' if size is None else size} | {_fmt(aucs.get('kt')) or '—'} | "
             f"{_fmt(aucs.get('finetune')) or '—'} |"
         )
+    return lines
+
+
+def format_markdown(rows: Sequence[dict]) -> str:
+    """The table as Markdown: the summary table (best in bold), per-finding AUCs, the paper's values."""
+    lines = _markdown_header(rows)
+    lines += [
+        "| Run | Model | Size (px) | Stage | Mean AUC | 95% CI | ECE (raw) | Paper | Δ vs paper | Images | Best |",
+        "|---|---|---:|---|---:|---|---:|---:|---:|---:|:---:|",
+    ]
+    lines += [_markdown_run_row(r) for r in rows]
+    lines += _markdown_run_notes(rows)
+    lines += _markdown_findings(rows)
+    lines += _markdown_paper()
     return "\n".join(lines) + "\n"
