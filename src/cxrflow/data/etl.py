@@ -43,9 +43,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from cxrflow.atomic import write_json_atomic
-from cxrflow.data.etlsummary import Progress, build_manifest, split_identities, verify_store_files
+from cxrflow.data.etlmanifest import complete_manifest
+from cxrflow.data.etlsummary import Progress, build_manifest
 from cxrflow.data.formats import Collection
-from cxrflow.data.formats.dicom import spacing_row, write_spacing
+from cxrflow.data.formats.dicom import spacing_row
 from cxrflow.data.imaging import MAX_STORE_SIZE, ImageError, load_and_resize
 from cxrflow.data.store import (
     KNOWN_COLUMN,
@@ -339,6 +340,29 @@ def _environment_failure(exc: Exception, out: Path) -> CxrflowError | None:
     )
 
 
+def _check_etl_args(
+    sizes, compression, threads, rows_per_file, val_fraction, spark, master, driver_memory, executor_memory
+) -> tuple[list[int], str]:
+    """:func:`run_etl`'s options checked before anything is read; returns the parsed sizes and the
+    checked master (unchanged when an existing ``spark`` session is used)."""
+    from cxrflow.data.spark import check_master, check_memory
+
+    sizes = parse_sizes(sizes) if isinstance(sizes, str) else parse_sizes(list(sizes))
+    if compression not in COMPRESSIONS:
+        raise CxrflowError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if threads < 1:
+        raise CxrflowError(f"--threads must be at least 1, got {threads}")
+    if rows_per_file is not None and rows_per_file < 1:
+        raise CxrflowError(f"--rows-per-file must be at least 1, got {rows_per_file}")
+    if not 0.0 < val_fraction < 1.0:  # validation picks the best epoch: it cannot be empty
+        raise CxrflowError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if spark is None:
+        master = check_master(master)
+        check_memory(driver_memory, "--driver-memory")
+        check_memory(executor_memory, "--executor-memory")
+    return sizes, master
+
+
 def run_etl(
     data_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -373,23 +397,12 @@ def run_etl(
     as ``cxrflow split`` computes with the same options.
     """
     from cxrflow.data.formats import load_collection
-    from cxrflow.data.spark import check_master, check_memory
     from cxrflow.data.split import assign_collection_splits, read_split_csv
 
     started = time.perf_counter()
-    sizes = parse_sizes(sizes) if isinstance(sizes, str) else parse_sizes(list(sizes))
-    if compression not in COMPRESSIONS:
-        raise CxrflowError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
-    if threads < 1:
-        raise CxrflowError(f"--threads must be at least 1, got {threads}")
-    if rows_per_file is not None and rows_per_file < 1:
-        raise CxrflowError(f"--rows-per-file must be at least 1, got {rows_per_file}")
-    if not 0.0 < val_fraction < 1.0:  # validation picks the best epoch: it cannot be empty
-        raise CxrflowError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if spark is None:
-        master = check_master(master)
-        check_memory(driver_memory, "--driver-memory")
-        check_memory(executor_memory, "--executor-memory")
+    sizes, master = _check_etl_args(
+        sizes, compression, threads, rows_per_file, val_fraction, spark, master, driver_memory, executor_memory
+    )
     out = Path(out).absolute()
     # the output's lock comes first: a second ETL on the same output stops before reading any metadata
     with publishing(out, "etl", overwrite=overwrite, inputs=[data_dir]) as pub:
@@ -482,12 +495,65 @@ def _write_store(
     started,
 ):
     """Run the Spark job into ``pub.tmp``, check the store, write its manifest and publish it."""
-    from cxrflow.data.demographics import FIELDS as DEMOGRAPHIC_FIELDS  # driver only: it imports torch
-    from cxrflow.data.demographics import count_unknown
-    from cxrflow.data.formats import store_label_keys
+    summaries, job_seconds, used_master = _run_spark_job(
+        pub,
+        tasks,
+        records,
+        sizes,
+        master,
+        spark,
+        group_rows,
+        num_labels=len(vocab),
+        verbose=verbose,
+        compression=compression,
+        threads=threads,
+        driver_memory=driver_memory,
+        executor_memory=executor_memory,
+        progress=progress,
+    )
+    manifest = build_manifest(
+        release,
+        splits,
+        summaries,
+        sizes,
+        vocab,
+        used_master,
+        val_fraction,
+        seed,
+        compression,
+        group_rows,
+        per_file,
+        job_seconds,
+    )
+    complete_manifest(manifest, pub.tmp, release, records, summaries, sizes, strict)
+    manifest["wall_seconds"] = round(time.perf_counter() - started, 3)
+    write_json_atomic(pub.tmp / MANIFEST_NAME, manifest)
+    pub.commit()
+    return manifest
+
+
+def _run_spark_job(
+    pub,
+    tasks,
+    records,
+    sizes,
+    master,
+    spark,
+    group_rows,
+    *,
+    num_labels,
+    verbose,
+    compression,
+    threads,
+    driver_memory,
+    executor_memory,
+    progress,
+) -> tuple[list[dict], float, str]:
+    """Write the tasks' files into ``pub.tmp`` with one Spark job (on ``spark``, or on a session
+    started on ``master`` and stopped after); returns the tasks' summaries, the job's seconds and
+    the master it ran on."""
     from cxrflow.data.spark import build_spark
 
-    tmp = pub.tmp
     own_spark = spark is None
     try:
         if own_spark:
@@ -502,11 +568,11 @@ def _write_store(
             work = functools.partial(
                 _run_partition,
                 counter=counter,
-                store=str(tmp),
+                store=str(pub.tmp),
                 sizes=sizes,
                 group_rows=group_rows,
                 compression=compression,
-                num_labels=len(vocab),
+                num_labels=num_labels,
                 threads=threads,
             )
             sc.setJobDescription(f"cxrflow etl: {len(records)} images to sizes {sizes}")
@@ -523,43 +589,4 @@ def _write_store(
     finally:
         if own_spark and spark is not None:
             spark.stop()
-
-    manifest = build_manifest(
-        release,
-        splits,
-        summaries,
-        sizes,
-        vocab,
-        master if own_spark else spark.sparkContext.master,
-        val_fraction,
-        seed,
-        compression,
-        group_rows,
-        per_file,
-        job_seconds,
-    )
-    if strict and manifest["quarantined"]:
-        q = manifest["quarantined"][0]
-        raise CxrflowError(
-            f"{len(manifest['quarantined'])} image(s) could not be decoded (first {q['image_id']}: {q['reason']}); "
-            "drop --strict to quarantine them and go on",
-            q["path"],
-        )
-    quarantined_ids = {q["image_id"] for q in manifest["quarantined"]}
-    kept = [r for r in records if r["image_id"] not in quarantined_ids]
-    # the store keeps the raw values; this counts those a fused model will see as unknown
-    manifest["demographics_unknown"] = count_unknown(*([r[f] for r in kept] for f in DEMOGRAPHIC_FIELDS))
-    manifest["split_identity"] = split_identities(records, manifest["quarantined"])
-    manifest.update(store_label_keys(release, records, quarantined_ids))
-    spacing = write_spacing(tmp, [row for s in summaries for row in s["pixel_spacing"]])
-    if spacing is not None:
-        manifest["pixel_spacing"] = spacing
-    verify_store_files(tmp, sizes, manifest["rows"])
-    if release.bbox is not None:  # after the check: the box file is not a partition
-        from cxrflow.data.boxes import write_boxes
-
-        manifest["boxes"] = write_boxes(tmp, release.bbox)
-    manifest["wall_seconds"] = round(time.perf_counter() - started, 3)
-    write_json_atomic(tmp / MANIFEST_NAME, manifest)
-    pub.commit()
-    return manifest
+    return summaries, job_seconds, master if own_spark else spark.sparkContext.master

@@ -296,6 +296,36 @@ def make_loader(
     each worker permutes windows of that many rows, read a whole row group at a time. ``pin_memory``
     defaults to whether CUDA is available.
     """
+    shuffle_buffer = _check_loader_args(size, batch_size, num_workers, world_size, rank, seed, epoch, shuffle_buffer)
+    plan, manifest = _plan_partition(store, filesystem, size, split, uncertain)
+    return StoreLoader(
+        plan,
+        manifest,
+        split=split,
+        batch_size=int(batch_size),
+        shuffle=bool(shuffle),
+        seed=int(seed),
+        epoch=int(epoch),
+        num_workers=int(num_workers),
+        rank=int(rank),
+        world_size=int(world_size),
+        drop_last=bool(drop_last),
+        shuffle_buffer=int(shuffle_buffer),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
+    )
+
+
+def _check_loader_args(
+    size: Any,
+    batch_size: Any,
+    num_workers: Any,
+    world_size: Any,
+    rank: Any,
+    seed: Any,
+    epoch: Any,
+    shuffle_buffer: Any,
+) -> Any:
+    """:func:`make_loader`'s integer arguments checked; returns ``shuffle_buffer`` (its default filled in)."""
     if shuffle_buffer is None and isinstance(size, (int, np.integer)) and size > 0:
         shuffle_buffer = default_shuffle_buffer(size, batch_size if isinstance(batch_size, int) else 1)
     for name, value, low in (
@@ -310,6 +340,14 @@ def make_loader(
             raise CxrflowError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
         raise CxrflowError(f"rank must be in 0..{world_size - 1} for world_size {world_size}, got {rank!r}")
+    return shuffle_buffer
+
+
+def _plan_partition(
+    store: str | os.PathLike, filesystem: Any, size: int, split: str, uncertain: str
+) -> tuple[Plan, dict]:
+    """The store's manifest and the read plan of its ``(size, split)`` partition, whose row groups
+    must hold exactly the rows the manifest records."""
     fs, root, local = resolve_filesystem(store, filesystem)
     shown = os.fspath(store)
     manifest = read_manifest(root) if local else read_remote_manifest(fs, root, shown)
@@ -332,21 +370,7 @@ def make_loader(
         has_states="uncertain_policies" in manifest,
         uncertain=resolve_policy(uncertain, manifest["label_names"]),
     )
-    return StoreLoader(
-        plan,
-        manifest,
-        split=split,
-        batch_size=int(batch_size),
-        shuffle=bool(shuffle),
-        seed=int(seed),
-        epoch=int(epoch),
-        num_workers=int(num_workers),
-        rank=int(rank),
-        world_size=int(world_size),
-        drop_last=bool(drop_last),
-        shuffle_buffer=int(shuffle_buffer),
-        pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
-    )
+    return plan, manifest
 
 
 # --------------------------------------------------------------------------------------------
