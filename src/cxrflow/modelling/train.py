@@ -16,7 +16,8 @@ Multi-GPU (or multi-process CPU) runs use DDP: ``torchrun --nproc_per_node N -m 
 ...`` (the command, :mod:`cxrflow.commands.train`, chooses the start); every rank reads its own
 shard, validation predictions are gathered so every rank computes the same AUC, and rank 0 writes
 the files (:mod:`cxrflow.modelling.distributed`). How each stage trains (parameters, optimiser,
-schedule, seeds) is :mod:`cxrflow.modelling.stages`; this module runs the steps: plan the run from
+schedule, seeds) is :mod:`cxrflow.modelling.stages`, one epoch's optimisation steps
+:mod:`cxrflow.modelling.epoch`; this module runs the steps: plan the run from
 the store, build the model, restore a resumed run, then per stage and epoch train, validate and save.
 """
 
@@ -39,7 +40,7 @@ from torch import nn
 from cxrflow import safeio
 from cxrflow.atomic import atomic_path, read_json_object, write_json_atomic, write_text_atomic
 from cxrflow.data.demographics import fusion_record
-from cxrflow.data.loader import augment, make_loader
+from cxrflow.data.loader import make_loader
 from cxrflow.data.store import check_partition, pixel_stats, read_manifest, store_identity
 from cxrflow.data.uncertain import MaskedBCEWithLogits, policy_pos_weight
 from cxrflow.errors import CxrflowError
@@ -47,19 +48,15 @@ from cxrflow.metrics import mean_auc, per_class_auc
 from cxrflow.modelling.config import Stage, TrainConfig
 from cxrflow.modelling.distributed import (
     Dist,
-    all_reduce,
-    any_rank,
     barrier,
-    broadcast_buffers,
     leave_distributed,
     min_over_ranks,
     setup_distributed,
     wrap,
 )
+from cxrflow.modelling.epoch import NonFiniteLoss, StepHook, train_one_epoch
 from cxrflow.modelling.fusion import init_from_store, param_groups
-from cxrflow.modelling.inference import autocast as _autocast
-from cxrflow.modelling.inference import model_input, predict_split, resolve_device
-from cxrflow.modelling.inference import unwrap as _unwrap
+from cxrflow.modelling.inference import predict_split, resolve_device
 from cxrflow.modelling.models import ChestClassifier, count_parameters, create_model, load_weights
 from cxrflow.modelling.stages import epoch_seed, make_optimizer, make_scheduler, set_trainable, warmup_cosine
 from cxrflow.outputs import claiming, read_marker, write_marker
@@ -80,83 +77,12 @@ __all__ = [
 #: Files a run writes; ``--overwrite`` removes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "best_kt.pt", "best_finetune.pt", "last.pt", "done.json", "mlflow.json")
 
-#: A hook called before each optimisation step: (model, stage name, epoch, step). For tests and tooling.
-StepHook = Callable[[ChestClassifier, str, int, int], None]
-
 
 def _pos_weight(manifest: dict, k: int, store: Any) -> torch.Tensor:
     pw = manifest.get("pos_weight")
     if pw is None or len(pw) != k:
         raise CxrflowError(f"manifest pos_weight must have {k} values (one per finding)", store)
     return torch.tensor(pw, dtype=torch.float32)
-
-
-class NonFiniteLoss(CxrflowError):
-    """The training loss became NaN or infinite; the weights were not updated with it."""
-
-
-# --- one epoch -----------------------------------------------------------------------------------
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: Any,
-    criterion: Callable[..., torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    *,
-    ctx: Dist,
-    mean: float,
-    std: float,
-    steps: int,
-    generator: torch.Generator | None,
-    progress: Progress,
-    stage: str,
-    epoch: int,
-    step_hook: StepHook | None = None,
-    per_step_scheduler: Any = None,
-) -> tuple[float, int, float]:
-    """Train for ``steps`` batches; returns (mean loss over all ranks, images over all ranks, seconds).
-
-    ``per_step_scheduler``: a learning-rate schedule stepped after every optimiser step (cosine).
-
-    A non-finite loss on any rank stops every rank before the weights change; non-finite weights at
-    the end of the epoch stop it before anything is saved (both raise :class:`NonFiniteLoss`).
-    """
-    device = ctx.device
-    model.train()
-    loss_sum, images = 0.0, 0
-    start = time.perf_counter()
-    batches = iter(loader)
-    for step in range(1, steps + 1):
-        batch = next(batches)
-        x = model_input(batch["image"], mean, std, device)
-        if generator is not None:
-            x = augment(x, generator)
-        y = batch["labels"].to(device, non_blocking=True)
-        demographics = batch["demographics"].to(device, non_blocking=True)  # image-only models ignore them
-        if step_hook is not None:
-            step_hook(_unwrap(model), stage, epoch, step)
-        with _autocast(device):
-            logits = model(x, demographics=demographics)
-        known = (batch["known"].to(device, non_blocking=True),) if isinstance(criterion, MaskedBCEWithLogits) else ()
-        loss = criterion(logits.float(), y, *known)
-        if any_rank(not bool(torch.isfinite(loss)), ctx):
-            raise NonFiniteLoss(f"training loss is not finite (NaN/inf) at stage {stage}, epoch {epoch}, step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if per_step_scheduler is not None:
-            per_step_scheduler.step()
-        n = int(y.shape[0])
-        loss_sum += float(loss.detach()) * n
-        images += n
-        progress.update(step, loss=loss_sum / images)
-    progress.close()
-    broadcast_buffers(_unwrap(model), ctx)  # each rank's BatchNorm statistics saw its own last batch
-    if not all(bool(torch.isfinite(p).all()) for p in _unwrap(model).parameters() if p.requires_grad):
-        raise NonFiniteLoss(f"the weights became NaN/inf during stage {stage}, epoch {epoch}")
-    loss_sum, images_all = all_reduce([loss_sum, float(images)], ctx)
-    return loss_sum / max(images_all, 1), int(images_all), time.perf_counter() - start
 
 
 # --- checkpoints and the run folder ----------------------------------------------------------------
