@@ -88,7 +88,6 @@ def run_demo(
 
 def _demo(out: Path, *, patients, image_size, sizes, epochs, seed, master, spark, echo) -> dict[str, Any]:
     """The stages of :func:`run_demo` in the claimed folder ``out``."""
-    from cxrflow.atomic import write_json_atomic
     from cxrflow.data.etl import run_etl
     from cxrflow.data.explore import explore
     from cxrflow.data.metadata import load_release
@@ -145,6 +144,14 @@ def _demo(out: Path, *, patients, image_size, sizes, epochs, seed, master, spark
     timings["predict"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
+    return _write_summary(out, result, timings)
+
+
+def _write_summary(out: Path, result: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """The demo's summary (every evaluation's mean test AUC, where each output is), also ``out/summary.json``."""
+    from cxrflow.atomic import write_json_atomic
+
+    best = result["best"]
     evaluations = sorted((out / "sweep" / "runs").glob("*/eval-test-*/metrics.json"))
     aucs = {}
     for m in evaluations:

@@ -36,7 +36,7 @@ parallel, one per GPU (``CUDA_VISIBLE_DEVICES``); on CPU one at a time. A failed
 the others: it is named at the end and the exit status is 2.
 
 ``--spark-master URL --processes N``: each run's training is its own distributed job on the Spark
-cluster (:func:`run_sweep_jobs`), as many at once as the cluster's slots allow.
+cluster (:func:`run_sweep_jobs`, in :mod:`cxrflow.commands.sweepjobs`), as many at once as the cluster's slots allow.
 ``--mlflow [URI]`` tracks every run and ensemble (default store ``OUT/mlruns``; see :mod:`cxrflow.tracking`).
 """
 
@@ -56,6 +56,7 @@ from typing import Any
 
 from cxrflow import options, safeio
 from cxrflow.atomic import write_json_atomic
+from cxrflow.commands.sweepjobs import run_sweep_jobs
 from cxrflow.errors import CxrflowError
 from cxrflow.modelling.config import TrainConfig, apply_overrides, preset, read_config_file
 from cxrflow.modelling.sparktrain import SparkLaunch
@@ -406,29 +407,8 @@ def _run_sweep(
     from cxrflow.results.report import write_report
 
     (out / "logs").mkdir(exist_ok=True)
-    slots: list[str | None]
-    if device == "cpu" or in_process or launch is not None:
-        slots = [None]
-    else:
-        found = list(gpus) if gpus else visible_gpus()
-        if device == "cuda" and not found:
-            raise CxrflowError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
-        slots = found or [None]
-    write_json_atomic(
-        out / "sweep.json",
-        {
-            "source": sweep.source,
-            "runs": [
-                {
-                    "name": s.name,
-                    "evaluate": s.evaluate,
-                    "config": {**s.config.to_dict(), "out": str(run_dir(out, s.name))},
-                }
-                for s in sweep.runs
-            ],
-            "n_boot": n_boot,
-        },
-    )
+    slots = _slots(device, gpus, in_process=in_process, launch=launch)
+    _write_sweep_record(sweep, out, n_boot)
     jobs: list[_Job] = []
     skipped: list[str] = []
     if launch is not None:
@@ -445,14 +425,8 @@ def _run_sweep(
             skipped.append(spec.name)
     if skipped:
         echo(f"already trained and evaluated: {', '.join(skipped)}")
-    where = (
-        f"on Spark ({launch.master})"
-        if launch is not None
-        else "in this process"
-        if in_process
-        else (f"on GPU {', '.join(s for s in slots if s is not None)}" if slots != [None] else "on CPU, one at a time")
-    )
     if jobs:
+        where = _where(slots, in_process=in_process, launch=launch)
         echo(f"{len(jobs)} run(s) to train/evaluate {where}: {', '.join(j.name for j in jobs)}")
     started = time.perf_counter()
     if in_process:
@@ -490,6 +464,46 @@ def _run_sweep(
             k: report["best"][k] for k in ("run", "model", "size", "stage", "mean_auc", "ci_low", "ci_high")},
     }  # fmt: skip
     return summary
+
+
+def _slots(device: str, gpus, *, in_process: bool, launch: SparkLaunch | None) -> list[str | None]:
+    """Where the runs go at once: one slot per GPU, or ``[None]`` (one run at a time, no GPU chosen)."""
+    if device == "cpu" or in_process or launch is not None:
+        return [None]
+    found = list(gpus) if gpus else visible_gpus()
+    if device == "cuda" and not found:
+        raise CxrflowError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
+    return found or [None]
+
+
+def _write_sweep_record(sweep: Sweep, out: Path, n_boot: int) -> None:
+    """``OUT/sweep.json``: the sweep's source, its resolved runs and the bootstrap count."""
+    write_json_atomic(
+        out / "sweep.json",
+        {
+            "source": sweep.source,
+            "runs": [
+                {
+                    "name": s.name,
+                    "evaluate": s.evaluate,
+                    "config": {**s.config.to_dict(), "out": str(run_dir(out, s.name))},
+                }
+                for s in sweep.runs
+            ],
+            "n_boot": n_boot,
+        },
+    )
+
+
+def _where(slots: list[str | None], *, in_process: bool, launch: SparkLaunch | None) -> str:
+    """Where the runs are trained and evaluated, in words."""
+    if launch is not None:
+        return f"on Spark ({launch.master})"
+    if in_process:
+        return "in this process"
+    if slots != [None]:
+        return f"on GPU {', '.join(s for s in slots if s is not None)}"
+    return "on CPU, one at a time"
 
 
 def _run_subprocesses(
@@ -559,68 +573,3 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-# --------------------------------------------------------------------------------------------------
-# on a Spark cluster
-
-
-def run_sweep_jobs(
-    jobs: list, launch: SparkLaunch, echo: Callable[[str], None], command: Callable[[list[str]], list[str]]
-) -> None:
-    """A sweep on the cluster: every job's ``train`` step is its own barrier job on one shared session,
-    as many at once as the cluster's slots allow; its ``evaluate`` steps run here as subprocesses.
-
-    ``jobs`` are :class:`_Job` (name, steps, log, failed); a failed step fails its job only.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from cxrflow.modelling.sparktrain import cluster_session, wait_for_slots
-
-    with cluster_session(launch, "cxrflow-sweep") as spark:
-        at_once = max(1, wait_for_slots(spark, launch) // launch.processes)
-        echo(f"on {launch.master}: {launch.processes} process(es) per run, {at_once} run(s) at once")
-        with ThreadPoolExecutor(max_workers=at_once) as pool:
-            list(pool.map(lambda job: _run_steps(spark, launch, job, echo, command), jobs))
-
-
-def _run_steps(
-    spark: Any, launch: SparkLaunch, job: Any, echo: Callable[[str], None], command: Callable[[list[str]], list[str]]
-) -> None:
-    import subprocess
-
-    from cxrflow.commands.train import get_args_parser, run_config
-    from cxrflow.modelling.sparktrain import train_on_spark
-    from cxrflow.tracking import request_from_args
-
-    while job.steps:
-        argv = job.steps.popleft()
-        with open(job.log, "a") as log:
-            log.write(f"\n$ cxrflow {' '.join(argv)}\n")
-        echo(f"[{job.name}] cxrflow {argv[0]}{' on the cluster' if argv[0] == 'train' else ''}; log: {job.log}")
-        try:
-            if argv[0] == "train":
-                args = get_args_parser().parse_args(argv[1:])
-                train_on_spark(
-                    run_config(args),
-                    launch,
-                    resume=args.resume,
-                    overwrite=args.overwrite,
-                    quiet=True,
-                    tracking=request_from_args(args),
-                    spark=spark,
-                    log_path=str(job.log),
-                )
-            else:
-                with open(job.log, "a") as log:
-                    code = subprocess.run(command(argv), stdout=log, stderr=subprocess.STDOUT).returncode
-                if code != 0:
-                    job.failed = f"exit status {code}; see {job.log}"
-        except CxrflowError as exc:
-            with open(job.log, "a") as log:
-                log.write(f"error: {exc}\n")
-            job.failed = str(exc)
-        if job.failed:
-            echo(f"[{job.name}] failed ({job.failed})")
-            return
-    echo(f"[{job.name}] done")
