@@ -316,8 +316,7 @@ def _keep_mode(out: Path, tmp: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process; a zombie (killed, not yet reaped by its parent) is not:
-    it writes nothing and its ``flock`` is already released."""
+    """Whether ``pid`` runs; a zombie (killed, not yet reaped) does not: its flock is already released."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -328,10 +327,9 @@ def _pid_alive(pid: int) -> bool:
         return False
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[-1].split()[0]
+            return f.read().rsplit(b")", 1)[-1].split()[0] not in (b"Z", b"X")
     except (OSError, IndexError):
         return True  # no /proc (not Linux): the pid exists
-    return state not in (b"Z", b"X")
 
 
 def _lock_file_of_ours(fd: int) -> bool:
