@@ -312,7 +312,6 @@ def _keep_mode(out: Path, tmp: Path) -> None:
             os.chmod(tmp, stat.S_IMODE(info.st_mode))
 
 
-
 def _pid_alive(pid: int) -> bool:
     """Whether ``pid`` runs; a zombie (killed, not yet reaped) does not: its flock is already released."""
     try:
