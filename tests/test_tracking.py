@@ -159,6 +159,7 @@ def test_a_refusing_server_costs_one_warning_not_the_run(store, tmp_path, capsys
     assert (run / "done.json").is_file() and len(_rows(run)) == 2 and not (run / RUN_ID_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_store_broken_mid_run_is_one_warning_and_evaluate_fills_the_gap(store, tmp_path, capsys):
     run = tmp_path / "run"
     mlruns = tmp_path / "mlruns"

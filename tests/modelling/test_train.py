@@ -72,6 +72,7 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_simple_cnn_learns_the_planted_signal(store, tmp_path, capsys):
     run = tmp_path / "run"
     argv = [

@@ -163,6 +163,7 @@ def tiny_run(tmp_path_factory):
     return train_tiny_run(tmp_path_factory.mktemp("evaluate"))
 
 
+@pytest.mark.slow
 def test_evaluate_run_writes_metrics_predictions_and_figures(tiny_run, tmp_path):
     run, store = tiny_run
     out = tmp_path / "ev"
@@ -246,6 +247,7 @@ def test_checkpoint_resolution_errors(tiny_run, tmp_path):
     assert main(["evaluate", "--run", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.slow
 def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_run, tmp_path):
     from sklearn.metrics import brier_score_loss
 
@@ -295,6 +297,7 @@ def test_evaluation_calibrates_on_validation_and_every_figure_recomputes(tiny_ru
 # --- a result belongs to its checkpoint, its normalisation and its store ------------------------------
 
 
+@pytest.mark.slow
 def test_evaluation_records_its_checkpoint_and_store(tiny_run, tmp_path):
     from cxrflow.data.store import store_split_identity
     from cxrflow.identity import file_sha256
