@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import numpy as np
@@ -125,14 +126,41 @@ class Provenance:
         return dataclasses.asdict(self)
 
 
+def recorded_paths(**paths: str | os.PathLike) -> dict[str, str]:
+    """``paths`` as a run or an output records them: absolute and normalised (links kept), so that the
+    record means the same from any working folder; a moved store is then looked for relative to the
+    run's own recorded place (:func:`cxrflow.data.store.locate_store`)."""
+    return {key: os.path.abspath(path) for key, path in paths.items()}
+
+
+def is_run_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a run folder (it holds the ``config.json`` ``cxrflow train`` writes)."""
+    return (Path(folder) / "config.json").is_file()
+
+
+def evaluation_run(metrics_path: str | os.PathLike, metrics: dict) -> Path:
+    """The run folder an evaluation (or a localization) belongs to, wherever the two are now.
+
+    The folder it is in, when that is a run folder (so ``mv run elsewhere`` and ``cp -r run run2``
+    keep each evaluation with its own run: run2's evaluations are run2's), else the run recorded
+    when it was made (an evaluation written with ``--out`` elsewhere), else the folder it is in.
+    """
+    folder = Path(os.path.abspath(metrics_path)).parent
+    if is_run_folder(folder.parent) or not metrics.get("run"):
+        return folder.parent
+    named = Path(str(metrics["run"]))
+    return named if named.is_dir() else folder.parent
+
+
 def evaluation_checkpoint(metrics_path: str | os.PathLike, metrics: dict) -> Path:
-    """The checkpoint file an evaluation (or a localization) is about: ``RUN/<checkpoint>.pt`` beside
-    a default ``RUN/eval-*`` (``RUN/localize-*``) folder (so a moved run still works), else the
-    recorded ``checkpoint_path``."""
+    """The checkpoint file an evaluation (or a localization) is about: ``RUN/<checkpoint>.pt`` of
+    its run (:func:`evaluation_run`, so a moved or copied run still works), else the recorded
+    ``checkpoint_path``."""
     folder = Path(metrics_path).parent
     name = metrics.get("checkpoint")
-    if name and folder.name.startswith(("eval-", "localize-")) and (folder.parent / f"{name}.pt").is_file():
-        return folder.parent / f"{name}.pt"
+    run = evaluation_run(metrics_path, metrics)
+    if name and (run / f"{name}.pt").is_file():
+        return run / f"{name}.pt"
     return Path(metrics.get("checkpoint_path") or folder / f"{name}.pt")
 
 
@@ -167,21 +195,19 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
                 return f"ensemble member {member.get('run')}: {reason}; build the ensemble again"
         return None
     name = metrics.get("checkpoint", "?")
-    run = metrics.get("run", "RUN")
-    folder = metrics_path.parent
+    run = evaluation_run(metrics_path, metrics)  # the run as it is now, so the command works as printed
+    folder = Path(os.path.abspath(metrics_path)).parent
     # an evaluation written with --out elsewhere is made again in its own folder, not the run's default one
     out = (
         ""
-        if "run" not in metrics
-        or not metrics.get("split")
-        or folder.absolute() == default_eval_dir(Path(str(run)).absolute(), str(metrics["split"]), str(name))
-        else (f" --split {metrics['split']} --out {folder}")
+        if not metrics.get("split") or folder == default_eval_dir(run, str(metrics["split"]), str(name))
+        else (f" --split {metrics['split']} --out {quote(str(folder))}")
     )
     if metrics.get("alignment") is not None:  # scored on another collection's store (cxrflow.results.crosseval)
-        maps = "".join(f" --map {m!r}" for m in metrics.get("map") or [])
-        out = f" --store {metrics.get('store')} --split {metrics.get('split')}{maps}" + (
-            "" if folder.name.startswith("eval-") else f" --out {folder}")  # fmt: skip
-    again = f"run 'cxrflow evaluate --run {run} --checkpoint {name}{out} --overwrite' again"
+        maps = "".join(f" --map {quote(str(m))}" for m in metrics.get("map") or [])
+        out = f" --store {quote(str(metrics.get('store')))} --split {metrics.get('split')}{maps}" + (
+            "" if folder.name.startswith("eval-") else f" --out {quote(str(folder))}")  # fmt: skip
+    again = f"run 'cxrflow evaluate --run {quote(str(run))} --checkpoint {name}{out} --overwrite' again"
     return checkpoint_status(metrics_path, metrics, "evaluation", again)
 
 

@@ -153,6 +153,10 @@ def _resume_config(args: argparse.Namespace) -> TrainConfig | None:
     missing = [key for key in ("store", "size", "model") if key not in saved]
     if missing:
         raise CxrflowError(f"run config field {missing[0]!r} is missing; start again with --overwrite", path)
+    if getattr(args, "store", None) is None:  # the saved store, found by identity where it moved
+        from cxrflow.data.store import run_store
+
+        saved["store"] = str(run_store(saved, run=args.out))
     try:
         config = config_from_dict(saved)
         config.out = args.out

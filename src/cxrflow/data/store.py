@@ -42,6 +42,7 @@ from cxrflow.data.manifest import (  # noqa: F401 - the store's manifest, read w
     read_manifest,
     split_dir,
 )
+from cxrflow.errors import CxrflowError
 from cxrflow.identity import split_identity
 
 SCHEMA = pa.schema(
@@ -335,3 +336,95 @@ def store_identity(store: str | os.PathLike, manifest: dict, size: int) -> dict[
     recorded = manifest.get("split_identity") or {}
     rows = manifest.get("rows", {}).get(str(int(size)), {})
     return {split: recorded.get(split) or store_split_identity(Path(store), size, split) for split in rows}
+
+
+def _matches(candidate: Path, identity: dict, size: int) -> bool:
+    """Whether ``candidate`` is a store holding exactly the splits ``identity`` records at ``size``
+    (the manifest's recorded identity: one small JSON read; computed only for older stores)."""
+    try:
+        manifest = read_manifest(candidate)
+        if int(size) not in manifest["sizes"]:
+            return False
+        recorded = manifest.get("split_identity") or {}
+        if any(recorded.get(split) not in (None, h) for split, h in identity.items()):
+            return False  # settled by the manifest alone, no part read
+        now = store_identity(candidate, manifest, int(size))
+    except (CxrflowError, OSError, KeyError, ValueError):
+        return False
+    return all(now.get(split) == h for split, h in identity.items())
+
+
+def moved_store_candidates(recorded: str, run: Path | None, recorded_run: str | None) -> tuple[list[Path], list[Path]]:
+    """Where a store that is no longer at its ``recorded`` path may be now: (the recorded path as the
+    run sees it, the stores around), each in the order they are tried.
+
+    1. The recorded path as the run sees it: a relative path (runs of older versions) from the
+       folder the run was trained from; an absolute one moved along with the run (the store's place
+       relative to the run's old place ``recorded_run``, applied to the run's place now).
+    2. The stores beside the run, beside the run's parent folder, and in the current folder.
+    """
+    store = Path(recorded)
+    firsts: list[Path] = []
+    if run is not None and recorded_run:
+        old_run = Path(recorded_run)
+        if not old_run.is_absolute():  # trained from the folder that held OUT as given
+            depth = len(old_run.parts)
+            if 0 < depth <= len(run.parents) and not store.is_absolute():
+                firsts.append(run.parents[depth - 1] / store)
+        elif store.is_absolute():
+            firsts.append(run / os.path.relpath(store, old_run))
+    beside = []
+    for folder in [*([run.parent, run.parent.parent] if run is not None else []), Path.cwd()]:
+        try:
+            beside += sorted(p for p in folder.iterdir() if (p / MANIFEST_NAME).is_file())
+        except OSError:
+            continue
+    firsts = [Path(os.path.normpath(p.absolute())) for p in firsts]
+    return firsts, [p for p in dict.fromkeys(p.absolute() for p in beside) if p not in firsts]
+
+
+def locate_store(
+    recorded: str,
+    identity: dict | None,
+    size: int,
+    *,
+    run: str | os.PathLike | None = None,
+    recorded_run: str | None = None,
+) -> Path:
+    """The store a run was trained on: the ``recorded`` path when a store is there, else the first of
+    :func:`moved_store_candidates` holding the same splits (by ``identity``, at ``size``); else one
+    CxrflowError naming the stale path (``--store`` points at the store explicitly)."""
+    path = Path(recorded)
+    if (path / MANIFEST_NAME).exists():
+        return path
+    run_path = Path(os.path.abspath(run)) if run is not None else None
+    firsts, beside = moved_store_candidates(recorded, run_path, recorded_run)
+    if identity:
+        found = next((c for c in [*firsts, *beside] if _matches(c, identity, size)), None)
+    else:  # a run of an older version records no identity: only its own path, re-anchored, is trusted
+        found = next((c for c in firsts if (c / MANIFEST_NAME).is_file()), None)
+    if found is not None:
+        return found
+    whose = f" of run {run_path}" if run_path is not None else ""
+    raise CxrflowError(
+        f"store {recorded}{whose} is gone (moved?) and no store with its splits is beside the run or in the "
+        "current folder; give it with --store"
+    )
+
+
+def run_store(config: dict, given: str | os.PathLike | None = None, *, run: str | os.PathLike | None = None) -> Path:
+    """The store a run was trained on, as it is now: ``given`` (``--store``) when there is one, else
+    the store its ``config`` records, found by identity where it moved (:func:`locate_store`).
+
+    The one resolver of a run's recorded store path: evaluate, localize, the report's run context,
+    export and ``train --resume`` all ask here. ``run`` is the run folder as it is now.
+    """
+    if given is not None:
+        return Path(given)
+    recorded = config.get("store")
+    if not recorded:
+        raise CxrflowError("the run does not record its store; give it with --store")
+    return locate_store(
+        str(recorded), config.get("store_identity"), int(config.get("size") or 0), run=run,
+        recorded_run=None if config.get("out") is None else str(config["out"]),
+    )  # fmt: skip

@@ -50,6 +50,7 @@ from cxrflow.runs import (
     VAL_PREDICTIONS_NAME,
     check_metrics,
     default_eval_dir,
+    evaluation_run,
     evaluation_status,
     read_predictions,
     resolve_checkpoint,
@@ -81,7 +82,7 @@ class Member:
 
     @property
     def name(self) -> str:
-        return f"{self.metrics.get('run_name') or self.eval_dir.parent.name}/{self.metrics.get('checkpoint')}"
+        return f"{evaluation_run(self.eval_dir / METRICS_NAME, self.metrics).name}/{self.metrics.get('checkpoint')}"
 
 
 def evaluation_folder(path: str | os.PathLike, split: str = "test") -> Path:
@@ -113,7 +114,7 @@ def load_member(path: str | os.PathLike, split: str = "test") -> Member:
     if "label_names" not in metrics or "calibration" not in metrics or not (folder / VAL_PREDICTIONS_NAME).is_file():
         raise CxrflowError(
             "evaluated without calibration or validation predictions (an older cxrflow); "
-            f"re-run 'cxrflow evaluate --run {metrics.get('run', folder.parent)} --overwrite'",
+            f"re-run 'cxrflow evaluate --run {evaluation_run(folder / METRICS_NAME, metrics)} --overwrite'",
             folder,
         )
     stale = evaluation_status(folder / METRICS_NAME, metrics)
@@ -281,7 +282,7 @@ def _ensemble_metrics(paths, out: Path, method: str, split: str, n_boot: int, se
         "method": method,
         "members": [
             {
-                "run": m.metrics.get("run"),
+                "run": str(evaluation_run(m.eval_dir / METRICS_NAME, m.metrics)),  # as it is now (copied, moved)
                 "eval": str(m.eval_dir.resolve()),
                 "checkpoint": m.metrics.get("checkpoint"),
                 "checkpoint_sha256": m.metrics["checkpoint_sha256"],

@@ -17,6 +17,7 @@ calibration) all score through here, so a checkpoint gives the same numbers wher
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cxrflow.data.loader import make_loader, to_model_input
-from cxrflow.data.store import check_partition, pixel_stats, read_manifest, store_identity
+from cxrflow.data.store import check_partition, pixel_stats, read_manifest, run_store, store_identity
 from cxrflow.data.uncertain import masked_bce
 from cxrflow.errors import CxrflowError
 from cxrflow.identity import file_sha256
@@ -107,7 +108,15 @@ def training_pixel_stats(config: dict, size: int) -> tuple[float, float]:
     recorded falls back to the manifest of the store it names.
     """
     if "pixel_mean" in config and "pixel_std" in config:
-        return float(config["pixel_mean"]), float(config["pixel_std"])
+        mean, std = config["pixel_mean"], config["pixel_std"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (mean, std)) or not (
+            0 <= mean <= 1 and 0 < std <= 1
+        ):  # also NaN, which fails every comparison
+            raise CxrflowError(
+                f"the checkpoint's pixel_mean {mean!r:.40} / pixel_std {std!r:.40} are not a mean in 0..1 and a "
+                "std in (0, 1]: the file is damaged"
+            )
+        return float(mean), float(std)
     store = config.get("store")
     if store:
         try:
@@ -132,13 +141,19 @@ class Inference:
     label_names: list[str]
     pixel_mean: float  # the normalisation the model was trained with
     pixel_std: float
-    store: Path  # the run's store: ``store`` as given, else the one the checkpoint names
+    store_given: Path | None  # ``--store``, when given
     device: torch.device
     dtype: torch.dtype  # the precision of a forward pass (:func:`compute_dtype`)
 
     @property
     def config(self) -> dict:
         return dict(self.checkpoint.get("config") or {})
+
+    @functools.cached_property
+    def store(self) -> Path:
+        """The run's store: ``--store`` as given, else the one the checkpoint names, found where it
+        moved (:func:`run_store`); asked for only by what reads the store (predict does not)."""
+        return run_store(self.config, self.store_given, run=self.path.parent)
 
 
 def resolve_inference(
@@ -148,8 +163,8 @@ def resolve_inference(
 
     Size, findings and the pixel statistics come from the checkpoint (what it was trained with),
     never from a store's current manifest. ``store`` is where the run's store is now, when it moved
-    (default: the one the checkpoint names); only a checkpoint written before pixel statistics were
-    recorded falls back to that store's train statistics (:func:`training_pixel_stats`).
+    (default: the one the checkpoint names, :func:`run_store`); only a checkpoint written before pixel
+    statistics were recorded falls back to that store's train statistics (:func:`training_pixel_stats`).
     """
     from cxrflow.modelling.models import load_checkpoint
 
@@ -163,12 +178,23 @@ def resolve_inference(
     if "size" not in config:
         raise CxrflowError("checkpoint config has no 'size'", path)
     size = int(config["size"])
-    if store is not None:
-        config["store"] = str(store)
-    mean, std = training_pixel_stats(config, size)
-    run_store = Path(config.get("store", ""))
-    return Inference(model.eval(), ckpt, path, sha256, size, list(ckpt["label_names"]), mean, std, run_store, device,
+    given = None if store is None else Path(store)
+    old = "pixel_mean" not in config or "pixel_std" not in config  # an older version's: its store's statistics
+    try:
+        mean, std = training_pixel_stats(
+            {**config, "store": str(_store_or_none(config, given, path))} if old else config, size
+        )
+    except CxrflowError as exc:
+        raise CxrflowError(exc.message, path) from None
+    return Inference(model.eval(), ckpt, path, sha256, size, list(ckpt["label_names"]), mean, std, given, device,
                      compute_dtype(device))  # fmt: skip
+
+
+def _store_or_none(config: dict, given: Path | None, path: Path) -> Path | str:
+    try:
+        return run_store(config, given, run=path.parent)
+    except CxrflowError:
+        return ""
 
 
 def check_label_names(label_names: list, manifest: dict, checkpoint: str | os.PathLike) -> None:

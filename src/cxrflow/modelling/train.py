@@ -61,6 +61,7 @@ from cxrflow.modelling.models import ChestClassifier, count_parameters, create_m
 from cxrflow.modelling.stages import epoch_seed, make_optimizer, make_scheduler, set_trainable, warmup_cosine
 from cxrflow.outputs import claiming, read_marker, write_marker
 from cxrflow.progress import Progress
+from cxrflow.runs import recorded_paths
 from cxrflow.tracking import TrackingRequest, tracked_training
 
 __all__ = [
@@ -284,6 +285,7 @@ def _plan(run: _Run) -> _Plan:
     stages = config.stage_plan(train_rows, ctx.world_size)
     saved = {
         **config.to_dict(),
+        **recorded_paths(store=config.store, out=config.out),  # absolute: the run works from any folder
         **fusion_record(config.fusion),
         "label_names": label_names,
         "stages": [vars(s) for s in stages],

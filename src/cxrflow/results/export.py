@@ -74,14 +74,14 @@ def _context(predictor: Any, run: str) -> tuple[str, dict, dict | None, dict | N
     """(checkpoint name, checkpoint config, store manifest or None, evaluation metrics or None)."""
     import torch
 
-    from cxrflow.data.store import read_manifest
+    from cxrflow.data.store import read_manifest, run_store
     from cxrflow.modelling.predictor import _evaluation_record
 
     ckpt = torch.load(predictor.checkpoint, map_location="cpu", weights_only=True)
     config = dict(ckpt.get("config") or {})
     config.setdefault("stage", ckpt.get("stage"))
     try:
-        manifest = read_manifest(config["store"]) if config.get("store") else None
+        manifest = read_manifest(run_store(config, run=predictor.checkpoint.parent)) if config.get("store") else None
     except CxrflowError:
         manifest = None
     metrics = (

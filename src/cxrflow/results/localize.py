@@ -269,9 +269,12 @@ def localization_status(path: str | os.PathLike, result: dict) -> str | None:
     """None when the localization at ``path`` (its ``localization.json``) was made from the checkpoint
     its run holds now; else one line saying why not, naming the command that makes it again. Every
     consumer of a localization (the report's table, gallery and heatmap overlays) calls this first."""
-    from cxrflow.runs import checkpoint_status
+    from shlex import quote
 
-    again = (f"run 'cxrflow localize --run {result.get('run', 'RUN')} --checkpoint {result.get('checkpoint', '?')} "
+    from cxrflow.runs import checkpoint_status, evaluation_run
+
+    run = quote(str(evaluation_run(path, result)))  # the run as it is now, so the command works as printed
+    again = (f"run 'cxrflow localize --run {run} --checkpoint {result.get('checkpoint', '?')} "
              f"--split {result.get('split', 'test')} --overwrite' again")  # fmt: skip
     return checkpoint_status(path, result, "localization", again)
 

@@ -17,6 +17,7 @@ from cxrflow.errors import CxrflowError
 from cxrflow.identity import file_sha256
 from cxrflow.results.embed import figure_uri
 from cxrflow.results.table import STAGE_TITLES, build_rows, model_title
+from cxrflow.runs import METRICS_NAME, evaluation_run
 
 #: How each store split mode is named in the page.
 SPLIT_MODES = {
@@ -91,17 +92,9 @@ def load_evaluations(paths: Sequence[str | os.PathLike], split: str) -> list[dic
         folder = Path(row["source"]).parent
         metrics, _ = read_json(Path(row["source"]))
         ensemble = metrics.get("kind") == "ensemble"
-        run = folder if ensemble else _run_folder(folder, metrics)
+        run = folder if ensemble else evaluation_run(folder / METRICS_NAME, metrics)
         evaluations.append({"row": row, "metrics": metrics, "folder": folder, "run": run, "ensemble": ensemble})
     return evaluations
-
-
-def _run_folder(folder: Path, metrics: dict) -> Path:
-    """The run an evaluation belongs to: the folder above it when that is a run, else the one it names."""
-    if (folder.parent / "config.json").is_file() or metrics.get("run") is None:
-        return folder.parent
-    named = Path(metrics["run"])
-    return named if named.is_dir() else folder.parent
 
 
 def open_stores(evaluations: list[dict], store_override: str | os.PathLike | None) -> dict[str, dict[str, Any]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from cxrflow import csvsafe, safeio
 from cxrflow.errors import CxrflowError
-from cxrflow.runs import METRICS_NAME, check_metrics, evaluation_status
+from cxrflow.runs import METRICS_NAME, check_metrics, evaluation_run, evaluation_status
 
 #: The paper's published mean test AUCs (Table 1), by (model, input size, stage).
 #: A size of None matches any input size (the paper's simple CNN, a single-stage model).
@@ -120,7 +120,8 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
         "members": members,
         "ece": ece.get("after"),
         "ece_raw": ece.get("before"),
-        "run": m.get("run_name") or Path(m.get("run", metrics_path.parent.parent)).name,
+        # the run as it is now (a copied run's evaluations are the copy's), as the ensemble names itself
+        "run": m.get("run_name") if ensemble else evaluation_run(metrics_path, m).name,
         "model": model,
         "fusion": fusion,
         "size": size,
