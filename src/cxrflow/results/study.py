@@ -106,7 +106,7 @@ def open_stores(evaluations: list[dict], store_override: str | os.PathLike | Non
         recorded = str(ev["metrics"].get("store") or "")
         if recorded in stores:
             continue
-        path = Path(store_override) if store_override else Path(recorded)
+        path = Path(store_override) if store_override else _located(recorded, ev)
         info: dict[str, Any] = {"recorded": recorded, "path": str(path), "manifest": None}
         if not recorded and not store_override:
             info["unknown"] = "the evaluation does not record its store"
@@ -122,6 +122,22 @@ def open_stores(evaluations: list[dict], store_override: str | os.PathLike | Non
                 info.update(manifest=manifest, sha256=file_sha256(path / "_manifest.json"))
         stores[recorded] = info
     return stores
+
+
+def _located(recorded: str, ev: dict) -> Path:
+    """The evaluation's store where it is now: at ``recorded``, else found by its splits' identity
+    around the run (:func:`cxrflow.data.store.locate_store`), else ``recorded`` (said missing)."""
+    from cxrflow.data.store import locate_store
+
+    m = ev["metrics"]
+    if not recorded or not isinstance(m.get("store_identity"), dict) or ev["ensemble"]:
+        return Path(recorded)
+    try:
+        return locate_store(
+            recorded, m["store_identity"], int(m.get("size") or 0), run=ev["run"], recorded_run=m.get("run")
+        )
+    except (CxrflowError, ValueError, TypeError):
+        return Path(recorded)
 
 
 def split_name(store: dict[str, Any] | None) -> str:
