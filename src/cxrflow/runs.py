@@ -233,30 +233,89 @@ def checkpoint_status(path: str | os.PathLike, record: dict, what: str, again: s
 # the files of an evaluation
 
 
+def _number(x: Any) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x)))
+
+
+def _fraction(x: Any) -> bool:
+    """A number in 0..1 (an AUC, a sensitivity, a prevalence) or null."""
+    return _number(x) and (x is None or 0 <= x <= 1)
+
+
+def _interval(x: Any) -> bool:
+    """``[low, high]`` with 0 <= low <= high <= 1, or null."""
+    return x is None or (
+        isinstance(x, list) and len(x) == 2 and all(_fraction(v) and v is not None for v in x) and x[0] <= x[1]
+    )
+
+
+#: Fields of ``metrics.json`` that map findings to a number, and what each number must be.
+_PER_FINDING = (
+    ("auc", _fraction, "AUCs in 0..1 or null"),
+    ("auprc", _fraction, "numbers in 0..1 or null"),
+    ("sensitivity", _fraction, "numbers in 0..1 or null"),
+    ("specificity", _fraction, "numbers in 0..1 or null"),
+    ("prevalence", _fraction, "numbers in 0..1 or null"),
+    ("threshold", _number, "numbers or null"),
+    ("threshold_calibrated", _number, "numbers or null"),
+    ("auc_ci95", _interval, "intervals [low, high] in 0..1 with low <= high, or null"),
+    ("auprc_ci95", _interval, "intervals [low, high] in 0..1 with low <= high, or null"),
+    ("sensitivity_ci95", _interval, "intervals [low, high] in 0..1 with low <= high, or null"),
+    ("specificity_ci95", _interval, "intervals [low, high] in 0..1 with low <= high, or null"),
+)
+
+
 def check_metrics(m: Any, path: str | os.PathLike) -> dict:
-    """``m`` (a parsed ``metrics.json``) if it has the shape readers rely on, else one CxrflowError
-    naming the file and the field."""
-
-    def number(x: Any) -> bool:
-        return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x))
-
+    """``m`` (a parsed ``metrics.json``) if it has the shape readers rely on and its numbers are
+    possible (finite, in range, intervals not reversed, the mean the mean of its AUCs), else one
+    CxrflowError naming the file and the field. Every reader of an evaluation checks it here."""
     if not isinstance(m, dict):
         raise CxrflowError(f"not a cxrflow evaluation: expected a JSON object, got {type(m).__name__}", path)
     for key in ("mean_auc", "auc", "label_names"):
         if key not in m:
             raise CxrflowError(f"not a cxrflow evaluation: key {key!r} is missing", path)
     names = m["label_names"]
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise CxrflowError("metrics field 'label_names' must be a list of finding names", path)
-    if not number(m["mean_auc"]):
-        raise CxrflowError(f"metrics field 'mean_auc' must be a number or null, got {m['mean_auc']!r}", path)
-    for key in ("auc", "threshold"):
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise CxrflowError("metrics field 'label_names' must be a non-empty list of finding names", path)
+    if len(set(names)) != len(names):
+        raise CxrflowError(f"metrics field 'label_names' names a finding twice: {names!r}"[:240], path)
+    if not _fraction(m["mean_auc"]):
+        raise CxrflowError(f"metrics field 'mean_auc' must be a number in 0..1 or null, got {m['mean_auc']!r}", path)
+    for key, valid, expected in _PER_FINDING:
         value = m.get(key, {})
-        if not isinstance(value, dict) or not all(number(v) for v in value.values()):
-            raise CxrflowError(f"metrics field {key!r} must map findings to numbers or null", path)
-    ci = m.get("mean_auc_ci95")
-    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(number(v) for v in ci)):
-        raise CxrflowError(f"metrics field 'mean_auc_ci95' must be [low, high] or null, got {ci!r}", path)
+        if value is None and key not in ("auc", "threshold"):
+            continue
+        if not isinstance(value, dict) or not all(valid(v) for v in value.values()):
+            raise CxrflowError(f"metrics field {key!r} must map findings to {expected}", path)
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            raise CxrflowError(f"metrics field {key!r} names {unknown[0]!r:.60}, not one of 'label_names'", path)
+    if not _interval(m.get("mean_auc_ci95")):
+        raise CxrflowError(
+            f"metrics field 'mean_auc_ci95' must be [low, high] in 0..1 with low <= high, or null, got {m.get('mean_auc_ci95')!r}"[
+                :240
+            ],
+            path,
+        )
+    _check_mean(m, path)
+    _check_counts(m, path)
+    return m
+
+
+def _check_mean(m: dict, path: str | os.PathLike) -> None:
+    """``mean_auc`` must be the mean of the AUCs it says it averages (``n_findings_in_mean`` of them)."""
+    aucs = [v for v in m["auc"].values() if v is not None]
+    if m.get("n_findings_in_mean") == len(aucs) and aucs and m["mean_auc"] is not None:
+        if abs(float(np.mean(aucs)) - m["mean_auc"]) > 1e-6:
+            raise CxrflowError(
+                f"metrics field 'mean_auc' is {m['mean_auc']!r} but the mean of its {len(aucs)} AUCs is "
+                f"{float(np.mean(aucs)):.4f}: the file was changed",
+                path,
+            )
+
+
+def _check_counts(m: dict, path: str | os.PathLike) -> None:
+    """Ensemble members, sizes and image counts of the shape readers rely on."""
     members = m.get("members")
     if m.get("kind") == "ensemble" and not (
         isinstance(members, list)
@@ -272,9 +331,14 @@ def check_metrics(m: Any, path: str | os.PathLike) -> dict:
         )
     size = m.get("size")
     sizes = size if m.get("kind") == "ensemble" and isinstance(size, list) else [size]  # an ensemble's members' sizes
-    if size is not None and not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-        raise CxrflowError(f"metrics field 'size' must be an integer, got {size!r}", path)
-    return m
+    if size is not None and not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        raise CxrflowError(f"metrics field 'size' must be a positive integer, got {size!r}", path)
+    for key in ("n_images", "n_patients"):
+        n = m.get(key)
+        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+            raise CxrflowError(f"metrics field {key!r} must be a non-negative integer, got {n!r}"[:200], path)
+    if not _number(m.get("loss")):
+        raise CxrflowError(f"metrics field 'loss' must be a finite number or null, got {m.get('loss')!r}", path)
 
 
 def read_epoch_records(run: str | os.PathLike) -> list[dict]:
@@ -327,16 +391,39 @@ def predictions_table(pred: dict, label_names: Sequence[str]):
     return pa.table(cols)
 
 
-def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
+def read_predictions(
+    path: str | os.PathLike, metrics: dict | None = None, *, rows: int | None = None
+) -> tuple[dict, list[str]]:
     """Read ``predictions.parquet`` (or ``val_predictions.parquet``) back into (predict_split-style
-    dict, label names); ``logits`` and ``calprobs`` are there when the file has those columns."""
+    dict, label names); ``logits``, ``calprobs`` and ``known`` are there when the file has those columns.
+
+    The one reader of an evaluation's predictions: a file that is not Parquet, of another schema,
+    with probabilities outside 0..1, labels other than 0/1 or NaN / infinite logits, other findings
+    than ``metrics`` (its evaluation's ``metrics.json``) names, or other than ``rows`` rows, is one
+    CxrflowError naming the file and the problem.
+    """
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    path = Path(path)
+    try:
+        table = pq.read_table(safeio.regular_file(path, "predictions file"))
+    except CxrflowError:
+        raise
+    except Exception as exc:  # a truncated or foreign file: pyarrow's errors have many types
+        raise CxrflowError(f"not a readable predictions file ({_first(exc)})", path) from None
     names = [c[len("prob_") :] for c in table.column_names if c.startswith("prob_")]
+    _check_prediction_columns(table, names, path)
+    if metrics is not None and names != list(metrics.get("label_names") or []):
+        raise CxrflowError(
+            f"the predictions' findings ({len(names)}: {', '.join(names)[:80]}) are not those of its metrics.json "
+            f"({len(metrics.get('label_names') or [])}); evaluate again",
+            path,
+        )
+    if rows is not None and table.num_rows != rows:
+        raise CxrflowError(f"{table.num_rows} rows, but its metrics.json counts {rows} images; evaluate again", path)
     frame = table.to_pandas()
     pred = {
-        "image_id": frame["image_id"].tolist(),
+        "image_id": frame["image_id"].astype(str).tolist(),
         "patient_id": frame["patient_id"].to_numpy(np.int64),
         "probs": frame[[f"prob_{n}" for n in names]].to_numpy(np.float64),
         "labels": frame[[f"label_{n}" for n in names]].to_numpy(np.float64),
@@ -346,4 +433,55 @@ def read_predictions(path: str | os.PathLike) -> tuple[dict, list[str]]:
             pred[key] = frame[[f"{prefix}{n}" for n in names]].to_numpy(np.float64)
     if names and f"known_{names[0]}" in frame.columns:
         pred["known"] = frame[[f"known_{n}" for n in names]].to_numpy(np.float64)
+    _check_prediction_values(pred, path)
     return pred, names
+
+
+def _first(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def _check_prediction_columns(table: Any, names: list[str], path: Path) -> None:
+    """The columns :func:`predictions_table` writes, of its types (from the schema alone)."""
+    import pyarrow as pa
+
+    schema = table.schema
+    types = {
+        "image_id": (pa.types.is_string, pa.types.is_large_string),
+        "patient_id": (pa.types.is_integer,),
+        **{f"prob_{n}": (pa.types.is_floating,) for n in names},
+        **{f"label_{n}": (pa.types.is_integer, pa.types.is_floating) for n in names},
+    }
+    for prefix in ("logit_", "calprob_", "known_"):
+        if any(f"{prefix}{n}" in schema.names for n in names):
+            kinds = (pa.types.is_integer, pa.types.is_floating) if prefix == "known_" else (pa.types.is_floating,)
+            types.update({f"{prefix}{n}": kinds for n in names})
+    if not names:
+        raise CxrflowError("not a cxrflow predictions file: no prob_<finding> columns", path)
+    for column, kinds in types.items():
+        if column not in schema.names:
+            raise CxrflowError(f"not a cxrflow predictions file: column {column!r:.80} is missing", path)
+        if not any(kind(schema.field(column).type) for kind in kinds):
+            raise CxrflowError(
+                f"column {column!r:.80} is {schema.field(column).type}, not the type cxrflow writes", path
+            )
+
+
+def _check_prediction_values(pred: dict, path: Path) -> None:
+    """Probabilities in 0..1, labels and known flags 0/1, logits finite: else the file is damaged."""
+    checks = (
+        ("probs", "probabilities", lambda a: np.isfinite(a) & (a >= 0) & (a <= 1)),
+        ("calprobs", "calibrated probabilities", lambda a: np.isfinite(a) & (a >= 0) & (a <= 1)),
+        ("logits", "logits", np.isfinite),
+        ("labels", "labels", lambda a: (a == 0) | (a == 1)),
+        ("known", "known flags", lambda a: (a == 0) | (a == 1)),
+    )
+    for key, what, ok in checks:
+        values = pred.get(key)
+        if values is not None and not ok(values).all():
+            row, col = np.argwhere(~ok(values))[0]
+            raise CxrflowError(
+                f"{what} must be {'0 or 1' if key in ('labels', 'known') else 'finite' if key == 'logits' else 'in 0..1'}, "
+                f"got {values[row, col]!r} (row {row + 1}, finding {col + 1}): the file is damaged; evaluate again",
+                path,
+            )

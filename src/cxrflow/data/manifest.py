@@ -65,9 +65,14 @@ def check_manifest(manifest: dict, path: str | os.PathLike) -> None:
     names = manifest.get("label_names")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise bad("label_names", "a non-empty list of finding names", names)
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise bad("label_names", f"a list of distinct finding names ({twice!r:.40} is there twice)", names)
     sizes = manifest.get("sizes")
     if not isinstance(sizes, list) or not sizes or not all(_is_int(s) and s > 0 for s in sizes):
         raise bad("sizes", "a non-empty list of positive integers", sizes)
+    if len(set(sizes)) != len(sizes):
+        raise bad("sizes", "a list of distinct sizes", sizes)
     rows = manifest.get("rows")
     if not isinstance(rows, dict):
         raise bad("rows", "an object {size: {split: rows}}", rows)
@@ -98,11 +103,25 @@ def check_manifest(manifest: dict, path: str | os.PathLike) -> None:
         or not all(_is_number(w) and w >= 0 for w in weights)
     ):
         raise bad("pos_weight", f"a list of {len(names)} non-negative numbers (one per finding)", weights)
+    _check_positives(manifest, names, sizes, bad)
     identity = manifest.get("split_identity", {})  # absent in stores written before it existed
     if not isinstance(identity, dict) or not all(
         split in SPLITS and isinstance(h, str) for split, h in identity.items()
     ):
         raise bad("split_identity", f"an object of sha256 strings per split ({', '.join(SPLITS)})", identity)
+
+
+def _check_positives(manifest: dict, names: list, sizes: list, bad) -> None:
+    """Train positives per finding, where recorded: the manifest's findings, each at most the train rows."""
+    positives = manifest.get("positives")
+    if positives is None:
+        return
+    train = max(int((manifest["rows"].get(str(s)) or {}).get("train", 0)) for s in sizes)
+    if not isinstance(positives, dict) or set(positives) != set(names):
+        raise bad("positives", "an object of train positives for each finding in label_names", positives)
+    wrong = next((n for n, v in positives.items() if not (_is_int(v) and 0 <= v <= train)), None)
+    if wrong is not None:
+        raise bad(f"positives.{wrong}", f"an integer in 0..{train} (the train rows)", positives[wrong])
 
 
 def check_partition(manifest: dict, store: str | os.PathLike, size: int, split: str) -> Path:

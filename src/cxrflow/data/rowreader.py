@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cxrflow.data.demographics import encode_arrow as encode_demographics
-from cxrflow.data.store import FORMAT_VERSION, KNOWN_COLUMN, MANIFEST_NAME
+from cxrflow.data.store import FORMAT_VERSION, KNOWN_COLUMN, MANIFEST_NAME, schema_problems
 from cxrflow.data.uncertain import apply_policy
 from cxrflow.errors import CxrflowError
 from cxrflow.safeio import JSON_BYTES, check_size
@@ -120,9 +120,9 @@ def list_units(fs: pafs.FileSystem, folder: str) -> list[Unit]:
                 meta = pq.ParquetFile(f).metadata
         except (pa.ArrowException, OSError) as exc:
             raise CxrflowError(f"corrupt or unreadable Parquet file: {exc}", path) from None
-        missing = [c for c in COLUMNS if c not in meta.schema.to_arrow_schema().names]
-        if missing:
-            raise CxrflowError(f"not a cxrflow store file: columns {missing} are missing", path)
+        wrong = schema_problems(meta.schema.to_arrow_schema(), COLUMNS)
+        if wrong:
+            raise CxrflowError(f"not a cxrflow store file: columns {', '.join(wrong)}", path)
         units.extend(Unit(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
     return [u for u in units if u.n_rows > 0]
 

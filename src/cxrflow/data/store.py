@@ -279,6 +279,19 @@ def _split_text(split: dict) -> str:
     return how
 
 
+def schema_problems(schema: pa.Schema, columns: Sequence[str], known: bool = False) -> list[str]:
+    """The ``columns`` of a part's ``schema`` that are missing or not of the store's type (from the
+    footer alone, no row read), in words: ``labels (list<item: int64>, expected list<item: uint8>)``."""
+    expected = schema_for(known)
+    problems = []
+    for name in columns:
+        if name not in schema.names:
+            problems.append(f"{name} (missing)")
+        elif name in expected.names and schema.field(name).type != expected.field(name).type:
+            problems.append(f"{name} ({schema.field(name).type}, expected {expected.field(name).type})")
+    return problems
+
+
 def verify_store(store: str | os.PathLike, manifest: dict) -> tuple[list[str], int, int]:
     """Read every part's footer and compare row counts and columns with the manifest.
 
@@ -307,11 +320,10 @@ def verify_store(store: str | os.PathLike, manifest: dict) -> tuple[list[str], i
                     continue
                 files_read += 1
                 count += meta.num_rows
-                wrong = [
-                    n for n in SCHEMA.names if n not in schema.names or schema.field(n).type != SCHEMA.field(n).type
-                ]
+                known = "uncertain_policies" in manifest  # such stores have the label states column
+                wrong = schema_problems(schema, schema_for(known).names, known)
                 if wrong:
-                    problems.append(f"{f}: columns {', '.join(wrong)} missing or of the wrong type")
+                    problems.append(f"{f}: not in the store's schema: {', '.join(wrong)}")
             rows_read += count
             if count != expected:
                 problems.append(f"{folder}: {count} rows in readable parts, the manifest says {expected}")

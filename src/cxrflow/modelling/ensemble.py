@@ -120,8 +120,8 @@ def load_member(path: str | os.PathLike, split: str = "test") -> Member:
     stale = evaluation_status(folder / METRICS_NAME, metrics)
     if stale is not None:  # the member's numbers must belong to the checkpoint its run holds now
         raise CxrflowError(stale, folder)
-    test, test_names = read_predictions(folder / PREDICTIONS_NAME)
-    val, val_names = read_predictions(folder / VAL_PREDICTIONS_NAME)
+    test, test_names = read_predictions(folder / PREDICTIONS_NAME, metrics, rows=metrics.get("n_images"))
+    val, val_names = read_predictions(folder / VAL_PREDICTIONS_NAME, metrics)
     if (
         test_names != metrics["label_names"]
         or val_names != metrics["label_names"]

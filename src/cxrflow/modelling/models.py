@@ -292,6 +292,7 @@ def _load_weights_file(model: ChestClassifier, path: str) -> list[str]:
         obj = obj["model"]  # a cxrflow checkpoint
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CxrflowError("the file does not hold a state dict (name -> tensor)", file)
+    check_finite(obj, file)
     state, dropped = _normalise_keys(obj, model.name)
     notes = []
     if dropped:
@@ -379,10 +380,30 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def check_finite(state: dict, source: str | os.PathLike) -> None:
+    """One CxrflowError naming ``source`` and the first tensors of ``state`` holding NaN or infinite
+    values: such weights score every image as NaN (``null`` probabilities, an AUC that cannot be
+    computed), so a damaged file is refused where it is loaded, not discovered in the results."""
+    bad = [
+        name
+        for name, t in state.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CxrflowError(
+            f"the weights hold NaN or infinite values ({', '.join(bad[:3])}{more}): the file is damaged "
+            "(or training diverged); use another checkpoint or train again",
+            source,
+        )
+
+
 def load_weights(model: ChestClassifier, state: dict, source: str | os.PathLike) -> None:
-    """``model.load_state_dict(state)``, or one CxrflowError naming ``source`` and the layers that differ."""
+    """``model.load_state_dict(state)``, or one CxrflowError naming ``source`` and the layers that differ
+    (or hold NaN / infinite values, :func:`check_finite`)."""
     if not isinstance(state, dict):
         raise CxrflowError("checkpoint field 'model' must be a state dict (name -> tensor)", source)
+    check_finite(state, source)
     try:
         model.load_state_dict(state)
     except RuntimeError:

@@ -370,7 +370,7 @@ def case_sections(
                 }
             )
             continue
-        predictions, names = read_case_predictions(pred_path)
+        predictions, names = read_case_predictions(pred_path, ev["metrics"])
         store = stores.get(str(ev["metrics"].get("store") or ""), {})
         overlay, why_not = _heatmaps_for(ev, heatmap_fn)
         reader = _store_reader(store, ev, need_model_input=overlay is not None)
@@ -390,13 +390,15 @@ def case_sections(
     return out
 
 
-def read_case_predictions(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """``predictions.parquet`` as arrays, plus which labels are known (``known_<finding>``) where recorded."""
+def read_case_predictions(path: Path, metrics: dict | None = None) -> tuple[dict[str, Any], list[str]]:
+    """``predictions.parquet`` as arrays, plus which labels are known (``known_<finding>``) where recorded;
+    checked against its evaluation's ``metrics`` (:func:`cxrflow.runs.read_predictions`)."""
     import pyarrow.parquet as pq
 
     from cxrflow.runs import read_predictions
 
-    pred, names = read_predictions(path)
+    rows = None if metrics is None or metrics.get("kind") == "ensemble" else metrics.get("n_images")
+    pred, names = read_predictions(path, metrics, rows=rows)
     columns = [f"known_{n}" for n in names]
     pred["known"] = None
     if names and set(columns) <= set(pq.read_schema(path).names):
