@@ -143,7 +143,9 @@ def test_a_copied_or_moved_runs_stale_evaluation_names_the_run_as_it_is_now(tmp_
     assert evaluation_run(metrics_path, metrics) == target and evaluation_status(metrics_path) is None
     (target / "best_finetune.pt").write_bytes(b"retrained")
     if how == "cp":
-        assert evaluation_status(original / "eval-test-best_finetune" / "metrics.json") is None  # the original is untouched
+        assert (
+            evaluation_status(original / "eval-test-best_finetune" / "metrics.json") is None
+        )  # the original is untouched
     reason = evaluation_status(metrics_path)
     assert reason is not None and "changed" in reason
     command = shlex.split(reason.split("run '", 1)[1].rsplit("' again", 1)[0])  # the command as printed
