@@ -101,11 +101,13 @@ def _lie(m: dict, kind: str, value: float, finding: int) -> None:
         m["threshold"][name] = value if not math.isfinite(value) else math.nan
     elif kind == "loss":
         m["loss"] = math.inf
+    elif kind == "temperature":  # a temperature that is not a positive number makes every probability NaN
+        m["calibration"] = {"temperature": {name: -value if math.isfinite(value) and value > 0 else value}}
 
 
 LIES = st.sampled_from(["mean_auc", "auc", "sensitivity", "reversed interval", "reversed finding interval",
                         "interval out of range", "a name twice", "other findings", "mean of other AUCs",
-                        "negative count", "threshold", "loss"])  # fmt: skip
+                        "negative count", "threshold", "loss", "temperature"])  # fmt: skip
 
 
 @given(kind=LIES, value=BAD_NUMBERS, finding=st.integers(0, 1))

@@ -299,7 +299,23 @@ def check_metrics(m: Any, path: str | os.PathLike) -> dict:
         )
     _check_mean(m, path)
     _check_counts(m, path)
+    _check_calibration(m.get("calibration"), names, path)
     return m
+
+
+def _check_calibration(calibration: Any, names: list, path: str | os.PathLike) -> None:
+    """Temperatures positive and offsets finite (a NaN temperature makes every probability NaN)."""
+    if calibration is None:
+        return
+    if not isinstance(calibration, dict):
+        raise CxrflowError("metrics field 'calibration' must be an object", path)
+    for key, valid, expected in (
+        ("temperature", lambda t: _number(t) and (t is None or t > 0), "positive numbers or null"),
+        ("logit_offset", _number, "numbers or null"),
+    ):
+        value = calibration.get(key) or {}
+        if not isinstance(value, dict) or not all(valid(v) for v in value.values()):
+            raise CxrflowError(f"metrics field 'calibration.{key}' must map findings to {expected}", path)
 
 
 def _check_mean(m: dict, path: str | os.PathLike) -> None:

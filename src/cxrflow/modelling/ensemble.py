@@ -403,6 +403,7 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
             evaluation = safeio.read_json(Path(entry["eval"]) / METRICS_NAME, "evaluation")
         except (OSError, ValueError, RecursionError):
             raise CxrflowError("a member's evaluation is gone; rebuild the ensemble", entry["eval"]) from None
+        check_metrics(evaluation, Path(entry["eval"]) / METRICS_NAME)  # its calibration is used below
         predictor = load_run_predictor(
             entry["run"], checkpoint or evaluation["checkpoint_path"], device=device, raw=True
         )
