@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -175,7 +176,10 @@ def test_runs_evaluations_and_stores_work_from_anywhere_after_mv_and_cp(trained,
     evaluate = ["evaluate", "--n-boot", "5", "--device", "cpu", "--overwrite"]
     assert main([*evaluate, "--run", str(trained / "run")]) == 0
     shutil.move(trained / "store", trained / "store2")  # mv store store2: found beside the run
-    shutil.copytree(trained / "run", trained / "run2")  # cp -r run run2
+    shutil.copytree(trained / "run", trained / "run2")  # cp -r run run2, then run2 trained on (other weights)
+    ckpt = torch.load(trained / "run2" / "best_finetune.pt", weights_only=True)
+    next(t for t in ckpt["model"].values() if t.is_floating_point()).add_(0.01)
+    torch.save(ckpt, trained / "run2" / "best_finetune.pt")
     assert main([*evaluate, "--run", str(trained / "run2")]) == 0
     assert main(["report", str(trained / "run2"), "--out", str(tmp_path / "rep"), "--no-html"]) == 0
     assert "run2" in (tmp_path / "rep" / "table.md").read_text()
@@ -187,8 +191,23 @@ def test_runs_evaluations_and_stores_work_from_anywhere_after_mv_and_cp(trained,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(trained / "store") in err[0] and "--store" in err[0], err
     assert main([*evaluate, "--run", str(trained / "run2"), "--store", str(tmp_path / "far")]) == 0
-    assert main(["predict", "--run", str(trained / "run2"), "--json", *map(str, _images(tmp_path))]) == 0
-    shutil.move(tmp_path / "far", trained / "store")
+    image = str(_images(tmp_path)[0])
+    assert main(["predict", "--run", str(trained / "run2"), "--json", image]) == 0
+    # an ensemble of run and run2, then everything moved together (mv trained moved)
+    assert (
+        main(["ensemble", str(trained / "run"), str(trained / "run2"), "--out", str(trained / "ens"), "--n-boot", "5"])
+        == 0
+    )
+    ens = json.loads((trained / "ens" / "metrics.json").read_text())
+    assert [m["run"] for m in ens["members"]] == [str(trained / "run"), str(trained / "run2")]
+    shutil.move(trained, tmp_path / "moved")
+    try:
+        capsys.readouterr()
+        assert main(["predict", "--run", str(tmp_path / "moved" / "ens"), "--json", image]) == 0
+        assert main(["report", str(tmp_path / "moved" / "ens"), "--out", str(tmp_path / "rep2"), "--no-html"]) == 0
+    finally:
+        shutil.move(tmp_path / "moved", trained)
+        shutil.move(tmp_path / "far", trained / "store")
 
 
 def _images(folder: Path) -> list[Path]:

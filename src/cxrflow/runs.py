@@ -152,6 +152,17 @@ def evaluation_run(metrics_path: str | os.PathLike, metrics: dict) -> Path:
     return named if named.is_dir() else folder.parent
 
 
+def member_evaluation(metrics_path: str | os.PathLike, metrics: dict, member: dict) -> Path:
+    """An ensemble member's evaluation folder as it is now: the recorded one, else the same place
+    relative to the ensemble's folder (the ensemble and its members' runs moved together)."""
+    recorded = Path(str(member.get("eval", "")))
+    if (recorded / METRICS_NAME).is_file() or not metrics.get("run") or not recorded.is_absolute():
+        return recorded
+    folder = Path(os.path.abspath(metrics_path)).parent
+    moved = Path(os.path.normpath(folder / os.path.relpath(recorded, str(metrics["run"]))))
+    return moved if (moved / METRICS_NAME).is_file() else recorded
+
+
 def evaluation_checkpoint(metrics_path: str | os.PathLike, metrics: dict) -> Path:
     """The checkpoint file an evaluation (or a localization) is about: ``RUN/<checkpoint>.pt`` of
     its run (:func:`evaluation_run`, so a moved or copied run still works), else the recorded
@@ -185,7 +196,7 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
         return f"{exc.message}; run 'cxrflow evaluate' (or 'cxrflow ensemble') again"
     if metrics.get("kind") == "ensemble":
         for member in metrics["members"]:
-            member_metrics = Path(member.get("eval", "")) / METRICS_NAME
+            member_metrics = member_evaluation(metrics_path, metrics, member) / METRICS_NAME
             reason = evaluation_status(member_metrics)
             if reason is None and safeio.read_json(member_metrics, "evaluation").get("checkpoint_sha256") != member.get(
                 "checkpoint_sha256"
@@ -275,8 +286,8 @@ def check_metrics(m: Any, path: str | os.PathLike) -> dict:
         if key not in m:
             raise CxrflowError(f"not a cxrflow evaluation: key {key!r} is missing", path)
     names = m["label_names"]
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise CxrflowError("metrics field 'label_names' must be a non-empty list of finding names", path)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CxrflowError("metrics field 'label_names' must be a list of finding names", path)
     if len(set(names)) != len(names):
         raise CxrflowError(f"metrics field 'label_names' names a finding twice: {names!r}"[:240], path)
     if not _fraction(m["mean_auc"]):

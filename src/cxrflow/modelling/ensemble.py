@@ -52,6 +52,7 @@ from cxrflow.runs import (
     default_eval_dir,
     evaluation_run,
     evaluation_status,
+    member_evaluation,
     read_predictions,
     resolve_checkpoint,
 )
@@ -399,13 +400,14 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
     members, member_calibrations = [], []
     for entry in metrics["members"]:
         checkpoint = entry.get("checkpoint") if entry.get("checkpoint") in (*CHECKPOINT_NAMES, "last") else None
+        member = member_evaluation(folder / METRICS_NAME, metrics, entry) / METRICS_NAME  # moved along, too
         try:
-            evaluation = safeio.read_json(Path(entry["eval"]) / METRICS_NAME, "evaluation")
+            evaluation = safeio.read_json(member, "evaluation")
         except (OSError, ValueError, RecursionError):
             raise CxrflowError("a member's evaluation is gone; rebuild the ensemble", entry["eval"]) from None
-        check_metrics(evaluation, Path(entry["eval"]) / METRICS_NAME)  # its calibration is used below
+        check_metrics(evaluation, member)  # its calibration is used below
         predictor = load_run_predictor(
-            entry["run"], checkpoint or evaluation["checkpoint_path"], device=device, raw=True
+            evaluation_run(member, evaluation), checkpoint or evaluation["checkpoint_path"], device=device, raw=True
         )
         if entry.get("checkpoint_sha256") and file_sha256(predictor.checkpoint) != entry["checkpoint_sha256"]:
             raise CxrflowError(
