@@ -293,7 +293,8 @@ def test_unreadable_figure_is_named_and_the_page_still_builds(study, tmp_path):
 def test_moved_store_builds_without_thumbnails_and_says_why(tmp_path):
     s = write_study(tmp_path, runs=[("simple_cnn", 64, ("finetune",))], test_rows=12, store_size=32,
                     localization=False, ensemble=False)  # fmt: skip
-    moved = tmp_path / "moved-store"
+    moved = tmp_path / "far" / "away" / "moved-store"  # where no search for a moved store looks
+    moved.parent.mkdir(parents=True)
     s["store"].rename(moved)
     page = Page(build_html(s["runs"], cases=2))
     assert "cases" in page.sections
