@@ -293,12 +293,18 @@ def test_commands_on_files_that_lie_end_in_one_line(evaluated, tmp_path, capsys)
     metrics_path.write_text(json.dumps(m))
     assert main(["report", str(a), "--out", str(tmp_path / "rep"), "--no-html"]) == 2
     assert "metrics.json" in _error_line(capsys)
+    # metrics.json naming two findings (each per-finding field trimmed to match): predict names the file
+    two = {k: ({n: v for n, v in x.items() if n in m["label_names"][:2]} if isinstance(x, dict) and
+               set(x) == set(m["label_names"]) else x) for k, x in json.loads(original).items()}  # fmt: skip
+    metrics_path.write_text(json.dumps({**two, "label_names": m["label_names"][:2]}))
+    Image.new("L", (20, 20), 90).save(tmp_path / "x.png")
+    assert main(["predict", "--run", str(a), str(tmp_path / "x.png"), "--json"]) == 2
+    assert "metrics.json" in _error_line(capsys)
     metrics_path.write_text(original)
     # NaN weights: predict and evaluate refuse the checkpoint, never give null probabilities
     ckpt = torch.load(a / "best_finetune.pt", weights_only=True)
     next(t for t in ckpt["model"].values() if t.is_floating_point()).view(-1)[0] = math.nan
     torch.save(ckpt, a / "best_finetune.pt")
-    Image.new("L", (20, 20), 90).save(tmp_path / "x.png")
     assert main(["predict", "--run", str(a), str(tmp_path / "x.png"), "--json"]) == 2
     assert "NaN" in _error_line(capsys)
     assert main(["evaluate", "--run", str(a), "--n-boot", "5", "--device", "cpu", "--overwrite"]) == 2

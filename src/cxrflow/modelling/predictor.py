@@ -93,8 +93,9 @@ def load_run_predictor(
             raise CxrflowError("no such checkpoint", path)
     else:
         name, path = resolve_checkpoint(run_dir, checkpoint)
-        evaluation, note = _evaluation_record(run_dir, name)
     inference = resolve_inference(path, store, device=device)
+    if run_dir is not None:
+        evaluation, note = _evaluation_record(run_dir, name, inference.label_names)
     thresholds, calibration = operating_scale(evaluation, inference.label_names, raw=raw)
     return Predictor(
         inference.model, inference.size, inference.pixel_mean, inference.pixel_std, inference.label_names, Path(path),
@@ -102,7 +103,9 @@ def load_run_predictor(
     )  # fmt: skip
 
 
-def _evaluation_record(run: Path, checkpoint_name: str) -> tuple[dict | None, str | None]:
+def _evaluation_record(
+    run: Path, checkpoint_name: str, label_names: Sequence[str] | None = None
+) -> tuple[dict | None, str | None]:
     """The ``metrics.json`` of a current evaluation of this checkpoint, if any, and a one-line note
     when the run's evaluations belong to another checkpoint than it holds now.
 
@@ -122,6 +125,12 @@ def _evaluation_record(run: Path, checkpoint_name: str) -> tuple[dict | None, st
         if stale is not None:
             note = note or f"{path.parent}: {stale}; its thresholds and calibration are not used"
             continue
+        if label_names is not None and list(metrics["label_names"]) != list(label_names):
+            raise CxrflowError(  # the same checkpoint's evaluation: its findings can only differ in a damaged file
+                f"its {len(metrics['label_names'])} findings are not its checkpoint's {len(label_names)} in the same "
+                "order: the file is damaged; evaluate again with --overwrite",
+                path,
+            )
         return metrics, None
     return None, note
 
