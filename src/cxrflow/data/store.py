@@ -403,14 +403,17 @@ def locate_store(
     run: str | os.PathLike | None = None,
     recorded_run: str | None = None,
 ) -> Path:
-    """The store a run was trained on: the ``recorded`` path when a store is there, else the first of
-    :func:`moved_store_candidates` holding the same splits (by ``identity``, at ``size``); else one
-    CxrflowError naming the stale path (``--store`` points at the store explicitly)."""
+    """The store a run was trained on: the absolute ``recorded`` path when a store is there, else the
+    first of :func:`moved_store_candidates` holding the same splits (by ``identity``, at ``size``;
+    a relative record is also tried from the current folder); else one CxrflowError naming the
+    stale path (``--store`` points at the store explicitly)."""
     path = Path(recorded)
-    if (path / MANIFEST_NAME).exists():
+    if path.is_absolute() and (path / MANIFEST_NAME).exists():
         return path
     run_path = Path(os.path.abspath(run)) if run is not None else None
     firsts, beside = moved_store_candidates(recorded, run_path, recorded_run)
+    if not path.is_absolute():  # a relative record (older runs): from the run's old working folder, then this one
+        firsts.append(Path(os.path.abspath(path)))
     if identity:
         found = next((c for c in [*firsts, *beside] if _matches(c, identity, size)), None)
     else:  # a run of an older version records no identity: only its own path, re-anchored, is trusted

@@ -384,11 +384,16 @@ def check_finite(state: dict, source: str | os.PathLike) -> None:
     """One CxrflowError naming ``source`` and the first tensors of ``state`` holding NaN or infinite
     values: such weights score every image as NaN (``null`` probabilities, an AUC that cannot be
     computed), so a damaged file is refused where it is loaded, not discovered in the results."""
-    bad = [
-        name
-        for name, t in state.items()
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
+    floats = {name: t for name, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if not floats:
+        return
+    try:  # one fused pass (as clip_grad_norm_ does): a NaN or infinity makes its tensor's norm non-finite
+        norms = torch.stack([n.float() for n in torch._foreach_norm([t.detach() for t in floats.values()])])
+        if bool(torch.isfinite(norms).all()):
+            return
+    except (AttributeError, RuntimeError):  # no fused norm here: the per-tensor test below decides
+        pass
+    bad = [name for name, t in floats.items() if not bool(torch.isfinite(t).all())]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise CxrflowError(
