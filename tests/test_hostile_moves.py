@@ -183,6 +183,13 @@ def test_runs_evaluations_and_stores_work_from_anywhere_after_mv_and_cp(trained,
     assert main([*evaluate, "--run", str(trained / "run2")]) == 0
     assert main(["report", str(trained / "run2"), "--out", str(tmp_path / "rep"), "--no-html"]) == 0
     assert "run2" in (tmp_path / "rep" / "table.md").read_text()
+    shutil.copytree(trained / "run", tmp_path / "run3")  # an unfinished run moved away from its store: resumes
+    (tmp_path / "run3" / "done.json").unlink()
+    assert main(["train", "--resume", "--out", str(tmp_path / "run3"), "--quiet", "--device", "cpu"]) == 2
+    assert "give it with --store" in capsys.readouterr().err
+    shutil.move(tmp_path / "run3", trained / "run3")
+    assert main(["train", "--resume", "--out", str(trained / "run3"), "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((trained / "run3" / "config.json").read_text())["store"] == str(trained / "store2")
     capsys.readouterr()
     shutil.move(trained / "store2", tmp_path / "far")  # nowhere the search looks
     (tmp_path / "other").mkdir()
