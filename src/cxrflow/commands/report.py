@@ -83,6 +83,8 @@ def summary_lines(result: dict) -> str:
         f"tables and figure: {Path(result['table_md']).name}, {Path(result['table_csv']).name}, "
         f"{Path(result['comparison_png']).name} in {folder}/"
     )
+    if "cross_md" in result:
+        lines.append(f"cross-collection table (one run on several stores): cross.md, cross.csv in {folder}/")
     return "\n".join(lines)
 
 

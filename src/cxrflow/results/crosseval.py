@@ -318,3 +318,32 @@ def format_cross_lines(metrics: dict) -> list[str]:
              + (f" (as {', '.join(renamed)})" if renamed else ""), f"thresholds and temperatures: {metrics.get('threshold_source')}"]  # fmt: skip
     missing = metrics.get("not_labelled") or []
     return lines + ([f"not labelled in {where}: {', '.join(missing)}"] if missing else [])
+
+
+def trained_stores(metrics: dict) -> tuple[list[str], list[dict]]:
+    """The stores an evaluated run was trained on (its ``config.json``: ``stores``, else ``[store]``), as
+    absolute paths, and their recorded split identities; empty when the run's config cannot be read."""
+    from cxrflow import safeio
+
+    try:
+        config = safeio.read_json(Path(str(metrics.get("run") or "")) / "config.json", "run config")
+    except (OSError, ValueError, RecursionError):
+        return [], []
+    if not isinstance(config, dict):
+        return [], []
+    stores = config.get("stores") or ([config["store"]] if config.get("store") else [])
+    identities = config.get("store_identities") or [config.get("store_identity") or {}]
+    return [str(Path(str(s)).resolve()) for s in stores], [i for i in identities if isinstance(i, dict)]
+
+
+def on_other_collection(metrics: dict) -> bool:
+    """Whether an evaluation scored its run on a store the run was not trained on: written by
+    ``evaluate --store OTHER`` (it records an ``alignment``) on a store that is neither one of the
+    run's stores (by path) nor holds one of their splits (by identity). Ensembles are not."""
+    if metrics.get("kind") == "ensemble" or metrics.get("alignment") is None:
+        return False
+    paths, identities = trained_stores(metrics)
+    if metrics.get("store") and str(Path(str(metrics["store"])).resolve()) in paths:
+        return False
+    scored = {h for h in (metrics.get("store_identity") or {}).values() if h}
+    return not any(scored & {h for h in identity.values() if h} for identity in identities)

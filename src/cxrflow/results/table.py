@@ -21,6 +21,7 @@ from typing import Any
 
 from cxrflow import csvsafe, safeio
 from cxrflow.errors import CxrflowError
+from cxrflow.results.crosseval import on_other_collection
 from cxrflow.runs import METRICS_NAME, check_metrics, evaluation_status
 
 #: The paper's published mean test AUCs (Table 1), by (model, input size, stage).
@@ -62,8 +63,9 @@ def model_title(model: str, fusion: str = "none") -> str:
 def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") -> list[Path]:
     """The ``metrics.json`` files named by ``paths`` (evaluation folders, run folders or files).
 
-    A run folder contributes its ``eval-<split>-*`` folders, KT before fine-tuned. A path with no
-    evaluation is an error naming it (so a missing run is never silently left out of the table).
+    A run folder contributes its ``eval-<split>-*`` folders, KT before fine-tuned, then its
+    evaluations on other stores (``eval-<store>-<split>-*``, written by ``evaluate --store OTHER``). A
+    path with no evaluation is an error naming it (so a missing run is never silently left out of the table).
     """
     found: list[Path] = []
     for p in map(Path, paths):
@@ -82,10 +84,24 @@ def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") ->
                     f"run 'cxrflow evaluate --run {p}' first)",
                     p,
                 )
-            found.extend(inner)
+            found.extend(inner + [m for m in sorted(p.glob(f"eval-*-{split}-*/{METRICS_NAME}")) if m not in inner
+                                  and _on_store_named(m, split)])  # fmt: skip
         else:
             raise CxrflowError("no such run or evaluation folder", p)
     return found
+
+
+def _on_store_named(metrics_path: Path, split: str) -> bool:
+    """Whether ``eval-<store>-<split>-<checkpoint>/metrics.json`` is an evaluation on that split (a store
+    whose name holds ``-<split>-`` does not make another split's evaluation one); an unreadable one is
+    kept, so that the table names it."""
+    try:
+        m = safeio.read_json(metrics_path, "evaluation")
+    except (OSError, ValueError, RecursionError):
+        return True
+    if not isinstance(m, dict):
+        return True
+    return m.get("split") == split and metrics_path.parent.name.endswith(f"-{split}-{m.get('checkpoint')}")
 
 
 def load_row(metrics_path: Path) -> dict[str, Any]:
@@ -111,7 +127,8 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
     else:
         members = []
         label = f"{model_title(model, fusion)} {size}px {STAGE_TITLES.get(stage, stage)}"
-    paper = None if ensemble or m.get("synthetic") else paper_mean_auc(model, size, stage)  # never for synthetic data
+    other = on_other_collection(m)  # another collection's store: its own numbers, never the paper's
+    paper = None if ensemble or other or m.get("synthetic") else paper_mean_auc(model, size, stage)
     mean = m["mean_auc"]
     ece = (m.get("calibration") or {}).get("ece_mean") or {}
     return {
@@ -139,13 +156,17 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
         "label_names": list(m["label_names"]),
         "source": str(metrics_path),
         "synthetic": bool(m.get("synthetic")),
+        "other_collection": other,
+        "test_store": Path(str(m.get("store") or "")).name,
     }
 
 
 def build_rows(paths: Sequence[str | os.PathLike], split: str = "test") -> list[dict[str, Any]]:
-    """Rows of every evaluation named by ``paths``, in the given order, with the best marked."""
+    """Rows of every evaluation named by ``paths``, in the given order, with the best marked (among the
+    evaluations on the runs' own collections, when there are any)."""
     rows = [load_row(p) for p in find_evaluations(paths, split)]
-    scored = [i for i, r in enumerate(rows) if r["mean_auc"] is not None]
+    own = not all(r["other_collection"] for r in rows)
+    scored = [i for i, r in enumerate(rows) if r["mean_auc"] is not None and not (own and r["other_collection"])]
     best = max(scored, key=lambda i: rows[i]["mean_auc"]) if scored else None
     for i, r in enumerate(rows):
         r["best"] = i == best
@@ -187,6 +208,8 @@ def format_csv(rows: Sequence[dict]) -> str:
         "ece_raw",
         "kind",
         "members",
+        "test_store",
+        "other_collection",
     ] + [f"auc_{n}" for n in findings]
     buf = io.StringIO()
     w = csvsafe.writer(buf, lineterminator="\n")
@@ -210,7 +233,7 @@ def format_csv(rows: Sequence[dict]) -> str:
             ]
             + [str(r["best"]).lower(), ";".join(r["nan_findings"])]
             + ["" if r[k] is None else repr(float(r[k])) for k in ("ece", "ece_raw")]
-            + [r["kind"], ";".join(r["members"])]
+            + [r["kind"], ";".join(r["members"]), r["test_store"], str(r["other_collection"]).lower()]
             + ["" if r["auc"].get(n) is None else repr(float(r["auc"][n])) for n in findings]
         )
     return buf.getvalue()
@@ -252,7 +275,9 @@ def _markdown_run_row(r: dict) -> str:
         else model_title(r["model"], r["fusion"])
     )
     cells = [
-        r["run"] + (" (synthetic data)" if r.get("synthetic") else ""),
+        r["run"]
+        + (f" on {r['test_store']}" if r.get("other_collection") else "")
+        + (" (synthetic data)" if r.get("synthetic") else ""),
         model,
         str(r["size"]),
         STAGE_TITLES.get(r["stage"], r["stage"]),
@@ -294,7 +319,13 @@ def _markdown_findings(rows: Sequence[dict]) -> list[str]:
     """The per-finding AUC table: one row per finding, one column per evaluation."""
     lines = ["", "## Per-finding test AUC", ""]
     lines.append(
-        "| Finding | " + " | ".join(f"{r['run']} {STAGE_TITLES.get(r['stage'], r['stage'])}" for r in rows) + " |"
+        "| Finding | "
+        + " | ".join(
+            f"{r['run']} {STAGE_TITLES.get(r['stage'], r['stage'])}"
+            + (f" on {r['test_store']}" if r.get("other_collection") else "")
+            for r in rows
+        )
+        + " |"
     )
     lines.append("|---|" + "---:|" * len(rows))
     for n in _finding_columns(rows):
