@@ -83,6 +83,9 @@ def test_report_draws_the_matrix_and_names_the_drop_over_the_shared_findings(stu
     )
     page = (tmp_path / "report" / "report.html").read_text()
     assert 'id="cross-matrix"' in page and text in page and 'href="#cross"' in page
+    # the rerun script scores the run on the other store again
+    rerun = f"cxrflow evaluate --run {run} --checkpoint best_finetune --split test --n-boot 50 --seed 0 --store {study['other'].resolve()}"
+    assert rerun in page
 
 
 def test_table1_names_the_other_store_and_never_compares_it_with_the_paper_or_calls_it_best(study):

@@ -91,6 +91,7 @@ def score_with_run_calibration(evaluated: dict, validation: dict, names: Sequenc
     evaluation's ``metrics.json``), keyed by the model's finding names."""
     from cxrflow.metrics import summarize
     from cxrflow.modelling.calibration import apply_temperatures, calibration_report
+    from cxrflow.operating import operating_report
 
     cal = own["calibration"]
     temps = np.array([_number(cal["temperature"].get(n)) for n in names])
@@ -101,6 +102,8 @@ def score_with_run_calibration(evaluated: dict, validation: dict, names: Sequenc
     mask = np.asarray(evaluated["known"]).astype(bool) if known else None
     thresholds = [_number(own.get("threshold", {}).get(n)) for n in names]
     metrics = summarize(labels, probs, evaluated["patient_id"], names, thresholds, n_boot=n_boot, seed=seed, known=mask)
+    metrics.update(operating_report(labels, probs, evaluated["patient_id"], names, thresholds, known=mask,
+                                    n_boot=n_boot, seed=seed))  # fmt: skip
     metrics["threshold_split"] = own.get("threshold_split", "val")
     metrics["threshold_calibrated"] = {n: own.get("threshold_calibrated", {}).get(n) for n in names}
     metrics["calibration"] = calibration_report(temps, labels, probs, evaluated["calprobs"], names, offsets=offsets,

@@ -158,7 +158,33 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
         "synthetic": bool(m.get("synthetic")),
         "other_collection": other,
         "test_store": Path(str(m.get("store") or "")).name,
+        "per_finding": per_finding(m),
     }
+
+
+#: What :func:`per_finding` gives for each finding, as read from ``metrics.json`` (None where absent).
+PER_FINDING = ("positives", "prevalence", "auc", "auc_ci", "auprc", "auprc_ci", "threshold", "tp", "fp", "fn", "tn",
+               "sensitivity", "sensitivity_ci", "specificity", "specificity_ci")  # fmt: skip
+
+
+def per_finding(m: dict) -> list[dict[str, Any]]:
+    """Per finding of an evaluation, as its ``metrics.json`` holds them (nothing recomputed): positives,
+    test prevalence, AUC and AUPRC with their 95% intervals and, at the operating threshold, the
+    TP/FP/FN/TN image counts and sensitivity and specificity with their 95% intervals."""
+
+    def get(key: str, name: str) -> Any:
+        return (m.get(key) or {}).get(name)
+
+    out = []
+    for n in m.get("label_names") or []:
+        counts = get("counts", n) or {}
+        out.append({"name": n, "positives": get("positives", n), "prevalence": get("prevalence", n),
+                    "auc": get("auc", n), "auc_ci": get("auc_ci95", n), "auprc": get("auprc", n),
+                    "auprc_ci": get("auprc_ci95", n), "threshold": get("threshold", n),
+                    **{c: counts.get(c) for c in ("tp", "fp", "fn", "tn")},
+                    "sensitivity": get("sensitivity", n), "sensitivity_ci": get("sensitivity_ci95", n),
+                    "specificity": get("specificity", n), "specificity_ci": get("specificity_ci95", n)})  # fmt: skip
+    return out
 
 
 def build_rows(paths: Sequence[str | os.PathLike], split: str = "test") -> list[dict[str, Any]]:
@@ -211,6 +237,7 @@ def format_csv(rows: Sequence[dict]) -> str:
         "test_store",
         "other_collection",
     ] + [f"auc_{n}" for n in findings]
+    head += [f"{column}_{n}" for n in findings for column in _CSV_PER_FINDING]
     buf = io.StringIO()
     w = csvsafe.writer(buf, lineterminator="\n")
     w.writerow(head)
@@ -235,8 +262,29 @@ def format_csv(rows: Sequence[dict]) -> str:
             + ["" if r[k] is None else repr(float(r[k])) for k in ("ece", "ece_raw")]
             + [r["kind"], ";".join(r["members"]), r["test_store"], str(r["other_collection"]).lower()]
             + ["" if r["auc"].get(n) is None else repr(float(r["auc"][n])) for n in findings]
+            + [_csv_cell(r, n, column) for n in findings for column in _CSV_PER_FINDING]
         )
     return buf.getvalue()
+
+
+#: The per-finding columns of ``table.csv`` after the AUCs (``<column>_<finding>``; ``_low``/``_high``: 95% CI).
+_CSV_PER_FINDING = ("prevalence", "auprc", "auprc_low", "auprc_high", "threshold", "tp", "fp", "fn", "tn",
+                    "sensitivity", "sensitivity_low", "sensitivity_high", "specificity", "specificity_low",
+                    "specificity_high")  # fmt: skip
+
+
+def _csv_cell(row: dict, name: str, column: str) -> str:
+    """One per-finding cell of ``table.csv``: empty where the evaluation does not have it."""
+    entry = next((f for f in row.get("per_finding", []) if f["name"] == name), None) or {}
+    if column.endswith(("_low", "_high")):
+        base, end = column.rsplit("_", 1)
+        ci = entry.get(f"{base}_ci")
+        value = ci[0 if end == "low" else 1] if ci else None
+    else:
+        value = entry.get(column)
+    if value is None:
+        return ""
+    return str(int(value)) if column in ("tp", "fp", "fn", "tn") else repr(float(value))
 
 
 def _markdown_header(rows: Sequence[dict]) -> list[str]:
@@ -333,6 +381,37 @@ def _markdown_findings(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+def _interval_text(value: float | None, ci: Sequence[float] | None, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" + (f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else "")
+
+
+def _markdown_operating(rows: Sequence[dict]) -> list[str]:
+    """Per evaluation, one row per finding: prevalence, AUC and AUPRC with their intervals and, at the
+    operating threshold, TP/FP/FN/TN and sensitivity and specificity with their intervals."""
+    lines = ["", "## Per finding, at the operating threshold", "",
+             "Test prevalence; AUC and AUPRC (average precision; chance level = prevalence) with 95% patient-bootstrap",
+             "intervals; at the threshold chosen on validation (Youden's J), the images counted TP/FP/FN/TN and",
+             "sensitivity and specificity with 95% intervals. n/a: not in the evaluation (an older cxrflow, or one class only)."]  # fmt: skip
+    for r in rows:
+        where = f" on {r['test_store']}" if r.get("other_collection") else ""
+        synthetic = " (synthetic data)" if r.get("synthetic") else ""
+        lines += ["", f"### {r['run']}{where}: {r['label']}{synthetic}", "",
+                  "| Finding | Positives | Prevalence | AUC (95% CI) | AUPRC (95% CI) | Threshold | TP | FP | FN | TN | "
+                  "Sensitivity (95% CI) | Specificity (95% CI) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for f in r.get("per_finding", []):
+            prevalence = "n/a" if f["prevalence"] is None else f"{100 * f['prevalence']:.1f}%"
+            counts = ["n/a" if f[c] is None else str(f[c]) for c in ("tp", "fp", "fn", "tn")]
+            cells = [f["name"], "n/a" if f["positives"] is None else str(f["positives"]), prevalence,
+                     _interval_text(f["auc"], f["auc_ci"]), _interval_text(f["auprc"], f["auprc_ci"]),
+                     _fmt(f["threshold"], 3) or "n/a", *counts, _interval_text(f["sensitivity"], f["sensitivity_ci"]),
+                     _interval_text(f["specificity"], f["specificity_ci"])]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _markdown_paper() -> list[str]:
     """The paper's published mean AUCs, one row per model and input size."""
     lines = [
@@ -363,5 +442,6 @@ def format_markdown(rows: Sequence[dict]) -> str:
     lines += [_markdown_run_row(r) for r in rows]
     lines += _markdown_run_notes(rows)
     lines += _markdown_findings(rows)
+    lines += _markdown_operating(rows)
     lines += _markdown_paper()
     return "\n".join(lines) + "\n"

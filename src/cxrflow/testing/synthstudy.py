@@ -101,6 +101,7 @@ def write_evaluation(
 
     from cxrflow.data.store import pixel_stats, read_manifest
     from cxrflow.metrics import summarize, youden_threshold
+    from cxrflow.operating import operating_report
     from cxrflow.runs import predictions_table
 
     manifest = read_manifest(store)
@@ -111,6 +112,7 @@ def write_evaluation(
     probs = 1.0 / (1.0 + np.exp(-logits))
     thresholds = np.array([youden_threshold(labels[:, j], probs[:, j]) for j in range(len(names))])
     metrics = summarize(labels, probs, patients, names, thresholds, n_boot=n_boot, seed=0)
+    metrics.update(operating_report(labels, probs, patients, names, thresholds, n_boot=n_boot, seed=0))
     mean, std = pixel_stats(manifest, store_size)
     checkpoint = run / f"best_{stage}.pt"
     if not checkpoint.exists() and folder != run:  # an evaluation belongs to a checkpoint file (see evaluation_status)
@@ -329,6 +331,7 @@ def write_cross_evaluation(
 
     from cxrflow.data.store import read_manifest, store_identity
     from cxrflow.metrics import summarize, youden_threshold
+    from cxrflow.operating import operating_report
     from cxrflow.runs import predictions_table
 
     own = json.loads((run / f"eval-test-best_{stage}" / "metrics.json").read_text())
@@ -340,6 +343,7 @@ def write_cross_evaluation(
     probs = 1.0 / (1.0 + np.exp(-(signal * (2.0 * labels - 1.0) + rng.normal(0.0, 1.0, labels.shape))))
     thresholds = np.array([youden_threshold(labels[:, j], probs[:, j]) for j in range(len(findings))])
     scored = summarize(labels, probs, patients, list(findings), thresholds, n_boot=n_boot, seed=0)
+    scored.update(operating_report(labels, probs, patients, list(findings), thresholds, n_boot=n_boot, seed=0))
     metrics = {
         **{k: own[k] for k in ("run", "run_name", "checkpoint", "checkpoint_path", "checkpoint_sha256", "stage",
                                "epoch", "model", "size", "pixel_mean", "pixel_std")},
