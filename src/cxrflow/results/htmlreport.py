@@ -270,7 +270,7 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
     from cxrflow.results.auditreport import audit_part
 
     return {
-        "audit": None if ev["ensemble"] else audit_part(m, folder, title),
+        "audit": audit_part(m, folder, title) if not ev["ensemble"] or "audit" in m else None,
         "synthetic": ev.get("synthetic", False),
         "anchor": evaluation_anchor(ev),
         "title": title,
