@@ -131,3 +131,13 @@ def test_a_run_trained_on_two_stores_has_two_own_columns(fresh, tmp_path):
     assert len(texts) == 2 and texts[0].startswith("ResNet-50 256px fine-tuned trained on store + second: ")
     assert " on store's test split, " in texts[0] and " on second's test split, " in texts[1]
     assert all(f"over {SHARED} shared findings" in t for t in texts)
+
+
+def test_a_run_evaluated_only_store_by_store_is_found(fresh):
+    """A run trained on several stores may hold only eval-<store>-<split>-* folders."""
+    run = fresh["runs"][0]
+    (run / "eval-test-best_finetune").rename(run / "eval-store-test-best_finetune")
+    rows = build_rows([run])
+    got = {r["test_store"]: r for r in rows}
+    assert sorted(got) == ["chexpert", "store"] and not got["store"]["other_collection"] and got["store"]["best"]
+    assert got["chexpert"]["other_collection"] and got["chexpert"]["label"] == "ResNet-50 256px fine-tuned on chexpert"

@@ -78,14 +78,15 @@ def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") ->
                 p.glob(f"eval-{split}-*/{METRICS_NAME}"),
                 key=lambda m: (0 if m.parent.name.endswith("best_kt") else 1, m.parent.name),
             )
+            inner += [m for m in sorted(p.glob(f"eval-*-{split}-*/{METRICS_NAME}")) if m not in inner
+                      and _on_store_named(m, split)]  # fmt: skip
             if not inner:
                 raise CxrflowError(
-                    f"no evaluation on split {split!r} here (expected {METRICS_NAME} or eval-{split}-*/; "
-                    f"run 'cxrflow evaluate --run {p}' first)",
+                    f"no evaluation on split {split!r} here (expected {METRICS_NAME}, eval-{split}-*/ or "
+                    f"eval-<store>-{split}-*/; run 'cxrflow evaluate --run {p}' first)",
                     p,
                 )
-            found.extend(inner + [m for m in sorted(p.glob(f"eval-*-{split}-*/{METRICS_NAME}")) if m not in inner
-                                  and _on_store_named(m, split)])  # fmt: skip
+            found.extend(inner)
         else:
             raise CxrflowError("no such run or evaluation folder", p)
     return found
@@ -128,6 +129,7 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
         members = []
         label = f"{model_title(model, fusion)} {size}px {STAGE_TITLES.get(stage, stage)}"
     other = on_other_collection(m)  # another collection's store: its own numbers, never the paper's
+    label += f" on {Path(str(m.get('store') or '')).name}" if other else ""
     paper = None if ensemble or other or m.get("synthetic") else paper_mean_auc(model, size, stage)
     mean = m["mean_auc"]
     ece = (m.get("calibration") or {}).get("ece_mean") or {}
