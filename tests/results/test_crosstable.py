@@ -3,6 +3,7 @@ stores they were scored on, from evaluation folders in the shapes ``cxrflow eval
 
 import csv
 import json
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -16,6 +17,27 @@ from cxrflow.testing.synthstore import write_synthetic_store
 from cxrflow.testing.synthstudy import write_cross_evaluation, write_study
 
 SHARED = 5
+
+
+class Nesting(HTMLParser):
+    """Every element of a page closed, in the order opened (void elements aside)."""
+
+    VOID = {"meta", "img", "br", "hr", "input", "link", "source", "col", "wbr"}
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.open, self.errors = [], []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if self.open and self.open[-1] == tag:
+            self.open.pop()
+        else:
+            self.errors.append((tag, self.getpos(), self.open[-3:]))
 
 
 def _study(tmp_path):
@@ -83,6 +105,8 @@ def test_report_draws_the_matrix_and_names_the_drop_over_the_shared_findings(stu
     )
     page = (tmp_path / "report" / "report.html").read_text()
     assert 'id="cross-matrix"' in page and text in page and 'href="#cross"' in page
+    nesting = Nesting(page)
+    assert nesting.errors == [] and nesting.open == []
     # the rerun script scores the run on the other store again
     rerun = f"cxrflow evaluate --run {run} --checkpoint best_finetune --split test --n-boot 50 --seed 0 --store {study['other'].resolve()}"
     assert rerun in page
