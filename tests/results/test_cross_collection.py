@@ -308,3 +308,12 @@ def test_a_store_of_the_same_findings_with_other_images_is_scored_as_another_col
                  "--n-boot", "5", "--device", "cpu"]) == 0  # fmt: skip
     own = json.loads((tmp_path / "own" / "metrics.json").read_text())
     assert "alignment" not in own and own["n_images"] == 48
+    # the report of the run draws it against both stores
+    assert main(["report", str(copy), "--out", str(tmp_path / "report"), "--cases", "0"]) == 0
+    assert "cross-collection table (one run on several stores): cross.md, cross.csv" in capsys.readouterr().out
+    cross = (tmp_path / "report" / "cross.md").read_text()
+    assert (
+        "| Run | Trained on | store | hospital |" in cross
+        and "on hospital (" in cross
+        and "over 14 shared findings)" in cross
+    )

@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "runs",
         nargs="+",
         metavar="RUN",
-        help="run folders (all their eval-<split>-* evaluations), evaluation or ensemble folders",
+        help="run folders (all their eval-<split>-* evaluations, and eval-<store>-<split>-* ones on other stores), "
+        "evaluation or ensemble folders",
     )
     parser.add_argument("--out", required=True, help="folder for report.html, table.md, table.csv and comparison.png")
     parser.add_argument("--split", default="test", help="which evaluations of a run folder to use (default: test)")

@@ -323,13 +323,14 @@ def format_cross_lines(metrics: dict) -> list[str]:
     return lines + ([f"not labelled in {where}: {', '.join(missing)}"] if missing else [])
 
 
-def trained_stores(metrics: dict) -> tuple[list[str], list[dict]]:
+def trained_stores(metrics: dict, run: Path | None = None) -> tuple[list[str], list[dict]]:
     """The stores an evaluated run was trained on (its ``config.json``: ``stores``, else ``[store]``), as
-    absolute paths, and their recorded split identities; empty when the run's config cannot be read."""
+    absolute paths, and their recorded split identities; empty when the run's config cannot be read.
+    ``run``: the run folder, when it is not (or no longer) the one the evaluation records."""
     from cxrflow import safeio
 
     try:
-        config = safeio.read_json(Path(str(metrics.get("run") or "")) / "config.json", "run config")
+        config = safeio.read_json(Path(run or str(metrics.get("run") or "")) / "config.json", "run config")
     except (OSError, ValueError, RecursionError):
         return [], []
     if not isinstance(config, dict):
@@ -339,13 +340,14 @@ def trained_stores(metrics: dict) -> tuple[list[str], list[dict]]:
     return [str(Path(str(s)).resolve()) for s in stores], [i for i in identities if isinstance(i, dict)]
 
 
-def on_other_collection(metrics: dict) -> bool:
+def on_other_collection(metrics: dict, run: Path | None = None) -> bool:
     """Whether an evaluation scored its run on a store the run was not trained on: written by
     ``evaluate --store OTHER`` (it records an ``alignment``) on a store that is neither one of the
-    run's stores (by path) nor holds one of their splits (by identity). Ensembles are not."""
+    run's stores (by path) nor holds one of their splits (by identity). Ensembles are not. ``run``:
+    the run folder holding the evaluation, when known (see :func:`trained_stores`)."""
     if metrics.get("kind") == "ensemble" or metrics.get("alignment") is None:
         return False
-    paths, identities = trained_stores(metrics)
+    paths, identities = trained_stores(metrics, run)
     if metrics.get("store") and str(Path(str(metrics["store"])).resolve()) in paths:
         return False
     scored = {h for h in (metrics.get("store_identity") or {}).values() if h}

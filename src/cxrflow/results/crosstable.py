@@ -57,6 +57,14 @@ def _store_key(metrics: dict) -> str:
     return identity or str(Path(str(metrics.get("store") or "?")).resolve())
 
 
+def _run_of(folder: Path, metrics: dict) -> str:
+    """The run an evaluation belongs to: the run folder holding it (a run copied or moved keeps its
+    evaluations), else the run it records."""
+    if (folder.parent / "config.json").is_file():
+        return str(folder.parent.resolve())
+    return str(metrics.get("run"))
+
+
 def _row_label(m: dict) -> str:
     stage = STAGE_TITLES.get(str(m.get("stage")), str(m.get("stage")))
     return f"{model_title(str(m.get('model')), str(m.get('fusion') or 'none'))} {m.get('size')}px {stage}"
@@ -71,14 +79,14 @@ def gather(sources: Sequence[str | Path]) -> dict[str, Any] | None:
         m = safeio.read_json(source, "evaluation")
         if m.get("kind") == "ensemble":
             continue
-        key, store = (str(m.get("run")), str(m.get("checkpoint"))), _store_key(m)
-        paths, _ = trained_stores(m)
+        key, store = (_run_of(source.parent, m), str(m.get("checkpoint"))), _store_key(m)
+        paths, _ = trained_stores(m, Path(key[0]))
         row = rows.setdefault(key, {
             "run": m.get("run_name") or Path(key[0]).name, "run_path": key[0], "checkpoint": key[1],
             "label": _row_label(m), "trained_on": [Path(p).name for p in paths] or ["?"], "cells": {},
         })  # fmt: skip
         column = columns.setdefault(store, {"key": store, "path": str(m.get("store") or ""), "own_of": []})
-        own = not on_other_collection(m)
+        own = not on_other_collection(m, Path(key[0]))
         if own:
             column["own_of"].append(row["run"])
         scored = [n for n in m.get("label_names") or [] if (m.get("auc") or {}).get(n) is not None]

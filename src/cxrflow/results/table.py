@@ -128,7 +128,8 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
     else:
         members = []
         label = f"{model_title(model, fusion)} {size}px {STAGE_TITLES.get(stage, stage)}"
-    other = on_other_collection(m)  # another collection's store: its own numbers, never the paper's
+    run = Path(metrics_path).parent.parent  # the run folder holding the evaluation, when it is one
+    other = on_other_collection(m, run if (run / "config.json").is_file() else None)  # never the paper's numbers
     label += f" on {Path(str(m.get('store') or '')).name}" if other else ""
     paper = None if ensemble or other or m.get("synthetic") else paper_mean_auc(model, size, stage)
     mean = m["mean_auc"]
