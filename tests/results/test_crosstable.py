@@ -3,6 +3,7 @@ stores they were scored on, from evaluation folders in the shapes ``cxrflow eval
 
 import csv
 import json
+import shutil
 from html.parser import HTMLParser
 
 import numpy as np
@@ -58,9 +59,11 @@ def study(tmp_path_factory):
 
 
 @pytest.fixture
-def fresh(tmp_path):
-    """The study, for a test that changes it."""
-    return _study(tmp_path / "study")
+def run_copy(study, tmp_path):
+    """A copy of the first run's folder (its evaluations inside), for a test that changes it."""
+    copy = tmp_path / "run"
+    shutil.copytree(study["runs"][0], copy)
+    return copy
 
 
 def _metrics(folder):
@@ -119,32 +122,29 @@ def test_table1_names_the_other_store_and_never_compares_it_with_the_paper_or_ca
     assert not other[0]["best"] and sum(r["best"] for r in rows) == 1
 
 
-def test_no_matrix_when_each_run_was_scored_on_one_store(fresh, tmp_path):
-    for path in fresh["cross"].iterdir():
-        path.unlink()
-    fresh["cross"].rmdir()
-    got = write_report(fresh["runs"], tmp_path / "report")
+def test_no_matrix_when_each_run_was_scored_on_one_store(study, tmp_path):
+    got = write_report(study["runs"][1:], tmp_path / "report")
     assert "cross_md" not in got and not (tmp_path / "report" / "cross.md").exists()
     assert 'id="cross"' not in (tmp_path / "report" / "report.html").read_text()
 
 
-def test_a_store_whose_name_holds_the_split_does_not_bring_another_splits_evaluation(fresh):
-    run = fresh["runs"][0]
-    val = run / "eval-my-test-store-val-best_finetune"  # an evaluation of the val split of store 'my-test-store'
+def test_a_store_whose_name_holds_the_split_does_not_bring_another_splits_evaluation(run_copy):
+    cross = run_copy / "eval-chexpert-test-best_finetune"
+    val = run_copy / "eval-my-test-store-val-best_finetune"  # an evaluation of the val split of store 'my-test-store'
     val.mkdir()
-    (val / "metrics.json").write_text(json.dumps({**_metrics(fresh["cross"]), "split": "val"}))
-    found = find_evaluations([run])
-    assert val / "metrics.json" not in found and fresh["cross"] / "metrics.json" in found
+    (val / "metrics.json").write_text(json.dumps({**_metrics(cross), "split": "val"}))
+    found = find_evaluations([run_copy])
+    assert val / "metrics.json" not in found and cross / "metrics.json" in found
 
 
-def test_a_run_trained_on_two_stores_has_two_own_columns(fresh, tmp_path):
-    run = fresh["runs"][0]
+def test_a_run_trained_on_two_stores_has_two_own_columns(study, run_copy, tmp_path):
+    run = run_copy
     second = tmp_path / "second"
     write_synthetic_store(second, sizes=(64,), rows={"train": 8, "val": 8, "test": 40}, seed=4)
     config = json.loads((run / "config.json").read_text())
     config["stores"] = [config["store"], str(second.resolve())]
     (run / "config.json").write_text(json.dumps(config))
-    write_cross_evaluation(run, second, fresh["label_names"][:8], seed=9)  # evaluate --run RUN on its second store
+    write_cross_evaluation(run, second, study["label_names"][:8], seed=9)  # evaluate --run RUN on its second store
     table = cross_table(find_evaluations([run]))
     (row,) = table["rows"]
     assert row["trained_on"] == ["store", "second"]
@@ -157,9 +157,9 @@ def test_a_run_trained_on_two_stores_has_two_own_columns(fresh, tmp_path):
     assert all(f"over {SHARED} shared findings" in t for t in texts)
 
 
-def test_a_run_evaluated_only_store_by_store_is_found(fresh):
+def test_a_run_evaluated_only_store_by_store_is_found(run_copy):
     """A run trained on several stores may hold only eval-<store>-<split>-* folders."""
-    run = fresh["runs"][0]
+    run = run_copy
     (run / "eval-test-best_finetune").rename(run / "eval-store-test-best_finetune")
     rows = build_rows([run])
     got = {r["test_store"]: r for r in rows}
