@@ -206,6 +206,7 @@ def build_sweep_ensembles(
     ensemble folders that exist and the failures (name: reason). ``tracking``: the steps' options
     (``--mlflow URI``), under which each new ensemble becomes its own MLflow run."""
     from cxrflow.modelling.ensemble import build_ensemble
+    from cxrflow.results.subgroups import ensemble_audit
 
     built: list[Path] = []
     failed: dict[str, str] = {}
@@ -223,7 +224,8 @@ def build_sweep_ensembles(
             f"[{spec.name}] cxrflow ensemble --method {spec.method} ({', '.join(f'{r}:{c}' for r, c in spec.members)})"
         )
         try:
-            metrics = build_ensemble(evals, folder, method=spec.method, n_boot=n_boot, overwrite=True)
+            metrics = build_ensemble(evals, folder, method=spec.method, n_boot=n_boot, overwrite=True,
+                                     audit=ensemble_audit())  # fmt: skip
         except CxrflowError as exc:
             failed[spec.name] = str(exc)
             continue

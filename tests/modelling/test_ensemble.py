@@ -327,3 +327,38 @@ def test_the_ensemble_keeps_its_members_demographics_only_baseline(members, stac
     assert demo["shortcut"] == shortcut_findings(m["label_names"], demo["auc"], demo["auc_low"], m["auc"])
     # the synthetic store's demographics are drawn apart from its labels: nothing is a shortcut there
     assert demo["shortcut"] == [] and all(abs(a - 0.5) < 0.25 for a in demo["auc"].values() if a is not None)
+
+
+@pytest.mark.slow
+def test_cxrflow_ensemble_audits_the_ensemble_like_an_evaluation(members, tmp_path, capsys):
+    from cxrflow.metrics import binary_auc
+    from cxrflow.results.audit import read_csv
+
+    _, _, runs, _ = members
+    out = tmp_path / "ens"
+    assert main(["ensemble", *map(str, runs), "--out", str(out), "--n-boot", "20", "--audit-fpr", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "subgroup audit (sex, age, view, sex x age): " in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    audit = metrics["audit"]
+    assert audit["underdiagnosis"]["global_fpr"] == 0.1 and audit["bootstrap"]["n_boot"] == 20
+    assert metrics["synthetic"] and {f["file"] for f in audit["figures"]} >= {"subgroups-sex.png", "subgroups-age.png"}
+    # the ensemble's predictions carry each image's attributes, and the audit recomputes from them
+    pred = _frame(out)
+    assert {"age", "sex", "view"} <= set(pred.columns)
+    rows = read_csv(out / "subgroups.csv")
+    name = metrics["label_names"][0]
+    for group in ("F", "M"):
+        mine = pred[pred["sex"].str.upper().str[0] == group]
+        row = next(r for r in rows if r["finding"] == name and r["attribute"] == "sex" and r["group"] == group)
+        assert row["n_images"] == len(mine)
+        assert row["auc"] == pytest.approx(
+            binary_auc(mine[f"label_{name}"].to_numpy(), mine[f"prob_{name}"].to_numpy()), abs=1e-5
+        )
+    from cxrflow.results.report import write_report
+
+    page = open(write_report([out], tmp_path / "report", cases=0)["report_html"]).read()
+    assert "Who the model fails: subgroup audit (synthetic data)" in page and "subgroups-sex.png" in page
+    assert main(["ensemble", *map(str, runs), "--out", str(tmp_path / "plain"), "--n-boot", "5", "--no-audit"]) == 0
+    assert "subgroup audit: skipped (--no-audit)" in capsys.readouterr().out
+    assert not (tmp_path / "plain" / "subgroups.csv").exists()

@@ -247,3 +247,73 @@ def test_predict_keeps_the_runs_own_operating_points_and_a_stale_one_names_its_s
     torch.save({**ckpt, "epoch": ckpt["epoch"] + 1}, copy / "best_finetune.pt")
     line = evaluation_status(Path(got["out"]) / "metrics.json")
     assert f"--store {other.resolve()} --split test --map 'Infiltration=Support Devices' --overwrite" in line, line
+
+
+# ------------------------------------------------------------------------------------------------
+# the subgroup audit and figure titles of an evaluation on another store; another store of the same findings
+
+
+@pytest.mark.slow
+def test_an_evaluation_on_another_store_is_audited_and_its_figures_name_that_store(two_stores, tmp_path, monkeypatch):
+    import cxrflow.results.evaluate as evaluate_module
+    from cxrflow.results.audit import read_csv
+
+    run, _, other, _ = two_stores
+    titles = []
+    real = evaluate_module.write_prediction_files
+
+    def recording(tmp, evaluated, validation, names, metrics, what):
+        titles.append(what)
+        return real(tmp, evaluated, validation, names, metrics, what)
+
+    monkeypatch.setattr(evaluate_module, "write_prediction_files", recording)
+    got = evaluate_on_store(run, other, out=tmp_path / "ev", n_boot=20, device="cpu")
+    assert titles == ["simple_cnn 32px, best_finetune, on other (synthetic data)"]
+    audit = got["audit"]
+    assert audit["file"] == "subgroups.csv" and set(audit["attributes"]) == {"sex", "age", "view", "sex x age"}
+    assert (tmp_path / "ev" / "subgroups-sex.png").is_file()
+    rows = read_csv(tmp_path / "ev" / "subgroups.csv")
+    assert {r["finding"] for r in rows} == {*got["label_names"], "any"}
+    # the audit is recomputed from predictions.parquet alone (it carries each image's attributes)
+    pred = pq.read_table(tmp_path / "ev" / "predictions.parquet").to_pandas()
+    name = next(n for n in got["label_names"] if got["auc"][n] is not None)
+    women = pred[pred["sex"].str.upper().str.startswith("F")]
+    row = next(r for r in rows if r["finding"] == name and r["attribute"] == "sex" and r["group"] == "F")
+    assert row["n_images"] == len(women)
+    assert row["auc"] == pytest.approx(
+        binary_auc(women[f"label_{name}"].to_numpy(), women[f"prob_{name}"].to_numpy()), abs=1e-5
+    )
+    skipped = evaluate_on_store(run, other, out=tmp_path / "none", n_boot=5, device="cpu", audit=False)
+    assert skipped["audit"] is None and not (tmp_path / "none" / "subgroups.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_store_of_the_same_findings_with_other_images_is_scored_as_another_collection(two_stores, tmp_path, capsys):
+    from cxrflow.testing.synthstore import write_synthetic_store
+
+    run, store, _, _ = two_stores
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    hospital = tmp_path / "hospital"  # an NIH-style collection of other patients: the same finding names
+    write_synthetic_store(hospital, sizes=(32,), rows={"train": 16, "val": 24, "test": 40}, prevalence=0.3, seed=5)
+    assert main(["evaluate", "--run", str(copy), "--store", str(hospital), "--n-boot", "5", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "scored on hospital: 14 of the model's 14 findings" in printed and "subgroup audit (" in printed
+    metrics = json.loads((copy / "eval-hospital-test-best_finetune" / "metrics.json").read_text())
+    assert metrics["alignment"] == {n: n for n in NIH14.names} and metrics["n_images"] == 40
+    assert metrics["collections"]["store"] == "hospital" and "the run's own evaluation" in metrics["threshold_source"]
+    moved = tmp_path / "moved"  # the run's own store moved: its splits, so the run's own evaluation
+    shutil.copytree(store, moved)
+    assert main(["evaluate", "--run", str(copy), "--store", str(moved), "--out", str(tmp_path / "own"),
+                 "--n-boot", "5", "--device", "cpu"]) == 0  # fmt: skip
+    own = json.loads((tmp_path / "own" / "metrics.json").read_text())
+    assert "alignment" not in own and own["n_images"] == 48
+    # the report of the run draws it against both stores
+    assert main(["report", str(copy), "--out", str(tmp_path / "report"), "--cases", "0"]) == 0
+    assert "cross-collection table (one run on several stores): cross.md, cross.csv" in capsys.readouterr().out
+    cross = (tmp_path / "report" / "cross.md").read_text()
+    assert (
+        "| Run | Trained on | store | hospital |" in cross
+        and "on hospital (" in cross
+        and "over 14 shared findings)" in cross
+    )

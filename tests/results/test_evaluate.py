@@ -347,13 +347,30 @@ def test_normalisation_comes_from_the_checkpoint_not_the_store(tiny_run, tmp_pat
     assert after["pixel_mean"] == before["pixel_mean"] != 0.9
 
 
-def test_another_datasets_store_is_refused_in_one_line(tiny_run, tmp_path, capsys):
+def _with_source(store: Path, data_dir: str) -> None:
+    manifest = json.loads((store / "_manifest.json").read_text())
+    manifest["source"] = {**manifest.get("source", {}), "data_dir": data_dir}
+    (store / "_manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+def test_a_store_rebuilt_from_the_runs_own_data_with_other_splits_is_refused_in_one_line(tiny_run, tmp_path, capsys):
+    """Its test split may hold the run's training images: not scored as another collection's store."""
     from cxrflow.testing.synthstore import write_synthetic_store
 
-    run, _ = tiny_run
-    other = tmp_path / "other"
-    write_synthetic_store(other, sizes=(32,), rows={"train": 96, "val": 48, "test": 48}, prevalence=0.3, seed=1)
-    assert main(["evaluate", "--run", str(run), "--store", str(other), "--out", str(tmp_path / "ev")]) == 2
+    run, store = tiny_run
+    own = tmp_path / "own"
+    shutil.copytree(store, own)
+    _with_source(own, "/data/nih")
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval-*"))
+    for checkpoint in copy.glob("*.pt"):  # the run as trained on the store at 'own'
+        ckpt = torch.load(checkpoint, weights_only=True)
+        torch.save({**ckpt, "config": {**ckpt["config"], "store": str(own)}}, checkpoint)
+    rebuilt = tmp_path / "rebuilt"
+    write_synthetic_store(rebuilt, sizes=(32,), rows={"train": 96, "val": 48, "test": 48}, prevalence=0.3, seed=1)
+    _with_source(rebuilt, "/data/nih")
+    assert main(["evaluate", "--run", str(copy), "--store", str(rebuilt), "--out", str(tmp_path / "ev")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not the one this run was trained with" in err
     assert not (tmp_path / "ev").exists()

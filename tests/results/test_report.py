@@ -172,3 +172,43 @@ def test_report_prints_where_it_is_and_the_best_row_not_the_table(runs, tmp_path
     assert lines[2].startswith("best: res (ResNet-50 256px fine-tuned), mean AUC ") and "the paper's 0.667" in lines[2]
     assert lines[3] == f"tables and figure: table.md, table.csv, comparison.png in {out}/"
     assert len(lines) == 4 and not any("|" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_table1_per_finding_block_is_the_evaluations_own_numbers(tmp_path):
+    """Prevalence, AUPRC, TP/FP/FN/TN and sensitivity/specificity with their intervals, read from
+    metrics.json (not recomputed), in table.md, table.csv and report.html's Table 1."""
+    from cxrflow.testing.synthstudy import write_study
+
+    study = write_study(tmp_path, runs=(("resnet50", 256, ("finetune",)),), ensemble=False, localization=False)
+    (folder,) = study["evaluations"]
+    m = json.loads((folder / "metrics.json").read_text())
+    write_report(study["runs"], tmp_path / "report")
+    md = (tmp_path / "report" / "table.md").read_text()
+    block = md[md.index("## Per finding, at the operating threshold") :]
+    for n in m["label_names"]:
+        c, a, s, sp = m["counts"][n], m["auprc_ci95"][n], m["sensitivity_ci95"][n], m["specificity_ci95"][n]
+        assert (
+            f"| {n} | {m['positives'][n]} | {100 * m['prevalence'][n]:.1f}% | {m['auc'][n]:.3f} "
+            f"({m['auc_ci95'][n][0]:.3f}–{m['auc_ci95'][n][1]:.3f}) | {m['auprc'][n]:.3f} ({a[0]:.3f}–{a[1]:.3f}) | "
+            f"{m['threshold'][n]:.3f} | {c['tp']} | {c['fp']} | {c['fn']} | {c['tn']} | "
+            f"{m['sensitivity'][n]:.3f} ({s[0]:.3f}–{s[1]:.3f}) | {m['specificity'][n]:.3f} ({sp[0]:.3f}–{sp[1]:.3f}) |"
+        ) in block, n
+        assert c["tp"] + c["fp"] + c["fn"] + c["tn"] == m["n_images"]
+    (row,) = list(csv.DictReader(open(tmp_path / "report" / "table.csv")))
+    n = m["label_names"][2]
+    assert float(row[f"auprc_{n}"]) == m["auprc"][n] and float(row[f"auprc_high_{n}"]) == m["auprc_ci95"][n][1]
+    assert (
+        int(row[f"fn_{n}"]) == m["counts"][n]["fn"]
+        and float(row[f"specificity_low_{n}"]) == m["specificity_ci95"][n][0]
+    )
+    assert float(row[f"prevalence_{n}"]) == m["prevalence"][n]
+    page = (tmp_path / "report" / "report.html").read_text()
+    details = page[
+        page.index('<details class="per-finding">') : page.index("</details>", page.index('class="per-finding"'))
+    ]
+    c = m["counts"][n]
+    assert (
+        f'<td class="n">{c["tp"]}</td><td class="n">{c["fp"]}</td><td class="n">{c["fn"]}</td><td class="n">{c["tn"]}</td>'
+        in details
+    )

@@ -113,3 +113,34 @@ def test_a_fusion_run_gets_the_same_audit(evaluated):
     m = json.loads((target / "metrics.json").read_text())
     assert m["fusion"] == "demographics" and m["audit"]["file"] == "subgroups.csv"
     assert len(read_csv(target / "subgroups.csv")) == len(read_csv(out / "subgroups.csv"))
+
+
+def test_an_ensembles_attributes_come_from_the_store_when_its_members_predictions_lack_them(tmp_path):
+    """Members evaluated before predictions carried age, sex and view: the ensemble's audit reads them
+    from the store; with neither, it says why it has no audit."""
+    import pyarrow as pa
+
+    from cxrflow.results.subgroups import ensemble_audit, store_attributes
+    from cxrflow.testing.synthstore import write_synthetic_store
+
+    store = tmp_path / "store"
+    write_synthetic_store(store, sizes=(32,), rows={"train": 8, "val": 16, "test": 16}, seed=2)
+    member = tmp_path / "member"
+    member.mkdir()
+    parts = {}
+    for split, name in (("test", "predictions.parquet"), ("val", "val_predictions.parquet")):
+        table = pq.read_table(store / "size=32" / f"split={split}", columns=["image_id"])
+        ids = table.column("image_id").to_pylist()[::-1]  # another order than the store's
+        pq.write_table(pa.table({"image_id": ids}), member / name)
+        parts[split] = {"image_id": ids}
+    metrics = {"members": [{"eval": str(member), "size": 32}], "store": str(store), "split": "test"}
+    from cxrflow.results.subgroups import _ensemble_attributes
+
+    assert _ensemble_attributes(parts["test"], parts["val"], metrics) == " (synthetic data)" and metrics["synthetic"]
+    expected = store_attributes(store, 32, "test", parts["test"]["image_id"])
+    for key in ("age", "sex", "view"):
+        assert list(parts["test"][key]) == list(expected[key])
+    assert list(parts["val"]["age"]) == list(store_attributes(store, 32, "val", parts["val"]["image_id"])["age"])
+    gone = {"members": [{"eval": str(member), "size": 32}], "store": str(tmp_path / "moved"), "split": "test"}
+    assert ensemble_audit()(tmp_path, {"image_id": parts["test"]["image_id"]}, {"image_id": []}, ["A"], gone) == ""
+    assert gone["audit"] is None and "cannot be read" in gone["audit_note"]

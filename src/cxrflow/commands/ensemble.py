@@ -36,6 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap and stacking seed (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble folder")
+    parser.add_argument(
+        "--no-audit", dest="audit", action="store_false", help="skip the subgroup audit (subgroups.csv)"
+    )
+    parser.add_argument(
+        "--audit-fpr",
+        type=options.probability,
+        default=0.2,
+        help="false-positive rate of the audit's one global 'no finding' threshold (default: 0.2)",
+    )
     add_tracking_arguments(parser)  # the ensemble is its own MLflow run (ENS/mlflow.json)
 
 
@@ -44,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from cxrflow.modelling.ensemble import build_ensemble
     from cxrflow.modelling.scoring import format_summary
     from cxrflow.results.demographics_baseline import format_lines
+    from cxrflow.results.subgroups import ensemble_audit, format_audit
     from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME
 
     tracking = request_from_args(args)
@@ -56,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         n_boot=args.n_boot,
         seed=args.seed,
         overwrite=args.overwrite,
+        audit=ensemble_audit(args.audit_fpr) if args.audit else None,
     )
     log_ensemble(tracking, metrics, replaced)
     lines = [*format_summary(metrics).splitlines(), *format_lines(metrics)]
@@ -64,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         f"{metrics['n_images']} images, {metrics['n_patients']} patients"
     )
     print("\n".join(lines))
+    print(metrics.get("audit_note") or format_audit(metrics.get("audit")))
     print(
         f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})"
     )

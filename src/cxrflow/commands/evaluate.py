@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         default=None,
-        help="store folder, when it moved since training (default: the run's); it must hold the run's splits",
+        help="store folder: the run's own when it moved since training (it holds the run's splits), or another "
+        "collection's store (docs/cross-collection.md; default: the run's)",
     )
     parser.add_argument(
         "--map",
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="MODEL_FINDING=STORE_FINDING",
         help="score the model's finding against the store's finding of another name (repeatable; "
-        "docs/cross-collection.md); a --store of the same findings is then scored as another collection's",
+        "docs/cross-collection.md)",
     )
     parser.add_argument(
         "--uncertain",
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluate_on_store(
             args.run, args.store, checkpoint=args.checkpoint, split=args.split, out=args.out, maps=tuple(args.map),
             uncertain=args.uncertain, n_boot=args.n_boot, seed=args.seed, device=args.device,
-            batch_size=args.batch_size, overwrite=args.overwrite,
+            batch_size=args.batch_size, overwrite=args.overwrite, audit=args.audit, audit_fpr=args.audit_fpr,
         )  # fmt: skip
     elif args.split == "all":
         raise CxrflowError("--split all scores every split of another collection's store (give it with --store)")
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = _evaluate(args, evaluate_run)
     log_evaluation(tracking, metrics)
     print("\n".join([format_summary(metrics), *format_lines(metrics), *format_cross_lines(metrics)]))
-    if "audit" in metrics:  # an evaluation on another collection's store has no audit
+    if "audit" in metrics:
         print(format_audit(metrics["audit"]))
     print(
         f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})"

@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "runs",
         nargs="+",
         metavar="RUN",
-        help="run folders (all their eval-<split>-* evaluations), evaluation or ensemble folders",
+        help="run folders (all their eval-<split>-* evaluations, and eval-<store>-<split>-* ones on other stores), "
+        "evaluation or ensemble folders",
     )
     parser.add_argument("--out", required=True, help="folder for report.html, table.md, table.csv and comparison.png")
     parser.add_argument("--split", default="test", help="which evaluations of a run folder to use (default: test)")
@@ -83,6 +84,8 @@ def summary_lines(result: dict) -> str:
         f"tables and figure: {Path(result['table_md']).name}, {Path(result['table_csv']).name}, "
         f"{Path(result['comparison_png']).name} in {folder}/"
     )
+    if "cross_md" in result:
+        lines.append(f"cross-collection table (one run on several stores): cross.md, cross.csv in {folder}/")
     return "\n".join(lines)
 
 

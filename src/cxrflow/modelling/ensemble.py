@@ -27,7 +27,7 @@ runs (:func:`cxrflow.tracking.log_ensemble`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -325,8 +325,13 @@ def build_ensemble(
     n_boot: int = 1000,
     seed: int = 0,
     overwrite: bool = False,
+    audit: Callable[[Path, dict, dict, list[str], dict], str] | None = None,
 ) -> dict[str, Any]:
-    """Combine evaluated runs into the ensemble folder ``out``; returns its metrics (with ``out``)."""
+    """Combine evaluated runs into the ensemble folder ``out``; returns its metrics (with ``out``).
+
+    ``audit`` (the subgroup audit, :func:`cxrflow.results.subgroups.ensemble_audit`) is called with the
+    folder being written, the test and validation predictions, the finding names and the metrics
+    before the predictions are written; it adds to them and returns words for the figure titles."""
     if method not in METHODS:
         raise CxrflowError(f"unknown ensemble method {method!r}; use mean or stacked")
     out = Path(out)
@@ -338,6 +343,8 @@ def build_ensemble(
     with publishing(out, "ensemble", overwrite=overwrite, inputs=paths) as pub:
         metrics, evaluated, validation, names, members = _ensemble_metrics(paths, out, method, split, n_boot, seed)
         what = f"{metrics['model']} of {len(members)} runs"
+        if audit is not None:
+            what += audit(pub.tmp, evaluated, validation, names, metrics)
         metrics["figures"] = write_prediction_files(pub.tmp, evaluated, validation, names, metrics, what)
         write_json_atomic(pub.tmp / METRICS_NAME, metrics)
         pub.commit()

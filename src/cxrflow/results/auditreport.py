@@ -49,6 +49,8 @@ def audit_part(metrics: dict, folder: Path, title: str) -> dict[str, Any]:
     """The audit block of one evaluation: ``{"missing": why}`` when it has none."""
     audit = metrics.get("audit")
     if not isinstance(audit, dict):
+        if metrics.get("audit_note"):
+            return {"missing": f"No subgroup audit: {metrics['audit_note']}."}
         why = "made with --no-audit" if "audit" in metrics else "made by a cxrflow without the audit"
         return {"missing": f"No subgroup audit: the evaluation was {why}; run 'cxrflow evaluate' again to add one."}
     figures = []

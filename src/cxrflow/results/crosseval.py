@@ -91,6 +91,7 @@ def score_with_run_calibration(evaluated: dict, validation: dict, names: Sequenc
     evaluation's ``metrics.json``), keyed by the model's finding names."""
     from cxrflow.metrics import summarize
     from cxrflow.modelling.calibration import apply_temperatures, calibration_report
+    from cxrflow.operating import operating_report
 
     cal = own["calibration"]
     temps = np.array([_number(cal["temperature"].get(n)) for n in names])
@@ -101,6 +102,8 @@ def score_with_run_calibration(evaluated: dict, validation: dict, names: Sequenc
     mask = np.asarray(evaluated["known"]).astype(bool) if known else None
     thresholds = [_number(own.get("threshold", {}).get(n)) for n in names]
     metrics = summarize(labels, probs, evaluated["patient_id"], names, thresholds, n_boot=n_boot, seed=seed, known=mask)
+    metrics.update(operating_report(labels, probs, evaluated["patient_id"], names, thresholds, known=mask,
+                                    n_boot=n_boot, seed=seed))  # fmt: skip
     metrics["threshold_split"] = own.get("threshold_split", "val")
     metrics["threshold_calibrated"] = {n: own.get("threshold_calibrated", {}).get(n) for n in names}
     metrics["calibration"] = calibration_report(temps, labels, probs, evaluated["calprobs"], names, offsets=offsets,
@@ -134,9 +137,12 @@ def evaluate_on_store(
     device: str = "auto",
     batch_size: int = 64,
     overwrite: bool = False,
+    audit: bool = True,
+    audit_fpr: float = 0.2,
 ) -> dict[str, Any]:
     """Score a checkpoint of ``run`` on another collection's ``store`` (see the module's docstring);
-    returns the metrics dict with ``out`` added. Every user mistake is found before any scoring."""
+    returns the metrics dict with ``out`` added. Every user mistake is found before any scoring.
+    ``audit``/``audit_fpr``: the subgroup audit, as for the run's own evaluation."""
     from cxrflow.data.alignment import align, parse_map
     from cxrflow.data.store import read_manifest
     from cxrflow.data.uncertain import check_policy
@@ -157,34 +163,72 @@ def evaluate_on_store(
     device = resolve_device(device)
     with publishing(out, "evaluate", overwrite=overwrite, inputs=[run, ckpt_path, store]) as pub:
         return _evaluate_into(pub, run, name, ckpt_path, store, manifest, alignment, split=split, uncertain=uncertain, maps=maps,
-                              n_boot=n_boot, seed=seed, device=device, batch_size=batch_size)  # fmt: skip
+                              n_boot=n_boot, seed=seed, device=device, batch_size=batch_size,
+                              audit=(audit, audit_fpr))  # fmt: skip
 
 
 def is_other_collection(checkpoint: str | os.PathLike, store: str | os.PathLike) -> bool:
-    """Whether ``store`` labels other findings (or the same in another order) than the checkpoint predicts."""
+    """Whether ``store`` is another collection's store for this checkpoint: it labels other findings
+    (or the same in another order) than the checkpoint predicts, or it labels the same findings but
+    none of its splits is one the run was trained with (its recorded store identities) and it was not
+    built from the run's own source data. The run's store moved, or a copy of it, holds the run's
+    splits: it is the run's own (and a store rebuilt from the run's source data with other splits is
+    refused by the run's own evaluation, as training images could be in its test split)."""
     from cxrflow.data.store import read_manifest
 
     manifest = read_manifest(store)
     try:
-        names = _checkpoint_label_names(Path(checkpoint))
+        names, config = _checkpoint_record(Path(checkpoint))
     except CxrflowError:
         return False  # the run's own evaluation reports an unreadable checkpoint
-    return [str(n) for n in manifest.get("label_names") or []] != names
+    if [str(n) for n in manifest.get("label_names") or []] != names:
+        return True
+    return _other_images(config, Path(store), manifest)
+
+
+def _other_images(config: dict, store: Path, manifest: dict) -> bool:
+    """A store of the run's findings holds another collection's images: no split identity in common
+    with any store the run was trained on, and not the run's own source data rebuilt."""
+    from cxrflow.data.store import read_manifest, store_identity
+
+    recorded = [config.get("store_identity") or {}, *(config.get("store_identities") or [])]
+    trained = {h for identity in recorded if isinstance(identity, dict) for h in identity.values() if h}
+    if not trained or "size" not in config:
+        return False  # a run without recorded identities: scored as its own store, as before
+    if str(int(config["size"])) not in (manifest.get("rows") or {}):
+        return False  # the run's own evaluation names the sizes the store has
+    if trained & set(store_identity(store, manifest, int(config["size"])).values()):
+        return False
+    source = (manifest.get("source") or {}).get("data_dir")
+    for path in [config.get("store"), *(config.get("stores") or [])]:
+        try:
+            theirs = (read_manifest(path).get("source") or {}).get("data_dir") if path else None
+        except CxrflowError:
+            continue
+        if source and theirs and Path(str(source)).resolve() == Path(str(theirs)).resolve():
+            return False
+    return True
 
 
 def _checkpoint_label_names(path: Path) -> list[str]:
     """The findings a checkpoint predicts, read without building its model."""
+    return _checkpoint_record(path)[0]
+
+
+def _checkpoint_record(path: Path) -> tuple[list[str], dict]:
+    """The findings a checkpoint predicts and its config, read without building its model."""
     import torch
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return [str(n) for n in ckpt.get("label_names") or []]
-    except (OSError, RuntimeError, ValueError, AttributeError) as e:
+        return [str(n) for n in ckpt.get("label_names") or []], dict(ckpt.get("config") or {})
+    except (OSError, RuntimeError, ValueError, AttributeError, TypeError) as e:
         raise CxrflowError(f"unreadable checkpoint ({type(e).__name__})", path) from e
 
 
 def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, store: Path, manifest: dict, alignment, *, split: str,
-                   uncertain: str, maps: Sequence[str], n_boot: int, seed: int, device, batch_size: int) -> dict:  # fmt: skip
+                   uncertain: str, maps: Sequence[str], n_boot: int, seed: int, device, batch_size: int,
+                   audit: tuple[bool, float] = (True, 0.2)) -> dict:  # fmt: skip
     """Score the aligned findings, write the evaluation into ``pub.tmp`` and publish it."""
     from cxrflow.data.store import store_identity
     from cxrflow.modelling.inference import predict_split, resolve_inference
@@ -226,9 +270,28 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, store: Path, mani
         "loss": None, "pixel_mean": inference.pixel_mean, "pixel_std": inference.pixel_std, **scored,
         "cxrflow_version": __version__, "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }  # fmt: skip
-    _write_evaluation(pub, run, metrics, evaluated, validation)
+    what = _attach_store_attributes(store, manifest, inference.size, scored_splits, evaluated, validation, metrics)
+    _write_evaluation(pub, run, metrics, evaluated, validation, what=what, audit=audit)
     metrics["out"] = str(pub.out)
     return metrics
+
+
+def _attach_store_attributes(store: Path, manifest: dict, size: int, scored_splits: dict, evaluated: dict,
+                             validation: dict, metrics: dict) -> str:  # fmt: skip
+    """The store's ``age``, ``sex`` and ``view`` added to the scored images (for the subgroup audit and the
+    predictions files), whether the store is synthetic recorded in ``metrics``, and the model's name in
+    figure titles, which names the store scored ("..., on chexpert", plus " (synthetic data)")."""
+    from cxrflow.results.subgroups import data_words, store_attributes
+
+    for s, pred in scored_splits.items():
+        pred.update(store_attributes(store, size, s, pred["image_id"]))
+    keys = ("age", "sex", "view")
+    if "age" not in evaluated:  # split "all": the splits concatenated in the order they were scored
+        evaluated.update({k: np.concatenate([p[k] for p in scored_splits.values()]) for k in keys})
+    if "age" not in validation:
+        validation.update(store_attributes(store, size, "val", validation["image_id"]))
+    metrics["synthetic"] = bool(data_words(manifest))
+    return f"{metrics.get('model')} {size}px, {metrics['checkpoint']}, on {store.resolve().name}" + data_words(manifest)
 
 
 def _has(manifest: dict, size: int, split: str) -> bool:
@@ -258,3 +321,34 @@ def format_cross_lines(metrics: dict) -> list[str]:
              + (f" (as {', '.join(renamed)})" if renamed else ""), f"thresholds and temperatures: {metrics.get('threshold_source')}"]  # fmt: skip
     missing = metrics.get("not_labelled") or []
     return lines + ([f"not labelled in {where}: {', '.join(missing)}"] if missing else [])
+
+
+def trained_stores(metrics: dict, run: Path | None = None) -> tuple[list[str], list[dict]]:
+    """The stores an evaluated run was trained on (its ``config.json``: ``stores``, else ``[store]``), as
+    absolute paths, and their recorded split identities; empty when the run's config cannot be read.
+    ``run``: the run folder, when it is not (or no longer) the one the evaluation records."""
+    from cxrflow import safeio
+
+    try:
+        config = safeio.read_json(Path(run or str(metrics.get("run") or "")) / "config.json", "run config")
+    except (OSError, ValueError, RecursionError):
+        return [], []
+    if not isinstance(config, dict):
+        return [], []
+    stores = config.get("stores") or ([config["store"]] if config.get("store") else [])
+    identities = config.get("store_identities") or [config.get("store_identity") or {}]
+    return [str(Path(str(s)).resolve()) for s in stores], [i for i in identities if isinstance(i, dict)]
+
+
+def on_other_collection(metrics: dict, run: Path | None = None) -> bool:
+    """Whether an evaluation scored its run on a store the run was not trained on: written by
+    ``evaluate --store OTHER`` (it records an ``alignment``) on a store that is neither one of the
+    run's stores (by path) nor holds one of their splits (by identity). Ensembles are not. ``run``:
+    the run folder holding the evaluation, when known (see :func:`trained_stores`)."""
+    if metrics.get("kind") == "ensemble" or metrics.get("alignment") is None:
+        return False
+    paths, identities = trained_stores(metrics, run)
+    if metrics.get("store") and str(Path(str(metrics["store"])).resolve()) in paths:
+        return False
+    scored = {h for h in (metrics.get("store_identity") or {}).values() if h}
+    return not any(scored & {h for h in identity.values() if h} for identity in identities)

@@ -178,7 +178,8 @@ def table_sections(evaluations: list[dict], stores: dict[str, dict]) -> list[dic
                     "aucs": [r["auc"].get(n) for n in names],
                 }
             )
-        scored = [r for r in rows if r["mean_auc"] is not None]
+        own = not all(r["other_collection"] for r in rows)  # best among the runs' own collections
+        scored = [r for r in rows if r["mean_auc"] is not None and not (own and r["other_collection"])]
         best = max(scored, key=lambda r: r["mean_auc"]) if scored else None
         for r in rows:
             r["best"] = r is best
@@ -269,7 +270,7 @@ def evaluation_part(ev: dict) -> dict[str, Any]:
     from cxrflow.results.auditreport import audit_part
 
     return {
-        "audit": None if ev["ensemble"] else audit_part(m, folder, title),
+        "audit": audit_part(m, folder, title) if not ev["ensemble"] or "audit" in m else None,
         "synthetic": ev.get("synthetic", False),
         "anchor": evaluation_anchor(ev),
         "title": title,
@@ -487,8 +488,12 @@ def build_context(
     cases_for: str = "best",
     report_args: list[str] | None = None,
     heatmap_fn: Callable[..., np.ndarray] | None = None,
+    cross: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything the page shows, as plain data (sections absent are None or empty)."""
+    """Everything the page shows, as plain data (sections absent are None or empty); ``cross``: the
+    cross-collection table when already made (:func:`cxrflow.results.crosstable.cross_table`)."""
+    from cxrflow.results.crosstable import cross_table
+
     evaluations = load_evaluations(paths, split)
     stores = open_stores(evaluations, store)
     synthetic_stores = _mark_synthetic(evaluations, stores)
@@ -509,6 +514,7 @@ def build_context(
         "heatmaps_available": heatmap_fn is not None,
         "reproduce": reproduce_section(evaluations, runs, stores, args),
         "fusion": fusion_comparison([ev["metrics"] for ev in evaluations]),
+        "cross": cross if cross is not None else cross_table([ev["row"]["source"] for ev in evaluations]),
     }
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from cxrflow.outputs import publishing
+from cxrflow.results.crosstable import CROSS_CSV, CROSS_MD, cross_table
+from cxrflow.results.crosstable import format_csv as cross_csv
+from cxrflow.results.crosstable import format_markdown as cross_markdown
 from cxrflow.results.table import (
     COMPARISON_PNG,
     TABLE_CSV,
@@ -36,7 +39,8 @@ def write_report(
     cases_for: str = "best",
     report_args: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write ``table.md``, ``table.csv``, ``comparison.png`` and (``html``) ``report.html`` into ``out``.
+    """Write ``table.md``, ``table.csv``, ``comparison.png`` and (``html``) ``report.html`` into ``out``, and
+    ``cross.md`` and ``cross.csv`` when one run was scored on several stores (:mod:`cxrflow.results.crosstable`).
 
     Returns the rows and the paths written. The HTML options are those of
     :func:`cxrflow.results.htmlreport.build_context`.
@@ -65,12 +69,17 @@ def write_report(
             TABLE_CSV: format_csv(rows).encode(),
             COMPARISON_PNG: png.getvalue(),
         }
+        cross = cross_table([r["source"] for r in rows])  # one run scored on several stores
+        if cross is not None:
+            files[CROSS_MD], files[CROSS_CSV] = cross_markdown(cross).encode(), cross_csv(cross).encode()
+            names.update(cross_md=CROSS_MD, cross_csv=CROSS_CSV)
         if html:
             from cxrflow.results.htmlreport import build_html
 
             page = build_html(
                 paths, split=split, explore=explore, store=store, cases=cases, cases_for=cases_for,
                 report_args=report_args if report_args is not None else [*map(str, paths), "--out", str(out)],
+                cross=cross,
             )  # fmt: skip
             files[HTML_NAME] = page.encode("utf-8")
         for name, content in files.items():

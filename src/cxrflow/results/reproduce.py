@@ -69,6 +69,9 @@ def rerun_script(evaluations: list[dict], runs: list[dict], stores: dict[str, di
             cmd = f"cxrflow evaluate --run {q(run)} --checkpoint {m.get('checkpoint')} --split {m.get('split')}"
             if boot:
                 cmd += f" --n-boot {boot.get('n_boot')} --seed {boot.get('seed')}"
+            if m.get("alignment") is not None:  # scored on another store (evaluate --store OTHER)
+                cmd += f" --store {q(str(m.get('store')))}" + "".join(f" --map {q(str(x))}" for x in m.get("map") or [])
+                cmd += f" --uncertain {q(str(m['uncertain']))}" if m.get("uncertain") else ""
             if ev["folder"].parent != Path(run) or not ev["folder"].name.startswith("eval-"):
                 cmd += f" --out {q(str(ev['folder']))}"
             lines.append(cmd)

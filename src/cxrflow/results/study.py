@@ -158,4 +158,5 @@ def evaluation_title(ev: dict) -> str:
     if ev["ensemble"]:
         return f"{ev['folder'].name}: ensemble ({m.get('method', '?')}) of {len(m.get('members', []))} evaluations"
     stage = STAGE_TITLES.get(r["stage"], r["stage"])
-    return f"{r['run']}: {model_title(r['model'])} {r['size']} px, {stage}"
+    where = f", on {r['test_store']}" if r.get("other_collection") else ""
+    return f"{r['run']}: {model_title(r['model'])} {r['size']} px, {stage}{where}"

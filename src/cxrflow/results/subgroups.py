@@ -107,6 +107,63 @@ def audit_evaluation(
     return summary
 
 
+def ensemble_audit(fpr: float = 0.2):
+    """The subgroup audit of an ensemble, as :func:`cxrflow.modelling.ensemble.build_ensemble` calls it
+    (``audit=``) before writing the ensemble's files: each image's ``age``, ``sex`` and ``view`` from its
+    first member's predictions (the store's values, as that evaluation recorded them; else from the
+    store), the audit into the folder and ``metrics["audit"]``. Returns what figure titles add
+    (" (synthetic data)" for a synthetic store)."""
+
+    def audit(folder: Path, evaluated: dict, validation: dict, names: Sequence[str], metrics: dict) -> str:
+        words = _ensemble_attributes(evaluated, validation, metrics)
+        if words is None:
+            metrics["audit"] = None
+            metrics["audit_note"] = ("no subgroup audit: the members' predictions carry no age, sex and view and "
+                                     f"the store {metrics.get('store')} cannot be read")  # fmt: skip
+            return ""
+        what = f"{metrics.get('model')} of {len(metrics.get('members') or [])} runs{words}"
+        metrics["audit"] = audit_evaluation(folder, evaluated, names, metrics, fpr=fpr, what=what)
+        return words
+
+    return audit
+
+
+def _ensemble_attributes(evaluated: dict, validation: dict, metrics: dict) -> str | None:
+    """Add ``age``, ``sex`` and ``view`` to the ensemble's predictions; the title words, or None when
+    neither the first member's predictions nor the store give them."""
+    import pyarrow.parquet as pq
+
+    from cxrflow.data.store import read_manifest
+    from cxrflow.errors import CxrflowError
+    from cxrflow.runs import PREDICTIONS_NAME, VAL_PREDICTIONS_NAME
+
+    first = Path(str((metrics.get("members") or [{}])[0].get("eval")))
+    try:
+        manifest = read_manifest(metrics.get("store") or "")
+    except CxrflowError:
+        manifest = None
+    for part, name in ((evaluated, PREDICTIONS_NAME), (validation, VAL_PREDICTIONS_NAME)):
+        try:
+            table = pq.read_table(first / name, columns=["image_id", *ATTRIBUTE_COLUMNS])
+        except (OSError, KeyError, ValueError):
+            table = None
+        if table is not None:
+            where = {image_id: i for i, image_id in enumerate(table.column("image_id").to_pylist())}
+            rows = np.array([where[i] for i in part["image_id"]])
+            part.update({c: np.array(table.column(c).to_pylist(), dtype=object)[rows] for c in ATTRIBUTE_COLUMNS})
+            part["age"] = np.array([-1 if a is None else int(a) for a in part["age"]], dtype=np.int64)
+        elif manifest is not None:
+            size = int((metrics.get("members") or [{}])[0].get("size") or min(map(int, manifest.get("sizes") or [0])))
+            split = metrics.get("split", "test") if part is evaluated else "val"
+            part.update(store_attributes(metrics["store"], size, split, part["image_id"]))
+        else:
+            return None
+    from cxrflow.data.synthetic import is_synthetic
+
+    metrics["synthetic"] = bool(metrics.get("synthetic")) or is_synthetic(manifest)
+    return " (synthetic data)" if metrics["synthetic"] else ""
+
+
 def format_audit(audit: dict[str, Any] | None) -> str:
     """A few lines for the terminal: how many gaps were tested and flagged (each in words), what was skipped."""
     if not audit:

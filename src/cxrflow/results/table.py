@@ -21,6 +21,7 @@ from typing import Any
 
 from cxrflow import csvsafe, safeio
 from cxrflow.errors import CxrflowError
+from cxrflow.results.crosseval import on_other_collection
 from cxrflow.runs import METRICS_NAME, check_metrics, evaluation_run, evaluation_status
 
 #: The paper's published mean test AUCs (Table 1), by (model, input size, stage).
@@ -62,8 +63,9 @@ def model_title(model: str, fusion: str = "none") -> str:
 def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") -> list[Path]:
     """The ``metrics.json`` files named by ``paths`` (evaluation folders, run folders or files).
 
-    A run folder contributes its ``eval-<split>-*`` folders, KT before fine-tuned. A path with no
-    evaluation is an error naming it (so a missing run is never silently left out of the table).
+    A run folder contributes its ``eval-<split>-*`` folders, KT before fine-tuned, then its
+    evaluations on other stores (``eval-<store>-<split>-*``, written by ``evaluate --store OTHER``). A
+    path with no evaluation is an error naming it (so a missing run is never silently left out of the table).
     """
     found: list[Path] = []
     for p in map(Path, paths):
@@ -76,16 +78,31 @@ def find_evaluations(paths: Sequence[str | os.PathLike], split: str = "test") ->
                 p.glob(f"eval-{split}-*/{METRICS_NAME}"),
                 key=lambda m: (0 if m.parent.name.endswith("best_kt") else 1, m.parent.name),
             )
+            inner += [m for m in sorted(p.glob(f"eval-*-{split}-*/{METRICS_NAME}")) if m not in inner
+                      and _on_store_named(m, split)]  # fmt: skip
             if not inner:
                 raise CxrflowError(
-                    f"no evaluation on split {split!r} here (expected {METRICS_NAME} or eval-{split}-*/; "
-                    f"run 'cxrflow evaluate --run {p}' first)",
+                    f"no evaluation on split {split!r} here (expected {METRICS_NAME}, eval-{split}-*/ or "
+                    f"eval-<store>-{split}-*/; run 'cxrflow evaluate --run {p}' first)",
                     p,
                 )
             found.extend(inner)
         else:
             raise CxrflowError("no such run or evaluation folder", p)
     return found
+
+
+def _on_store_named(metrics_path: Path, split: str) -> bool:
+    """Whether ``eval-<store>-<split>-<checkpoint>/metrics.json`` is an evaluation on that split (a store
+    whose name holds ``-<split>-`` does not make another split's evaluation one); an unreadable one is
+    kept, so that the table names it."""
+    try:
+        m = safeio.read_json(metrics_path, "evaluation")
+    except (OSError, ValueError, RecursionError):
+        return True
+    if not isinstance(m, dict):
+        return True
+    return m.get("split") == split and metrics_path.parent.name.endswith(f"-{split}-{m.get('checkpoint')}")
 
 
 def load_row(metrics_path: Path) -> dict[str, Any]:
@@ -111,7 +128,10 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
     else:
         members = []
         label = f"{model_title(model, fusion)} {size}px {STAGE_TITLES.get(stage, stage)}"
-    paper = None if ensemble or m.get("synthetic") else paper_mean_auc(model, size, stage)  # never for synthetic data
+    run = Path(metrics_path).parent.parent  # the run folder holding the evaluation, when it is one
+    other = on_other_collection(m, run if (run / "config.json").is_file() else None)  # never the paper's numbers
+    label += f" on {Path(str(m.get('store') or '')).name}" if other else ""
+    paper = None if ensemble or other or m.get("synthetic") else paper_mean_auc(model, size, stage)
     mean = m["mean_auc"]
     ece = (m.get("calibration") or {}).get("ece_mean") or {}
     return {
@@ -140,13 +160,43 @@ def load_row(metrics_path: Path) -> dict[str, Any]:
         "label_names": list(m["label_names"]),
         "source": str(metrics_path),
         "synthetic": bool(m.get("synthetic")),
+        "other_collection": other,
+        "test_store": Path(str(m.get("store") or "")).name,
+        "per_finding": per_finding(m),
     }
 
 
+#: What :func:`per_finding` gives for each finding, as read from ``metrics.json`` (None where absent).
+PER_FINDING = ("positives", "prevalence", "auc", "auc_ci", "auprc", "auprc_ci", "threshold", "tp", "fp", "fn", "tn",
+               "sensitivity", "sensitivity_ci", "specificity", "specificity_ci")  # fmt: skip
+
+
+def per_finding(m: dict) -> list[dict[str, Any]]:
+    """Per finding of an evaluation, as its ``metrics.json`` holds them (nothing recomputed): positives,
+    test prevalence, AUC and AUPRC with their 95% intervals and, at the operating threshold, the
+    TP/FP/FN/TN image counts and sensitivity and specificity with their 95% intervals."""
+
+    def get(key: str, name: str) -> Any:
+        return (m.get(key) or {}).get(name)
+
+    out = []
+    for n in m.get("label_names") or []:
+        counts = get("counts", n) or {}
+        out.append({"name": n, "positives": get("positives", n), "prevalence": get("prevalence", n),
+                    "auc": get("auc", n), "auc_ci": get("auc_ci95", n), "auprc": get("auprc", n),
+                    "auprc_ci": get("auprc_ci95", n), "threshold": get("threshold", n),
+                    **{c: counts.get(c) for c in ("tp", "fp", "fn", "tn")},
+                    "sensitivity": get("sensitivity", n), "sensitivity_ci": get("sensitivity_ci95", n),
+                    "specificity": get("specificity", n), "specificity_ci": get("specificity_ci95", n)})  # fmt: skip
+    return out
+
+
 def build_rows(paths: Sequence[str | os.PathLike], split: str = "test") -> list[dict[str, Any]]:
-    """Rows of every evaluation named by ``paths``, in the given order, with the best marked."""
+    """Rows of every evaluation named by ``paths``, in the given order, with the best marked (among the
+    evaluations on the runs' own collections, when there are any)."""
     rows = [load_row(p) for p in find_evaluations(paths, split)]
-    scored = [i for i, r in enumerate(rows) if r["mean_auc"] is not None]
+    own = not all(r["other_collection"] for r in rows)
+    scored = [i for i, r in enumerate(rows) if r["mean_auc"] is not None and not (own and r["other_collection"])]
     best = max(scored, key=lambda i: rows[i]["mean_auc"]) if scored else None
     for i, r in enumerate(rows):
         r["best"] = i == best
@@ -188,7 +238,10 @@ def format_csv(rows: Sequence[dict]) -> str:
         "ece_raw",
         "kind",
         "members",
+        "test_store",
+        "other_collection",
     ] + [f"auc_{n}" for n in findings]
+    head += [f"{column}_{n}" for n in findings for column in _CSV_PER_FINDING]
     buf = io.StringIO()
     w = csvsafe.writer(buf, lineterminator="\n")
     w.writerow(head)
@@ -211,10 +264,31 @@ def format_csv(rows: Sequence[dict]) -> str:
             ]
             + [str(r["best"]).lower(), ";".join(r["nan_findings"])]
             + ["" if r[k] is None else repr(float(r[k])) for k in ("ece", "ece_raw")]
-            + [r["kind"], ";".join(r["members"])]
+            + [r["kind"], ";".join(r["members"]), r["test_store"], str(r["other_collection"]).lower()]
             + ["" if r["auc"].get(n) is None else repr(float(r["auc"][n])) for n in findings]
+            + [_csv_cell(r, n, column) for n in findings for column in _CSV_PER_FINDING]
         )
     return buf.getvalue()
+
+
+#: The per-finding columns of ``table.csv`` after the AUCs (``<column>_<finding>``; ``_low``/``_high``: 95% CI).
+_CSV_PER_FINDING = ("prevalence", "auprc", "auprc_low", "auprc_high", "threshold", "tp", "fp", "fn", "tn",
+                    "sensitivity", "sensitivity_low", "sensitivity_high", "specificity", "specificity_low",
+                    "specificity_high")  # fmt: skip
+
+
+def _csv_cell(row: dict, name: str, column: str) -> str:
+    """One per-finding cell of ``table.csv``: empty where the evaluation does not have it."""
+    entry = next((f for f in row.get("per_finding", []) if f["name"] == name), None) or {}
+    if column.endswith(("_low", "_high")):
+        base, end = column.rsplit("_", 1)
+        ci = entry.get(f"{base}_ci")
+        value = ci[0 if end == "low" else 1] if ci else None
+    else:
+        value = entry.get(column)
+    if value is None:
+        return ""
+    return str(int(value)) if column in ("tp", "fp", "fn", "tn") else repr(float(value))
 
 
 def _markdown_header(rows: Sequence[dict]) -> list[str]:
@@ -253,7 +327,9 @@ def _markdown_run_row(r: dict) -> str:
         else model_title(r["model"], r["fusion"])
     )
     cells = [
-        r["run"] + (" (synthetic data)" if r.get("synthetic") else ""),
+        r["run"]
+        + (f" on {r['test_store']}" if r.get("other_collection") else "")
+        + (" (synthetic data)" if r.get("synthetic") else ""),
         model,
         str(r["size"]),
         STAGE_TITLES.get(r["stage"], r["stage"]),
@@ -295,11 +371,48 @@ def _markdown_findings(rows: Sequence[dict]) -> list[str]:
     """The per-finding AUC table: one row per finding, one column per evaluation."""
     lines = ["", "## Per-finding test AUC", ""]
     lines.append(
-        "| Finding | " + " | ".join(f"{r['run']} {STAGE_TITLES.get(r['stage'], r['stage'])}" for r in rows) + " |"
+        "| Finding | "
+        + " | ".join(
+            f"{r['run']} {STAGE_TITLES.get(r['stage'], r['stage'])}"
+            + (f" on {r['test_store']}" if r.get("other_collection") else "")
+            for r in rows
+        )
+        + " |"
     )
     lines.append("|---|" + "---:|" * len(rows))
     for n in _finding_columns(rows):
         lines.append(f"| {n} | " + " | ".join(_fmt(r["auc"].get(n), 3) or "n/a" for r in rows) + " |")
+    return lines
+
+
+def _interval_text(value: float | None, ci: Sequence[float] | None, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" + (f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else "")
+
+
+def _markdown_operating(rows: Sequence[dict]) -> list[str]:
+    """Per evaluation, one row per finding: prevalence, AUC and AUPRC with their intervals and, at the
+    operating threshold, TP/FP/FN/TN and sensitivity and specificity with their intervals."""
+    lines = ["", "## Per finding, at the operating threshold", "",
+             "Test prevalence; AUC and AUPRC (average precision; chance level = prevalence) with 95% patient-bootstrap",
+             "intervals; at the threshold chosen on validation (Youden's J), the images counted TP/FP/FN/TN and",
+             "sensitivity and specificity with 95% intervals. n/a: not in the evaluation (an older cxrflow, or one class only)."]  # fmt: skip
+    for r in rows:
+        where = f" on {r['test_store']}" if r.get("other_collection") else ""
+        synthetic = " (synthetic data)" if r.get("synthetic") else ""
+        lines += ["", f"### {r['run']}{where}: {r['label']}{synthetic}", "",
+                  "| Finding | Positives | Prevalence | AUC (95% CI) | AUPRC (95% CI) | Threshold | TP | FP | FN | TN | "
+                  "Sensitivity (95% CI) | Specificity (95% CI) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for f in r.get("per_finding", []):
+            prevalence = "n/a" if f["prevalence"] is None else f"{100 * f['prevalence']:.1f}%"
+            counts = ["n/a" if f[c] is None else str(f[c]) for c in ("tp", "fp", "fn", "tn")]
+            cells = [f["name"], "n/a" if f["positives"] is None else str(f["positives"]), prevalence,
+                     _interval_text(f["auc"], f["auc_ci"]), _interval_text(f["auprc"], f["auprc_ci"]),
+                     _fmt(f["threshold"], 3) or "n/a", *counts, _interval_text(f["sensitivity"], f["sensitivity_ci"]),
+                     _interval_text(f["specificity"], f["specificity_ci"])]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -333,5 +446,6 @@ def format_markdown(rows: Sequence[dict]) -> str:
     lines += [_markdown_run_row(r) for r in rows]
     lines += _markdown_run_notes(rows)
     lines += _markdown_findings(rows)
+    lines += _markdown_operating(rows)
     lines += _markdown_paper()
     return "\n".join(lines) + "\n"

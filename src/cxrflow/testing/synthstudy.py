@@ -101,6 +101,7 @@ def write_evaluation(
 
     from cxrflow.data.store import pixel_stats, read_manifest
     from cxrflow.metrics import summarize, youden_threshold
+    from cxrflow.operating import operating_report
     from cxrflow.runs import predictions_table
 
     manifest = read_manifest(store)
@@ -111,6 +112,7 @@ def write_evaluation(
     probs = 1.0 / (1.0 + np.exp(-logits))
     thresholds = np.array([youden_threshold(labels[:, j], probs[:, j]) for j in range(len(names))])
     metrics = summarize(labels, probs, patients, names, thresholds, n_boot=n_boot, seed=0)
+    metrics.update(operating_report(labels, probs, patients, names, thresholds, n_boot=n_boot, seed=0))
     mean, std = pixel_stats(manifest, store_size)
     checkpoint = run / f"best_{stage}.pt"
     if not checkpoint.exists() and folder != run:  # an evaluation belongs to a checkpoint file (see evaluation_status)
@@ -309,3 +311,52 @@ def write_study(
         "ensemble": ensemble_dir,
         "label_names": names,
     }
+
+
+def write_cross_evaluation(
+    run: Path,
+    store: Path,
+    findings: Sequence[str],
+    *,
+    stage: str = "finetune",
+    signal: float = 0.6,
+    seed: int = 5,
+    store_size: int = 64,
+    n_boot: int = 50,
+) -> Path:
+    """``RUN/eval-<store>-test-best_<stage>/`` as ``cxrflow evaluate --store OTHER`` writes it: the run's
+    evaluation of the same checkpoint, redone on another store (of the run's finding names) and scored
+    on ``findings`` only; the run's other findings are ``not_labelled`` there."""
+    import pyarrow.parquet as pq
+
+    from cxrflow.data.store import read_manifest, store_identity
+    from cxrflow.metrics import summarize, youden_threshold
+    from cxrflow.operating import operating_report
+    from cxrflow.runs import predictions_table
+
+    own = json.loads((run / f"eval-test-best_{stage}" / "metrics.json").read_text())
+    names = list(own["label_names"])
+    manifest = read_manifest(store)
+    ids, patients, labels = _test_split(store, store_size)
+    labels = labels[:, [list(manifest["label_names"]).index(n) for n in findings]]
+    rng = np.random.default_rng(seed)
+    probs = 1.0 / (1.0 + np.exp(-(signal * (2.0 * labels - 1.0) + rng.normal(0.0, 1.0, labels.shape))))
+    thresholds = np.array([youden_threshold(labels[:, j], probs[:, j]) for j in range(len(findings))])
+    scored = summarize(labels, probs, patients, list(findings), thresholds, n_boot=n_boot, seed=0)
+    scored.update(operating_report(labels, probs, patients, list(findings), thresholds, n_boot=n_boot, seed=0))
+    metrics = {
+        **{k: own[k] for k in ("run", "run_name", "checkpoint", "checkpoint_path", "checkpoint_sha256", "stage",
+                               "epoch", "model", "size", "pixel_mean", "pixel_std")},
+        "split": "test", "store": str(store.resolve()), "store_identity": store_identity(store, manifest, store_size),
+        "collections": {"model": "store", "store": store.name}, "alignment": {n: n for n in findings},
+        "not_labelled": [n for n in names if n not in findings], "not_predicted": [], "map": [],
+        "model_label_names": names, "threshold_source": "fitted on the val split", "threshold_split": "val",
+        **scored, "synthetic": True, "cxrflow_version": __version__, "figures": [],
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    folder = run / f"eval-{store.name}-test-best_{stage}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pred = {"image_id": ids, "patient_id": patients, "probs": probs, "labels": labels}
+    pq.write_table(predictions_table(pred, list(findings)), folder / "predictions.parquet")
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return folder
