@@ -367,7 +367,8 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
             items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
             return [(str if kind == "list[str]" else float)(str(v).strip() if isinstance(v, str) else v) for v in items]
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("1e400"))
-        raise CxrflowError(f"{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}", source) from None
+        expected = {"list[float]": "comma-separated numbers"}.get(kind, getattr(kind, "__name__", kind))
+        raise CxrflowError(f"{key}: expected {expected}, got {value!r}", source) from None
     raise TypeError(f"unsupported field type {kind!r}")
 
 

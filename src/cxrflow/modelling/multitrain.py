@@ -43,13 +43,12 @@ def plan_stores(config: TrainConfig) -> dict[str, Any]:
     ``mean``, ``std``, ``pos_weight`` (list), ``train_rows`` and the config keys the run saves."""
     stores = open_stores(config.all_stores(), config.size)
     check_policy_names(config.uncertain, stores.label_names)
-    weights = check_store_weights(config.store_weights, len(stores.stores))
+    check_store_weights(config.store_weights, len(stores.stores))
     mean, std = combined_pixel_stats(stores)
     pos_weight = combined_pos_weight(stores, config.uncertain)
     saved = {
         "store": stores.paths[0],
         "stores": stores.paths,
-        "store_weights": weights,
         "store_names": [s.name for s in stores.stores],
         "store_identity": stores.stores[0].identity,
         "store_identities": [s.identity for s in stores.stores],
