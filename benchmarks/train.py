@@ -18,6 +18,7 @@ once (``MALLOC_MMAP_THRESHOLD_``) so that resident memory follows what is live.
     python benchmarks/train.py --models simple_cnn --sizes 64 --steps 5
     python benchmarks/train.py --distributed-only   # torchrun vs Spark's TorchDistributor, 2 CPU processes
     python benchmarks/train.py --checkpointing-only --ckpt-size 1024 --ckpt-batch-size 8   # on a GPU
+    python benchmarks/train.py --stores-only --batch-size 32   # two stores vs their union as one store
 
 Distributed launch (``--distributed``, ``--distributed-only``): the same 2-process CPU training run
 (simple_cnn on a synthetic store) started by ``torchrun --nproc_per_node 2`` and by ``cxrflow train
@@ -275,6 +276,66 @@ def distributed_table(processes: int, epochs: int, rows: int, size: int, master:
         )
 
 
+def _train_cost(stores: list[Path], out: Path, size: int, epochs: int, batch: int) -> tuple[float, float]:
+    """(training images per wall second, median over epochs 2..; CPU seconds of this process per
+    image seen, training and validation, over epochs 2..) of one run."""
+    from cxrflow.modelling.config import resolve_config
+    from cxrflow.modelling.train import train
+
+    config = resolve_config(
+        "default",
+        None,
+        {"store": str(stores[0]), "stores": [str(s) for s in stores] if len(stores) > 1 else [], "size": size,
+         "model": "simple_cnn", "pretrained": "none", "out": str(out), "batch_size": batch, "device": "cpu",
+         "finetune.epochs": epochs},
+    )  # fmt: skip
+    marks: list[float] = []
+    train(config, quiet=True, log=lambda msg: None, epoch_hook=lambda history: marks.append(time.process_time()))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = sorted(r["images_per_second"] for r in rows[1:])
+    images = sum(r["train_images"] + r["val_images"] for r in rows[1:])
+    return rates[len(rates) // 2], (marks[-1] - marks[0]) / images
+
+
+def stores_table(rows: int, size: int, epochs: int, batch: int, rounds: int) -> None:
+    """Training on two stores beside training on their union written as one store, same run.
+
+        One synthetic collection of ``rows`` train images as one store (14 findings) and as two stores of
+        half the rows each (and half the val rows), the second labelling 10 of the 14 findings (so the
+        mixer widens and masks); simple_cnn (the cheapest model, so the loader's share of a step is the
+        largest), one torch thread. The runs alternate ``rounds`` times, each round in the other order
+    than the one before. Two figures, each a ratio of
+        medians (two stores / one store): training images per wall second, and CPU time per image (the
+        fair one on a busy machine: other processes do not change it)."""
+    from cxrflow.data.labels import NIH14, LabelVocabulary
+    from cxrflow.testing.synthstore import write_synthetic_store
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="cxrflow-bench-") as tmp:
+        root = Path(tmp)
+        val = max(rows // 8, 32)
+        write_synthetic_store(root / "union", sizes=(size,), rows={"train": rows, "val": val}, seed=0)
+        half = {"train": rows // 2, "val": val // 2}
+        write_synthetic_store(root / "a", sizes=(size,), rows=half, seed=1)
+        ten = LabelVocabulary(tuple(NIH14.names[:10]))
+        write_synthetic_store(
+            root / "b", sizes=(size,), rows={k: v - v // 2 for k, v in half.items()}, vocab=ten, seed=2
+        )
+        print(f"\ntraining on two stores vs their union as one store: simple_cnn {size}px, {rows} train images, "
+              f"batch {batch}, {epochs} epochs per run (epochs 2.. counted), {rounds} rounds alternating")  # fmt: skip
+        one, two = [], []
+        for r in range(rounds):  # one store first in even rounds, two stores first in odd ones
+            for which in ("one", "two") if r % 2 == 0 else ("two", "one"):
+                stores = [root / "union"] if which == "one" else [root / "a", root / "b"]
+                (one if which == "one" else two).append(_train_cost(stores, root / f"{which}{r}", size, epochs, batch))
+            print(f"round {r + 1}: one store {one[-1][0]:.0f} img/s {one[-1][1] * 1e3:.2f} CPU ms/img, "
+                  f"two stores {two[-1][0]:.0f} img/s {two[-1][1] * 1e3:.2f} CPU ms/img", flush=True)  # fmt: skip
+        med = [[sorted(x[i] for x in runs)[len(runs) // 2] for i in (0, 1)] for runs in (one, two)]
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"ratio two stores / one store: images per wall second {med[1][0] / med[0][0]:.2f}, "
+              f"images per CPU second {med[0][1] / med[1][1]:.2f} (>= 0.9 wanted); load average {load}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
@@ -300,6 +361,11 @@ def main() -> None:
     )
     parser.add_argument("--ckpt-batch-size", type=int, default=None, help="its batch (default 8 on CPU, 16 on a GPU)")
     parser.add_argument("--checkpointing-only", action="store_true", help="only the activation checkpointing table")
+    parser.add_argument("--stores-only", action="store_true", help="only two stores vs their union as one store")
+    parser.add_argument("--stores-rows", type=int, default=1024, help="train images of the two-store comparison")
+    parser.add_argument("--stores-size", type=int, default=32)
+    parser.add_argument("--stores-epochs", type=int, default=4)
+    parser.add_argument("--stores-rounds", type=int, default=4)
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "SIZE", "BATCH", "CKPT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -315,6 +381,9 @@ def main() -> None:
         args.warmup,
         args.threads,
     )
+    if args.stores_only:
+        stores_table(args.stores_rows, args.stores_size, args.stores_epochs, args.batch_size, args.stores_rounds)
+        return
     if args.checkpointing_only:
         checkpointing_table(*ckpt_args)
         return
