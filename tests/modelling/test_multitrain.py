@@ -118,3 +118,36 @@ def test_a_run_on_two_collections_validates_each_records_both_and_evaluates_on_e
     assert first["not_labelled"] == ["Edema"] and second["not_labelled"] == ["Mass", "Nodule"]
     assert first["trained_on_store"] and second["trained_on_store"]
     assert second["alignment"]["Effusion"] == "Pleural Effusion"
+
+
+@pytest.mark.slow
+def test_a_run_on_two_stores_cut_in_its_second_epoch_resumes_to_the_same_result(two, tmp_path):
+    from cxrflow.modelling.config import resolve_config
+    from cxrflow.modelling.train import train
+
+    a, b = two
+
+    def config(out: Path):
+        return resolve_config(None, None, {"stores": [str(a), str(b)], "size": 32, "model": "simple_cnn",
+                                           "pretrained": "none", "out": str(out), "batch_size": 16,
+                                           "finetune.epochs": 3, "store_weights": "1,2"})  # fmt: skip
+
+    train(config(tmp_path / "reference"), quiet=True, log=lambda msg: None)
+
+    def cut(model, stage, epoch, step):
+        if epoch == 2 and step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "cut"), quiet=True, log=lambda msg: None, step_hook=cut)
+    train(config(tmp_path / "cut"), resume=True, quiet=True, log=lambda msg: None)
+    reference, resumed = (
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("reference", "cut")
+    )
+
+    def figures(rows: list[dict]) -> list[float]:
+        return [v for r in rows for v in (r["train_loss"], r["val_loss"], r["val_auc_mean"], r["train_images"],
+                                          *(s["mean"] for s in r["val_auc_by_store"].values()))]  # fmt: skip
+
+    assert len(resumed) == 3 and figures(resumed) == pytest.approx(figures(reference), abs=1e-5)
