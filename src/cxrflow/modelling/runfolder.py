@@ -33,6 +33,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def load_checkpoint_file(path: Path) -> dict:
+    """A run's checkpoint dict (weights_only); one line naming the file when it is damaged."""
     try:
         return torch.load(safeio.regular_file(path, "checkpoint"), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean a damaged file

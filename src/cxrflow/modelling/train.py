@@ -19,6 +19,9 @@ the files (:mod:`cxrflow.modelling.distributed`). How each stage trains (paramet
 schedule, seeds) is :mod:`cxrflow.modelling.stages`, one epoch's optimisation steps
 :mod:`cxrflow.modelling.epoch`; this module runs the steps: plan the run from
 the store, build the model, restore a resumed run, then per stage and epoch train, validate and save.
+A run on several stores (``--store A --store B``) runs the same steps; its plan, mixed batches and
+per-collection validation are :mod:`cxrflow.modelling.multitrain`. The run folder's files are
+written by :mod:`cxrflow.modelling.runfolder`.
 """
 
 from __future__ import annotations
