@@ -84,3 +84,60 @@ def test_store_weights_change_each_store_share(stores):
 def test_drop_last_yields_only_whole_batches(stores):
     loader = _mixed(stores, [1.0, 1.0], batch_size=7, drop_last=True)
     assert [b["image"].shape[0] for b in loader] == [7] * 17
+
+
+def _with_label_states(store, seed: int = 5) -> dict:
+    """Give a synthetic store CheXpert-like label states (20% uncertain, 10% not mentioned) and the
+    manifest's label_counts; returns the states by image id."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cxrflow.data.store import KNOWN_COLUMN, schema_for
+    from cxrflow.data.uncertain import KNOWN, POLICIES, UNCERTAIN, UNMENTIONED, label_counts
+
+    rng = np.random.default_rng(seed)
+    manifest = json.loads((store / "_manifest.json").read_text())
+    names, by_id, train = manifest["label_names"], {}, ([], [])
+    for part in sorted(store.rglob("*.parquet")):
+        table = pq.read_table(part)
+        lab = np.array(table.column("labels").to_pylist(), dtype=np.uint8)
+        draw = rng.random(lab.shape)
+        states = np.where(draw < 0.1, UNMENTIONED, np.where(draw < 0.3, UNCERTAIN, KNOWN)).astype(np.uint8)
+        column = pa.array([list(map(int, r)) for r in states], pa.list_(pa.uint8()))
+        table = table.add_column(table.schema.get_field_index("labels") + 1, KNOWN_COLUMN, column)
+        pq.write_table(table.cast(schema_for(True)), part)
+        by_id.update(zip(table.column("image_id").to_pylist(), states))
+        if "split=train" in str(part):
+            train[0].append(lab), train[1].append(states)
+    counts = label_counts(np.concatenate(train[0]), np.concatenate(train[1]), names)
+    manifest.update(label_counts=counts, uncertain_policies=list(POLICIES))
+    (store / "_manifest.json").write_text(json.dumps(manifest))
+    return by_id
+
+
+def test_a_store_with_label_states_follows_the_uncertain_policy_inside_mixed_batches(tmp_path):
+    from cxrflow.data.uncertain import KNOWN, UNCERTAIN
+
+    write_synthetic_store(tmp_path / "a", sizes=(32,), rows={"train": 24, "val": 8}, vocab=A, seed=1)
+    write_synthetic_store(tmp_path / "b", sizes=(32,), rows={"train": 24, "val": 8}, vocab=B, seed=2)
+    states = _with_label_states(tmp_path / "b")
+    stores = open_stores([tmp_path / "a", tmp_path / "b"], 32)
+    for policy in ("ignore", "ones"):
+        loaders = [make_loader(s.path, 32, "train", batch_size=8, seed=3, uncertain=policy) for s in stores.stores]
+        mixed = MixedLoader(loaders, [s.model_index for s in stores.stores], 4, weights=[1, 1], batch_size=8,
+                            drop_last=False, seed=3, epoch=0)  # fmt: skip
+        seen = 0
+        for batch in mixed:
+            for i, row_known, row_labels in zip(batch["image_id"], batch["known"], batch["labels"]):
+                if row_known[0] or row_known[2]:  # a row of store a: Atelectasis or Mass known
+                    continue
+                s = states[i]  # store b's findings: Pleural Effusion -> model 1, Edema -> model 3
+                want = (s == KNOWN) | ((s == UNCERTAIN) & (policy == "ones"))
+                assert row_known[[1, 3]].tolist() == want.astype(float).tolist()
+                assert (
+                    all(row_labels[[1, 3]][s == UNCERTAIN] == (1.0 if policy == "ones" else 0.0)) or policy == "ignore"
+                )
+                seen += 1
+        assert seen == 24
