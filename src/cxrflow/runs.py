@@ -177,7 +177,7 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
         or folder.absolute() == default_eval_dir(Path(str(run)).absolute(), str(metrics["split"]), str(name))
         else (f" --split {metrics['split']} --out {folder}")
     )
-    if metrics.get("alignment") is not None:  # scored on another collection's store (cxrflow.results.crosseval)
+    if metrics.get("alignment") is not None and not metrics.get("trained_on_store"):  # another collection's store
         maps = "".join(f" --map {m!r}" for m in metrics.get("map") or [])
         out = f" --store {metrics.get('store')} --split {metrics.get('split')}{maps}" + (
             "" if folder.name.startswith("eval-") else f" --out {folder}")  # fmt: skip

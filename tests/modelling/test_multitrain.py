@@ -119,6 +119,12 @@ def test_a_run_on_two_collections_validates_each_records_both_and_evaluates_on_e
     assert first["trained_on_store"] and second["trained_on_store"]
     assert second["alignment"]["Effusion"] == "Pleural Effusion"
 
+    from cxrflow.modelling.predictor import load_run_predictor
+
+    # predict takes each finding's operating point from the first store's evaluation that scored it
+    predictor = load_run_predictor(run, device="cpu")
+    assert predictor.thresholds == {**second["threshold_calibrated"], **first["threshold_calibrated"]}
+
 
 @pytest.mark.slow
 def test_a_run_on_two_stores_cut_in_its_second_epoch_resumes_to_the_same_result(two, tmp_path):
