@@ -401,7 +401,7 @@ def _run_epoch(run: _Run, current: _StageRun, epoch: int, *, first: bool) -> boo
     val_loss = "n/a" if row["val_loss"] is None else f"{row['val_loss']:.3f}"
     run.info(
         f"{current.stage.name} epoch {epoch}/{current.stage.epochs}: train loss {train_loss:.3f}, "
-        f"val loss {val_loss}, val AUC {_auc_text(row['val_auc_mean'])}{' (best)' if improved else ''}, "
+        f"val loss {val_loss}, val AUC {_auc_text(row['val_auc_mean'])}{_by_store(row)}{' (best)' if improved else ''}, "
         f"lr {lr:.3g}, {row['images_per_second']:.0f} img/s"
     )
     return stop_early
@@ -552,6 +552,14 @@ def _finish(run: _Run, seconds: float) -> dict:
 
 def _auc_text(auc: float | None) -> str:
     return "n/a" if auc is None or math.isnan(auc) else f"{auc:.3f}"
+
+
+def _by_store(row: dict) -> str:
+    """`` (nih 0.812, chexpert 0.774)``: each collection's val AUC of a run on several stores."""
+    stores = row.get("val_auc_by_store")
+    if not stores:
+        return ""
+    return " (" + ", ".join(f"{name} {_auc_text(s['mean'])}" for name, s in stores.items()) + ")"
 
 
 def _count(n: int, noun: str) -> str:
