@@ -18,6 +18,7 @@ once (``MALLOC_MMAP_THRESHOLD_``) so that resident memory follows what is live.
     python benchmarks/train.py --models simple_cnn --sizes 64 --steps 5
     python benchmarks/train.py --distributed-only   # torchrun vs Spark's TorchDistributor, 2 CPU processes
     python benchmarks/train.py --checkpointing-only --ckpt-size 1024 --ckpt-batch-size 8   # on a GPU
+    python benchmarks/train.py --stores-only --batch-size 32   # two stores vs their union as one store
 
 Distributed launch (``--distributed``, ``--distributed-only``): the same 2-process CPU training run
 (simple_cnn on a synthetic store) started by ``torchrun --nproc_per_node 2`` and by ``cxrflow train
@@ -275,6 +276,103 @@ def distributed_table(processes: int, epochs: int, rows: int, size: int, master:
         )
 
 
+def _step_cost(stores: list[Path], size: int, epochs: int, batch: int) -> float:
+    """CPU seconds per image of training steps alone (loader, mixing, masked loss, optimiser) over
+    ``epochs`` epochs: the train loaders ``cxrflow train`` builds, through the same epoch function."""
+    from torch import nn
+
+    from cxrflow.data.loader import make_loader
+    from cxrflow.data.storeset import open_stores
+    from cxrflow.data.uncertain import MaskedBCEWithLogits
+    from cxrflow.modelling.config import TrainConfig
+    from cxrflow.modelling.distributed import Dist
+    from cxrflow.modelling.epoch import train_one_epoch
+    from cxrflow.modelling.multitrain import mixed_loader
+    from cxrflow.progress import Progress
+
+    ctx = Dist(device=torch.device("cpu"))
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", 14, pretrained="none")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if len(stores) > 1:
+        config = TrainConfig(stores=[str(s) for s in stores], size=size, batch_size=batch, out="unused")
+        config.validate()
+        found = open_stores(config.all_stores(), size)
+        criterion = MaskedBCEWithLogits(torch.ones(len(found.label_names)))
+        make = lambda e: mixed_loader(config, found, epoch=e, ctx=ctx, drop_last=True)  # noqa: E731
+    else:
+        criterion = nn.BCEWithLogitsLoss()
+        make = lambda e: make_loader(stores[0], size, "train", batch_size=batch, seed=0, epoch=e, drop_last=True)  # noqa: E731
+    start, images = time.process_time(), 0
+    for epoch in range(epochs):
+        loader = make(epoch)
+        progress = Progress(len(loader), "bench", enabled=False)
+        images += train_one_epoch(model, loader, criterion, optimizer, ctx=ctx, mean=0.4, std=0.2, steps=len(loader),
+                                  generator=None, progress=progress, stage="finetune", epoch=epoch + 1)[1]  # fmt: skip
+    return (time.process_time() - start) / images
+
+
+def _run_cost(stores: list[Path], out: Path, size: int, epochs: int, batch: int) -> float:
+    """CPU seconds of this process per image seen (training and validation) over a whole ``cxrflow
+    train`` run's epochs after the first."""
+    from cxrflow.modelling.config import resolve_config
+    from cxrflow.modelling.train import train
+
+    config = resolve_config(
+        "default",
+        None,
+        {"store": str(stores[0]), "stores": [str(s) for s in stores] if len(stores) > 1 else [], "size": size,
+         "model": "simple_cnn", "pretrained": "none", "out": str(out), "batch_size": batch, "device": "cpu",
+         "finetune.epochs": epochs},
+    )  # fmt: skip
+    marks: list[float] = []
+    train(config, quiet=True, log=lambda msg: None, epoch_hook=lambda history: marks.append(time.process_time()))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return (marks[-1] - marks[0]) / sum(r["train_images"] + r["val_images"] for r in rows[1:])
+
+
+def stores_table(rows: int, size: int, epochs: int, batch: int, rounds: int) -> None:
+    """Training on two stores beside training on their union written as one store, same run.
+
+    One synthetic collection of ``rows`` train images as one store (14 findings) and as two stores of
+    half the rows each (and half the val rows), the second labelling 10 of the 14 findings (so the
+    mixer widens and masks); simple_cnn (the cheapest model, so the loader's and the validation's
+    share is the largest), one torch thread. CPU time per image, which other processes on a busy
+    machine do not change: of the training steps alone, and of whole runs (each store's validation
+    included: a fixed cost per epoch and store, so its share shrinks with the split). The runs
+    alternate ``rounds`` times, each round in the other order; ratios of medians, one store / two
+    stores (above 1: two stores cost less)."""
+    from cxrflow.data.labels import NIH14, LabelVocabulary
+    from cxrflow.testing.synthstore import write_synthetic_store
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="cxrflow-bench-") as tmp:
+        root = Path(tmp)
+        val = max(rows // 8, 32)
+        write_synthetic_store(root / "union", sizes=(size,), rows={"train": rows, "val": val}, seed=0)
+        half = {"train": rows // 2, "val": val // 2}
+        write_synthetic_store(root / "a", sizes=(size,), rows=half, seed=1)
+        ten = LabelVocabulary(tuple(NIH14.names[:10]))
+        write_synthetic_store(
+            root / "b", sizes=(size,), rows={k: v - v // 2 for k, v in half.items()}, vocab=ten, seed=2
+        )
+        print(f"\ntraining on two stores vs their union as one store: simple_cnn {size}px, {rows} train images, "
+              f"{val} val images, batch {batch}, {epochs} epochs, {rounds} rounds alternating (CPU ms per image)")  # fmt: skip
+        cost: dict[str, list[tuple[float, float]]] = {"one": [], "two": []}
+        for r in range(rounds):  # one store first in even rounds, two stores first in odd ones
+            for which in ("one", "two") if r % 2 == 0 else ("two", "one"):
+                stores = [root / "union"] if which == "one" else [root / "a", root / "b"]
+                step = _step_cost(stores, size, epochs, batch)
+                cost[which].append((step, _run_cost(stores, root / f"{which}{r}", size, epochs, batch)))
+            print(f"round {r + 1}: steps {cost['one'][-1][0] * 1e3:.2f} (one store) {cost['two'][-1][0] * 1e3:.2f} "
+                  f"(two stores); whole runs {cost['one'][-1][1] * 1e3:.2f} {cost['two'][-1][1] * 1e3:.2f}", flush=True)  # fmt: skip
+        med = {w: [sorted(c[i] for c in cost[w])[len(cost[w]) // 2] for i in (0, 1)] for w in cost}
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"ratio one store / two stores, CPU per image: training steps {med['one'][0] / med['two'][0]:.2f} "
+              f"(>= 0.9 wanted), whole runs with validation {med['one'][1] / med['two'][1]:.2f}; "
+              f"load average {load} on {os.cpu_count()} CPUs")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
@@ -300,6 +398,11 @@ def main() -> None:
     )
     parser.add_argument("--ckpt-batch-size", type=int, default=None, help="its batch (default 8 on CPU, 16 on a GPU)")
     parser.add_argument("--checkpointing-only", action="store_true", help="only the activation checkpointing table")
+    parser.add_argument("--stores-only", action="store_true", help="only two stores vs their union as one store")
+    parser.add_argument("--stores-rows", type=int, default=1024, help="train images of the two-store comparison")
+    parser.add_argument("--stores-size", type=int, default=32)
+    parser.add_argument("--stores-epochs", type=int, default=4)
+    parser.add_argument("--stores-rounds", type=int, default=4)
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "SIZE", "BATCH", "CKPT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -315,6 +418,9 @@ def main() -> None:
         args.warmup,
         args.threads,
     )
+    if args.stores_only:
+        stores_table(args.stores_rows, args.stores_size, args.stores_epochs, args.batch_size, args.stores_rounds)
+        return
     if args.checkpointing_only:
         checkpointing_table(*ckpt_args)
         return

@@ -616,7 +616,9 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch
     def full_tmp(path, **kwargs):
         yield Path("/dev/full")
 
-    monkeypatch.setattr(train, "atomic_path", full_tmp)
+    from cxrflow.modelling import runfolder  # train.save_checkpoint writes through it
+
+    monkeypatch.setattr(runfolder, "atomic_path", full_tmp)
     with pytest.raises(OSError) as info:  # torch.save itself said "unexpected pos" (a RuntimeError)
         train.save_checkpoint(tmp_path / "last.pt", {"w": torch.zeros(100_000)})
     assert info.value.errno == errno.ENOSPC

@@ -277,3 +277,17 @@ def test_sweep_builds_its_ensembles_once(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["sweep", str(config), "--out", str(out), "--device", "cpu", "--in-process"]) == 0
     assert ens.stat().st_mtime_ns == stamp and "cxrflow ensemble" not in capsys.readouterr().out
+
+
+def test_a_run_may_name_several_stores_instead_of_the_sweeps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = {"runs": [{"name": "both", "model": "simple_cnn", "size": 32, "stores": ["a", "b"],
+                      "store_weights": "1,2"}]}  # fmt: skip
+    spec = parse_sweep(data).runs[0]
+    assert spec.config.stores == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert spec.config.store == str(tmp_path / "a") and spec.config.store_weights == [1.0, 2.0]
+    steps = plan_steps(spec, tmp_path, device="cpu", n_boot=10)
+    written = json.loads((tmp_path / "configs" / "both.json").read_text())
+    assert written["stores"] == spec.config.stores and steps[0][0] == "train"
+    with pytest.raises(CxrflowError, match="one weight per --store"):
+        parse_sweep({"store": "s", "runs": [{**data["runs"][0], "store_weights": [1, 2, 3]}]})

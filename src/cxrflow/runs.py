@@ -214,7 +214,7 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
         if not metrics.get("split") or folder == default_eval_dir(run, str(metrics["split"]), str(name))
         else (f" --split {metrics['split']} --out {quote(str(folder))}")
     )
-    if metrics.get("alignment") is not None:  # scored on another collection's store (cxrflow.results.crosseval)
+    if metrics.get("alignment") is not None and not metrics.get("trained_on_store"):  # another collection's store
         maps = "".join(f" --map {quote(str(m))}" for m in metrics.get("map") or [])
         out = f" --store {quote(str(metrics.get('store')))} --split {metrics.get('split')}{maps}" + (
             "" if folder.name.startswith("eval-") else f" --out {quote(str(folder))}")  # fmt: skip

@@ -3,6 +3,7 @@
 A sweep file (YAML, TOML or JSON) names a store, settings shared by every run, and the runs::
 
     store: data/nih-store          # relative to the working directory; --store overrides it
+                                   # (a run may name several instead: stores: [data/nih, data/chexpert])
     defaults:                      # any 'cxrflow train' setting (see cxrflow.modelling.config.TrainConfig)
       preset: paper
       pretrained: imagenet
@@ -118,9 +119,7 @@ def parse_sweep(data: dict, *, source: str = "sweep config", store: str | os.Pat
     if not isinstance(defaults, dict):
         raise CxrflowError("'defaults' must be a mapping of training settings", source)
     store_path = store if store is not None else data.get("store")
-    if not store_path:
-        raise CxrflowError("no store: set 'store' in the sweep file or pass --store", source)
-    store_path = str(Path(store_path).expanduser().resolve())
+    store_path = str(Path(store_path).expanduser().resolve()) if store_path else ""
     specs: list[RunSpec] = []
     for i, entry in enumerate(runs, start=1):
         where = f"{source} (run {i})"
@@ -134,7 +133,10 @@ def parse_sweep(data: dict, *, source: str = "sweep config", store: str | os.Pat
         settings = {**defaults, **{k: v for k, v in entry.items() if k not in RUN_KEYS}}
         config = preset(str(settings.pop("preset", "default")))
         apply_overrides(config, settings, where)
-        config.store = store_path
+        if not config.stores:  # a run may name several stores ('stores: [A, B]') instead of the sweep's
+            config.store = store_path
+        if not config.store and not config.stores:
+            raise CxrflowError("no store: set 'store' in the sweep file or pass --store", source)
         config.out = name
         try:
             config.validate()
@@ -245,6 +247,10 @@ def check_stores(sweep: Sweep) -> None:
 
     manifests: dict[str, dict] = {}
     for spec in sweep.runs:
+        if spec.config.multi_store:
+            from cxrflow.data.storeset import open_stores
+
+            open_stores(spec.config.all_stores(), spec.config.size)
         store = spec.config.store
         if store not in manifests:
             manifests[store] = read_manifest(store)
@@ -386,7 +392,7 @@ def run_sweep(
         raise CxrflowError(str(exc), sweep.source) from None
     check_stores(sweep)
     out = Path(out)
-    stores = {str(s.config.store) for s in sweep.runs}
+    stores = {str(store) for s in sweep.runs for store in s.config.all_stores()}
     with claiming(out, "sweep", resume=True, inputs=[sweep.source, *stores], legacy=("sweep.json",)):
         return _run_sweep(
             sweep,

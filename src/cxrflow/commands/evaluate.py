@@ -79,14 +79,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     checked_device(args.device)
     must_exist([args.run], "no such run folder")
-    from cxrflow.modelling.scoring import format_summary
-    from cxrflow.results.crosseval import evaluate_on_store, format_cross_lines, is_other_collection
-    from cxrflow.results.demographics_baseline import format_lines
+    from cxrflow.results.crosseval import evaluate_on_store, is_other_collection
     from cxrflow.results.evaluate import evaluate_run
-    from cxrflow.results.subgroups import format_audit
-    from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME, resolve_checkpoint
+    from cxrflow.results.multieval import evaluate_on_trained_stores, trained_stores
+    from cxrflow.runs import resolve_checkpoint
 
     tracking = request_from_args(args)
+    if args.store is None and trained_stores(args.run):  # a run on several stores: one evaluation each
+        for metrics in evaluate_on_trained_stores(
+            args.run, checkpoint=args.checkpoint, split=args.split, out=args.out, uncertain=args.uncertain,
+            n_boot=args.n_boot, seed=args.seed, device=args.device, batch_size=args.batch_size,
+            overwrite=args.overwrite,
+        ):  # fmt: skip
+            _show(metrics, tracking)
+        return 0
     if args.store is not None and (
         args.map or is_other_collection(resolve_checkpoint(args.run, args.checkpoint)[1], args.store)
     ):
@@ -99,6 +105,18 @@ def run(args: argparse.Namespace) -> int:
         raise CxrflowError("--split all scores every split of another collection's store (give it with --store)")
     else:
         metrics = _evaluate(args, evaluate_run)
+    _show(metrics, tracking)
+    return 0
+
+
+def _show(metrics: dict, tracking) -> None:
+    """Log one evaluation to the tracking server (if any) and print its summary."""
+    from cxrflow.modelling.scoring import format_summary
+    from cxrflow.results.crosseval import format_cross_lines
+    from cxrflow.results.demographics_baseline import format_lines
+    from cxrflow.results.subgroups import format_audit
+    from cxrflow.runs import METRICS_NAME, PREDICTIONS_NAME, VAL_PREDICTIONS_NAME
+
     log_evaluation(tracking, metrics)
     print("\n".join([format_summary(metrics), *format_lines(metrics), *format_cross_lines(metrics)]))
     if "audit" in metrics:
@@ -106,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})"
     )
-    return 0
 
 
 def _evaluate(args: argparse.Namespace, evaluate_run) -> dict:

@@ -85,6 +85,7 @@ def add_setting(parser: Any, f: dataclasses.Field, *, required: bool = False) ->
     parser.add_argument(
         flag,
         type=parse,
+        action="append" if f.metadata.get("repeat") else "store",
         choices=f.metadata.get("choices"),
         metavar=f.metadata.get("metavar"),
         required=required,
@@ -118,6 +119,10 @@ def _option_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise CxrflowError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value.strip()
     options_given = {f.name: getattr(args, f.name) for f in option_fields()}
+    stores = options_given.get("store")
+    if isinstance(stores, list):  # --store repeated: several stores (one: exactly as before)
+        options_given["store"] = stores[0]
+        options_given["stores"] = stores if len(stores) > 1 else []
     overrides.update(
         {k: v for k, v in options_given.items() if v is not None}
     )  # an option not given keeps --set's value
@@ -264,6 +269,11 @@ def check_inputs(config: TrainConfig) -> None:
     (a mistyped --store or --size answers at once)."""
     from cxrflow.data.manifest import check_partition, read_manifest
 
+    if config.multi_store:  # every store, the same one twice, a common size, the weights
+        from cxrflow.data.storeset import check_policy_names, open_stores
+
+        check_policy_names(config.uncertain, open_stores(config.all_stores(), config.size).label_names)
+        return
     manifest = read_manifest(config.store)
     for split in ("train", "val"):
         check_partition(manifest, config.store, config.size, split)

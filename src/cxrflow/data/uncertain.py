@@ -51,6 +51,11 @@ def _parts(policy: str) -> tuple[str, dict[str, str]]:
     return default or "ignore", per_finding
 
 
+def split_policy(policy: str) -> tuple[str, dict[str, str]]:
+    """(default policy, {finding: policy}) of a well-formed ``policy``; an error naming the bad part."""
+    return _parts(policy)
+
+
 def check_policy(policy: str) -> str:
     """``policy`` if it is well formed (the finding names are checked against a store later)."""
     _parts(policy)

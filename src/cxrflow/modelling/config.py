@@ -63,12 +63,13 @@ def setting(
     choices: tuple[str, ...] | None = None,
     metavar: str | None = None,
     parse: Any = None,
+    repeat: bool = False,
 ) -> Any:
     """A :class:`TrainConfig` field with its help text. ``option``: ``cxrflow train --NAME`` sets it
     (every field can be set by ``--set NAME=VALUE`` and in a settings file); ``choices`` (refused by
     the parser) and ``metavar`` are what ``--help`` shows; ``parse``: the option's argparse type
-    (default: the field's type)."""
-    meta = {"help": help, "option": option, "choices": choices, "metavar": metavar, "parse": parse}
+    (default: the field's type); ``repeat``: the option may be given several times."""
+    meta = {"help": help, "option": option, "choices": choices, "metavar": metavar, "parse": parse, "repeat": repeat}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -78,7 +79,23 @@ def setting(
 class TrainConfig:
     """Everything a training run depends on (besides the store's content)."""
 
-    store: str = setting("", "store folder written by 'cxrflow etl'", option=True)
+    store: str = setting(
+        "",
+        "store folder written by 'cxrflow etl'; repeat it to train on several stores at once "
+        "(docs/cross-collection.md)",
+        option=True,
+        metavar="STORE",
+        repeat=True,
+    )
+    #: every store of a run trained on several (absolute paths; ``store`` is the first); empty for one store
+    stores: list[str] = setting(help="the stores of a run trained on several (--store repeated)", factory=list)
+    #: per store, how often its rows are drawn relative to the others' (empty: every store weighs 1)
+    store_weights: list[float] = setting(
+        help="per --store, how often its rows are drawn (comma-separated, default all 1)",
+        factory=list,
+        option=True,
+        metavar="W1,W2,...",
+    )
     size: int = setting(0, "image size to train at (one the store holds)", option=True)
     model: str = setting("densenet121", "model name", option=True, metavar="|".join(MODEL_NAMES))
     out: str = setting("", "run folder to create (or resume)", option=True)
@@ -162,10 +179,32 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def multi_store(self) -> bool:
+        """Whether the run trains on several stores at once (:mod:`cxrflow.data.storeset`)."""
+        return len(self.stores) > 1
+
+    def all_stores(self) -> list[str]:
+        """The stores the run trains on: ``stores``, or ``store`` alone."""
+        return list(self.stores) if self.multi_store else [self.store]
+
+    def _normalise_stores(self) -> None:
+        """One store in ``stores`` is ``store``; several are absolute paths, ``store`` the first."""
+        if len(self.stores) == 1:
+            self.store, self.stores = self.stores[0], []
+        elif self.stores:
+            self.stores = [os.path.abspath(os.path.expanduser(s)) for s in self.stores]
+            self.store = self.stores[0]
+        if self.store_weights:
+            from cxrflow.data.storeset import check_store_weights
+
+            check_store_weights(self.store_weights, len(self.all_stores()))
+
     def validate(self) -> TrainConfig:
         """Raise a CxrflowError naming the first invalid setting; returns self."""
         from cxrflow.modelling.registry import checkpointing_models, model_entry
 
+        self._normalise_stores()
         if not self.store:
             raise CxrflowError("no store given (--store)")
         if not self.out:
@@ -324,8 +363,12 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
             return float(value)
         if kind is str:
             return str(value)
+        if kind in ("list[str]", "list[float]"):
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            return [(str if kind == "list[str]" else float)(str(v).strip() if isinstance(v, str) else v) for v in items]
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("1e400"))
-        raise CxrflowError(f"{key}: expected {kind.__name__}, got {value!r}", source) from None
+        expected = {"list[float]": "comma-separated numbers"}.get(kind, getattr(kind, "__name__", kind))
+        raise CxrflowError(f"{key}: expected {expected}, got {value!r}", source) from None
     raise TypeError(f"unsupported field type {kind!r}")
 
 

@@ -191,8 +191,16 @@ def init_from_store(
     """
     from cxrflow.data.store import read_manifest
 
-    fusion = model.fusion
     rows = read_split_demographics(store, size, "train", read_manifest(store)["label_names"], uncertain)
+    return init_from_rows(model, rows, pos_weight=pos_weight, seed=seed)
+
+
+def init_from_rows(
+    model: nn.Module, rows: dict[str, np.ndarray], *, pos_weight: Sequence[float] | None = None, seed: int = 0
+) -> str:
+    """Fit ``model.fusion`` on training rows (``demographics``, ``labels``, ``known`` in the model's
+    findings, as :func:`read_split_demographics` gives them); returns a note (see :func:`init_from_store`)."""
+    fusion = model.fusion
     fit = fit_logistic(rows["demographics"], rows["labels"], rows["known"], seed=seed)
     if pos_weight is not None:
         w = np.asarray(pos_weight, dtype=np.float64)

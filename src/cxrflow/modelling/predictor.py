@@ -112,18 +112,22 @@ def _evaluation_record(
     Every evaluation of a checkpoint chooses its thresholds and fits its temperatures on the
     validation split, so any current ``RUN/eval-<split>-<checkpoint>/metrics.json`` will do.
     """
-    note = None
+    note, trained = None, []
     for path in sorted(run.glob(f"eval-*-{glob.escape(checkpoint_name)}/metrics.json")):
         try:
             metrics = check_metrics(safeio.read_json(path, "evaluation"), path)
         except (OSError, ValueError) as exc:  # said, not skipped silently: without it the output is raw
             note = note or f"{path}: unreadable ({_first_line(exc)}); its thresholds and calibration are not used"
             continue
-        if metrics.get("alignment") is not None:  # scored on another collection's store: not the run's operating points
-            continue
+        if metrics.get("alignment") is not None and not metrics.get("trained_on_store"):
+            continue  # scored on another collection's store: not the run's operating points
         stale = evaluation_status(path, metrics)
         if stale is not None:
             note = note or f"{path.parent}: {stale}; its thresholds and calibration are not used"
+            continue
+        if metrics.get("trained_on_store"):  # one store of a run on several: its findings' operating points
+            own = path.parent.name == f"eval-{metrics.get('split')}-{checkpoint_name}"  # the first store's
+            trained.append((not own, metrics))
             continue
         if label_names is not None and list(metrics["label_names"]) != list(label_names):
             raise CxrflowError(  # the same checkpoint's evaluation: its findings can only differ in a damaged file
@@ -132,7 +136,21 @@ def _evaluation_record(
                 path,
             )
         return metrics, None
-    return None, note
+    return (_merged([m for _, m in sorted(trained, key=lambda t: t[0])]), None) if trained else (None, note)
+
+
+def _merged(evaluations: Sequence[dict]) -> dict:
+    """The operating points of a run trained on several stores: each finding's threshold and
+    temperature from the first evaluation (its stores in the run's order) that scored it."""
+    out: dict = {"threshold": {}, "threshold_calibrated": {}, "calibration": {"temperature": {}, "logit_offset": {}}}
+    for metrics in evaluations:
+        for key in ("threshold", "threshold_calibrated"):
+            for name, value in (metrics.get(key) or {}).items():
+                out[key].setdefault(name, value)
+        for key in ("temperature", "logit_offset"):
+            for name, value in ((metrics.get("calibration") or {}).get(key) or {}).items():
+                out["calibration"][key].setdefault(name, value)
+    return out
 
 
 def _first_line(exc: Exception) -> str:

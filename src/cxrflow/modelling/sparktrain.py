@@ -364,7 +364,12 @@ def prepare(config: TrainConfig, launch: SparkLaunch) -> TrainConfig:
     config.store = os.path.abspath(os.path.expanduser(config.store))
     config.out = os.path.abspath(os.path.expanduser(config.out))
     config.device = launch.device
-    config.validate()
+    config.validate()  # several stores: absolute paths, the first is config.store
+    if config.multi_store:
+        from cxrflow.data.storeset import open_stores
+
+        open_stores(config.all_stores(), config.size)
+        return config
     manifest = read_manifest(config.store)
     for split in ("train", "val"):
         check_partition(manifest, config.store, config.size, split)

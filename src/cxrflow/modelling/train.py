@@ -19,29 +19,30 @@ the files (:mod:`cxrflow.modelling.distributed`). How each stage trains (paramet
 schedule, seeds) is :mod:`cxrflow.modelling.stages`, one epoch's optimisation steps
 :mod:`cxrflow.modelling.epoch`; this module runs the steps: plan the run from
 the store, build the model, restore a resumed run, then per stage and epoch train, validate and save.
+A run on several stores (``--store A --store B``) runs the same steps; its plan, mixed batches and
+per-collection validation are :mod:`cxrflow.modelling.multitrain`. The run folder's files are
+written by :mod:`cxrflow.modelling.runfolder`.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cxrflow import safeio
-from cxrflow.atomic import atomic_path, read_json_object, write_json_atomic, write_text_atomic
+from cxrflow.atomic import read_json_object, write_json_atomic
 from cxrflow.data.demographics import fusion_record
 from cxrflow.data.loader import make_loader
 from cxrflow.data.store import check_partition, pixel_stats, read_manifest, store_identity
+from cxrflow.data.storeset import StoreSet
 from cxrflow.data.uncertain import MaskedBCEWithLogits, policy_pos_weight
 from cxrflow.errors import CxrflowError
 from cxrflow.metrics import mean_auc, per_class_auc
@@ -58,8 +59,14 @@ from cxrflow.modelling.epoch import NonFiniteLoss, StepHook, train_one_epoch
 from cxrflow.modelling.fusion import init_from_store, param_groups
 from cxrflow.modelling.inference import predict_split, resolve_device
 from cxrflow.modelling.models import ChestClassifier, count_parameters, create_model, load_weights
+from cxrflow.modelling.multitrain import fit_fusion, mixed_loader, plan_stores, validate_stores
+from cxrflow.modelling.runfolder import load_checkpoint_file as _load
+from cxrflow.modelling.runfolder import plain as _plain
+from cxrflow.modelling.runfolder import prepare_run_folder as _prepare_run_folder
+from cxrflow.modelling.runfolder import save_checkpoint
+from cxrflow.modelling.runfolder import write_metrics as _write_metrics
 from cxrflow.modelling.stages import epoch_seed, make_optimizer, make_scheduler, set_trainable, warmup_cosine
-from cxrflow.outputs import claiming, read_marker, write_marker
+from cxrflow.outputs import claiming
 from cxrflow.progress import Progress
 from cxrflow.runs import recorded_paths
 from cxrflow.tracking import TrackingRequest, tracked_training
@@ -75,75 +82,12 @@ __all__ = [
     "warmup_cosine",
 ]
 
-#: Files a run writes; ``--overwrite`` removes exactly these.
-RUN_FILES = ("config.json", "metrics.jsonl", "best_kt.pt", "best_finetune.pt", "last.pt", "done.json", "mlflow.json")
-
 
 def _pos_weight(manifest: dict, k: int, store: Any) -> torch.Tensor:
     pw = manifest.get("pos_weight")
     if pw is None or len(pw) != k:
         raise CxrflowError(f"manifest pos_weight must have {k} values (one per finding)", store)
     return torch.tensor(pw, dtype=torch.float32)
-
-
-# --- checkpoints and the run folder ----------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save to a temporary file in the same folder, then rename into place.
-
-    Serialized in memory first: torch.save writing to a full disk raises a RuntimeError that does
-    not say why ("unexpected pos"), a plain write raises the OSError (no space left) it is."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(buffer.getbuffer())
-
-
-def _load(path: Path) -> dict:
-    try:
-        return torch.load(safeio.regular_file(path, "checkpoint"), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types; all mean a damaged file
-        raise CxrflowError(f"cannot read checkpoint: {str(exc).splitlines()[0]}", path) from None
-
-
-def _plain(value: float) -> float | None:
-    """A JSON- and weights_only-safe float: NaN/inf become None."""
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-def _prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, ctx: Dist) -> None:
-    """Refuse to clobber an existing run; with --overwrite remove only the files a run writes."""
-    existing = [p for p in out.iterdir()] if out.is_dir() else []
-    if out.exists() and not out.is_dir():
-        raise CxrflowError("the run folder path exists and is not a folder", out)
-    if existing and not (resume or overwrite):
-        raise CxrflowError("run folder already exists; pass --resume to continue it or --overwrite to start again", out)
-    barrier(ctx)  # every rank has checked before rank 0 changes anything
-    if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if read_marker(out, "train") is None:
-            write_marker(out, "train")
-        for stale in out.glob(".*.tmp"):
-            stale.unlink()
-        if overwrite and not resume:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-            # evaluations of the old checkpoints describe a model that no longer exists; only folders
-            # 'cxrflow evaluate' wrote (its marker, not a link) go: any other eval-* is left alone
-            for evaluation in out.glob("eval-*"):
-                if (
-                    evaluation.is_dir()
-                    and not evaluation.is_symlink()
-                    and read_marker(evaluation, "evaluate") is not None
-                ):
-                    shutil.rmtree(evaluation)
-    barrier(ctx)
-
-
-def _write_metrics(out: Path, history: list[dict]) -> None:
-    """Rewrite metrics.jsonl from the history (atomic; the history lives in last.pt too)."""
-    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -175,7 +119,7 @@ def train(
         overwrite=overwrite,
         resume=resume,
         create=False,
-        inputs=[config.store],
+        inputs=config.all_stores(),
         legacy=("config.json",),
         lock=ctx.main,
         how="pass --resume to continue it or --overwrite to start again",
@@ -219,6 +163,7 @@ class _Plan:
     train_rows: int
     stages: list[Stage]
     saved: dict
+    stores: StoreSet | None = None  # a run on several stores (cxrflow.modelling.multitrain)
 
 
 def _train(run: _Run, *, resume: bool, overwrite: bool) -> dict:
@@ -261,6 +206,8 @@ def _plan(run: _Run) -> _Plan:
     without the store, and the splits' identity lets evaluate refuse another dataset's store)."""
     config, ctx = run.config, run.ctx
     config.validate()
+    if config.multi_store:
+        return _multi_plan(run)
     manifest = read_manifest(config.store)
     label_names = list(manifest["label_names"])
     for split in ("train", "val"):
@@ -297,6 +244,26 @@ def _plan(run: _Run) -> _Plan:
     return _Plan(label_names, mean, std, masked, pos_weight, train_rows, stages, saved)
 
 
+def _multi_plan(run: _Run) -> _Plan:
+    """:func:`_plan` of a run on several stores (:func:`cxrflow.modelling.multitrain.plan_stores`)."""
+    config, ctx = run.config, run.ctx
+    found = plan_stores(config)
+    stages = config.stage_plan(found["train_rows"], ctx.world_size)
+    saved = {
+        **config.to_dict(),
+        **fusion_record(config.fusion),
+        "label_names": found["label_names"],
+        "stages": [vars(s) for s in stages],
+        "world_size": ctx.world_size,
+        "pixel_mean": found["mean"],
+        "pixel_std": found["std"],
+        **found["saved"],
+    }
+    pos_weight = torch.tensor(found["pos_weight"], dtype=torch.float32).to(ctx.device)
+    return _Plan(found["label_names"], found["mean"], found["std"], True, pos_weight, found["train_rows"], stages,
+                 saved, found["stores"])  # fmt: skip
+
+
 def _build_model(run: _Run, pretrained: str, resuming: bool) -> ChestClassifier:
     """The model on the run's device with its starting weights (a fused model's demographic term
     fitted on the training split, unless resumed or loaded), and the loss."""
@@ -312,7 +279,9 @@ def _build_model(run: _Run, pretrained: str, resuming: bool) -> ChestClassifier:
         run.info(f"weights {config.pretrained}: {note}")
     if model.fusion is not None and not resuming and "loaded fusion layers" not in getattr(model, "load_notes", []):
         run.info(
-            init_from_store(
+            fit_fusion(model, plan.stores, config, plan.pos_weight.tolist())
+            if plan.stores is not None
+            else init_from_store(
                 model,
                 config.store,
                 config.size,
@@ -415,6 +384,7 @@ def _run_epoch(run: _Run, current: _StageRun, epoch: int, *, first: bool) -> boo
         "images_per_second": images / max(train_seconds, 1e-9),
         "train_images": images,
         "val_images": val["val_images"],
+        **({"val_auc_by_store": val["val_auc_by_store"]} if "val_auc_by_store" in val else {}),
     }
     run.history.append(row)
     auc = row["val_auc_mean"] if row["val_auc_mean"] is not None else math.nan
@@ -433,7 +403,7 @@ def _run_epoch(run: _Run, current: _StageRun, epoch: int, *, first: bool) -> boo
     val_loss = "n/a" if row["val_loss"] is None else f"{row['val_loss']:.3f}"
     run.info(
         f"{current.stage.name} epoch {epoch}/{current.stage.epochs}: train loss {train_loss:.3f}, "
-        f"val loss {val_loss}, val AUC {_auc_text(row['val_auc_mean'])}{' (best)' if improved else ''}, "
+        f"val loss {val_loss}, val AUC {_auc_text(row['val_auc_mean'])}{_by_store(row)}{' (best)' if improved else ''}, "
         f"lr {lr:.3g}, {row['images_per_second']:.0f} img/s"
     )
     return stop_early
@@ -446,7 +416,8 @@ def _train_epoch(run: _Run, current: _StageRun, epoch: int) -> tuple[float, int,
     torch.manual_seed(seed)
     generator = torch.Generator(device=ctx.device).manual_seed(seed) if config.augment else None
     train_rows = run.plan.train_rows
-    loader = make_loader(
+    make = make_loader if run.plan.stores is None else partial(_mixed, run)
+    loader = make(
         config.store,
         config.size,
         "train",
@@ -503,6 +474,9 @@ def _train_epoch(run: _Run, current: _StageRun, epoch: int) -> tuple[float, int,
 def _validate(run: _Run, *, first: bool) -> dict:
     """Score the whole validation split: loss, mean AUC, AUC per finding, images."""
     config, ctx, names = run.config, run.ctx, run.plan.label_names
+    if run.plan.stores is not None:
+        return validate_stores(run.model, run.plan.stores, config, ctx, mean=run.plan.mean, std=run.plan.std,
+                               pos_weight=run.plan.pos_weight, note=run.info if first else None)  # fmt: skip
     val = predict_split(
         run.model,
         config.store,
@@ -525,6 +499,11 @@ def _validate(run: _Run, *, first: bool) -> dict:
         "val_auc": {n: _plain(a) for n, a in zip(names, aucs)},
         "val_images": len(val["image_id"]),
     }
+
+
+def _mixed(run: _Run, store: Any, size: int, split: str, *, epoch: int, drop_last: bool, **_: Any) -> Any:
+    """The train loader of a run on several stores, called like :func:`make_loader`."""
+    return mixed_loader(run.config, run.plan.stores, epoch=epoch, ctx=run.ctx, drop_last=drop_last)
 
 
 def _save_epoch(run: _Run, current: _StageRun, epoch: int, row: dict, *, improved: bool, finished: bool) -> None:
@@ -575,6 +554,14 @@ def _finish(run: _Run, seconds: float) -> dict:
 
 def _auc_text(auc: float | None) -> str:
     return "n/a" if auc is None or math.isnan(auc) else f"{auc:.3f}"
+
+
+def _by_store(row: dict) -> str:
+    """`` (nih 0.812, chexpert 0.774)``: each collection's val AUC of a run on several stores."""
+    stores = row.get("val_auc_by_store")
+    if not stores:
+        return ""
+    return " (" + ", ".join(f"{name} {_auc_text(s['mean'])}" for name, s in stores.items()) + ")"
 
 
 def _count(n: int, noun: str) -> str:

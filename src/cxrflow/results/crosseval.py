@@ -114,8 +114,12 @@ def score_with_run_calibration(evaluated: dict, validation: dict, names: Sequenc
 def _run_offsets(inference, k_idx: list[int]) -> np.ndarray | None:
     """The training loss's logit offsets from the run's own store, when it is readable."""
     from cxrflow.data.store import read_manifest
+    from cxrflow.modelling.calibration import pos_weight_offsets
     from cxrflow.results.evaluate import _logit_offsets
 
+    recorded = inference.config.get("pos_weight")  # a run on several stores records its loss's weights
+    if recorded is not None and len(recorded) == len(inference.label_names):
+        return pos_weight_offsets(recorded, len(recorded))[k_idx]
     try:
         manifest = read_manifest(inference.store)
     except CxrflowError:
@@ -250,7 +254,9 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, store: Path, mani
     evaluated = scored_splits[splits[0]] if len(splits) == 1 else _concat([scored_splits[s] for s in splits])
     validation = scored_splits.get("val") or (score("val") if _has(manifest, inference.size, "val") else evaluated)
     has_states = "uncertain_policies" in manifest
-    own = own_evaluation(run, name)
+    identity = store_identity(store, manifest, inference.size)
+    trained = identity in (inference.config.get("store_identities") or [])  # one of a multi-store run's own
+    own = None if trained else own_evaluation(run, name)
     if own is not None:
         scored = score_with_run_calibration(
             evaluated, validation, names, own[0], n_boot=n_boot, seed=seed, known=has_states
@@ -259,11 +265,12 @@ def _evaluate_into(pub, run: Path, name: str, ckpt_path: Path, store: Path, mani
     else:
         scored = score_with_calibration(evaluated, validation, names, logit_offsets=_run_offsets(inference, model_idx),
                                         n_boot=n_boot, seed=seed, known=has_states)  # fmt: skip
-        source = f"fitted on the val split of {store.name} (the run has no current evaluation of {name})"
+        why = "a store the run trained on" if trained else f"the run has no current evaluation of {name}"
+        source = f"fitted on the val split of {store.name} ({why})"
     metrics = {
         **Provenance.of(run, name, ckpt_path, inference.checkpoint, inference.sha256).record(),
         "fusion": inference.config.get("fusion", "none"), "size": inference.size, "split": split,
-        "store": str(store.resolve()), "store_identity": store_identity(store, manifest, inference.size),
+        "store": str(store.resolve()), "store_identity": identity, "trained_on_store": trained,
         "collections": {"model": _run_collection(inference), "store": collection_name(manifest, store)},
         **alignment.record(), "map": list(maps), "uncertain": uncertain if has_states else None,
         "model_label_names": list(inference.label_names), "threshold_source": source,
