@@ -5,7 +5,8 @@ Each subcommand is a module of :mod:`cxrflow.commands` with ``add_arguments(pars
 and those import the heavy libraries (torch, scikit-learn, pyspark) inside ``run``, so ``--help`` and
 a mistyped option answer at once.
 A :class:`~cxrflow.errors.CxrflowError` becomes one ``error: ...`` line and exit status 2; library
-warnings are shown after it, one line each; output piped into ``head`` stops quietly.
+warnings are shown after it, one line each; output piped into ``head`` stops quietly. Ctrl-C and
+SIGTERM unwind the command (every clean-up runs, Spark's JVM is ended) and exit 130 and 143.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     caught: list[warnings.WarningMessage] = []
     log = _OneLineLog()
     logging.root.addHandler(log)
+    previous = _on_sigterm(_terminate)
     try:
         with warnings.catch_warnings(record=True) as caught:
             code = int(args._run(args) or 0)
@@ -104,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         # the reader (``| head``) has what it wanted: stop quietly, with the status of a SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -114,8 +120,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {environment_error(exc, getattr(args, 'out', None))}", file=sys.stderr)
         return 2
     finally:
+        _on_sigterm(previous)
         logging.root.removeHandler(log)
         _show_warnings(caught)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every ``finally`` runs: a Spark session's
+    JVM is ended and partial outputs are removed, as on Ctrl-C (by default SIGTERM ends Python at once)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM and return the one it replaces (None outside the main thread)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (a sweep's runs, tests): the main thread's handler stands
+        return None
 
 
 class _OneLineLog(logging.Handler):
