@@ -16,6 +16,7 @@ Processes are found from ``/proc`` (Linux); elsewhere only the JVM's own process
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -122,13 +123,24 @@ def launch_gateway(settings: Mapping[str, str]) -> Any:
         raise
 
 
+@contextlib.contextmanager
+def _no_logging():
+    """No log records while the JVM is taken down on purpose (py4j reports every broken connection)."""
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
 def end_gateway(gateway: Any, grace: float = STOP_GRACE) -> None:
     """End the gateway's JVM and every process it started (executors, Python workers), bounded in time."""
     proc = getattr(gateway, "proc", None)
     if proc is None:  # a JVM this process did not start (PYSPARK_GATEWAY_PORT)
         return
     tree = descendants(proc.pid) | {proc.pid}
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception), _no_logging():  # py4j logs each connection it loses on the way
         gateway.shutdown()
     try:
         with contextlib.suppress(OSError, ValueError):
