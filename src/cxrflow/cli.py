@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     except CxrflowError as exc:
         print(f"error: {printable(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
     except Terminated:
         print("error: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # the reader (``| head``) has what it wanted: stop quietly, with the status of a SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         _show_warnings(caught)
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every ``finally`` runs: a Spark session's
-    JVM is ended and partial outputs are removed, as on Ctrl-C (by default SIGTERM ends Python at once)."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as a kind of Ctrl-C's KeyboardInterrupt so that every ``finally`` runs and every
+    library cleans up as on Ctrl-C (py4j closes the connection it was using): a Spark session's JVM is
+    ended and partial outputs are removed (by default SIGTERM ends Python at once)."""
 
 
 def _terminate(signum, frame) -> None:

@@ -6,6 +6,7 @@ work as printed."""
 import json
 import shlex
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -43,7 +44,7 @@ def original(tmp_path_factory, one_torch_thread):
     runs = [_train(tmp_path, store, "a", seed=0), _train(tmp_path, store, "b", seed=1)]
     for run in runs:
         evaluate_run(run, n_boot=20)
-    ens = build_ensemble(runs, tmp_path / "ens", method="mean", n_boot=20)["out"]
+    ens = Path(build_ensemble(runs, tmp_path / "ens", method="mean", n_boot=20)["out"])
     row = pq.read_table(next((store / "size=32" / "split=test").glob("*.parquet"))).slice(0, 1).to_pylist()[0]
     png = tmp_path / "x.png"
     Image.fromarray(np.frombuffer(row["pixels"], np.uint8).reshape(32, 32), "L").save(png)

@@ -415,6 +415,9 @@ def stop_spark(spark: Any, *, end_jvm: bool) -> None:
     (for the JVM a command started itself, not a notebook's or a test session's)."""
     try:
         spark.stop()
+    except Exception:
+        if not end_jvm:
+            raise  # with end_jvm, the JVM is ended next: a stop that failed (an interrupted call) leaves nothing
     finally:
         if end_jvm:
             _end_jvm()
