@@ -117,8 +117,10 @@ def test_interrupted_etl_leaves_no_process(release, tmp_path, phase, sig, code, 
 @pytest.mark.parametrize("bad", ["unreachable", "oversized"])
 def test_bad_master_is_one_line_at_once(tmp_path, refused_port, command, bad):
     from cxrflow.data.synth import synthesize
+    from cxrflow.testing.synthstore import write_synthetic_store
 
     synthesize(tmp_path / "data", patients=4, size=64, seed=0)
+    write_synthetic_store(tmp_path / "store", sizes=(64,), rows={"train": 8, "val": 4, "test": 4})
     master = f"spark://127.0.0.1:{refused_port}" if bad == "unreachable" else "local-cluster[64,1,1024]"
     tag = f"cxrflow-test-{uuid.uuid4().hex}"
     started = time.monotonic()

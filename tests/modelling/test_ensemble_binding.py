@@ -76,8 +76,9 @@ def _uses(tmp, ens, png):
     }
 
 
-def _replace(run, donor):
-    shutil.copyfile(donor / "best_finetune.pt", run / "best_finetune.pt")
+def _replace(run):
+    """The member's best checkpoint replaced by another of its own (as a retraining would)."""
+    shutil.copyfile(run / "best_kt.pt", run / "best_finetune.pt")
 
 
 def _drop_hash(run, donor, ens):
@@ -102,7 +103,7 @@ def test_a_changed_member_is_refused_by_every_use(built, capsys, change, expecte
     if change == "hash not recorded":
         _drop_hash(b, a, ens)
     else:
-        _replace(b, a)
+        _replace(b)
         if change == "replaced and evaluated again":  # the member's own evaluation is current again
             evaluate_run(b, n_boot=20, overwrite=True)
     status = evaluation_status(ens / METRICS_NAME)

@@ -103,7 +103,9 @@ def test_the_decoder_raises_one_image_error_and_logs_nothing(tmp_path, caplog, r
 
     make, reason = FAILING[damage]
     make(tmp_path / "x.dcm")
-    with pytest.raises(ImageError, match="") as info:
+    recwarn.clear()  # what pydicom said while the damaged file was written
+    caplog.clear()
+    with pytest.raises(ImageError) as info:
         load_gray(tmp_path / "x.dcm")
     assert reason in str(info.value)
     assert not caplog.records and not recwarn.list
