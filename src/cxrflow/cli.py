@@ -101,28 +101,49 @@ def main(argv: list[str] | None = None) -> int:
             code = int(args._run(args) or 0)
             sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
         return code
-    except CxrflowError as exc:
-        print(f"error: {printable(exc)}", file=sys.stderr)
-        return 2
-    except Terminated:
-        print("error: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # the reader (``| head``) has what it wanted: stop quietly, with the status of a SIGPIPE
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + 13
-    except OSError as exc:  # after BrokenPipeError, which is one too
-        if exc.errno not in ENVIRONMENT_ERRNOS and exc.filename is None:  # an OSError of a path is the user's
+    except BaseException as exc:
+        code = _failure(exc, getattr(args, "out", None))
+        if code is None:  # a bug: a traceback
             raise
-        print(f"error: {environment_error(exc, getattr(args, 'out', None))}", file=sys.stderr)
-        return 2
+        return code
     finally:
         _on_sigterm(previous)
         logging.root.removeHandler(log)
         _show_warnings(caught)
+
+
+def _failure(exc: BaseException, out: str | None) -> int | None:
+    """The exit status of a command that raised ``exc``, after its one line on stderr; None for a bug.
+
+    An interrupt comes first, also when a library's clean-up failed while it unwound (py4j's calls
+    after Ctrl-C): the interrupt is the cause, the clean-up's error its consequence.
+    """
+    interrupt = _interrupt_behind(exc)
+    if interrupt is not None:
+        terminated = isinstance(interrupt, Terminated)
+        print("error: terminated" if terminated else "error: interrupted", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
+    if isinstance(exc, CxrflowError):
+        print(f"error: {printable(exc)}", file=sys.stderr)
+        return 2
+    if isinstance(exc, BrokenPipeError):
+        # the reader (``| head``) has what it wanted: stop quietly, with the status of a SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+    if isinstance(exc, OSError) and (exc.errno in ENVIRONMENT_ERRNOS or exc.filename is not None):
+        print(f"error: {environment_error(exc, out)}", file=sys.stderr)  # an OSError of a path is the user's
+        return 2
+    return None
+
+
+def _interrupt_behind(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """``exc`` if it is Ctrl-C or SIGTERM, else the one it was raised while handling (if any)."""
+    seen = 0
+    while exc is not None and seen < 50:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 class Terminated(KeyboardInterrupt):
