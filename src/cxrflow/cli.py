@@ -169,14 +169,15 @@ def _on_sigterm(handler):
 class _OneLineLog(logging.Handler):
     """Library records on the root logger, one line each and never a traceback (without a handler
     there, ``logging.exception`` in py4j printed one when Ctrl-C reached a Spark call). An
-    interrupt's own record is dropped: the CLI says "interrupted" once."""
+    interrupt's own records (and those of clean-ups failing because of it) are dropped: the CLI says
+    "interrupted" once."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
-            return
+        if record.exc_info and _interrupt_behind(record.exc_info[1]) is not None:
+            return  # an interrupt's record, or one of a clean-up that failed while it unwound
         try:
             text = (record.getMessage().strip().splitlines() or [""])[0]
             # led by the logger's name: a library's "error" is never mistaken for cxrflow's one error line
