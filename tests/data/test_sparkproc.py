@@ -184,3 +184,29 @@ def test_a_process_ignoring_sigterm_is_killed():
     finally:
         stubborn.kill()
         stubborn.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_executors_that_never_register_end_in_one_line_after_the_wait(tmp_path):
+    from spark_standalone import loopback_cluster
+
+    script = (
+        "import sys\n"
+        "from cxrflow.data.spark import spark_session\n"
+        "from cxrflow.errors import CxrflowError\n"
+        "try:\n"
+        "    with spark_session(sys.argv[1], 'no-workers', executor_wait=3):\n"
+        "        pass\n"
+        "except CxrflowError as exc:\n"
+        "    print(exc)\n"
+    )
+    tag = f"cxrflow-test-{uuid.uuid4().hex}"
+    with loopback_cluster(tmp_path / "cluster", workers=0) as cluster:  # a master no worker ever joins
+        done = subprocess.run(
+            [sys.executable, "-c", script, cluster.url], capture_output=True, text=True, timeout=180,
+            env={**os.environ, "PYTHONPATH": SRC, "CXRFLOW_TEST_TAG": tag},
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"no Spark executor registered with the master {cluster.url} within 3 s" in done.stdout
+    assert _wait_for(lambda: not _tagged(tag), 5), f"left running: {_tagged(tag)}"
