@@ -5,7 +5,8 @@ Each subcommand is a module of :mod:`cxrflow.commands` with ``add_arguments(pars
 and those import the heavy libraries (torch, scikit-learn, pyspark) inside ``run``, so ``--help`` and
 a mistyped option answer at once.
 A :class:`~cxrflow.errors.CxrflowError` becomes one ``error: ...`` line and exit status 2; library
-warnings are shown after it, one line each; output piped into ``head`` stops quietly.
+warnings are shown after it, one line each; output piped into ``head`` stops quietly. Ctrl-C and
+SIGTERM unwind the command (every clean-up runs, Spark's JVM is ended) and exit 130 and 143.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -93,42 +95,89 @@ def main(argv: list[str] | None = None) -> int:
     caught: list[warnings.WarningMessage] = []
     log = _OneLineLog()
     logging.root.addHandler(log)
+    previous = _on_sigterm(_terminate)
     try:
         with warnings.catch_warnings(record=True) as caught:
             code = int(args._run(args) or 0)
             sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
         return code
-    except CxrflowError as exc:
+    except BaseException as exc:
+        code = _failure(exc, getattr(args, "out", None))
+        if code is None:  # a bug: a traceback
+            raise
+        return code
+    finally:
+        _on_sigterm(previous)
+        logging.root.removeHandler(log)
+        _show_warnings(caught)
+
+
+def _failure(exc: BaseException, out: str | None) -> int | None:
+    """The exit status of a command that raised ``exc``, after its one line on stderr; None for a bug.
+
+    An interrupt comes first, also when a library's clean-up failed while it unwound (py4j's calls
+    after Ctrl-C): the interrupt is the cause, the clean-up's error its consequence.
+    """
+    interrupt = _interrupt_behind(exc)
+    if interrupt is not None:
+        terminated = isinstance(interrupt, Terminated)
+        print("error: terminated" if terminated else "error: interrupted", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
+    if isinstance(exc, CxrflowError):
         print(f"error: {printable(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
+    if isinstance(exc, BrokenPipeError):
         # the reader (``| head``) has what it wanted: stop quietly, with the status of a SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
-    except OSError as exc:  # after BrokenPipeError, which is one too
-        if exc.errno not in ENVIRONMENT_ERRNOS and exc.filename is None:  # an OSError of a path is the user's
-            raise
-        print(f"error: {environment_error(exc, getattr(args, 'out', None))}", file=sys.stderr)
+    if isinstance(exc, OSError) and (exc.errno in ENVIRONMENT_ERRNOS or exc.filename is not None):
+        print(f"error: {environment_error(exc, out)}", file=sys.stderr)  # an OSError of a path is the user's
         return 2
-    finally:
-        logging.root.removeHandler(log)
-        _show_warnings(caught)
+    return None
+
+
+def _interrupt_behind(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """``exc`` if it is Ctrl-C or SIGTERM, else the one it was raised while handling (if any)."""
+    seen = 0
+    while exc is not None and seen < 50:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as a kind of Ctrl-C's KeyboardInterrupt so that every ``finally`` runs and every
+    library cleans up as on Ctrl-C (py4j closes the connection it was using): a Spark session's JVM is
+    ended and partial outputs are removed (by default SIGTERM ends Python at once)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM and return the one it replaces (None outside the main thread)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (a sweep's runs, tests): the main thread's handler stands
+        return None
 
 
 class _OneLineLog(logging.Handler):
     """Library records on the root logger, one line each and never a traceback (without a handler
     there, ``logging.exception`` in py4j printed one when Ctrl-C reached a Spark call). An
-    interrupt's own record is dropped: the CLI says "interrupted" once."""
+    interrupt's own records (and those of clean-ups failing because of it) are dropped: the CLI says
+    "interrupted" once."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
-            return
+        if record.exc_info and _interrupt_behind(record.exc_info[1]) is not None:
+            return  # an interrupt's record, or one of a clean-up that failed while it unwound
         try:
             text = (record.getMessage().strip().splitlines() or [""])[0]
             # led by the logger's name: a library's "error" is never mistaken for cxrflow's one error line

@@ -9,7 +9,8 @@ evaluations in ``RUN/eval-<split>-<checkpoint>/`` (``metrics.json``, ``predictio
 - :func:`resolve_checkpoint`: ``best_finetune`` / ``best_kt`` / ``last`` / a path to (name, file).
 - :class:`Provenance`: the record every output keeps of the checkpoint it scored (with its hash).
 - :func:`evaluation_status` / :func:`checkpoint_status`: the one check every consumer of an
-  evaluation or localization makes before using it (the checkpoint's bytes must be unchanged).
+  evaluation or localization makes before using it (the checkpoint's bytes must be unchanged);
+  :func:`ensemble_status` does it for an ensemble, member by member.
 - :func:`check_metrics`, :func:`read_epoch_records`, :func:`predictions_table`,
   :func:`read_predictions`: the files' shapes, read and written in one place.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from shlex import quote
@@ -195,16 +197,7 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
     except CxrflowError as exc:
         return f"{exc.message}; run 'cxrflow evaluate' (or 'cxrflow ensemble') again"
     if metrics.get("kind") == "ensemble":
-        for member in metrics["members"]:
-            member_metrics = member_evaluation(metrics_path, metrics, member) / METRICS_NAME
-            reason = evaluation_status(member_metrics)
-            if reason is None and safeio.read_json(member_metrics, "evaluation").get("checkpoint_sha256") != member.get(
-                "checkpoint_sha256"
-            ):
-                reason = "a member was evaluated again with another checkpoint"
-            if reason is not None:
-                return f"ensemble member {member.get('run')}: {reason}; build the ensemble again"
-        return None
+        return ensemble_status(metrics_path, metrics)
     name = metrics.get("checkpoint", "?")
     run = evaluation_run(metrics_path, metrics)  # the run as it is now, so the command works as printed
     folder = Path(os.path.abspath(metrics_path)).parent
@@ -220,6 +213,56 @@ def evaluation_status(metrics_path: str | os.PathLike, metrics: dict | None = No
             "" if folder.name.startswith("eval-") else f" --out {quote(str(folder))}")  # fmt: skip
     again = f"run 'cxrflow evaluate --run {quote(str(run))} --checkpoint {name}{out} --overwrite' again"
     return checkpoint_status(metrics_path, metrics, "evaluation", again)
+
+
+def ensemble_status(metrics_path: str | os.PathLike, metrics: dict) -> str | None:
+    """None when every member of the ensemble at ``metrics_path`` still holds the checkpoint the
+    ensemble was built from (its ``checkpoint_sha256``, recorded per member) and that checkpoint's
+    evaluation is current; else one line naming the member and the commands that make it whole again.
+    Every use of an ensemble (report, predict, export) calls this, through :func:`evaluation_status`."""
+    members = metrics["members"]
+    evals = [member_evaluation(metrics_path, metrics, m) for m in members]  # as they are now (moved together)
+    rebuild = shlex.join(
+        ["cxrflow", "ensemble", *(str(e) for e in evals), "--out", str(Path(metrics_path).parent)]
+        + ["--method", str(metrics.get("method", "mean")), "--overwrite"]
+    )
+    for member, member_eval in zip(members, evals):
+        who = f"ensemble member {member.get('run')} ({member.get('checkpoint')})"
+        recorded = member.get("checkpoint_sha256")
+        if not (isinstance(recorded, str) and len(recorded) == 64):
+            return f"{who}: the ensemble does not record which checkpoint it was built from; rebuild it: {rebuild}"
+        member_path = member_eval / METRICS_NAME
+        try:
+            evaluation = safeio.read_json(member_path, "evaluation")
+        except (OSError, ValueError, RecursionError) as exc:
+            return (
+                f"{who}: its evaluation {member_path} is unreadable ({exc}); evaluate it again and rebuild: {rebuild}"
+            )
+        checkpoint = evaluation_checkpoint(member_path, evaluation)
+        evaluate = shlex.join(
+            [
+                "cxrflow",
+                "evaluate",
+                "--run",
+                str(evaluation_run(member_path, evaluation)),
+                "--checkpoint",
+                str(member.get("checkpoint") or checkpoint),
+            ]
+            + ["--overwrite"]
+        )
+        if not checkpoint.is_file():
+            return f"{who}: its checkpoint {checkpoint} is gone; the ensemble cannot be used without it"
+        if file_sha256(checkpoint) != recorded:
+            return (
+                f"{who}: {checkpoint.name} changed since the ensemble was built (replaced, retrained or resumed); "
+                f"evaluate it again ({evaluate}), then rebuild the ensemble: {rebuild}"
+            )
+        reason = evaluation_status(member_path, evaluation)
+        if reason is None and evaluation.get("checkpoint_sha256") != recorded:
+            reason = "its evaluation scored another checkpoint than the ensemble was built from"
+        if reason is not None:
+            return f"{who}: {reason}; then rebuild the ensemble: {rebuild}"
+    return None
 
 
 def checkpoint_status(path: str | os.PathLike, record: dict, what: str, again: str) -> str | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from cxrflow import options
 from cxrflow.data.etl import COMPRESSIONS, DECODE_THREADS
 from cxrflow.data.formats import add_format_arguments
+from cxrflow.names import printable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         views=args.views,
         split_csv=args.split_csv,
     )
-    print(f"wrote {args.out}")
+    print(printable(f"wrote {args.out}"))
     print(format_manifest(manifest))
     say_left_out(manifest.get("notes"))
     return 0

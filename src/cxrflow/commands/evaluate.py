@@ -7,6 +7,7 @@ import argparse
 from cxrflow import options
 from cxrflow.commands.common import checked_device, must_exist
 from cxrflow.errors import CxrflowError
+from cxrflow.names import printable
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_evaluation, request_from_args
 
@@ -122,7 +123,10 @@ def _show(metrics: dict, tracking) -> None:
     if "audit" in metrics:
         print(format_audit(metrics["audit"]))
     print(
-        f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, {', '.join(metrics['figures'])})"
+        printable(
+            f"wrote {metrics['out']}/ ({METRICS_NAME}, {PREDICTIONS_NAME}, {VAL_PREDICTIONS_NAME}, "
+            f"{', '.join(metrics['figures'])})"
+        )
     )
 
 

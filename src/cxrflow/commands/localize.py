@@ -8,6 +8,7 @@ import sys
 from cxrflow import options
 from cxrflow.commands.common import checked_device, must_exist
 from cxrflow.data.boxes import MAX_BOXES
+from cxrflow.names import printable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     if result["findings_without_boxes"]:
         print(
-            f"no boxes in the {result['split']} split for: {', '.join(result['findings_without_boxes'])} (accuracy n/a)"
+            printable(
+                f"no boxes in the {result['split']} split for: {', '.join(result['findings_without_boxes'])} "
+                "(accuracy n/a)"
+            )
         )
     if result["unscored"]:
         reasons = pd.Series([u["kind"] for u in result["unscored"]]).value_counts()
@@ -65,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
             + f"), listed in {JSON_NAME}",
             file=sys.stderr,
         )
-    print(f"wrote {result['out']}/ ({JSON_NAME}, {BOXES_CSV}, {', '.join(result['figures'])})")
+    print(printable(f"wrote {result['out']}/ ({JSON_NAME}, {BOXES_CSV}, {', '.join(result['figures'])})"))
     return 0

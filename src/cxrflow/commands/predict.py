@@ -155,7 +155,9 @@ def format_calls(predictions: Sequence[dict], label_names: Sequence[str], thresh
     ends with the findings called; without, the headings are the finding names alone."""
     if not predictions:
         return ""
-    names = [n if thresholds is None or n not in thresholds else f"{n}>={thresholds[n]:.3f}" for n in label_names]
+    names = [
+        printable(n if thresholds is None or n not in thresholds else f"{n}>={thresholds[n]:.3f}") for n in label_names
+    ]
     width = max(len("image"), *(len(printable(r["image"])) for r in predictions))
     cols = [max(len(n), 5) for n in names]
     header = f"{'image':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, cols))
@@ -164,7 +166,9 @@ def format_calls(predictions: Sequence[dict], label_names: Sequence[str], thresh
         p = r["probabilities"]
         line = f"{printable(r['image']):<{width}}  " + "  ".join(f"{p[n]:>{w}.3f}" for n, w in zip(label_names, cols))
         if thresholds is not None:
-            line += "  " + (", ".join(n for n in label_names if n in thresholds and p[n] >= thresholds[n]) or "none")
+            line += "  " + printable(
+                ", ".join(n for n in label_names if n in thresholds and p[n] >= thresholds[n]) or "none"
+            )
         lines.append(line)
     return "\n".join(lines)
 

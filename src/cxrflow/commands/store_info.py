@@ -7,6 +7,7 @@ import json
 import sys
 
 from cxrflow.errors import CxrflowError
+from cxrflow.names import printable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,11 +29,11 @@ def run(args: argparse.Namespace) -> int:
     for folder in leftovers(args.store):
         fate = (f"the next 'cxrflow etl --out {args.store}' removes it" if read_marker(folder, "etl") is not None
                 else "it carries no cxrflow etl marker, so cxrflow leaves it to you")  # fmt: skip
-        print(f"leftover of a killed run: {folder} ({fate})", file=sys.stderr)
+        print(printable(f"leftover of a killed run: {folder} ({fate})"), file=sys.stderr)
     if args.verify:
         problems, files, rows = verify_store(args.store, manifest)
         for problem in problems:
-            print(f"verify: {problem}", file=sys.stderr)
+            print(printable(f"verify: {problem}"), file=sys.stderr)
         if problems:
             raise CxrflowError(f"store verification failed: {len(problems)} problem(s) (listed above)", args.store)
         print(f"verify: OK, {files} files, {rows} rows, as the manifest says")

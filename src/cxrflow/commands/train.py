@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrflow.atomic import read_json_object
-from cxrflow.data.spark import check_master
+from cxrflow.data.spark import check_local_cluster, check_master
 from cxrflow.errors import CxrflowError
 from cxrflow.modelling.config import PRESETS, TrainConfig, config_from_dict, option_fields, resolve_config
 from cxrflow.modelling.sparktrain import SparkLaunch
@@ -333,6 +333,9 @@ def launch_from_args(args: argparse.Namespace) -> SparkLaunch | None:
         conf[key.strip()] = value.strip()
     if not 0 < args.spark_wait < math.inf:
         raise CxrflowError(f"--spark-wait must be a positive number of seconds, got {args.spark_wait}")
+    check_local_cluster(
+        master, conf.get("spark.executor.memory")
+    )  # at once; a spark:// master is tried before the JVM starts
     return SparkLaunch(master, processes, bool(args.gpu), conf, float(args.spark_wait))
 
 

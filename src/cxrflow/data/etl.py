@@ -24,6 +24,7 @@ stops at once with one line naming the holder.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import math
@@ -345,7 +346,7 @@ def _check_etl_args(
 ) -> tuple[list[int], str]:
     """:func:`run_etl`'s options checked before anything is read; returns the parsed sizes and the
     checked master (unchanged when an existing ``spark`` session is used)."""
-    from cxrflow.data.spark import check_master, check_memory
+    from cxrflow.data.spark import check_local_cluster, check_master, check_memory, check_reachable
 
     sizes = parse_sizes(sizes) if isinstance(sizes, str) else parse_sizes(list(sizes))
     if compression not in COMPRESSIONS:
@@ -359,7 +360,8 @@ def _check_etl_args(
     if spark is None:
         master = check_master(master)
         check_memory(driver_memory, "--driver-memory")
-        check_memory(executor_memory, "--executor-memory")
+        check_local_cluster(master, check_memory(executor_memory, "--executor-memory"))
+        check_reachable(master)
     return sizes, master
 
 
@@ -552,13 +554,15 @@ def _run_spark_job(
     """Write the tasks' files into ``pub.tmp`` with one Spark job (on ``spark``, or on a session
     started on ``master`` and stopped after); returns the tasks' summaries, the job's seconds and
     the master it ran on."""
-    from cxrflow.data.spark import build_spark
+    from cxrflow.data.spark import spark_session
 
     own_spark = spark is None
-    try:
-        if own_spark:
-            spark = build_spark(
-                master, "cxrflow etl", driver_memory=driver_memory, executor_memory=executor_memory, verbose=verbose
+    with contextlib.ExitStack() as stack:
+        if own_spark:  # stopped at the end, its JVM ended, however the job ends (Ctrl-C included)
+            spark = stack.enter_context(
+                spark_session(
+                    master, "cxrflow etl", driver_memory=driver_memory, executor_memory=executor_memory, verbose=verbose
+                )
             )
         sc = spark.sparkContext
         job_started = time.perf_counter()
@@ -586,7 +590,4 @@ def _run_spark_job(
             except Exception as exc:
                 raise (_environment_failure(exc, pub.out) or exc) from None
         job_seconds = time.perf_counter() - job_started
-    finally:
-        if own_spark and spark is not None:
-            spark.stop()
     return summaries, job_seconds, master if own_spark else spark.sparkContext.master

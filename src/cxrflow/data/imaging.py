@@ -59,7 +59,7 @@ import numpy as np
 from PIL import Image
 
 from cxrflow.data.formats.dicom import decode_dicom, is_dicom
-from cxrflow.data.imagecheck import ImageError, check_pixel_budget
+from cxrflow.data.imagecheck import ImageError, check_pixel_budget, library_messages
 from cxrflow.safeio import IMAGE_BYTES, check_size
 
 #: Pillow resampling filter and reducing gap used for every resize (see the module docstring).
@@ -193,6 +193,7 @@ def _load(im: Image.Image, where: str | None, draft_size: int | None = None) -> 
         raise ImageError(f"cannot decode: {_describe(exc)}", where) from None
 
 
+@library_messages()
 def load_gray(source: Source) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode a file path or encoded bytes to an 8-bit gray HxW array and (width, height).
 
@@ -234,6 +235,7 @@ def _resize_square(im: Image.Image, size: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)  # Pillow hands numpy a fresh copy of its pixels
 
 
+@library_messages()
 def load_and_resize(source: Source, sizes: Iterable[int]) -> tuple[dict[int, np.ndarray], tuple[int, int]]:
     """Decode once and resize to every size: ({size: uint8 [size, size]}, (orig_width, orig_height)).
 

@@ -44,6 +44,7 @@ from cxrflow.data.manifest import (  # noqa: F401 - the store's manifest, read w
 )
 from cxrflow.errors import CxrflowError
 from cxrflow.identity import split_identity
+from cxrflow.names import printable
 
 SCHEMA = pa.schema(
     [
@@ -155,9 +156,9 @@ def format_manifest(manifest: dict) -> str:
     pos = manifest.get("positives", {})
     if names and pw:
         lines.append("train positives / pos_weight:")
-        wide = max([20, *map(len, names)])
+        wide = max([20, *(len(printable(n)) for n in names)])
         for n, w in zip(names, pw):
-            lines.append(f"  {n:<{wide}} {pos.get(n, '?'):>7}  {w:8.2f}")
+            lines.append(f"  {printable(n):<{wide}} {pos.get(n, '?'):>7}  {w:8.2f}")
     counts = manifest.get("label_counts", {})
     if counts and "uncertain_policies" in manifest:
         lines.append(
@@ -167,7 +168,7 @@ def format_manifest(manifest: dict) -> str:
         for n in names:
             c = counts.get(n, {})
             lines.append(
-                f"  {n:<26} {c.get('positive', 0):>7} {c.get('negative', 0):>7} "
+                f"  {printable(n):<26} {c.get('positive', 0):>7} {c.get('negative', 0):>7} "
                 f"{c.get('uncertain', 0):>7} {c.get('unknown', 0):>7}"
             )
     if manifest.get("split"):
@@ -191,7 +192,7 @@ def format_manifest(manifest: dict) -> str:
             f"parquet: {parquet.get('compression')} compression, {parquet.get('rows_per_file')} images per file, "
             f"rows per row group {_per_size(parquet.get('row_group_rows'))}"
         )
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # a manifest's names and paths are data: never terminal controls
 
 
 def _per_size(value: object) -> str:

@@ -403,6 +403,9 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
         raise CxrflowError(
             "an evaluation folder, not a run or ensemble: give --run the run folder it belongs to", folder
         )
+    stale = evaluation_status(folder / METRICS_NAME, metrics)  # every member's checkpoint, by its recorded hash
+    if stale is not None:
+        raise CxrflowError(stale, folder)
     names = list(metrics["label_names"])
     members, member_calibrations = [], []
     for entry in metrics["members"]:
@@ -416,7 +419,7 @@ def load_ensemble_predictor(folder: str | os.PathLike, *, device: str = "cpu", r
         predictor = load_run_predictor(
             evaluation_run(member, evaluation), checkpoint or evaluation["checkpoint_path"], device=device, raw=True
         )
-        if entry.get("checkpoint_sha256") and file_sha256(predictor.checkpoint) != entry["checkpoint_sha256"]:
+        if file_sha256(predictor.checkpoint) != entry["checkpoint_sha256"]:  # replaced in the meantime
             raise CxrflowError(
                 "a member's checkpoint changed since the ensemble was built; rebuild the ensemble", predictor.checkpoint
             )

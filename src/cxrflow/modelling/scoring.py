@@ -18,6 +18,7 @@ import numpy as np
 
 from cxrflow.metrics import json_number, summarize, youden_threshold
 from cxrflow.modelling.calibration import apply_temperatures, calibration_report, fit_temperatures
+from cxrflow.names import printable
 from cxrflow.operating import operating_report
 from cxrflow.runs import PREDICTIONS_NAME, RELIABILITY_NAME, VAL_PREDICTIONS_NAME, predictions_table
 
@@ -119,7 +120,7 @@ def format_summary(metrics: dict) -> str:
     ci = metrics.get("mean_auc_ci95")
     ci_text = f" (95% CI {ci[0]:.4f}-{ci[1]:.4f}, patient bootstrap)" if ci else ""
     mean = metrics.get("mean_auc")
-    wide = max([20, *map(len, metrics["label_names"])])  # CheXpert's "Enlarged Cardiomediastinum" is 26
+    wide = max([20, *(len(printable(n)) for n in metrics["label_names"])])  # "Enlarged Cardiomediastinum" is 26
     lines = [
         (
             f"{metrics.get('model')} {metrics.get('size')}px {metrics.get('checkpoint')} on {metrics.get('split')}: "
@@ -135,7 +136,7 @@ def format_summary(metrics: dict) -> str:
     for n in metrics["label_names"]:
         c = metrics["auc_ci95"].get(n)
         lines.append(
-            f"{n:<{wide}} {metrics['positives'][n]:>6} {f(metrics['auc'][n]):>7}  "
+            f"{printable(n):<{wide}} {metrics['positives'][n]:>6} {f(metrics['auc'][n]):>7}  "
             f"{(f'{c[0]:.3f}-{c[1]:.3f}' if c else 'n/a'):<15} {f(metrics.get('threshold', {}).get(n)):>7} "
             f"{f(metrics.get('sensitivity', {}).get(n)):>6} {f(metrics.get('specificity', {}).get(n)):>6}"
         )
@@ -147,4 +148,4 @@ def format_summary(metrics: dict) -> str:
             f"calibration (temperature per finding, fitted on {cal['fitted_on']}): mean ECE {cal['ece_mean']['before']:.4f} -> "
             f"{cal['ece_mean']['after']:.4f}, mean Brier {cal['brier_mean']['before']:.4f} -> {cal['brier_mean']['after']:.4f}"
         )
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # names and folders are data: never terminal controls

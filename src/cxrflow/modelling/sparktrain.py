@@ -26,7 +26,6 @@ import glob
 import logging
 import os
 import re
-import socket
 import sys
 import time
 import uuid
@@ -64,21 +63,6 @@ class SparkLaunch:
 
 
 # --- checks before the job ---------------------------------------------------------------------------
-
-
-def check_reachable(master: str, timeout: float = 5.0) -> None:
-    """For ``spark://`` masters: one of the listed masters accepts a TCP connection."""
-    if not master.startswith("spark://"):
-        return
-    problems = []
-    for hostport in master[len("spark://") :].split(","):
-        host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "7077")
-        try:
-            socket.create_connection((host, int(port)), timeout=timeout).close()
-            return
-        except (OSError, ValueError) as exc:
-            problems.append(f"{host}:{port} ({getattr(exc, 'strerror', None) or exc})")
-    raise CxrflowError(f"cannot reach the Spark master {master}: {'; '.join(problems)}; is it running at that address?")
 
 
 def session_conf(launch: SparkLaunch) -> dict[str, str]:
@@ -379,21 +363,19 @@ def prepare(config: TrainConfig, launch: SparkLaunch) -> TrainConfig:
 @contextlib.contextmanager
 def cluster_session(launch: SparkLaunch, app_name: str = "cxrflow-train") -> Iterator[Any]:
     """A Spark session on the launch's master, checked to have the slots (and GPUs) it needs."""
-    from cxrflow.data.spark import build_spark
+    from cxrflow.data.spark import spark_session
 
-    check_reachable(launch.master)
-    spark = build_spark(launch.master, app_name, conf=session_conf(launch))
-    if spark.sparkContext.master != launch.master:  # getOrCreate handed back this process's other session
-        raise CxrflowError(
-            f"a Spark session on {spark.sparkContext.master} is already running in this process; "
-            f"stop it to train on {launch.master}"
-        )
-    try:
+    with spark_session(
+        launch.master, app_name, conf=session_conf(launch), executor_wait=launch.wait_seconds
+    ) as spark:  # its JVM, executors and workers end with it, however the command ends
+        if spark.sparkContext.master != launch.master:  # getOrCreate handed back this process's other session
+            raise CxrflowError(
+                f"a Spark session on {spark.sparkContext.master} is already running in this process; "
+                f"stop it to train on {launch.master}"
+            )
         check_gpu(spark, launch)
         wait_for_slots(spark, launch)
         yield spark
-    finally:
-        spark.stop()
 
 
 def train_on_spark(

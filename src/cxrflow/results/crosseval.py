@@ -23,6 +23,7 @@ import numpy as np
 
 from cxrflow import __version__
 from cxrflow.errors import CxrflowError
+from cxrflow.names import printable
 from cxrflow.runs import METRICS_NAME, Provenance, default_eval_dir, evaluation_status
 
 ALL = "all"
@@ -327,7 +328,8 @@ def format_cross_lines(metrics: dict) -> list[str]:
     lines = [f"scored on {where}: {len(pairs)} of the model's {n_model} findings"
              + (f" (as {', '.join(renamed)})" if renamed else ""), f"thresholds and temperatures: {metrics.get('threshold_source')}"]  # fmt: skip
     missing = metrics.get("not_labelled") or []
-    return lines + ([f"not labelled in {where}: {', '.join(missing)}"] if missing else [])
+    lines += [f"not labelled in {where}: {', '.join(missing)}"] if missing else []
+    return [printable(line) for line in lines]  # names and folders are data: never terminal controls
 
 
 def trained_stores(metrics: dict, run: Path | None = None) -> tuple[list[str], list[dict]]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cxrflow.data.demographics import FIELDS, SHORTCUT_FLOOR, SHORTCUT_MARGIN, SHORTCUT_RULE, shortcut_findings
+from cxrflow.names import printable
 
 __all__ = ["SHORTCUT_FLOOR", "SHORTCUT_MARGIN", "SHORTCUT_RULE", "demographics_only", "shortcut_findings"]
 
@@ -129,7 +130,7 @@ def format_lines(metrics: dict[str, Any]) -> list[str]:
     if not demo:
         return []
     if demo.get("skipped"):
-        return [f"demographics-only baseline skipped: {demo['skipped']}"]
+        return [printable(f"demographics-only baseline skipped: {demo['skipped']}")]
     shown = ", ".join(f"{n} {a:.3f}" for n, a in demo["auc"].items() if a is not None)
     lines = [
         f"demographics-only AUC (logistic regression on {_fields_text(demo.get('fields'))}, fitted on train): {shown}"
@@ -137,7 +138,7 @@ def format_lines(metrics: dict[str, Any]) -> list[str]:
     if demo.get("note"):
         lines.append(f"note: {demo['note']}")
     lines += [f"shortcut: {s}" for s in shortcut_sentences(metrics)]
-    return lines
+    return [printable(line) for line in lines]  # finding names are data: never terminal controls
 
 
 def fusion_comparison(evaluations: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

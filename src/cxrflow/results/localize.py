@@ -53,7 +53,7 @@ from cxrflow.data.boxes import (
 )
 from cxrflow.errors import CxrflowError
 from cxrflow.modelling.heatmaps import square_geometry, store_to_original
-from cxrflow.names import file_part
+from cxrflow.names import file_part, printable
 from cxrflow.outputs import check_target, publishing
 from cxrflow.runs import Provenance, default_localize_dir
 
@@ -543,7 +543,7 @@ def format_table(result: dict) -> str:
         cells = [f"{f(acc[t][name])} {f(base[t][name])} {f(wang.get(t, {}).get(name))}" for t in ("0.1", "0.5")]
         fp = result["fp_per_image"].get(name)
         lines.append(
-            f"{name:<20} {n:>5}  {cells[0]:<26} {cells[1]:<26} {f(iou['0.5'][name]) + ' ' + f(base_iou['0.5'][name]):<20} "
+            f"{printable(name):<20} {n:>5}  {cells[0]:<26} {cells[1]:<26} {f(iou['0.5'][name]) + ' ' + f(base_iou['0.5'][name]):<20} "
             f"{'n/a' if fp is None else f'{fp:6.2f}':>6}"
         )
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # names and folders are data: never terminal controls

@@ -21,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cxrflow.names import printable
 from cxrflow.results.audit import ANY, CSV_NAME, make_attributes, run_audit
 
 #: Store columns the audit reads.
@@ -173,7 +174,7 @@ def format_audit(audit: dict[str, Any] | None) -> str:
              f" (simultaneous {100 * (gaps['level'] or 0.95):.2f}% intervals); {audit['file']}"]  # fmt: skip
     lines += [f"  {f['text']}" for f in audit["flagged"]]
     lines += [f"  not audited by {name}: {why}" for name, why in audit["skipped"].items()]
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # finding and group names are data: never terminal controls
 
 
 def plot_forest(

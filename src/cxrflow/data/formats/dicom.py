@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrflow.data.imagecheck import ImageError, check_pixel_budget
+from cxrflow.data.imagecheck import ImageError, check_pixel_budget, library_messages
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -139,6 +139,7 @@ def _voi(ds, modality: np.ndarray) -> np.ndarray:
     return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values, dtype=np.float64)
 
 
+@library_messages()
 def decode_dicom(data: bytes, where: str | None = None) -> DicomImage:
     """Decode a DICOM file's bytes to an 8-bit gray image by the rules of the module docstring."""
     import pydicom
@@ -321,6 +322,7 @@ def read_dicom(path: str | Path) -> DicomImage:
 SPACING_FILE = "_pixel_spacing.parquet"
 
 
+@library_messages()
 def header_spacing(path: str | Path) -> tuple[float, float] | None:
     """(row, column) pixel spacing in mm from a DICOM file's header (pixels not read); None without one."""
     import pydicom
@@ -382,6 +384,7 @@ def looks_like_dicom(path: str | Path) -> bool:
         return f.read(132)[128:132] == b"DICM"
 
 
+@library_messages()
 def header_demographics(path: str | Path) -> tuple[int | None, str | None]:
     """(age in whole years, sex M/F) from ``PatientAge`` (``063Y``, ``006M``, ...) and ``PatientSex``."""
     import pydicom
