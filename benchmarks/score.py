@@ -59,9 +59,9 @@ def make_run(root: Path, model: str, size: int, images: int, rows_per_file: int)
     return run, store
 
 
-def loop(run: Path, store: Path, size: int, threads: int) -> tuple[float, float, int]:
-    """The single-process predict loop over the store's test files on ``threads`` torch threads;
-    (seconds, CPU seconds, images)."""
+def loop(run: Path, store: Path, size: int, threads: int, files: int | None = None) -> tuple[float, float, int]:
+    """The single-process predict loop over the store's test files (the first ``files`` of them,
+    when given) on ``threads`` torch threads; (seconds, CPU seconds, images)."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -74,7 +74,7 @@ def loop(run: Path, store: Path, size: int, threads: int) -> tuple[float, float,
     torch.set_num_threads(threads)
     predictor = load_predictor(run)
     start, cpu, n = time.perf_counter(), time.process_time(), 0
-    for file in sorted(split_dir(store, size, "test").glob("*.parquet")):
+    for file in sorted(split_dir(store, size, "test").glob("*.parquet"))[:files]:
         table = pq.read_table(file, columns=["image_id", "pixels", "age", "sex", "view"])
         pixels = np.stack([np.frombuffer(v, np.uint8) for v in table.column("pixels").to_pylist()]).reshape(
             -1, size, size
@@ -86,8 +86,9 @@ def loop(run: Path, store: Path, size: int, threads: int) -> tuple[float, float,
 
 
 def _tree_cpu(pid: int) -> float:
-    """CPU seconds of process ``pid`` and every process under it (live ones, and reaped ones through
-    their parents' counts), from ``/proc``; NaN where ``/proc`` is not there."""
+    """CPU seconds of process ``pid`` and every live process under it, from ``/proc``; NaN where
+    ``/proc`` is not there. (Not the counts of reaped children: a worker that ends would add its
+    whole life to its parent's.)"""
     tick = os.sysconf("SC_CLK_TCK")
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -95,7 +96,7 @@ def _tree_cpu(pid: int) -> float:
         children = [c for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
     except OSError:
         return float("nan")
-    own = sum(int(f) for f in fields[11:15]) / tick  # utime, stime, cutime, cstime
+    own = sum(int(f) for f in fields[11:13]) / tick  # utime, stime
     return own + sum(_tree_cpu(int(c)) for c in children)
 
 
@@ -152,7 +153,10 @@ def main() -> None:
                 seconds, driver = spark_job(spark, run, store, root / "out")
                 jobs.append((seconds, _tree_cpu(jvm) - before + driver, driver))
                 one.append(loop(run, store, args.size, 1))
-                many.append(loop(run, store, args.size, default_threads))
+                # a quarter of the rows: on a busy machine, threads that wait on each other are slow
+                many.append(
+                    loop(run, store, args.size, default_threads, max(1, args.images // args.rows_per_file // 4))
+                )
         report(args, cores, default_threads, one, many, jobs, _channels_last(run))
 
 
@@ -178,7 +182,7 @@ def report(args, cores: int, default_threads: int, one: list, many: list, jobs: 
           f"{args.rounds} round(s); load average {load}")  # fmt: skip
     print(f"predict loop, 1 process, 1 torch thread        : {loop1:8.1f} images/s  (the per-core baseline)")
     print(f"predict loop, 1 process, {default_threads} torch threads (default): {loopd:8.1f} images/s  "
-          "(as cxrflow predict runs: it sets no thread count)")  # fmt: skip
+          f"(as cxrflow predict runs: it sets no thread count; on {many[0][2]} of the images)")  # fmt: skip
     layout = "channels-last" if channels_last else "contiguous (channels-last failed the probe)"
     print(f"Spark job on {args.master:<10} (1 thread per task): {job:8.1f} images/s  (weights {layout})")
     print(f"CPU per image: loop {cpu_loop * 1000:.1f} ms, Spark job {cpu_job * 1000:.1f} ms (driver "

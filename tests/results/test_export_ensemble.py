@@ -156,3 +156,18 @@ def test_onnx_refuses_an_ensemble_whose_members_take_different_sizes(ensembles, 
     assert len(err) == 1 and "different input sizes (32, 48 px)" in err[0]
     assert "one by one" in err[0] and "--format mlflow" in err[0]
     assert not target.exists() and not target.with_suffix(".json").exists()
+
+
+def test_logged_ensemble_model_loads_from_the_registry(ensembles, tmp_path):
+    import mlflow
+    import mlflow.pyfunc
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["export", "--run", str(ensembles["ens"]["mean"]), "--format", "mlflow", "--out", str(tmp_path / "m"),
+            "--mlflow", uri, "--register", "cxr-ensemble"]  # fmt: skip
+    assert main(argv) == 0
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/cxr-ensemble/1")
+    assert model.metadata.metadata["kind"] == "ensemble"
+    frame = pd.DataFrame({"image": _encoded(ensembles["files32"][:2])})
+    pd.testing.assert_frame_equal(model.predict(frame), mlflow.pyfunc.load_model(str(tmp_path / "m")).predict(frame))
