@@ -156,6 +156,20 @@ def test_onnx_refuses_an_ensemble_whose_members_take_different_sizes(ensembles, 
     assert len(err) == 1 and "different input sizes (32, 48 px)" in err[0]
     assert "one by one" in err[0] and "--format mlflow" in err[0]
     assert not target.exists() and not target.with_suffix(".json").exists()
+    argv = [
+        "export",
+        "--run",
+        str(ensembles["ens"]["mean"]),
+        "--checkpoint",
+        "last",
+        "--format",
+        "onnx",
+        "--out",
+        str(target),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--checkpoint" in err[0] and not target.exists()
 
 
 def test_logged_ensemble_model_loads_from_the_registry(ensembles, tmp_path):

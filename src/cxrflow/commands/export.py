@@ -42,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
         raise CxrflowError("--mlflow logs MLflow models; use it with --format mlflow")
     from cxrflow.results.export import export_mlflow, log_mlflow
     from cxrflow.results.predict import load_predictor
+    from cxrflow.runs import METRICS_NAME
 
+    if args.checkpoint and (Path(args.run) / METRICS_NAME).is_file():
+        raise CxrflowError(
+            "--checkpoint picks a run's checkpoint; an ensemble folder names its members' itself", args.run
+        )
     predictor = load_predictor(args.run, args.checkpoint, store=args.store, raw=args.raw)
     if getattr(predictor, "note", None):
         print(f"note: {predictor.note}", file=sys.stderr)
