@@ -13,6 +13,8 @@ and ``view``. :func:`score_frame` turns it into one row per image:
 A bad image never fails the batch. Images are decoded by :mod:`cxrflow.data.imaging` (the ETL's own
 decode, gray, pad-to-square and resize) and normalised, scored and calibrated by the same
 :class:`~cxrflow.results.predict.Predictor` as ``cxrflow predict``; nothing here preprocesses twice.
+An ensemble's predictor (:class:`~cxrflow.modelling.ensemble.EnsemblePredictor`) has the same face:
+each image is decoded once and resized to every size its members take.
 
 Everything a predictor needs besides its weights fits in one JSON object (:func:`predictor_spec`),
 which travels inside the exported model and to Spark executors; :func:`predictor_from_spec`
