@@ -2,22 +2,26 @@
 
 Writes a synthetic store of ``--images`` test rows at ``--size`` px (``--rows-per-file`` per Parquet
 file, so one Spark task per file) and a run holding a randomly initialised ``--model`` checkpoint,
-then, in the same run, on the same rows:
+then, in the same run, on the same rows, round after round:
 
-1. baseline: one process, one torch thread, the predict loop: each store file read and scored by
-   :func:`cxrflow.results.score.score_pixels` (the predictor ``cxrflow predict`` uses);
-2. the Spark job on ``--master`` (:func:`cxrflow.results.batchscore.run_batch`, one torch thread per
-   task), timed after a warm-up job into the same folder that starts the Python workers and loads
-   the model into each (once per worker, as for any long job): reading, scoring, writing Parquet.
+1. the predict loop, one process: each store file read and scored by
+   :func:`cxrflow.results.score.score_pixels` with the predictor and batch size (32) of
+   ``cxrflow predict``, twice: on one torch thread (one core: the baseline the target is defined
+   on, "0.8 x the loop x the cores") and on torch's default thread count, which is what
+   ``cxrflow predict`` itself runs with (it sets none; torch takes one per core);
+2. the Spark job on ``--master`` (:func:`cxrflow.results.batchscore.run_batch`: one torch thread
+   per task), timed right after a warm-up job into the same folder that starts the Python workers
+   and loads the model into each (once per worker, as for any long job; PySpark stops a worker
+   idle for a minute, so the warm-up comes just before): reading, scoring, writing Parquet.
 
-Prints images/s for both, their ratio and the target (0.8 x the loop x the master's cores). The
-best of ``--rounds`` rounds counts (the round least disturbed by other work on a shared machine).
-On a machine shared with other work the cores are not free, so it also prints the CPU seconds per
-image of the loop and of the Spark tasks (each task's own ``process_time``, measured by one more job
-that runs the same :func:`~cxrflow.results.batchscore.score_unit`): their ratio is what the job
-costs over the loop per image, and 2 free cores run the job at ``cores x loop / that ratio``.
+The best round of each counts (the one least disturbed by other work on a shared machine). It
+prints images/s, their ratios, the load average and one verdict line. Because a shared machine's
+cores are not free, it also prints CPU seconds per image: the loop's process, and the whole Spark
+job's (the driver, the JVM and its Python workers, read from ``/proc``): their ratio is what the
+job costs over the loop per image, and N free cores run the job at ``N x loop / that ratio``.
 
-    python benchmarks/score.py --images 1024 --size 64 --model resnet50 --master 'local[2]'
+    python benchmarks/score.py                     # defaults: 1024 images, densenet121 at 64 px, local[2]
+    python benchmarks/score.py --images 2048 --rounds 2
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ import re
 import tempfile
 import time
 from pathlib import Path
+
+#: ``cxrflow predict``'s default batch size (``--batch-size``).
+PREDICT_BATCH = 32
 
 
 def make_run(root: Path, model: str, size: int, images: int, rows_per_file: int) -> tuple[Path, Path]:
@@ -52,8 +59,12 @@ def make_run(root: Path, model: str, size: int, images: int, rows_per_file: int)
     return run, store
 
 
-def loop(run: Path, store: Path, size: int) -> tuple[float, float, int]:
-    """The single-process predict loop over the store's test files; (seconds, CPU seconds, images)."""
+def loop(
+    run: Path, store: Path, size: int, threads: int, files: int | None = None, channels_last: bool = False
+) -> tuple[float, float, int]:
+    """The single-process predict loop over the store's test files (the first ``files`` of them,
+    when given) on ``threads`` torch threads, the weights channels-last where the Spark tasks
+    would keep them so with ``channels_last``; (seconds, CPU seconds, images)."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -63,44 +74,42 @@ def loop(run: Path, store: Path, size: int) -> tuple[float, float, int]:
     from cxrflow.results.predict import load_predictor
     from cxrflow.results.score import score_pixels
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     predictor = load_predictor(run)
+    if channels_last:
+        from cxrflow.results.batchscore import use_channels_last
+
+        use_channels_last(predictor)
     start, cpu, n = time.perf_counter(), time.process_time(), 0
-    for file in sorted(split_dir(store, size, "test").glob("*.parquet")):
+    for file in sorted(split_dir(store, size, "test").glob("*.parquet"))[:files]:
         table = pq.read_table(file, columns=["image_id", "pixels", "age", "sex", "view"])
         pixels = np.stack([np.frombuffer(v, np.uint8) for v in table.column("pixels").to_pylist()]).reshape(
             -1, size, size
         )
-        score_pixels(predictor, pixels, encode_arrow(table.column("age"), table.column("sex"), table.column("view")))
+        demo = encode_arrow(table.column("age"), table.column("sex"), table.column("view"))
+        score_pixels(predictor, pixels, demo, batch_size=PREDICT_BATCH)
         n += len(pixels)
     return time.perf_counter() - start, time.process_time() - cpu, n
 
 
-def _task_cpu(model_dir: str, stamp: str, out: str, unit: dict) -> tuple[float, int]:
-    from cxrflow.results.batchscore import score_unit
-
-    cpu = time.process_time()
-    _, rows, _ = score_unit(model_dir, stamp, out, unit)
-    return time.process_time() - cpu, rows
-
-
-def spark_cpu_per_image(spark, out: Path, size: int, store: Path) -> float:
-    """CPU seconds per image of the Spark tasks, scoring the units of ``out`` again in place."""
-    import functools
-    import json
-
-    from cxrflow.results.batchscore import MODEL_DIR, RECORD_NAME, _units_of_store
-
-    record = json.loads((out / RECORD_NAME).read_text())
-    stamp = f"{record['checkpoint_sha256']}:{json.dumps(record['spec'], sort_keys=True)}"
-    units = _units_of_store(str(store), size, ["test"])
-    task = functools.partial(_task_cpu, str(out / MODEL_DIR), stamp, str(out))
-    done = spark.sparkContext.parallelize(units, len(units)).map(task).collect()
-    return sum(c for c, _ in done) / sum(n for _, n in done)
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` and every live process under it, from ``/proc``; NaN where
+    ``/proc`` is not there. (Not the counts of reaped children: a worker that ends would add its
+    whole life to its parent's.)"""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # a JVM starts its children (the Python workers' daemon) from any of its threads
+        children = [c for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        return float("nan")
+    own = sum(int(f) for f in fields[11:13]) / tick  # utime, stime
+    return own + sum(_tree_cpu(int(c)) for c in children)
 
 
-def spark_job(spark, run: Path, store: Path, out: Path) -> float:
-    """Seconds of one batch-scoring job of the test split into ``out`` (emptied first) on the running session."""
+def spark_job(spark, run: Path, store: Path, out: Path) -> tuple[float, float]:
+    """(seconds, driver CPU seconds) of one batch-scoring job of the test split into ``out``
+    (emptied first) on the running session."""
     import shutil
 
     from cxrflow.results.batchscore import run_batch
@@ -110,9 +119,9 @@ def spark_job(spark, run: Path, store: Path, out: Path) -> float:
     args = argparse.Namespace(run=str(run), checkpoint=None, store=str(store), out=str(out), split="test", data=None,
                               format="auto", spark_master="unused", resume=False, images=[])  # fmt: skip
     predictor = load_predictor(run)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run_batch(args, predictor)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _cores(master: str) -> int:
@@ -126,44 +135,77 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--model", default="densenet121", help="default: densenet121, the project's default model")
     parser.add_argument("--rows-per-file", type=int, default=128)
     parser.add_argument("--master", default="local[2]")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2, help="the best round counts (default: 2)")
     args = parser.parse_args()
     cores = _cores(args.master)
+    import torch
+
     from cxrflow.data.spark import spark_session
 
+    default_threads = torch.get_num_threads()  # what cxrflow predict runs with: it sets no thread count
     with tempfile.TemporaryDirectory(prefix="cxrflow-bench-score-") as tmp:
         root = Path(tmp)
         run, store = make_run(root, args.model, args.size, args.images, args.rows_per_file)
-        loops, jobs = [], []
+        one, layout, many, jobs = [], [], [], []
         with spark_session(args.master, "cxrflow-bench-score", conf={"spark.default.parallelism": str(cores)}) as spark:
-            spark.sparkContext.parallelize(range(cores * 4), cores).map(lambda x: x).count()  # start the workers
-            spark_job(spark, run, store, root / "out")
-            cpu_loop = []
+            jvm = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
             for _ in range(args.rounds):
-                seconds, cpu, n = loop(run, store, args.size)
-                loops.append(n / seconds)
-                cpu_loop.append(cpu / n)
-                jobs.append(args.images / spark_job(spark, run, store, root / "out"))
-            cpu_job = spark_cpu_per_image(spark, root / "out", args.size, store)
-        best_loop, best_job = max(loops), max(jobs)
-        target = 0.8 * best_loop * cores
-        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-        print(
-            f"{args.images} images, {args.model} at {args.size} px, {args.rows_per_file} per task; load average {load}"
-        )
-        print(f"predict loop, 1 process, 1 thread : {best_loop:8.1f} images/s")
-        print(f"Spark job on {args.master:<14}     : {best_job:8.1f} images/s  ({best_job / best_loop:.2f}x the loop)")
-        print(
-            f"target 0.8 x loop x {cores} cores      : {target:8.1f} images/s  -> {'met' if best_job >= target else 'NOT met'}"
-        )
-        ratio = cpu_job / min(cpu_loop)
-        print(
-            f"CPU per image: loop {min(cpu_loop) * 1000:.1f} ms, Spark task {cpu_job * 1000:.1f} ms ({ratio:.2f}x); "
-            f"on {cores} free cores the job would run at {cores / ratio:.2f}x the loop"
-        )
+                # warm-up right before the timed job: PySpark stops a Python worker idle for a minute,
+                # which a loop on a busy machine can outlast
+                spark_job(spark, run, store, root / "out")
+                before = _tree_cpu(jvm)
+                seconds, driver = spark_job(spark, run, store, root / "out")
+                jobs.append((seconds, _tree_cpu(jvm) - before + driver, driver))
+                one.append(loop(run, store, args.size, 1))
+                layout.append(loop(run, store, args.size, 1, channels_last=True))
+                # a quarter of the rows: on a busy machine, threads that wait on each other are slow
+                many.append(
+                    loop(run, store, args.size, default_threads, max(1, args.images // args.rows_per_file // 4))
+                )
+        report(args, cores, default_threads, one, layout, many, jobs, _channels_last(run))
+
+
+def _channels_last(run: Path) -> bool:
+    """Whether the Spark tasks keep this model's weights channels-last (the same probe they run)."""
+    from cxrflow.results.batchscore import use_channels_last
+    from cxrflow.results.predict import load_predictor
+
+    return use_channels_last(load_predictor(run))
+
+
+def report(
+    args, cores: int, default_threads: int, one: list, layout: list, many: list, jobs: list, channels_last: bool
+) -> None:
+    """Print the figures (best round of each) and the one-line verdict."""
+    rate = {name: max(n / s for s, _, n in runs) for name, runs in (("one", one), ("layout", layout), ("many", many))}
+    cpu = {name: min(c / n for _, c, n in runs) for name, runs in (("one", one), ("layout", layout))}
+    job = max(args.images / s for s, _, _ in jobs)
+    cpu_job = min(c / args.images for _, c, _ in jobs)
+    cpu_driver = min(d / args.images for _, _, d in jobs)
+    kept = "channels-last" if channels_last else "contiguous (channels-last failed the probe)"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    rows = [
+        ("predict loop, 1 torch thread", rate["one"], "the per-core baseline"),
+        (f"predict loop, {default_threads} torch threads", rate["many"],
+         f"torch's default, as cxrflow predict runs (it sets no thread count); {many[0][2]} images"),
+        (f"predict loop, 1 torch thread, {kept.split()[0]}", rate["layout"], "the Spark tasks' weight layout alone"),
+        (f"Spark job on {args.master}, 1 thread per task", job, f"weights {kept}"),
+    ]  # fmt: skip
+    print(f"{args.images} images, {args.model} at {args.size} px, {args.rows_per_file} per task, "
+          f"best of {args.rounds} round(s); load average {load}")  # fmt: skip
+    for label, value, note in rows:
+        print(f"{label:<46}: {value:8.1f} images/s  ({note})")
+    print(f"CPU per image: loop {cpu['one'] * 1000:.1f} ms ({cpu['layout'] * 1000:.1f} ms in the tasks' layout), "
+          f"Spark job {cpu_job * 1000:.1f} ms (driver {cpu_driver * 1000:.1f} ms, the rest JVM and Python workers): "
+          f"{cpu_job / cpu['one']:.2f}x the loop's, {cpu_job / cpu['layout']:.2f}x in the same layout; on {cores} free "
+          f"cores the job runs at about {cores * cpu['one'] / cpu_job:.2f}x the 1-thread loop")  # fmt: skip
+    target = 0.8 * cores
+    print(f"verdict: {'MET' if job >= target * rate['one'] else 'NOT MET'}: Spark {job / rate['one']:.2f}x the "
+          f"1-thread loop (target >= 0.8 x {cores} cores = {target:.2f}x), {job / rate['layout']:.2f}x the loop in the "
+          f"tasks' layout, {job / rate['many']:.2f}x the {default_threads}-thread loop; load average {load}")  # fmt: skip
 
 
 if __name__ == "__main__":

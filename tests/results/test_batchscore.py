@@ -112,3 +112,22 @@ def test_a_collections_files_are_scored_and_a_broken_one_is_an_error_row(evaluat
     for (image_id, _), p in zip(others, predictions):
         got = scored.loc[image_id, [f"prob_{n}" for n in predictor.label_names]].to_numpy(float)
         np.testing.assert_allclose(got, [p["probabilities"][n] for n in predictor.label_names], atol=1e-5)
+
+
+def test_tasks_keep_weights_channels_last_only_where_the_probabilities_stay_the_same(evaluated, monkeypatch):
+    import torch
+
+    from cxrflow.results import batchscore
+
+    rng = np.random.default_rng(1)
+    images = {32: torch.from_numpy(rng.integers(0, 256, (6, 1, 32, 32), dtype=np.uint8))}
+    predictor = load_predictor(evaluated[0])
+    want = predictor.probabilities(images)
+    conv = next(p for p in predictor.model.parameters() if p.dim() == 4)
+    assert batchscore.use_channels_last(predictor)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    np.testing.assert_allclose(predictor.probabilities(images), want, atol=batchscore.CHANNELS_LAST_TOLERANCE)
+    monkeypatch.setattr(batchscore, "CHANNELS_LAST_TOLERANCE", -1.0)  # no layout can agree within it
+    assert not batchscore.use_channels_last(predictor)
+    assert conv.is_contiguous()  # put back as it was
+    np.testing.assert_array_equal(predictor.probabilities(images), want)

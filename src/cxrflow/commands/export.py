@@ -1,4 +1,5 @@
-"""``cxrflow export``: a run's checkpoint as an MLflow model folder or an ONNX graph (:mod:`cxrflow.results.export`)."""
+"""``cxrflow export``: a run's checkpoint, or an ensemble of runs, as an MLflow model folder or an
+ONNX graph (:mod:`cxrflow.results.export`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from cxrflow.results.export import FORMATS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run folder written by 'cxrflow train'")
+    parser.add_argument(
+        "--run", required=True, help="run folder written by 'cxrflow train', or an ensemble folder ('cxrflow ensemble')"
+    )
     parser.add_argument(
         "--checkpoint", default=None, help="best_finetune, best_kt or last (default: best_finetune, else best_kt)"
     )
@@ -39,19 +42,27 @@ def run(args: argparse.Namespace) -> int:
         raise CxrflowError("--mlflow logs MLflow models; use it with --format mlflow")
     from cxrflow.results.export import export_mlflow, log_mlflow
     from cxrflow.results.predict import load_predictor
+    from cxrflow.runs import METRICS_NAME
 
+    if args.checkpoint and (Path(args.run) / METRICS_NAME).is_file():
+        raise CxrflowError(
+            "--checkpoint picks a run's checkpoint; an ensemble folder names its members' itself", args.run
+        )
     predictor = load_predictor(args.run, args.checkpoint, store=args.store, raw=args.raw)
-    if not hasattr(predictor, "model"):
-        raise CxrflowError("an ensemble folder cannot be exported yet; export one of its member runs", args.run)
     if getattr(predictor, "note", None):
         print(f"note: {predictor.note}", file=sys.stderr)
     if args.format == "onnx":
-        from cxrflow.results.onnxexport import export_onnx
+        from cxrflow.results.ensembleexport import ensemble_spec, is_ensemble
+        from cxrflow.results.onnxexport import export_onnx, graph_size
         from cxrflow.results.score import predictor_spec
 
         out = Path(args.out)
         _check_file_target(out, args.overwrite)
-        graph, side, diff = export_onnx(predictor, predictor_spec(predictor), out)
+        graph_size(predictor)  # an ensemble whose members take different sizes is refused before any work
+        spec = (
+            ensemble_spec(predictor, _member_names(args.run)) if is_ensemble(predictor) else predictor_spec(predictor)
+        )
+        graph, side, diff = export_onnx(predictor, spec, out)
         print(f"wrote {graph} and {side} (largest difference to PyTorch {diff:.2e})")
         return 0
     folder = export_mlflow(predictor, args.run, Path(args.out), overwrite=args.overwrite)
@@ -61,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
         uri = log_mlflow(folder, args.mlflow, args.register)
         print(f"logged to {args.mlflow}: {uri}" + (f" (registered as {args.register})" if args.register else ""))
     return 0
+
+
+def _member_names(ensemble: str) -> list[str]:
+    from cxrflow.atomic import read_json_object
+    from cxrflow.runs import METRICS_NAME
+
+    return list(read_json_object(Path(ensemble) / METRICS_NAME, "ensemble").get("member_names") or [])
 
 
 def _check_file_target(out: Path, overwrite: bool) -> None:

@@ -32,6 +32,12 @@ from cxrflow.errors import CxrflowError
 
 #: Image files per task with ``--data``.
 FILES_PER_UNIT = 256
+#: Images per forward pass in a task (``cxrflow predict``'s default batch): a small batch keeps one
+#: thread's working set in cache while another task runs on the next core.
+TASK_BATCH = 32
+#: Largest change of a probability that storing the weights channels-last may make (see
+#: :func:`use_channels_last`): a tenth of the 1e-5 by which batch scoring may differ from evaluate.
+CHANNELS_LAST_TOLERANCE = 1e-6
 MODEL_DIR = "_model"
 RECORD_NAME = "_scoring.json"
 DONE_NAME = "_done.json"
@@ -84,7 +90,34 @@ def _worker_predictor(model_dir: str, stamp: str) -> Any:
     from cxrflow.results.score import predictor_from_spec
 
     spec = json.loads((Path(model_dir) / "scoring.json").read_text())
-    return predictor_from_spec(Path(model_dir) / "model.pt", spec)
+    predictor = predictor_from_spec(Path(model_dir) / "model.pt", spec)
+    use_channels_last(predictor)
+    return predictor
+
+
+def use_channels_last(predictor: Any, seed: int = 0) -> bool:
+    """Store the model's convolution weights channels-last when that gives the same probabilities.
+
+    On one CPU thread channels-last costs 20-25% less CPU per image for convolutional networks
+    (resnet50 and densenet121 at 64 px), but its kernels add up in another order: the probabilities
+    move by float32 rounding, which grows with the size of the network's activations. A probe
+    batch of random images is scored both ways and channels-last kept only where they agree within
+    :data:`CHANNELS_LAST_TOLERANCE`, a tenth of what batch scoring may differ from the evaluation.
+    Returns whether it was kept.
+    """
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    s, n = predictor.size, 8
+    images = {s: torch.from_numpy(rng.integers(0, 256, (n, 1, s, s), dtype=np.uint8))}
+    demo = torch.full((n, 3), float("nan")) if predictor.uses_demographics else None
+    want = predictor.probabilities(images, demo)
+    predictor.model.to(memory_format=torch.channels_last)
+    if float(np.max(np.abs(predictor.probabilities(images, demo) - want))) <= CHANNELS_LAST_TOLERANCE:
+        return True
+    predictor.model.to(memory_format=torch.contiguous_format)
+    return False
 
 
 def _unit_inputs(predictor: Any, unit: dict[str, Any]) -> tuple[list[str], Any, Any, list[str | None]]:
@@ -134,7 +167,7 @@ def score_unit(model_dir: str, stamp: str, out: str, unit: dict[str, Any], threa
     predictor = _worker_predictor(model_dir, stamp)
     ids, pixels, demo, errors = _unit_inputs(predictor, unit)
     ok = np.array([e is None for e in errors], dtype=bool)
-    probs = score_pixels(predictor, pixels, demo if predictor.uses_demographics else None)
+    probs = score_pixels(predictor, pixels, demo if predictor.uses_demographics else None, batch_size=TASK_BATCH)
     cols = result_columns(predictor.label_names, predictor.thresholds, probs, ok, errors)
     arrays = {"image_id": pa.array(ids, pa.string())}
     for name, values in cols.items():

@@ -74,35 +74,54 @@ def _context(predictor: Any, run: str) -> tuple[str, dict, dict | None, dict | N
     """(checkpoint name, checkpoint config, store manifest or None, evaluation metrics or None)."""
     import torch
 
-    from cxrflow.data.store import read_manifest, run_store
     from cxrflow.modelling.predictor import _evaluation_record
 
     ckpt = torch.load(predictor.checkpoint, map_location="cpu", weights_only=True)
     config = dict(ckpt.get("config") or {})
     config.setdefault("stage", ckpt.get("stage"))
-    try:
-        manifest = read_manifest(run_store(config, run=predictor.checkpoint.parent)) if config.get("store") else None
-    except CxrflowError:
-        manifest = None
     metrics = (
         _evaluation_record(Path(run), predictor.checkpoint.stem)[0]
         if predictor.calibrated or predictor.thresholds
         else None
     )
-    return predictor.checkpoint.stem, ckpt, manifest, metrics
+    return predictor.checkpoint.stem, ckpt, _manifest(config, predictor.checkpoint.parent), metrics
+
+
+def _manifest(record: dict, run: Path | None = None) -> dict | None:
+    """The manifest of the store a run (its ``config``) or an evaluation records, found where it moved
+    (:func:`cxrflow.data.store.run_store`); None when there is none to read."""
+    from cxrflow.data.store import read_manifest, run_store
+
+    try:
+        return read_manifest(run_store(record, run=run)) if record.get("store") else None
+    except CxrflowError:
+        return None
+
+
+def _save(folder: Path, artifacts: dict[str, str], label_names: list[str], metadata: dict) -> None:
+    import mlflow.pyfunc
+
+    with quiet_mlflow():
+        from cxrflow.results.pyfunc import CxrflowModel, signature
+
+        mlflow.pyfunc.save_model(
+            str(folder), python_model=CxrflowModel(), artifacts=artifacts, signature=signature(label_names),
+            pip_requirements=requirements(), metadata=metadata,
+        )  # fmt: skip
 
 
 def build_model_folder(predictor: Any, run: str, folder: Path) -> dict:
     """Save the MLflow model into the empty ``folder`` (created); returns its scoring spec."""
-    import mlflow.pyfunc
-
     from cxrflow.atomic import write_json_atomic, write_text_atomic
+    from cxrflow.results.ensembleexport import is_ensemble
     from cxrflow.results.modelcard import model_card
     from cxrflow.results.score import predictor_spec, save_slim_checkpoint
 
     with quiet_mlflow():  # the class definition itself warns about type hints
-        from cxrflow.results.pyfunc import CHECKPOINT_ARTIFACT, SPEC_ARTIFACT, CxrflowModel, signature
+        from cxrflow.results.pyfunc import CHECKPOINT_ARTIFACT, SPEC_ARTIFACT
 
+    if is_ensemble(predictor):
+        return _build_ensemble_folder(predictor, run, folder)
     name, ckpt, manifest, metrics = _context(predictor, run)
     spec = predictor_spec(predictor)
     with tempfile.TemporaryDirectory(prefix="cxrflow-export-") as staging:
@@ -112,11 +131,9 @@ def build_model_folder(predictor: Any, run: str, folder: Path) -> dict:
         metadata = {"cxrflow_run": str(run), "cxrflow_checkpoint": name, "calibrated": spec["calibrated"],
                     "probabilities": "calibrated" if spec["calibrated"] else "raw", "size": spec["size"],
                     "label_names": spec["label_names"], "evaluated": metrics is not None}  # fmt: skip
-        with quiet_mlflow():
-            mlflow.pyfunc.save_model(
-                str(folder), python_model=CxrflowModel(), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), SPEC_ARTIFACT: str(spec_file)},
-                signature=signature(spec["label_names"]), pip_requirements=requirements(), metadata=metadata,
-            )  # fmt: skip
+        _save(
+            folder, {CHECKPOINT_ARTIFACT: str(checkpoint), SPEC_ARTIFACT: str(spec_file)}, spec["label_names"], metadata
+        )
     config = dict(ckpt.get("config") or {}, stage=ckpt.get("stage"))
     card = model_card(run=str(run), checkpoint=name, config=config, manifest=manifest, metrics=metrics, spec=spec,
                       label_names=spec["label_names"], fmt="an MLflow pyfunc model")  # fmt: skip
@@ -124,8 +141,35 @@ def build_model_folder(predictor: Any, run: str, folder: Path) -> dict:
     return spec
 
 
+def _build_ensemble_folder(predictor: Any, run: str, folder: Path) -> dict:
+    """The MLflow model of an ensemble folder: every member's slim checkpoint, the ensemble's spec
+    (:mod:`cxrflow.results.ensembleexport`) and a model card listing the members."""
+    from cxrflow.atomic import read_json_object, write_json_atomic, write_text_atomic
+    from cxrflow.results.ensembleexport import MEMBERS_DIR, ensemble_spec, save_members
+    from cxrflow.results.modelcard import ensemble_model_card
+    from cxrflow.runs import METRICS_NAME
+
+    with quiet_mlflow():
+        from cxrflow.results.pyfunc import MEMBERS_ARTIFACT, SPEC_ARTIFACT
+
+    metrics = read_json_object(Path(run) / METRICS_NAME, "ensemble")
+    spec = ensemble_spec(predictor, metrics.get("member_names"))
+    with tempfile.TemporaryDirectory(prefix="cxrflow-export-") as staging:
+        members, spec_file = Path(staging) / MEMBERS_DIR, Path(staging) / "scoring.json"
+        save_members(predictor, spec, members)
+        write_json_atomic(spec_file, spec)
+        metadata = {"cxrflow_run": str(run), "kind": "ensemble", "method": spec["method"],
+                    "members": [m["name"] for m in spec["members"]], "calibrated": spec["calibrated"],
+                    "probabilities": "calibrated" if spec["calibrated"] else "raw", "size": spec["size"],
+                    "label_names": spec["label_names"], "evaluated": True}  # fmt: skip
+        _save(folder, {MEMBERS_ARTIFACT: str(members), SPEC_ARTIFACT: str(spec_file)}, spec["label_names"], metadata)
+    card = ensemble_model_card(run=str(run), metrics=metrics, manifest=_manifest(metrics), spec=spec)
+    write_text_atomic(folder / CARD_NAME, card)
+    return spec
+
+
 def export_mlflow(predictor: Any, run: str, out: Path, *, overwrite: bool = False) -> Path:
-    """Write the MLflow model folder at ``out`` (whole or not at all)."""
+    """Write the MLflow model folder of a run's predictor or an ensemble's at ``out`` (whole or not at all)."""
     from cxrflow.outputs import publishing
 
     with publishing(out, "export", overwrite=overwrite, inputs=[run]) as pub:
@@ -149,12 +193,19 @@ def log_mlflow(folder: Path, uri: str, register: str | None) -> str:
     meta = json.loads(json.dumps(_mlmodel_metadata(folder)))
     loaded_spec = json.loads((folder / "artifacts" / "scoring.json").read_text())
     with quiet_mlflow():
-        from cxrflow.results.pyfunc import CHECKPOINT_ARTIFACT, SPEC_ARTIFACT, CxrflowModel, signature
+        from cxrflow.results.pyfunc import CHECKPOINT_ARTIFACT, MEMBERS_ARTIFACT, SPEC_ARTIFACT, CxrflowModel, signature
+    from cxrflow.results.ensembleexport import MEMBERS_DIR
+
+    weights = (
+        {MEMBERS_ARTIFACT: str(folder / "artifacts" / MEMBERS_DIR)}
+        if loaded_spec.get("kind") == "ensemble"
+        else {CHECKPOINT_ARTIFACT: str(folder / "artifacts" / "model.pt")}
+    )
 
     with quiet_mlflow(), mlflow.start_run(run_name=f"export-{Path(meta.get('cxrflow_run', 'run')).name}"):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=CxrflowModel(),
-            artifacts={CHECKPOINT_ARTIFACT: str(folder / "artifacts" / "model.pt"), SPEC_ARTIFACT: str(folder / "artifacts" / "scoring.json")},
+            artifacts={**weights, SPEC_ARTIFACT: str(folder / "artifacts" / "scoring.json")},
             signature=signature(loaded_spec["label_names"]), pip_requirements=requirements(), metadata=meta,
             registered_model_name=register,
         )  # fmt: skip

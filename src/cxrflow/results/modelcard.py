@@ -105,7 +105,12 @@ def model_card(
     lines += _data_section(config, manifest)
     lines += _evaluation_section(metrics, label_names, bool(spec.get("calibrated")))
     lines += _audit_section(metrics)
-    lines += [
+    lines += _use_and_limits()
+    return "\n".join(lines)
+
+
+def _use_and_limits() -> list[str]:
+    return [
         "## Intended use", "",
         "Research and engineering use: reproducing the pipeline, testing deployment and batch scoring. It is not a",
         "medical device and must not be used for diagnosis or to triage patients.", "",
@@ -116,4 +121,47 @@ def model_card(
         "- Thresholds trade sensitivity for specificity as chosen on validation data; a deployment should choose its own.",
         "- Probabilities reflect the training collection's prevalence, not another population's.", "",
     ]  # fmt: skip
+
+
+def _members_section(metrics: dict, spec: dict) -> list[str]:
+    recorded = list(metrics.get("members") or [])  # in the order the members were loaded and exported
+    lines = ["## Members", "", "| member | model | size (px) | pixel mean | pixel std | member test AUC |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for i, entry in enumerate(spec["members"]):
+        member_spec, info = entry["spec"], recorded[i] if i < len(recorded) else {}
+        lines.append(
+            f"| {entry['name']} | {info.get('model', 'n/a')} | {member_spec['size']} | {member_spec['pixel_mean']:.4f} "
+            f"| {member_spec['pixel_std']:.4f} | {_fmt(info.get('mean_auc'))} |"
+        )
+    if spec["method"] == "stacked":
+        rule = ("per finding, a logistic regression with non-negative weights on the members' logits, fitted on "
+                "the validation split (findings with one label value there use the mean)")  # fmt: skip
+    else:
+        rule = "the mean of the members' calibrated probabilities (each member's own calibration)"
+    return lines + ["", f"Combination: {rule}.", ""]
+
+
+def ensemble_model_card(*, run: str, metrics: dict, manifest: dict | None, spec: dict) -> str:
+    """The Markdown model card of an exported ensemble: what :func:`model_card` says of one run,
+    with the members (each with its own size and pixel statistics) and the combination rule."""
+    label_names = spec["label_names"]
+    scale = "calibrated (temperature scaling of the ensemble's output, fitted on the validation split)" if spec.get(
+        "calibrated") else "raw"  # fmt: skip
+    lines = [
+        f"# cxrflow model: an ensemble ({spec['method']}) of {len(spec['members'])} runs", "",
+        f"Exported from ensemble `{run}` as an MLflow pyfunc model; every member's weights travel inside it.", "",
+        "## What it does", "",
+        (f"Takes a chest X-ray (PNG, JPEG or DICOM), scores it with every member and combines them into one probability "
+         f"per finding ({len(label_names)}: {', '.join(label_names)}), {scale}, and a positive flag per finding at the "
+         "ensemble evaluation's operating threshold (Youden's J on the validation split)."), "",
+        ("Preprocessing inside the model, per member: decode to 8-bit gray, pad to a square with black, resize to the "
+         "member's size (Lanczos), normalise with the member's training pixel mean and std (table below)."),
+        "Demographics (age, sex, view) are used: give them as columns." if spec.get("uses_demographics") else
+        "Demographics are not used.", "",
+    ]  # fmt: skip
+    lines += _members_section(metrics, spec)
+    lines += _data_section({"store": metrics.get("store"), "size": (spec["size"] or [None])[0]}, manifest)
+    lines += _evaluation_section(metrics, label_names, bool(spec.get("calibrated")))
+    lines += _audit_section(metrics)
+    lines += _use_and_limits()
     return "\n".join(lines)

@@ -11,6 +11,11 @@ What comes before the graph (decode to gray, pad to a square, resize: :mod:`cxrf
 is named in the JSON sidecar with the size, the findings and the thresholds. The export is made by
 PyTorch's TorchScript-based exporter (works offline, no extra packages) and checked with ONNX
 Runtime against :meth:`cxrflow.results.predict.Predictor.probabilities` on random images.
+
+An ensemble whose members share one input size is one graph too (:class:`EnsembleGraph`: every
+member with its own normalisation and calibration, the ensemble's combination and calibration),
+checked the same way against :class:`cxrflow.modelling.ensemble.EnsemblePredictor`; members at
+different sizes are refused (:func:`cxrflow.results.ensembleexport.single_size`).
 """
 
 from __future__ import annotations
@@ -33,32 +38,88 @@ TOLERANCE = 1e-4
 OPSET = 17
 
 
-class ProbabilityGraph(nn.Module):
-    """uint8 pixels (and encoded demographics) -> normalised input -> logits -> calibrated probabilities."""
+class Calibration(nn.Module):
+    """``sigmoid((logit - offset) / T)`` per finding; without a calibration, the plain sigmoid."""
 
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, calibration: tuple | None, k: int) -> None:
         super().__init__()
-        self.model = predictor.model.eval()
-        self.mean, self.std = float(predictor.mean), float(predictor.std)
-        k = len(predictor.label_names)
-        temperatures, offsets = (
-            predictor.calibration if predictor.calibration is not None else (np.ones(k), np.zeros(k))
-        )
+        temperatures, offsets = calibration if calibration is not None else (np.ones(k), np.zeros(k))
         temperatures = np.where(np.isnan(temperatures), 1.0, temperatures)  # as apply_temperatures does
         self.register_buffer("temperature", torch.tensor(temperatures, dtype=torch.float32))
         self.register_buffer("offset", torch.tensor(offsets, dtype=torch.float32))
 
-    def forward(self, pixels: torch.Tensor, demographics: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((z - self.offset) / self.temperature)
+
+
+class ProbabilityGraph(nn.Module):
+    """uint8 pixels (and encoded demographics) -> normalised input -> logits -> calibrated
+    probabilities (the predictor's calibration, or the one given)."""
+
+    def __init__(self, predictor: Predictor, calibration: tuple | None = None) -> None:
+        super().__init__()
+        self.model = predictor.model.eval()
+        self.mean, self.std = float(predictor.mean), float(predictor.std)
+        k = len(predictor.label_names)
+        self.calibrate = Calibration(predictor.calibration if calibration is None else calibration, k)
+
+    def logits(self, pixels: torch.Tensor, demographics: torch.Tensor | None = None) -> torch.Tensor:
         # to_model_input's arithmetic, written without its in-place ``out=`` steps that tracing cannot export
         x = (pixels.float() * (1.0 / (255.0 * self.std)) - self.mean / self.std).expand(-1, 3, -1, -1)
-        z = self.model(x, demographics=demographics)
-        return torch.sigmoid((z.float() - self.offset) / self.temperature)
+        return self.model(x, demographics=demographics).float()
+
+    def forward(self, pixels: torch.Tensor, demographics: torch.Tensor | None = None) -> torch.Tensor:
+        return self.calibrate(self.logits(pixels, demographics))
 
 
-def export_graph(predictor: Predictor) -> bytes:
-    """The ONNX bytes of :class:`ProbabilityGraph` with a dynamic batch axis."""
-    graph = ProbabilityGraph(predictor).cpu().eval()
-    s = predictor.size
+class EnsembleGraph(nn.Module):
+    """An ensemble's members on the same uint8 pixels, each with its own normalisation and
+    calibration, combined as :func:`cxrflow.modelling.ensemble.ensemble_logits` does (the logit of
+    the mean calibrated probability, or per finding the stacking weights on the members' logits),
+    then the ensemble's own calibration."""
+
+    def __init__(self, predictor: Any) -> None:
+        super().__init__()
+        k = len(predictor.label_names)
+        self.members = nn.ModuleList(
+            ProbabilityGraph(m, c) for m, c in zip(predictor.members, predictor.member_calibrations)
+        )
+        self.fused = [bool(m.uses_demographics) for m in predictor.members]
+        self.calibrate = Calibration(predictor.calibration, k)
+        coef, intercept, stacked = np.zeros((len(self.members), k)), np.zeros(k), np.zeros(k, bool)
+        weights_per_finding = (predictor.stacking or []) if predictor.method == "stacked" else []
+        for j, weights in enumerate(weights_per_finding):
+            if weights is not None:  # None: this finding falls back to the mean
+                coef[:, j], intercept[j], stacked[j] = weights["coef"], weights["intercept"], True
+        self.stacked_any = bool(stacked.any())
+        self.register_buffer("coef", torch.tensor(coef, dtype=torch.float32))
+        self.register_buffer("intercept", torch.tensor(intercept, dtype=torch.float32))
+        self.register_buffer("stacked", torch.tensor(stacked))
+
+    def forward(self, pixels: torch.Tensor, demographics: torch.Tensor | None = None) -> torch.Tensor:
+        z = [m.logits(pixels, demographics if fused else None) for m, fused in zip(self.members, self.fused)]
+        mean = torch.stack([m.calibrate(zm) for m, zm in zip(self.members, z)]).mean(0).clamp(1e-7, 1.0 - 1e-7)
+        combined = torch.log(mean) - torch.log1p(-mean)  # cxrflow.modelling.calibration.logit
+        if self.stacked_any:
+            weighted = self.intercept + (self.coef[:, None, :] * torch.stack(z)).sum(0)
+            combined = torch.where(self.stacked, weighted, combined)
+        return self.calibrate(combined)
+
+
+def graph_size(predictor: Any) -> int:
+    """The graph's one input size: the model's, or the one every ensemble member takes (else refused)."""
+    from cxrflow.results.ensembleexport import is_ensemble, single_size
+
+    return single_size(predictor) if is_ensemble(predictor) else int(predictor.size)
+
+
+def export_graph(predictor: Any) -> bytes:
+    """The ONNX bytes of :class:`ProbabilityGraph` (:class:`EnsembleGraph` for an ensemble whose
+    members share one size) with a dynamic batch axis."""
+    from cxrflow.results.ensembleexport import is_ensemble
+
+    s = graph_size(predictor)
+    graph = (EnsembleGraph(predictor) if is_ensemble(predictor) else ProbabilityGraph(predictor)).cpu().eval()
     args: tuple[torch.Tensor, ...] = (torch.zeros(2, 1, s, s, dtype=torch.uint8),)
     names = ["pixels"]
     if predictor.uses_demographics:
@@ -73,13 +134,13 @@ def export_graph(predictor: Predictor) -> bytes:
     return buffer.getvalue()
 
 
-def check_graph(onnx_bytes: bytes, predictor: Predictor, n: int = 4, seed: int = 0) -> float:
+def check_graph(onnx_bytes: bytes, predictor: Any, n: int = 4, seed: int = 0) -> float:
     """Largest absolute difference between ONNX Runtime's and PyTorch's probabilities on ``n``
     random images (and demographics with unknown values, for a fused model)."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
-    s = predictor.size
+    s = graph_size(predictor)
     pixels = rng.integers(0, 256, (n, 1, s, s), dtype=np.uint8)
     feeds: dict[str, np.ndarray] = {"pixels": pixels}
     demo = None
@@ -93,18 +154,49 @@ def check_graph(onnx_bytes: bytes, predictor: Predictor, n: int = 4, seed: int =
     return float(np.max(np.abs(got.astype(np.float64) - want)))
 
 
-def sidecar(predictor: Predictor, spec: dict[str, Any], max_diff: float) -> dict[str, Any]:
+def _inside_the_graph(spec: dict[str, Any]) -> dict[str, Any]:
+    """What the graph does to the pixels, in the sidecar's words (an ensemble's per member)."""
+    if spec.get("kind") != "ensemble":
+        return {
+            "inside_the_graph": f"(pixels / 255 - {spec['pixel_mean']:.6f}) / {spec['pixel_std']:.6f}, gray copied to 3 channels",
+            "pixel_mean": spec["pixel_mean"],
+            "pixel_std": spec["pixel_std"],
+        }
+    rule = "stacking weights on the members' logits per finding (the mean where a finding has none)" if spec[
+        "method"] == "stacked" else "logit of the mean of the members' calibrated probabilities"  # fmt: skip
+    return {
+        "inside_the_graph": (
+            "per member: (pixels / 255 - member pixel_mean) / member pixel_std, gray copied to 3 channels, the "
+            f"member's network and calibration; then the ensemble's {spec['method']} rule ({rule}) and its calibration"
+        ),
+        "method": spec["method"],
+        "members": [
+            {
+                "name": m["name"],
+                "pixel_mean": m["spec"]["pixel_mean"],
+                "pixel_std": m["spec"]["pixel_std"],
+                "calibration": {"temperature": m["temperature"], "logit_offset": m["logit_offset"]},
+            }
+            for m in spec["members"]
+        ],  # fmt: skip
+    }
+
+
+def sidecar(predictor: Any, spec: dict[str, Any], max_diff: float) -> dict[str, Any]:
     """The JSON beside the graph: inputs, outputs, findings, thresholds and the preprocessing before it."""
     from cxrflow.data.imagecheck import MAX_SIDE
 
-    inputs = [{"name": "pixels", "dtype": "uint8", "shape": ["N", 1, predictor.size, predictor.size]}]
+    size = graph_size(predictor)
+    inputs = [{"name": "pixels", "dtype": "uint8", "shape": ["N", 1, size, size]}]
     if predictor.uses_demographics:
         inputs.append({"name": "demographics", "dtype": "float32", "shape": ["N", 3],
                        "encoding": "(age / 100, sex M=0 F=1, view PA=0 AP=1), NaN = unknown (cxrflow.data.demographics)"})  # fmt: skip
+    inside = _inside_the_graph(spec)
     return {
         "format": "onnx",
         "opset": OPSET,
-        "size": predictor.size,
+        **({"kind": "ensemble"} if spec.get("kind") == "ensemble" else {}),
+        "size": size,
         "label_names": list(predictor.label_names),
         "inputs": inputs,
         "output": {
@@ -118,13 +210,12 @@ def sidecar(predictor: Predictor, spec: dict[str, Any], max_diff: float) -> dict
             "before_the_graph": [
                 "decode PNG/JPEG/DICOM to 8-bit gray (cxrflow.data.imaging: 16-bit >> 8, RGB luma, DICOM windowed)",
                 "pad to a centred square with black (0)",
-                f"resize to {predictor.size} x {predictor.size} with Pillow's Lanczos filter, reducing_gap=2.0",
+                f"resize to {size} x {size} with Pillow's Lanczos filter, reducing_gap=2.0",
                 f"refuse images whose padded square is over {MAX_SIDE} px",
             ],
-            "inside_the_graph": f"(pixels / 255 - {spec['pixel_mean']:.6f}) / {spec['pixel_std']:.6f}, gray copied to 3 channels",
+            "inside_the_graph": inside.pop("inside_the_graph"),
         },
-        "pixel_mean": spec["pixel_mean"],
-        "pixel_std": spec["pixel_std"],
+        **inside,
         "calibration": {"temperature": spec["temperature"], "logit_offset": spec["logit_offset"]}
         if spec["calibrated"]
         else None,
@@ -132,7 +223,7 @@ def sidecar(predictor: Predictor, spec: dict[str, Any], max_diff: float) -> dict
     }
 
 
-def export_onnx(predictor: Predictor, spec: dict[str, Any], out: str | os.PathLike) -> tuple[Path, Path, float]:
+def export_onnx(predictor: Any, spec: dict[str, Any], out: str | os.PathLike) -> tuple[Path, Path, float]:
     """Write ``out`` (the graph) and ``out`` with suffix ``.json`` (the sidecar), each atomically,
     after checking the graph against PyTorch; returns both paths and the largest difference."""
     import json

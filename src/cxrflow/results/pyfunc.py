@@ -4,7 +4,9 @@
 its import path), so the exported folder loads with :func:`mlflow.pyfunc.load_model` wherever the
 pinned ``cxrflow`` is installed; its artifacts are a slim checkpoint and ``scoring.json``
 (:func:`cxrflow.results.score.predictor_spec`): size, pixel statistics, findings, temperatures and
-thresholds. The scoring itself is :func:`cxrflow.results.score.score_frame`.
+thresholds. An ensemble's model holds a folder of member checkpoints instead and a spec that adds
+its members and combination rule (:mod:`cxrflow.results.ensembleexport`). The scoring itself is
+:func:`cxrflow.results.score.score_frame`.
 
 Served by ``mlflow models serve``, a request whose rows all fail (not an image, a truncated file, a
 DICOM without pixels, an image over the size limit, no ``image`` column) is answered with HTTP 400
@@ -27,17 +29,23 @@ from cxrflow.errors import CxrflowError
 #: Names of the model's artifacts.
 CHECKPOINT_ARTIFACT = "checkpoint"
 SPEC_ARTIFACT = "scoring"
+#: An ensemble's member checkpoints (a folder) in place of the one checkpoint.
+MEMBERS_ARTIFACT = "members"
 
 
 class CxrflowModel(mlflow.pyfunc.PythonModel):
     """Base64 images in, calibrated probabilities and operating-point flags out (one row each)."""
 
     def load_context(self, context) -> None:
+        from cxrflow.results.ensembleexport import ensemble_from_spec
         from cxrflow.results.score import predictor_from_spec
 
         with open(context.artifacts[SPEC_ARTIFACT], encoding="utf-8") as f:
             self.spec = json.load(f)
-        self.predictor = predictor_from_spec(context.artifacts[CHECKPOINT_ARTIFACT], self.spec)
+        if self.spec.get("kind") == "ensemble":  # every member, each with its own preprocessing
+            self.predictor = ensemble_from_spec(context.artifacts[MEMBERS_ARTIFACT], self.spec)
+        else:
+            self.predictor = predictor_from_spec(context.artifacts[CHECKPOINT_ARTIFACT], self.spec)
 
     # pd.DataFrame is a hint MLflow infers no second signature from (the model's signature is explicit)
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

@@ -13,6 +13,8 @@ and ``view``. :func:`score_frame` turns it into one row per image:
 A bad image never fails the batch. Images are decoded by :mod:`cxrflow.data.imaging` (the ETL's own
 decode, gray, pad-to-square and resize) and normalised, scored and calibrated by the same
 :class:`~cxrflow.results.predict.Predictor` as ``cxrflow predict``; nothing here preprocesses twice.
+An ensemble's predictor (:class:`~cxrflow.modelling.ensemble.EnsemblePredictor`) has the same face:
+each image is decoded once and resized to every size its members take.
 
 Everything a predictor needs besides its weights fits in one JSON object (:func:`predictor_spec`),
 which travels inside the exported model and to Spark executors; :func:`predictor_from_spec`
@@ -133,17 +135,19 @@ def decode_base64(value: Any, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
 
 
 def decode_images(
-    values: Sequence[Any], size: int, max_bytes: int = MAX_IMAGE_BYTES
-) -> tuple[list[np.ndarray | None], list[str | None]]:
-    """Each cell decoded by the ETL's preprocessing to uint8 ``[size, size]`` (None where it fails),
-    and the reason per failed cell (None where it worked)."""
+    values: Sequence[Any], sizes: int | Sequence[int], max_bytes: int = MAX_IMAGE_BYTES
+) -> tuple[list[dict[int, np.ndarray] | None], list[str | None]]:
+    """Each cell decoded once by the ETL's preprocessing to uint8 ``[S, S]`` at every size in
+    ``sizes`` (an ensemble's members may take different sizes; None where it fails), and the reason
+    per failed cell (None where it worked)."""
     from cxrflow.data.imaging import preprocess
 
-    pixels: list[np.ndarray | None] = []
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    pixels: list[dict[int, np.ndarray] | None] = []
     errors: list[str | None] = []
     for value in values:
         try:
-            pixels.append(preprocess(decode_base64(value, max_bytes), [size])[size])
+            pixels.append(preprocess(decode_base64(value, max_bytes), sizes))
             errors.append(None)
         except CxrflowError as exc:
             pixels.append(None)
@@ -184,18 +188,24 @@ def _number(value: Any) -> float | None:
 
 
 def score_pixels(
-    predictor: Predictor, pixels: np.ndarray, demographics: np.ndarray | None, batch_size: int = 64
+    predictor: Any, pixels: np.ndarray | dict[int, np.ndarray], demographics: np.ndarray | None, batch_size: int = 64
 ) -> np.ndarray:
-    """Probabilities ``float64[N, K]`` of uint8 ``[N, S, S]`` images (calibrated when the predictor is)."""
+    """Probabilities ``float64[N, K]`` of uint8 ``[N, S, S]`` images (calibrated when the predictor
+    is); ``pixels`` is one array at the predictor's size, or one per size it needs (an ensemble's)."""
     import torch
 
+    by_size = pixels if isinstance(pixels, dict) else {predictor.size: pixels}
+    n = len(next(iter(by_size.values())))
     out = []
-    for start in range(0, len(pixels), batch_size):
-        images = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch_size])[:, None])
+    for start in range(0, n, batch_size):
+        images = {
+            s: torch.from_numpy(np.ascontiguousarray(p[start : start + batch_size])[:, None])
+            for s, p in by_size.items()
+        }
         demo = None
         if predictor.uses_demographics:
             demo = torch.from_numpy(np.asarray(demographics[start : start + batch_size], np.float32))
-        out.append(predictor.probabilities({predictor.size: images}, demo))
+        out.append(predictor.probabilities(images, demo))
     k = len(predictor.label_names)
     return np.concatenate(out) if out else np.zeros((0, k), np.float64)
 
@@ -222,7 +232,7 @@ def result_columns(
     return cols
 
 
-def score_frame(predictor: Predictor, frame: Any, max_image_bytes: int = MAX_IMAGE_BYTES) -> Any:
+def score_frame(predictor: Any, frame: Any, max_image_bytes: int = MAX_IMAGE_BYTES) -> Any:
     """The scored ``pandas`` frame (see the module docstring) of an input frame, one row per row."""
     import pandas as pd
 
@@ -231,17 +241,17 @@ def score_frame(predictor: Predictor, frame: Any, max_image_bytes: int = MAX_IMA
             f"the input has no {IMAGE_COLUMN!r} column (it has: {', '.join(map(str, frame.columns)) or 'none'}); "
             f"give base64-encoded image bytes in {IMAGE_COLUMN!r}"
         )
-    pixels, errors = decode_images(list(frame[IMAGE_COLUMN]), predictor.size, max_image_bytes)
+    sizes = list(predictor.sizes)
+    pixels, errors = decode_images(list(frame[IMAGE_COLUMN]), sizes, max_image_bytes)
     ok = np.array([p is not None for p in pixels], dtype=bool)
     demographics = None
     if predictor.uses_demographics:
         get = {c: (list(frame[c]) if c in frame.columns else None) for c in DEMOGRAPHIC_COLUMNS}
         demographics = encode_demographics(get["age"], get["sex"], get["view"], len(frame))[ok]
-    good = (
-        np.stack([p for p in pixels if p is not None])
-        if ok.any()
-        else np.zeros((0, predictor.size, predictor.size), np.uint8)
-    )
+    good = {
+        s: np.stack([p[s] for p in pixels if p is not None]) if ok.any() else np.zeros((0, s, s), np.uint8)
+        for s in sizes
+    }
     probs = score_pixels(predictor, good, demographics)
     cols = result_columns(predictor.label_names, predictor.thresholds, probs, ok, errors)
     out = pd.DataFrame(index=frame.index)
