@@ -189,6 +189,36 @@ def test_unusable_header_values_are_a_reason_not_a_traceback(tmp_path, damage):
         load_gray(path)
 
 
+@pytest.mark.parametrize("field", ["slope", "intercept", "window centre", "window width"])
+@pytest.mark.parametrize("token", [b"inf", b"NaN", b"nan", b"-inf", b"1e999"])
+def test_header_numbers_that_are_not_finite_are_a_reason(tmp_path, field, token):
+    """A RescaleSlope (or intercept, window) of inf or NaN turned every pixel into garbage and the
+    image was scored with exit 0: a header number that is not finite is a reason, not a factor."""
+    marker = b"12.25" if len(token) == 5 else b"2.25" if len(token) == 4 else b"1.5"
+    kwargs = {
+        "slope": {"slope": float(marker)},
+        "intercept": {"intercept": float(marker)},
+        "window centre": {"window": (float(marker), 999.0)},
+        "window width": {"window": (2000.0, float(marker))},
+    }[field]
+    path = write_dicom(tmp_path / "bad.dcm", RAW12, bits_stored=12, **kwargs)
+    data = path.read_bytes()
+    assert data.count(marker) == 1
+    path.write_bytes(data.replace(marker, token))
+    with pytest.raises(ImageError, match="unusable DICOM rescale, LUT or window values in the header"):
+        load_gray(path)
+
+
+@pytest.mark.parametrize("token", [b"inf", b"NaN", b"0.0", b"-.1"])
+def test_pixel_spacing_that_is_not_a_length_is_no_spacing(tmp_path, token):
+    """Pixel spacing feeds box coordinates in millimetres: NaN, inf, zero or negative is unknown."""
+    path = write_dicom(tmp_path / "s.dcm", RAW12, bits_stored=12, spacing=(0.5, 0.5))
+    data = path.read_bytes()
+    assert data.count(b"0.5\\0.5") == 1
+    path.write_bytes(data.replace(b"0.5\\0.5", token + b"\\" + token))
+    assert read_dicom(path).spacing is None
+
+
 def test_sixteen_bit_colour_is_scaled_not_clipped(tmp_path):
     from pydicom import dcmread
 

@@ -30,6 +30,7 @@ monotonic rescale) and applied with one lookup per pixel.
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +69,15 @@ def _short(exc: BaseException) -> str:
 
 
 def _first(value) -> float:
-    """The first of a possibly multi-valued DICOM number."""
+    """The first of a possibly multi-valued DICOM number; a header number that is not finite (NaN,
+    inf: a damaged or hostile header) is a ValueError, never a factor applied to the pixels."""
     try:
-        return float(value[0])
+        number = float(value[0])
     except TypeError:
-        return float(value)
+        number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{number} is not a finite number")
+    return number
 
 
 def _lut(ds, item) -> tuple[int, np.ndarray, int]:
@@ -297,6 +302,8 @@ def _gray(ds, pixels: np.ndarray, photometric: str) -> np.ndarray:
 def _to_gray(ds, stored: np.ndarray, photometric: str) -> np.ndarray:
     """Stored values -> uint8: modality transform, VOI transform, MONOCHROME1 inverted, rounded."""
     scaled = _voi(ds, _modality(ds, stored))
+    if not np.all(np.isfinite(scaled)):  # NaN/inf float pixels, or a rescale that overflowed
+        raise ValueError("the transformed pixel values are not all finite")
     if photometric == "MONOCHROME1":
         scaled = 1.0 - scaled
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
@@ -307,9 +314,10 @@ def _spacing(ds) -> tuple[float, float] | None:
         value = ds.get(key)
         if value is not None and len(value) == 2:
             try:
-                return float(value[0]), float(value[1])
+                rows, cols = float(value[0]), float(value[1])
             except (TypeError, ValueError):
                 return None
+            return (rows, cols) if all(math.isfinite(v) and v > 0 for v in (rows, cols)) else None
     return None
 
 
