@@ -358,6 +358,7 @@ def _chexpert_with_odd_views(root: Path, odd: int) -> tuple[Path, int, int]:
     return folder, len(frontal), lateral
 
 
+@pytest.mark.slow
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(odd=st.integers(1, 3), command=st.sampled_from(["explore", "split"]))
 def test_commands_reading_a_collection_say_what_they_left_out(tmp_path_factory, capsys, odd, command):

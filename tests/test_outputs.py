@@ -187,6 +187,7 @@ def test_lock_is_honoured_across_processes_and_reclaimed_from_a_killed_holder(tm
     assert not (tmp_path / ".out.lock").exists()
 
 
+@pytest.mark.slow
 def test_train_evaluate_and_report_stop_on_a_held_lock_with_one_line(tmp_path, capsys):
     store = tmp_path / "store"
     write_synthetic_store(store, sizes=(32,), rows={"train": 16, "val": 16, "test": 8}, seed=0)

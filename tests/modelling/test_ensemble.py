@@ -54,6 +54,7 @@ def _frame(folder, name="predictions.parquet"):
     return pq.read_table(folder / name).to_pandas()
 
 
+@pytest.mark.slow  # the module's two trained, evaluated runs take ~20 s to build
 def test_stacked_ensemble_scores_at_least_its_best_member(members, stacked):
     _, _, _, evals = members
     member_aucs = [json.loads((e / "metrics.json").read_text())["mean_auc"] for e in map(_path, evals)]
@@ -70,6 +71,7 @@ def _path(p):
     return Path(p)
 
 
+@pytest.mark.slow  # the module's two trained, evaluated runs take ~20 s to build
 def test_every_figure_in_the_ensemble_metrics_recomputes_from_its_predictions(members, stacked):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import brier_score_loss, roc_auc_score
@@ -148,6 +150,7 @@ def test_stacking_weights_are_never_negative():
     assert fit_stacking([good, shadow], np.zeros((400, 1))) == [None]
 
 
+@pytest.mark.slow  # the module's two trained, evaluated runs take ~20 s to build
 def test_mean_ensemble_averages_calibrated_probabilities(members):
     tmp, _, runs, evals = members
     out = tmp / "ens-mean"
@@ -162,6 +165,7 @@ def test_mean_ensemble_averages_calibrated_probabilities(members):
     assert main(["ensemble", str(evals[0]), str(runs[1]), "--out", str(out)]) == 2  # no silent overwrite
 
 
+@pytest.mark.slow  # the module's two trained, evaluated runs take ~20 s to build
 def test_predict_with_an_ensemble_runs_every_member(members, stacked, tmp_path, capsys):
     _, store, _, _ = members
     row = pq.read_table(next((store / "size=32" / "split=test").glob("*.parquet"))).slice(0, 1).to_pylist()[0]
@@ -191,6 +195,7 @@ def test_predict_with_an_ensemble_runs_every_member(members, stacked, tmp_path, 
     assert len(err) == 1 and "give --run the run folder" in err[0]
 
 
+@pytest.mark.slow  # the module's two trained, evaluated runs take ~20 s to build
 def test_report_shows_the_ensemble_row_with_members_and_ece(members, stacked, tmp_path):
     from cxrflow.results.table import build_rows, format_csv, format_markdown
 
@@ -205,6 +210,7 @@ def test_report_shows_the_ensemble_row_with_members_and_ece(members, stacked, tm
     assert "members" in format_csv(rows).splitlines()[0]
 
 
+@pytest.mark.slow  # the module's two trained, evaluated runs take ~20 s to build
 def test_bad_members_are_one_line_errors(members, tmp_path, capsys):
     tmp, store, runs, evals = members
     e0, e1 = map(_path, evals)
@@ -291,6 +297,7 @@ def test_bad_members_are_one_line_errors(members, tmp_path, capsys):
     assert not (tmp_path / "ens").exists()
 
 
+@pytest.mark.slow  # the module's two trained, evaluated runs take ~20 s to build
 def test_an_ensemble_holds_its_output_lock_while_it_combines(members, tmp_path, monkeypatch):
     """A second ensemble on the same --out, even with --overwrite, stops naming the first while the
     first is still combining its members (not only while it renames its folder into place)."""
@@ -313,6 +320,7 @@ def test_an_ensemble_holds_its_output_lock_while_it_combines(members, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ens"]
 
 
+@pytest.mark.slow  # the module's two trained, evaluated runs take ~20 s to build
 def test_the_ensemble_keeps_its_members_demographics_only_baseline(members, stacked):
     """Same store, same test images: the members' baseline, its shortcuts judged against the ensemble's AUC."""
     from cxrflow.data.demographics import shortcut_findings
