@@ -163,7 +163,9 @@ def _build_ensemble_folder(predictor: Any, run: str, folder: Path) -> dict:
                     "probabilities": "calibrated" if spec["calibrated"] else "raw", "size": spec["size"],
                     "label_names": spec["label_names"], "evaluated": True}  # fmt: skip
         _save(folder, {MEMBERS_ARTIFACT: str(members), SPEC_ARTIFACT: str(spec_file)}, spec["label_names"], metadata)
-    card = ensemble_model_card(run=str(run), metrics=metrics, manifest=_manifest(metrics), spec=spec)
+    card = ensemble_model_card(
+        run=str(run), metrics=metrics, manifest=_manifest({"store": metrics.get("store")}), spec=spec
+    )
     write_text_atomic(folder / CARD_NAME, card)
     return spec
 
