@@ -99,10 +99,15 @@ def _tree_cpu(pid: int) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        # a JVM starts its children (the Python workers' daemon) from any of its threads
-        children = [c for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
-        return float("nan")
+        return float("nan") if not Path("/proc/self").exists() else 0.0  # no /proc, or the process just ended
+    children = []
+    for thread in threads:  # a JVM starts its children (the Python workers' daemon) from any of its threads
+        try:
+            children += (thread / "children").read_text().split()
+        except OSError:  # a thread that ended while we read
+            continue
     own = sum(int(f) for f in fields[11:13]) / tick  # utime, stime
     return own + sum(_tree_cpu(int(c)) for c in children)
 
