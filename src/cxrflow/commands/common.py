@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterable
 
@@ -29,3 +30,16 @@ def must_exist(paths: Iterable[str | os.PathLike | None], message: str) -> None:
             raise CxrflowError(message, path) from None
         except OSError as exc:  # a name too long for the file system, a component that is a file, ...
             raise CxrflowError(f"{exc.strerror or exc}; check the path", path) from None
+
+
+def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subgroup audit's options, the same wherever an evaluation is written (evaluate, ensemble)."""
+    parser.add_argument(
+        "--no-audit", dest="audit", action="store_false", help="skip the subgroup audit (subgroups.csv)"
+    )
+    parser.add_argument(
+        "--audit-fpr",
+        type=options.probability,
+        default=0.2,
+        help="false-positive rate of the audit's one global 'no finding' threshold (default: 0.2)",
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cxrflow import options
-from cxrflow.commands.common import must_exist
+from cxrflow.commands.common import add_audit_arguments, must_exist
 from cxrflow.tracking import add_arguments as add_tracking_arguments
 from cxrflow.tracking import log_ensemble, read_record, request_from_args
 
@@ -36,15 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=options.seed, default=0, help="bootstrap and stacking seed (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble folder")
-    parser.add_argument(
-        "--no-audit", dest="audit", action="store_false", help="skip the subgroup audit (subgroups.csv)"
-    )
-    parser.add_argument(
-        "--audit-fpr",
-        type=options.probability,
-        default=0.2,
-        help="false-positive rate of the audit's one global 'no finding' threshold (default: 0.2)",
-    )
+    add_audit_arguments(parser)
     add_tracking_arguments(parser)  # the ensemble is its own MLflow run (ENS/mlflow.json)
 
 

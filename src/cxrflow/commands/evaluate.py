@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cxrflow import options
-from cxrflow.commands.common import checked_device, must_exist
+from cxrflow.commands.common import add_audit_arguments, checked_device, must_exist
 from cxrflow.errors import CxrflowError
 from cxrflow.names import printable
 from cxrflow.tracking import add_arguments as add_tracking_arguments
@@ -65,15 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="ignore",
         help="another collection's uncertain labels: ignore (masked, default), ones or zeros",
     )
-    parser.add_argument(
-        "--no-audit", dest="audit", action="store_false", help="skip the subgroup audit (subgroups.csv)"
-    )
-    parser.add_argument(
-        "--audit-fpr",
-        type=options.probability,
-        default=0.2,
-        help="false-positive rate of the audit's one global 'no finding' threshold (default: 0.2)",
-    )
+    add_audit_arguments(parser)
     add_tracking_arguments(parser)  # a tracked run (RUN/mlflow.json) is logged to also without --mlflow
 
 
