@@ -74,6 +74,28 @@ def test_changed_settings_are_refused(tmp_path):
 
 
 @pytest.mark.slow
+def _wait_until_gone(group: int, timeout: float = 60.0) -> None:
+    """Wait until no live process of process group ``group`` is left (zombies count as gone): a
+    SIGKILLed trainer holding torch's memory can take a moment to exit on a loaded machine, and
+    until then its lock is, rightly, held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group and fields[0] not in ("Z", "X"):
+                alive.append(entry.name)
+        if not alive:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes of the killed sweep still alive after {timeout:.0f} s")
+
+
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     from cxrflow.testing.synthstore import write_synthetic_store
 
@@ -100,6 +122,7 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its training subprocess, like a power cut
         proc.wait()
+    _wait_until_gone(proc.pid)  # after a power cut nothing is left running: the orphaned trainer too
     assert not (b / "done.json").exists()
     a = out / "runs" / "a"
     finished = [a / "done.json", a / "best_finetune.pt", a / "eval-test-best_finetune" / "metrics.json"]
