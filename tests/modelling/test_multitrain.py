@@ -118,6 +118,12 @@ def test_a_run_on_two_collections_validates_each_records_both_and_evaluates_on_e
     assert first["not_labelled"] == ["Edema"] and second["not_labelled"] == ["Mass", "Nodule"]
     assert first["trained_on_store"] and second["trained_on_store"]
     assert second["alignment"]["Effusion"] == "Pleural Effusion"
+    # the audit's options reach every store's evaluation
+    assert main(["evaluate", "--run", str(run), "--n-boot", "20", "--device", "cpu", "--no-audit", "--overwrite"]) == 0
+    assert capsys.readouterr().out.count("subgroup audit: skipped (--no-audit)") == 2
+    assert not any((d / "subgroups.csv").exists() for d in (own, other))
+    assert main(["evaluate", "--run", str(run), "--n-boot", "20", "--device", "cpu", "--overwrite"]) == 0
+    assert "--no-audit" not in capsys.readouterr().out
 
     from cxrflow.modelling.predictor import load_run_predictor
 

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         for metrics in evaluate_on_trained_stores(
             args.run, checkpoint=args.checkpoint, split=args.split, out=args.out, uncertain=args.uncertain,
             n_boot=args.n_boot, seed=args.seed, device=args.device, batch_size=args.batch_size,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, audit=args.audit, audit_fpr=args.audit_fpr,
         ):  # fmt: skip
             _show(metrics, tracking)
         return 0
